@@ -1,0 +1,46 @@
+//! The Postern wire protocol between the gateway and its agents.
+//!
+//! This crate owns the bytes: message types, their encoding, the frame header, and the
+//! per-stream limits. It does no networking and runs no runtime; the only I/O it knows is
+//! the `AsyncRead`/`AsyncWrite` traits used by [`read_frame`] and [`write_frame`].
+//! The format is specified in `docs/protocol.md`; golden tests in `tests/golden.rs` lock it.
+//!
+//! Every frame starts with a 6-byte header:
+//!
+//! ```text
+//! +---------+------+----------------------+
+//! | version | kind | payload length (BE)  |  then `length` bytes of payload
+//! |   u8    |  u8  |        u32           |
+//! +---------+------+----------------------+
+//! ```
+
+mod codec;
+mod error;
+mod frame;
+mod io;
+mod message;
+
+pub use error::{FrameError, ProtoError};
+pub use frame::{FrameHeader, StreamKind, decode_frame, encode_frame};
+pub use io::{read_frame, write_frame};
+pub use message::{
+    Accept, EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, ExecCommand, ExecRequest, Exit,
+    Hello, HelloAck, Kind, Message, OpenSession, Reject, RenewRequest, RenewResponse, Resize,
+    SessionId, SessionRequest, ShellRequest, Signal, TcpRequest,
+};
+
+/// Version of the frame format and message set carried in every frame header.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// ALPN of an authenticated agent connection (mutual TLS).
+pub const ALPN_TUNNEL: &[u8] = b"postern/1";
+
+/// ALPN of an enrollment connection: server-authenticated only, carries one token exchange.
+pub const ALPN_ENROLL: &[u8] = b"postern-enroll/1";
+
+/// Length of the frame header in bytes.
+pub const HEADER_LEN: usize = 6;
+
+/// Largest chunk of stdin/stdout/stderr a sender puts into one data frame.
+/// Receivers accept up to [`StreamKind::Session`]'s frame limit, which is larger.
+pub const MAX_DATA_CHUNK: usize = 32 * 1024;

@@ -1,0 +1,380 @@
+//! Agent side of the tunnel: enrollment (`join`), the dial loop with backoff, renewal, and
+//! dispatch of session streams to the local services.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, anyhow, bail};
+use postern_proto::{
+    EnrollRequest, ErrorCode, Hello, Message, RenewRequest, StreamKind, read_frame, write_frame,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::pki::{GATEWAY_SERVER_NAME, cert_info, der_to_pem, new_key_and_csr, pem_to_der, renewal_time};
+use crate::services::{LocalLimits, serve_session};
+use crate::tls::TransportTimers;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const STATE_FILE: &str = "agent.toml";
+/// The agent's private key followed by its certificate, in one file so that renewal
+/// replaces both in a single atomic rename.
+const IDENTITY_FILE: &str = "identity.pem";
+const CA_FILE: &str = "ca.crt";
+
+/// What `join` stores next to the key and certificates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentState {
+    pub gateway: String,
+    pub agent_id: String,
+    pub name: String,
+    pub ca_pin: String,
+}
+
+/// Reconnect policy: exponential backoff with jitter, reset after a stable connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// A connection that stayed up this long resets the backoff.
+    pub stable_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { initial: Duration::from_millis(200), max: Duration::from_secs(4), stable_after: Duration::from_secs(30) }
+    }
+}
+
+impl Backoff {
+    /// Delay before attempt `n` (0-based): "equal jitter", half fixed, half random, so a
+    /// restarted gateway is not hit by every agent in the same instant.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.initial.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX)).min(self.max);
+        let half = exp / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+pub fn platform() -> String {
+    format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+}
+
+/// Write a file readable only by its owner, atomically (write to a temporary, then rename).
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data).with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    Ok(())
+}
+
+pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolving gateway address {addr}"))?
+        .next()
+        .ok_or_else(|| anyhow!("gateway address {addr} resolved to nothing"))
+}
+
+fn client_endpoint(gateway: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if gateway.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+    quinn::Endpoint::client(bind).context("opening a UDP socket")
+}
+
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    pub gateway: String,
+    pub token: String,
+    pub ca_pin: String,
+    pub state_dir: PathBuf,
+}
+
+/// Enroll with a single-use token. Only a CSR leaves this machine; the key stays in
+/// `state_dir` with mode 0600.
+pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
+    let pin = crate::pki::parse_pin(&opts.ca_pin).map_err(|e| anyhow!(e))?;
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
+    set_dir_private(&opts.state_dir)?;
+    let addr = resolve(&opts.gateway).await?;
+    let (key, csr) = new_key_and_csr()?;
+    let endpoint = client_endpoint(addr)?;
+    let cfg = crate::tls::agent_enroll_config(&pin, TransportTimers::default())?;
+    let attempt = async {
+        let conn = endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?.await.map_err(|e| {
+            if e.to_string().contains(crate::tls::PIN_MISMATCH) {
+                anyhow!("{}: this is not the gateway you meant, or the pin is wrong", crate::tls::PIN_MISMATCH)
+            } else {
+                anyhow!(e).context(format!("connecting to gateway {}", opts.gateway))
+            }
+        })?;
+        let (mut send, mut recv) = conn.open_bi().await.context("opening enrollment stream")?;
+        write_frame(
+            &mut send,
+            &Message::EnrollRequest(EnrollRequest {
+                token: opts.token.trim().to_owned(),
+                csr_der: csr,
+                hostname: hostname(),
+                platform: platform(),
+                agent_version: AGENT_VERSION.into(),
+            }),
+        )
+        .await?;
+        let _ = send.finish();
+        let reply = read_frame(&mut recv, StreamKind::Enroll).await.context("reading enrollment reply")?;
+        conn.close(0u32.into(), b"enrolled");
+        Ok::<_, anyhow::Error>(reply)
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(20), attempt)
+        .await
+        .map_err(|_| anyhow!("gateway {} did not answer within 20 s (is it running, is UDP open?)", opts.gateway))??;
+    endpoint.wait_idle().await;
+    let resp = match reply {
+        Some(Message::EnrollResponse(r)) => r,
+        Some(Message::Error(e)) => bail!("enrollment refused: {}", explain_refusal(e.code, &e.message)),
+        other => bail!("unexpected enrollment reply: {other:?}"),
+    };
+    if crate::pki::ca_pin(&resp.ca_der) != pin {
+        bail!("{}: the gateway returned a different CA than it presented", crate::tls::PIN_MISMATCH);
+    }
+    write_identity(&opts.state_dir, &key, &resp.cert_der)?;
+    write_private(&opts.state_dir.join(CA_FILE), der_to_pem(&resp.ca_der).as_bytes())?;
+    let state = AgentState { gateway: opts.gateway.clone(), agent_id: resp.agent_id, name: resp.name, ca_pin: pin };
+    write_private(&opts.state_dir.join(STATE_FILE), toml::to_string(&state)?.as_bytes())?;
+    Ok(state)
+}
+
+fn write_identity(dir: &Path, key: &rcgen::KeyPair, cert_der: &[u8]) -> anyhow::Result<()> {
+    let mut pem = key.serialize_pem();
+    pem.push_str(&der_to_pem(cert_der));
+    write_private(&dir.join(IDENTITY_FILE), pem.as_bytes())
+}
+
+/// The current certificate's details, for `postern-agent status`.
+pub fn identity_info(state_dir: &Path) -> anyhow::Result<crate::pki::CertInfo> {
+    let path = state_dir.join(IDENTITY_FILE);
+    let pem = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(cert_info(&pem_to_der(&pem)?)?)
+}
+
+fn explain_refusal(code: ErrorCode, message: &str) -> String {
+    let hint = match code {
+        ErrorCode::TokenExpired => " (ask an admin for a new token: postern token create)",
+        ErrorCode::TokenUsed => " (tokens are single-use; ask an admin for a new one)",
+        ErrorCode::TokenUnknown => " (check that the token was copied completely)",
+        _ => "",
+    };
+    format!("{message}{hint}")
+}
+
+fn set_dir_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting permissions of {}", dir.display()))
+}
+
+pub fn load_state(state_dir: &Path) -> anyhow::Result<AgentState> {
+    let path = state_dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("reading {} (has this agent joined? run `postern-agent join` first)", path.display())
+    })?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Options of `postern-agent run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub state_dir: PathBuf,
+    /// Overrides the gateway address stored at join time.
+    pub gateway: Option<String>,
+    pub limits: LocalLimits,
+    pub backoff: Backoff,
+    pub timers: TransportTimers,
+}
+
+enum Ended {
+    /// Connection was up and then ended; how long it lasted.
+    After(Duration),
+    Shutdown,
+}
+
+/// Keep a connection to the gateway until `shutdown`. Returns an error only for conditions
+/// retrying cannot fix (no state, revoked agent).
+pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = load_state(&opts.state_dir)?;
+    let gateway = opts.gateway.clone().unwrap_or_else(|| state.gateway.clone());
+    let sessions = Arc::new(Semaphore::new(opts.limits.max_sessions));
+    let limits = Arc::new(opts.limits.clone());
+    let mut attempt: u32 = 0;
+    info!(agent_id = %state.agent_id, name = %state.name, %gateway, "agent starting");
+    loop {
+        match connect_once(&opts, &gateway, &limits, &sessions, &shutdown).await {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::After(up)) => {
+                if up >= opts.backoff.stable_after {
+                    attempt = 0;
+                }
+            }
+            Err(e) => {
+                if let Some(Fatal(msg)) = e.downcast_ref::<Fatal>() {
+                    bail!("{msg}");
+                }
+                warn!(error = %format!("{e:#}"), "gateway connection failed");
+            }
+        }
+        let delay = opts.backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        debug!(?delay, attempt, "reconnecting after backoff");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Fatal(String);
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Fatal {}
+
+fn tunnel_config(dir: &Path, timers: TransportTimers) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
+    };
+    let ca = pem_to_der(&read(CA_FILE)?)?;
+    let identity = read(IDENTITY_FILE)?;
+    let cert = pem_to_der(&identity)?;
+    let key = rcgen::KeyPair::from_pem(&identity).context("parsing agent key")?;
+    let info = cert_info(&cert)?;
+    let cfg = crate::tls::agent_tunnel_config(&ca, cert, crate::pki::private_key_der(&key), timers)?;
+    Ok((cfg, info))
+}
+
+async fn connect_once(
+    opts: &RunOptions,
+    gateway: &str,
+    limits: &Arc<LocalLimits>,
+    sessions: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Ended> {
+    let (cfg, cert) = tunnel_config(&opts.state_dir, opts.timers)?;
+    if cert.not_after <= SystemTime::now() {
+        return Err(Fatal(format!(
+            "the agent certificate expired at {:?}; enroll again with a new token (postern-agent join)",
+            cert.not_after
+        ))
+        .into());
+    }
+    let addr = resolve(gateway).await?;
+    let endpoint = client_endpoint(addr)?;
+    let conn = tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?)
+        .await
+        .map_err(|_| anyhow!("connecting to {gateway} timed out"))?
+        .with_context(|| format!("connecting to {gateway}"))?;
+    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("opening control stream")?;
+    write_frame(
+        &mut ctl_send,
+        &Message::Hello(Hello { agent_version: AGENT_VERSION.into(), hostname: hostname(), platform: platform() }),
+    )
+    .await?;
+    let ack = tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(&mut ctl_recv, StreamKind::Control))
+        .await
+        .map_err(|_| anyhow!("gateway did not acknowledge hello"))??;
+    match ack {
+        Some(Message::HelloAck(a)) => info!(agent_id = %a.agent_id, name = %a.name, %gateway, "connected to gateway"),
+        Some(Message::Error(e)) if e.code == ErrorCode::AgentRevoked => {
+            return Err(Fatal(format!("gateway refused this agent: {}", e.message)).into());
+        }
+        Some(Message::Error(e)) => bail!("gateway refused this agent: {}", e.message),
+        other => bail!("unexpected reply to hello: {other:?}"),
+    }
+    let up_since = Instant::now();
+    let mut renew_at = renewal_time(&cert);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let ended = loop {
+        let until_renewal = renew_at.duration_since(SystemTime::now()).unwrap_or_default().max(Duration::from_secs(1));
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.close(0u32.into(), b"agent shutting down");
+                break Ended::Shutdown;
+            }
+            reason = conn.closed() => {
+                info!(%reason, "disconnected from gateway");
+                break Ended::After(up_since.elapsed());
+            }
+            _ = tokio::time::sleep(until_renewal) => {
+                match renew(&opts.state_dir, &mut ctl_send, &mut ctl_recv).await {
+                    Ok(next) => renew_at = next,
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying in 60 s");
+                        renew_at = SystemTime::now() + Duration::from_secs(60);
+                    }
+                }
+            }
+            stream = conn.accept_bi() => {
+                let (send, recv) = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        info!(reason = %e, "disconnected from gateway");
+                        break Ended::After(up_since.elapsed());
+                    }
+                };
+                let limits = limits.clone();
+                let permit = sessions.clone().try_acquire_owned().ok();
+                tasks.spawn(async move {
+                    serve_session(send, recv, &limits, permit).await;
+                }.instrument(info_span!("session")));
+            }
+        }
+    };
+    // Sessions end with the connection; give them a moment to report, then drop them.
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(ended)
+}
+
+/// Renew the certificate over the control stream with a fresh key; returns the next renewal time.
+async fn renew(
+    dir: &Path,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> anyhow::Result<SystemTime> {
+    let (key, csr) = new_key_and_csr()?;
+    write_frame(send, &Message::RenewRequest(RenewRequest { csr_der: csr })).await?;
+    let reply = tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(recv, StreamKind::Control))
+        .await
+        .map_err(|_| anyhow!("gateway did not answer the renewal"))??;
+    let cert = match reply {
+        Some(Message::RenewResponse(r)) => r.cert_der,
+        Some(Message::Error(e)) => bail!("renewal refused: {}", e.message),
+        other => bail!("unexpected renewal reply: {other:?}"),
+    };
+    let info = cert_info(&cert)?;
+    write_identity(dir, &key, &cert)?;
+    info!(serial = %info.serial_hex, not_after = ?info.not_after, "certificate renewed");
+    Ok(renewal_time(&info))
+}

@@ -1,0 +1,182 @@
+//! `postern-agent`: runs on each server, dials out to the gateway, serves sessions.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
+use postern_tunnel::services::LocalLimits;
+use postern_tunnel::tls::TransportTimers;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "postern-agent",
+    version,
+    about = "Postern agent: dials out to a Postern gateway over QUIC and serves sessions on this host",
+    long_about = "Postern agent: dials out to a Postern gateway over QUIC and serves sessions on this host.\n\n\
+The agent opens no inbound port. It enrolls once with a single-use token, keeps its private key \
+in the state directory, and renews its certificate on its own.",
+    after_help = "Examples:\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:...\n  postern-agent run\n  postern-agent status"
+)]
+struct Cli {
+    /// Directory holding the agent's key, certificates and state.
+    #[arg(long, global = true, env = "POSTERN_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log filter (error, warn, info, debug, trace or a tracing directive).
+    #[arg(long, global = true, env = "POSTERN_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll with a gateway using a single-use token (only a CSR leaves this host).
+    Join {
+        /// Gateway tunnel address, HOST:PORT (UDP).
+        #[arg(long)]
+        gateway: String,
+        /// Enrollment token from `postern token create`.
+        #[arg(long, env = "POSTERN_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// SHA-256 pin of the gateway CA, as printed by `postern token create`.
+        #[arg(long)]
+        ca_pin: String,
+        /// Start serving right after a successful join.
+        #[arg(long)]
+        run: bool,
+        /// Local limits file (see `run --config`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Keep the connection to the gateway up and serve sessions until stopped.
+    Run {
+        /// Local limits file (TOML): `[limits] tcp_allow = ["127.0.0.0/8"]`, `run_as = [...]`, ...
+        #[arg(long, env = "POSTERN_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override the gateway address recorded at join time.
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// Show this agent's identity and certificate.
+    Status,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AgentConfigFile {
+    limits: LocalLimits,
+}
+
+fn default_state_dir() -> PathBuf {
+    if nix::unistd::Uid::effective().is_root() {
+        PathBuf::from("/var/lib/postern-agent")
+    } else if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        PathBuf::from(dir).join("postern-agent")
+    } else if let Some(home) = std::env::var_os("HOME") {
+        PathBuf::from(home).join(".local/state/postern-agent")
+    } else {
+        PathBuf::from("postern-agent-state")
+    }
+}
+
+fn load_limits(path: Option<&Path>) -> anyhow::Result<LocalLimits> {
+    let Some(path) = path else { return Ok(LocalLimits::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: AgentConfigFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.limits)
+}
+
+fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+async fn run_agent(state_dir: PathBuf, config: Option<PathBuf>, gateway: Option<String>) -> anyhow::Result<()> {
+    let opts = RunOptions {
+        state_dir,
+        gateway,
+        limits: load_limits(config.as_deref())?,
+        backoff: Backoff::default(),
+        timers: TransportTimers::default(),
+    };
+    agent::run(opts, shutdown_on_signal()).await
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let state_dir = cli.state_dir.unwrap_or_else(default_state_dir);
+    match cli.command {
+        Command::Join { gateway, token, ca_pin, run, config } => {
+            let state = agent::join(&JoinOptions { gateway, token, ca_pin, state_dir: state_dir.clone() }).await?;
+            println!("joined as {} (id {}); state in {}", state.name, state.agent_id, state_dir.display());
+            if run {
+                run_agent(state_dir, config, None).await?;
+            } else {
+                println!("next: postern-agent run --state-dir {}", state_dir.display());
+            }
+            Ok(())
+        }
+        Command::Run { config, gateway } => run_agent(state_dir, config, gateway).await,
+        Command::Status => {
+            let state = agent::load_state(&state_dir)?;
+            let cert = agent::identity_info(&state_dir)?;
+            let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            println!("agent id:     {}", state.agent_id);
+            println!("name:         {}", state.name);
+            println!("gateway:      {}", state.gateway);
+            println!("ca pin:       {}", state.ca_pin);
+            println!("cert serial:  {}", cert.serial_hex);
+            println!("cert expires: {} (unix time)", secs(cert.not_after));
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_json);
+    // Two worker threads are plenty for an agent and keep its idle footprint small.
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("postern-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(real_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postern-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

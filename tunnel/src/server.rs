@@ -1,0 +1,496 @@
+//! Gateway side of the tunnel: the QUIC listener, enrollment, the registry of connected
+//! agents, and opening session streams to them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use postern_proto::{
+    EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, Hello, HelloAck, Message, OpenSession, RenewResponse,
+    SessionId, SessionRequest, StreamKind, read_frame, write_frame,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::pki::{CertAuthority, cert_info};
+use crate::tls::TransportTimers;
+
+/// How long a peer may take for one handshake step (TLS, first frame, reply).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// QUIC application close codes the gateway uses.
+pub mod close {
+    pub const NORMAL: u32 = 0;
+    pub const PROTOCOL_ERROR: u32 = 1;
+    pub const REFUSED: u32 = 2;
+    pub const REPLACED: u32 = 3;
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// An enrollment the directory approved: the identity the certificate will carry.
+#[derive(Debug, Clone)]
+pub struct EnrolledAgent {
+    pub agent_id: String,
+    pub name: String,
+}
+
+/// Why the directory refused something; the message goes to the agent verbatim.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// What the tunnel needs from the gateway's store. Implemented by the gateway; tests use
+/// an in-memory version.
+pub trait AgentDirectory: Send + Sync + 'static {
+    /// Redeem a single-use token for a new agent identity. Must be atomic: a token redeemed
+    /// concurrently twice succeeds at most once.
+    fn enroll(
+        &self,
+        token: &str,
+        request: &EnrollRequest,
+        remote: SocketAddr,
+    ) -> impl Future<Output = Result<EnrolledAgent, Refusal>> + Send;
+
+    /// An agent with a valid certificate connected. Refuse revoked or unknown agents.
+    /// Returns the agent's current display name.
+    fn admit(
+        &self,
+        agent_id: &str,
+        hello: &Hello,
+        remote: SocketAddr,
+    ) -> impl Future<Output = Result<String, Refusal>> + Send;
+
+    /// The agent's connection ended (`generation` identifies which connection).
+    fn departed(&self, agent_id: &str) -> impl Future<Output = ()> + Send;
+
+    /// A rogue or broken peer was dropped; for the audit log.
+    fn protocol_violation(&self, remote: SocketAddr, agent_id: Option<&str>, error: &str) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct TunnelSettings {
+    pub timers: TransportTimers,
+    /// Lifetime of agent certificates; agents renew at two thirds of it.
+    pub agent_cert_ttl: Duration,
+    /// Upper bound on connected agents; further connections are refused.
+    pub max_agents: usize,
+    /// Upper bound on enrollments in progress at once.
+    pub max_enrollments: usize,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        Self {
+            timers: TransportTimers::default(),
+            agent_cert_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_agents: 50_000,
+            max_enrollments: 64,
+        }
+    }
+}
+
+/// A connected agent as the registry knows it.
+#[derive(Debug, Clone)]
+pub struct ConnectedAgent {
+    pub agent_id: String,
+    pub name: String,
+    pub hostname: String,
+    pub platform: String,
+    pub agent_version: String,
+    pub remote: SocketAddr,
+    pub connected_at: SystemTime,
+}
+
+struct Entry {
+    info: ConnectedAgent,
+    conn: quinn::Connection,
+}
+
+/// Who is online right now. Cheap to clone; all clones share one map.
+#[derive(Clone, Default)]
+pub struct AgentRegistry {
+    inner: Arc<RwLock<HashMap<String, Entry>>>,
+}
+
+impl std::fmt::Debug for AgentRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentRegistry").field("online", &self.len()).finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("instance is offline")]
+    Offline,
+    #[error("agent refused the session: {reason}")]
+    Rejected { code: ErrorCode, reason: String },
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("tunnel error: {0}")]
+    Tunnel(String),
+}
+
+/// An accepted session: frames (shell, exec) or raw bytes (tcp) both ways.
+#[derive(Debug)]
+pub struct SessionStream {
+    pub id: SessionId,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+pub fn new_session_id() -> SessionId {
+    let mut b = [0u8; 16];
+    b.iter_mut().for_each(|x| *x = fastrand::u8(..));
+    SessionId(b)
+}
+
+impl AgentRegistry {
+    pub fn len(&self) -> usize {
+        self.inner.read().map(|m| m.len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn online(&self) -> Vec<ConnectedAgent> {
+        self.inner.read().map(|m| m.values().map(|e| e.info.clone()).collect()).unwrap_or_default()
+    }
+    pub fn get(&self, agent_id: &str) -> Option<ConnectedAgent> {
+        self.inner.read().ok()?.get(agent_id).map(|e| e.info.clone())
+    }
+    fn connection(&self, agent_id: &str) -> Option<quinn::Connection> {
+        self.inner.read().ok()?.get(agent_id).map(|e| e.conn.clone())
+    }
+
+    /// Register a connection; an older connection of the same agent is closed.
+    fn insert(&self, info: ConnectedAgent, conn: quinn::Connection) {
+        let old = self
+            .inner
+            .write()
+            .ok()
+            .and_then(|mut m| m.insert(info.agent_id.clone(), Entry { info, conn }));
+        if let Some(old) = old {
+            old.conn.close(close::REPLACED.into(), b"replaced by a newer connection of the same agent");
+        }
+    }
+
+    /// Remove `agent_id` only if `conn` is still its current connection.
+    fn remove(&self, agent_id: &str, conn: &quinn::Connection) -> bool {
+        let Ok(mut m) = self.inner.write() else { return false };
+        if m.get(agent_id).is_some_and(|e| e.conn.stable_id() == conn.stable_id()) {
+            m.remove(agent_id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Disconnect an agent now (revocation, removal).
+    pub fn disconnect(&self, agent_id: &str, reason: &str) -> bool {
+        match self.connection(agent_id) {
+            Some(conn) => {
+                conn.close(close::REFUSED.into(), reason.as_bytes());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Open a session stream to an online agent and wait for accept or reject.
+    pub async fn open_session(&self, agent_id: &str, request: SessionRequest) -> Result<SessionStream, OpenError> {
+        let conn = self.connection(agent_id).ok_or(OpenError::Offline)?;
+        let id = new_session_id();
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Tunnel(e.to_string()))?;
+            write_frame(&mut send, &Message::Open(OpenSession { session_id: id, request }))
+                .await
+                .map_err(|e| OpenError::Tunnel(e.to_string()))?;
+            match read_frame(&mut recv, StreamKind::Session).await {
+                Ok(Some(Message::Accept(a))) if a.session_id == id => Ok(SessionStream { id, send, recv }),
+                Ok(Some(Message::Reject(r))) => Err(OpenError::Rejected { code: r.code, reason: r.reason }),
+                Ok(other) => Err(OpenError::Tunnel(format!("unexpected answer to open: {other:?}"))),
+                Err(e) => Err(OpenError::Tunnel(e.to_string())),
+            }
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| OpenError::Timeout(HANDSHAKE_TIMEOUT))?
+    }
+}
+
+/// The gateway's QUIC listener.
+pub struct TunnelServer<D: AgentDirectory> {
+    endpoint: quinn::Endpoint,
+    registry: AgentRegistry,
+    directory: Arc<D>,
+    ca: Arc<CertAuthority>,
+    settings: TunnelSettings,
+}
+
+impl<D: AgentDirectory> TunnelServer<D> {
+    /// Bind the listener. `reset_key` should persist across restarts: with it, a restarted
+    /// gateway answers packets of connections it lost with a stateless reset, so agents
+    /// notice at once instead of waiting for their idle timeout.
+    pub fn bind(
+        addr: SocketAddr,
+        ca: Arc<CertAuthority>,
+        directory: Arc<D>,
+        settings: TunnelSettings,
+        reset_key: &[u8; 32],
+    ) -> anyhow::Result<Self> {
+        let server_key = rcgen::KeyPair::generate()?;
+        let server_cert = ca.issue_server_cert(&server_key, Duration::from_secs(365 * 24 * 3600))?;
+        let server_config = crate::tls::server_config(
+            ca.cert_der(),
+            vec![server_cert, ca.cert_der().clone()],
+            crate::pki::private_key_der(&server_key),
+            settings.timers,
+        )?;
+        let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+        let endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)?;
+        Ok(Self { endpoint, registry: AgentRegistry::default(), directory, ca, settings })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn registry(&self) -> AgentRegistry {
+        self.registry.clone()
+    }
+
+    /// Accept connections until `shutdown`, then close every connection and wait briefly for
+    /// the close to reach agents.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let tasks = tokio_util::task::TaskTracker::new();
+        let enrollments = Arc::new(Semaphore::new(self.settings.max_enrollments));
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            if self.registry.len() >= self.settings.max_agents {
+                warn!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
+                incoming.refuse();
+                continue;
+            }
+            let ctx = ConnCtx {
+                registry: self.registry.clone(),
+                directory: self.directory.clone(),
+                ca: self.ca.clone(),
+                settings: self.settings.clone(),
+                enrollments: enrollments.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let remote = incoming.remote_address();
+            tasks.spawn(handle_incoming(ctx, incoming).instrument(info_span!("conn", %remote)));
+        }
+        self.endpoint.close(close::SHUTDOWN.into(), b"gateway shutting down");
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+struct ConnCtx<D> {
+    registry: AgentRegistry,
+    directory: Arc<D>,
+    ca: Arc<CertAuthority>,
+    settings: TunnelSettings,
+    enrollments: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+async fn handle_incoming<D: AgentDirectory>(ctx: ConnCtx<D>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await }).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("handshake timed out");
+            return;
+        }
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    match alpn.as_deref() {
+        Some(p) if p == postern_proto::ALPN_ENROLL => handle_enrollment(ctx, conn, remote).await,
+        Some(p) if p == postern_proto::ALPN_TUNNEL => handle_agent(ctx, conn, remote).await,
+        _ => conn.close(close::PROTOCOL_ERROR.into(), b"unsupported ALPN"),
+    }
+}
+
+async fn violation<D: AgentDirectory>(ctx: &ConnCtx<D>, conn: &quinn::Connection, agent: Option<&str>, error: String) {
+    warn!(agent_id = agent.unwrap_or("-"), %error, "dropping peer after protocol violation");
+    conn.close(close::PROTOCOL_ERROR.into(), b"protocol error");
+    ctx.directory.protocol_violation(conn.remote_address(), agent, &error).await;
+}
+
+async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connection, remote: SocketAddr) {
+    let Ok(_permit) = ctx.enrollments.clone().try_acquire_owned() else {
+        conn.close(close::REFUSED.into(), b"too many enrollments in progress, retry later");
+        return;
+    };
+    let step = async {
+        let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((send, recv))
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, step).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return debug!(error = %e, "enrollment stream failed"),
+        Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for enrollment request"),
+    };
+    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, StreamKind::Enroll)).await {
+        Ok(Ok(Some(Message::EnrollRequest(r)))) => r,
+        Ok(Ok(other)) => return violation(&ctx, &conn, None, format!("expected enrollment request, got {other:?}")).await,
+        Ok(Err(e)) => return violation(&ctx, &conn, None, e.to_string()).await,
+        Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for enrollment request"),
+    };
+    // Validate the CSR before the token is spent, so a broken agent does not burn it.
+    let reply = if let Err(e) =
+        ctx.ca.issue_agent_cert(&req.csr_der, "csr-check", Duration::from_secs(60))
+    {
+        Message::Error(ErrorMsg { code: ErrorCode::BadRequest, message: e.to_string() })
+    } else {
+        match ctx.directory.enroll(&req.token, &req, remote).await {
+            Ok(agent) => match ctx.ca.issue_agent_cert(&req.csr_der, &agent.agent_id, ctx.settings.agent_cert_ttl) {
+                Ok(cert) => {
+                    info!(agent_id = %agent.agent_id, name = %agent.name, "agent enrolled");
+                    Message::EnrollResponse(EnrollResponse {
+                        agent_id: agent.agent_id,
+                        name: agent.name,
+                        cert_der: cert.to_vec(),
+                        ca_der: ctx.ca.cert_der().to_vec(),
+                    })
+                }
+                Err(e) => Message::Error(ErrorMsg { code: ErrorCode::Internal, message: e.to_string() }),
+            },
+            Err(refusal) => {
+                info!(code = ?refusal.code, reason = %refusal.message, "enrollment refused");
+                Message::Error(ErrorMsg { code: refusal.code, message: refusal.message })
+            }
+        }
+    };
+    let _ = write_frame(&mut send, &reply).await;
+    let _ = send.finish();
+    // Let the agent read the answer and close; do not wait forever.
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
+}
+
+async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connection, remote: SocketAddr) {
+    // Identity comes from the verified client certificate and nothing else.
+    let peer_cert = conn
+        .peer_identity()
+        .and_then(|p| p.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned());
+    let Some(agent_id) = peer_cert.and_then(|c| cert_info(&c).ok()).map(|i| i.common_name) else {
+        conn.close(close::REFUSED.into(), b"a client certificate is required");
+        return;
+    };
+    let span = info_span!("agent", %agent_id);
+    async move {
+        let first = async {
+            let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            let hello = read_frame(&mut recv, StreamKind::Control).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((send, recv, hello))
+        };
+        let (mut send, mut recv, hello) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, first).await {
+            Ok(Ok((s, r, Some(Message::Hello(h))))) => (s, r, h),
+            Ok(Ok((_, _, other))) => {
+                return violation(&ctx, &conn, Some(&agent_id), format!("expected hello, got {other:?}")).await;
+            }
+            Ok(Err(e)) => return violation(&ctx, &conn, Some(&agent_id), e).await,
+            Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for hello"),
+        };
+        let name = match ctx.directory.admit(&agent_id, &hello, remote).await {
+            Ok(name) => name,
+            Err(refusal) => {
+                info!(reason = %refusal.message, "agent refused");
+                let _ = write_frame(&mut send, &Message::Error(ErrorMsg { code: refusal.code, message: refusal.message }))
+                    .await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                conn.close(close::REFUSED.into(), b"agent refused");
+                return;
+            }
+        };
+        if write_frame(&mut send, &Message::HelloAck(HelloAck { agent_id: agent_id.clone(), name: name.clone() }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        ctx.registry.insert(
+            ConnectedAgent {
+                agent_id: agent_id.clone(),
+                name,
+                hostname: hello.hostname,
+                platform: hello.platform,
+                agent_version: hello.agent_version,
+                remote,
+                connected_at: SystemTime::now(),
+            },
+            conn.clone(),
+        );
+        info!("agent online");
+
+        // Control loop: renewals until the connection ends.
+        loop {
+            let msg = tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                reason = conn.closed() => {
+                    debug!(%reason, "connection closed");
+                    break;
+                }
+                m = read_frame(&mut recv, StreamKind::Control) => m,
+            };
+            match msg {
+                Ok(Some(Message::RenewRequest(r))) => {
+                    let reply = match ctx.ca.issue_agent_cert(&r.csr_der, &agent_id, ctx.settings.agent_cert_ttl) {
+                        Ok(cert) => {
+                            info!("agent certificate renewed");
+                            Message::RenewResponse(RenewResponse { cert_der: cert.to_vec() })
+                        }
+                        Err(e) => Message::Error(ErrorMsg { code: ErrorCode::BadRequest, message: e.to_string() }),
+                    };
+                    if write_frame(&mut send, &reply).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    // Control stream closed: wait for the connection itself to end.
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => {}
+                        _ = conn.closed() => {}
+                    }
+                    break;
+                }
+                Ok(Some(other)) => {
+                    violation(&ctx, &conn, Some(&agent_id), format!("unexpected control message {:?}", other.kind()))
+                        .await;
+                    break;
+                }
+                Err(e) => {
+                    violation(&ctx, &conn, Some(&agent_id), e.to_string()).await;
+                    break;
+                }
+            }
+        }
+        if ctx.registry.remove(&agent_id, &conn) {
+            info!("agent offline");
+            ctx.directory.departed(&agent_id).await;
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,177 @@
+//! rustls and quinn configuration for both ends, always with the ring provider and TLS 1.3.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::pki::ca_pin;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("tls configuration: {0}")]
+    Verifier(String),
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Timers shared by both ends. The agent sends keep-alives well below the idle timeout so
+/// NAT bindings and the gateway's view of the agent stay fresh.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportTimers {
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for TransportTimers {
+    fn default() -> Self {
+        Self { keep_alive: Duration::from_secs(10), idle_timeout: Duration::from_secs(30) }
+    }
+}
+
+fn transport(timers: TransportTimers, agent_side: bool) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(timers.idle_timeout).ok());
+    if agent_side {
+        t.keep_alive_interval(Some(timers.keep_alive));
+        // Sessions are streams the gateway opens towards the agent: this bounds concurrent
+        // sessions per agent at the protocol level.
+        t.max_concurrent_bidi_streams(256u32.into());
+        t.max_concurrent_uni_streams(0u32.into());
+    } else {
+        // An agent opens one control stream (plus one on enrollment); nothing else.
+        t.max_concurrent_bidi_streams(2u32.into());
+        t.max_concurrent_uni_streams(0u32.into());
+    }
+    t
+}
+
+/// Gateway side: one endpoint serves enrollment (no client certificate) and the tunnel
+/// (client certificate required, checked after the handshake by ALPN).
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    timers: TransportTimers,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![postern_proto::ALPN_TUNNEL.to_vec(), postern_proto::ALPN_ENROLL.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport(timers, false)));
+    // Address validation costs a round trip; only ask for it under load (quinn's default
+    // retry policy), not on every reconnect.
+    Ok(cfg)
+}
+
+/// Agent side, authenticated tunnel: trust exactly the CA pinned at enrollment.
+pub fn agent_tunnel_config(
+    ca: &CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    timers: TransportTimers,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![postern_proto::ALPN_TUNNEL.to_vec()];
+    finish_client(tls, timers)
+}
+
+/// Agent side, enrollment: no CA yet, only a pin. The server must present the CA whose
+/// SHA-256 matches the pin in its chain, and its certificate must verify against that CA.
+pub fn agent_enroll_config(pin: &str, timers: TransportTimers) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCaVerifier { pin: pin.to_owned(), provider: provider.clone() });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![postern_proto::ALPN_ENROLL.to_vec()];
+    finish_client(tls, timers)
+}
+
+fn finish_client(tls: rustls::ClientConfig, timers: TransportTimers) -> Result<quinn::ClientConfig, TlsError> {
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport(timers, true)));
+    Ok(cfg)
+}
+
+/// Message a verifier failure carries so the agent can tell the operator what happened.
+pub const PIN_MISMATCH: &str = "the gateway's CA does not match --ca-pin";
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| ca_pin(c) == self.pin)
+            .ok_or_else(|| rustls::Error::General(PIN_MISMATCH.into()))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

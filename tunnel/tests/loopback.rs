@@ -1,0 +1,310 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+//! Tunnel integration tests: a gateway listener and real agents in one process on 127.0.0.1.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postern_proto::*;
+use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
+use postern_tunnel::pki::CertAuthority;
+use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refusal, TunnelServer, TunnelSettings};
+use postern_tunnel::services::LocalLimits;
+use postern_tunnel::tls::TransportTimers;
+use postern_tunnel::CancellationToken;
+
+#[derive(Default)]
+struct MemDirectory {
+    tokens: Mutex<HashMap<String, bool>>, // token -> used
+    revoked: Mutex<Vec<String>>,
+    violations: Mutex<Vec<String>>,
+}
+
+impl AgentDirectory for MemDirectory {
+    async fn enroll(&self, token: &str, req: &EnrollRequest, _remote: SocketAddr) -> Result<EnrolledAgent, Refusal> {
+        let mut tokens = self.tokens.lock().unwrap();
+        match tokens.get_mut(token) {
+            None => Err(Refusal { code: ErrorCode::TokenUnknown, message: "unknown token".into() }),
+            Some(used) if *used => Err(Refusal { code: ErrorCode::TokenUsed, message: "token already used".into() }),
+            Some(used) => {
+                *used = true;
+                Ok(EnrolledAgent { agent_id: format!("ag-{token}"), name: req.hostname.clone() })
+            }
+        }
+    }
+    async fn admit(&self, agent_id: &str, _hello: &Hello, _remote: SocketAddr) -> Result<String, Refusal> {
+        if self.revoked.lock().unwrap().iter().any(|r| r == agent_id) {
+            return Err(Refusal { code: ErrorCode::AgentRevoked, message: "agent revoked".into() });
+        }
+        Ok(agent_id.to_owned())
+    }
+    async fn departed(&self, _agent_id: &str) {}
+    async fn protocol_violation(&self, _remote: SocketAddr, _agent_id: Option<&str>, error: &str) {
+        self.violations.lock().unwrap().push(error.to_owned());
+    }
+}
+
+struct Gateway {
+    addr: SocketAddr,
+    registry: AgentRegistry,
+    directory: Arc<MemDirectory>,
+    ca: Arc<CertAuthority>,
+    shutdown: CancellationToken,
+}
+
+async fn gateway(settings: TunnelSettings) -> Gateway {
+    let ca = Arc::new(CertAuthority::generate("test agent CA").unwrap());
+    let directory = Arc::new(MemDirectory::default());
+    let server = TunnelServer::bind("127.0.0.1:0".parse().unwrap(), ca.clone(), directory.clone(), settings, &[7u8; 32]).unwrap();
+    let addr = server.local_addr().unwrap();
+    let registry = server.registry();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.serve(shutdown.clone()));
+    Gateway { addr, registry, directory, ca, shutdown }
+}
+
+async fn wait_online(registry: &AgentRegistry, agent_id: &str) {
+    let start = Instant::now();
+    while registry.get(agent_id).is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "agent {agent_id} did not come online");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn join_and_run(gw: &Gateway, token: &str, limits: LocalLimits) -> (tempfile::TempDir, String, CancellationToken) {
+    gw.directory.tokens.lock().unwrap().insert(token.into(), false);
+    let dir = tempfile::tempdir().unwrap();
+    let state = agent::join(&JoinOptions {
+        gateway: gw.addr.to_string(),
+        token: token.into(),
+        ca_pin: gw.ca.pin(),
+        state_dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    let stop = CancellationToken::new();
+    let opts = RunOptions {
+        state_dir: dir.path().to_owned(),
+        gateway: None,
+        limits,
+        backoff: Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(500), stable_after: Duration::from_secs(5) },
+        timers: TransportTimers::default(),
+    };
+    tokio::spawn(agent::run(opts, stop.clone()));
+    wait_online(&gw.registry, &state.agent_id).await;
+    (dir, state.agent_id, stop)
+}
+
+struct Output {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    exit: Exit,
+}
+
+async fn collect(stream: &mut postern_tunnel::server::SessionStream) -> Output {
+    let mut out = Output { stdout: vec![], stderr: vec![], exit: Exit { code: -1, signal: None } };
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), read_frame(&mut stream.recv, StreamKind::Session)).await.unwrap().unwrap() {
+            Some(Message::Stdout(d)) => out.stdout.extend(d),
+            Some(Message::Stderr(d)) => out.stderr.extend(d),
+            Some(Message::Exit(e)) => out.exit = e,
+            None => return out,
+            Some(other) => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn exec_req(cmd: &str) -> SessionRequest {
+    SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(cmd.into()), env: vec![], run_as: None })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_stdin_stdout_stderr_and_exit_status() {
+    let gw = gateway(TunnelSettings::default()).await;
+    let (_dir, id, _stop) = join_and_run(&gw, "t1", LocalLimits::default()).await;
+
+    let mut s = gw.registry.open_session(&id, exec_req("echo out; echo err >&2; exit 3")).await.unwrap();
+    let out = collect(&mut s).await;
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.exit.code, 3);
+
+    // stdin is piped through, EOF closes it.
+    let mut s = gw.registry.open_session(&id, exec_req("tr a-z A-Z")).await.unwrap();
+    write_frame(&mut s.send, &Message::Stdin(b"hello tunnel".to_vec())).await.unwrap();
+    write_frame(&mut s.send, &Message::Eof).await.unwrap();
+    let out = collect(&mut s).await;
+    assert_eq!(out.stdout, b"HELLO TUNNEL");
+    assert_eq!(out.exit.code, 0);
+
+    // A signal reaches the process group.
+    let mut s = gw.registry.open_session(&id, exec_req("echo ready; exec sleep 30")).await.unwrap();
+    let first = read_frame(&mut s.recv, StreamKind::Session).await.unwrap();
+    assert_eq!(first, Some(Message::Stdout(b"ready\n".to_vec())));
+    write_frame(&mut s.send, &Message::Signal(Signal { name: "TERM".into() })).await.unwrap();
+    let out = collect(&mut s).await;
+    assert_eq!(out.exit, Exit { code: 143, signal: Some("TERM".into()) });
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_shell_with_resize() {
+    let gw = gateway(TunnelSettings::default()).await;
+    let (_dir, id, _stop) = join_and_run(&gw, "t2", LocalLimits::default()).await;
+    let mut s = gw
+        .registry
+        .open_session(
+            &id,
+            SessionRequest::Shell(ShellRequest {
+                term: "xterm-256color".into(),
+                cols: 100,
+                rows: 30,
+                env: vec![],
+                run_as: None,
+                command: Some("stty size; echo TERM=$TERM; test -t 0 && echo tty; read line; stty size; exit 7".into()),
+            }),
+        )
+        .await
+        .unwrap();
+    // Wait for the first size before resizing, so the order is certain.
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("tty") {
+        match read_frame(&mut s.recv, StreamKind::Session).await.unwrap() {
+            Some(Message::Stdout(d)) => seen.extend(d),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    write_frame(&mut s.send, &Message::Resize(Resize { cols: 120, rows: 40 })).await.unwrap();
+    write_frame(&mut s.send, &Message::Stdin(b"go\n".to_vec())).await.unwrap();
+    let out = collect(&mut s).await;
+    seen.extend(out.stdout);
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("30 100"), "{text}");
+    assert!(text.contains("TERM=xterm-256color"), "{text}");
+    assert!(text.contains("40 120"), "{text}");
+    assert_eq!(out.exit.code, 7);
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_forward_and_local_allow_list() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = gateway(TunnelSettings::default()).await;
+    let (_dir, id, _stop) = join_and_run(&gw, "t3", LocalLimits::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 5];
+        sock.read_exact(&mut buf).await.unwrap();
+        sock.write_all(b"echo:").await.unwrap();
+        sock.write_all(&buf).await.unwrap();
+    });
+    let mut s = gw
+        .registry
+        .open_session(&id, SessionRequest::Tcp(TcpRequest { host: "127.0.0.1".into(), port }))
+        .await
+        .unwrap();
+    s.send.write_all(b"hello").await.unwrap();
+    s.send.finish().unwrap();
+    let mut got = Vec::new();
+    AsyncReadExt::read_to_end(&mut s.recv, &mut got).await.unwrap();
+    assert_eq!(got, b"echo:hello");
+
+    // Not on the agent's allow-list: refused by the agent, whatever the gateway wants.
+    let err = gw
+        .registry
+        .open_session(&id, SessionRequest::Tcp(TcpRequest { host: "10.255.255.1".into(), port: 80 }))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not allowed"), "{err}");
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_single_use_and_pins_are_checked() {
+    let gw = gateway(TunnelSettings::default()).await;
+    gw.directory.tokens.lock().unwrap().insert("once".into(), false);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |token: &str, pin: String| JoinOptions {
+        gateway: gw.addr.to_string(),
+        token: token.into(),
+        ca_pin: pin,
+        state_dir: dir.path().to_owned(),
+    };
+    agent::join(&opts("once", gw.ca.pin())).await.unwrap();
+    let err = agent::join(&opts("once", gw.ca.pin())).await.unwrap_err();
+    assert!(format!("{err:#}").contains("already used"), "{err:#}");
+    let err = agent::join(&opts("never-issued", gw.ca.pin())).await.unwrap_err();
+    assert!(format!("{err:#}").contains("unknown token"), "{err:#}");
+    let other = CertAuthority::generate("other").unwrap();
+    let err = agent::join(&opts("once", other.pin())).await.unwrap_err();
+    assert!(format!("{err:#}").contains("does not match --ca-pin"), "{err:#}");
+
+    // Key and state files are private.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["identity.pem", "ca.crt", "agent.toml"] {
+        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_agent_is_refused_and_run_returns_error() {
+    let gw = gateway(TunnelSettings::default()).await;
+    let (dir, id, stop) = join_and_run(&gw, "t5", LocalLimits::default()).await;
+    stop.cancel();
+    let start = Instant::now();
+    while gw.registry.get(&id).is_some() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.directory.revoked.lock().unwrap().push(id.clone());
+    let opts = RunOptions {
+        state_dir: dir.path().to_owned(),
+        gateway: None,
+        limits: LocalLimits::default(),
+        backoff: Backoff::default(),
+        timers: TransportTimers::default(),
+    };
+    let err = tokio::time::timeout(Duration::from_secs(10), agent::run(opts, CancellationToken::new())).await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("revoked"), "{err}");
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_is_renewed_before_expiry() {
+    let settings = TunnelSettings { agent_cert_ttl: Duration::from_secs(6), ..TunnelSettings::default() };
+    let gw = gateway(settings).await;
+    let (dir, id, _stop) = join_and_run(&gw, "t6", LocalLimits::default()).await;
+    let first = agent::identity_info(dir.path()).unwrap();
+    let start = Instant::now();
+    loop {
+        let now = agent::identity_info(dir.path()).unwrap();
+        if now.serial_hex != first.serial_hex {
+            assert!(now.not_after > first.not_after);
+            assert_eq!(now.common_name, id);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "certificate was not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The agent is still online and serving.
+    let mut s = gw.registry.open_session(&id, exec_req("echo still-here")).await.unwrap();
+    assert_eq!(collect(&mut s).await.stdout, b"still-here\n");
+    gw.shutdown.cancel();
+}
+
+#[test]
+fn backoff_grows_with_jitter_and_caps() {
+    let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(2), stable_after: Duration::from_secs(1) };
+    for attempt in 0..30 {
+        let d = b.delay(attempt);
+        let cap = (Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(20))).min(Duration::from_secs(2));
+        assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?} vs cap {cap:?}");
+    }
+    let samples: std::collections::HashSet<_> = (0..20).map(|_| b.delay(5)).collect();
+    assert!(samples.len() > 1, "no jitter");
+}
