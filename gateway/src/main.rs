@@ -1,1 +1,155 @@
-fn main(){}
+//! `postern`: the gateway server and its admin and user commands.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use postern_gateway::cli::{self, Cli, Command, InstancesAction, TokenAction};
+use postern_gateway::gateway;
+use postern_tunnel::CancellationToken;
+use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
+use postern_tunnel::services::LocalLimits;
+use postern_tunnel::tls::TransportTimers;
+
+fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let mut cfg = cli::resolve_config(cli)?;
+    if let Some(l) = listen {
+        cfg.tunnel.listen = l;
+    }
+    let running = gateway::start(cfg).await?;
+    wait_for_shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+async fn quickstart(cli: &Cli, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut cfg = cli::resolve_config(cli)?;
+    cfg.tunnel.listen = listen;
+    let data_dir = cfg.data_dir.clone();
+    let running = gateway::start(cfg).await?;
+    let state = running.state.clone();
+    let agent_dir = data_dir.join("local-agent");
+
+    // Reuse the local agent from an earlier quickstart if the gateway still knows it.
+    let known = match agent::load_state(&agent_dir) {
+        Ok(s) => state.store.agent(&s.agent_id).await?.filter(|a| !a.revoked).map(|_| s),
+        Err(_) => None,
+    };
+    let local = match known {
+        Some(s) => s,
+        None => {
+            let labels = cli::parse_labels(&["env=local".to_owned()])?;
+            let token = state.create_token(labels, Duration::from_secs(300), None, "quickstart").await?;
+            agent::join(&JoinOptions {
+                gateway: state.tunnel_addr.to_string(),
+                token: token.token,
+                ca_pin: token.ca_pin,
+                state_dir: agent_dir.clone(),
+            })
+            .await
+            .context("enrolling the local agent")?
+        }
+    };
+    let stop_agent = CancellationToken::new();
+    let agent_task = tokio::spawn(agent::run(
+        RunOptions {
+            state_dir: agent_dir,
+            gateway: Some(state.tunnel_addr.to_string()),
+            limits: LocalLimits::default(),
+            backoff: Backoff::default(),
+            timers: TransportTimers::default(),
+        },
+        stop_agent.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while state.registry.get(&local.agent_id).is_none() {
+        if tokio::time::Instant::now() > deadline || agent_task.is_finished() {
+            anyhow::bail!("the local agent did not come online; run with --log debug for details");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let dd = if cli::is_default_data_dir(&data_dir) { String::new() } else { format!(" --data-dir {}", data_dir.display()) };
+    println!(
+        "\nPostern is running.\n\
+         \x20 gateway (agents):  udp {tunnel}   CA pin {pin}\n\
+         \x20 data directory:    {dir}\n\
+         \x20 local agent:       {name} ({id}) online\n\n\
+         Try it from another terminal:\n\
+         \x20 postern{dd} instances\n\
+         \x20 postern{dd} exec {name} -- uname -a\n\
+         \x20 postern{dd} shell {name}\n\n\
+         Add another server:\n\
+         \x20 postern{dd} token create --labels env=dev --ttl 15m     (prints the postern-agent join command)\n\n\
+         Press Ctrl-C to stop the gateway and the local agent.",
+        tunnel = state.tunnel_addr,
+        pin = state.ca.pin(),
+        dir = data_dir.display(),
+        name = local.name,
+        id = local.agent_id,
+    );
+    wait_for_shutdown_signal().await;
+    tracing::info!("shutting down");
+    stop_agent.cancel();
+    let _ = tokio::time::timeout(cli::SHUTDOWN_GRACE, agent_task).await;
+    running.stop().await;
+    Ok(())
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Gateway { listen } => run_gateway(&cli, *listen).await.map(|()| 0),
+        Command::Quickstart { listen } => quickstart(&cli, *listen).await.map(|()| 0),
+        Command::Token { action: TokenAction::Create { labels, ttl, name, json } } => {
+            cli::token_create(&cli::socket_for(&cli)?, labels, ttl, name.clone(), *json).await.map(|()| 0)
+        }
+        Command::Instances(args) => match &args.action {
+            None => cli::instances(&cli::socket_for(&cli)?, args.json).await.map(|()| 0),
+            Some(InstancesAction::Revoke { instance }) => cli::revoke(&cli::socket_for(&cli)?, instance).await.map(|()| 0),
+        },
+        Command::Exec { instance, command } => cli::exec(&cli::socket_for(&cli)?, instance, command).await,
+        Command::Shell { instance, command } => cli::shell(&cli::socket_for(&cli)?, instance, command.clone()).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let server = matches!(cli.command, Command::Gateway { .. } | Command::Quickstart { .. });
+    init_logging(if server { &cli.log } else { "warn" }, cli.log_json);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("postern: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(real_main(cli));
+    // A blocked stdin read must not keep the process alive after the session ended.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),
+        Err(e) => {
+            eprintln!("postern: error: {e:#}");
+            ExitCode::from(255)
+        }
+    }
+}

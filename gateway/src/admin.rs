@@ -1,0 +1,299 @@
+//! The admin socket: a Unix socket in the data directory (mode 0600, same-user peers only)
+//! carrying one JSON request line and one JSON reply line. A `session` request then turns
+//! the socket into a relay of protocol frames to the agent's session stream.
+//!
+//! There is no network-reachable admin surface.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use postern_proto::{ExecCommand, ExecRequest, SessionRequest, ShellRequest};
+use postern_tunnel::CancellationToken;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+use crate::gateway::GatewayState;
+use crate::store::{AgentRecord, Labels};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    TokenCreate { labels: Labels, ttl_secs: u64, name: Option<String> },
+    Instances,
+    Revoke { instance: String },
+    Session { instance: String, session: SessionSpec },
+    BulkEnroll { count: usize, csr_hex: String, prefix: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SessionSpec {
+    Exec { command: String, env: Vec<(String, String)> },
+    Shell { term: String, cols: u16, rows: u16, env: Vec<(String, String)>, command: Option<String> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub id: String,
+    pub name: String,
+    pub labels: Labels,
+    pub hostname: String,
+    pub platform: String,
+    pub agent_version: String,
+    pub online: bool,
+    pub last_seen: Option<i64>,
+    pub remote: Option<String>,
+}
+
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        // A live gateway answers; a stale socket from a crash does not and is replaced.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another gateway is already using {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding admin socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+            },
+        };
+        let me = nix::unistd::Uid::effective().as_raw();
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
+            _ => {
+                warn!("refusing admin connection from another user");
+                continue;
+            }
+        }
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                r = handle(stream, &state) => if let Err(e) = r { debug!(error = %format!("{e:#}"), "admin request ended with error") },
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn reply(stream: &mut UnixStream, value: Value) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(&value)?;
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    Ok(())
+}
+
+fn actor() -> String {
+    // The admin socket only admits the gateway's own user or root; name them for the log.
+    format!("local-admin(uid={})", nix::unistd::Uid::effective())
+}
+
+pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&'a AgentRecord, String> {
+    if let Some(a) = agents.iter().find(|a| a.id == wanted) {
+        return Ok(a);
+    }
+    let matches: Vec<&AgentRecord> = agents.iter().filter(|a| a.name == wanted).collect();
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!("no instance named {wanted:?}; see `postern instances`")),
+        _ => Err(format!("{wanted:?} names several instances; use the instance id")),
+    }
+}
+
+async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<()> {
+    let mut line = String::new();
+    {
+        let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST));
+        tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await.context("request timed out")??;
+    }
+    let req: AdminRequest = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => return reply(&mut stream, json!({"ok": false, "error": format!("bad request: {e}")})).await,
+    };
+    match req {
+        AdminRequest::TokenCreate { labels, ttl_secs, name } => {
+            let result = state.create_token(labels, Duration::from_secs(ttl_secs.max(1)), name, &actor()).await;
+            match result {
+                Ok(t) => reply(&mut stream, json!({"ok": true, "result": t})).await,
+                Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
+            }
+        }
+        AdminRequest::Instances => {
+            let agents = state.store.agents().await?;
+            let rows: Vec<InstanceRow> = agents
+                .into_iter()
+                .map(|a| {
+                    let live = state.registry.get(&a.id);
+                    InstanceRow {
+                        online: live.is_some(),
+                        remote: live.as_ref().map(|l| l.remote.to_string()),
+                        last_seen: if live.is_some() { Some(crate::audit::now_unix()) } else { a.last_seen },
+                        hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
+                        platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
+                        agent_version: live.as_ref().map(|l| l.agent_version.clone()).unwrap_or(a.agent_version),
+                        id: a.id,
+                        name: a.name,
+                        labels: a.labels,
+                    }
+                })
+                .collect();
+            reply(&mut stream, json!({"ok": true, "result": rows})).await
+        }
+        AdminRequest::Revoke { instance } => {
+            let agents = state.store.agents().await?;
+            let agent = match resolve_instance(&agents, &instance) {
+                Ok(a) => a.clone(),
+                Err(e) => return reply(&mut stream, json!({"ok": false, "error": e})).await,
+            };
+            state.store.revoke_agent(&agent.id).await?;
+            let was_online = state.registry.disconnect(&agent.id, "agent revoked");
+            let _ = state.audit.record("agent.revoked", json!({"actor": actor(), "agent_id": agent.id, "name": agent.name}));
+            info!(agent_id = %agent.id, "agent revoked");
+            reply(&mut stream, json!({"ok": true, "result": {"id": agent.id, "name": agent.name, "was_online": was_online}})).await
+        }
+        AdminRequest::Session { instance, session } => relay_session(stream, state, &instance, session).await,
+        AdminRequest::BulkEnroll { count, csr_hex, prefix } => {
+            if !state.config.testing.bulk_enroll {
+                return reply(&mut stream, json!({"ok": false, "error": "bulk enrollment is disabled (testing.bulk_enroll)"})).await;
+            }
+            let csr = decode_hex(&csr_hex).context("csr_hex")?;
+            let ttl = state.config.agent_cert_ttl()?;
+            let mut ids = Vec::with_capacity(count);
+            let mut certs = Vec::with_capacity(count);
+            for i in 0..count {
+                let id = format!("ag-{prefix}{i:06}");
+                let cert = state.ca.issue_agent_cert(&csr, &id, ttl)?;
+                certs.push(json!({"id": id, "cert_pem": postern_tunnel::pki::der_to_pem(&cert)}));
+                ids.push((id, format!("{prefix}{i:06}")));
+            }
+            state.store.insert_agents(&ids, &Labels::from([("sim".to_owned(), "true".to_owned())]), crate::audit::now_unix()).await?;
+            let _ = state.audit.record("agent.bulk_enrolled", json!({"actor": actor(), "count": count, "prefix": prefix}));
+            reply(&mut stream, json!({"ok": true, "result": {"ca_pem": state.ca.cert_pem(), "agents": certs}})).await
+        }
+    }
+}
+
+fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        anyhow::bail!("odd length");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            let pair = s.get(i..i + 2).ok_or_else(|| anyhow::anyhow!("bad hex"))?;
+            u8::from_str_radix(pair, 16).map_err(|e| anyhow::anyhow!(e))
+        })
+        .collect()
+}
+
+async fn relay_session(mut stream: UnixStream, state: &GatewayState, instance: &str, spec: SessionSpec) -> anyhow::Result<()> {
+    let agents = state.store.agents().await?;
+    let agent = match resolve_instance(&agents, instance) {
+        Ok(a) => a.clone(),
+        Err(e) => return reply(&mut stream, json!({"ok": false, "error": e})).await,
+    };
+    let (kind, request) = match spec {
+        SessionSpec::Exec { command, env } => {
+            ("exec", SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(command), env, run_as: None }))
+        }
+        SessionSpec::Shell { term, cols, rows, env, command } => (
+            "shell",
+            SessionRequest::Shell(ShellRequest { term, cols, rows, env, run_as: None, command }),
+        ),
+    };
+    let session = match state.registry.open_session(&agent.id, request).await {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = match e {
+                postern_tunnel::server::OpenError::Offline => format!("instance {} is offline", agent.name),
+                other => other.to_string(),
+            };
+            return reply(&mut stream, json!({"ok": false, "error": msg})).await;
+        }
+    };
+    let sid = session.id.to_string();
+    let _ = state.audit.record(
+        "session.start",
+        json!({"session_id": sid, "actor": actor(), "target": agent.name, "agent_id": agent.id, "kind": kind, "via": "admin-socket",
+               "logged": false, "reason": "admin-socket sessions are not recorded"}),
+    );
+    reply(&mut stream, json!({"ok": true, "session_id": sid})).await?;
+    let started = std::time::Instant::now();
+    let (mut from_client, mut to_client) = stream.into_split();
+    let postern_tunnel::server::SessionStream { mut send, mut recv, .. } = session;
+    let up = async {
+        let n = tokio::io::copy(&mut from_client, &mut send).await.unwrap_or(0);
+        let _ = send.finish();
+        n
+    };
+    let down = async {
+        let n = tokio::io::copy(&mut recv, &mut to_client).await.unwrap_or(0);
+        let _ = to_client.shutdown().await;
+        n
+    };
+    // The agent ends the session (exit frame, then finish); the client's side may stay open.
+    let (bytes_in, bytes_out) = tokio::select! {
+        (i, o) = async { tokio::join!(up, down) } => (i, o),
+    };
+    let _ = state.audit.record(
+        "session.end",
+        json!({"session_id": sid, "target": agent.name, "kind": kind, "bytes_in": bytes_in, "bytes_out": bytes_out,
+               "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)}),
+    );
+    Ok(())
+}
+
+/// A client's connection after a successful reply; sessions continue on it.
+pub struct AdminConnection {
+    pub reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    pub writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+/// Client side: send one request and read the reply line.
+pub async fn request(socket: &Path, req: &AdminRequest) -> anyhow::Result<(Value, AdminConnection)> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!("connecting to the gateway's admin socket {} (is `postern gateway` running with this --data-dir?)", socket.display())
+    })?;
+    let (reader, mut writer) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    writer.write_all(&line).await?;
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), reader.read_until(b'\n', &mut buf))
+        .await
+        .context("gateway did not answer")?
+        .context("reading gateway reply")?;
+    if buf.is_empty() {
+        anyhow::bail!("gateway closed the admin connection without answering");
+    }
+    let value: Value = serde_json::from_slice(&buf).context("parsing gateway reply")?;
+    if value.get("ok").and_then(Value::as_bool) != Some(true) {
+        let err = value.get("error").and_then(Value::as_str).unwrap_or("unknown error");
+        anyhow::bail!("{err}");
+    }
+    Ok((value, AdminConnection { reader, writer }))
+}

@@ -1,0 +1,270 @@
+//! The `postern` command: gateway server, quickstart and admin commands.
+
+pub mod session;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::admin::{AdminRequest, InstanceRow, SessionSpec, request};
+use crate::config::{GatewayConfig, default_data_dir, parse_duration};
+use crate::gateway::admin_socket_path;
+use crate::store::Labels;
+
+#[derive(Parser)]
+#[command(
+    name = "postern",
+    version,
+    about = "Postern: a self-hosted session manager. Servers dial out; people use ssh and RDP as usual.",
+    after_help = "Examples:\n  postern quickstart                      gateway + local agent on this machine\n  postern gateway --config gateway.toml   run the gateway\n  postern token create --labels env=dev,role=web --ttl 15m\n  postern instances\n  postern exec web-01 -- uname -a\n  postern shell web-01"
+)]
+pub struct Cli {
+    /// Gateway configuration file (TOML). All settings have defaults.
+    #[arg(long, global = true, env = "POSTERN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, CA, audit log, admin socket); overrides the config file.
+    #[arg(long, global = true, env = "POSTERN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log filter for server commands (error, warn, info, debug, trace or a directive).
+    #[arg(long, global = true, env = "POSTERN_LOG", default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the gateway (agent tunnel listener and admin socket) until Ctrl-C.
+    Gateway {
+        /// UDP address for agents, overriding the config file (e.g. 0.0.0.0:4433).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Start a gateway and enroll a local agent for this machine, ready to use.
+    Quickstart {
+        /// UDP address for agents.
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        listen: std::net::SocketAddr,
+    },
+    /// Enrollment tokens for new agents.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// List enrolled instances (agents), or revoke one.
+    Instances(InstancesArgs),
+    /// Run a command on an instance; exits with the command's status.
+    Exec {
+        /// Instance name or id.
+        instance: String,
+        /// Command and arguments (run by the remote user's shell, as with ssh).
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Open an interactive shell on an instance (PTY).
+    Shell {
+        /// Instance name or id.
+        instance: String,
+        /// Run this command on the PTY instead of a login shell.
+        #[arg(long, short = 'c')]
+        command: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenAction {
+    /// Create a single-use enrollment token and print the join command.
+    Create {
+        /// Labels for the agent, e.g. env=dev,role=web.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// How long the token stays valid (90s, 15m, 8h, 7d).
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+        /// Instance name (default: the agent's hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct InstancesArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: Option<InstancesAction>,
+}
+
+#[derive(Subcommand)]
+pub enum InstancesAction {
+    /// Revoke an instance's agent: it is disconnected now and can no longer connect.
+    Revoke { instance: String },
+}
+
+pub fn resolve_config(cli: &Cli) -> anyhow::Result<GatewayConfig> {
+    let mut cfg = match &cli.config {
+        Some(p) => GatewayConfig::load(p)?,
+        None => GatewayConfig::default(),
+    };
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    Ok(cfg)
+}
+
+pub fn parse_labels(items: &[String]) -> anyhow::Result<Labels> {
+    let mut labels = Labels::new();
+    for item in items.iter().filter(|s| !s.is_empty()) {
+        let (k, v) = item.split_once('=').with_context(|| format!("label {item:?} must look like key=value"))?;
+        let valid = |s: &str, max| !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if !valid(k, 63) || !(v.is_empty() || valid(v, 255)) {
+            bail!("label {item:?}: keys and values use letters, digits, '-', '_', '.', '/' (keys up to 63 characters)");
+        }
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(labels)
+}
+
+fn labels_text(labels: &Labels) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn ago(unix: Option<i64>) -> String {
+    let Some(t) = unix else { return "never".into() };
+    let secs = crate::audit::now_unix().saturating_sub(t).max(0);
+    match secs {
+        0..=5 => "now".into(),
+        6..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+/// A plain text table with columns padded to their widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        s.truncate(s.trim_end().len());
+        s
+    };
+    let mut out = line(headers.to_vec());
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn token_create(socket: &Path, labels: &[String], ttl: &str, name: Option<String>, json: bool) -> anyhow::Result<()> {
+    let labels = parse_labels(labels)?;
+    let ttl = parse_duration(ttl).context("--ttl")?;
+    let (reply, _) = request(socket, &AdminRequest::TokenCreate { labels, ttl_secs: ttl.as_secs(), name }).await?;
+    let r = reply.get("result").cloned().unwrap_or(Value::Null);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let labels: Labels = serde_json::from_value(r.get("labels").cloned().unwrap_or_default()).unwrap_or_default();
+    let expires = r.get("expires_at").and_then(Value::as_i64).unwrap_or_default();
+    println!("token:   {}", s("token"));
+    println!("expires: {} (single use)", crate::audit::rfc3339(expires));
+    println!("ca pin:  {}", s("ca_pin"));
+    if !labels.is_empty() {
+        println!("labels:  {}", labels_text(&labels));
+    }
+    println!();
+    println!("On the server to add, run:");
+    println!("  postern-agent join --gateway {} --token {} --ca-pin {} --run", s("gateway"), s("token"), s("ca_pin"));
+    Ok(())
+}
+
+pub async fn instances(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let (reply, _) = request(socket, &AdminRequest::Instances).await?;
+    let rows: Vec<InstanceRow> = serde_json::from_value(reply.get("result").cloned().unwrap_or_default())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No instances yet. Create a token with `postern token create` and join an agent.");
+        return Ok(());
+    }
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.name.clone(),
+                labels_text(&r.labels),
+                r.platform.clone(),
+                r.agent_version.clone(),
+                if r.online { "online".into() } else { "offline".into() },
+                if r.online { "now".into() } else { ago(r.last_seen) },
+            ]
+        })
+        .collect();
+    print!("{}", table(&["ID", "NAME", "LABELS", "PLATFORM", "VERSION", "STATUS", "LAST SEEN"], &table_rows));
+    Ok(())
+}
+
+pub async fn revoke(socket: &Path, instance: &str) -> anyhow::Result<()> {
+    let (reply, _) = request(socket, &AdminRequest::Revoke { instance: instance.to_owned() }).await?;
+    let r = reply.get("result").cloned().unwrap_or_default();
+    println!(
+        "revoked {} ({}){}",
+        r.get("name").and_then(Value::as_str).unwrap_or_default(),
+        r.get("id").and_then(Value::as_str).unwrap_or_default(),
+        if r.get("was_online").and_then(Value::as_bool) == Some(true) { "; disconnected" } else { "" }
+    );
+    Ok(())
+}
+
+fn pass_env() -> Vec<(String, String)> {
+    ["LANG", "LC_ALL", "LC_CTYPE"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect()
+}
+
+pub async fn exec(socket: &Path, instance: &str, command: &[String]) -> anyhow::Result<i32> {
+    let spec = SessionSpec::Exec { command: command.join(" "), env: pass_env() };
+    session::run(socket, instance, spec, false).await
+}
+
+pub async fn shell(socket: &Path, instance: &str, command: Option<String>) -> anyhow::Result<i32> {
+    let interactive = session::stdin_is_tty();
+    let (cols, rows) = session::terminal_size();
+    let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
+    let spec = SessionSpec::Shell { term, cols, rows, env: pass_env(), command };
+    session::run(socket, instance, spec, interactive).await
+}
+
+pub fn socket_for(cli: &Cli) -> anyhow::Result<PathBuf> {
+    Ok(admin_socket_path(&resolve_config(cli)?.data_dir))
+}
+
+pub fn is_default_data_dir(dir: &Path) -> bool {
+    dir == default_data_dir()
+}
+
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

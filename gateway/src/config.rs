@@ -1,0 +1,126 @@
+//! Gateway configuration (`gateway.toml`). Every field has a default, so no file is needed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Where the gateway keeps its database, CA, audit log and admin socket.
+    pub data_dir: PathBuf,
+    pub tunnel: TunnelConfig,
+    pub testing: TestingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// UDP address agents connect to.
+    pub listen: SocketAddr,
+    /// Address printed in join commands, if agents reach the gateway by another name.
+    pub advertise: Option<String>,
+    /// Lifetime of agent certificates ("30d", "12h", ...); agents renew at two thirds.
+    pub agent_cert_ttl: String,
+    /// Most agents connected at once; more are refused.
+    pub max_agents: usize,
+}
+
+/// Switches for load tests. Never enable in production.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestingConfig {
+    /// Allow the admin socket's `bulk_enroll` (agent identities without tokens).
+    pub bulk_enroll: bool,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self { data_dir: default_data_dir(), tunnel: TunnelConfig::default(), testing: TestingConfig::default() }
+    }
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            advertise: None,
+            agent_cert_ttl: "30d".into(),
+            max_agents: 50_000,
+        }
+    }
+}
+
+/// `/var/lib/postern` for root, else `$XDG_DATA_HOME/postern` or `~/.local/share/postern`.
+pub fn default_data_dir() -> PathBuf {
+    if nix::unistd::Uid::effective().is_root() {
+        PathBuf::from("/var/lib/postern")
+    } else if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        PathBuf::from(d).join("postern")
+    } else if let Some(h) = std::env::var_os("HOME") {
+        PathBuf::from(h).join(".local/share/postern")
+    } else {
+        PathBuf::from("postern-data")
+    }
+}
+
+impl GatewayConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        parse_duration(&cfg.tunnel.agent_cert_ttl)
+            .with_context(|| format!("{}: tunnel.agent_cert_ttl", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn agent_cert_ttl(&self) -> anyhow::Result<Duration> {
+        parse_duration(&self.tunnel.agent_cert_ttl).context("tunnel.agent_cert_ttl")
+    }
+}
+
+/// Parse "90s", "15m", "8h", "30d" (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().with_context(|| format!("invalid duration {s:?}: expected e.g. 90s, 15m, 8h, 30d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => anyhow::bail!("invalid duration unit in {s:?}: use s, m, h or d"),
+    };
+    let secs = n.checked_mul(mult).with_context(|| format!("duration {s:?} is too large"))?;
+    if secs == 0 {
+        anyhow::bail!("duration {s:?} must be positive");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("8h").unwrap(), Duration::from_secs(8 * 3600));
+        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86400));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let cfg: GatewayConfig = toml::from_str("[tunnel]\nlisten = \"127.0.0.1:5000\"\n").unwrap();
+        assert_eq!(cfg.tunnel.listen.port(), 5000);
+        assert_eq!(cfg.tunnel.agent_cert_ttl, "30d");
+        assert!(toml::from_str::<GatewayConfig>("[tunnel]\nlisen = \"x\"\n").is_err());
+    }
+}

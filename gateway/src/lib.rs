@@ -1,0 +1,12 @@
+//! Postern gateway: everything a user or admin touches.
+//!
+//! Today: the agent tunnel listener (from `postern-tunnel`), the embedded store, the audit
+//! event log, the admin socket and the `postern` command. The SSH and RDP front doors,
+//! identity and policy arrive as their own modules (see docs/architecture.md).
+
+pub mod admin;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod store;

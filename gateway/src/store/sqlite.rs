@@ -1,0 +1,301 @@
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+use super::{AgentRecord, Labels, NewAgent, NewToken, RedeemError, Store, StoreError};
+
+/// Schema migrations, applied in order; `schema_version` records how far a database got.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tokens (
+    hash        TEXT PRIMARY KEY,
+    labels      TEXT NOT NULL,
+    name        TEXT,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    used_by     TEXT
+);
+CREATE TABLE agents (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    hostname      TEXT NOT NULL,
+    platform      TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    enrolled_at   INTEGER NOT NULL,
+    last_seen     INTEGER,
+    revoked       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX agents_name ON agents(name);
+"#];
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").execute(&self.pool).await?;
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+            if version <= current {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES (?)").bind(version).execute(&mut *tx).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+fn labels_json(labels: &Labels) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
+}
+
+fn row_to_agent(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, StoreError> {
+    let labels: String = row.try_get("labels")?;
+    Ok(AgentRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("agent labels: {e}")))?,
+        hostname: row.try_get("hostname")?,
+        platform: row.try_get("platform")?,
+        agent_version: row.try_get("agent_version")?,
+        enrolled_at: row.try_get("enrolled_at")?,
+        last_seen: row.try_get("last_seen")?,
+        revoked: row.try_get::<i64, _>("revoked")? != 0,
+    })
+}
+
+const AGENT_COLUMNS: &str = "id, name, labels, hostname, platform, agent_version, enrolled_at, last_seen, revoked";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_token(&self, t: &NewToken) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO tokens (hash, labels, name, created_at, expires_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&t.hash)
+            .bind(labels_json(&t.labels))
+            .bind(&t.name)
+            .bind(t.created_at)
+            .bind(t.expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn redeem_token(&self, hash: &str, agent: &NewAgent) -> Result<Result<AgentRecord, RedeemError>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The conditional UPDATE is the single point that makes tokens single-use.
+        let spent = sqlx::query(
+            "UPDATE tokens SET used_at = ?, used_by = ? WHERE hash = ? AND used_at IS NULL AND expires_at > ? \
+             RETURNING labels, name",
+        )
+        .bind(agent.now)
+        .bind(&agent.id)
+        .bind(hash)
+        .bind(agent.now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(spent) = spent else {
+            let why = sqlx::query("SELECT used_at, expires_at FROM tokens WHERE hash = ?")
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+            return Ok(Err(match why {
+                None => RedeemError::Unknown,
+                Some(row) if row.try_get::<Option<i64>, _>("used_at")?.is_some() => RedeemError::Used,
+                Some(_) => RedeemError::Expired,
+            }));
+        };
+        let labels: String = spent.try_get("labels")?;
+        let requested: Option<String> = spent.try_get("name")?;
+        let base = requested.unwrap_or_else(|| agent.hostname.clone());
+        let taken: i64 = sqlx::query("SELECT COUNT(*) FROM agents WHERE name = ? AND revoked = 0")
+            .bind(&base)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        // Names stay unique among live agents; a clash gets the id's short suffix.
+        let name = if taken == 0 {
+            base
+        } else {
+            format!("{base}-{}", agent.id.trim_start_matches("ag-").chars().take(6).collect::<String>())
+        };
+        sqlx::query(
+            "INSERT INTO agents (id, name, labels, hostname, platform, agent_version, enrolled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&agent.id)
+        .bind(&name)
+        .bind(&labels)
+        .bind(&agent.hostname)
+        .bind(&agent.platform)
+        .bind(&agent.agent_version)
+        .bind(agent.now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(AgentRecord {
+            id: agent.id.clone(),
+            name,
+            labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("token labels: {e}")))?,
+            hostname: agent.hostname.clone(),
+            platform: agent.platform.clone(),
+            agent_version: agent.agent_version.clone(),
+            enrolled_at: agent.now,
+            last_seen: None,
+            revoked: false,
+        }))
+    }
+
+    async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_agent).transpose()
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_agent).collect()
+    }
+
+    async fn agent_seen(
+        &self,
+        id: &str,
+        hostname: Option<&str>,
+        platform: Option<&str>,
+        version: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agents SET last_seen = ?, hostname = COALESCE(?, hostname), platform = COALESCE(?, platform), \
+             agent_version = COALESCE(?, agent_version) WHERE id = ?",
+        )
+        .bind(now)
+        .bind(hostname)
+        .bind(platform)
+        .bind(version)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = ? AND revoked = 0").bind(id).execute(&self.pool).await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn insert_agents(&self, agents: &[(String, String)], labels: &Labels, now: i64) -> Result<(), StoreError> {
+        let labels = labels_json(labels);
+        let mut tx = self.pool.begin().await?;
+        for (id, name) in agents {
+            sqlx::query(
+                "INSERT INTO agents (id, name, labels, hostname, platform, agent_version, enrolled_at) \
+                 VALUES (?, ?, ?, 'simulated', 'simulated', 'simulated', ?)",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(&labels)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, host: &str) -> NewAgent {
+        NewAgent { id: id.into(), hostname: host.into(), platform: "linux".into(), agent_version: "1".into(), now: 100 }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
+        let mut labels = Labels::new();
+        labels.insert("env".into(), "dev".into());
+        let tok = |hash: &str, expires_at| NewToken { hash: hash.into(), labels: labels.clone(), name: None, created_at: 0, expires_at };
+        store.create_token(&tok("a", 200)).await.unwrap();
+        store.create_token(&tok("old", 50)).await.unwrap();
+
+        let rec = store.redeem_token("a", &agent("ag-1", "web")).await.unwrap().unwrap();
+        assert_eq!(rec.name, "web");
+        assert_eq!(rec.labels.get("env").map(String::as_str), Some("dev"));
+        assert_eq!(store.redeem_token("a", &agent("ag-2", "web")).await.unwrap().unwrap_err(), RedeemError::Used);
+        assert_eq!(store.redeem_token("old", &agent("ag-3", "web")).await.unwrap().unwrap_err(), RedeemError::Expired);
+        assert_eq!(store.redeem_token("zzz", &agent("ag-4", "web")).await.unwrap().unwrap_err(), RedeemError::Unknown);
+
+        // A second host with the same hostname gets a distinct name.
+        store.create_token(&tok("b", 200)).await.unwrap();
+        let rec2 = store.redeem_token("b", &agent("ag-abcdef99", "web")).await.unwrap().unwrap();
+        assert_eq!(rec2.name, "web-abcdef");
+        assert_eq!(store.agents().await.unwrap().len(), 2);
+        assert!(store.revoke_agent("ag-1").await.unwrap());
+        assert_eq!(store.agents().await.unwrap().len(), 1);
+        assert!(store.agent("ag-1").await.unwrap().unwrap().revoked);
+
+        // Reopening keeps data and does not re-run migrations.
+        drop(store);
+        let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
+        assert_eq!(store.agents().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_redemption_succeeds_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
+        store
+            .create_token(&NewToken { hash: "t".into(), labels: Labels::new(), name: None, created_at: 0, expires_at: 1000 })
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move { s.redeem_token("t", &agent(&format!("ag-{i}"), "h")).await }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            if matches!(t.await.unwrap(), Ok(Ok(_))) {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 1);
+    }
+}
