@@ -1,1 +1,255 @@
+//! Helpers for end-to-end tests: start the real `postern` and `postern-agent` binaries in
+//! temporary directories on loopback, run commands against them, and clean up on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Directory holding the workspace binaries (`target/debug` next to the test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_owned();
+    for b in ["postern", "postern-agent"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} not found: build the binaries first (cargo build --workspace --bins), as tests/run.sh does",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Poll `cond` every 25 ms until it holds or `timeout` passes; returns the time it took.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+    /// Wait for exit with a bound; returns the exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(start.elapsed() < timeout, "process did not exit within {timeout:?}; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err).env("POSTERN_LOG", "info,postern_tunnel=debug");
+    Proc { child: cmd.spawn().unwrap(), log: log.to_owned() }
+}
+
+/// A gateway process with its own data directory.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub listen: String,
+    pub proc: Option<Proc>,
+}
+
+impl Gateway {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Start on 127.0.0.1 with extra `gateway.toml` content.
+    pub fn start(extra_config: &str) -> Gateway {
+        Self::start_on(&format!("127.0.0.1:{}", free_udp_port()), extra_config)
+    }
+
+    pub fn start_on(listen: &str, extra_config: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gw = Gateway { dir, listen: listen.to_owned(), proc: None };
+        std::fs::write(
+            gw.dir.path().join("gateway.toml"),
+            format!("data_dir = {:?}\n{extra_config}\n[tunnel]\nlisten = {:?}\n", gw.data_dir(), listen),
+        )
+        .unwrap();
+        gw.restart();
+        gw
+    }
+
+    /// (Re)start the process and wait until its admin socket answers.
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(bin("postern"));
+        cmd.arg("--config").arg(self.dir.path().join("gateway.toml")).arg("gateway");
+        let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
+        self.proc = Some(spawn_logged(cmd, &self.dir.path().join(format!("gateway-{n}.log"))));
+        let sock = self.data_dir().join("admin.sock");
+        wait_until("gateway admin socket", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    }
+
+    /// Graceful stop (SIGTERM), bounded.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(nix::sys::signal::Signal::SIGTERM);
+            assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "gateway did not stop cleanly:\n{}", p.log_text());
+        }
+    }
+
+    pub fn postern(&self, args: &[&str]) -> Output {
+        Command::new(bin("postern"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn postern_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(bin("postern"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `postern token create --json`: (token, ca_pin).
+    pub fn token(&self, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["token", "create", "--json"];
+        args.extend_from_slice(extra);
+        let out = self.postern(&args);
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["token"].as_str().unwrap().to_owned(), v["ca_pin"].as_str().unwrap().to_owned())
+    }
+
+    pub fn instances(&self) -> Vec<Value> {
+        let out = self.postern(&["instances", "--json"]);
+        assert!(out.status.success(), "instances failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+    }
+
+    pub fn is_online(&self, name: &str) -> bool {
+        self.instances().iter().any(|i| i["name"] == name && i["online"] == true)
+    }
+
+    pub fn audit_events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.data_dir().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// An enrolled agent (state in its own directory) and, once started, its process.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub proc: Option<Proc>,
+    /// Command prefix, e.g. `ip netns exec NS`.
+    pub prefix: Vec<String>,
+}
+
+impl Agent {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn command(prefix: &[String]) -> Command {
+        match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("postern-agent"));
+                c
+            }
+            None => Command::new(bin("postern-agent")),
+        }
+    }
+
+    /// Run `postern-agent join`; returns its output without asserting success.
+    pub fn try_join(prefix: &[String], gateway: &str, token: &str, pin: &str, state_dir: &Path) -> Output {
+        Self::command(prefix)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["join", "--gateway", gateway, "--token", token, "--ca-pin", pin])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Join with a fresh token named `name` and start `postern-agent run`; waits until online.
+    pub fn start(gw: &Gateway, name: &str, prefix: Vec<String>, gateway_addr: &str) -> Agent {
+        let (token, pin) = gw.token(&["--name", name, "--labels", "env=test"]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = Agent { dir, name: name.to_owned(), proc: None, prefix };
+        let out = Self::try_join(&agent.prefix, gateway_addr, &token, &pin, &agent.state_dir());
+        assert!(out.status.success(), "join failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        agent.run();
+        wait_until(&format!("agent {name} online"), Duration::from_secs(20), || gw.is_online(name));
+        agent
+    }
+
+    pub fn run(&mut self) {
+        let mut cmd = Self::command(&self.prefix);
+        cmd.arg("--state-dir").arg(self.state_dir()).arg("run");
+        self.proc = Some(spawn_logged(cmd, &self.dir.path().join("agent.log")));
+    }
+}
+
+/// Run a shell command (setup of namespaces and the like); panics with its output on failure.
+pub fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

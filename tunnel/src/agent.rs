@@ -200,6 +200,11 @@ pub fn load_state(state_dir: &Path) -> anyhow::Result<AgentState> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// How long one connection attempt may take. Short, because while the gateway is down
+/// handshake packets go nowhere, and a fresh attempt after backoff finds a restarted
+/// gateway sooner than the retransmissions of a stale one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Options of `postern-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -260,7 +265,8 @@ impl std::fmt::Display for Fatal {
 }
 impl std::error::Error for Fatal {}
 
-fn tunnel_config(dir: &Path, timers: TransportTimers) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
+/// The mutual-TLS client configuration built from an enrolled agent's state directory.
+pub fn tunnel_config(dir: &Path, timers: TransportTimers) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
     };
@@ -290,7 +296,7 @@ async fn connect_once(
     }
     let addr = resolve(gateway).await?;
     let endpoint = client_endpoint(addr)?;
-    let conn = tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?)
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?)
         .await
         .map_err(|_| anyhow!("connecting to {gateway} timed out"))?
         .with_context(|| format!("connecting to {gateway}"))?;

@@ -41,6 +41,9 @@ impl Default for TransportTimers {
 fn transport(timers: TransportTimers, agent_side: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(timers.idle_timeout).ok());
+    // Agents and gateways are usually close; a lower first RTT guess makes handshake
+    // retransmissions (and so reconnects to a restarted gateway) quicker.
+    t.initial_rtt(Duration::from_millis(100));
     if agent_side {
         t.keep_alive_interval(Some(timers.keep_alive));
         // Sessions are streams the gateway opens towards the agent: this bounds concurrent

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run the whole Postern test suite: unit, golden, fuzz-budget, tunnel integration and
+# end-to-end tests with the real binaries. On Debian as root it installs what the tests
+# need (nftables, iproute2, python3); elsewhere it says what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if ((${#need[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing test dependencies: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "missing test dependencies: ${need[*]} (install them, or run as root on Debian)" >&2
+    exit 1
+  fi
+fi
+
+# The end-to-end tests start the real binaries from target/debug.
+cargo build --workspace --bins --locked
+# Budget for the property-based decoder fuzzing (proto/tests/fuzz.rs).
+export PROPTEST_CASES="${PROPTEST_CASES:-4096}"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

@@ -1,0 +1,226 @@
+//! End-to-end: the real `postern` gateway and `postern-agent` processes on loopback and in a
+//! network namespace, driven through the CLI as a user would.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use postern_e2e::*;
+
+#[test]
+fn exec_and_pty_shell_through_the_tunnel() {
+    let gw = Gateway::start("");
+    let agent = Agent::start(&gw, "web-01", vec![], &gw.listen);
+
+    // stdout, stderr and exit status stay separate.
+    let out = gw.postern(&["exec", "web-01", "--", "echo hello; echo oops >&2; exit 3"]);
+    assert_eq!(text(&out.stdout), "hello\n");
+    assert_eq!(text(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(3));
+
+    // stdin is piped through and closed at EOF.
+    let payload = vec![b'x'; 300_000];
+    let out = gw.postern_stdin(&["exec", "web-01", "--", "wc", "-c"], &payload);
+    assert_eq!(text(&out.stdout).trim(), "300000", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+
+    // A PTY shell: the remote side has a terminal of the requested size.
+    let out = gw.postern_stdin(&["shell", "web-01"], b"tty; stty size; echo TERM=$TERM; exit 5\n");
+    let shown = text(&out.stdout);
+    assert!(shown.contains("/dev/pts/"), "no pty: {shown}");
+    assert!(shown.contains("24 80"), "size: {shown}");
+    assert_eq!(out.status.code(), Some(5), "{shown}");
+
+    // Unknown instance: a clear error and a failing exit status.
+    let out = gw.postern(&["exec", "no-such-host", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("no instance named"), "{}", text(&out.stderr));
+
+    // The instance list shows what the agent reported.
+    let list = gw.instances();
+    let me = list.iter().find(|i| i["name"] == "web-01").unwrap();
+    assert_eq!(me["labels"]["env"], "test");
+    assert_eq!(me["online"], true);
+    assert!(me["platform"].as_str().unwrap().starts_with("linux-"));
+    let table = text(&gw.postern(&["instances"]).stdout);
+    assert!(table.contains("web-01") && table.contains("online"), "{table}");
+
+    // Key material on the agent is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(agent.state_dir().join("identity.pem")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn agent_comes_back_within_5s_after_gateway_restart() {
+    let mut gw = Gateway::start("");
+    let _agent = Agent::start(&gw, "db-01", vec![], &gw.listen);
+    gw.stop();
+    gw.restart();
+    let took = wait_until("agent online after restart", Duration::from_secs(5), || gw.is_online("db-01"));
+    eprintln!("agent back online {took:?} after the gateway's admin socket answered");
+    let out = gw.postern(&["exec", "db-01", "--", "echo", "back"]);
+    assert_eq!(text(&out.stdout), "back\n");
+    let events = gw.audit_events();
+    assert!(events.iter().filter(|e| e["event"] == "agent.connected").count() >= 2);
+}
+
+#[test]
+fn tokens_reused_expired_or_wrong_pin_are_refused() {
+    let gw = Gateway::start("");
+    let dir = tempfile::tempdir().unwrap();
+
+    let (token, pin) = gw.token(&[]);
+    let ok = Agent::try_join(&[], &gw.listen, &token, &pin, &dir.path().join("a"));
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+
+    let reused = Agent::try_join(&[], &gw.listen, &token, &pin, &dir.path().join("b"));
+    assert!(!reused.status.success());
+    assert!(text(&reused.stderr).contains("already used"), "{}", text(&reused.stderr));
+
+    let (short, pin) = gw.token(&["--ttl", "1s"]);
+    // Waiting for the clock is the point of this step: the token must be past its expiry.
+    std::thread::sleep(Duration::from_millis(2100));
+    let expired = Agent::try_join(&[], &gw.listen, &short, &pin, &dir.path().join("c"));
+    assert!(!expired.status.success());
+    assert!(text(&expired.stderr).contains("expired"), "{}", text(&expired.stderr));
+
+    let (fresh, _) = gw.token(&[]);
+    let wrong_pin = format!("sha256:{}", "ab".repeat(32));
+    let bad = Agent::try_join(&[], &gw.listen, &fresh, &wrong_pin, &dir.path().join("d"));
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("does not match --ca-pin"), "{}", text(&bad.stderr));
+    // The token was not spent by the failed attempt: it still works with the right pin.
+    let good = Agent::try_join(&[], &gw.listen, &fresh, &pin, &dir.path().join("e"));
+    assert!(good.status.success(), "{}", text(&good.stderr));
+
+    let garbage = Agent::try_join(&[], &gw.listen, "pt_garbage", &pin, &dir.path().join("f"));
+    assert!(text(&garbage.stderr).contains("unknown enrollment token"), "{}", text(&garbage.stderr));
+
+    let refused: Vec<String> = gw
+        .audit_events()
+        .iter()
+        .filter(|e| e["event"] == "agent.enroll_refused")
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(refused.iter().any(|r| r.contains("already used")), "{refused:?}");
+    assert!(refused.iter().any(|r| r.contains("expired")), "{refused:?}");
+    assert!(refused.iter().any(|r| r.contains("unknown")), "{refused:?}");
+    // The secret never reaches the audit log.
+    let log = std::fs::read_to_string(gw.data_dir().join("audit.log")).unwrap();
+    assert!(!log.contains(&token) && !log.contains(&fresh));
+}
+
+#[test]
+fn revoked_agent_is_disconnected_and_stays_out() {
+    let gw = Gateway::start("");
+    let mut agent = Agent::start(&gw, "old-01", vec![], &gw.listen);
+    let out = gw.postern(&["instances", "revoke", "old-01"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let proc = agent.proc.as_mut().unwrap();
+    let code = proc.wait_exit(Duration::from_secs(15));
+    assert_eq!(code, Some(1));
+    assert!(proc.log_text().contains("revoked"), "{}", proc.log_text());
+    assert!(!gw.instances().iter().any(|i| i["name"] == "old-01"));
+}
+
+#[test]
+fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let data = dir.path().join("data");
+    let mut cmd = Command::new(bin("postern"));
+    cmd.arg("--data-dir").arg(&data).args(["quickstart", "--listen", &format!("127.0.0.1:{port}")]);
+    let mut qs = spawn_logged(cmd, &dir.path().join("quickstart.log"));
+    wait_until("quickstart banner", Duration::from_secs(30), || qs.log_text().contains("Press Ctrl-C"));
+    let banner = qs.log_text();
+    let host = postern_tunnel::agent::hostname();
+    assert!(banner.contains(&format!("exec {host} -- uname -a")), "{banner}");
+    let out = Command::new(bin("postern")).arg("--data-dir").arg(&data).args(["exec", &host, "--", "echo", "hi"]).output().unwrap();
+    assert_eq!(text(&out.stdout), "hi\n", "{}", text(&out.stderr));
+    qs.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(qs.wait_exit(Duration::from_secs(10)), Some(0), "{}", qs.log_text());
+    assert!(!data.join("admin.sock").exists());
+}
+
+/// An agent in its own network namespace whose firewall drops every inbound connection
+/// still serves sessions: it only ever dials out.
+#[test]
+fn agent_in_outbound_only_network_namespace() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test creates a network namespace and must run as root (CI does)"
+    );
+    let ns = NetNs::create();
+    let gw = Gateway::start_on(&format!("{}:{}", ns.host_ip, free_udp_port()), "");
+    let prefix = vec!["ip".to_owned(), "netns".to_owned(), "exec".to_owned(), ns.name.clone()];
+    let _agent = Agent::start(&gw, "edge-01", prefix.clone(), &gw.listen);
+
+    let out = gw.postern(&["exec", "edge-01", "--", "ip -brief addr show; echo from-inside"]);
+    let shown = text(&out.stdout);
+    assert!(shown.contains(&ns.ns_ip) && shown.contains("from-inside"), "{shown}{}", text(&out.stderr));
+
+    // Prove the namespace accepts nothing inbound: a listener inside it is unreachable.
+    let mut listener = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c"])
+        .arg("import socket,sys;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',18080));s.listen();print('up',flush=True);s.accept()")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(listener.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "up");
+    let target = format!("{}:18080", ns.ns_ip).parse().unwrap();
+    let inbound = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2));
+    assert!(inbound.is_err(), "inbound connection into the namespace should be dropped");
+    let _ = listener.kill();
+    let _ = listener.wait();
+}
+
+/// A network namespace with a veth link to the host and an inbound-drop firewall.
+struct NetNs {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+impl NetNs {
+    fn create() -> NetNs {
+        let id = std::process::id() % 60000;
+        let name = format!("pst{id}");
+        let host_if = format!("pvh{id}");
+        let ns_if = format!("pvn{id}");
+        // A /30 from 10.231.0.0/16 chosen by pid, used only between host and this namespace.
+        let n = (id % 16000) * 4;
+        let (a, b) = (n / 256, n % 256);
+        let host_ip = format!("10.231.{a}.{}", b + 1);
+        let ns_ip = format!("10.231.{a}.{}", b + 2);
+        let ns = NetNs { name: name.clone(), host_if: host_if.clone(), host_ip: host_ip.clone(), ns_ip: ns_ip.clone() };
+        sh(&format!("ip netns add {name}"));
+        sh(&format!("ip netns exec {name} ip link set lo up"));
+        sh(&format!("ip link add {host_if} type veth peer name {ns_if}"));
+        sh(&format!("ip link set {ns_if} netns {name}"));
+        sh(&format!("ip addr add {host_ip}/30 dev {host_if} && ip link set {host_if} up"));
+        sh(&format!("ip netns exec {name} ip addr add {ns_ip}/30 dev {ns_if}"));
+        sh(&format!("ip netns exec {name} ip link set {ns_if} up"));
+        sh(&format!(
+            "ip netns exec {name} nft -f - <<'EOF'\n\
+             table inet postern_test {{\n\
+               chain input {{\n\
+                 type filter hook input priority 0; policy drop;\n\
+                 ct state established,related accept\n\
+                 iif lo accept\n\
+               }}\n\
+             }}\nEOF"
+        ));
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).stderr(std::process::Stdio::null()).status();
+    }
+}
