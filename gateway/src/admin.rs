@@ -244,9 +244,12 @@ async fn relay_session(mut stream: UnixStream, state: &GatewayState, instance: &
     let started = std::time::Instant::now();
     let (mut from_client, mut to_client) = stream.into_split();
     let postern_tunnel::server::SessionStream { mut send, mut recv, .. } = session;
+    // The agent ends a session by finishing its stream after the exit frame. The client
+    // never half-closes, so end of input from it means it went away: reset the stream so the
+    // agent stops the remote process instead of leaving it running.
     let up = async {
         let n = tokio::io::copy(&mut from_client, &mut send).await.unwrap_or(0);
-        let _ = send.finish();
+        let _ = send.reset(0u32.into());
         n
     };
     let down = async {
@@ -254,9 +257,17 @@ async fn relay_session(mut stream: UnixStream, state: &GatewayState, instance: &
         let _ = to_client.shutdown().await;
         n
     };
-    // The agent ends the session (exit frame, then finish); the client's side may stay open.
+    tokio::pin!(up, down);
     let (bytes_in, bytes_out) = tokio::select! {
-        (i, o) = async { tokio::join!(up, down) } => (i, o),
+        out = &mut down => {
+            // Session over; whatever the client still sends is moot.
+            let inp = tokio::time::timeout(Duration::from_secs(1), &mut up).await.unwrap_or(0);
+            (inp, out)
+        }
+        inp = &mut up => {
+            let out = tokio::time::timeout(Duration::from_secs(5), &mut down).await.unwrap_or(0);
+            (inp, out)
+        }
     };
     let _ = state.audit.record(
         "session.end",

@@ -76,6 +76,26 @@ fn any_message() -> impl Strategy<Value = Message> {
     ]
 }
 
+/// An AsyncRead that hands out at most `chunk` bytes per read.
+struct Chunked<'a> {
+    data: &'a [u8],
+    chunk: usize,
+}
+
+impl tokio::io::AsyncRead for Chunked<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = self.chunk.min(self.data.len()).min(buf.remaining());
+        let (head, rest) = self.data.split_at(n);
+        buf.put_slice(head);
+        self.data = rest;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 fn stream_for(kind: Kind) -> StreamKind {
     [StreamKind::Enroll, StreamKind::Control, StreamKind::Session]
         .into_iter()
@@ -122,6 +142,26 @@ proptest! {
         prop_assert_eq!(&decoded, &msg);
         for cut in 0..buf.len() {
             prop_assert!(!matches!(decode_frame(&buf[..cut], stream), Ok(Some(_))));
+        }
+    }
+
+    /// The async reader agrees with the slice decoder on any input, however it is chunked.
+    #[test]
+    fn async_reader_matches_slice_decoder(data in proptest::collection::vec(any::<u8>(), 0..256), chunk in 1usize..16) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for stream in [StreamKind::Enroll, StreamKind::Control, StreamKind::Session] {
+            let expected = decode_frame(&data, stream);
+            let got = rt.block_on(async {
+                let mut reader = Chunked { data: &data, chunk };
+                read_frame(&mut reader, stream).await
+            });
+            match (expected, got) {
+                (Ok(Some((m, _))), Ok(Some(g))) => prop_assert_eq!(m, g),
+                (Err(e), Err(FrameError::Proto(g))) => prop_assert_eq!(e, g),
+                // Input ends inside a frame: the slice decoder waits, the reader reports EOF.
+                (Ok(None), Ok(None) | Err(FrameError::UnexpectedEof)) => {}
+                (e, g) => prop_assert!(false, "slice decoder {:?} vs reader {:?}", e, g),
+            }
         }
     }
 

@@ -31,6 +31,24 @@ fn exec_and_pty_shell_through_the_tunnel() {
     assert!(shown.contains("24 80"), "size: {shown}");
     assert_eq!(out.status.code(), Some(5), "{shown}");
 
+    // A client that goes away ends the remote command (no orphaned processes).
+    let marker = format!("sleep {}", 3000 + std::process::id() % 1000);
+    let mut client = Command::new(bin("postern"))
+        .arg("--data-dir")
+        .arg(gw.data_dir())
+        .args(["exec", "web-01", "--", &format!("echo started; exec {marker}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(client.stdout.as_mut().unwrap()), &mut first).unwrap();
+    assert_eq!(first, "started\n");
+    let running = || Command::new("pgrep").args(["-f", &marker]).output().unwrap().status.success();
+    assert!(running());
+    client.kill().unwrap();
+    client.wait().unwrap();
+    wait_until("remote command to end after the client left", Duration::from_secs(5), || !running());
+
     // Unknown instance: a clear error and a failing exit status.
     let out = gw.postern(&["exec", "no-such-host", "--", "true"]);
     assert_ne!(out.status.code(), Some(0));

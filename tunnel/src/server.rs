@@ -65,7 +65,8 @@ pub trait AgentDirectory: Send + Sync + 'static {
         remote: SocketAddr,
     ) -> impl Future<Output = Result<String, Refusal>> + Send;
 
-    /// The agent's connection ended (`generation` identifies which connection).
+    /// The agent's current connection ended (a connection replaced by a newer one of the
+    /// same agent does not count).
     fn departed(&self, agent_id: &str) -> impl Future<Output = ()> + Send;
 
     /// A rogue or broken peer was dropped; for the audit log.
