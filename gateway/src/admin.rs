@@ -170,14 +170,24 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
             };
             state.store.revoke_agent(&agent.id).await?;
             let was_online = state.registry.disconnect(&agent.id, "agent revoked");
-            let _ = state.audit.record("agent.revoked", json!({"actor": actor(), "agent_id": agent.id, "name": agent.name}));
+            let _ = state
+                .audit
+                .record("agent.revoked", json!({"actor": actor(), "agent_id": agent.id, "name": agent.name}));
             info!(agent_id = %agent.id, "agent revoked");
-            reply(&mut stream, json!({"ok": true, "result": {"id": agent.id, "name": agent.name, "was_online": was_online}})).await
+            reply(
+                &mut stream,
+                json!({"ok": true, "result": {"id": agent.id, "name": agent.name, "was_online": was_online}}),
+            )
+            .await
         }
         AdminRequest::Session { instance, session } => relay_session(stream, state, &instance, session).await,
         AdminRequest::BulkEnroll { count, csr_hex, prefix } => {
             if !state.config.testing.bulk_enroll {
-                return reply(&mut stream, json!({"ok": false, "error": "bulk enrollment is disabled (testing.bulk_enroll)"})).await;
+                return reply(
+                    &mut stream,
+                    json!({"ok": false, "error": "bulk enrollment is disabled (testing.bulk_enroll)"}),
+                )
+                .await;
             }
             let csr = decode_hex(&csr_hex).context("csr_hex")?;
             let ttl = state.config.agent_cert_ttl()?;
@@ -189,8 +199,12 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
                 certs.push(json!({"id": id, "cert_pem": postern_tunnel::pki::der_to_pem(&cert)}));
                 ids.push((id, format!("{prefix}{i:06}")));
             }
-            state.store.insert_agents(&ids, &Labels::from([("sim".to_owned(), "true".to_owned())]), crate::audit::now_unix()).await?;
-            let _ = state.audit.record("agent.bulk_enrolled", json!({"actor": actor(), "count": count, "prefix": prefix}));
+            state
+                .store
+                .insert_agents(&ids, &Labels::from([("sim".to_owned(), "true".to_owned())]), crate::audit::now_unix())
+                .await?;
+            let _ =
+                state.audit.record("agent.bulk_enrolled", json!({"actor": actor(), "count": count, "prefix": prefix}));
             reply(&mut stream, json!({"ok": true, "result": {"ca_pem": state.ca.cert_pem(), "agents": certs}})).await
         }
     }
@@ -209,7 +223,12 @@ fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
         .collect()
 }
 
-async fn relay_session(mut stream: UnixStream, state: &GatewayState, instance: &str, spec: SessionSpec) -> anyhow::Result<()> {
+async fn relay_session(
+    mut stream: UnixStream,
+    state: &GatewayState,
+    instance: &str,
+    spec: SessionSpec,
+) -> anyhow::Result<()> {
     let agents = state.store.agents().await?;
     let agent = match resolve_instance(&agents, instance) {
         Ok(a) => a.clone(),
@@ -219,10 +238,9 @@ async fn relay_session(mut stream: UnixStream, state: &GatewayState, instance: &
         SessionSpec::Exec { command, env } => {
             ("exec", SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(command), env, run_as: None }))
         }
-        SessionSpec::Shell { term, cols, rows, env, command } => (
-            "shell",
-            SessionRequest::Shell(ShellRequest { term, cols, rows, env, run_as: None, command }),
-        ),
+        SessionSpec::Shell { term, cols, rows, env, command } => {
+            ("shell", SessionRequest::Shell(ShellRequest { term, cols, rows, env, run_as: None, command }))
+        }
     };
     let session = match state.registry.open_session(&agent.id, request).await {
         Ok(s) => s,
@@ -286,7 +304,10 @@ pub struct AdminConnection {
 /// Client side: send one request and read the reply line.
 pub async fn request(socket: &Path, req: &AdminRequest) -> anyhow::Result<(Value, AdminConnection)> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!("connecting to the gateway's admin socket {} (is `postern gateway` running with this --data-dir?)", socket.display())
+        format!(
+            "connecting to the gateway's admin socket {} (is `postern gateway` running with this --data-dir?)",
+            socket.display()
+        )
     })?;
     let (reader, mut writer) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;

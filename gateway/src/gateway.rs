@@ -45,6 +45,22 @@ fn random_hex(n: usize) -> anyhow::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// Instance names appear in host names (`web-01.<suffix>`) and commands: keep them to
+/// letters, digits, '-', '_' and '.', at most 63 characters.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A usable name from whatever hostname an agent reported.
+fn name_from_hostname(hostname: &str) -> String {
+    let cleaned: String = hostname
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .take(63)
+        .collect();
+    if cleaned.is_empty() { "instance".into() } else { cleaned }
+}
+
 pub fn token_hash(token: &str) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     d.as_ref().iter().map(|x| format!("{x:02x}")).collect()
@@ -109,7 +125,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let ca = Arc::new(load_or_create_ca(&dir)?);
     let reset_key = load_or_create_reset_key(&dir)?;
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.join("postern.db")).await.with_context(|| format!("opening database in {}", dir.display()))?,
+        SqliteStore::open(&dir.join("postern.db"))
+            .await
+            .with_context(|| format!("opening database in {}", dir.display()))?,
     );
     let audit = Arc::new(AuditLog::open(&dir.join("audit.log")).context("opening audit log")?);
     let directory = Arc::new(StoreDirectory { store: store.clone(), audit: audit.clone() });
@@ -118,8 +136,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         max_agents: config.tunnel.max_agents,
         ..TunnelSettings::default()
     };
-    let server = TunnelServer::bind(config.tunnel.listen, ca.clone(), directory, settings, &reset_key)
-        .with_context(|| format!("listening for agents on udp {} (is another gateway running?)", config.tunnel.listen))?;
+    let server =
+        TunnelServer::bind(config.tunnel.listen, ca.clone(), directory, settings, &reset_key).with_context(|| {
+            format!("listening for agents on udp {} (is another gateway running?)", config.tunnel.listen)
+        })?;
     let tunnel_addr = server.local_addr()?;
     let state = Arc::new(GatewayState { config, store, audit, registry: server.registry(), ca, tunnel_addr });
     let shutdown = CancellationToken::new();
@@ -162,11 +182,22 @@ impl GatewayState {
         name: Option<String>,
         actor: &str,
     ) -> anyhow::Result<CreatedToken> {
+        if let Some(n) = &name
+            && !valid_name(n)
+        {
+            anyhow::bail!("invalid instance name {n:?}: use letters, digits, '-', '_' and '.', at most 63 characters");
+        }
         let token = format!("pt_{}", random_hex(24)?);
         let now = now_unix();
         let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
         self.store
-            .create_token(&NewToken { hash: token_hash(&token), labels: labels.clone(), name: name.clone(), created_at: now, expires_at })
+            .create_token(&NewToken {
+                hash: token_hash(&token),
+                labels: labels.clone(),
+                name: name.clone(),
+                created_at: now,
+                expires_at,
+            })
             .await?;
         // The audit line names the token by a hash prefix, never the secret itself.
         let _ = self.audit.record(
@@ -186,10 +217,12 @@ struct StoreDirectory {
 impl AgentDirectory for StoreDirectory {
     async fn enroll(&self, token: &str, req: &EnrollRequest, remote: SocketAddr) -> Result<EnrolledAgent, Refusal> {
         let hash = token_hash(token);
-        let id = random_hex(8).map(|h| format!("ag-{h}")).map_err(|e| Refusal { code: ErrorCode::Internal, message: e.to_string() })?;
+        let id = random_hex(8)
+            .map(|h| format!("ag-{h}"))
+            .map_err(|e| Refusal { code: ErrorCode::Internal, message: e.to_string() })?;
         let new = NewAgent {
             id,
-            hostname: req.hostname.chars().take(255).collect(),
+            hostname: name_from_hostname(&req.hostname),
             platform: req.platform.chars().take(64).collect(),
             agent_version: req.agent_version.chars().take(64).collect(),
             now: now_unix(),
@@ -235,7 +268,9 @@ impl AgentDirectory for StoreDirectory {
             Some(_) => None,
         };
         if let Some(reason) = refusal {
-            let _ = self.audit.record("agent.refused", json!({"agent_id": agent_id, "source": remote.to_string(), "reason": reason}));
+            let _ = self
+                .audit
+                .record("agent.refused", json!({"agent_id": agent_id, "source": remote.to_string(), "reason": reason}));
             return Err(Refusal { code: ErrorCode::AgentRevoked, message: reason.into() });
         }
         let trim = |s: &str, n| s.chars().take(n).collect::<String>();
@@ -267,5 +302,26 @@ impl AgentDirectory for StoreDirectory {
             "agent.protocol_violation",
             json!({"source": remote.to_string(), "agent_id": agent_id, "error": error}),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web-01.prod"));
+        assert!(!valid_name("web 01"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert_eq!(name_from_hostname("my host;rm -rf"), "my-host-rm--rf");
+        assert_eq!(name_from_hostname(""), "instance");
+        assert_eq!(name_from_hostname(&"h".repeat(300)).len(), 63);
+    }
+
+    #[test]
+    fn token_hash_is_sha256_hex() {
+        assert_eq!(token_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -13,7 +13,8 @@ use postern_tunnel::services::LocalLimits;
 use postern_tunnel::tls::TransportTimers;
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -88,7 +89,8 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr) -> anyhow::Result<(
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let dd = if cli::is_default_data_dir(&data_dir) { String::new() } else { format!(" --data-dir {}", data_dir.display()) };
+    let dd =
+        if cli::is_default_data_dir(&data_dir) { String::new() } else { format!(" --data-dir {}", data_dir.display()) };
     println!(
         "\nPostern is running.\n\
          \x20 gateway (agents):  udp {tunnel}   CA pin {pin}\n\
@@ -124,7 +126,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Instances(args) => match &args.action {
             None => cli::instances(&cli::socket_for(&cli)?, args.json).await.map(|()| 0),
-            Some(InstancesAction::Revoke { instance }) => cli::revoke(&cli::socket_for(&cli)?, instance).await.map(|()| 0),
+            Some(InstancesAction::Revoke { instance }) => {
+                cli::revoke(&cli::socket_for(&cli)?, instance).await.map(|()| 0)
+            }
         },
         Command::Exec { instance, command } => cli::exec(&cli::socket_for(&cli)?, instance, command).await,
         Command::Shell { instance, command } => cli::shell(&cli::socket_for(&cli)?, instance, command.clone()).await,

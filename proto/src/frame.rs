@@ -29,10 +29,9 @@ impl StreamKind {
     pub fn allows(self, kind: Kind) -> bool {
         match self {
             StreamKind::Enroll => matches!(kind, Kind::EnrollRequest | Kind::EnrollResponse | Kind::Error),
-            StreamKind::Control => matches!(
-                kind,
-                Kind::Hello | Kind::HelloAck | Kind::RenewRequest | Kind::RenewResponse | Kind::Error
-            ),
+            StreamKind::Control => {
+                matches!(kind, Kind::Hello | Kind::HelloAck | Kind::RenewRequest | Kind::RenewResponse | Kind::Error)
+            }
             StreamKind::Session => matches!(
                 kind,
                 Kind::Open

@@ -402,14 +402,11 @@ impl Message {
                 hostname: r.str("hello.hostname")?,
                 platform: r.str("hello.platform")?,
             }),
-            Kind::HelloAck => Message::HelloAck(HelloAck {
-                agent_id: r.str("hello_ack.agent_id")?,
-                name: r.str("hello_ack.name")?,
-            }),
-            Kind::RenewRequest => Message::RenewRequest(RenewRequest { csr_der: r.bytes("renew.csr")? }),
-            Kind::RenewResponse => {
-                Message::RenewResponse(RenewResponse { cert_der: r.bytes("renew.cert")? })
+            Kind::HelloAck => {
+                Message::HelloAck(HelloAck { agent_id: r.str("hello_ack.agent_id")?, name: r.str("hello_ack.name")? })
             }
+            Kind::RenewRequest => Message::RenewRequest(RenewRequest { csr_der: r.bytes("renew.csr")? }),
+            Kind::RenewResponse => Message::RenewResponse(RenewResponse { cert_der: r.bytes("renew.cert")? }),
             Kind::EnrollRequest => Message::EnrollRequest(EnrollRequest {
                 token: r.str("enroll.token")?,
                 csr_der: r.bytes("enroll.csr")?,
@@ -431,10 +428,7 @@ impl Message {
                             1 => ExecCommand::Shell(r.str("exec.command")?),
                             2 => ExecCommand::Argv(r.strs("exec.argv")?),
                             v => {
-                                return Err(ProtoError::InvalidValue {
-                                    field: "exec.command",
-                                    value: u32::from(v),
-                                });
+                                return Err(ProtoError::InvalidValue { field: "exec.command", value: u32::from(v) });
                             }
                         };
                         SessionRequest::Exec(ExecRequest {

@@ -26,15 +26,16 @@ fn any_request() -> impl Strategy<Value = SessionRequest> {
         (proptest::collection::vec(any_string(), 0..4), any_pairs()).prop_map(|(a, env)| {
             SessionRequest::Exec(ExecRequest { command: ExecCommand::Argv(a), env, run_as: None })
         }),
-        (any_string(), any::<u16>(), any::<u16>(), any_pairs(), proptest::option::of(any_string()))
-            .prop_map(|(term, cols, rows, env, command)| SessionRequest::Shell(ShellRequest {
+        (any_string(), any::<u16>(), any::<u16>(), any_pairs(), proptest::option::of(any_string())).prop_map(
+            |(term, cols, rows, env, command)| SessionRequest::Shell(ShellRequest {
                 term,
                 cols,
                 rows,
                 env,
                 run_as: None,
                 command
-            })),
+            })
+        ),
         (any_string(), any::<u16>()).prop_map(|(host, port)| SessionRequest::Tcp(TcpRequest { host, port })),
     ]
 }
@@ -72,7 +73,8 @@ fn any_message() -> impl Strategy<Value = Message> {
         (any::<u16>(), any::<u16>()).prop_map(|(cols, rows)| Message::Resize(Resize { cols, rows })),
         any_string().prop_map(|name| Message::Signal(Signal { name })),
         Just(Message::Eof),
-        (any::<i32>(), proptest::option::of(any_string())).prop_map(|(code, signal)| Message::Exit(Exit { code, signal })),
+        (any::<i32>(), proptest::option::of(any_string()))
+            .prop_map(|(code, signal)| Message::Exit(Exit { code, signal })),
     ]
 }
 
@@ -97,10 +99,7 @@ impl tokio::io::AsyncRead for Chunked<'_> {
 }
 
 fn stream_for(kind: Kind) -> StreamKind {
-    [StreamKind::Enroll, StreamKind::Control, StreamKind::Session]
-        .into_iter()
-        .find(|s| s.allows(kind))
-        .unwrap()
+    [StreamKind::Enroll, StreamKind::Control, StreamKind::Session].into_iter().find(|s| s.allows(kind)).unwrap()
 }
 
 fn config() -> ProptestConfig {

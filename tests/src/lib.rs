@@ -119,14 +119,21 @@ impl Gateway {
         let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
         self.proc = Some(spawn_logged(cmd, &self.dir.path().join(format!("gateway-{n}.log"))));
         let sock = self.data_dir().join("admin.sock");
-        wait_until("gateway admin socket", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+        wait_until("gateway admin socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
     }
 
     /// Graceful stop (SIGTERM), bounded.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.signal(nix::sys::signal::Signal::SIGTERM);
-            assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "gateway did not stop cleanly:\n{}", p.log_text());
+            assert_eq!(
+                p.wait_exit(Duration::from_secs(10)),
+                Some(0),
+                "gateway did not stop cleanly:\n{}",
+                p.log_text()
+            );
         }
     }
 
@@ -226,7 +233,12 @@ impl Agent {
         let dir = tempfile::tempdir().unwrap();
         let mut agent = Agent { dir, name: name.to_owned(), proc: None, prefix };
         let out = Self::try_join(&agent.prefix, gateway_addr, &token, &pin, &agent.state_dir());
-        assert!(out.status.success(), "join failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "join failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         agent.run();
         wait_until(&format!("agent {name} online"), Duration::from_secs(20), || gw.is_online(name));
         agent

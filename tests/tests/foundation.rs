@@ -154,7 +154,12 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
     let banner = qs.log_text();
     let host = postern_tunnel::agent::hostname();
     assert!(banner.contains(&format!("exec {host} -- uname -a")), "{banner}");
-    let out = Command::new(bin("postern")).arg("--data-dir").arg(&data).args(["exec", &host, "--", "echo", "hi"]).output().unwrap();
+    let out = Command::new(bin("postern"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["exec", &host, "--", "echo", "hi"])
+        .output()
+        .unwrap();
     assert_eq!(text(&out.stdout), "hi\n", "{}", text(&out.stderr));
     qs.signal(nix::sys::signal::Signal::SIGINT);
     assert_eq!(qs.wait_exit(Duration::from_secs(10)), Some(0), "{}", qs.log_text());

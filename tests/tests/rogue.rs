@@ -75,9 +75,12 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
         let (tunnel_cfg, _) = agent::tunnel_config(rogue_dir.path(), TransportTimers::default()).unwrap();
         let conn = endpoint.connect_with(tunnel_cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        write_frame(&mut send, &Message::Hello(Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() }))
-            .await
-            .unwrap();
+        write_frame(
+            &mut send,
+            &Message::Hello(Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() }),
+        )
+        .await
+        .unwrap();
         assert!(matches!(read_frame(&mut recv, StreamKind::Control).await.unwrap(), Some(Message::HelloAck(_))));
         send.write_all(&[1, 0x04, 0x00, 0x10, 0x00, 0x00]).await.unwrap();
         assert_eq!(closed_with(&conn).await, u64::from(PROTOCOL_ERROR));
@@ -85,9 +88,12 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
         // 5. Same identity, a session-stream message on the control stream.
         let conn = endpoint.connect_with(tunnel_cfg, addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        write_frame(&mut send, &Message::Hello(Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() }))
-            .await
-            .unwrap();
+        write_frame(
+            &mut send,
+            &Message::Hello(Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() }),
+        )
+        .await
+        .unwrap();
         assert!(matches!(read_frame(&mut recv, StreamKind::Control).await.unwrap(), Some(Message::HelloAck(_))));
         write_frame(&mut send, &Message::Stdout(b"not here".to_vec())).await.unwrap();
         assert_eq!(closed_with(&conn).await, u64::from(PROTOCOL_ERROR));

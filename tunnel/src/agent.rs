@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow, bail};
-use postern_proto::{
-    EnrollRequest, ErrorCode, Hello, Message, RenewRequest, StreamKind, read_frame, write_frame,
-};
+use postern_proto::{EnrollRequest, ErrorCode, Hello, Message, RenewRequest, StreamKind, read_frame, write_frame};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -266,10 +264,12 @@ impl std::fmt::Display for Fatal {
 impl std::error::Error for Fatal {}
 
 /// The mutual-TLS client configuration built from an enrolled agent's state directory.
-pub fn tunnel_config(dir: &Path, timers: TransportTimers) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
-    let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
-    };
+pub fn tunnel_config(
+    dir: &Path,
+    timers: TransportTimers,
+) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
+    let read =
+        |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
     let ca = pem_to_der(&read(CA_FILE)?)?;
     let identity = read(IDENTITY_FILE)?;
     let cert = pem_to_der(&identity)?;
@@ -350,9 +350,10 @@ async fn connect_once(
                 };
                 let limits = limits.clone();
                 let permit = sessions.clone().try_acquire_owned().ok();
+                let span = info_span!("session", stream = %send.id());
                 tasks.spawn(async move {
                     serve_session(send, recv, &limits, permit).await;
-                }.instrument(info_span!("session")));
+                }.instrument(span));
             }
         }
     };
@@ -364,11 +365,7 @@ async fn connect_once(
 }
 
 /// Renew the certificate over the control stream with a fresh key; returns the next renewal time.
-async fn renew(
-    dir: &Path,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-) -> anyhow::Result<SystemTime> {
+async fn renew(dir: &Path, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> anyhow::Result<SystemTime> {
     let (key, csr) = new_key_and_csr()?;
     write_frame(send, &Message::RenewRequest(RenewRequest { csr_der: csr })).await?;
     let reply = tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(recv, StreamKind::Control))

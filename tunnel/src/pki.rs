@@ -130,6 +130,13 @@ impl CertAuthority {
         Ok(params.signed_by(&csr.public_key, &self.issuer)?.der().clone())
     }
 
+    /// Check a CSR's form and signature (proof of possession) without issuing anything.
+    pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+            .map(|_| ())
+            .map_err(|e| PkiError::BadCsr(e.to_string()))
+    }
+
     /// Issue the gateway's own TLS server certificate for `key`.
     pub fn issue_server_cert(&self, key: &KeyPair, ttl: Duration) -> Result<CertificateDer<'static>, PkiError> {
         let mut params = CertificateParams::new(vec![GATEWAY_SERVER_NAME.to_owned()])?;
@@ -195,7 +202,8 @@ fn base64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [chunk.first().copied(), chunk.get(1).copied(), chunk.get(2).copied()];
-        let n = (u32::from(b[0].unwrap_or(0)) << 16) | (u32::from(b[1].unwrap_or(0)) << 8) | u32::from(b[2].unwrap_or(0));
+        let n =
+            (u32::from(b[0].unwrap_or(0)) << 16) | (u32::from(b[1].unwrap_or(0)) << 8) | u32::from(b[2].unwrap_or(0));
         out.push(sym(n >> 18));
         out.push(sym(n >> 12));
         out.push(if b[1].is_some() { sym(n >> 6) } else { '=' });
@@ -230,8 +238,7 @@ pub struct CertInfo {
 }
 
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
     let common_name = cert
         .subject()
         .iter_common_name()

@@ -70,7 +70,12 @@ pub trait AgentDirectory: Send + Sync + 'static {
     fn departed(&self, agent_id: &str) -> impl Future<Output = ()> + Send;
 
     /// A rogue or broken peer was dropped; for the audit log.
-    fn protocol_violation(&self, remote: SocketAddr, agent_id: Option<&str>, error: &str) -> impl Future<Output = ()> + Send;
+    fn protocol_violation(
+        &self,
+        remote: SocketAddr,
+        agent_id: Option<&str>,
+        error: &str,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 #[derive(Debug, Clone)]
@@ -169,11 +174,7 @@ impl AgentRegistry {
 
     /// Register a connection; an older connection of the same agent is closed.
     fn insert(&self, info: ConnectedAgent, conn: quinn::Connection) {
-        let old = self
-            .inner
-            .write()
-            .ok()
-            .and_then(|mut m| m.insert(info.agent_id.clone(), Entry { info, conn }));
+        let old = self.inner.write().ok().and_then(|mut m| m.insert(info.agent_id.clone(), Entry { info, conn }));
         if let Some(old) = old {
             old.conn.close(close::REPLACED.into(), b"replaced by a newer connection of the same agent");
         }
@@ -353,14 +354,14 @@ async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Conn
     };
     let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, StreamKind::Enroll)).await {
         Ok(Ok(Some(Message::EnrollRequest(r)))) => r,
-        Ok(Ok(other)) => return violation(&ctx, &conn, None, format!("expected enrollment request, got {other:?}")).await,
+        Ok(Ok(other)) => {
+            return violation(&ctx, &conn, None, format!("expected enrollment request, got {other:?}")).await;
+        }
         Ok(Err(e)) => return violation(&ctx, &conn, None, e.to_string()).await,
         Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for enrollment request"),
     };
     // Validate the CSR before the token is spent, so a broken agent does not burn it.
-    let reply = if let Err(e) =
-        ctx.ca.issue_agent_cert(&req.csr_der, "csr-check", Duration::from_secs(60))
-    {
+    let reply = if let Err(e) = CertAuthority::check_csr(&req.csr_der) {
         Message::Error(ErrorMsg { code: ErrorCode::BadRequest, message: e.to_string() })
     } else {
         match ctx.directory.enroll(&req.token, &req, remote).await {
@@ -417,8 +418,9 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
             Ok(name) => name,
             Err(refusal) => {
                 info!(reason = %refusal.message, "agent refused");
-                let _ = write_frame(&mut send, &Message::Error(ErrorMsg { code: refusal.code, message: refusal.message }))
-                    .await;
+                let _ =
+                    write_frame(&mut send, &Message::Error(ErrorMsg { code: refusal.code, message: refusal.message }))
+                        .await;
                 let _ = send.finish();
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                 conn.close(close::REFUSED.into(), b"agent refused");

@@ -40,13 +40,7 @@ impl Default for LocalLimits {
     fn default() -> Self {
         Self {
             max_sessions: 256,
-            tcp_allow: vec![IpNet::from(IpAddr::from([127, 0, 0, 0])), IpNet::from(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]))]
-                .into_iter()
-                .map(|n| match n {
-                    IpNet::V4(v4) => IpNet::V4(ipnet::Ipv4Net::new(v4.addr(), 8).unwrap_or(v4)),
-                    v6 => v6,
-                })
-                .collect(),
+            tcp_allow: ["127.0.0.0/8", "::1/128"].iter().filter_map(|n| n.parse().ok()).collect(),
             run_as: Vec::new(),
             allow_root: false,
             default_shell: "/bin/sh".into(),
@@ -73,7 +67,9 @@ pub async fn serve_session(
     limits: &LocalLimits,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let open = match tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(&mut recv, StreamKind::Session)).await {
+    let open = match tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(&mut recv, StreamKind::Session))
+        .await
+    {
         Ok(Ok(Some(Message::Open(o)))) => o,
         Ok(Ok(other)) => {
             warn!(?other, "session stream did not start with an open request");
@@ -91,10 +87,14 @@ pub async fn serve_session(
         }
     };
     let id = open.session_id;
-    let span = tracing::Span::current();
-    span.record("session_id", tracing::field::display(id));
     let Some(_permit) = permit else {
-        reject(&mut send, id, ErrorCode::Unavailable, format!("agent is at its limit of {} sessions", limits.max_sessions)).await;
+        reject(
+            &mut send,
+            id,
+            ErrorCode::Unavailable,
+            format!("agent is at its limit of {} sessions", limits.max_sessions),
+        )
+        .await;
         return;
     };
     let result = match open.request {
@@ -139,12 +139,16 @@ fn resolve_run_as(requested: Option<&str>, limits: &LocalLimits) -> Result<RunAs
             shell: limits.default_shell.clone(),
             name: Uid::current().to_string(),
         })),
-        Some(name) if me.as_ref().is_some_and(|u| u.name == name) => me.as_ref().map(|u| describe(u, false)).ok_or_else(
-            || Rejection(ErrorCode::Internal, "cannot look up the agent's own user".into()),
-        ),
+        Some(name) if me.as_ref().is_some_and(|u| u.name == name) => me
+            .as_ref()
+            .map(|u| describe(u, false))
+            .ok_or_else(|| Rejection(ErrorCode::Internal, "cannot look up the agent's own user".into())),
         Some(name) => {
             if name == "root" && !limits.allow_root {
-                return Err(Rejection(ErrorCode::Forbidden, "running as root is not allowed by this agent's local configuration".into()));
+                return Err(Rejection(
+                    ErrorCode::Forbidden,
+                    "running as root is not allowed by this agent's local configuration".into(),
+                ));
             }
             if !limits.run_as.iter().any(|u| u == name) {
                 return Err(Rejection(
@@ -153,7 +157,10 @@ fn resolve_run_as(requested: Option<&str>, limits: &LocalLimits) -> Result<RunAs
                 ));
             }
             if !Uid::effective().is_root() {
-                return Err(Rejection(ErrorCode::Forbidden, format!("agent is not running as root and cannot switch to {name:?}")));
+                return Err(Rejection(
+                    ErrorCode::Forbidden,
+                    format!("agent is not running as root and cannot switch to {name:?}"),
+                ));
             }
             let user = User::from_name(name)
                 .ok()
@@ -199,7 +206,9 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
         (Some(code), _) => Exit { code, signal: None },
         (None, Some(sig)) => Exit {
             code: 128 + sig,
-            signal: nix::sys::signal::Signal::try_from(sig).ok().map(|s| s.as_str().trim_start_matches("SIG").to_owned()),
+            signal: nix::sys::signal::Signal::try_from(sig)
+                .ok()
+                .map(|s| s.as_str().trim_start_matches("SIG").to_owned()),
         },
         (None, None) => Exit { code: 255, signal: None },
     }
@@ -234,7 +243,13 @@ async fn pump<R: AsyncRead + Unpin>(mut reader: R, tx: mpsc::Sender<Message>, wr
     }
 }
 
-async fn exec(id: SessionId, req: ExecRequest, send: quinn::SendStream, mut recv: quinn::RecvStream, limits: &LocalLimits) -> Outcome {
+async fn exec(
+    id: SessionId,
+    req: ExecRequest,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    limits: &LocalLimits,
+) -> Outcome {
     let run_as = match resolve_run_as(req.run_as.as_deref(), limits) {
         Ok(r) => r,
         Err(rej) => return Err((send, rej)),
@@ -329,7 +344,13 @@ async fn exec(id: SessionId, req: ExecRequest, send: quinn::SendStream, mut recv
     Ok(())
 }
 
-async fn shell(id: SessionId, req: ShellRequest, send: quinn::SendStream, mut recv: quinn::RecvStream, limits: &LocalLimits) -> Outcome {
+async fn shell(
+    id: SessionId,
+    req: ShellRequest,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    limits: &LocalLimits,
+) -> Outcome {
     let run_as = match resolve_run_as(req.run_as.as_deref(), limits) {
         Ok(r) => r,
         Err(rej) => return Err((send, rej)),
@@ -414,20 +435,36 @@ async fn shell(id: SessionId, req: ShellRequest, send: quinn::SendStream, mut re
     Ok(())
 }
 
-async fn tcp(id: SessionId, req: TcpRequest, mut send: quinn::SendStream, mut recv: quinn::RecvStream, limits: &LocalLimits) -> Outcome {
+async fn tcp(
+    id: SessionId,
+    req: TcpRequest,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    limits: &LocalLimits,
+) -> Outcome {
     let target = format!("{}:{}", req.host, req.port);
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target)).await {
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target))
+        .await
+    {
         Ok(Ok(a)) => a.collect(),
         Ok(Err(e)) => return Err((send, Rejection(ErrorCode::BadRequest, format!("cannot resolve {target}: {e}")))),
         Err(_) => return Err((send, Rejection(ErrorCode::Unavailable, format!("resolving {target} timed out")))),
     };
     // Check the resolved address we will actually connect to, not the name.
     let Some(addr) = addrs.into_iter().find(|a| limits.tcp_allowed(a.ip())) else {
-        return Err((send, Rejection(ErrorCode::Forbidden, format!("destination {target} is not allowed by this agent's local configuration"))));
+        return Err((
+            send,
+            Rejection(
+                ErrorCode::Forbidden,
+                format!("destination {target} is not allowed by this agent's local configuration"),
+            ),
+        ));
     };
     let stream = match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err((send, Rejection(ErrorCode::Unavailable, format!("connecting to {target} failed: {e}")))),
+        Ok(Err(e)) => {
+            return Err((send, Rejection(ErrorCode::Unavailable, format!("connecting to {target} failed: {e}"))));
+        }
         Err(_) => return Err((send, Rejection(ErrorCode::Unavailable, format!("connecting to {target} timed out")))),
     };
     let _ = stream.set_nodelay(true);
@@ -471,8 +508,10 @@ mod tests {
     #[test]
     fn root_needs_explicit_permission() {
         let l = LocalLimits { run_as: vec!["root".into()], ..LocalLimits::default() };
-        assert!(resolve_run_as(Some("root"), &l).is_err_and(|Rejection(c, _)| c == ErrorCode::Forbidden)
-            || nix::unistd::Uid::current().is_root());
+        assert!(
+            resolve_run_as(Some("root"), &l).is_err_and(|Rejection(c, _)| c == ErrorCode::Forbidden)
+                || nix::unistd::Uid::current().is_root()
+        );
         let l = LocalLimits::default();
         assert!(resolve_run_as(Some("nobody-such-user"), &l).is_err());
         assert!(resolve_run_as(None, &l).is_ok());

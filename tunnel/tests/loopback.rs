@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use postern_proto::*;
+use postern_tunnel::CancellationToken;
 use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
 use postern_tunnel::pki::CertAuthority;
 use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refusal, TunnelServer, TunnelSettings};
 use postern_tunnel::services::LocalLimits;
 use postern_tunnel::tls::TransportTimers;
-use postern_tunnel::CancellationToken;
 
 #[derive(Default)]
 struct MemDirectory {
@@ -56,7 +56,9 @@ struct Gateway {
 async fn gateway(settings: TunnelSettings) -> Gateway {
     let ca = Arc::new(CertAuthority::generate("test agent CA").unwrap());
     let directory = Arc::new(MemDirectory::default());
-    let server = TunnelServer::bind("127.0.0.1:0".parse().unwrap(), ca.clone(), directory.clone(), settings, &[7u8; 32]).unwrap();
+    let server =
+        TunnelServer::bind("127.0.0.1:0".parse().unwrap(), ca.clone(), directory.clone(), settings, &[7u8; 32])
+            .unwrap();
     let addr = server.local_addr().unwrap();
     let registry = server.registry();
     let shutdown = CancellationToken::new();
@@ -72,7 +74,11 @@ async fn wait_online(registry: &AgentRegistry, agent_id: &str) {
     }
 }
 
-async fn join_and_run(gw: &Gateway, token: &str, limits: LocalLimits) -> (tempfile::TempDir, String, CancellationToken) {
+async fn join_and_run(
+    gw: &Gateway,
+    token: &str,
+    limits: LocalLimits,
+) -> (tempfile::TempDir, String, CancellationToken) {
     gw.directory.tokens.lock().unwrap().insert(token.into(), false);
     let dir = tempfile::tempdir().unwrap();
     let state = agent::join(&JoinOptions {
@@ -88,7 +94,11 @@ async fn join_and_run(gw: &Gateway, token: &str, limits: LocalLimits) -> (tempfi
         state_dir: dir.path().to_owned(),
         gateway: None,
         limits,
-        backoff: Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(500), stable_after: Duration::from_secs(5) },
+        backoff: Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            stable_after: Duration::from_secs(5),
+        },
         timers: TransportTimers::default(),
     };
     tokio::spawn(agent::run(opts, stop.clone()));
@@ -105,7 +115,11 @@ struct Output {
 async fn collect(stream: &mut postern_tunnel::server::SessionStream) -> Output {
     let mut out = Output { stdout: vec![], stderr: vec![], exit: Exit { code: -1, signal: None } };
     loop {
-        match tokio::time::timeout(Duration::from_secs(20), read_frame(&mut stream.recv, StreamKind::Session)).await.unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(20), read_frame(&mut stream.recv, StreamKind::Session))
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Some(Message::Stdout(d)) => out.stdout.extend(d),
             Some(Message::Stderr(d)) => out.stderr.extend(d),
             Some(Message::Exit(e)) => out.exit = e,
@@ -269,7 +283,10 @@ async fn revoked_agent_is_refused_and_run_returns_error() {
         backoff: Backoff::default(),
         timers: TransportTimers::default(),
     };
-    let err = tokio::time::timeout(Duration::from_secs(10), agent::run(opts, CancellationToken::new())).await.unwrap().unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(10), agent::run(opts, CancellationToken::new()))
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(err.to_string().contains("revoked"), "{err}");
     gw.shutdown.cancel();
 }
@@ -299,7 +316,11 @@ async fn certificate_is_renewed_before_expiry() {
 
 #[test]
 fn backoff_grows_with_jitter_and_caps() {
-    let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(2), stable_after: Duration::from_secs(1) };
+    let b = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(2),
+        stable_after: Duration::from_secs(1),
+    };
     for attempt in 0..30 {
         let d = b.delay(attempt);
         let cap = (Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(20))).min(Duration::from_secs(2));

@@ -127,7 +127,9 @@ pub fn parse_labels(items: &[String]) -> anyhow::Result<Labels> {
     let mut labels = Labels::new();
     for item in items.iter().filter(|s| !s.is_empty()) {
         let (k, v) = item.split_once('=').with_context(|| format!("label {item:?} must look like key=value"))?;
-        let valid = |s: &str, max| !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        let valid = |s: &str, max| {
+            !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        };
         if !valid(k, 63) || !(v.is_empty() || valid(v, 255)) {
             bail!("label {item:?}: keys and values use letters, digits, '-', '_', '.', '/' (keys up to 63 characters)");
         }
@@ -174,7 +176,13 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub async fn token_create(socket: &Path, labels: &[String], ttl: &str, name: Option<String>, json: bool) -> anyhow::Result<()> {
+pub async fn token_create(
+    socket: &Path,
+    labels: &[String],
+    ttl: &str,
+    name: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
     let labels = parse_labels(labels)?;
     let ttl = parse_duration(ttl).context("--ttl")?;
     let (reply, _) = request(socket, &AdminRequest::TokenCreate { labels, ttl_secs: ttl.as_secs(), name }).await?;
@@ -240,10 +248,7 @@ pub async fn revoke(socket: &Path, instance: &str) -> anyhow::Result<()> {
 }
 
 fn pass_env() -> Vec<(String, String)> {
-    ["LANG", "LC_ALL", "LC_CTYPE"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
-        .collect()
+    ["LANG", "LC_ALL", "LC_CTYPE"].iter().filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v))).collect()
 }
 
 pub async fn exec(socket: &Path, instance: &str, command: &[String]) -> anyhow::Result<i32> {

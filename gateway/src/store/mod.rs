@@ -71,8 +71,14 @@ pub trait Store: Send + Sync + 'static {
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Record what a connecting agent reported, and when it was last seen.
-    async fn agent_seen(&self, id: &str, hostname: Option<&str>, platform: Option<&str>, version: Option<&str>, now: i64)
-    -> Result<(), StoreError>;
+    async fn agent_seen(
+        &self,
+        id: &str,
+        hostname: Option<&str>,
+        platform: Option<&str>,
+        version: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError>;
 
     async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError>;
 

@@ -213,7 +213,10 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = ? AND revoked = 0").bind(id).execute(&self.pool).await?;
+        let r = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = ? AND revoked = 0")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -251,7 +254,13 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
         let mut labels = Labels::new();
         labels.insert("env".into(), "dev".into());
-        let tok = |hash: &str, expires_at| NewToken { hash: hash.into(), labels: labels.clone(), name: None, created_at: 0, expires_at };
+        let tok = |hash: &str, expires_at| NewToken {
+            hash: hash.into(),
+            labels: labels.clone(),
+            name: None,
+            created_at: 0,
+            expires_at,
+        };
         store.create_token(&tok("a", 200)).await.unwrap();
         store.create_token(&tok("old", 50)).await.unwrap();
 
@@ -282,7 +291,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
         store
-            .create_token(&NewToken { hash: "t".into(), labels: Labels::new(), name: None, created_at: 0, expires_at: 1000 })
+            .create_token(&NewToken {
+                hash: "t".into(),
+                labels: Labels::new(),
+                name: None,
+                created_at: 0,
+                expires_at: 1000,
+            })
             .await
             .unwrap();
         let mut tasks = Vec::new();

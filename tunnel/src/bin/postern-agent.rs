@@ -94,7 +94,8 @@ fn load_limits(path: Option<&Path>) -> anyhow::Result<LocalLimits> {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -149,7 +150,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Status => {
             let state = agent::load_state(&state_dir)?;
             let cert = agent::identity_info(&state_dir)?;
-            let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let secs =
+                |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             println!("agent id:     {}", state.agent_id);
             println!("name:         {}", state.name);
             println!("gateway:      {}", state.gateway);
