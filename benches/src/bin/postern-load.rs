@@ -1,1 +1,209 @@
-fn main() {}
+//! Load driver: connects many simulated agents (real QUIC connections with mutual TLS, each
+//! with its own certificate from the gateway's test-mode bulk enrollment) to one running
+//! gateway, then reports the gateway's memory per agent and its CPU while they sit idle.
+//!
+//! The gateway must run with `[testing] bulk_enroll = true`. See benches/load.sh.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use postern_gateway::admin::{AdminRequest, request};
+use postern_proto::{Hello, Message, StreamKind, read_frame, write_frame};
+use postern_tunnel::pki::{GATEWAY_SERVER_NAME, new_key_and_csr, pem_to_der, private_key_der};
+use postern_tunnel::tls::{TransportTimers, agent_tunnel_config};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Connect N simulated agents to a running gateway and measure it")]
+struct Args {
+    /// The gateway's data directory (for its admin socket).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The gateway's tunnel address.
+    #[arg(long)]
+    gateway: std::net::SocketAddr,
+    /// The gateway's process id, for RSS and CPU readings.
+    #[arg(long)]
+    gateway_pid: u32,
+    /// Number of simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Client UDP sockets to spread the agents over.
+    #[arg(long, default_value_t = 8)]
+    endpoints: usize,
+    /// Seconds to stay connected and idle while measuring CPU.
+    #[arg(long, default_value_t = 30)]
+    idle_secs: u64,
+}
+
+fn proc_field(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = text.lines().find(|l| l.starts_with(key)).with_context(|| format!("{key} not in /proc/{pid}/status"))?;
+    Ok(line.split_whitespace().nth(1).context("malformed status line")?.parse()?)
+}
+
+/// (utime + stime) in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = text.rsplit_once(')').context("malformed stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11).context("utime")?.parse()?;
+    let stime: u64 = f.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    // Linux reports CPU times in USER_HZ, which is 100 on every mainstream architecture.
+    100
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+struct Connected {
+    _conn: quinn::Connection,
+    _send: quinn::SendStream,
+    _recv: quinn::RecvStream,
+}
+
+async fn connect_one(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Connected> {
+    let conn = endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(
+        &mut send,
+        &Message::Hello(Hello { agent_version: "sim".into(), hostname: "sim".into(), platform: "sim".into() }),
+    )
+    .await?;
+    match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv, StreamKind::Control)).await?? {
+        Some(Message::HelloAck(_)) => Ok(Connected { _conn: conn, _send: send, _recv: recv }),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let socket = args.data_dir.join("admin.sock");
+    // Baseline before anything else, so memory the gateway keeps after building the bulk
+    // enrollment reply counts against the agents, not for them.
+    let rss_baseline = proc_field(args.gateway_pid, "VmRSS:")?;
+    let (key, csr) = new_key_and_csr()?;
+    let prefix = format!("{:x}-", std::process::id());
+    eprintln!("bulk-enrolling {} simulated agents...", args.agents);
+    let (reply, _) =
+        request(&socket, &AdminRequest::BulkEnroll { count: args.agents, csr_hex: hex(&csr), prefix }).await?;
+    let result = reply.get("result").context("no result")?;
+    let ca = pem_to_der(result.get("ca_pem").and_then(|v| v.as_str()).context("ca_pem")?)?;
+    let certs: Vec<_> = result
+        .get("agents")
+        .and_then(|v| v.as_array())
+        .context("agents")?
+        .iter()
+        .map(|a| pem_to_der(a.get("cert_pem").and_then(|v| v.as_str()).unwrap_or_default()))
+        .collect::<Result<_, _>>()?;
+
+    let rss_before = proc_field(args.gateway_pid, "VmRSS:")?;
+    let endpoints: Vec<quinn::Endpoint> = (0..args.endpoints.max(1))
+        .map(|_| quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))))
+        .collect::<Result<_, _>>()?;
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, cert) in certs.into_iter().enumerate() {
+        let cfg = agent_tunnel_config(&ca, cert, private_key_der(&key), TransportTimers::default())?;
+        let endpoint = endpoints.get(i % endpoints.len()).context("endpoint")?.clone();
+        let sem = sem.clone();
+        let addr = args.gateway;
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let mut last = None;
+            for _ in 0..3 {
+                match connect_one(&endpoint, cfg.clone(), addr).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+        });
+    }
+    let mut connected = Vec::with_capacity(args.agents);
+    let mut failed = 0usize;
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(c)) => {
+                connected.push(c);
+                if connected.len() % 1000 == 0 {
+                    eprintln!("  {} connected ({:.1} s)", connected.len(), start.elapsed().as_secs_f64());
+                }
+            }
+            Ok(Err(e)) => {
+                failed += 1;
+                if failed <= 3 {
+                    eprintln!("  connection failed: {e:#}");
+                }
+            }
+            Err(e) => bail!("task failed: {e}"),
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    eprintln!("{} connected, {} failed, in {:.1} s; settling...", connected.len(), failed, connect_secs);
+
+    // Wait until the gateway lists them online.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let online = loop {
+        let (reply, _) = request(&socket, &AdminRequest::Instances).await?;
+        let online = reply
+            .get("result")
+            .and_then(|r| r.as_array())
+            .map(|a| a.iter().filter(|i| i.get("online") == Some(&json!(true))).count())
+            .unwrap_or(0);
+        if online >= connected.len() || Instant::now() > deadline {
+            break online;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let rss_connected = proc_field(args.gateway_pid, "VmRSS:")?;
+    let cpu0 = cpu_ticks(args.gateway_pid)?;
+    eprintln!("idle for {} s...", args.idle_secs);
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let cpu1 = cpu_ticks(args.gateway_pid)?;
+    let rss_idle = proc_field(args.gateway_pid, "VmRSS:")?;
+    let idle_cpu_pct =
+        (cpu1.saturating_sub(cpu0)) as f64 / clock_ticks_per_sec() as f64 / args.idle_secs as f64 * 100.0;
+    let per_agent_kib = (rss_idle.saturating_sub(rss_baseline)) as f64 / connected.len().max(1) as f64;
+    let driver_rss = proc_field(std::process::id(), "VmRSS:")?;
+    let report = json!({
+        "agents_requested": args.agents,
+        "agents_connected": connected.len(),
+        "agents_failed": failed,
+        "gateway_online": online,
+        "connect_seconds": (connect_secs * 10.0).round() / 10.0,
+        "handshakes_per_second": (connected.len() as f64 / connect_secs).round(),
+        "gateway_rss_kib_baseline": rss_baseline,
+        "gateway_rss_kib_after_enroll": rss_before,
+        "gateway_rss_kib_connected": rss_connected,
+        "gateway_rss_kib_after_idle": rss_idle,
+        "gateway_rss_kib_per_agent": (per_agent_kib * 10.0).round() / 10.0,
+        "gateway_idle_cpu_percent": (idle_cpu_pct * 100.0).round() / 100.0,
+        "idle_seconds": args.idle_secs,
+        "driver_rss_kib": driver_rss,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    drop(connected);
+    for e in &endpoints {
+        e.close(0u32.into(), b"done");
+    }
+    Ok(())
+}
