@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole Postern test suite: unit, golden, fuzz-budget, tunnel integration and
 # end-to-end tests with the real binaries. On Debian as root it installs what the tests
-# need (nftables, iproute2, python3); elsewhere it says what is missing.
+# need (nftables, iproute2, python3, tmux, procps); elsewhere it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,8 @@ need=()
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
+command -v pgrep >/dev/null 2>&1 || need+=(procps)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test dependencies: ${need[*]}"

@@ -21,7 +21,8 @@ impl RawMode {
         let saved = rustix::termios::tcgetattr(fd).ok()?;
         let mut raw = saved.clone();
         raw.make_raw();
-        rustix::termios::tcsetattr(fd, rustix::termios::OptionalActions::Flush, &raw).ok()?;
+        // `Now`, not `Flush`: keys typed while the session was being set up must not be lost.
+        rustix::termios::tcsetattr(fd, rustix::termios::OptionalActions::Now, &raw).ok()?;
         Some(Self { saved })
     }
 }
@@ -29,7 +30,7 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         let stdin = std::io::stdin();
-        let _ = rustix::termios::tcsetattr(stdin.as_fd(), rustix::termios::OptionalActions::Flush, &self.saved);
+        let _ = rustix::termios::tcsetattr(stdin.as_fd(), rustix::termios::OptionalActions::Drain, &self.saved);
     }
 }
 
