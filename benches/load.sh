@@ -23,6 +23,8 @@ start_gateway() { # dir port
 data_dir = "$1/data"
 [tunnel]
 listen = "127.0.0.1:$2"
+[ssh]
+enabled = false
 [testing]
 bulk_enroll = true
 TOML

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole Postern test suite: unit, golden, fuzz-budget, tunnel integration and
 # end-to-end tests with the real binaries. On Debian as root it installs what the tests
-# need (nftables, iproute2, python3, tmux, procps); elsewhere it says what is missing.
+# need (nftables, iproute2, python3, tmux, procps, OpenSSH client, server and
+# sftp-server); elsewhere it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,9 @@ command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+[ -x /usr/lib/openssh/sftp-server ] || need+=(openssh-sftp-server)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test dependencies: ${need[*]}"

@@ -32,6 +32,7 @@ pub enum AdminRequest {
     Revoke { instance: String },
     Session { instance: String, session: SessionSpec },
     BulkEnroll { count: usize, csr_hex: String, prefix: String },
+    SshConfig { known_hosts_file: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,6 +182,19 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
             .await
         }
         AdminRequest::Session { instance, session } => relay_session(stream, state, &instance, session).await,
+        AdminRequest::SshConfig { known_hosts_file } => {
+            let Some(addr) = state.ssh_addr else {
+                return reply(
+                    &mut stream,
+                    json!({"ok": false, "error": "the SSH front door is disabled ([ssh] enabled = false)"}),
+                )
+                .await;
+            };
+            match crate::ssh::client_config(&state.config, &state.host_keys, addr.port(), &known_hosts_file) {
+                Ok(text) => reply(&mut stream, json!({"ok": true, "result": text})).await,
+                Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
+            }
+        }
         AdminRequest::BulkEnroll { count, csr_hex, prefix } => {
             if !state.config.testing.bulk_enroll {
                 return reply(

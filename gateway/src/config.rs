@@ -13,7 +13,38 @@ pub struct GatewayConfig {
     /// Where the gateway keeps its database, CA, audit log and admin socket.
     pub data_dir: PathBuf,
     pub tunnel: TunnelConfig,
+    pub ssh: SshConfig,
     pub testing: TestingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SshConfig {
+    /// TCP address of the SSH front door; `enabled = false` turns it off.
+    pub listen: SocketAddr,
+    pub enabled: bool,
+    /// Instances are reached as `<name>.<suffix>` with the generated ssh config.
+    pub suffix: String,
+    /// Name (or address) clients use for the gateway, for `postern ssh-config`
+    /// and the host certificate. Default: this machine's hostname.
+    pub public_host: Option<String>,
+    /// Environment variables a client may pass (`SendEnv`/`SetEnv`), besides `TERM`.
+    pub accept_env: Vec<String>,
+    /// Users and what they may reach, until the policy engine replaces this list.
+    pub users: Vec<crate::access::UserConfig>,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
+            enabled: true,
+            suffix: "postern".into(),
+            public_host: None,
+            accept_env: vec!["LANG".into(), "LC_*".into()],
+            users: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -39,7 +70,12 @@ pub struct TestingConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        Self { data_dir: default_data_dir(), tunnel: TunnelConfig::default(), testing: TestingConfig::default() }
+        Self {
+            data_dir: default_data_dir(),
+            tunnel: TunnelConfig::default(),
+            ssh: SshConfig::default(),
+            testing: TestingConfig::default(),
+        }
     }
 }
 

@@ -26,6 +26,11 @@ pub struct GatewayState {
     pub registry: AgentRegistry,
     pub ca: Arc<CertAuthority>,
     pub tunnel_addr: SocketAddr,
+    pub access: crate::access::AccessList,
+    pub host_keys: Arc<crate::ssh::hostkeys::HostKeys>,
+    /// Address of the SSH front door, when enabled.
+    pub ssh_addr: Option<SocketAddr>,
+    pub ssh_throttle: crate::ssh::Throttle,
 }
 
 impl std::fmt::Debug for GatewayState {
@@ -141,13 +146,40 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             format!("listening for agents on udp {} (is another gateway running?)", config.tunnel.listen)
         })?;
     let tunnel_addr = server.local_addr()?;
-    let state = Arc::new(GatewayState { config, store, audit, registry: server.registry(), ca, tunnel_addr });
+    let access = crate::access::AccessList::from_config(&config.ssh.users)?;
+    let host_keys = Arc::new(crate::ssh::hostkeys::HostKeys::load(&dir, &crate::ssh::host_principals(&config))?);
+    let ssh_listener = if config.ssh.enabled {
+        Some(tokio::net::TcpListener::bind(config.ssh.listen).await.with_context(|| {
+            format!("listening for SSH on tcp {} (port in use? set [ssh] listen)", config.ssh.listen)
+        })?)
+    } else {
+        None
+    };
+    let ssh_addr = ssh_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let state = Arc::new(GatewayState {
+        config,
+        store,
+        audit,
+        registry: server.registry(),
+        ca,
+        tunnel_addr,
+        access,
+        host_keys,
+        ssh_addr,
+        ssh_throttle: crate::ssh::Throttle::default(),
+    });
     let shutdown = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     let listener = crate::admin::bind(&admin_socket_path(&dir))?;
     tasks.spawn(server.serve(shutdown.clone()));
     tasks.spawn(crate::admin::serve(listener, state.clone(), shutdown.clone()));
-    let _ = state.audit.record("gateway.started", json!({"tunnel": tunnel_addr.to_string(), "ca_pin": state.ca.pin()}));
+    if let Some(l) = ssh_listener {
+        tasks.spawn(crate::ssh::serve(l, state.clone(), shutdown.clone()));
+    }
+    let _ = state.audit.record(
+        "gateway.started",
+        json!({"tunnel": tunnel_addr.to_string(), "ssh": ssh_addr.map(|a| a.to_string()), "ca_pin": state.ca.pin()}),
+    );
     info!(tunnel = %tunnel_addr, data_dir = %dir.display(), ca_pin = %state.ca.pin(), "gateway started");
     Ok(RunningGateway { state, shutdown, tasks })
 }

@@ -4,9 +4,12 @@
 //! event log, the admin socket and the `postern` command. The SSH and RDP front doors,
 //! identity and policy arrive as their own modules (see docs/architecture.md).
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod recording;
+pub mod ssh;
 pub mod store;

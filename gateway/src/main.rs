@@ -43,9 +43,42 @@ async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow:
     Ok(())
 }
 
-async fn quickstart(cli: &Cli, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+/// SSH public keys of the person running quickstart: `~/.ssh/*.pub` and a running ssh-agent.
+async fn local_public_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Some(home) = std::env::var_os("HOME")
+        && let Ok(dir) = std::fs::read_dir(std::path::Path::new(&home).join(".ssh"))
+    {
+        for entry in dir.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "pub")
+                && let Ok(text) = std::fs::read_to_string(entry.path())
+            {
+                keys.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
+            }
+        }
+    }
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        let out =
+            tokio::time::timeout(Duration::from_secs(3), tokio::process::Command::new("ssh-add").arg("-L").output())
+                .await;
+        if let Ok(Ok(out)) = out
+            && out.status.success()
+        {
+            keys.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
+        }
+    }
+    // Only lines that parse as OpenSSH public keys; certificates and junk are skipped.
+    keys.retain(|k| russh::keys::PublicKey::from_openssh(k.trim()).is_ok());
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let mut cfg = cli::resolve_config(cli)?;
     cfg.tunnel.listen = listen;
+    cfg.ssh.listen = ssh_listen;
+    cfg.ssh.enabled = true;
     let data_dir = cfg.data_dir.clone();
     let running = gateway::start(cfg).await?;
     let state = running.state.clone();
@@ -91,6 +124,42 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr) -> anyhow::Result<(
     }
     let dd =
         if cli::is_default_data_dir(&data_dir) { String::new() } else { format!(" --data-dir {}", data_dir.display()) };
+
+    // Let the person running quickstart ssh into this machine with the keys they already have.
+    let me = nix::unistd::User::from_uid(nix::unistd::Uid::current())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| "admin".into());
+    let keys = local_public_keys().await;
+    let ssh_port = state.ssh_addr.map(|a| a.port()).unwrap_or(2222);
+    let ssh_help = if keys.is_empty() {
+        "No SSH public keys found in ~/.ssh or a running ssh-agent: create one with\n\
+         \x20 ssh-keygen -t ed25519\n\
+         and start quickstart again to ssh into this machine through the gateway."
+            .to_owned()
+    } else {
+        state.access.add(&postern_gateway::access::UserConfig {
+            name: me.clone(),
+            keys: keys.clone(),
+            instances: vec![local.name.clone()],
+            actions: None,
+            run_as: None,
+        })?;
+        let known_hosts = data_dir.join("known_hosts");
+        let line =
+            state.host_keys.known_hosts_line(&postern_gateway::ssh::known_hosts_patterns(&state.config, ssh_port))?;
+        postern_tunnel::agent::write_private(&known_hosts, format!("{line}\n").as_bytes())?;
+        format!(
+            "SSH into this machine through the gateway ({n} key(s) of yours registered as user {me}):\n\
+             \x20 ssh -o UserKnownHostsFile={kh} -p {ssh_port} {me}%{name}@127.0.0.1\n\
+             For `ssh {me}@{name}.{suffix}`: postern{dd} ssh-config",
+            n = keys.len(),
+            kh = known_hosts.display(),
+            name = local.name,
+            suffix = state.config.ssh.suffix,
+        )
+    };
     println!(
         "\nPostern is running.\n\
          \x20 gateway (agents):  udp {tunnel}   CA pin {pin}\n\
@@ -100,6 +169,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr) -> anyhow::Result<(
          \x20 postern{dd} instances\n\
          \x20 postern{dd} exec {name} -- uname -a\n\
          \x20 postern{dd} shell {name}\n\n\
+         {ssh_help}\n\n\
          Add another server:\n\
          \x20 postern{dd} token create --labels env=dev --ttl 15m     (prints the postern-agent join command)\n\n\
          Press Ctrl-C to stop the gateway and the local agent.",
@@ -120,7 +190,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr) -> anyhow::Result<(
 async fn real_main(cli: Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Gateway { listen } => run_gateway(&cli, *listen).await.map(|()| 0),
-        Command::Quickstart { listen } => quickstart(&cli, *listen).await.map(|()| 0),
+        Command::Quickstart { listen, ssh_listen } => quickstart(&cli, *listen, *ssh_listen).await.map(|()| 0),
         Command::Token { action: TokenAction::Create { labels, ttl, name, json } } => {
             cli::token_create(&cli::socket_for(&cli)?, labels, ttl, name.clone(), *json).await.map(|()| 0)
         }
@@ -132,6 +202,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         },
         Command::Exec { instance, command } => cli::exec(&cli::socket_for(&cli)?, instance, command).await,
         Command::Shell { instance, command } => cli::shell(&cli::socket_for(&cli)?, instance, command.clone()).await,
+        Command::SshConfig { known_hosts_file } => {
+            cli::ssh_config(&cli::socket_for(&cli)?, known_hosts_file).await.map(|()| 0)
+        }
     }
 }
 

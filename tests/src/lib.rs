@@ -26,6 +26,11 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A UDP port that was free a moment ago on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -87,6 +92,8 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
 pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub listen: String,
+    /// TCP port of the SSH front door on 127.0.0.1.
+    pub ssh_port: u16,
     pub proc: Option<Proc>,
 }
 
@@ -102,10 +109,15 @@ impl Gateway {
 
     pub fn start_on(listen: &str, extra_config: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let mut gw = Gateway { dir, listen: listen.to_owned(), proc: None };
+        let mut gw = Gateway { dir, listen: listen.to_owned(), ssh_port: free_tcp_port(), proc: None };
         std::fs::write(
             gw.dir.path().join("gateway.toml"),
-            format!("data_dir = {:?}\n{extra_config}\n[tunnel]\nlisten = {:?}\n", gw.data_dir(), listen),
+            format!(
+                "data_dir = {:?}\n[tunnel]\nlisten = {:?}\n[ssh]\nlisten = \"127.0.0.1:{}\"\npublic_host = \"127.0.0.1\"\n{extra_config}\n",
+                gw.data_dir(),
+                listen,
+                gw.ssh_port
+            ),
         )
         .unwrap();
         gw.restart();

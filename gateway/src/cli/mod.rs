@@ -51,6 +51,9 @@ pub enum Command {
         /// UDP address for agents.
         #[arg(long, default_value = "127.0.0.1:4433")]
         listen: std::net::SocketAddr,
+        /// TCP address of the SSH front door.
+        #[arg(long, default_value = "127.0.0.1:2222")]
+        ssh_listen: std::net::SocketAddr,
     },
     /// Enrollment tokens for new agents.
     Token {
@@ -66,6 +69,12 @@ pub enum Command {
         /// Command and arguments (run by the remote user's shell, as with ssh).
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+    /// Print the ~/.ssh/config block and the known_hosts line for `ssh USER@INSTANCE.<suffix>`.
+    SshConfig {
+        /// File the printed config points at for the gateway's host CA line.
+        #[arg(long, default_value = "~/.ssh/postern_known_hosts")]
+        known_hosts_file: String,
     },
     /// Open an interactive shell on an instance (PTY).
     Shell {
@@ -232,6 +241,13 @@ pub async fn instances(socket: &Path, json: bool) -> anyhow::Result<()> {
         })
         .collect();
     print!("{}", table(&["ID", "NAME", "LABELS", "PLATFORM", "VERSION", "STATUS", "LAST SEEN"], &table_rows));
+    Ok(())
+}
+
+pub async fn ssh_config(socket: &Path, known_hosts_file: &str) -> anyhow::Result<()> {
+    let (reply, _) =
+        request(socket, &AdminRequest::SshConfig { known_hosts_file: known_hosts_file.to_owned() }).await?;
+    print!("{}", reply.get("result").and_then(Value::as_str).unwrap_or_default());
     Ok(())
 }
 

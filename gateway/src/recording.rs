@@ -1,0 +1,95 @@
+//! Session recordings in asciicast v2: a JSON header line, then `[time, "o", data]` output
+//! events and `[time, "r", "COLSxROWS"]` resizes. `asciinema play FILE` replays them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+
+pub struct Recorder {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    start: Instant,
+    /// Bytes of an incomplete UTF-8 sequence carried to the next chunk.
+    pending: Vec<u8>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    pub fn create(dir: &Path, session_id: &str, cols: u16, rows: u16, title: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{session_id}.cast"));
+        let file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&path)?;
+        let mut rec = Self { path, file: std::io::BufWriter::new(file), start: Instant::now(), pending: Vec::new() };
+        let header = json!({
+            "version": 2,
+            "width": cols.max(1),
+            "height": rows.max(1),
+            "timestamp": crate::audit::now_unix(),
+            "title": title,
+        });
+        writeln!(rec.file, "{header}")?;
+        rec.file.flush()?;
+        Ok(rec)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn event(&mut self, kind: &str, data: &str) -> std::io::Result<()> {
+        let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+        writeln!(self.file, "{}", json!([t, kind, data]))?;
+        // Flushed per event so a crash loses at most what the OS has not written yet.
+        self.file.flush()
+    }
+
+    pub fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let mut bytes = std::mem::take(&mut self.pending);
+        bytes.extend_from_slice(data);
+        let valid_up_to = match std::str::from_utf8(&bytes) {
+            Ok(_) => bytes.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => bytes.len(),
+        };
+        let (text, rest) = bytes.split_at(valid_up_to);
+        self.pending = rest.to_vec();
+        let text = String::from_utf8_lossy(text).into_owned();
+        if text.is_empty() { Ok(()) } else { self.event("o", &text) }
+    }
+
+    pub fn resize(&mut self, cols: u16, rows: u16) -> std::io::Result<()> {
+        self.event("r", &format!("{cols}x{rows}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_asciicast_v2_and_keeps_utf8_split_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Recorder::create(dir.path(), "s1", 80, 24, "t").unwrap();
+        let euro = "€".as_bytes();
+        r.output(&[b'a', euro[0]]).unwrap();
+        r.output(&euro[1..]).unwrap();
+        r.resize(100, 30).unwrap();
+        let text = std::fs::read_to_string(r.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["version"], 2);
+        assert_eq!(lines[0]["width"], 80);
+        assert_eq!(lines[1][1], "o");
+        assert_eq!(lines[1][2], "a");
+        assert_eq!(lines[2][2], "€");
+        assert_eq!(lines[3][1], "r");
+        assert_eq!(lines[3][2], "100x30");
+    }
+}

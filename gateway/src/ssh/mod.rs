@@ -1,0 +1,735 @@
+//! The SSH front door.
+//!
+//! Three ways in, all on one port:
+//! - `ssh -p 2222 alice%web-01@gateway`: the user name names the instance;
+//! - `ssh alice@web-01.<suffix>` with the config from `postern ssh-config`: OpenSSH jumps
+//!   through the gateway (`ProxyJump`) and opens a `direct-tcpip` channel to
+//!   `web-01.<suffix>:22`; the gateway answers that channel itself with a second, inner SSH
+//!   server whose host certificate covers `*.<suffix>`, so the client checks the host name
+//!   it asked for, strictly, against the gateway's host CA;
+//! - `ssh -J alice@gateway alice@web-01`: a `direct-tcpip` channel to a plain instance name
+//!   is raw TCP to that instance's own sshd (passthrough, end-to-end encrypted, unlogged).
+//!
+//! The russh handler only authenticates and accepts channels; each channel is served by its
+//! own task that owns the channel, the agent stream and the recording.
+
+pub mod hostkeys;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_proto::{
+    ExecCommand, ExecRequest, Message, Resize, SessionRequest, ShellRequest, Signal, StreamKind, TcpRequest,
+};
+use postern_proto::{read_frame, write_frame};
+use postern_tunnel::CancellationToken;
+use postern_tunnel::server::{OpenError, SessionStream};
+use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::access::{Action, Authorization, Identity, authorize, glob_match};
+use crate::config::GatewayConfig;
+use crate::gateway::GatewayState;
+use crate::recording::Recorder;
+
+/// Runs the first sftp-server found on the instance.
+const SFTP_SERVER: &str = "for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server \
+    /usr/libexec/sftp-server /usr/lib/ssh/sftp-server; do [ -x \"$p\" ] && exec \"$p\"; done; \
+    echo 'postern: no sftp-server on this instance' >&2; exit 127";
+
+/// Names the host certificate must cover: every instance, and the gateway itself.
+pub fn host_principals(cfg: &GatewayConfig) -> Vec<String> {
+    let mut p = vec![format!("*.{}", cfg.ssh.suffix), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+    p.push(postern_tunnel::agent::hostname());
+    if let Some(h) = &cfg.ssh.public_host {
+        p.push(h.clone());
+    }
+    p.dedup();
+    p
+}
+
+/// Patterns for the `@cert-authority` line: instances, and the gateway on its SSH port.
+pub fn known_hosts_patterns(cfg: &GatewayConfig, port: u16) -> Vec<String> {
+    let mut names = vec![public_host(cfg), "localhost".into(), "127.0.0.1".into()];
+    names.dedup();
+    let mut p: Vec<String> = names.into_iter().map(|n| if port == 22 { n } else { format!("[{n}]:{port}") }).collect();
+    p.push(format!("*.{}", cfg.ssh.suffix));
+    p
+}
+
+/// The `~/.ssh/config` block and known_hosts line printed by `postern ssh-config`.
+pub fn client_config(
+    cfg: &GatewayConfig,
+    host_keys: &hostkeys::HostKeys,
+    port: u16,
+    known_hosts_file: &str,
+) -> anyhow::Result<String> {
+    let host = public_host(cfg);
+    let suffix = &cfg.ssh.suffix;
+    let line = host_keys.known_hosts_line(&known_hosts_patterns(cfg, port))?;
+    Ok(format!(
+        "# Postern: add to ~/.ssh/config\n\
+         Host *.{suffix}\n\
+         \x20   ProxyJump %r@{host}:{port}\n\
+         \x20   UserKnownHostsFile ~/.ssh/known_hosts {known_hosts_file}\n\
+         Host {host}\n\
+         \x20   UserKnownHostsFile ~/.ssh/known_hosts {known_hosts_file}\n\
+         \n\
+         # Postern: put this line in {known_hosts_file} (it trusts the gateway's host CA\n\
+         # for *.{suffix} and the gateway itself; host key checking stays strict)\n\
+         {line}\n"
+    ))
+}
+
+/// The name clients use for the gateway.
+pub fn public_host(cfg: &GatewayConfig) -> String {
+    cfg.ssh.public_host.clone().unwrap_or_else(postern_tunnel::agent::hostname)
+}
+
+fn server_config(state: &GatewayState, certificate: russh::keys::Certificate) -> russh::server::Config {
+    let mut methods = russh::MethodSet::empty();
+    methods.push(russh::MethodKind::PublicKey);
+    russh::server::Config {
+        server_id: russh::SshId::Standard("SSH-2.0-Postern".into()),
+        methods,
+        // Unknown keys, unknown users and wrong keys all take the same time to be refused.
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::from_millis(0)),
+        keys: vec![state.host_keys.host_key.clone()],
+        certificates: vec![certificate],
+        max_auth_attempts: 6,
+        inactivity_timeout: Some(Duration::from_secs(3600)),
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        window_size: 2 * 1024 * 1024,
+        ..Default::default()
+    }
+}
+
+/// Accept SSH connections until `shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
+    let config = Arc::new(server_config(&state, state.host_keys.certificate.clone()));
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => { warn!(error = %e, "ssh accept failed"); continue; }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        if state.ssh_throttle.is_blocked(peer.ip()) {
+            debug!(%peer, "refusing connection from a throttled source");
+            continue;
+        }
+        let handler = ConnHandler::new(state.clone(), peer, None, shutdown.clone());
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(
+            async move {
+                match russh::server::run_stream(config, stream, handler).await {
+                    Ok(session) => {
+                        let handle = session.handle();
+                        tokio::select! {
+                            r = session => if let Err(e) = r { debug!(error = %e, "ssh connection ended with error") },
+                            _ = shutdown.cancelled() => {
+                                let _ = handle.disconnect(russh::Disconnect::ByApplication, "gateway shutting down".into(), "en".into()).await;
+                            }
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "ssh handshake failed"),
+                }
+            }
+            .instrument(info_span!("ssh", %peer)),
+        );
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
+}
+
+/// Per-source counter of failed authentications; a source with too many recent failures
+/// is refused for a while.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    failures: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl Throttle {
+    const WINDOW: Duration = Duration::from_secs(60);
+    const LIMIT: u32 = 20;
+    /// Most sources remembered; older entries are dropped first (bounded memory).
+    const MAX_SOURCES: usize = 10_000;
+
+    pub fn is_blocked(&self, ip: std::net::IpAddr) -> bool {
+        let Ok(map) = self.failures.lock() else { return false };
+        map.get(&ip).is_some_and(|(n, since)| *n >= Self::LIMIT && since.elapsed() < Self::WINDOW)
+    }
+
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let Ok(mut map) = self.failures.lock() else { return };
+        if map.len() >= Self::MAX_SOURCES {
+            map.retain(|_, (_, since)| since.elapsed() < Self::WINDOW);
+        }
+        let entry = map.entry(ip).or_insert((0, std::time::Instant::now()));
+        if entry.1.elapsed() >= Self::WINDOW {
+            *entry = (0, std::time::Instant::now());
+        }
+        entry.0 = entry.0.saturating_add(1);
+    }
+}
+
+struct ConnHandler {
+    state: Arc<GatewayState>,
+    peer: SocketAddr,
+    /// Instance this connection is about: fixed for inner connections, or from `user%instance`.
+    target: Option<String>,
+    /// Set for an inner connection (the instance comes from the outer direct-tcpip channel).
+    inner: bool,
+    identity: Option<Identity>,
+    /// Keys offered or tried without success, for one audit event per connection.
+    failed_keys: Vec<String>,
+    failed_user: Option<String>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for ConnHandler {
+    fn drop(&mut self) {
+        // One event (and one throttle strike) per connection that never authenticated,
+        // however many keys the client offered.
+        if self.identity.is_none() && !self.failed_keys.is_empty() {
+            self.state.ssh_throttle.failed(self.peer.ip());
+            let _ = self.state.audit.record(
+                "auth.failed",
+                json!({"source": self.peer.to_string(), "user": self.failed_user, "method": "publickey",
+                       "keys": self.failed_keys, "inner": self.inner}),
+            );
+        }
+    }
+}
+
+impl ConnHandler {
+    fn new(
+        state: Arc<GatewayState>,
+        peer: SocketAddr,
+        inner_target: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let inner = inner_target.is_some();
+        Self {
+            state,
+            peer,
+            target: inner_target,
+            inner,
+            identity: None,
+            failed_keys: Vec::new(),
+            failed_user: None,
+            shutdown,
+        }
+    }
+
+    /// `alice%web-01` names user and instance; inner connections take only a user.
+    fn split_user<'a>(&self, user: &'a str) -> (&'a str, Option<&'a str>) {
+        match user.split_once('%') {
+            Some((u, i)) if !self.inner && !i.is_empty() => (u, Some(i)),
+            _ => (user, None),
+        }
+    }
+}
+
+impl russh::server::Handler for ConnHandler {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        let (name, _) = self.split_user(user);
+        if self.state.access.authenticate(name, offer.public_key).is_some() {
+            Ok(Auth::Accept)
+        } else {
+            self.note_failure(name, offer.public_key);
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        let (name, instance) = self.split_user(user);
+        match self.state.access.authenticate(name, key.public_key) {
+            Some(identity) => {
+                if let Some(i) = instance {
+                    self.target = Some(i.to_owned());
+                }
+                info!(user = %identity.user, target = ?self.target, "ssh user authenticated");
+                self.identity = Some(identity);
+                Ok(Auth::Accept)
+            }
+            None => {
+                self.note_failure(name, key.public_key);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(identity) = self.identity.clone() else { return Ok(()) };
+        reply.accept().await;
+        let ctx = SessionCtx { state: self.state.clone(), identity, target: self.target.clone(), peer: self.peer };
+        tokio::spawn(serve_session_channel(ctx, channel).instrument(tracing::Span::current()));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(identity) = self.identity.clone() else { return Ok(()) };
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        let suffix = format!(".{}", self.state.config.ssh.suffix);
+        match (&self.target, host.strip_suffix(&suffix)) {
+            // Jump host hop to `<instance>.<suffix>`: serve an inner SSH session ourselves.
+            (None, Some(instance)) if !instance.is_empty() => {
+                let principal = format!("{instance}{suffix}");
+                let config = match self.state.host_keys.certificate_for(&[principal]) {
+                    Ok(cert) => Arc::new(server_config(&self.state, cert)),
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "cannot issue host certificate");
+                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                        return Ok(());
+                    }
+                };
+                reply.accept().await;
+                let handler =
+                    ConnHandler::new(self.state.clone(), self.peer, Some(instance.to_owned()), self.shutdown.clone());
+                let span = info_span!("inner", instance = %instance);
+                tokio::spawn(
+                    async move {
+                        match russh::server::run_stream(config, channel.into_stream(), handler).await {
+                            Ok(session) => {
+                                if let Err(e) = session.await {
+                                    debug!(error = %e, "inner ssh session ended with error");
+                                }
+                            }
+                            Err(e) => debug!(error = %e, "inner ssh handshake failed"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            // Jump host hop to a plain instance name: passthrough to its own sshd.
+            (None, _) => {
+                let authz = match authorize(&self.state, &identity, host, Action::SshPassthrough).await {
+                    Ok(a) => a,
+                    Err(msg) => {
+                        self.deny(&identity, host, Action::SshPassthrough, msg);
+                        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                        return Ok(());
+                    }
+                };
+                let req = TcpRequest { host: "127.0.0.1".into(), port };
+                self.forward(authz, req, channel, reply, "end-to-end encrypted SSH passthrough").await;
+            }
+            // `-L` on a connection to an instance: forward through its agent.
+            (Some(target), _) => {
+                let target = target.clone();
+                let authz = match authorize(&self.state, &identity, &target, Action::PortForward).await {
+                    Ok(a) => a,
+                    Err(msg) => {
+                        self.deny(&identity, &target, Action::PortForward, msg);
+                        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                        return Ok(());
+                    }
+                };
+                let req = TcpRequest { host: host.to_owned(), port };
+                self.forward(authz, req, channel, reply, "forwarded TCP content is not inspected").await;
+            }
+        }
+        Ok(())
+    }
+
+    // Channel requests are answered here; the channel's task acts on them.
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _c: u32,
+        _r: u32,
+        _pw: u32,
+        _ph: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _k: &str,
+        _v: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        _c: u32,
+        _r: u32,
+        _pw: u32,
+        _ph: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+}
+
+impl ConnHandler {
+    fn note_failure(&mut self, user: &str, key: &russh::keys::PublicKey) {
+        self.failed_user = Some(user.chars().take(64).collect());
+        if self.failed_keys.len() < 16 {
+            self.failed_keys.push(key.fingerprint(Default::default()).to_string());
+        }
+    }
+
+    fn deny(&self, identity: &Identity, target: &str, action: Action, reason: &str) {
+        let _ = self.state.audit.record(
+            "session.denied",
+            json!({"user": identity.user, "target": target, "action": action.name(), "source": self.peer.to_string(), "reason": reason}),
+        );
+    }
+
+    async fn forward(
+        &self,
+        authz: Authorization,
+        req: TcpRequest,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        unlogged_reason: &'static str,
+    ) {
+        let destination = format!("{}:{}", req.host, req.port);
+        let stream = match self.state.registry.open_session(authz.agent_id(), SessionRequest::Tcp(req)).await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(error = %e, "forward refused");
+                let _ = self.state.audit.record(
+                    "forward.failed",
+                    json!({"user": authz.user(), "target": authz.instance(), "destination": destination, "error": e.to_string()}),
+                );
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            }
+        };
+        reply.accept().await;
+        let sid = stream.id.to_string();
+        let event = if authz.action() == Action::SshPassthrough { "passthrough" } else { "forward" };
+        let _ = self.state.audit.record(
+            &format!("{event}.open"),
+            json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "destination": destination,
+                   "source": self.peer.to_string(), "logged": false, "reason": unlogged_reason}),
+        );
+        let audit = self.state.audit.clone();
+        let started = std::time::Instant::now();
+        let authz2 = authz.clone();
+        tokio::spawn(async move {
+            let SessionStream { mut send, mut recv, .. } = stream;
+            let (mut ch_read, mut ch_write) = tokio::io::split(channel.into_stream());
+            let up = async {
+                let n = tokio::io::copy(&mut ch_read, &mut send).await.unwrap_or(0);
+                let _ = send.finish();
+                n
+            };
+            let down = async {
+                let n = tokio::io::copy(&mut recv, &mut ch_write).await.unwrap_or(0);
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut ch_write).await;
+                n
+            };
+            let (bytes_up, bytes_down) = tokio::join!(up, down);
+            let _ = audit.record(
+                &format!("{event}.close"),
+                json!({"session_id": sid, "user": authz2.user(), "target": authz2.instance(), "destination": destination,
+                       "bytes_to_target": bytes_up, "bytes_from_target": bytes_down,
+                       "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                       "logged": false, "reason": unlogged_reason}),
+            );
+        });
+    }
+}
+
+struct SessionCtx {
+    state: Arc<GatewayState>,
+    identity: Identity,
+    target: Option<String>,
+    peer: SocketAddr,
+}
+
+enum Request {
+    Shell,
+    Exec(String),
+    Subsystem(String),
+}
+
+struct Pty {
+    term: String,
+    cols: u16,
+    rows: u16,
+}
+
+fn clamp16(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
+}
+
+fn sig_name(s: &russh::Sig) -> String {
+    format!("{s:?}").trim_start_matches("Custom(\"").trim_end_matches("\")").to_owned()
+}
+
+/// Tell the client why nothing happened, and end the channel with `code`.
+async fn refuse(ch: &russh::ChannelWriteHalf<Msg>, message: &str, code: u32) {
+    let _ = ch.extended_data_bytes(1, format!("postern: {message}\r\n").into_bytes()).await;
+    let _ = ch.exit_status(code).await;
+    let _ = ch.eof().await;
+    let _ = ch.close().await;
+}
+
+async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
+    let (mut rd, wr) = channel.split();
+    let mut pty: Option<Pty> = None;
+    let mut env: Vec<(String, String)> = Vec::new();
+    // Phase 1: collect pty/env until the client says what to run.
+    let request = loop {
+        match tokio::time::timeout(Duration::from_secs(60), rd.wait()).await {
+            Ok(Some(ChannelMsg::RequestPty { term, col_width, row_height, .. })) => {
+                pty = Some(Pty { term, cols: clamp16(col_width), rows: clamp16(row_height) })
+            }
+            Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. })) => {
+                if ctx.state.config.ssh.accept_env.iter().any(|p| glob_match(p, &variable_name)) && env.len() < 64 {
+                    env.push((variable_name, variable_value));
+                }
+            }
+            Ok(Some(ChannelMsg::RequestShell { .. })) => break Request::Shell,
+            Ok(Some(ChannelMsg::Exec { command, .. })) => {
+                break Request::Exec(String::from_utf8_lossy(&command).into_owned());
+            }
+            Ok(Some(ChannelMsg::RequestSubsystem { name, .. })) => break Request::Subsystem(name),
+            Ok(Some(ChannelMsg::Eof | ChannelMsg::Close)) | Ok(None) | Err(_) => return,
+            Ok(Some(_)) => {}
+        }
+    };
+    let Some(target) = ctx.target.clone() else {
+        let help = format!(
+            "this is the Postern gateway; name an instance: ssh -p PORT {user}%INSTANCE@HOST, \
+             or use the config from `postern ssh-config` and ssh {user}@INSTANCE.{suffix}",
+            user = ctx.identity.user,
+            suffix = ctx.state.config.ssh.suffix
+        );
+        refuse(&wr, &help, 2).await;
+        return;
+    };
+    let action = match &request {
+        Request::Shell => Action::Shell,
+        Request::Exec(_) => Action::Exec,
+        Request::Subsystem(s) if s == "sftp" => Action::Sftp,
+        Request::Subsystem(other) => {
+            refuse(&wr, &format!("unsupported subsystem {other:?}"), 1).await;
+            return;
+        }
+    };
+    let authz = match authorize(&ctx.state, &ctx.identity, &target, action).await {
+        Ok(a) => a,
+        Err(msg) => {
+            let _ = ctx.state.audit.record(
+                "session.denied",
+                json!({"user": ctx.identity.user, "target": target, "action": action.name(), "source": ctx.peer.to_string(), "reason": msg}),
+            );
+            refuse(&wr, msg, 1).await;
+            return;
+        }
+    };
+    let run_as = authz.run_as().map(str::to_owned);
+    let (cols, rows) = pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
+    let command_text = match &request {
+        Request::Shell => None,
+        Request::Exec(c) => Some(c.clone()),
+        Request::Subsystem(_) => Some("sftp".to_owned()),
+    };
+    let agent_request = match (&request, &pty) {
+        (Request::Subsystem(_), _) => {
+            SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(SFTP_SERVER.into()), env, run_as })
+        }
+        (Request::Shell, Some(p)) => SessionRequest::Shell(ShellRequest {
+            term: p.term.clone(),
+            cols: p.cols,
+            rows: p.rows,
+            env,
+            run_as,
+            command: None,
+        }),
+        (Request::Exec(c), Some(p)) => SessionRequest::Shell(ShellRequest {
+            term: p.term.clone(),
+            cols: p.cols,
+            rows: p.rows,
+            env,
+            run_as,
+            command: Some(c.clone()),
+        }),
+        (Request::Exec(c), None) => {
+            SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(c.clone()), env, run_as })
+        }
+        (Request::Shell, None) => {
+            SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell("exec \"$SHELL\" -l".into()), env, run_as })
+        }
+    };
+    let stream = match ctx.state.registry.open_session(authz.agent_id(), agent_request).await {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = match e {
+                OpenError::Offline => format!("instance {} is offline (its agent is not connected)", authz.instance()),
+                OpenError::Rejected { reason, .. } => {
+                    format!("instance {} refused the session: {reason}", authz.instance())
+                }
+                other => format!("instance {}: {other}", authz.instance()),
+            };
+            refuse(&wr, &msg, 255).await;
+            return;
+        }
+    };
+    let sid = stream.id.to_string();
+    let recording_dir = ctx.state.config.data_dir.join("recordings");
+    let mut recorder = if action == Action::Sftp {
+        None
+    } else {
+        let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
+        match Recorder::create(&recording_dir, &sid, cols, rows, &title) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "cannot create recording");
+                None
+            }
+        }
+    };
+    let (logged, reason) = match (&recorder, action) {
+        (Some(_), _) => (true, None),
+        (None, Action::Sftp) => (false, Some("sftp file transfer content is not recorded")),
+        (None, _) => (false, Some("recording could not be created")),
+    };
+    let _ = ctx.state.audit.record(
+        "session.start",
+        json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "agent_id": authz.agent_id(),
+               "kind": action.name(), "command": command_text, "pty": pty.is_some(), "source": ctx.peer.to_string(),
+               "logged": logged, "reason": reason,
+               "recording": recorder.as_ref().map(|r| r.path().display().to_string())}),
+    );
+    info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(), "ssh session started");
+    let started = std::time::Instant::now();
+
+    let SessionStream { mut send, mut recv, .. } = stream;
+    // Agent frames come through a task: read_frame must not be cancelled mid-frame.
+    let (tx, mut frames) = tokio::sync::mpsc::channel::<Result<Option<Message>, String>>(32);
+    let reader = tokio::spawn(async move {
+        loop {
+            let f = read_frame(&mut recv, StreamKind::Session).await.map_err(|e| e.to_string());
+            let done = !matches!(f, Ok(Some(_)));
+            if tx.send(f).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    let mut bytes_out: u64 = 0;
+    let mut bytes_in: u64 = 0;
+    let exit_code: Option<i32> = loop {
+        tokio::select! {
+            msg = rd.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    bytes_in += data.len() as u64;
+                    for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
+                        if write_frame(&mut send, &Message::Stdin(chunk.to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Some(ChannelMsg::Eof) => { let _ = write_frame(&mut send, &Message::Eof).await; }
+                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+                    let (c, r) = (clamp16(col_width), clamp16(row_height));
+                    let _ = write_frame(&mut send, &Message::Resize(Resize { cols: c, rows: r })).await;
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r); }
+                }
+                Some(ChannelMsg::Signal { signal }) => {
+                    let _ = write_frame(&mut send, &Message::Signal(Signal { name: sig_name(&signal) })).await;
+                }
+                Some(ChannelMsg::Close) | None => {
+                    // The client went away: stop the remote process.
+                    let _ = send.reset(0u32.into());
+                    break None;
+                }
+                Some(_) => {}
+            },
+            frame = frames.recv() => match frame {
+                Some(Ok(Some(Message::Stdout(d)))) => {
+                    bytes_out += d.len() as u64;
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
+                    if wr.data_bytes(d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
+                }
+                Some(Ok(Some(Message::Stderr(d)))) => {
+                    bytes_out += d.len() as u64;
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
+                    if wr.extended_data_bytes(1, d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
+                }
+                Some(Ok(Some(Message::Exit(e)))) => {
+                    let _ = wr.exit_status(u32::try_from(e.code).unwrap_or(255)).await;
+                    break Some(e.code);
+                }
+                Some(Ok(Some(_))) => {}
+                Some(Ok(None)) | Some(Err(_)) | None => {
+                    let _ = wr.extended_data_bytes(1, b"\r\npostern: connection to the instance was lost\r\n".to_vec()).await;
+                    let _ = wr.exit_status(255).await;
+                    break Some(255);
+                }
+            },
+        }
+    };
+    reader.abort();
+    let _ = wr.eof().await;
+    let _ = wr.close().await;
+    let _ = ctx.state.audit.record(
+        "session.end",
+        json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "kind": action.name(),
+               "exit_code": exit_code, "bytes_in": bytes_in, "bytes_out": bytes_out,
+               "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+               "logged": logged, "reason": reason}),
+    );
+    info!(session_id = %sid, ?exit_code, "ssh session ended");
+}

@@ -1,0 +1,328 @@
+//! The SSH front door with stock OpenSSH clients: ssh, scp, sftp, -L forwards, and
+//! passthrough to a real sshd, all on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use postern_e2e::*;
+
+/// A user key, a gateway that allows it on `web-*`, and an ssh config from `postern ssh-config`.
+struct SshSetup {
+    gw: Gateway,
+    dir: tempfile::TempDir,
+}
+
+fn keygen(path: &Path) {
+    sh(&format!("ssh-keygen -q -t ed25519 -N '' -C test -f {}", path.display()));
+}
+
+impl SshSetup {
+    fn new() -> SshSetup {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("alice");
+        keygen(&key);
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let users = format!("[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\n", public.trim());
+        let gw = Gateway::start(&users);
+        let setup = SshSetup { gw, dir };
+        // Client config exactly as printed by `postern ssh-config`, plus the identity to use.
+        let kh = setup.known_hosts();
+        let out = setup.gw.postern(&["ssh-config", "--known-hosts-file", kh.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let printed = text(&out.stdout);
+        let (config, rest) = printed.split_once("\n\n").unwrap();
+        let ca_line = rest.lines().find(|l| l.starts_with("@cert-authority")).unwrap();
+        assert!(!printed.contains("StrictHostKeyChecking"));
+        std::fs::write(&kh, format!("{ca_line}\n")).unwrap();
+        std::fs::write(
+            setup.config(),
+            format!(
+                "{config}\nHost *\n    IdentityFile {}\n    IdentitiesOnly yes\n    BatchMode yes\n    ConnectTimeout 10\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        setup
+    }
+
+    fn known_hosts(&self) -> PathBuf {
+        self.dir.path().join("known_hosts")
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("ssh_config")
+    }
+
+    fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("timeout");
+        c.arg("60").arg(program).arg("-F").arg(self.config());
+        c
+    }
+
+    fn ssh(&self, args: &[&str]) -> Output {
+        self.cmd("ssh").args(args).stdin(Stdio::null()).output().unwrap()
+    }
+}
+
+#[test]
+fn exec_stdin_stderr_exit_status_and_recording() {
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-01", vec![], &s.gw.listen);
+
+    let out = s.ssh(&["alice@web-01.postern", "uname -s; echo oops >&2; exit 3"]);
+    assert_eq!(text(&out.stdout), "Linux\n", "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(3));
+
+    // stdin piping: tar through the session.
+    let src = s.dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/file.txt"), "payload\n").unwrap();
+    let dest = s.dir.path().join("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    let mut tar = Command::new("tar").arg("c").arg("-C").arg(&src).arg(".").stdout(Stdio::piped()).spawn().unwrap();
+    let out = s
+        .cmd("ssh")
+        .args(["alice@web-01.postern", &format!("tar x -C {}", dest.display())])
+        .stdin(tar.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(tar.wait().unwrap().success());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(dest.join("sub/file.txt")).unwrap(), "payload\n");
+
+    // The form without any client config: user%instance@gateway, strict host checking.
+    let out = Command::new("timeout")
+        .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
+        .arg(s.dir.path().join("alice"))
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+        .args(["alice%web-01@127.0.0.1", "echo no-config"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "no-config\n", "{}", text(&out.stderr));
+
+    // Logged: a session.start/end pair with logged=true and an asciicast recording.
+    let events = s.gw.audit_events();
+    let start = events.iter().find(|e| e["event"] == "session.start" && e["kind"] == "exec").unwrap();
+    assert_eq!(start["logged"], true);
+    assert_eq!(start["user"], "alice");
+    let cast = std::fs::read_to_string(start["recording"].as_str().unwrap()).unwrap();
+    let mut lines = cast.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(lines.any(|l| l.contains("Linux")), "{cast}");
+    let end = events.iter().find(|e| e["event"] == "session.end" && e["session_id"] == start["session_id"]).unwrap();
+    assert_eq!(end["exit_code"], 3);
+}
+
+#[test]
+fn pty_shell_over_ssh() {
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-02", vec![], &s.gw.listen);
+    // -tt forces a PTY even without a local terminal; the remote side sees a tty and TERM.
+    let out = s
+        .cmd("ssh")
+        .args(["-tt", "-o", "SetEnv=TERM=xterm-256color LANG=C.UTF-8", "alice@web-02.postern"])
+        .arg("tty; echo TERM=$TERM LANG=$LANG; exit 6")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(shown.contains("/dev/pts/"), "{shown}{}", text(&out.stderr));
+    assert!(shown.contains("LANG=C.UTF-8"), "{shown}");
+    assert_eq!(out.status.code(), Some(6));
+    // -T: no PTY.
+    let out = s.ssh(&["-T", "alice@web-02.postern", "tty"]);
+    assert_eq!(text(&out.stdout).trim(), "not a tty");
+}
+
+#[test]
+fn scp_and_sftp_both_ways() {
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-03", vec![], &s.gw.listen);
+    let blob = s.dir.path().join("blob");
+    sh(&format!("head -c 20000000 /dev/urandom > {}", blob.display()));
+    let remote = s.dir.path().join("remote-copy");
+    let back = s.dir.path().join("back");
+    let out = s.cmd("scp").arg(&blob).arg(format!("alice@web-03.postern:{}", remote.display())).output().unwrap();
+    assert!(out.status.success(), "scp up: {}", text(&out.stderr));
+    let batch = s.dir.path().join("batch");
+    std::fs::write(&batch, format!("get {} {}\n", remote.display(), back.display())).unwrap();
+    let out = s.cmd("sftp").arg("-b").arg(&batch).arg("alice@web-03.postern").output().unwrap();
+    assert!(out.status.success(), "sftp down: {}", text(&out.stderr));
+    assert_eq!(std::fs::read(&blob).unwrap(), std::fs::read(&back).unwrap());
+    let events = s.gw.audit_events();
+    assert!(events.iter().any(|e| e["event"] == "session.start" && e["kind"] == "sftp" && e["logged"] == false));
+}
+
+/// A real sshd on loopback, the target of passthrough.
+struct Sshd {
+    proc: Proc,
+    port: u16,
+    host_key_pub: String,
+}
+
+fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
+    let port = free_tcp_port();
+    let host_key = dir.join("sshd_host_key");
+    keygen(&host_key);
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let cfg = dir.join("sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+             PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n",
+            host_key.display(),
+            dir.join("sshd.pid").display(),
+            authorized.display()
+        ),
+    )
+    .unwrap();
+    sh(&format!("/usr/sbin/sshd -t -f {}", cfg.display()));
+    let mut cmd = Command::new("/usr/sbin/sshd");
+    cmd.arg("-D").arg("-e").arg("-f").arg(&cfg);
+    let proc = spawn_logged(cmd, &dir.join("sshd.log"));
+    wait_until("sshd listening", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    Sshd { proc, port, host_key_pub: std::fs::read_to_string(host_key.with_extension("pub")).unwrap() }
+}
+
+#[test]
+fn local_forward_and_unlogged_passthrough_to_the_instance_sshd() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the passthrough test logs into a real sshd as root (CI runs as root)"
+    );
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-04", vec![], &s.gw.listen);
+
+    // -L through the instance to a local HTTP server.
+    let http_port = free_tcp_port();
+    let mut http = Command::new("python3")
+        .args(["-m", "http.server", &http_port.to_string(), "--bind", "127.0.0.1"])
+        .current_dir(s.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(s.dir.path().join("hello.txt"), "through the tunnel\n").unwrap();
+    wait_until("http server", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
+    });
+    let local = free_tcp_port();
+    let mut fwd = s
+        .cmd("ssh")
+        .args([
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-L",
+            &format!("{local}:127.0.0.1:{http_port}"),
+            "alice@web-04.postern",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("forward listening", Duration::from_secs(15), || {
+        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+    });
+    let fetch = |path: &str| {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(format!("import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{local}/{path}').read().decode(),end='')"))
+            .output()
+            .unwrap();
+        text(&out.stdout)
+    };
+    // Several connections at once.
+    let results: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8).map(|_| sc.spawn(|| fetch("hello.txt"))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.iter().all(|r| r == "through the tunnel\n"), "{results:?}");
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    let _ = http.kill();
+    let _ = http.wait();
+
+    // Passthrough: ssh -J to the instance's own sshd. The gateway only moves bytes.
+    let target_key = s.dir.path().join("root_key");
+    keygen(&target_key);
+    let authorized = s.dir.path().join("authorized_keys");
+    std::fs::copy(target_key.with_extension("pub"), &authorized).unwrap();
+    let sshd = start_sshd(s.dir.path(), &authorized);
+    // The target's own host key goes in known_hosts under the instance name.
+    let kh = s.known_hosts();
+    let mut known = std::fs::read_to_string(&kh).unwrap();
+    known.push_str(&format!("[web-04]:{} {}", sshd.port, sshd.host_key_pub));
+    std::fs::write(&kh, known).unwrap();
+    let cfg = std::fs::read_to_string(s.config()).unwrap();
+    std::fs::write(
+        s.config(),
+        format!(
+            "Host web-04\n    ProxyJump alice@127.0.0.1:{gw}\n    Port {port}\n    User root\n    IdentityFile {key}\n    UserKnownHostsFile {kh}\n{cfg}",
+            gw = s.gw.ssh_port,
+            port = sshd.port,
+            key = target_key.display(),
+            kh = kh.display(),
+        ),
+    )
+    .unwrap();
+    let out = s.ssh(&["web-04", "echo passthrough-ok $(id -un)"]);
+    assert_eq!(
+        text(&out.stdout),
+        "passthrough-ok root\n",
+        "{}\nsshd log:\n{}",
+        text(&out.stderr),
+        sshd.proc.log_text()
+    );
+    let events = s.gw.audit_events();
+    let open = events.iter().find(|e| e["event"] == "passthrough.open").expect("passthrough audit event");
+    assert_eq!(open["logged"], false);
+    assert_eq!(open["reason"], "end-to-end encrypted SSH passthrough");
+    assert!(events.iter().any(|e| e["event"] == "forward.open" && e["logged"] == false));
+}
+
+#[test]
+fn denied_unknown_offline_and_wrong_key() {
+    let s = SshSetup::new();
+    let mut web = Agent::start(&s.gw, "web-05", vec![], &s.gw.listen);
+    let _db = Agent::start(&s.gw, "db-01", vec![], &s.gw.listen);
+
+    // Not allowed and not existing look the same.
+    let denied = s.ssh(&["alice@db-01.postern", "true"]);
+    let unknown = s.ssh(&["alice@nope-01.postern", "true"]);
+    assert_ne!(denied.status.code(), Some(0));
+    assert_eq!(denied.status.code(), unknown.status.code());
+    assert_eq!(text(&denied.stderr), text(&unknown.stderr));
+    assert!(text(&denied.stderr).contains("access denied"), "{}", text(&denied.stderr));
+
+    // A key that is not bound to alice is refused.
+    let stranger = s.dir.path().join("stranger");
+    keygen(&stranger);
+    let out = Command::new("timeout")
+        .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
+        .arg(&stranger)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+        .args(["alice%web-05@127.0.0.1", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
+    assert!(s.gw.audit_events().iter().any(|e| e["event"] == "auth.failed"));
+
+    // An offline instance: a clear message, no hang.
+    let agent = web.proc.as_mut().unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait_exit(Duration::from_secs(10));
+    wait_until("web-05 offline", Duration::from_secs(10), || !s.gw.is_online("web-05"));
+    let out = s.ssh(&["alice@web-05.postern", "true"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(text(&out.stderr).contains("offline"), "{}", text(&out.stderr));
+}
