@@ -48,6 +48,12 @@ pub struct UserConfig {
     /// OS user sessions run as on the instance. Default: the agent's own user.
     #[serde(default)]
     pub run_as: Option<String>,
+    /// Overrides `[ssh] idle_timeout` for this user.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Overrides `[ssh] max_session` for this user.
+    #[serde(default)]
+    pub max_session: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -56,12 +62,22 @@ struct Entry {
     keys: Vec<PublicKey>,
     instances: Vec<String>,
     actions: Option<Vec<String>>,
+    limits: Limits,
     run_as: Option<String>,
+}
+
+/// Session time limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub idle_timeout: Option<std::time::Duration>,
+    pub max_session: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
 pub struct AccessList {
     entries: RwLock<Vec<Entry>>,
+    user_cas: RwLock<Vec<russh::keys::ssh_key::public::KeyData>>,
+    defaults: RwLock<Limits>,
 }
 
 /// A user whose key was verified.
@@ -79,9 +95,13 @@ pub struct Authorization {
     instance: String,
     action: Action,
     run_as: Option<String>,
+    limits: Limits,
 }
 
 impl Authorization {
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
     pub fn user(&self) -> &str {
         &self.user
     }
@@ -118,12 +138,40 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 impl AccessList {
-    pub fn from_config(users: &[UserConfig]) -> anyhow::Result<Self> {
+    pub fn from_config(cfg: &crate::config::SshConfig) -> anyhow::Result<Self> {
         let list = AccessList::default();
-        for u in users {
+        if let Ok(mut d) = list.defaults.write() {
+            *d = Limits {
+                idle_timeout: crate::config::parse_limit(&cfg.idle_timeout)?,
+                max_session: crate::config::parse_limit(&cfg.max_session)?,
+            };
+        }
+        for (i, line) in cfg.user_ca_keys.iter().enumerate() {
+            let key = PublicKey::from_openssh(line.trim())
+                .map_err(|e| anyhow::anyhow!("ssh.user_ca_keys: key {} is not an OpenSSH public key: {e}", i + 1))?;
+            if let Ok(mut cas) = list.user_cas.write() {
+                cas.push(key.key_data().clone());
+            }
+        }
+        for u in &cfg.users {
             list.add(u)?;
         }
         Ok(list)
+    }
+
+    /// Whether any user CA is trusted (then certificate offers are worth a signature check).
+    pub fn has_user_cas(&self) -> bool {
+        self.user_cas.read().map(|c| !c.is_empty()).unwrap_or(false)
+    }
+
+    /// The identity `user` if `cert` is a user certificate from a trusted CA naming `user`.
+    /// (russh has already checked its signature and validity period.)
+    pub fn authenticate_certificate(&self, user: &str, cert: &russh::keys::Certificate) -> Option<Identity> {
+        use russh::keys::ssh_key::certificate::CertType;
+        let trusted = self.user_cas.read().ok()?.iter().any(|ca| ca == cert.signature_key());
+        let named = cert.valid_principals().iter().any(|p| p == user);
+        let known = self.entries.read().ok()?.iter().any(|e| e.name == user);
+        (trusted && named && known && cert.cert_type() == CertType::User).then(|| Identity { user: user.to_owned() })
     }
 
     pub fn add(&self, u: &UserConfig) -> anyhow::Result<()> {
@@ -141,11 +189,25 @@ impl AccessList {
                 }
             }
         }
+        let defaults = self.defaults.read().map(|d| *d).unwrap_or_default();
+        let limits = Limits {
+            idle_timeout: match &u.idle_timeout {
+                Some(v) => crate::config::parse_limit(v)
+                    .map_err(|e| anyhow::anyhow!("ssh.users {:?}: idle_timeout: {e}", u.name))?,
+                None => defaults.idle_timeout,
+            },
+            max_session: match &u.max_session {
+                Some(v) => crate::config::parse_limit(v)
+                    .map_err(|e| anyhow::anyhow!("ssh.users {:?}: max_session: {e}", u.name))?,
+                None => defaults.max_session,
+            },
+        };
         let entry = Entry {
             name: u.name.clone(),
             keys,
             instances: u.instances.clone(),
             actions: u.actions.clone(),
+            limits,
             run_as: u.run_as.clone(),
         };
         if let Ok(mut e) = self.entries.write() {
@@ -163,14 +225,14 @@ impl AccessList {
             .then(|| Identity { user: user.to_owned() })
     }
 
-    fn permits(&self, user: &str, instance: &str, action: Action) -> Option<Option<String>> {
+    fn permits(&self, user: &str, instance: &str, action: Action) -> Option<(Option<String>, Limits)> {
         let entries = self.entries.read().ok()?;
         entries
             .iter()
             .filter(|e| e.name == user)
             .filter(|e| e.instances.iter().any(|p| glob_match(p, instance)))
             .find(|e| e.actions.as_ref().is_none_or(|a| a.iter().any(|x| x == action.name())))
-            .map(|e| e.run_as.clone())
+            .map(|e| (e.run_as.clone(), e.limits))
     }
 }
 
@@ -184,12 +246,13 @@ pub async fn authorize(
     let agents = state.store.agents().await.map_err(|_| "gateway storage error")?;
     let Ok(agent) = crate::admin::resolve_instance(&agents, instance) else { return Err(DENIED) };
     match state.access.permits(&identity.user, &agent.name, action) {
-        Some(run_as) => Ok(Authorization {
+        Some((run_as, limits)) => Ok(Authorization {
             user: identity.user.clone(),
             agent_id: agent.id.clone(),
             instance: agent.name.clone(),
             action,
             run_as,
+            limits,
         }),
         None => Err(DENIED),
     }
@@ -213,13 +276,16 @@ mod tests {
     #[test]
     fn allow_list() {
         let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNV6u6wpsWtZv2s0S8Gb3qH8lO1xDZ0m2qgDPbOwD3r alice@laptop";
-        let list = AccessList::from_config(&[UserConfig {
+        let list = AccessList::default();
+        list.add(&UserConfig {
             name: "alice".into(),
             keys: vec![key.into()],
             instances: vec!["web-*".into()],
             actions: Some(vec!["shell".into(), "exec".into()]),
             run_as: None,
-        }])
+            idle_timeout: Some("5m".into()),
+            max_session: None,
+        })
         .unwrap();
         let pk = PublicKey::from_openssh(key).unwrap();
         assert!(list.authenticate("alice", &pk).is_some());
@@ -227,15 +293,19 @@ mod tests {
         assert!(list.permits("alice", "web-01", Action::Shell).is_some());
         assert!(list.permits("alice", "web-01", Action::PortForward).is_none());
         assert!(list.permits("alice", "db-01", Action::Shell).is_none());
-        assert!(
-            AccessList::from_config(&[UserConfig {
-                name: "x".into(),
-                keys: vec!["not a key".into()],
-                instances: vec![],
-                actions: None,
-                run_as: None
-            }])
-            .is_err()
+        assert_eq!(
+            list.permits("alice", "web-01", Action::Exec).unwrap().1.idle_timeout,
+            Some(std::time::Duration::from_secs(300))
         );
+        let bad = UserConfig {
+            name: "x".into(),
+            keys: vec!["not a key".into()],
+            instances: vec![],
+            actions: None,
+            run_as: None,
+            idle_timeout: None,
+            max_session: None,
+        };
+        assert!(AccessList::default().add(&bad).is_err());
     }
 }

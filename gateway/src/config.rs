@@ -32,6 +32,13 @@ pub struct SshConfig {
     pub accept_env: Vec<String>,
     /// Users and what they may reach, until the policy engine replaces this list.
     pub users: Vec<crate::access::UserConfig>,
+    /// User certificate authorities: certificates they sign log in as the user named in a
+    /// principal (who must still be listed in `users`, with or without keys).
+    pub user_ca_keys: Vec<String>,
+    /// A session without input for this long is warned, then closed ("30m"; "0" disables).
+    pub idle_timeout: String,
+    /// Longest a session may last ("12h"; "0" disables). Warned before it ends.
+    pub max_session: String,
 }
 
 impl Default for SshConfig {
@@ -43,6 +50,9 @@ impl Default for SshConfig {
             public_host: None,
             accept_env: vec!["LANG".into(), "LC_*".into()],
             users: Vec::new(),
+            user_ca_keys: Vec::new(),
+            idle_timeout: "30m".into(),
+            max_session: "12h".into(),
         }
     }
 }
@@ -109,12 +119,19 @@ impl GatewayConfig {
         let cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         parse_duration(&cfg.tunnel.agent_cert_ttl)
             .with_context(|| format!("{}: tunnel.agent_cert_ttl", path.display()))?;
+        parse_limit(&cfg.ssh.idle_timeout).with_context(|| format!("{}: ssh.idle_timeout", path.display()))?;
+        parse_limit(&cfg.ssh.max_session).with_context(|| format!("{}: ssh.max_session", path.display()))?;
         Ok(cfg)
     }
 
     pub fn agent_cert_ttl(&self) -> anyhow::Result<Duration> {
         parse_duration(&self.tunnel.agent_cert_ttl).context("tunnel.agent_cert_ttl")
     }
+}
+
+/// A session limit: `None` when disabled with "0".
+pub fn parse_limit(s: &str) -> anyhow::Result<Option<Duration>> {
+    if s.trim() == "0" { Ok(None) } else { parse_duration(s).map(Some) }
 }
 
 /// Parse "90s", "15m", "8h", "30d" (or a bare number of seconds).

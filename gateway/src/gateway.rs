@@ -146,7 +146,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             format!("listening for agents on udp {} (is another gateway running?)", config.tunnel.listen)
         })?;
     let tunnel_addr = server.local_addr()?;
-    let access = crate::access::AccessList::from_config(&config.ssh.users)?;
+    let access = crate::access::AccessList::from_config(&config.ssh)?;
     let host_keys = Arc::new(crate::ssh::hostkeys::HostKeys::load(&dir, &crate::ssh::host_principals(&config))?);
     let ssh_listener = if config.ssh.enabled {
         Some(tokio::net::TcpListener::bind(config.ssh.listen).await.with_context(|| {

@@ -145,6 +145,8 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
             instances: vec![local.name.clone()],
             actions: None,
             run_as: None,
+            idle_timeout: None,
+            max_session: None,
         })?;
         let known_hosts = data_dir.join("known_hosts");
         let line =

@@ -277,3 +277,64 @@ pub fn sh(cmd: &str) {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Drive `cmd` (an interactive shell client) in a real terminal under tmux: set a prompt,
+/// check the PTY size, resize the window, interrupt a remote command with Ctrl-C, and exit
+/// with status 4. Panics with the screen contents on any failure.
+pub fn drive_interactive_terminal(cmd: &str) {
+    let sock = format!("postern-e2e-{}-{}", std::process::id(), free_tcp_port());
+    let tmux = |args: &[&str]| Command::new("tmux").arg("-L").arg(&sock).args(args).output().unwrap();
+    let screen = || text(&tmux(&["capture-pane", "-p", "-t", "t"]).stdout);
+    // The client's exit status is printed by a wrapper shell rather than read from tmux,
+    // which reaps its pane process lazily.
+    let wrapped = format!("{cmd}; echo client-exit=$?; sleep 600");
+    let out = tmux(&["new-session", "-d", "-x", "100", "-y", "30", "-s", "t", &wrapped]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux").args(["-L", &self.0, "kill-server"]).output();
+        }
+    }
+    let _kill = Kill(sock.clone());
+    let send = |keys: &[&str]| {
+        let mut args = vec!["send-keys", "-t", "t"];
+        args.extend_from_slice(keys);
+        assert!(tmux(&args).status.success());
+    };
+    let wait_screen = |what: &str| {
+        let start = std::time::Instant::now();
+        while !screen().contains(what) {
+            assert!(start.elapsed() < Duration::from_secs(10), "no {what:?} on the screen:\n{}", screen());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    };
+
+    send(&["export PS1='P''> '", "Enter"]);
+    // capture-pane trims trailing blanks: look for the prompt at the start of a line.
+    wait_until("prompt", Duration::from_secs(10), || screen().lines().any(|l| l.starts_with("P>")));
+    send(&["stty size", "Enter"]);
+    wait_screen("30 100");
+
+    // Resize the terminal: the remote PTY follows.
+    assert!(tmux(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]).status.success());
+    wait_until("window resized", Duration::from_secs(5), || {
+        text(&tmux(&["display", "-p", "-t", "t", "#{window_width}x#{window_height}"]).stdout).trim() == "120x40"
+    });
+    send(&["clear; stty size", "Enter"]);
+    wait_screen("40 120");
+
+    // Ctrl-C interrupts the remote foreground process, not the client.
+    let sleeper = format!("sleep {}", 4000 + std::process::id() % 1000);
+    send(&[&format!("clear; {sleeper}; echo after-$((20+22))"), "Enter"]);
+    wait_until("sleep running", Duration::from_secs(5), || {
+        Command::new("pgrep").args(["-f", &sleeper]).output().unwrap().status.success()
+    });
+    send(&["C-c"]);
+    send(&["echo alive-$((40+2))", "Enter"]);
+    wait_screen("alive-42");
+    assert!(!screen().contains("after-42"), "the interrupted command must not have continued");
+
+    send(&["exit 4", "Enter"]);
+    wait_screen("client-exit=4");
+}

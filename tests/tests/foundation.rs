@@ -254,67 +254,6 @@ impl Drop for NetNs {
 fn interactive_shell_in_a_terminal() {
     let gw = Gateway::start("");
     let _agent = Agent::start(&gw, "tty-01", vec![], &gw.listen);
-    let sock = format!("postern-e2e-{}", std::process::id());
-    let tmux = |args: &[&str]| Command::new("tmux").arg("-L").arg(&sock).args(args).output().unwrap();
-    let screen = || text(&tmux(&["capture-pane", "-p", "-t", "t"]).stdout);
     let cmd = format!("{} --data-dir {} shell tty-01", bin("postern").display(), gw.data_dir().display());
-    let out = tmux(&["new-session", "-d", "-x", "100", "-y", "30", "-s", "t", &cmd]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    struct Kill(String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("tmux").args(["-L", &self.0, "kill-server"]).output();
-        }
-    }
-    let _kill = Kill(sock.clone());
-    tmux(&["set-option", "-t", "t", "remain-on-exit", "on"]);
-    let send = |keys: &[&str]| {
-        let mut args = vec!["send-keys", "-t", "t"];
-        args.extend_from_slice(keys);
-        assert!(tmux(&args).status.success());
-    };
-    let wait_screen = |what: &str| {
-        let start = std::time::Instant::now();
-        while !screen().contains(what) {
-            assert!(start.elapsed() < Duration::from_secs(10), "no {what:?} on the screen:\n{}", screen());
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    };
-
-    send(&["export PS1='P''> '", "Enter"]);
-    // capture-pane trims trailing blanks: look for the prompt at the start of a line.
-    wait_until("prompt", Duration::from_secs(10), || screen().lines().any(|l| l.starts_with("P>")));
-    send(&["stty size", "Enter"]);
-    wait_screen("30 100");
-
-    // Resize the terminal: the remote PTY follows.
-    assert!(tmux(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]).status.success());
-    wait_until("window resized", Duration::from_secs(5), || {
-        text(&tmux(&["display", "-p", "-t", "t", "#{window_width}x#{window_height}"]).stdout).trim() == "120x40"
-    });
-    send(&["clear; stty size", "Enter"]);
-    wait_screen("40 120");
-
-    // Ctrl-C interrupts the remote foreground process, not the client.
-    let sleeper = format!("sleep {}", 4000 + std::process::id() % 1000);
-    send(&[&format!("clear; {sleeper}; echo after-$((20+22))"), "Enter"]);
-    wait_until("sleep running", Duration::from_secs(5), || {
-        Command::new("pgrep").args(["-f", &sleeper]).output().unwrap().status.success()
-    });
-    send(&["C-c"]);
-    send(&["echo alive-$((40+2))", "Enter"]);
-    wait_screen("alive-42");
-    assert!(!screen().contains("after-42"), "the interrupted command must not have continued");
-
-    send(&["exit 4", "Enter"]);
-    // tmux can mark the pane dead (terminal closed) before it has reaped the process, so
-    // wait for the exit status itself.
-    let mut status = String::new();
-    wait_until("client exit status", Duration::from_secs(10), || {
-        status =
-            text(&tmux(&["display", "-p", "-t", "t", "#{pane_dead}:#{pane_dead_status}"]).stdout).trim().to_owned();
-        status.len() > 2
-    });
-    let status = status.trim_start_matches("1:").to_owned();
-    assert_eq!(status.trim(), "4", "screen:\n{}", screen());
+    drive_interactive_terminal(&cmd);
 }

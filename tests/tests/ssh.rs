@@ -20,11 +20,19 @@ fn keygen(path: &Path) {
 
 impl SshSetup {
     fn new() -> SshSetup {
+        Self::with("", "")
+    }
+
+    /// `ssh_settings` go into `[ssh]`; `more` is appended after alice's user entry.
+    fn with(ssh_settings: &str, more: &str) -> SshSetup {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("alice");
         keygen(&key);
         let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-        let users = format!("[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\n", public.trim());
+        let users = format!(
+            "{ssh_settings}\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\n{more}",
+            public.trim()
+        );
         let gw = Gateway::start(&users);
         let setup = SshSetup { gw, dir };
         // Client config exactly as printed by `postern ssh-config`, plus the identity to use.
@@ -315,7 +323,10 @@ fn denied_unknown_offline_and_wrong_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(255));
     assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
-    assert!(s.gw.audit_events().iter().any(|e| e["event"] == "auth.failed"));
+    // Written when the refused connection is torn down, just after the client gives up.
+    wait_until("auth.failed audit event", Duration::from_secs(5), || {
+        s.gw.audit_events().iter().any(|e| e["event"] == "auth.failed")
+    });
 
     // An offline instance: a clear message, no hang.
     let agent = web.proc.as_mut().unwrap();
@@ -325,4 +336,106 @@ fn denied_unknown_offline_and_wrong_key() {
     let out = s.ssh(&["alice@web-05.postern", "true"]);
     assert_eq!(out.status.code(), Some(255));
     assert!(text(&out.stderr).contains("offline"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn interactive_ssh_in_a_terminal() {
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-06", vec![], &s.gw.listen);
+    drive_interactive_terminal(&format!("ssh -F {} alice@web-06.postern", s.config().display()));
+}
+
+#[test]
+fn idle_sessions_are_warned_then_closed() {
+    let s = SshSetup::with("idle_timeout = \"3s\"", "");
+    let _agent = Agent::start(&s.gw, "web-07", vec![], &s.gw.listen);
+    let start = std::time::Instant::now();
+    let out = s.ssh(&["-tt", "alice@web-07.postern", "sleep 60"]);
+    let took = start.elapsed();
+    let shown = text(&out.stdout);
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(shown.contains("closes in"), "no warning: {shown}");
+    assert!(shown.contains("no input for 3s; closing the session"), "{shown}");
+    assert_eq!(out.status.code(), Some(255));
+    let events = s.gw.audit_events();
+    assert!(events.iter().any(|e| e["event"] == "session.end" && e["end_reason"] == "idle-timeout"));
+}
+
+#[test]
+fn user_certificates_from_a_trusted_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("user_ca");
+    keygen(&ca);
+    let ca_pub = std::fs::read_to_string(ca.with_extension("pub")).unwrap();
+    // bob has no keys at all: only certificates from the CA let him in.
+    let s = SshSetup::with(
+        &format!("user_ca_keys = [{:?}]", ca_pub.trim()),
+        "[[ssh.users]]\nname = \"bob\"\nkeys = []\ninstances = [\"web-*\"]\n",
+    );
+    let _agent = Agent::start(&s.gw, "web-08", vec![], &s.gw.listen);
+    let bob = dir.path().join("bob");
+    keygen(&bob);
+    let login = |principal: &str| {
+        sh(&format!(
+            "ssh-keygen -q -s {} -I cert-{principal} -n {principal} -V -5m:+1h {}",
+            ca.display(),
+            bob.with_extension("pub").display()
+        ));
+        Command::new("timeout")
+            .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
+            .arg(&bob)
+            .arg("-o")
+            .arg(format!("CertificateFile={}-cert.pub", bob.display()))
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+            .args(["bob%web-08@127.0.0.1", "echo cert-ok"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let ok = login("bob");
+    assert_eq!(text(&ok.stdout), "cert-ok\n", "{}", text(&ok.stderr));
+    // A certificate for another principal does not make its holder bob.
+    let wrong = login("mallory");
+    assert_eq!(wrong.status.code(), Some(255), "{}", text(&wrong.stdout));
+}
+
+#[test]
+fn agent_disappearing_mid_session_ends_it_cleanly() {
+    let s = SshSetup::new();
+    let mut agent = Agent::start(&s.gw, "web-09", vec![], &s.gw.listen);
+    let mut client = s
+        .cmd("ssh")
+        .args(["alice@web-09.postern", "echo started; sleep 120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(client.stdout.as_mut().unwrap()), &mut first).unwrap();
+    assert_eq!(first, "started\n");
+    // The agent's host goes away without a word: no close frame reaches the gateway.
+    agent.proc.as_mut().unwrap().signal(nix::sys::signal::Signal::SIGKILL);
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = client.try_wait().unwrap() {
+            break st;
+        }
+        // The gateway notices at the QUIC idle timeout (30 s).
+        assert!(start.elapsed() < Duration::from_secs(45), "client still hanging");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(255));
+    let mut err = String::new();
+    std::io::Read::read_to_string(client.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("connection to the instance was lost"), "{err}");
+    let events = s.gw.audit_events();
+    let start_ev = events.iter().find(|e| e["event"] == "session.start").unwrap();
+    let end = events.iter().find(|e| e["event"] == "session.end" && e["session_id"] == start_ev["session_id"]).unwrap();
+    assert_eq!(end["exit_code"], 255);
+    let cast = std::fs::read_to_string(start_ev["recording"].as_str().unwrap()).unwrap();
+    assert!(cast.contains("started"), "{cast}");
+    // The agent died without reaping its child; tidy up (exact match: not the ssh client).
+    let _ = Command::new("pkill").args(["-x", "-f", "sleep 120"]).status();
 }

@@ -247,7 +247,9 @@ impl russh::server::Handler for ConnHandler {
 
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
         let (name, _) = self.split_user(user);
-        if self.state.access.authenticate(name, offer.public_key).is_some() {
+        // A certificate offer carries the certificate's key, bound to nobody: let the client
+        // prove possession and decide in auth_openssh_certificate.
+        if self.state.access.authenticate(name, offer.public_key).is_some() || self.state.access.has_user_cas() {
             Ok(Auth::Accept)
         } else {
             self.note_failure(name, offer.public_key);
@@ -268,6 +270,31 @@ impl russh::server::Handler for ConnHandler {
             }
             None => {
                 self.note_failure(name, key.public_key);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &russh::keys::Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let (name, instance) = self.split_user(user);
+        match self.state.access.authenticate_certificate(name, cert) {
+            Some(identity) => {
+                if let Some(i) = instance {
+                    self.target = Some(i.to_owned());
+                }
+                info!(user = %identity.user, key_id = cert.key_id(), "ssh user authenticated by certificate");
+                self.identity = Some(identity);
+                Ok(Auth::Accept)
+            }
+            None => {
+                self.failed_user = Some(name.chars().take(64).collect());
+                if self.failed_keys.len() < 16 {
+                    self.failed_keys.push(format!("certificate key_id={:?}", cert.key_id()));
+                }
                 Ok(Auth::reject())
             }
         }
@@ -525,6 +552,26 @@ async fn refuse(ch: &russh::ChannelWriteHalf<Msg>, message: &str, code: u32) {
     let _ = ch.close().await;
 }
 
+/// How long before a limit the user is warned: a quarter of it, at most a minute.
+fn warn_lead(limit: Duration) -> Duration {
+    (limit / 4).min(Duration::from_secs(60))
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// A line from the gateway to the user's terminal (stderr when there is no PTY).
+async fn notice(ch: &russh::ChannelWriteHalf<Msg>, on_pty: bool, message: &str) {
+    let line = format!("\r\npostern: {message}\r\n").into_bytes();
+    let _ = if on_pty { ch.data_bytes(line).await } else { ch.extended_data_bytes(1, line).await };
+}
+
 async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     let (mut rd, wr) = channel.split();
     let mut pty: Option<Pty> = None;
@@ -670,11 +717,20 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     });
     let mut bytes_out: u64 = 0;
     let mut bytes_in: u64 = 0;
+    let limits = authz.limits();
+    let mut last_input = std::time::Instant::now();
+    let (mut warned_idle, mut warned_max) = (false, false);
+    let mut end_reason: Option<&'static str> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let on_pty = pty.is_some();
     let exit_code: Option<i32> = loop {
         tokio::select! {
             msg = rd.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     bytes_in += data.len() as u64;
+                    last_input = std::time::Instant::now();
+                    warned_idle = false;
                     for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
                         if write_frame(&mut send, &Message::Stdin(chunk.to_vec())).await.is_err() {
                             break;
@@ -697,6 +753,35 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 }
                 Some(_) => {}
             },
+            _ = tick.tick(), if limits.idle_timeout.is_some() || limits.max_session.is_some() => {
+                let now = std::time::Instant::now();
+                let mut close: Option<(&'static str, String)> = None;
+                if let Some(max) = limits.max_session {
+                    let end = started + max;
+                    if now >= end {
+                        close = Some(("max-duration", format!("maximum session length of {} reached; closing the session", human(max))));
+                    } else if !warned_max && now + warn_lead(max) >= end {
+                        warned_max = true;
+                        notice(&wr, on_pty, &format!("this session reaches its maximum length of {} in {}s and will be closed", human(max), (end - now).as_secs().max(1))).await;
+                    }
+                }
+                if let (None, Some(idle)) = (&close, limits.idle_timeout) {
+                    let end = last_input + idle;
+                    if now >= end {
+                        close = Some(("idle-timeout", format!("no input for {}; closing the session", human(idle))));
+                    } else if !warned_idle && now + warn_lead(idle) >= end {
+                        warned_idle = true;
+                        notice(&wr, on_pty, &format!("no input for a while: this session closes in {}s unless you type something", (end - now).as_secs().max(1))).await;
+                    }
+                }
+                if let Some((reason, message)) = close {
+                    notice(&wr, on_pty, &message).await;
+                    let _ = send.reset(0u32.into());
+                    let _ = wr.exit_status(255).await;
+                    end_reason = Some(reason);
+                    break Some(255);
+                }
+            }
             frame = frames.recv() => match frame {
                 Some(Ok(Some(Message::Stdout(d)))) => {
                     bytes_out += d.len() as u64;
@@ -727,7 +812,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     let _ = ctx.state.audit.record(
         "session.end",
         json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "kind": action.name(),
-               "exit_code": exit_code, "bytes_in": bytes_in, "bytes_out": bytes_out,
+               "exit_code": exit_code, "bytes_in": bytes_in, "bytes_out": bytes_out, "end_reason": end_reason,
                "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                "logged": logged, "reason": reason}),
     );
