@@ -2,7 +2,7 @@
 # Run the whole Postern test suite: unit, golden, fuzz-budget, tunnel integration and
 # end-to-end tests with the real binaries. On Debian as root it installs what the tests
 # need (nftables, iproute2, python3, tmux, procps, OpenSSH client, server and
-# sftp-server); elsewhere it says what is missing.
+# sftp-server, and asciinema from PyPI); elsewhere it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,12 @@ if ((${#need[@]})); then
     echo "missing test dependencies: ${need[*]} (install them, or run as root on Debian)" >&2
     exit 1
   fi
+fi
+
+# asciinema (PyPI) checks that session recordings are valid asciicast v2.
+if ! command -v asciinema >/dev/null 2>&1; then
+  echo "installing asciinema (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'asciinema>=2.3,<3'
 fi
 
 # The end-to-end tests start the real binaries from target/debug.

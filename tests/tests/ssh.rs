@@ -117,7 +117,12 @@ fn exec_stdin_stderr_exit_status_and_recording() {
     let start = events.iter().find(|e| e["event"] == "session.start" && e["kind"] == "exec").unwrap();
     assert_eq!(start["logged"], true);
     assert_eq!(start["user"], "alice");
-    let cast = std::fs::read_to_string(start["recording"].as_str().unwrap()).unwrap();
+    let cast_path = start["recording"].as_str().unwrap();
+    // The real asciinema player parses it (installed by tests/run.sh).
+    let played = Command::new("asciinema").arg("cat").arg(cast_path).output().expect("asciinema is installed");
+    assert!(played.status.success(), "asciinema cat: {}", text(&played.stderr));
+    assert!(text(&played.stdout).contains("Linux"));
+    let cast = std::fs::read_to_string(cast_path).unwrap();
     let mut lines = cast.lines();
     let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
     assert_eq!(header["version"], 2);
@@ -152,7 +157,8 @@ fn scp_and_sftp_both_ways() {
     let s = SshSetup::new();
     let _agent = Agent::start(&s.gw, "web-03", vec![], &s.gw.listen);
     let blob = s.dir.path().join("blob");
-    sh(&format!("head -c 20000000 /dev/urandom > {}", blob.display()));
+    // 1 GiB of random data, up with scp and back down with sftp.
+    sh(&format!("head -c 1073741824 /dev/urandom > {}", blob.display()));
     let remote = s.dir.path().join("remote-copy");
     let back = s.dir.path().join("back");
     let out = s.cmd("scp").arg(&blob).arg(format!("alice@web-03.postern:{}", remote.display())).output().unwrap();
@@ -161,7 +167,11 @@ fn scp_and_sftp_both_ways() {
     std::fs::write(&batch, format!("get {} {}\n", remote.display(), back.display())).unwrap();
     let out = s.cmd("sftp").arg("-b").arg(&batch).arg("alice@web-03.postern").output().unwrap();
     assert!(out.status.success(), "sftp down: {}", text(&out.stderr));
-    assert_eq!(std::fs::read(&blob).unwrap(), std::fs::read(&back).unwrap());
+    let sum = |p: &Path| {
+        text(&Command::new("sha256sum").arg(p).output().unwrap().stdout).split(' ').next().unwrap().to_owned()
+    };
+    assert_eq!(sum(&blob), sum(&back));
+    assert_eq!(std::fs::metadata(&back).unwrap().len(), 1 << 30);
     let events = s.gw.audit_events();
     assert!(events.iter().any(|e| e["event"] == "session.start" && e["kind"] == "sftp" && e["logged"] == false));
 }
