@@ -54,6 +54,15 @@ pub struct UserConfig {
     /// Overrides `[ssh] max_session` for this user.
     #[serde(default)]
     pub max_session: Option<String>,
+    /// Shell profiles this user may choose (`ssh -o SetEnv=POSTERN_PROFILE=NAME`).
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// Profile used when the user names none.
+    #[serde(default)]
+    pub default_profile: Option<String>,
+    /// Whether sessions may run as root (also possible per profile).
+    #[serde(default)]
+    pub allow_root: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +73,9 @@ struct Entry {
     actions: Option<Vec<String>>,
     limits: Limits,
     run_as: Option<String>,
+    profiles: Vec<String>,
+    default_profile: Option<String>,
+    allow_root: bool,
 }
 
 /// Session time limits; `None` means unlimited.
@@ -76,6 +88,7 @@ pub struct Limits {
 #[derive(Debug, Default)]
 pub struct AccessList {
     entries: RwLock<Vec<Entry>>,
+    profiles: RwLock<Vec<crate::ssh::profile::Profile>>,
     user_cas: RwLock<Vec<russh::keys::ssh_key::public::KeyData>>,
     defaults: RwLock<Limits>,
 }
@@ -96,9 +109,14 @@ pub struct Authorization {
     action: Action,
     run_as: Option<String>,
     limits: Limits,
+    profile: crate::ssh::profile::Profile,
 }
 
 impl Authorization {
+    /// The shell profile in force (an empty default when none applies).
+    pub fn profile(&self) -> &crate::ssh::profile::Profile {
+        &self.profile
+    }
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -152,6 +170,9 @@ impl AccessList {
             if let Ok(mut cas) = list.user_cas.write() {
                 cas.push(key.key_data().clone());
             }
+        }
+        if let Ok(mut p) = list.profiles.write() {
+            *p = cfg.profiles.clone();
         }
         for u in &cfg.users {
             list.add(u)?;
@@ -209,7 +230,17 @@ impl AccessList {
             actions: u.actions.clone(),
             limits,
             run_as: u.run_as.clone(),
+            profiles: u.profiles.clone(),
+            default_profile: u.default_profile.clone(),
+            allow_root: u.allow_root,
         };
+        let known =
+            self.profiles.read().map(|p| p.iter().map(|x| x.name.clone()).collect::<Vec<_>>()).unwrap_or_default();
+        for name in entry.profiles.iter().chain(entry.default_profile.iter()) {
+            if !known.contains(name) {
+                anyhow::bail!("ssh.users {:?}: unknown profile {name:?} (define it under [[ssh.profiles]])", u.name);
+            }
+        }
         if let Ok(mut e) = self.entries.write() {
             e.push(entry);
         }
@@ -225,14 +256,18 @@ impl AccessList {
             .then(|| Identity { user: user.to_owned() })
     }
 
-    fn permits(&self, user: &str, instance: &str, action: Action) -> Option<(Option<String>, Limits)> {
+    fn permits(&self, user: &str, instance: &str, action: Action) -> Option<Entry> {
         let entries = self.entries.read().ok()?;
         entries
             .iter()
             .filter(|e| e.name == user)
             .filter(|e| e.instances.iter().any(|p| glob_match(p, instance)))
             .find(|e| e.actions.as_ref().is_none_or(|a| a.iter().any(|x| x == action.name())))
-            .map(|e| (e.run_as.clone(), e.limits))
+            .cloned()
+    }
+
+    fn profile(&self, name: &str) -> Option<crate::ssh::profile::Profile> {
+        self.profiles.read().ok()?.iter().find(|p| p.name == name).cloned()
     }
 }
 
@@ -243,19 +278,43 @@ pub async fn authorize(
     instance: &str,
     action: Action,
 ) -> Result<Authorization, &'static str> {
+    authorize_with_profile(state, identity, instance, action, None).await
+}
+
+/// As [`authorize`], also resolving the shell profile the user asked for (or their default).
+pub async fn authorize_with_profile(
+    state: &GatewayState,
+    identity: &Identity,
+    instance: &str,
+    action: Action,
+    requested_profile: Option<&str>,
+) -> Result<Authorization, &'static str> {
     let agents = state.store.agents().await.map_err(|_| "gateway storage error")?;
     let Ok(agent) = crate::admin::resolve_instance(&agents, instance) else { return Err(DENIED) };
-    match state.access.permits(&identity.user, &agent.name, action) {
-        Some((run_as, limits)) => Ok(Authorization {
-            user: identity.user.clone(),
-            agent_id: agent.id.clone(),
-            instance: agent.name.clone(),
-            action,
-            run_as,
-            limits,
-        }),
-        None => Err(DENIED),
+    let Some(entry) = state.access.permits(&identity.user, &agent.name, action) else { return Err(DENIED) };
+    let profile = match requested_profile.or(entry.default_profile.as_deref()) {
+        None => crate::ssh::profile::Profile::default(),
+        Some(name) => {
+            let allowed = entry.profiles.iter().any(|p| p == name) || entry.default_profile.as_deref() == Some(name);
+            match state.access.profile(name) {
+                Some(p) if allowed => p,
+                _ => return Err("that profile does not exist or is not allowed for you"),
+            }
+        }
+    };
+    let run_as = profile.run_as.clone().or(entry.run_as.clone());
+    if run_as.as_deref() == Some("root") && !(profile.allow_root || entry.allow_root) {
+        return Err("running as root is not allowed for you (allow_root)");
     }
+    Ok(Authorization {
+        user: identity.user.clone(),
+        agent_id: agent.id.clone(),
+        instance: agent.name.clone(),
+        action,
+        run_as,
+        limits: entry.limits,
+        profile,
+    })
 }
 
 #[cfg(test)]
@@ -285,6 +344,9 @@ mod tests {
             run_as: None,
             idle_timeout: Some("5m".into()),
             max_session: None,
+            profiles: vec![],
+            default_profile: None,
+            allow_root: false,
         })
         .unwrap();
         let pk = PublicKey::from_openssh(key).unwrap();
@@ -305,6 +367,9 @@ mod tests {
             run_as: None,
             idle_timeout: None,
             max_session: None,
+            profiles: vec![],
+            default_profile: None,
+            allow_root: false,
         };
         assert!(AccessList::default().add(&bad).is_err());
     }

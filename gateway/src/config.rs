@@ -32,6 +32,8 @@ pub struct SshConfig {
     pub accept_env: Vec<String>,
     /// Users and what they may reach, until the policy engine replaces this list.
     pub users: Vec<crate::access::UserConfig>,
+    /// Shell profiles users may be given (see docs/ssh.md).
+    pub profiles: Vec<crate::ssh::profile::Profile>,
     /// User certificate authorities: certificates they sign log in as the user named in a
     /// principal (who must still be listed in `users`, with or without keys).
     pub user_ca_keys: Vec<String>,
@@ -50,6 +52,7 @@ impl Default for SshConfig {
             public_host: None,
             accept_env: vec!["LANG".into(), "LC_*".into()],
             users: Vec::new(),
+            profiles: Vec::new(),
             user_ca_keys: Vec::new(),
             idle_timeout: "30m".into(),
             max_session: "12h".into(),

@@ -147,6 +147,9 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
             run_as: None,
             idle_timeout: None,
             max_session: None,
+            profiles: Vec::new(),
+            default_profile: None,
+            allow_root: false,
         })?;
         let known_hosts = data_dir.join("known_hosts");
         let line =

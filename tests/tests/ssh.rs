@@ -449,3 +449,60 @@ fn agent_disappearing_mid_session_ends_it_cleanly() {
     // The agent died without reaping its child; tidy up (exact match: not the ssh client).
     let _ = Command::new("pkill").args(["-x", "-f", "sleep 120"]).status();
 }
+
+#[test]
+fn shell_profiles_and_command_profiles() {
+    let s = SshSetup::with(
+        "",
+        "profiles = [\"ops\", \"logs\", \"rooty\"]\n\
+         [[ssh.profiles]]\nname = \"ops\"\nworkdir = \"/tmp\"\nenv = { GREETING = \"hello-from-profile\" }\n\
+         startup = [\"echo started-$GREETING\"]\n\
+         [[ssh.profiles]]\nname = \"logs\"\ncommand = \"echo unit={unit} lines={lines}\"\nparameters = [\"unit\", \"lines\"]\n\
+         [[ssh.profiles]]\nname = \"rooty\"\nrun_as = \"root\"\n",
+    );
+    let _agent = Agent::start(&s.gw, "web-10", vec![], &s.gw.listen);
+    let with = |profile: &str, args: &[&str]| {
+        let mut a = vec!["-o".to_owned(), format!("SetEnv=POSTERN_PROFILE={profile}")];
+        a.extend(args.iter().map(|x| (*x).to_owned()));
+        s.cmd("ssh").args(a).stdin(Stdio::null()).output().unwrap()
+    };
+
+    // Exec under a profile: its working directory and environment.
+    let out = with("ops", &["alice@web-10.postern", "pwd; echo $GREETING"]);
+    assert_eq!(text(&out.stdout), "/tmp\nhello-from-profile\n", "{}", text(&out.stderr));
+
+    // Interactive shell under a profile: startup commands run first.
+    let mut child = s
+        .cmd("ssh")
+        .args(["-tt", "-o", "SetEnv=POSTERN_PROFILE=ops", "alice@web-10.postern"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"echo in-$(pwd)\nexit 3\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let shown = text(&out.stdout);
+    assert!(shown.contains("started-hello-from-profile"), "{shown}");
+    assert!(shown.contains("in-/tmp"), "{shown}");
+    assert_eq!(out.status.code(), Some(3));
+
+    // A command profile runs its command only, with checked parameters.
+    let out = with("logs", &["alice@web-10.postern", "unit=nginx lines=5"]);
+    assert_eq!(text(&out.stdout), "unit=nginx lines=5\n", "{}", text(&out.stderr));
+    let out = with("logs", &["alice@web-10.postern", "unit=$(id) lines=1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("may only contain"), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).is_empty());
+    let out = with("logs", &["alice@web-10.postern", "uname -a"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    // Root only when explicitly allowed; unknown profiles are refused.
+    let out = with("rooty", &["alice@web-10.postern", "id -un"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("root is not allowed"), "{}", text(&out.stderr));
+    let out = with("nope", &["alice@web-10.postern", "true"]);
+    assert!(text(&out.stderr).contains("not allowed for you"), "{}", text(&out.stderr));
+
+    let events = s.gw.audit_events();
+    assert!(events.iter().any(|e| e["event"] == "session.start" && e["profile"] == "logs"));
+}

@@ -14,6 +14,7 @@
 //! own task that owns the channel, the agent stream and the recording.
 
 pub mod hostkeys;
+pub mod profile;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::access::{Action, Authorization, Identity, authorize, glob_match};
+use crate::access::{Action, Authorization, Identity, authorize, authorize_with_profile, glob_match};
 use crate::config::GatewayConfig;
 use crate::gateway::GatewayState;
 use crate::recording::Recorder;
@@ -576,11 +577,17 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     let (mut rd, wr) = channel.split();
     let mut pty: Option<Pty> = None;
     let mut env: Vec<(String, String)> = Vec::new();
+    let mut requested_profile: Option<String> = None;
     // Phase 1: collect pty/env until the client says what to run.
     let request = loop {
         match tokio::time::timeout(Duration::from_secs(60), rd.wait()).await {
             Ok(Some(ChannelMsg::RequestPty { term, col_width, row_height, .. })) => {
                 pty = Some(Pty { term, cols: clamp16(col_width), rows: clamp16(row_height) })
+            }
+            Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }))
+                if variable_name == "POSTERN_PROFILE" =>
+            {
+                requested_profile = Some(variable_value.chars().take(64).collect());
             }
             Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. })) => {
                 if ctx.state.config.ssh.accept_env.iter().any(|p| glob_match(p, &variable_name)) && env.len() < 64 {
@@ -615,7 +622,9 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
             return;
         }
     };
-    let authz = match authorize(&ctx.state, &ctx.identity, &target, action).await {
+    let authz = match authorize_with_profile(&ctx.state, &ctx.identity, &target, action, requested_profile.as_deref())
+        .await
+    {
         Ok(a) => a,
         Err(msg) => {
             let _ = ctx.state.audit.record(
@@ -633,30 +642,47 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         Request::Exec(c) => Some(c.clone()),
         Request::Subsystem(_) => Some("sftp".to_owned()),
     };
-    let agent_request = match (&request, &pty) {
-        (Request::Subsystem(_), _) => {
-            SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(SFTP_SERVER.into()), env, run_as })
+    let profile = authz.profile().clone();
+    env.extend(profile.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // What runs on the instance: the profile's one command, or the user's request shaped
+    // by the profile (working directory, startup commands, shell).
+    let command = if profile.command.is_some() {
+        let args = match &request {
+            Request::Exec(c) => c.clone(),
+            Request::Shell => String::new(),
+            Request::Subsystem(_) => {
+                refuse(&wr, &format!("profile {} only runs its command", profile.name), 1).await;
+                return;
+            }
+        };
+        match profile::render_command(&profile, &args) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                refuse(&wr, &format!("profile {}: {e}", profile.name), 1).await;
+                return;
+            }
         }
-        (Request::Shell, Some(p)) => SessionRequest::Shell(ShellRequest {
-            term: p.term.clone(),
-            cols: p.cols,
-            rows: p.rows,
-            env,
-            run_as,
-            command: None,
-        }),
-        (Request::Exec(c), Some(p)) => SessionRequest::Shell(ShellRequest {
-            term: p.term.clone(),
-            cols: p.cols,
-            rows: p.rows,
-            env,
-            run_as,
-            command: Some(c.clone()),
-        }),
-        (Request::Exec(c), None) => {
+    } else {
+        match &request {
+            Request::Shell => profile::interactive_script(&profile),
+            Request::Exec(c) => Some(profile::wrap_command(&profile, c)),
+            Request::Subsystem(_) => Some(SFTP_SERVER.to_owned()),
+        }
+    };
+    let agent_request = match (&command, &pty) {
+        (Some(c), _) if matches!(request, Request::Subsystem(_)) => {
             SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(c.clone()), env, run_as })
         }
-        (Request::Shell, None) => {
+        (command, Some(p)) => SessionRequest::Shell(ShellRequest {
+            term: p.term.clone(),
+            cols: p.cols,
+            rows: p.rows,
+            env,
+            run_as,
+            command: command.clone(),
+        }),
+        (Some(c), None) => SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(c.clone()), env, run_as }),
+        (None, None) => {
             SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell("exec \"$SHELL\" -l".into()), env, run_as })
         }
     };
@@ -697,6 +723,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         "session.start",
         json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "agent_id": authz.agent_id(),
                "kind": action.name(), "command": command_text, "pty": pty.is_some(), "source": ctx.peer.to_string(),
+               "profile": if profile.name.is_empty() { None } else { Some(profile.name.clone()) }, "run_as": authz.run_as(),
                "logged": logged, "reason": reason,
                "recording": recorder.as_ref().map(|r| r.path().display().to_string())}),
     );
