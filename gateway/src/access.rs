@@ -356,7 +356,7 @@ mod tests {
         assert!(list.permits("alice", "web-01", Action::PortForward).is_none());
         assert!(list.permits("alice", "db-01", Action::Shell).is_none());
         assert_eq!(
-            list.permits("alice", "web-01", Action::Exec).unwrap().1.idle_timeout,
+            list.permits("alice", "web-01", Action::Exec).unwrap().limits.idle_timeout,
             Some(std::time::Duration::from_secs(300))
         );
         let bad = UserConfig {
