@@ -3,6 +3,7 @@
 # front of a local sshd, in one run on this machine. Release build; needs root (the sshds
 # log in as root with a throwaway key), openssh-server and python3.
 #   bash benches/ssh-vs-openssh.sh            (SIZE_MIB=1024 RUNS=20 ECHOS=200 by default)
+#   SSH_CIPHERS='["aes256-gcm@openssh.com"]'  sets the gateway's [ssh] ciphers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=$(( ${SIZE_MIB:-1024} * 1024 * 1024 ))
@@ -50,6 +51,7 @@ listen = "127.0.0.1:$GW_UDP"
 listen = "127.0.0.1:$GW_SSH"
 public_host = "127.0.0.1"
 idle_timeout = "0"
+${SSH_CIPHERS:+ciphers = $SSH_CIPHERS}
 [[ssh.users]]
 name = "root"
 keys = ["$(cat "$W/user.pub")"]

@@ -41,6 +41,9 @@ pub struct SshConfig {
     pub idle_timeout: String,
     /// Longest a session may last ("12h"; "0" disables). Warned before it ends.
     pub max_session: String,
+    /// Ciphers offered to clients (OpenSSH names). Default: AES-GCM and AES-CTR only (see
+    /// docs/ssh.md); add "chacha20-poly1305@openssh.com" for hosts without AES instructions.
+    pub ciphers: Option<Vec<String>>,
 }
 
 impl Default for SshConfig {
@@ -56,6 +59,7 @@ impl Default for SshConfig {
             user_ca_keys: Vec::new(),
             idle_timeout: "30m".into(),
             max_session: "12h".into(),
+            ciphers: None,
         }
     }
 }

@@ -147,6 +147,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         })?;
     let tunnel_addr = server.local_addr()?;
     let access = crate::access::AccessList::from_config(&config.ssh)?;
+    if let Some(names) = &config.ssh.ciphers {
+        crate::ssh::ciphers(names)?;
+    }
     let host_keys = Arc::new(crate::ssh::hostkeys::HostKeys::load(&dir, &crate::ssh::host_principals(&config))?);
     let ssh_listener = if config.ssh.enabled {
         Some(tokio::net::TcpListener::bind(config.ssh.listen).await.with_context(|| {

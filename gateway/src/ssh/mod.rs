@@ -91,7 +91,43 @@ pub fn public_host(cfg: &GatewayConfig) -> String {
     cfg.ssh.public_host.clone().unwrap_or_else(postern_tunnel::agent::hostname)
 }
 
+/// Map `[ssh] ciphers` names to russh's; unknown names are a configuration error.
+pub fn ciphers(names: &[String]) -> anyhow::Result<Vec<russh::cipher::Name>> {
+    use russh::cipher::{AES_128_CTR, AES_128_GCM, AES_192_CTR, AES_256_CTR, AES_256_GCM, CHACHA20_POLY1305};
+    let known = [CHACHA20_POLY1305, AES_256_GCM, AES_128_GCM, AES_256_CTR, AES_192_CTR, AES_128_CTR];
+    names
+        .iter()
+        .map(|n| {
+            known.iter().find(|k| k.as_ref() == n.as_str()).copied().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "[ssh] ciphers: unsupported cipher {n:?}; use {}",
+                    known.iter().map(|k| k.as_ref()).collect::<Vec<_>>().join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// Offered when `[ssh] ciphers` is not set. Clients take the first cipher of *their* list
+/// that the server offers, so ChaCha20 is left out: OpenSSH prefers it, but with AES
+/// instructions AES-GCM moves about 20% more data through the gateway (docs/benchmarks.md).
+const DEFAULT_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 fn server_config(state: &GatewayState, certificate: russh::keys::Certificate) -> russh::server::Config {
+    let preferred = russh::Preferred {
+        cipher: match &state.config.ssh.ciphers {
+            // Validated at start-up.
+            Some(names) => ciphers(names).unwrap_or_default().into(),
+            None => DEFAULT_CIPHERS.into(),
+        },
+        ..russh::Preferred::default()
+    };
     let mut methods = russh::MethodSet::empty();
     methods.push(russh::MethodKind::PublicKey);
     russh::server::Config {
@@ -108,6 +144,7 @@ fn server_config(state: &GatewayState, certificate: russh::keys::Certificate) ->
         keepalive_max: 3,
         nodelay: true,
         window_size: 2 * 1024 * 1024,
+        preferred,
         ..Default::default()
     }
 }
