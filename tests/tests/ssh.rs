@@ -506,3 +506,47 @@ fn shell_profiles_and_command_profiles() {
     let events = s.gw.audit_events();
     assert!(events.iter().any(|e| e["event"] == "session.start" && e["profile"] == "logs"));
 }
+
+#[test]
+fn sessions_end_at_their_maximum_length() {
+    let s = SshSetup::with("idle_timeout = \"0\"\nmax_session = \"3s\"", "");
+    let _agent = Agent::start(&s.gw, "web-11", vec![], &s.gw.listen);
+    let start = std::time::Instant::now();
+    let out = s.ssh(&["-tt", "alice@web-11.postern", "sleep 60"]);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("reaches its maximum length of 3s"), "{shown}");
+    assert!(shown.contains("maximum session length of 3s reached"), "{shown}");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(s.gw.audit_events().iter().any(|e| e["event"] == "session.end" && e["end_reason"] == "max-duration"));
+}
+
+#[test]
+fn repeated_failures_from_one_source_are_throttled() {
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-12", vec![], &s.gw.listen);
+    let stranger = s.dir.path().join("stranger");
+    keygen(&stranger);
+    let attempt = |key: &Path| {
+        Command::new("timeout")
+            .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
+            .arg(key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+            .args(["alice%web-12@127.0.0.1", "echo in"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(text(&attempt(&s.dir.path().join("alice")).stdout), "in\n");
+    for _ in 0..20 {
+        assert_eq!(attempt(&stranger).status.code(), Some(255));
+    }
+    // The failures are recorded as the connections close; then even the right key is refused.
+    wait_until("20 auth.failed events", Duration::from_secs(10), || {
+        s.gw.audit_events().iter().filter(|e| e["event"] == "auth.failed").count() >= 20
+    });
+    let blocked = attempt(&s.dir.path().join("alice"));
+    assert_eq!(blocked.status.code(), Some(255));
+    assert!(text(&blocked.stdout).is_empty());
+}
