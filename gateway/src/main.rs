@@ -12,17 +12,6 @@ use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
 use postern_tunnel::services::LocalLimits;
 use postern_tunnel::tls::TransportTimers;
 
-fn init_logging(filter: &str, json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn wait_for_shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
@@ -216,7 +205,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Gateway { .. } | Command::Quickstart { .. });
-    init_logging(if server { &cli.log } else { "warn" }, cli.log_json);
+    postern_tunnel::init_logging(if server { &cli.log } else { "warn" }, cli.log_json);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -68,6 +68,21 @@ impl SshSetup {
         c
     }
 
+    /// The form without client config: `ssh -p PORT -i KEY USER%INSTANCE@127.0.0.1 COMMAND`,
+    /// trusting only the gateway's host CA. `extra` are more ssh options.
+    fn ssh_no_config(&self, key: &Path, extra: &[String], login: &str, command: &str) -> Output {
+        Command::new("timeout")
+            .args(["30", "ssh", "-p", &self.gw.ssh_port.to_string(), "-i"])
+            .arg(key)
+            .args(extra)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts().display()))
+            .args([login, command])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     fn ssh(&self, args: &[&str]) -> Output {
         self.cmd("ssh").args(args).stdin(Stdio::null()).output().unwrap()
     }
@@ -101,15 +116,7 @@ fn exec_stdin_stderr_exit_status_and_recording() {
     assert_eq!(std::fs::read_to_string(dest.join("sub/file.txt")).unwrap(), "payload\n");
 
     // The form without any client config: user%instance@gateway, strict host checking.
-    let out = Command::new("timeout")
-        .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
-        .arg(s.dir.path().join("alice"))
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-        .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
-        .args(["alice%web-01@127.0.0.1", "echo no-config"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = s.ssh_no_config(&s.dir.path().join("alice"), &[], "alice%web-01@127.0.0.1", "echo no-config");
     assert_eq!(text(&out.stdout), "no-config\n", "{}", text(&out.stderr));
 
     // Logged: a session.start/end pair with logged=true and an asciicast recording.
@@ -322,15 +329,7 @@ fn denied_unknown_offline_and_wrong_key() {
     // A key that is not bound to alice is refused.
     let stranger = s.dir.path().join("stranger");
     keygen(&stranger);
-    let out = Command::new("timeout")
-        .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
-        .arg(&stranger)
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-        .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
-        .args(["alice%web-05@127.0.0.1", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = s.ssh_no_config(&stranger, &[], "alice%web-05@127.0.0.1", "true");
     assert_eq!(out.status.code(), Some(255));
     assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
     // Written when the refused connection is torn down, just after the client gives up.
@@ -391,17 +390,8 @@ fn user_certificates_from_a_trusted_ca() {
             ca.display(),
             bob.with_extension("pub").display()
         ));
-        Command::new("timeout")
-            .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
-            .arg(&bob)
-            .arg("-o")
-            .arg(format!("CertificateFile={}-cert.pub", bob.display()))
-            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-            .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
-            .args(["bob%web-08@127.0.0.1", "echo cert-ok"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        let cert = vec!["-o".to_owned(), format!("CertificateFile={}-cert.pub", bob.display())];
+        s.ssh_no_config(&bob, &cert, "bob%web-08@127.0.0.1", "echo cert-ok")
     };
     let ok = login("bob");
     assert_eq!(text(&ok.stdout), "cert-ok\n", "{}", text(&ok.stderr));
@@ -527,17 +517,7 @@ fn repeated_failures_from_one_source_are_throttled() {
     let _agent = Agent::start(&s.gw, "web-12", vec![], &s.gw.listen);
     let stranger = s.dir.path().join("stranger");
     keygen(&stranger);
-    let attempt = |key: &Path| {
-        Command::new("timeout")
-            .args(["30", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
-            .arg(key)
-            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-            .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
-            .args(["alice%web-12@127.0.0.1", "echo in"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let attempt = |key: &Path| s.ssh_no_config(key, &[], "alice%web-12@127.0.0.1", "echo in");
     assert_eq!(text(&attempt(&s.dir.path().join("alice")).stdout), "in\n");
     for _ in 0..20 {
         assert_eq!(attempt(&stranger).status.code(), Some(255));

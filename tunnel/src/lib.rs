@@ -14,3 +14,16 @@ pub mod services;
 pub mod tls;
 
 pub use tokio_util::sync::CancellationToken;
+
+/// Structured logs to stderr for both binaries: `filter` is a level or tracing directive
+/// (invalid ones fall back to `info`), `json` switches to JSON lines.
+pub fn init_logging(filter: &str, json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

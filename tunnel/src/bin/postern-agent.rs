@@ -93,17 +93,6 @@ fn load_limits(path: Option<&Path>) -> anyhow::Result<LocalLimits> {
     Ok(file.limits)
 }
 
-fn init_logging(filter: &str, json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -165,7 +154,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_json);
+    postern_tunnel::init_logging(&cli.log, cli.log_json);
     // Two worker threads are plenty for an agent and keep its idle footprint small.
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
