@@ -44,6 +44,18 @@ async fn download(reg: &postern_tunnel::server::AgentRegistry, id: &str, target:
     assert_eq!(got, bytes);
 }
 
+/// Run `transfer` on 8 sessions at once and wait for all of them.
+async fn on_8_streams<F, Fut>(reg: &postern_tunnel::server::AgentRegistry, id: &str, transfer: F)
+where
+    F: Fn(postern_tunnel::server::AgentRegistry, String) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..8).map(|_| tokio::spawn(transfer(reg.clone(), id.to_owned()))).collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 fn tunnel(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (env, target) = rt.block_on(async { (start_in_process().await, start_tcp_target().await) });
@@ -55,30 +67,12 @@ fn tunnel(c: &mut Criterion) {
     g.bench_function("upload_1_stream_64MiB", |b| b.to_async(&rt).iter(|| upload(&reg, &id, target, TOTAL)));
     g.bench_function("download_1_stream_64MiB", |b| b.to_async(&rt).iter(|| download(&reg, &id, target, TOTAL)));
     g.bench_function("upload_8_streams_64MiB", |b| {
-        b.to_async(&rt).iter(|| async {
-            let tasks: Vec<_> = (0..8)
-                .map(|_| {
-                    let (reg, id) = (reg.clone(), id.clone());
-                    tokio::spawn(async move { upload(&reg, &id, target, TOTAL / 8).await })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        })
+        b.to_async(&rt)
+            .iter(|| on_8_streams(&reg, &id, |reg, id| async move { upload(&reg, &id, target, TOTAL / 8).await }))
     });
     g.bench_function("download_8_streams_64MiB", |b| {
-        b.to_async(&rt).iter(|| async {
-            let tasks: Vec<_> = (0..8)
-                .map(|_| {
-                    let (reg, id) = (reg.clone(), id.clone());
-                    tokio::spawn(async move { download(&reg, &id, target, TOTAL / 8).await })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        })
+        b.to_async(&rt)
+            .iter(|| on_8_streams(&reg, &id, |reg, id| async move { download(&reg, &id, target, TOTAL / 8).await }))
     });
     g.finish();
 

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod frames;
 pub mod gateway;
 pub mod recording;
 pub mod ssh;

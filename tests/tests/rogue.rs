@@ -21,6 +21,15 @@ async fn closed_with(conn: &quinn::Connection) -> u64 {
     }
 }
 
+/// Open the control stream with a valid hello, as a real agent would.
+async fn hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() };
+    write_frame(&mut send, &Message::Hello(hello)).await.unwrap();
+    assert!(matches!(read_frame(&mut recv, StreamKind::Control).await.unwrap(), Some(Message::HelloAck(_))));
+    (send, recv)
+}
+
 async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) {
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
@@ -74,27 +83,13 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
         .unwrap();
         let (tunnel_cfg, _) = agent::tunnel_config(rogue_dir.path(), TransportTimers::default()).unwrap();
         let conn = endpoint.connect_with(tunnel_cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        write_frame(
-            &mut send,
-            &Message::Hello(Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() }),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(read_frame(&mut recv, StreamKind::Control).await.unwrap(), Some(Message::HelloAck(_))));
+        let (mut send, _recv) = hello(&conn).await;
         send.write_all(&[1, 0x04, 0x00, 0x10, 0x00, 0x00]).await.unwrap();
         assert_eq!(closed_with(&conn).await, u64::from(PROTOCOL_ERROR));
 
         // 5. Same identity, a session-stream message on the control stream.
         let conn = endpoint.connect_with(tunnel_cfg, addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        write_frame(
-            &mut send,
-            &Message::Hello(Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() }),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(read_frame(&mut recv, StreamKind::Control).await.unwrap(), Some(Message::HelloAck(_))));
+        let (mut send, _recv) = hello(&conn).await;
         write_frame(&mut send, &Message::Stdout(b"not here".to_vec())).await.unwrap();
         assert_eq!(closed_with(&conn).await, u64::from(PROTOCOL_ERROR));
     });

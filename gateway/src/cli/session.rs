@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::Context;
-use postern_proto::{Message, Resize, StreamKind, read_frame, write_frame};
+use postern_proto::{Message, Resize, write_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::admin::{AdminRequest, SessionSpec, request};
@@ -46,18 +46,10 @@ pub fn terminal_size() -> (u16, u16) {
         .unwrap_or((80, 24))
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Run a session and return the remote exit status.
 pub async fn run(socket: &Path, instance: &str, spec: SessionSpec, interactive: bool) -> anyhow::Result<i32> {
     let (_, conn) = request(socket, &AdminRequest::Session { instance: instance.to_owned(), session: spec }).await?;
-    let crate::admin::AdminConnection { mut reader, mut writer } = conn;
+    let crate::admin::AdminConnection { reader, mut writer } = conn;
     let _raw = if interactive { RawMode::enable() } else { None };
     let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
     let mut stdin = tokio::io::stdin();
@@ -65,19 +57,7 @@ pub async fn run(socket: &Path, instance: &str, spec: SessionSpec, interactive: 
     let mut stderr = tokio::io::stderr();
     let mut buf = vec![0u8; 16 * 1024];
     let mut stdin_open = true;
-    // Frames are read by their own task: `read_frame` is not cancel-safe, so it must not
-    // race other branches of the select below.
-    let (frames_tx, mut frames) = tokio::sync::mpsc::channel(32);
-    let frame_reader = tokio::spawn(async move {
-        loop {
-            let frame = read_frame(&mut reader, StreamKind::Session).await;
-            let done = !matches!(frame, Ok(Some(_)));
-            if frames_tx.send(frame).await.is_err() || done {
-                return;
-            }
-        }
-    });
-    let _abort_reader = AbortOnDrop(frame_reader);
+    let mut frames = crate::frames::FrameReader::spawn(reader);
     loop {
         tokio::select! {
             n = stdin.read(&mut buf), if stdin_open => {
@@ -98,8 +78,8 @@ pub async fn run(socket: &Path, instance: &str, spec: SessionSpec, interactive: 
                 let (cols, rows) = terminal_size();
                 let _ = write_frame(&mut writer, &Message::Resize(Resize { cols, rows })).await;
             }
-            frame = frames.recv() => {
-                match frame.unwrap_or(Ok(None)).context("session stream")? {
+            frame = frames.next() => {
+                match frame.context("session stream")? {
                     Some(Message::Stdout(d)) => { stdout.write_all(&d).await?; stdout.flush().await?; }
                     Some(Message::Stderr(d)) => { stderr.write_all(&d).await?; stderr.flush().await?; }
                     Some(Message::Exit(e)) => {

@@ -20,10 +20,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_proto::{
-    ExecCommand, ExecRequest, Message, Resize, SessionRequest, ShellRequest, Signal, StreamKind, TcpRequest,
-};
-use postern_proto::{read_frame, write_frame};
+use postern_proto::write_frame;
+use postern_proto::{ExecCommand, ExecRequest, Message, Resize, SessionRequest, ShellRequest, Signal, TcpRequest};
 use postern_tunnel::CancellationToken;
 use postern_tunnel::server::{OpenError, SessionStream};
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -166,7 +164,7 @@ pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: Ca
             debug!(%peer, "refusing connection from a throttled source");
             continue;
         }
-        let handler = ConnHandler::new(state.clone(), peer, None, shutdown.clone());
+        let handler = ConnHandler::new(state.clone(), peer, None);
         let config = config.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(
@@ -233,7 +231,6 @@ struct ConnHandler {
     /// Keys offered or tried without success, for one audit event per connection.
     failed_keys: Vec<String>,
     failed_user: Option<String>,
-    shutdown: CancellationToken,
 }
 
 impl Drop for ConnHandler {
@@ -252,23 +249,9 @@ impl Drop for ConnHandler {
 }
 
 impl ConnHandler {
-    fn new(
-        state: Arc<GatewayState>,
-        peer: SocketAddr,
-        inner_target: Option<String>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    fn new(state: Arc<GatewayState>, peer: SocketAddr, inner_target: Option<String>) -> Self {
         let inner = inner_target.is_some();
-        Self {
-            state,
-            peer,
-            target: inner_target,
-            inner,
-            identity: None,
-            failed_keys: Vec::new(),
-            failed_user: None,
-            shutdown,
-        }
+        Self { state, peer, target: inner_target, inner, identity: None, failed_keys: Vec::new(), failed_user: None }
     }
 
     /// `alice%web-01` names user and instance; inner connections take only a user.
@@ -380,8 +363,7 @@ impl russh::server::Handler for ConnHandler {
                     }
                 };
                 reply.accept().await;
-                let handler =
-                    ConnHandler::new(self.state.clone(), self.peer, Some(instance.to_owned()), self.shutdown.clone());
+                let handler = ConnHandler::new(self.state.clone(), self.peer, Some(instance.to_owned()));
                 let span = info_span!("inner", instance = %instance);
                 tokio::spawn(
                     async move {
@@ -767,18 +749,8 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(), "ssh session started");
     let started = std::time::Instant::now();
 
-    let SessionStream { mut send, mut recv, .. } = stream;
-    // Agent frames come through a task: read_frame must not be cancelled mid-frame.
-    let (tx, mut frames) = tokio::sync::mpsc::channel::<Result<Option<Message>, String>>(32);
-    let reader = tokio::spawn(async move {
-        loop {
-            let f = read_frame(&mut recv, StreamKind::Session).await.map_err(|e| e.to_string());
-            let done = !matches!(f, Ok(Some(_)));
-            if tx.send(f).await.is_err() || done {
-                return;
-            }
-        }
-    });
+    let SessionStream { mut send, recv, .. } = stream;
+    let mut frames = crate::frames::FrameReader::spawn(recv);
     let mut bytes_out: u64 = 0;
     let mut bytes_in: u64 = 0;
     let limits = authz.limits();
@@ -846,23 +818,23 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                     break Some(255);
                 }
             }
-            frame = frames.recv() => match frame {
-                Some(Ok(Some(Message::Stdout(d)))) => {
+            frame = frames.next() => match frame {
+                Ok(Some(Message::Stdout(d))) => {
                     bytes_out += d.len() as u64;
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
                     if wr.data_bytes(d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
                 }
-                Some(Ok(Some(Message::Stderr(d)))) => {
+                Ok(Some(Message::Stderr(d))) => {
                     bytes_out += d.len() as u64;
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
                     if wr.extended_data_bytes(1, d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
                 }
-                Some(Ok(Some(Message::Exit(e)))) => {
+                Ok(Some(Message::Exit(e))) => {
                     let _ = wr.exit_status(u32::try_from(e.code).unwrap_or(255)).await;
                     break Some(e.code);
                 }
-                Some(Ok(Some(_))) => {}
-                Some(Ok(None)) | Some(Err(_)) | None => {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
                     let _ = wr.extended_data_bytes(1, b"\r\npostern: connection to the instance was lost\r\n".to_vec()).await;
                     let _ = wr.exit_status(255).await;
                     break Some(255);
@@ -870,7 +842,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
             },
         }
     };
-    reader.abort();
+    drop(frames);
     let _ = wr.eof().await;
     let _ = wr.close().await;
     let _ = ctx.state.audit.record(
