@@ -41,7 +41,7 @@ pub struct SshConfig {
     pub idle_timeout: String,
     /// Longest a session may last ("12h"; "0" disables). Warned before it ends.
     pub max_session: String,
-    /// Ciphers offered to clients (OpenSSH names). Default: AES-GCM and AES-CTR only (see
+    /// Ciphers offered to clients (OpenSSH names). Default: AES-GCM only (see
     /// docs/ssh.md); add "chacha20-poly1305@openssh.com" for hosts without AES instructions.
     pub ciphers: Option<Vec<String>>,
 }
