@@ -1,14 +1,20 @@
-//! Who may do what on which instance. Until the policy engine lands this is an allow-list
-//! from the gateway config (`[[ssh.users]]`) plus identities registered by `quickstart`,
-//! but every decision already goes through [`authorize`], and the only way to get an
-//! [`Authorization`] — which carries the resolved target the session code dials — is from it.
+//! Who may do what on which instance. Identities (users from the store, plus the
+//! `[[ssh.users]]` of the gateway config and the one `quickstart` registers) and the policy
+//! engine ([`crate::policy`]) meet here: every decision goes through [`authorize_request`],
+//! and the only way to get an [`Authorization`] — which carries the resolved target and
+//! destination the session code dials — is from it.
 
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 
 use russh::keys::PublicKey;
 use serde::Deserialize;
 
 use crate::gateway::GatewayState;
+use crate::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
+use crate::policy::{Decision, Document, Effect, PolicySet, Target};
+use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -19,6 +25,10 @@ pub enum Action {
     SshPassthrough,
 }
 
+/// Every action a session can be, in the order `explain` lists them.
+pub const SESSION_ACTIONS: &[Action] =
+    &[Action::Shell, Action::Exec, Action::Sftp, Action::PortForward, Action::SshPassthrough];
+
 impl Action {
     pub fn name(self) -> &'static str {
         match self {
@@ -28,6 +38,10 @@ impl Action {
             Action::PortForward => "port-forward",
             Action::SshPassthrough => "ssh-passthrough",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Action> {
+        SESSION_ACTIONS.iter().copied().find(|a| a.name() == s)
     }
 }
 
@@ -65,17 +79,12 @@ pub struct UserConfig {
     pub allow_root: bool,
 }
 
+/// A user defined in the gateway config (or by quickstart): keys only; what they may do is
+/// a statement in the built-in `config` policy.
 #[derive(Debug, Clone)]
-struct Entry {
+struct StaticUser {
     name: String,
     keys: Vec<PublicKey>,
-    instances: Vec<String>,
-    actions: Option<Vec<String>>,
-    limits: Limits,
-    run_as: Option<String>,
-    profiles: Vec<String>,
-    default_profile: Option<String>,
-    allow_root: bool,
 }
 
 /// Session time limits; `None` means unlimited.
@@ -85,28 +94,42 @@ pub struct Limits {
     pub max_session: Option<std::time::Duration>,
 }
 
+/// Users, groups, policies and grants from the store, as of the last reload.
+#[derive(Debug, Default)]
+struct Directory {
+    users: HashMap<String, (UserRecord, Vec<PublicKey>)>,
+    grants: Vec<GrantRecord>,
+    policy: PolicySet,
+}
+
 #[derive(Debug, Default)]
 pub struct AccessList {
-    entries: RwLock<Vec<Entry>>,
+    static_users: RwLock<Vec<StaticUser>>,
+    /// Statements for `[[ssh.users]]`, the policy named `config`.
+    config_statements: RwLock<Vec<Statement>>,
+    store_documents: RwLock<Vec<(Document, String)>>,
+    directory: RwLock<Arc<Directory>>,
     profiles: RwLock<Vec<crate::ssh::profile::Profile>>,
     user_cas: RwLock<Vec<russh::keys::ssh_key::public::KeyData>>,
     defaults: RwLock<Limits>,
 }
 
-/// A user whose key was verified.
+/// A user whose key was verified, and where they came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub user: String,
+    pub source: Option<IpAddr>,
 }
 
-/// Permission for one action on one resolved, online-or-not instance. Only [`authorize`]
-/// creates it; session code dials `agent_id()` and nothing else.
+/// Permission for one action on one resolved instance. Only [`authorize_request`] creates
+/// it; session code dials `agent_id()` (and `destination()` for forwards) and nothing else.
 #[derive(Debug, Clone)]
 pub struct Authorization {
     user: String,
     agent_id: String,
     instance: String,
     action: Action,
+    destination: Option<(String, u16)>,
     run_as: Option<String>,
     limits: Limits,
     profile: crate::ssh::profile::Profile,
@@ -135,6 +158,10 @@ impl Authorization {
     pub fn run_as(&self) -> Option<&str> {
         self.run_as.as_deref()
     }
+    /// For port forwards and passthrough: the host and port the agent connects to.
+    pub fn destination(&self) -> Option<(&str, u16)> {
+        self.destination.as_ref().map(|(h, p)| (h.as_str(), *p))
+    }
 }
 
 /// The one answer for "no such instance" and "not allowed", so users cannot probe names.
@@ -153,6 +180,40 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
     go(&p, &n)
+}
+
+pub fn parse_key(line: &str) -> Result<PublicKey, String> {
+    PublicKey::from_openssh(line.trim()).map_err(|e| format!("not an OpenSSH public key: {e}"))
+}
+
+/// The statement a `[[ssh.users]]` entry stands for.
+fn config_statement(u: &UserConfig) -> Option<Statement> {
+    if u.instances.is_empty() {
+        return None;
+    }
+    let actions = u.actions.clone().unwrap_or_else(|| SESSION_ACTIONS.iter().map(|a| a.name().to_owned()).collect());
+    Some(Statement {
+        sid: Some(format!("ssh.users.{}", u.name)),
+        effect: Effect::Allow,
+        users: vec![Name(u.name.clone())],
+        groups: Vec::new(),
+        actions: actions.into_iter().map(ActionPattern).collect(),
+        instances: u.instances.iter().cloned().map(Name).collect(),
+        labels: Vec::new(),
+        // Config users were only ever limited by the agent's own forward allow-list.
+        forward_to: Some(vec![Destination { host: HostPattern::Any, ports: (1, u16::MAX) }]),
+        not_before: None,
+        not_after: None,
+        schedule: Vec::new(),
+        source: Vec::new(),
+        run_as: u.run_as.iter().cloned().map(Name).collect(),
+        allow_root: u.allow_root,
+        profile: u.default_profile.clone().map(Name),
+        profiles: u.profiles.iter().cloned().map(Name).collect(),
+        idle_timeout: None,
+        max_session: None,
+        max_sessions: None,
+    })
 }
 
 impl AccessList {
@@ -185,89 +246,189 @@ impl AccessList {
         self.user_cas.read().map(|c| !c.is_empty()).unwrap_or(false)
     }
 
-    /// The identity `user` if `cert` is a user certificate from a trusted CA naming `user`.
-    /// (russh has already checked its signature and validity period.)
-    pub fn authenticate_certificate(&self, user: &str, cert: &russh::keys::Certificate) -> Option<Identity> {
+    fn directory(&self) -> Arc<Directory> {
+        self.directory.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Re-read users, policies and grants from the store and recompile the policy set.
+    pub async fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let mut users = HashMap::new();
+        for u in store.users().await? {
+            let keys = u.keys.iter().filter_map(|k| parse_key(k).ok()).collect();
+            users.insert(u.name.clone(), (u, keys));
+        }
+        let mut documents = Vec::new();
+        for p in store.policies().await? {
+            match crate::policy::document::parse(&p.file, &p.source) {
+                Ok(doc) => documents.push((doc, p.source)),
+                // Only validated documents are stored; a failure here means the store was edited.
+                Err(e) => tracing::error!(policy = %p.name, error = %e, "stored policy no longer parses; ignored"),
+            }
+        }
+        let grants = store.grants().await?;
+        if let Ok(mut d) = self.store_documents.write() {
+            *d = documents;
+        }
+        let policy = self.compile();
+        if let Ok(mut d) = self.directory.write() {
+            *d = Arc::new(Directory { users, grants, policy });
+        }
+        Ok(())
+    }
+
+    fn compile(&self) -> PolicySet {
+        let config = Document {
+            name: "config".into(),
+            description: "[[ssh.users]] of the gateway config".into(),
+            statements: self
+                .config_statements
+                .read()
+                .map(|v| v.iter().cloned().map(|s| toml::Spanned::new(0..0, s)).collect())
+                .unwrap_or_default(),
+        };
+        let stored = self.store_documents.read().map(|d| d.clone()).unwrap_or_default();
+        PolicySet::new(std::iter::once((&config, "")).chain(stored.iter().map(|(d, t)| (d, t.as_str()))))
+    }
+
+    fn recompile(&self) {
+        let policy = self.compile();
+        if let Ok(mut d) = self.directory.write() {
+            let old = d.clone();
+            *d = Arc::new(Directory { users: old.users.clone(), grants: old.grants.clone(), policy });
+        }
+    }
+
+    /// The identity `user` if `cert` is a user certificate from a trusted CA naming one of
+    /// the user's principals. (russh has already checked its signature and validity period.)
+    pub fn authenticate_certificate(
+        &self,
+        user: &str,
+        cert: &russh::keys::Certificate,
+        source: Option<IpAddr>,
+    ) -> Option<Identity> {
         use russh::keys::ssh_key::certificate::CertType;
         let trusted = self.user_cas.read().ok()?.iter().any(|ca| ca == cert.signature_key());
-        let named = cert.valid_principals().iter().any(|p| p == user);
-        let known = self.entries.read().ok()?.iter().any(|e| e.name == user);
-        (trusted && named && known && cert.cert_type() == CertType::User).then(|| Identity { user: user.to_owned() })
+        if !trusted || cert.cert_type() != CertType::User {
+            return None;
+        }
+        let names = |p: &str| cert.valid_principals().iter().any(|x| x == p);
+        let dir = self.directory();
+        let ok = match dir.users.get(user) {
+            Some((u, _)) if u.disabled => false,
+            Some((u, _)) if !u.principals.is_empty() => u.principals.iter().any(|p| names(p)),
+            Some(_) => names(user),
+            None => names(user) && self.static_users.read().ok()?.iter().any(|e| e.name == user),
+        };
+        ok.then(|| Identity { user: user.to_owned(), source })
     }
 
     pub fn add(&self, u: &UserConfig) -> anyhow::Result<()> {
         let mut keys = Vec::new();
         for (i, line) in u.keys.iter().enumerate() {
-            let key = PublicKey::from_openssh(line.trim()).map_err(|e| {
-                anyhow::anyhow!("ssh.users {:?}: key {} is not an OpenSSH public key: {e}", u.name, i + 1)
-            })?;
+            let key = parse_key(line).map_err(|e| anyhow::anyhow!("ssh.users {:?}: key {}: {e}", u.name, i + 1))?;
             keys.push(key);
         }
         if let Some(actions) = &u.actions {
             for a in actions {
-                if !["shell", "exec", "sftp", "port-forward", "ssh-passthrough"].contains(&a.as_str()) {
+                if Action::parse(a).is_none() {
                     anyhow::bail!("ssh.users {:?}: unknown action {a:?}", u.name);
                 }
             }
         }
-        let defaults = self.defaults.read().map(|d| *d).unwrap_or_default();
-        let limits = Limits {
-            idle_timeout: match &u.idle_timeout {
-                Some(v) => crate::config::parse_limit(v)
-                    .map_err(|e| anyhow::anyhow!("ssh.users {:?}: idle_timeout: {e}", u.name))?,
-                None => defaults.idle_timeout,
-            },
-            max_session: match &u.max_session {
-                Some(v) => crate::config::parse_limit(v)
-                    .map_err(|e| anyhow::anyhow!("ssh.users {:?}: max_session: {e}", u.name))?,
-                None => defaults.max_session,
-            },
-        };
-        let entry = Entry {
-            name: u.name.clone(),
-            keys,
-            instances: u.instances.clone(),
-            actions: u.actions.clone(),
-            limits,
-            run_as: u.run_as.clone(),
-            profiles: u.profiles.clone(),
-            default_profile: u.default_profile.clone(),
-            allow_root: u.allow_root,
-        };
+        let mut st = config_statement(u);
+        if let Some(st) = st.as_mut() {
+            for (field, v) in [("idle_timeout", &u.idle_timeout), ("max_session", &u.max_session)] {
+                if let Some(v) = v {
+                    let limit = crate::config::parse_limit(v)
+                        .map_err(|e| anyhow::anyhow!("ssh.users {:?}: {field}: {e}", u.name))?;
+                    if field == "idle_timeout" {
+                        st.idle_timeout = Some(Limit(limit));
+                    } else {
+                        st.max_session = Some(Limit(limit));
+                    }
+                }
+            }
+        }
         let known =
             self.profiles.read().map(|p| p.iter().map(|x| x.name.clone()).collect::<Vec<_>>()).unwrap_or_default();
-        for name in entry.profiles.iter().chain(entry.default_profile.iter()) {
+        for name in u.profiles.iter().chain(u.default_profile.iter()) {
             if !known.contains(name) {
                 anyhow::bail!("ssh.users {:?}: unknown profile {name:?} (define it under [[ssh.profiles]])", u.name);
             }
         }
-        if let Ok(mut e) = self.entries.write() {
-            e.push(entry);
+        if let Ok(mut e) = self.static_users.write() {
+            e.push(StaticUser { name: u.name.clone(), keys });
         }
+        if let Some(st) = st
+            && let Ok(mut c) = self.config_statements.write()
+        {
+            c.push(st);
+        }
+        self.recompile();
         Ok(())
     }
 
-    /// The identity `user` if `key` is bound to it.
-    pub fn authenticate(&self, user: &str, key: &PublicKey) -> Option<Identity> {
-        let entries = self.entries.read().ok()?;
-        entries
-            .iter()
-            .any(|e| e.name == user && e.keys.iter().any(|k| k.key_data() == key.key_data()))
-            .then(|| Identity { user: user.to_owned() })
+    /// The identity `user` if `key` is bound to it (and the user is not disabled).
+    pub fn authenticate(&self, user: &str, key: &PublicKey, source: Option<IpAddr>) -> Option<Identity> {
+        let same = |k: &PublicKey| k.key_data() == key.key_data();
+        let dir = self.directory();
+        let stored = dir.users.get(user).is_some_and(|(u, keys)| !u.disabled && keys.iter().any(same));
+        let configured = !dir.users.get(user).is_some_and(|(u, _)| u.disabled)
+            && self.static_users.read().ok()?.iter().any(|e| e.name == user && e.keys.iter().any(same));
+        (stored || configured).then(|| Identity { user: user.to_owned(), source })
     }
 
-    fn permits(&self, user: &str, instance: &str, action: Action) -> Option<Entry> {
-        let entries = self.entries.read().ok()?;
-        entries
-            .iter()
-            .filter(|e| e.name == user)
-            .filter(|e| e.instances.iter().any(|p| glob_match(p, instance)))
-            .find(|e| e.actions.as_ref().is_none_or(|a| a.iter().any(|x| x == action.name())))
-            .cloned()
+    /// Whether `user` exists (in the store or the config) and is not disabled.
+    pub fn user_active(&self, user: &str) -> bool {
+        match self.directory().users.get(user) {
+            Some((u, _)) => !u.disabled,
+            None => self.static_users.read().map(|s| s.iter().any(|e| e.name == user)).unwrap_or(false),
+        }
+    }
+
+    /// The policy decision for one request at time `at`. Disabled and unknown users get a
+    /// default deny.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide(
+        &self,
+        user: &str,
+        source: Option<IpAddr>,
+        target: Option<Target<'_>>,
+        action: &str,
+        destination: Option<(&str, u16)>,
+        at: jiff::Timestamp,
+        explain: bool,
+    ) -> Decision {
+        let dir = self.directory();
+        let none = || Decision {
+            allowed: false,
+            decided_by: Vec::new(),
+            settings: Default::default(),
+            not_applicable: Vec::new(),
+            overridden: Vec::new(),
+        };
+        if !self.user_active(user) {
+            return none();
+        }
+        let groups = dir.users.get(user).map(|(u, _)| u.groups.clone()).unwrap_or_default();
+        let now = at.as_second();
+        let grants: Vec<String> =
+            dir.grants.iter().filter(|g| g.user == user && g.active_at(now)).map(|g| g.policy.clone()).collect();
+        let req =
+            crate::policy::Request { user, groups: &groups, grants: &grants, action, target, destination, source, at };
+        if explain { dir.policy.explain(&req) } else { dir.policy.evaluate(&req) }
+    }
+
+    pub fn has_policy(&self, name: &str) -> bool {
+        self.directory().policy.has_policy(name)
     }
 
     fn profile(&self, name: &str) -> Option<crate::ssh::profile::Profile> {
         self.profiles.read().ok()?.iter().find(|p| p.name == name).cloned()
+    }
+
+    fn defaults(&self) -> Limits {
+        self.defaults.read().map(|d| *d).unwrap_or_default()
     }
 }
 
@@ -278,7 +439,7 @@ pub async fn authorize(
     instance: &str,
     action: Action,
 ) -> Result<Authorization, &'static str> {
-    authorize_with_profile(state, identity, instance, action, None).await
+    authorize_request(state, identity, instance, action, None, None).await
 }
 
 /// As [`authorize`], also resolving the shell profile the user asked for (or their default).
@@ -289,32 +450,99 @@ pub async fn authorize_with_profile(
     action: Action,
     requested_profile: Option<&str>,
 ) -> Result<Authorization, &'static str> {
+    authorize_request(state, identity, instance, action, requested_profile, None).await
+}
+
+/// The one decision point: policy, profile, run-as, limits and concurrent-session caps.
+pub async fn authorize_request(
+    state: &GatewayState,
+    identity: &Identity,
+    instance: &str,
+    action: Action,
+    requested_profile: Option<&str>,
+    destination: Option<(&str, u16)>,
+) -> Result<Authorization, &'static str> {
     let agents = state.store.agents().await.map_err(|_| "gateway storage error")?;
-    let Ok(agent) = crate::admin::resolve_instance(&agents, instance) else { return Err(DENIED) };
-    let Some(entry) = state.access.permits(&identity.user, &agent.name, action) else { return Err(DENIED) };
-    let profile = match requested_profile.or(entry.default_profile.as_deref()) {
-        None => crate::ssh::profile::Profile::default(),
-        Some(name) => {
-            let allowed = entry.profiles.iter().any(|p| p == name) || entry.default_profile.as_deref() == Some(name);
-            match state.access.profile(name) {
-                Some(p) if allowed => p,
-                _ => return Err("that profile does not exist or is not allowed for you"),
-            }
-        }
+    let found = crate::admin::resolve_instance(&agents, instance).ok();
+    // An unknown instance is evaluated against a placeholder, so that "unknown" and "denied"
+    // cost the same work and give the same answer.
+    let empty = crate::store::Labels::new();
+    let target = match found {
+        Some(a) => Target { id: &a.id, name: &a.name, labels: &a.labels },
+        None => Target { id: "", name: "", labels: &empty },
     };
-    let run_as = profile.run_as.clone().or(entry.run_as.clone());
-    if run_as.as_deref() == Some("root") && !(profile.allow_root || entry.allow_root) {
+    let decision = state.access.decide(
+        &identity.user,
+        identity.source,
+        Some(target),
+        action.name(),
+        destination,
+        jiff::Timestamp::now(),
+        false,
+    );
+    let Some(agent) = found.filter(|_| decision.allowed) else { return Err(DENIED) };
+    let settings = decision.settings;
+    let profile = match requested_profile.or(settings.profile.as_deref()) {
+        None => crate::ssh::profile::Profile::default(),
+        Some(name) => match state.access.profile(name) {
+            Some(p) if settings.profiles.iter().any(|x| x == name) => p,
+            _ => return Err("that profile does not exist or is not allowed for you"),
+        },
+    };
+    let run_as = profile.run_as.clone().or(settings.run_as.first().cloned());
+    if let (Some(wanted), false) = (&profile.run_as, settings.run_as.is_empty())
+        && !settings.run_as.contains(wanted)
+    {
+        return Err("the profile's run-as user is not allowed for you");
+    }
+    if run_as.as_deref() == Some("root") && !(profile.allow_root || settings.allow_root) {
         return Err("running as root is not allowed for you (allow_root)");
     }
+    if let Some(max) = settings.max_sessions
+        && state.sessions.count_user(&identity.user) >= max as usize
+    {
+        return Err("you have reached your maximum number of concurrent sessions");
+    }
+    let defaults = state.access.defaults();
     Ok(Authorization {
         user: identity.user.clone(),
         agent_id: agent.id.clone(),
         instance: agent.name.clone(),
         action,
+        destination: destination.map(|(h, p)| (h.to_owned(), p)),
         run_as,
-        limits: entry.limits,
+        limits: Limits {
+            idle_timeout: settings.idle_timeout.unwrap_or(defaults.idle_timeout),
+            max_session: settings.max_session.unwrap_or(defaults.max_session),
+        },
         profile,
     })
+}
+
+/// Whether a live session is still allowed now; the reason when it is not.
+pub fn recheck(
+    state: &GatewayState,
+    agents: &[AgentRecord],
+    session: &crate::sessions::LiveSession,
+    at: jiff::Timestamp,
+) -> Result<(), String> {
+    if !state.access.user_active(&session.user) {
+        return Err(format!("user {} is disabled or removed", session.user));
+    }
+    let Some(agent) = agents.iter().find(|a| a.id == session.agent_id) else {
+        return Err(format!("instance {} was revoked", session.target));
+    };
+    let destination = session.destination.as_ref().map(|(h, p)| (h.as_str(), *p));
+    let d = state.access.decide(
+        &session.user,
+        session.source,
+        Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
+        session.action.name(),
+        destination,
+        at,
+        false,
+    );
+    if d.allowed { Ok(()) } else { Err(d.summary()) }
 }
 
 #[cfg(test)]
@@ -333,7 +561,7 @@ mod tests {
     }
 
     #[test]
-    fn allow_list() {
+    fn config_users_become_policy_statements() {
         let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNV6u6wpsWtZv2s0S8Gb3qH8lO1xDZ0m2qgDPbOwD3r alice@laptop";
         let list = AccessList::default();
         list.add(&UserConfig {
@@ -350,15 +578,29 @@ mod tests {
         })
         .unwrap();
         let pk = PublicKey::from_openssh(key).unwrap();
-        assert!(list.authenticate("alice", &pk).is_some());
-        assert!(list.authenticate("bob", &pk).is_none());
-        assert!(list.permits("alice", "web-01", Action::Shell).is_some());
-        assert!(list.permits("alice", "web-01", Action::PortForward).is_none());
-        assert!(list.permits("alice", "db-01", Action::Shell).is_none());
+        assert!(list.authenticate("alice", &pk, None).is_some());
+        assert!(list.authenticate("bob", &pk, None).is_none());
+        let labels = crate::store::Labels::new();
+        let at = jiff::Timestamp::now();
+        let decide = |name: &str, action: Action| {
+            list.decide(
+                "alice",
+                None,
+                Some(Target { id: "ag-1", name, labels: &labels }),
+                action.name(),
+                None,
+                at,
+                false,
+            )
+        };
+        assert!(decide("web-01", Action::Shell).allowed);
+        assert!(!decide("web-01", Action::PortForward).allowed);
+        assert!(!decide("db-01", Action::Shell).allowed);
         assert_eq!(
-            list.permits("alice", "web-01", Action::Exec).unwrap().limits.idle_timeout,
-            Some(std::time::Duration::from_secs(300))
+            decide("web-01", Action::Exec).settings.idle_timeout,
+            Some(Some(std::time::Duration::from_secs(300)))
         );
+        assert_eq!(decide("web-01", Action::Exec).decided_by[0].policy, "config");
         let bad = UserConfig {
             name: "x".into(),
             keys: vec!["not a key".into()],

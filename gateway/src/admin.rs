@@ -27,12 +27,31 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminRequest {
-    TokenCreate { labels: Labels, ttl_secs: u64, name: Option<String> },
+    TokenCreate {
+        labels: Labels,
+        ttl_secs: u64,
+        name: Option<String>,
+    },
     Instances,
-    Revoke { instance: String },
-    Session { instance: String, session: SessionSpec },
-    BulkEnroll { count: usize, csr_hex: String, prefix: String },
-    SshConfig { known_hosts_file: String },
+    Revoke {
+        instance: String,
+    },
+    Session {
+        instance: String,
+        session: SessionSpec,
+    },
+    BulkEnroll {
+        count: usize,
+        csr_hex: String,
+        prefix: String,
+    },
+    SshConfig {
+        known_hosts_file: String,
+    },
+    /// Users, groups, policies, grants, explain and sessions (see [`crate::manage`]).
+    Manage {
+        request: crate::manage::ManageRequest,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +153,15 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
         Ok(r) => r,
         Err(e) => return reply(&mut stream, json!({"ok": false, "error": format!("bad request: {e}")})).await,
     };
+    if !matches!(req, AdminRequest::Manage { .. } | AdminRequest::BulkEnroll { .. }) {
+        let op = serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned()).unwrap_or(Value::Null);
+        let _ = state.audit.record("admin.action", json!({"actor": actor(), "op": op}));
+    }
     match req {
+        AdminRequest::Manage { request } => match crate::manage::run(state, request, &actor()).await {
+            Ok(v) => reply(&mut stream, json!({"ok": true, "result": v})).await,
+            Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
+        },
         AdminRequest::TokenCreate { labels, ttl_secs, name } => {
             let result = state.create_token(labels, Duration::from_secs(ttl_secs.max(1)), name, &actor()).await;
             match result {

@@ -31,6 +31,9 @@ pub struct GatewayState {
     /// Address of the SSH front door, when enabled.
     pub ssh_addr: Option<SocketAddr>,
     pub ssh_throttle: crate::ssh::Throttle,
+    pub sessions: Arc<crate::sessions::SessionTable>,
+    /// Signalled after users, policies or grants change: live sessions are re-checked.
+    pub access_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for GatewayState {
@@ -147,6 +150,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         })?;
     let tunnel_addr = server.local_addr()?;
     let access = crate::access::AccessList::from_config(&config.ssh)?;
+    access.reload(store.as_ref()).await.context("loading users, policies and grants")?;
     if let Some(names) = &config.ssh.ciphers {
         crate::ssh::ciphers(names)?;
     }
@@ -170,11 +174,14 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         host_keys,
         ssh_addr,
         ssh_throttle: crate::ssh::Throttle::default(),
+        sessions: Arc::default(),
+        access_changed: tokio::sync::Notify::new(),
     });
     let shutdown = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     let listener = crate::admin::bind(&admin_socket_path(&dir))?;
     tasks.spawn(server.serve(shutdown.clone()));
+    tasks.spawn(crate::sessions::enforce(state.clone(), shutdown.clone()));
     tasks.spawn(crate::admin::serve(listener, state.clone(), shutdown.clone()));
     if let Some(l) = ssh_listener {
         tasks.spawn(crate::ssh::serve(l, state.clone(), shutdown.clone()));

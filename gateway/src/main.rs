@@ -196,6 +196,28 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         },
         Command::Exec { instance, command } => cli::exec(&cli::socket_for(&cli)?, instance, command).await,
         Command::Shell { instance, command } => cli::shell(&cli::socket_for(&cli)?, instance, command.clone()).await,
+        Command::User { action } => cli::manage::user(&cli::socket_for(&cli)?, action).await.map(|()| 0),
+        Command::Group { action } => cli::manage::group(&cli::socket_for(&cli)?, action).await.map(|()| 0),
+        Command::Policy { action } => {
+            let socket = cli::socket_for(&cli).ok();
+            cli::manage::policy(socket.as_deref(), action).await.map(|()| 0)
+        }
+        Command::Grant { user, policy, duration, reason, json } => {
+            cli::manage::grant(&cli::socket_for(&cli)?, user, policy, duration, reason, *json).await.map(|()| 0)
+        }
+        Command::Grants { all, json } => cli::manage::grants(&cli::socket_for(&cli)?, *all, *json).await.map(|()| 0),
+        Command::Revoke { id, user, policy } => {
+            cli::manage::revoke_grants(&cli::socket_for(&cli)?, id.clone(), user.clone(), policy.clone())
+                .await
+                .map(|()| 0)
+        }
+        Command::Explain { user, target, action, at, from, to, json } => {
+            cli::manage::explain(&cli::socket_for(&cli)?, user, target, action, at.clone(), *from, to.clone(), *json)
+                .await
+        }
+        Command::Sessions(args) => {
+            cli::manage::sessions(&cli::socket_for(&cli)?, args.all, args.json, args.action.as_ref()).await.map(|()| 0)
+        }
         Command::SshConfig { known_hosts_file } => {
             cli::ssh_config(&cli::socket_for(&cli)?, known_hosts_file).await.map(|()| 0)
         }

@@ -241,7 +241,12 @@ impl Agent {
 
     /// Join with a fresh token named `name` and start `postern-agent run`; waits until online.
     pub fn start(gw: &Gateway, name: &str, prefix: Vec<String>, gateway_addr: &str) -> Agent {
-        let (token, pin) = gw.token(&["--name", name, "--labels", "env=test"]);
+        Self::start_labeled(gw, name, "env=test", prefix, gateway_addr)
+    }
+
+    /// As [`Agent::start`], with the token's labels (`env=prod,role=db`).
+    pub fn start_labeled(gw: &Gateway, name: &str, labels: &str, prefix: Vec<String>, gateway_addr: &str) -> Agent {
+        let (token, pin) = gw.token(&["--name", name, "--labels", labels]);
         let dir = tempfile::tempdir().unwrap();
         let mut agent = Agent { dir, name: name.to_owned(), proc: None, prefix };
         let out = Self::try_join(&agent.prefix, gateway_addr, &token, &pin, &agent.state_dir());

@@ -1,6 +1,9 @@
 //! The `postern` command: gateway server, quickstart and admin commands.
 
+pub mod manage;
 pub mod session;
+
+pub use manage::line_diff;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,7 +22,7 @@ use crate::store::Labels;
     name = "postern",
     version,
     about = "Postern: a self-hosted session manager. Servers dial out; people use ssh and RDP as usual.",
-    after_help = "Examples:\n  postern quickstart                      gateway + local agent on this machine\n  postern gateway --config gateway.toml   run the gateway\n  postern token create --labels env=dev,role=web --ttl 15m\n  postern instances\n  postern exec web-01 -- uname -a\n  postern shell web-01"
+    after_help = "Examples:\n  postern quickstart                      gateway + local agent on this machine\n  postern gateway --config gateway.toml   run the gateway\n  postern token create --labels env=dev,role=web --ttl 15m\n  postern instances\n  postern exec web-01 -- uname -a\n  postern shell web-01\n  postern user add alice --group ops --key-file alice.pub\n  postern policy apply ops.toml\n  postern explain --user alice --target web-01 --action shell"
 )]
 pub struct Cli {
     /// Gateway configuration file (TOML). All settings have defaults.
@@ -76,6 +79,81 @@ pub enum Command {
         #[arg(long, default_value = "~/.ssh/postern_known_hosts")]
         known_hosts_file: String,
     },
+    /// Users: add, remove, list, disable, keys and groups.
+    User {
+        #[command(subcommand)]
+        action: manage::UserAction,
+    },
+    /// Groups and their members.
+    Group {
+        #[command(subcommand)]
+        action: manage::GroupAction,
+    },
+    /// Policy documents: apply, check, list, show, history, diff, rm.
+    Policy {
+        #[command(subcommand)]
+        action: manage::PolicyAction,
+    },
+    /// Grant a user a policy for a limited time.
+    #[command(after_help = "Example:\n  postern grant --user bob --policy oncall-prod --for 8h --reason \"INC-4711\"")]
+    Grant {
+        #[arg(long)]
+        user: String,
+        /// Policy name (see `postern policy list`).
+        #[arg(long)]
+        policy: String,
+        /// How long (90s, 15m, 8h, 7d).
+        #[arg(long = "for")]
+        duration: String,
+        /// Why; recorded in the audit log.
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List grants (active ones; --all includes expired and revoked).
+    Grants {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke grants by id, or all active grants of --user (optionally only of --policy).
+    /// Live sessions that lose access end within seconds.
+    Revoke {
+        id: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        policy: Option<String>,
+    },
+    /// Would this be allowed, and which statements decide? Exits 0 for allow, 1 for deny.
+    #[command(
+        after_help = "Example:\n  postern explain --user alice --target web-01 --action shell --from 10.0.0.5 --at 2026-12-24T22:00:00Z"
+    )]
+    Explain {
+        #[arg(long)]
+        user: String,
+        /// Instance name or id.
+        #[arg(long)]
+        target: String,
+        /// shell, exec, sftp, port-forward, ssh-passthrough.
+        #[arg(long)]
+        action: String,
+        /// Evaluate at this time (RFC 3339; default now).
+        #[arg(long)]
+        at: Option<String>,
+        /// Source address of the user.
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
+        /// Forward destination HOST:PORT (port-forward).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Active sessions (--all: also recently ended ones), or terminate one.
+    Sessions(SessionsArgs),
     /// Open an interactive shell on an instance (PTY).
     Shell {
         /// Instance name or id.
@@ -115,6 +193,19 @@ pub struct InstancesArgs {
     pub action: Option<InstancesAction>,
 }
 
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SessionsArgs {
+    /// Include recently ended sessions.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: Option<manage::SessionsAction>,
+}
+
 #[derive(Subcommand)]
 pub enum InstancesAction {
     /// Revoke an instance's agent: it is disconnected now and can no longer connect.
@@ -151,7 +242,7 @@ fn labels_text(labels: &Labels) -> String {
     labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
-fn ago(unix: Option<i64>) -> String {
+pub(crate) fn ago(unix: Option<i64>) -> String {
     let Some(t) = unix else { return "never".into() };
     let secs = crate::audit::now_unix().saturating_sub(t).max(0);
     match secs {

@@ -18,6 +18,7 @@ pub mod profile;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use postern_proto::write_frame;
@@ -30,7 +31,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::access::{Action, Authorization, Identity, authorize, authorize_with_profile, glob_match};
+use crate::access::{Action, Authorization, Identity, authorize_request, authorize_with_profile, glob_match};
 use crate::config::GatewayConfig;
 use crate::gateway::GatewayState;
 use crate::recording::Recorder;
@@ -267,7 +268,7 @@ impl russh::server::Handler for ConnHandler {
         let (name, _) = self.split_user(user);
         // A certificate offer carries the certificate's key, bound to nobody: let the client
         // prove possession and decide in auth_openssh_certificate.
-        if self.state.access.authenticate(name, offer.public_key).is_some() || self.state.access.has_user_cas() {
+        if self.state.access.authenticate(name, offer.public_key, None).is_some() || self.state.access.has_user_cas() {
             Ok(Auth::Accept)
         } else {
             self.note_failure(name, offer.public_key);
@@ -277,7 +278,7 @@ impl russh::server::Handler for ConnHandler {
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         let (name, instance) = self.split_user(user);
-        match self.state.access.authenticate(name, key.public_key) {
+        match self.state.access.authenticate(name, key.public_key, Some(self.peer.ip())) {
             Some(identity) => {
                 if let Some(i) = instance {
                     self.target = Some(i.to_owned());
@@ -299,7 +300,7 @@ impl russh::server::Handler for ConnHandler {
         cert: &russh::keys::Certificate,
     ) -> Result<Auth, Self::Error> {
         let (name, instance) = self.split_user(user);
-        match self.state.access.authenticate_certificate(name, cert) {
+        match self.state.access.authenticate_certificate(name, cert, Some(self.peer.ip())) {
             Some(identity) => {
                 if let Some(i) = instance {
                     self.target = Some(i.to_owned());
@@ -378,30 +379,32 @@ impl russh::server::Handler for ConnHandler {
             }
             // Jump host hop to a plain instance name: passthrough to its own sshd.
             (None, _) => {
-                let authz = match authorize(&self.state, &identity, host, Action::SshPassthrough).await {
-                    Ok(a) => a,
-                    Err(msg) => {
-                        self.deny(&identity, host, Action::SshPassthrough, msg);
-                        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
-                        return Ok(());
-                    }
-                };
-                let req = TcpRequest { host: "127.0.0.1".into(), port };
-                self.forward(authz, req, channel, reply, "end-to-end encrypted SSH passthrough").await;
+                let dest = Some(("127.0.0.1", port));
+                let authz =
+                    match authorize_request(&self.state, &identity, host, Action::SshPassthrough, None, dest).await {
+                        Ok(a) => a,
+                        Err(msg) => {
+                            self.deny(&identity, host, Action::SshPassthrough, msg);
+                            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                            return Ok(());
+                        }
+                    };
+                self.forward(authz, channel, reply, "end-to-end encrypted SSH passthrough").await;
             }
             // `-L` on a connection to an instance: forward through its agent.
             (Some(target), _) => {
                 let target = target.clone();
-                let authz = match authorize(&self.state, &identity, &target, Action::PortForward).await {
-                    Ok(a) => a,
-                    Err(msg) => {
-                        self.deny(&identity, &target, Action::PortForward, msg);
-                        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
-                        return Ok(());
-                    }
-                };
-                let req = TcpRequest { host: host.to_owned(), port };
-                self.forward(authz, req, channel, reply, "forwarded TCP content is not inspected").await;
+                let dest = Some((host, port));
+                let authz =
+                    match authorize_request(&self.state, &identity, &target, Action::PortForward, None, dest).await {
+                        Ok(a) => a,
+                        Err(msg) => {
+                            self.deny(&identity, &target, Action::PortForward, msg);
+                            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                            return Ok(());
+                        }
+                    };
+                self.forward(authz, channel, reply, "forwarded TCP content is not inspected").await;
             }
         }
         Ok(())
@@ -480,12 +483,17 @@ impl ConnHandler {
     async fn forward(
         &self,
         authz: Authorization,
-        req: TcpRequest,
         channel: Channel<Msg>,
         reply: russh::server::ChannelOpenHandle,
         unlogged_reason: &'static str,
     ) {
-        let destination = format!("{}:{}", req.host, req.port);
+        // The agent dials exactly what was authorized.
+        let Some((host, port)) = authz.destination() else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return;
+        };
+        let req = TcpRequest { host: host.to_owned(), port };
+        let destination = format!("{host}:{port}");
         let stream = match self.state.registry.open_session(authz.agent_id(), SessionRequest::Tcp(req)).await {
             Ok(s) => s,
             Err(e) => {
@@ -509,13 +517,24 @@ impl ConnHandler {
         let audit = self.state.audit.clone();
         let started = std::time::Instant::now();
         let authz2 = authz.clone();
+        let reg = self.state.sessions.register(
+            &sid,
+            authz.user(),
+            Some(self.peer.ip()),
+            authz.instance(),
+            authz.agent_id(),
+            authz.action(),
+            authz.destination().map(|(h, p)| (h.to_owned(), p)),
+            false,
+        );
         tokio::spawn(async move {
             let SessionStream { send, recv, .. } = stream;
-            let (bytes_up, bytes_down) = relay_forward(channel, send, recv).await;
+            let (bytes_up, bytes_down) = relay_forward(channel, send, recv, &reg.session).await;
+            let end_reason = reg.session.reason();
             let _ = audit.record(
                 &format!("{event}.close"),
                 json!({"session_id": sid, "user": authz2.user(), "target": authz2.instance(), "destination": destination,
-                       "bytes_to_target": bytes_up, "bytes_from_target": bytes_down,
+                       "bytes_to_target": bytes_up, "bytes_from_target": bytes_down, "end_reason": end_reason,
                        "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                        "logged": false, "reason": unlogged_reason}),
             );
@@ -526,7 +545,12 @@ impl ConnHandler {
 /// Moves a forward's bytes between an SSH channel and a tunnel stream until both directions
 /// end. Chunks are handed over as `Bytes`, never copied through an intermediate buffer (the
 /// copy showed up in profiles of `ssh -L` throughput). Returns bytes (to target, from target).
-async fn relay_forward(channel: Channel<Msg>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> (u64, u64) {
+async fn relay_forward(
+    channel: Channel<Msg>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    live: &crate::sessions::LiveSession,
+) -> (u64, u64) {
     let (mut ch_read, ch_write) = channel.split();
     let up = async {
         let mut n = 0u64;
@@ -534,6 +558,7 @@ async fn relay_forward(channel: Channel<Msg>, mut send: quinn::SendStream, mut r
             match msg {
                 ChannelMsg::Data { data } => {
                     n += data.len() as u64;
+                    live.add_in(data.len());
                     if send.write_chunk(data).await.is_err() {
                         break;
                     }
@@ -549,6 +574,7 @@ async fn relay_forward(channel: Channel<Msg>, mut send: quinn::SendStream, mut r
         let mut n = 0u64;
         while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {
             n += chunk.bytes.len() as u64;
+            live.add_out(chunk.bytes.len());
             if ch_write.data_bytes(chunk.bytes).await.is_err() {
                 break;
             }
@@ -556,7 +582,13 @@ async fn relay_forward(channel: Channel<Msg>, mut send: quinn::SendStream, mut r
         let _ = ch_write.eof().await;
         n
     };
-    let (up, down) = tokio::join!(up, down);
+    let both = async { tokio::join!(up, down) };
+    let counted = || (live.bytes_in.load(Ordering::Relaxed), live.bytes_out.load(Ordering::Relaxed));
+    let (up, down) = tokio::select! {
+        r = both => r,
+        // Ended by an admin or by policy: dropping the relay resets the tunnel stream.
+        _ = live.terminated() => counted(),
+    };
     let _ = ch_write.close().await;
     (up, down)
 }
@@ -771,6 +803,17 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                "recording": recorder.as_ref().map(|r| r.path().display().to_string())}),
     );
     info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(), "ssh session started");
+    let reg = ctx.state.sessions.register(
+        &sid,
+        authz.user(),
+        ctx.identity.source,
+        authz.instance(),
+        authz.agent_id(),
+        action,
+        None,
+        logged,
+    );
+    let live = reg.session.clone();
     let started = std::time::Instant::now();
 
     let SessionStream { mut send, recv, .. } = stream;
@@ -789,6 +832,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
             msg = rd.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     bytes_in += data.len() as u64;
+                    live.add_in(data.len());
                     last_input = std::time::Instant::now();
                     warned_idle = false;
                     for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
@@ -813,6 +857,14 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 }
                 Some(_) => {}
             },
+            _ = live.terminated() => {
+                let why = live.reason().unwrap_or_else(|| "ended by the gateway".into());
+                notice(&wr, on_pty, &format!("session ended: {why}")).await;
+                let _ = send.reset(0u32.into());
+                let _ = wr.exit_status(255).await;
+                end_reason = Some("terminated");
+                break Some(255);
+            }
             _ = tick.tick(), if limits.idle_timeout.is_some() || limits.max_session.is_some() => {
                 let now = std::time::Instant::now();
                 let mut close: Option<(&'static str, String)> = None;
@@ -845,11 +897,13 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
             frame = frames.next() => match frame {
                 Ok(Some(Message::Stdout(d))) => {
                     bytes_out += d.len() as u64;
+                    live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
                     if wr.data_bytes(d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
                 }
                 Ok(Some(Message::Stderr(d))) => {
                     bytes_out += d.len() as u64;
+                    live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
                     if wr.extended_data_bytes(1, d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
                 }
@@ -873,8 +927,10 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         "session.end",
         json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "kind": action.name(),
                "exit_code": exit_code, "bytes_in": bytes_in, "bytes_out": bytes_out, "end_reason": end_reason,
+               "terminated_because": live.reason(),
                "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                "logged": logged, "reason": reason}),
     );
+    drop(reg);
     info!(session_id = %sid, ?exit_code, "ssh session ended");
 }

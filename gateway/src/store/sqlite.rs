@@ -5,10 +5,13 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{AgentRecord, Labels, NewAgent, NewToken, RedeemError, Store, StoreError};
+use super::{
+    AgentRecord, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, Store, StoreError, UserRecord,
+};
 
 /// Schema migrations, applied in order; `schema_version` records how far a database got.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tokens (
     hash        TEXT PRIMARY KEY,
     labels      TEXT NOT NULL,
@@ -30,7 +33,38 @@ CREATE TABLE agents (
     revoked       INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX agents_name ON agents(name);
-"#];
+"#,
+    r#"
+CREATE TABLE users (
+    name        TEXT PRIMARY KEY,
+    groups      TEXT NOT NULL,
+    keys        TEXT NOT NULL,
+    principals  TEXT NOT NULL,
+    disabled    INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE policies (
+    name        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    source      TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    applied_at  INTEGER NOT NULL,
+    applied_by  TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE grants (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    created_by  TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    revoked_at  INTEGER,
+    revoked_by  TEXT
+);
+"#,
+];
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -92,6 +126,28 @@ fn row_to_agent(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, StoreError
         enrolled_at: row.try_get("enrolled_at")?,
         last_seen: row.try_get("last_seen")?,
         revoked: row.try_get::<i64, _>("revoked")? != 0,
+    })
+}
+
+fn json_list(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Vec<String>, StoreError> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn to_json(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+fn row_to_policy(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, StoreError> {
+    let source: String = row.try_get("source")?;
+    Ok(PolicyVersion {
+        name: row.try_get("name")?,
+        version: row.try_get("version")?,
+        removed: source.is_empty(),
+        source,
+        file: row.try_get("file")?,
+        applied_at: row.try_get("applied_at")?,
+        applied_by: row.try_get("applied_by")?,
     })
 }
 
@@ -238,6 +294,129 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+
+    async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM users ORDER BY name").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UserRecord {
+                    name: r.try_get("name")?,
+                    groups: json_list(r, "groups")?,
+                    keys: json_list(r, "keys")?,
+                    principals: json_list(r, "principals")?,
+                    disabled: r.try_get::<i64, _>("disabled")? != 0,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_user(&self, u: &UserRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO users (name, groups, keys, principals, disabled, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(name) DO UPDATE SET groups = excluded.groups, keys = excluded.keys, \
+             principals = excluded.principals, disabled = excluded.disabled",
+        )
+        .bind(&u.name)
+        .bind(to_json(&u.groups))
+        .bind(to_json(&u.keys))
+        .bind(to_json(&u.principals))
+        .bind(i64::from(u.disabled))
+        .bind(u.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM users WHERE name = ?").bind(name).execute(&self.pool).await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn policies(&self) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT p.* FROM policies p JOIN (SELECT name, MAX(version) AS v FROM policies GROUP BY name) latest \
+             ON p.name = latest.name AND p.version = latest.v WHERE p.source != '' ORDER BY p.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_policy).collect()
+    }
+
+    async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM policies WHERE name = ? ORDER BY version")
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_policy).collect()
+    }
+
+    async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 FROM policies WHERE name = ?")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        sqlx::query(
+            "INSERT INTO policies (name, version, source, file, applied_at, applied_by) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(version)
+        .bind(source)
+        .bind(file)
+        .bind(now)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM grants ORDER BY created_at, id").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(GrantRecord {
+                    id: r.try_get("id")?,
+                    user: r.try_get("user")?,
+                    policy: r.try_get("policy")?,
+                    reason: r.try_get("reason")?,
+                    created_at: r.try_get("created_at")?,
+                    created_by: r.try_get("created_by")?,
+                    expires_at: r.try_get("expires_at")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                    revoked_by: r.try_get("revoked_by")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO grants (id, user, policy, reason, created_at, created_by, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&g.id)
+        .bind(&g.user)
+        .bind(&g.policy)
+        .bind(&g.reason)
+        .bind(g.created_at)
+        .bind(&g.created_by)
+        .bind(g.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE grants SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(now)
+            .bind(by)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
 }
 
 #[cfg(test)]
@@ -312,5 +491,54 @@ mod tests {
             }
         }
         assert_eq!(ok, 1);
+    }
+
+    #[tokio::test]
+    async fn users_policies_and_grants_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
+        let mut u = UserRecord {
+            name: "bob".into(),
+            groups: vec!["ops".into()],
+            keys: vec!["ssh-ed25519 AAAA bob".into()],
+            principals: vec![],
+            disabled: false,
+            created_at: 5,
+        };
+        store.put_user(&u).await.unwrap();
+        u.disabled = true;
+        store.put_user(&u).await.unwrap();
+        assert_eq!(store.users().await.unwrap(), vec![u]);
+        assert!(store.delete_user("bob").await.unwrap());
+        assert!(!store.delete_user("bob").await.unwrap());
+
+        assert_eq!(store.put_policy("p", "a", "p.toml", 1, "me").await.unwrap(), 1);
+        assert_eq!(store.put_policy("p", "b", "p.toml", 2, "me").await.unwrap(), 2);
+        assert_eq!(store.put_policy("q", "c", "q.toml", 2, "me").await.unwrap(), 1);
+        let current: Vec<(String, i64)> =
+            store.policies().await.unwrap().into_iter().map(|p| (p.source, p.version)).collect();
+        assert_eq!(current, vec![("b".into(), 2), ("c".into(), 1)]);
+        store.put_policy("q", "", "", 3, "me").await.unwrap();
+        assert_eq!(store.policies().await.unwrap().len(), 1);
+        assert_eq!(store.policy_history("q").await.unwrap().len(), 2);
+
+        let g = GrantRecord {
+            id: "gr-1".into(),
+            user: "bob".into(),
+            policy: "p".into(),
+            reason: "oncall".into(),
+            created_at: 10,
+            created_by: "me".into(),
+            expires_at: 20,
+            revoked_at: None,
+            revoked_by: None,
+        };
+        store.put_grant(&g).await.unwrap();
+        assert!(g.active_at(19) && !g.active_at(20));
+        assert!(store.revoke_grant("gr-1", 15, "me").await.unwrap());
+        assert!(!store.revoke_grant("gr-1", 16, "me").await.unwrap());
+        let back = store.grants().await.unwrap();
+        assert_eq!(back[0].revoked_at, Some(15));
+        assert!(!back[0].active_at(16));
     }
 }

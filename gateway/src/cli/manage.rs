@@ -1,0 +1,581 @@
+//! `postern user|group|policy|grant|revoke|explain|sessions`: identity and policy
+//! administration through the admin socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::{ago, table};
+use crate::admin::{AdminRequest, request};
+use crate::config::parse_duration;
+use crate::manage::ManageRequest;
+
+#[derive(Subcommand)]
+pub enum UserAction {
+    /// Add a user with SSH keys and groups.
+    #[command(after_help = "Example:\n  postern user add alice --group ops --key-file ~/.ssh/id_ed25519.pub")]
+    Add {
+        name: String,
+        /// Group memberships (repeat or comma-separate).
+        #[arg(long = "group", value_delimiter = ',')]
+        groups: Vec<String>,
+        /// An OpenSSH public key line (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// A file of OpenSSH public key lines (repeatable).
+        #[arg(long = "key-file")]
+        key_files: Vec<PathBuf>,
+        /// Certificate principals from a trusted user CA that mean this user (default: the name).
+        #[arg(long = "principal")]
+        principals: Vec<String>,
+    },
+    /// Remove a user; their live sessions end.
+    Rm { name: String },
+    /// List users.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a user: they cannot log in and their live sessions end.
+    Disable { name: String },
+    /// Enable a disabled user.
+    Enable { name: String },
+    /// Set a user's groups (replaces the list; empty removes all).
+    Groups {
+        name: String,
+        #[arg(value_delimiter = ',')]
+        groups: Vec<String>,
+    },
+    /// Add or remove SSH keys.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyAction {
+    /// Bind a public key (line or --file) to a user.
+    Add {
+        name: String,
+        key: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Unbind a key by its SHA256 fingerprint (as `postern user list` shows it).
+    Rm { name: String, fingerprint: String },
+}
+
+#[derive(Subcommand)]
+pub enum GroupAction {
+    /// List groups and their members.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyAction {
+    /// Validate and apply a policy document (TOML); its `name` decides which policy it replaces.
+    Apply { file: PathBuf },
+    /// Validate a document without applying it (works without a gateway).
+    Check { file: PathBuf },
+    /// List applied policies.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a policy (the current version, or --version N).
+    Show {
+        name: String,
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// Versions of a policy: when, by whom.
+    History { name: String },
+    /// Differences between two versions (default: the previous and the current one).
+    Diff { name: String, from: Option<i64>, to: Option<i64> },
+    /// Remove a policy (recorded as a new version; history is kept).
+    Rm { name: String },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn diffs_show_changed_lines_with_context() {
+        let d = super::line_diff("a\nb\nc\nd\ne\nf\ng\n", "a\nb\nc\nD\ne\nf\ng\nh\n");
+        assert_eq!(d, "  b\n  c\n- d\n+ D\n  e\n  f\n  g\n+ h\n".replace("  b", "  ...\n  b"));
+        assert_eq!(super::line_diff("", "x\n"), "+ x\n");
+        assert_eq!(super::line_diff("same\n", "same\n"), "");
+    }
+}
+
+#[derive(Subcommand)]
+pub enum SessionsAction {
+    /// End a live session now, with a message to its user.
+    Terminate { id: String },
+}
+
+async fn manage(socket: &Path, req: ManageRequest) -> anyhow::Result<Value> {
+    let (v, _) = request(socket, &AdminRequest::Manage { request: req }).await?;
+    Ok(v.get("result").cloned().unwrap_or(Value::Null))
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(Value::Array(a)) => {
+            a.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or(x.to_string())).collect::<Vec<_>>().join(",")
+        }
+        Some(other) => other.to_string(),
+    }
+}
+
+fn read_keys(keys: &[String], files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut out = keys.to_vec();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        out.extend(text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).map(str::to_owned));
+    }
+    Ok(out)
+}
+
+pub async fn user(socket: &Path, action: &UserAction) -> anyhow::Result<()> {
+    let show = |v: &Value| {
+        let keys = v.get("keys").and_then(Value::as_array).map(|a| a.len()).unwrap_or(0);
+        println!(
+            "user {}  groups: {}  keys: {keys}{}",
+            s(v, "name"),
+            s(v, "groups"),
+            if v.get("disabled") == Some(&Value::Bool(true)) { "  DISABLED" } else { "" }
+        );
+    };
+    match action {
+        UserAction::Add { name, groups, keys, key_files, principals } => {
+            let keys = read_keys(keys, key_files)?;
+            let v = manage(
+                socket,
+                ManageRequest::UserAdd {
+                    name: name.clone(),
+                    groups: groups.clone(),
+                    keys,
+                    principals: principals.clone(),
+                },
+            )
+            .await?;
+            show(&v);
+        }
+        UserAction::Rm { name } => {
+            manage(socket, ManageRequest::UserRm { name: name.clone() }).await?;
+            println!("removed user {name}");
+        }
+        UserAction::List { json } => {
+            let v = manage(socket, ManageRequest::UserList).await?;
+            if *json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|u| {
+                            let fps: Vec<String> = u
+                                .get("keys")
+                                .and_then(Value::as_array)
+                                .map(|k| k.iter().map(|x| s(x, "fingerprint")).collect())
+                                .unwrap_or_default();
+                            vec![
+                                s(u, "name"),
+                                s(u, "groups"),
+                                if u.get("disabled") == Some(&Value::Bool(true)) { "disabled" } else { "active" }
+                                    .into(),
+                                fps.join(" "),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!("{}", table(&["USER", "GROUPS", "STATE", "KEYS"], &rows));
+        }
+        UserAction::Disable { name } => {
+            show(&manage(socket, ManageRequest::UserSetDisabled { name: name.clone(), disabled: true }).await?)
+        }
+        UserAction::Enable { name } => {
+            show(&manage(socket, ManageRequest::UserSetDisabled { name: name.clone(), disabled: false }).await?)
+        }
+        UserAction::Groups { name, groups } => {
+            show(&manage(socket, ManageRequest::UserSetGroups { name: name.clone(), groups: groups.clone() }).await?)
+        }
+        UserAction::Key { action: KeyAction::Add { name, key, file } } => {
+            let keys = read_keys(&key.iter().cloned().collect::<Vec<_>>(), &file.iter().cloned().collect::<Vec<_>>())?;
+            if keys.is_empty() {
+                bail!("give a key line or --file");
+            }
+            for key in keys {
+                show(&manage(socket, ManageRequest::UserKeyAdd { name: name.clone(), key }).await?);
+            }
+        }
+        UserAction::Key { action: KeyAction::Rm { name, fingerprint } } => show(
+            &manage(socket, ManageRequest::UserKeyRm { name: name.clone(), fingerprint: fingerprint.clone() }).await?,
+        ),
+    }
+    Ok(())
+}
+
+pub async fn group(socket: &Path, action: &GroupAction) -> anyhow::Result<()> {
+    let GroupAction::List { json } = action;
+    let v = manage(socket, ManageRequest::GroupList).await?;
+    if *json {
+        return print_json(&v);
+    }
+    let rows: Vec<Vec<String>> =
+        v.as_array().map(|a| a.iter().map(|g| vec![s(g, "group"), s(g, "members")]).collect()).unwrap_or_default();
+    print!("{}", table(&["GROUP", "MEMBERS"], &rows));
+    Ok(())
+}
+
+/// A line diff (`-` old, `+` new, two lines of context), for policy versions.
+pub fn line_diff(old: &str, new: &str) -> String {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    // Longest common subsequence table (flat, row-major); policy documents are small.
+    let w = b.len() + 1;
+    let mut lcs = vec![0u32; (a.len() + 1) * w];
+    let at = |t: &[u32], i: usize, j: usize| t.get(i * w + j).copied().unwrap_or(0);
+    for (i, x) in a.iter().enumerate().rev() {
+        for (j, y) in b.iter().enumerate().rev() {
+            let v = if x == y { at(&lcs, i + 1, j + 1) + 1 } else { at(&lcs, i + 1, j).max(at(&lcs, i, j + 1)) };
+            if let Some(cell) = lcs.get_mut(i * w + j) {
+                *cell = v;
+            }
+        }
+    }
+    let mut ops: Vec<(char, &str)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (a.get(i), b.get(j)) {
+            (None, None) => break,
+            (Some(x), Some(y)) if x == y => {
+                ops.push((' ', x));
+                i += 1;
+                j += 1;
+            }
+            (Some(x), y) if y.is_none() || at(&lcs, i + 1, j) >= at(&lcs, i, j + 1) => {
+                ops.push(('-', x));
+                i += 1;
+            }
+            (_, Some(y)) => {
+                ops.push(('+', y));
+                j += 1;
+            }
+            (_, None) => break,
+        }
+    }
+    let near = |k: usize| {
+        ops.get(k.saturating_sub(2)..(k + 3).min(ops.len())).is_some_and(|w| w.iter().any(|(c, _)| *c != ' '))
+    };
+    let mut out = String::new();
+    let mut skipped = false;
+    for (k, (c, line)) in ops.iter().enumerate() {
+        if *c == ' ' && !near(k) {
+            skipped = true;
+            continue;
+        }
+        if skipped {
+            out.push_str("  ...\n");
+            skipped = false;
+        }
+        out.push_str(&format!("{c} {line}\n"));
+    }
+    out
+}
+
+pub async fn policy(socket: Option<&Path>, action: &PolicyAction) -> anyhow::Result<()> {
+    let read = |f: &PathBuf| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()));
+    if let PolicyAction::Check { file } = action {
+        let doc =
+            crate::policy::document::parse(&file.display().to_string(), &read(file)?).map_err(anyhow::Error::msg)?;
+        println!("{}: policy {} is valid ({} statements)", file.display(), doc.name, doc.statements.len());
+        return Ok(());
+    }
+    let socket = socket.context("no admin socket")?;
+    let history = |name: &str| {
+        let name = name.to_owned();
+        async move { manage(socket, ManageRequest::PolicyHistory { name }).await }
+    };
+    match action {
+        PolicyAction::Check { .. } => {}
+        PolicyAction::Apply { file } => {
+            let v =
+                manage(socket, ManageRequest::PolicyApply { file: file.display().to_string(), source: read(file)? })
+                    .await?;
+            if v.get("unchanged") == Some(&Value::Bool(true)) {
+                println!("policy {} unchanged (version {})", s(&v, "name"), s(&v, "version"));
+            } else {
+                println!(
+                    "applied policy {} version {} ({} statements)",
+                    s(&v, "name"),
+                    s(&v, "version"),
+                    s(&v, "statements")
+                );
+            }
+        }
+        PolicyAction::List { json } => {
+            let v = manage(socket, ManageRequest::PolicyList).await?;
+            if *json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            vec![
+                                s(p, "name"),
+                                s(p, "version"),
+                                ago(p.get("applied_at").and_then(Value::as_i64)),
+                                s(p, "applied_by"),
+                                s(p, "file"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!("{}", table(&["POLICY", "VERSION", "APPLIED", "BY", "FILE"], &rows));
+        }
+        PolicyAction::Show { name, version } => {
+            let h = history(name).await?;
+            let versions = h.as_array().cloned().unwrap_or_default();
+            let pick = match version {
+                Some(n) => versions.iter().find(|p| p.get("version").and_then(Value::as_i64) == Some(*n)),
+                None => versions.last(),
+            };
+            let p = pick.context("no such version")?;
+            if p.get("removed") == Some(&Value::Bool(true)) {
+                bail!("policy {name} was removed in version {}", s(p, "version"));
+            }
+            print!("{}", s(p, "source"));
+        }
+        PolicyAction::History { name } => {
+            let h = history(name).await?;
+            let rows: Vec<Vec<String>> = h
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            vec![
+                                s(p, "version"),
+                                ago(p.get("applied_at").and_then(Value::as_i64)),
+                                s(p, "applied_by"),
+                                if p.get("removed") == Some(&Value::Bool(true)) {
+                                    "removed".into()
+                                } else {
+                                    s(p, "file")
+                                },
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!("{}", table(&["VERSION", "APPLIED", "BY", "FILE"], &rows));
+        }
+        PolicyAction::Diff { name, from, to } => {
+            let h = history(name).await?;
+            let versions = h.as_array().cloned().unwrap_or_default();
+            let source = |n: i64| {
+                versions
+                    .iter()
+                    .find(|p| p.get("version").and_then(Value::as_i64) == Some(n))
+                    .map(|p| s(p, "source"))
+                    .with_context(|| format!("policy {name} has no version {n}"))
+            };
+            let last = versions.last().and_then(|p| p.get("version")).and_then(Value::as_i64).unwrap_or(1);
+            let to = to.unwrap_or(last);
+            let from = from.unwrap_or(to - 1);
+            let old = if from < 1 { String::new() } else { source(from)? };
+            println!("--- {name} version {from}\n+++ {name} version {to}");
+            print!("{}", line_diff(&old, &source(to)?));
+        }
+        PolicyAction::Rm { name } => {
+            let v = manage(socket, ManageRequest::PolicyRm { name: name.clone() }).await?;
+            println!("removed policy {name} (version {})", s(&v, "version"));
+        }
+    }
+    Ok(())
+}
+
+pub async fn grant(socket: &Path, user: &str, policy: &str, ttl: &str, reason: &str, json: bool) -> anyhow::Result<()> {
+    let ttl = parse_duration(ttl)?;
+    let v = manage(
+        socket,
+        ManageRequest::GrantCreate {
+            user: user.to_owned(),
+            policy: policy.to_owned(),
+            ttl_secs: ttl.as_secs(),
+            reason: reason.to_owned(),
+        },
+    )
+    .await?;
+    if json {
+        return print_json(&v);
+    }
+    println!("granted policy {policy} to {user} until {} (grant {})", when(&v, "expires_at"), s(&v, "id"));
+    Ok(())
+}
+
+fn when(v: &Value, k: &str) -> String {
+    v.get(k)
+        .and_then(Value::as_i64)
+        .and_then(|t| jiff::Timestamp::from_second(t).ok())
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+pub async fn grants(socket: &Path, all: bool, json: bool) -> anyhow::Result<()> {
+    let v = manage(socket, ManageRequest::GrantList { all }).await?;
+    if json {
+        return print_json(&v);
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|g| {
+                    vec![
+                        s(g, "id"),
+                        s(g, "user"),
+                        s(g, "policy"),
+                        when(g, "expires_at"),
+                        if g.get("revoked_at").is_some_and(|x| !x.is_null()) {
+                            "revoked".into()
+                        } else {
+                            String::new()
+                        },
+                        s(g, "reason"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print!("{}", table(&["GRANT", "USER", "POLICY", "EXPIRES", "STATE", "REASON"], &rows));
+    Ok(())
+}
+
+pub async fn revoke_grants(
+    socket: &Path,
+    id: Option<String>,
+    user: Option<String>,
+    policy: Option<String>,
+) -> anyhow::Result<()> {
+    let v = manage(socket, ManageRequest::GrantRevoke { id, user, policy }).await?;
+    println!("revoked {}", s(&v, "revoked"));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn explain(
+    socket: &Path,
+    user: &str,
+    target: &str,
+    action: &str,
+    at: Option<String>,
+    from: Option<std::net::IpAddr>,
+    to: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let v = manage(
+        socket,
+        ManageRequest::Explain {
+            user: user.to_owned(),
+            target: target.to_owned(),
+            action: action.to_owned(),
+            at,
+            from,
+            to,
+        },
+    )
+    .await?;
+    let allowed = v.pointer("/decision/allowed") == Some(&Value::Bool(true));
+    if json {
+        print_json(&v)?;
+    } else {
+        println!(
+            "{}: {user} {action} on {} at {}",
+            if allowed { "ALLOW" } else { "DENY" },
+            s(&v, "target"),
+            s(&v, "at")
+        );
+        if v.get("user_active") == Some(&Value::Bool(false)) {
+            println!("  user {user} is unknown or disabled");
+        }
+        println!("  {}", s(&v, "summary"));
+        for st in v.pointer("/decision/decided_by").and_then(Value::as_array).into_iter().flatten() {
+            println!(
+                "  decided by: {}/{} ({}, line {})",
+                s(st, "policy"),
+                s(st, "sid"),
+                s(st, "effect"),
+                s(st, "line")
+            );
+        }
+        for st in v.pointer("/decision/overridden").and_then(Value::as_array).into_iter().flatten() {
+            println!("  overridden allow: {}/{} (line {})", s(st, "policy"), s(st, "sid"), s(st, "line"));
+        }
+        for pair in v.pointer("/decision/not_applicable").and_then(Value::as_array).into_iter().flatten() {
+            if let (Some(st), Some(why)) = (pair.get(0), pair.get(1).and_then(Value::as_str)) {
+                println!("  not applicable: {}/{} ({}): {why}", s(st, "policy"), s(st, "sid"), s(st, "effect"));
+            }
+        }
+        if allowed && let Some(settings) = v.pointer("/decision/settings") {
+            println!("  session settings: {}", serde_json::to_string(settings)?);
+        }
+    }
+    Ok(if allowed { 0 } else { 1 })
+}
+
+pub async fn sessions(socket: &Path, all: bool, json: bool, action: Option<&SessionsAction>) -> anyhow::Result<()> {
+    if let Some(SessionsAction::Terminate { id }) = action {
+        manage(socket, ManageRequest::SessionTerminate { id: id.clone() }).await?;
+        println!("terminated session {id}");
+        return Ok(());
+    }
+    let v = manage(socket, ManageRequest::Sessions { all }).await?;
+    if json {
+        return print_json(&v);
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let secs = x.get("duration_secs").and_then(Value::as_i64).unwrap_or(0);
+                    vec![
+                        s(x, "id"),
+                        s(x, "user"),
+                        s(x, "target"),
+                        s(x, "kind"),
+                        if x.get("logged") == Some(&Value::Bool(true)) { "yes" } else { "no" }.into(),
+                        if x.get("active") == Some(&Value::Bool(true)) { "active" } else { "ended" }.into(),
+                        ago(x.get("started_at").and_then(Value::as_i64)),
+                        format!("{}m{:02}s", secs / 60, secs % 60),
+                        format!("{}/{}", s(x, "bytes_in"), s(x, "bytes_out")),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print!(
+        "{}",
+        table(&["SESSION", "USER", "TARGET", "KIND", "LOGGED", "STATE", "STARTED", "DURATION", "BYTES IN/OUT"], &rows)
+    );
+    Ok(())
+}

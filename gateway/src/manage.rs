@@ -1,0 +1,423 @@
+//! Admin operations on users, groups, policies, grants and sessions, as the admin socket runs
+//! them. Each change is stored, audited with the acting admin, reloaded into the policy engine
+//! and followed by a re-check of live sessions.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::access::{Action, parse_key};
+use crate::gateway::{GatewayState, valid_name};
+use crate::policy::Target;
+use crate::store::{GrantRecord, UserRecord};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "what", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ManageRequest {
+    UserAdd {
+        name: String,
+        groups: Vec<String>,
+        keys: Vec<String>,
+        principals: Vec<String>,
+    },
+    UserRm {
+        name: String,
+    },
+    UserList,
+    UserSetDisabled {
+        name: String,
+        disabled: bool,
+    },
+    UserKeyAdd {
+        name: String,
+        key: String,
+    },
+    UserKeyRm {
+        name: String,
+        fingerprint: String,
+    },
+    UserSetGroups {
+        name: String,
+        groups: Vec<String>,
+    },
+    GroupList,
+    PolicyApply {
+        file: String,
+        source: String,
+    },
+    PolicyList,
+    PolicyHistory {
+        name: String,
+    },
+    PolicyRm {
+        name: String,
+    },
+    GrantCreate {
+        user: String,
+        policy: String,
+        ttl_secs: u64,
+        reason: String,
+    },
+    GrantList {
+        all: bool,
+    },
+    GrantRevoke {
+        id: Option<String>,
+        user: Option<String>,
+        policy: Option<String>,
+    },
+    Explain {
+        user: String,
+        target: String,
+        action: String,
+        at: Option<String>,
+        from: Option<IpAddr>,
+        to: Option<String>,
+    },
+    Sessions {
+        all: bool,
+    },
+    SessionTerminate {
+        id: String,
+    },
+}
+
+impl ManageRequest {
+    /// Whether the request changes state (and so is audited with its arguments).
+    fn changes(&self) -> bool {
+        !matches!(
+            self,
+            ManageRequest::UserList
+                | ManageRequest::GroupList
+                | ManageRequest::PolicyList
+                | ManageRequest::PolicyHistory { .. }
+                | ManageRequest::GrantList { .. }
+                | ManageRequest::Explain { .. }
+                | ManageRequest::Sessions { .. }
+        )
+    }
+
+    fn name(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("what").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::anyhow!(msg.into())
+}
+
+fn check_name(kind: &str, name: &str) -> anyhow::Result<()> {
+    if valid_name(name) { Ok(()) } else { Err(bad(format!("{kind} {name:?}: use letters, digits, '-' and '_'"))) }
+}
+
+fn normalize_key(line: &str) -> anyhow::Result<String> {
+    let key = parse_key(line).map_err(bad)?;
+    key.to_openssh().map_err(|e| bad(format!("cannot encode key: {e}")))
+}
+
+fn fingerprint(line: &str) -> String {
+    parse_key(line).map(|k| k.fingerprint(Default::default()).to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// A user as listed: keys shown by fingerprint.
+fn user_view(u: &UserRecord) -> Value {
+    json!({"name": u.name, "groups": u.groups, "principals": u.principals, "disabled": u.disabled,
+           "created_at": u.created_at,
+           "keys": u.keys.iter().map(|k| json!({"fingerprint": fingerprint(k),
+                "comment": k.split_whitespace().nth(2).unwrap_or("")})).collect::<Vec<_>>()})
+}
+
+async fn user(state: &GatewayState, name: &str) -> anyhow::Result<UserRecord> {
+    state
+        .store
+        .users()
+        .await?
+        .into_iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| bad(format!("no user {name:?}; see `postern user list`")))
+}
+
+/// Reload the policy engine from the store and re-check live sessions now.
+async fn changed(state: &GatewayState) -> anyhow::Result<()> {
+    state.access.reload(state.store.as_ref()).await?;
+    state.access_changed.notify_one();
+    Ok(())
+}
+
+pub async fn run(state: &GatewayState, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
+    let op = req.name();
+    let audit_args = serde_json::to_value(&req).unwrap_or(Value::Null);
+    let result = run_inner(state, req.clone(), actor).await;
+    // Every admin action is an audit event; changes carry their arguments (keys as
+    // fingerprints), reads only their name.
+    let mut event = json!({"actor": actor, "op": op, "ok": result.is_ok()});
+    if req.changes() {
+        let mut args = audit_args;
+        if let Some(obj) = args.as_object_mut() {
+            obj.remove("what");
+            if let Some(keys) = obj.get_mut("keys").and_then(Value::as_array_mut) {
+                for k in keys.iter_mut() {
+                    *k = json!(fingerprint(k.as_str().unwrap_or("")));
+                }
+            }
+            if let Some(k) = obj.get_mut("key") {
+                *k = json!(fingerprint(k.as_str().unwrap_or("")));
+            }
+            obj.remove("source");
+        }
+        if let Some(obj) = event.as_object_mut() {
+            obj.insert("args".into(), args);
+        }
+    }
+    if let (Err(e), Some(obj)) = (&result, event.as_object_mut()) {
+        obj.insert("error".into(), json!(format!("{e:#}")));
+    }
+    let _ = state.audit.record("admin.action", event);
+    result
+}
+
+async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
+    let now = crate::audit::now_unix();
+    match req {
+        ManageRequest::UserAdd { name, groups, keys, principals } => {
+            check_name("user", &name)?;
+            for g in &groups {
+                check_name("group", g)?;
+            }
+            if state.store.users().await?.iter().any(|u| u.name == name) {
+                return Err(bad(format!("user {name:?} already exists")));
+            }
+            let keys = keys.iter().map(|k| normalize_key(k)).collect::<anyhow::Result<Vec<_>>>()?;
+            let u = UserRecord { name, groups, keys, principals, disabled: false, created_at: now };
+            state.store.put_user(&u).await?;
+            changed(state).await?;
+            Ok(user_view(&u))
+        }
+        ManageRequest::UserRm { name } => {
+            if !state.store.delete_user(&name).await? {
+                return Err(bad(format!("no user {name:?}")));
+            }
+            changed(state).await?;
+            Ok(json!({"removed": name}))
+        }
+        ManageRequest::UserList => Ok(Value::Array(state.store.users().await?.iter().map(user_view).collect())),
+        ManageRequest::UserSetDisabled { name, disabled } => {
+            let mut u = user(state, &name).await?;
+            u.disabled = disabled;
+            state.store.put_user(&u).await?;
+            changed(state).await?;
+            Ok(user_view(&u))
+        }
+        ManageRequest::UserKeyAdd { name, key } => {
+            let mut u = user(state, &name).await?;
+            let key = normalize_key(&key)?;
+            if !u.keys.iter().any(|k| k.split_whitespace().nth(1) == key.split_whitespace().nth(1)) {
+                u.keys.push(key);
+            }
+            state.store.put_user(&u).await?;
+            changed(state).await?;
+            Ok(user_view(&u))
+        }
+        ManageRequest::UserKeyRm { name, fingerprint: fp } => {
+            let mut u = user(state, &name).await?;
+            let before = u.keys.len();
+            u.keys.retain(|k| fingerprint(k) != fp);
+            if u.keys.len() == before {
+                return Err(bad(format!("user {name:?} has no key {fp}")));
+            }
+            state.store.put_user(&u).await?;
+            changed(state).await?;
+            Ok(user_view(&u))
+        }
+        ManageRequest::UserSetGroups { name, groups } => {
+            for g in &groups {
+                check_name("group", g)?;
+            }
+            let mut u = user(state, &name).await?;
+            u.groups = groups;
+            state.store.put_user(&u).await?;
+            changed(state).await?;
+            Ok(user_view(&u))
+        }
+        ManageRequest::GroupList => {
+            let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for u in state.store.users().await? {
+                for g in u.groups {
+                    groups.entry(g).or_default().push(u.name.clone());
+                }
+            }
+            Ok(json!(groups.into_iter().map(|(g, m)| json!({"group": g, "members": m})).collect::<Vec<_>>()))
+        }
+        ManageRequest::PolicyApply { file, source } => {
+            // Invalid documents are refused whole; the policy in force stays as it was.
+            let doc = crate::policy::document::parse(&file, &source).map_err(bad)?;
+            if doc.name == "config" {
+                return Err(bad(format!("{file}: the name \"config\" is reserved for [[ssh.users]]")));
+            }
+            let previous = state.store.policy_history(&doc.name).await?.pop();
+            if previous.as_ref().is_some_and(|p| p.source == source) {
+                return Ok(json!({"name": doc.name, "version": previous.map(|p| p.version), "unchanged": true}));
+            }
+            let version = state.store.put_policy(&doc.name, &source, &file, now, actor).await?;
+            changed(state).await?;
+            let _ = state.audit.record(
+                "policy.changed",
+                json!({"actor": actor, "policy": doc.name, "version": version, "file": file,
+                       "statements": doc.statements.len(),
+                       "diff": crate::cli::line_diff(previous.as_ref().map(|p| p.source.as_str()).unwrap_or(""), &source)}),
+            );
+            Ok(json!({"name": doc.name, "version": version, "statements": doc.statements.len(), "unchanged": false}))
+        }
+        ManageRequest::PolicyList => Ok(json!(
+            state
+                .store
+                .policies()
+                .await?
+                .into_iter()
+                .map(|p| json!({"name": p.name, "version": p.version, "file": p.file,
+                                "applied_at": p.applied_at, "applied_by": p.applied_by}))
+                .collect::<Vec<_>>()
+        )),
+        ManageRequest::PolicyHistory { name } => {
+            let h = state.store.policy_history(&name).await?;
+            if h.is_empty() {
+                return Err(bad(format!("no policy {name:?}; see `postern policy list`")));
+            }
+            Ok(json!(h))
+        }
+        ManageRequest::PolicyRm { name } => {
+            if !state.store.policies().await?.iter().any(|p| p.name == name) {
+                return Err(bad(format!("no policy {name:?}")));
+            }
+            let version = state.store.put_policy(&name, "", "", now, actor).await?;
+            changed(state).await?;
+            let _ = state
+                .audit
+                .record("policy.changed", json!({"actor": actor, "policy": name, "version": version, "removed": true}));
+            Ok(json!({"name": name, "version": version, "removed": true}))
+        }
+        ManageRequest::GrantCreate { user: name, policy, ttl_secs, reason } => {
+            user(state, &name).await?;
+            if !state.access.has_policy(&policy) {
+                return Err(bad(format!("no policy {policy:?} (or it has no statements); see `postern policy list`")));
+            }
+            if ttl_secs == 0 || ttl_secs > 366 * 86400 {
+                return Err(bad("--for must be between 1s and 366d"));
+            }
+            if reason.trim().is_empty() {
+                return Err(bad("give a --reason; it goes into the audit log"));
+            }
+            let mut id = [0u8; 6];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                .map_err(|_| bad("no randomness"))?;
+            let grant = GrantRecord {
+                id: format!("gr-{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                user: name,
+                policy,
+                reason,
+                created_at: now,
+                created_by: actor.to_owned(),
+                expires_at: now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX)),
+                revoked_at: None,
+                revoked_by: None,
+            };
+            state.store.put_grant(&grant).await?;
+            changed(state).await?;
+            let _ = state.audit.record(
+                "grant.created",
+                json!({"actor": actor, "grant_id": grant.id, "user": grant.user, "policy": grant.policy,
+                       "expires_at": grant.expires_at, "reason": grant.reason}),
+            );
+            Ok(json!(grant))
+        }
+        ManageRequest::GrantList { all } => {
+            let grants = state.store.grants().await?;
+            Ok(json!(grants.into_iter().filter(|g| all || g.active_at(now)).collect::<Vec<_>>()))
+        }
+        ManageRequest::GrantRevoke { id, user: who, policy } => {
+            if id.is_none() && who.is_none() {
+                return Err(bad("name a grant id or --user"));
+            }
+            let mut revoked = Vec::new();
+            for g in state.store.grants().await? {
+                let hit = g.active_at(now)
+                    && id.as_ref().is_none_or(|i| *i == g.id)
+                    && who.as_ref().is_none_or(|u| *u == g.user)
+                    && policy.as_ref().is_none_or(|p| *p == g.policy);
+                if hit && state.store.revoke_grant(&g.id, now, actor).await? {
+                    let _ = state.audit.record(
+                        "grant.revoked",
+                        json!({"actor": actor, "grant_id": g.id, "user": g.user, "policy": g.policy}),
+                    );
+                    revoked.push(g.id);
+                }
+            }
+            if revoked.is_empty() {
+                return Err(bad("no active grant matches"));
+            }
+            changed(state).await?;
+            Ok(json!({"revoked": revoked}))
+        }
+        ManageRequest::Explain { user: name, target, action, at, from, to } => {
+            let at = match at {
+                Some(t) => parse_time(&t)?,
+                None => jiff::Timestamp::now(),
+            };
+            if Action::parse(&action).is_none() && action != "rdp" && action != "run" {
+                return Err(bad(format!("unknown action {action:?}")));
+            }
+            let destination = match &to {
+                Some(d) => {
+                    let (h, p) = d.rsplit_once(':').ok_or_else(|| bad("--to: expected HOST:PORT"))?;
+                    Some((h.trim_matches(['[', ']']).to_owned(), p.parse::<u16>().map_err(|_| bad("--to: bad port"))?))
+                }
+                None if action == "port-forward" => Some(("127.0.0.1".to_owned(), 80)),
+                None if action == "ssh-passthrough" => Some(("127.0.0.1".to_owned(), 22)),
+                None => None,
+            };
+            let agents = state.store.agents().await?;
+            let agent = crate::admin::resolve_instance(&agents, &target).map_err(bad)?;
+            let d = state.access.decide(
+                &name,
+                from,
+                Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
+                &action,
+                destination.as_ref().map(|(h, p)| (h.as_str(), *p)),
+                at,
+                true,
+            );
+            Ok(json!({"user": name, "user_active": state.access.user_active(&name), "target": agent.name,
+                      "action": action, "at": at.to_string(), "from": from,
+                      "destination": destination.map(|(h, p)| format!("{h}:{p}")),
+                      "summary": d.summary(), "decision": d}))
+        }
+        ManageRequest::Sessions { all } => Ok(json!(state.sessions.rows(all))),
+        ManageRequest::SessionTerminate { id } => {
+            let reason = format!("terminated by {actor}");
+            let live = state.sessions.live().into_iter().find(|s| s.id == id);
+            let Some(s) = live.filter(|_| state.sessions.terminate(&id, &reason)) else {
+                return Err(bad(format!("no live session {id:?}; see `postern sessions`")));
+            };
+            let _ = state.audit.record(
+                "session.terminated",
+                json!({"session_id": id, "user": s.user, "target": s.target, "kind": s.action.name(),
+                       "actor": actor, "reason": reason}),
+            );
+            Ok(json!({"terminated": id}))
+        }
+    }
+}
+
+/// RFC 3339, or a date and time without offset in UTC (`2026-12-01 09:00`).
+pub fn parse_time(s: &str) -> anyhow::Result<jiff::Timestamp> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    let civil: jiff::civil::DateTime =
+        s.parse().map_err(|_| bad(format!("{s:?}: expected a time like 2026-12-01T09:00:00Z")))?;
+    civil.to_zoned(jiff::tz::TimeZone::UTC).map(|z| z.timestamp()).map_err(|e| bad(e.to_string()))
+}

@@ -1,0 +1,224 @@
+//! Live sessions: what `postern sessions` lists, what `sessions terminate` and the policy
+//! enforcer end. Each session registers here for as long as it runs and keeps its byte
+//! counters current; ended sessions stay in a bounded list of recent ones.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postern_tunnel::CancellationToken;
+use serde::Serialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::access::Action;
+use crate::gateway::GatewayState;
+
+/// Ended sessions kept for `postern sessions --all`.
+const RECENT: usize = 256;
+/// How often live sessions are re-checked against policy even without a change (expiring
+/// grants, time windows). Revocation must end sessions within 5 seconds.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub struct LiveSession {
+    pub id: String,
+    pub user: String,
+    pub source: Option<IpAddr>,
+    pub target: String,
+    pub agent_id: String,
+    pub action: Action,
+    pub destination: Option<(String, u16)>,
+    pub logged: bool,
+    pub started_at: i64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    cancel: CancellationToken,
+    reason: Mutex<Option<String>>,
+}
+
+impl LiveSession {
+    pub fn add_in(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn add_out(&self, n: usize) {
+        self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    /// Resolves when the session must end; then [`reason`](Self::reason) says why.
+    pub async fn terminated(&self) {
+        self.cancel.cancelled().await
+    }
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRow {
+    pub id: String,
+    pub user: String,
+    pub source: Option<String>,
+    pub target: String,
+    pub kind: String,
+    pub destination: Option<String>,
+    pub logged: bool,
+    pub active: bool,
+    pub started_at: i64,
+    pub duration_secs: i64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub end_reason: Option<String>,
+}
+
+impl SessionRow {
+    fn of(s: &LiveSession, now: i64, active: bool) -> Self {
+        SessionRow {
+            id: s.id.clone(),
+            user: s.user.clone(),
+            source: s.source.map(|ip| ip.to_string()),
+            target: s.target.clone(),
+            kind: s.action.name().to_owned(),
+            destination: s.destination.as_ref().map(|(h, p)| format!("{h}:{p}")),
+            logged: s.logged,
+            active,
+            started_at: s.started_at,
+            duration_secs: (now - s.started_at).max(0),
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+            end_reason: s.reason(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SessionTable {
+    live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    recent: Mutex<VecDeque<SessionRow>>,
+}
+
+/// Removes its session from the live table when dropped (however the session ends).
+pub struct Registration {
+    table: Arc<SessionTable>,
+    pub session: Arc<LiveSession>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.table.live.lock() {
+            live.remove(&self.session.id);
+        }
+        let row = SessionRow::of(&self.session, crate::audit::now_unix(), false);
+        if let Ok(mut recent) = self.table.recent.lock() {
+            if recent.len() >= RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(row);
+        }
+    }
+}
+
+impl SessionTable {
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        self: &Arc<Self>,
+        id: &str,
+        user: &str,
+        source: Option<IpAddr>,
+        target: &str,
+        agent_id: &str,
+        action: Action,
+        destination: Option<(String, u16)>,
+        logged: bool,
+    ) -> Registration {
+        let session = Arc::new(LiveSession {
+            id: id.to_owned(),
+            user: user.to_owned(),
+            source,
+            target: target.to_owned(),
+            agent_id: agent_id.to_owned(),
+            action,
+            destination,
+            logged,
+            started_at: crate::audit::now_unix(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+            reason: Mutex::new(None),
+        });
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id.to_owned(), session.clone());
+        }
+        Registration { table: self.clone(), session }
+    }
+
+    pub fn live(&self) -> Vec<Arc<LiveSession>> {
+        self.live.lock().map(|l| l.values().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn count_user(&self, user: &str) -> usize {
+        self.live.lock().map(|l| l.values().filter(|s| s.user == user).count()).unwrap_or(0)
+    }
+
+    /// Ask a live session to end with `reason`; false if it is not live (or already ending).
+    pub fn terminate(&self, id: &str, reason: &str) -> bool {
+        let Some(s) = self.live.lock().ok().and_then(|l| l.get(id).cloned()) else { return false };
+        if s.cancel.is_cancelled() {
+            return false;
+        }
+        if let Ok(mut r) = s.reason.lock() {
+            *r = Some(reason.to_owned());
+        }
+        s.cancel.cancel();
+        true
+    }
+
+    /// Live sessions, newest first, then (with `all`) recently ended ones.
+    pub fn rows(&self, all: bool) -> Vec<SessionRow> {
+        let now = crate::audit::now_unix();
+        let mut rows: Vec<SessionRow> = self.live().iter().map(|s| SessionRow::of(s, now, true)).collect();
+        rows.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.id.cmp(&b.id)));
+        if all && let Ok(recent) = self.recent.lock() {
+            rows.extend(recent.iter().rev().cloned());
+        }
+        rows
+    }
+}
+
+/// Re-check every live session against the current policy whenever access changes, and at
+/// least every [`RECHECK_EVERY`]; end those no longer allowed, with an audit event.
+pub async fn enforce(state: Arc<GatewayState>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = state.access_changed.notified() => {}
+            _ = tokio::time::sleep(RECHECK_EVERY) => {}
+        }
+        let live = state.sessions.live();
+        if live.is_empty() {
+            continue;
+        }
+        let agents = match state.store.agents().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "cannot re-check live sessions");
+                continue;
+            }
+        };
+        let now = jiff::Timestamp::now();
+        for s in live {
+            if let Err(why) = crate::access::recheck(&state, &agents, &s, now) {
+                let reason = format!("access revoked ({why})");
+                if state.sessions.terminate(&s.id, &reason) {
+                    info!(session_id = %s.id, user = %s.user, %reason, "ending session no longer allowed");
+                    let _ = state.audit.record(
+                        "session.terminated",
+                        json!({"session_id": s.id, "user": s.user, "target": s.target, "kind": s.action.name(),
+                               "actor": "policy", "reason": reason}),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! Identity and policy end to end: users and policies managed with the `postern` command,
+//! decisions seen by real `ssh` clients, and live sessions ended by revocation, expiry,
+//! disabling and policy changes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use postern_e2e::*;
+use serde_json::Value;
+
+struct Setup {
+    gw: Gateway,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let gw = Gateway::start("idle_timeout = \"0\"");
+        let dir = tempfile::tempdir().unwrap();
+        let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
+        std::fs::write(dir.path().join("known_hosts"), format!("{ca}\n")).unwrap();
+        Setup { gw, dir }
+    }
+
+    /// A key pair for `user`, registered with `postern user add` and `args` (e.g. groups).
+    fn user(&self, user: &str, args: &[&str]) -> PathBuf {
+        let key = self.dir.path().join(user);
+        sh(&format!("ssh-keygen -q -t ed25519 -N '' -C {user} -f {}", key.display()));
+        let pub_file = key.with_extension("pub");
+        let mut cmd = vec!["user", "add", user, "--key-file", pub_file.to_str().unwrap()];
+        cmd.extend_from_slice(args);
+        self.ok(&cmd);
+        key
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.gw.postern(args);
+        assert!(out.status.success(), "postern {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    fn apply(&self, name: &str, policy: &str) -> Output {
+        let file = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&file, policy).unwrap();
+        self.gw.postern(&["policy", "apply", file.to_str().unwrap()])
+    }
+
+    fn ssh_cmd(&self, key: &Path, login: &str, extra: &[&str]) -> Command {
+        let mut c = Command::new("timeout");
+        c.args(["60", "ssh", "-p", &self.gw.ssh_port.to_string(), "-i"])
+            .arg(key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", self.dir.path().join("known_hosts").display()))
+            .args(extra)
+            .arg(login);
+        c
+    }
+
+    fn ssh(&self, key: &Path, login: &str, command: &str) -> Output {
+        self.ssh_cmd(key, login, &[]).arg(command).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// A long-running session in the background (PTY, so the user sees gateway notices).
+    fn spawn_session(&self, key: &Path, login: &str) -> Child {
+        self.ssh_cmd(key, login, &["-tt"])
+            .arg("echo started; sleep 120")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn sessions(&self) -> Vec<Value> {
+        serde_json::from_str(&self.ok(&["sessions", "--json"])).unwrap()
+    }
+
+    fn wait_live(&self, user: &str) -> String {
+        let mut id = String::new();
+        wait_until(&format!("a live session of {user}"), Duration::from_secs(20), || {
+            match self.sessions().iter().find(|s| s["user"] == user && s["active"] == true) {
+                Some(s) => {
+                    id = s["id"].as_str().unwrap().to_owned();
+                    true
+                }
+                None => false,
+            }
+        });
+        id
+    }
+}
+
+/// Wait for a background session to end; (elapsed, exit code, what the user saw).
+fn ended(mut child: Child, within: Duration) -> (Duration, Option<i32>, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            return (start.elapsed(), status.code(), format!("{}{}", text(&out.stdout), text(&out.stderr)));
+        }
+        if start.elapsed() > within {
+            let _ = child.kill();
+            panic!("session still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const OPS: &str = r#"
+name = "ops"
+description = "ops may use shells on prod web servers, never on databases"
+
+[[statement]]
+sid = "prod-shells"
+effect = "allow"
+groups = ["ops"]
+actions = ["shell", "exec"]
+labels = ["env=prod"]
+run_as = []
+
+[[statement]]
+sid = "no-databases"
+effect = "deny"
+users = ["*"]
+actions = ["shell", "exec"]
+labels = ["role=db"]
+"#;
+
+const ONCALL: &str = r#"
+name = "oncall"
+[[statement]]
+sid = "oncall-exec"
+effect = "allow"
+groups = ["oncall"]
+actions = ["shell", "exec"]
+instances = ["web-*"]
+"#;
+
+#[test]
+fn users_policies_explain_and_the_same_answer_for_unknown_and_denied() {
+    let s = Setup::new();
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod,role=web", vec![], &s.gw.listen);
+    let _db = Agent::start_labeled(&s.gw, "db-01", "env=prod,role=db", vec![], &s.gw.listen);
+    let alice = s.user("alice", &["--group", "ops"]);
+    let bob = s.user("bob", &[]);
+
+    // Nothing is allowed before a policy says so.
+    let out = s.ssh(&alice, "alice%web-01@127.0.0.1", "echo hi");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("access denied (or no such instance)"));
+
+    // An invalid document is refused with file, line and field; nothing changes.
+    let broken = OPS.replace("labels = [\"env=prod\"]", "labels = [\"env=prod,,\"]");
+    let out = s.apply("ops", &broken);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("ops.toml:10:") && err.contains("label selector"), "{err}");
+    assert!(s.ok(&["policy", "list", "--json"]).trim() == "[]");
+
+    let out = s.apply("ops", OPS);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("applied policy ops version 1"));
+
+    let out = s.ssh(&alice, "alice%web-01@127.0.0.1", "echo hi");
+    assert_eq!(text(&out.stdout), "hi\n", "{}", text(&out.stderr));
+    // Denied (explicit deny on role=db), unknown instance, and a user without access all get
+    // the same answer and status.
+    let denied = s.ssh(&alice, "alice%db-01@127.0.0.1", "echo hi");
+    let unknown = s.ssh(&alice, "alice%nope-99@127.0.0.1", "echo hi");
+    let bob_out = s.ssh(&bob, "bob%web-01@127.0.0.1", "echo hi");
+    for o in [&denied, &unknown, &bob_out] {
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(text(&o.stderr), text(&denied.stderr));
+        assert!(o.stdout.is_empty());
+    }
+    // Same timing too, within loopback noise: both paths load instances and evaluate.
+    let time = |login: &str| {
+        let mut v: Vec<Duration> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                s.ssh(&alice, login, "true");
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[2]
+    };
+    let (d, u) = (time("alice%db-01@127.0.0.1"), time("alice%nope-99@127.0.0.1"));
+    let gap = d.abs_diff(u);
+    assert!(gap < Duration::from_millis(100), "denied {d:?} vs unknown {u:?}");
+
+    // explain names the deciding statements.
+    let out = s.gw.postern(&["explain", "--user", "alice", "--target", "db-01", "--action", "shell"]);
+    assert_eq!(out.status.code(), Some(1));
+    let shown = text(&out.stdout);
+    assert!(shown.starts_with("DENY") && shown.contains("decided by: ops/no-databases (deny, line 13)"), "{shown}");
+    assert!(shown.contains("overridden allow: ops/prod-shells"), "{shown}");
+    let out = s.gw.postern(&["explain", "--user", "alice", "--target", "web-01", "--action", "exec", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["decision"]["decided_by"][0]["sid"], "prod-shells");
+    let out = s.gw.postern(&["explain", "--user", "bob", "--target", "web-01", "--action", "shell"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("deny by default"));
+    // A grant makes bob a principal of the granted policy.
+    assert!(s.apply("oncall", ONCALL).status.success());
+    s.ok(&["grant", "--user", "bob", "--policy", "oncall", "--for", "1h", "--reason", "INC-1"]);
+    assert_eq!(text(&s.ssh(&bob, "bob%web-01@127.0.0.1", "echo bob").stdout), "bob\n");
+    let out = s.gw.postern(&["explain", "--user", "bob", "--target", "web-01", "--action", "sftp"]);
+    assert!(text(&out.stdout).contains("not applicable: oncall/oncall-exec (allow): action sftp not listed"));
+
+    // Versioned policies: history and diff.
+    let v2 = OPS.replace(
+        "actions = [\"shell\", \"exec\"]\nlabels = [\"env=prod\"]",
+        "actions = [\"exec\"]\nlabels = [\"env=prod\"]",
+    );
+    assert!(s.apply("ops", &v2).status.success());
+    let history = s.ok(&["policy", "history", "ops"]);
+    assert_eq!(history.lines().count(), 3, "{history}");
+    let diff = s.ok(&["policy", "diff", "ops"]);
+    assert!(diff.contains("- actions = [\"shell\", \"exec\"]") && diff.contains("+ actions = [\"exec\"]"), "{diff}");
+    assert_eq!(s.ok(&["policy", "show", "ops", "--version", "1"]), OPS);
+
+    // Users and groups are listed; every admin action is in the audit log.
+    let users: Vec<Value> = serde_json::from_str(&s.ok(&["user", "list", "--json"])).unwrap();
+    assert_eq!(users.len(), 2);
+    assert!(users[0]["keys"][0]["fingerprint"].as_str().unwrap().starts_with("SHA256:"));
+    assert!(s.ok(&["group", "list"]).contains("ops"));
+    let events = s.gw.audit_events();
+    let admin: Vec<&Value> = events.iter().filter(|e| e["event"] == "admin.action").collect();
+    for op in ["user_add", "policy_apply", "grant_create", "explain", "user_list"] {
+        assert!(admin.iter().any(|e| e["op"] == op), "no admin.action for {op}");
+    }
+    let failed = admin.iter().find(|e| e["op"] == "policy_apply" && e["ok"] == false).unwrap();
+    assert!(failed["error"].as_str().unwrap().contains("ops.toml:10"));
+    assert!(events.iter().any(|e| e["event"] == "policy.changed" && e["version"] == 2));
+    assert!(events.iter().any(|e| e["event"] == "grant.created" && e["user"] == "bob"));
+    // Keys never appear in the audit log, only fingerprints.
+    let key_body = std::fs::read_to_string(alice.with_extension("pub")).unwrap();
+    let body = key_body.split_whitespace().nth(1).unwrap();
+    assert!(!std::fs::read_to_string(s.gw.data_dir().join("audit.log")).unwrap().contains(body));
+}
+
+#[test]
+fn revocation_expiry_disabling_and_policy_changes_end_live_sessions() {
+    let s = Setup::new();
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod,role=web", vec![], &s.gw.listen);
+    let alice = s.user("alice", &["--group", "ops"]);
+    let bob = s.user("bob", &[]);
+    assert!(s.apply("ops", OPS).status.success());
+    assert!(s.apply("oncall", ONCALL).status.success());
+
+    // Revoking a grant ends bob's live session within 5 seconds, with a message.
+    s.ok(&["grant", "--user", "bob", "--policy", "oncall", "--for", "1h", "--reason", "INC-2"]);
+    let child = s.spawn_session(&bob, "bob%web-01@127.0.0.1");
+    s.wait_live("bob");
+    let revoked_at = Instant::now();
+    s.ok(&["revoke", "--user", "bob"]);
+    let (_, code, seen) = ended(child, Duration::from_secs(10));
+    assert!(revoked_at.elapsed() < Duration::from_secs(5), "took {:?}", revoked_at.elapsed());
+    assert_eq!(code, Some(255));
+    assert!(seen.contains("started") && seen.contains("session ended: access revoked"), "{seen}");
+    assert_eq!(s.ssh(&bob, "bob%web-01@127.0.0.1", "true").status.code(), Some(1));
+
+    // A temporary grant expires mid-session.
+    s.ok(&["grant", "--user", "bob", "--policy", "oncall", "--for", "3s", "--reason", "short"]);
+    let child = s.spawn_session(&bob, "bob%web-01@127.0.0.1");
+    s.wait_live("bob");
+    let (_, code, seen) = ended(child, Duration::from_secs(10));
+    assert_eq!(code, Some(255));
+    assert!(seen.contains("session ended: access revoked"), "{seen}");
+    let grants: Vec<Value> = serde_json::from_str(&s.ok(&["grants", "--json"])).unwrap();
+    assert!(grants.is_empty(), "expired grants are not listed as active: {grants:?}");
+
+    // An admin terminates one session; `sessions --all` shows it ended.
+    let child = s.spawn_session(&alice, "alice%web-01@127.0.0.1");
+    let id = s.wait_live("alice");
+    s.ok(&["sessions", "terminate", &id]);
+    let (_, code, seen) = ended(child, Duration::from_secs(10));
+    assert_eq!(code, Some(255));
+    assert!(seen.contains("session ended: terminated by local-admin"), "{seen}");
+    let all: Vec<Value> = serde_json::from_str(&s.ok(&["sessions", "--all", "--json"])).unwrap();
+    let row = all.iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_eq!(row["active"], false);
+    assert_eq!(row["kind"], "exec");
+    assert_eq!(row["logged"], true);
+    assert!(row["bytes_out"].as_u64().unwrap() > 0);
+
+    // A policy change that removes access ends the session it forbids and applies to the
+    // next one; restoring it lets the next session in again.
+    let child = s.spawn_session(&alice, "alice%web-01@127.0.0.1");
+    s.wait_live("alice");
+    let no_web = OPS.replace("labels = [\"role=db\"]", "labels = [\"role=db\"]\n\n[[statement]]\nsid = \"freeze\"\neffect = \"deny\"\nusers = [\"alice\"]\nactions = [\"*\"]\ninstances = [\"web-*\"]");
+    let changed_at = Instant::now();
+    assert!(s.apply("ops", &no_web).status.success());
+    let (_, code, seen) = ended(child, Duration::from_secs(10));
+    assert!(changed_at.elapsed() < Duration::from_secs(5));
+    assert_eq!(code, Some(255));
+    assert!(seen.contains("denied by ops/freeze"), "{seen}");
+    assert_eq!(s.ssh(&alice, "alice%web-01@127.0.0.1", "true").status.code(), Some(1));
+    assert!(s.apply("ops", OPS).status.success());
+    assert_eq!(text(&s.ssh(&alice, "alice%web-01@127.0.0.1", "echo back").stdout), "back\n");
+
+    // Disabling a user ends their sessions and locks them out at authentication.
+    let child = s.spawn_session(&alice, "alice%web-01@127.0.0.1");
+    s.wait_live("alice");
+    s.ok(&["user", "disable", "alice"]);
+    let (_, code, seen) = ended(child, Duration::from_secs(10));
+    assert_eq!(code, Some(255));
+    assert!(seen.contains("user alice is disabled"), "{seen}");
+    let out = s.ssh(&alice, "alice%web-01@127.0.0.1", "true");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
+    s.ok(&["user", "enable", "alice"]);
+    assert_eq!(s.ssh(&alice, "alice%web-01@127.0.0.1", "true").status.code(), Some(0));
+
+    let events = s.gw.audit_events();
+    let terminated: Vec<&Value> = events.iter().filter(|e| e["event"] == "session.terminated").collect();
+    assert!(terminated.len() >= 5, "{terminated:?}");
+    assert!(terminated.iter().any(|e| e["actor"] == "policy"));
+    assert!(events.iter().any(|e| e["event"] == "grant.revoked" && e["user"] == "bob"));
+}
+
+#[test]
+fn port_forwards_are_checked_against_forward_destinations() {
+    let s = Setup::new();
+    let _db = Agent::start_labeled(&s.gw, "db-01", "env=prod,role=db", vec![], &s.gw.listen);
+    let carol = s.user("carol", &["--group", "dba"]);
+    let policy = r#"
+name = "db-forward"
+[[statement]]
+sid = "pg-only"
+effect = "allow"
+groups = ["dba"]
+actions = ["port-forward"]
+labels = ["role=db"]
+forward_to = ["127.0.0.1:5432-5440"]
+"#;
+    assert!(s.apply("db-forward", policy).status.success());
+    // A local TCP service in the allowed range and one outside it, both on the instance.
+    let ok_port = (5432..=5440).find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()).unwrap();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", ok_port)).unwrap();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            use std::io::Write;
+            let mut c = c;
+            let _ = c.write_all(b"pong\n");
+        }
+    });
+    let fwd = |port: u16| {
+        let local = free_tcp_port();
+        let spec = format!("{local}:127.0.0.1:{port}");
+        let mut child = s
+            .ssh_cmd(&carol, "carol%db-01@127.0.0.1", &["-N", "-L", &spec])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until("forward listening", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+        });
+        let mut got = String::new();
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+            use std::io::Read;
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = c.read_to_string(&mut got);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        got
+    };
+    assert_eq!(fwd(ok_port), "pong\n");
+    assert_eq!(fwd(other_port), "", "a destination outside forward_to is refused");
+    let events = s.gw.audit_events();
+    assert!(events.iter().any(|e| e["event"] == "forward.open" && e["destination"] == format!("127.0.0.1:{ok_port}")));
+    assert!(events.iter().any(|e| e["event"] == "session.denied" && e["action"] == "port-forward"));
+    drop(other);
+}
