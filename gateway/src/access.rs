@@ -167,19 +167,46 @@ impl Authorization {
 /// The one answer for "no such instance" and "not allowed", so users cannot probe names.
 pub const DENIED: &str = "access denied (or no such instance)";
 
+/// `*` matches any run of characters, `?` exactly one; everything else matches itself.
+/// Iterative with one backtrack point and no allocation: policy evaluation calls this for
+/// every candidate statement.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match (p.split_first(), n.split_first()) {
-            (None, None) => true,
-            (Some(('*', rest)), _) => go(rest, n) || n.split_first().is_some_and(|(_, nr)| go(p, nr)),
-            (Some(('?', rest)), Some((_, nr))) => go(rest, nr),
-            (Some((pc, rest)), Some((nc, nr))) if pc == nc => go(rest, nr),
-            _ => false,
-        }
+    if !pattern.bytes().any(|b| b == b'*' || b == b'?') {
+        return pattern == name;
+    }
+    // Names and patterns are ASCII almost always; work on bytes then, on chars otherwise.
+    if pattern.is_ascii() && name.is_ascii() {
+        return glob_slices(pattern.as_bytes(), name.as_bytes(), b'*', b'?');
     }
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
-    go(&p, &n)
+    glob_slices(&p, &n, '*', '?')
+}
+
+fn glob_slices<T: PartialEq + Copy>(p: &[T], n: &[T], star: T, one: T) -> bool {
+    let (mut pi, mut ni) = (0, 0);
+    let mut back: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some(&c) if c == star => {
+                back = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == one || Some(&c) == n.get(ni) => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match back {
+                Some((bp, bn)) => {
+                    pi = bp + 1;
+                    ni = bn + 1;
+                    back = Some((bp, bn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == star))
 }
 
 pub fn parse_key(line: &str) -> Result<PublicKey, String> {
@@ -462,7 +489,7 @@ pub async fn authorize_request(
     requested_profile: Option<&str>,
     destination: Option<(&str, u16)>,
 ) -> Result<Authorization, &'static str> {
-    let agents = state.store.agents().await.map_err(|_| "gateway storage error")?;
+    let agents = state.store.find_agents(instance).await.map_err(|_| "gateway storage error")?;
     let found = crate::admin::resolve_instance(&agents, instance).ok();
     // An unknown instance is evaluated against a placeholder, so that "unknown" and "denied"
     // cost the same work and give the same answer.
@@ -558,6 +585,14 @@ mod tests {
         assert!(!glob_match("db-*", "web-01"));
         assert!(glob_match("*-01", "web-01"));
         assert!(!glob_match("", "x"));
+        assert!(glob_match("", ""));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        assert!(glob_match("*.internal", "db.eu.internal"));
+        assert!(glob_match("**?", "x"));
+        assert!(!glob_match("?", ""));
+        assert!(glob_match("é*", "éa"));
+        assert!(glob_match("?", "é"));
     }
 
     #[test]

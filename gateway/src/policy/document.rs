@@ -363,14 +363,33 @@ pub fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes().iter().take(at).filter(|b| **b == b'\n').count() + 1
 }
 
-/// Line of the `[[statement]]` header of the statement whose table starts at byte `at`.
-pub fn statement_line(text: &str, at: usize) -> usize {
-    let line = line_of(text, at);
-    let lines: Vec<&str> = text.lines().collect();
-    (1..=line.min(lines.len()))
-        .rev()
-        .find(|n| lines.get(n - 1).is_some_and(|l| l.trim() == "[[statement]]"))
-        .unwrap_or(line)
+/// Line numbers of byte offsets in one document, by binary search over line starts.
+pub struct LineIndex<'a> {
+    text: &'a str,
+    starts: Vec<usize>,
+}
+
+impl<'a> LineIndex<'a> {
+    pub fn new(text: &'a str) -> Self {
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        LineIndex { text, starts }
+    }
+
+    /// Line (1-based) of byte offset `at`.
+    pub fn line(&self, at: usize) -> usize {
+        self.starts.partition_point(|&s| s <= at).max(1)
+    }
+
+    /// Line of the `[[statement]]` header of the statement whose table starts at byte `at`.
+    pub fn statement_line(&self, at: usize) -> usize {
+        let line = self.line(at);
+        let text_of = |n: usize| {
+            let start = self.starts.get(n - 1).copied().unwrap_or(0);
+            let end = self.starts.get(n).copied().unwrap_or(self.text.len());
+            self.text.get(start..end).unwrap_or("")
+        };
+        (1..=line).rev().find(|&n| text_of(n).trim() == "[[statement]]").unwrap_or(line)
+    }
 }
 
 /// Parse and validate a document. Errors name `file`, the line and the field.
@@ -383,8 +402,9 @@ pub fn parse(file: &str, text: &str) -> Result<Document, String> {
         return Err(format!("{file}:1: name {:?}: use letters, digits, '-' and '_'", doc.name));
     }
     let mut sids = std::collections::HashSet::new();
+    let lines = LineIndex::new(text);
     for (i, st) in doc.statements.iter().enumerate() {
-        let line = statement_line(text, st.span().start);
+        let line = lines.statement_line(st.span().start);
         let s = st.get_ref();
         let at = |field: &str, msg: &str| format!("{file}:{line}: statement {}: {field}: {msg}", i + 1);
         if s.users.is_empty() && s.groups.is_empty() {

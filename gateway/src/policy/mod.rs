@@ -31,6 +31,42 @@ struct Compiled {
     sid: String,
     line: usize,
     stmt: Statement,
+    users: Vec<Pat>,
+    groups: Vec<Pat>,
+    actions: Vec<Pat>,
+    instances: Vec<Pat>,
+}
+
+/// A name pattern, classified once when the policy is compiled.
+#[derive(Debug, Clone)]
+enum Pat {
+    Any,
+    Exact(String),
+    Glob(String),
+}
+
+impl Pat {
+    fn new(p: &str) -> Pat {
+        if p == "*" {
+            Pat::Any
+        } else if p.bytes().any(|b| b == b'*' || b == b'?') {
+            Pat::Glob(p.to_owned())
+        } else {
+            Pat::Exact(p.to_owned())
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Pat::Any => true,
+            Pat::Exact(p) => p == v,
+            Pat::Glob(p) => glob_match(p, v),
+        }
+    }
+
+    fn all<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Pat> {
+        names.into_iter().map(Pat::new).collect()
+    }
 }
 
 /// Where a statement came from, as `explain` and audit events name it.
@@ -129,6 +165,19 @@ pub struct PolicySet {
     /// Statements whose principals use globs (`*`, `ops-*`): checked for every request.
     wildcard: Vec<usize>,
     by_policy: HashMap<String, Vec<usize>>,
+    /// Per statement, the actions it lists as bits (see [`action_bit`]): a cheap first filter
+    /// kept apart from the statements so scanning it stays in cache.
+    action_bits: Vec<u16>,
+}
+
+/// Bit of an action name: one per known action, one shared by all others (`admin:...`).
+fn action_bit(action: &str) -> u16 {
+    document::ACTIONS.iter().position(|a| *a == action).map(|i| 1u16 << i).unwrap_or(1 << 15)
+}
+
+/// Bits an action pattern can match: a glob may match anything.
+fn pattern_bits(pattern: &str) -> u16 {
+    if pattern.bytes().any(|b| b == b'*' || b == b'?') { u16::MAX } else { action_bit(pattern) }
 }
 
 impl PolicySet {
@@ -136,6 +185,7 @@ impl PolicySet {
     pub fn new<'a>(documents: impl IntoIterator<Item = (&'a Document, &'a str)>) -> Self {
         let mut set = PolicySet::default();
         for (doc, text) in documents {
+            let lines = document::LineIndex::new(text);
             for (i, st) in doc.statements.iter().enumerate() {
                 let stmt = st.get_ref().clone();
                 let idx = set.statements.len();
@@ -158,10 +208,15 @@ impl PolicySet {
                 if wild {
                     set.wildcard.push(idx);
                 }
+                set.action_bits.push(stmt.actions.iter().fold(0, |acc, a| acc | pattern_bits(&a.0)));
                 set.statements.push(Compiled {
                     policy: doc.name.clone(),
                     sid: stmt.sid.clone().unwrap_or_else(|| format!("#{}", i + 1)),
-                    line: document::statement_line(text, st.span().start),
+                    line: lines.statement_line(st.span().start),
+                    users: Pat::all(stmt.users.iter().map(|n| n.0.as_str())),
+                    groups: Pat::all(stmt.groups.iter().map(|n| n.0.as_str())),
+                    actions: Pat::all(stmt.actions.iter().map(|n| n.0.as_str())),
+                    instances: Pat::all(stmt.instances.iter().map(|n| n.0.as_str())),
                     stmt,
                 });
             }
@@ -181,26 +236,13 @@ impl PolicySet {
         self.by_policy.contains_key(name)
     }
 
-    /// Indices of statements that might name this user, in document order.
-    fn candidates(&self, req: &Request) -> Vec<usize> {
-        let mut out: Vec<usize> = Vec::new();
-        if let Some(v) = self.by_user.get(req.user) {
-            out.extend(v);
-        }
-        for g in req.groups {
-            if let Some(v) = self.by_group.get(g) {
-                out.extend(v);
-            }
-        }
-        out.extend(&self.wildcard);
-        for p in req.grants {
-            if let Some(v) = self.by_policy.get(p) {
-                out.extend(v);
-            }
-        }
-        out.sort_unstable();
-        out.dedup();
-        out
+    /// Statements that might name this user (by index, group, glob or grant), possibly
+    /// with repeats, in no particular order.
+    fn candidates<'a>(&'a self, req: &'a Request) -> impl Iterator<Item = usize> + 'a {
+        let by_user = self.by_user.get(req.user).into_iter().flatten();
+        let by_group = req.groups.iter().filter_map(|g| self.by_group.get(g)).flatten();
+        let by_grant = req.grants.iter().filter_map(|p| self.by_policy.get(p)).flatten();
+        by_user.chain(by_group).chain(self.wildcard.iter()).chain(by_grant).copied()
     }
 
     pub fn evaluate(&self, req: &Request) -> Decision {
@@ -214,24 +256,32 @@ impl PolicySet {
     }
 
     fn decide(&self, req: &Request, explain: bool) -> Decision {
-        let mut allows = Vec::new();
-        let mut denies = Vec::new();
-        let mut not_applicable = Vec::new();
+        let bit = action_bit(req.action);
+        let mut applicable: Vec<usize> = Vec::new();
+        let mut missed: Vec<(usize, Miss)> = Vec::new();
         for idx in self.candidates(req) {
+            if !explain && self.action_bits.get(idx).is_none_or(|b| b & bit == 0) {
+                continue;
+            }
             let Some(c) = self.statements.get(idx) else { continue };
             match applies(c, req) {
-                Ok(()) => {
-                    if c.stmt.effect == Effect::Deny {
-                        denies.push(c);
-                    } else {
-                        allows.push(c);
-                    }
-                }
-                Err(why) if explain => not_applicable.push((reference(c), why)),
+                Ok(()) => applicable.push(idx),
+                Err(miss) if explain => missed.push((idx, miss)),
                 Err(_) => {}
             }
         }
-        let not_applicable = if explain { not_applicable } else { Vec::new() };
+        // Document order (settings merge in it) and no repeats (a statement can be reached
+        // through the user and a group).
+        applicable.sort_unstable();
+        applicable.dedup();
+        missed.sort_unstable_by_key(|(i, _)| *i);
+        missed.dedup_by_key(|(i, _)| *i);
+        let (denies, allows): (Vec<&Compiled>, Vec<&Compiled>) =
+            applicable.iter().filter_map(|&i| self.statements.get(i)).partition(|c| c.stmt.effect == Effect::Deny);
+        let not_applicable: Vec<(StatementRef, String)> = missed
+            .into_iter()
+            .filter_map(|(i, m)| self.statements.get(i).map(|c| (reference(c), m.describe(&c.stmt, req))))
+            .collect();
         if !denies.is_empty() {
             return Decision {
                 allowed: false,
@@ -297,28 +347,68 @@ fn shorter(a: Option<Option<Duration>>, b: Option<Option<Duration>>) -> Option<O
     }
 }
 
-fn applies(c: &Compiled, req: &Request) -> Result<(), String> {
+/// Why a statement did not apply; turned into text only for `explain`.
+#[derive(Debug, Clone, Copy)]
+enum Miss {
+    Principal,
+    Action,
+    Instance,
+    Labels,
+    NoTarget,
+    Destination,
+    NotBefore,
+    Expired,
+    Schedule,
+    Source,
+}
+
+impl Miss {
+    fn describe(self, s: &Statement, req: &Request) -> String {
+        let target = req.target.map(|t| t.name).unwrap_or("");
+        match self {
+            Miss::Principal => "does not name this user".into(),
+            Miss::Action => format!("action {} not listed", req.action),
+            Miss::Instance => format!("instance {target} not in instances"),
+            Miss::Labels => format!("instance {target} does not match the label selectors"),
+            Miss::NoTarget => "no instance in the request".into(),
+            Miss::Destination => {
+                let (h, p) = req.destination.unwrap_or(("", 0));
+                let why = if s.forward_to.is_none() { LOOPBACK_ONLY } else { "not in forward_to" };
+                format!("destination {h}:{p}: {why}")
+            }
+            Miss::NotBefore => format!("not before {}", s.not_before.map(|t| t.0.to_string()).unwrap_or_default()),
+            Miss::Expired => format!("expired at {}", s.not_after.map(|t| t.0.to_string()).unwrap_or_default()),
+            Miss::Schedule => "outside its schedule".into(),
+            Miss::Source => match req.source {
+                Some(ip) => format!("source {ip} not in its source ranges"),
+                None => "request has no source address".into(),
+            },
+        }
+    }
+}
+
+/// Cheapest checks first: this runs for every candidate statement of every decision.
+fn applies(c: &Compiled, req: &Request) -> Result<(), Miss> {
     let s = &c.stmt;
-    let named = s.users.iter().any(|u| glob_match(&u.0, req.user))
-        || s.groups.iter().any(|g| req.groups.iter().any(|rg| glob_match(&g.0, rg)))
+    let named = c.users.iter().any(|u| u.matches(req.user))
+        || c.groups.iter().any(|g| req.groups.iter().any(|rg| g.matches(rg)))
         || req.grants.contains(&c.policy);
     if !named {
-        return Err("does not name this user".into());
+        return Err(Miss::Principal);
     }
-    if !s.actions.iter().any(|a| glob_match(&a.0, req.action)) {
-        return Err(format!("action {} not listed", req.action));
+    if !c.actions.iter().any(|a| a.matches(req.action)) {
+        return Err(Miss::Action);
     }
     if let Some(t) = req.target {
-        let by_name =
-            s.instances.is_empty() || s.instances.iter().any(|p| glob_match(&p.0, t.name) || glob_match(&p.0, t.id));
+        let by_name = c.instances.is_empty() || c.instances.iter().any(|p| p.matches(t.name) || p.matches(t.id));
         if !by_name {
-            return Err(format!("instance {} not in instances", t.name));
+            return Err(Miss::Instance);
         }
         if !s.labels.is_empty() && !s.labels.iter().any(|sel| selector_matches(sel, t.labels)) {
-            return Err(format!("instance {} does not match the label selectors", t.name));
+            return Err(Miss::Labels);
         }
     } else if !(s.instances.is_empty() && s.labels.is_empty()) {
-        return Err("no instance in the request".into());
+        return Err(Miss::NoTarget);
     }
     if let Some((host, port)) = req.destination {
         let ok = match &s.forward_to {
@@ -328,29 +418,20 @@ fn applies(c: &Compiled, req: &Request) -> Result<(), String> {
             None => is_loopback(host),
         };
         if !ok {
-            let why = if s.forward_to.is_none() { LOOPBACK_ONLY.to_owned() } else { "not in forward_to".to_owned() };
-            return Err(format!("destination {host}:{port}: {why}"));
+            return Err(Miss::Destination);
         }
     }
-    if let Some(nb) = s.not_before
-        && req.at < nb.0
-    {
-        return Err(format!("not before {}", nb.0));
+    if s.not_before.is_some_and(|nb| req.at < nb.0) {
+        return Err(Miss::NotBefore);
     }
-    if let Some(na) = s.not_after
-        && req.at >= na.0
-    {
-        return Err(format!("expired at {}", na.0));
+    if s.not_after.is_some_and(|na| req.at >= na.0) {
+        return Err(Miss::Expired);
+    }
+    if !s.source.is_empty() && !req.source.is_some_and(|ip| s.source.iter().any(|n| n.0.contains(&canonical(ip)))) {
+        return Err(Miss::Source);
     }
     if !s.schedule.is_empty() && !s.schedule.iter().any(|w| w.contains(req.at)) {
-        return Err("outside its schedule".into());
-    }
-    if !s.source.is_empty() {
-        match req.source {
-            Some(ip) if s.source.iter().any(|n| n.0.contains(&canonical(ip))) => {}
-            Some(ip) => return Err(format!("source {ip} not in its source ranges")),
-            None => return Err("request has no source address".into()),
-        }
+        return Err(Miss::Schedule);
     }
     Ok(())
 }

@@ -116,6 +116,9 @@ pub trait Store: Send + Sync + 'static {
     /// All agents that are not revoked.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
+    /// Agents that are not revoked whose id or name is `wanted` (one indexed lookup).
+    async fn find_agents(&self, wanted: &str) -> Result<Vec<AgentRecord>, StoreError>;
+
     /// Record what a connecting agent reported, and when it was last seen.
     async fn agent_seen(
         &self,

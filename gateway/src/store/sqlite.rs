@@ -246,6 +246,17 @@ impl Store for SqliteStore {
         rows.iter().map(row_to_agent).collect()
     }
 
+    async fn find_agents(&self, wanted: &str) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 AND (id = ? OR name = ?) ORDER BY name"
+        ))
+        .bind(wanted)
+        .bind(wanted)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_agent).collect()
+    }
+
     async fn agent_seen(
         &self,
         id: &str,
