@@ -118,7 +118,20 @@ impl RunningGateway {
         self.tasks.wait().await;
         let _ = std::fs::remove_file(admin_socket_path(&self.state.config.data_dir));
         let _ = self.state.audit.record("gateway.stopped", json!({}));
+        let _ = self.state.audit.checkpoint(true);
         info!("gateway stopped");
+    }
+}
+
+/// Signed audit checkpoints at least every [`crate::audit::CHECKPOINT_EVERY`] while events
+/// arrive (the log also writes one every [`crate::audit::CHECKPOINT_EVERY_EVENTS`] events).
+async fn checkpoints(audit: Arc<AuditLog>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+        let _ = audit.checkpoint(false);
     }
 }
 
@@ -137,7 +150,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             .await
             .with_context(|| format!("opening database in {}", dir.display()))?,
     );
-    let audit = Arc::new(AuditLog::open(&dir.join("audit.log")).context("opening audit log")?);
+    let signing_key = crate::audit::load_or_create_signing_key(&dir.join("audit-signing.key"))?;
+    let audit = Arc::new(AuditLog::open_signed(&dir.join("audit.log"), signing_key).context("opening audit log")?);
     let directory = Arc::new(StoreDirectory { store: store.clone(), audit: audit.clone() });
     let settings = TunnelSettings {
         agent_cert_ttl: config.agent_cert_ttl()?,
@@ -182,6 +196,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let listener = crate::admin::bind(&admin_socket_path(&dir))?;
     tasks.spawn(server.serve(shutdown.clone()));
     tasks.spawn(crate::sessions::enforce(state.clone(), shutdown.clone()));
+    tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
     tasks.spawn(crate::admin::serve(listener, state.clone(), shutdown.clone()));
     if let Some(l) = ssh_listener {
         tasks.spawn(crate::ssh::serve(l, state.clone(), shutdown.clone()));
