@@ -14,7 +14,22 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     pub tunnel: TunnelConfig,
     pub ssh: SshConfig,
+    pub audit: AuditConfig,
     pub testing: TestingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Refuse a session that should be recorded when its recording or its audit events
+    /// cannot be written (default), instead of running it unrecorded. See docs/audit.md.
+    pub fail_closed: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { fail_closed: true }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +106,7 @@ impl Default for GatewayConfig {
             data_dir: default_data_dir(),
             tunnel: TunnelConfig::default(),
             ssh: SshConfig::default(),
+            audit: AuditConfig::default(),
             testing: TestingConfig::default(),
         }
     }

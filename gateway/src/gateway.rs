@@ -177,6 +177,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         None
     };
     let ssh_addr = ssh_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let sessions = Arc::new(
+        crate::sessions::SessionTable::with_markers(dir.join("live-sessions"))
+            .with_context(|| format!("creating {}", dir.join("live-sessions").display()))?,
+    );
+    sessions.close_orphans(&audit);
     let state = Arc::new(GatewayState {
         config,
         store,
@@ -188,7 +193,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         host_keys,
         ssh_addr,
         ssh_throttle: crate::ssh::Throttle::default(),
-        sessions: Arc::default(),
+        sessions,
         access_changed: tokio::sync::Notify::new(),
     });
     let shutdown = CancellationToken::new();

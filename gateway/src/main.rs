@@ -218,6 +218,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Sessions(args) => {
             cli::manage::sessions(&cli::socket_for(&cli)?, args.all, args.json, args.action.as_ref()).await.map(|()| 0)
         }
+        Command::Replay { session, speed, max_wait } => cli::replay(&cli, session, *speed, *max_wait),
         Command::Audit { action: cli::AuditAction::Verify { file, key, json } } => {
             cli::audit_verify(&cli, file.as_deref(), key.as_deref(), *json)
         }

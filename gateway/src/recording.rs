@@ -44,6 +44,15 @@ impl Recorder {
         &self.path
     }
 
+    /// Give the recording its session's name once the session id is known (recordings are
+    /// created before the session starts, so that one that cannot be written stops it).
+    pub fn rename_to(&mut self, session_id: &str) -> std::io::Result<()> {
+        let to = self.path.with_file_name(format!("{session_id}.cast"));
+        std::fs::rename(&self.path, &to)?;
+        self.path = to;
+        Ok(())
+    }
+
     fn event(&mut self, kind: &str, data: &str) -> std::io::Result<()> {
         let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
         writeln!(self.file, "{}", json!([t, kind, data]))?;
@@ -70,9 +79,65 @@ impl Recorder {
     }
 }
 
+/// Play a recording to `out` in real time divided by `speed`, with pauses longer than
+/// `max_wait` shortened to it (as `asciinema play -i`). Errors name the line that is bad.
+pub fn replay(path: &Path, speed: f64, max_wait: Option<f64>, out: &mut dyn Write) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    if !(speed.is_finite() && speed > 0.0) {
+        anyhow::bail!("--speed must be a positive number");
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("opening recording {}", path.display()))?;
+    let mut lines = std::io::BufReader::new(file).lines();
+    let header: serde_json::Value = serde_json::from_str(&lines.next().context("empty recording")??)
+        .with_context(|| format!("{}:1: not an asciicast header", path.display()))?;
+    if header.get("version").and_then(serde_json::Value::as_u64) != Some(2) {
+        anyhow::bail!("{}:1: only asciicast version 2 is supported", path.display());
+    }
+    let mut last = 0.0f64;
+    for (i, line) in lines.enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || format!("{}:{}: not an asciicast event", path.display(), i + 2);
+        let ev: (f64, String, String) = serde_json::from_str(&line).with_context(bad)?;
+        let mut wait = ((ev.0 - last).max(0.0)) / speed;
+        if let Some(cap) = max_wait {
+            wait = wait.min(cap);
+        }
+        last = ev.0;
+        if wait > 0.0 {
+            out.flush()?;
+            std::thread::sleep(std::time::Duration::from_secs_f64(wait));
+        }
+        if ev.1 == "o" {
+            out.write_all(ev.2.as_bytes())?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replays_output_in_order_and_rejects_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.cast");
+        std::fs::write(&p, "{\"version\":2,\"width\":80,\"height\":24}\n[0.1,\"o\",\"he\"]\n[0.2,\"r\",\"90x30\"]\n[5.0,\"o\",\"llo\"]\n").unwrap();
+        let mut out = Vec::new();
+        let t = Instant::now();
+        replay(&p, 1000.0, Some(0.01), &mut out).unwrap();
+        assert_eq!(out, b"hello");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert!(replay(&p, 0.0, None, &mut Vec::new()).is_err());
+        std::fs::write(&p, "{\"version\":2}\n[0.1,\"o\"]\n").unwrap();
+        let e = replay(&p, 1.0, None, &mut Vec::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("s.cast:2:"), "{e:#}");
+    }
 
     #[test]
     fn writes_asciicast_v2_and_keeps_utf8_split_across_chunks() {

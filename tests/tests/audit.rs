@@ -66,3 +66,191 @@ fn verify_accepts_the_gateways_log_and_locates_tampering() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stdout).contains("signature does not verify"));
 }
+
+/// `kill -9` of the gateway mid-session: the recording is readable up to what was shown, the
+/// log verifies, and the restarted gateway writes the orphaned session's end event.
+#[test]
+fn a_gateway_crash_mid_session_leaves_a_readable_recording_and_an_end_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("alice");
+    sh(&format!("ssh-keygen -q -t ed25519 -N '' -C alice -f {}", key.display()));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let mut gw = Gateway::start(&format!(
+        "idle_timeout = \"0\"\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"*\"]\n",
+        public.trim()
+    ));
+    let _agent = Agent::start(&gw, "web-01", vec![], &gw.listen);
+    let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
+    let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
+    let kh = dir.path().join("known_hosts");
+    std::fs::write(&kh, format!("{ca}\n")).unwrap();
+    let mut child = std::process::Command::new("timeout")
+        .args(["60", "ssh", "-tt", "-p", &gw.ssh_port.to_string(), "-i"])
+        .arg(&key)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["alice%web-01@127.0.0.1", "echo before-the-crash; sleep 60"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let recordings = gw.data_dir().join("recordings");
+    let mut cast = std::path::PathBuf::new();
+    wait_until("the recording shows the output", Duration::from_secs(20), || {
+        let found = std::fs::read_dir(&recordings).ok().and_then(|d| d.flatten().next()).map(|e| e.path());
+        match found {
+            Some(p) if std::fs::read_to_string(&p).is_ok_and(|t| t.contains("before-the-crash")) => {
+                cast = p;
+                true
+            }
+            _ => false,
+        }
+    });
+    gw.proc.as_ref().unwrap().signal(nix::sys::signal::Signal::SIGKILL);
+    gw.proc.as_mut().unwrap().wait_exit(Duration::from_secs(10));
+    gw.proc = None;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let played = std::process::Command::new("asciinema").arg("cat").arg(&cast).output().unwrap();
+    assert!(played.status.success(), "{}", text(&played.stderr));
+    assert!(text(&played.stdout).contains("before-the-crash"));
+
+    gw.restart();
+    let sid = cast.file_stem().unwrap().to_str().unwrap().to_owned();
+    let events = gw.audit_events();
+    let end = events.iter().find(|e| e["event"] == "session.end" && e["session_id"] == sid.as_str());
+    let end = end.unwrap_or_else(|| panic!("no end event for {sid}"));
+    assert_eq!(end["end_reason"], "gateway-crash");
+    assert_eq!(end["user"], "alice");
+    gw.stop();
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
+/// A gateway whose SSH user `alice` may reach every instance, with an agent `web-01`;
+/// returns (gateway, key, known_hosts file, agent).
+fn ssh_gateway_on(dir: &std::path::Path, extra: &str) -> (Gateway, std::path::PathBuf, std::path::PathBuf, Agent) {
+    let key = dir.join("alice");
+    if !key.exists() {
+        sh(&format!("ssh-keygen -q -t ed25519 -N '' -C alice -f {}", key.display()));
+    }
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let config = format!(
+        "idle_timeout = \"0\"\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"*\"]\n{extra}",
+        public.trim()
+    );
+    let gw = Gateway::start(&config);
+    let agent = Agent::start(&gw, "web-01", vec![], &gw.listen);
+    let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
+    let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
+    let kh = dir.join(format!("known_hosts-{}", gw.ssh_port));
+    std::fs::write(&kh, format!("{ca}\n")).unwrap();
+    (gw, key, kh, agent)
+}
+
+fn ssh_exec(gw: &Gateway, key: &std::path::Path, kh: &std::path::Path, command: &str) -> std::process::Output {
+    std::process::Command::new("timeout")
+        .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+        .arg(key)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["alice%web-01@127.0.0.1", command])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sessions_that_cannot_be_recorded_are_refused_unless_fail_closed_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "");
+    // The recording sink is unusable: a file where the recordings directory should be.
+    std::fs::write(gw.data_dir().join("recordings"), "not a directory").unwrap();
+    let out = ssh_exec(&gw, &key, &kh, &touch);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("the session recording cannot be written"), "{}", text(&out.stderr));
+    assert!(!marker.exists(), "nothing ran");
+    assert!(
+        gw.audit_events()
+            .iter()
+            .any(|e| e["event"] == "session.denied" && e["reason"].as_str().is_some_and(|r| r.contains("fail_closed")))
+    );
+
+    // With fail_closed = false the same session runs, marked unlogged with the reason.
+    let (gw2, key, kh, _agent2) = ssh_gateway_on(dir.path(), "[audit]\nfail_closed = false\n");
+    std::fs::write(gw2.data_dir().join("recordings"), "not a directory").unwrap();
+    let out = ssh_exec(&gw2, &key, &kh, &touch);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(marker.exists());
+    let start = gw2.audit_events().into_iter().find(|e| e["event"] == "session.start").unwrap();
+    assert_eq!(start["logged"], false);
+    assert_eq!(start["reason"], "recording could not be created");
+}
+
+/// A full disk under the data directory: new logged sessions are refused, nothing already
+/// written is damaged, and service resumes when space is freed.
+#[test]
+fn a_full_disk_refuses_new_sessions_and_keeps_the_log_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gw, key, kh, agent) = ssh_gateway_on(dir.path(), "");
+    assert_eq!(text(&ssh_exec(&gw, &key, &kh, "echo ok").stdout), "ok\n");
+    drop(agent);
+    gw.stop();
+    // Move the data directory onto a small tmpfs and start again there.
+    let data = gw.data_dir();
+    let saved = dir.path().join("saved");
+    sh(&format!("cp -a {} {}", data.display(), saved.display()));
+    sh(&format!(
+        "rm -rf {d} && mkdir {d} && mount -t tmpfs -o size=4m tmpfs {d} && cp -a {s}/. {d}/",
+        d = data.display(),
+        s = saved.display()
+    ));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    gw.restart();
+    let mut agent = Agent { dir: tempfile::tempdir().unwrap(), name: "web-01".into(), proc: None, prefix: vec![] };
+    let (token, pin) = gw.token(&["--name", "web-02"]);
+    let out = Agent::try_join(&[], &gw.listen, &token, &pin, &agent.state_dir());
+    assert!(out.status.success());
+    agent.run();
+    wait_until("web-02 online", Duration::from_secs(20), || gw.is_online("web-02"));
+    let exec2 = |cmd: &str| {
+        std::process::Command::new("timeout")
+            .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+            .arg(&key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .args(["alice%web-02@127.0.0.1", cmd])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(text(&exec2("echo on-tmpfs").stdout), "on-tmpfs\n");
+
+    // Fill the disk.
+    let filler = data.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let out = exec2("echo should-not-run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("cannot be written"), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty());
+
+    // Space again: sessions work, and the log verifies (no torn or half-written lines).
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(text(&exec2("echo recovered").stdout), "recovered\n");
+    gw.stop();
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}

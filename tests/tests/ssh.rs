@@ -129,6 +129,13 @@ fn exec_stdin_stderr_exit_status_and_recording() {
     let played = Command::new("asciinema").arg("cat").arg(cast_path).output().expect("asciinema is installed");
     assert!(played.status.success(), "asciinema cat: {}", text(&played.stderr));
     assert!(text(&played.stdout).contains("Linux"));
+    // `postern replay` plays it in the terminal (offline, from the data directory).
+    let sid = start["session_id"].as_str().unwrap();
+    let replayed = s.gw.postern(&["replay", sid, "--speed", "100"]);
+    assert!(replayed.status.success(), "{}", text(&replayed.stderr));
+    assert!(text(&replayed.stdout).contains("Linux"));
+    let missing = s.gw.postern(&["replay", "00000000-0000-0000-0000-000000000000"]);
+    assert!(text(&missing.stderr).contains("no recording for session"));
     let cast = std::fs::read_to_string(cast_path).unwrap();
     let mut lines = cast.lines();
     let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();

@@ -37,6 +37,8 @@ pub struct AuditLog {
 #[derive(Debug)]
 struct Chain {
     file: std::fs::File,
+    /// Length of the file after the last complete line.
+    len: u64,
     seq: u64,
     last_hash: String,
     since_checkpoint: u64,
@@ -170,9 +172,17 @@ impl AuditLog {
             }
             None => (0, GENESIS.to_owned()),
         };
+        let len = file.seek(SeekFrom::End(0))?;
         Ok(Self {
             path: path.to_owned(),
-            inner: Mutex::new(Chain { file, seq, last_hash, since_checkpoint: 0, last_checkpoint: Instant::now() }),
+            inner: Mutex::new(Chain {
+                file,
+                len,
+                seq,
+                last_hash,
+                since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
+            }),
             signer,
         })
     }
@@ -224,8 +234,12 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&env).map_err(std::io::Error::other)?;
         let hash = line_hash(&line);
         line.push(b'\n');
-        chain.file.write_all(&line)?;
-        chain.file.flush()?;
+        if let Err(e) = chain.file.write_all(&line).and_then(|()| chain.file.flush()) {
+            // A partial line (disk full) is cut off again so the log stays whole lines.
+            let _ = chain.file.set_len(chain.len);
+            return Err(e);
+        }
+        chain.len += line.len() as u64;
         chain.seq += 1;
         chain.last_hash = hash;
         chain.since_checkpoint += 1;

@@ -154,6 +154,20 @@ pub enum Command {
     },
     /// Active sessions (--all: also recently ended ones), or terminate one.
     Sessions(SessionsArgs),
+    /// Play a recorded session in this terminal (works offline on the data directory).
+    #[command(
+        after_help = "Example:\n  postern replay 5b0e6f3c-... --speed 2\n  (session ids: `postern sessions --all` or the audit log's session.start events)"
+    )]
+    Replay {
+        /// Session id, or the path of a .cast file.
+        session: String,
+        /// Playback speed factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Shorten pauses to at most this many seconds (0 keeps them).
+        #[arg(long, default_value_t = 2.0)]
+        max_wait: f64,
+    },
     /// The audit log: verify its hash chain and signed checkpoints.
     Audit {
         #[command(subcommand)]
@@ -212,6 +226,29 @@ pub enum AuditAction {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `postern replay`.
+pub fn replay(cli: &Cli, session: &str, speed: f64, max_wait: f64) -> anyhow::Result<i32> {
+    let as_path = Path::new(session);
+    let path = if session.ends_with(".cast") && as_path.exists() {
+        as_path.to_path_buf()
+    } else {
+        if !session.chars().all(|c| c.is_ascii_hexdigit() || c == '-') || session.is_empty() {
+            bail!("{session:?} is not a session id");
+        }
+        let p = resolve_config(cli)?.data_dir.join("recordings").join(format!("{session}.cast"));
+        if !p.exists() {
+            bail!(
+                "no recording for session {session} in {} (sftp, forwards, passthrough and admin-socket sessions are not recorded)",
+                p.parent().map(|d| d.display().to_string()).unwrap_or_default()
+            );
+        }
+        p
+    };
+    let mut out = std::io::stdout().lock();
+    crate::recording::replay(&path, speed, (max_wait > 0.0).then_some(max_wait), &mut out)?;
+    Ok(0)
 }
 
 /// `postern audit verify`.

@@ -593,6 +593,12 @@ async fn relay_forward(
     (up, down)
 }
 
+fn rand_bytes() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b
+}
+
 struct SessionCtx {
     state: Arc<GatewayState>,
     identity: Identity,
@@ -761,6 +767,45 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
             SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell("exec \"$SHELL\" -l".into()), env, run_as })
         }
     };
+    // Recording and audit trail must be writable before anything runs (fail closed).
+    let recording_dir = ctx.state.config.data_dir.join("recordings");
+    let fail_closed = ctx.state.config.audit.fail_closed;
+    let mut recorder = if action == Action::Sftp {
+        None
+    } else {
+        let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
+        let provisional = format!("pending-{}", crate::audit::hex(&rand_bytes()));
+        match Recorder::create(&recording_dir, &provisional, cols, rows, &title) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, dir = %recording_dir.display(), "cannot create recording");
+                None
+            }
+        }
+    };
+    let authorized = ctx.state.audit.record(
+        "session.authorized",
+        json!({"user": authz.user(), "target": authz.instance(), "agent_id": authz.agent_id(), "kind": action.name(),
+               "source": ctx.peer.to_string(), "recording_ok": recorder.is_some() || action == Action::Sftp}),
+    );
+    if fail_closed && (authorized.is_err() || (recorder.is_none() && action != Action::Sftp)) {
+        let what = if authorized.is_err() { "the audit log" } else { "the session recording" };
+        let _ = ctx.state.audit.record(
+            "session.denied",
+            json!({"user": authz.user(), "target": authz.instance(), "action": action.name(), "source": ctx.peer.to_string(),
+                   "reason": format!("{what} cannot be written (fail_closed)")}),
+        );
+        refuse(
+            &wr,
+            &format!("{what} cannot be written on the gateway, and sessions are not run unrecorded here; tell your administrator"),
+            1,
+        )
+        .await;
+        if let Some(r) = recorder {
+            let _ = std::fs::remove_file(r.path());
+        }
+        return;
+    }
     let stream = match ctx.state.registry.open_session(authz.agent_id(), agent_request).await {
         Ok(s) => s,
         Err(e) => {
@@ -772,23 +817,18 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 other => format!("instance {}: {other}", authz.instance()),
             };
             refuse(&wr, &msg, 255).await;
+            if let Some(r) = recorder {
+                let _ = std::fs::remove_file(r.path());
+            }
             return;
         }
     };
     let sid = stream.id.to_string();
-    let recording_dir = ctx.state.config.data_dir.join("recordings");
-    let mut recorder = if action == Action::Sftp {
-        None
-    } else {
-        let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
-        match Recorder::create(&recording_dir, &sid, cols, rows, &title) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!(error = %e, "cannot create recording");
-                None
-            }
-        }
-    };
+    if let Some(r) = recorder.as_mut()
+        && let Err(e) = r.rename_to(&sid)
+    {
+        warn!(error = %e, "cannot name the recording after its session");
+    }
     let (logged, reason) = match (&recorder, action) {
         (Some(_), _) => (true, None),
         (None, Action::Sftp) => (false, Some("sftp file transfer content is not recorded")),
