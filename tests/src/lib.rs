@@ -246,6 +246,18 @@ impl Agent {
 
     /// As [`Agent::start`], with the token's labels (`env=prod,role=db`).
     pub fn start_labeled(gw: &Gateway, name: &str, labels: &str, prefix: Vec<String>, gateway_addr: &str) -> Agent {
+        Self::start_with(gw, name, labels, prefix, gateway_addr, &[])
+    }
+
+    /// As [`Agent::start_labeled`], with more `postern-agent run` arguments.
+    pub fn start_with(
+        gw: &Gateway,
+        name: &str,
+        labels: &str,
+        prefix: Vec<String>,
+        gateway_addr: &str,
+        run_args: &[&str],
+    ) -> Agent {
         let (token, pin) = gw.token(&["--name", name, "--labels", labels]);
         let dir = tempfile::tempdir().unwrap();
         let mut agent = Agent { dir, name: name.to_owned(), proc: None, prefix };
@@ -256,14 +268,19 @@ impl Agent {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        agent.run();
+        agent.run_with(run_args);
         wait_until(&format!("agent {name} online"), Duration::from_secs(20), || gw.is_online(name));
         agent
     }
 
     pub fn run(&mut self) {
+        self.run_with(&[]);
+    }
+
+    /// `postern-agent run` with more arguments (e.g. `--config FILE`).
+    pub fn run_with(&mut self, extra: &[&str]) {
         let mut cmd = Self::command(&self.prefix);
-        cmd.arg("--state-dir").arg(self.state_dir()).arg("run");
+        cmd.arg("--state-dir").arg(self.state_dir()).arg("run").args(extra);
         self.proc = Some(spawn_logged(cmd, &self.dir.path().join("agent.log")));
     }
 }
@@ -342,4 +359,55 @@ pub fn drive_interactive_terminal(cmd: &str) {
 
     send(&["exit 4", "Enter"]);
     wait_screen("client-exit=4");
+}
+
+/// A network namespace with a veth link to the host and an inbound-drop firewall.
+pub struct NetNs {
+    pub name: String,
+    pub host_if: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+impl NetNs {
+    pub fn create() -> NetNs {
+        let id = std::process::id() % 60000;
+        let name = format!("pst{id}");
+        let host_if = format!("pvh{id}");
+        let ns_if = format!("pvn{id}");
+        // A /30 from 10.231.0.0/16 chosen by pid, used only between host and this namespace.
+        let n = (id % 16000) * 4;
+        let (a, b) = (n / 256, n % 256);
+        let host_ip = format!("10.231.{a}.{}", b + 1);
+        let ns_ip = format!("10.231.{a}.{}", b + 2);
+        let ns = NetNs { name: name.clone(), host_if: host_if.clone(), host_ip: host_ip.clone(), ns_ip: ns_ip.clone() };
+        sh(&format!("ip netns add {name}"));
+        sh(&format!("ip netns exec {name} ip link set lo up"));
+        sh(&format!("ip link add {host_if} type veth peer name {ns_if}"));
+        sh(&format!("ip link set {ns_if} netns {name}"));
+        sh(&format!("ip addr add {host_ip}/30 dev {host_if} && ip link set {host_if} up"));
+        sh(&format!("ip netns exec {name} ip addr add {ns_ip}/30 dev {ns_if}"));
+        sh(&format!("ip netns exec {name} ip link set {ns_if} up"));
+        sh(&format!(
+            "ip netns exec {name} nft -f - <<'EOF'\n\
+             table inet postern_test {{\n\
+               chain input {{\n\
+                 type filter hook input priority 0; policy drop;\n\
+                 ct state established,related accept\n\
+                 iif lo accept\n\
+               }}\n\
+             }}\nEOF"
+        ));
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }

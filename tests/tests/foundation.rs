@@ -200,54 +200,6 @@ fn agent_in_outbound_only_network_namespace() {
     let _ = listener.wait();
 }
 
-/// A network namespace with a veth link to the host and an inbound-drop firewall.
-struct NetNs {
-    name: String,
-    host_if: String,
-    host_ip: String,
-    ns_ip: String,
-}
-
-impl NetNs {
-    fn create() -> NetNs {
-        let id = std::process::id() % 60000;
-        let name = format!("pst{id}");
-        let host_if = format!("pvh{id}");
-        let ns_if = format!("pvn{id}");
-        // A /30 from 10.231.0.0/16 chosen by pid, used only between host and this namespace.
-        let n = (id % 16000) * 4;
-        let (a, b) = (n / 256, n % 256);
-        let host_ip = format!("10.231.{a}.{}", b + 1);
-        let ns_ip = format!("10.231.{a}.{}", b + 2);
-        let ns = NetNs { name: name.clone(), host_if: host_if.clone(), host_ip: host_ip.clone(), ns_ip: ns_ip.clone() };
-        sh(&format!("ip netns add {name}"));
-        sh(&format!("ip netns exec {name} ip link set lo up"));
-        sh(&format!("ip link add {host_if} type veth peer name {ns_if}"));
-        sh(&format!("ip link set {ns_if} netns {name}"));
-        sh(&format!("ip addr add {host_ip}/30 dev {host_if} && ip link set {host_if} up"));
-        sh(&format!("ip netns exec {name} ip addr add {ns_ip}/30 dev {ns_if}"));
-        sh(&format!("ip netns exec {name} ip link set {ns_if} up"));
-        sh(&format!(
-            "ip netns exec {name} nft -f - <<'EOF'\n\
-             table inet postern_test {{\n\
-               chain input {{\n\
-                 type filter hook input priority 0; policy drop;\n\
-                 ct state established,related accept\n\
-                 iif lo accept\n\
-               }}\n\
-             }}\nEOF"
-        ));
-        ns
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).stderr(std::process::Stdio::null()).status();
-    }
-}
-
 /// An interactive `postern shell` in a real terminal (tmux): raw mode, prompt, Ctrl-C
 /// reaching the remote process, window resizes reaching the remote PTY, exit status.
 #[test]

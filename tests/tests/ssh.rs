@@ -25,6 +25,11 @@ impl SshSetup {
 
     /// `ssh_settings` go into `[ssh]`; `more` is appended after alice's user entry.
     fn with(ssh_settings: &str, more: &str) -> SshSetup {
+        Self::on(&format!("127.0.0.1:{}", free_udp_port()), ssh_settings, more)
+    }
+
+    /// As `with`, with the agent tunnel listening on `listen`.
+    fn on(listen: &str, ssh_settings: &str, more: &str) -> SshSetup {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("alice");
         keygen(&key);
@@ -33,7 +38,7 @@ impl SshSetup {
             "{ssh_settings}\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\n{more}",
             public.trim()
         );
-        let gw = Gateway::start(&users);
+        let gw = Gateway::start_on(listen, &users);
         let setup = SshSetup { gw, dir };
         // Client config exactly as printed by `postern ssh-config`, plus the identity to use.
         let kh = setup.known_hosts();
@@ -536,4 +541,69 @@ fn repeated_failures_from_one_source_are_throttled() {
     let blocked = attempt(&s.dir.path().join("alice"));
     assert_eq!(blocked.status.code(), Some(255));
     assert!(text(&blocked.stdout).is_empty());
+}
+
+/// `-L` to another host that only the instance can reach: the agent runs in its own network
+/// namespace, the destination listens on the far side of the namespace's veth link, and the
+/// agent's local `tcp_allow` admits exactly that host (its loopback is refused).
+#[test]
+fn local_forward_to_another_host_reachable_from_the_instance() {
+    assert!(nix::unistd::Uid::effective().is_root(), "creates a network namespace; CI runs as root");
+    let ns = NetNs::create();
+    let s = SshSetup::on(&format!("{}:{}", ns.host_ip, free_udp_port()), "", "");
+    let limits = s.dir.path().join("agent.toml");
+    std::fs::write(&limits, format!("[limits]\ntcp_allow = [\"{}/32\"]\n", ns.host_ip)).unwrap();
+    let prefix = vec!["ip".to_owned(), "netns".to_owned(), "exec".to_owned(), ns.name.clone()];
+    let _agent =
+        Agent::start_with(&s.gw, "web-ns", "env=test", prefix, &s.gw.listen, &["--config", limits.to_str().unwrap()]);
+
+    // "db host": a service on the host side of the veth, answering every connection.
+    let db = std::net::TcpListener::bind((ns.host_ip.as_str(), 0)).unwrap();
+    let db_port = db.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in db.incoming().flatten() {
+            use std::io::Write;
+            let mut c = c;
+            let _ = c.write_all(b"from-the-db-host\n");
+        }
+    });
+    let forward = |dest: &str| {
+        let local = free_tcp_port();
+        let mut child = s
+            .cmd("ssh")
+            .args(["-N", "-L", &format!("{local}:{dest}"), "alice@web-ns.postern"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("forward listening", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+        });
+        // Several connections at once through the same forward.
+        let reads: Vec<String> = (0..4)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", local)).unwrap())
+            .map(|mut c| {
+                use std::io::Read;
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut got = String::new();
+                let _ = c.read_to_string(&mut got);
+                got
+            })
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        reads
+    };
+    for got in forward(&format!("{}:{db_port}", ns.host_ip)) {
+        assert_eq!(got, "from-the-db-host\n");
+    }
+    // The agent's own allow-list refuses what it does not list, whatever the gateway allows.
+    for got in forward(&format!("127.0.0.1:{db_port}")) {
+        assert_eq!(got, "");
+    }
+    assert!(
+        s.gw.audit_events()
+            .iter()
+            .any(|e| e["event"] == "forward.failed" && e["destination"] == format!("127.0.0.1:{db_port}"))
+    );
 }
