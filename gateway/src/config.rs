@@ -24,11 +24,14 @@ pub struct AuditConfig {
     /// Refuse a session that should be recorded when its recording or its audit events
     /// cannot be written (default), instead of running it unrecorded. See docs/audit.md.
     pub fail_closed: bool,
+    /// Delete session recordings older than this ("90d"; "0", the default, keeps them).
+    /// Checked at start and hourly; each run that deletes something is an audit event.
+    pub retention: String,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { fail_closed: true }
+        AuditConfig { fail_closed: true, retention: "0".into() }
     }
 }
 

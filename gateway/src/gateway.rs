@@ -123,6 +123,37 @@ impl RunningGateway {
     }
 }
 
+/// Delete recordings older than `[audit] retention` now and every hour; skip live sessions'.
+async fn retention(state: Arc<GatewayState>, keep: std::time::Duration, shutdown: CancellationToken) {
+    loop {
+        let dir = state.config.data_dir.join("recordings");
+        let live: std::collections::HashSet<String> = state.sessions.live().iter().map(|s| s.id.clone()).collect();
+        let (mut deleted, mut bytes) = (0u64, 0u64);
+        let cutoff = std::time::SystemTime::now().checked_sub(keep);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let Ok(meta) = e.metadata() else { continue };
+            let old = cutoff.is_some_and(|c| meta.modified().is_ok_and(|m| m < c));
+            if old && meta.is_file() && !live.contains(&stem) && std::fs::remove_file(&path).is_ok() {
+                deleted += 1;
+                bytes += meta.len();
+            }
+        }
+        if deleted > 0 {
+            info!(deleted, bytes, "recordings past retention deleted");
+            let _ = state.audit.record(
+                "audit.retention",
+                json!({"deleted_recordings": deleted, "bytes": bytes, "older_than_secs": keep.as_secs()}),
+            );
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
 /// Signed audit checkpoints at least every [`crate::audit::CHECKPOINT_EVERY`] while events
 /// arrive (the log also writes one every [`crate::audit::CHECKPOINT_EVERY_EVENTS`] events).
 async fn checkpoints(audit: Arc<AuditLog>, shutdown: CancellationToken) {
@@ -136,6 +167,7 @@ async fn checkpoints(audit: Arc<AuditLog>, shutdown: CancellationToken) {
 }
 
 pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
+    let keep_recordings = crate::config::parse_limit(&config.audit.retention).context("[audit] retention")?;
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     {
@@ -202,6 +234,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     tasks.spawn(server.serve(shutdown.clone()));
     tasks.spawn(crate::sessions::enforce(state.clone(), shutdown.clone()));
     tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
+    if let Some(keep) = keep_recordings {
+        tasks.spawn(retention(state.clone(), keep, shutdown.clone()));
+    }
     tasks.spawn(crate::admin::serve(listener, state.clone(), shutdown.clone()));
     if let Some(l) = ssh_listener {
         tasks.spawn(crate::ssh::serve(l, state.clone(), shutdown.clone()));

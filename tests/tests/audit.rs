@@ -254,3 +254,38 @@ fn a_full_disk_refuses_new_sessions_and_keeps_the_log_intact() {
     let out = gw.postern(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }
+
+#[test]
+fn recordings_past_retention_are_deleted_and_the_deletion_is_audited() {
+    let mut gw = Gateway::start("[audit]\nretention = \"1d\"\n");
+    gw.stop();
+    let rec = gw.data_dir().join("recordings");
+    std::fs::create_dir_all(&rec).unwrap();
+    let old = rec.join("11111111-1111-1111-1111-111111111111.cast");
+    let fresh = rec.join("22222222-2222-2222-2222-222222222222.cast");
+    std::fs::write(&old, "{\"version\":2}\n").unwrap();
+    std::fs::write(&fresh, "{\"version\":2}\n").unwrap();
+    sh(&format!("touch -d '3 days ago' {}", old.display()));
+    gw.restart();
+    wait_until("the old recording deleted", Duration::from_secs(10), || !old.exists());
+    assert!(fresh.exists());
+    let events = gw.audit_events();
+    let ev = events.iter().find(|e| e["event"] == "audit.retention").unwrap();
+    assert_eq!(ev["deleted_recordings"], 1);
+    assert_eq!(ev["older_than_secs"], 86400);
+
+    // A bad setting stops the gateway with a clear error.
+    std::fs::write(
+        gw.dir.path().join("bad.toml"),
+        format!("data_dir = {:?}\n[audit]\nretention = \"forever\"\n", gw.dir.path().join("other")),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("postern"))
+        .arg("--config")
+        .arg(gw.dir.path().join("bad.toml"))
+        .arg("gateway")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("[audit] retention"), "{}", text(&out.stderr));
+}
