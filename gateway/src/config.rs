@@ -27,11 +27,13 @@ pub struct AuditConfig {
     /// Delete session recordings older than this ("90d"; "0", the default, keeps them).
     /// Checked at start and hourly; each run that deletes something is an audit event.
     pub retention: String,
+    /// Where to POST events (see docs/audit.md).
+    pub webhooks: Vec<crate::audit::webhooks::WebhookConfig>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { fail_closed: true, retention: "0".into() }
+        AuditConfig { fail_closed: true, retention: "0".into(), webhooks: Vec::new() }
     }
 }
 

@@ -229,6 +229,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         access_changed: tokio::sync::Notify::new(),
     });
     let shutdown = CancellationToken::new();
+    let hooks = crate::audit::webhooks::Webhooks::start(
+        &state.config.audit.webhooks,
+        dir.join("webhooks-dead-letter.jsonl"),
+        shutdown.clone(),
+    )?;
+    state.audit.set_webhooks(hooks);
     let tasks = tokio_util::task::TaskTracker::new();
     let listener = crate::admin::bind(&admin_socket_path(&dir))?;
     tasks.spawn(server.serve(shutdown.clone()));

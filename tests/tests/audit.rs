@@ -289,3 +289,99 @@ fn recordings_past_retention_are_deleted_and_the_deletion_is_audited() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("[audit] retention"), "{}", text(&out.stderr));
 }
+
+/// A webhook receiver (python http.server) that checks the HMAC signature, appends what it
+/// got to `out`, and answers `status`. Returns its port and process.
+fn receiver(secret: &std::path::Path, out: &std::path::Path, status: u16) -> (u16, std::process::Child) {
+    let script = r#"
+import hmac, hashlib, json, sys, http.server
+secret = open(sys.argv[1], 'rb').read().strip()
+out = open(sys.argv[2], 'a')
+status = int(sys.argv[3])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers['Content-Length']))
+        sig = 'sha256=' + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        ok = hmac.compare_digest(sig, self.headers.get('X-Postern-Signature', ''))
+        out.write(json.dumps({'ok': ok, 'event': self.headers.get('X-Postern-Event'), 'body': json.loads(body)}) + '\n')
+        out.flush()
+        self.send_response(status if ok else 401)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+s = http.server.HTTPServer(('127.0.0.1', 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(secret)
+        .arg(out)
+        .arg(status.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+    (line.trim().parse().unwrap(), child)
+}
+
+#[test]
+fn webhooks_are_signed_retried_and_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-for-hmac\n").unwrap();
+    let (good_port, mut good) = receiver(&secret, &dir.path().join("good.jsonl"), 200);
+    let (bad_port, mut bad) = receiver(&secret, &dir.path().join("bad.jsonl"), 500);
+    let extra = format!(
+        "[[audit.webhooks]]\nurl = \"http://127.0.0.1:{good_port}/hook\"\nsecret_file = {s:?}\n\
+         [[audit.webhooks]]\nurl = \"http://127.0.0.1:{bad_port}/hook\"\nsecret_file = {s:?}\nevents = [\"session.denied\"]\nmax_attempts = 3\n",
+        s = secret
+    );
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), &extra);
+    assert_eq!(text(&ssh_exec(&gw, &key, &kh, "echo hooked").stdout), "hooked\n");
+    // A denied session (unknown instance) goes to both receivers.
+    let out = std::process::Command::new("timeout")
+        .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+        .arg(&key)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["alice%nope-1@127.0.0.1", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+
+    let read = |f: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.path().join(f))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until("start, end and denied delivered", Duration::from_secs(20), || read("good.jsonl").len() >= 3);
+    let got = read("good.jsonl");
+    assert!(got.iter().all(|g| g["ok"] == true), "signatures verify: {got:?}");
+    let names: Vec<&str> = got.iter().map(|g| g["event"].as_str().unwrap()).collect();
+    for e in ["session.start", "session.end", "session.denied"] {
+        assert!(names.contains(&e), "{names:?}");
+    }
+    // The body is the audit event itself.
+    let start = got.iter().find(|g| g["event"] == "session.start").unwrap();
+    assert_eq!(start["body"]["user"], "alice");
+    assert!(gw.audit_events().iter().any(|e| e["id"] == start["body"]["id"]));
+
+    // The failing receiver saw every attempt, then the event went to the dead-letter file.
+    let dead = gw.data_dir().join("webhooks-dead-letter.jsonl");
+    wait_until("dead letter written", Duration::from_secs(20), || dead.exists());
+    assert_eq!(read("bad.jsonl").len(), 3, "max_attempts = 3");
+    let letter: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&dead).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(letter["event"], "session.denied");
+    assert_eq!(letter["attempts"], 3);
+    assert_eq!(letter["error"], "HTTP 500");
+    assert_eq!(letter["body"]["event"], "session.denied");
+    let _ = good.kill();
+    let _ = bad.kill();
+    let _ = good.wait();
+    let _ = bad.wait();
+}

@@ -10,6 +10,7 @@
 //! `postern audit verify` checks both (see [`verify`]).
 
 pub mod verify;
+pub mod webhooks;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ pub struct AuditLog {
     path: PathBuf,
     inner: Mutex<Chain>,
     signer: Option<Signer>,
+    /// Where written events are also sent (set once the runtime is up).
+    webhooks: std::sync::OnceLock<std::sync::Arc<webhooks::Webhooks>>,
 }
 
 #[derive(Debug)]
@@ -184,7 +187,13 @@ impl AuditLog {
                 last_checkpoint: Instant::now(),
             }),
             signer,
+            webhooks: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Send written events to these webhooks from now on.
+    pub fn set_webhooks(&self, hooks: std::sync::Arc<webhooks::Webhooks>) {
+        let _ = self.webhooks.set(hooks);
     }
 
     pub fn path(&self) -> &Path {
@@ -204,7 +213,14 @@ impl AuditLog {
         };
         let result = match self.inner.lock() {
             Ok(mut chain) => {
-                let r = self.append(&mut chain, event, fields);
+                let r = self.append(&mut chain, event, fields).map(|(id, line)| {
+                    // The log's own housekeeping events are never sent out.
+                    if let Some(h) = self.webhooks.get()
+                        && !event.starts_with("audit.")
+                    {
+                        h.offer(event, &id, &line);
+                    }
+                });
                 if r.is_ok() && self.signer.is_some() && chain.since_checkpoint >= CHECKPOINT_EVERY_EVENTS {
                     let _ = self.checkpoint_locked(&mut chain);
                 }
@@ -218,14 +234,16 @@ impl AuditLog {
         result
     }
 
-    fn append(&self, chain: &mut Chain, event: &str, fields: Map<String, Value>) -> std::io::Result<()> {
+    /// Write one event; returns its id and line (without the newline).
+    fn append(&self, chain: &mut Chain, event: &str, fields: Map<String, Value>) -> std::io::Result<(String, Vec<u8>)> {
         let mut id = [0u8; 8];
         // An id collision only weakens cross-referencing, never integrity; no need to fail.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+        let id = hex(&id);
         let env = Envelope {
             v: SCHEMA_VERSION,
             seq: chain.seq + 1,
-            id: hex(&id),
+            id: id.clone(),
             time: now_rfc3339(),
             event,
             fields,
@@ -243,7 +261,8 @@ impl AuditLog {
         chain.seq += 1;
         chain.last_hash = hash;
         chain.since_checkpoint += 1;
-        Ok(())
+        line.pop();
+        Ok((id, line))
     }
 
     fn checkpoint_locked(&self, chain: &mut Chain) -> std::io::Result<()> {
