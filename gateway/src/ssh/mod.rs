@@ -864,6 +864,8 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     let mut last_input = std::time::Instant::now();
     let (mut warned_idle, mut warned_max) = (false, false);
     let mut end_reason: Option<&'static str> = None;
+    let mut flush_tick = tokio::time::interval(crate::recording::FLUSH_EVERY);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let on_pty = pty.is_some();
@@ -897,6 +899,9 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 }
                 Some(_) => {}
             },
+            _ = flush_tick.tick(), if recorder.is_some() => {
+                if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due(); }
+            }
             _ = live.terminated() => {
                 let why = live.reason().unwrap_or_else(|| "ended by the gateway".into());
                 notice(&wr, on_pty, &format!("session ended: {why}")).await;
@@ -961,6 +966,9 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         }
     };
     drop(frames);
+    if let Some(rec) = recorder.as_mut() {
+        let _ = rec.finish();
+    }
     let _ = wr.eof().await;
     let _ = wr.close().await;
     let _ = ctx.state.audit.record(

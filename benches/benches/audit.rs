@@ -1,0 +1,45 @@
+//! Audit events per second: the hash-chained log as the gateway writes it (flushed to the OS
+//! per event, fsync at signed checkpoints), and with an fsync after every event (the
+//! durability ceiling of the disk). Same-size events as a typical `session.start`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use postern_gateway::audit::AuditLog;
+use ring::signature::Ed25519KeyPair;
+use serde_json::json;
+
+fn event(i: u64) -> serde_json::Value {
+    json!({"session_id": format!("5b0e6f3c-1f0a-4d8e-9c1e-{i:012x}"), "user": "alice", "target": "web-01",
+           "agent_id": "ag-212e65583fb9951f", "kind": "shell", "pty": true, "source": "10.0.0.5:51234",
+           "logged": true, "reason": null, "recording": "/var/lib/postern/recordings/5b0e6f3c.cast"})
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(std::env::var("AUDIT_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let key =
+        Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap().as_ref())
+            .unwrap();
+    let log = AuditLog::open_signed(&dir.path().join("audit.log"), key).unwrap();
+    let mut g = c.benchmark_group("audit");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0u64;
+    g.bench_function("record (chained, checkpoint+fsync every 100)", |b| {
+        b.iter(|| {
+            i += 1;
+            log.record("session.start", black_box(event(i))).unwrap()
+        })
+    });
+    g.bench_function("record + signed checkpoint + fsync, per event", |b| {
+        b.iter(|| {
+            i += 1;
+            log.record("session.start", black_box(event(i))).unwrap();
+            log.checkpoint(true).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Cost of session recording on output throughput: the same exec session printing SIZE_MIB of
+# text through the gateway, recorded (asciicast, flushed per event) and unrecorded (a second
+# gateway with [audit] fail_closed = false whose recordings directory is unusable), RUNS times
+# each, alternating. Release build; needs openssh-client and python3.
+#   bash benches/recording-overhead.sh        (SIZE_MIB=256 RUNS=5 by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_MIB=${SIZE_MIB:-256}
+RUNS=${RUNS:-5}
+cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
+T=$PWD/target/release
+W=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+ssh-keygen -q -t ed25519 -N '' -f "$W/user"
+
+start() { # name extra-config
+  local d="$W/$1" udp ssh
+  udp=$(port); ssh=$(port)
+  mkdir -p "$d"
+  cat >"$d/gateway.toml" <<CFG
+data_dir = "$d/data"
+[tunnel]
+listen = "127.0.0.1:$udp"
+[ssh]
+listen = "127.0.0.1:$ssh"
+public_host = "127.0.0.1"
+idle_timeout = "0"
+[[ssh.users]]
+name = "bench"
+keys = ["$(cat "$W/user.pub")"]
+instances = ["*"]
+$2
+CFG
+  POSTERN_LOG=warn "$T/postern" --config "$d/gateway.toml" gateway >"$d/gateway.log" 2>&1 & pids+=($!)
+  for _ in $(seq 1 100); do [ -S "$d/data/admin.sock" ] && break; sleep 0.05; done
+  local tok token pin
+  tok=$("$T/postern" --data-dir "$d/data" token create --name box --json)
+  token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
+  pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
+  "$T/postern-agent" --state-dir "$d/agent" join --gateway "127.0.0.1:$udp" --token "$token" --ca-pin "$pin" >/dev/null
+  POSTERN_LOG=warn "$T/postern-agent" --state-dir "$d/agent" run & pids+=($!)
+  for _ in $(seq 1 100); do "$T/postern" --data-dir "$d/data" instances --json | grep -q '"online": true' && break; sleep 0.1; done
+  "$T/postern" --data-dir "$d/data" ssh-config --known-hosts-file /dev/null | sed -n '/^@cert-authority/p' >"$d/known_hosts"
+  echo "$ssh" >"$d/port"
+}
+start recorded ""
+start unrecorded $'[audit]\nfail_closed = false'
+touch "$W/unrecorded/data/recordings"      # a file where the directory should be: no recording
+
+run() { # name -> seconds
+  local d="$W/$1"
+  python3 - "$d" "$W/user" "$SIZE_MIB" <<'PY'
+import subprocess, sys, time
+d, key, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+port = open(d + "/port").read().strip()
+cmd = ["ssh", "-p", port, "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+       "-o", "UserKnownHostsFile=" + d + "/known_hosts", "bench%box@127.0.0.1",
+       f"head -c {mib << 20} /dev/zero | tr '\\000' a"]
+t = time.monotonic()
+p = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
+assert len(p.stdout) == mib << 20, len(p.stdout)
+print(f"{time.monotonic() - t:.3f}")
+PY
+}
+run recorded >/dev/null; run unrecorded >/dev/null   # warm up, and check both work
+echo "## $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores: ${SIZE_MIB} MiB of output per exec session, ${RUNS} runs each"
+rec=(); unrec=()
+for _ in $(seq 1 "$RUNS"); do rec+=("$(run recorded)"); unrec+=("$(run unrecorded)"); done
+python3 - "$SIZE_MIB" "${rec[*]}" "${unrec[*]}" <<'PY'
+import statistics, sys
+mib = int(sys.argv[1]); rec = [float(x) for x in sys.argv[2].split()]; unrec = [float(x) for x in sys.argv[3].split()]
+r, u = statistics.median(rec), statistics.median(unrec)
+print(f"recorded:    median {r:.2f} s  ({mib / r:.0f} MiB/s)   runs {rec}")
+print(f"unrecorded:  median {u:.2f} s  ({mib / u:.0f} MiB/s)   runs {unrec}")
+print(f"recording overhead: {100 * (r - u) / u:+.1f}% wall time")
+PY
+ls "$W/recorded/data/recordings" | head -3 >/dev/null
