@@ -89,7 +89,8 @@ fn a_gateway_crash_mid_session_leaves_a_readable_recording_and_an_end_event() {
         .arg(&key)
         .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
         .arg(format!("UserKnownHostsFile={}", kh.display()))
-        .args(["alice%web-01@127.0.0.1", "echo before-the-crash; sleep 60"])
+        // The output differs from the command text, which is also in the recording's title.
+        .args(["alice%web-01@127.0.0.1", "echo before-the-$((6*7))-crash; sleep 60"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -99,7 +100,7 @@ fn a_gateway_crash_mid_session_leaves_a_readable_recording_and_an_end_event() {
     wait_until("the recording shows the output", Duration::from_secs(20), || {
         let found = std::fs::read_dir(&recordings).ok().and_then(|d| d.flatten().next()).map(|e| e.path());
         match found {
-            Some(p) if std::fs::read_to_string(&p).is_ok_and(|t| t.contains("before-the-crash")) => {
+            Some(p) if std::fs::read_to_string(&p).is_ok_and(|t| t.contains("before-the-42-crash")) => {
                 cast = p;
                 true
             }
@@ -114,7 +115,7 @@ fn a_gateway_crash_mid_session_leaves_a_readable_recording_and_an_end_event() {
 
     let played = std::process::Command::new("asciinema").arg("cat").arg(&cast).output().unwrap();
     assert!(played.status.success(), "{}", text(&played.stderr));
-    assert!(text(&played.stdout).contains("before-the-crash"));
+    assert!(text(&played.stdout).contains("before-the-42-crash"));
 
     gw.restart();
     let sid = cast.file_stem().unwrap().to_str().unwrap().to_owned();
