@@ -29,11 +29,13 @@ pub struct AuditConfig {
     pub retention: String,
     /// Where to POST events (see docs/audit.md).
     pub webhooks: Vec<crate::audit::webhooks::WebhookConfig>,
+    /// Also print every event (one JSON line) to standard output, for log shippers.
+    pub stdout: bool,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { fail_closed: true, retention: "0".into(), webhooks: Vec::new() }
+        AuditConfig { fail_closed: true, retention: "0".into(), webhooks: Vec::new(), stdout: false }
     }
 }
 

@@ -184,6 +184,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     );
     let signing_key = crate::audit::load_or_create_signing_key(&dir.join("audit-signing.key"))?;
     let audit = Arc::new(AuditLog::open_signed(&dir.join("audit.log"), signing_key).context("opening audit log")?);
+    audit.set_stdout(config.audit.stdout);
     let directory = Arc::new(StoreDirectory { store: store.clone(), audit: audit.clone() });
     let settings = TunnelSettings {
         agent_cert_ttl: config.agent_cert_ttl()?,

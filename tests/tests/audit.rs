@@ -386,3 +386,48 @@ fn webhooks_are_signed_retried_and_dead_lettered() {
     let _ = good.wait();
     let _ = bad.wait();
 }
+
+/// `[audit] stdout = true`: every event also goes to standard output, one JSON line each,
+/// byte for byte as in the log (log shippers read it; tracing logs stay on stderr).
+#[test]
+fn events_can_also_go_to_standard_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("stdout.jsonl");
+    // Not through the harness's Gateway, which merges stdout and stderr into one file.
+    let data = dir.path().join("data");
+    let cfg_path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "data_dir = {data:?}\n[tunnel]\nlisten = \"127.0.0.1:{}\"\n[ssh]\nlisten = \"127.0.0.1:{}\"\n[audit]\nstdout = true\n",
+            free_udp_port(),
+            free_tcp_port()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(bin("postern"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("gateway")
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = data.join("admin.sock");
+    wait_until("admin socket", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    let out = std::process::Command::new(bin("postern"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["token", "create", "--name", "x"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+    let printed = std::fs::read_to_string(&out_file).unwrap();
+    let logged = std::fs::read_to_string(data.join("audit.log")).unwrap();
+    // Everything but the log's own checkpoint lines, identical and in order.
+    let events: Vec<&str> = logged.lines().filter(|l| !l.contains("\"event\":\"audit.checkpoint\"")).collect();
+    assert_eq!(printed.lines().collect::<Vec<_>>(), events);
+    assert!(printed.contains("\"event\":\"token.created\""));
+}

@@ -35,6 +35,8 @@ pub struct AuditLog {
     signer: Option<Signer>,
     /// Where written events are also sent (set once the runtime is up).
     webhooks: std::sync::OnceLock<std::sync::Arc<webhooks::Webhooks>>,
+    /// Also print every event line to standard output (for log shippers).
+    to_stdout: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -188,7 +190,13 @@ impl AuditLog {
             }),
             signer,
             webhooks: std::sync::OnceLock::new(),
+            to_stdout: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Also print every event line to standard output from now on.
+    pub fn set_stdout(&self, on: bool) {
+        self.to_stdout.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Send written events to these webhooks from now on.
@@ -214,6 +222,10 @@ impl AuditLog {
         let result = match self.inner.lock() {
             Ok(mut chain) => {
                 let r = self.append(&mut chain, event, fields).map(|(id, line)| {
+                    if self.to_stdout.load(std::sync::atomic::Ordering::Relaxed) {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&line).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+                    }
                     // The log's own housekeeping events are never sent out.
                     if let Some(h) = self.webhooks.get()
                         && !event.starts_with("audit.")
