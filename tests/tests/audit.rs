@@ -423,7 +423,7 @@ fn events_can_also_go_to_standard_output() {
         .unwrap();
     assert!(out.status.success());
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    child.wait().unwrap();
+    wait_until("the gateway exits", Duration::from_secs(10), || child.try_wait().unwrap().is_some());
     let printed = std::fs::read_to_string(&out_file).unwrap();
     let logged = std::fs::read_to_string(data.join("audit.log")).unwrap();
     // Everything but the log's own checkpoint lines, identical and in order.
