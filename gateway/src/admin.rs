@@ -230,7 +230,7 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
                 )
                 .await;
             }
-            let csr = decode_hex(&csr_hex).context("csr_hex")?;
+            let csr = crate::audit::unhex(&csr_hex).context("csr_hex: not hex")?;
             let ttl = state.config.agent_cert_ttl()?;
             let mut ids = Vec::with_capacity(count);
             let mut certs = Vec::with_capacity(count);
@@ -249,19 +249,6 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
             reply(&mut stream, json!({"ok": true, "result": {"ca_pem": state.ca.cert_pem(), "agents": certs}})).await
         }
     }
-}
-
-fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        anyhow::bail!("odd length");
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            let pair = s.get(i..i + 2).ok_or_else(|| anyhow::anyhow!("bad hex"))?;
-            u8::from_str_radix(pair, 16).map_err(|e| anyhow::anyhow!(e))
-        })
-        .collect()
 }
 
 async fn relay_session(

@@ -46,11 +46,12 @@ pub fn admin_socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
 }
 
-fn random_hex(n: usize) -> anyhow::Result<String> {
+/// `n` random bytes from the system generator, as lowercase hex.
+pub fn random_hex(n: usize) -> anyhow::Result<String> {
     let mut b = vec![0u8; n];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| anyhow::anyhow!("system random number generator failed"))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(crate::audit::hex(&b))
 }
 
 /// Instance names appear in host names (`web-01.<suffix>`) and commands: keep them to
@@ -70,8 +71,7 @@ fn name_from_hostname(hostname: &str) -> String {
 }
 
 pub fn token_hash(token: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    d.as_ref().iter().map(|x| format!("{x:02x}")).collect()
+    crate::audit::line_hash(token.as_bytes())
 }
 
 /// Load the agent CA from the data directory, creating it on first start.

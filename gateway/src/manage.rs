@@ -311,11 +311,8 @@ async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> any
             if reason.trim().is_empty() {
                 return Err(bad("give a --reason; it goes into the audit log"));
             }
-            let mut id = [0u8; 6];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-                .map_err(|_| bad("no randomness"))?;
             let grant = GrantRecord {
-                id: format!("gr-{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                id: format!("gr-{}", crate::gateway::random_hex(6)?),
                 user: name,
                 policy,
                 reason,

@@ -92,6 +92,14 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Bytes of a hex string; `None` for odd length or a non-hex digit.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
+}
+
 /// SHA-256 (hex) of one line's bytes, without its newline.
 pub fn line_hash(line: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, line).as_ref())

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{GENESIS, checkpoint_message, key_id, line_hash};
+use super::{GENESIS, checkpoint_message, key_id, line_hash, unhex};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
@@ -101,13 +101,6 @@ pub fn verify(text: &[u8], public_key: Option<&[u8]>) -> Report {
         expected_seq = seq.map(|s| s.max(expected_seq) + 1).unwrap_or(expected_seq + 1);
     }
     Report { events, checkpoints, last_checkpoint_seq: last_cp, unsigned_tail: since_cp, problems }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
 }
 
 /// Parse the hex public key file the gateway writes next to its signing key.

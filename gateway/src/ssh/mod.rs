@@ -593,12 +593,6 @@ async fn relay_forward(
     (up, down)
 }
 
-fn rand_bytes() -> [u8; 8] {
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    b
-}
-
 struct SessionCtx {
     state: Arc<GatewayState>,
     identity: Identity,
@@ -774,8 +768,10 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         None
     } else {
         let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
-        let provisional = format!("pending-{}", crate::audit::hex(&rand_bytes()));
-        match Recorder::create(&recording_dir, &provisional, cols, rows, &title) {
+        let created = crate::gateway::random_hex(8)
+            .map_err(std::io::Error::other)
+            .and_then(|r| Recorder::create(&recording_dir, &format!("pending-{r}"), cols, rows, &title));
+        match created {
             Ok(r) => Some(r),
             Err(e) => {
                 warn!(error = %e, dir = %recording_dir.display(), "cannot create recording");
