@@ -459,28 +459,9 @@ impl AccessList {
     }
 }
 
-/// Decide whether `identity` may do `action` on `instance` (name or id).
-pub async fn authorize(
-    state: &GatewayState,
-    identity: &Identity,
-    instance: &str,
-    action: Action,
-) -> Result<Authorization, &'static str> {
-    authorize_request(state, identity, instance, action, None, None).await
-}
-
-/// As [`authorize`], also resolving the shell profile the user asked for (or their default).
-pub async fn authorize_with_profile(
-    state: &GatewayState,
-    identity: &Identity,
-    instance: &str,
-    action: Action,
-    requested_profile: Option<&str>,
-) -> Result<Authorization, &'static str> {
-    authorize_request(state, identity, instance, action, requested_profile, None).await
-}
-
-/// The one decision point: policy, profile, run-as, limits and concurrent-session caps.
+/// The one decision point: may `identity` do `action` on `instance` (name or id), with the
+/// shell profile they asked for (or their default) and, for forwards, this destination?
+/// Resolves policy, profile, run-as, limits and concurrent-session caps.
 pub async fn authorize_request(
     state: &GatewayState,
     identity: &Identity,

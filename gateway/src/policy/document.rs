@@ -358,11 +358,6 @@ impl<'de> Deserialize<'de> for Limit {
     }
 }
 
-/// Line (1-based) of byte offset `at` in `text`.
-pub fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes().iter().take(at).filter(|b| **b == b'\n').count() + 1
-}
-
 /// Line numbers of byte offsets in one document, by binary search over line starts.
 pub struct LineIndex<'a> {
     text: &'a str,
@@ -395,7 +390,7 @@ impl<'a> LineIndex<'a> {
 /// Parse and validate a document. Errors name `file`, the line and the field.
 pub fn parse(file: &str, text: &str) -> Result<Document, String> {
     let doc: Document = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+        let line = e.span().map(|s| LineIndex::new(text).line(s.start)).unwrap_or(0);
         format!("{file}:{line}: {}", e.message())
     })?;
     if !crate::gateway::valid_name(&doc.name) {

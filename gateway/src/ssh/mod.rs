@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::access::{Action, Authorization, Identity, authorize_request, authorize_with_profile, glob_match};
+use crate::access::{Action, Authorization, Identity, authorize_request, glob_match};
 use crate::config::GatewayConfig;
 use crate::gateway::GatewayState;
 use crate::recording::Recorder;
@@ -697,7 +697,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
             return;
         }
     };
-    let authz = match authorize_with_profile(&ctx.state, &ctx.identity, &target, action, requested_profile.as_deref())
+    let authz = match authorize_request(&ctx.state, &ctx.identity, &target, action, requested_profile.as_deref(), None)
         .await
     {
         Ok(a) => a,
