@@ -527,17 +527,18 @@ pub async fn authorize_request(
     })
 }
 
-/// Whether a live session is still allowed now; the reason when it is not.
+/// Whether a live session is still allowed now; the reason when it is not. `agent` is the
+/// session's instance as stored now (`None`: revoked).
 pub fn recheck(
     state: &GatewayState,
-    agents: &[AgentRecord],
+    agent: Option<&AgentRecord>,
     session: &crate::sessions::LiveSession,
     at: jiff::Timestamp,
 ) -> Result<(), String> {
     if !state.access.user_active(&session.user) {
         return Err(format!("user {} is disabled or removed", session.user));
     }
-    let Some(agent) = agents.iter().find(|a| a.id == session.agent_id) else {
+    let Some(agent) = agent else {
         return Err(format!("instance {} was revoked", session.target));
     };
     let destination = session.destination.as_ref().map(|(h, p)| (h.as_str(), *p));

@@ -239,8 +239,8 @@ pub async fn enforce(state: Arc<GatewayState>, shutdown: CancellationToken) {
         if live.is_empty() {
             continue;
         }
-        let agents = match state.store.agents().await {
-            Ok(a) => a,
+        let agents: HashMap<String, crate::store::AgentRecord> = match state.store.agents().await {
+            Ok(a) => a.into_iter().map(|a| (a.id.clone(), a)).collect(),
             Err(e) => {
                 warn!(error = %e, "cannot re-check live sessions");
                 continue;
@@ -248,7 +248,7 @@ pub async fn enforce(state: Arc<GatewayState>, shutdown: CancellationToken) {
         };
         let now = jiff::Timestamp::now();
         for s in live {
-            if let Err(why) = crate::access::recheck(&state, &agents, &s, now) {
+            if let Err(why) = crate::access::recheck(&state, agents.get(&s.agent_id), &s, now) {
                 let reason = format!("access revoked ({why})");
                 if state.sessions.terminate(&s.id, &reason) {
                     info!(session_id = %s.id, user = %s.user, %reason, "ending session no longer allowed");

@@ -72,25 +72,10 @@ fn verify_accepts_the_gateways_log_and_locates_tampering() {
 #[test]
 fn a_gateway_crash_mid_session_leaves_a_readable_recording_and_an_end_event() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("alice");
-    sh(&format!("ssh-keygen -q -t ed25519 -N '' -C alice -f {}", key.display()));
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    let mut gw = Gateway::start(&format!(
-        "idle_timeout = \"0\"\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"*\"]\n",
-        public.trim()
-    ));
-    let _agent = Agent::start(&gw, "web-01", vec![], &gw.listen);
-    let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
-    let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
-    let kh = dir.path().join("known_hosts");
-    std::fs::write(&kh, format!("{ca}\n")).unwrap();
-    let mut child = std::process::Command::new("timeout")
-        .args(["60", "ssh", "-tt", "-p", &gw.ssh_port.to_string(), "-i"])
-        .arg(&key)
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-        .arg(format!("UserKnownHostsFile={}", kh.display()))
+    let (mut gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "");
+    let mut child = ssh_to(&gw, &key, &kh, &["-tt"], "alice%web-01@127.0.0.1")
         // The output differs from the command text, which is also in the recording's title.
-        .args(["alice%web-01@127.0.0.1", "echo before-the-$((6*7))-crash; sleep 60"])
+        .arg("echo before-the-$((6*7))-crash; sleep 60")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -150,16 +135,37 @@ fn ssh_gateway_on(dir: &std::path::Path, extra: &str) -> (Gateway, std::path::Pa
     (gw, key, kh, agent)
 }
 
-fn ssh_exec(gw: &Gateway, key: &std::path::Path, kh: &std::path::Path, command: &str) -> std::process::Output {
-    std::process::Command::new("timeout")
-        .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+/// `ssh` (bounded by `timeout`) to the gateway's no-config form `login`, trusting only its
+/// host CA in `kh`; `extra` are options, the command is added by the caller.
+fn ssh_to(
+    gw: &Gateway,
+    key: &std::path::Path,
+    kh: &std::path::Path,
+    extra: &[&str],
+    login: &str,
+) -> std::process::Command {
+    let mut c = std::process::Command::new("timeout");
+    c.args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
         .arg(key)
         .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
         .arg(format!("UserKnownHostsFile={}", kh.display()))
-        .args(["alice%web-01@127.0.0.1", command])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
+        .args(extra)
+        .arg(login);
+    c
+}
+
+fn ssh_run(
+    gw: &Gateway,
+    key: &std::path::Path,
+    kh: &std::path::Path,
+    login: &str,
+    command: &str,
+) -> std::process::Output {
+    ssh_to(gw, key, kh, &[], login).arg(command).stdin(std::process::Stdio::null()).output().unwrap()
+}
+
+fn ssh_exec(gw: &Gateway, key: &std::path::Path, kh: &std::path::Path, command: &str) -> std::process::Output {
+    ssh_run(gw, key, kh, "alice%web-01@127.0.0.1", command)
 }
 
 #[test]
@@ -224,17 +230,7 @@ fn a_full_disk_refuses_new_sessions_and_keeps_the_log_intact() {
     assert!(out.status.success());
     agent.run();
     wait_until("web-02 online", Duration::from_secs(20), || gw.is_online("web-02"));
-    let exec2 = |cmd: &str| {
-        std::process::Command::new("timeout")
-            .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
-            .arg(&key)
-            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-            .arg(format!("UserKnownHostsFile={}", kh.display()))
-            .args(["alice%web-02@127.0.0.1", cmd])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let exec2 = |cmd: &str| ssh_run(&gw, &key, &kh, "alice%web-02@127.0.0.1", cmd);
     assert_eq!(text(&exec2("echo on-tmpfs").stdout), "on-tmpfs\n");
 
     // Fill the disk.
@@ -342,14 +338,7 @@ fn webhooks_are_signed_retried_and_dead_lettered() {
     let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), &extra);
     assert_eq!(text(&ssh_exec(&gw, &key, &kh, "echo hooked").stdout), "hooked\n");
     // A denied session (unknown instance) goes to both receivers.
-    let out = std::process::Command::new("timeout")
-        .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
-        .arg(&key)
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-        .arg(format!("UserKnownHostsFile={}", kh.display()))
-        .args(["alice%nope-1@127.0.0.1", "true"])
-        .output()
-        .unwrap();
+    let out = ssh_run(&gw, &key, &kh, "alice%nope-1@127.0.0.1", "true");
     assert_eq!(out.status.code(), Some(1));
 
     let read = |f: &str| -> Vec<serde_json::Value> {

@@ -124,6 +124,12 @@ async fn manage(socket: &Path, req: ManageRequest) -> anyhow::Result<Value> {
     Ok(v.get("result").cloned().unwrap_or(Value::Null))
 }
 
+/// A table with one row per element of the JSON array `v`.
+fn print_table(v: &Value, headers: &[&str], row: impl Fn(&Value) -> Vec<String>) {
+    let rows: Vec<Vec<String>> = v.as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default();
+    print!("{}", table(headers, &rows));
+}
+
 fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -183,28 +189,19 @@ pub async fn user(socket: &Path, action: &UserAction) -> anyhow::Result<()> {
             if *json {
                 return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|u| {
-                            let fps: Vec<String> = u
-                                .get("keys")
-                                .and_then(Value::as_array)
-                                .map(|k| k.iter().map(|x| s(x, "fingerprint")).collect())
-                                .unwrap_or_default();
-                            vec![
-                                s(u, "name"),
-                                s(u, "groups"),
-                                if u.get("disabled") == Some(&Value::Bool(true)) { "disabled" } else { "active" }
-                                    .into(),
-                                fps.join(" "),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            print!("{}", table(&["USER", "GROUPS", "STATE", "KEYS"], &rows));
+            print_table(&v, &["USER", "GROUPS", "STATE", "KEYS"], |u| {
+                let fps: Vec<String> = u
+                    .get("keys")
+                    .and_then(Value::as_array)
+                    .map(|k| k.iter().map(|x| s(x, "fingerprint")).collect())
+                    .unwrap_or_default();
+                vec![
+                    s(u, "name"),
+                    s(u, "groups"),
+                    if u.get("disabled") == Some(&Value::Bool(true)) { "disabled" } else { "active" }.into(),
+                    fps.join(" "),
+                ]
+            });
         }
         UserAction::Disable { name } => {
             show(&manage(socket, ManageRequest::UserSetDisabled { name: name.clone(), disabled: true }).await?)
@@ -237,9 +234,7 @@ pub async fn group(socket: &Path, action: &GroupAction) -> anyhow::Result<()> {
     if *json {
         return print_json(&v);
     }
-    let rows: Vec<Vec<String>> =
-        v.as_array().map(|a| a.iter().map(|g| vec![s(g, "group"), s(g, "members")]).collect()).unwrap_or_default();
-    print!("{}", table(&["GROUP", "MEMBERS"], &rows));
+    print_table(&v, &["GROUP", "MEMBERS"], |g| vec![s(g, "group"), s(g, "members")]);
     Ok(())
 }
 
@@ -334,23 +329,15 @@ pub async fn policy(socket: Option<&Path>, action: &PolicyAction) -> anyhow::Res
             if *json {
                 return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|p| {
-                            vec![
-                                s(p, "name"),
-                                s(p, "version"),
-                                ago(p.get("applied_at").and_then(Value::as_i64)),
-                                s(p, "applied_by"),
-                                s(p, "file"),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            print!("{}", table(&["POLICY", "VERSION", "APPLIED", "BY", "FILE"], &rows));
+            print_table(&v, &["POLICY", "VERSION", "APPLIED", "BY", "FILE"], |p| {
+                vec![
+                    s(p, "name"),
+                    s(p, "version"),
+                    ago(p.get("applied_at").and_then(Value::as_i64)),
+                    s(p, "applied_by"),
+                    s(p, "file"),
+                ]
+            });
         }
         PolicyAction::Show { name, version } => {
             let h = history(name).await?;
@@ -367,26 +354,14 @@ pub async fn policy(socket: Option<&Path>, action: &PolicyAction) -> anyhow::Res
         }
         PolicyAction::History { name } => {
             let h = history(name).await?;
-            let rows: Vec<Vec<String>> = h
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|p| {
-                            vec![
-                                s(p, "version"),
-                                ago(p.get("applied_at").and_then(Value::as_i64)),
-                                s(p, "applied_by"),
-                                if p.get("removed") == Some(&Value::Bool(true)) {
-                                    "removed".into()
-                                } else {
-                                    s(p, "file")
-                                },
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            print!("{}", table(&["VERSION", "APPLIED", "BY", "FILE"], &rows));
+            print_table(&h, &["VERSION", "APPLIED", "BY", "FILE"], |p| {
+                vec![
+                    s(p, "version"),
+                    ago(p.get("applied_at").and_then(Value::as_i64)),
+                    s(p, "applied_by"),
+                    if p.get("removed") == Some(&Value::Bool(true)) { "removed".into() } else { s(p, "file") },
+                ]
+            });
         }
         PolicyAction::Diff { name, from, to } => {
             let h = history(name).await?;
@@ -445,28 +420,16 @@ pub async fn grants(socket: &Path, all: bool, json: bool) -> anyhow::Result<()> 
     if json {
         return print_json(&v);
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|g| {
-                    vec![
-                        s(g, "id"),
-                        s(g, "user"),
-                        s(g, "policy"),
-                        when(g, "expires_at"),
-                        if g.get("revoked_at").is_some_and(|x| !x.is_null()) {
-                            "revoked".into()
-                        } else {
-                            String::new()
-                        },
-                        s(g, "reason"),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    print!("{}", table(&["GRANT", "USER", "POLICY", "EXPIRES", "STATE", "REASON"], &rows));
+    print_table(&v, &["GRANT", "USER", "POLICY", "EXPIRES", "STATE", "REASON"], |g| {
+        vec![
+            s(g, "id"),
+            s(g, "user"),
+            s(g, "policy"),
+            when(g, "expires_at"),
+            if g.get("revoked_at").is_some_and(|x| !x.is_null()) { "revoked".into() } else { String::new() },
+            s(g, "reason"),
+        ]
+    });
     Ok(())
 }
 
@@ -552,30 +515,23 @@ pub async fn sessions(socket: &Path, all: bool, json: bool, action: Option<&Sess
     if json {
         return print_json(&v);
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| {
-                    let secs = x.get("duration_secs").and_then(Value::as_i64).unwrap_or(0);
-                    vec![
-                        s(x, "id"),
-                        s(x, "user"),
-                        s(x, "target"),
-                        s(x, "kind"),
-                        if x.get("logged") == Some(&Value::Bool(true)) { "yes" } else { "no" }.into(),
-                        if x.get("active") == Some(&Value::Bool(true)) { "active" } else { "ended" }.into(),
-                        ago(x.get("started_at").and_then(Value::as_i64)),
-                        format!("{}m{:02}s", secs / 60, secs % 60),
-                        format!("{}/{}", s(x, "bytes_in"), s(x, "bytes_out")),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    print!(
-        "{}",
-        table(&["SESSION", "USER", "TARGET", "KIND", "LOGGED", "STATE", "STARTED", "DURATION", "BYTES IN/OUT"], &rows)
+    print_table(
+        &v,
+        &["SESSION", "USER", "TARGET", "KIND", "LOGGED", "STATE", "STARTED", "DURATION", "BYTES IN/OUT"],
+        |x| {
+            let secs = x.get("duration_secs").and_then(Value::as_i64).unwrap_or(0);
+            vec![
+                s(x, "id"),
+                s(x, "user"),
+                s(x, "target"),
+                s(x, "kind"),
+                if x.get("logged") == Some(&Value::Bool(true)) { "yes" } else { "no" }.into(),
+                if x.get("active") == Some(&Value::Bool(true)) { "active" } else { "ended" }.into(),
+                ago(x.get("started_at").and_then(Value::as_i64)),
+                format!("{}m{:02}s", secs / 60, secs % 60),
+                format!("{}/{}", s(x, "bytes_in"), s(x, "bytes_out")),
+            ]
+        },
     );
     Ok(())
 }
