@@ -2,7 +2,7 @@
 # Run the whole Postern test suite: unit, golden, fuzz-budget, tunnel integration and
 # end-to-end tests with the real binaries. On Debian as root it installs what the tests
 # need (nftables, iproute2, python3, tmux, procps, OpenSSH client, server and
-# sftp-server, and asciinema from PyPI); elsewhere it says what is missing.
+# sftp-server, and asciinema and moto from PyPI); elsewhere it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,12 @@ fi
 if ! command -v asciinema >/dev/null 2>&1; then
   echo "installing asciinema (pip)"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'asciinema>=2.3,<3'
+fi
+
+# moto (PyPI) is the S3-compatible object store the audit upload tests start and stop.
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "installing moto_server (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'moto[server,s3]>=5,<6'
 fi
 
 # The end-to-end tests start the real binaries from target/debug.

@@ -1,12 +1,14 @@
 //! Audit events per second: the hash-chained log as the gateway writes it (flushed to the OS
 //! per event, fsync at signed checkpoints), and with an fsync after every event (the
-//! durability ceiling of the disk). Same-size events as a typical `session.start`.
+//! durability ceiling of the disk), and sealed (encryption at rest). Same-size events as a
+//! typical `session.start`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use postern_gateway::audit::AuditLog;
+use postern_gateway::audit::seal::{FileKey, Keyring};
+use postern_gateway::audit::{AuditLog, LogOptions};
 use ring::signature::Ed25519KeyPair;
 use serde_json::json;
 
@@ -21,7 +23,14 @@ fn bench(c: &mut Criterion) {
     let key =
         Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap().as_ref())
             .unwrap();
-    let log = AuditLog::open_signed(&dir.path().join("audit.log"), key).unwrap();
+    let log = AuditLog::open_signed(&dir.path().join("clear"), key, LogOptions::default()).unwrap();
+    let sealed_key =
+        Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap().as_ref())
+            .unwrap();
+    let keyring = Keyring::new(vec![std::sync::Arc::new(FileKey::from_bytes(&[7; 32]).unwrap())]);
+    let sealed =
+        AuditLog::open_signed(&dir.path().join("sealed"), sealed_key, LogOptions { keyring, ..LogOptions::default() })
+            .unwrap();
     let mut g = c.benchmark_group("audit");
     g.throughput(Throughput::Elements(1));
     let mut i = 0u64;
@@ -29,6 +38,12 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             log.record("session.start", black_box(event(i))).unwrap()
+        })
+    });
+    g.bench_function("record, sealed (AES-256-GCM record per event)", |b| {
+        b.iter(|| {
+            i += 1;
+            sealed.record("session.start", black_box(event(i))).unwrap()
         })
     });
     g.bench_function("record + signed checkpoint + fsync, per event", |b| {

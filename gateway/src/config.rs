@@ -31,11 +31,72 @@ pub struct AuditConfig {
     pub webhooks: Vec<crate::audit::webhooks::WebhookConfig>,
     /// Also print every event (one JSON line) to standard output, for log shippers.
     pub stdout: bool,
+    /// Start a new event-log segment when the current one reaches this many bytes ...
+    pub rotate_bytes: u64,
+    /// ... or this age ("1d"; "0": size only).
+    pub rotate_after: String,
+    /// Delete event-log segments older than this ("0", the default, keeps them). Only whole,
+    /// closed segments, oldest first, and (with [audit.s3]) only once uploaded.
+    pub log_retention: String,
+    /// Also record what users type in shell sessions. Off by default: input includes
+    /// passwords typed at prompts that do not echo.
+    pub record_input: bool,
+    /// Encryption at rest of recordings and event-log segments.
+    pub encryption: EncryptionConfig,
+    /// Copy closed segments and finished recordings to S3-compatible object storage.
+    pub s3: Option<crate::audit::ship::S3Config>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { fail_closed: true, retention: "0".into(), webhooks: Vec::new(), stdout: false }
+        AuditConfig {
+            fail_closed: true,
+            retention: "0".into(),
+            webhooks: Vec::new(),
+            stdout: false,
+            rotate_bytes: 64 << 20,
+            rotate_after: "1d".into(),
+            log_retention: "0".into(),
+            record_input: false,
+            encryption: EncryptionConfig::default(),
+            s3: None,
+        }
+    }
+}
+
+/// Master keys for envelope encryption (docs/audit.md). Without `key_file` or
+/// `key_command`, files are written in the clear.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// File holding the master key (64 hex digits; `postern audit keygen FILE`).
+    pub key_file: Option<PathBuf>,
+    /// Or a program wrapping data keys with a key it holds (KMS, vault): see docs/audit.md.
+    pub key_command: Option<Vec<String>>,
+    /// Retired master key files, still used to read what they sealed.
+    pub previous_key_files: Vec<PathBuf>,
+}
+
+impl EncryptionConfig {
+    /// The keyring these settings describe (empty: encryption off).
+    pub fn keyring(&self) -> anyhow::Result<crate::audit::seal::Keyring> {
+        use crate::audit::seal::{CommandKey, FileKey, KeyProvider, Keyring};
+        let mut keys: Vec<std::sync::Arc<dyn KeyProvider>> = Vec::new();
+        match (&self.key_file, &self.key_command) {
+            (Some(_), Some(_)) => anyhow::bail!("[audit.encryption]: set key_file or key_command, not both"),
+            (Some(f), None) => keys.push(std::sync::Arc::new(FileKey::load(f)?)),
+            (None, Some(cmd)) => {
+                keys.push(std::sync::Arc::new(CommandKey::new(cmd.clone()).context("[audit.encryption] key_command")?))
+            }
+            (None, None) if !self.previous_key_files.is_empty() => {
+                anyhow::bail!("[audit.encryption]: previous_key_files needs a key_file or key_command")
+            }
+            (None, None) => {}
+        }
+        for f in &self.previous_key_files {
+            keys.push(std::sync::Arc::new(FileKey::load(f)?));
+        }
+        Ok(Keyring::new(keys))
     }
 }
 
@@ -151,6 +212,12 @@ impl GatewayConfig {
             .with_context(|| format!("{}: tunnel.agent_cert_ttl", path.display()))?;
         parse_limit(&cfg.ssh.idle_timeout).with_context(|| format!("{}: ssh.idle_timeout", path.display()))?;
         parse_limit(&cfg.ssh.max_session).with_context(|| format!("{}: ssh.max_session", path.display()))?;
+        parse_limit(&cfg.audit.retention).with_context(|| format!("{}: [audit] retention", path.display()))?;
+        parse_limit(&cfg.audit.log_retention).with_context(|| format!("{}: [audit] log_retention", path.display()))?;
+        parse_limit(&cfg.audit.rotate_after).with_context(|| format!("{}: [audit] rotate_after", path.display()))?;
+        if cfg.audit.rotate_bytes < 4096 {
+            anyhow::bail!("{}: [audit] rotate_bytes must be at least 4096", path.display());
+        }
         Ok(cfg)
     }
 

@@ -23,6 +23,10 @@ pub struct GatewayState {
     pub config: GatewayConfig,
     pub store: Arc<dyn Store>,
     pub audit: Arc<AuditLog>,
+    /// How new recordings are written (encryption, input capture).
+    pub recording: crate::recording::RecordingOptions,
+    /// Copies closed segments and recordings to object storage (`[audit.s3]`).
+    pub shipper: Option<Arc<crate::audit::ship::Shipper>>,
     pub registry: AgentRegistry,
     pub ca: Arc<CertAuthority>,
     pub tunnel_addr: SocketAddr,
@@ -123,33 +127,110 @@ impl RunningGateway {
     }
 }
 
-/// Delete recordings older than `[audit] retention` now and every hour; skip live sessions'.
-async fn retention(state: Arc<GatewayState>, keep: std::time::Duration, shutdown: CancellationToken) {
-    loop {
+/// What retention keeps: recordings and closed event-log segments younger than these.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    recordings: Option<std::time::Duration>,
+    log: Option<std::time::Duration>,
+}
+
+fn older_than(meta: &std::fs::Metadata, keep: std::time::Duration) -> bool {
+    let cutoff = std::time::SystemTime::now().checked_sub(keep);
+    cutoff.is_some_and(|c| meta.modified().is_ok_and(|m| m < c))
+}
+
+/// Delete recordings past `[audit] retention` (not live sessions') and the oldest closed
+/// log segments past `[audit] log_retention` (a prefix of the log, so it stays one chain);
+/// neither before it is uploaded when `[audit.s3]` is set. Each run that deletes something
+/// is an `audit.retention` event.
+fn apply_retention(state: &GatewayState, keep: Retention) {
+    let uploaded =
+        |kind: crate::audit::ship::Kind, path: &Path| state.shipper.as_ref().is_none_or(|s| s.is_uploaded(kind, path));
+    let (mut deleted, mut bytes) = (0u64, 0u64);
+    if let Some(keep) = keep.recordings {
         let dir = state.config.data_dir.join("recordings");
         let live: std::collections::HashSet<String> = state.sessions.live().iter().map(|s| s.id.clone()).collect();
-        let (mut deleted, mut bytes) = (0u64, 0u64);
-        let cutoff = std::time::SystemTime::now().checked_sub(keep);
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = e.path();
-            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(session) = crate::recording::session_of(&name) else { continue };
             let Ok(meta) = e.metadata() else { continue };
-            let old = cutoff.is_some_and(|c| meta.modified().is_ok_and(|m| m < c));
-            if old && meta.is_file() && !live.contains(&stem) && std::fs::remove_file(&path).is_ok() {
+            if meta.is_file()
+                && older_than(&meta, keep)
+                && !live.contains(session)
+                && uploaded(crate::audit::ship::Kind::Recording, &path)
+                && std::fs::remove_file(&path).is_ok()
+            {
                 deleted += 1;
                 bytes += meta.len();
             }
         }
-        if deleted > 0 {
-            info!(deleted, bytes, "recordings past retention deleted");
-            let _ = state.audit.record(
-                "audit.retention",
-                json!({"deleted_recordings": deleted, "bytes": bytes, "older_than_secs": keep.as_secs()}),
-            );
+    }
+    let (mut segments, mut segment_bytes, mut through) = (0u64, 0u64, 0u64);
+    if let Some(keep) = keep.log {
+        // Every segment but the newest (being written) is closed; a segment's events end
+        // where the next one starts.
+        let all = crate::audit::segments(state.audit.dir()).unwrap_or_default();
+        for pair in all.windows(2) {
+            let [(_, path), (next_first, _)] = pair else { break };
+            let Ok(meta) = std::fs::metadata(path) else { break };
+            if !older_than(&meta, keep)
+                || !uploaded(crate::audit::ship::Kind::Segment, path)
+                || std::fs::remove_file(path).is_err()
+            {
+                break;
+            }
+            segments += 1;
+            segment_bytes += meta.len();
+            through = next_first.saturating_sub(1);
         }
+    }
+    if deleted > 0 || segments > 0 {
+        info!(deleted_recordings = deleted, deleted_segments = segments, "retention deleted old audit data");
+        let mut fields = serde_json::Map::new();
+        fields.insert("deleted_recordings".into(), json!(deleted));
+        fields.insert("bytes".into(), json!(bytes));
+        fields.insert("older_than_secs".into(), json!(keep.recordings.map(|k| k.as_secs())));
+        if segments > 0 {
+            fields.insert("deleted_segments".into(), json!(segments));
+            fields.insert("segment_bytes".into(), json!(segment_bytes));
+            fields.insert("deleted_through_seq".into(), json!(through));
+            fields.insert("log_older_than_secs".into(), json!(keep.log.map(|k| k.as_secs())));
+        }
+        let _ = state.audit.record("audit.retention", serde_json::Value::Object(fields));
+    }
+}
+
+/// Files that are complete and may be uploaded: closed log segments, and recordings of
+/// sessions that are not live (finished, or orphaned by a crash).
+fn upload_candidates(state: &GatewayState) -> Vec<(crate::audit::ship::Kind, PathBuf)> {
+    use crate::audit::ship::Kind;
+    let mut out: Vec<(Kind, PathBuf)> =
+        state.audit.closed_segments().into_iter().map(|(_, p)| (Kind::Segment, p)).collect();
+    let live: std::collections::HashSet<String> = state.sessions.live().iter().map(|s| s.id.clone()).collect();
+    for e in std::fs::read_dir(state.config.data_dir.join("recordings")).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Recordings are named `pending-…` until their session starts.
+        if let Some(session) = crate::recording::session_of(&name)
+            && !session.starts_with("pending-")
+            && !live.contains(session)
+        {
+            out.push((Kind::Recording, e.path()));
+        }
+    }
+    out
+}
+
+/// Retention now and then every hour (more often for short retention periods).
+async fn retention(state: Arc<GatewayState>, keep: Retention, shutdown: CancellationToken) {
+    let shortest =
+        [keep.recordings, keep.log].into_iter().flatten().min().unwrap_or(std::time::Duration::from_secs(3600));
+    let every = (shortest / 2).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
+    loop {
+        apply_retention(&state, keep);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }
@@ -166,8 +247,24 @@ async fn checkpoints(audit: Arc<AuditLog>, shutdown: CancellationToken) {
     }
 }
 
+/// Earlier versions kept the whole log in `DATA_DIR/audit.log`: it becomes the first segment.
+fn migrate_single_file_log(dir: &std::path::Path) -> anyhow::Result<()> {
+    let old = dir.join("audit.log");
+    let segments = dir.join("audit");
+    if old.exists() && crate::audit::segments(&segments)?.is_empty() {
+        std::fs::create_dir_all(&segments)?;
+        let to = segments.join(crate::audit::segment_name(1, false));
+        std::fs::rename(&old, &to).with_context(|| format!("moving {} to {}", old.display(), to.display()))?;
+        info!(to = %to.display(), "audit log moved into the segment directory");
+    }
+    Ok(())
+}
+
 pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
-    let keep_recordings = crate::config::parse_limit(&config.audit.retention).context("[audit] retention")?;
+    let keep = Retention {
+        recordings: crate::config::parse_limit(&config.audit.retention).context("[audit] retention")?,
+        log: crate::config::parse_limit(&config.audit.log_retention).context("[audit] log_retention")?,
+    };
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     {
@@ -183,7 +280,15 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             .with_context(|| format!("opening database in {}", dir.display()))?,
     );
     let signing_key = crate::audit::load_or_create_signing_key(&dir.join("audit-signing.key"))?;
-    let audit = Arc::new(AuditLog::open_signed(&dir.join("audit.log"), signing_key).context("opening audit log")?);
+    let keyring = config.audit.encryption.keyring()?;
+    let log_options = crate::audit::LogOptions {
+        rotate_bytes: config.audit.rotate_bytes,
+        rotate_after: crate::config::parse_limit(&config.audit.rotate_after).context("[audit] rotate_after")?,
+        keyring: keyring.clone(),
+    };
+    migrate_single_file_log(&dir)?;
+    let audit =
+        Arc::new(AuditLog::open_signed(&dir.join("audit"), signing_key, log_options).context("opening the audit log")?);
     audit.set_stdout(config.audit.stdout);
     let directory = Arc::new(StoreDirectory { store: store.clone(), audit: audit.clone() });
     let settings = TunnelSettings {
@@ -215,10 +320,15 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             .with_context(|| format!("creating {}", dir.join("live-sessions").display()))?,
     );
     sessions.close_orphans(&audit);
+    let record_input = config.audit.record_input;
+    let shipper =
+        config.audit.s3.as_ref().map(|c| crate::audit::ship::Shipper::new(c, &dir).map(Arc::new)).transpose()?;
     let state = Arc::new(GatewayState {
         config,
         store,
         audit,
+        recording: crate::recording::RecordingOptions { keyring, input: record_input },
+        shipper,
         registry: server.registry(),
         ca,
         tunnel_addr,
@@ -241,7 +351,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     tasks.spawn(server.serve(shutdown.clone()));
     tasks.spawn(crate::sessions::enforce(state.clone(), shutdown.clone()));
     tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
-    if let Some(keep) = keep_recordings {
+    if let Some(shipper) = state.shipper.clone() {
+        let st = state.clone();
+        tasks.spawn(shipper.run(move || upload_candidates(&st), state.audit.clone(), shutdown.clone()));
+    }
+    if keep.recordings.is_some() || keep.log.is_some() {
         tasks.spawn(retention(state.clone(), keep, shutdown.clone()));
     }
     tasks.spawn(crate::admin::serve(listener, state.clone(), shutdown.clone()));

@@ -12,11 +12,27 @@ use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
 use postern_tunnel::services::LocalLimits;
 use postern_tunnel::tls::TransportTimers;
 
-async fn wait_for_shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+/// Start listening for SIGINT (Ctrl-C) and SIGTERM now, before the slow parts of start-up,
+/// so a stop request that arrives meanwhile is not lost (or fatal); the returned future
+/// completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            _ = wait_signal(term.as_mut()) => {}
+            _ = wait_signal(int.as_mut()) => {}
+        }
+    }
+}
+
+async fn wait_signal(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -25,8 +41,9 @@ async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow:
     if let Some(l) = listen {
         cfg.tunnel.listen = l;
     }
+    let stop = shutdown_signal();
     let running = gateway::start(cfg).await?;
-    wait_for_shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     running.stop().await;
     Ok(())
@@ -69,6 +86,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
     cfg.ssh.listen = ssh_listen;
     cfg.ssh.enabled = true;
     let data_dir = cfg.data_dir.clone();
+    let stop = shutdown_signal();
     let running = gateway::start(cfg).await?;
     let state = running.state.clone();
     let agent_dir = data_dir.join("local-agent");
@@ -173,7 +191,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
         name = local.name,
         id = local.agent_id,
     );
-    wait_for_shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     stop_agent.cancel();
     let _ = tokio::time::timeout(cli::SHUTDOWN_GRACE, agent_task).await;
@@ -218,10 +236,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Sessions(args) => {
             cli::manage::sessions(&cli::socket_for(&cli)?, args.all, args.json, args.action.as_ref()).await.map(|()| 0)
         }
-        Command::Replay { session, speed, max_wait } => cli::replay(&cli, session, *speed, *max_wait),
-        Command::Audit { action: cli::AuditAction::Verify { file, key, json } } => {
-            cli::audit_verify(&cli, file.as_deref(), key.as_deref(), *json)
+        Command::Replay { session, speed, max_wait, raw, master_key } => {
+            cli::replay(&cli, session, *speed, *max_wait, *raw, master_key)
         }
+        Command::Audit { action } => match action {
+            cli::AuditAction::Verify { file, key, master_key, json } => {
+                cli::audit_verify(&cli, file, key.as_deref(), master_key, *json)
+            }
+            cli::AuditAction::Cat { file, master_key } => cli::audit_cat(&cli, file, master_key),
+            cli::AuditAction::Keygen { file } => cli::audit_keygen(file),
+        },
         Command::SshConfig { known_hosts_file } => {
             cli::ssh_config(&cli::socket_for(&cli)?, known_hosts_file).await.map(|()| 0)
         }

@@ -1,5 +1,8 @@
 //! Session recordings in asciicast v2: a JSON header line, then `[time, "o", data]` output
-//! events and `[time, "r", "COLSxROWS"]` resizes. `asciinema play FILE` replays them.
+//! events, `[time, "r", "COLSxROWS"]` resizes, `[time, "i", data]` input (only with
+//! `[audit] record_input`), and a closing `[time, "m", "exit CODE"]` marker. `asciinema play
+//! FILE` replays a clear recording; sealed ones (encryption at rest, `.cast.sealed`) are read
+//! through `postern replay`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,12 +10,31 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use crate::audit::seal::{Ending, Keyring, Plain, Sealer};
+
 /// Longest time recorded output may sit in the gateway's buffer.
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Buffered events are written once they reach this size, whatever their age.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// What a new recording looks like.
+#[derive(Debug, Clone, Default)]
+pub struct RecordingOptions {
+    /// Seal the file with the active key, if any.
+    pub keyring: Keyring,
+    /// Record input as well as output.
+    pub input: bool,
+}
 
 pub struct Recorder {
     path: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+    file: std::fs::File,
+    sealer: Option<Sealer>,
+    /// Events not yet handed to the OS (sealed as one record when they are).
+    buf: Vec<u8>,
+    /// Scratch space for sealing.
+    sealed: Vec<u8>,
+    input: bool,
     start: Instant,
     last_flush: Instant,
     /// Bytes of an incomplete UTF-8 sequence carried to the next chunk.
@@ -25,28 +47,75 @@ impl std::fmt::Debug for Recorder {
     }
 }
 
+/// File name of a session's recording.
+pub fn file_name(session_id: &str, sealed: bool) -> String {
+    format!("{session_id}.cast{}", if sealed { ".sealed" } else { "" })
+}
+
+/// The session a recording file belongs to (`None` for other files).
+pub fn session_of(file_name: &str) -> Option<&str> {
+    file_name.strip_suffix(".cast.sealed").or_else(|| file_name.strip_suffix(".cast"))
+}
+
+/// The recording of `session_id` in `dir`, clear or sealed.
+pub fn find(dir: &Path, session_id: &str) -> Option<PathBuf> {
+    [false, true].into_iter().map(|sealed| dir.join(file_name(session_id, sealed))).find(|p| p.exists())
+}
+
 impl Recorder {
-    pub fn create(dir: &Path, session_id: &str, cols: u16, rows: u16, title: &str) -> std::io::Result<Self> {
+    /// Start a recording. `command` is the exec command, if it is not a shell.
+    pub fn create(
+        dir: &Path,
+        session_id: &str,
+        size: (u16, u16),
+        title: &str,
+        command: Option<&str>,
+        options: &RecordingOptions,
+    ) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{session_id}.cast"));
-        let file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&path)?;
+        let active = options.keyring.active();
+        let path = dir.join(file_name(session_id, active.is_some()));
+        let mut file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&path)?;
+        let sealer = match active {
+            Some(key) => {
+                let (sealer, header) =
+                    Sealer::new(key.as_ref()).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+                if let Err(e) = file.write_all(&header) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                Some(sealer)
+            }
+            None => None,
+        };
         let mut rec = Self {
             path,
-            file: std::io::BufWriter::with_capacity(64 * 1024, file),
+            file,
+            sealer,
+            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
+            sealed: Vec::new(),
+            input: options.input,
             start: Instant::now(),
             last_flush: Instant::now(),
             pending: Vec::new(),
         };
-        let header = json!({
+        let mut header = json!({
             "version": 2,
-            "width": cols.max(1),
-            "height": rows.max(1),
+            "width": size.0.max(1),
+            "height": size.1.max(1),
             "timestamp": crate::audit::now_unix(),
             "title": title,
         });
-        writeln!(rec.file, "{header}")?;
-        rec.file.flush()?;
+        if let (Some(c), Some(h)) = (command, header.as_object_mut()) {
+            h.insert("command".into(), json!(c));
+        }
+        serde_json::to_writer(&mut rec.buf, &header).map_err(std::io::Error::other)?;
+        rec.buf.push(b'\n');
+        if let Err(e) = rec.write_out(false) {
+            let _ = std::fs::remove_file(&rec.path);
+            return Err(e);
+        }
         Ok(rec)
     }
 
@@ -57,7 +126,7 @@ impl Recorder {
     /// Give the recording its session's name once the session id is known (recordings are
     /// created before the session starts, so that one that cannot be written stops it).
     pub fn rename_to(&mut self, session_id: &str) -> std::io::Result<()> {
-        let to = self.path.with_file_name(format!("{session_id}.cast"));
+        let to = self.path.with_file_name(file_name(session_id, self.sealer.is_some()));
         std::fs::rename(&self.path, &to)?;
         self.path = to;
         Ok(())
@@ -66,25 +135,45 @@ impl Recorder {
     fn event(&mut self, kind: &str, data: &str) -> std::io::Result<()> {
         let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
         // Serialized straight into the buffer: no intermediate JSON value or string.
-        serde_json::to_writer(&mut self.file, &(t, kind, data)).map_err(std::io::Error::other)?;
-        self.file.write_all(b"\n")?;
-        self.flush_if_due()
+        serde_json::to_writer(&mut self.buf, &(t, kind, data)).map_err(std::io::Error::other)?;
+        self.buf.push(b'\n');
+        if self.buf.len() >= FLUSH_BYTES { self.write_out(false) } else { self.flush_if_due() }
+    }
+
+    /// Hand the buffer to the OS (as one sealed record when sealing; `last` closes the file).
+    fn write_out(&mut self, last: bool) -> std::io::Result<()> {
+        self.last_flush = Instant::now();
+        if self.buf.is_empty() && !last {
+            return Ok(());
+        }
+        let result = match self.sealer.as_mut() {
+            Some(s) => {
+                self.sealed.clear();
+                s.seal_into(&self.buf, last, &mut self.sealed)?;
+                self.file.write_all(&self.sealed)
+            }
+            None => self.file.write_all(&self.buf),
+        };
+        self.buf.clear();
+        result
     }
 
     /// Hand buffered events to the OS if the last flush is older than [`FLUSH_EVERY`]. The
     /// session loop also calls this on a timer, so a crash loses at most that much output;
     /// flushing per event instead cost a third of shell output throughput.
     pub fn flush_if_due(&mut self) -> std::io::Result<()> {
-        if self.last_flush.elapsed() >= FLUSH_EVERY {
-            self.last_flush = Instant::now();
-            self.file.flush()?;
-        }
-        Ok(())
+        if self.last_flush.elapsed() >= FLUSH_EVERY { self.write_out(false) } else { Ok(()) }
     }
 
-    /// Flush everything (end of session).
-    pub fn finish(&mut self) -> std::io::Result<()> {
-        self.file.flush()
+    /// End the recording: an `exit CODE` marker when the command's status is known, then
+    /// everything buffered (and, sealed, the final record).
+    pub fn finish(&mut self, exit_code: Option<i32>) -> std::io::Result<()> {
+        if let Some(code) = exit_code {
+            let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+            serde_json::to_writer(&mut self.buf, &(t, "m", format!("exit {code}"))).map_err(std::io::Error::other)?;
+            self.buf.push(b'\n');
+        }
+        self.write_out(true)
     }
 
     pub fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
@@ -107,21 +196,37 @@ impl Recorder {
         if text.is_empty() { Ok(()) } else { self.event("o", &text) }
     }
 
+    /// What the user typed, if input is recorded (`[audit] record_input`).
+    pub fn input(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if !self.input || data.is_empty() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(data);
+        self.event("i", &text)
+    }
+
     pub fn resize(&mut self, cols: u16, rows: u16) -> std::io::Result<()> {
         self.event("r", &format!("{cols}x{rows}"))
     }
 }
 
 /// Play a recording to `out` in real time divided by `speed`, with pauses longer than
-/// `max_wait` shortened to it (as `asciinema play -i`). Errors name the line that is bad.
-pub fn replay(path: &Path, speed: f64, max_wait: Option<f64>, out: &mut dyn Write) -> anyhow::Result<()> {
+/// `max_wait` shortened to it (as `asciinema play -i`). Sealed recordings are decrypted with
+/// `keyring`. Errors name the line that is bad. Returns how a sealed recording ended.
+pub fn replay(
+    path: &Path,
+    keyring: &Keyring,
+    speed: f64,
+    max_wait: Option<f64>,
+    out: &mut dyn Write,
+) -> anyhow::Result<Option<Ending>> {
     use anyhow::Context;
     use std::io::BufRead;
     if !(speed.is_finite() && speed > 0.0) {
         anyhow::bail!("--speed must be a positive number");
     }
-    let file = std::fs::File::open(path).with_context(|| format!("opening recording {}", path.display()))?;
-    let mut lines = std::io::BufReader::new(file).lines();
+    let mut reader = std::io::BufReader::new(Plain::open(path, keyring)?);
+    let mut lines = (&mut reader).lines();
     let header: serde_json::Value = serde_json::from_str(&lines.next().context("empty recording")??)
         .with_context(|| format!("{}:1: not an asciicast header", path.display()))?;
     if header.get("version").and_then(serde_json::Value::as_u64) != Some(2) {
@@ -149,7 +254,7 @@ pub fn replay(path: &Path, speed: f64, max_wait: Option<f64>, out: &mut dyn Writ
         }
     }
     out.flush()?;
-    Ok(())
+    Ok(reader.into_inner().ending())
 }
 
 #[cfg(test)]
@@ -163,24 +268,26 @@ mod tests {
         std::fs::write(&p, "{\"version\":2,\"width\":80,\"height\":24}\n[0.1,\"o\",\"he\"]\n[0.2,\"r\",\"90x30\"]\n[5.0,\"o\",\"llo\"]\n").unwrap();
         let mut out = Vec::new();
         let t = Instant::now();
-        replay(&p, 1000.0, Some(0.01), &mut out).unwrap();
+        replay(&p, &Keyring::default(), 1000.0, Some(0.01), &mut out).unwrap();
         assert_eq!(out, b"hello");
         assert!(t.elapsed() < std::time::Duration::from_secs(1));
-        assert!(replay(&p, 0.0, None, &mut Vec::new()).is_err());
+        assert!(replay(&p, &Keyring::default(), 0.0, None, &mut Vec::new()).is_err());
         std::fs::write(&p, "{\"version\":2}\n[0.1,\"o\"]\n").unwrap();
-        let e = replay(&p, 1.0, None, &mut Vec::new()).unwrap_err();
+        let e = replay(&p, &Keyring::default(), 1.0, None, &mut Vec::new()).unwrap_err();
         assert!(format!("{e:#}").contains("s.cast:2:"), "{e:#}");
     }
 
     #[test]
     fn writes_asciicast_v2_and_keeps_utf8_split_across_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Recorder::create(dir.path(), "s1", 80, 24, "t").unwrap();
+        let mut r =
+            Recorder::create(dir.path(), "s1", (80, 24), "t", Some("ls"), &RecordingOptions::default()).unwrap();
         let euro = "€".as_bytes();
         r.output(&[b'a', euro[0]]).unwrap();
         r.output(&euro[1..]).unwrap();
         r.resize(100, 30).unwrap();
-        r.finish().unwrap();
+        r.input(b"secret").unwrap();
+        r.finish(Some(3)).unwrap();
         let text = std::fs::read_to_string(r.path()).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines[0]["version"], 2);
@@ -190,5 +297,36 @@ mod tests {
         assert_eq!(lines[2][2], "€");
         assert_eq!(lines[3][1], "r");
         assert_eq!(lines[3][2], "100x30");
+        assert_eq!(lines[0]["command"], "ls");
+        assert_eq!(lines[4][1], "m", "input is not recorded unless asked for");
+        assert_eq!(lines[4][2], "exit 3");
+        assert_eq!(lines.len(), 5);
+    }
+
+    #[test]
+    fn sealed_recordings_replay_with_the_key_and_record_input_when_asked() {
+        use crate::audit::seal::FileKey;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keyring::new(vec![std::sync::Arc::new(FileKey::from_bytes(&[5; 32]).unwrap())]);
+        let opts = RecordingOptions { keyring: keys.clone(), input: true };
+        let mut r = Recorder::create(dir.path(), "pending", (80, 24), "t", None, &opts).unwrap();
+        r.rename_to("s2").unwrap();
+        r.output(b"top secret output").unwrap();
+        r.input(b"typed").unwrap();
+        r.finish(Some(0)).unwrap();
+        let path = find(dir.path(), "s2").unwrap();
+        assert!(path.to_string_lossy().ends_with("s2.cast.sealed"));
+        assert!(!std::fs::read(&path).unwrap().windows(6).any(|w| w == b"secret"));
+        let mut out = Vec::new();
+        let ending = replay(&path, &keys, 1000.0, Some(0.01), &mut out).unwrap();
+        assert_eq!(out, b"top secret output", "input is not played back");
+        assert_eq!(ending, Some(Ending::Complete));
+        let (text, _) = Plain::read_all(&path, &keys).unwrap();
+        assert!(String::from_utf8(text).unwrap().contains(r#","i","typed"]"#));
+        let e = replay(&path, &Keyring::default(), 1.0, None, &mut Vec::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("not configured here"), "{e:#}");
+        assert_eq!(session_of("abc.cast.sealed"), Some("abc"));
+        assert_eq!(session_of("abc.cast"), Some("abc"));
+        assert_eq!(session_of("abc.txt"), None);
     }
 }

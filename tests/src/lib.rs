@@ -194,12 +194,23 @@ impl Gateway {
         self.instances().iter().any(|i| i["name"] == name && i["online"] == true)
     }
 
+    /// The event log's segment files (`DATA_DIR/audit/events-*`), oldest first.
+    pub fn audit_segments(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.data_dir().join("audit"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("events-")));
+        files.sort();
+        files
+    }
+
+    /// The whole event log as text (clear segments).
+    pub fn audit_text(&self) -> String {
+        self.audit_segments().iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
+    }
+
     pub fn audit_events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.data_dir().join("audit.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        self.audit_text().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 }
 

@@ -14,7 +14,6 @@ fn verify_accepts_the_gateways_log_and_locates_tampering() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     drop(agent);
     gw.stop();
-    let log = gw.data_dir().join("audit.log");
 
     let out = gw.postern(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
@@ -40,6 +39,8 @@ fn verify_accepts_the_gateways_log_and_locates_tampering() {
     assert_eq!(gw.postern(&["audit", "verify"]).status.code(), Some(0));
 
     // Tampering: change one field of line 3.
+    assert_eq!(gw.audit_segments().len(), 1, "restarts continue a clear segment");
+    let log = gw.audit_segments()[0].clone();
     let original = std::fs::read_to_string(&log).unwrap();
     let mut lines: Vec<String> = original.lines().map(str::to_owned).collect();
     let mut third: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
@@ -414,9 +415,267 @@ fn events_can_also_go_to_standard_output() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     wait_until("the gateway exits", Duration::from_secs(10), || child.try_wait().unwrap().is_some());
     let printed = std::fs::read_to_string(&out_file).unwrap();
-    let logged = std::fs::read_to_string(data.join("audit.log")).unwrap();
+    let logged: String = std::fs::read_dir(data.join("audit"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
     // Everything but the log's own checkpoint lines, identical and in order.
     let events: Vec<&str> = logged.lines().filter(|l| !l.contains("\"event\":\"audit.checkpoint\"")).collect();
     assert_eq!(printed.lines().collect::<Vec<_>>(), events);
     assert!(printed.contains("\"event\":\"token.created\""));
+}
+
+/// `postern` with the gateway's own config file (for its [audit.encryption] keys).
+fn postern_cfg(gw: &Gateway, config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin("postern"))
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(gw.data_dir())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Encryption at rest: recordings and log segments are sealed with a fresh data key under
+/// the master key; `postern replay`, `audit cat` and `audit verify` read them with the key,
+/// and a wrong or missing key is a clear error. Exec recordings carry the command and exit
+/// code; input is recorded when asked for.
+#[test]
+fn recordings_and_the_event_log_are_encrypted_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = dir.path().join("master.key");
+    let keygen = |p: &std::path::Path| {
+        std::process::Command::new(bin("postern")).args(["audit", "keygen"]).arg(p).output().unwrap()
+    };
+    let out = keygen(&master);
+    assert!(out.status.success() && text(&out.stdout).contains("key_file"), "{}", text(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&master).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = keygen(&master);
+    assert!(!again.status.success() && text(&again.stderr).contains("must not exist"), "{}", text(&again.stderr));
+
+    let extra = format!("[audit]\nrecord_input = true\n[audit.encryption]\nkey_file = {master:?}\n");
+    let (mut gw, key, kh, agent) = ssh_gateway_on(dir.path(), &extra);
+    let config = gw.dir.path().join("gateway.toml");
+    let out = ssh_exec(&gw, &key, &kh, "echo sealed-$((6*7)); exit 3");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("sealed-42"));
+    // A shell session with typed input.
+    let mut shell = ssh_to(&gw, &key, &kh, &["-tt"], "alice%web-01@127.0.0.1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        shell.stdin.take().unwrap().write_all(b"echo typed-$((2+3))\nexit\n").unwrap();
+    }
+    let shown = shell.wait_with_output().unwrap();
+    assert!(text(&shown.stdout).contains("typed-5"), "{}", text(&shown.stdout));
+    drop(agent);
+    gw.stop();
+
+    // On disk: sealed files only, no plaintext.
+    let recordings: Vec<std::path::PathBuf> =
+        std::fs::read_dir(gw.data_dir().join("recordings")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(recordings.len(), 2, "{recordings:?}");
+    for r in &recordings {
+        assert!(r.to_string_lossy().ends_with(".cast.sealed"), "{r:?}");
+        let raw = std::fs::read(r).unwrap();
+        assert!(!contains(&raw, "sealed-42") && !contains(&raw, "typed-"), "plaintext in {r:?}");
+    }
+    let segments = gw.audit_segments();
+    assert!(!segments.is_empty());
+    for s in &segments {
+        assert!(s.to_string_lossy().ends_with(".jsonl.sealed"), "{s:?}");
+        assert!(!contains(&std::fs::read(s).unwrap(), "alice"), "plaintext in {s:?}");
+    }
+
+    // With the key: the log reads and verifies, recordings play.
+    let cat = postern_cfg(&gw, &config, &["audit", "cat"]);
+    assert!(cat.status.success(), "{}", text(&cat.stderr));
+    let events: Vec<serde_json::Value> = text(&cat.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let exec = events.iter().find(|e| e["event"] == "session.start" && e["kind"] == "exec").unwrap();
+    let sid = exec["session_id"].as_str().unwrap();
+    let shell_sid =
+        events.iter().find(|e| e["event"] == "session.start" && e["kind"] == "shell").unwrap()["session_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let verify = postern_cfg(&gw, &config, &["audit", "verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{}{}", text(&verify.stdout), text(&verify.stderr));
+    let played = postern_cfg(&gw, &config, &["replay", sid, "--speed", "100"]);
+    assert!(played.status.success(), "{}", text(&played.stderr));
+    assert!(text(&played.stdout).contains("sealed-42"));
+    // --raw gives the asciicast itself, which asciinema accepts: command, output, exit code.
+    let raw = postern_cfg(&gw, &config, &["replay", sid, "--raw"]);
+    let cast_text = text(&raw.stdout);
+    let cast: Vec<serde_json::Value> = cast_text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(cast[0]["command"], "echo sealed-$((6*7)); exit 3");
+    assert_eq!(cast.last().unwrap()[1], "m");
+    assert_eq!(cast.last().unwrap()[2], "exit 3");
+    let plain = dir.path().join("exec.cast");
+    std::fs::write(&plain, &raw.stdout).unwrap();
+    let ac = std::process::Command::new("asciinema").arg("cat").arg(&plain).output().unwrap();
+    assert!(ac.status.success() && text(&ac.stdout).contains("sealed-42"), "{}", text(&ac.stderr));
+    let shell_cast = text(&postern_cfg(&gw, &config, &["replay", &shell_sid, "--raw"]).stdout);
+    assert!(
+        shell_cast.lines().any(|l| l.contains("\"i\"") && l.contains("typed-$((2+3))")),
+        "input recorded: {shell_cast}"
+    );
+
+    // A wrong key, or none, is a clear error naming the key the files need.
+    let other = dir.path().join("other.key");
+    assert!(keygen(&other).status.success());
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(&wrong, format!("[audit.encryption]\nkey_file = {other:?}\n")).unwrap();
+    for args in [vec!["replay", sid], vec!["audit", "verify"], vec!["audit", "cat"]] {
+        let out = postern_cfg(&gw, &wrong, &args);
+        assert!(!out.status.success(), "{args:?} passed with the wrong key");
+        let e = text(&out.stderr);
+        assert!(e.contains("is encrypted with master key") && e.contains("not configured here"), "{args:?}: {e}");
+    }
+    let out = gw.postern(&["replay", sid]);
+    assert!(!out.status.success() && text(&out.stderr).contains("configured: none"), "{}", text(&out.stderr));
+    // ... but the key can be given on the command line.
+    let out = gw.postern(&["replay", sid, "--speed", "100", "--master-key", master.to_str().unwrap()]);
+    assert!(out.status.success() && text(&out.stdout).contains("sealed-42"), "{}", text(&out.stderr));
+    // A gateway started with the wrong key refuses to start rather than break the chain.
+    let bad_gw = std::process::Command::new(bin("postern"))
+        .arg("--config")
+        .arg(&wrong)
+        .arg("--data-dir")
+        .arg(gw.data_dir())
+        .arg("gateway")
+        .output()
+        .unwrap();
+    assert!(!bad_gw.status.success());
+    assert!(text(&bad_gw.stderr).contains("cannot continue the audit chain"), "{}", text(&bad_gw.stderr));
+}
+
+/// The log rotates into segments; retention deletes the oldest closed ones, and the rest
+/// still verifies from a signed anchor, while a segment removed by hand is reported.
+#[test]
+fn log_segments_rotate_and_retention_keeps_the_rest_verifiable() {
+    let mut gw = Gateway::start("[audit]\nrotate_bytes = 4096\nlog_retention = \"1d\"\n");
+    for i in 0..45 {
+        let out = gw.postern(&["token", "create", "--name", &format!("n{i}")]);
+        assert!(out.status.success());
+    }
+    gw.stop();
+    let before = gw.audit_segments();
+    assert!(before.len() >= 6, "{before:?}");
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains(&format!("({} segments)", before.len())), "{}", text(&out.stdout));
+
+    for old in &before[..2] {
+        sh(&format!("touch -d '3 days ago' {}", old.display()));
+    }
+    gw.restart();
+    wait_until("retention deletes two segments", Duration::from_secs(10), || {
+        !before[0].exists() && !before[1].exists()
+    });
+    gw.stop();
+    assert!(before[2..].iter().all(|p| p.exists()), "only the old prefix is deleted");
+    let ev = gw.audit_events().into_iter().find(|e| e["event"] == "audit.retention").unwrap();
+    assert_eq!(ev["deleted_segments"], 2);
+    assert_eq!(ev["log_older_than_secs"], 86400);
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("older segments deleted by retention"), "{}", text(&out.stdout));
+
+    // Deleting a segment without retention is caught: at the start of the log ...
+    std::fs::remove_file(&before[2]).unwrap();
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("no audit.retention event records deleting"), "{}", text(&out.stdout));
+    // ... and in the middle.
+    std::fs::remove_file(&before[4]).unwrap();
+    let out = gw.postern(&["audit", "verify"]);
+    assert!(text(&out.stdout).contains("a segment is missing"), "{}", text(&out.stdout));
+}
+
+/// A signed S3 request to moto on `port` through boto3 (which moto brings): "create" the
+/// test bucket, or "get" an object (`None`: no such key).
+fn s3(port: u16, op: &str, key: &str) -> Option<Vec<u8>> {
+    const SCRIPT: &str = "import sys, boto3\n\
+s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n\
+if sys.argv[2] == 'create':\n    s3.create_bucket(Bucket='postern-audit')\n    sys.exit(0)\n\
+try:\n    sys.stdout.buffer.write(s3.get_object(Bucket='postern-audit', Key=sys.argv[3])['Body'].read())\n\
+except s3.exceptions.NoSuchKey:\n    sys.exit(3)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", SCRIPT, &format!("http://127.0.0.1:{port}"), op, key])
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => Some(out.stdout),
+        Some(3) => None,
+        _ => panic!("s3 {op} {key}: {}", text(&out.stderr)),
+    }
+}
+
+/// With [audit.s3], closed segments and finished recordings are copied to an S3-compatible
+/// store (moto). While it is down they stay spooled locally, the outage is an audit event,
+/// and everything is uploaded once it is back.
+#[test]
+fn closed_segments_and_recordings_reach_s3_and_are_spooled_while_it_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_tcp_port();
+    let extra = format!(
+        "[audit]\nrotate_bytes = 4096\n[audit.s3]\nbucket = \"postern-audit\"\nprefix = \"site-a\"\n\
+         endpoint = \"http://127.0.0.1:{port}\"\nallow_http = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n"
+    );
+    let (mut gw, key, kh, agent) = ssh_gateway_on(dir.path(), &extra);
+    let out = ssh_exec(&gw, &key, &kh, "echo to-the-bucket");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for i in 0..15 {
+        assert!(gw.postern(&["token", "create", "--name", &format!("n{i}")]).status.success());
+    }
+    wait_until("the outage is audited", Duration::from_secs(30), || {
+        gw.audit_events().iter().any(|e| e["event"] == "audit.sink" && e["state"] == "unreachable")
+    });
+    let uploaded = gw.data_dir().join("uploaded");
+    assert!(!uploaded.exists() || std::fs::read_dir(&uploaded).unwrap().count() == 0);
+    // Nothing is lost: the files are all still here.
+    let recording = std::fs::read_dir(gw.data_dir().join("recordings")).unwrap().next().unwrap().unwrap().path();
+    assert!(gw.audit_segments().len() >= 2);
+
+    // The store comes up (with its bucket): the backlog is uploaded, byte for byte.
+    let mut moto = std::process::Command::new("moto_server");
+    moto.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let _moto = spawn_logged(moto, &dir.path().join("moto.log"));
+    wait_until("moto listens", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    s3(port, "create", "");
+    wait_until("the backlog is uploaded", Duration::from_secs(90), || {
+        gw.audit_events().iter().any(|e| e["event"] == "audit.sink" && e["state"] == "recovered")
+    });
+    let name = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let recorded = s3(port, "get", &format!("site-a/recordings/{}", name(&recording)));
+    assert_eq!(recorded, Some(std::fs::read(&recording).unwrap()));
+    let segments = gw.audit_segments();
+    for s in &segments[..segments.len() - 1] {
+        assert_eq!(s3(port, "get", &format!("site-a/audit/{}", name(s))), Some(std::fs::read(s).unwrap()), "{s:?}");
+    }
+    // The segment being written is not uploaded yet.
+    assert_eq!(s3(port, "get", &format!("site-a/audit/{}", name(segments.last().unwrap()))), None);
+
+    // With the store up, a finished session's recording goes up right away.
+    let out = ssh_exec(&gw, &key, &kh, "echo second");
+    assert!(out.status.success());
+    let sid = gw.audit_events().into_iter().rfind(|e| e["event"] == "session.end").unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until("the new recording is uploaded", Duration::from_secs(20), || {
+        s3(port, "get", &format!("site-a/recordings/{sid}.cast")).is_some()
+    });
+    drop(agent);
+    gw.stop();
 }

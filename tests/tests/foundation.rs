@@ -125,7 +125,7 @@ fn tokens_reused_expired_or_wrong_pin_are_refused() {
     assert!(refused.iter().any(|r| r.contains("expired")), "{refused:?}");
     assert!(refused.iter().any(|r| r.contains("unknown")), "{refused:?}");
     // The secret never reaches the audit log.
-    let log = std::fs::read_to_string(gw.data_dir().join("audit.log")).unwrap();
+    let log = gw.audit_text();
     assert!(!log.contains(&token) && !log.contains(&fresh));
 }
 

@@ -8,7 +8,15 @@
 //! [`CHECKPOINT_EVERY_EVENTS`] events, every [`CHECKPOINT_EVERY`] and at shutdown, carrying
 //! an ed25519 signature (key in the data directory) over the hash of the line before them.
 //! `postern audit verify` checks both (see [`verify`]).
+//!
+//! The log is a directory of **segments** (`events-<first seq>.jsonl`, or `.jsonl.sealed`
+//! when encrypted at rest, see [`seal`]). The chain runs on across them: a new segment starts
+//! when the current one reaches a size or an age, and its first line is a signed checkpoint
+//! (`segment_start`) over the last line of the previous one, so a segment can be verified
+//! on its own and the log still verifies after retention has deleted the oldest segments.
 
+pub mod seal;
+pub mod ship;
 pub mod verify;
 pub mod webhooks;
 
@@ -28,22 +36,85 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 /// `prev` of the first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// How the log is cut into segments and whether they are encrypted.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Start a new segment once the current one holds this many bytes.
+    pub rotate_bytes: u64,
+    /// ... or is this old (checked on every event and every few seconds).
+    pub rotate_after: Option<Duration>,
+    /// New segments are sealed with the active key, if there is one; older ones are opened
+    /// with whichever key they name.
+    pub keyring: seal::Keyring,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            rotate_bytes: 64 << 20,
+            rotate_after: Some(Duration::from_secs(86400)),
+            keyring: seal::Keyring::default(),
+        }
+    }
+}
+
+/// File name of the segment whose first event has `first_seq`.
+pub fn segment_name(first_seq: u64, sealed: bool) -> String {
+    format!("events-{first_seq:012}.jsonl{}", if sealed { ".sealed" } else { "" })
+}
+
+/// The log's segments in `dir`, oldest first, with the `seq` of their first event.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let seq = name
+            .strip_prefix("events-")
+            .and_then(|r| r.strip_suffix(".jsonl").or_else(|| r.strip_suffix(".jsonl.sealed")))
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            out.push((seq, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[derive(Debug)]
 pub struct AuditLog {
-    path: PathBuf,
+    dir: PathBuf,
+    options: LogOptions,
     inner: Mutex<Chain>,
     signer: Option<Signer>,
     /// Where written events are also sent (set once the runtime is up).
     webhooks: std::sync::OnceLock<std::sync::Arc<webhooks::Webhooks>>,
     /// Also print every event line to standard output (for log shippers).
     to_stdout: std::sync::atomic::AtomicBool,
+    /// Signalled when a segment is closed (the object-store shipper waits on it).
+    pub segment_closed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
 struct Chain {
+    /// The segment being written.
     file: std::fs::File,
-    /// Length of the file after the last complete line.
+    path: PathBuf,
+    /// Length of the segment after the last complete line (or record).
     len: u64,
+    opened: Instant,
+    sealer: Option<seal::Sealer>,
+    /// A write to a sealed segment failed part-way: the next event starts a new segment (a
+    /// record number is never reused, so nothing is sealed twice under one nonce).
+    broken: bool,
+    /// Events in this segment (its anchor included).
+    segment_events: u64,
     seq: u64,
     last_hash: String,
     since_checkpoint: u64,
@@ -115,23 +186,60 @@ pub fn key_id(public: &[u8]) -> String {
     line_hash(public).chars().take(16).collect()
 }
 
-/// The last complete line of the file (and its `seq`), read from the end.
-fn last_line(file: &mut std::fs::File) -> std::io::Result<Option<(Vec<u8>, u64)>> {
-    let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
-        return Ok(None);
+/// The last complete line of `text` and the `seq` the chain stands at (from the last line
+/// that parses: a torn line has none).
+fn last_line_in(text: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    if body.is_empty() {
+        return None;
     }
+    let mut lines = body.rsplit(|b| *b == b'\n');
+    let last = lines.next().unwrap_or_default();
+    let seq_of = |l: &[u8]| serde_json::from_slice::<Value>(l).ok().and_then(|v| v.get("seq").and_then(Value::as_u64));
+    let seq = std::iter::once(last).chain(lines).find_map(seq_of).unwrap_or(0);
+    Some((last.to_vec(), seq))
+}
+
+/// The last line of a segment and the chain's `seq` there; `None` if it holds no event.
+fn segment_tail(path: &Path, keyring: &seal::Keyring) -> anyhow::Result<Option<(Vec<u8>, u64)>> {
+    use anyhow::Context;
+    if seal::is_sealed(path) {
+        let (text, _) = seal::Plain::read_all(path, keyring)?;
+        return Ok(last_line_in(&text));
+    }
+    // A clear segment can be large: its last MiB is enough.
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.seek(SeekFrom::End(0))?;
     let take = len.min(1 << 20);
     file.seek(SeekFrom::Start(len - take))?;
     let mut tail = Vec::with_capacity(take as usize);
     file.read_to_end(&mut tail)?;
-    let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
-    let mut lines = body.rsplit(|b| *b == b'\n');
-    let last = lines.next().unwrap_or_default();
-    // The sequence continues from the last line that parses (a torn line has none).
-    let seq_of = |l: &[u8]| serde_json::from_slice::<Value>(l).ok().and_then(|v| v.get("seq").and_then(Value::as_u64));
-    let seq = std::iter::once(last).chain(lines).find_map(seq_of).unwrap_or(0);
-    Ok(Some((last.to_vec(), seq)))
+    Ok(last_line_in(&tail))
+}
+
+/// Create segment `first_seq` in `dir`, with its header if `keyring` seals.
+fn create_segment(
+    dir: &Path,
+    first_seq: u64,
+    keyring: &seal::Keyring,
+) -> std::io::Result<(std::fs::File, PathBuf, Option<seal::Sealer>, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let active = keyring.active();
+    let path = dir.join(segment_name(first_seq, active.is_some()));
+    let mut file = std::fs::OpenOptions::new().create_new(true).read(true).append(true).mode(0o600).open(&path)?;
+    let (sealer, len) = match active {
+        Some(key) => {
+            let (sealer, header) =
+                seal::Sealer::new(key.as_ref()).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            if let Err(e) = file.write_all(&header) {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+            (Some(sealer), header.len() as u64)
+        }
+        None => (None, 0),
+    };
+    Ok((file, path, sealer, len))
 }
 
 /// Load the checkpoint signing key from `path` (PKCS#8), creating it (mode 0600) and its
@@ -156,41 +264,82 @@ pub fn load_or_create_signing_key(path: &Path) -> anyhow::Result<Ed25519KeyPair>
 }
 
 impl AuditLog {
-    /// Open (or create) the log without checkpoint signatures (tests, tools).
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        Self::open_with(path, None)
+    /// Open (or create) the log in directory `dir` without checkpoint signatures (tests, tools).
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        Self::open_with(dir, None, LogOptions::default())
     }
 
-    /// Open (or create) the log; checkpoints are signed with `key`.
-    pub fn open_signed(path: &Path, key: Ed25519KeyPair) -> std::io::Result<Self> {
+    /// Open (or create) the log in directory `dir`; checkpoints are signed with `key`.
+    pub fn open_signed(dir: &Path, key: Ed25519KeyPair, options: LogOptions) -> anyhow::Result<Self> {
         let key_id = key_id(key.public_key().as_ref());
-        Self::open_with(path, Some(Signer { key, key_id }))
+        Self::open_with(dir, Some(Signer { key, key_id }), options)
     }
 
-    fn open_with(path: &Path, signer: Option<Signer>) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).mode(0o600).open(path)?;
-        // Continue the chain from the last line; a torn last line (crash mid-write) is closed
-        // with a newline so the next event starts on its own line (verify reports the torn one).
-        let (seq, last_hash) = match last_line(&mut file)? {
-            Some((line, seq)) => {
+    fn open_with(dir: &Path, signer: Option<Signer>, options: LogOptions) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let mut segs = segments(dir).with_context(|| format!("listing {}", dir.display()))?;
+        // Where the chain stands: the newest segment holding an event (a segment created just
+        // before a crash may hold none, and is dropped).
+        let mut at = None;
+        while let Some((_, path)) = segs.last() {
+            let tail = segment_tail(path, &options.keyring)
+                .with_context(|| format!("cannot continue the audit chain from {}", path.display()))?;
+            match tail {
+                Some((line, seq)) => {
+                    at = Some((seq, line_hash(&line)));
+                    break;
+                }
+                None => {
+                    std::fs::remove_file(path).with_context(|| format!("removing empty {}", path.display()))?;
+                    segs.pop();
+                }
+            }
+        }
+        let (seq, last_hash) = at.unwrap_or((0, GENESIS.to_owned()));
+        let sealing = options.keyring.active().is_some();
+        // A clear newest segment is appended to while the log stays clear; a sealed one is
+        // never reopened (its data key is not kept): the chain continues in a new segment.
+        let reuse = segs.last().filter(|(_, p)| !sealing && !seal::is_sealed(p)).map(|(_, p)| p.clone());
+        let (file, path, sealer, len, fresh) = match reuse {
+            Some(path) => {
+                let mut file = std::fs::OpenOptions::new().read(true).append(true).mode(0o600).open(&path)?;
+                // A torn last line (crash mid-write) is closed with a newline so the next
+                // event starts on its own line (verify reports the torn one).
                 let len = file.seek(SeekFrom::End(0))?;
                 let mut last = [0u8; 1];
-                file.seek(SeekFrom::Start(len - 1))?;
+                file.seek(SeekFrom::Start(len.saturating_sub(1)))?;
                 file.read_exact(&mut last)?;
                 if last[0] != b'\n' {
                     file.write_all(b"\n")?;
                 }
-                (seq, line_hash(&line))
+                let len = file.seek(SeekFrom::End(0))?;
+                (file, path, None, len, false)
             }
-            None => (0, GENESIS.to_owned()),
+            None => {
+                let (file, path, sealer, len) = create_segment(dir, seq + 1, &options.keyring)
+                    .with_context(|| format!("creating an audit log segment in {}", dir.display()))?;
+                (file, path, sealer, len, true)
+            }
         };
-        let len = file.seek(SeekFrom::End(0))?;
-        Ok(Self {
-            path: path.to_owned(),
+        let previous =
+            segs.last().filter(|_| fresh).and_then(|(_, p)| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+        let log = Self {
+            dir: dir.to_owned(),
+            options,
             inner: Mutex::new(Chain {
                 file,
+                path,
                 len,
+                opened: Instant::now(),
+                sealer,
+                broken: false,
+                segment_events: 0,
                 seq,
                 last_hash,
                 since_checkpoint: 0,
@@ -199,7 +348,14 @@ impl AuditLog {
             signer,
             webhooks: std::sync::OnceLock::new(),
             to_stdout: std::sync::atomic::AtomicBool::new(false),
-        })
+            segment_closed: tokio::sync::Notify::new(),
+        };
+        // A new segment that continues a chain starts with a signed anchor, so it can be
+        // verified after older segments are gone (retention) or on its own.
+        if let (Some(previous), Ok(mut chain)) = (previous, log.inner.lock()) {
+            log.checkpoint_locked(&mut chain, Some(&previous)).context("writing the segment's first checkpoint")?;
+        }
+        Ok(log)
     }
 
     /// Also print every event line to standard output from now on.
@@ -212,8 +368,15 @@ impl AuditLog {
         let _ = self.webhooks.set(hooks);
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The directory holding the segments.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Segments that are complete (every one but the one being written), oldest first.
+    pub fn closed_segments(&self) -> Vec<(u64, PathBuf)> {
+        let current = self.inner.lock().map(|c| c.path.clone()).unwrap_or_default();
+        segments(&self.dir).unwrap_or_default().into_iter().filter(|(_, p)| *p != current).collect()
     }
 
     /// Append one event. `fields` must be a JSON object; secrets never go in it.
@@ -242,20 +405,60 @@ impl AuditLog {
                     }
                 });
                 if r.is_ok() && self.signer.is_some() && chain.since_checkpoint >= CHECKPOINT_EVERY_EVENTS {
-                    let _ = self.checkpoint_locked(&mut chain);
+                    let _ = self.checkpoint_locked(&mut chain, None);
+                }
+                if r.is_ok() && self.rotation_due(&chain) {
+                    let _ = self.start_segment(&mut chain, true);
                 }
                 r
             }
             Err(_) => Err(std::io::Error::other("audit log lock poisoned")),
         };
         if let Err(e) = &result {
-            tracing::error!(error = %e, path = %self.path.display(), event, "cannot write audit event");
+            tracing::error!(error = %e, dir = %self.dir.display(), event, "cannot write audit event");
         }
         result
     }
 
+    fn rotation_due(&self, chain: &Chain) -> bool {
+        // A segment holding nothing but its anchor is never closed for its age.
+        chain.segment_events > 1
+            && (chain.len >= self.options.rotate_bytes
+                || self.options.rotate_after.is_some_and(|a| chain.opened.elapsed() >= a))
+    }
+
+    /// Close the current segment (`close`: with a checkpoint and, if sealed, a final record)
+    /// and continue the chain in a new one that starts with a signed anchor.
+    fn start_segment(&self, chain: &mut Chain, close: bool) -> std::io::Result<()> {
+        if close {
+            if chain.since_checkpoint > 0 {
+                self.checkpoint_locked(chain, None)?;
+            }
+            if let Some(s) = chain.sealer.as_mut() {
+                let last = s.seal(b"", true)?;
+                chain.file.write_all(&last)?;
+            }
+            chain.file.sync_data()?;
+        }
+        let previous = chain.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (file, path, sealer, len) = create_segment(&self.dir, chain.seq + 1, &self.options.keyring)?;
+        chain.file = file;
+        chain.path = path;
+        chain.sealer = sealer;
+        chain.len = len;
+        chain.opened = Instant::now();
+        chain.broken = false;
+        chain.segment_events = 0;
+        tracing::info!(segment = %chain.path.display(), "audit log continues in a new segment");
+        self.segment_closed.notify_one();
+        self.checkpoint_locked(chain, Some(&previous))
+    }
+
     /// Write one event; returns its id and line (without the newline).
     fn append(&self, chain: &mut Chain, event: &str, fields: Map<String, Value>) -> std::io::Result<(String, Vec<u8>)> {
+        if chain.broken {
+            self.start_segment(chain, false)?;
+        }
         let mut id = [0u8; 8];
         // An id collision only weakens cross-referencing, never integrity; no need to fail.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
@@ -272,25 +475,42 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&env).map_err(std::io::Error::other)?;
         let hash = line_hash(&line);
         line.push(b'\n');
-        if let Err(e) = chain.file.write_all(&line).and_then(|()| chain.file.flush()) {
+        let sealed;
+        let bytes = match chain.sealer.as_mut() {
+            Some(s) => {
+                sealed = s.seal(&line, false)?;
+                &sealed
+            }
+            None => &line,
+        };
+        if let Err(e) = chain.file.write_all(bytes).and_then(|()| chain.file.flush()) {
             // A partial line (disk full) is cut off again so the log stays whole lines.
             let _ = chain.file.set_len(chain.len);
+            chain.broken = chain.sealer.is_some();
             return Err(e);
         }
-        chain.len += line.len() as u64;
+        chain.len += bytes.len() as u64;
         chain.seq += 1;
         chain.last_hash = hash;
         chain.since_checkpoint += 1;
+        chain.segment_events += 1;
         line.pop();
         Ok((id, line))
     }
 
-    fn checkpoint_locked(&self, chain: &mut Chain) -> std::io::Result<()> {
+    /// Write a signed checkpoint over the last line; `segment_start` names the previous
+    /// segment when this checkpoint is the first line of a new one.
+    fn checkpoint_locked(&self, chain: &mut Chain, segment_start: Option<&str>) -> std::io::Result<()> {
         let Some(signer) = &self.signer else { return Ok(()) };
         let sig = signer.key.sign(&checkpoint_message(chain.seq, &chain.last_hash));
-        let fields = json!({"covers_seq": chain.seq, "covers_hash": chain.last_hash, "key_id": signer.key_id,
-                            "sig": hex(sig.as_ref())});
-        let Value::Object(fields) = fields else { return Ok(()) };
+        let mut fields = Map::new();
+        fields.insert("covers_seq".into(), json!(chain.seq));
+        fields.insert("covers_hash".into(), json!(chain.last_hash));
+        fields.insert("key_id".into(), json!(signer.key_id));
+        fields.insert("sig".into(), json!(hex(sig.as_ref())));
+        if let Some(prev) = segment_start {
+            fields.insert("segment_start".into(), json!(prev));
+        }
         self.append(chain, "audit.checkpoint", fields)?;
         chain.file.sync_data()?;
         chain.since_checkpoint = 0;
@@ -299,13 +519,22 @@ impl AuditLog {
     }
 
     /// Write a signed checkpoint if events were added since the last one and `force` or
-    /// [`CHECKPOINT_EVERY`] has passed.
+    /// [`CHECKPOINT_EVERY`] has passed; start a new segment if the current one is old enough.
     pub fn checkpoint(&self, force: bool) -> std::io::Result<()> {
         let Ok(mut chain) = self.inner.lock() else { return Err(std::io::Error::other("audit log lock poisoned")) };
-        if chain.since_checkpoint == 0 || !(force || chain.last_checkpoint.elapsed() >= CHECKPOINT_EVERY) {
-            return Ok(());
+        if chain.since_checkpoint > 0 && (force || chain.last_checkpoint.elapsed() >= CHECKPOINT_EVERY) {
+            self.checkpoint_locked(&mut chain, None)?;
         }
-        self.checkpoint_locked(&mut chain)
+        if !force && self.rotation_due(&chain) {
+            self.start_segment(&mut chain, true)?;
+        }
+        Ok(())
+    }
+
+    /// Start a new segment now (`postern audit rotate`, tests).
+    pub fn rotate(&self) -> std::io::Result<()> {
+        let Ok(mut chain) = self.inner.lock() else { return Err(std::io::Error::other("audit log lock poisoned")) };
+        self.start_segment(&mut chain, true)
     }
 }
 
@@ -313,18 +542,31 @@ impl AuditLog {
 mod tests {
     use super::*;
 
+    /// Every line of the log, all segments in order (clear segments only).
+    fn all_lines(dir: &Path) -> Vec<String> {
+        segments(dir)
+            .unwrap()
+            .iter()
+            .flat_map(|(_, p)| std::fs::read_to_string(p).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect()
+    }
+
+    fn signing_key() -> Ed25519KeyPair {
+        Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap().as_ref())
+            .unwrap()
+    }
+
     #[test]
     fn events_are_chained_json_lines_with_version() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
         log.record("token.created", json!({"labels": {"env": "dev"}})).unwrap();
         log.record("agent.connected", json!({"agent_id": "ag-1"})).unwrap();
         drop(log);
-        // Reopening continues the chain.
-        AuditLog::open(&path).unwrap().record("agent.disconnected", json!({})).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let raw: Vec<&str> = text.lines().collect();
+        // Reopening continues the chain (in the same clear segment).
+        AuditLog::open(dir.path()).unwrap().record("agent.disconnected", json!({})).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 1);
+        let raw = all_lines(dir.path());
         let lines: Vec<Value> = raw.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0]["v"], 1);
@@ -341,14 +583,82 @@ mod tests {
     #[test]
     fn a_torn_last_line_is_closed_before_the_next_event() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        AuditLog::open(&path).unwrap().record("a", json!({})).unwrap();
+        AuditLog::open(dir.path()).unwrap().record("a", json!({})).unwrap();
+        let path = segments(dir.path()).unwrap()[0].1.clone();
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"v\":1,\"seq\":2,\"tor").unwrap();
         drop(f);
-        AuditLog::open(&path).unwrap().record("b", json!({})).unwrap();
+        AuditLog::open(dir.path()).unwrap().record("b", json!({})).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 3);
         assert!(serde_json::from_str::<Value>(text.lines().last().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn segments_rotate_by_size_and_each_new_one_starts_with_a_signed_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = signing_key();
+        let public = key.public_key().as_ref().to_vec();
+        let opts = LogOptions { rotate_bytes: 2000, ..LogOptions::default() };
+        let log = AuditLog::open_signed(dir.path(), key, opts).unwrap();
+        for i in 0..40 {
+            log.record("session.start", json!({"n": i})).unwrap();
+        }
+        let segs = segments(dir.path()).unwrap();
+        assert!(segs.len() >= 4, "{segs:?}");
+        assert_eq!(log.closed_segments().len(), segs.len() - 1);
+        for (first, path) in segs.iter().skip(1) {
+            let text = std::fs::read_to_string(path).unwrap();
+            let anchor: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+            assert_eq!(anchor["event"], "audit.checkpoint");
+            assert_eq!(anchor["seq"], *first);
+            assert!(anchor["segment_start"].as_str().unwrap().starts_with("events-"));
+        }
+        // The chain runs on across segments and verifies.
+        let texts: Vec<Vec<u8>> = segs.iter().map(|(_, p)| std::fs::read(p).unwrap()).collect();
+        let parts: Vec<verify::Part<'_>> = segs
+            .iter()
+            .zip(&texts)
+            .map(|((_, p), t)| verify::Part { name: p.display().to_string(), text: t, ending: None })
+            .collect();
+        let r = verify::verify_parts(&parts, Some(&public));
+        assert!(r.ok(), "{:?}", r.problems);
+        assert_eq!(r.segments, segs.len());
+    }
+
+    #[test]
+    fn a_sealed_log_hides_its_events_and_continues_in_a_new_segment_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = seal::Keyring::new(vec![std::sync::Arc::new(seal::FileKey::from_bytes(&[3; 32]).unwrap())]);
+        let opts = LogOptions { keyring: keys.clone(), ..LogOptions::default() };
+        let public;
+        {
+            let key = signing_key();
+            public = key.public_key().as_ref().to_vec();
+            let log = AuditLog::open_signed(dir.path(), key, opts.clone()).unwrap();
+            log.record("session.start", json!({"user": "alice-secret-name"})).unwrap();
+        }
+        // Reopening with another signing key is fine for this test: only the chain matters.
+        let key2 = signing_key();
+        let log = AuditLog::open_signed(dir.path(), key2, opts).unwrap();
+        log.record("session.end", json!({})).unwrap();
+        let segs = segments(dir.path()).unwrap();
+        assert_eq!(segs.len(), 2);
+        for (_, p) in &segs {
+            assert!(p.to_string_lossy().ends_with(".jsonl.sealed"));
+            let raw = std::fs::read(p).unwrap();
+            assert!(!raw.windows(5).any(|w| w == b"alice"), "plaintext in a sealed segment");
+        }
+        let first = seal::Plain::read_all(&segs[0].1, &keys).unwrap().0;
+        assert!(String::from_utf8_lossy(&first).contains("alice-secret-name"));
+        let second = seal::Plain::read_all(&segs[1].1, &keys).unwrap().0;
+        let anchor: Value = serde_json::from_slice(second.split(|b| *b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(anchor["seq"], 2);
+        assert_eq!(anchor["prev"].as_str().unwrap(), line_hash(first.strip_suffix(b"\n").unwrap()));
+        let _ = public;
+        // Without the key the log cannot be continued: a clear error, nothing overwritten.
+        let e = format!("{:#}", AuditLog::open(dir.path()).unwrap_err());
+        assert!(e.contains("not configured here"), "{e}");
+        assert_eq!(segments(dir.path()).unwrap().len(), 2);
     }
 }

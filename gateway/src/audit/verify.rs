@@ -4,19 +4,25 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use super::seal::Ending;
 use super::{GENESIS, checkpoint_message, key_id, line_hash, unhex};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
-    /// 1-based line number in the file.
+    /// The segment file.
+    pub file: String,
+    /// 1-based line number in the segment.
     pub line: usize,
     pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    pub segments: usize,
     pub events: usize,
     pub checkpoints: usize,
+    /// `seq` of the first event present (above 1 when retention deleted older segments).
+    pub first_seq: u64,
     /// `seq` covered by the last valid checkpoint (0: none).
     pub last_checkpoint_seq: u64,
     /// Events after the last valid checkpoint: chained, but not yet covered by a signature
@@ -31,76 +37,157 @@ impl Report {
     }
 }
 
-/// Verify `text` (the whole log). `public_key` is the raw ed25519 public key checkpoints must
-/// be signed with; without it, checkpoint signatures are reported as unverifiable.
+/// One segment's plaintext, in chain order.
+#[derive(Debug)]
+pub struct Part<'a> {
+    pub name: String,
+    pub text: &'a [u8],
+    /// How a sealed segment ended (`None` for a clear one).
+    pub ending: Option<Ending>,
+}
+
+/// Verify `text`, a log in one piece. See [`verify_parts`].
 pub fn verify(text: &[u8], public_key: Option<&[u8]>) -> Report {
+    verify_parts(&[Part { name: "log".into(), text, ending: None }], public_key)
+}
+
+/// Verify the segments of a log, oldest first. `public_key` is the raw ed25519 public key
+/// checkpoints must be signed with; without it, checkpoint signatures are reported as
+/// unverifiable. A log may start past seq 1 only at a signed segment anchor, and only if a
+/// retention event later in the log records deleting the events before it.
+pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>) -> Report {
     let mut problems = Vec::new();
     let mut prev_hash = GENESIS.to_owned();
     let mut expected_seq = 1u64;
     let (mut events, mut checkpoints, mut last_cp, mut since_cp) = (0usize, 0usize, 0u64, 0usize);
+    let mut first_seq = 0u64;
+    // Seq up to which events are missing at the start, and up to which retention says so.
+    let (mut missing_through, mut deleted_through) = (0u64, 0u64);
+    let mut start = None::<(String, usize)>;
+    let mut anchor_signed = false;
     let verifier = public_key.map(|k| ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k.to_vec()));
     let our_key = public_key.map(key_id);
-    let body = text.strip_suffix(b"\n").unwrap_or(text);
-    if body.is_empty() {
-        return Report { events: 0, checkpoints: 0, last_checkpoint_seq: 0, unsigned_tail: 0, problems };
-    }
-    for (i, raw) in body.split(|b| *b == b'\n').enumerate() {
-        let n = i + 1;
-        let mut problem = |message: String| problems.push(Problem { line: n, message });
-        let hash = line_hash(raw);
-        let Ok(v) = serde_json::from_slice::<Value>(raw) else {
-            problem("not a JSON event (damaged, or torn by a crash mid-write)".into());
-            prev_hash = hash;
-            continue;
-        };
-        events += 1;
-        since_cp += 1;
-        let seq = v.get("seq").and_then(Value::as_u64);
-        let prev = v.get("prev").and_then(Value::as_str).unwrap_or("");
-        match seq {
-            Some(s) if s == expected_seq => {}
-            Some(s) if s > expected_seq => problem(format!(
-                "seq {s} where {expected_seq} was expected: {} event(s) deleted before this line",
-                s - expected_seq
-            )),
-            Some(s) => problem(format!(
-                "seq {s} where {expected_seq} was expected: this line was inserted, duplicated or moved"
-            )),
-            None => problem("no seq: not written by the gateway".into()),
-        }
-        if prev != prev_hash {
-            let what = if n == 1 {
-                "the first line does not start the chain".to_owned()
-            } else {
-                format!("line {} was modified, deleted or reordered (its hash is not this line's prev)", n - 1)
+    for part in parts {
+        let body = part.text.strip_suffix(b"\n").unwrap_or(part.text);
+        let mut n = 0;
+        for (i, raw) in body.split(|b| *b == b'\n').enumerate().filter(|_| !body.is_empty()) {
+            n = i + 1;
+            let mut problem = |message: String| problems.push(Problem { file: part.name.clone(), line: n, message });
+            let hash = line_hash(raw);
+            let Ok(v) = serde_json::from_slice::<Value>(raw) else {
+                problem("not a JSON event (damaged, or torn by a crash mid-write)".into());
+                prev_hash = hash;
+                continue;
             };
-            problem(format!("chain broken: {what}"));
-        }
-        if v.get("event").and_then(Value::as_str) == Some("audit.checkpoint") {
-            checkpoints += 1;
-            let covers = v.get("covers_seq").and_then(Value::as_u64).unwrap_or(0);
-            let covers_hash = v.get("covers_hash").and_then(Value::as_str).unwrap_or("");
-            let sig = v.get("sig").and_then(Value::as_str).and_then(unhex).unwrap_or_default();
-            if covers + 1 != seq.unwrap_or(0) || covers_hash != prev_hash {
-                problem(format!("checkpoint covers seq {covers} with a hash the log before it does not have"));
-            }
-            match (&verifier, &our_key) {
-                (Some(ver), Some(id)) => {
-                    let signed = ver.verify(&checkpoint_message(covers, covers_hash), &sig).is_ok();
-                    if !signed || v.get("key_id").and_then(Value::as_str) != Some(id.as_str()) {
-                        problem("checkpoint signature does not verify with the gateway's audit key".into());
-                    } else if covers + 1 == seq.unwrap_or(0) && covers_hash == prev_hash {
-                        last_cp = covers;
-                        since_cp = 0;
-                    }
+            let seq = v.get("seq").and_then(Value::as_u64);
+            let prev = v.get("prev").and_then(Value::as_str).unwrap_or("");
+            let is_checkpoint = v.get("event").and_then(Value::as_str) == Some("audit.checkpoint");
+            if events == 0 {
+                first_seq = seq.unwrap_or(1);
+                // The log may start later than seq 1 at a segment anchor (checked below).
+                if first_seq > 1 && is_checkpoint && v.get("segment_start").is_some() {
+                    expected_seq = first_seq;
+                    prev_hash = prev.to_owned();
+                    missing_through = first_seq - 1;
+                    start = Some((part.name.clone(), n));
                 }
-                _ => problem("checkpoint signature cannot be checked: no public key given".into()),
             }
+            events += 1;
+            since_cp += 1;
+            match seq {
+                Some(s) if s == expected_seq => {}
+                Some(s) if s > expected_seq => problem(format!(
+                    "seq {s} where {expected_seq} was expected: {} event(s) deleted before this line",
+                    s - expected_seq
+                )),
+                Some(s) => problem(format!(
+                    "seq {s} where {expected_seq} was expected: this line was inserted, duplicated or moved"
+                )),
+                None => problem("no seq: not written by the gateway".into()),
+            }
+            if prev != prev_hash {
+                let what = if events == 1 {
+                    "the first line does not start the chain".to_owned()
+                } else if n == 1 {
+                    "the previous segment's last line was modified or removed, or a segment is missing".to_owned()
+                } else {
+                    format!("line {} was modified, deleted or reordered (its hash is not this line's prev)", n - 1)
+                };
+                problem(format!("chain broken: {what}"));
+            }
+            if v.get("event").and_then(Value::as_str) == Some("audit.retention") {
+                let through = v.get("deleted_through_seq").and_then(Value::as_u64).unwrap_or(0);
+                deleted_through = deleted_through.max(through);
+            }
+            if is_checkpoint {
+                checkpoints += 1;
+                let covers = v.get("covers_seq").and_then(Value::as_u64).unwrap_or(0);
+                let covers_hash = v.get("covers_hash").and_then(Value::as_str).unwrap_or("");
+                let sig = v.get("sig").and_then(Value::as_str).and_then(unhex).unwrap_or_default();
+                if covers + 1 != seq.unwrap_or(0) || covers_hash != prev_hash {
+                    problem(format!("checkpoint covers seq {covers} with a hash the log before it does not have"));
+                }
+                match (&verifier, &our_key) {
+                    (Some(ver), Some(id)) => {
+                        let signed = ver.verify(&checkpoint_message(covers, covers_hash), &sig).is_ok();
+                        if !signed || v.get("key_id").and_then(Value::as_str) != Some(id.as_str()) {
+                            problem("checkpoint signature does not verify with the gateway's audit key".into());
+                        } else if covers + 1 == seq.unwrap_or(0) && covers_hash == prev_hash {
+                            last_cp = covers;
+                            since_cp = 0;
+                            anchor_signed |= events == 1;
+                        }
+                    }
+                    _ => problem("checkpoint signature cannot be checked: no public key given".into()),
+                }
+            }
+            prev_hash = hash;
+            expected_seq = seq.map(|s| s.max(expected_seq) + 1).unwrap_or(expected_seq + 1);
         }
-        prev_hash = hash;
-        expected_seq = seq.map(|s| s.max(expected_seq) + 1).unwrap_or(expected_seq + 1);
+        if part.ending == Some(Ending::Torn) {
+            problems.push(Problem {
+                file: part.name.clone(),
+                line: n + 1,
+                message: "the segment ends with a record cut off mid-write (crash), or was truncated".into(),
+            });
+        }
     }
-    Report { events, checkpoints, last_checkpoint_seq: last_cp, unsigned_tail: since_cp, problems }
+    if let Some(first) = parts.first()
+        && events > 0
+        && first_seq > 1
+    {
+        let (file, line) = start.unwrap_or((first.name.clone(), 1));
+        if missing_through == 0 {
+            problems.insert(
+                0,
+                Problem {
+                    file,
+                    line,
+                    message: format!(
+                        "the log starts at seq {first_seq} without a signed segment anchor: earlier events are missing"
+                    ),
+                },
+            );
+        } else if deleted_through < missing_through {
+            problems.insert(0, Problem { file, line, message: format!(
+                "the log starts at seq {first_seq}, but no audit.retention event records deleting events 1-{missing_through}"
+            )});
+        } else if !anchor_signed {
+            problems.insert(
+                0,
+                Problem { file, line, message: "the segment anchor the log starts at is not signed".into() },
+            );
+        }
+    }
+    Report {
+        segments: parts.len(),
+        events,
+        checkpoints,
+        first_seq,
+        last_checkpoint_seq: last_cp,
+        unsigned_tail: since_cp,
+        problems,
+    }
 }
 
 /// Parse the hex public key file the gateway writes next to its signing key.
@@ -119,16 +206,16 @@ mod tests {
     /// A signed log of `n` events (checkpoints every 100, and one at the end).
     fn log(n: usize) -> (Vec<u8>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
         let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
         let public = key.public_key().as_ref().to_vec();
-        let log = AuditLog::open_signed(&path, key).unwrap();
+        let log = AuditLog::open_signed(dir.path(), key, super::super::LogOptions::default()).unwrap();
         for i in 0..n {
             log.record("session.start", json!({"n": i})).unwrap();
         }
         log.checkpoint(true).unwrap();
-        (std::fs::read(&path).unwrap(), public)
+        let segs = super::super::segments(dir.path()).unwrap();
+        (std::fs::read(&segs[0].1).unwrap(), public)
     }
 
     fn lines(text: &[u8]) -> Vec<Vec<u8>> {

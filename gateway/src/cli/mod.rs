@@ -159,7 +159,7 @@ pub enum Command {
         after_help = "Example:\n  postern replay 5b0e6f3c-... --speed 2\n  (session ids: `postern sessions --all` or the audit log's session.start events)"
     )]
     Replay {
-        /// Session id, or the path of a .cast file.
+        /// Session id, or the path of a .cast or .cast.sealed file.
         session: String,
         /// Playback speed factor.
         #[arg(long, default_value_t = 1.0)]
@@ -167,8 +167,15 @@ pub enum Command {
         /// Shorten pauses to at most this many seconds (0 keeps them).
         #[arg(long, default_value_t = 2.0)]
         max_wait: f64,
+        /// Print the recording itself (asciicast v2, decrypted) instead of playing it, e.g.
+        /// for `asciinema play -`.
+        #[arg(long)]
+        raw: bool,
+        /// Master key file for a sealed recording (default: [audit.encryption]).
+        #[arg(long)]
+        master_key: Vec<PathBuf>,
     },
-    /// The audit log: verify its hash chain and signed checkpoints.
+    /// The audit log: verify, read, and manage its encryption key.
     Audit {
         #[command(subcommand)]
         action: AuditAction,
@@ -216,59 +223,164 @@ pub struct InstancesArgs {
 pub enum AuditAction {
     /// Check that no event was modified, deleted, inserted or reordered. Works offline on the
     /// files; exits 0 when intact, 1 with the first broken line(s) otherwise.
+    #[command(
+        after_help = "Examples:\n  postern audit verify\n  postern audit verify --file copy/events-000000000001.jsonl --file copy/events-000000004711.jsonl --key copy/audit-signing.pub"
+    )]
     Verify {
-        /// Log file (default: DATA_DIR/audit.log).
+        /// Segment files, oldest first (default: every segment in DATA_DIR/audit).
         #[arg(long)]
-        file: Option<PathBuf>,
+        file: Vec<PathBuf>,
         /// Public key file of the checkpoint signer (default: DATA_DIR/audit-signing.pub).
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Master key file for sealed segments (default: [audit.encryption]).
+        #[arg(long)]
+        master_key: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
+    /// Print events as JSON lines (decrypting sealed segments), oldest first: `| jq`.
+    Cat {
+        /// Segment files, oldest first (default: every segment in DATA_DIR/audit).
+        #[arg(long)]
+        file: Vec<PathBuf>,
+        /// Master key file for sealed segments (default: [audit.encryption]).
+        #[arg(long)]
+        master_key: Vec<PathBuf>,
+    },
+    /// Create a master key file for encryption at rest (64 hex digits, mode 0600). Set it
+    /// as [audit.encryption] key_file; keep a copy offline: without it, sealed recordings
+    /// and logs cannot be read.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        file: PathBuf,
+    },
+}
+
+/// The keys for reading sealed files: the config's [audit.encryption] and `extra` key files.
+fn read_keyring(cfg: &GatewayConfig, extra: &[PathBuf]) -> anyhow::Result<crate::audit::seal::Keyring> {
+    use crate::audit::seal::{FileKey, KeyProvider, Keyring};
+    let mut keys: Vec<std::sync::Arc<dyn KeyProvider>> = Vec::new();
+    for f in extra {
+        keys.push(std::sync::Arc::new(FileKey::load(f)?));
+    }
+    let configured = cfg.audit.encryption.keyring()?;
+    Ok(Keyring::new(keys).merged(&configured))
+}
+
+fn warn_ending(path: &Path, ending: Option<crate::audit::seal::Ending>) {
+    use crate::audit::seal::Ending;
+    match ending {
+        Some(Ending::Unfinished) => eprintln!(
+            "postern: {} ends without its final record: the session is still running, the gateway stopped \
+             before it ended, or the file was truncated",
+            path.display()
+        ),
+        Some(Ending::Torn) => {
+            eprintln!("postern: {} ends with a record cut off mid-write (a crash); shown up to it", path.display())
+        }
+        _ => {}
+    }
 }
 
 /// `postern replay`.
-pub fn replay(cli: &Cli, session: &str, speed: f64, max_wait: f64) -> anyhow::Result<i32> {
+pub fn replay(
+    cli: &Cli,
+    session: &str,
+    speed: f64,
+    max_wait: f64,
+    raw: bool,
+    master_key: &[PathBuf],
+) -> anyhow::Result<i32> {
+    let cfg = resolve_config(cli)?;
     let as_path = Path::new(session);
-    let path = if session.ends_with(".cast") && as_path.exists() {
+    let path = if (session.ends_with(".cast") || session.ends_with(".cast.sealed")) && as_path.exists() {
         as_path.to_path_buf()
     } else {
         if !session.chars().all(|c| c.is_ascii_hexdigit() || c == '-') || session.is_empty() {
             bail!("{session:?} is not a session id");
         }
-        let p = resolve_config(cli)?.data_dir.join("recordings").join(format!("{session}.cast"));
-        if !p.exists() {
-            bail!(
+        let dir = cfg.data_dir.join("recordings");
+        crate::recording::find(&dir, session).with_context(|| {
+            format!(
                 "no recording for session {session} in {} (sftp, forwards, passthrough and admin-socket sessions are not recorded)",
-                p.parent().map(|d| d.display().to_string()).unwrap_or_default()
-            );
-        }
-        p
+                dir.display()
+            )
+        })?
     };
+    let keyring = read_keyring(&cfg, master_key)?;
     let mut out = std::io::stdout().lock();
-    crate::recording::replay(&path, speed, (max_wait > 0.0).then_some(max_wait), &mut out)?;
+    let ending = if raw {
+        let mut plain = crate::audit::seal::Plain::open(&path, &keyring)?;
+        std::io::copy(&mut plain, &mut out).with_context(|| format!("reading {}", path.display()))?;
+        plain.ending()
+    } else {
+        crate::recording::replay(&path, &keyring, speed, (max_wait > 0.0).then_some(max_wait), &mut out)?
+    };
+    warn_ending(&path, ending);
     Ok(0)
 }
 
+/// The segments to read: `files` as given, or every segment in DATA_DIR/audit.
+fn segment_files(cfg: &GatewayConfig, files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    if !files.is_empty() {
+        return Ok(files.to_vec());
+    }
+    let dir = cfg.data_dir.join("audit");
+    let segs = crate::audit::segments(&dir).with_context(|| format!("listing {}", dir.display()))?;
+    if segs.is_empty() {
+        let old = cfg.data_dir.join("audit.log");
+        if old.exists() {
+            return Ok(vec![old]);
+        }
+        bail!("no audit log in {} (give --file, or --data-dir / --config)", dir.display());
+    }
+    Ok(segs.into_iter().map(|(_, p)| p).collect())
+}
+
 /// `postern audit verify`.
-pub fn audit_verify(cli: &Cli, log: Option<&Path>, key: Option<&Path>, json: bool) -> anyhow::Result<i32> {
-    let data_dir = resolve_config(cli)?.data_dir;
-    let log = log.map(Path::to_path_buf).unwrap_or_else(|| data_dir.join("audit.log"));
-    let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| data_dir.join("audit-signing.pub"));
-    let text = std::fs::read(&log).with_context(|| format!("reading {}", log.display()))?;
+pub fn audit_verify(
+    cli: &Cli,
+    files: &[PathBuf],
+    key: Option<&Path>,
+    master_key: &[PathBuf],
+    json: bool,
+) -> anyhow::Result<i32> {
+    use crate::audit::verify::{Part, verify_parts};
+    let cfg = resolve_config(cli)?;
+    let files = segment_files(&cfg, files)?;
+    let keyring = read_keyring(&cfg, master_key)?;
+    let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| cfg.data_dir.join("audit-signing.pub"));
     let key_text = std::fs::read_to_string(&key_path)
         .with_context(|| format!("reading the checkpoint public key {} (give --key)", key_path.display()))?;
     let key = crate::audit::verify::parse_public_key(&key_text)
         .with_context(|| format!("{} is not a hex ed25519 public key", key_path.display()))?;
-    let report = crate::audit::verify::verify(&text, Some(&key));
+    let mut texts = Vec::with_capacity(files.len());
+    for f in &files {
+        texts.push(crate::audit::seal::Plain::read_all(f, &keyring)?);
+    }
+    let parts: Vec<Part<'_>> = files
+        .iter()
+        .zip(&texts)
+        .map(|(f, (text, ending))| Part { name: f.display().to_string(), text, ending: *ending })
+        .collect();
+    let report = verify_parts(&parts, Some(&key));
+    let what = if files.len() == 1 {
+        files.first().map(|f| f.display().to_string()).unwrap_or_default()
+    } else {
+        format!("audit log ({} segments)", files.len())
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.ok() {
         println!(
-            "{}: intact. {} events, {} signed checkpoints; the last covers seq {}{}",
-            log.display(),
+            "{what}: intact. {} events{}, {} signed checkpoints; the last covers seq {}{}",
             report.events,
+            if report.first_seq > 1 {
+                format!(" from seq {} (older segments deleted by retention)", report.first_seq)
+            } else {
+                String::new()
+            },
             report.checkpoints,
             report.last_checkpoint_seq,
             if report.unsigned_tail > 0 {
@@ -278,12 +390,43 @@ pub fn audit_verify(cli: &Cli, log: Option<&Path>, key: Option<&Path>, json: boo
             }
         );
     } else {
-        println!("{}: NOT intact ({} problems)", log.display(), report.problems.len());
+        println!("{what}: NOT intact ({} problems)", report.problems.len());
         for p in report.problems.iter().take(20) {
-            println!("  line {}: {}", p.line, p.message);
+            println!("  {} line {}: {}", p.file, p.line, p.message);
         }
     }
     Ok(if report.ok() { 0 } else { 1 })
+}
+
+/// `postern audit cat`.
+pub fn audit_cat(cli: &Cli, files: &[PathBuf], master_key: &[PathBuf]) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let cfg = resolve_config(cli)?;
+    let keyring = read_keyring(&cfg, master_key)?;
+    let mut out = std::io::stdout().lock();
+    for f in segment_files(&cfg, files)? {
+        let mut plain = crate::audit::seal::Plain::open(&f, &keyring)?;
+        match std::io::copy(&mut plain, &mut out) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", f.display())),
+        }
+        if plain.ending() == Some(crate::audit::seal::Ending::Torn) {
+            warn_ending(&f, plain.ending());
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+/// `postern audit keygen`.
+pub fn audit_keygen(file: &Path) -> anyhow::Result<i32> {
+    use crate::audit::seal::KeyProvider;
+    let key = crate::audit::seal::FileKey::generate(file)?;
+    println!("master key {} written to {} (mode 0600)", key.key_id(), file.display());
+    println!("use it with:\n  [audit.encryption]\n  key_file = \"{}\"", file.display());
+    println!("keep a copy somewhere safe: sealed recordings and logs cannot be read without it");
+    Ok(0)
 }
 
 #[derive(Args)]

@@ -768,9 +768,10 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         None
     } else {
         let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
-        let created = crate::gateway::random_hex(8)
-            .map_err(std::io::Error::other)
-            .and_then(|r| Recorder::create(&recording_dir, &format!("pending-{r}"), cols, rows, &title));
+        let created = crate::gateway::random_hex(8).map_err(std::io::Error::other).and_then(|r| {
+            let exec = if matches!(request, Request::Exec(_)) { command_text.as_deref() } else { None };
+            Recorder::create(&recording_dir, &format!("pending-{r}"), (cols, rows), &title, exec, &ctx.state.recording)
+        });
         match created {
             Ok(r) => Some(r),
             Err(e) => {
@@ -869,6 +870,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         tokio::select! {
             msg = rd.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data); }
                     bytes_in += data.len() as u64;
                     live.add_in(data.len());
                     last_input = std::time::Instant::now();
@@ -963,7 +965,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     };
     drop(frames);
     if let Some(rec) = recorder.as_mut() {
-        let _ = rec.finish();
+        let _ = rec.finish(exit_code);
     }
     let _ = wr.eof().await;
     let _ = wr.close().await;
@@ -976,5 +978,8 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                "logged": logged, "reason": reason}),
     );
     drop(reg);
+    if let (Some(shipper), true) = (&ctx.state.shipper, recorder.is_some()) {
+        shipper.wake();
+    }
     info!(session_id = %sid, ?exit_code, "ssh session ended");
 }

@@ -1,0 +1,271 @@
+//! Copies of closed event-log segments and finished recordings in S3-compatible object
+//! storage.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig, WriteMultipart};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// `[audit.s3]`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix: objects are `PREFIX/audit/events-….jsonl[.sealed]` and
+    /// `PREFIX/recordings/SESSION.cast[.sealed]`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Endpoint of an S3-compatible service ("http://127.0.0.1:9000"); default: AWS.
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Credentials; default: the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow a plain-http endpoint (test set-ups only).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "(set)"))
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+fn default_prefix() -> String {
+    "postern".into()
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+/// What a file is, for its object key and its upload marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Segment,
+    Recording,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Segment => "audit",
+            Kind::Recording => "recordings",
+        }
+    }
+}
+
+/// Longest one upload may take before it counts as failed.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Files above this size are uploaded in parts of this size.
+const PART: usize = 16 << 20;
+/// Retry delays while the store is unreachable: doubling from the first to the second.
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// Look for new files at least this often (closing a file also wakes the shipper).
+const SCAN_EVERY: Duration = Duration::from_secs(30);
+
+/// Uploads closed files to the object store, and remembers (in marker files under
+/// `DATA_DIR/uploaded/`) what is there. The local directory is the spool: nothing is
+/// deleted locally before it is uploaded.
+pub struct Shipper {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    markers: PathBuf,
+    wake: tokio::sync::Notify,
+    /// Files waiting for upload at the last pass.
+    pending: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Shipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shipper").field("store", &self.store.to_string()).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl Shipper {
+    pub fn new(cfg: &S3Config, data_dir: &Path) -> anyhow::Result<Self> {
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&cfg.bucket)
+            .with_region(&cfg.region)
+            .with_retry(RetryConfig {
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(30),
+                ..RetryConfig::default()
+            })
+            .with_client_options(
+                // Options set here replace the builder's, so allow_http belongs here too.
+                ClientOptions::new()
+                    .with_allow_http(cfg.allow_http)
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(120)),
+            );
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e);
+        }
+        if let Some(k) = &cfg.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(k) = &cfg.secret_access_key {
+            b = b.with_secret_access_key(k);
+        }
+        let store = b.build().context("[audit.s3]")?;
+        Ok(Self {
+            store: Arc::new(store),
+            prefix: cfg.prefix.trim_matches('/').to_owned(),
+            markers: data_dir.join("uploaded"),
+            wake: tokio::sync::Notify::new(),
+            pending: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn marker(&self, kind: Kind, path: &Path) -> Option<PathBuf> {
+        path.file_name().map(|n| self.markers.join(kind.dir()).join(n))
+    }
+
+    /// Whether `path` is in the object store already.
+    pub fn is_uploaded(&self, kind: Kind, path: &Path) -> bool {
+        self.marker(kind, path).is_some_and(|m| m.exists())
+    }
+
+    /// Look for files to upload now (a segment or recording was closed).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Files waiting for upload, as of the last pass.
+    pub fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The object key of a file.
+    pub fn key(&self, kind: Kind, path: &Path) -> String {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if self.prefix.is_empty() {
+            format!("{}/{name}", kind.dir())
+        } else {
+            format!("{}/{}/{name}", self.prefix, kind.dir())
+        }
+    }
+
+    async fn upload(&self, kind: Kind, path: &Path) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let location = ObjectPath::from(self.key(kind, path));
+        let mut file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata().await?.len();
+        if len <= PART as u64 {
+            let mut bytes = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut bytes).await?;
+            self.store.put(&location, PutPayload::from(bytes)).await?;
+        } else {
+            let upload = self.store.put_multipart(&location).await?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                w.write(buf.get(..n).unwrap_or_default());
+                w.wait_for_capacity(2).await?;
+            }
+            w.finish().await?;
+        }
+        if let Some(m) = self.marker(kind, path) {
+            if let Some(d) = m.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            std::fs::write(&m, format!("{location}\n"))?;
+        }
+        Ok(())
+    }
+
+    /// Upload what `candidates` lists (files that are complete) until `shutdown`; while the
+    /// store is unreachable, retry with backoff and keep everything spooled locally. The
+    /// first failure and the recovery are audit events (`audit.sink`).
+    pub async fn run(
+        self: Arc<Self>,
+        candidates: impl Fn() -> Vec<(Kind, PathBuf)> + Send + 'static,
+        audit: Arc<super::AuditLog>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = BACKOFF.0;
+        let mut down_since: Option<usize> = None;
+        let mut uploaded_while_down = 0usize;
+        loop {
+            let todo: Vec<(Kind, PathBuf)> =
+                candidates().into_iter().filter(|(k, p)| !self.is_uploaded(*k, p)).collect();
+            self.pending.store(todo.len(), std::sync::atomic::Ordering::Relaxed);
+            let mut failure = None;
+            for (kind, path) in &todo {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                match tokio::time::timeout(UPLOAD_TIMEOUT, self.upload(*kind, path)).await {
+                    Ok(Ok(())) => {
+                        uploaded_while_down += 1;
+                        self.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(file = %path.display(), "uploaded to the object store");
+                    }
+                    Ok(Err(e)) => {
+                        failure = Some(format!("{e:#}"));
+                        break;
+                    }
+                    Err(_) => {
+                        failure = Some(format!("upload of {} timed out", path.display()));
+                        break;
+                    }
+                }
+            }
+            let wait = match failure {
+                Some(error) => {
+                    if down_since.is_none() {
+                        tracing::warn!(%error, pending = self.pending(), "object store unreachable; spooling locally");
+                        let _ = audit.record(
+                            "audit.sink",
+                            json!({"sink": "s3", "state": "unreachable", "error": error, "pending": self.pending()}),
+                        );
+                        down_since = Some(self.pending());
+                        uploaded_while_down = 0;
+                    }
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                    w
+                }
+                None => {
+                    if down_since.take().is_some() {
+                        tracing::info!(uploaded = uploaded_while_down, "object store reachable again");
+                        let _ = audit.record(
+                            "audit.sink",
+                            json!({"sink": "s3", "state": "recovered", "uploaded": uploaded_while_down}),
+                        );
+                    }
+                    backoff = BACKOFF.0;
+                    SCAN_EVERY
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = audit.segment_closed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
