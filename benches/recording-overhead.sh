@@ -2,7 +2,8 @@
 # Cost of session recording on output throughput: the same exec session printing SIZE_MIB of
 # text through the gateway, recorded (asciicast, flushed per event) and unrecorded (a second
 # gateway with [audit] fail_closed = false whose recordings directory is unusable), RUNS times
-# each, alternating. Release build; needs openssh-client and python3.
+# each, alternating; reports wall time and the gateway's CPU time (user + system, which is
+# steadier on a busy machine). Release build; needs openssh-client and python3.
 #   bash benches/recording-overhead.sh        (SIZE_MIB=256 RUNS=5 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,7 @@ instances = ["*"]
 $2
 CFG
   POSTERN_LOG=warn "$T/postern" --config "$d/gateway.toml" gateway >"$d/gateway.log" 2>&1 & pids+=($!)
+  echo $! >"$d/gateway.pid"
   for _ in $(seq 1 100); do [ -S "$d/data/admin.sock" ] && break; sleep 0.05; done
   local tok token pin
   tok=$("$T/postern" --data-dir "$d/data" token create --name box --json)
@@ -51,11 +53,16 @@ start recorded ""
 start unrecorded $'[audit]\nfail_closed = false'
 touch "$W/unrecorded/data/recordings"      # a file where the directory should be: no recording
 
-run() { # name -> seconds
+run() { # name -> "wall-seconds gateway-cpu-seconds"
   local d="$W/$1"
   python3 - "$d" "$W/user" "$SIZE_MIB" <<'PY'
-import subprocess, sys, time
+import os, subprocess, sys, time
 d, key, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pid = open(d + "/gateway.pid").read().strip()
+def cpu():  # user + system seconds of the gateway process so far
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+c = cpu()
 port = open(d + "/port").read().strip()
 cmd = ["ssh", "-p", port, "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
        "-o", "UserKnownHostsFile=" + d + "/known_hosts", "bench%box@127.0.0.1",
@@ -63,7 +70,7 @@ cmd = ["ssh", "-p", port, "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMod
 t = time.monotonic()
 p = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
 assert len(p.stdout) == mib << 20, len(p.stdout)
-print(f"{time.monotonic() - t:.3f}")
+print(f"{time.monotonic() - t:.3f}/{cpu() - c:.2f}")
 PY
 }
 run recorded >/dev/null; run unrecorded >/dev/null   # warm up, and check both work
@@ -72,10 +79,13 @@ rec=(); unrec=()
 for _ in $(seq 1 "$RUNS"); do rec+=("$(run recorded)"); unrec+=("$(run unrecorded)"); done
 python3 - "$SIZE_MIB" "${rec[*]}" "${unrec[*]}" <<'PY'
 import statistics, sys
-mib = int(sys.argv[1]); rec = [float(x) for x in sys.argv[2].split()]; unrec = [float(x) for x in sys.argv[3].split()]
-r, u = statistics.median(rec), statistics.median(unrec)
-print(f"recorded:    median {r:.2f} s  ({mib / r:.0f} MiB/s)   runs {rec}")
-print(f"unrecorded:  median {u:.2f} s  ({mib / u:.0f} MiB/s)   runs {unrec}")
-print(f"recording overhead: {100 * (r - u) / u:+.1f}% wall time")
+mib = int(sys.argv[1])
+rec = [tuple(map(float, x.split("/"))) for x in sys.argv[2].split()]
+unrec = [tuple(map(float, x.split("/"))) for x in sys.argv[3].split()]
+med = lambda xs, i: statistics.median(x[i] for x in xs)
+r, u, rc, uc = med(rec, 0), med(unrec, 0), med(rec, 1), med(unrec, 1)
+print(f"recorded:    median {r:.2f} s  ({mib / r:.0f} MiB/s), gateway CPU {rc:.2f} s   runs {[x[0] for x in rec]}")
+print(f"unrecorded:  median {u:.2f} s  ({mib / u:.0f} MiB/s), gateway CPU {uc:.2f} s   runs {[x[0] for x in unrec]}")
+print(f"recording overhead: {100 * (r - u) / u:+.1f}% wall time, {100 * (rc - uc) / uc:+.1f}% gateway CPU")
 PY
 ls "$W/recorded/data/recordings" | head -3 >/dev/null
