@@ -158,7 +158,8 @@ fn apply_retention(state: &GatewayState, keep: Retention) {
             if meta.is_file()
                 && older_than(&meta, keep)
                 && !live.contains(session)
-                && uploaded(crate::audit::ship::Kind::Recording, &path)
+                // Left-over `pending-…` files (sessions that never started) are never uploaded.
+                && (session.starts_with("pending-") || uploaded(crate::audit::ship::Kind::Recording, &path))
                 && std::fs::remove_file(&path).is_ok()
             {
                 deleted += 1;

@@ -627,6 +627,31 @@ mod tests {
     }
 
     #[test]
+    fn segments_rotate_by_age_but_never_for_an_anchor_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let age = Duration::from_millis(50);
+        let log = AuditLog::open_signed(
+            dir.path(),
+            signing_key(),
+            LogOptions { rotate_after: Some(age), ..LogOptions::default() },
+        )
+        .unwrap();
+        log.record("a", json!({})).unwrap();
+        log.record("b", json!({})).unwrap();
+        log.checkpoint(false).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 1, "too young to rotate");
+        // The passing of time is what is tested here.
+        std::thread::sleep(age * 2);
+        log.checkpoint(false).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 2, "rotated by age");
+        std::thread::sleep(age * 2);
+        log.checkpoint(false).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 2, "a segment holding only its anchor stays open");
+        log.record("c", json!({})).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 3, "an event in an old segment rotates it");
+    }
+
+    #[test]
     fn a_sealed_log_hides_its_events_and_continues_in_a_new_segment_after_restart() {
         let dir = tempfile::tempdir().unwrap();
         let keys = seal::Keyring::new(vec![std::sync::Arc::new(seal::FileKey::from_bytes(&[3; 32]).unwrap())]);
