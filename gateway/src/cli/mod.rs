@@ -236,6 +236,7 @@ pub enum AuditAction {
         /// Master key file for sealed segments (default: [audit.encryption]).
         #[arg(long)]
         master_key: Vec<PathBuf>,
+        /// Print the full report as JSON.
         #[arg(long)]
         json: bool,
     },
