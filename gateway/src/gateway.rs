@@ -149,7 +149,7 @@ fn apply_retention(state: &GatewayState, keep: Retention) {
     let (mut deleted, mut bytes) = (0u64, 0u64);
     if let Some(keep) = keep.recordings {
         let dir = state.config.data_dir.join("recordings");
-        let live: std::collections::HashSet<String> = state.sessions.live().iter().map(|s| s.id.clone()).collect();
+        let live = state.sessions.live_ids();
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
@@ -208,7 +208,7 @@ fn upload_candidates(state: &GatewayState) -> Vec<(crate::audit::ship::Kind, Pat
     use crate::audit::ship::Kind;
     let mut out: Vec<(Kind, PathBuf)> =
         state.audit.closed_segments().into_iter().map(|(_, p)| (Kind::Segment, p)).collect();
-    let live: std::collections::HashSet<String> = state.sessions.live().iter().map(|s| s.id.clone()).collect();
+    let live = state.sessions.live_ids();
     for e in std::fs::read_dir(state.config.data_dir.join("recordings")).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         // Recordings are named `pending-…` until their session starts.

@@ -153,23 +153,9 @@ impl Recorder {
         command: Option<&str>,
         options: &RecordingOptions,
     ) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(dir)?;
-        let active = options.keyring.active();
-        let path = dir.join(file_name(session_id, active.is_some()));
-        let mut file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&path)?;
-        let sealer = match active {
-            Some(key) => {
-                let (sealer, header) =
-                    Sealer::new(key.as_ref()).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-                if let Err(e) = file.write_all(&header) {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e);
-                }
-                Some(sealer)
-            }
-            None => None,
-        };
+        let path = dir.join(file_name(session_id, options.keyring.active().is_some()));
+        let (file, sealer, _) = crate::audit::seal::create_file(&path, &options.keyring)?;
         let mut rec = Self {
             path,
             file,

@@ -197,6 +197,11 @@ impl SessionTable {
         self.live.lock().map(|l| l.values().cloned().collect()).unwrap_or_default()
     }
 
+    /// Ids of the live sessions.
+    pub fn live_ids(&self) -> std::collections::HashSet<String> {
+        self.live.lock().map(|l| l.values().map(|s| s.id.clone()).collect()).unwrap_or_default()
+    }
+
     pub fn count_user(&self, user: &str) -> usize {
         self.live.lock().map(|l| l.values().filter(|s| s.user == user).count()).unwrap_or(0)
     }

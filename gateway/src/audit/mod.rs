@@ -223,22 +223,8 @@ fn create_segment(
     first_seq: u64,
     keyring: &seal::Keyring,
 ) -> std::io::Result<(std::fs::File, PathBuf, Option<seal::Sealer>, u64)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let active = keyring.active();
-    let path = dir.join(segment_name(first_seq, active.is_some()));
-    let mut file = std::fs::OpenOptions::new().create_new(true).read(true).append(true).mode(0o600).open(&path)?;
-    let (sealer, len) = match active {
-        Some(key) => {
-            let (sealer, header) =
-                seal::Sealer::new(key.as_ref()).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-            if let Err(e) = file.write_all(&header) {
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-            (Some(sealer), header.len() as u64)
-        }
-        None => (None, 0),
-    };
+    let path = dir.join(segment_name(first_seq, keyring.active().is_some()));
+    let (file, sealer, len) = seal::create_file(&path, keyring)?;
     Ok((file, path, sealer, len))
 }
 

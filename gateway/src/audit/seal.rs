@@ -333,6 +333,26 @@ impl Sealer {
     }
 }
 
+/// Create the new file `path` (mode 0600, appended to) for what `keyring` seals: with its
+/// header and sealer when there is an active key, clear otherwise. Returns the file, the
+/// sealer and the header's length; on failure nothing is left behind.
+pub fn create_file(path: &Path, keyring: &Keyring) -> std::io::Result<(std::fs::File, Option<Sealer>, u64)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().create_new(true).read(true).append(true).mode(0o600).open(path)?;
+    let Some(key) = keyring.active() else { return Ok((file, None, 0)) };
+    let sealed = Sealer::new(key.as_ref())
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
+        .and_then(|(sealer, header)| file.write_all(&header).map(|()| (sealer, header.len() as u64)));
+    match sealed {
+        Ok((sealer, len)) => Ok((file, Some(sealer), len)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
 /// How a sealed file ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
