@@ -2,7 +2,8 @@
 # Run the whole Postern test suite: unit, golden, fuzz-budget, tunnel integration and
 # end-to-end tests with the real binaries. On Debian as root it installs what the tests
 # need (nftables, iproute2, python3, tmux, procps, OpenSSH client, server and
-# sftp-server, and asciinema and moto from PyPI); elsewhere it says what is missing.
+# sftp-server, xrdp, Xvfb, FreeRDP 2 client and shadow server, winpr-utils, openssl, and
+# asciinema and moto from PyPI); elsewhere it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,13 @@ command -v pgrep >/dev/null 2>&1 || need+=(procps)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 [ -x /usr/lib/openssh/sftp-server ] || need+=(openssh-sftp-server)
+# RDP: xrdp and FreeRDP's shadow server as hosts, xfreerdp (under Xvfb) as the client.
+command -v xrdp >/dev/null 2>&1 || [ -x /usr/sbin/xrdp ] || need+=(xrdp)
+command -v Xvfb >/dev/null 2>&1 || need+=(xvfb)
+command -v xfreerdp >/dev/null 2>&1 || need+=(freerdp2-x11)
+command -v freerdp-shadow-cli >/dev/null 2>&1 || need+=(freerdp2-shadow-x11)
+command -v winpr-hash >/dev/null 2>&1 || need+=(winpr-utils)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test dependencies: ${need[*]}"

@@ -23,11 +23,12 @@ pub enum Action {
     Sftp,
     PortForward,
     SshPassthrough,
+    Rdp,
 }
 
 /// Every action a session can be, in the order `explain` lists them.
 pub const SESSION_ACTIONS: &[Action] =
-    &[Action::Shell, Action::Exec, Action::Sftp, Action::PortForward, Action::SshPassthrough];
+    &[Action::Shell, Action::Exec, Action::Sftp, Action::PortForward, Action::SshPassthrough, Action::Rdp];
 
 impl Action {
     pub fn name(self) -> &'static str {
@@ -37,6 +38,7 @@ impl Action {
             Action::Sftp => "sftp",
             Action::PortForward => "port-forward",
             Action::SshPassthrough => "ssh-passthrough",
+            Action::Rdp => "rdp",
         }
     }
 
@@ -56,7 +58,7 @@ pub struct UserConfig {
     /// Instance names (globs with `*` and `?`) this user may reach. Default: none.
     #[serde(default)]
     pub instances: Vec<String>,
-    /// Allowed actions: shell, exec, sftp, port-forward, ssh-passthrough. Default: all.
+    /// Allowed actions: shell, exec, sftp, port-forward, ssh-passthrough, rdp. Default: all.
     #[serde(default)]
     pub actions: Option<Vec<String>>,
     /// OS user sessions run as on the instance. Default: the agent's own user.

@@ -15,7 +15,37 @@ pub struct GatewayConfig {
     pub tunnel: TunnelConfig,
     pub ssh: SshConfig,
     pub audit: AuditConfig,
+    pub rdp: RdpConfig,
     pub testing: TestingConfig,
+}
+
+/// The RDP front door (docs/rdp.md). Off by default: a gateway without Windows hosts opens
+/// no RDP port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RdpConfig {
+    pub enabled: bool,
+    /// TCP address RDP clients connect to (with a routing token from `postern rdp`).
+    pub listen: SocketAddr,
+    /// `host:port` written into `.rdp` files and FreeRDP command lines, if clients reach the
+    /// gateway by another name. Default: `[ssh] public_host` and the listen port.
+    pub public_address: Option<String>,
+    /// How long a routing token stays valid ("5m"; at most "1h"). Tokens are single-use.
+    pub token_ttl: String,
+    /// Time a client has to send the preconnection blob and connection request ("10s").
+    pub handshake_timeout: String,
+}
+
+impl Default for RdpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 3389)),
+            public_address: None,
+            token_ttl: "5m".into(),
+            handshake_timeout: "10s".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +205,7 @@ impl Default for GatewayConfig {
             tunnel: TunnelConfig::default(),
             ssh: SshConfig::default(),
             audit: AuditConfig::default(),
+            rdp: RdpConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -215,10 +246,31 @@ impl GatewayConfig {
         parse_limit(&cfg.audit.retention).with_context(|| format!("{}: [audit] retention", path.display()))?;
         parse_limit(&cfg.audit.log_retention).with_context(|| format!("{}: [audit] log_retention", path.display()))?;
         parse_limit(&cfg.audit.rotate_after).with_context(|| format!("{}: [audit] rotate_after", path.display()))?;
+        let ttl = parse_duration(&cfg.rdp.token_ttl).with_context(|| format!("{}: [rdp] token_ttl", path.display()))?;
+        if ttl > crate::rdp::MAX_TOKEN_TTL {
+            anyhow::bail!(
+                "{}: [rdp] token_ttl may be at most 1h (tokens are meant to be used at once)",
+                path.display()
+            );
+        }
+        parse_duration(&cfg.rdp.handshake_timeout)
+            .with_context(|| format!("{}: [rdp] handshake_timeout", path.display()))?;
         if cfg.audit.rotate_bytes < 4096 {
             anyhow::bail!("{}: [audit] rotate_bytes must be at least 4096", path.display());
         }
         Ok(cfg)
+    }
+
+    /// `[rdp] token_ttl`, checked at load; the default when it does not parse.
+    pub fn rdp_token_ttl(&self) -> Duration {
+        parse_duration(&self.rdp.token_ttl)
+            .map(|d| d.min(crate::rdp::MAX_TOKEN_TTL))
+            .unwrap_or(Duration::from_secs(300))
+    }
+
+    /// `[rdp] handshake_timeout`, checked at load.
+    pub fn rdp_handshake_timeout(&self) -> Duration {
+        parse_duration(&self.rdp.handshake_timeout).unwrap_or(Duration::from_secs(10))
     }
 
     pub fn agent_cert_ttl(&self) -> anyhow::Result<Duration> {

@@ -35,6 +35,10 @@ pub struct GatewayState {
     /// Address of the SSH front door, when enabled.
     pub ssh_addr: Option<SocketAddr>,
     pub ssh_throttle: crate::ssh::Throttle,
+    /// Address of the RDP front door, when enabled.
+    pub rdp_addr: Option<SocketAddr>,
+    /// Issues and redeems RDP routing tokens (key in memory only).
+    pub rdp_tokens: crate::rdp::token::TokenIssuer,
     pub sessions: Arc<crate::sessions::SessionTable>,
     /// Signalled after users, policies or grants change: live sessions are re-checked.
     pub access_changed: tokio::sync::Notify,
@@ -316,6 +320,14 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         None
     };
     let ssh_addr = ssh_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let rdp_listener = if config.rdp.enabled {
+        Some(tokio::net::TcpListener::bind(config.rdp.listen).await.with_context(|| {
+            format!("listening for RDP on tcp {} (port in use? set [rdp] listen)", config.rdp.listen)
+        })?)
+    } else {
+        None
+    };
+    let rdp_addr = rdp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let sessions = Arc::new(
         crate::sessions::SessionTable::with_markers(dir.join("live-sessions"))
             .with_context(|| format!("creating {}", dir.join("live-sessions").display()))?,
@@ -337,6 +349,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         host_keys,
         ssh_addr,
         ssh_throttle: crate::ssh::Throttle::default(),
+        rdp_addr,
+        rdp_tokens: crate::rdp::token::TokenIssuer::new()?,
         sessions,
         access_changed: tokio::sync::Notify::new(),
     });
@@ -363,9 +377,13 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     if let Some(l) = ssh_listener {
         tasks.spawn(crate::ssh::serve(l, state.clone(), shutdown.clone()));
     }
+    if let Some(l) = rdp_listener {
+        tasks.spawn(crate::rdp::serve(l, state.clone(), shutdown.clone()));
+    }
     let _ = state.audit.record(
         "gateway.started",
-        json!({"tunnel": tunnel_addr.to_string(), "ssh": ssh_addr.map(|a| a.to_string()), "ca_pin": state.ca.pin()}),
+        json!({"tunnel": tunnel_addr.to_string(), "ssh": ssh_addr.map(|a| a.to_string()),
+               "rdp": rdp_addr.map(|a| a.to_string()), "ca_pin": state.ca.pin()}),
     );
     info!(tunnel = %tunnel_addr, data_dir = %dir.display(), ca_pin = %state.ca.pin(), "gateway started");
     Ok(RunningGateway { state, shutdown, tasks })

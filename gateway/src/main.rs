@@ -246,6 +246,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             cli::AuditAction::Cat { file, master_key } => cli::audit_cat(&cli, file, master_key),
             cli::AuditAction::Keygen { file } => cli::audit_keygen(file),
         },
+        Command::Rdp(args) => cli::rdp::run(args).await,
         Command::SshConfig { known_hosts_file } => {
             cli::ssh_config(&cli::socket_for(&cli)?, known_hosts_file).await.map(|()| 0)
         }

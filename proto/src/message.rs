@@ -219,6 +219,9 @@ pub enum SessionRequest {
     Exec(ExecRequest),
     Shell(ShellRequest),
     Tcp(TcpRequest),
+    /// Connect to the RDP server the agent's own configuration names (`[rdp] address`,
+    /// default 127.0.0.1:3389), then relay raw bytes like `Tcp`.
+    Rdp,
 }
 
 /// First frame on a session stream, sent by the gateway.
@@ -366,6 +369,7 @@ impl Message {
                         w.str(&t.host);
                         w.u16(t.port);
                     }
+                    SessionRequest::Rdp => w.u8(4),
                 }
             }
             Message::Accept(m) => w.0.extend_from_slice(&m.session_id.0),
@@ -446,6 +450,7 @@ impl Message {
                         command: r.opt_str("shell.command")?,
                     }),
                     3 => SessionRequest::Tcp(TcpRequest { host: r.str("tcp.host")?, port: r.u16("tcp.port")? }),
+                    4 => SessionRequest::Rdp,
                     v => return Err(ProtoError::InvalidValue { field: "open.request", value: u32::from(v) }),
                 };
                 Message::Open(OpenSession { session_id, request })

@@ -34,6 +34,9 @@ pub struct LocalLimits {
     pub allow_root: bool,
     /// Shell for sessions when the user's login shell cannot be determined.
     pub default_shell: String,
+    /// Where RDP sessions go (`host:port`); "" refuses RDP on this instance. The gateway
+    /// cannot choose another destination for RDP, so `tcp_allow` does not apply.
+    pub rdp_address: String,
 }
 
 impl Default for LocalLimits {
@@ -44,6 +47,7 @@ impl Default for LocalLimits {
             run_as: Vec::new(),
             allow_root: false,
             default_shell: "/bin/sh".into(),
+            rdp_address: "127.0.0.1:3389".into(),
         }
     }
 }
@@ -101,6 +105,7 @@ pub async fn serve_session(
         SessionRequest::Exec(req) => exec(id, req, send, recv, limits).await,
         SessionRequest::Shell(req) => shell(id, req, send, recv, limits).await,
         SessionRequest::Tcp(req) => tcp(id, req, send, recv, limits).await,
+        SessionRequest::Rdp => rdp(id, send, recv, limits).await,
     };
     if let Err((mut send, Rejection(code, reason))) = result {
         info!(%id, ?code, %reason, "session rejected");
@@ -438,17 +443,14 @@ async fn shell(
 async fn tcp(
     id: SessionId,
     req: TcpRequest,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
     limits: &LocalLimits,
 ) -> Outcome {
     let target = format!("{}:{}", req.host, req.port);
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target))
-        .await
-    {
-        Ok(Ok(a)) => a.collect(),
-        Ok(Err(e)) => return Err((send, Rejection(ErrorCode::BadRequest, format!("cannot resolve {target}: {e}")))),
-        Err(_) => return Err((send, Rejection(ErrorCode::Unavailable, format!("resolving {target} timed out")))),
+    let addrs = match resolve(&target).await {
+        Ok(a) => a,
+        Err(r) => return Err((send, r)),
     };
     // Check the resolved address we will actually connect to, not the name.
     let Some(addr) = addrs.into_iter().find(|a| limits.tcp_allowed(a.ip())) else {
@@ -460,6 +462,42 @@ async fn tcp(
             ),
         ));
     };
+    relay_tcp(id, &target, addr, send, recv, "tcp forward").await
+}
+
+/// RDP goes where this agent's configuration says, never where the gateway asks.
+async fn rdp(id: SessionId, send: quinn::SendStream, recv: quinn::RecvStream, limits: &LocalLimits) -> Outcome {
+    let target = limits.rdp_address.trim();
+    if target.is_empty() {
+        return Err((send, Rejection(ErrorCode::Forbidden, "RDP is turned off on this instance (rdp_address)".into())));
+    }
+    let addr = match resolve(target).await {
+        Ok(a) => a.into_iter().next(),
+        Err(r) => return Err((send, r)),
+    };
+    let Some(addr) = addr else {
+        return Err((send, Rejection(ErrorCode::Unavailable, format!("cannot resolve RDP address {target}"))));
+    };
+    relay_tcp(id, target, addr, send, recv, "rdp").await
+}
+
+async fn resolve(target: &str) -> Result<Vec<SocketAddr>, Rejection> {
+    match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(target)).await {
+        Ok(Ok(a)) => Ok(a.collect()),
+        Ok(Err(e)) => Err(Rejection(ErrorCode::BadRequest, format!("cannot resolve {target}: {e}"))),
+        Err(_) => Err(Rejection(ErrorCode::Unavailable, format!("resolving {target} timed out"))),
+    }
+}
+
+/// Connect to `addr`, accept the session, and move raw bytes both ways until both ends finish.
+async fn relay_tcp(
+    id: SessionId,
+    target: &str,
+    addr: SocketAddr,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    what: &'static str,
+) -> Outcome {
     let stream = match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -471,7 +509,7 @@ async fn tcp(
     if write_frame(&mut send, &Message::Accept(Accept { session_id: id })).await.is_err() {
         return Ok(());
     }
-    info!(%id, %addr, "tcp forward opened");
+    info!(%id, %addr, "{what} opened");
     let (tcp_read, mut tcp_write) = stream.into_split();
     let up = async {
         let n = tokio::io::copy(&mut recv, &mut tcp_write).await.unwrap_or(0);
@@ -485,7 +523,7 @@ async fn tcp(
         n
     };
     let (sent, received) = tokio::join!(up, down);
-    info!(%id, bytes_to_target = sent, bytes_from_target = received, "tcp forward closed");
+    info!(%id, bytes_to_target = sent, bytes_from_target = received, "{what} closed");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The `postern` command: gateway server, quickstart and admin commands.
 
 pub mod manage;
+pub mod rdp;
 pub mod session;
 
 pub use manage::line_diff;
@@ -22,7 +23,7 @@ use crate::store::Labels;
     name = "postern",
     version,
     about = "Postern: a self-hosted session manager. Servers dial out; people use ssh and RDP as usual.",
-    after_help = "Examples:\n  postern quickstart                      gateway + local agent on this machine\n  postern gateway --config gateway.toml   run the gateway\n  postern token create --labels env=dev,role=web --ttl 15m\n  postern instances\n  postern exec web-01 -- uname -a\n  postern shell web-01\n  postern user add alice --group ops --key-file alice.pub\n  postern policy apply ops.toml\n  postern explain --user alice --target web-01 --action shell"
+    after_help = "Examples:\n  postern quickstart                      gateway + local agent on this machine\n  postern gateway --config gateway.toml   run the gateway\n  postern token create --labels env=dev,role=web --ttl 15m\n  postern instances\n  postern exec web-01 -- uname -a\n  postern shell web-01\n  postern user add alice --group ops --key-file alice.pub\n  postern policy apply ops.toml\n  postern explain --user alice --target web-01 --action shell\n  postern rdp win-01 --gateway gw.example.com   RDP through the gateway (see docs/rdp.md)"
 )]
 pub struct Cli {
     /// Gateway configuration file (TOML). All settings have defaults.
@@ -73,6 +74,9 @@ pub enum Command {
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// RDP to an instance: a single-use routing token for the gateway's RDP port (FreeRDP
+    /// command line, .rdp file for mstsc), or a local port forward with --local.
+    Rdp(rdp::RdpArgs),
     /// Print the ~/.ssh/config block and the known_hosts line for `ssh USER@INSTANCE.<suffix>`.
     SshConfig {
         /// File the printed config points at for the gateway's host CA line.

@@ -41,6 +41,11 @@ const SFTP_SERVER: &str = "for p in /usr/lib/openssh/sftp-server /usr/libexec/op
     /usr/libexec/sftp-server /usr/lib/ssh/sftp-server; do [ -x \"$p\" ] && exec \"$p\"; done; \
     echo 'postern: no sftp-server on this instance' >&2; exit 127";
 
+/// The `direct-tcpip` host that means "this instance's RDP server" (`postern rdp --local`,
+/// or `ssh -L 13389:@rdp:3389 alice%win-01@gateway`). Not a valid DNS name, so it cannot
+/// shadow a real destination.
+pub const RDP_DESTINATION: &str = "@rdp";
+
 /// Names the host certificate must cover: every instance, and the gateway itself.
 pub fn host_principals(cfg: &GatewayConfig) -> Vec<String> {
     let mut p = vec![format!("*.{}", cfg.ssh.suffix), "localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -391,6 +396,19 @@ impl russh::server::Handler for ConnHandler {
                     };
                 self.forward(authz, channel, reply, "end-to-end encrypted SSH passthrough").await;
             }
+            // `postern rdp --local`: the instance's RDP server, wherever its agent says it is.
+            (Some(target), _) if host == RDP_DESTINATION => {
+                let target = target.clone();
+                let authz = match authorize_request(&self.state, &identity, &target, Action::Rdp, None, None).await {
+                    Ok(a) => a,
+                    Err(msg) => {
+                        self.deny(&identity, &target, Action::Rdp, msg);
+                        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                        return Ok(());
+                    }
+                };
+                self.forward(authz, channel, reply, crate::rdp::UNLOGGED_REASON).await;
+            }
             // `-L` on a connection to an instance: forward through its agent.
             (Some(target), _) => {
                 let target = target.clone();
@@ -488,18 +506,34 @@ impl ConnHandler {
         unlogged_reason: &'static str,
     ) {
         // The agent dials exactly what was authorized.
-        let Some((host, port)) = authz.destination() else {
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
-            return;
+        let (req, destination) = match (authz.action(), authz.destination()) {
+            (Action::Rdp, _) => (SessionRequest::Rdp, "rdp".to_owned()),
+            (_, Some((host, port))) => {
+                (SessionRequest::Tcp(TcpRequest { host: host.to_owned(), port }), format!("{host}:{port}"))
+            }
+            (_, None) => {
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            }
         };
-        let req = TcpRequest { host: host.to_owned(), port };
-        let destination = format!("{host}:{port}");
-        let stream = match self.state.registry.open_session(authz.agent_id(), SessionRequest::Tcp(req)).await {
+        let event = match authz.action() {
+            Action::SshPassthrough => "passthrough",
+            Action::Rdp => "rdp",
+            _ => "forward",
+        };
+        // RDP events say which way in was used: "local" here, "gateway" for the RDP port.
+        let with_mode = |mut v: serde_json::Value| {
+            if let (Action::Rdp, Some(o)) = (authz.action(), v.as_object_mut()) {
+                o.insert("mode".into(), "local".into());
+            }
+            v
+        };
+        let stream = match self.state.registry.open_session(authz.agent_id(), req).await {
             Ok(s) => s,
             Err(e) => {
                 info!(error = %e, "forward refused");
                 let _ = self.state.audit.record(
-                    "forward.failed",
+                    if event == "rdp" { "rdp.failed" } else { "forward.failed" },
                     json!({"user": authz.user(), "target": authz.instance(), "destination": destination, "error": e.to_string()}),
                 );
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -508,12 +542,14 @@ impl ConnHandler {
         };
         reply.accept().await;
         let sid = stream.id.to_string();
-        let event = if authz.action() == Action::SshPassthrough { "passthrough" } else { "forward" };
         let _ = self.state.audit.record(
             &format!("{event}.open"),
-            json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "destination": destination,
+            with_mode(
+                json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "destination": destination,
                    "source": self.peer.to_string(), "logged": false, "reason": unlogged_reason}),
+            ),
         );
+        let closing = with_mode(json!({}));
         let audit = self.state.audit.clone();
         let started = std::time::Instant::now();
         let authz2 = authz.clone();
@@ -531,14 +567,41 @@ impl ConnHandler {
             let SessionStream { send, recv, .. } = stream;
             let (bytes_up, bytes_down) = relay_forward(channel, send, recv, &reg.session).await;
             let end_reason = reg.session.reason();
-            let _ = audit.record(
-                &format!("{event}.close"),
-                json!({"session_id": sid, "user": authz2.user(), "target": authz2.instance(), "destination": destination,
+            let mut fields = json!({"session_id": sid, "user": authz2.user(), "target": authz2.instance(), "destination": destination,
                        "bytes_to_target": bytes_up, "bytes_from_target": bytes_down, "end_reason": end_reason,
                        "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                       "logged": false, "reason": unlogged_reason}),
-            );
+                       "logged": false, "reason": unlogged_reason});
+            if let (Some(f), serde_json::Value::Object(extra)) = (fields.as_object_mut(), closing) {
+                f.extend(extra);
+            }
+            let _ = audit.record(&format!("{event}.close"), fields);
         });
+    }
+}
+
+/// Commands run on the gateway itself (`ssh -p 2222 alice@gateway COMMAND`): what the
+/// `postern` client asks for with the user's SSH identity. Output is one JSON document.
+async fn gateway_command(ctx: &SessionCtx, wr: &russh::ChannelWriteHalf<Msg>, command: &str) {
+    const USAGE: &str = "gateway commands: whoami | rdp-token INSTANCE";
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let reply = match words.as_slice() {
+        ["whoami"] => Ok(json!({"user": ctx.identity.user, "source": ctx.peer.ip().to_string()})),
+        ["rdp-token", instance] => crate::rdp::issue_token(&ctx.state, &ctx.identity, instance)
+            .await
+            .map(|t| serde_json::to_value(t).unwrap_or_default())
+            .map_err(str::to_owned),
+        ["rdp-token", ..] => Err("usage: rdp-token INSTANCE".to_owned()),
+        ["help"] | [] => Err(USAGE.to_owned()),
+        _ => Err(format!("unknown gateway command {:?}; {USAGE}", words.first().unwrap_or(&""))),
+    };
+    match reply {
+        Ok(v) => {
+            let _ = wr.data_bytes(format!("{v}\n").into_bytes()).await;
+            let _ = wr.exit_status(0).await;
+            let _ = wr.eof().await;
+            let _ = wr.close().await;
+        }
+        Err(msg) => refuse(wr, &msg, 1).await,
     }
 }
 
@@ -679,9 +742,14 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         }
     };
     let Some(target) = ctx.target.clone() else {
+        if let Request::Exec(command) = &request {
+            gateway_command(&ctx, &wr, command).await;
+            return;
+        }
         let help = format!(
             "this is the Postern gateway; name an instance: ssh -p PORT {user}%INSTANCE@HOST, \
-             or use the config from `postern ssh-config` and ssh {user}@INSTANCE.{suffix}",
+             or use the config from `postern ssh-config` and ssh {user}@INSTANCE.{suffix}; \
+             gateway commands: whoami, rdp-token INSTANCE",
             user = ctx.identity.user,
             suffix = ctx.state.config.ssh.suffix
         );

@@ -1,0 +1,533 @@
+//! The RDP front door with a real FreeRDP client (headless, under Xvfb) against real RDP
+//! servers on loopback behind agents: xrdp (TLS) and FreeRDP's shadow server (NLA: CredSSP
+//! with NTLM, so a wrong password fails end to end). Refusals are driven with raw bytes
+//! against a stand-in host that counts connections, to show nothing is ever dialled.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::io::{BufRead, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use postern_e2e::*;
+use serde_json::Value;
+
+const RDP_POLICY: &str = r#"name = "rdp-users"
+[[statement]]
+sid = "windows"
+effect = "allow"
+users = ["alice"]
+actions = ["rdp"]
+instances = ["win-*"]
+"#;
+
+/// A gateway with the RDP door on, user alice (store user) with a key, allowed `rdp` on
+/// `win-*` by a policy, and a known_hosts file trusting the gateway's host CA.
+struct Setup {
+    gw: Gateway,
+    dir: tempfile::TempDir,
+    rdp_port: u16,
+    key: PathBuf,
+}
+
+impl Setup {
+    fn new(rdp_settings: &str) -> Setup {
+        let rdp_port = free_tcp_port();
+        let gw = Gateway::start(&format!("[rdp]\nenabled = true\nlisten = \"127.0.0.1:{rdp_port}\"\n{rdp_settings}\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
+        std::fs::write(dir.path().join("known_hosts"), format!("{ca}\n")).unwrap();
+        let key = dir.path().join("alice");
+        sh(&format!("ssh-keygen -q -t ed25519 -N '' -C alice -f {}", key.display()));
+        let s = Setup { gw, dir, rdp_port, key };
+        s.ok(&["user", "add", "alice", "--key-file", s.key.with_extension("pub").to_str().unwrap()]);
+        s.apply(RDP_POLICY);
+        s
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.gw.postern(args);
+        assert!(out.status.success(), "postern {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    fn apply(&self, policy: &str) {
+        let file = self.dir.path().join("policy.toml");
+        std::fs::write(&file, policy).unwrap();
+        self.ok(&["policy", "apply", file.to_str().unwrap()]);
+    }
+
+    /// An agent for `name` whose RDP server is `rdp_address`.
+    fn agent(&self, name: &str, rdp_address: &str) -> Agent {
+        let config = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, format!("[limits]\nrdp_address = {rdp_address:?}\n")).unwrap();
+        Agent::start_with(
+            &self.gw,
+            name,
+            "os=windows",
+            vec![],
+            &self.gw.listen,
+            &["--config", config.to_str().unwrap()],
+        )
+    }
+
+    /// `postern rdp ARGS` as alice: no ssh-agent, a scratch HOME, the test's known_hosts.
+    fn user_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("timeout");
+        c.arg("60")
+            .arg(bin("postern"))
+            .arg("rdp")
+            .args(args)
+            .args(["--gateway", &format!("127.0.0.1:{}", self.gw.ssh_port), "--user", "alice", "-i"])
+            .arg(&self.key)
+            .arg("--known-hosts")
+            .arg(self.dir.path().join("known_hosts"))
+            .env("HOME", self.dir.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("POSTERN_CONFIG")
+            .env_remove("POSTERN_DATA_DIR")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn rdp(&self, args: &[&str]) -> Output {
+        self.user_cmd(args).output().unwrap()
+    }
+
+    /// A fresh routing token for `instance`.
+    fn token(&self, instance: &str) -> String {
+        let out = self.rdp(&[instance, "--json"]);
+        assert!(out.status.success(), "postern rdp {instance}: {}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["instance"], instance);
+        assert_eq!(v["rdp_address"], format!("127.0.0.1:{}", self.rdp_port));
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    fn events(&self, name: &str) -> Vec<Value> {
+        self.gw.audit_events().into_iter().filter(|e| e["event"] == name).collect()
+    }
+
+    /// Wait for the `n`-th event called `name` and return it.
+    fn wait_event(&self, name: &str, n: usize) -> Value {
+        wait_until(&format!("{n} {name} event(s)"), Duration::from_secs(20), || self.events(name).len() >= n);
+        self.events(name)[n - 1].clone()
+    }
+}
+
+/// A virtual X display, chosen by Xvfb itself so parallel tests do not collide.
+struct Xvfb {
+    child: Child,
+    display: String,
+}
+
+impl Xvfb {
+    fn start() -> Xvfb {
+        let mut child = Command::new("Xvfb")
+            .args(["-displayfd", "1", "-screen", "0", "1024x768x24", "-nolisten", "tcp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Xvfb (apt-get install xvfb)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let display = format!(":{}", line.trim());
+        assert!(line.trim().parse::<u32>().is_ok(), "Xvfb did not report a display: {line:?}");
+        Xvfb { child, display }
+    }
+}
+
+impl Drop for Xvfb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A background server process, killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(port: u16, what: &str) {
+    wait_until(what, Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
+
+/// xrdp on its own port with a self-signed certificate (TLS security; xrdp has no NLA).
+fn start_xrdp(dir: &Path) -> (Server, u16) {
+    let port = free_tcp_port();
+    std::fs::create_dir_all("/run/xrdp/sockdir").unwrap();
+    sh("chmod 3777 /run/xrdp/sockdir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost -keyout {} -out {} 2>/dev/null",
+        key.display(),
+        cert.display()
+    ));
+    let ini: String = std::fs::read_to_string("/etc/xrdp/xrdp.ini")
+        .expect("/etc/xrdp/xrdp.ini (apt-get install xrdp)")
+        .lines()
+        .map(|l| match l {
+            "port=3389" => format!("port=tcp://127.0.0.1:{port}"),
+            "certificate=" => format!("certificate={}", cert.display()),
+            "key_file=" => format!("key_file={}", key.display()),
+            "LogFile=xrdp.log" => format!("LogFile={}", dir.join("xrdp.log").display()),
+            "EnableSyslog=true" => "EnableSyslog=false".to_owned(),
+            other => other.to_owned(),
+        })
+        .map(|l| l + "\n")
+        .collect();
+    assert!(ini.contains(&format!("port=tcp://127.0.0.1:{port}")), "unexpected xrdp.ini layout");
+    let conf = dir.join("xrdp.ini");
+    std::fs::write(&conf, ini).unwrap();
+    let child = Command::new("xrdp")
+        .arg("--nodaemon")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    wait_listening(port, "xrdp listening");
+    (server, port)
+}
+
+/// FreeRDP's shadow server sharing an Xvfb screen: NLA (CredSSP/NTLM) against a SAM file.
+fn start_nla_server(dir: &Path, screen: &Xvfb, user: &str, password: &str) -> (Server, u16) {
+    let port = free_tcp_port();
+    let sam = dir.join("sam");
+    let out = Command::new("winpr-hash").args(["-u", user, "-p", password, "-f", "sam"]).output().unwrap();
+    assert!(out.status.success());
+    std::fs::write(&sam, out.stdout).unwrap();
+    let home = dir.join("shadow-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let child = Command::new("freerdp-shadow-cli")
+        .args(["/bind-address:127.0.0.1", &format!("/port:{port}"), "/sec:nla", "+auth"])
+        .arg(format!("/sam-file:{}", sam.display()))
+        .env("DISPLAY", &screen.display)
+        .env("HOME", &home)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    wait_listening(port, "freerdp-shadow-cli listening");
+    (server, port)
+}
+
+/// `xfreerdp ARGS +auth-only` (connects, completes TLS and authentication, exits).
+fn xfreerdp(screen: &Xvfb, home: &Path, args: &[&str]) -> Output {
+    std::fs::create_dir_all(home).unwrap();
+    Command::new("timeout")
+        .args(["60", "xfreerdp"])
+        // An .rdp file must be the first argument.
+        .args(args)
+        .args(["/cert:ignore", "+auth-only", "/log-level:ERROR"])
+        .env("DISPLAY", &screen.display)
+        .env("HOME", home)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn freerdp_reaches_xrdp_and_an_nla_server_through_the_gateway() {
+    let s = Setup::new("");
+    let (_xrdp, xrdp_port) = start_xrdp(s.dir.path());
+    let client_screen = Xvfb::start();
+    let shadow_screen = Xvfb::start();
+    let (_nla, nla_port) = start_nla_server(s.dir.path(), &shadow_screen, "tester", "s3cret");
+    let _win1 = s.agent("win-01", &format!("127.0.0.1:{xrdp_port}"));
+    let _win2 = s.agent("win-02", &format!("127.0.0.1:{nla_port}"));
+    let home = s.dir.path().join("freerdp-home");
+    let gw_rdp = format!("/v:127.0.0.1:{}", s.rdp_port);
+
+    // Token mode, TLS to xrdp: the preconnection blob carries the token.
+    let token = s.token("win-01");
+    let out = xfreerdp(&client_screen, &home, &[&gw_rdp, &format!("/pcb:{token}"), "/u:alice", "/p:x", "/sec:tls"]);
+    assert_eq!(out.status.code(), Some(0), "xfreerdp via gateway: {}{}", text(&out.stdout), text(&out.stderr));
+    let open = s.wait_event("rdp.open", 1);
+    assert_eq!(open["user"], "alice");
+    assert_eq!(open["target"], "win-01");
+    assert_eq!(open["mode"], "gateway");
+    assert_eq!(open["cookie"], "alice", "mstshash cookie from the X.224 request");
+    assert_eq!(open["protocols"], serde_json::json!(["tls"]));
+    assert_eq!(open["logged"], false);
+    assert_eq!(open["reason"], "RDP content is end-to-end encrypted (TLS/CredSSP)");
+    let close = s.wait_event("rdp.close", 1);
+    assert_eq!(close["session_id"], open["session_id"]);
+    assert!(close["bytes_to_target"].as_u64().unwrap() > 1000, "{close}");
+    assert!(close["bytes_from_target"].as_u64().unwrap() > 1000, "{close}");
+
+    // The same token again: refused, and nothing reaches xrdp.
+    let out = xfreerdp(&client_screen, &home, &[&gw_rdp, &format!("/pcb:{token}"), "/u:alice", "/p:x", "/sec:tls"]);
+    assert_ne!(out.status.code(), Some(0));
+    let denied = s.wait_event("session.denied", 1);
+    assert_eq!(denied["code"], "token-used", "{denied}");
+    assert_eq!(denied["cookie"], "alice");
+    assert_eq!(s.events("rdp.open").len(), 1);
+
+    // The .rdp file (what mstsc opens) works with FreeRDP too; NLA runs end to end, so the
+    // password is checked by the host: right one connects, wrong one fails.
+    let out = s.rdp(&["win-02", "--rdp-file", "win-02.rdp"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("xfreerdp /v:127.0.0.1:"), "{}", text(&out.stdout));
+    let file = s.dir.path().join("win-02.rdp");
+    let content = std::fs::read_to_string(&file).unwrap();
+    assert!(content.contains(&format!("full address:s:127.0.0.1:{}\r\n", s.rdp_port)), "{content}");
+    assert!(content.contains("pcb:s:pr1."), "{content}");
+    let f = file.to_str().unwrap();
+    let out = xfreerdp(&client_screen, &home, &[f, "/u:tester", "/p:s3cret", "/sec:nla"]);
+    assert_eq!(out.status.code(), Some(0), "NLA via .rdp file: {}{}", text(&out.stdout), text(&out.stderr));
+    let open = s.wait_event("rdp.open", 2);
+    assert_eq!(open["target"], "win-02");
+    assert_eq!(open["protocols"], serde_json::json!(["tls", "credssp"]));
+    let token = s.token("win-02");
+    let out =
+        xfreerdp(&client_screen, &home, &[&gw_rdp, &format!("/pcb:{token}"), "/u:tester", "/p:wrong", "/sec:nla"]);
+    // 147: FreeRDP's logon failure, reported by the host's CredSSP through the gateway.
+    assert_eq!(out.status.code(), Some(147), "a wrong password must fail at the host: {}", text(&out.stderr));
+    assert_eq!(s.wait_event("rdp.open", 3)["target"], "win-02");
+
+    // Local forward mode: no token, through the SSH connection.
+    let port = free_tcp_port();
+    let mut local = s
+        .user_cmd(&["win-01", "--local", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It says where it listens once it does.
+    let mut stderr = std::io::BufReader::new(local.stderr.take().unwrap());
+    let mut ready = String::new();
+    stderr.read_line(&mut ready).unwrap();
+    assert!(ready.contains(&format!("127.0.0.1:{port}")), "{ready}");
+    let out = xfreerdp(&client_screen, &home, &[&format!("/v:127.0.0.1:{port}"), "/u:alice", "/p:x", "/sec:tls"]);
+    assert_eq!(out.status.code(), Some(0), "xfreerdp via --local: {}{}", text(&out.stdout), text(&out.stderr));
+    let open = s.wait_event("rdp.open", 4);
+    assert_eq!(open["mode"], "local");
+    assert_eq!(open["target"], "win-01");
+    assert_eq!(open["logged"], false);
+    let close = s.wait_event("rdp.close", 4);
+    assert_eq!(close["session_id"], open["session_id"]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(local.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut summary = String::new();
+    stderr.read_to_string(&mut summary).unwrap();
+    assert!(local.wait().unwrap().success(), "{summary}");
+    assert!(summary.contains("1 connection(s), 0 failed"), "{summary}");
+    assert!(!summary.contains(" 0 bytes sent"), "{summary}");
+}
+
+/// A stand-in RDP host: counts connections and echoes what it receives.
+struct Echo {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let n = connections.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                n.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let mut buf = [0u8; 4096];
+                    while let Ok(k) = c.read(&mut buf) {
+                        if k == 0 || c.write_all(&buf[..k]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Echo { port, connections }
+    }
+
+    fn count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// A version 2 preconnection blob carrying `token`.
+fn pcb(token: &str) -> Vec<u8> {
+    let units: Vec<u16> = token.encode_utf16().chain([0]).collect();
+    let size = 16 + 2 + units.len() * 2;
+    let mut b = Vec::new();
+    b.extend_from_slice(&(size as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(units.len() as u16).to_le_bytes());
+    for u in units {
+        b.extend_from_slice(&u.to_le_bytes());
+    }
+    b
+}
+
+/// An X.224 Connection Request with cookie `mstshash=<user>` asking for TLS and CredSSP.
+fn connection_request(user: &str) -> Vec<u8> {
+    let cookie = format!("Cookie: mstshash={user}\r\n");
+    let neg = [1u8, 0, 8, 0, 3, 0, 0, 0];
+    let li = 6 + cookie.len() + neg.len();
+    let total = 4 + 1 + li;
+    let mut b = vec![3, 0, (total >> 8) as u8, total as u8, li as u8, 0xe0, 0, 0, 0, 0, 0];
+    b.extend_from_slice(cookie.as_bytes());
+    b.extend_from_slice(&neg);
+    b
+}
+
+/// Connect to the gateway's RDP port, send `bytes`, then read until the gateway closes
+/// (or `hold` elapses); returns what came back and how long the gateway took to close.
+fn raw(s: &Setup, bytes: &[u8], close_write: bool) -> (Vec<u8>, Duration) {
+    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    c.write_all(bytes).unwrap();
+    if close_write {
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut back = Vec::new();
+    let _ = c.read_to_end(&mut back);
+    (back, t.elapsed())
+}
+
+#[test]
+fn refusals_are_audited_and_never_dial_the_host() {
+    let s = Setup::new("token_ttl = \"5s\"\nhandshake_timeout = \"2s\"");
+    let echo = Echo::start();
+    let _win = s.agent("win-01", &format!("127.0.0.1:{}", echo.port));
+    let _other = s.agent("web-01", &format!("127.0.0.1:{}", echo.port));
+    let denied = |n: usize| s.wait_event("session.denied", n);
+    let mut n = 0;
+
+    // A valid token works and the host sees exactly the connection request (the blob is
+    // consumed by the gateway); what the host sends comes back.
+    let token = s.token("win-01");
+    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cr = connection_request("alice");
+    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
+    let mut back = vec![0u8; cr.len()];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, cr, "the host must receive the X.224 request without the blob");
+    assert_eq!(echo.count(), 1);
+    let open = s.wait_event("rdp.open", 1);
+    assert_eq!(open["protocols"], serde_json::json!(["tls", "credssp"]));
+
+    // Removing the policy ends the live session (revocation), like SSH sessions.
+    s.ok(&["policy", "rm", "rdp-users"]);
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    let close = s.wait_event("rdp.close", 1);
+    assert!(close["end_reason"].is_string(), "ended by policy, with the reason: {close}");
+    // ... and a token issued before the change no longer works.
+    s.apply(RDP_POLICY);
+    let token = s.token("win-01");
+    s.ok(&["policy", "rm", "rdp-users"]);
+    let (back, _) = raw(&s, &[pcb(&token), connection_request("alice")].concat(), false);
+    assert!(back.is_empty());
+    n += 1;
+    assert_eq!(denied(n)["code"], "policy");
+    s.apply(RDP_POLICY);
+
+    // No blob at all (a client pointed straight at the gateway): closed at once.
+    let (_, took) = raw(&s, &connection_request("mallory"), false);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    n += 1;
+    assert_eq!(denied(n)["code"], "no-token");
+    // Garbage and an oversized blob: closed without waiting for more.
+    let (_, took) = raw(&s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    n += 1;
+    assert_eq!(denied(n)["code"], "oversized");
+    let mut big = pcb(&"A".repeat(100));
+    big[..4].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    raw(&s, &big, false);
+    n += 1;
+    assert_eq!(denied(n)["code"], "oversized");
+    // A blob that is not valid inside: its string runs past its own size.
+    let mut bad = pcb("pr1.x");
+    bad[16] = 200;
+    raw(&s, &bad, false);
+    n += 1;
+    assert_eq!(denied(n)["code"], "malformed");
+    // Truncated: the client stops half way and closes ...
+    raw(&s, &pcb(&token)[..20], true);
+    n += 1;
+    assert_eq!(denied(n)["code"], "truncated");
+    // ... or stops half way and waits: dropped at the handshake timeout.
+    let (_, took) = raw(&s, &pcb(&token)[..20], false);
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(10), "{took:?}");
+    n += 1;
+    assert_eq!(denied(n)["code"], "timeout");
+    // A token with a valid form from another gateway (or before a restart).
+    let forged = format!("{}A.{}", &token[..40], &token[41..]);
+    raw(&s, &[pcb(&forged), connection_request("alice")].concat(), false);
+    n += 1;
+    assert!(["token-invalid", "token-malformed"].contains(&denied(n)["code"].as_str().unwrap()));
+
+    // A token for an instance the policy does not cover is never issued.
+    let out = s.rdp(&["web-01", "--json"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("access denied"), "{}", text(&out.stderr));
+    n += 1;
+    assert_eq!(denied(n)["stage"], "token");
+
+    // Expired: tokens here live 5 s.
+    let token = s.token("win-01");
+    let issued = Instant::now();
+    wait_until("the token to expire", Duration::from_secs(10), || issued.elapsed() > Duration::from_millis(5100));
+    raw(&s, &[pcb(&token), connection_request("alice")].concat(), false);
+    n += 1;
+    assert_eq!(denied(n)["code"], "token-expired");
+
+    // Through all of it the host saw only the first, valid connection.
+    assert_eq!(echo.count(), 1);
+
+    // Plain OpenSSH can use the local mode too: `-L PORT:@rdp:3389` to the instance.
+    let port = free_tcp_port();
+    let mut ssh = Server(
+        Command::new("ssh")
+            .args(["-N", "-p", &s.gw.ssh_port.to_string(), "-i"])
+            .arg(&s.key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", s.dir.path().join("known_hosts").display()))
+            .args(["-L", &format!("127.0.0.1:{port}:@rdp:3389"), "alice%win-01@127.0.0.1"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("ssh -L listening", Duration::from_secs(20), || {
+        assert!(ssh.0.try_wait().unwrap().is_none(), "ssh -L exited");
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"through ssh -L").unwrap();
+    let mut back = [0u8; 14];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"through ssh -L");
+    let open = s.events("rdp.open").into_iter().last().unwrap();
+    assert_eq!((open["mode"].as_str(), open["target"].as_str()), (Some("local"), Some("win-01")));
+    drop(c);
+    let _ = ssh.0.kill();
+
+    let out = s.gw.postern(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
