@@ -4,7 +4,10 @@
   ssh_bench.py setup N -- CMD...          median/p90 wall time of running CMD N times
   ssh_bench.py pipe BYTES -- CMD...       stream BYTES zeros into CMD's stdin; MiB/s
   ssh_bench.py sink                       TCP sink on 127.0.0.1: prints its port, discards, answers 'k'
-  ssh_bench.py forward PORT BYTES         send BYTES to 127.0.0.1:PORT, wait for 'k'; MiB/s
+  ssh_bench.py forward PORT BYTES [TOKEN] send BYTES to 127.0.0.1:PORT, wait for 'k'; MiB/s
+                                          (with TOKEN: an RDP preconnection blob and X.224
+                                          connection request first, for the RDP door)
+  ssh_bench.py setup-tokens FILE -- CMD   as setup, once per line of FILE, `{}` in CMD replaced by it
   ssh_bench.py echo N -- CMD...           keystroke echo round trip through CMD on a PTY
 """
 import os, pty, select, socket, statistics, subprocess, sys, threading, time
@@ -40,6 +43,31 @@ def pipe(nbytes, cmd):
     print(f"{nbytes/dt/(1<<20):.0f} MiB/s  ({nbytes>>20} MiB in {dt:.2f} s)")
 
 
+def setup_tokens(path, cmd):
+    times = []
+    for tok in open(path).read().split():
+        argv = [a.replace("{}", tok) for a in cmd]
+        t = time.perf_counter()
+        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    n = len(times)
+    print(f"median {statistics.median(times)*1000:.1f} ms  p90 {times[int(n*0.9)-1]*1000:.1f} ms  (n={n})")
+
+
+def rdp_preamble(token):
+    """MS-RDPEPS preconnection blob (v2) carrying token, then an X.224 Connection Request."""
+    units = token.encode("utf-16-le") + b"\0\0"
+    pcb = (16 + 2 + len(units)).to_bytes(4, "little") + (0).to_bytes(4, "little") + (2).to_bytes(4, "little")
+    pcb += (0).to_bytes(4, "little") + (len(units) // 2).to_bytes(2, "little") + units
+    cookie = b"Cookie: mstshash=bench\r\n"
+    neg = bytes([1, 0, 8, 0, 1, 0, 0, 0])
+    li = 6 + len(cookie) + len(neg)
+    total = 5 + li
+    cr = bytes([3, 0, total >> 8, total & 255, li, 0xE0, 0, 0, 0, 0, 0]) + cookie + neg
+    return pcb + cr
+
+
 def sink():
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,7 +86,7 @@ def sink():
         threading.Thread(target=serve, args=(c,), daemon=True).start()
 
 
-def forward(port, nbytes):
+def forward(port, nbytes, token=None):
     chunk = b"\0" * (1 << 20)
     deadline = time.time() + 20
     while True:
@@ -70,6 +98,8 @@ def forward(port, nbytes):
                 raise
             time.sleep(0.05)
     t = time.perf_counter()
+    if token:
+        s.sendall(rdp_preamble(token))
     left = nbytes
     while left > 0:
         n = min(left, len(chunk))
@@ -121,6 +151,8 @@ if __name__ == "__main__":
     elif a[0] == "sink":
         sink()
     elif a[0] == "forward":
-        forward(int(a[1]), int(a[2]))
+        forward(int(a[1]), int(a[2]), a[3] if len(a) > 3 else None)
+    elif a[0] == "setup-tokens":
+        setup_tokens(a[1], cmd_after_dashes(a))
     elif a[0] == "echo":
         echo(int(a[1]), cmd_after_dashes(a))

@@ -253,7 +253,22 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// `postern instances --json | head -1`: a reader that goes away ends the command quietly
+/// (status 141, as for a shell tool killed by SIGPIPE) instead of with a panic message.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| m.starts_with("failed printing to stdout") && m.contains("Broken pipe")) {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Gateway { .. } | Command::Quickstart { .. });
     postern_tunnel::init_logging(if server { &cli.log } else { "warn" }, cli.log_json);
