@@ -82,11 +82,11 @@ impl Setup {
         c.arg("60")
             .arg(bin("postern"))
             .arg("rdp")
-            .args(args)
             .args(["--gateway", &format!("127.0.0.1:{}", self.gw.ssh_port), "--user", "alice", "-i"])
             .arg(&self.key)
             .arg("--known-hosts")
             .arg(self.dir.path().join("known_hosts"))
+            .args(args)
             .env("HOME", self.dir.path())
             .env_remove("SSH_AUTH_SOCK")
             .env_remove("POSTERN_CONFIG")
@@ -112,6 +112,14 @@ impl Setup {
 
     fn events(&self, name: &str) -> Vec<Value> {
         self.gw.audit_events().into_iter().filter(|e| e["event"] == name).collect()
+    }
+
+    /// Wait for the `rdp.close` of the session `open` started.
+    fn wait_close(&self, open: &Value) -> Value {
+        let sid = open["session_id"].clone();
+        let find = || self.events("rdp.close").into_iter().find(|e| e["session_id"] == sid);
+        wait_until(&format!("rdp.close of {sid}"), Duration::from_secs(20), || find().is_some());
+        find().unwrap()
     }
 
     /// Wait for the `n`-th event called `name` and return it.
@@ -266,8 +274,7 @@ fn freerdp_reaches_xrdp_and_an_nla_server_through_the_gateway() {
     assert_eq!(open["protocols"], serde_json::json!(["tls"]));
     assert_eq!(open["logged"], false);
     assert_eq!(open["reason"], "RDP content is end-to-end encrypted (TLS/CredSSP)");
-    let close = s.wait_event("rdp.close", 1);
-    assert_eq!(close["session_id"], open["session_id"]);
+    let close = s.wait_close(&open);
     assert!(close["bytes_to_target"].as_u64().unwrap() > 1000, "{close}");
     assert!(close["bytes_from_target"].as_u64().unwrap() > 1000, "{close}");
 
@@ -301,6 +308,17 @@ fn freerdp_reaches_xrdp_and_an_nla_server_through_the_gateway() {
     assert_eq!(out.status.code(), Some(147), "a wrong password must fail at the host: {}", text(&out.stderr));
     assert_eq!(s.wait_event("rdp.open", 3)["target"], "win-02");
 
+    // --launch starts the local FreeRDP with the token; its exit status comes back.
+    let out = s
+        .user_cmd(&["win-01", "--launch", "--", "/cert:ignore", "+auth-only", "/u:alice", "/p:x", "/sec:tls"])
+        .env("DISPLAY", &client_screen.display)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "--launch: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("starting"), "{}", text(&out.stderr));
+    let open = s.wait_event("rdp.open", 4);
+    assert_eq!((open["mode"].as_str(), open["target"].as_str()), (Some("gateway"), Some("win-01")));
+
     // Local forward mode: no token, through the SSH connection.
     let port = free_tcp_port();
     let mut local = s
@@ -316,18 +334,27 @@ fn freerdp_reaches_xrdp_and_an_nla_server_through_the_gateway() {
     assert!(ready.contains(&format!("127.0.0.1:{port}")), "{ready}");
     let out = xfreerdp(&client_screen, &home, &[&format!("/v:127.0.0.1:{port}"), "/u:alice", "/p:x", "/sec:tls"]);
     assert_eq!(out.status.code(), Some(0), "xfreerdp via --local: {}{}", text(&out.stdout), text(&out.stderr));
-    let open = s.wait_event("rdp.open", 4);
+    let open = s.wait_event("rdp.open", 5);
     assert_eq!(open["mode"], "local");
     assert_eq!(open["target"], "win-01");
     assert_eq!(open["logged"], false);
-    let close = s.wait_event("rdp.close", 4);
-    assert_eq!(close["session_id"], open["session_id"]);
+    s.wait_close(&open);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(local.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let mut summary = String::new();
     stderr.read_to_string(&mut summary).unwrap();
     assert!(local.wait().unwrap().success(), "{summary}");
     assert!(summary.contains("1 connection(s), 0 failed"), "{summary}");
     assert!(!summary.contains(" 0 bytes sent"), "{summary}");
+
+    // The instance name now belongs to another agent (re-enrolled after a revocation): a
+    // token issued for the old one does not follow the name.
+    let token = s.token("win-02");
+    s.ok(&["instances", "revoke", "win-02"]);
+    let _win2_again = s.agent("win-02", &format!("127.0.0.1:{nla_port}"));
+    let (back, _) = raw(&s, &[pcb(&token), connection_request("alice")].concat(), false);
+    assert!(back.is_empty());
+    let denied = s.events("session.denied").into_iter().last().unwrap();
+    assert_eq!(denied["code"], "instance-changed", "{denied}");
 }
 
 /// A stand-in RDP host: counts connections and echoes what it receives.
