@@ -23,6 +23,8 @@ command -v xfreerdp >/dev/null 2>&1 || need+=(freerdp2-x11)
 command -v freerdp-shadow-cli >/dev/null 2>&1 || need+=(freerdp2-shadow-x11)
 command -v winpr-hash >/dev/null 2>&1 || need+=(winpr-utils)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test dependencies: ${need[*]}"

@@ -1,14 +1,27 @@
 //! Client side: talk to a Postern gateway over SSH as a user, with the SSH identity the
 //! user already has (ssh-agent, or key files), checking the gateway's host key or host
 //! certificate against known_hosts files (the `@cert-authority` line from `postern
-//! ssh-config`). The `postern rdp` command is built on this.
+//! ssh-config`).
+//!
+//! It is the SDK the `postern` command itself is built on: portals and automation can use
+//! the same calls.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use postern_gateway::client::{Client, ClientOptions};
+//! // ssh-agent or ~/.ssh/id_*; the gateway's host CA from ~/.ssh/postern_known_hosts.
 //! let opts = ClientOptions::new("gw.example.com:2222", "alice");
-//! let client = Client::connect(&opts, None).await?;
-//! let token = client.rdp_token("win-01").await?;
+//! let gateway = Client::connect(&opts, None).await?;
+//! for i in gateway.instances(Some("env=prod")).await? {
+//!     if !i.online || !i.actions.iter().any(|a| a == "exec") {
+//!         continue;
+//!     }
+//!     // One connection per instance (`alice%NAME`), as with `ssh -p 2222 alice%NAME@gw`.
+//!     let on = Client::connect(&opts, Some(&i.name)).await?;
+//!     let out = on.exec_capture("uptime", &[], 1 << 20).await?;
+//!     println!("{}: exit {:?}: {}", i.name, out.exit_code, String::from_utf8_lossy(&out.stdout.data));
+//! }
+//! let token = gateway.rdp_token("win-01").await?;
 //! println!("xfreerdp /v:{} /pcb:{}", token.rdp_address, token.token);
 //! # Ok(()) }
 //! ```
@@ -92,6 +105,45 @@ pub struct RdpToken {
     pub expires_at: i64,
     pub expires_in: u64,
     pub rdp_address: String,
+}
+
+/// An instance as `ls` shows it to a user.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct Instance {
+    pub name: String,
+    pub id: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub online: bool,
+    pub platform: String,
+    pub hostname: String,
+    pub last_seen: Option<i64>,
+    /// What this user may do there now (`shell`, `exec`, `port-forward`, `rdp`, ...).
+    pub actions: Vec<String>,
+}
+
+/// Bounded capture of one output stream.
+#[derive(Debug, Clone, Default)]
+pub struct Stream {
+    pub data: Vec<u8>,
+    /// Total bytes seen, including what was not kept.
+    pub total: u64,
+}
+
+impl Stream {
+    fn push(&mut self, b: &[u8], limit: usize) {
+        self.total += b.len() as u64;
+        let room = limit.saturating_sub(self.data.len());
+        self.data.extend_from_slice(b.get(..room.min(b.len())).unwrap_or_default());
+    }
+}
+
+/// What a command run with [`Client::exec_capture`] produced.
+#[derive(Debug, Clone, Default)]
+pub struct Captured {
+    pub exit_code: Option<u32>,
+    pub signal: Option<String>,
+    pub stdout: Stream,
+    pub stderr: Stream,
 }
 
 /// An authenticated SSH connection to the gateway.
@@ -205,6 +257,54 @@ impl Client {
             .channel_open_direct_tcpip(crate::ssh::RDP_DESTINATION, 3389, "127.0.0.1", 0)
             .await
             .context("the gateway refused RDP to this instance")?;
+        Ok(ch.into_stream())
+    }
+
+    /// The instances this user may reach now (any action allowed), optionally only those
+    /// matching a label selector (`env=prod,role!=db`).
+    pub async fn instances(&self, selector: Option<&str>) -> anyhow::Result<Vec<Instance>> {
+        let cmd = match selector {
+            Some(s) => format!("ls {s}"),
+            None => "ls".to_owned(),
+        };
+        serde_json::from_value(self.gateway_command(&cmd).await?).context("unexpected answer to ls")
+    }
+
+    /// A session channel on this connection (connect with `instance` set to run things there).
+    pub async fn session_channel(&self) -> anyhow::Result<russh::Channel<russh::client::Msg>> {
+        self.handle.channel_open_session().await.context("opening a session channel")
+    }
+
+    /// Run `command` on the instance this client is connected to and collect its output
+    /// (at most `limit` bytes of each stream are kept; the rest is counted, not stored).
+    pub async fn exec_capture(&self, command: &str, env: &[(&str, &str)], limit: usize) -> anyhow::Result<Captured> {
+        let mut ch = self.session_channel().await?;
+        for (k, v) in env {
+            ch.set_env(false, *k, *v).await?;
+        }
+        ch.exec(true, command).await?;
+        let mut out = Captured::default();
+        while let Some(msg) = ch.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => out.stdout.push(&data, limit),
+                ChannelMsg::ExtendedData { data, .. } => out.stderr.push(&data, limit),
+                ChannelMsg::ExitStatus { exit_status } => out.exit_code = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => out.signal = Some(format!("{signal_name:?}")),
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// A TCP stream to `host:port` as seen from the instance (policy's `forward_to` and the
+    /// agent's `tcp_allow` decide whether it opens).
+    pub async fn open_tcp(&self, host: &str, port: u16) -> anyhow::Result<russh::ChannelStream<russh::client::Msg>> {
+        let ch = self
+            .handle
+            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+            .await
+            .with_context(|| format!("the gateway refused a forward to {host}:{port}"))?;
         Ok(ch.into_stream())
     }
 

@@ -39,6 +39,8 @@ pub struct GatewayState {
     pub rdp_addr: Option<SocketAddr>,
     /// Issues and redeems RDP routing tokens (key in memory only).
     pub rdp_tokens: crate::rdp::token::TokenIssuer,
+    /// `postern run` runs in progress (for their audit events).
+    pub runs: crate::ssh::commands::Runs,
     pub sessions: Arc<crate::sessions::SessionTable>,
     /// Signalled after users, policies or grants change: live sessions are re-checked.
     pub access_changed: tokio::sync::Notify,
@@ -351,6 +353,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         ssh_throttle: crate::ssh::Throttle::default(),
         rdp_addr,
         rdp_tokens: crate::rdp::token::TokenIssuer::new()?,
+        runs: crate::ssh::commands::Runs::default(),
         sessions,
         access_changed: tokio::sync::Notify::new(),
     });

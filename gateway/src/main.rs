@@ -212,8 +212,29 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 cli::revoke(&cli::socket_for(&cli)?, instance).await.map(|()| 0)
             }
         },
-        Command::Exec { instance, command } => cli::exec(&cli::socket_for(&cli)?, instance, command).await,
-        Command::Shell { instance, command } => cli::shell(&cli::socket_for(&cli)?, instance, command.clone()).await,
+        Command::Exec { gateway, instance, command } if gateway.gateway.is_some() => {
+            cli::user::exec(gateway, instance, command).await
+        }
+        Command::Exec { instance, command, .. } => cli::exec(&cli::socket_for(&cli)?, instance, command).await,
+        Command::Shell { gateway, instance, command, profile } if gateway.gateway.is_some() => {
+            cli::user::shell(gateway, instance, command.clone(), profile.as_deref()).await
+        }
+        Command::Shell { instance, command, profile, .. } => {
+            if profile.is_some() {
+                anyhow::bail!("--profile needs --gateway (a user session through the SSH door)");
+            }
+            cli::shell(&cli::socket_for(&cli)?, instance, command.clone()).await
+        }
+        Command::Ls { gateway, labels, json } => cli::user::ls(gateway, labels.as_deref(), *json).await,
+        Command::Forward { gateway, instance, specs, bind } => {
+            cli::user::forward(gateway, instance, specs, *bind).await
+        }
+        Command::Run(args) => cli::user::run(args).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "postern", &mut std::io::stdout());
+            Ok(0)
+        }
         Command::User { action } => cli::manage::user(&cli::socket_for(&cli)?, action).await.map(|()| 0),
         Command::Group { action } => cli::manage::group(&cli::socket_for(&cli)?, action).await.map(|()| 0),
         Command::Policy { action } => {

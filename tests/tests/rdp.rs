@@ -118,13 +118,13 @@ impl Setup {
     fn wait_close(&self, open: &Value) -> Value {
         let sid = open["session_id"].clone();
         let find = || self.events("rdp.close").into_iter().find(|e| e["session_id"] == sid);
-        wait_until(&format!("rdp.close of {sid}"), Duration::from_secs(20), || find().is_some());
+        wait_until(&format!("rdp.close of {sid}"), Duration::from_secs(60), || find().is_some());
         find().unwrap()
     }
 
     /// Wait for the `n`-th event called `name` and return it.
     fn wait_event(&self, name: &str, n: usize) -> Value {
-        wait_until(&format!("{n} {name} event(s)"), Duration::from_secs(20), || self.events(name).len() >= n);
+        wait_until(&format!("{n} {name} event(s)"), Duration::from_secs(60), || self.events(name).len() >= n);
         self.events(name)[n - 1].clone()
     }
 }
@@ -169,7 +169,7 @@ impl Drop for Server {
 }
 
 fn wait_listening(port: u16, what: &str) {
-    wait_until(what, Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_until(what, Duration::from_secs(60), || TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
 
 /// xrdp on its own port with a self-signed certificate (TLS security; xrdp has no NLA).

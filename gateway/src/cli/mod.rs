@@ -3,6 +3,7 @@
 pub mod manage;
 pub mod rdp;
 pub mod session;
+pub mod user;
 
 pub use manage::line_diff;
 
@@ -23,7 +24,7 @@ use crate::store::Labels;
     name = "postern",
     version,
     about = "Postern: a self-hosted session manager. Servers dial out; people use ssh and RDP as usual.",
-    after_help = "Examples:\n  postern quickstart                      gateway + local agent on this machine\n  postern gateway --config gateway.toml   run the gateway\n  postern token create --labels env=dev,role=web --ttl 15m\n  postern instances\n  postern exec web-01 -- uname -a\n  postern shell web-01\n  postern user add alice --group ops --key-file alice.pub\n  postern policy apply ops.toml\n  postern explain --user alice --target web-01 --action shell\n  postern rdp win-01 --gateway gw.example.com   RDP through the gateway (see docs/rdp.md)"
+    after_help = "Examples:\n  postern quickstart                      gateway + local agent on this machine\n  postern gateway --config gateway.toml   run the gateway\n  postern token create --labels env=dev,role=web --ttl 15m\n  postern instances\n  postern exec web-01 -- uname -a\n  postern shell web-01\n  postern user add alice --group ops --key-file alice.pub\n  postern policy apply ops.toml\n  postern explain --user alice --target web-01 --action shell\n  postern rdp win-01 --gateway gw.example.com   RDP through the gateway (see docs/rdp.md)\n\nAs a user, through a gateway (set POSTERN_GATEWAY=gw.example.com:2222 or pass --gateway):\n  postern ls --labels env=prod\n  postern exec web-01 -- systemctl status nginx\n  postern shell web-01 --profile deploy\n  postern forward web-01 8080:80\n  postern run --targets env=prod --max-concurrency 10% --max-errors 2 -- 'apt-get -y upgrade'"
 )]
 pub struct Cli {
     /// Gateway configuration file (TOML). All settings have defaults.
@@ -66,8 +67,11 @@ pub enum Command {
     },
     /// List enrolled instances (agents), or revoke one.
     Instances(InstancesArgs),
-    /// Run a command on an instance; exits with the command's status.
+    /// Run a command on an instance; exits with the command's status. With --gateway (or
+    /// POSTERN_GATEWAY) as you through the gateway's SSH door, else via the local admin socket.
     Exec {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
         /// Instance name or id.
         instance: String,
         /// Command and arguments (run by the remote user's shell, as with ssh).
@@ -186,12 +190,49 @@ pub enum Command {
     },
     /// Open an interactive shell on an instance (PTY).
     Shell {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
         /// Instance name or id.
         instance: String,
         /// Run this command on the PTY instead of a login shell.
         #[arg(long, short = 'c')]
         command: Option<String>,
+        /// Shell profile (one you are allowed; with --gateway).
+        #[arg(long)]
+        profile: Option<String>,
     },
+    /// The instances you may reach through the gateway (as a user, over SSH).
+    Ls {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
+        /// Only instances matching this label selector (`env=prod,role!=db`).
+        #[arg(long)]
+        labels: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward local ports through an instance: `8080:80` (the instance itself) or
+    /// `5432:db.internal:5432` (a host the instance can reach). Runs until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  postern forward web-01 8080:80\n  postern forward db-01 5432:db.internal:5432 --bind 0.0.0.0"
+    )]
+    Forward {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
+        /// Instance name.
+        instance: String,
+        /// LOCAL_PORT:PORT or LOCAL_PORT:HOST:PORT (repeatable).
+        #[arg(required = true)]
+        specs: Vec<user::ForwardSpec>,
+        /// Address the local ports listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+    },
+    /// Run a command on every matching instance you may exec on, with a concurrency limit
+    /// and an error budget; output saved per instance, a summary at the end.
+    Run(user::RunArgs),
+    /// Print a shell completion script: `postern completions bash > /etc/bash_completion.d/postern`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]

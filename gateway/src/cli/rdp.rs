@@ -4,49 +4,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
-use tokio::sync::Mutex;
 
-use crate::client::{Client, ClientOptions, RdpToken};
-
-/// How to reach the gateway as a user (shared by user commands).
-#[derive(Args, Debug, Clone)]
-pub struct GatewayArgs {
-    /// The gateway's SSH front door, HOST or HOST:PORT (port 2222 by default).
-    #[arg(long, env = "POSTERN_GATEWAY")]
-    pub gateway: Option<String>,
-    /// Your Postern user name. Default: $USER.
-    #[arg(long, short = 'l', env = "POSTERN_USER")]
-    pub user: Option<String>,
-    /// Private key file (repeatable). Default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
-    #[arg(long = "identity", short = 'i')]
-    pub identity: Vec<PathBuf>,
-    /// known_hosts file trusted for the gateway (repeatable). Default: ~/.ssh/known_hosts and
-    /// ~/.ssh/postern_known_hosts.
-    #[arg(long = "known-hosts")]
-    pub known_hosts: Vec<PathBuf>,
-}
-
-impl GatewayArgs {
-    pub fn options(&self) -> anyhow::Result<ClientOptions> {
-        let Some(gateway) = self.gateway.clone() else {
-            bail!("which gateway? pass --gateway HOST[:PORT] or set POSTERN_GATEWAY");
-        };
-        let user = match &self.user {
-            Some(u) => u.clone(),
-            None => std::env::var("USER").context("no --user given and $USER is not set")?,
-        };
-        Ok(ClientOptions {
-            gateway,
-            user,
-            identity_files: self.identity.clone(),
-            known_hosts: self.known_hosts.clone(),
-        })
-    }
-}
+use super::user::{Connection, GatewayArgs, Target, serve_forwards};
+use crate::client::{Client, RdpToken};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
@@ -137,100 +100,14 @@ fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| p.is_file())
 }
 
-/// Accept local connections and carry each over its own SSH channel to the instance's RDP
-/// server. If the SSH connection drops, the next connection reconnects.
-async fn local_forward(opts: &ClientOptions, instance: &str, bind: std::net::SocketAddr) -> anyhow::Result<i32> {
-    let client = Arc::new(Mutex::new(Arc::new(Client::connect(opts, Some(instance)).await?)));
-    // Fail now, not at the first connection, when RDP to this instance is not allowed.
-    drop(client.lock().await.open_rdp().await?);
-    let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("listening on {bind}"))?;
-    let local = listener.local_addr()?;
-    eprintln!("postern: RDP to {instance} on {local}; connect with: xfreerdp /v:{local}   (Ctrl-C to stop)");
-    let stats = Arc::new(Stats::default());
-    let stop = tokio::signal::ctrl_c();
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut stop => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("postern: accept failed: {e}");
-                    continue;
-                }
-            },
-        };
-        let (client, stats, opts, instance) = (client.clone(), stats.clone(), opts.clone(), instance.to_owned());
-        tokio::spawn(async move {
-            let stream = match open(&client, &opts, &instance).await {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("postern: connection from {peer} refused: {e:#}");
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            };
-            stats.connections.fetch_add(1, Ordering::Relaxed);
-            let (tcp_read, tcp_write) = tcp.into_split();
-            let (ch_read, ch_write) = tokio::io::split(stream);
-            tokio::join!(pipe(tcp_read, ch_write, &stats.bytes_up), pipe(ch_read, tcp_write, &stats.bytes_down));
-        });
-    }
-    eprintln!(
-        "postern: {} connection(s), {} failed; {} bytes sent, {} received",
-        stats.connections.load(Ordering::Relaxed),
-        stats.failed.load(Ordering::Relaxed),
-        stats.bytes_up.load(Ordering::Relaxed),
-        stats.bytes_down.load(Ordering::Relaxed),
-    );
-    Ok(0)
-}
-
-/// Copy until end of input, counting as it goes (the summary is right even for
-/// connections still open at Ctrl-C), then pass the end on.
-async fn pipe(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
-    counter: &AtomicU64,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
-                    break;
-                }
-                counter.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }
-    }
-    let _ = to.shutdown().await;
-}
-
-#[derive(Default)]
-struct Stats {
-    connections: AtomicU64,
-    failed: AtomicU64,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
-}
-
-/// A channel on the current connection, reconnecting once if that connection has ended.
-async fn open(
-    client: &Mutex<Arc<Client>>,
-    opts: &ClientOptions,
+/// Forward a local port to the instance's RDP server over SSH channels, until Ctrl-C.
+async fn local_forward(
+    opts: &crate::client::ClientOptions,
     instance: &str,
-) -> anyhow::Result<russh::ChannelStream<russh::client::Msg>> {
-    let current = client.lock().await.clone();
-    if !current.is_closed() {
-        return current.open_rdp().await;
-    }
-    let mut guard = client.lock().await;
-    if guard.is_closed() {
-        eprintln!("postern: connection to the gateway lost; reconnecting");
-        *guard = Arc::new(Client::connect(opts, Some(instance)).await?);
-    }
-    guard.open_rdp().await
+    bind: std::net::SocketAddr,
+) -> anyhow::Result<i32> {
+    let conn = Arc::new(Connection::open(opts, instance).await?);
+    // Fail now, not at the first connection, when RDP to this instance is not allowed.
+    drop(conn.client().await?.open_rdp().await?);
+    serve_forwards(conn, vec![(bind, Target::Rdp)]).await
 }

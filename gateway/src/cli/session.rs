@@ -10,12 +10,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::admin::{AdminRequest, SessionSpec, request};
 
 /// Restores the terminal mode when dropped, also on error paths.
-struct RawMode {
+pub(crate) struct RawMode {
     saved: rustix::termios::Termios,
 }
 
 impl RawMode {
-    fn enable() -> Option<Self> {
+    pub(crate) fn enable() -> Option<Self> {
         let stdin = std::io::stdin();
         let fd = stdin.as_fd();
         let saved = rustix::termios::tcgetattr(fd).ok()?;

@@ -13,6 +13,7 @@
 //! The russh handler only authenticates and accepts channels; each channel is served by its
 //! own task that owns the channel, the agent stream and the recording.
 
+pub mod commands;
 pub mod hostkeys;
 pub mod profile;
 
@@ -579,22 +580,9 @@ impl ConnHandler {
     }
 }
 
-/// Commands run on the gateway itself (`ssh -p 2222 alice@gateway COMMAND`): what the
-/// `postern` client asks for with the user's SSH identity. Output is one JSON document.
+/// A command for the gateway itself: answered with one JSON document (see [`commands`]).
 async fn gateway_command(ctx: &SessionCtx, wr: &russh::ChannelWriteHalf<Msg>, command: &str) {
-    const USAGE: &str = "gateway commands: whoami | rdp-token INSTANCE";
-    let words: Vec<&str> = command.split_whitespace().collect();
-    let reply = match words.as_slice() {
-        ["whoami"] => Ok(json!({"user": ctx.identity.user, "source": ctx.peer.ip().to_string()})),
-        ["rdp-token", instance] => crate::rdp::issue_token(&ctx.state, &ctx.identity, instance)
-            .await
-            .map(|t| serde_json::to_value(t).unwrap_or_default())
-            .map_err(str::to_owned),
-        ["rdp-token", ..] => Err("usage: rdp-token INSTANCE".to_owned()),
-        ["help"] | [] => Err(USAGE.to_owned()),
-        _ => Err(format!("unknown gateway command {:?}; {USAGE}", words.first().unwrap_or(&""))),
-    };
-    match reply {
+    match commands::run(&ctx.state, &ctx.identity, &ctx.peer.ip().to_string(), command).await {
         Ok(v) => {
             let _ = wr.data_bytes(format!("{v}\n").into_bytes()).await;
             let _ = wr.exit_status(0).await;
@@ -716,6 +704,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     let mut pty: Option<Pty> = None;
     let mut env: Vec<(String, String)> = Vec::new();
     let mut requested_profile: Option<String> = None;
+    let mut run_id: Option<String> = None;
     // Phase 1: collect pty/env until the client says what to run.
     let request = loop {
         match tokio::time::timeout(Duration::from_secs(60), rd.wait()).await {
@@ -726,6 +715,10 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 if variable_name == "POSTERN_PROFILE" =>
             {
                 requested_profile = Some(variable_value.chars().take(64).collect());
+            }
+            // `postern run` tags each invocation with its run (only the user's own runs count).
+            Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. })) if variable_name == "POSTERN_RUN_ID" => {
+                run_id = Some(variable_value.chars().take(64).collect());
             }
             Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. })) => {
                 if ctx.state.config.ssh.accept_env.iter().any(|p| glob_match(p, &variable_name)) && env.len() < 64 {
@@ -749,7 +742,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         let help = format!(
             "this is the Postern gateway; name an instance: ssh -p PORT {user}%INSTANCE@HOST, \
              or use the config from `postern ssh-config` and ssh {user}@INSTANCE.{suffix}; \
-             gateway commands: whoami, rdp-token INSTANCE",
+             gateway commands: whoami, ls, rdp-token INSTANCE (or use the postern client)",
             user = ctx.identity.user,
             suffix = ctx.state.config.ssh.suffix
         );
@@ -905,6 +898,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                "kind": action.name(), "command": command_text, "pty": pty.is_some(), "source": ctx.peer.to_string(),
                "profile": if profile.name.is_empty() { None } else { Some(profile.name.clone()) }, "run_as": authz.run_as(),
                "logged": logged, "reason": reason,
+               "run_id": run_id.filter(|r| ctx.state.runs.owned_by(r, &ctx.identity.user)),
                "recording": recorder.as_ref().map(|r| r.path().display().to_string())}),
     );
     info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(), "ssh session started");

@@ -1,0 +1,273 @@
+//! The `postern` client as a user: `ls`, `exec`, `forward` (curl through it, a refused
+//! destination, a tunnel reconnect), and `run` across labelled agents with a failing and an
+//! offline instance. Everything goes through the gateway's SSH door with the user's key.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::io::{BufRead, Read};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use postern_e2e::*;
+use serde_json::Value;
+
+struct Setup {
+    gw: Gateway,
+    dir: tempfile::TempDir,
+    key: PathBuf,
+}
+
+impl Setup {
+    fn new(policy: &str) -> Setup {
+        let gw = Gateway::start("idle_timeout = \"0\"");
+        let dir = tempfile::tempdir().unwrap();
+        let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
+        std::fs::write(dir.path().join("known_hosts"), format!("{ca}\n")).unwrap();
+        let key = dir.path().join("alice");
+        sh(&format!("ssh-keygen -q -t ed25519 -N '' -C alice -f {}", key.display()));
+        let s = Setup { gw, dir, key };
+        s.admin(&["user", "add", "alice", "--key-file", s.key.with_extension("pub").to_str().unwrap()]);
+        let file = s.dir.path().join("policy.toml");
+        std::fs::write(&file, policy).unwrap();
+        s.admin(&["policy", "apply", file.to_str().unwrap()]);
+        s
+    }
+
+    fn admin(&self, args: &[&str]) -> String {
+        let out = self.gw.postern(args);
+        assert!(out.status.success(), "postern {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    /// `postern ARGS` as alice through the gateway (POSTERN_GATEWAY, a scratch HOME).
+    fn user(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("timeout");
+        c.arg("120")
+            .arg(bin("postern"))
+            .args(args)
+            .env("POSTERN_GATEWAY", format!("127.0.0.1:{}", self.gw.ssh_port))
+            .env("POSTERN_USER", "alice")
+            .env("HOME", self.dir.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("POSTERN_DATA_DIR")
+            .env_remove("POSTERN_CONFIG")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        // Identity and trust as a user would configure them, from their own HOME.
+        let ssh = self.dir.path().join(".ssh");
+        if !ssh.exists() {
+            std::fs::create_dir_all(&ssh).unwrap();
+            std::fs::copy(&self.key, ssh.join("id_ed25519")).unwrap();
+            std::fs::copy(self.dir.path().join("known_hosts"), ssh.join("postern_known_hosts")).unwrap();
+        }
+        c
+    }
+
+    fn out(&self, args: &[&str]) -> Output {
+        self.user(args).output().unwrap()
+    }
+}
+
+const POLICY: &str = r#"name = "prod-ops"
+[[statement]]
+sid = "prod"
+effect = "allow"
+users = ["alice"]
+actions = ["shell", "exec"]
+labels = ["env=prod"]
+"#;
+
+#[test]
+fn ls_and_exec_as_a_user() {
+    let s = Setup::new(POLICY);
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod,role=web", vec![], &s.gw.listen);
+    let _db = Agent::start_labeled(&s.gw, "db-01", "env=prod,role=db", vec![], &s.gw.listen);
+    let _dev = Agent::start_labeled(&s.gw, "dev-01", "env=dev", vec![], &s.gw.listen);
+
+    // Only what alice may reach, with what she may do there.
+    let out = s.out(&["ls", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list.iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["db-01", "web-01"]);
+    assert_eq!(list[1]["actions"], serde_json::json!(["shell", "exec"]));
+    assert_eq!(list[1]["online"], true);
+    let out = s.out(&["ls", "--labels", "role=db"]);
+    let table = text(&out.stdout);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("db-01") && !table.contains("web-01"), "{table}");
+    let out = s.out(&["ls", "--labels", "role=,"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("label selector"), "{}", text(&out.stderr));
+
+    // exec: output, stderr and the exit status come back; stdin goes in.
+    let out = s.out(&["exec", "web-01", "--", "echo hi; echo oops >&2; exit 7"]);
+    assert_eq!((text(&out.stdout).as_str(), text(&out.stderr).as_str()), ("hi\n", "oops\n"));
+    assert_eq!(out.status.code(), Some(7));
+    let mut child =
+        s.user(&["exec", "web-01", "--", "wc -c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &[b'x'; 100_000]).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout).trim(), "100000");
+
+    // Not allowed and not existing look the same.
+    for target in ["dev-01", "nope-01"] {
+        let out = s.out(&["exec", target, "--", "true"]);
+        assert_ne!(out.status.code(), Some(0));
+        assert!(text(&out.stderr).contains("access denied"), "{target}: {}", text(&out.stderr));
+    }
+    // The sessions are the user's own, recorded like ssh ones.
+    let starts: Vec<Value> =
+        s.gw.audit_events().into_iter().filter(|e| e["event"] == "session.start" && e["user"] == "alice").collect();
+    assert_eq!(starts.len(), 2);
+    assert!(starts.iter().all(|e| e["logged"] == true && e["target"] == "web-01"));
+
+    // Completions are generated from the same command definitions.
+    let out = Command::new(bin("postern")).args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("forward") && text(&out.stdout).contains("--max-concurrency"));
+}
+
+/// A local HTTP server serving one file; returns (server, port).
+fn http_server(dir: &std::path::Path, body: &str) -> (std::process::Child, u16) {
+    std::fs::write(dir.join("hello.txt"), body).unwrap();
+    let port = free_tcp_port();
+    let child = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("http server", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    (child, port)
+}
+
+fn curl(port: u16) -> Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "20", &format!("http://127.0.0.1:{port}/hello.txt")])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn forward_carries_http_refuses_other_destinations_and_survives_a_tunnel_reconnect() {
+    let www = tempfile::tempdir().unwrap();
+    let (mut http, http_port) = http_server(www.path(), "hello through the tunnel\n");
+    let other = free_tcp_port();
+    let s = Setup::new(&format!(
+        "{POLICY}\n[[statement]]\nsid = \"web\"\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"port-forward\"]\n\
+         instances = [\"web-01\"]\nforward_to = [\"127.0.0.1:{http_port}\"]\n"
+    ));
+    let mut web = Agent::start_labeled(&s.gw, "web-01", "env=prod", vec![], &s.gw.listen);
+
+    // A destination the policy does not name is refused before anything listens.
+    let out = s.out(&["forward", "web-01", &format!("{}:127.0.0.1:{other}", free_tcp_port())]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("refused"), "{}", text(&out.stderr));
+
+    let local = free_tcp_port();
+    let mut fwd = s
+        .user(&["forward", "web-01", &format!("{local}:127.0.0.1:{http_port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(fwd.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains(&format!("127.0.0.1:{local}")), "{line}");
+
+    // Several concurrent connections.
+    let handles: Vec<_> = (0..6).map(|_| std::thread::spawn(move || curl(local))).collect();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert_eq!(text(&out.stdout), "hello through the tunnel\n", "{}", text(&out.stderr));
+    }
+
+    // The agent's tunnel drops and comes back: new connections work again.
+    web.proc.as_mut().unwrap().signal(nix::sys::signal::Signal::SIGTERM);
+    web.proc.as_mut().unwrap().wait_exit(Duration::from_secs(10));
+    wait_until("agent offline", Duration::from_secs(20), || !s.gw.is_online("web-01"));
+    web.run();
+    wait_until("agent online again", Duration::from_secs(20), || s.gw.is_online("web-01"));
+    let out = curl(local);
+    assert_eq!(text(&out.stdout), "hello through the tunnel\n", "{}", text(&out.stderr));
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fwd.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(fwd.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("7 connection(s), 0 failed"), "{rest}");
+    let opens = s.gw.audit_events().into_iter().filter(|e| e["event"] == "forward.open").count();
+    assert_eq!(opens, 7 + 1, "seven forwarded connections and the up-front check");
+    let _ = http.kill();
+}
+
+#[test]
+fn run_across_instances_with_a_failing_and_an_offline_one() {
+    let s = Setup::new(POLICY);
+    // A failing instance: its agent runs in its own UTS namespace named "failing".
+    let failing = vec![
+        "unshare".to_owned(),
+        "--uts".to_owned(),
+        "sh".to_owned(),
+        "-c".to_owned(),
+        "hostname failing && exec \"$@\"".to_owned(),
+        "sh".to_owned(),
+    ];
+    let _a = Agent::start_labeled(&s.gw, "app-fail", "env=prod", failing, &s.gw.listen);
+    let _w1 = Agent::start_labeled(&s.gw, "web-01", "env=prod", vec![], &s.gw.listen);
+    let _w2 = Agent::start_labeled(&s.gw, "web-02", "env=prod", vec![], &s.gw.listen);
+    let mut off = Agent::start_labeled(&s.gw, "web-03", "env=prod", vec![], &s.gw.listen);
+    off.proc.as_mut().unwrap().signal(nix::sys::signal::Signal::SIGTERM);
+    wait_until("web-03 offline", Duration::from_secs(20), || !s.gw.is_online("web-03"));
+
+    let cmd = "echo out-$(hostname); test \"$(hostname)\" != failing";
+    let out = s.out(&[
+        "run",
+        "--targets",
+        "env=prod",
+        "--max-concurrency",
+        "50%",
+        "--max-errors",
+        "5",
+        "--output-dir",
+        "r1",
+        "--json",
+        "--",
+        cmd,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((summary["total"].as_u64(), summary["success"].as_u64()), (Some(4), Some(2)), "{summary}");
+    let by_name =
+        |n: &str| summary["instances"].as_array().unwrap().iter().find(|i| i["instance"] == n).unwrap().clone();
+    assert_eq!(by_name("app-fail")["status"], "failed");
+    assert_eq!(by_name("app-fail")["exit_code"], 1);
+    assert_eq!(by_name("web-01")["status"], "success");
+    assert_eq!(by_name("web-03")["status"], "offline");
+    let dir = s.dir.path().join("r1");
+    assert_eq!(std::fs::read_to_string(dir.join("app-fail.stdout")).unwrap(), "out-failing\n");
+    assert!(std::fs::read_to_string(dir.join("web-02.stdout")).unwrap().starts_with("out-"));
+    let saved: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(saved["run_id"], summary["run_id"]);
+
+    // The run and each invocation are audited, tied by the run id.
+    let events = s.gw.audit_events();
+    let run_id = summary["run_id"].as_str().unwrap();
+    let start = events.iter().find(|e| e["event"] == "run.start" && e["run_id"] == run_id).unwrap();
+    assert_eq!(start["user"], "alice");
+    let end = events.iter().find(|e| e["event"] == "run.end" && e["run_id"] == run_id).unwrap();
+    assert_eq!(end["summary"]["failed"], 1);
+    let tagged = events.iter().filter(|e| e["event"] == "session.start" && e["run_id"] == run_id).count();
+    assert_eq!(tagged, 3);
+
+    // Error budget 0, one at a time: the failure (first by name) stops the rest.
+    let out = s.out(&["run", "--targets", "env=prod", "--max-concurrency", "1", "--output-dir", "r2", "--", cmd]);
+    assert_eq!(out.status.code(), Some(1));
+    let table = text(&out.stdout);
+    assert!(table.contains("not-started"), "{table}");
+    assert!(table.contains("0 of 4 succeeded"), "{table}");
+}
