@@ -271,3 +271,86 @@ fn run_across_instances_with_a_failing_and_an_offline_one() {
     assert!(table.contains("not-started"), "{table}");
     assert!(table.contains("0 of 4 succeeded"), "{table}");
 }
+
+/// A throwaway PostgreSQL server on loopback (`initdb` refuses root: run as `postgres`).
+struct Postgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server (apt-get install postgresql)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|b| b.join("initdb").exists())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_tcp_port();
+        let data = dir.path().join("data");
+        sh(&format!("chown -R postgres {}", dir.path().display()));
+        sh(&format!(
+            "runuser -u postgres -- {}/initdb -D {} -U postgres -A trust --no-sync >/dev/null",
+            bin.display(),
+            data.display()
+        ));
+        sh(&format!(
+            "runuser -u postgres -- {}/pg_ctl -D {} -l {}/log -w -o '-c listen_addresses=127.0.0.1 -p {port} -k {}' start >/dev/null",
+            bin.display(),
+            data.display(),
+            dir.path().display(),
+            dir.path().display()
+        ));
+        Postgres { dir, port }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "sh", "-c"])
+            .arg(format!(
+                "$(dirname $(ls -d /usr/lib/postgresql/*/bin | head -1))/bin/pg_ctl -D {}/data -m immediate stop",
+                self.dir.path().display()
+            ))
+            .output();
+    }
+}
+
+#[test]
+fn psql_through_a_forward_to_a_host_the_instance_reaches() {
+    let pg = Postgres::start();
+    let s = Setup::new(&format!(
+        "{POLICY}\n[[statement]]\nsid = \"dba\"\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"port-forward\"]\n\
+         labels = [\"role=db\"]\nforward_to = [\"127.0.0.1:{}\"]\n",
+        pg.port
+    ));
+    let _db = Agent::start_labeled(&s.gw, "db-01", "env=prod,role=db", vec![], &s.gw.listen);
+    let local = free_tcp_port();
+    let mut fwd = s
+        .user(&["forward", "db-01", &format!("{local}:127.0.0.1:{}", pg.port)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(fwd.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains(&format!("127.0.0.1:{local}")), "{line}");
+    let psql = |sql: &str| {
+        Command::new("timeout")
+            .args(["30", "psql", "-h", "127.0.0.1", "-p", &local.to_string(), "-U", "postgres", "-At", "-c", sql])
+            .output()
+            .unwrap()
+    };
+    let out = psql("create table t(x int); insert into t select generate_series(1, 1000); select sum(x) from t");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().last(), Some("500500"));
+    let out = psql("select count(*) from t");
+    assert_eq!(text(&out.stdout).trim(), "1000");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fwd.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(fwd.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("2 connection(s), 0 failed"), "{rest}");
+}
