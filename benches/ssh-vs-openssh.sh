@@ -107,6 +107,9 @@ L1=$(port); ssh -F "$W/ssh_config" -N -L "$L1:127.0.0.1:$SINK" root@bench.poster
 echo -n "postern:  "; $B forward "$L1" "$SIZE"
 L2=$(port); ssh -F "$W/ssh_config" -N -L "$L2:127.0.0.1:$SINK" target & pids+=($!)
 echo -n "openssh:  "; $B forward "$L2" "$SIZE"
+L3=$(port); "$T/postern" forward --gateway "127.0.0.1:$GW_SSH" --user root -i "$W/user" --known-hosts "$W/known_hosts" \
+  bench "$L3:127.0.0.1:$SINK" 2>/dev/null & pids+=($!)
+echo -n "postern forward (the client, one SSH layer):  "; $B forward "$L3" "$SIZE"
 echo "### keystroke echo round trip (interactive shell, PTY)"
 echo -n "postern:  "; $B echo "$ECHOS" -- ssh -F "$W/ssh_config" -tt root@bench.postern
 echo -n "openssh:  "; $B echo "$ECHOS" -- ssh -F "$W/ssh_config" -tt target
