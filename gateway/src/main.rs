@@ -268,7 +268,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             cli::AuditAction::Keygen { file } => cli::audit_keygen(file),
         },
         Command::Rdp(args) => cli::rdp::run(args).await,
-        Command::SshConfig { known_hosts_file } => {
+        Command::SshConfig { gateway, known_hosts_file } if gateway.gateway.is_some() => {
+            let client = postern_gateway::client::Client::connect(&gateway.options()?, None).await?;
+            let v = client.gateway_command(&format!("ssh-config {known_hosts_file}")).await?;
+            print!("{}", v.get("config").and_then(|c| c.as_str()).unwrap_or_default());
+            Ok(0)
+        }
+        Command::SshConfig { known_hosts_file, .. } => {
             cli::ssh_config(&cli::socket_for(&cli)?, known_hosts_file).await.map(|()| 0)
         }
     }

@@ -124,6 +124,17 @@ fn ls_and_exec_as_a_user() {
     assert_eq!(starts.len(), 2);
     assert!(starts.iter().all(|e| e["logged"] == true && e["target"] == "web-01"));
 
+    // A user gets the same ssh config an admin prints.
+    let out = s.out(&["ssh-config", "--known-hosts-file", "~/.ssh/pk"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), s.admin(&["ssh-config", "--known-hosts-file", "~/.ssh/pk"]));
+    assert!(text(&out.stdout).contains("@cert-authority"));
+
+    // shell: on a PTY, exit status back.
+    let out = s.out(&["shell", "web-01", "-c", "tty; exit 3"]);
+    assert!(text(&out.stdout).contains("/dev/pts/"), "{}", text(&out.stdout));
+    assert_eq!(out.status.code(), Some(3));
+
     // Completions are generated from the same command definitions.
     let out = Command::new(bin("postern")).args(["completions", "bash"]).output().unwrap();
     assert!(out.status.success());

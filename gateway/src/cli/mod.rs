@@ -81,8 +81,11 @@ pub enum Command {
     /// RDP to an instance: a single-use routing token for the gateway's RDP port (FreeRDP
     /// command line, .rdp file for mstsc), or a local port forward with --local.
     Rdp(rdp::RdpArgs),
-    /// Print the ~/.ssh/config block and the known_hosts line for `ssh USER@INSTANCE.<suffix>`.
+    /// Print the ~/.ssh/config block and the known_hosts line for `ssh USER@INSTANCE.<suffix>`
+    /// (from the local admin socket, or as a user with --gateway).
     SshConfig {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
         /// File the printed config points at for the gateway's host CA line.
         #[arg(long, default_value = "~/.ssh/postern_known_hosts")]
         known_hosts_file: String,

@@ -13,8 +13,7 @@ use crate::access::{Identity, SESSION_ACTIONS};
 use crate::gateway::GatewayState;
 use crate::policy::Target;
 
-pub const USAGE: &str =
-    "gateway commands: whoami | ls [LABEL-SELECTOR] | rdp-token INSTANCE | run-begin JSON | run-end JSON";
+pub const USAGE: &str = "gateway commands: whoami | ls [LABEL-SELECTOR] | rdp-token INSTANCE | ssh-config [KNOWN_HOSTS_FILE] | run-begin JSON | run-end JSON";
 
 /// Runs begun and not yet ended: run id -> (user, started at). Bounded.
 #[derive(Debug, Default)]
@@ -46,6 +45,13 @@ pub async fn run(state: &GatewayState, identity: &Identity, source: &str, comman
         }
         "rdp-token" => Err("usage: rdp-token INSTANCE".to_owned()),
         "run-begin" => run_begin(state, identity, source, rest),
+        "ssh-config" => {
+            let file = if rest.is_empty() { "~/.ssh/postern_known_hosts" } else { rest };
+            let port = state.ssh_addr.map(|a| a.port()).unwrap_or(state.config.ssh.listen.port());
+            crate::ssh::client_config(&state.config, &state.host_keys, port, file)
+                .map(|text| json!({"config": text}))
+                .map_err(|e| format!("{e:#}"))
+        }
         "run-end" => run_end(state, identity, rest),
         "" | "help" => Err(USAGE.to_owned()),
         other => Err(format!("unknown gateway command {:?}; {USAGE}", other.chars().take(40).collect::<String>())),
