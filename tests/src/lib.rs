@@ -88,6 +88,13 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
     Proc { child: cmd.spawn().unwrap(), log: log.to_owned() }
 }
 
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        self.keep_dir_if_asked();
+    }
+}
+
 /// A gateway process with its own data directory.
 pub struct Gateway {
     pub dir: tempfile::TempDir,
@@ -134,6 +141,18 @@ impl Gateway {
         wait_until("gateway admin socket", Duration::from_secs(20), || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
+    }
+
+    /// With `POSTERN_KEEP_TEST_DIRS` set, the gateway's directory (config, data, audit log,
+    /// logs) is left in place when the test ends, for debugging and for collecting real
+    /// audit events as documentation examples.
+    fn keep_dir_if_asked(&mut self) {
+        if std::env::var_os("POSTERN_KEEP_TEST_DIRS").is_some()
+            && let Ok(replacement) = tempfile::tempdir()
+        {
+            let kept = std::mem::replace(&mut self.dir, replacement).keep();
+            eprintln!("kept gateway directory {}", kept.display());
+        }
     }
 
     /// Graceful stop (SIGTERM), bounded.

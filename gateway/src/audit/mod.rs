@@ -526,6 +526,38 @@ impl AuditLog {
 
 #[cfg(test)]
 mod tests {
+    /// docs/audit.md lists every event in its table and shows one real example of each.
+    #[test]
+    fn audit_doc_has_an_example_for_every_listed_event() {
+        let doc = include_str!("../../../docs/audit.md");
+        let events = doc.split("## Events").nth(1).unwrap().split("### One example").next().unwrap();
+        let mut listed = Vec::new();
+        for row in events.lines().filter(|l| l.starts_with("| `")) {
+            let first = row.split('|').nth(1).unwrap();
+            for name in first.split('`').skip(1).step_by(2) {
+                listed.push(name.to_owned());
+            }
+        }
+        assert!(listed.len() > 30, "{listed:?}");
+        let block = doc.split("### One example of each").nth(1).unwrap();
+        let json = block.split("```json\n").nth(1).unwrap().split("```").next().unwrap();
+        let mut shown = std::collections::BTreeSet::new();
+        for line in json.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            for field in ["v", "seq", "id", "time", "event", "prev"] {
+                assert!(v.get(field).is_some(), "{field} missing in {line}");
+            }
+            shown.insert(v["event"].as_str().unwrap().to_owned());
+        }
+        let exempt = ["rdp.failed", "agent.bulk_enrolled"];
+        for name in &listed {
+            assert!(shown.contains(name) || exempt.contains(&name.as_str()), "no example for {name}");
+        }
+        for name in &shown {
+            assert!(listed.contains(name), "example for {name}, which the table does not list");
+        }
+    }
+
     use super::*;
 
     /// Every line of the log, all segments in order (clear segments only).
