@@ -293,6 +293,8 @@ fn freerdp_reaches_xrdp_and_an_nla_server_through_the_gateway() {
     assert!(text(&out.stdout).contains("xfreerdp /v:127.0.0.1:"), "{}", text(&out.stdout));
     let file = s.dir.path().join("win-02.rdp");
     let content = std::fs::read_to_string(&file).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600, "the token file is private");
     assert!(content.contains(&format!("full address:s:127.0.0.1:{}\r\n", s.rdp_port)), "{content}");
     assert!(content.contains("pcb:s:pr1."), "{content}");
     let f = file.to_str().unwrap();

@@ -73,7 +73,9 @@ pub async fn run(args: &RdpArgs) -> anyhow::Result<i32> {
         return Ok(status.code().unwrap_or(1));
     }
     let path = args.rdp_file.clone().unwrap_or_else(|| PathBuf::from(format!("{}.rdp", token.instance)));
-    std::fs::write(&path, rdp_file(&token)).with_context(|| format!("writing {}", path.display()))?;
+    // The token is a credential for its short life: the file is readable by its owner only.
+    postern_tunnel::agent::write_private(&path, rdp_file(&token).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     println!(
         "Routing token for {inst}: single use, valid for {ttl}s.\n\n\
          \x20 FreeRDP:  xfreerdp /v:{addr} /pcb:{tok}\n\
