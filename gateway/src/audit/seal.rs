@@ -154,7 +154,18 @@ impl CommandKey {
         Ok(k)
     }
 
+    /// Runs the program; on the gateway's multi-threaded runtime the wait moves off the
+    /// async worker (`block_in_place`), so a slow KMS does not stall the sessions on it.
     fn call(&self, verb: &str, input: &str) -> anyhow::Result<String> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.call_blocking(verb, input))
+            }
+            _ => self.call_blocking(verb, input),
+        }
+    }
+
+    fn call_blocking(&self, verb: &str, input: &str) -> anyhow::Result<String> {
         use std::io::Write;
         use std::process::{Command, Stdio};
         let (program, args) = self.argv.split_first().context("key_command is empty")?;
@@ -688,6 +699,19 @@ elif verb == "unwrap":
 else:
     sys.exit(2)
 "#;
+
+    /// Inside the gateway (multi-threaded runtime) the program runs off the async worker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_command_inside_the_runtime() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("kms");
+        std::fs::write(&prog, FAKE_KMS).unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let kms = CommandKey::new(vec![prog.display().to_string()]).unwrap();
+        let wrapped = kms.wrap(&[7u8; 32]).unwrap();
+        assert_eq!(kms.unwrap_key(&wrapped).unwrap(), [7u8; 32]);
+    }
 
     #[test]
     fn a_key_command_wraps_and_unwraps_data_keys() {
