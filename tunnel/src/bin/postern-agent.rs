@@ -96,11 +96,11 @@ fn load_limits(path: Option<&Path>) -> anyhow::Result<LocalLimits> {
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
+    // Registered here, before anything else starts: a SIGTERM that arrives while the agent
+    // is connecting is a clean shutdown, not the default action.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let Ok(mut term) = term else { return };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
