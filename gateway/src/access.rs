@@ -537,6 +537,12 @@ pub fn recheck(
     session: &crate::sessions::LiveSession,
     at: jiff::Timestamp,
 ) -> Result<(), String> {
+    if session.via_admin {
+        return match agent {
+            Some(_) => Ok(()),
+            None => Err(format!("instance {} was revoked", session.target)),
+        };
+    }
     if !state.access.user_active(&session.user) {
         return Err(format!("user {} is disabled or removed", session.user));
     }

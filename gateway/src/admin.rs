@@ -287,14 +287,20 @@ async fn relay_session(
                "logged": false, "reason": "admin-socket sessions are not recorded"}),
     );
     reply(&mut stream, json!({"ok": true, "session_id": sid})).await?;
+    let action = if kind == "exec" { crate::access::Action::Exec } else { crate::access::Action::Shell };
+    let reg = state.sessions.register_admin(&sid, &actor(), &agent.name, &agent.id, action);
     let started = std::time::Instant::now();
     let (mut from_client, mut to_client) = stream.into_split();
     let postern_tunnel::server::SessionStream { mut send, mut recv, .. } = session;
     // The agent ends a session by finishing its stream after the exit frame. The client
     // never half-closes, so end of input from it means it went away: reset the stream so the
     // agent stops the remote process instead of leaving it running.
+    // `postern sessions terminate` (or the instance revoked) ends it the same way.
     let up = async {
-        let n = tokio::io::copy(&mut from_client, &mut send).await.unwrap_or(0);
+        let n = tokio::select! {
+            n = tokio::io::copy(&mut from_client, &mut send) => n.unwrap_or(0),
+            _ = reg.session.terminated() => 0,
+        };
         let _ = send.reset(0u32.into());
         n
     };
@@ -318,6 +324,7 @@ async fn relay_session(
     let _ = state.audit.record(
         "session.end",
         json!({"session_id": sid, "target": agent.name, "kind": kind, "bytes_in": bytes_in, "bytes_out": bytes_out,
+               "end_reason": reg.session.reason(),
                "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)}),
     );
     Ok(())

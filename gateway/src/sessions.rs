@@ -32,6 +32,10 @@ pub struct LiveSession {
     pub action: Action,
     pub destination: Option<(String, u16)>,
     pub logged: bool,
+    /// Opened by an administrator on the admin socket (`postern exec/shell` on the gateway
+    /// host): `user` is the local actor, and policy does not apply (revocation of the
+    /// instance and `postern sessions terminate` do).
+    pub via_admin: bool,
     pub started_at: i64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -164,6 +168,34 @@ impl SessionTable {
         destination: Option<(String, u16)>,
         logged: bool,
     ) -> Registration {
+        self.add(id, user, source, target, agent_id, action, destination, logged, false)
+    }
+
+    /// An admin-socket session (see [`LiveSession::via_admin`]).
+    pub fn register_admin(
+        self: &Arc<Self>,
+        id: &str,
+        actor: &str,
+        target: &str,
+        agent_id: &str,
+        action: Action,
+    ) -> Registration {
+        self.add(id, actor, None, target, agent_id, action, None, false, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        self: &Arc<Self>,
+        id: &str,
+        user: &str,
+        source: Option<IpAddr>,
+        target: &str,
+        agent_id: &str,
+        action: Action,
+        destination: Option<(String, u16)>,
+        logged: bool,
+        via_admin: bool,
+    ) -> Registration {
         let session = Arc::new(LiveSession {
             id: id.to_owned(),
             user: user.to_owned(),
@@ -173,6 +205,7 @@ impl SessionTable {
             action,
             destination,
             logged,
+            via_admin,
             started_at: crate::audit::now_unix(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),

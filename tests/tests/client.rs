@@ -365,3 +365,42 @@ fn psql_through_a_forward_to_a_host_the_instance_reaches() {
     assert!(fwd.wait().unwrap().success(), "{rest}");
     assert!(rest.contains("2 connection(s), 0 failed"), "{rest}");
 }
+
+#[test]
+fn admin_socket_sessions_are_listed_and_can_be_terminated() {
+    let s = Setup::new(POLICY);
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod", vec![], &s.gw.listen);
+    let mut child = Command::new(bin("postern"))
+        .arg("--data-dir")
+        .arg(s.gw.data_dir())
+        .args(["exec", "web-01", "--", "echo started; sleep 60"])
+        .env_remove("POSTERN_GATEWAY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    let sessions: Vec<Value> = serde_json::from_str(&s.admin(&["sessions", "--json"])).unwrap();
+    let mine = sessions.iter().find(|x| x["target"] == "web-01").expect("the admin session is listed");
+    assert!(mine["user"].as_str().unwrap().starts_with("local-admin"), "{mine}");
+    assert_eq!(mine["kind"], "exec");
+    // Policy does not apply to it: a policy change (which re-checks live sessions) leaves it.
+    let file = s.dir.path().join("other.toml");
+    std::fs::write(&file, "name = \"other\"\n[[statement]]\neffect = \"allow\"\nusers = [\"bob\"]\nactions = [\"exec\"]\ninstances = [\"x\"]\n").unwrap();
+    s.admin(&["policy", "apply", file.to_str().unwrap()]);
+    s.admin(&["sessions", "terminate", mine["id"].as_str().unwrap()]);
+    let started = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(!status.success());
+    let events = s.gw.audit_events();
+    let end = events.iter().find(|e| e["event"] == "session.end" && e["session_id"] == mine["id"]).unwrap();
+    assert!(end["end_reason"].is_string(), "{end}");
+    assert!(
+        !events.iter().any(|e| e["event"] == "session.terminated" && e["actor"] == "policy"),
+        "policy must not end admin sessions"
+    );
+}
