@@ -165,7 +165,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
         format!(
             "SSH into this machine through the gateway ({n} key(s) of yours registered as user {me}):\n\
              \x20 ssh -o UserKnownHostsFile={kh} -p {ssh_port} {me}%{name}@127.0.0.1\n\
-             For `ssh {me}@{name}.{suffix}`: postern{dd} ssh-config",
+             For `ssh {me}@{name}.{suffix}`: postern{dd} ssh-config\n             As a user with the postern client (docs/client.md):\n             \x20 postern ls --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}",
             n = keys.len(),
             kh = known_hosts.display(),
             name = local.name,

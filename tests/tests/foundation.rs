@@ -147,8 +147,13 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_udp_port();
     let data = dir.path().join("data");
+    // The person running quickstart has an SSH key; quickstart registers it.
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    sh(&format!("ssh-keygen -q -t ed25519 -N '' -C me -f {}", home.join(".ssh/id_ed25519").display()));
     let mut cmd = Command::new(bin("postern"));
     cmd.arg("--data-dir").arg(&data).args(["quickstart", "--listen", &format!("127.0.0.1:{port}")]);
+    cmd.env("HOME", &home).env_remove("SSH_AUTH_SOCK");
     let mut qs = spawn_logged(cmd, &dir.path().join("quickstart.log"));
     wait_until("quickstart banner", Duration::from_secs(30), || qs.log_text().contains("Press Ctrl-C"));
     let banner = qs.log_text();
@@ -161,6 +166,21 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
         .output()
         .unwrap();
     assert_eq!(text(&out.stdout), "hi\n", "{}", text(&out.stderr));
+    // The printed user-client command works as printed (the key from ~/.ssh, no ssh-agent).
+    let ls = banner.lines().map(str::trim).find(|l| l.starts_with("postern ls ")).expect("a postern ls hint");
+    let args: Vec<&str> = ls.split_whitespace().skip(1).collect();
+    let out = Command::new(bin("postern"))
+        .args(&args)
+        .args(["--json"])
+        .env("HOME", &home)
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("POSTERN_USER")
+        .env_remove("POSTERN_GATEWAY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{ls}: {}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["name"], host.as_str(), "{listed}");
     qs.signal(nix::sys::signal::Signal::SIGINT);
     assert_eq!(qs.wait_exit(Duration::from_secs(10)), Some(0), "{}", qs.log_text());
     assert!(!data.join("admin.sock").exists());

@@ -24,7 +24,7 @@ pub struct GatewayArgs {
     /// admin socket.
     #[arg(long, env = "POSTERN_GATEWAY")]
     pub gateway: Option<String>,
-    /// Your Postern user name. Default: $USER.
+    /// Your Postern user name. Default: your local account name (as with ssh).
     #[arg(long, short = 'l', env = "POSTERN_USER")]
     pub user: Option<String>,
     /// Private key file (repeatable). Default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
@@ -41,9 +41,15 @@ impl GatewayArgs {
         let Some(gateway) = self.gateway.clone() else {
             bail!("which gateway? pass --gateway HOST[:PORT] or set POSTERN_GATEWAY");
         };
+        // As ssh does: the local account's name unless told otherwise.
         let user = match &self.user {
             Some(u) => u.clone(),
-            None => std::env::var("USER").context("no --user given and $USER is not set")?,
+            None => nix::unistd::User::from_uid(nix::unistd::Uid::current())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .or_else(|| std::env::var("USER").ok())
+                .context("no --user given and the local account has no name")?,
         };
         Ok(ClientOptions {
             gateway,
