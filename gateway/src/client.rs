@@ -41,6 +41,8 @@ use serde::Deserialize;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bound on one gateway command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer to a gateway command.
+const MAX_REPLY: usize = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -229,7 +231,9 @@ impl Client {
         let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
         while let Some(msg) = ch.wait().await {
             match msg {
-                ChannelMsg::Data { data } if out.len() < 1 << 20 => out.extend_from_slice(&data),
+                // `ls` on a large fleet is megabytes; anything past this bound is not a reply.
+                ChannelMsg::Data { data } if out.len() < MAX_REPLY => out.extend_from_slice(&data),
+                ChannelMsg::Data { .. } => bail!("the gateway's answer is larger than {} MiB", MAX_REPLY >> 20),
                 ChannelMsg::ExtendedData { data, .. } if err.len() < 64 << 10 => err.extend_from_slice(&data),
                 ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 ChannelMsg::Close => break,

@@ -20,6 +20,8 @@ pub const USAGE: &str = "gateway commands: whoami | ls [LABEL-SELECTOR] | rdp-to
 pub struct Runs(Mutex<HashMap<String, (String, i64)>>);
 
 const MAX_OPEN_RUNS: usize = 10_000;
+/// Runs one user may have open at once (so one user cannot use up the table).
+const MAX_OPEN_RUNS_PER_USER: usize = 100;
 /// A run not ended after this long is forgotten (its `run.end` is then refused).
 const RUN_FORGET_SECS: i64 = 7 * 86_400;
 
@@ -120,6 +122,9 @@ fn run_begin(state: &GatewayState, identity: &Identity, source: &str, body: &str
         runs.retain(|_, (_, t)| now - *t < RUN_FORGET_SECS);
         if runs.len() >= MAX_OPEN_RUNS {
             return Err("too many runs in progress on this gateway".to_owned());
+        }
+        if runs.values().filter(|(u, _)| *u == identity.user).count() >= MAX_OPEN_RUNS_PER_USER {
+            return Err(format!("you have {MAX_OPEN_RUNS_PER_USER} runs in progress; let one finish first"));
         }
         runs.insert(id.clone(), (identity.user.clone(), now));
     }
