@@ -281,6 +281,54 @@ fn run_across_instances_with_a_failing_and_an_offline_one() {
     let table = text(&out.stdout);
     assert!(table.contains("not-started"), "{table}");
     assert!(table.contains("0 of 4 succeeded"), "{table}");
+
+    // Ctrl-C: nothing new starts, the running invocation is stopped, the run is summarised
+    // and its end recorded.
+    let mut child = s
+        .user(&[
+            "run",
+            "--instances",
+            "web-01,web-02",
+            "--max-concurrency",
+            "1",
+            "--output-dir",
+            "r3",
+            "--json",
+            "--",
+            "sleep 60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        s.gw.audit_events()
+            .iter()
+            .any(|e| e["event"] == "session.start" && e["command"].as_str().is_some_and(|c| c.contains("sleep 60")))
+    };
+    wait_until("the first invocation to start", Duration::from_secs(30), sleeping);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((summary["cancelled"].as_u64(), summary["not_started"].as_u64()), (Some(1), Some(1)), "{summary}");
+    let run_id = summary["run_id"].clone();
+    wait_until("run.end of the interrupted run", Duration::from_secs(20), || {
+        s.gw.audit_events()
+            .iter()
+            .any(|e| e["event"] == "run.end" && e["run_id"] == run_id && e["summary"]["interrupted"] == true)
+    });
+    // The remote command was stopped with the connection, not left running.
+    wait_until("the cancelled session to end", Duration::from_secs(20), || {
+        s.gw.audit_events().iter().any(|e| {
+            e["event"] == "session.end"
+                && e["target"] == "web-01"
+                && e["kind"] == "exec"
+                && e["duration_ms"].as_u64().is_some_and(|d| d < 30_000)
+                && e["exit_code"] != 0
+        })
+    });
 }
 
 /// A throwaway PostgreSQL server on loopback (`initdb` refuses root: run as `postgres`).

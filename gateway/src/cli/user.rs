@@ -383,7 +383,8 @@ pub async fn forward(
     postern run --targets role=web --max-concurrency 10% --max-errors 2 -- 'apt-get -y upgrade'\n  \
     postern run --instances web-01,web-02 --json -- systemctl is-active nginx\n\n\
     Exit status: 0 when every targeted instance ran the command with status 0; 1 otherwise\n  \
-    (a failure, an offline instance, or one not started after the error budget ran out).")]
+    (a failure, an offline instance, or one not started after the error budget ran out);\n  \
+    130 when interrupted with Ctrl-C (the run is still summarised).")]
 pub struct RunArgs {
     #[command(flatten)]
     pub gateway: GatewayArgs,
@@ -432,7 +433,8 @@ pub fn amount(s: &str, total: usize) -> anyhow::Result<usize> {
 pub struct Outcome {
     pub instance: String,
     /// `success`, `failed` (non-zero exit), `error` (could not run), `timeout`, `offline`,
-    /// `not-allowed`, `not-started` (error budget used up).
+    /// `not-allowed`, `not-started` (error budget used up, or interrupted), `cancelled`
+    /// (interrupted while running).
     pub status: &'static str,
     pub exit_code: Option<u32>,
     pub duration_ms: u64,
@@ -508,16 +510,43 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
         progress.done(o);
     }
     let mut running = tokio::task::JoinSet::new();
+    let mut names = std::collections::HashMap::new();
     let mut errors = 0usize;
+    let mut interrupted = false;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
-        while running.len() < concurrency && errors <= max_errors {
+        while !interrupted && running.len() < concurrency && errors <= max_errors {
             let Some(name) = queue.pop_front() else { break };
             let (opts, command, dir, run_id) = (opts.clone(), command.clone(), dir.clone(), run_id.clone());
-            running.spawn(async move { invoke(&opts, &name, &command, &dir, &run_id, timeout).await });
+            let n = name.clone();
+            let task = running.spawn(async move { invoke(&opts, &n, &command, &dir, &run_id, timeout).await });
+            names.insert(task.id(), name);
             progress.started();
         }
-        let Some(joined) = running.join_next().await else { break };
-        let Ok(o) = joined else { continue };
+        let joined = tokio::select! {
+            j = running.join_next_with_id() => j,
+            _ = &mut ctrl_c, if !interrupted => {
+                // Stop: no new invocations; the running ones end with their SSH connections
+                // (the gateway stops the remote processes); the run is still summarised.
+                interrupted = true;
+                running.abort_all();
+                continue;
+            }
+        };
+        let o = match joined {
+            None => break,
+            Some(Ok((_, o))) => o,
+            Some(Err(e)) => Outcome {
+                instance: names.get(&e.id()).cloned().unwrap_or_default(),
+                status: "cancelled",
+                exit_code: None,
+                duration_ms: 0,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                error: Some("interrupted (Ctrl-C) while running".to_owned()),
+            },
+        };
         if o.status != "success" {
             errors += 1;
         }
@@ -532,7 +561,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
             duration_ms: 0,
             stdout_bytes: 0,
             stderr_bytes: 0,
-            error: Some(format!("not started: more than {max_errors} error(s)")),
+            error: Some(if interrupted {
+                "not started: interrupted (Ctrl-C)".to_owned()
+            } else {
+                format!("not started: more than {max_errors} error(s)")
+            }),
         };
         progress.done(&o);
         outcomes.push(o);
@@ -544,14 +577,15 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
         "run_id": run_id, "command": command, "output_dir": dir.display().to_string(),
         "total": total, "success": count("success"), "failed": count("failed"), "error": count("error"),
         "timeout": count("timeout"), "offline": count("offline"), "not_allowed": count("not-allowed"),
-        "not_started": count("not-started"), "instances": outcomes,
+        "not_started": count("not-started"), "cancelled": count("cancelled"), "interrupted": interrupted,
+        "instances": outcomes,
     });
     std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)
         .with_context(|| format!("writing {}", dir.join("summary.json").display()))?;
     let end = serde_json::json!({"run_id": run_id, "summary": {
         "total": total, "success": count("success"), "failed": count("failed"), "error": count("error"),
         "timeout": count("timeout"), "offline": count("offline"), "not_allowed": count("not-allowed"),
-        "not_started": count("not-started")}});
+        "not_started": count("not-started"), "cancelled": count("cancelled"), "interrupted": interrupted}});
     if let Err(e) = client.gateway_command(&format!("run-end {end}")).await {
         eprintln!("postern: could not record the end of the run: {e:#}");
     }
@@ -573,7 +607,13 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
         table(&["INSTANCE", "STATUS", "EXIT", "TIME", "NOTE"], &rows);
         println!("\n{} of {total} succeeded; output in {}", count("success"), dir.display());
     }
-    Ok(if count("success") == total { 0 } else { 1 })
+    Ok(if interrupted {
+        130
+    } else if count("success") == total {
+        0
+    } else {
+        1
+    })
 }
 
 async fn invoke(
