@@ -54,6 +54,31 @@ impl LiveSession {
     pub async fn terminated(&self) {
         self.cancel.cancelled().await
     }
+    /// End the session with `reason`; false when it was already ending.
+    pub fn end(&self, reason: &str) -> bool {
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        if let Ok(mut r) = self.reason.lock() {
+            *r = Some(reason.to_owned());
+        }
+        self.cancel.cancel();
+        true
+    }
+
+    /// As [`terminated`](Self::terminated), and the session also ends once `max` (its
+    /// `max_session` limit) has passed: for relays (forwards, passthrough, RDP), which have
+    /// no terminal to warn on.
+    pub async fn terminated_or_after(&self, max: Option<Duration>) {
+        let Some(max) = max else { return self.terminated().await };
+        tokio::select! {
+            _ = self.terminated() => {}
+            _ = tokio::time::sleep(max) => {
+                self.end(&format!("maximum session length ({}s) reached", max.as_secs()));
+            }
+        }
+    }
+
     pub fn reason(&self) -> Option<String> {
         self.reason.lock().ok().and_then(|r| r.clone())
     }
@@ -242,14 +267,7 @@ impl SessionTable {
     /// Ask a live session to end with `reason`; false if it is not live (or already ending).
     pub fn terminate(&self, id: &str, reason: &str) -> bool {
         let Some(s) = self.live.lock().ok().and_then(|l| l.get(id).cloned()) else { return false };
-        if s.cancel.is_cancelled() {
-            return false;
-        }
-        if let Ok(mut r) = s.reason.lock() {
-            *r = Some(reason.to_owned());
-        }
-        s.cancel.cancel();
-        true
+        s.end(reason)
     }
 
     /// Live sessions, newest first, then (with `all`) recently ended ones.

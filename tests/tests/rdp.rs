@@ -557,6 +557,47 @@ fn refusals_are_audited_and_never_dial_the_host() {
     drop(c);
     let _ = ssh.0.kill();
 
+    // A policy's max_session ends RDP sessions (no terminal to warn on: the connection
+    // closes) whichever way they came in.
+    s.apply(&RDP_POLICY.replace("instances = [\"win-*\"]", "instances = [\"win-*\"]\nmax_session = \"2s\""));
+    let token = s.token("win-01");
+    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cr = connection_request("alice");
+    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
+    let mut back = vec![0u8; cr.len()];
+    c.read_exact(&mut back).unwrap();
+    let open = s.events("rdp.open").into_iter().last().unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    let close = s.wait_close(&open);
+    assert!(close["end_reason"].as_str().unwrap().contains("maximum session length"), "{close}");
+    assert!(close["duration_ms"].as_u64().unwrap() >= 1900, "{close}");
+    let port = free_tcp_port();
+    let _ssh = Server(
+        Command::new("ssh")
+            .args(["-N", "-p", &s.gw.ssh_port.to_string(), "-i"])
+            .arg(&s.key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", s.dir.path().join("known_hosts").display()))
+            .args(["-L", &format!("127.0.0.1:{port}:@rdp:3389"), "alice%win-01@127.0.0.1"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port, "ssh -L listening");
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    c.read_exact(&mut back).unwrap();
+    let open = s.events("rdp.open").into_iter().last().unwrap();
+    assert_eq!(open["mode"], "local");
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    let close = s.wait_close(&open);
+    assert!(close["end_reason"].as_str().unwrap().contains("maximum session length"), "{close}");
+
     let out = s.gw.postern(&["audit", "verify"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }

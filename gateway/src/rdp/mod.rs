@@ -248,7 +248,8 @@ async fn connect(
     );
     let started = Instant::now();
     let SessionStream { send, recv, .. } = stream;
-    let (up, down) = relay(tcp, pre.connection_request, send, recv, &reg.session).await;
+    let max = authz.limits().max_session;
+    let (up, down) = relay(tcp, pre.connection_request, send, recv, &reg.session, max).await;
     let _ = state.audit.record(
         "rdp.close",
         json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "mode": "gateway",
@@ -266,6 +267,7 @@ async fn relay(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     live: &crate::sessions::LiveSession,
+    max_session: Option<Duration>,
 ) -> (u64, u64) {
     let (mut rd, mut wr) = tcp.into_split();
     let up = async {
@@ -306,6 +308,6 @@ async fn relay(
     tokio::select! {
         r = async { tokio::join!(up, down) } => r,
         // Ended by an admin or by policy: dropping the relay closes both sides.
-        _ = live.terminated() => counted(),
+        _ = live.terminated_or_after(max_session) => counted(),
     }
 }

@@ -566,7 +566,8 @@ impl ConnHandler {
         );
         tokio::spawn(async move {
             let SessionStream { send, recv, .. } = stream;
-            let (bytes_up, bytes_down) = relay_forward(channel, send, recv, &reg.session).await;
+            let max = authz2.limits().max_session;
+            let (bytes_up, bytes_down) = relay_forward(channel, send, recv, &reg.session, max).await;
             let end_reason = reg.session.reason();
             let mut fields = json!({"session_id": sid, "user": authz2.user(), "target": authz2.instance(), "destination": destination,
                        "bytes_to_target": bytes_up, "bytes_from_target": bytes_down, "end_reason": end_reason,
@@ -601,6 +602,7 @@ async fn relay_forward(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     live: &crate::sessions::LiveSession,
+    max_session: Option<Duration>,
 ) -> (u64, u64) {
     let (mut ch_read, ch_write) = channel.split();
     let up = async {
@@ -638,7 +640,7 @@ async fn relay_forward(
     let (up, down) = tokio::select! {
         r = both => r,
         // Ended by an admin or by policy: dropping the relay resets the tunnel stream.
-        _ = live.terminated() => counted(),
+        _ = live.terminated_or_after(max_session) => counted(),
     };
     let _ = ch_write.close().await;
     (up, down)
