@@ -152,10 +152,13 @@ async fn handle(
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let denied = |fields: Value| {
-        let mut ev = json!({"action": "rdp", "source": peer.to_string()});
-        if let (Some(ev), Value::Object(f)) = (ev.as_object_mut(), fields) {
-            ev.extend(f);
+    // `session.denied`, with what the client's connection request said once it was read.
+    let denied = |mut ev: Value, seen: Option<&Preamble>| {
+        ev["action"] = "rdp".into();
+        ev["source"] = peer.to_string().into();
+        if let Some(p) = seen {
+            ev["cookie"] = json!(p.cookie);
+            ev["protocols"] = json!(p.protocols);
         }
         let _ = state.audit.record("session.denied", ev);
     };
@@ -164,29 +167,25 @@ async fn handle(
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             info!(reason = %e, "rdp connection refused");
-            denied(json!({"reason": e.to_string(), "code": e.code()}));
+            denied(json!({"reason": e.to_string(), "code": e.code()}), None);
             return;
         }
         Err(_) => {
             info!("rdp preamble timed out");
-            denied(json!({"reason": format!("no preconnection blob and connection request within {}s",
-                                             limit.as_secs()), "code": "timeout"}));
+            denied(
+                json!({"reason": format!("no preconnection blob and connection request within {}s",
+                                             limit.as_secs()), "code": "timeout"}),
+                None,
+            );
             return;
         }
     };
     drop(permit);
-    let seen = json!({"cookie": pre.cookie, "protocols": pre.protocols});
-    let with_seen = |mut v: Value| {
-        if let (Some(o), Value::Object(s)) = (v.as_object_mut(), seen.clone()) {
-            o.extend(s);
-        }
-        v
-    };
     let claims = match state.rdp_tokens.redeem(&pre.token, crate::audit::now_unix()) {
         Ok(c) => c,
         Err(e) => {
             info!(reason = %e, "rdp token refused");
-            denied(with_seen(json!({"reason": e.to_string(), "code": e.code()})));
+            denied(json!({"reason": e.to_string(), "code": e.code()}), Some(&pre));
             return;
         }
     };
@@ -194,14 +193,20 @@ async fn handle(
     let authz = match authorize_request(&state, &identity, &claims.instance, Action::Rdp, None, None).await {
         Ok(a) if a.agent_id() == claims.agent_id => a,
         Ok(_) => {
-            denied(with_seen(json!({"user": claims.user, "target": claims.instance, "token_id": claims.id,
-                                    "reason": "the instance is now a different agent than when the token was issued",
-                                    "code": "instance-changed"})));
+            denied(
+                json!({"user": claims.user, "target": claims.instance, "token_id": claims.id,
+                       "reason": "the instance is now a different agent than when the token was issued",
+                       "code": "instance-changed"}),
+                Some(&pre),
+            );
             return;
         }
         Err(msg) => {
-            denied(with_seen(json!({"user": claims.user, "target": claims.instance, "token_id": claims.id,
-                                    "reason": msg, "code": "policy"})));
+            denied(
+                json!({"user": claims.user, "target": claims.instance, "token_id": claims.id,
+                       "reason": msg, "code": "policy"}),
+                Some(&pre),
+            );
             return;
         }
     };

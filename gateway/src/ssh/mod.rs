@@ -524,8 +524,8 @@ impl ConnHandler {
         };
         // RDP events say which way in was used: "local" here, "gateway" for the RDP port.
         let with_mode = |mut v: serde_json::Value| {
-            if let (Action::Rdp, Some(o)) = (authz.action(), v.as_object_mut()) {
-                o.insert("mode".into(), "local".into());
+            if authz.action() == Action::Rdp {
+                v["mode"] = "local".into();
             }
             v
         };
@@ -550,7 +550,6 @@ impl ConnHandler {
                    "source": self.peer.to_string(), "logged": false, "reason": unlogged_reason}),
             ),
         );
-        let closing = with_mode(json!({}));
         let audit = self.state.audit.clone();
         let started = std::time::Instant::now();
         let authz2 = authz.clone();
@@ -573,8 +572,8 @@ impl ConnHandler {
                        "bytes_to_target": bytes_up, "bytes_from_target": bytes_down, "end_reason": end_reason,
                        "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                        "logged": false, "reason": unlogged_reason});
-            if let (Some(f), serde_json::Value::Object(extra)) = (fields.as_object_mut(), closing) {
-                f.extend(extra);
+            if authz2.action() == Action::Rdp {
+                fields["mode"] = "local".into();
             }
             let _ = audit.record(&format!("{event}.close"), fields);
         });
