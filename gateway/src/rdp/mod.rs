@@ -154,11 +154,13 @@ async fn handle(
 ) {
     // `session.denied`, with what the client's connection request said once it was read.
     let denied = |mut ev: Value, seen: Option<&Preamble>| {
-        ev["action"] = "rdp".into();
-        ev["source"] = peer.to_string().into();
-        if let Some(p) = seen {
-            ev["cookie"] = json!(p.cookie);
-            ev["protocols"] = json!(p.protocols);
+        if let Some(o) = ev.as_object_mut() {
+            o.insert("action".into(), "rdp".into());
+            o.insert("source".into(), peer.to_string().into());
+            if let Some(p) = seen {
+                o.insert("cookie".into(), json!(p.cookie));
+                o.insert("protocols".into(), json!(p.protocols));
+            }
         }
         let _ = state.audit.record("session.denied", ev);
     };

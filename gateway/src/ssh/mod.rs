@@ -523,9 +523,10 @@ impl ConnHandler {
             _ => "forward",
         };
         // RDP events say which way in was used: "local" here, "gateway" for the RDP port.
-        let with_mode = |mut v: serde_json::Value| {
-            if authz.action() == Action::Rdp {
-                v["mode"] = "local".into();
+        let action = authz.action();
+        let with_mode = move |mut v: serde_json::Value| {
+            if let (Action::Rdp, Some(o)) = (action, v.as_object_mut()) {
+                o.insert("mode".into(), "local".into());
             }
             v
         };
@@ -568,14 +569,11 @@ impl ConnHandler {
             let max = authz2.limits().max_session;
             let (bytes_up, bytes_down) = relay_forward(channel, send, recv, &reg.session, max).await;
             let end_reason = reg.session.reason();
-            let mut fields = json!({"session_id": sid, "user": authz2.user(), "target": authz2.instance(), "destination": destination,
+            let fields = json!({"session_id": sid, "user": authz2.user(), "target": authz2.instance(), "destination": destination,
                        "bytes_to_target": bytes_up, "bytes_from_target": bytes_down, "end_reason": end_reason,
                        "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                        "logged": false, "reason": unlogged_reason});
-            if authz2.action() == Action::Rdp {
-                fields["mode"] = "local".into();
-            }
-            let _ = audit.record(&format!("{event}.close"), fields);
+            let _ = audit.record(&format!("{event}.close"), with_mode(fields));
         });
     }
 }
