@@ -168,6 +168,15 @@ impl Gateway {
         }
     }
 
+    /// Write a known_hosts file trusting this gateway's host CA: the `@cert-authority` line
+    /// `postern ssh-config` prints.
+    pub fn write_known_hosts(&self, path: &Path) {
+        let out = self.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
+        std::fs::write(path, format!("{ca}\n")).unwrap();
+    }
+
     pub fn postern(&self, args: &[&str]) -> Output {
         Command::new(bin("postern"))
             .arg("--data-dir")
@@ -313,6 +322,11 @@ impl Agent {
         cmd.arg("--state-dir").arg(self.state_dir()).arg("run").args(extra);
         self.proc = Some(spawn_logged(cmd, &self.dir.path().join("agent.log")));
     }
+}
+
+/// A new ed25519 key pair without passphrase at `path` (and `path.pub`).
+pub fn ssh_keygen(path: &Path, comment: &str) {
+    sh(&format!("ssh-keygen -q -t ed25519 -N '' -C {comment} -f {}", path.display()));
 }
 
 /// Run a shell command (setup of namespaces and the like); panics with its output on failure.

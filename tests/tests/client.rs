@@ -21,12 +21,9 @@ impl Setup {
     fn new(policy: &str) -> Setup {
         let gw = Gateway::start("idle_timeout = \"0\"");
         let dir = tempfile::tempdir().unwrap();
-        let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
-        std::fs::write(dir.path().join("known_hosts"), format!("{ca}\n")).unwrap();
+        gw.write_known_hosts(&dir.path().join("known_hosts"));
         let key = dir.path().join("alice");
-        sh(&format!("ssh-keygen -q -t ed25519 -N '' -C alice -f {}", key.display()));
+        ssh_keygen(&key, "alice");
         let s = Setup { gw, dir, key };
         s.admin(&["user", "add", "alice", "--key-file", s.key.with_extension("pub").to_str().unwrap()]);
         let file = s.dir.path().join("policy.toml");
@@ -141,6 +138,35 @@ fn ls_and_exec_as_a_user() {
     assert!(text(&out.stdout).contains("forward") && text(&out.stdout).contains("--max-concurrency"));
 }
 
+/// A running `postern forward INSTANCE LOCAL:DEST`, listening once started.
+struct Forward {
+    child: std::process::Child,
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+impl Forward {
+    fn start(s: &Setup, instance: &str, local: u16, dest: &str) -> Forward {
+        let mut child =
+            s.user(&["forward", instance, &format!("{local}:{dest}")]).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        // It says where it listens once it does.
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.contains(&format!("127.0.0.1:{local}")), "{line}");
+        Forward { child, stderr }
+    }
+
+    /// Ctrl-C; returns the rest of its stderr (the summary) after a clean exit.
+    fn stop(mut self) -> String {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .unwrap();
+        let mut rest = String::new();
+        self.stderr.read_to_string(&mut rest).unwrap();
+        assert!(self.child.wait().unwrap().success(), "{rest}");
+        rest
+    }
+}
+
 /// A local HTTP server serving one file; returns (server, port).
 fn http_server(dir: &std::path::Path, body: &str) -> (std::process::Child, u16) {
     std::fs::write(dir.join("hello.txt"), body).unwrap();
@@ -180,15 +206,7 @@ fn forward_carries_http_refuses_other_destinations_and_survives_a_tunnel_reconne
     assert!(text(&out.stderr).contains("refused"), "{}", text(&out.stderr));
 
     let local = free_tcp_port();
-    let mut fwd = s
-        .user(&["forward", "web-01", &format!("{local}:127.0.0.1:{http_port}")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(fwd.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains(&format!("127.0.0.1:{local}")), "{line}");
+    let fwd = Forward::start(&s, "web-01", local, &format!("127.0.0.1:{http_port}"));
 
     // Several concurrent connections.
     let handles: Vec<_> = (0..6).map(|_| std::thread::spawn(move || curl(local))).collect();
@@ -206,10 +224,7 @@ fn forward_carries_http_refuses_other_destinations_and_survives_a_tunnel_reconne
     let out = curl(local);
     assert_eq!(text(&out.stdout), "hello through the tunnel\n", "{}", text(&out.stderr));
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fwd.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).unwrap();
-    assert!(fwd.wait().unwrap().success(), "{rest}");
+    let rest = fwd.stop();
     assert!(rest.contains("7 connection(s), 0 failed"), "{rest}");
     let opens = s.gw.audit_events().into_iter().filter(|e| e["event"] == "forward.open").count();
     assert_eq!(opens, 7 + 1, "seven forwarded connections and the up-front check");
@@ -387,15 +402,7 @@ fn psql_through_a_forward_to_a_host_the_instance_reaches() {
     ));
     let _db = Agent::start_labeled(&s.gw, "db-01", "env=prod,role=db", vec![], &s.gw.listen);
     let local = free_tcp_port();
-    let mut fwd = s
-        .user(&["forward", "db-01", &format!("{local}:127.0.0.1:{}", pg.port)])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(fwd.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains(&format!("127.0.0.1:{local}")), "{line}");
+    let fwd = Forward::start(&s, "db-01", local, &format!("127.0.0.1:{}", pg.port));
     let psql = |sql: &str| {
         Command::new("timeout")
             .args(["30", "psql", "-h", "127.0.0.1", "-p", &local.to_string(), "-U", "postgres", "-At", "-c", sql])
@@ -407,10 +414,7 @@ fn psql_through_a_forward_to_a_host_the_instance_reaches() {
     assert_eq!(text(&out.stdout).lines().last(), Some("500500"));
     let out = psql("select count(*) from t");
     assert_eq!(text(&out.stdout).trim(), "1000");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fwd.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).unwrap();
-    assert!(fwd.wait().unwrap().success(), "{rest}");
+    let rest = fwd.stop();
     assert!(rest.contains("2 connection(s), 0 failed"), "{rest}");
 }
 

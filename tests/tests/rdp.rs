@@ -38,12 +38,9 @@ impl Setup {
         let rdp_port = free_tcp_port();
         let gw = Gateway::start(&format!("[rdp]\nenabled = true\nlisten = \"127.0.0.1:{rdp_port}\"\n{rdp_settings}\n"));
         let dir = tempfile::tempdir().unwrap();
-        let out = gw.postern(&["ssh-config", "--known-hosts-file", "/dev/null"]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let ca = text(&out.stdout).lines().find(|l| l.starts_with("@cert-authority")).unwrap().to_owned();
-        std::fs::write(dir.path().join("known_hosts"), format!("{ca}\n")).unwrap();
+        gw.write_known_hosts(&dir.path().join("known_hosts"));
         let key = dir.path().join("alice");
-        sh(&format!("ssh-keygen -q -t ed25519 -N '' -C alice -f {}", key.display()));
+        ssh_keygen(&key, "alice");
         let s = Setup { gw, dir, rdp_port, key };
         s.ok(&["user", "add", "alice", "--key-file", s.key.with_extension("pub").to_str().unwrap()]);
         s.apply(RDP_POLICY);
