@@ -171,10 +171,10 @@ impl Client {
     async fn connect_inner(opts: &ClientOptions, instance: Option<&str>) -> anyhow::Result<Client> {
         let (host, port) = opts.host_port()?;
         let verdict = Arc::new(Mutex::new(None));
-        let verifier = Verifier { host: host.clone(), port, files: opts.known_hosts_files(), verdict: verdict.clone() };
+        let trust = known_hosts::load(&opts.known_hosts_files(), &host, port);
         // As OpenSSH does: ask for a host certificate only when a CA is trusted for the host.
         let mut preferred = russh::Preferred::default();
-        if !known_hosts::load(&verifier.files, &host, port).authorities.is_empty() {
+        if !trust.authorities.is_empty() {
             use russh::keys::ssh_key::{Algorithm, EcdsaCurve};
             preferred.host_key_certificates = std::borrow::Cow::Owned(vec![
                 Algorithm::Ed25519,
@@ -182,6 +182,7 @@ impl Client {
                 Algorithm::Rsa { hash: Some(HashAlg::Sha512) },
             ]);
         }
+        let verifier = Verifier { host: host.clone(), port, trust, verdict: verdict.clone() };
         let config = Arc::new(russh::client::Config {
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(30)),
@@ -390,7 +391,8 @@ fn cert_beside(key: &Path) -> Option<Certificate> {
 struct Verifier {
     host: String,
     port: u16,
-    files: Vec<PathBuf>,
+    /// The known_hosts entries for this host, read once per connection.
+    trust: known_hosts::Trust,
     verdict: Arc<Mutex<Option<String>>>,
 }
 
@@ -398,10 +400,9 @@ impl russh::client::Handler for Verifier {
     type Error = russh::Error;
 
     async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        let trust = known_hosts::load(&self.files, &self.host, self.port);
         let result = match key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => trust.check_key(key),
-            PublicKeyOrCertificate::Certificate(cert) => trust.check_certificate(cert, &self.host),
+            PublicKeyOrCertificate::PublicKey { key, .. } => self.trust.check_key(key),
+            PublicKeyOrCertificate::Certificate(cert) => self.trust.check_certificate(cert, &self.host),
         };
         match result {
             Ok(()) => Ok(true),

@@ -181,21 +181,6 @@ impl SessionTable {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn register(
-        self: &Arc<Self>,
-        id: &str,
-        user: &str,
-        source: Option<IpAddr>,
-        target: &str,
-        agent_id: &str,
-        action: Action,
-        destination: Option<(String, u16)>,
-        logged: bool,
-    ) -> Registration {
-        self.add(id, user, source, target, agent_id, action, destination, logged, false)
-    }
-
     /// An admin-socket session (see [`LiveSession::via_admin`]).
     pub fn register_admin(
         self: &Arc<Self>,
@@ -205,11 +190,11 @@ impl SessionTable {
         agent_id: &str,
         action: Action,
     ) -> Registration {
-        self.add(id, actor, None, target, agent_id, action, None, false, true)
+        self.register(id, actor, None, target, agent_id, action, None, false, true)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn add(
+    pub fn register(
         self: &Arc<Self>,
         id: &str,
         user: &str,

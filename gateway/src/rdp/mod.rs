@@ -252,6 +252,7 @@ async fn connect(
         Action::Rdp,
         None,
         false,
+        false,
     );
     let started = Instant::now();
     let SessionStream { send, recv, .. } = stream;

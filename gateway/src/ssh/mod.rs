@@ -563,6 +563,7 @@ impl ConnHandler {
             authz.action(),
             authz.destination().map(|(h, p)| (h.to_owned(), p)),
             false,
+            false,
         );
         tokio::spawn(async move {
             let SessionStream { send, recv, .. } = stream;
@@ -910,6 +911,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         action,
         None,
         logged,
+        false,
     );
     let live = reg.session.clone();
     let started = std::time::Instant::now();
