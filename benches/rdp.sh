@@ -5,17 +5,10 @@
 # Release build; needs root, xrdp, xvfb, freerdp2-x11 and python3.
 #   bash benches/rdp.sh            (RUNS=20 SIZE_MIB=1024 by default)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 RUNS=${RUNS:-20}
 SIZE=$(( ${SIZE_MIB:-1024} * 1024 * 1024 ))
-cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
-T=$PWD/target/release
+source "$(dirname "$0")/lib.sh"
 B="python3 $PWD/benches/ssh_bench.py"
-W=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 # xrdp (TLS; no sesman needed for +auth-only) and a display for xfreerdp.
@@ -58,21 +51,14 @@ enabled = true
 listen = "127.0.0.1:$GW_RDP"
 CFG
 POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway >"$W/gateway.log" 2>&1 & pids+=($!)
-for _ in $(seq 1 100); do [ -S "$W/data/admin.sock" ] && break; sleep 0.05; done
+gateway_ready "$W/data"
 agent() { # name rdp_address
-  local tok token pin
-  tok=$("$T/postern" --data-dir "$W/data" token create --name "$1" --json)
-  token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
-  pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
   printf '[limits]\nrdp_address = "%s"\n' "$2" >"$W/$1.toml"
-  "$T/postern-agent" --state-dir "$W/$1" join --gateway "127.0.0.1:$GW_UDP" --token "$token" --ca-pin "$pin" >/dev/null
-  POSTERN_LOG=warn "$T/postern-agent" --state-dir "$W/$1" run --config "$W/$1.toml" & pids+=($!)
-  for _ in $(seq 1 100); do "$T/postern" --data-dir "$W/data" instances --json | grep -q "\"name\": \"$1\"" &&
-    "$T/postern" --data-dir "$W/data" instances --json | python3 -c "import json,sys;sys.exit(0 if any(i['name']=='$1' and i['online'] for i in json.load(sys.stdin)) else 1)" && break; sleep 0.1; done
+  enroll "$W/data" "127.0.0.1:$GW_UDP" "$1" "$W/$1" --config "$W/$1.toml"
 }
 agent win "127.0.0.1:$XRDP"
 agent sink "127.0.0.1:$SINK"
-"$T/postern" --data-dir "$W/data" ssh-config --known-hosts-file /dev/null | sed -n '/^@cert-authority/p' >"$W/known_hosts"
+known_hosts "$W/data" >"$W/known_hosts"
 R="$T/postern rdp --gateway 127.0.0.1:$GW_SSH --user bench -i $W/user --known-hosts $W/known_hosts"
 token() { $R "$1" --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])'; }
 XF="timeout 60 xfreerdp /cert:ignore +auth-only /sec:tls /u:bench /p:x /log-level:OFF"

@@ -6,16 +6,9 @@
 # steadier on a busy machine). Release build; needs openssh-client and python3.
 #   bash benches/recording-overhead.sh        (SIZE_MIB=256 RUNS=5 by default)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SIZE_MIB=${SIZE_MIB:-256}
 RUNS=${RUNS:-5}
-cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
-T=$PWD/target/release
-W=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 ssh-keygen -q -t ed25519 -N '' -f "$W/user"
 
 start() { # name extra-config
@@ -38,15 +31,9 @@ $2
 CFG
   POSTERN_LOG=warn "$T/postern" --config "$d/gateway.toml" gateway >"$d/gateway.log" 2>&1 & pids+=($!)
   echo $! >"$d/gateway.pid"
-  for _ in $(seq 1 100); do [ -S "$d/data/admin.sock" ] && break; sleep 0.05; done
-  local tok token pin
-  tok=$("$T/postern" --data-dir "$d/data" token create --name box --json)
-  token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
-  pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
-  "$T/postern-agent" --state-dir "$d/agent" join --gateway "127.0.0.1:$udp" --token "$token" --ca-pin "$pin" >/dev/null
-  POSTERN_LOG=warn "$T/postern-agent" --state-dir "$d/agent" run & pids+=($!)
-  for _ in $(seq 1 100); do "$T/postern" --data-dir "$d/data" instances --json | grep -q '"online": true' && break; sleep 0.1; done
-  "$T/postern" --data-dir "$d/data" ssh-config --known-hosts-file /dev/null | sed -n '/^@cert-authority/p' >"$d/known_hosts"
+  gateway_ready "$d/data"
+  enroll "$d/data" "127.0.0.1:$udp" box "$d/agent"
+  known_hosts "$d/data" >"$d/known_hosts"
   echo "$ssh" >"$d/port"
 }
 start recorded ""

@@ -3,15 +3,8 @@
 # command on every instance, at several concurrency limits. Release build; python3.
 #   bash benches/run.sh            (AGENTS=100 by default)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 AGENTS=${AGENTS:-100}
-cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
-T=$PWD/target/release
-W=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 
 ssh-keygen -q -t ed25519 -N '' -f "$W/user"
 GW_SSH=$(port); GW_UDP=$(port)
@@ -31,21 +24,10 @@ keys = ["$(cat "$W/user.pub")"]
 instances = ["*"]
 CFG
 POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway >"$W/gateway.log" 2>&1 & GW_PID=$!; pids+=($GW_PID)
-for _ in $(seq 1 100); do [ -S "$W/data/admin.sock" ] && break; sleep 0.05; done
-A="$T/postern --data-dir $W/data"
+gateway_ready "$W/data"
 echo "enrolling $AGENTS agents..." >&2
-for i in $(seq -w 1 "$AGENTS"); do
-  tok=$($A token create --name "node-$i" --labels env=bench --json)
-  token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
-  pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
-  "$T/postern-agent" --state-dir "$W/a$i" join --gateway "127.0.0.1:$GW_UDP" --token "$token" --ca-pin "$pin" >/dev/null
-  POSTERN_LOG=warn "$T/postern-agent" --state-dir "$W/a$i" run & pids+=($!)
-done
-for _ in $(seq 1 200); do
-  n=$($A instances --json | python3 -c 'import json,sys;print(sum(1 for i in json.load(sys.stdin) if i["online"]))')
-  [ "$n" -ge "$AGENTS" ] && break; sleep 0.1
-done
-"$T/postern" --data-dir "$W/data" ssh-config --known-hosts-file /dev/null | sed -n '/^@cert-authority/p' >"$W/known_hosts"
+for i in $(seq -w 1 "$AGENTS"); do enroll "$W/data" "127.0.0.1:$GW_UDP" "node-$i" "$W/a$i"; done
+known_hosts "$W/data" >"$W/known_hosts"
 export POSTERN_GATEWAY="127.0.0.1:$GW_SSH" POSTERN_USER=bench
 U="$T/postern"
 UA=(-i "$W/user" --known-hosts "$W/known_hosts")

@@ -5,18 +5,11 @@
 #   bash benches/ssh-vs-openssh.sh            (SIZE_MIB=1024 RUNS=20 ECHOS=200 by default)
 #   SSH_CIPHERS='["aes256-gcm@openssh.com"]'  sets the gateway's [ssh] ciphers
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SIZE=$(( ${SIZE_MIB:-1024} * 1024 * 1024 ))
 RUNS=${RUNS:-20}
 ECHOS=${ECHOS:-200}
-cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
-T=$PWD/target/release
+source "$(dirname "$0")/lib.sh"
 B="python3 $PWD/benches/ssh_bench.py"
-W=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 ssh-keygen -q -t ed25519 -N '' -f "$W/user"
 mkdir -p /run/sshd
@@ -58,13 +51,8 @@ keys = ["$(cat "$W/user.pub")"]
 instances = ["*"]
 CFG
 POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway >"$W/gateway.log" 2>&1 & pids+=($!)
-for _ in $(seq 1 100); do [ -S "$W/data/admin.sock" ] && break; sleep 0.05; done
-tok=$("$T/postern" --data-dir "$W/data" token create --name bench --json)
-token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
-pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
-"$T/postern-agent" --state-dir "$W/agent" join --gateway "127.0.0.1:$GW_UDP" --token "$token" --ca-pin "$pin" >/dev/null
-POSTERN_LOG=warn "$T/postern-agent" --state-dir "$W/agent" run & pids+=($!)
-for _ in $(seq 1 100); do "$T/postern" --data-dir "$W/data" instances --json | grep -q '"online": true' && break; sleep 0.1; done
+gateway_ready "$W/data"
+enroll "$W/data" "127.0.0.1:$GW_UDP" bench "$W/agent"
 
 "$T/postern" --data-dir "$W/data" ssh-config --known-hosts-file "$W/known_hosts" >"$W/printed"
 sed -n '/^@cert-authority/p' "$W/printed" >>"$W/known_hosts"

@@ -1,0 +1,37 @@
+# Shared set-up for the end-to-end benchmark scripts (sourced, not run): a release build,
+# a scratch directory removed on exit together with every process started in the
+# background (append PIDs to `pids`), free loopback ports, and helpers to wait for a gateway
+# and to enroll agents. Needs python3.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
+T=$PWD/target/release
+W=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+# gateway_ready DATA_DIR: wait (at most 5 s) for the gateway's admin socket.
+gateway_ready() { for _ in $(seq 1 100); do [ -S "$1/admin.sock" ] && return 0; sleep 0.05; done; echo "gateway did not start" >&2; exit 1; }
+
+# enroll DATA_DIR TUNNEL_ADDR NAME STATE_DIR [postern-agent run ARGS...]: a token named NAME
+# (labels from $LABELS, default env=bench), join, `run` in the background, wait until online.
+enroll() {
+  local data=$1 tunnel=$2 name=$3 state=$4 tok token pin
+  shift 4
+  tok=$("$T/postern" --data-dir "$data" token create --name "$name" --labels "${LABELS:-env=bench}" --json)
+  token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
+  pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
+  "$T/postern-agent" --state-dir "$state" join --gateway "$tunnel" --token "$token" --ca-pin "$pin" >/dev/null
+  POSTERN_LOG=warn "$T/postern-agent" --state-dir "$state" run "$@" & pids+=($!)
+  for _ in $(seq 1 100); do
+    "$T/postern" --data-dir "$data" instances --json |
+      python3 -c "import json,sys;sys.exit(0 if any(i['name']=='$name' and i['online'] for i in json.load(sys.stdin)) else 1)" &&
+      return 0
+    sleep 0.1
+  done
+  echo "agent $name did not come online" >&2; exit 1
+}
+
+# known_hosts DATA_DIR: the gateway's @cert-authority line.
+known_hosts() { "$T/postern" --data-dir "$1" ssh-config --known-hosts-file /dev/null | sed -n '/^@cert-authority/p'; }
