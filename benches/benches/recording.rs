@@ -57,6 +57,7 @@ fn bench(c: &mut Criterion) {
     });
     let dir = tempfile::tempdir_in(std::env::var("RECORDING_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
     let keys = Keyring::new(vec![std::sync::Arc::new(FileKey::from_bytes(&[7; 32]).unwrap())]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
     for (name, opts) in [
         ("output 16 KiB chunk, clear file", RecordingOptions::default()),
         ("output 16 KiB chunk, sealed file", RecordingOptions { keyring: keys, input: false }),
@@ -65,16 +66,20 @@ fn bench(c: &mut Criterion) {
         let mut rec: Option<Recorder> = None;
         g.bench_function(name, |b| {
             b.iter(|| {
-                // A new file every 64 MiB, so the bench does not fill the disk.
-                if n.is_multiple_of(4096) {
-                    if let Some(mut r) = rec.take() {
-                        r.finish(Some(0)).unwrap();
-                        std::fs::remove_file(r.path()).unwrap();
+                rt.block_on(async {
+                    // A new file every 64 MiB, so the bench does not fill the disk.
+                    if n.is_multiple_of(4096) {
+                        if let Some(mut r) = rec.take() {
+                            r.finish(Some(0)).await.unwrap();
+                            std::fs::remove_file(r.path()).unwrap();
+                        }
+                        rec = Some(
+                            Recorder::create(dir.path(), &format!("b{n}"), (80, 24), "bench", None, &opts).unwrap(),
+                        );
                     }
-                    rec = Some(Recorder::create(dir.path(), &format!("b{n}"), (80, 24), "bench", None, &opts).unwrap());
-                }
-                n += 1;
-                rec.as_mut().unwrap().output(black_box(&data)).unwrap();
+                    n += 1;
+                    rec.as_mut().unwrap().output(black_box(&data)).await.unwrap();
+                })
             })
         });
     }

@@ -15,7 +15,7 @@ use crate::audit::seal::{Ending, Keyring, Plain, Sealer};
 /// Longest time recorded output may sit in the gateway's buffer.
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Buffered events are written once they reach this size, whatever their age.
-const FLUSH_BYTES: usize = 64 * 1024;
+const FLUSH_BYTES: usize = 256 * 1024;
 
 /// What a new recording looks like.
 #[derive(Debug, Clone, Default)]
@@ -28,17 +28,65 @@ pub struct RecordingOptions {
 
 pub struct Recorder {
     path: PathBuf,
-    file: std::fs::File,
-    sealer: Option<Sealer>,
+    /// The file, here while no write is in flight (a blocking thread has it meanwhile).
+    sink: Option<Sink>,
+    /// The write in flight: it hands back the file and the emptied buffer.
+    inflight: Option<tokio::task::JoinHandle<Written>>,
+    /// Whether the file is sealed (encryption at rest; its name ends in `.sealed`).
+    sealed_file: bool,
     /// Events not yet handed to the OS (sealed as one record when they are).
     buf: Vec<u8>,
-    /// Scratch space for sealing.
-    sealed: Vec<u8>,
+    /// The other buffer: filled while `buf`'s previous contents are being written.
+    spare: Vec<u8>,
+    /// Why the recording stopped being written, once a write failed.
+    failed: Option<(std::io::ErrorKind, String)>,
     input: bool,
     start: Instant,
     last_flush: Instant,
     /// Bytes of an incomplete UTF-8 sequence carried to the next chunk.
     pending: Vec<u8>,
+}
+
+/// What a write hands back: the file, the emptied buffer and how it went.
+type Written = (Sink, Vec<u8>, std::io::Result<()>);
+
+/// The file end of a recording, moved to a blocking thread for each write.
+struct Sink {
+    file: std::fs::File,
+    sealer: Option<Sealer>,
+    /// Scratch space for sealing.
+    sealed: Vec<u8>,
+    /// Bytes written completely so far: a write that fails half-way is cut back to this.
+    len: u64,
+}
+
+impl Sink {
+    /// Append `plain` (as one sealed record when sealing; `last` closes a sealed file). A
+    /// write that fails (a full disk) is cut back, so the file ends with the last complete
+    /// line or record rather than a torn one.
+    fn write(&mut self, plain: &[u8], last: bool) -> std::io::Result<()> {
+        if plain.is_empty() && !last {
+            return Ok(());
+        }
+        let data = match self.sealer.as_mut() {
+            Some(s) => {
+                self.sealed.clear();
+                s.seal_into(plain, last, &mut self.sealed)?;
+                &self.sealed
+            }
+            None => plain,
+        };
+        match self.file.write_all(data) {
+            Ok(()) => {
+                self.len += data.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Recorder {
@@ -155,13 +203,15 @@ impl Recorder {
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(file_name(session_id, options.keyring.active().is_some()));
-        let (file, sealer, _) = crate::audit::seal::create_file(&path, &options.keyring)?;
+        let (file, sealer, header_len) = crate::audit::seal::create_file(&path, &options.keyring)?;
         let mut rec = Self {
             path,
-            file,
-            sealer,
+            sealed_file: sealer.is_some(),
+            sink: Some(Sink { file, sealer, sealed: Vec::new(), len: header_len }),
+            inflight: None,
             buf: Vec::with_capacity(FLUSH_BYTES + 4096),
-            sealed: Vec::new(),
+            spare: Vec::with_capacity(FLUSH_BYTES + 4096),
+            failed: None,
             input: options.input,
             start: Instant::now(),
             last_flush: Instant::now(),
@@ -179,7 +229,13 @@ impl Recorder {
         }
         serde_json::to_writer(&mut rec.buf, &header).map_err(std::io::Error::other)?;
         rec.buf.push(b'\n');
-        if let Err(e) = rec.write_out(false) {
+        // Written here and now: a recording that cannot be started stops its session.
+        let written = match rec.sink.as_mut() {
+            Some(sink) => sink.write(&rec.buf, false),
+            None => Ok(()),
+        };
+        rec.buf.clear();
+        if let Err(e) = written {
             let _ = std::fs::remove_file(&rec.path);
             return Err(e);
         }
@@ -193,13 +249,14 @@ impl Recorder {
     /// Give the recording its session's name once the session id is known (recordings are
     /// created before the session starts, so that one that cannot be written stops it).
     pub fn rename_to(&mut self, session_id: &str) -> std::io::Result<()> {
-        let to = self.path.with_file_name(file_name(session_id, self.sealer.is_some()));
+        let to = self.path.with_file_name(file_name(session_id, self.sealed_file));
         std::fs::rename(&self.path, &to)?;
         self.path = to;
         Ok(())
     }
 
-    fn event(&mut self, kind: &str, data: &str) -> std::io::Result<()> {
+    async fn event(&mut self, kind: &str, data: &str) -> std::io::Result<()> {
+        self.check()?;
         let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
         // Written straight into the buffer: no intermediate JSON value or string.
         self.buf.push(b'[');
@@ -209,51 +266,96 @@ impl Recorder {
         self.buf.extend_from_slice(b"\",");
         json_string(&mut self.buf, data);
         self.buf.extend_from_slice(b"]\n");
-        if self.buf.len() >= FLUSH_BYTES { self.write_out(false) } else { self.flush_if_due() }
+        if self.buf.len() >= FLUSH_BYTES { self.write_out(false).await } else { self.flush_if_due().await }
     }
 
-    /// Hand the buffer to the OS (as one sealed record when sealing; `last` closes the file).
-    fn write_out(&mut self, last: bool) -> std::io::Result<()> {
+    /// Wait for the write in flight, if any, and take the file back.
+    async fn settle(&mut self) -> std::io::Result<()> {
+        if let Some(write) = self.inflight.take() {
+            match write.await {
+                Ok((sink, mut spare, result)) => {
+                    self.sink = Some(sink);
+                    spare.clear();
+                    self.spare = spare;
+                    if let Err(e) = result {
+                        self.fail(&e);
+                    }
+                }
+                Err(e) => self.fail(&std::io::Error::other(format!("recording writer stopped: {e}"))),
+            }
+        }
+        self.check()
+    }
+
+    /// The error that stopped the recording, if one did.
+    fn check(&self) -> std::io::Result<()> {
+        match &self.failed {
+            Some((kind, why)) => Err(std::io::Error::new(*kind, why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the recording is no longer being written, once a write has failed (noticed at
+    /// the next event or flush after it).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_ref().map(|(_, why)| why.as_str())
+    }
+
+    /// After a failed write nothing more is written: what follows would land after a torn
+    /// line or record.
+    fn fail(&mut self, e: &std::io::Error) {
+        if self.failed.is_none() {
+            tracing::warn!(path = %self.path.display(), error = %e, "recording write failed; the rest of this session is not recorded");
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+    }
+
+    /// Hand the buffer to a blocking thread to write (as one sealed record when sealing;
+    /// `last` closes the file and waits for it). The `write` system call into the page
+    /// cache is most of what recording costs, so it runs beside the session rather than in
+    /// its path; one write is in flight at a time, which keeps the file in order and makes
+    /// a session that outruns the disk wait for it (two buffers per session at most).
+    async fn write_out(&mut self, last: bool) -> std::io::Result<()> {
         self.last_flush = Instant::now();
+        self.settle().await?;
         if self.buf.is_empty() && !last {
             return Ok(());
         }
-        let result = match self.sealer.as_mut() {
-            Some(s) => {
-                self.sealed.clear();
-                s.seal_into(&self.buf, last, &mut self.sealed)?;
-                self.file.write_all(&self.sealed)
-            }
-            None => self.file.write_all(&self.buf),
+        let Some(mut sink) = self.sink.take() else {
+            return Err(std::io::Error::other("recording file is gone"));
         };
-        self.buf.clear();
-        result
+        let plain = std::mem::replace(&mut self.buf, std::mem::take(&mut self.spare));
+        self.inflight = Some(tokio::task::spawn_blocking(move || {
+            let result = sink.write(&plain, last);
+            (sink, plain, result)
+        }));
+        if last { self.settle().await } else { Ok(()) }
     }
 
     /// Hand buffered events to the OS if the last flush is older than [`FLUSH_EVERY`]. The
     /// session loop also calls this on a timer, so a crash loses at most that much output;
     /// flushing per event instead cost a third of shell output throughput.
-    pub fn flush_if_due(&mut self) -> std::io::Result<()> {
-        if self.last_flush.elapsed() >= FLUSH_EVERY { self.write_out(false) } else { Ok(()) }
+    pub async fn flush_if_due(&mut self) -> std::io::Result<()> {
+        if self.last_flush.elapsed() >= FLUSH_EVERY { self.write_out(false).await } else { Ok(()) }
     }
 
     /// End the recording: an `exit CODE` marker when the command's status is known, then
-    /// everything buffered (and, sealed, the final record).
-    pub fn finish(&mut self, exit_code: Option<i32>) -> std::io::Result<()> {
+    /// everything buffered (and, sealed, the final record), waiting until it is written.
+    pub async fn finish(&mut self, exit_code: Option<i32>) -> std::io::Result<()> {
         if let Some(code) = exit_code {
             let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
             serde_json::to_writer(&mut self.buf, &(t, "m", format!("exit {code}"))).map_err(std::io::Error::other)?;
             self.buf.push(b'\n');
         }
-        self.write_out(true)
+        self.write_out(true).await
     }
 
-    pub fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
+    pub async fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
         // The common case: no carried-over bytes and valid UTF-8, used in place.
         if self.pending.is_empty()
             && let Ok(text) = std::str::from_utf8(data)
         {
-            return if text.is_empty() { Ok(()) } else { self.event("o", text) };
+            return if text.is_empty() { Ok(()) } else { self.event("o", text).await };
         }
         let mut bytes = std::mem::take(&mut self.pending);
         bytes.extend_from_slice(data);
@@ -265,20 +367,20 @@ impl Recorder {
         let (text, rest) = bytes.split_at(valid_up_to);
         self.pending = rest.to_vec();
         let text = String::from_utf8_lossy(text).into_owned();
-        if text.is_empty() { Ok(()) } else { self.event("o", &text) }
+        if text.is_empty() { Ok(()) } else { self.event("o", &text).await }
     }
 
     /// What the user typed, if input is recorded (`[audit] record_input`).
-    pub fn input(&mut self, data: &[u8]) -> std::io::Result<()> {
+    pub async fn input(&mut self, data: &[u8]) -> std::io::Result<()> {
         if !self.input || data.is_empty() {
             return Ok(());
         }
-        let text = String::from_utf8_lossy(data);
-        self.event("i", &text)
+        let text = String::from_utf8_lossy(data).into_owned();
+        self.event("i", &text).await
     }
 
-    pub fn resize(&mut self, cols: u16, rows: u16) -> std::io::Result<()> {
-        self.event("r", &format!("{cols}x{rows}"))
+    pub async fn resize(&mut self, cols: u16, rows: u16) -> std::io::Result<()> {
+        self.event("r", &format!("{cols}x{rows}")).await
     }
 }
 
@@ -349,17 +451,17 @@ mod tests {
         assert!(format!("{e:#}").contains("s.cast:2:"), "{e:#}");
     }
 
-    #[test]
-    fn writes_asciicast_v2_and_keeps_utf8_split_across_chunks() {
+    #[tokio::test]
+    async fn writes_asciicast_v2_and_keeps_utf8_split_across_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let mut r =
             Recorder::create(dir.path(), "s1", (80, 24), "t", Some("ls"), &RecordingOptions::default()).unwrap();
         let euro = "€".as_bytes();
-        r.output(&[b'a', euro[0]]).unwrap();
-        r.output(&euro[1..]).unwrap();
-        r.resize(100, 30).unwrap();
-        r.input(b"secret").unwrap();
-        r.finish(Some(3)).unwrap();
+        r.output(&[b'a', euro[0]]).await.unwrap();
+        r.output(&euro[1..]).await.unwrap();
+        r.resize(100, 30).await.unwrap();
+        r.input(b"secret").await.unwrap();
+        r.finish(Some(3)).await.unwrap();
         let text = std::fs::read_to_string(r.path()).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines[0]["version"], 2);
@@ -373,6 +475,33 @@ mod tests {
         assert_eq!(lines[4][1], "m", "input is not recorded unless asked for");
         assert_eq!(lines[4][2], "exit 3");
         assert_eq!(lines.len(), 5);
+    }
+
+    /// Output far larger than one buffer goes through several writes in flight, clear and
+    /// sealed, and comes back whole and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn output_across_many_buffers_is_written_in_order() {
+        use crate::audit::seal::FileKey;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keyring::new(vec![std::sync::Arc::new(FileKey::from_bytes(&[9; 32]).unwrap())]);
+        let expected: String = (0..200_000).map(|i| format!("line {i}\r\n")).collect();
+        for (name, keyring) in [("clear", Keyring::default()), ("sealed", keys.clone())] {
+            let opts = RecordingOptions { keyring: keyring.clone(), input: false };
+            let mut r = Recorder::create(dir.path(), name, (80, 24), "t", None, &opts).unwrap();
+            for chunk in expected.as_bytes().chunks(16 << 10) {
+                r.output(chunk).await.unwrap();
+            }
+            r.finish(Some(0)).await.unwrap();
+            assert!(r.failure().is_none());
+            let mut out = Vec::new();
+            let path = r.path().to_owned();
+            let ending = replay(&path, &keyring, 1e9, Some(0.0), &mut out).unwrap();
+            assert!(out == expected.as_bytes(), "{name}: {} bytes back of {}", out.len(), expected.len());
+            assert!(expected.len() > 8 * FLUSH_BYTES);
+            if name == "sealed" {
+                assert_eq!(ending, Some(Ending::Complete));
+            }
+        }
     }
 
     #[test]
@@ -401,17 +530,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sealed_recordings_replay_with_the_key_and_record_input_when_asked() {
+    #[tokio::test]
+    async fn sealed_recordings_replay_with_the_key_and_record_input_when_asked() {
         use crate::audit::seal::FileKey;
         let dir = tempfile::tempdir().unwrap();
         let keys = Keyring::new(vec![std::sync::Arc::new(FileKey::from_bytes(&[5; 32]).unwrap())]);
         let opts = RecordingOptions { keyring: keys.clone(), input: true };
         let mut r = Recorder::create(dir.path(), "pending", (80, 24), "t", None, &opts).unwrap();
         r.rename_to("s2").unwrap();
-        r.output(b"top secret output").unwrap();
-        r.input(b"typed").unwrap();
-        r.finish(Some(0)).unwrap();
+        r.output(b"top secret output").await.unwrap();
+        r.input(b"typed").await.unwrap();
+        r.finish(Some(0)).await.unwrap();
         let path = find(dir.path(), "s2").unwrap();
         assert!(path.to_string_lossy().ends_with("s2.cast.sealed"));
         assert!(!std::fs::read(&path).unwrap().windows(6).any(|w| w == b"secret"));

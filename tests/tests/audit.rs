@@ -199,6 +199,69 @@ fn sessions_that_cannot_be_recorded_are_refused_unless_fail_closed_is_off() {
     assert_eq!(start["reason"], "recording could not be created");
 }
 
+/// Unmounts (lazily) a file system mounted for a test when dropped.
+struct Unmount(std::path::PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The gateway's recordings directory on a 1 MiB tmpfs (the audit log stays writable).
+fn small_recordings_dir(gw: &Gateway) -> (std::path::PathBuf, Unmount) {
+    let rec = gw.data_dir().join("recordings");
+    std::fs::create_dir_all(&rec).unwrap();
+    sh(&format!("mount -t tmpfs -o size=1m tmpfs {}", rec.display()));
+    (rec.clone(), Unmount(rec))
+}
+
+/// A recording that fills its disk during a session: failing closed, the session is ended
+/// with a message; failing open, it runs on and its end says it was not fully logged. Either
+/// way the recording keeps everything up to its last complete line.
+#[test]
+fn a_recording_that_fills_the_disk_mid_session_ends_it_when_failing_closed() {
+    // Megabytes of output, then a pause long enough to notice if the session is not ended.
+    let command = "head -c 3000000 /dev/zero | tr '\\000' a; echo; sleep 20; echo after";
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "");
+    let (rec, _unmount) = small_recordings_dir(&gw);
+    let started = std::time::Instant::now();
+    let out = ssh_exec(&gw, &key, &kh, command);
+    assert!(started.elapsed() < Duration::from_secs(15), "session was not ended: {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("recording can no longer be written"), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("after"));
+    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    assert_eq!(end["end_reason"], "recording-failed", "{end}");
+    assert_eq!(end["logged"], false);
+    assert!(end["reason"].as_str().unwrap().starts_with("recording failed during the session"), "{end}");
+    // The recording is whole up to its last line: the header and output events all parse.
+    let cast = std::fs::read_dir(&rec)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cast"))
+        .unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&cast).unwrap().lines().map(str::to_owned).collect();
+    assert!(lines.len() > 2, "{} lines", lines.len());
+    for l in &lines {
+        serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("torn line in {}: {e}", cast.display()));
+    }
+
+    // Failing open: the session runs to its end, and its end event says it was not logged.
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "[audit]\nfail_closed = false\n");
+    let (_rec, _unmount) = small_recordings_dir(&gw);
+    let out = ssh_exec(&gw, &key, &kh, &command.replace("sleep 20", "sleep 1"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).ends_with("after\n"));
+    assert_eq!(out.stdout.len(), 3_000_000 + "\nafter\n".len());
+    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    assert_eq!(end["end_reason"], serde_json::Value::Null, "{end}");
+    assert_eq!(end["exit_code"], 0);
+    assert_eq!(end["logged"], false);
+    assert!(end["reason"].as_str().unwrap().contains("No space left on device"), "{end}");
+}
+
 /// A full disk under the data directory: new logged sessions are refused, nothing already
 /// written is damaged, and service resumes when space is freed.
 #[test]
@@ -217,12 +280,6 @@ fn a_full_disk_refuses_new_sessions_and_keeps_the_log_intact() {
         d = data.display(),
         s = saved.display()
     ));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
     let _unmount = Unmount(data.clone());
     gw.restart();
     let mut agent = Agent { dir: tempfile::tempdir().unwrap(), name: "web-01".into(), proc: None, prefix: vec![] };

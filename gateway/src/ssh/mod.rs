@@ -924,6 +924,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     let mut last_input = std::time::Instant::now();
     let (mut warned_idle, mut warned_max) = (false, false);
     let mut end_reason: Option<&'static str> = None;
+    let mut recording_lost: Option<String> = None;
     let mut flush_tick = tokio::time::interval(crate::recording::FLUSH_EVERY);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -933,7 +934,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         tokio::select! {
             msg = rd.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data); }
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data).await; }
                     bytes_in += data.len() as u64;
                     live.add_in(data.len());
                     last_input = std::time::Instant::now();
@@ -948,7 +949,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
                     let (c, r) = (clamp16(col_width), clamp16(row_height));
                     let _ = write_frame(&mut send, &Message::Resize(Resize { cols: c, rows: r })).await;
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r); }
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r).await; }
                 }
                 Some(ChannelMsg::Signal { signal }) => {
                     let _ = write_frame(&mut send, &Message::Signal(Signal { name: sig_name(&signal) })).await;
@@ -961,7 +962,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 Some(_) => {}
             },
             _ = flush_tick.tick(), if recorder.is_some() => {
-                if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due(); }
+                if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due().await; }
             }
             _ = live.terminated() => {
                 let why = live.reason().unwrap_or_else(|| "ended by the gateway".into());
@@ -1004,13 +1005,13 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 Ok(Some(Message::Stdout(d))) => {
                     bytes_out += d.len() as u64;
                     live.add_out(d.len());
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
                     if wr.data_bytes(d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
                 }
                 Ok(Some(Message::Stderr(d))) => {
                     bytes_out += d.len() as u64;
                     live.add_out(d.len());
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d); }
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
                     if wr.extended_data_bytes(1, d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
                 }
                 Ok(Some(Message::Exit(e))) => {
@@ -1025,10 +1026,24 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 }
             },
         }
+        // A recording that stops being written (a full disk) ends the session when the
+        // gateway fails closed; otherwise the session goes on and its end says unlogged.
+        if recording_lost.is_none()
+            && let Some(why) = recorder.as_ref().and_then(Recorder::failure)
+        {
+            recording_lost = Some(why.to_owned());
+            if fail_closed {
+                notice(&wr, on_pty, "the session recording can no longer be written on the gateway, and sessions are not run unrecorded here; closing the session").await;
+                let _ = send.reset(0u32.into());
+                let _ = wr.exit_status(255).await;
+                end_reason = Some("recording-failed");
+                break Some(255);
+            }
+        }
     };
     drop(frames);
     if let Some(rec) = recorder.as_mut() {
-        let _ = rec.finish(exit_code);
+        let _ = rec.finish(exit_code).await;
     }
     let _ = wr.eof().await;
     let _ = wr.close().await;
@@ -1038,7 +1053,8 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                "exit_code": exit_code, "bytes_in": bytes_in, "bytes_out": bytes_out, "end_reason": end_reason,
                "terminated_because": live.reason(),
                "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-               "logged": logged, "reason": reason}),
+               "logged": logged && recording_lost.is_none(),
+               "reason": recording_lost.as_ref().map(|e| format!("recording failed during the session: {e}")).or(reason.map(str::to_owned))}),
     );
     drop(reg);
     if let (Some(shipper), true) = (&ctx.state.shipper, recorder.is_some()) {
