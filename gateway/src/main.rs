@@ -42,6 +42,12 @@ async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow:
         cfg.tunnel.listen = l;
     }
     let stop = shutdown_signal();
+    // A file that reaches the process's size limit (RLIMIT_FSIZE) is a failed write the
+    // gateway handles (fail closed), not a reason to die: catching SIGXFSZ (never read)
+    // replaces its default action, which ends the process.
+    let _file_size_limit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    ))?;
     let running = gateway::start(cfg).await?;
     stop.await;
     tracing::info!("shutting down");
@@ -87,6 +93,12 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
     cfg.ssh.enabled = true;
     let data_dir = cfg.data_dir.clone();
     let stop = shutdown_signal();
+    // A file that reaches the process's size limit (RLIMIT_FSIZE) is a failed write the
+    // gateway handles (fail closed), not a reason to die: catching SIGXFSZ (never read)
+    // replaces its default action, which ends the process.
+    let _file_size_limit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    ))?;
     let running = gateway::start(cfg).await?;
     let state = running.state.clone();
     let agent_dir = data_dir.join("local-agent");

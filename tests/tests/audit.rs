@@ -217,7 +217,8 @@ fn small_recordings_dir(gw: &Gateway) -> (std::path::PathBuf, Unmount) {
 
 /// A recording that fills its disk during a session: failing closed, the session is ended
 /// with a message; failing open, it runs on and its end says it was not fully logged. Either
-/// way the recording keeps everything up to its last complete line.
+/// way the recording keeps everything up to its last complete line, also when a write is cut
+/// short part-way (a file size limit), which the gateway survives.
 #[test]
 fn a_recording_that_fills_the_disk_mid_session_ends_it_when_failing_closed() {
     // Megabytes of output, then a pause long enough to notice if the session is not ended.
@@ -246,6 +247,25 @@ fn a_recording_that_fills_the_disk_mid_session_ends_it_when_failing_closed() {
     for l in &lines {
         serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("torn line in {}: {e}", cast.display()));
     }
+
+    // A write cut short part-way (here by a file size limit: the write stores what fits,
+    // then fails) is cut back too, and the gateway lives on.
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "");
+    let pid = gw.proc.as_ref().unwrap().child.id();
+    sh(&format!("prlimit --pid {pid} --fsize=600001:600001"));
+    let out = ssh_exec(&gw, &key, &kh, command);
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("recording can no longer be written"), "{}", text(&out.stderr));
+    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    assert!(end["reason"].as_str().unwrap().contains("File too large"), "{end}");
+    let cast = std::fs::read_dir(gw.data_dir().join("recordings")).unwrap().next().unwrap().unwrap().path();
+    let recorded = std::fs::read_to_string(&cast).unwrap();
+    assert!(recorded.ends_with('\n') && recorded.len() < 600_001, "{} bytes", recorded.len());
+    for l in recorded.lines() {
+        serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("torn line in {}: {e}", cast.display()));
+    }
+    assert_eq!(text(&ssh_exec(&gw, &key, &kh, "echo still-here").stdout), "still-here\n");
 
     // Failing open: the session runs to its end, and its end event says it was not logged.
     let dir = tempfile::tempdir().unwrap();
