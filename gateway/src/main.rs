@@ -270,7 +270,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             cli::manage::sessions(&cli::socket_for(&cli)?, args.all, args.json, args.action.as_ref()).await.map(|()| 0)
         }
         Command::Replay { session, speed, max_wait, raw, master_key } => {
-            cli::replay(&cli, session, *speed, *max_wait, *raw, master_key)
+            cli::replay(&cli, session, *speed, *max_wait, *raw, master_key).await
         }
         Command::Audit { action } => match action {
             cli::AuditAction::Verify { file, key, master_key, json } => {

@@ -755,4 +755,32 @@ fn closed_segments_and_recordings_reach_s3_and_are_spooled_while_it_is_down() {
     });
     drop(agent);
     gw.stop();
+
+    // Once the local copy is gone (retention), replay fetches the recording from the store.
+    std::fs::remove_file(gw.data_dir().join("recordings").join(format!("{sid}.cast"))).unwrap();
+    let replay = |session: &str| {
+        std::process::Command::new(bin("postern"))
+            .arg("--config")
+            .arg(gw.dir.path().join("gateway.toml"))
+            .args(["replay", session, "--speed", "1000", "--max-wait", "0"])
+            .output()
+            .unwrap()
+    };
+    let out = replay(&sid);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "second\n");
+    assert!(
+        text(&out.stderr).contains("fetched it from s3://postern-audit/site-a/recordings/"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = replay("0123456789abcdef0123456789abcdef");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("or in the object store"), "{}", text(&out.stderr));
+    // Nothing is left behind in the temporary directory.
+    let left = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(&sid))
+        .count();
+    assert_eq!(left, 0);
 }

@@ -86,6 +86,7 @@ const SCAN_EVERY: Duration = Duration::from_secs(30);
 /// deleted locally before it is uploaded.
 pub struct Shipper {
     store: Arc<dyn ObjectStore>,
+    bucket: String,
     prefix: String,
     markers: PathBuf,
     wake: tokio::sync::Notify,
@@ -128,6 +129,7 @@ impl Shipper {
         let store = b.build().context("[audit.s3]")?;
         Ok(Self {
             store: Arc::new(store),
+            bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.trim_matches('/').to_owned(),
             markers: data_dir.join("uploaded"),
             wake: tokio::sync::Notify::new(),
@@ -162,6 +164,43 @@ impl Shipper {
         } else {
             format!("{}/{}/{name}", self.prefix, kind.dir())
         }
+    }
+
+    /// Copy the stored object of the file `file_name` to `dest` (created new, mode 0600),
+    /// in pieces of [`PART`] so memory stays bounded. `Ok(false)`: the store has no such
+    /// object.
+    pub async fn fetch(&self, kind: Kind, file_name: &str, dest: &Path) -> anyhow::Result<bool> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let location = ObjectPath::from(self.key(kind, Path::new(file_name)));
+        let late = || format!("the object store did not answer within {}s", UPLOAD_TIMEOUT.as_secs());
+        let meta = match tokio::time::timeout(UPLOAD_TIMEOUT, self.store.head(&location)).await {
+            Err(_) => anyhow::bail!(late()),
+            Ok(Err(object_store::Error::NotFound { .. })) => return Ok(false),
+            Ok(r) => r.with_context(|| format!("looking up {location}"))?,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .with_context(|| format!("creating {}", dest.display()))?;
+        let mut at = 0u64;
+        while at < meta.size {
+            let end = (at + PART as u64).min(meta.size);
+            let piece = tokio::time::timeout(UPLOAD_TIMEOUT, self.store.get_range(&location, at..end))
+                .await
+                .map_err(|_| anyhow::anyhow!(late()))?
+                .with_context(|| format!("reading {location}"))?;
+            file.write_all(&piece).with_context(|| format!("writing {}", dest.display()))?;
+            at = end;
+        }
+        Ok(true)
+    }
+
+    /// Where objects of `kind` are kept, for messages: `s3://BUCKET/PREFIX/KIND/`.
+    pub fn location(&self, kind: Kind) -> String {
+        format!("s3://{}/{}", self.bucket, self.key(kind, Path::new("")))
     }
 
     async fn upload(&self, kind: Kind, path: &Path) -> anyhow::Result<()> {

@@ -165,7 +165,8 @@ pub enum Command {
     },
     /// Active sessions (--all: also recently ended ones), or terminate one.
     Sessions(SessionsArgs),
-    /// Play a recorded session in this terminal (works offline on the data directory).
+    /// Play a recorded session in this terminal (from the data directory, or from [audit.s3]
+    /// once retention deleted the local copy).
     #[command(
         after_help = "Example:\n  postern replay 5b0e6f3c-... --speed 2\n  (session ids: `postern sessions --all` or the audit log's session.start events)"
     )]
@@ -333,7 +334,7 @@ fn warn_ending(path: &Path, ending: Option<crate::audit::seal::Ending>) {
 }
 
 /// `postern replay`.
-pub fn replay(
+pub async fn replay(
     cli: &Cli,
     session: &str,
     speed: f64,
@@ -343,6 +344,7 @@ pub fn replay(
 ) -> anyhow::Result<i32> {
     let cfg = resolve_config(cli)?;
     let as_path = Path::new(session);
+    let mut fetched: Option<Fetched> = None;
     let path = if (session.ends_with(".cast") || session.ends_with(".cast.sealed")) && as_path.exists() {
         as_path.to_path_buf()
     } else {
@@ -350,12 +352,19 @@ pub fn replay(
             bail!("{session:?} is not a session id");
         }
         let dir = cfg.data_dir.join("recordings");
-        crate::recording::find(&dir, session).with_context(|| {
-            format!(
+        match (crate::recording::find(&dir, session), &cfg.audit.s3) {
+            (Some(p), _) => p,
+            (None, Some(s3)) => {
+                let f = fetch_recording(s3, &cfg.data_dir, session).await?.with_context(|| {
+                    format!("no recording for session {session} in {} or in the object store", dir.display())
+                })?;
+                fetched.insert(f).0.clone()
+            }
+            (None, None) => bail!(
                 "no recording for session {session} in {} (sftp, forwards, passthrough and admin-socket sessions are not recorded)",
                 dir.display()
-            )
-        })?
+            ),
+        }
     };
     let keyring = read_keyring(&cfg, master_key)?;
     let mut out = std::io::stdout().lock();
@@ -368,6 +377,40 @@ pub fn replay(
     };
     warn_ending(&path, ending);
     Ok(0)
+}
+
+/// A recording downloaded for replay: a private temporary file, removed when done.
+struct Fetched(PathBuf);
+
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Download a session's recording (clear or sealed) from `[audit.s3]`, for a replay after
+/// retention deleted the local copy. `None`: the store does not have it either.
+async fn fetch_recording(
+    s3: &crate::audit::ship::S3Config,
+    data_dir: &Path,
+    session: &str,
+) -> anyhow::Result<Option<Fetched>> {
+    use crate::audit::ship::{Kind, Shipper};
+    let shipper = Shipper::new(s3, data_dir)?;
+    for sealed in [true, false] {
+        let name = crate::recording::file_name(session, sealed);
+        let tmp =
+            Fetched(std::env::temp_dir().join(format!("postern-replay-{}-{name}", crate::gateway::random_hex(8)?)));
+        if shipper.fetch(Kind::Recording, &name, &tmp.0).await? {
+            eprintln!(
+                "postern: {name} is not in the data directory; fetched it from {}",
+                shipper.location(Kind::Recording)
+            );
+            return Ok(Some(tmp));
+        }
+    }
+    eprintln!("postern: looked in {} too", shipper.location(Kind::Recording));
+    Ok(None)
 }
 
 /// The segments to read: `files` as given, or every segment in DATA_DIR/audit.
