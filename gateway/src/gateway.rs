@@ -208,12 +208,16 @@ fn apply_retention(state: &GatewayState, keep: Retention) {
     }
 }
 
-/// Files that are complete and may be uploaded: closed log segments, and recordings of
-/// sessions that are not live (finished, or orphaned by a crash).
-fn upload_candidates(state: &GatewayState) -> Vec<(crate::audit::ship::Kind, PathBuf)> {
+/// Files that are complete and may be uploaded: closed log segments, and (`with_recordings`:
+/// a full scan, which lists the recordings directory) recordings of sessions that are not
+/// live (finished, or orphaned by a crash).
+fn upload_candidates(state: &GatewayState, with_recordings: bool) -> Vec<(crate::audit::ship::Kind, PathBuf)> {
     use crate::audit::ship::Kind;
     let mut out: Vec<(Kind, PathBuf)> =
         state.audit.closed_segments().into_iter().map(|(_, p)| (Kind::Segment, p)).collect();
+    if !with_recordings {
+        return out;
+    }
     let live = state.sessions.live_ids();
     for e in std::fs::read_dir(state.config.data_dir.join("recordings")).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -371,7 +375,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
     if let Some(shipper) = state.shipper.clone() {
         let st = state.clone();
-        tasks.spawn(shipper.run(move || upload_candidates(&st), state.audit.clone(), shutdown.clone()));
+        tasks.spawn(shipper.run(move |full| upload_candidates(&st, full), state.audit.clone(), shutdown.clone()));
     }
     if keep.recordings.is_some() || keep.log.is_some() {
         tasks.spawn(retention(state.clone(), keep, shutdown.clone()));

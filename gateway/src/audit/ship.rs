@@ -78,8 +78,16 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const PART: usize = 16 << 20;
 /// Retry delays while the store is unreachable: doubling from the first to the second.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
-/// Look for new files at least this often (closing a file also wakes the shipper).
+/// Look for new segments at least this often (closing a segment or a recording also wakes
+/// the shipper).
 const SCAN_EVERY: Duration = Duration::from_secs(30);
+/// List the whole recordings directory this often (and at start, after a failed pass, or
+/// when too many finished recordings were queued); in between, a pass uploads the
+/// recordings sessions handed over as they ended, so a busy gateway with a large archive
+/// does not list it at every session end.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(600);
+/// Finished recordings queued for the next pass, at most (more: a full scan finds them).
+const MAX_QUEUED: usize = 4096;
 
 /// Uploads closed files to the object store, and remembers (in marker files under
 /// `DATA_DIR/uploaded/`) what is there. The local directory is the spool: nothing is
@@ -90,6 +98,8 @@ pub struct Shipper {
     prefix: String,
     markers: PathBuf,
     wake: tokio::sync::Notify,
+    /// Recordings finished since the last pass, and whether some did not fit.
+    queued: std::sync::Mutex<(Vec<PathBuf>, bool)>,
     /// Files waiting for upload at the last pass.
     pending: std::sync::atomic::AtomicUsize,
 }
@@ -133,6 +143,7 @@ impl Shipper {
             prefix: cfg.prefix.trim_matches('/').to_owned(),
             markers: data_dir.join("uploaded"),
             wake: tokio::sync::Notify::new(),
+            queued: std::sync::Mutex::new((Vec::new(), false)),
             pending: std::sync::atomic::AtomicUsize::new(0),
         })
     }
@@ -146,9 +157,21 @@ impl Shipper {
         self.marker(kind, path).is_some_and(|m| m.exists())
     }
 
-    /// Look for files to upload now (a segment or recording was closed).
-    pub fn wake(&self) {
+    /// A session's recording is complete: upload it at the next pass, which starts now.
+    pub fn recording_finished(&self, path: &Path) {
+        if let Ok(mut q) = self.queued.lock() {
+            if q.0.len() < MAX_QUEUED {
+                q.0.push(path.to_owned());
+            } else {
+                q.1 = true;
+            }
+        }
         self.wake.notify_one();
+    }
+
+    /// Recordings queued since the last pass, and whether the queue overflowed.
+    fn take_queued(&self) -> (Vec<PathBuf>, bool) {
+        self.queued.lock().map(|mut q| std::mem::take(&mut *q)).unwrap_or((Vec::new(), true))
     }
 
     /// Files waiting for upload, as of the last pass.
@@ -235,21 +258,34 @@ impl Shipper {
         Ok(())
     }
 
-    /// Upload what `candidates` lists (files that are complete) until `shutdown`; while the
-    /// store is unreachable, retry with backoff and keep everything spooled locally. The
-    /// first failure and the recovery are audit events (`audit.sink`).
+    /// Upload what `candidates` lists (files that are complete; recordings only when its
+    /// argument, a full scan, is true) and the recordings handed over by
+    /// [`Shipper::recording_finished`], until `shutdown`; while the store is unreachable,
+    /// retry with backoff and keep everything spooled locally. The first failure and the
+    /// recovery are audit events (`audit.sink`).
     pub async fn run(
         self: Arc<Self>,
-        candidates: impl Fn() -> Vec<(Kind, PathBuf)> + Send + 'static,
+        candidates: impl Fn(bool) -> Vec<(Kind, PathBuf)> + Send + 'static,
         audit: Arc<super::AuditLog>,
         shutdown: CancellationToken,
     ) {
         let mut backoff = BACKOFF.0;
         let mut down_since: Option<usize> = None;
         let mut uploaded_while_down = 0usize;
+        let mut last_full: Option<std::time::Instant> = None;
         loop {
-            let todo: Vec<(Kind, PathBuf)> =
-                candidates().into_iter().filter(|(k, p)| !self.is_uploaded(*k, p)).collect();
+            let (queued, overflowed) = self.take_queued();
+            let full = overflowed || down_since.is_some() || last_full.is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY);
+            if full {
+                last_full = Some(std::time::Instant::now());
+            }
+            let mut todo = candidates(full);
+            for p in queued {
+                if !todo.iter().any(|(k, q)| *k == Kind::Recording && *q == p) {
+                    todo.push((Kind::Recording, p));
+                }
+            }
+            let todo: Vec<(Kind, PathBuf)> = todo.into_iter().filter(|(k, p)| !self.is_uploaded(*k, p)).collect();
             self.pending.store(todo.len(), std::sync::atomic::Ordering::Relaxed);
             let mut failure = None;
             for (kind, path) in &todo {

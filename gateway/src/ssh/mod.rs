@@ -1057,8 +1057,8 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                "reason": recording_lost.as_ref().map(|e| format!("recording failed during the session: {e}")).or(reason.map(str::to_owned))}),
     );
     drop(reg);
-    if let (Some(shipper), true) = (&ctx.state.shipper, recorder.is_some()) {
-        shipper.wake();
+    if let (Some(shipper), Some(rec)) = (&ctx.state.shipper, recorder.as_ref()) {
+        shipper.recording_finished(rec.path());
     }
     info!(session_id = %sid, ?exit_code, "ssh session ended");
 }
