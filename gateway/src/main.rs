@@ -36,18 +36,21 @@ async fn wait_signal(s: Option<&mut tokio::signal::unix::Signal>) {
     }
 }
 
+/// A file that reaches the process's size limit (RLIMIT_FSIZE) is a failed write the
+/// gateway handles (fail closed), not a reason to die: catching SIGXFSZ (and never reading
+/// it) replaces its default action, which ends the process.
+fn survive_file_size_limit() -> std::io::Result<()> {
+    let xfsz = tokio::signal::unix::SignalKind::from_raw(nix::sys::signal::Signal::SIGXFSZ as i32);
+    tokio::signal::unix::signal(xfsz).map(drop)
+}
+
 async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let mut cfg = cli::resolve_config(cli)?;
     if let Some(l) = listen {
         cfg.tunnel.listen = l;
     }
     let stop = shutdown_signal();
-    // A file that reaches the process's size limit (RLIMIT_FSIZE) is a failed write the
-    // gateway handles (fail closed), not a reason to die: catching SIGXFSZ (never read)
-    // replaces its default action, which ends the process.
-    let _file_size_limit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
-        nix::sys::signal::Signal::SIGXFSZ as i32,
-    ))?;
+    survive_file_size_limit()?;
     let running = gateway::start(cfg).await?;
     stop.await;
     tracing::info!("shutting down");
@@ -93,12 +96,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
     cfg.ssh.enabled = true;
     let data_dir = cfg.data_dir.clone();
     let stop = shutdown_signal();
-    // A file that reaches the process's size limit (RLIMIT_FSIZE) is a failed write the
-    // gateway handles (fail closed), not a reason to die: catching SIGXFSZ (never read)
-    // replaces its default action, which ends the process.
-    let _file_size_limit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
-        nix::sys::signal::Signal::SIGXFSZ as i32,
-    ))?;
+    survive_file_size_limit()?;
     let running = gateway::start(cfg).await?;
     let state = running.state.clone();
     let agent_dir = data_dir.join("local-agent");
