@@ -1044,6 +1044,10 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
     drop(frames);
     if let Some(rec) = recorder.as_mut() {
         let _ = rec.finish(exit_code).await;
+        // The last write can fail too: the end event then says what was lost.
+        if recording_lost.is_none() {
+            recording_lost = rec.failure().map(str::to_owned);
+        }
     }
     let _ = wr.eof().await;
     let _ = wr.close().await;
