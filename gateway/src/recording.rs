@@ -201,22 +201,6 @@ impl Recorder {
         command: Option<&str>,
         options: &RecordingOptions,
     ) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(file_name(session_id, options.keyring.active().is_some()));
-        let (file, sealer, header_len) = crate::audit::seal::create_file(&path, &options.keyring)?;
-        let mut rec = Self {
-            path,
-            sealed_file: sealer.is_some(),
-            sink: Some(Sink { file, sealer, sealed: Vec::new(), len: header_len }),
-            inflight: None,
-            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
-            spare: Vec::with_capacity(FLUSH_BYTES + 4096),
-            failed: None,
-            input: options.input,
-            start: Instant::now(),
-            last_flush: Instant::now(),
-            pending: Vec::new(),
-        };
         let mut header = json!({
             "version": 2,
             "width": size.0.max(1),
@@ -227,19 +211,31 @@ impl Recorder {
         if let (Some(c), Some(h)) = (command, header.as_object_mut()) {
             h.insert("command".into(), json!(c));
         }
-        serde_json::to_writer(&mut rec.buf, &header).map_err(std::io::Error::other)?;
-        rec.buf.push(b'\n');
+        let mut line = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(file_name(session_id, options.keyring.active().is_some()));
+        let (file, sealer, header_len) = crate::audit::seal::create_file(&path, &options.keyring)?;
+        let sealed_file = sealer.is_some();
+        let mut sink = Sink { file, sealer, sealed: Vec::new(), len: header_len };
         // Written here and now: a recording that cannot be started stops its session.
-        let written = match rec.sink.as_mut() {
-            Some(sink) => sink.write(&rec.buf, false),
-            None => Ok(()),
-        };
-        rec.buf.clear();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&rec.path);
+        if let Err(e) = sink.write(&line, false) {
+            let _ = std::fs::remove_file(&path);
             return Err(e);
         }
-        Ok(rec)
+        Ok(Self {
+            path,
+            sealed_file,
+            sink: Some(sink),
+            inflight: None,
+            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
+            spare: Vec::with_capacity(FLUSH_BYTES + 4096),
+            failed: None,
+            input: options.input,
+            start: Instant::now(),
+            last_flush: Instant::now(),
+            pending: Vec::new(),
+        })
     }
 
     pub fn path(&self) -> &Path {

@@ -418,6 +418,20 @@ fn connection_request(user: &str) -> Vec<u8> {
     b
 }
 
+/// Through the RDP door with a fresh token for `instance`: connect, send the preconnection
+/// blob and a Connection Request for alice, and read back as many bytes as the request had
+/// (the stand-in host echoes). Returns the connection, the request and what came back.
+fn through_rdp_door(s: &Setup, instance: &str) -> (TcpStream, Vec<u8>, Vec<u8>) {
+    let token = s.token(instance);
+    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cr = connection_request("alice");
+    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
+    let mut back = vec![0u8; cr.len()];
+    c.read_exact(&mut back).unwrap();
+    (c, cr, back)
+}
+
 /// Connect to the gateway's RDP port, send `bytes`, then read until the gateway closes
 /// (or `hold` elapses); returns what came back and how long the gateway took to close.
 fn raw(s: &Setup, bytes: &[u8], close_write: bool) -> (Vec<u8>, Duration) {
@@ -444,13 +458,7 @@ fn refusals_are_audited_and_never_dial_the_host() {
 
     // A valid token works and the host sees exactly the connection request (the blob is
     // consumed by the gateway); what the host sends comes back.
-    let token = s.token("win-01");
-    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let cr = connection_request("alice");
-    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
-    let mut back = vec![0u8; cr.len()];
-    c.read_exact(&mut back).unwrap();
+    let (mut c, cr, back) = through_rdp_door(&s, "win-01");
     assert_eq!(back, cr, "the host must receive the X.224 request without the blob");
     assert_eq!(echo.count(), 1);
     let open = s.wait_event("rdp.open", 1);
@@ -557,13 +565,7 @@ fn refusals_are_audited_and_never_dial_the_host() {
     // A policy's max_session ends RDP sessions (no terminal to warn on: the connection
     // closes) whichever way they came in.
     s.apply(&RDP_POLICY.replace("instances = [\"win-*\"]", "instances = [\"win-*\"]\nmax_session = \"2s\""));
-    let token = s.token("win-01");
-    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let cr = connection_request("alice");
-    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
-    let mut back = vec![0u8; cr.len()];
-    c.read_exact(&mut back).unwrap();
+    let (mut c, _, _) = through_rdp_door(&s, "win-01");
     let open = s.events("rdp.open").into_iter().last().unwrap();
     let mut rest = Vec::new();
     let _ = c.read_to_end(&mut rest);

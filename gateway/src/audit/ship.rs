@@ -280,10 +280,9 @@ impl Shipper {
                 last_full = Some(std::time::Instant::now());
             }
             let mut todo = candidates(full);
-            for p in queued {
-                if !todo.iter().any(|(k, q)| *k == Kind::Recording && *q == p) {
-                    todo.push((Kind::Recording, p));
-                }
+            // A full scan lists the queued recordings too (their sessions have ended).
+            if !full {
+                todo.extend(queued.into_iter().map(|p| (Kind::Recording, p)));
             }
             let todo: Vec<(Kind, PathBuf)> = todo.into_iter().filter(|(k, p)| !self.is_uploaded(*k, p)).collect();
             self.pending.store(todo.len(), std::sync::atomic::Ordering::Relaxed);
