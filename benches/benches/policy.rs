@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use postern_gateway::policy::{Document, PolicySet, Request, Target, document};
+use postern_core::policy::{Document, PolicySet, Request, Target, document};
 
 const USERS: usize = 2_000;
 const INSTANCES: usize = 10_000;

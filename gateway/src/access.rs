@@ -12,40 +12,10 @@ use russh::keys::PublicKey;
 use serde::Deserialize;
 
 use crate::gateway::GatewayState;
-use crate::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
-use crate::policy::{Decision, Document, Effect, PolicySet, Target};
 use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Shell,
-    Exec,
-    Sftp,
-    PortForward,
-    SshPassthrough,
-    Rdp,
-}
-
-/// Every action a session can be, in the order `explain` lists them.
-pub const SESSION_ACTIONS: &[Action] =
-    &[Action::Shell, Action::Exec, Action::Sftp, Action::PortForward, Action::SshPassthrough, Action::Rdp];
-
-impl Action {
-    pub fn name(self) -> &'static str {
-        match self {
-            Action::Shell => "shell",
-            Action::Exec => "exec",
-            Action::Sftp => "sftp",
-            Action::PortForward => "port-forward",
-            Action::SshPassthrough => "ssh-passthrough",
-            Action::Rdp => "rdp",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Action> {
-        SESSION_ACTIONS.iter().copied().find(|a| a.name() == s)
-    }
-}
+use postern_core::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
+use postern_core::policy::{Decision, Document, Effect, PolicySet, Target};
+use postern_core::{Action, DENIED, Identity, Limits, SESSION_ACTIONS};
 
 /// One `[[ssh.users]]` entry of the gateway config.
 #[derive(Debug, Clone, Deserialize)]
@@ -89,13 +59,6 @@ struct StaticUser {
     keys: Vec<PublicKey>,
 }
 
-/// Session time limits; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub idle_timeout: Option<std::time::Duration>,
-    pub max_session: Option<std::time::Duration>,
-}
-
 /// Users, groups, policies and grants from the store, as of the last reload.
 #[derive(Debug, Default)]
 struct Directory {
@@ -111,16 +74,9 @@ pub struct AccessList {
     config_statements: RwLock<Vec<Statement>>,
     store_documents: RwLock<Vec<(Document, String)>>,
     directory: RwLock<Arc<Directory>>,
-    profiles: RwLock<Vec<crate::ssh::profile::Profile>>,
+    profiles: RwLock<Vec<postern_core::profile::Profile>>,
     user_cas: RwLock<Vec<russh::keys::ssh_key::public::KeyData>>,
     defaults: RwLock<Limits>,
-}
-
-/// A user whose key was verified, and where they came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub user: String,
-    pub source: Option<IpAddr>,
 }
 
 /// Permission for one action on one resolved instance. Only [`authorize_request`] creates
@@ -134,12 +90,12 @@ pub struct Authorization {
     destination: Option<(String, u16)>,
     run_as: Option<String>,
     limits: Limits,
-    profile: crate::ssh::profile::Profile,
+    profile: postern_core::profile::Profile,
 }
 
 impl Authorization {
     /// The shell profile in force (an empty default when none applies).
-    pub fn profile(&self) -> &crate::ssh::profile::Profile {
+    pub fn profile(&self) -> &postern_core::profile::Profile {
         &self.profile
     }
     pub fn limits(&self) -> Limits {
@@ -164,51 +120,6 @@ impl Authorization {
     pub fn destination(&self) -> Option<(&str, u16)> {
         self.destination.as_ref().map(|(h, p)| (h.as_str(), *p))
     }
-}
-
-/// The one answer for "no such instance" and "not allowed", so users cannot probe names.
-pub const DENIED: &str = "access denied (or no such instance)";
-
-/// `*` matches any run of characters, `?` exactly one; everything else matches itself.
-/// Iterative with one backtrack point and no allocation: policy evaluation calls this for
-/// every candidate statement.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    if !pattern.bytes().any(|b| b == b'*' || b == b'?') {
-        return pattern == name;
-    }
-    // Names and patterns are ASCII almost always; work on bytes then, on chars otherwise.
-    if pattern.is_ascii() && name.is_ascii() {
-        return glob_slices(pattern.as_bytes(), name.as_bytes(), b'*', b'?');
-    }
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    glob_slices(&p, &n, '*', '?')
-}
-
-fn glob_slices<T: PartialEq + Copy>(p: &[T], n: &[T], star: T, one: T) -> bool {
-    let (mut pi, mut ni) = (0, 0);
-    let mut back: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        match p.get(pi) {
-            Some(&c) if c == star => {
-                back = Some((pi, ni));
-                pi += 1;
-            }
-            Some(&c) if c == one || Some(&c) == n.get(ni) => {
-                pi += 1;
-                ni += 1;
-            }
-            _ => match back {
-                Some((bp, bn)) => {
-                    pi = bp + 1;
-                    ni = bn + 1;
-                    back = Some((bp, bn + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == star))
 }
 
 pub fn parse_key(line: &str) -> Result<PublicKey, String> {
@@ -288,7 +199,7 @@ impl AccessList {
         }
         let mut documents = Vec::new();
         for p in store.policies().await? {
-            match crate::policy::document::parse(&p.file, &p.source) {
+            match postern_core::policy::document::parse(&p.file, &p.source) {
                 Ok(doc) => documents.push((doc, p.source)),
                 // Only validated documents are stored; a failure here means the store was edited.
                 Err(e) => tracing::error!(policy = %p.name, error = %e, "stored policy no longer parses; ignored"),
@@ -443,8 +354,16 @@ impl AccessList {
         let now = at.as_second();
         let grants: Vec<String> =
             dir.grants.iter().filter(|g| g.user == user && g.active_at(now)).map(|g| g.policy.clone()).collect();
-        let req =
-            crate::policy::Request { user, groups: &groups, grants: &grants, action, target, destination, source, at };
+        let req = postern_core::policy::Request {
+            user,
+            groups: &groups,
+            grants: &grants,
+            action,
+            target,
+            destination,
+            source,
+            at,
+        };
         if explain { dir.policy.explain(&req) } else { dir.policy.evaluate(&req) }
     }
 
@@ -452,7 +371,7 @@ impl AccessList {
         self.directory().policy.has_policy(name)
     }
 
-    fn profile(&self, name: &str) -> Option<crate::ssh::profile::Profile> {
+    fn profile(&self, name: &str) -> Option<postern_core::profile::Profile> {
         self.profiles.read().ok()?.iter().find(|p| p.name == name).cloned()
     }
 
@@ -493,7 +412,7 @@ pub async fn authorize_request(
     let Some(agent) = found.filter(|_| decision.allowed) else { return Err(DENIED) };
     let settings = decision.settings;
     let profile = match requested_profile.or(settings.profile.as_deref()) {
-        None => crate::ssh::profile::Profile::default(),
+        None => postern_core::profile::Profile::default(),
         Some(name) => match state.access.profile(name) {
             Some(p) if settings.profiles.iter().any(|x| x == name) => p,
             _ => return Err("that profile does not exist or is not allowed for you"),
@@ -565,25 +484,6 @@ pub fn recheck(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*", "web-01"));
-        assert!(glob_match("web-*", "web-01"));
-        assert!(glob_match("web-0?", "web-01"));
-        assert!(!glob_match("web-0?", "web-010"));
-        assert!(!glob_match("db-*", "web-01"));
-        assert!(glob_match("*-01", "web-01"));
-        assert!(!glob_match("", "x"));
-        assert!(glob_match("", ""));
-        assert!(glob_match("a*b*c", "aXXbYYc"));
-        assert!(!glob_match("a*b*c", "aXXbYY"));
-        assert!(glob_match("*.internal", "db.eu.internal"));
-        assert!(glob_match("**?", "x"));
-        assert!(!glob_match("?", ""));
-        assert!(glob_match("é*", "éa"));
-        assert!(glob_match("?", "é"));
-    }
 
     #[test]
     fn config_users_become_policy_statements() {

@@ -178,7 +178,7 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
                     InstanceRow {
                         online: live.is_some(),
                         remote: live.as_ref().map(|l| l.remote.to_string()),
-                        last_seen: if live.is_some() { Some(crate::audit::now_unix()) } else { a.last_seen },
+                        last_seen: if live.is_some() { Some(postern_core::util::now_unix()) } else { a.last_seen },
                         hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
                         platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
                         agent_version: live.as_ref().map(|l| l.agent_version.clone()).unwrap_or(a.agent_version),
@@ -230,7 +230,7 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
                 )
                 .await;
             }
-            let csr = crate::audit::unhex(&csr_hex).context("csr_hex: not hex")?;
+            let csr = postern_core::util::unhex(&csr_hex).context("csr_hex: not hex")?;
             let ttl = state.config.agent_cert_ttl()?;
             let mut ids = Vec::with_capacity(count);
             let mut certs = Vec::with_capacity(count);
@@ -242,7 +242,11 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
             }
             state
                 .store
-                .insert_agents(&ids, &Labels::from([("sim".to_owned(), "true".to_owned())]), crate::audit::now_unix())
+                .insert_agents(
+                    &ids,
+                    &Labels::from([("sim".to_owned(), "true".to_owned())]),
+                    postern_core::util::now_unix(),
+                )
                 .await?;
             let _ =
                 state.audit.record("agent.bulk_enrolled", json!({"actor": actor(), "count": count, "prefix": prefix}));
@@ -287,7 +291,7 @@ async fn relay_session(
                "logged": false, "reason": "admin-socket sessions are not recorded"}),
     );
     reply(&mut stream, json!({"ok": true, "session_id": sid})).await?;
-    let action = if kind == "exec" { crate::access::Action::Exec } else { crate::access::Action::Shell };
+    let action = if kind == "exec" { postern_core::Action::Exec } else { postern_core::Action::Shell };
     let reg = state.sessions.register_admin(&sid, &actor(), &agent.name, &agent.id, action);
     let started = std::time::Instant::now();
     let (mut from_client, mut to_client) = stream.into_split();

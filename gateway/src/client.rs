@@ -476,9 +476,9 @@ pub mod known_hosts {
         let mut hit = false;
         for p in patterns.split(',') {
             match p.strip_prefix('!') {
-                Some(neg) if crate::access::glob_match(neg, name) => return false,
+                Some(neg) if postern_core::util::glob_match(neg, name) => return false,
                 Some(_) => {}
-                None => hit |= crate::access::glob_match(p, name),
+                None => hit |= postern_core::util::glob_match(p, name),
             }
         }
         hit
@@ -523,7 +523,7 @@ pub mod known_hosts {
             if cert.cert_type() != CertType::Host {
                 return Err("it presented a user certificate as host certificate".into());
             }
-            if !cert.valid_principals().iter().any(|p| crate::access::glob_match(p, host) || p == host) {
+            if !cert.valid_principals().iter().any(|p| postern_core::util::glob_match(p, host) || p == host) {
                 return Err(format!("its host certificate does not name {host:?}"));
             }
             Ok(())

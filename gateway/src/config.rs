@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+pub use postern_core::duration::{parse_duration, parse_limit};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,7 +147,7 @@ pub struct SshConfig {
     /// Users and what they may reach, until the policy engine replaces this list.
     pub users: Vec<crate::access::UserConfig>,
     /// Shell profiles users may be given (see docs/ssh.md).
-    pub profiles: Vec<crate::ssh::profile::Profile>,
+    pub profiles: Vec<postern_core::profile::Profile>,
     /// User certificate authorities: certificates they sign log in as the user named in a
     /// principal (who must still be listed in `users`, with or without keys).
     pub user_ca_keys: Vec<String>,
@@ -278,45 +279,9 @@ impl GatewayConfig {
     }
 }
 
-/// A session limit: `None` when disabled with "0".
-pub fn parse_limit(s: &str) -> anyhow::Result<Option<Duration>> {
-    if s.trim() == "0" { Ok(None) } else { parse_duration(s).map(Some) }
-}
-
-/// Parse "90s", "15m", "8h", "30d" (or a bare number of seconds).
-pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().with_context(|| format!("invalid duration {s:?}: expected e.g. 90s, 15m, 8h, 30d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => anyhow::bail!("invalid duration unit in {s:?}: use s, m, h or d"),
-    };
-    let secs = n.checked_mul(mult).with_context(|| format!("duration {s:?} is too large"))?;
-    if secs == 0 {
-        anyhow::bail!("duration {s:?} must be positive");
-    }
-    Ok(Duration::from_secs(secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
-        assert_eq!(parse_duration("8h").unwrap(), Duration::from_secs(8 * 3600));
-        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86400));
-        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5w").is_err());
-        assert!(parse_duration("m").is_err());
-        assert!(parse_duration("99999999999999999999d").is_err());
-    }
 
     #[test]
     fn config_defaults_and_unknown_fields() {

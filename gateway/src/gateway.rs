@@ -13,10 +13,11 @@ use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refus
 use serde_json::json;
 use tracing::info;
 
-use crate::audit::{AuditLog, now_unix};
+use crate::audit::AuditLog;
 use crate::config::GatewayConfig;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Labels, NewAgent, NewToken, RedeemError, Store};
+use postern_core::util::{name_from_hostname, now_unix, random_hex, valid_name};
 
 /// Everything request handlers share.
 pub struct GatewayState {
@@ -56,32 +57,8 @@ pub fn admin_socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
 }
 
-/// `n` random bytes from the system generator, as lowercase hex.
-pub fn random_hex(n: usize) -> anyhow::Result<String> {
-    let mut b = vec![0u8; n];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-        .map_err(|_| anyhow::anyhow!("system random number generator failed"))?;
-    Ok(crate::audit::hex(&b))
-}
-
-/// Instance names appear in host names (`web-01.<suffix>`) and commands: keep them to
-/// letters, digits, '-', '_' and '.', at most 63 characters.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
-/// A usable name from whatever hostname an agent reported.
-fn name_from_hostname(hostname: &str) -> String {
-    let cleaned: String = hostname
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
-        .take(63)
-        .collect();
-    if cleaned.is_empty() { "instance".into() } else { cleaned }
-}
-
 pub fn token_hash(token: &str) -> String {
-    crate::audit::line_hash(token.as_bytes())
+    postern_core::util::sha256_hex(token.as_bytes())
 }
 
 /// Load the agent CA from the data directory, creating it on first start.
@@ -552,17 +529,6 @@ impl AgentDirectory for StoreDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        assert!(valid_name("web-01.prod"));
-        assert!(!valid_name("web 01"));
-        assert!(!valid_name(""));
-        assert!(!valid_name(&"a".repeat(64)));
-        assert_eq!(name_from_hostname("my host;rm -rf"), "my-host-rm--rf");
-        assert_eq!(name_from_hostname(""), "instance");
-        assert_eq!(name_from_hostname(&"h".repeat(300)).len(), 63);
-    }
 
     #[test]
     fn token_hash_is_sha256_hex() {

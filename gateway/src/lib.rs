@@ -13,7 +13,6 @@ pub mod config;
 pub mod frames;
 pub mod gateway;
 pub mod manage;
-pub mod policy;
 pub mod rdp;
 pub mod recording;
 pub mod sessions;

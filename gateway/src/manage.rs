@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::access::parse_key;
-use crate::gateway::{GatewayState, valid_name};
-use crate::policy::Target;
+use crate::gateway::GatewayState;
 use crate::store::{GrantRecord, UserRecord};
+use postern_core::policy::Target;
+use postern_core::util::valid_name;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "what", rename_all = "snake_case", deny_unknown_fields)]
@@ -181,7 +182,7 @@ pub async fn run(state: &GatewayState, req: ManageRequest, actor: &str) -> anyho
 }
 
 async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
-    let now = crate::audit::now_unix();
+    let now = postern_core::util::now_unix();
     match req {
         ManageRequest::UserAdd { name, groups, keys, principals } => {
             check_name("user", &name)?;
@@ -254,7 +255,7 @@ async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> any
         }
         ManageRequest::PolicyApply { file, source } => {
             // Invalid documents are refused whole; the policy in force stays as it was.
-            let doc = crate::policy::document::parse(&file, &source).map_err(bad)?;
+            let doc = postern_core::policy::document::parse(&file, &source).map_err(bad)?;
             if doc.name == "config" {
                 return Err(bad(format!("{file}: the name \"config\" is reserved for [[ssh.users]]")));
             }
@@ -268,7 +269,7 @@ async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> any
                 "policy.changed",
                 json!({"actor": actor, "policy": doc.name, "version": version, "file": file,
                        "statements": doc.statements.len(),
-                       "diff": crate::cli::line_diff(previous.as_ref().map(|p| p.source.as_str()).unwrap_or(""), &source)}),
+                       "diff": postern_core::util::line_diff(previous.as_ref().map(|p| p.source.as_str()).unwrap_or(""), &source)}),
             );
             Ok(json!({"name": doc.name, "version": version, "statements": doc.statements.len(), "unchanged": false}))
         }
@@ -312,7 +313,7 @@ async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> any
                 return Err(bad("give a --reason; it goes into the audit log"));
             }
             let grant = GrantRecord {
-                id: format!("gr-{}", crate::gateway::random_hex(6)?),
+                id: format!("gr-{}", postern_core::util::random_hex(6)?),
                 user: name,
                 policy,
                 reason,
@@ -364,7 +365,7 @@ async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> any
                 Some(t) => parse_time(&t)?,
                 None => jiff::Timestamp::now(),
             };
-            if !crate::policy::document::ACTIONS.contains(&action.as_str()) {
+            if !postern_core::policy::document::ACTIONS.contains(&action.as_str()) {
                 return Err(bad(format!("unknown action {action:?}")));
             }
             let destination = match &to {

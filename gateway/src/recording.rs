@@ -205,7 +205,7 @@ impl Recorder {
             "version": 2,
             "width": size.0.max(1),
             "height": size.1.max(1),
-            "timestamp": crate::audit::now_unix(),
+            "timestamp": postern_core::util::now_unix(),
             "title": title,
         });
         if let (Some(c), Some(h)) = (command, header.as_object_mut()) {

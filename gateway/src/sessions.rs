@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::access::Action;
 use crate::gateway::GatewayState;
+use postern_core::Action;
 
 /// Ended sessions kept for `postern sessions --all`.
 const RECENT: usize = 256;
@@ -144,7 +144,7 @@ impl Drop for Registration {
         if let Ok(mut live) = self.table.live.lock() {
             live.remove(&self.session.id);
         }
-        let row = SessionRow::of(&self.session, crate::audit::now_unix(), false);
+        let row = SessionRow::of(&self.session, postern_core::util::now_unix(), false);
         if let Ok(mut recent) = self.table.recent.lock() {
             if recent.len() >= RECENT {
                 recent.pop_front();
@@ -216,7 +216,7 @@ impl SessionTable {
             destination,
             logged,
             via_admin,
-            started_at: crate::audit::now_unix(),
+            started_at: postern_core::util::now_unix(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             cancel: CancellationToken::new(),
@@ -257,7 +257,7 @@ impl SessionTable {
 
     /// Live sessions, newest first, then (with `all`) recently ended ones.
     pub fn rows(&self, all: bool) -> Vec<SessionRow> {
-        let now = crate::audit::now_unix();
+        let now = postern_core::util::now_unix();
         let mut rows: Vec<SessionRow> = self.live().iter().map(|s| SessionRow::of(s, now, true)).collect();
         rows.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.id.cmp(&b.id)));
         if all && let Ok(recent) = self.recent.lock() {

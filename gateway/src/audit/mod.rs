@@ -29,6 +29,9 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use postern_core::util::hex;
+use postern_core::util::sha256_hex;
+
 /// Version of the event schema; bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 pub const CHECKPOINT_EVERY_EVENTS: u64 = 100;
@@ -144,36 +147,13 @@ struct Envelope<'a> {
     prev: &'a str,
 }
 
-pub fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| unix.to_string())
-}
-
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes of a hex string; `None` for odd length or a non-hex digit.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
-}
-
 /// SHA-256 (hex) of one line's bytes, without its newline.
 pub fn line_hash(line: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, line).as_ref())
+    sha256_hex(line)
 }
 
 /// What a checkpoint signs: the position and hash of the line before it.

@@ -26,7 +26,7 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
-use super::{hex, unhex};
+use postern_core::util::{hex, unhex};
 
 pub const MAGIC: &[u8] = b"POSTERN-SEALED/1\n";
 /// Largest record a reader accepts (writers seal at most a few hundred KiB at a time).

@@ -5,7 +5,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::seal::Ending;
-use super::{GENESIS, checkpoint_message, key_id, line_hash, unhex};
+use super::{GENESIS, checkpoint_message, key_id, line_hash};
+use postern_core::util::unhex;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::access::glob_match;
+use postern_core::util::glob_match;
 
 const QUEUE: usize = 10_000;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,7 +77,7 @@ struct DeadLetter {
 impl DeadLetter {
     fn write(&self, url: &str, d: &Delivery, attempts: u32, error: &str) {
         let body: Value = serde_json::from_slice(&d.body).unwrap_or(Value::Null);
-        let line = json!({"time": crate::audit::rfc3339(crate::audit::now_unix()), "url": url, "event": d.event,
+        let line = json!({"time": postern_core::util::rfc3339(postern_core::util::now_unix()), "url": url, "event": d.event,
                           "id": d.id, "attempts": attempts, "error": error, "body": body});
         let _guard = self.lock.lock();
         use std::os::unix::fs::OpenOptionsExt;
@@ -152,7 +152,7 @@ impl Webhooks {
 
 fn signature(secret: &[u8], body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    format!("sha256={}", crate::audit::hex(ring::hmac::sign(&key, body).as_ref()))
+    format!("sha256={}", postern_core::util::hex(ring::hmac::sign(&key, body).as_ref()))
 }
 
 fn post(agent: &ureq::Agent, url: &str, secret: Option<&[u8]>, d: &Delivery) -> Result<(), String> {

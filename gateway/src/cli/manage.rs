@@ -11,6 +11,7 @@ use super::{ago, table};
 use crate::admin::{AdminRequest, request};
 use crate::config::parse_duration;
 use crate::manage::ManageRequest;
+use postern_core::util::line_diff;
 
 #[derive(Subcommand)]
 pub enum UserAction {
@@ -100,17 +101,6 @@ pub enum PolicyAction {
     Diff { name: String, from: Option<i64>, to: Option<i64> },
     /// Remove a policy (recorded as a new version; history is kept).
     Rm { name: String },
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn diffs_show_changed_lines_with_context() {
-        let d = super::line_diff("a\nb\nc\nd\ne\nf\ng\n", "a\nb\nc\nD\ne\nf\ng\nh\n");
-        assert_eq!(d, "  b\n  c\n- d\n+ D\n  e\n  f\n  g\n+ h\n".replace("  b", "  ...\n  b"));
-        assert_eq!(super::line_diff("", "x\n"), "+ x\n");
-        assert_eq!(super::line_diff("same\n", "same\n"), "");
-    }
 }
 
 #[derive(Subcommand)]
@@ -238,67 +228,11 @@ pub async fn group(socket: &Path, action: &GroupAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A line diff (`-` old, `+` new, two lines of context), for policy versions.
-pub fn line_diff(old: &str, new: &str) -> String {
-    let a: Vec<&str> = old.lines().collect();
-    let b: Vec<&str> = new.lines().collect();
-    // Longest common subsequence table (flat, row-major); policy documents are small.
-    let w = b.len() + 1;
-    let mut lcs = vec![0u32; (a.len() + 1) * w];
-    let at = |t: &[u32], i: usize, j: usize| t.get(i * w + j).copied().unwrap_or(0);
-    for (i, x) in a.iter().enumerate().rev() {
-        for (j, y) in b.iter().enumerate().rev() {
-            let v = if x == y { at(&lcs, i + 1, j + 1) + 1 } else { at(&lcs, i + 1, j).max(at(&lcs, i, j + 1)) };
-            if let Some(cell) = lcs.get_mut(i * w + j) {
-                *cell = v;
-            }
-        }
-    }
-    let mut ops: Vec<(char, &str)> = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    loop {
-        match (a.get(i), b.get(j)) {
-            (None, None) => break,
-            (Some(x), Some(y)) if x == y => {
-                ops.push((' ', x));
-                i += 1;
-                j += 1;
-            }
-            (Some(x), y) if y.is_none() || at(&lcs, i + 1, j) >= at(&lcs, i, j + 1) => {
-                ops.push(('-', x));
-                i += 1;
-            }
-            (_, Some(y)) => {
-                ops.push(('+', y));
-                j += 1;
-            }
-            (_, None) => break,
-        }
-    }
-    let near = |k: usize| {
-        ops.get(k.saturating_sub(2)..(k + 3).min(ops.len())).is_some_and(|w| w.iter().any(|(c, _)| *c != ' '))
-    };
-    let mut out = String::new();
-    let mut skipped = false;
-    for (k, (c, line)) in ops.iter().enumerate() {
-        if *c == ' ' && !near(k) {
-            skipped = true;
-            continue;
-        }
-        if skipped {
-            out.push_str("  ...\n");
-            skipped = false;
-        }
-        out.push_str(&format!("{c} {line}\n"));
-    }
-    out
-}
-
 pub async fn policy(socket: Option<&Path>, action: &PolicyAction) -> anyhow::Result<()> {
     let read = |f: &PathBuf| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()));
     if let PolicyAction::Check { file } = action {
-        let doc =
-            crate::policy::document::parse(&file.display().to_string(), &read(file)?).map_err(anyhow::Error::msg)?;
+        let doc = postern_core::policy::document::parse(&file.display().to_string(), &read(file)?)
+            .map_err(anyhow::Error::msg)?;
         println!("{}: policy {} is valid ({} statements)", file.display(), doc.name, doc.statements.len());
         return Ok(());
     }

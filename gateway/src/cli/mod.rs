@@ -5,8 +5,6 @@ pub mod rdp;
 pub mod session;
 pub mod user;
 
-pub use manage::line_diff;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -400,7 +398,7 @@ async fn fetch_recording(
     for sealed in [true, false] {
         let name = crate::recording::file_name(session, sealed);
         let tmp =
-            Fetched(std::env::temp_dir().join(format!("postern-replay-{}-{name}", crate::gateway::random_hex(8)?)));
+            Fetched(std::env::temp_dir().join(format!("postern-replay-{}-{name}", postern_core::util::random_hex(8)?)));
         if shipper.fetch(Kind::Recording, &name, &tmp.0).await? {
             eprintln!(
                 "postern: {name} is not in the data directory; fetched it from {}",
@@ -572,7 +570,7 @@ fn labels_text(labels: &Labels) -> String {
 
 pub(crate) fn ago(unix: Option<i64>) -> String {
     let Some(t) = unix else { return "never".into() };
-    let secs = crate::audit::now_unix().saturating_sub(t).max(0);
+    let secs = postern_core::util::now_unix().saturating_sub(t).max(0);
     match secs {
         0..=5 => "now".into(),
         6..=119 => format!("{secs}s ago"),
@@ -623,7 +621,7 @@ pub async fn token_create(
     let labels: Labels = serde_json::from_value(r.get("labels").cloned().unwrap_or_default()).unwrap_or_default();
     let expires = r.get("expires_at").and_then(Value::as_i64).unwrap_or_default();
     println!("token:   {}", s("token"));
-    println!("expires: {} (single use)", crate::audit::rfc3339(expires));
+    println!("expires: {} (single use)", postern_core::util::rfc3339(expires));
     println!("ca pin:  {}", s("ca_pin"));
     if !labels.is_empty() {
         println!("labels:  {}", labels_text(&labels));

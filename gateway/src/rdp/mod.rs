@@ -28,8 +28,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::access::{Action, Authorization, Identity, authorize_request};
+use crate::access::{Authorization, authorize_request};
 use crate::gateway::GatewayState;
+use postern_core::{Action, Identity};
 use preamble::Preamble;
 use token::Claims;
 
@@ -82,9 +83,9 @@ pub async fn issue_token(
         }
     };
     let ttl = state.config.rdp_token_ttl();
-    let now = crate::audit::now_unix();
+    let now = postern_core::util::now_unix();
     let exp = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-    let id = crate::gateway::random_hex(16).map_err(|_| "gateway random number generator failed")?;
+    let id = postern_core::util::random_hex(16).map_err(|_| "gateway random number generator failed")?;
     let claims = Claims {
         id: id.clone(),
         user: authz.user().to_owned(),
@@ -115,7 +116,7 @@ pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: Ca
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = prune.tick() => {
-                state.rdp_tokens.prune(crate::audit::now_unix());
+                state.rdp_tokens.prune(postern_core::util::now_unix());
                 continue;
             }
             r = listener.accept() => match r {
@@ -183,7 +184,7 @@ async fn handle(
         }
     };
     drop(permit);
-    let claims = match state.rdp_tokens.redeem(&pre.token, crate::audit::now_unix()) {
+    let claims = match state.rdp_tokens.redeem(&pre.token, postern_core::util::now_unix()) {
         Ok(c) => c,
         Err(e) => {
             info!(reason = %e, "rdp token refused");

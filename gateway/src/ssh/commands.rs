@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::access::{Identity, SESSION_ACTIONS};
 use crate::gateway::GatewayState;
-use crate::policy::Target;
+use postern_core::policy::Target;
+use postern_core::{Identity, SESSION_ACTIONS};
 
 pub const USAGE: &str = "gateway commands: whoami | ls [LABEL-SELECTOR] | rdp-token INSTANCE | ssh-config [KNOWN_HOSTS_FILE] | run-begin JSON | run-end JSON";
 
@@ -64,7 +64,7 @@ pub async fn run(state: &GatewayState, identity: &Identity, source: &str, comman
 /// action the policy allows (listed per instance).
 async fn list(state: &GatewayState, identity: &Identity, selector: Option<&str>) -> Result<Value, String> {
     let sel = selector
-        .map(crate::policy::document::Selector::parse)
+        .map(postern_core::policy::document::Selector::parse)
         .transpose()
         .map_err(|e| format!("label selector {:?}: {e}", selector.unwrap_or_default()))?;
     let agents = state.store.agents().await.map_err(|_| "gateway storage error".to_owned())?;
@@ -72,7 +72,7 @@ async fn list(state: &GatewayState, identity: &Identity, selector: Option<&str>)
     let mut rows = Vec::new();
     for a in agents.into_iter().filter(|a| !a.revoked) {
         if let Some(sel) = &sel
-            && !crate::policy::selector_matches(sel, &a.labels)
+            && !postern_core::policy::selector_matches(sel, &a.labels)
         {
             continue;
         }
@@ -92,7 +92,7 @@ async fn list(state: &GatewayState, identity: &Identity, selector: Option<&str>)
             "name": a.name, "id": a.id, "labels": a.labels, "online": live.is_some(),
             "platform": live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
             "hostname": live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
-            "last_seen": if live.is_some() { Some(crate::audit::now_unix()) } else { a.last_seen },
+            "last_seen": if live.is_some() { Some(postern_core::util::now_unix()) } else { a.last_seen },
             "actions": actions,
         }));
     }
@@ -115,8 +115,8 @@ fn run_begin(state: &GatewayState, identity: &Identity, source: &str, body: &str
     if req.instances.len() > 100_000 || req.command.len() > 64 * 1024 {
         return Err("run-begin: too large".to_owned());
     }
-    let id = format!("run-{}", crate::gateway::random_hex(8).map_err(|e| e.to_string())?);
-    let now = crate::audit::now_unix();
+    let id = format!("run-{}", postern_core::util::random_hex(8).map_err(|e| e.to_string())?);
+    let now = postern_core::util::now_unix();
     {
         let mut runs = state.runs.0.lock().map_err(|_| "internal error".to_owned())?;
         runs.retain(|_, (_, t)| now - *t < RUN_FORGET_SECS);
@@ -159,7 +159,7 @@ fn run_end(state: &GatewayState, identity: &Identity, body: &str) -> Result<Valu
     let _ = state.audit.record(
         "run.end",
         json!({"run_id": req.run_id, "user": identity.user, "summary": req.summary,
-               "duration_ms": (crate::audit::now_unix() - started).saturating_mul(1000)}),
+               "duration_ms": (postern_core::util::now_unix() - started).saturating_mul(1000)}),
     );
     Ok(json!({"run_id": req.run_id, "ok": true}))
 }

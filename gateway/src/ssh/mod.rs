@@ -15,7 +15,6 @@
 
 pub mod commands;
 pub mod hostkeys;
-pub mod profile;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,10 +31,12 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::access::{Action, Authorization, Identity, authorize_request, glob_match};
+use crate::access::{Authorization, authorize_request};
 use crate::config::GatewayConfig;
 use crate::gateway::GatewayState;
 use crate::recording::Recorder;
+use postern_core::util::glob_match;
+use postern_core::{Action, Identity};
 
 /// Runs the first sftp-server found on the instance.
 const SFTP_SERVER: &str = "for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server \
@@ -791,7 +792,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
                 return;
             }
         };
-        match profile::render_command(&profile, &args) {
+        match postern_core::profile::render_command(&profile, &args) {
             Ok(c) => Some(c),
             Err(e) => {
                 refuse(&wr, &format!("profile {}: {e}", profile.name), 1).await;
@@ -800,8 +801,8 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         }
     } else {
         match &request {
-            Request::Shell => profile::interactive_script(&profile),
-            Request::Exec(c) => Some(profile::wrap_command(&profile, c)),
+            Request::Shell => postern_core::profile::interactive_script(&profile),
+            Request::Exec(c) => Some(postern_core::profile::wrap_command(&profile, c)),
             Request::Subsystem(_) => Some(SFTP_SERVER.to_owned()),
         }
     };
@@ -829,7 +830,7 @@ async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
         None
     } else {
         let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
-        let created = crate::gateway::random_hex(8).map_err(std::io::Error::other).and_then(|r| {
+        let created = postern_core::util::random_hex(8).map_err(std::io::Error::other).and_then(|r| {
             let exec = if matches!(request, Request::Exec(_)) { command_text.as_deref() } else { None };
             Recorder::create(&recording_dir, &format!("pending-{r}"), (cols, rows), &title, exec, &ctx.state.recording)
         });

@@ -9,6 +9,11 @@ use super::{
     AgentRecord, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, Store, StoreError, UserRecord,
 };
 
+/// The store's error for a failed database call.
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Database(Box::new(e))
+}
+
 /// Schema migrations, applied in order; `schema_version` records how far a database got.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -84,27 +89,37 @@ impl SqliteStore {
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
-            .await?;
+            .await
+            .map_err(db)?;
         let store = Self { pool };
         store.migrate().await?;
         Ok(store)
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").execute(&self.pool).await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
         let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
             .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
         for (i, sql) in MIGRATIONS.iter().enumerate() {
             let version = i64::try_from(i).unwrap_or(i64::MAX) + 1;
             if version <= current {
                 continue;
             }
-            let mut tx = self.pool.begin().await?;
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO schema_version (version) VALUES (?)").bind(version).execute(&mut *tx).await?;
-            tx.commit().await?;
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
         }
         Ok(())
     }
@@ -115,22 +130,22 @@ fn labels_json(labels: &Labels) -> String {
 }
 
 fn row_to_agent(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord, StoreError> {
-    let labels: String = row.try_get("labels")?;
+    let labels: String = row.try_get("labels").map_err(db)?;
     Ok(AgentRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
+        id: row.try_get("id").map_err(db)?,
+        name: row.try_get("name").map_err(db)?,
         labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("agent labels: {e}")))?,
-        hostname: row.try_get("hostname")?,
-        platform: row.try_get("platform")?,
-        agent_version: row.try_get("agent_version")?,
-        enrolled_at: row.try_get("enrolled_at")?,
-        last_seen: row.try_get("last_seen")?,
-        revoked: row.try_get::<i64, _>("revoked")? != 0,
+        hostname: row.try_get("hostname").map_err(db)?,
+        platform: row.try_get("platform").map_err(db)?,
+        agent_version: row.try_get("agent_version").map_err(db)?,
+        enrolled_at: row.try_get("enrolled_at").map_err(db)?,
+        last_seen: row.try_get("last_seen").map_err(db)?,
+        revoked: row.try_get::<i64, _>("revoked").map_err(db)? != 0,
     })
 }
 
 fn json_list(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Vec<String>, StoreError> {
-    let text: String = row.try_get(col)?;
+    let text: String = row.try_get(col).map_err(db)?;
     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
 }
 
@@ -139,15 +154,15 @@ fn to_json(v: &[String]) -> String {
 }
 
 fn row_to_policy(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, StoreError> {
-    let source: String = row.try_get("source")?;
+    let source: String = row.try_get("source").map_err(db)?;
     Ok(PolicyVersion {
-        name: row.try_get("name")?,
-        version: row.try_get("version")?,
+        name: row.try_get("name").map_err(db)?,
+        version: row.try_get("version").map_err(db)?,
         removed: source.is_empty(),
         source,
-        file: row.try_get("file")?,
-        applied_at: row.try_get("applied_at")?,
-        applied_by: row.try_get("applied_by")?,
+        file: row.try_get("file").map_err(db)?,
+        applied_at: row.try_get("applied_at").map_err(db)?,
+        applied_by: row.try_get("applied_by").map_err(db)?,
     })
 }
 
@@ -163,12 +178,13 @@ impl Store for SqliteStore {
             .bind(t.created_at)
             .bind(t.expires_at)
             .execute(&self.pool)
-            .await?;
+            .await
+            .map_err(db)?;
         Ok(())
     }
 
     async fn redeem_token(&self, hash: &str, agent: &NewAgent) -> Result<Result<AgentRecord, RedeemError>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         // The conditional UPDATE is the single point that makes tokens single-use.
         let spent = sqlx::query(
             "UPDATE tokens SET used_at = ?, used_by = ? WHERE hash = ? AND used_at IS NULL AND expires_at > ? \
@@ -179,26 +195,30 @@ impl Store for SqliteStore {
         .bind(hash)
         .bind(agent.now)
         .fetch_optional(&mut *tx)
-        .await?;
+        .await
+        .map_err(db)?;
         let Some(spent) = spent else {
             let why = sqlx::query("SELECT used_at, expires_at FROM tokens WHERE hash = ?")
                 .bind(hash)
                 .fetch_optional(&mut *tx)
-                .await?;
+                .await
+                .map_err(db)?;
             return Ok(Err(match why {
                 None => RedeemError::Unknown,
-                Some(row) if row.try_get::<Option<i64>, _>("used_at")?.is_some() => RedeemError::Used,
+                Some(row) if row.try_get::<Option<i64>, _>("used_at").map_err(db)?.is_some() => RedeemError::Used,
                 Some(_) => RedeemError::Expired,
             }));
         };
-        let labels: String = spent.try_get("labels")?;
-        let requested: Option<String> = spent.try_get("name")?;
+        let labels: String = spent.try_get("labels").map_err(db)?;
+        let requested: Option<String> = spent.try_get("name").map_err(db)?;
         let base = requested.unwrap_or_else(|| agent.hostname.clone());
         let taken: i64 = sqlx::query("SELECT COUNT(*) FROM agents WHERE name = ? AND revoked = 0")
             .bind(&base)
             .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
         // Names stay unique among live agents; a clash gets the id's short suffix.
         let name = if taken == 0 {
             base
@@ -216,8 +236,8 @@ impl Store for SqliteStore {
         .bind(&agent.agent_version)
         .bind(agent.now)
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await.map_err(db)?;
+        tx.commit().await.map_err(db)?;
         Ok(Ok(AgentRecord {
             id: agent.id.clone(),
             name,
@@ -235,14 +255,16 @@ impl Store for SqliteStore {
         let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
-            .await?;
+            .await
+            .map_err(db)?;
         row.as_ref().map(row_to_agent).transpose()
     }
 
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 ORDER BY name"))
             .fetch_all(&self.pool)
-            .await?;
+            .await
+            .map_err(db)?;
         rows.iter().map(row_to_agent).collect()
     }
 
@@ -253,7 +275,8 @@ impl Store for SqliteStore {
         .bind(wanted)
         .bind(wanted)
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .map_err(db)?;
         rows.iter().map(row_to_agent).collect()
     }
 
@@ -275,7 +298,8 @@ impl Store for SqliteStore {
         .bind(version)
         .bind(id)
         .execute(&self.pool)
-        .await?;
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
@@ -283,13 +307,14 @@ impl Store for SqliteStore {
         let r = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = ? AND revoked = 0")
             .bind(id)
             .execute(&self.pool)
-            .await?;
+            .await
+            .map_err(db)?;
         Ok(r.rows_affected() > 0)
     }
 
     async fn insert_agents(&self, agents: &[(String, String)], labels: &Labels, now: i64) -> Result<(), StoreError> {
         let labels = labels_json(labels);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         for (id, name) in agents {
             sqlx::query(
                 "INSERT INTO agents (id, name, labels, hostname, platform, agent_version, enrolled_at) \
@@ -300,23 +325,24 @@ impl Store for SqliteStore {
             .bind(&labels)
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .map_err(db)?;
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(db)?;
         Ok(())
     }
 
     async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM users ORDER BY name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM users ORDER BY name").fetch_all(&self.pool).await.map_err(db)?;
         rows.iter()
             .map(|r| {
                 Ok(UserRecord {
-                    name: r.try_get("name")?,
+                    name: r.try_get("name").map_err(db)?,
                     groups: json_list(r, "groups")?,
                     keys: json_list(r, "keys")?,
                     principals: json_list(r, "principals")?,
-                    disabled: r.try_get::<i64, _>("disabled")? != 0,
-                    created_at: r.try_get("created_at")?,
+                    disabled: r.try_get::<i64, _>("disabled").map_err(db)? != 0,
+                    created_at: r.try_get("created_at").map_err(db)?,
                 })
             })
             .collect()
@@ -335,12 +361,13 @@ impl Store for SqliteStore {
         .bind(i64::from(u.disabled))
         .bind(u.created_at)
         .execute(&self.pool)
-        .await?;
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
     async fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM users WHERE name = ?").bind(name).execute(&self.pool).await?;
+        let r = sqlx::query("DELETE FROM users WHERE name = ?").bind(name).execute(&self.pool).await.map_err(db)?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -350,7 +377,8 @@ impl Store for SqliteStore {
              ON p.name = latest.name AND p.version = latest.v WHERE p.source != '' ORDER BY p.name",
         )
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .map_err(db)?;
         rows.iter().map(row_to_policy).collect()
     }
 
@@ -358,17 +386,20 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT * FROM policies WHERE name = ? ORDER BY version")
             .bind(name)
             .fetch_all(&self.pool)
-            .await?;
+            .await
+            .map_err(db)?;
         rows.iter().map(row_to_policy).collect()
     }
 
     async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 FROM policies WHERE name = ?")
             .bind(name)
             .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
         sqlx::query(
             "INSERT INTO policies (name, version, source, file, applied_at, applied_by) VALUES (?, ?, ?, ?, ?, ?)",
         )
@@ -379,25 +410,27 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(by)
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
         Ok(version)
     }
 
     async fn grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM grants ORDER BY created_at, id").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT * FROM grants ORDER BY created_at, id").fetch_all(&self.pool).await.map_err(db)?;
         rows.iter()
             .map(|r| {
                 Ok(GrantRecord {
-                    id: r.try_get("id")?,
-                    user: r.try_get("user")?,
-                    policy: r.try_get("policy")?,
-                    reason: r.try_get("reason")?,
-                    created_at: r.try_get("created_at")?,
-                    created_by: r.try_get("created_by")?,
-                    expires_at: r.try_get("expires_at")?,
-                    revoked_at: r.try_get("revoked_at")?,
-                    revoked_by: r.try_get("revoked_by")?,
+                    id: r.try_get("id").map_err(db)?,
+                    user: r.try_get("user").map_err(db)?,
+                    policy: r.try_get("policy").map_err(db)?,
+                    reason: r.try_get("reason").map_err(db)?,
+                    created_at: r.try_get("created_at").map_err(db)?,
+                    created_by: r.try_get("created_by").map_err(db)?,
+                    expires_at: r.try_get("expires_at").map_err(db)?,
+                    revoked_at: r.try_get("revoked_at").map_err(db)?,
+                    revoked_by: r.try_get("revoked_by").map_err(db)?,
                 })
             })
             .collect()
@@ -415,7 +448,7 @@ impl Store for SqliteStore {
         .bind(&g.created_by)
         .bind(g.expires_at)
         .execute(&self.pool)
-        .await?;
+        .await.map_err(db)?;
         Ok(())
     }
 
@@ -425,7 +458,8 @@ impl Store for SqliteStore {
             .bind(by)
             .bind(id)
             .execute(&self.pool)
-            .await?;
+            .await
+            .map_err(db)?;
         Ok(r.rows_affected() > 0)
     }
 }

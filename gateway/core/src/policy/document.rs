@@ -354,7 +354,7 @@ pub struct Limit(pub Option<Duration>);
 impl<'de> Deserialize<'de> for Limit {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        crate::config::parse_limit(&s).map(Limit).map_err(|e| de::Error::custom(format!("{e:#}")))
+        crate::duration::parse_limit(&s).map(Limit).map_err(|e| de::Error::custom(e.to_string()))
     }
 }
 
@@ -393,7 +393,7 @@ pub fn parse(file: &str, text: &str) -> Result<Document, String> {
         let line = e.span().map(|s| LineIndex::new(text).line(s.start)).unwrap_or(0);
         format!("{file}:{line}: {}", e.message())
     })?;
-    if !crate::gateway::valid_name(&doc.name) {
+    if !crate::util::valid_name(&doc.name) {
         return Err(format!("{file}:1: name {:?}: use letters, digits, '-' and '_'", doc.name));
     }
     let mut sids = std::collections::HashSet::new();

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::access::glob_match;
 use crate::store::Labels;
+use crate::util::glob_match;
 use document::{Destination, HostPattern, Selector, Statement, Term};
 pub use document::{Document, Effect};
 

@@ -416,7 +416,7 @@ proptest! {
 
 #[test]
 fn every_example_in_the_policy_docs_is_valid() {
-    let docs = include_str!("../../../docs/policy.md");
+    let docs = include_str!("../../../../docs/policy.md");
     let mut n = 0;
     for block in docs.split("```toml\n").skip(1) {
         let text = block.split("```").next().unwrap();

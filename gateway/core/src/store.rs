@@ -1,0 +1,158 @@
+//! Persistent state behind one trait. The embedded default is SQLite (the gateway's `store::sqlite`);
+//! a PostgreSQL backend for scale-out implements the same trait with the same SQL dialect
+//! subset (see docs/architecture.md).
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (connection, query, constraint); its own error is the source.
+    #[error("database error: {0}")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// An enrollment token as stored: only the SHA-256 of the secret is kept.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub hash: String,
+    pub labels: Labels,
+    pub name: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedeemError {
+    Unknown,
+    Used,
+    Expired,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentRecord {
+    pub id: String,
+    pub name: String,
+    pub labels: Labels,
+    pub hostname: String,
+    pub platform: String,
+    pub agent_version: String,
+    pub enrolled_at: i64,
+    pub last_seen: Option<i64>,
+    pub revoked: bool,
+}
+
+/// What an enrollment supplies; the store picks the final (unique) name.
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    pub id: String,
+    pub hostname: String,
+    pub platform: String,
+    pub agent_version: String,
+    pub now: i64,
+}
+
+/// A Postern user: who they are, which groups they are in, how they prove it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub groups: Vec<String>,
+    /// OpenSSH public key lines (`ssh-ed25519 AAAA... comment`).
+    pub keys: Vec<String>,
+    /// Principals of user certificates (from a trusted user CA) that mean this user.
+    /// Empty: the user's own name.
+    pub principals: Vec<String>,
+    pub disabled: bool,
+    pub created_at: i64,
+}
+
+/// One version of a policy document. `source` is empty for a removal.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyVersion {
+    pub name: String,
+    pub version: i64,
+    pub source: String,
+    pub file: String,
+    pub applied_at: i64,
+    pub applied_by: String,
+    pub removed: bool,
+}
+
+/// Temporary access: `user` is a principal of every statement of `policy` until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GrantRecord {
+    pub id: String,
+    pub user: String,
+    pub policy: String,
+    pub reason: String,
+    pub created_at: i64,
+    pub created_by: String,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+    pub revoked_by: Option<String>,
+}
+
+impl GrantRecord {
+    pub fn active_at(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && now < self.expires_at
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_token(&self, token: &NewToken) -> Result<(), StoreError>;
+
+    /// Atomically spend the token `hash` and create the agent it enrolls. A token is
+    /// redeemed at most once, even under concurrent attempts.
+    async fn redeem_token(&self, hash: &str, agent: &NewAgent) -> Result<Result<AgentRecord, RedeemError>, StoreError>;
+
+    async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
+
+    /// All agents that are not revoked.
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Agents that are not revoked whose id or name is `wanted` (one indexed lookup).
+    async fn find_agents(&self, wanted: &str) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Record what a connecting agent reported, and when it was last seen.
+    async fn agent_seen(
+        &self,
+        id: &str,
+        hostname: Option<&str>,
+        platform: Option<&str>,
+        version: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Test-mode bulk enrollment for load tests: create agents without tokens.
+    async fn insert_agents(&self, agents: &[(String, String)], labels: &Labels, now: i64) -> Result<(), StoreError>;
+
+    async fn users(&self) -> Result<Vec<UserRecord>, StoreError>;
+
+    /// Insert or replace the user `user.name`.
+    async fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
+
+    async fn delete_user(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// The newest version of every policy that is not removed.
+    async fn policies(&self) -> Result<Vec<PolicyVersion>, StoreError>;
+
+    /// Every version of `name`, oldest first.
+    async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>, StoreError>;
+
+    /// Store a new version (or a removal when `source` is empty); returns its number.
+    async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError>;
+
+    async fn grants(&self) -> Result<Vec<GrantRecord>, StoreError>;
+
+    async fn put_grant(&self, grant: &GrantRecord) -> Result<(), StoreError>;
+
+    /// Mark a grant revoked; false if it was unknown or already revoked.
+    async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError>;
+}

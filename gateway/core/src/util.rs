@@ -1,0 +1,200 @@
+//! Small pure helpers used across the gateway, the client and the policy engine.
+
+/// `*` matches any run of characters, `?` exactly one; everything else matches itself.
+/// Iterative with one backtrack point and no allocation: policy evaluation calls this for
+/// every candidate statement.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    if !pattern.bytes().any(|b| b == b'*' || b == b'?') {
+        return pattern == name;
+    }
+    // Names and patterns are ASCII almost always; work on bytes then, on chars otherwise.
+    if pattern.is_ascii() && name.is_ascii() {
+        return glob_slices(pattern.as_bytes(), name.as_bytes(), b'*', b'?');
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    glob_slices(&p, &n, '*', '?')
+}
+
+fn glob_slices<T: PartialEq + Copy>(p: &[T], n: &[T], star: T, one: T) -> bool {
+    let (mut pi, mut ni) = (0, 0);
+    let mut back: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some(&c) if c == star => {
+                back = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == one || Some(&c) == n.get(ni) => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match back {
+                Some((bp, bn)) => {
+                    pi = bp + 1;
+                    ni = bn + 1;
+                    back = Some((bp, bn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == star))
+}
+
+/// Instance, user, group and policy names appear in host names (`web-01.<suffix>`) and
+/// commands: keep them to letters, digits, '-', '_' and '.', at most 63 characters.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A usable instance name from whatever hostname an agent reported.
+pub fn name_from_hostname(hostname: &str) -> String {
+    let cleaned: String = hostname
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .take(63)
+        .collect();
+    if cleaned.is_empty() { "instance".into() } else { cleaned }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes of a hex string; `None` for odd length or a non-hex digit.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
+}
+
+/// SHA-256 of `bytes`, as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// The system random number generator failed (no entropy source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("system random number generator failed")]
+pub struct RandomError;
+
+/// `n` random bytes from the system generator, as lowercase hex.
+pub fn random_hex(n: usize) -> Result<String, RandomError> {
+    let mut b = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).map_err(|_| RandomError)?;
+    Ok(hex(&b))
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A Unix time as RFC 3339 (UTC); the number itself if it is out of range.
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// A line diff (`-` old, `+` new, two lines of context), for policy versions.
+pub fn line_diff(old: &str, new: &str) -> String {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    // Longest common subsequence table (flat, row-major); policy documents are small.
+    let w = b.len() + 1;
+    let mut lcs = vec![0u32; (a.len() + 1) * w];
+    let at = |t: &[u32], i: usize, j: usize| t.get(i * w + j).copied().unwrap_or(0);
+    for (i, x) in a.iter().enumerate().rev() {
+        for (j, y) in b.iter().enumerate().rev() {
+            let v = if x == y { at(&lcs, i + 1, j + 1) + 1 } else { at(&lcs, i + 1, j).max(at(&lcs, i, j + 1)) };
+            if let Some(cell) = lcs.get_mut(i * w + j) {
+                *cell = v;
+            }
+        }
+    }
+    let mut ops: Vec<(char, &str)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (a.get(i), b.get(j)) {
+            (None, None) => break,
+            (Some(x), Some(y)) if x == y => {
+                ops.push((' ', x));
+                i += 1;
+                j += 1;
+            }
+            (Some(x), y) if y.is_none() || at(&lcs, i + 1, j) >= at(&lcs, i, j + 1) => {
+                ops.push(('-', x));
+                i += 1;
+            }
+            (_, Some(y)) => {
+                ops.push(('+', y));
+                j += 1;
+            }
+            (_, None) => break,
+        }
+    }
+    let near = |k: usize| {
+        ops.get(k.saturating_sub(2)..(k + 3).min(ops.len())).is_some_and(|w| w.iter().any(|(c, _)| *c != ' '))
+    };
+    let mut out = String::new();
+    let mut skipped = false;
+    for (k, (c, line)) in ops.iter().enumerate() {
+        if *c == ' ' && !near(k) {
+            skipped = true;
+            continue;
+        }
+        if skipped {
+            out.push_str("  ...\n");
+            skipped = false;
+        }
+        out.push_str(&format!("{c} {line}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "web-01"));
+        assert!(glob_match("web-*", "web-01"));
+        assert!(glob_match("web-0?", "web-01"));
+        assert!(!glob_match("web-0?", "web-010"));
+        assert!(!glob_match("db-*", "web-01"));
+        assert!(glob_match("*-01", "web-01"));
+        assert!(!glob_match("", "x"));
+        assert!(glob_match("", ""));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        assert!(glob_match("*.internal", "db.eu.internal"));
+        assert!(glob_match("**?", "x"));
+        assert!(!glob_match("?", ""));
+        assert!(glob_match("é*", "éa"));
+        assert!(glob_match("?", "é"));
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web-01.prod"));
+        assert!(!valid_name("web 01"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert_eq!(name_from_hostname("my host;rm -rf"), "my-host-rm--rf");
+        assert_eq!(name_from_hostname(""), "instance");
+        assert_eq!(name_from_hostname(&"h".repeat(300)).len(), 63);
+    }
+
+    #[test]
+    fn diffs_show_changed_lines_with_context() {
+        let d = line_diff("a\nb\nc\nd\ne\nf\ng\n", "a\nb\nc\nD\ne\nf\ng\nh\n");
+        assert_eq!(d, "  b\n  c\n- d\n+ D\n  e\n  f\n  g\n+ h\n".replace("  b", "  ...\n  b"));
+        assert_eq!(line_diff("", "x\n"), "+ x\n");
+        assert_eq!(line_diff("same\n", "same\n"), "");
+    }
+}
