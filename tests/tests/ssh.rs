@@ -608,3 +608,136 @@ fn local_forward_to_another_host_reachable_from_the_instance() {
             .any(|e| e["event"] == "forward.failed" && e["destination"] == format!("127.0.0.1:{db_port}"))
     );
 }
+
+/// An nftables table that silently drops TCP SYNs to one loopback port, so a connect to it
+/// hangs instead of being refused; deleted on drop (also when the test panics).
+struct DropSyns {
+    table: String,
+}
+
+impl DropSyns {
+    fn to_port(port: u16) -> DropSyns {
+        // The pid keeps tables of concurrent test processes apart; one per process suffices.
+        let table = format!("postern_test_{}", std::process::id());
+        let script = format!(
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
+             ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack) == syn drop\n  }}\n}}\n"
+        );
+        let mut nft = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft (tests/run.sh installs nftables)");
+        std::io::Write::write_all(nft.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+        drop(nft.stdin.take());
+        assert!(nft.wait().unwrap().success(), "nft could not add table {table}");
+        DropSyns { table }
+    }
+}
+
+impl Drop for DropSyns {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
+}
+
+/// Sockets in /proc/net/tcp{,6} as (local port, remote port, state) with the state in the
+/// kernel's hex form ("0A" listening, "02" SYN sent).
+fn tcp_sockets() -> Vec<(u16, u16, String)> {
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap_or(""), 16).unwrap_or(0);
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    Some((port(f.get(1)?), port(f.get(2)?), (*f.get(3)?).to_owned()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Regression: the russh handler's `channel_open_direct_tcpip` awaited authorization and the
+/// agent's stream open (the agent first connects to the destination, for up to 10 s) inside
+/// the callback, which russh awaits in the connection's packet loop; so one `-L` destination
+/// that is slow to connect stalled every other channel of the same SSH connection.
+#[test]
+fn a_slow_forward_destination_does_not_stall_other_channels() {
+    use std::io::Read;
+    assert!(nix::unistd::Uid::effective().is_root(), "installs an nftables rule; CI runs as root");
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-07", vec![], &s.gw.listen);
+
+    // The fast destination answers every connection with a banner.
+    let fast = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fast_port = fast.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in fast.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut c, b"fast-banner\n");
+        }
+    });
+    // The slow destination: nothing answers and nothing refuses, so a connect just waits.
+    let slow_port = free_tcp_port();
+    let nft = DropSyns::to_port(slow_port);
+    let probe = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], slow_port).into(), Duration::from_millis(300));
+    assert_eq!(
+        probe.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::TimedOut),
+        "the nftables rule must make connects to {slow_port} hang"
+    );
+
+    let (slow_local, fast_local) = (free_tcp_port(), free_tcp_port());
+    // Both forwards in one ssh, so both channels share one SSH connection.
+    let mut cmd = s.cmd("ssh");
+    cmd.args([
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        &format!("{slow_local}:127.0.0.1:{slow_port}"),
+        "-L",
+        &format!("{fast_local}:127.0.0.1:{fast_port}"),
+        "alice@web-07.postern",
+    ]);
+    let fwd = spawn_logged(cmd, &s.dir.path().join("ssh-forward.log"));
+    let banner_through = |port: u16, timeout: Duration| {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        c.set_read_timeout(Some(timeout)).unwrap();
+        let mut got = [0u8; 12];
+        c.read_exact(&mut got).ok().map(|_| got)
+    };
+    // Ready: the fast forward works end to end, and the slow one's listener is up (seen in
+    // /proc rather than by connecting, which would already open a slow channel).
+    wait_until("fast forward answering", Duration::from_secs(20), || {
+        banner_through(fast_local, Duration::from_secs(5)).as_ref() == Some(b"fast-banner\n")
+    });
+    wait_until("slow forward listening", Duration::from_secs(10), || {
+        tcp_sockets().iter().any(|(local, _, st)| *local == slow_local && st == "0A")
+    });
+
+    // Open the slow channel and wait until the agent is stuck connecting to its destination:
+    // by then the gateway has the channel open in hand.
+    let _slow = std::net::TcpStream::connect(("127.0.0.1", slow_local)).unwrap();
+    wait_until("the agent connecting to the slow destination", Duration::from_secs(10), || {
+        tcp_sockets().iter().any(|(_, remote, st)| *remote == slow_port && st == "02")
+    });
+
+    // Another channel of the same connection must not wait for it.
+    let start = std::time::Instant::now();
+    let got = banner_through(fast_local, Duration::from_secs(15)).map(|b| text(&b));
+    let took = start.elapsed();
+    assert!(
+        got.as_deref() == Some("fast-banner\n") && took < Duration::from_secs(2),
+        "a second -L channel took {took:?} (got {got:?}) while another channel's destination was slow to connect; \
+         it must not wait for it (at most 2 s)"
+    );
+
+    drop(fwd);
+    let table = nft.table.clone();
+    drop(nft);
+    let out = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(!text(&out.stdout).contains(&table), "nft table {table} left behind");
+}
