@@ -461,12 +461,12 @@ fn references(text: &[char], file_module: &[String], modules: &BTreeSet<ModPath>
     let mut i = 0;
     while let Some(k) = find_word(text, "mod", i) {
         i = k + 3;
-        if let Some((name, after)) = read_ident(text, skip_ws(text, i)) {
-            if at(text, skip_ws(text, after)) == ';' {
-                let mut m = module_at(file_module, &inline, k);
-                m.push(name.clone());
-                scope.insert(name, m);
-            }
+        if let Some((name, after)) = read_ident(text, skip_ws(text, i))
+            && at(text, skip_ws(text, after)) == ';'
+        {
+            let mut m = module_at(file_module, &inline, k);
+            m.push(name.clone());
+            scope.insert(name, m);
         }
     }
 
@@ -647,11 +647,11 @@ fn parse_use_tree(
         }
     }
     let mut alias = None;
-    if let (Some((Tok::Ident(a), _)), Some((Tok::Ident(name), _))) = (toks.get(*t), toks.get(*t + 1)) {
-        if a == "as" {
-            alias = Some(name.clone());
-            *t += 2;
-        }
+    if let (Some((Tok::Ident(a), _)), Some((Tok::Ident(name), _))) = (toks.get(*t), toks.get(*t + 1))
+        && a == "as"
+    {
+        alias = Some(name.clone());
+        *t += 2;
     }
     if path.last().is_some_and(|s| s == "self") && path.len() > 1 {
         path.pop(); // `a::{self}` is `a` itself
@@ -972,7 +972,7 @@ fn self_test_tests_comments_and_strings_are_ignored() {
         ("a/more_tests.rs", "use crate::b::M;\n"),
         ("b.rs", "use crate::a::f;\n"),
     ]);
-    assert!(tree.edges.get(&m("a")).is_none(), "{:#?}", tree.edges);
+    assert!(!tree.edges.contains_key(&m("a")), "{:#?}", tree.edges);
     assert!(!tree.modules.contains(&m("a::more_tests")));
     assert!(find_cycles(&tree).is_empty());
     assert_eq!(edge_names(&tree, "b", "a"), ["crate::a::f"]);
