@@ -1,6 +1,6 @@
 //! Who may do what on which instance. Identities (users from the store, plus the
 //! `[[ssh.users]]` of the gateway config and the one `quickstart` registers) and the policy
-//! engine ([`crate::policy`]) meet here: every decision goes through [`authorize_request`],
+//! engine ([`postern_core::policy`]) meet here: every decision goes through [`Authorizer::authorize`],
 //! and the only way to get an [`Authorization`] — which carries the resolved target and
 //! destination the session code dials — is from it.
 
@@ -9,47 +9,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use russh::keys::PublicKey;
-use serde::Deserialize;
 
-use crate::gateway::GatewayState;
-use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord};
+use crate::config::{SshConfig, UserConfig};
+use crate::sessions::{LiveSession, SessionTable};
+use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord, resolve_instance};
 use postern_core::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
 use postern_core::policy::{Decision, Document, Effect, PolicySet, Target};
 use postern_core::{Action, DENIED, Identity, Limits, SESSION_ACTIONS};
-
-/// One `[[ssh.users]]` entry of the gateway config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UserConfig {
-    /// The Postern user name (what goes before `@` or `%` in ssh).
-    pub name: String,
-    /// OpenSSH public key lines bound to this user.
-    pub keys: Vec<String>,
-    /// Instance names (globs with `*` and `?`) this user may reach. Default: none.
-    #[serde(default)]
-    pub instances: Vec<String>,
-    /// Allowed actions: shell, exec, sftp, port-forward, ssh-passthrough, rdp. Default: all.
-    #[serde(default)]
-    pub actions: Option<Vec<String>>,
-    /// OS user sessions run as on the instance. Default: the agent's own user.
-    #[serde(default)]
-    pub run_as: Option<String>,
-    /// Overrides `[ssh] idle_timeout` for this user.
-    #[serde(default)]
-    pub idle_timeout: Option<String>,
-    /// Overrides `[ssh] max_session` for this user.
-    #[serde(default)]
-    pub max_session: Option<String>,
-    /// Shell profiles this user may choose (`ssh -o SetEnv=POSTERN_PROFILE=NAME`).
-    #[serde(default)]
-    pub profiles: Vec<String>,
-    /// Profile used when the user names none.
-    #[serde(default)]
-    pub default_profile: Option<String>,
-    /// Whether sessions may run as root (also possible per profile).
-    #[serde(default)]
-    pub allow_root: bool,
-}
 
 /// A user defined in the gateway config (or by quickstart): keys only; what they may do is
 /// a statement in the built-in `config` policy.
@@ -79,7 +45,7 @@ pub struct AccessList {
     defaults: RwLock<Limits>,
 }
 
-/// Permission for one action on one resolved instance. Only [`authorize_request`] creates
+/// Permission for one action on one resolved instance. Only [`Authorizer::authorize`] creates
 /// it; session code dials `agent_id()` (and `destination()` for forwards) and nothing else.
 #[derive(Debug, Clone)]
 pub struct Authorization {
@@ -157,12 +123,12 @@ fn config_statement(u: &UserConfig) -> Option<Statement> {
 }
 
 impl AccessList {
-    pub fn from_config(cfg: &crate::config::SshConfig) -> anyhow::Result<Self> {
+    pub fn from_config(cfg: &SshConfig) -> anyhow::Result<Self> {
         let list = AccessList::default();
         if let Ok(mut d) = list.defaults.write() {
             *d = Limits {
-                idle_timeout: crate::config::parse_limit(&cfg.idle_timeout)?,
-                max_session: crate::config::parse_limit(&cfg.max_session)?,
+                idle_timeout: postern_core::duration::parse_limit(&cfg.idle_timeout)?,
+                max_session: postern_core::duration::parse_limit(&cfg.max_session)?,
             };
         }
         for (i, line) in cfg.user_ca_keys.iter().enumerate() {
@@ -279,7 +245,7 @@ impl AccessList {
         if let Some(st) = st.as_mut() {
             for (field, v) in [("idle_timeout", &u.idle_timeout), ("max_session", &u.max_session)] {
                 if let Some(v) = v {
-                    let limit = crate::config::parse_limit(v)
+                    let limit = postern_core::duration::parse_limit(v)
                         .map_err(|e| anyhow::anyhow!("ssh.users {:?}: {field}: {e}", u.name))?;
                     if field == "idle_timeout" {
                         st.idle_timeout = Some(Limit(limit));
@@ -380,105 +346,130 @@ impl AccessList {
     }
 }
 
-/// The one decision point: may `identity` do `action` on `instance` (name or id), with the
-/// shell profile they asked for (or their default) and, for forwards, this destination?
-/// Resolves policy, profile, run-as, limits and concurrent-session caps.
-pub async fn authorize_request(
-    state: &GatewayState,
-    identity: &Identity,
-    instance: &str,
-    action: Action,
-    requested_profile: Option<&str>,
-    destination: Option<(&str, u16)>,
-) -> Result<Authorization, &'static str> {
-    let agents = state.store.find_agents(instance).await.map_err(|_| "gateway storage error")?;
-    let found = crate::admin::resolve_instance(&agents, instance).ok();
-    // An unknown instance is evaluated against a placeholder, so that "unknown" and "denied"
-    // cost the same work and give the same answer.
-    let empty = crate::store::Labels::new();
-    let target = match found {
-        Some(a) => Target { id: &a.id, name: &a.name, labels: &a.labels },
-        None => Target { id: "", name: "", labels: &empty },
-    };
-    let decision = state.access.decide(
-        &identity.user,
-        identity.source,
-        Some(target),
-        action.name(),
-        destination,
-        jiff::Timestamp::now(),
-        false,
-    );
-    let Some(agent) = found.filter(|_| decision.allowed) else { return Err(DENIED) };
-    let settings = decision.settings;
-    let profile = match requested_profile.or(settings.profile.as_deref()) {
-        None => postern_core::profile::Profile::default(),
-        Some(name) => match state.access.profile(name) {
-            Some(p) if settings.profiles.iter().any(|x| x == name) => p,
-            _ => return Err("that profile does not exist or is not allowed for you"),
-        },
-    };
-    let run_as = profile.run_as.clone().or(settings.run_as.first().cloned());
-    if let (Some(wanted), false) = (&profile.run_as, settings.run_as.is_empty())
-        && !settings.run_as.contains(wanted)
-    {
-        return Err("the profile's run-as user is not allowed for you");
-    }
-    if run_as.as_deref() == Some("root") && !(profile.allow_root || settings.allow_root) {
-        return Err("running as root is not allowed for you (allow_root)");
-    }
-    if let Some(max) = settings.max_sessions
-        && state.sessions.count_user(&identity.user) >= max as usize
-    {
-        return Err("you have reached your maximum number of concurrent sessions");
-    }
-    let defaults = state.access.defaults();
-    Ok(Authorization {
-        user: identity.user.clone(),
-        agent_id: agent.id.clone(),
-        instance: agent.name.clone(),
-        action,
-        destination: destination.map(|(h, p)| (h.to_owned(), p)),
-        run_as,
-        limits: Limits {
-            idle_timeout: settings.idle_timeout.unwrap_or(defaults.idle_timeout),
-            max_session: settings.max_session.unwrap_or(defaults.max_session),
-        },
-        profile,
-    })
+/// Decisions for sessions: the policy engine and identities ([`AccessList`]) applied to the
+/// instances in the store and the sessions already running (concurrent-session caps).
+pub struct Authorizer {
+    list: Arc<AccessList>,
+    store: Arc<dyn Store>,
+    sessions: Arc<SessionTable>,
 }
 
-/// Whether a live session is still allowed now; the reason when it is not. `agent` is the
-/// session's instance as stored now (`None`: revoked).
-pub fn recheck(
-    state: &GatewayState,
-    agent: Option<&AgentRecord>,
-    session: &crate::sessions::LiveSession,
-    at: jiff::Timestamp,
-) -> Result<(), String> {
-    if session.via_admin {
-        return match agent {
-            Some(_) => Ok(()),
-            None => Err(format!("instance {} was revoked", session.target)),
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer").finish_non_exhaustive()
+    }
+}
+
+impl Authorizer {
+    pub fn new(list: Arc<AccessList>, store: Arc<dyn Store>, sessions: Arc<SessionTable>) -> Self {
+        Authorizer { list, store, sessions }
+    }
+
+    /// Identities, policies and grants, as of the last reload.
+    pub fn list(&self) -> &AccessList {
+        &self.list
+    }
+
+    /// The one decision point: may `identity` do `action` on `instance` (name or id), with the
+    /// shell profile they asked for (or their default) and, for forwards, this destination?
+    /// Resolves policy, profile, run-as, limits and concurrent-session caps.
+    pub async fn authorize(
+        &self,
+        identity: &Identity,
+        instance: &str,
+        action: Action,
+        requested_profile: Option<&str>,
+        destination: Option<(&str, u16)>,
+    ) -> Result<Authorization, &'static str> {
+        let agents = self.store.find_agents(instance).await.map_err(|_| "gateway storage error")?;
+        let found = resolve_instance(&agents, instance).ok();
+        // An unknown instance is evaluated against a placeholder, so that "unknown" and "denied"
+        // cost the same work and give the same answer.
+        let empty = crate::store::Labels::new();
+        let target = match found {
+            Some(a) => Target { id: &a.id, name: &a.name, labels: &a.labels },
+            None => Target { id: "", name: "", labels: &empty },
         };
+        let decision = self.list.decide(
+            &identity.user,
+            identity.source,
+            Some(target),
+            action.name(),
+            destination,
+            jiff::Timestamp::now(),
+            false,
+        );
+        let Some(agent) = found.filter(|_| decision.allowed) else { return Err(DENIED) };
+        let settings = decision.settings;
+        let profile = match requested_profile.or(settings.profile.as_deref()) {
+            None => postern_core::profile::Profile::default(),
+            Some(name) => match self.list.profile(name) {
+                Some(p) if settings.profiles.iter().any(|x| x == name) => p,
+                _ => return Err("that profile does not exist or is not allowed for you"),
+            },
+        };
+        let run_as = profile.run_as.clone().or(settings.run_as.first().cloned());
+        if let (Some(wanted), false) = (&profile.run_as, settings.run_as.is_empty())
+            && !settings.run_as.contains(wanted)
+        {
+            return Err("the profile's run-as user is not allowed for you");
+        }
+        if run_as.as_deref() == Some("root") && !(profile.allow_root || settings.allow_root) {
+            return Err("running as root is not allowed for you (allow_root)");
+        }
+        if let Some(max) = settings.max_sessions
+            && self.sessions.count_user(&identity.user) >= max as usize
+        {
+            return Err("you have reached your maximum number of concurrent sessions");
+        }
+        let defaults = self.list.defaults();
+        Ok(Authorization {
+            user: identity.user.clone(),
+            agent_id: agent.id.clone(),
+            instance: agent.name.clone(),
+            action,
+            destination: destination.map(|(h, p)| (h.to_owned(), p)),
+            run_as,
+            limits: Limits {
+                idle_timeout: settings.idle_timeout.unwrap_or(defaults.idle_timeout),
+                max_session: settings.max_session.unwrap_or(defaults.max_session),
+            },
+            profile,
+        })
     }
-    if !state.access.user_active(&session.user) {
-        return Err(format!("user {} is disabled or removed", session.user));
+
+    /// Whether a live session is still allowed now; the reason when it is not. `agent` is the
+    /// session's instance as stored now (`None`: revoked).
+    pub fn recheck(
+        &self,
+        agent: Option<&AgentRecord>,
+        session: &LiveSession,
+        at: jiff::Timestamp,
+    ) -> Result<(), String> {
+        if session.via_admin {
+            return match agent {
+                Some(_) => Ok(()),
+                None => Err(format!("instance {} was revoked", session.target)),
+            };
+        }
+        if !self.list.user_active(&session.user) {
+            return Err(format!("user {} is disabled or removed", session.user));
+        }
+        let Some(agent) = agent else {
+            return Err(format!("instance {} was revoked", session.target));
+        };
+        let destination = session.destination.as_ref().map(|(h, p)| (h.as_str(), *p));
+        let d = self.list.decide(
+            &session.user,
+            session.source,
+            Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
+            session.action.name(),
+            destination,
+            at,
+            false,
+        );
+        if d.allowed { Ok(()) } else { Err(d.summary()) }
     }
-    let Some(agent) = agent else {
-        return Err(format!("instance {} was revoked", session.target));
-    };
-    let destination = session.destination.as_ref().map(|(h, p)| (h.as_str(), *p));
-    let d = state.access.decide(
-        &session.user,
-        session.source,
-        Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
-        session.action.name(),
-        destination,
-        at,
-        false,
-    );
-    if d.allowed { Ok(()) } else { Err(d.summary()) }
 }
 
 #[cfg(test)]

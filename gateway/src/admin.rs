@@ -15,10 +15,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::gateway::GatewayState;
-use crate::store::{AgentRecord, Labels};
+use crate::broker::Party;
+use crate::services::Services;
+use crate::store::{Labels, resolve_instance};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -61,19 +62,6 @@ pub enum SessionSpec {
     Shell { term: String, cols: u16, rows: u16, env: Vec<(String, String)>, command: Option<String> },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InstanceRow {
-    pub id: String,
-    pub name: String,
-    pub labels: Labels,
-    pub hostname: String,
-    pub platform: String,
-    pub agent_version: String,
-    pub online: bool,
-    pub last_seen: Option<i64>,
-    pub remote: Option<String>,
-}
-
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if path.exists() {
         // A live gateway answers; a stale socket from a crash does not and is replaced.
@@ -88,7 +76,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
+pub async fn serve(listener: UnixListener, state: Arc<Services>, shutdown: CancellationToken) {
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -131,19 +119,7 @@ fn actor() -> String {
     format!("local-admin(uid={})", nix::unistd::Uid::effective())
 }
 
-pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&'a AgentRecord, String> {
-    if let Some(a) = agents.iter().find(|a| a.id == wanted) {
-        return Ok(a);
-    }
-    let matches: Vec<&AgentRecord> = agents.iter().filter(|a| a.name == wanted).collect();
-    match matches.as_slice() {
-        [one] => Ok(one),
-        [] => Err(format!("no instance named {wanted:?}; see `postern instances`")),
-        _ => Err(format!("{wanted:?} names several instances; use the instance id")),
-    }
-}
-
-async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<()> {
+async fn handle(mut stream: UnixStream, state: &Services) -> anyhow::Result<()> {
     let mut line = String::new();
     {
         let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST));
@@ -158,66 +134,36 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
         let _ = state.audit.record("admin.action", json!({"actor": actor(), "op": op}));
     }
     match req {
-        AdminRequest::Manage { request } => match crate::manage::run(state, request, &actor()).await {
+        AdminRequest::Manage { request } => match crate::manage::run(&state.manage, request, &actor()).await {
             Ok(v) => reply(&mut stream, json!({"ok": true, "result": v})).await,
             Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
         },
         AdminRequest::TokenCreate { labels, ttl_secs, name } => {
-            let result = state.create_token(labels, Duration::from_secs(ttl_secs.max(1)), name, &actor()).await;
+            let result =
+                state.instances.create_token(labels, Duration::from_secs(ttl_secs.max(1)), name, &actor()).await;
             match result {
                 Ok(t) => reply(&mut stream, json!({"ok": true, "result": t})).await,
                 Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
             }
         }
         AdminRequest::Instances => {
-            let agents = state.store.agents().await?;
-            let rows: Vec<InstanceRow> = agents
-                .into_iter()
-                .map(|a| {
-                    let live = state.registry.get(&a.id);
-                    InstanceRow {
-                        online: live.is_some(),
-                        remote: live.as_ref().map(|l| l.remote.to_string()),
-                        last_seen: if live.is_some() { Some(postern_core::util::now_unix()) } else { a.last_seen },
-                        hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
-                        platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
-                        agent_version: live.as_ref().map(|l| l.agent_version.clone()).unwrap_or(a.agent_version),
-                        id: a.id,
-                        name: a.name,
-                        labels: a.labels,
-                    }
-                })
-                .collect();
+            let rows = state.instances.rows().await?;
             reply(&mut stream, json!({"ok": true, "result": rows})).await
         }
-        AdminRequest::Revoke { instance } => {
-            let agents = state.store.agents().await?;
-            let agent = match resolve_instance(&agents, &instance) {
-                Ok(a) => a.clone(),
-                Err(e) => return reply(&mut stream, json!({"ok": false, "error": e})).await,
-            };
-            state.store.revoke_agent(&agent.id).await?;
-            let was_online = state.registry.disconnect(&agent.id, "agent revoked");
-            let _ = state
-                .audit
-                .record("agent.revoked", json!({"actor": actor(), "agent_id": agent.id, "name": agent.name}));
-            info!(agent_id = %agent.id, "agent revoked");
-            reply(
-                &mut stream,
-                json!({"ok": true, "result": {"id": agent.id, "name": agent.name, "was_online": was_online}}),
-            )
-            .await
-        }
+        AdminRequest::Revoke { instance } => match state.instances.revoke(&instance, &actor()).await {
+            Ok(r) => reply(&mut stream, json!({"ok": true, "result": r})).await,
+            Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
+        },
         AdminRequest::Session { instance, session } => relay_session(stream, state, &instance, session).await,
         AdminRequest::SshConfig { known_hosts_file } => {
-            let Some(addr) = state.ssh_addr else {
+            let Some(addr) = state.addresses.ssh else {
                 return reply(
                     &mut stream,
                     json!({"ok": false, "error": "the SSH front door is disabled ([ssh] enabled = false)"}),
                 )
                 .await;
             };
-            match crate::ssh::client_config(&state.config, &state.host_keys, addr.port(), &known_hosts_file) {
+            match crate::addressing::client_config(&state.config, &state.host_keys, addr.port(), &known_hosts_file) {
                 Ok(text) => reply(&mut stream, json!({"ok": true, "result": text})).await,
                 Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
             }
@@ -236,7 +182,7 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
             let mut certs = Vec::with_capacity(count);
             for i in 0..count {
                 let id = format!("ag-{prefix}{i:06}");
-                let cert = state.ca.issue_agent_cert(&csr, &id, ttl)?;
+                let cert = state.instances.ca().issue_agent_cert(&csr, &id, ttl)?;
                 certs.push(json!({"id": id, "cert_pem": postern_tunnel::pki::der_to_pem(&cert)}));
                 ids.push((id, format!("{prefix}{i:06}")));
             }
@@ -250,14 +196,18 @@ async fn handle(mut stream: UnixStream, state: &GatewayState) -> anyhow::Result<
                 .await?;
             let _ =
                 state.audit.record("agent.bulk_enrolled", json!({"actor": actor(), "count": count, "prefix": prefix}));
-            reply(&mut stream, json!({"ok": true, "result": {"ca_pem": state.ca.cert_pem(), "agents": certs}})).await
+            reply(
+                &mut stream,
+                json!({"ok": true, "result": {"ca_pem": state.instances.ca().cert_pem(), "agents": certs}}),
+            )
+            .await
         }
     }
 }
 
 async fn relay_session(
     mut stream: UnixStream,
-    state: &GatewayState,
+    state: &Services,
     instance: &str,
     spec: SessionSpec,
 ) -> anyhow::Result<()> {
@@ -274,7 +224,7 @@ async fn relay_session(
             ("shell", SessionRequest::Shell(ShellRequest { term, cols, rows, env, run_as: None, command }))
         }
     };
-    let session = match state.registry.open_session(&agent.id, request).await {
+    let session = match state.broker.open_for_admin(&agent, request).await {
         Ok(s) => s,
         Err(e) => {
             let msg = match e {
@@ -285,15 +235,26 @@ async fn relay_session(
         }
     };
     let sid = session.id.to_string();
-    let _ = state.audit.record(
+    let action = if kind == "exec" { postern_core::Action::Exec } else { postern_core::Action::Shell };
+    let party = Party {
+        user: actor(),
+        source: None,
+        target: agent.name.clone(),
+        agent_id: agent.id.clone(),
+        action,
+        destination: None,
+        logged: false,
+        via_admin: true,
+    };
+    let running = state.broker.start(
+        &sid,
+        party,
         "session.start",
         json!({"session_id": sid, "actor": actor(), "target": agent.name, "agent_id": agent.id, "kind": kind, "via": "admin-socket",
                "logged": false, "reason": "admin-socket sessions are not recorded"}),
     );
     reply(&mut stream, json!({"ok": true, "session_id": sid})).await?;
-    let action = if kind == "exec" { postern_core::Action::Exec } else { postern_core::Action::Shell };
-    let reg = state.sessions.register_admin(&sid, &actor(), &agent.name, &agent.id, action);
-    let started = std::time::Instant::now();
+    let live = running.live().clone();
     let (mut from_client, mut to_client) = stream.into_split();
     let postern_tunnel::server::SessionStream { mut send, mut recv, .. } = session;
     // The agent ends a session by finishing its stream after the exit frame. The client
@@ -303,7 +264,7 @@ async fn relay_session(
     let up = async {
         let n = tokio::select! {
             n = tokio::io::copy(&mut from_client, &mut send) => n.unwrap_or(0),
-            _ = reg.session.terminated() => 0,
+            _ = live.terminated() => 0,
         };
         let _ = send.reset(0u32.into());
         n
@@ -325,11 +286,11 @@ async fn relay_session(
             (inp, out)
         }
     };
-    let _ = state.audit.record(
+    let end_reason = live.reason();
+    running.finish(
         "session.end",
         json!({"session_id": sid, "target": agent.name, "kind": kind, "bytes_in": bytes_in, "bytes_out": bytes_out,
-               "end_reason": reg.session.reason(),
-               "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)}),
+               "end_reason": end_reason}),
     );
     Ok(())
 }

@@ -259,7 +259,7 @@ impl Client {
     pub async fn open_rdp(&self) -> anyhow::Result<russh::ChannelStream<russh::client::Msg>> {
         let ch = self
             .handle
-            .channel_open_direct_tcpip(crate::ssh::RDP_DESTINATION, 3389, "127.0.0.1", 0)
+            .channel_open_direct_tcpip(postern_core::command::RDP_DESTINATION, 3389, "127.0.0.1", 0)
             .await
             .context("the gateway refused RDP to this instance")?;
         Ok(ch.into_stream())

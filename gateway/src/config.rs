@@ -145,7 +145,7 @@ pub struct SshConfig {
     /// Environment variables a client may pass (`SendEnv`/`SetEnv`), besides `TERM`.
     pub accept_env: Vec<String>,
     /// Users and what they may reach, until the policy engine replaces this list.
-    pub users: Vec<crate::access::UserConfig>,
+    pub users: Vec<UserConfig>,
     /// Shell profiles users may be given (see docs/ssh.md).
     pub profiles: Vec<postern_core::profile::Profile>,
     /// User certificate authorities: certificates they sign log in as the user named in a
@@ -223,6 +223,43 @@ impl Default for TunnelConfig {
     }
 }
 
+/// Longest routing-token lifetime `[rdp] token_ttl` may set.
+pub const MAX_RDP_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// One `[[ssh.users]]` entry of the gateway config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The Postern user name (what goes before `@` or `%` in ssh).
+    pub name: String,
+    /// OpenSSH public key lines bound to this user.
+    pub keys: Vec<String>,
+    /// Instance names (globs with `*` and `?`) this user may reach. Default: none.
+    #[serde(default)]
+    pub instances: Vec<String>,
+    /// Allowed actions: shell, exec, sftp, port-forward, ssh-passthrough, rdp. Default: all.
+    #[serde(default)]
+    pub actions: Option<Vec<String>>,
+    /// OS user sessions run as on the instance. Default: the agent's own user.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// Overrides `[ssh] idle_timeout` for this user.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Overrides `[ssh] max_session` for this user.
+    #[serde(default)]
+    pub max_session: Option<String>,
+    /// Shell profiles this user may choose (`ssh -o SetEnv=POSTERN_PROFILE=NAME`).
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// Profile used when the user names none.
+    #[serde(default)]
+    pub default_profile: Option<String>,
+    /// Whether sessions may run as root (also possible per profile).
+    #[serde(default)]
+    pub allow_root: bool,
+}
+
 /// `/var/lib/postern` for root, else `$XDG_DATA_HOME/postern` or `~/.local/share/postern`.
 pub fn default_data_dir() -> PathBuf {
     if nix::unistd::Uid::effective().is_root() {
@@ -248,7 +285,7 @@ impl GatewayConfig {
         parse_limit(&cfg.audit.log_retention).with_context(|| format!("{}: [audit] log_retention", path.display()))?;
         parse_limit(&cfg.audit.rotate_after).with_context(|| format!("{}: [audit] rotate_after", path.display()))?;
         let ttl = parse_duration(&cfg.rdp.token_ttl).with_context(|| format!("{}: [rdp] token_ttl", path.display()))?;
-        if ttl > crate::rdp::MAX_TOKEN_TTL {
+        if ttl > MAX_RDP_TOKEN_TTL {
             anyhow::bail!(
                 "{}: [rdp] token_ttl may be at most 1h (tokens are meant to be used at once)",
                 path.display()
@@ -264,9 +301,7 @@ impl GatewayConfig {
 
     /// `[rdp] token_ttl`, checked at load; the default when it does not parse.
     pub fn rdp_token_ttl(&self) -> Duration {
-        parse_duration(&self.rdp.token_ttl)
-            .map(|d| d.min(crate::rdp::MAX_TOKEN_TTL))
-            .unwrap_or(Duration::from_secs(300))
+        parse_duration(&self.rdp.token_ttl).map(|d| d.min(MAX_RDP_TOKEN_TTL)).unwrap_or(Duration::from_secs(300))
     }
 
     /// `[rdp] handshake_timeout`, checked at load.

@@ -1,20 +1,34 @@
-//! Postern gateway: everything a user or admin touches.
-//!
-//! Today: the agent tunnel listener (from `postern-tunnel`), the embedded store, the audit
-//! event log, the admin socket and the `postern` command. The SSH and RDP front doors,
-//! identity and policy arrive as their own modules (see docs/architecture.md).
+//! Postern gateway: the server and the `postern` command, in layers (docs/architecture.md;
+//! tests/tests/layout.rs checks them): leaves (config, store, audit, recording, frames,
+//! host keys, the RDP wire format, addressing) → services (access, instances, sessions,
+//! enforcer, manage, broker, runs, RDP tokens) → the [`services::Services`] set → doors (ssh,
+//! rdp, admin), which never import one another → app (start-up, background jobs) → cli.
+//! The vocabulary is the `postern-core` crate; the client SDK is `postern-client`.
 
-pub mod access;
-pub mod admin;
+// leaves
+pub mod addressing;
 pub mod audit;
-pub mod cli;
-pub mod client;
 pub mod config;
 pub mod frames;
-pub mod gateway;
-pub mod manage;
-pub mod rdp;
+pub mod hostkeys;
+pub mod rdp_wire;
 pub mod recording;
-pub mod sessions;
-pub mod ssh;
 pub mod store;
+// services
+pub mod access;
+pub mod broker;
+pub mod enforcer;
+pub mod instances;
+pub mod manage;
+pub mod rdp_tokens;
+pub mod runs;
+pub mod services;
+pub mod sessions;
+// doors
+pub mod admin;
+pub mod rdp;
+pub mod ssh;
+// start-up and the command line
+pub mod app;
+pub mod cli;
+pub mod client;

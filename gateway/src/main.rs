@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use postern_gateway::app;
 use postern_gateway::cli::{self, Cli, Command, InstancesAction, TokenAction};
-use postern_gateway::gateway;
 use postern_tunnel::CancellationToken;
 use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
 use postern_tunnel::services::LocalLimits;
@@ -51,7 +51,7 @@ async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow:
     }
     let stop = shutdown_signal();
     survive_file_size_limit()?;
-    let running = gateway::start(cfg).await?;
+    let running = app::start(cfg).await?;
     stop.await;
     tracing::info!("shutting down");
     running.stop().await;
@@ -97,8 +97,8 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
     let data_dir = cfg.data_dir.clone();
     let stop = shutdown_signal();
     survive_file_size_limit()?;
-    let running = gateway::start(cfg).await?;
-    let state = running.state.clone();
+    let running = app::start(cfg).await?;
+    let state = running.services.clone();
     let agent_dir = data_dir.join("local-agent");
 
     // Reuse the local agent from an earlier quickstart if the gateway still knows it.
@@ -110,9 +110,9 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
         Some(s) => s,
         None => {
             let labels = cli::parse_labels(&["env=local".to_owned()])?;
-            let token = state.create_token(labels, Duration::from_secs(300), None, "quickstart").await?;
+            let token = state.instances.create_token(labels, Duration::from_secs(300), None, "quickstart").await?;
             agent::join(&JoinOptions {
-                gateway: state.tunnel_addr.to_string(),
+                gateway: state.addresses.tunnel.to_string(),
                 token: token.token,
                 ca_pin: token.ca_pin,
                 state_dir: agent_dir.clone(),
@@ -125,7 +125,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
     let agent_task = tokio::spawn(agent::run(
         RunOptions {
             state_dir: agent_dir,
-            gateway: Some(state.tunnel_addr.to_string()),
+            gateway: Some(state.addresses.tunnel.to_string()),
             limits: LocalLimits::default(),
             backoff: Backoff::default(),
             timers: TransportTimers::default(),
@@ -133,7 +133,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
         stop_agent.clone(),
     ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while state.registry.get(&local.agent_id).is_none() {
+    while state.instances.registry().get(&local.agent_id).is_none() {
         if tokio::time::Instant::now() > deadline || agent_task.is_finished() {
             anyhow::bail!("the local agent did not come online; run with --log debug for details");
         }
@@ -149,14 +149,14 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
         .map(|u| u.name)
         .unwrap_or_else(|| "admin".into());
     let keys = local_public_keys().await;
-    let ssh_port = state.ssh_addr.map(|a| a.port()).unwrap_or(2222);
+    let ssh_port = state.addresses.ssh.map(|a| a.port()).unwrap_or(2222);
     let ssh_help = if keys.is_empty() {
         "No SSH public keys found in ~/.ssh or a running ssh-agent: create one with\n\
          \x20 ssh-keygen -t ed25519\n\
          and start quickstart again to ssh into this machine through the gateway."
             .to_owned()
     } else {
-        state.access.add(&postern_gateway::access::UserConfig {
+        state.access.add(&postern_gateway::config::UserConfig {
             name: me.clone(),
             keys: keys.clone(),
             instances: vec![local.name.clone()],
@@ -169,8 +169,9 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
             allow_root: false,
         })?;
         let known_hosts = data_dir.join("known_hosts");
-        let line =
-            state.host_keys.known_hosts_line(&postern_gateway::ssh::known_hosts_patterns(&state.config, ssh_port))?;
+        let line = state
+            .host_keys
+            .known_hosts_line(&postern_gateway::addressing::known_hosts_patterns(&state.config, ssh_port))?;
         postern_tunnel::agent::write_private(&known_hosts, format!("{line}\n").as_bytes())?;
         format!(
             "SSH into this machine through the gateway ({n} key(s) of yours registered as user {me}):\n\
@@ -195,8 +196,8 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
          Add another server:\n\
          \x20 postern{dd} token create --labels env=dev --ttl 15m     (prints the postern-agent join command)\n\n\
          Press Ctrl-C to stop the gateway and the local agent.",
-        tunnel = state.tunnel_addr,
-        pin = state.ca.pin(),
+        tunnel = state.addresses.tunnel,
+        pin = state.instances.ca().pin(),
         dir = data_dir.display(),
         name = local.name,
         id = local.agent_id,

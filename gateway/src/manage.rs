@@ -8,7 +8,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::access::parse_key;
-use crate::gateway::GatewayState;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::access::AccessList;
+use crate::audit::AuditLog;
+use crate::sessions::SessionTable;
+use crate::store::Store;
 use crate::store::{GrantRecord, UserRecord};
 use postern_core::policy::Target;
 use postern_core::util::valid_name;
@@ -107,6 +114,27 @@ impl ManageRequest {
     }
 }
 
+/// What admin operations change and read.
+pub struct Manage {
+    store: Arc<dyn Store>,
+    access: Arc<AccessList>,
+    audit: Arc<AuditLog>,
+    sessions: Arc<SessionTable>,
+    access_changed: Arc<Notify>,
+}
+
+impl Manage {
+    pub fn new(
+        store: Arc<dyn Store>,
+        access: Arc<AccessList>,
+        audit: Arc<AuditLog>,
+        sessions: Arc<SessionTable>,
+        access_changed: Arc<Notify>,
+    ) -> Self {
+        Manage { store, access, audit, sessions, access_changed }
+    }
+}
+
 fn bad(msg: impl Into<String>) -> anyhow::Error {
     anyhow::anyhow!(msg.into())
 }
@@ -132,7 +160,7 @@ fn user_view(u: &UserRecord) -> Value {
                 "comment": k.split_whitespace().nth(2).unwrap_or("")})).collect::<Vec<_>>()})
 }
 
-async fn user(state: &GatewayState, name: &str) -> anyhow::Result<UserRecord> {
+async fn user(state: &Manage, name: &str) -> anyhow::Result<UserRecord> {
     state
         .store
         .users()
@@ -143,13 +171,13 @@ async fn user(state: &GatewayState, name: &str) -> anyhow::Result<UserRecord> {
 }
 
 /// Reload the policy engine from the store and re-check live sessions now.
-async fn changed(state: &GatewayState) -> anyhow::Result<()> {
+async fn changed(state: &Manage) -> anyhow::Result<()> {
     state.access.reload(state.store.as_ref()).await?;
     state.access_changed.notify_one();
     Ok(())
 }
 
-pub async fn run(state: &GatewayState, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
+pub async fn run(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
     let op = req.name();
     let audit_args = serde_json::to_value(&req).unwrap_or(Value::Null);
     let result = run_inner(state, req.clone(), actor).await;
@@ -181,7 +209,7 @@ pub async fn run(state: &GatewayState, req: ManageRequest, actor: &str) -> anyho
     result
 }
 
-async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
+async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
     let now = postern_core::util::now_unix();
     match req {
         ManageRequest::UserAdd { name, groups, keys, principals } => {
@@ -378,7 +406,7 @@ async fn run_inner(state: &GatewayState, req: ManageRequest, actor: &str) -> any
                 None => None,
             };
             let agents = state.store.agents().await?;
-            let agent = crate::admin::resolve_instance(&agents, &target).map_err(bad)?;
+            let agent = crate::store::resolve_instance(&agents, &target).map_err(bad)?;
             let d = state.access.decide(
                 &name,
                 from,

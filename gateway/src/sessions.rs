@@ -11,16 +11,11 @@ use std::time::Duration;
 use postern_tunnel::CancellationToken;
 use serde::Serialize;
 use serde_json::json;
-use tracing::{info, warn};
 
-use crate::gateway::GatewayState;
 use postern_core::Action;
 
 /// Ended sessions kept for `postern sessions --all`.
 const RECENT: usize = 256;
-/// How often live sessions are re-checked against policy even without a change (expiring
-/// grants, time windows). Revocation must end sessions within 5 seconds.
-pub const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct LiveSession {
@@ -264,42 +259,5 @@ impl SessionTable {
             rows.extend(recent.iter().rev().cloned());
         }
         rows
-    }
-}
-
-/// Re-check every live session against the current policy whenever access changes, and at
-/// least every [`RECHECK_EVERY`]; end those no longer allowed, with an audit event.
-pub async fn enforce(state: Arc<GatewayState>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = state.access_changed.notified() => {}
-            _ = tokio::time::sleep(RECHECK_EVERY) => {}
-        }
-        let live = state.sessions.live();
-        if live.is_empty() {
-            continue;
-        }
-        let agents: HashMap<String, crate::store::AgentRecord> = match state.store.agents().await {
-            Ok(a) => a.into_iter().map(|a| (a.id.clone(), a)).collect(),
-            Err(e) => {
-                warn!(error = %e, "cannot re-check live sessions");
-                continue;
-            }
-        };
-        let now = jiff::Timestamp::now();
-        for s in live {
-            if let Err(why) = crate::access::recheck(&state, agents.get(&s.agent_id), &s, now) {
-                let reason = format!("access revoked ({why})");
-                if state.sessions.terminate(&s.id, &reason) {
-                    info!(session_id = %s.id, user = %s.user, %reason, "ending session no longer allowed");
-                    let _ = state.audit.record(
-                        "session.terminated",
-                        json!({"session_id": s.id, "user": s.user, "target": s.target, "kind": s.action.name(),
-                               "actor": "policy", "reason": reason}),
-                    );
-                }
-            }
-        }
     }
 }

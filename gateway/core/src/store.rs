@@ -102,6 +102,19 @@ impl GrantRecord {
     }
 }
 
+/// The instance `wanted` names: an agent id, or a name that only one agent has.
+pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&'a AgentRecord, String> {
+    if let Some(a) = agents.iter().find(|a| a.id == wanted) {
+        return Ok(a);
+    }
+    let matches: Vec<&AgentRecord> = agents.iter().filter(|a| a.name == wanted).collect();
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!("no instance named {wanted:?}; see `postern instances`")),
+        _ => Err(format!("{wanted:?} names several instances; use the instance id")),
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn create_token(&self, token: &NewToken) -> Result<(), StoreError>;

@@ -3,7 +3,7 @@
 //! and the X.224 Connection Request, as an unauthenticated client sends them.
 
 use libfuzzer_sys::fuzz_target;
-use postern_gateway::rdp::preamble::{MAX_PCB, MAX_X224, Step, parse};
+use postern_gateway::rdp_wire::preamble::{MAX_PCB, MAX_X224, Step, parse};
 
 fuzz_target!(|data: &[u8]| {
     match parse(data) {

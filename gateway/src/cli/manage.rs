@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::{ago, table};
+use super::format::{ago, table};
 use crate::admin::{AdminRequest, request};
 use crate::config::parse_duration;
 use crate::manage::ManageRequest;

@@ -1,5 +1,6 @@
 //! The `postern` command: gateway server, quickstart and admin commands.
 
+pub mod format;
 pub mod manage;
 pub mod rdp;
 pub mod session;
@@ -12,10 +13,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use crate::admin::{AdminRequest, InstanceRow, SessionSpec, request};
+use crate::admin::{AdminRequest, SessionSpec, request};
+use crate::app::admin_socket_path;
 use crate::config::{GatewayConfig, default_data_dir, parse_duration};
-use crate::gateway::admin_socket_path;
+use crate::instances::InstanceRow;
 use crate::store::Labels;
+use format::{ago, table};
 
 #[derive(Parser)]
 #[command(
@@ -566,40 +569,6 @@ pub fn parse_labels(items: &[String]) -> anyhow::Result<Labels> {
 
 fn labels_text(labels: &Labels) -> String {
     labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
-}
-
-pub(crate) fn ago(unix: Option<i64>) -> String {
-    let Some(t) = unix else { return "never".into() };
-    let secs = postern_core::util::now_unix().saturating_sub(t).max(0);
-    match secs {
-        0..=5 => "now".into(),
-        6..=119 => format!("{secs}s ago"),
-        120..=7199 => format!("{}m ago", secs / 60),
-        7200..=172_799 => format!("{}h ago", secs / 3600),
-        _ => format!("{}d ago", secs / 86400),
-    }
-}
-
-/// A plain text table with columns padded to their widest cell.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
-        s.truncate(s.trim_end().len());
-        s
-    };
-    let mut out = line(headers.to_vec());
-    out.push('\n');
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-        out.push('\n');
-    }
-    out
 }
 
 pub async fn token_create(

@@ -12,13 +12,10 @@
 //! Without a valid token nothing is dialled: the connection is closed and `session.denied`
 //! is written, with the cookie and protocols from the Connection Request when it parsed.
 
-pub mod preamble;
-pub mod token;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postern_proto::SessionRequest;
 use postern_tunnel::CancellationToken;
@@ -28,95 +25,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::access::{Authorization, authorize_request};
-use crate::gateway::GatewayState;
+use crate::access::Authorization;
+use crate::broker::{Party, Running, unlogged};
+use crate::rdp_wire::preamble::{self, Preamble};
+use crate::services::Services;
 use postern_core::{Action, Identity};
-use preamble::Preamble;
-use token::Claims;
 
-/// Why RDP sessions carry `logged=false`.
-pub const UNLOGGED_REASON: &str = "RDP content is end-to-end encrypted (TLS/CredSSP)";
 /// Connections still in their preamble at once; more are closed on arrival.
 const MAX_HANDSHAKES: usize = 256;
-/// Longest token lifetime `[rdp] token_ttl` may set.
-pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
-/// A token handed to a user, with where to use it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct IssuedToken {
-    pub token: String,
-    pub instance: String,
-    pub expires_at: i64,
-    pub expires_in: u64,
-    /// `host:port` of the gateway's RDP front door.
-    pub rdp_address: String,
-}
-
-/// `host:port` clients use for the RDP front door.
-pub fn public_address(state: &GatewayState) -> String {
-    if let Some(a) = &state.config.rdp.public_address {
-        return a.clone();
-    }
-    let port = state.rdp_addr.map(|a| a.port()).unwrap_or(state.config.rdp.listen.port());
-    format!("{}:{port}", crate::ssh::public_host(&state.config))
-}
-
-/// Issue a routing token to an authenticated user, if policy lets them use RDP on the
-/// instance now (checked again when the token is used).
-pub async fn issue_token(
-    state: &GatewayState,
-    identity: &Identity,
-    instance: &str,
-) -> Result<IssuedToken, &'static str> {
-    if state.rdp_addr.is_none() {
-        return Err("the RDP front door is turned off on this gateway ([rdp] enabled = false)");
-    }
-    let authz = match authorize_request(state, identity, instance, Action::Rdp, None, None).await {
-        Ok(a) => a,
-        Err(msg) => {
-            let _ = state.audit.record(
-                "session.denied",
-                json!({"user": identity.user, "target": instance, "action": "rdp", "stage": "token",
-                       "source": identity.source.map(|s| s.to_string()), "reason": msg}),
-            );
-            return Err(msg);
-        }
-    };
-    let ttl = state.config.rdp_token_ttl();
-    let now = postern_core::util::now_unix();
-    let exp = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-    let id = postern_core::util::random_hex(16).map_err(|_| "gateway random number generator failed")?;
-    let claims = Claims {
-        id: id.clone(),
-        user: authz.user().to_owned(),
-        instance: authz.instance().to_owned(),
-        agent_id: authz.agent_id().to_owned(),
-        iat: now,
-        exp,
-    };
-    let token = state.rdp_tokens.issue(&claims);
-    let _ = state.audit.record(
-        "rdp.token_issued",
-        json!({"user": claims.user, "target": claims.instance, "agent_id": claims.agent_id, "token_id": id,
-               "expires_at": exp, "source": identity.source.map(|s| s.to_string())}),
-    );
-    Ok(IssuedToken {
-        token,
-        instance: claims.instance,
-        expires_at: exp,
-        expires_in: ttl.as_secs(),
-        rdp_address: public_address(state),
-    })
-}
-
-pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: CancellationToken) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let mut prune = tokio::time::interval(Duration::from_secs(60));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = prune.tick() => {
-                state.rdp_tokens.prune(postern_core::util::now_unix());
+                state.rdp_tokens.prune();
                 continue;
             }
             r = listener.accept() => match r {
@@ -147,12 +72,7 @@ pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: Ca
     }
 }
 
-async fn handle(
-    state: Arc<GatewayState>,
-    mut tcp: TcpStream,
-    peer: SocketAddr,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+async fn handle(state: Arc<Services>, mut tcp: TcpStream, peer: SocketAddr, permit: tokio::sync::OwnedSemaphorePermit) {
     // `session.denied`, with what the client's connection request said once it was read.
     let denied = |mut ev: Value, seen: Option<&Preamble>| {
         if let Some(o) = ev.as_object_mut() {
@@ -184,7 +104,7 @@ async fn handle(
         }
     };
     drop(permit);
-    let claims = match state.rdp_tokens.redeem(&pre.token, postern_core::util::now_unix()) {
+    let claims = match state.rdp_tokens.redeem(&pre.token) {
         Ok(c) => c,
         Err(e) => {
             info!(reason = %e, "rdp token refused");
@@ -193,7 +113,7 @@ async fn handle(
         }
     };
     let identity = Identity { user: claims.user.clone(), source: Some(peer.ip()) };
-    let authz = match authorize_request(&state, &identity, &claims.instance, Action::Rdp, None, None).await {
+    let authz = match state.authorizer.authorize(&identity, &claims.instance, Action::Rdp, None, None).await {
         Ok(a) if a.agent_id() == claims.agent_id => a,
         Ok(_) => {
             denied(
@@ -217,14 +137,14 @@ async fn handle(
 }
 
 async fn connect(
-    state: &GatewayState,
+    state: &Services,
     authz: Authorization,
     tcp: TcpStream,
     peer: SocketAddr,
     pre: Preamble,
     token_id: &str,
 ) {
-    let stream = match state.registry.open_session(authz.agent_id(), SessionRequest::Rdp).await {
+    let stream = match state.broker.open(&authz, SessionRequest::Rdp).await {
         Ok(s) => s,
         Err(e) => {
             info!(error = %e, "rdp session refused by the instance");
@@ -237,34 +157,24 @@ async fn connect(
         }
     };
     let sid = stream.id.to_string();
-    let _ = state.audit.record(
+    let running: Running = state.broker.start(
+        &sid,
+        Party::of(&authz, Some(peer.ip()), false),
         "rdp.open",
         json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "source": peer.to_string(),
                "mode": "gateway", "token_id": token_id, "cookie": pre.cookie, "protocols": pre.protocols,
-               "logged": false, "reason": UNLOGGED_REASON}),
+               "logged": false, "reason": unlogged::RDP}),
     );
     info!(session = %sid, user = authz.user(), target = authz.instance(), "rdp session opened");
-    let reg = state.sessions.register(
-        &sid,
-        authz.user(),
-        Some(peer.ip()),
-        authz.instance(),
-        authz.agent_id(),
-        Action::Rdp,
-        None,
-        false,
-        false,
-    );
-    let started = Instant::now();
     let SessionStream { send, recv, .. } = stream;
     let max = authz.limits().max_session;
-    let (up, down) = relay(tcp, pre.connection_request, send, recv, &reg.session, max).await;
-    let _ = state.audit.record(
+    let (up, down) = relay(tcp, pre.connection_request, send, recv, running.live(), max).await;
+    let end_reason = running.live().reason();
+    running.finish(
         "rdp.close",
         json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "mode": "gateway",
-               "bytes_to_target": up, "bytes_from_target": down, "end_reason": reg.session.reason(),
-               "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-               "logged": false, "reason": UNLOGGED_REASON}),
+               "bytes_to_target": up, "bytes_from_target": down, "end_reason": end_reason,
+               "logged": false, "reason": unlogged::RDP}),
     );
 }
 

@@ -1,0 +1,142 @@
+//! The session broker: the one lifecycle every door hands its sessions to.
+//!
+//! ```text
+//! door:    authorize (access::Authorizer) -> Broker::open -> Broker::start -> relay -> Running::finish
+//! broker:                                   tunnel stream    start event,      (door)   end event with
+//!                                           to exactly the   live table                  duration, off the
+//!                                           authorized agent                             live table
+//! ```
+//!
+//! Doors differ only in how bytes reach the client (an SSH channel, a TCP socket, the admin
+//! socket). A session is on the live table — where `postern sessions` lists it, the
+//! enforcer re-checks it and `sessions terminate` ends it — from its start event to its end
+//! event, however the door's relay ends (the registration is dropped on every path).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use postern_core::Action;
+use postern_proto::SessionRequest;
+use postern_tunnel::server::{AgentRegistry, OpenError, SessionStream};
+use serde_json::Value;
+
+use crate::access::Authorization;
+use crate::audit::AuditLog;
+use crate::sessions::{LiveSession, Registration, SessionTable};
+use crate::store::AgentRecord;
+
+/// Why sessions whose content the gateway cannot see are marked `logged: false`.
+pub mod unlogged {
+    pub const RDP: &str = "RDP content is end-to-end encrypted (TLS/CredSSP)";
+    pub const PASSTHROUGH: &str = "end-to-end encrypted SSH passthrough";
+    pub const FORWARD: &str = "forwarded TCP content is not inspected";
+}
+
+#[derive(Debug)]
+pub struct Broker {
+    registry: AgentRegistry,
+    sessions: Arc<SessionTable>,
+    audit: Arc<AuditLog>,
+}
+
+/// Who a session is for and what it reaches, as the live table shows it.
+#[derive(Debug, Clone)]
+pub struct Party {
+    pub user: String,
+    pub source: Option<IpAddr>,
+    /// The instance's name.
+    pub target: String,
+    pub agent_id: String,
+    pub action: Action,
+    /// For forwards and passthrough: where the agent connects.
+    pub destination: Option<(String, u16)>,
+    /// Whether the session's content is recorded.
+    pub logged: bool,
+    /// Opened by a local administrator on the admin socket (no policy applies).
+    pub via_admin: bool,
+}
+
+impl Party {
+    /// The party of an authorized session from `source`.
+    pub fn of(authz: &Authorization, source: Option<IpAddr>, logged: bool) -> Self {
+        Party {
+            user: authz.user().to_owned(),
+            source,
+            target: authz.instance().to_owned(),
+            agent_id: authz.agent_id().to_owned(),
+            action: authz.action(),
+            destination: authz.destination().map(|(h, p)| (h.to_owned(), p)),
+            logged,
+            via_admin: false,
+        }
+    }
+}
+
+impl Broker {
+    pub fn new(registry: AgentRegistry, sessions: Arc<SessionTable>, audit: Arc<AuditLog>) -> Self {
+        Broker { registry, sessions, audit }
+    }
+
+    /// Open a tunnel stream to the authorized agent, asking it for `request`. The agent id
+    /// comes from the authorization only, so a door cannot dial another instance.
+    pub async fn open(&self, authz: &Authorization, request: SessionRequest) -> Result<SessionStream, OpenError> {
+        self.registry.open_session(authz.agent_id(), request).await
+    }
+
+    /// Open a stream for an administrator on the admin socket (no policy applies there:
+    /// the socket only admits the gateway's own user and root).
+    pub async fn open_for_admin(
+        &self,
+        agent: &AgentRecord,
+        request: SessionRequest,
+    ) -> Result<SessionStream, OpenError> {
+        self.registry.open_session(&agent.id, request).await
+    }
+
+    /// Write the session's start event and put it on the live table.
+    pub fn start(&self, session_id: &str, party: Party, event: &str, fields: Value) -> Running {
+        let _ = self.audit.record(event, fields);
+        let registration = self.sessions.register(
+            session_id,
+            &party.user,
+            party.source,
+            &party.target,
+            &party.agent_id,
+            party.action,
+            party.destination,
+            party.logged,
+            party.via_admin,
+        );
+        Running { registration, started: Instant::now(), audit: self.audit.clone() }
+    }
+}
+
+/// A session on the live table, from its start event to its end event.
+pub struct Running {
+    registration: Registration,
+    started: Instant,
+    audit: Arc<AuditLog>,
+}
+
+impl Running {
+    /// The live entry: byte counters, termination.
+    pub fn live(&self) -> &Arc<LiveSession> {
+        &self.registration.session
+    }
+
+    /// When the session started (for its limits).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Write the end event, with `duration_ms` added, and take the session off the table.
+    pub fn finish(self, event: &str, mut fields: Value) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(obj) = fields.as_object_mut() {
+            obj.insert("duration_ms".into(), ms.into());
+        }
+        let _ = self.audit.record(event, fields);
+        drop(self.registration);
+    }
+}

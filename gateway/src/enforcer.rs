@@ -1,0 +1,65 @@
+//! The enforcer: live sessions are re-checked against policy whenever access changes and at
+//! least every [`RECHECK_EVERY`]; those no longer allowed are ended, with an audit event.
+//! Revocation must end sessions within 5 seconds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_tunnel::CancellationToken;
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::access::Authorizer;
+use crate::audit::AuditLog;
+use crate::sessions::SessionTable;
+use crate::store::{AgentRecord, Store};
+
+/// How often live sessions are re-checked against policy even without a change (expiring
+/// grants, time windows).
+pub const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Re-check every live session against the current policy whenever access changes, and at
+/// least every [`RECHECK_EVERY`]; end those no longer allowed, with an audit event.
+pub async fn enforce(
+    authorizer: Arc<Authorizer>,
+    sessions: Arc<SessionTable>,
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    access_changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = access_changed.notified() => {}
+            _ = tokio::time::sleep(RECHECK_EVERY) => {}
+        }
+        let live = sessions.live();
+        if live.is_empty() {
+            continue;
+        }
+        let agents: HashMap<String, AgentRecord> = match store.agents().await {
+            Ok(a) => a.into_iter().map(|a| (a.id.clone(), a)).collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot re-check live sessions");
+                continue;
+            }
+        };
+        let now = jiff::Timestamp::now();
+        for s in live {
+            if let Err(why) = authorizer.recheck(agents.get(&s.agent_id), &s, now) {
+                let reason = format!("access revoked ({why})");
+                if sessions.terminate(&s.id, &reason) {
+                    info!(session_id = %s.id, user = %s.user, %reason, "ending session no longer allowed");
+                    let _ = audit.record(
+                        "session.terminated",
+                        json!({"session_id": s.id, "user": s.user, "target": s.target, "kind": s.action.name(),
+                               "actor": "policy", "reason": reason}),
+                    );
+                }
+            }
+        }
+    }
+}

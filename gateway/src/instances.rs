@@ -1,0 +1,273 @@
+//! Instances: enrollment tokens, the tunnel's view of the store (who may enroll and connect,
+//! with an audit event for every decision), listing and revoking enrolled agents.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use postern_core::util::{name_from_hostname, now_unix, random_hex, sha256_hex, valid_name};
+use postern_proto::{EnrollRequest, ErrorCode, Hello};
+use postern_tunnel::pki::CertAuthority;
+use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refusal};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::info;
+
+use crate::audit::AuditLog;
+use crate::store::{Labels, NewAgent, NewToken, RedeemError, Store, StoreError, resolve_instance};
+
+/// Enrollment tokens are stored and audited only by their SHA-256.
+pub fn token_hash(token: &str) -> String {
+    sha256_hex(token.as_bytes())
+}
+
+/// Enrolled instances and their tokens.
+pub struct Instances {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    registry: AgentRegistry,
+    ca: Arc<CertAuthority>,
+    advertised: String,
+}
+
+impl std::fmt::Debug for Instances {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instances").field("advertised", &self.advertised).finish_non_exhaustive()
+    }
+}
+
+/// An instance as `postern instances` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub id: String,
+    pub name: String,
+    pub labels: Labels,
+    pub hostname: String,
+    pub platform: String,
+    pub agent_version: String,
+    pub online: bool,
+    pub last_seen: Option<i64>,
+    pub remote: Option<String>,
+}
+
+/// What `postern instances revoke` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Revoked {
+    pub id: String,
+    pub name: String,
+    pub was_online: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct CreatedToken {
+    pub token: String,
+    pub expires_at: i64,
+    pub ca_pin: String,
+    pub gateway: String,
+    pub labels: Labels,
+    pub name: Option<String>,
+}
+
+impl Instances {
+    pub fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        registry: AgentRegistry,
+        ca: Arc<CertAuthority>,
+        advertised: String,
+    ) -> Self {
+        Instances { store, audit, registry, ca, advertised }
+    }
+
+    /// Address agents should dial, for printed join commands.
+    pub fn advertised_tunnel(&self) -> &str {
+        &self.advertised
+    }
+
+    /// Who is connected now (the live truth for "online").
+    pub fn registry(&self) -> &AgentRegistry {
+        &self.registry
+    }
+
+    /// The agent CA (its pin goes into join commands).
+    pub fn ca(&self) -> &CertAuthority {
+        &self.ca
+    }
+
+    /// Every enrolled instance with what its live connection says, for `postern instances`.
+    pub async fn rows(&self) -> Result<Vec<InstanceRow>, StoreError> {
+        let agents = self.store.agents().await?;
+        Ok(agents
+            .into_iter()
+            .map(|a| {
+                let live = self.registry.get(&a.id);
+                InstanceRow {
+                    online: live.is_some(),
+                    remote: live.as_ref().map(|l| l.remote.to_string()),
+                    last_seen: if live.is_some() { Some(now_unix()) } else { a.last_seen },
+                    hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
+                    platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
+                    agent_version: live.as_ref().map(|l| l.agent_version.clone()).unwrap_or(a.agent_version),
+                    id: a.id,
+                    name: a.name,
+                    labels: a.labels,
+                }
+            })
+            .collect())
+    }
+
+    /// Revoke `instance` (name or id): marked in the store, its connection closed.
+    pub async fn revoke(&self, instance: &str, actor: &str) -> anyhow::Result<Revoked> {
+        let agents = self.store.agents().await?;
+        let agent = resolve_instance(&agents, instance).map_err(|e| anyhow::anyhow!(e))?.clone();
+        self.store.revoke_agent(&agent.id).await?;
+        let was_online = self.registry.disconnect(&agent.id, "agent revoked");
+        let _ = self.audit.record("agent.revoked", json!({"actor": actor, "agent_id": agent.id, "name": agent.name}));
+        info!(agent_id = %agent.id, "agent revoked");
+        Ok(Revoked { id: agent.id, name: agent.name, was_online })
+    }
+
+    pub async fn create_token(
+        &self,
+        labels: Labels,
+        ttl: std::time::Duration,
+        name: Option<String>,
+        actor: &str,
+    ) -> anyhow::Result<CreatedToken> {
+        if let Some(n) = &name
+            && !valid_name(n)
+        {
+            anyhow::bail!("invalid instance name {n:?}: use letters, digits, '-', '_' and '.', at most 63 characters");
+        }
+        let token = format!("pt_{}", random_hex(24)?);
+        let now = now_unix();
+        let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        self.store
+            .create_token(&NewToken {
+                hash: token_hash(&token),
+                labels: labels.clone(),
+                name: name.clone(),
+                created_at: now,
+                expires_at,
+            })
+            .await?;
+        // The audit line names the token by a hash prefix, never the secret itself.
+        let _ = self.audit.record(
+            "token.created",
+            json!({"actor": actor, "token_id": token_hash(&token).get(..12), "labels": labels, "name": name, "expires_at": expires_at}),
+        );
+        Ok(CreatedToken { token, expires_at, ca_pin: self.ca.pin(), gateway: self.advertised.clone(), labels, name })
+    }
+}
+
+/// The tunnel's view of the store, with audit events for every decision.
+pub struct StoreDirectory {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+}
+
+impl StoreDirectory {
+    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>) -> Self {
+        StoreDirectory { store, audit }
+    }
+}
+
+impl AgentDirectory for StoreDirectory {
+    async fn enroll(&self, token: &str, req: &EnrollRequest, remote: SocketAddr) -> Result<EnrolledAgent, Refusal> {
+        let hash = token_hash(token);
+        let id = random_hex(8)
+            .map(|h| format!("ag-{h}"))
+            .map_err(|e| Refusal { code: ErrorCode::Internal, message: e.to_string() })?;
+        let new = NewAgent {
+            id,
+            hostname: name_from_hostname(&req.hostname),
+            platform: req.platform.chars().take(64).collect(),
+            agent_version: req.agent_version.chars().take(64).collect(),
+            now: now_unix(),
+        };
+        let outcome = self.store.redeem_token(&hash, &new).await;
+        let refuse = |code: ErrorCode, message: &str| {
+            let _ = self.audit.record(
+                "agent.enroll_refused",
+                json!({"source": remote.to_string(), "token_id": hash.get(..12), "hostname": new.hostname, "reason": message}),
+            );
+            Refusal { code, message: message.to_owned() }
+        };
+        match outcome {
+            Ok(Ok(rec)) => {
+                let _ = self.audit.record(
+                    "agent.enrolled",
+                    json!({"source": remote.to_string(), "agent_id": rec.id, "name": rec.name, "labels": rec.labels,
+                           "hostname": rec.hostname, "token_id": hash.get(..12)}),
+                );
+                Ok(EnrolledAgent { agent_id: rec.id, name: rec.name })
+            }
+            Ok(Err(RedeemError::Unknown)) => Err(refuse(ErrorCode::TokenUnknown, "unknown enrollment token")),
+            Ok(Err(RedeemError::Used)) => Err(refuse(ErrorCode::TokenUsed, "enrollment token already used")),
+            Ok(Err(RedeemError::Expired)) => Err(refuse(ErrorCode::TokenExpired, "enrollment token expired")),
+            Err(e) => {
+                tracing::error!(error = %e, "store error during enrollment");
+                Err(refuse(ErrorCode::Internal, "gateway storage error; try again later"))
+            }
+        }
+    }
+
+    async fn admit(&self, agent_id: &str, hello: &Hello, remote: SocketAddr) -> Result<String, Refusal> {
+        let rec = match self.store.agent(agent_id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "store error admitting agent");
+                return Err(Refusal { code: ErrorCode::Unavailable, message: "gateway storage error".into() });
+            }
+        };
+        let refusal = match &rec {
+            None => Some("agent is not registered with this gateway"),
+            Some(r) if r.revoked => Some("agent has been revoked"),
+            Some(_) => None,
+        };
+        if let Some(reason) = refusal {
+            let _ = self
+                .audit
+                .record("agent.refused", json!({"agent_id": agent_id, "source": remote.to_string(), "reason": reason}));
+            return Err(Refusal { code: ErrorCode::AgentRevoked, message: reason.into() });
+        }
+        let trim = |s: &str, n| s.chars().take(n).collect::<String>();
+        let _ = self
+            .store
+            .agent_seen(
+                agent_id,
+                Some(&trim(&hello.hostname, 255)),
+                Some(&trim(&hello.platform, 64)),
+                Some(&trim(&hello.agent_version, 64)),
+                now_unix(),
+            )
+            .await;
+        let name = rec.map(|r| r.name).unwrap_or_default();
+        let _ = self.audit.record(
+            "agent.connected",
+            json!({"agent_id": agent_id, "name": name, "source": remote.to_string(), "agent_version": hello.agent_version}),
+        );
+        Ok(name)
+    }
+
+    async fn departed(&self, agent_id: &str) {
+        let _ = self.store.agent_seen(agent_id, None, None, None, now_unix()).await;
+        let _ = self.audit.record("agent.disconnected", json!({"agent_id": agent_id}));
+    }
+
+    async fn protocol_violation(&self, remote: SocketAddr, agent_id: Option<&str>, error: &str) {
+        let _ = self.audit.record(
+            "agent.protocol_violation",
+            json!({"source": remote.to_string(), "agent_id": agent_id, "error": error}),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_hash_is_sha256_hex() {
+        assert_eq!(token_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+}

@@ -1,0 +1,42 @@
+//! Small things said on a session channel: refusals, notices on the user's terminal, and
+//! the numbers they quote.
+
+use std::time::Duration;
+
+use russh::server::Msg;
+
+pub(super) fn clamp16(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
+}
+
+pub(super) fn sig_name(s: &russh::Sig) -> String {
+    format!("{s:?}").trim_start_matches("Custom(\"").trim_end_matches("\")").to_owned()
+}
+
+/// Tell the client why nothing happened, and end the channel with `code`.
+pub(super) async fn refuse(ch: &russh::ChannelWriteHalf<Msg>, message: &str, code: u32) {
+    let _ = ch.extended_data_bytes(1, format!("postern: {message}\r\n").into_bytes()).await;
+    let _ = ch.exit_status(code).await;
+    let _ = ch.eof().await;
+    let _ = ch.close().await;
+}
+
+/// How long before a limit the user is warned: a quarter of it, at most a minute.
+pub(super) fn warn_lead(limit: Duration) -> Duration {
+    (limit / 4).min(Duration::from_secs(60))
+}
+
+pub(super) fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// A line from the gateway to the user's terminal (stderr when there is no PTY).
+pub(super) async fn notice(ch: &russh::ChannelWriteHalf<Msg>, on_pty: bool, message: &str) {
+    let line = format!("\r\npostern: {message}\r\n").into_bytes();
+    let _ = if on_pty { ch.data_bytes(line).await } else { ch.extended_data_bytes(1, line).await };
+}

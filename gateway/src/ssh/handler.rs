@@ -1,0 +1,295 @@
+//! The russh handler of the SSH door. It only authenticates and answers channel opens;
+//! each channel is served by its own task ([`super::session`], [`super::forward`]) that owns
+//! the channel, its agent stream and its recording.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use postern_core::command::RDP_DESTINATION;
+use postern_core::{Action, Identity};
+use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
+use serde_json::json;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::forward::{ChannelOpen, open_channel};
+use super::session::{SessionCtx, serve_session_channel};
+use super::settings::{Throttle, server_config};
+use crate::services::Services;
+
+/// `direct-tcpip` channels of one connection being decided at once; more are refused
+/// (`ResourceShortage`) until one is decided.
+const MAX_OPENING_CHANNELS: usize = 64;
+
+pub(super) struct ConnHandler {
+    state: Arc<Services>,
+    throttle: Arc<Throttle>,
+    peer: SocketAddr,
+    /// Instance this connection is about: fixed for inner connections, or from `user%instance`.
+    target: Option<String>,
+    /// Set for an inner connection (the instance comes from the outer direct-tcpip channel).
+    inner: bool,
+    identity: Option<Identity>,
+    /// Keys offered or tried without success, for one audit event per connection.
+    failed_keys: Vec<String>,
+    failed_user: Option<String>,
+    /// Channel opens being decided in their own tasks (bounded per connection).
+    opening: Arc<tokio::sync::Semaphore>,
+}
+
+impl Drop for ConnHandler {
+    fn drop(&mut self) {
+        // One event (and one throttle strike) per connection that never authenticated,
+        // however many keys the client offered.
+        if self.identity.is_none() && !self.failed_keys.is_empty() {
+            self.throttle.failed(self.peer.ip());
+            let _ = self.state.audit.record(
+                "auth.failed",
+                json!({"source": self.peer.to_string(), "user": self.failed_user, "method": "publickey",
+                       "keys": self.failed_keys, "inner": self.inner}),
+            );
+        }
+    }
+}
+
+impl ConnHandler {
+    pub(super) fn new(
+        state: Arc<Services>,
+        throttle: Arc<Throttle>,
+        peer: SocketAddr,
+        inner_target: Option<String>,
+    ) -> Self {
+        let inner = inner_target.is_some();
+        Self {
+            state,
+            throttle,
+            peer,
+            target: inner_target,
+            inner,
+            identity: None,
+            failed_keys: Vec::new(),
+            failed_user: None,
+            opening: Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_CHANNELS)),
+        }
+    }
+
+    /// `alice%web-01` names user and instance; inner connections take only a user.
+    fn split_user<'a>(&self, user: &'a str) -> (&'a str, Option<&'a str>) {
+        match user.split_once('%') {
+            Some((u, i)) if !self.inner && !i.is_empty() => (u, Some(i)),
+            _ => (user, None),
+        }
+    }
+}
+
+impl russh::server::Handler for ConnHandler {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        let (name, _) = self.split_user(user);
+        // A certificate offer carries the certificate's key, bound to nobody: let the client
+        // prove possession and decide in auth_openssh_certificate.
+        if self.state.access.authenticate(name, offer.public_key, None).is_some() || self.state.access.has_user_cas() {
+            Ok(Auth::Accept)
+        } else {
+            self.note_failure(name, offer.public_key);
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        let (name, instance) = self.split_user(user);
+        match self.state.access.authenticate(name, key.public_key, Some(self.peer.ip())) {
+            Some(identity) => {
+                if let Some(i) = instance {
+                    self.target = Some(i.to_owned());
+                }
+                info!(user = %identity.user, target = ?self.target, "ssh user authenticated");
+                self.identity = Some(identity);
+                Ok(Auth::Accept)
+            }
+            None => {
+                self.note_failure(name, key.public_key);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &russh::keys::Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let (name, instance) = self.split_user(user);
+        match self.state.access.authenticate_certificate(name, cert, Some(self.peer.ip())) {
+            Some(identity) => {
+                if let Some(i) = instance {
+                    self.target = Some(i.to_owned());
+                }
+                info!(user = %identity.user, key_id = cert.key_id(), "ssh user authenticated by certificate");
+                self.identity = Some(identity);
+                Ok(Auth::Accept)
+            }
+            None => {
+                self.failed_user = Some(name.chars().take(64).collect());
+                if self.failed_keys.len() < 16 {
+                    self.failed_keys.push(format!("certificate key_id={:?}", cert.key_id()));
+                }
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(identity) = self.identity.clone() else { return Ok(()) };
+        reply.accept().await;
+        let ctx = SessionCtx { state: self.state.clone(), identity, target: self.target.clone(), peer: self.peer };
+        tokio::spawn(serve_session_channel(ctx, channel).instrument(tracing::Span::current()));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(identity) = self.identity.clone() else { return Ok(()) };
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        let suffix = format!(".{}", self.state.config.ssh.suffix);
+        let (target, action, destination) = match (&self.target, host.strip_suffix(&suffix)) {
+            // Jump host hop to `<instance>.<suffix>`: serve an inner SSH session ourselves.
+            (None, Some(instance)) if !instance.is_empty() => {
+                self.serve_inner(instance, channel, reply).await;
+                return Ok(());
+            }
+            // Jump host hop to a plain instance name: passthrough to its own sshd.
+            (None, _) => (host.to_owned(), Action::SshPassthrough, Some(("127.0.0.1".to_owned(), port))),
+            // `postern rdp --local`: the instance's RDP server, wherever its agent says it is.
+            (Some(target), _) if host == RDP_DESTINATION => (target.clone(), Action::Rdp, None),
+            // `-L` on a connection to an instance: forward through its agent.
+            (Some(target), _) => (target.clone(), Action::PortForward, Some((host.to_owned(), port))),
+        };
+        // Decided and opened in the channel's own task: the agent may take seconds to reach
+        // the destination, and this callback runs inside the connection's packet loop.
+        let Ok(permit) = self.opening.clone().try_acquire_owned() else {
+            debug!("too many channel opens in progress on this connection");
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let open = ChannelOpen { identity, peer: self.peer, target, action, destination, channel, reply };
+        let state = self.state.clone();
+        tokio::spawn(
+            async move {
+                open_channel(state, open, permit).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
+        Ok(())
+    }
+
+    // Channel requests are answered here; the channel's task acts on them.
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _c: u32,
+        _r: u32,
+        _pw: u32,
+        _ph: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _k: &str,
+        _v: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        _c: u32,
+        _r: u32,
+        _pw: u32,
+        _ph: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+}
+
+impl ConnHandler {
+    fn note_failure(&mut self, user: &str, key: &russh::keys::PublicKey) {
+        self.failed_user = Some(user.chars().take(64).collect());
+        if self.failed_keys.len() < 16 {
+            self.failed_keys.push(key.fingerprint(Default::default()).to_string());
+        }
+    }
+
+    /// `ssh alice@web-01.<suffix>` through the gateway as ProxyJump: the gateway answers
+    /// the channel with an inner SSH server whose host certificate names that instance.
+    async fn serve_inner(&self, instance: &str, channel: Channel<Msg>, reply: russh::server::ChannelOpenHandle) {
+        let principal = format!("{instance}.{}", self.state.config.ssh.suffix);
+        let config = match self.state.host_keys.certificate_for(&[principal]) {
+            Ok(cert) => Arc::new(server_config(&self.state, cert)),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot issue host certificate");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            }
+        };
+        reply.accept().await;
+        let handler = ConnHandler::new(self.state.clone(), self.throttle.clone(), self.peer, Some(instance.to_owned()));
+        let span = info_span!("inner", instance = %instance);
+        tokio::spawn(
+            async move {
+                match russh::server::run_stream(config, channel.into_stream(), handler).await {
+                    Ok(session) => {
+                        if let Err(e) = session.await {
+                            debug!(error = %e, "inner ssh session ended with error");
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "inner ssh handshake failed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
