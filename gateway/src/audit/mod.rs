@@ -15,6 +15,7 @@
 //! (`segment_start`) over the last line of the previous one, so a segment can be verified
 //! on its own and the log still verifies after retention has deleted the oldest segments.
 
+pub mod events;
 pub mod seal;
 pub mod ship;
 pub mod verify;
@@ -356,6 +357,29 @@ impl AuditLog {
                 m
             }
         };
+        self.write(event, fields)
+    }
+
+    /// Append one typed event (see [`events`]). Like [`AuditLog::record`], a failure is
+    /// logged and returned so callers that must fail closed can.
+    pub fn event(&self, e: &events::Event) -> std::io::Result<()> {
+        // Checkpoints carry the log's own signature over its chain; one from outside would
+        // only be a forgery that verify rejects.
+        if let events::Event::AuditCheckpoint(_) = e {
+            return Err(std::io::Error::other("audit.checkpoint is written by the log itself"));
+        }
+        match e.fields() {
+            Ok(fields) => self.write(e.name(), fields),
+            Err(err) => {
+                tracing::error!(error = %err, event = e.name(), "cannot serialize audit event");
+                Err(std::io::Error::other(err))
+            }
+        }
+    }
+
+    /// Append `event` with `fields`, then send it on (standard output, webhooks) and
+    /// checkpoint or rotate if due.
+    fn write(&self, event: &str, fields: Map<String, Value>) -> std::io::Result<()> {
         let result = match self.inner.lock() {
             Ok(mut chain) => {
                 let r = self.append(&mut chain, event, fields).map(|(id, line)| {

@@ -1,0 +1,205 @@
+//! Events about the gateway itself, its agents, its administration and its audit log.
+
+use postern_core::store::Labels;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `gateway.started`: where it listens (null: that door is off).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStarted {
+    pub tunnel: String,
+    pub ssh: Option<String>,
+    pub rdp: Option<String>,
+    pub ca_pin: String,
+}
+
+/// `gateway.stopped` (graceful stop); no fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStopped {}
+
+/// `token.created`. Names the token by a hash prefix, never the secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub actor: String,
+    pub token_id: String,
+    pub labels: Labels,
+    pub name: Option<String>,
+    pub expires_at: i64,
+}
+
+/// `agent.enrolled`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEnrolled {
+    pub source: String,
+    pub agent_id: String,
+    pub name: String,
+    pub labels: Labels,
+    pub hostname: String,
+    pub token_id: String,
+}
+
+/// `agent.enroll_refused`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEnrollRefused {
+    pub source: String,
+    pub token_id: String,
+    pub hostname: String,
+    pub reason: String,
+}
+
+/// `agent.connected`: its tunnel is up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentConnected {
+    pub agent_id: String,
+    pub name: String,
+    pub source: String,
+    pub agent_version: String,
+}
+
+/// `agent.disconnected`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentDisconnected {
+    pub agent_id: String,
+}
+
+/// `agent.refused`: an unknown or revoked agent tried to connect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRefused {
+    pub agent_id: String,
+    pub source: String,
+    pub reason: String,
+}
+
+/// `agent.revoked`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRevoked {
+    pub actor: String,
+    pub agent_id: String,
+    pub name: String,
+}
+
+/// `agent.bulk_enrolled` (load tests only: `testing.bulk_enroll`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentBulkEnrolled {
+    pub actor: String,
+    pub count: u64,
+    pub prefix: String,
+}
+
+/// `agent.protocol_violation`; `agent_id` is null before the agent said who it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentProtocolViolation {
+    pub source: String,
+    pub agent_id: Option<String>,
+    pub error: String,
+}
+
+/// `policy.changed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyChanged {
+    pub actor: String,
+    pub policy: String,
+    pub version: i64,
+    #[serde(flatten)]
+    pub change: PolicyChange,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PolicyChange {
+    Applied {
+        file: String,
+        statements: u64,
+        /// Line diff against the previous version.
+        diff: String,
+    },
+    /// `removed` is always true: it is what tells a removal in the log.
+    Removed { removed: bool },
+}
+
+/// `grant.created`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantCreated {
+    pub actor: String,
+    pub grant_id: String,
+    pub user: String,
+    pub policy: String,
+    pub expires_at: i64,
+    pub reason: String,
+}
+
+/// `grant.revoked`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantRevoked {
+    pub actor: String,
+    pub grant_id: String,
+    pub user: String,
+    pub policy: String,
+}
+
+/// `admin.action`: every admin request. Requests answered by the admin socket itself say
+/// only `actor` and `op`; managed ones also `ok`, their `args` if they change something, and
+/// the `error` if they failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminAction {
+    pub actor: String,
+    pub op: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+    /// The request's arguments (keys as fingerprints): free-form, one shape per op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `audit.checkpoint`: a signature over the line before it (see [`super::super::verify`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    pub covers_seq: u64,
+    pub covers_hash: String,
+    pub key_id: String,
+    pub sig: String,
+    /// The previous segment, when this checkpoint is the first line of a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_start: Option<String>,
+}
+
+/// `audit.retention`: a retention run deleted something.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRetention {
+    pub deleted_recordings: u64,
+    pub bytes: u64,
+    /// `[audit] retention` (null: recordings are kept).
+    pub older_than_secs: Option<u64>,
+    /// Only when log segments were deleted.
+    #[serde(flatten)]
+    pub segments: Option<SegmentsDeleted>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentsDeleted {
+    pub deleted_segments: u64,
+    pub segment_bytes: u64,
+    /// The log now starts after this `seq` (`audit verify` accepts that).
+    pub deleted_through_seq: u64,
+    pub log_older_than_secs: Option<u64>,
+}
+
+/// `audit.sink`: the object store became unreachable, or reachable again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditSink {
+    /// "s3".
+    pub sink: String,
+    #[serde(flatten)]
+    pub state: SinkState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum SinkState {
+    /// Files waiting to be uploaded when it happened.
+    Unreachable { error: String, pending: u64 },
+    /// Files uploaded since it came back.
+    Recovered { uploaded: u64 },
+}

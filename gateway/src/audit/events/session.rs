@@ -1,0 +1,343 @@
+//! Events about what users do: authentication, sessions, forwards, RDP and `postern run`.
+
+use postern_core::Action;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{RdpMode, RdpRequest, action_name};
+
+/// `auth.failed`: one per SSH connection that never authenticated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthFailed {
+    pub source: String,
+    /// The last user name tried (cut to 64 characters); null if none was.
+    pub user: Option<String>,
+    pub method: String,
+    /// Fingerprints of the keys offered (at most 16).
+    pub keys: Vec<String>,
+    /// An inner connection (through `-J` passthrough to the gateway itself).
+    pub inner: bool,
+}
+
+/// `session.authorized`: a shell, exec or sftp session passed policy (written before it
+/// starts, so a log that cannot be written stops it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionAuthorized {
+    pub user: String,
+    pub target: String,
+    pub agent_id: String,
+    #[serde(with = "action_name")]
+    pub kind: Action,
+    pub source: String,
+    pub recording_ok: bool,
+}
+
+/// `session.start`, one shape per door.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SessionStart {
+    Ssh(SshSessionStart),
+    AdminSocket(AdminSessionStart),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshSessionStart {
+    pub session_id: String,
+    pub user: String,
+    pub target: String,
+    pub agent_id: String,
+    #[serde(with = "action_name")]
+    pub kind: Action,
+    /// What the user asked to run (null for a shell, "sftp" for sftp).
+    pub command: Option<String>,
+    pub pty: bool,
+    pub source: String,
+    pub profile: Option<String>,
+    pub run_as: Option<String>,
+    pub logged: bool,
+    /// Why the session is not recorded (null when it is).
+    pub reason: Option<String>,
+    pub run_id: Option<String>,
+    pub recording: Option<String>,
+}
+
+/// A session through the admin socket (`postern exec`/`shell` on the gateway host).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminSessionStart {
+    pub session_id: String,
+    pub actor: String,
+    pub target: String,
+    pub agent_id: String,
+    #[serde(with = "action_name")]
+    pub kind: Action,
+    /// "admin-socket".
+    pub via: String,
+    pub logged: bool,
+    pub reason: String,
+}
+
+/// `session.end`, one shape per door, and one for sessions a crash cut short.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SessionEnd {
+    Ssh(SshSessionEnd),
+    AdminSocket(AdminSessionEnd),
+    Crashed(CrashedSessionEnd),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshSessionEnd {
+    pub session_id: String,
+    pub user: String,
+    pub target: String,
+    #[serde(with = "action_name")]
+    pub kind: Action,
+    pub exit_code: Option<i32>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// "recording-failed", "idle-timeout", ... (null: the session ended by itself).
+    pub end_reason: Option<String>,
+    /// Why it was terminated, when it was.
+    pub terminated_because: Option<String>,
+    pub duration_ms: u64,
+    pub logged: bool,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminSessionEnd {
+    pub session_id: String,
+    pub target: String,
+    #[serde(with = "action_name")]
+    pub kind: Action,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub end_reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// Written at the next start for a session whose live marker a crash left behind: what the
+/// marker said, when it could be read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CrashedSessionEnd {
+    pub session_id: String,
+    /// "gateway-crash".
+    pub end_reason: String,
+    #[serde(flatten)]
+    pub marker: LiveMarker,
+}
+
+/// A live session's marker file (`DATA_DIR/live-sessions/ID`). Every field is optional
+/// because the file is read back after a crash, when it may be damaged: what cannot be
+/// read is left out of the end event.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveMarker {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logged: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+}
+
+/// `session.denied`, one shape per door (the most specific first: untagged parsing takes
+/// the first that fits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SessionDenied {
+    RdpToken(RdpTokenDenied),
+    Rdp(RdpDenied),
+    Ssh(SshDenied),
+}
+
+/// A session, forward or passthrough refused at the SSH door.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshDenied {
+    pub user: String,
+    pub target: String,
+    #[serde(with = "action_name")]
+    pub action: Action,
+    pub source: String,
+    pub reason: String,
+}
+
+/// An RDP routing token refused (policy said no when it was asked for).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RdpTokenDenied {
+    pub user: String,
+    pub target: String,
+    #[serde(with = "action_name")]
+    pub action: Action,
+    /// "token".
+    pub stage: String,
+    /// The client's address, when the request came with one.
+    pub source: Option<String>,
+    pub reason: String,
+}
+
+/// A connection to the RDP port refused; what is known grows with each stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RdpDenied {
+    #[serde(with = "action_name")]
+    pub action: Action,
+    pub source: String,
+    pub reason: String,
+    /// Machine-readable reason (docs/rdp.md).
+    pub code: String,
+    /// Once the token was redeemed: whose it was.
+    #[serde(flatten)]
+    pub token: Option<RdpTokenHolder>,
+    /// Once the connection request was read.
+    #[serde(flatten)]
+    pub request: Option<RdpRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RdpTokenHolder {
+    pub user: String,
+    pub target: String,
+    pub token_id: String,
+}
+
+/// `session.terminated`: ended by an admin or because access was revoked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionTerminated {
+    pub session_id: String,
+    pub user: String,
+    pub target: String,
+    #[serde(with = "action_name")]
+    pub kind: Action,
+    /// "policy" or the admin.
+    pub actor: String,
+    pub reason: String,
+}
+
+/// `forward.open` and `passthrough.open`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardOpen {
+    pub session_id: String,
+    pub user: String,
+    pub target: String,
+    /// HOST:PORT.
+    pub destination: String,
+    pub source: String,
+    pub logged: bool,
+    pub reason: String,
+}
+
+/// `forward.close` and `passthrough.close`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardClose {
+    pub session_id: String,
+    pub user: String,
+    pub target: String,
+    pub destination: String,
+    pub bytes_to_target: u64,
+    pub bytes_from_target: u64,
+    pub end_reason: Option<String>,
+    pub duration_ms: u64,
+    pub logged: bool,
+    pub reason: String,
+}
+
+/// `forward.failed`: the agent could not open it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardFailed {
+    pub user: String,
+    pub target: String,
+    pub destination: String,
+    pub error: String,
+}
+
+/// `rdp.token_issued`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RdpTokenIssued {
+    pub user: String,
+    pub target: String,
+    pub agent_id: String,
+    pub token_id: String,
+    pub expires_at: i64,
+    pub source: Option<String>,
+}
+
+/// `rdp.open`. Through the RDP port (`mode` gateway) it names the token and what the client
+/// asked for; through `ssh -L` (`mode` local) the destination "rdp".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RdpOpen {
+    pub session_id: String,
+    pub user: String,
+    pub target: String,
+    pub source: String,
+    pub mode: RdpMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    #[serde(flatten)]
+    pub request: Option<RdpRequest>,
+    pub logged: bool,
+    pub reason: String,
+}
+
+/// `rdp.close`; `destination` only through `ssh -L`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RdpClose {
+    pub session_id: String,
+    pub user: String,
+    pub target: String,
+    pub mode: RdpMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    pub bytes_to_target: u64,
+    pub bytes_from_target: u64,
+    pub end_reason: Option<String>,
+    pub duration_ms: u64,
+    pub logged: bool,
+    pub reason: String,
+}
+
+/// `rdp.failed`: the agent could not open it. Through the RDP port it has `source` and
+/// `token_id`, through `ssh -L` `destination`; neither says `mode`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RdpFailed {
+    pub user: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    pub error: String,
+}
+
+/// `run.start`: `postern run` across instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStart {
+    pub run_id: String,
+    pub user: String,
+    pub source: String,
+    /// The selector the user gave (`env=prod`), if any.
+    pub targets: Option<String>,
+    pub command: String,
+    pub instances: Vec<String>,
+    pub max_concurrency: Option<u64>,
+    pub max_errors: Option<u64>,
+}
+
+/// `run.end`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEnd {
+    pub run_id: String,
+    pub user: String,
+    /// The client's tally, as it sent it (free-form counts by outcome).
+    pub summary: Value,
+    /// Whole seconds (the start is kept in Unix seconds) times 1000.
+    pub duration_ms: i64,
+}
