@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use postern_core::util::hex;
 use postern_core::util::sha256_hex;
@@ -493,15 +493,15 @@ impl AuditLog {
     fn checkpoint_locked(&self, chain: &mut Chain, segment_start: Option<&str>) -> std::io::Result<()> {
         let Some(signer) = &self.signer else { return Ok(()) };
         let sig = signer.key.sign(&checkpoint_message(chain.seq, &chain.last_hash));
-        let mut fields = Map::new();
-        fields.insert("covers_seq".into(), json!(chain.seq));
-        fields.insert("covers_hash".into(), json!(chain.last_hash));
-        fields.insert("key_id".into(), json!(signer.key_id));
-        fields.insert("sig".into(), json!(hex(sig.as_ref())));
-        if let Some(prev) = segment_start {
-            fields.insert("segment_start".into(), json!(prev));
-        }
-        self.append(chain, "audit.checkpoint", fields)?;
+        let event = events::Event::AuditCheckpoint(events::AuditCheckpoint {
+            covers_seq: chain.seq,
+            covers_hash: chain.last_hash.clone(),
+            key_id: signer.key_id.clone(),
+            sig: hex(sig.as_ref()),
+            segment_start: segment_start.map(str::to_owned),
+        });
+        let fields = event.fields().map_err(std::io::Error::other)?;
+        self.append(chain, event.name(), fields)?;
         chain.file.sync_data()?;
         chain.since_checkpoint = 0;
         chain.last_checkpoint = Instant::now();
@@ -563,6 +563,7 @@ mod tests {
     }
 
     use super::*;
+    use serde_json::json;
 
     /// Every line of the log, all segments in order (clear segments only).
     fn all_lines(dir: &Path) -> Vec<String> {
