@@ -23,6 +23,8 @@ pub mod manage;
 pub mod rdp_tokens;
 pub mod runs;
 pub mod services;
+#[cfg(test)]
+mod services_tests;
 pub mod sessions;
 // doors
 pub mod admin;

@@ -169,3 +169,31 @@ pub trait Store: Send + Sync + 'static {
     /// Mark a grant revoked; false if it was unknown or already revoked.
     async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, name: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            name: name.into(),
+            labels: Labels::new(),
+            hostname: String::new(),
+            platform: String::new(),
+            agent_version: String::new(),
+            enrolled_at: 0,
+            last_seen: None,
+            revoked: false,
+        }
+    }
+
+    #[test]
+    fn instances_resolve_by_id_or_by_a_unique_name() {
+        let agents = [agent("ag-1", "web-01"), agent("ag-2", "db"), agent("ag-3", "db")];
+        assert_eq!(resolve_instance(&agents, "web-01").unwrap().id, "ag-1");
+        assert_eq!(resolve_instance(&agents, "ag-3").unwrap().id, "ag-3");
+        assert!(resolve_instance(&agents, "db").unwrap_err().contains("several instances"));
+        assert!(resolve_instance(&agents, "web-02").unwrap_err().contains("no instance named"));
+    }
+}

@@ -1,0 +1,184 @@
+//! Unit tests of the services, built alone (no doors, no agents): an SQLite store in a
+//! temporary directory, a temporary audit log, the access list, the session table, and
+//! the services on top of them, wired as `app::start` wires them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_core::{Action, DENIED, Identity};
+use postern_tunnel::CancellationToken;
+use postern_tunnel::server::AgentRegistry;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::access::{AccessList, Authorizer};
+use crate::audit::AuditLog;
+use crate::broker::{Broker, Party};
+use crate::manage::{Manage, ManageRequest};
+use crate::sessions::SessionTable;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Labels, Store};
+
+const ALICE_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNV6u6wpsWtZv2s0S8Gb3qH8lO1xDZ0m2qgDPbOwD3r alice@laptop";
+
+struct Kit {
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    sessions: Arc<SessionTable>,
+    authorizer: Arc<Authorizer>,
+    broker: Broker,
+    manage: Manage,
+    access_changed: Arc<Notify>,
+}
+
+impl Kit {
+    /// Instances web-01, web-02 and db-01 enrolled (not connected); user alice in the store.
+    async fn new() -> Kit {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("postern.db")).await.unwrap());
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit")).unwrap());
+        let access = Arc::new(AccessList::default());
+        let sessions = Arc::new(SessionTable::default());
+        let access_changed = Arc::new(Notify::new());
+        let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
+        let broker = Broker::new(AgentRegistry::default(), sessions.clone(), audit.clone());
+        let manage =
+            Manage::new(store.clone(), access.clone(), audit.clone(), sessions.clone(), access_changed.clone());
+        let agents = [("ag-1", "web-01"), ("ag-2", "web-02"), ("ag-3", "db-01")];
+        let agents: Vec<(String, String)> = agents.iter().map(|(i, n)| (i.to_string(), n.to_string())).collect();
+        store.insert_agents(&agents, &Labels::new(), 0).await.unwrap();
+        let kit = Kit { dir, store, audit, sessions, authorizer, broker, manage, access_changed };
+        kit.admin(
+            json!({"what": "user_add", "name": "alice", "groups": ["ops"], "keys": [ALICE_KEY], "principals": []}),
+        )
+        .await
+        .unwrap();
+        kit
+    }
+
+    async fn admin(&self, req: Value) -> anyhow::Result<Value> {
+        let req: ManageRequest = serde_json::from_value(req).unwrap();
+        crate::manage::run(&self.manage, req, "test-admin").await
+    }
+
+    async fn apply(&self, policy: &str) {
+        self.admin(json!({"what": "policy_apply", "file": "test.toml", "source": policy})).await.unwrap();
+    }
+
+    fn events(&self, name: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        for (_, path) in crate::audit::segments(&self.dir.path().join("audit")).unwrap() {
+            for line in std::fs::read_to_string(path).unwrap().lines() {
+                let v: Value = serde_json::from_str(line).unwrap();
+                if v["event"] == name {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn alice() -> Identity {
+    Identity { user: "alice".into(), source: Some("127.0.0.9".parse().unwrap()) }
+}
+
+const WEB_SHELL: &str = r#"
+name = "web"
+
+[[statement]]
+effect = "allow"
+users = ["alice"]
+actions = ["shell", "exec"]
+instances = ["web-*"]
+max_sessions = 1
+"#;
+
+#[tokio::test]
+async fn the_authorizer_resolves_the_instance_and_denies_unknown_and_forbidden_alike() {
+    let kit = Kit::new().await;
+    let denied = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap_err();
+    assert_eq!(denied, DENIED, "deny by default");
+    kit.apply(WEB_SHELL).await;
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    assert_eq!((authz.agent_id(), authz.instance(), authz.user()), ("ag-1", "web-01", "alice"));
+    // By id too, resolved to the same instance.
+    let by_id = kit.authorizer.authorize(&alice(), "ag-2", Action::Exec, None, None).await.unwrap();
+    assert_eq!(by_id.instance(), "web-02");
+    for (instance, action) in [("db-01", Action::Shell), ("web-01", Action::PortForward), ("nope", Action::Shell)] {
+        let e = kit.authorizer.authorize(&alice(), instance, action, None, None).await.unwrap_err();
+        assert_eq!(e, DENIED, "{instance} {action}: not allowed and unknown look the same");
+    }
+    let bob = Identity { user: "bob".into(), source: None };
+    assert_eq!(kit.authorizer.authorize(&bob, "web-01", Action::Shell, None, None).await.unwrap_err(), DENIED);
+}
+
+#[tokio::test]
+async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_event() {
+    let kit = Kit::new().await;
+    kit.apply(WEB_SHELL).await;
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let running = kit.broker.start(
+        "s-1",
+        Party::of(&authz, alice().source, true),
+        "session.start",
+        json!({"session_id": "s-1", "user": "alice", "target": "web-01"}),
+    );
+    assert_eq!(kit.events("session.start").len(), 1, "the start event is written before the session runs");
+    let rows = kit.sessions.rows(false);
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].id.as_str(), rows[0].user.as_str(), rows[0].kind.as_str()), ("s-1", "alice", "shell"));
+    running.live().add_in(3);
+    running.finish("session.end", json!({"session_id": "s-1", "user": "alice"}));
+    let end = kit.events("session.end");
+    assert_eq!(end.len(), 1);
+    assert!(end[0]["duration_ms"].is_u64(), "the broker adds the duration: {}", end[0]);
+    assert!(kit.sessions.rows(false).is_empty(), "off the live table after its end event");
+    let recent = kit.sessions.rows(true);
+    assert_eq!((recent.len(), recent[0].bytes_in, recent[0].active), (1, 3, false));
+}
+
+#[tokio::test]
+async fn max_sessions_counts_the_users_live_sessions() {
+    let kit = Kit::new().await;
+    kit.apply(WEB_SHELL).await;
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let running = kit.broker.start("s-1", Party::of(&authz, None, true), "session.start", json!({}));
+    let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap_err();
+    assert!(refused.contains("maximum number of concurrent sessions"), "{refused}");
+    running.finish("session.end", json!({}));
+    assert!(kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
+    let kit = Kit::new().await;
+    kit.apply(WEB_SHELL).await;
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let running = kit.broker.start("s-1", Party::of(&authz, None, true), "session.start", json!({}));
+    let shutdown = CancellationToken::new();
+    let enforcer = tokio::spawn(crate::enforcer::enforce(
+        kit.authorizer.clone(),
+        kit.sessions.clone(),
+        kit.store.clone(),
+        kit.audit.clone(),
+        kit.access_changed.clone(),
+        shutdown.clone(),
+    ));
+    // Still allowed: the enforcer's periodic re-check leaves it alone.
+    assert!(
+        tokio::time::timeout(crate::enforcer::RECHECK_EVERY * 2, running.live().terminated()).await.is_err(),
+        "an allowed session must not be ended"
+    );
+    kit.admin(json!({"what": "user_set_disabled", "name": "alice", "disabled": true})).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running.live().terminated())
+        .await
+        .expect("the session ends within 5 s of the user being disabled");
+    assert!(running.live().reason().unwrap().contains("alice is disabled"), "{:?}", running.live().reason());
+    let t = kit.events("session.terminated");
+    assert_eq!((t.len(), t[0]["actor"].as_str(), t[0]["session_id"].as_str()), (1, Some("policy"), Some("s-1")));
+    shutdown.cancel();
+    enforcer.await.unwrap();
+}
