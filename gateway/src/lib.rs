@@ -33,4 +33,3 @@ pub mod ssh;
 // start-up and the command line
 pub mod app;
 pub mod cli;
-pub mod client;

@@ -280,7 +280,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         },
         Command::Rdp(args) => cli::rdp::run(args).await,
         Command::SshConfig { gateway, known_hosts_file } if gateway.gateway.is_some() => {
-            let client = postern_gateway::client::Client::connect(&gateway.options()?, None).await?;
+            let client = postern_client::Client::connect(&gateway.options()?, None).await?;
             let v = client.gateway_command(&format!("ssh-config {known_hosts_file}")).await?;
             print!("{}", v.get("config").and_then(|c| c.as_str()).unwrap_or_default());
             Ok(0)

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use super::user::{Connection, GatewayArgs, Target, serve_forwards};
-use crate::client::{Client, RdpToken};
+use postern_client::{Client, ClientOptions, Connection, RdpToken, Target};
+
+use super::user::{GatewayArgs, serve_forwards};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
@@ -103,11 +104,7 @@ fn which(program: &str) -> Option<PathBuf> {
 }
 
 /// Forward a local port to the instance's RDP server over SSH channels, until Ctrl-C.
-async fn local_forward(
-    opts: &crate::client::ClientOptions,
-    instance: &str,
-    bind: std::net::SocketAddr,
-) -> anyhow::Result<i32> {
+async fn local_forward(opts: &ClientOptions, instance: &str, bind: std::net::SocketAddr) -> anyhow::Result<i32> {
     let conn = Arc::new(Connection::open(opts, instance).await?);
     // Fail now, not at the first connection, when RDP to this instance is not allowed.
     drop(conn.client().await?.open_rdp().await?);

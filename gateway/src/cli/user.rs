@@ -1,20 +1,18 @@
 //! User commands: talk to a gateway's SSH front door as a user, with the SSH identity the
-//! user already has (see [`crate::client`]): `ls`, `exec`/`shell` with `--gateway`,
-//! `forward`, `run`.
+//! user already has (through the `postern_client` SDK): `ls`, `exec`/`shell` with
+//! `--gateway`, `forward`, `run`. The SDK does the work; this module parses arguments and
+//! does all the printing (tables, progress, summaries, `--json`) and Ctrl-C handling.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use postern_client::fleet::{self, FleetEvent, Outcome, RunLimits, Status};
+use postern_client::{Client, ClientOptions, Connection, ForwardEvent, Instance, Target};
 use russh::ChannelMsg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Mutex;
-
-use crate::client::{Client, ClientOptions, Instance};
 
 /// How to reach the gateway as a user (shared by user commands).
 #[derive(Args, Debug, Clone, Default)]
@@ -202,159 +200,32 @@ async fn interact(ch: russh::Channel<russh::client::Msg>, tty: bool) -> anyhow::
 // ---------------------------------------------------------------------------------------
 // forward
 
-/// `LPORT:PORT` (the instance itself) or `LPORT:HOST:PORT` (a host the instance can reach).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForwardSpec {
-    pub local: u16,
-    pub host: String,
-    pub port: u16,
-}
+pub use postern_client::ForwardSpec;
 
-impl std::str::FromStr for ForwardSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected LOCAL_PORT:PORT or LOCAL_PORT:HOST:PORT");
-        let (local, rest) = s.split_once(':').ok_or_else(bad)?;
-        let local: u16 = local.parse().map_err(|_| bad())?;
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_owned(), p),
-            None => ("localhost".to_owned(), rest),
-        };
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        if host.is_empty() || port == 0 {
-            return Err(bad());
-        }
-        Ok(ForwardSpec { local, host, port })
-    }
-}
-
-#[derive(Default)]
-pub struct ForwardStats {
-    pub connections: AtomicU64,
-    pub failed: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
-}
-
-impl ForwardStats {
-    pub fn summary(&self) -> String {
-        format!(
-            "{} connection(s), {} failed; {} bytes sent, {} received",
-            self.connections.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            self.bytes_up.load(Ordering::Relaxed),
-            self.bytes_down.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// One SSH connection to `user%instance`, reconnected when it drops.
-pub struct Connection {
-    opts: ClientOptions,
-    instance: String,
-    current: Mutex<Arc<Client>>,
-}
-
-impl Connection {
-    pub async fn open(opts: &ClientOptions, instance: &str) -> anyhow::Result<Connection> {
-        let client = Client::connect(opts, Some(instance)).await?;
-        Ok(Connection { opts: opts.clone(), instance: instance.to_owned(), current: Mutex::new(Arc::new(client)) })
-    }
-
-    /// The live client, reconnecting first if the connection has ended.
-    pub async fn client(&self) -> anyhow::Result<Arc<Client>> {
-        let mut guard = self.current.lock().await;
-        if guard.is_closed() {
-            eprintln!("postern: connection to the gateway lost; reconnecting");
-            *guard = Arc::new(Client::connect(&self.opts, Some(&self.instance)).await?);
-        }
-        Ok(guard.clone())
-    }
-}
-
-/// What a local forward connects to.
-#[derive(Debug, Clone)]
-pub enum Target {
-    Tcp(String, u16),
-    Rdp,
-}
-
-/// Listen on each `(bind, target)` and carry every accepted connection over its own SSH
-/// channel, until Ctrl-C; then print a summary.
+/// Serve forwards until Ctrl-C, printing where each listens, refused connections and
+/// reconnects as they happen, then the summary.
 pub async fn serve_forwards(conn: Arc<Connection>, forwards: Vec<(SocketAddr, Target)>) -> anyhow::Result<i32> {
-    let stats = Arc::new(ForwardStats::default());
-    let mut listeners = Vec::new();
-    for (bind, target) in forwards {
-        let l = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("listening on {bind}"))?;
-        let what = match &target {
-            Target::Tcp(h, p) => format!("{h}:{p}"),
-            Target::Rdp => "its RDP server".to_owned(),
-        };
-        eprintln!("postern: {} -> {} {what} via the gateway", l.local_addr()?, conn.instance);
-        listeners.push((l, target));
-    }
-    eprintln!("postern: forwarding; Ctrl-C to stop");
-    let mut tasks = tokio::task::JoinSet::new();
-    for (l, target) in listeners {
-        let (conn, stats) = (conn.clone(), stats.clone());
-        tasks.spawn(async move {
-            loop {
-                let Ok((tcp, peer)) = l.accept().await else { continue };
-                let _ = tcp.set_nodelay(true);
-                let (conn, stats, target) = (conn.clone(), stats.clone(), target.clone());
-                tokio::spawn(async move {
-                    let stream = match conn.client().await {
-                        Ok(c) => match &target {
-                            Target::Tcp(h, p) => c.open_tcp(h, *p).await,
-                            Target::Rdp => c.open_rdp().await,
-                        },
-                        Err(e) => Err(e),
-                    };
-                    let stream = match stream {
-                        Ok(s) => s,
-                        Err(e) => {
-                            eprintln!("postern: connection from {peer} refused: {e:#}");
-                            stats.failed.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                    };
-                    stats.connections.fetch_add(1, Ordering::Relaxed);
-                    let (tcp_read, tcp_write) = tcp.into_split();
-                    let (ch_read, ch_write) = tokio::io::split(stream);
-                    tokio::join!(
-                        pipe(tcp_read, ch_write, &stats.bytes_up),
-                        pipe(ch_read, tcp_write, &stats.bytes_down)
-                    );
-                });
-            }
-        });
-    }
-    let _ = tokio::signal::ctrl_c().await;
-    tasks.abort_all();
+    let report = |event: ForwardEvent| match event {
+        ForwardEvent::Listening { local, instance, target } => {
+            let what = match &target {
+                Target::Tcp(h, p) => format!("{h}:{p}"),
+                Target::Rdp => "its RDP server".to_owned(),
+            };
+            eprintln!("postern: {local} -> {instance} {what} via the gateway");
+        }
+        ForwardEvent::Forwarding => eprintln!("postern: forwarding; Ctrl-C to stop"),
+        ForwardEvent::Reconnecting => eprintln!("postern: connection to the gateway lost; reconnecting"),
+        ForwardEvent::Refused { peer, error } => {
+            eprintln!("postern: connection from {peer} refused: {}", postern_client::error_chain(&error));
+        }
+        _ => {}
+    };
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let stats = postern_client::serve_forwards(conn, forwards, report, ctrl_c).await?;
     eprintln!("postern: {}", stats.summary());
     Ok(0)
-}
-
-/// Copy until end of input, counting as it goes (the summary is right even for
-/// connections still open at Ctrl-C), then pass the end on.
-async fn pipe(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
-    counter: &AtomicU64,
-) {
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
-                    break;
-                }
-                counter.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }
-    }
-    let _ = to.shutdown().await;
 }
 
 /// `postern forward INSTANCE SPEC...`
@@ -414,180 +285,54 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// `10` or `10%` of `total` (at least 1 when a percentage of a non-empty set).
-pub fn amount(s: &str, total: usize) -> anyhow::Result<usize> {
-    match s.strip_suffix('%') {
-        Some(p) => {
-            let p: f64 = p.parse().with_context(|| format!("invalid percentage {s:?}"))?;
-            if !(0.0..=100.0).contains(&p) {
-                bail!("percentage {s:?} must be between 0% and 100%");
-            }
-            let n = (total as f64 * p / 100.0).ceil() as usize;
-            Ok(n.min(total))
-        }
-        None => s.parse().with_context(|| format!("invalid number {s:?} (use a number or a percentage like 10%)")),
-    }
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Outcome {
-    pub instance: String,
-    /// `success`, `failed` (non-zero exit), `error` (could not run), `timeout`, `offline`,
-    /// `not-allowed`, `not-started` (error budget used up, or interrupted), `cancelled`
-    /// (interrupted while running).
-    pub status: &'static str,
-    pub exit_code: Option<u32>,
-    pub duration_ms: u64,
-    pub stdout_bytes: u64,
-    pub stderr_bytes: u64,
-    pub error: Option<String>,
-}
-
-const KEEP_OUTPUT: usize = 64 << 20;
-
 pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let opts = args.gateway.options()?;
     let timeout = crate::config::parse_duration(&args.timeout).context("--timeout")?;
     let command = args.command.join(" ");
     let client = Client::connect(&opts, None).await?;
-    let mut candidates = client.instances(args.targets.as_deref()).await?;
-    if !args.instances.is_empty() {
-        candidates.retain(|i| args.instances.contains(&i.name));
-        for name in &args.instances {
-            if !candidates.iter().any(|i| &i.name == name) {
-                bail!("instance {name:?}: access denied (or no such instance)");
-            }
-        }
-    }
-    if candidates.is_empty() {
-        bail!("no instance you may reach matches {}", args.targets.as_deref().unwrap_or("--instances"));
-    }
+    let candidates = fleet::select_instances(&client, args.targets.as_deref(), &args.instances).await?;
     let total = candidates.len();
-    let concurrency = amount(&args.max_concurrency, total)?.max(1);
-    let max_errors = amount(&args.max_errors, total)?;
-    let begin = serde_json::json!({"targets": args.targets, "command": command,
-        "instances": candidates.iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
-        "max_concurrency": concurrency, "max_errors": max_errors});
-    let run_id = client
-        .gateway_command(&format!("run-begin {begin}"))
-        .await?
-        .get("run_id")
-        .and_then(|v| v.as_str())
-        .map(str::to_owned)
-        .context("the gateway did not return a run id")?;
+    let limits = RunLimits::new(total, &args.max_concurrency, &args.max_errors, timeout)?;
+    let run_id = fleet::begin(&client, args.targets.as_deref(), &command, &candidates, &limits).await?;
     let dir = args.output_dir.clone().unwrap_or_else(|| PathBuf::from(format!("postern-run-{run_id}")));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     eprintln!(
-        "postern: {run_id}: {total} instance(s), {concurrency} at a time, error budget {max_errors}; output in {}",
+        "postern: {run_id}: {total} instance(s), {} at a time, error budget {}; output in {}",
+        limits.concurrency,
+        limits.max_errors,
         dir.display()
     );
 
-    let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut queue = std::collections::VecDeque::new();
-    for i in candidates {
-        let skip = if !i.online {
-            Some(("offline", "the instance's agent is not connected"))
-        } else if !i.actions.iter().any(|a| a == "exec") {
-            Some(("not-allowed", "exec is not allowed for you there"))
-        } else {
-            None
-        };
-        match skip {
-            Some((status, why)) => outcomes.push(Outcome {
-                instance: i.name,
-                status,
-                exit_code: None,
-                duration_ms: 0,
-                stdout_bytes: 0,
-                stderr_bytes: 0,
-                error: Some(why.to_owned()),
-            }),
-            None => queue.push_back(i.name),
-        }
-    }
     let progress = Progress::new(total);
-    for o in &outcomes {
-        progress.done(o);
-    }
-    let mut running = tokio::task::JoinSet::new();
-    let mut names = std::collections::HashMap::new();
-    let mut errors = 0usize;
-    let mut interrupted = false;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        while !interrupted && running.len() < concurrency && errors <= max_errors {
-            let Some(name) = queue.pop_front() else { break };
-            let (opts, command, dir, run_id) = (opts.clone(), command.clone(), dir.clone(), run_id.clone());
-            let n = name.clone();
-            let task = running.spawn(async move { invoke(&opts, &n, &command, &dir, &run_id, timeout).await });
-            names.insert(task.id(), name);
-            progress.started();
-        }
-        let joined = tokio::select! {
-            j = running.join_next_with_id() => j,
-            _ = &mut ctrl_c, if !interrupted => {
-                // Stop: no new invocations; the running ones end with their SSH connections
-                // (the gateway stops the remote processes); the run is still summarised.
-                interrupted = true;
-                running.abort_all();
-                continue;
+    let on_event = |event: FleetEvent<'_>| match event {
+        FleetEvent::Started { .. } => progress.started(),
+        FleetEvent::Finished { outcome, output } => {
+            if let Some(captured) = output {
+                save_output(&dir, &outcome.instance, captured);
             }
-        };
-        let o = match joined {
-            None => break,
-            Some(Ok((_, o))) => o,
-            Some(Err(e)) => Outcome {
-                instance: names.get(&e.id()).cloned().unwrap_or_default(),
-                status: "cancelled",
-                exit_code: None,
-                duration_ms: 0,
-                stdout_bytes: 0,
-                stderr_bytes: 0,
-                error: Some("interrupted (Ctrl-C) while running".to_owned()),
-            },
-        };
-        if o.status != "success" {
-            errors += 1;
+            progress.done(outcome);
         }
-        progress.done(&o);
-        outcomes.push(o);
-    }
-    for name in queue {
-        let o = Outcome {
-            instance: name,
-            status: "not-started",
-            exit_code: None,
-            duration_ms: 0,
-            stdout_bytes: 0,
-            stderr_bytes: 0,
-            error: Some(if interrupted {
-                "not started: interrupted (Ctrl-C)".to_owned()
-            } else {
-                format!("not started: more than {max_errors} error(s)")
-            }),
-        };
-        progress.done(&o);
-        outcomes.push(o);
-    }
+        _ => {}
+    };
+    // Ctrl-C stops the run: no new invocations; the running ones end with their SSH
+    // connections (the gateway stops the remote processes); the run is still summarised.
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let report = fleet::run(&opts, &run_id, &command, candidates, &limits, on_event, ctrl_c).await;
     progress.finish();
-    outcomes.sort_by(|a, b| a.instance.cmp(&b.instance));
-    let count = |s: &str| outcomes.iter().filter(|o| o.status == s).count();
+    let (outcomes, s) = (&report.outcomes, &report.summary);
     let summary = serde_json::json!({
         "run_id": run_id, "command": command, "output_dir": dir.display().to_string(),
-        "total": total, "success": count("success"), "failed": count("failed"), "error": count("error"),
-        "timeout": count("timeout"), "offline": count("offline"), "not_allowed": count("not-allowed"),
-        "not_started": count("not-started"), "cancelled": count("cancelled"), "interrupted": interrupted,
+        "total": total, "success": s.success, "failed": s.failed, "error": s.error,
+        "timeout": s.timeout, "offline": s.offline, "not_allowed": s.not_allowed,
+        "not_started": s.not_started, "cancelled": s.cancelled, "interrupted": s.interrupted,
         "instances": outcomes,
     });
     std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)
         .with_context(|| format!("writing {}", dir.join("summary.json").display()))?;
-    let end = serde_json::json!({"run_id": run_id, "summary": {
-        "total": total, "success": count("success"), "failed": count("failed"), "error": count("error"),
-        "timeout": count("timeout"), "offline": count("offline"), "not_allowed": count("not-allowed"),
-        "not_started": count("not-started"), "cancelled": count("cancelled"), "interrupted": interrupted}});
-    if let Err(e) = client.gateway_command(&format!("run-end {end}")).await {
-        eprintln!("postern: could not record the end of the run: {e:#}");
+    if let Err(e) = fleet::end(&client, &run_id, s).await {
+        eprintln!("postern: could not record the end of the run: {}", postern_client::error_chain(&e));
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -597,7 +342,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
             .map(|o| {
                 [
                     o.instance.clone(),
-                    o.status.to_owned(),
+                    o.status.as_str().to_owned(),
                     o.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                     format!("{:.1}s", o.duration_ms as f64 / 1000.0),
                     o.error.clone().unwrap_or_default(),
@@ -605,61 +350,23 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
             })
             .collect();
         table(&["INSTANCE", "STATUS", "EXIT", "TIME", "NOTE"], &rows);
-        println!("\n{} of {total} succeeded; output in {}", count("success"), dir.display());
+        println!("\n{} of {total} succeeded; output in {}", s.success, dir.display());
     }
-    Ok(if interrupted {
+    Ok(if s.interrupted {
         130
-    } else if count("success") == total {
+    } else if s.success == total {
         0
     } else {
         1
     })
 }
 
-async fn invoke(
-    opts: &ClientOptions,
-    instance: &str,
-    command: &str,
-    dir: &std::path::Path,
-    run_id: &str,
-    timeout: Duration,
-) -> Outcome {
-    let started = Instant::now();
-    let attempt = async {
-        let client = Client::connect(opts, Some(instance)).await?;
-        client.exec_capture(command, &[("POSTERN_RUN_ID", run_id)], KEEP_OUTPUT).await
-    };
-    let (status, exit_code, error, out) = match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(c)) => {
-            let status = match c.exit_code {
-                Some(0) => "success",
-                Some(_) => "failed",
-                None => "error",
-            };
-            let err = c.signal.as_ref().map(|s| format!("killed by signal {s}"));
-            (status, c.exit_code, err, Some(c))
-        }
-        Ok(Err(e)) => ("error", None, Some(format!("{e:#}")), None),
-        Err(_) => ("timeout", None, Some(format!("no result after {}s", timeout.as_secs())), None),
-    };
+/// `INSTANCE.stdout` and `INSTANCE.stderr` in the run's output directory (what was kept).
+fn save_output(dir: &std::path::Path, instance: &str, captured: &postern_client::Captured) {
     let safe: String =
         instance.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
-    let (mut so, mut se) = (0, 0);
-    if let Some(c) = &out {
-        so = c.stdout.total;
-        se = c.stderr.total;
-        let _ = std::fs::write(dir.join(format!("{safe}.stdout")), &c.stdout.data);
-        let _ = std::fs::write(dir.join(format!("{safe}.stderr")), &c.stderr.data);
-    }
-    Outcome {
-        instance: instance.to_owned(),
-        status,
-        exit_code,
-        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        stdout_bytes: so,
-        stderr_bytes: se,
-        error,
-    }
+    let _ = std::fs::write(dir.join(format!("{safe}.stdout")), &captured.stdout.data);
+    let _ = std::fs::write(dir.join(format!("{safe}.stderr")), &captured.stderr.data);
 }
 
 /// Progress on stderr: a redrawn line on a terminal, one line per finished instance otherwise.
@@ -685,10 +392,10 @@ impl Progress {
     fn done(&self, o: &Outcome) {
         if let Ok(mut s) = self.state.lock() {
             s.0 += 1;
-            if o.status != "success" {
+            if o.status != Status::Success {
                 s.1 += 1;
             }
-            if !["offline", "not-allowed", "not-started"].contains(&o.status) {
+            if o.status.was_started() {
                 s.2 = s.2.saturating_sub(1);
             }
         }
@@ -716,34 +423,5 @@ impl Progress {
         if self.tty {
             eprintln!();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forward_specs() {
-        let f: ForwardSpec = "8080:80".parse().unwrap();
-        assert_eq!(f, ForwardSpec { local: 8080, host: "localhost".into(), port: 80 });
-        let f: ForwardSpec = "5432:db.internal:5432".parse().unwrap();
-        assert_eq!((f.host.as_str(), f.port), ("db.internal", 5432));
-        let f: ForwardSpec = "9000:[::1]:90".parse().unwrap();
-        assert_eq!(f.host, "::1");
-        for bad in ["8080", "x:80", "8080:", "8080:host:", "8080:host:0", "70000:80"] {
-            assert!(bad.parse::<ForwardSpec>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn amounts() {
-        assert_eq!(amount("10%", 100).unwrap(), 10);
-        assert_eq!(amount("10%", 3).unwrap(), 1);
-        assert_eq!(amount("0%", 3).unwrap(), 0);
-        assert_eq!(amount("100%", 7).unwrap(), 7);
-        assert_eq!(amount("4", 2).unwrap(), 4);
-        assert!(amount("150%", 2).is_err());
-        assert!(amount("x", 2).is_err());
     }
 }
