@@ -89,15 +89,12 @@ pub fn random_hex(n: usize) -> Result<String, RandomError> {
 
 /// Seconds since the Unix epoch, now.
 pub fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
+    jiff::Timestamp::now().as_second()
 }
 
 /// A Unix time as RFC 3339 (UTC); the number itself if it is out of range.
 pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| unix.to_string())
+    jiff::Timestamp::from_second(unix).map(|t| t.to_string()).unwrap_or_else(|_| unix.to_string())
 }
 
 /// A line diff (`-` old, `+` new, two lines of context), for policy versions.
@@ -177,6 +174,14 @@ mod tests {
         assert!(!glob_match("?", ""));
         assert!(glob_match("é*", "éa"));
         assert!(glob_match("?", "é"));
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_126_400), "2026-12-01T12:00:00Z");
+        assert_eq!(rfc3339(i64::MAX), i64::MAX.to_string());
+        assert!(now_unix() > 1_700_000_000);
     }
 
     #[test]
