@@ -4,7 +4,7 @@ use postern_core::Action;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{RdpMode, RdpRequest, action_name};
+use super::common::{RdpMode, RdpRequest, action_name};
 
 /// `auth.failed`: one per SSH connection that never authenticated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
