@@ -111,6 +111,20 @@ impl Setup {
         self.gw.audit_events().into_iter().filter(|e| e["event"] == name).collect()
     }
 
+    /// The `rdp.open` of the one session, among those opened after the first `since`, that is
+    /// still open: the connection in use. Readiness probes (a connect to the forward's port)
+    /// open sessions too, and the gateway opens channels concurrently, so the last `rdp.open`
+    /// written need not be the one in use; the probes close at once.
+    fn live_open(&self, since: usize) -> Value {
+        let still_open = || {
+            let closed: Vec<Value> = self.events("rdp.close").into_iter().map(|e| e["session_id"].clone()).collect();
+            let open: Vec<Value> = self.events("rdp.open").into_iter().skip(since).collect();
+            open.into_iter().filter(|o| !closed.contains(&o["session_id"])).collect::<Vec<_>>()
+        };
+        wait_until("one rdp session open (probes closed)", Duration::from_secs(20), || still_open().len() == 1);
+        still_open().remove(0)
+    }
+
     /// Wait for the `rdp.close` of the session `open` started.
     fn wait_close(&self, open: &Value) -> Value {
         let sid = open["session_id"].clone();
@@ -536,6 +550,7 @@ fn refusals_are_audited_and_never_dial_the_host() {
 
     // Plain OpenSSH can use the local mode too: `-L PORT:@rdp:3389` to the instance.
     let port = free_tcp_port();
+    let opened = s.events("rdp.open").len();
     let mut ssh = Server(
         Command::new("ssh")
             .args(["-N", "-p", &s.gw.ssh_port.to_string(), "-i"])
@@ -557,7 +572,7 @@ fn refusals_are_audited_and_never_dial_the_host() {
     let mut back = [0u8; 14];
     c.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"through ssh -L");
-    let open = s.events("rdp.open").into_iter().last().unwrap();
+    let open = s.live_open(opened);
     assert_eq!((open["mode"].as_str(), open["target"].as_str()), (Some("local"), Some("win-01")));
     drop(c);
     let _ = ssh.0.kill();
@@ -573,6 +588,7 @@ fn refusals_are_audited_and_never_dial_the_host() {
     assert!(close["end_reason"].as_str().unwrap().contains("maximum session length"), "{close}");
     assert!(close["duration_ms"].as_u64().unwrap() >= 1900, "{close}");
     let port = free_tcp_port();
+    let opened = s.events("rdp.open").len();
     let _ssh = Server(
         Command::new("ssh")
             .args(["-N", "-p", &s.gw.ssh_port.to_string(), "-i"])
@@ -590,7 +606,7 @@ fn refusals_are_audited_and_never_dial_the_host() {
     c.write_all(b"ping").unwrap();
     let mut back = [0u8; 4];
     c.read_exact(&mut back).unwrap();
-    let open = s.events("rdp.open").into_iter().last().unwrap();
+    let open = s.live_open(opened);
     assert_eq!(open["mode"], "local");
     let mut rest = Vec::new();
     let _ = c.read_to_end(&mut rest);
