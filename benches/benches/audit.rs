@@ -1,21 +1,35 @@
 //! Audit events per second: the hash-chained log as the gateway writes it (flushed to the OS
 //! per event, fsync at signed checkpoints), and with an fsync after every event (the
-//! durability ceiling of the disk), and sealed (encryption at rest). Same-size events as a
-//! typical `session.start`.
+//! durability ceiling of the disk), and sealed (encryption at rest). Each event is a typical
+//! `session.start`, written as the gateway writes it (typed, through `AuditLog::event`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use postern_core::Action;
+use postern_gateway::audit::events::{Event, SessionStart, SshSessionStart};
 use postern_gateway::audit::seal::{FileKey, Keyring};
 use postern_gateway::audit::{AuditLog, LogOptions};
 use ring::signature::Ed25519KeyPair;
-use serde_json::json;
 
-fn event(i: u64) -> serde_json::Value {
-    json!({"session_id": format!("5b0e6f3c-1f0a-4d8e-9c1e-{i:012x}"), "user": "alice", "target": "web-01",
-           "agent_id": "ag-212e65583fb9951f", "kind": "shell", "pty": true, "source": "10.0.0.5:51234",
-           "logged": true, "reason": null, "recording": "/var/lib/postern/recordings/5b0e6f3c.cast"})
+fn event(i: u64) -> Event {
+    Event::SessionStart(SessionStart::Ssh(SshSessionStart {
+        session_id: format!("5b0e6f3c-1f0a-4d8e-9c1e-{i:012x}"),
+        user: "alice".into(),
+        target: "web-01".into(),
+        agent_id: "ag-212e65583fb9951f".into(),
+        kind: Action::Shell,
+        command: None,
+        pty: true,
+        source: "10.0.0.5:51234".into(),
+        profile: None,
+        run_as: None,
+        logged: true,
+        reason: None,
+        run_id: None,
+        recording: Some("/var/lib/postern/recordings/5b0e6f3c.cast".into()),
+    }))
 }
 
 fn bench(c: &mut Criterion) {
@@ -37,19 +51,19 @@ fn bench(c: &mut Criterion) {
     g.bench_function("record (chained, checkpoint+fsync every 100)", |b| {
         b.iter(|| {
             i += 1;
-            log.record("session.start", black_box(event(i))).unwrap()
+            log.event(black_box(&event(i))).unwrap()
         })
     });
     g.bench_function("record, sealed (AES-256-GCM record per event)", |b| {
         b.iter(|| {
             i += 1;
-            sealed.record("session.start", black_box(event(i))).unwrap()
+            sealed.event(black_box(&event(i))).unwrap()
         })
     });
     g.bench_function("record + signed checkpoint + fsync, per event", |b| {
         b.iter(|| {
             i += 1;
-            log.record("session.start", black_box(event(i))).unwrap();
+            log.event(black_box(&event(i))).unwrap();
             log.checkpoint(true).unwrap()
         })
     });

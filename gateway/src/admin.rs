@@ -17,6 +17,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::audit::events::{
+    AdminAction, AdminSessionEnd, AdminSessionStart, AgentBulkEnrolled, Event, SessionEnd, SessionStart,
+};
 use crate::broker::Party;
 use crate::services::Services;
 use crate::store::{Labels, resolve_instance};
@@ -130,8 +133,16 @@ async fn handle(mut stream: UnixStream, state: &Services) -> anyhow::Result<()> 
         Err(e) => return reply(&mut stream, json!({"ok": false, "error": format!("bad request: {e}")})).await,
     };
     if !matches!(req, AdminRequest::Manage { .. } | AdminRequest::BulkEnroll { .. }) {
-        let op = serde_json::to_value(&req).ok().and_then(|v| v.get("op").cloned()).unwrap_or(Value::Null);
-        let _ = state.audit.record("admin.action", json!({"actor": actor(), "op": op}));
+        // `op` is the request's serde tag, so always there.
+        let op =
+            serde_json::to_value(&req).ok().and_then(|v| v.get("op")?.as_str().map(str::to_owned)).unwrap_or_default();
+        let _ = state.audit.event(&Event::AdminAction(AdminAction {
+            actor: actor(),
+            op,
+            ok: None,
+            args: None,
+            error: None,
+        }));
     }
     match req {
         AdminRequest::Manage { request } => match crate::manage::run(&state.manage, request, &actor()).await {
@@ -194,8 +205,11 @@ async fn handle(mut stream: UnixStream, state: &Services) -> anyhow::Result<()> 
                     postern_core::util::now_unix(),
                 )
                 .await?;
-            let _ =
-                state.audit.record("agent.bulk_enrolled", json!({"actor": actor(), "count": count, "prefix": prefix}));
+            let _ = state.audit.event(&Event::AgentBulkEnrolled(AgentBulkEnrolled {
+                actor: actor(),
+                count: u64::try_from(count).unwrap_or(u64::MAX),
+                prefix: prefix.clone(),
+            }));
             reply(
                 &mut stream,
                 json!({"ok": true, "result": {"ca_pem": state.instances.ca().cert_pem(), "agents": certs}}),
@@ -249,9 +263,16 @@ async fn relay_session(
     let running = state.broker.start(
         &sid,
         party,
-        "session.start",
-        json!({"session_id": sid, "actor": actor(), "target": agent.name, "agent_id": agent.id, "kind": kind, "via": "admin-socket",
-               "logged": false, "reason": "admin-socket sessions are not recorded"}),
+        &Event::SessionStart(SessionStart::AdminSocket(AdminSessionStart {
+            session_id: sid.clone(),
+            actor: actor(),
+            target: agent.name.clone(),
+            agent_id: agent.id.clone(),
+            kind: action,
+            via: "admin-socket".to_owned(),
+            logged: false,
+            reason: "admin-socket sessions are not recorded".to_owned(),
+        })),
     );
     reply(&mut stream, json!({"ok": true, "session_id": sid})).await?;
     let live = running.live().clone();
@@ -287,11 +308,17 @@ async fn relay_session(
         }
     };
     let end_reason = live.reason();
-    running.finish(
-        "session.end",
-        json!({"session_id": sid, "target": agent.name, "kind": kind, "bytes_in": bytes_in, "bytes_out": bytes_out,
-               "end_reason": end_reason}),
-    );
+    running.finish(|duration_ms| {
+        Event::SessionEnd(SessionEnd::AdminSocket(AdminSessionEnd {
+            session_id: sid.clone(),
+            target: agent.name.clone(),
+            kind: action,
+            bytes_in,
+            bytes_out,
+            end_reason,
+            duration_ms,
+        }))
+    });
     Ok(())
 }
 

@@ -10,11 +10,11 @@ use postern_tunnel::CancellationToken;
 use postern_tunnel::agent::write_private;
 use postern_tunnel::pki::CertAuthority;
 use postern_tunnel::server::{TunnelServer, TunnelSettings};
-use serde_json::json;
 use tracing::info;
 
 use crate::access::{AccessList, Authorizer};
 use crate::audit::AuditLog;
+use crate::audit::events::{AuditRetention, Event, GatewayStarted, GatewayStopped, SegmentsDeleted};
 use crate::audit::ship::Kind;
 use crate::broker::Broker;
 use crate::config::GatewayConfig;
@@ -74,7 +74,7 @@ impl RunningGateway {
         self.tasks.close();
         self.tasks.wait().await;
         let _ = std::fs::remove_file(admin_socket_path(&self.services.config.data_dir));
-        let _ = self.services.audit.record("gateway.stopped", json!({}));
+        let _ = self.services.audit.event(&Event::GatewayStopped(GatewayStopped {}));
         let _ = self.services.audit.checkpoint(true);
         info!("gateway stopped");
     }
@@ -137,17 +137,17 @@ fn apply_retention(state: &Services, keep: Retention) {
     }
     if deleted > 0 || segments > 0 {
         info!(deleted_recordings = deleted, deleted_segments = segments, "retention deleted old audit data");
-        let mut fields = serde_json::Map::new();
-        fields.insert("deleted_recordings".into(), json!(deleted));
-        fields.insert("bytes".into(), json!(bytes));
-        fields.insert("older_than_secs".into(), json!(keep.recordings.map(|k| k.as_secs())));
-        if segments > 0 {
-            fields.insert("deleted_segments".into(), json!(segments));
-            fields.insert("segment_bytes".into(), json!(segment_bytes));
-            fields.insert("deleted_through_seq".into(), json!(through));
-            fields.insert("log_older_than_secs".into(), json!(keep.log.map(|k| k.as_secs())));
-        }
-        let _ = state.audit.record("audit.retention", serde_json::Value::Object(fields));
+        let _ = state.audit.event(&Event::AuditRetention(AuditRetention {
+            deleted_recordings: deleted,
+            bytes,
+            older_than_secs: keep.recordings.map(|k| k.as_secs()),
+            segments: (segments > 0).then(|| SegmentsDeleted {
+                deleted_segments: segments,
+                segment_bytes,
+                deleted_through_seq: through,
+                log_older_than_secs: keep.log.map(|k| k.as_secs()),
+            }),
+        }));
     }
 }
 
@@ -376,11 +376,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     if let Some(l) = rdp_listener {
         tasks.spawn(crate::rdp::serve(l, state.clone(), shutdown.clone()));
     }
-    let _ = state.audit.record(
-        "gateway.started",
-        json!({"tunnel": tunnel_addr.to_string(), "ssh": ssh_addr.map(|a| a.to_string()),
-               "rdp": rdp_addr.map(|a| a.to_string()), "ca_pin": state.instances.ca().pin()}),
-    );
+    let _ = state.audit.event(&Event::GatewayStarted(GatewayStarted {
+        tunnel: tunnel_addr.to_string(),
+        ssh: ssh_addr.map(|a| a.to_string()),
+        rdp: rdp_addr.map(|a| a.to_string()),
+        ca_pin: state.instances.ca().pin(),
+    }));
     info!(tunnel = %tunnel_addr, data_dir = %dir.display(), ca_pin = %state.instances.ca().pin(), "gateway started");
     Ok(RunningGateway { services, shutdown, tasks })
 }

@@ -19,10 +19,10 @@ use std::time::Instant;
 use postern_core::Action;
 use postern_proto::SessionRequest;
 use postern_tunnel::server::{AgentRegistry, OpenError, SessionStream};
-use serde_json::Value;
 
 use crate::access::Authorization;
 use crate::audit::AuditLog;
+use crate::audit::events::Event;
 use crate::sessions::{LiveSession, Registration, SessionTable};
 use crate::store::AgentRecord;
 
@@ -95,8 +95,8 @@ impl Broker {
     }
 
     /// Write the session's start event and put it on the live table.
-    pub fn start(&self, session_id: &str, party: Party, event: &str, fields: Value) -> Running {
-        let _ = self.audit.record(event, fields);
+    pub fn start(&self, session_id: &str, party: Party, event: &Event) -> Running {
+        let _ = self.audit.event(event);
         let registration = self.sessions.register(
             session_id,
             &party.user,
@@ -130,13 +130,11 @@ impl Running {
         self.started
     }
 
-    /// Write the end event, with `duration_ms` added, and take the session off the table.
-    pub fn finish(self, event: &str, mut fields: Value) {
+    /// Write the end event `end` builds from the session's duration (`duration_ms`), and
+    /// take the session off the table.
+    pub fn finish(self, end: impl FnOnce(u64) -> Event) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if let Some(obj) = fields.as_object_mut() {
-            obj.insert("duration_ms".into(), ms.into());
-        }
-        let _ = self.audit.record(event, fields);
+        let _ = self.audit.event(&end(ms));
         drop(self.registration);
     }
 }

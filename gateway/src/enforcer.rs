@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_tunnel::CancellationToken;
-use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::access::Authorizer;
 use crate::audit::AuditLog;
+use crate::audit::events::{Event, SessionTerminated};
 use crate::sessions::SessionTable;
 use crate::store::{AgentRecord, Store};
 
@@ -53,11 +53,14 @@ pub async fn enforce(
                 let reason = format!("access revoked ({why})");
                 if sessions.terminate(&s.id, &reason) {
                     info!(session_id = %s.id, user = %s.user, %reason, "ending session no longer allowed");
-                    let _ = audit.record(
-                        "session.terminated",
-                        json!({"session_id": s.id, "user": s.user, "target": s.target, "kind": s.action.name(),
-                               "actor": "policy", "reason": reason}),
-                    );
+                    let _ = audit.event(&Event::SessionTerminated(SessionTerminated {
+                        session_id: s.id.clone(),
+                        user: s.user.clone(),
+                        target: s.target.clone(),
+                        kind: s.action,
+                        actor: "policy".to_owned(),
+                        reason,
+                    }));
                 }
             }
         }

@@ -9,15 +9,23 @@ use postern_proto::{EnrollRequest, ErrorCode, Hello};
 use postern_tunnel::pki::CertAuthority;
 use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refusal};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tracing::info;
 
 use crate::audit::AuditLog;
+use crate::audit::events::{
+    AgentConnected, AgentDisconnected, AgentEnrollRefused, AgentEnrolled, AgentProtocolViolation, AgentRefused,
+    AgentRevoked, Event, TokenCreated,
+};
 use crate::store::{Labels, NewAgent, NewToken, RedeemError, Store, StoreError, resolve_instance};
 
 /// Enrollment tokens are stored and audited only by their SHA-256.
 pub fn token_hash(token: &str) -> String {
     sha256_hex(token.as_bytes())
+}
+
+/// How the audit log names a token: the first 12 characters of its hash.
+fn token_id(hash: &str) -> String {
+    hash.get(..12).unwrap_or(hash).to_owned()
 }
 
 /// Enrolled instances and their tokens.
@@ -121,7 +129,11 @@ impl Instances {
         let agent = resolve_instance(&agents, instance).map_err(|e| anyhow::anyhow!(e))?.clone();
         self.store.revoke_agent(&agent.id).await?;
         let was_online = self.registry.disconnect(&agent.id, "agent revoked");
-        let _ = self.audit.record("agent.revoked", json!({"actor": actor, "agent_id": agent.id, "name": agent.name}));
+        let _ = self.audit.event(&Event::AgentRevoked(AgentRevoked {
+            actor: actor.to_owned(),
+            agent_id: agent.id.clone(),
+            name: agent.name.clone(),
+        }));
         info!(agent_id = %agent.id, "agent revoked");
         Ok(Revoked { id: agent.id, name: agent.name, was_online })
     }
@@ -151,10 +163,13 @@ impl Instances {
             })
             .await?;
         // The audit line names the token by a hash prefix, never the secret itself.
-        let _ = self.audit.record(
-            "token.created",
-            json!({"actor": actor, "token_id": token_hash(&token).get(..12), "labels": labels, "name": name, "expires_at": expires_at}),
-        );
+        let _ = self.audit.event(&Event::TokenCreated(TokenCreated {
+            actor: actor.to_owned(),
+            token_id: token_id(&token_hash(&token)),
+            labels: labels.clone(),
+            name: name.clone(),
+            expires_at,
+        }));
         Ok(CreatedToken { token, expires_at, ca_pin: self.ca.pin(), gateway: self.advertised.clone(), labels, name })
     }
 }
@@ -186,19 +201,24 @@ impl AgentDirectory for StoreDirectory {
         };
         let outcome = self.store.redeem_token(&hash, &new).await;
         let refuse = |code: ErrorCode, message: &str| {
-            let _ = self.audit.record(
-                "agent.enroll_refused",
-                json!({"source": remote.to_string(), "token_id": hash.get(..12), "hostname": new.hostname, "reason": message}),
-            );
+            let _ = self.audit.event(&Event::AgentEnrollRefused(AgentEnrollRefused {
+                source: remote.to_string(),
+                token_id: token_id(&hash),
+                hostname: new.hostname.clone(),
+                reason: message.to_owned(),
+            }));
             Refusal { code, message: message.to_owned() }
         };
         match outcome {
             Ok(Ok(rec)) => {
-                let _ = self.audit.record(
-                    "agent.enrolled",
-                    json!({"source": remote.to_string(), "agent_id": rec.id, "name": rec.name, "labels": rec.labels,
-                           "hostname": rec.hostname, "token_id": hash.get(..12)}),
-                );
+                let _ = self.audit.event(&Event::AgentEnrolled(AgentEnrolled {
+                    source: remote.to_string(),
+                    agent_id: rec.id.clone(),
+                    name: rec.name.clone(),
+                    labels: rec.labels.clone(),
+                    hostname: rec.hostname.clone(),
+                    token_id: token_id(&hash),
+                }));
                 Ok(EnrolledAgent { agent_id: rec.id, name: rec.name })
             }
             Ok(Err(RedeemError::Unknown)) => Err(refuse(ErrorCode::TokenUnknown, "unknown enrollment token")),
@@ -225,9 +245,11 @@ impl AgentDirectory for StoreDirectory {
             Some(_) => None,
         };
         if let Some(reason) = refusal {
-            let _ = self
-                .audit
-                .record("agent.refused", json!({"agent_id": agent_id, "source": remote.to_string(), "reason": reason}));
+            let _ = self.audit.event(&Event::AgentRefused(AgentRefused {
+                agent_id: agent_id.to_owned(),
+                source: remote.to_string(),
+                reason: reason.to_owned(),
+            }));
             return Err(Refusal { code: ErrorCode::AgentRevoked, message: reason.into() });
         }
         let trim = |s: &str, n| s.chars().take(n).collect::<String>();
@@ -242,23 +264,26 @@ impl AgentDirectory for StoreDirectory {
             )
             .await;
         let name = rec.map(|r| r.name).unwrap_or_default();
-        let _ = self.audit.record(
-            "agent.connected",
-            json!({"agent_id": agent_id, "name": name, "source": remote.to_string(), "agent_version": hello.agent_version}),
-        );
+        let _ = self.audit.event(&Event::AgentConnected(AgentConnected {
+            agent_id: agent_id.to_owned(),
+            name: name.clone(),
+            source: remote.to_string(),
+            agent_version: hello.agent_version.clone(),
+        }));
         Ok(name)
     }
 
     async fn departed(&self, agent_id: &str) {
         let _ = self.store.agent_seen(agent_id, None, None, None, now_unix()).await;
-        let _ = self.audit.record("agent.disconnected", json!({"agent_id": agent_id}));
+        let _ = self.audit.event(&Event::AgentDisconnected(AgentDisconnected { agent_id: agent_id.to_owned() }));
     }
 
     async fn protocol_violation(&self, remote: SocketAddr, agent_id: Option<&str>, error: &str) {
-        let _ = self.audit.record(
-            "agent.protocol_violation",
-            json!({"source": remote.to_string(), "agent_id": agent_id, "error": error}),
-        );
+        let _ = self.audit.event(&Event::AgentProtocolViolation(AgentProtocolViolation {
+            source: remote.to_string(),
+            agent_id: agent_id.map(str::to_owned),
+            error: error.to_owned(),
+        }));
     }
 }
 

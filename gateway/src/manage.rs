@@ -14,6 +14,9 @@ use tokio::sync::Notify;
 
 use crate::access::AccessList;
 use crate::audit::AuditLog;
+use crate::audit::events::{
+    AdminAction, Event, GrantCreated, GrantRevoked, PolicyChange, PolicyChanged, SessionTerminated,
+};
 use crate::sessions::SessionTable;
 use crate::store::Store;
 use crate::store::{GrantRecord, UserRecord};
@@ -183,7 +186,8 @@ pub async fn run(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::Res
     let result = run_inner(state, req.clone(), actor).await;
     // Every admin action is an audit event; changes carry their arguments (keys as
     // fingerprints), reads only their name.
-    let mut event = json!({"actor": actor, "op": op, "ok": result.is_ok()});
+    let mut event =
+        AdminAction { actor: actor.to_owned(), op: op.to_owned(), ok: Some(result.is_ok()), args: None, error: None };
     if req.changes() {
         let mut args = audit_args;
         if let Some(obj) = args.as_object_mut() {
@@ -198,14 +202,12 @@ pub async fn run(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::Res
             }
             obj.remove("source");
         }
-        if let Some(obj) = event.as_object_mut() {
-            obj.insert("args".into(), args);
-        }
+        event.args = Some(args);
     }
-    if let (Err(e), Some(obj)) = (&result, event.as_object_mut()) {
-        obj.insert("error".into(), json!(format!("{e:#}")));
+    if let Err(e) = &result {
+        event.error = Some(format!("{e:#}"));
     }
-    let _ = state.audit.record("admin.action", event);
+    let _ = state.audit.event(&Event::AdminAction(event));
     result
 }
 
@@ -293,12 +295,19 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::R
             }
             let version = state.store.put_policy(&doc.name, &source, &file, now, actor).await?;
             changed(state).await?;
-            let _ = state.audit.record(
-                "policy.changed",
-                json!({"actor": actor, "policy": doc.name, "version": version, "file": file,
-                       "statements": doc.statements.len(),
-                       "diff": postern_core::util::line_diff(previous.as_ref().map(|p| p.source.as_str()).unwrap_or(""), &source)}),
-            );
+            let _ = state.audit.event(&Event::PolicyChanged(PolicyChanged {
+                actor: actor.to_owned(),
+                policy: doc.name.clone(),
+                version,
+                change: PolicyChange::Applied {
+                    file: file.clone(),
+                    statements: u64::try_from(doc.statements.len()).unwrap_or(u64::MAX),
+                    diff: postern_core::util::line_diff(
+                        previous.as_ref().map(|p| p.source.as_str()).unwrap_or(""),
+                        &source,
+                    ),
+                },
+            }));
             Ok(json!({"name": doc.name, "version": version, "statements": doc.statements.len(), "unchanged": false}))
         }
         ManageRequest::PolicyList => Ok(json!(
@@ -324,9 +333,12 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::R
             }
             let version = state.store.put_policy(&name, "", "", now, actor).await?;
             changed(state).await?;
-            let _ = state
-                .audit
-                .record("policy.changed", json!({"actor": actor, "policy": name, "version": version, "removed": true}));
+            let _ = state.audit.event(&Event::PolicyChanged(PolicyChanged {
+                actor: actor.to_owned(),
+                policy: name.clone(),
+                version,
+                change: PolicyChange::Removed { removed: true },
+            }));
             Ok(json!({"name": name, "version": version, "removed": true}))
         }
         ManageRequest::GrantCreate { user: name, policy, ttl_secs, reason } => {
@@ -353,11 +365,14 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::R
             };
             state.store.put_grant(&grant).await?;
             changed(state).await?;
-            let _ = state.audit.record(
-                "grant.created",
-                json!({"actor": actor, "grant_id": grant.id, "user": grant.user, "policy": grant.policy,
-                       "expires_at": grant.expires_at, "reason": grant.reason}),
-            );
+            let _ = state.audit.event(&Event::GrantCreated(GrantCreated {
+                actor: actor.to_owned(),
+                grant_id: grant.id.clone(),
+                user: grant.user.clone(),
+                policy: grant.policy.clone(),
+                expires_at: grant.expires_at,
+                reason: grant.reason.clone(),
+            }));
             Ok(json!(grant))
         }
         ManageRequest::GrantList { all } => {
@@ -375,10 +390,12 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::R
                     && who.as_ref().is_none_or(|u| *u == g.user)
                     && policy.as_ref().is_none_or(|p| *p == g.policy);
                 if hit && state.store.revoke_grant(&g.id, now, actor).await? {
-                    let _ = state.audit.record(
-                        "grant.revoked",
-                        json!({"actor": actor, "grant_id": g.id, "user": g.user, "policy": g.policy}),
-                    );
+                    let _ = state.audit.event(&Event::GrantRevoked(GrantRevoked {
+                        actor: actor.to_owned(),
+                        grant_id: g.id.clone(),
+                        user: g.user.clone(),
+                        policy: g.policy.clone(),
+                    }));
                     revoked.push(g.id);
                 }
             }
@@ -428,11 +445,14 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::R
             let Some(s) = live.filter(|_| state.sessions.terminate(&id, &reason)) else {
                 return Err(bad(format!("no live session {id:?}; see `postern sessions`")));
             };
-            let _ = state.audit.record(
-                "session.terminated",
-                json!({"session_id": id, "user": s.user, "target": s.target, "kind": s.action.name(),
-                       "actor": actor, "reason": reason}),
-            );
+            let _ = state.audit.event(&Event::SessionTerminated(SessionTerminated {
+                session_id: id.clone(),
+                user: s.user.clone(),
+                target: s.target.clone(),
+                kind: s.action,
+                actor: actor.to_owned(),
+                reason: reason.clone(),
+            }));
             Ok(json!({"terminated": id}))
         }
     }

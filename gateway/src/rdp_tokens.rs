@@ -7,10 +7,10 @@ use std::time::Duration;
 use postern_core::command::RdpToken;
 use postern_core::util::{now_unix, random_hex};
 use postern_core::{Action, Identity};
-use serde_json::json;
 
 use crate::access::Authorizer;
 use crate::audit::AuditLog;
+use crate::audit::events::{Event, RdpTokenDenied, RdpTokenIssued, SessionDenied};
 use crate::rdp_wire::token::{Claims, TokenError, TokenIssuer};
 
 #[derive(Debug)]
@@ -44,11 +44,14 @@ impl RdpTokens {
         let authz = match self.authorizer.authorize(identity, instance, Action::Rdp, None, None).await {
             Ok(a) => a,
             Err(msg) => {
-                let _ = self.audit.record(
-                    "session.denied",
-                    json!({"user": identity.user, "target": instance, "action": "rdp", "stage": "token",
-                           "source": identity.source.map(|s| s.to_string()), "reason": msg}),
-                );
+                let _ = self.audit.event(&Event::SessionDenied(SessionDenied::RdpToken(RdpTokenDenied {
+                    user: identity.user.clone(),
+                    target: instance.to_owned(),
+                    action: Action::Rdp,
+                    stage: "token".to_owned(),
+                    source: identity.source.map(|s| s.to_string()),
+                    reason: msg.to_owned(),
+                })));
                 return Err(msg);
             }
         };
@@ -64,11 +67,14 @@ impl RdpTokens {
             exp,
         };
         let token = self.issuer.issue(&claims);
-        let _ = self.audit.record(
-            "rdp.token_issued",
-            json!({"user": claims.user, "target": claims.instance, "agent_id": claims.agent_id, "token_id": id,
-                   "expires_at": exp, "source": identity.source.map(|s| s.to_string())}),
-        );
+        let _ = self.audit.event(&Event::RdpTokenIssued(RdpTokenIssued {
+            user: claims.user.clone(),
+            target: claims.instance.clone(),
+            agent_id: claims.agent_id.clone(),
+            token_id: id,
+            expires_at: exp,
+            source: identity.source.map(|s| s.to_string()),
+        }));
         Ok(RdpToken {
             token,
             instance: claims.instance,

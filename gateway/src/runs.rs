@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use postern_core::Identity;
 use postern_core::command::{RunBegin, RunEnd, RunEnded, RunStarted};
 use postern_core::util::{now_unix, random_hex};
-use serde_json::json;
 
 use crate::audit::AuditLog;
+use crate::audit::events::{self, Event};
 
 /// Runs open on this gateway at once (bounded memory).
 const MAX_OPEN_RUNS: usize = 10_000;
@@ -57,12 +57,17 @@ impl Runs {
             }
             runs.insert(id.clone(), (identity.user.clone(), now));
         }
-        let _ = self.audit.record(
-            "run.start",
-            json!({"run_id": id, "user": identity.user, "source": source, "targets": req.targets,
-                   "command": req.command, "instances": req.instances,
-                   "max_concurrency": req.max_concurrency, "max_errors": req.max_errors}),
-        );
+        let count = |n: Option<usize>| n.map(|n| u64::try_from(n).unwrap_or(u64::MAX));
+        let _ = self.audit.event(&Event::RunStart(events::RunStart {
+            run_id: id.clone(),
+            user: identity.user.clone(),
+            source: source.to_owned(),
+            targets: req.targets.clone(),
+            command: req.command.clone(),
+            instances: req.instances.clone(),
+            max_concurrency: count(req.max_concurrency),
+            max_errors: count(req.max_errors),
+        }));
         Ok(RunStarted { run_id: id })
     }
 
@@ -79,11 +84,12 @@ impl Runs {
                 _ => return Err(format!("no run {:?} of yours is in progress", req.run_id)),
             }
         };
-        let _ = self.audit.record(
-            "run.end",
-            json!({"run_id": req.run_id, "user": identity.user, "summary": req.summary,
-                   "duration_ms": (now_unix() - started).saturating_mul(1000)}),
-        );
+        let _ = self.audit.event(&Event::RunEnd(events::RunEnd {
+            run_id: req.run_id.clone(),
+            user: identity.user.clone(),
+            summary: req.summary.clone(),
+            duration_ms: (now_unix() - started).saturating_mul(1000),
+        }));
         Ok(RunEnded { run_id: req.run_id.clone(), ok: true })
     }
 }
@@ -91,6 +97,7 @@ impl Runs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn runs() -> (Runs, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

@@ -10,8 +10,9 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig, WriteMultipart};
 use serde::Deserialize;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use super::events::{AuditSink, Event, SinkState};
 
 /// `[audit.s3]`.
 #[derive(Clone, Deserialize)]
@@ -311,10 +312,10 @@ impl Shipper {
                 Some(error) => {
                     if down_since.is_none() {
                         tracing::warn!(%error, pending = self.pending(), "object store unreachable; spooling locally");
-                        let _ = audit.record(
-                            "audit.sink",
-                            json!({"sink": "s3", "state": "unreachable", "error": error, "pending": self.pending()}),
-                        );
+                        let _ = audit.event(&Event::AuditSink(AuditSink {
+                            sink: "s3".to_owned(),
+                            state: SinkState::Unreachable { error, pending: count(self.pending()) },
+                        }));
                         down_since = Some(self.pending());
                         uploaded_while_down = 0;
                     }
@@ -325,10 +326,10 @@ impl Shipper {
                 None => {
                     if down_since.take().is_some() {
                         tracing::info!(uploaded = uploaded_while_down, "object store reachable again");
-                        let _ = audit.record(
-                            "audit.sink",
-                            json!({"sink": "s3", "state": "recovered", "uploaded": uploaded_while_down}),
-                        );
+                        let _ = audit.event(&Event::AuditSink(AuditSink {
+                            sink: "s3".to_owned(),
+                            state: SinkState::Recovered { uploaded: count(uploaded_while_down) },
+                        }));
                     }
                     backoff = BACKOFF.0;
                     SCAN_EVERY
@@ -342,4 +343,8 @@ impl Shipper {
             }
         }
     }
+}
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
 }

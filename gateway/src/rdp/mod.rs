@@ -20,14 +20,17 @@ use std::time::Duration;
 use postern_proto::SessionRequest;
 use postern_tunnel::CancellationToken;
 use postern_tunnel::server::SessionStream;
-use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::access::Authorization;
+use crate::audit::events::{
+    Event, RdpClose, RdpDenied, RdpFailed, RdpMode, RdpOpen, RdpRequest, RdpTokenHolder, SessionDenied,
+};
 use crate::broker::{Party, Running, unlogged};
 use crate::rdp_wire::preamble::{self, Preamble};
+use crate::rdp_wire::token::Claims;
 use crate::services::Services;
 use postern_core::{Action, Identity};
 
@@ -74,30 +77,32 @@ pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: Cancel
 
 async fn handle(state: Arc<Services>, mut tcp: TcpStream, peer: SocketAddr, permit: tokio::sync::OwnedSemaphorePermit) {
     // `session.denied`, with what the client's connection request said once it was read.
-    let denied = |mut ev: Value, seen: Option<&Preamble>| {
-        if let Some(o) = ev.as_object_mut() {
-            o.insert("action".into(), "rdp".into());
-            o.insert("source".into(), peer.to_string().into());
-            if let Some(p) = seen {
-                o.insert("cookie".into(), json!(p.cookie));
-                o.insert("protocols".into(), json!(p.protocols));
-            }
-        }
-        let _ = state.audit.record("session.denied", ev);
+    let denied = |reason: String, code: &str, token: Option<RdpTokenHolder>, seen: Option<&Preamble>| {
+        let _ = state.audit.event(&Event::SessionDenied(SessionDenied::Rdp(RdpDenied {
+            action: Action::Rdp,
+            source: peer.to_string(),
+            reason,
+            code: code.to_owned(),
+            token,
+            request: seen.map(rdp_request),
+        })));
     };
+    let holder =
+        |c: &Claims| RdpTokenHolder { user: c.user.clone(), target: c.instance.clone(), token_id: c.id.clone() };
     let limit = state.config.rdp_handshake_timeout();
     let pre = match tokio::time::timeout(limit, preamble::read(&mut tcp)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             info!(reason = %e, "rdp connection refused");
-            denied(json!({"reason": e.to_string(), "code": e.code()}), None);
+            denied(e.to_string(), e.code(), None, None);
             return;
         }
         Err(_) => {
             info!("rdp preamble timed out");
             denied(
-                json!({"reason": format!("no preconnection blob and connection request within {}s",
-                                             limit.as_secs()), "code": "timeout"}),
+                format!("no preconnection blob and connection request within {}s", limit.as_secs()),
+                "timeout",
+                None,
                 None,
             );
             return;
@@ -108,7 +113,7 @@ async fn handle(state: Arc<Services>, mut tcp: TcpStream, peer: SocketAddr, perm
         Ok(c) => c,
         Err(e) => {
             info!(reason = %e, "rdp token refused");
-            denied(json!({"reason": e.to_string(), "code": e.code()}), Some(&pre));
+            denied(e.to_string(), e.code(), None, Some(&pre));
             return;
         }
     };
@@ -117,19 +122,15 @@ async fn handle(state: Arc<Services>, mut tcp: TcpStream, peer: SocketAddr, perm
         Ok(a) if a.agent_id() == claims.agent_id => a,
         Ok(_) => {
             denied(
-                json!({"user": claims.user, "target": claims.instance, "token_id": claims.id,
-                       "reason": "the instance is now a different agent than when the token was issued",
-                       "code": "instance-changed"}),
+                "the instance is now a different agent than when the token was issued".to_owned(),
+                "instance-changed",
+                Some(holder(&claims)),
                 Some(&pre),
             );
             return;
         }
         Err(msg) => {
-            denied(
-                json!({"user": claims.user, "target": claims.instance, "token_id": claims.id,
-                       "reason": msg, "code": "policy"}),
-                Some(&pre),
-            );
+            denied(msg.to_owned(), "policy", Some(holder(&claims)), Some(&pre));
             return;
         }
     };
@@ -148,11 +149,14 @@ async fn connect(
         Ok(s) => s,
         Err(e) => {
             info!(error = %e, "rdp session refused by the instance");
-            let _ = state.audit.record(
-                "rdp.failed",
-                json!({"user": authz.user(), "target": authz.instance(), "source": peer.to_string(),
-                       "token_id": token_id, "error": e.to_string()}),
-            );
+            let _ = state.audit.event(&Event::RdpFailed(RdpFailed {
+                user: authz.user().to_owned(),
+                target: authz.instance().to_owned(),
+                destination: None,
+                source: Some(peer.to_string()),
+                token_id: Some(token_id.to_owned()),
+                error: e.to_string(),
+            }));
             return;
         }
     };
@@ -160,22 +164,44 @@ async fn connect(
     let running: Running = state.broker.start(
         &sid,
         Party::of(&authz, Some(peer.ip()), false),
-        "rdp.open",
-        json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "source": peer.to_string(),
-               "mode": "gateway", "token_id": token_id, "cookie": pre.cookie, "protocols": pre.protocols,
-               "logged": false, "reason": unlogged::RDP}),
+        &Event::RdpOpen(RdpOpen {
+            session_id: sid.clone(),
+            user: authz.user().to_owned(),
+            target: authz.instance().to_owned(),
+            source: peer.to_string(),
+            mode: RdpMode::Gateway,
+            destination: None,
+            token_id: Some(token_id.to_owned()),
+            request: Some(rdp_request(&pre)),
+            logged: false,
+            reason: unlogged::RDP.to_owned(),
+        }),
     );
     info!(session = %sid, user = authz.user(), target = authz.instance(), "rdp session opened");
     let SessionStream { send, recv, .. } = stream;
     let max = authz.limits().max_session;
     let (up, down) = relay(tcp, pre.connection_request, send, recv, running.live(), max).await;
     let end_reason = running.live().reason();
-    running.finish(
-        "rdp.close",
-        json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "mode": "gateway",
-               "bytes_to_target": up, "bytes_from_target": down, "end_reason": end_reason,
-               "logged": false, "reason": unlogged::RDP}),
-    );
+    running.finish(|duration_ms| {
+        Event::RdpClose(RdpClose {
+            session_id: sid.clone(),
+            user: authz.user().to_owned(),
+            target: authz.instance().to_owned(),
+            mode: RdpMode::Gateway,
+            destination: None,
+            bytes_to_target: up,
+            bytes_from_target: down,
+            end_reason,
+            duration_ms,
+            logged: false,
+            reason: unlogged::RDP.to_owned(),
+        })
+    });
+}
+
+/// What the client's connection request said, for the audit log.
+fn rdp_request(p: &Preamble) -> RdpRequest {
+    RdpRequest { cookie: p.cookie.clone(), protocols: p.protocols.iter().map(|&s| s.to_owned()).collect() }
 }
 
 /// Pass the connection request on, then move bytes both ways until both directions end or

@@ -14,11 +14,13 @@ use postern_proto::{SessionRequest, TcpRequest};
 use postern_tunnel::server::SessionStream;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
-use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::info;
 
 use crate::access::Authorization;
+use crate::audit::events::{
+    Event, ForwardClose, ForwardFailed, ForwardOpen, RdpClose, RdpFailed, RdpMode, RdpOpen, SessionDenied, SshDenied,
+};
 use crate::broker::{Party, unlogged};
 use crate::services::Services;
 use crate::sessions::LiveSession;
@@ -43,10 +45,13 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
     let authz = match state.authorizer.authorize(&identity, &target, action, None, dest).await {
         Ok(a) => a,
         Err(msg) => {
-            let _ = state.audit.record(
-                "session.denied",
-                json!({"user": identity.user, "target": target, "action": action.name(), "source": peer.to_string(), "reason": msg}),
-            );
+            let _ = state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
+                user: identity.user.clone(),
+                target: target.clone(),
+                action,
+                source: peer.to_string(),
+                reason: msg.to_owned(),
+            })));
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return;
         }
@@ -79,27 +84,22 @@ async fn forward(
             return;
         }
     };
-    let event = match authz.action() {
-        Action::SshPassthrough => "passthrough",
-        Action::Rdp => "rdp",
-        _ => "forward",
-    };
-    // RDP events say which way in was used: "local" here, "gateway" for the RDP port.
-    let action = authz.action();
-    let with_mode = move |mut v: serde_json::Value| {
-        if let (Action::Rdp, Some(o)) = (action, v.as_object_mut()) {
-            o.insert("mode".into(), "local".into());
-        }
-        v
-    };
     let stream = match state.broker.open(&authz, req).await {
         Ok(s) => s,
         Err(e) => {
             info!(error = %e, "forward refused");
-            let _ = state.audit.record(
-                if event == "rdp" { "rdp.failed" } else { "forward.failed" },
-                json!({"user": authz.user(), "target": authz.instance(), "destination": destination, "error": e.to_string()}),
-            );
+            let (user, target, error) = (authz.user().to_owned(), authz.instance().to_owned(), e.to_string());
+            let _ = state.audit.event(&match authz.action() {
+                Action::Rdp => Event::RdpFailed(RdpFailed {
+                    user,
+                    target,
+                    destination: Some(destination),
+                    source: None,
+                    token_id: None,
+                    error,
+                }),
+                _ => Event::ForwardFailed(ForwardFailed { user, target, destination, error }),
+            });
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
@@ -111,20 +111,75 @@ async fn forward(
     let running = state.broker.start(
         &sid,
         Party::of(&authz, Some(peer.ip()), false),
-        &format!("{event}.open"),
-        with_mode(
-            json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "destination": destination,
-               "source": peer.to_string(), "logged": false, "reason": unlogged_reason}),
-        ),
+        &open_event(&authz, &sid, &destination, peer, unlogged_reason),
     );
     let SessionStream { send, recv, .. } = stream;
     let max = authz.limits().max_session;
     let (bytes_up, bytes_down) = relay_forward(channel, send, recv, running.live(), max).await;
     let end_reason = running.live().reason();
-    let fields = json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "destination": destination,
-               "bytes_to_target": bytes_up, "bytes_from_target": bytes_down, "end_reason": end_reason,
-               "logged": false, "reason": unlogged_reason});
-    running.finish(&format!("{event}.close"), with_mode(fields));
+    running.finish(|duration_ms| {
+        let (session_id, user, target) = (sid.clone(), authz.user().to_owned(), authz.instance().to_owned());
+        let reason = unlogged_reason.to_owned();
+        match authz.action() {
+            // RDP events say which way in was used: "local" here, "gateway" for the RDP port.
+            Action::Rdp => Event::RdpClose(RdpClose {
+                session_id,
+                user,
+                target,
+                mode: RdpMode::Local,
+                destination: Some(destination),
+                bytes_to_target: bytes_up,
+                bytes_from_target: bytes_down,
+                end_reason,
+                duration_ms,
+                logged: false,
+                reason,
+            }),
+            action => {
+                let close = ForwardClose {
+                    session_id,
+                    user,
+                    target,
+                    destination,
+                    bytes_to_target: bytes_up,
+                    bytes_from_target: bytes_down,
+                    end_reason,
+                    duration_ms,
+                    logged: false,
+                    reason,
+                };
+                if action == Action::SshPassthrough {
+                    Event::PassthroughClose(close)
+                } else {
+                    Event::ForwardClose(close)
+                }
+            }
+        }
+    });
+}
+
+/// `forward.open`, `passthrough.open` or (`@rdp`) `rdp.open` with mode "local".
+fn open_event(authz: &Authorization, sid: &str, destination: &str, peer: SocketAddr, reason: &str) -> Event {
+    let (session_id, user, target) = (sid.to_owned(), authz.user().to_owned(), authz.instance().to_owned());
+    let (destination, source, reason) = (destination.to_owned(), peer.to_string(), reason.to_owned());
+    match authz.action() {
+        Action::Rdp => Event::RdpOpen(RdpOpen {
+            session_id,
+            user,
+            target,
+            source,
+            mode: RdpMode::Local,
+            destination: Some(destination),
+            token_id: None,
+            request: None,
+            logged: false,
+            reason,
+        }),
+        action => {
+            let open = ForwardOpen { session_id, user, target, destination, source, logged: false, reason };
+            if action == Action::SshPassthrough { Event::PassthroughOpen(open) } else { Event::ForwardOpen(open) }
+        }
+    }
 }
 
 /// Moves a forward's bytes between an SSH channel and a tunnel stream until both directions

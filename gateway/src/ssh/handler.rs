@@ -9,12 +9,12 @@ use postern_core::command::RDP_DESTINATION;
 use postern_core::{Action, Identity};
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
-use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::forward::{ChannelOpen, open_channel};
 use super::session::{SessionCtx, serve_session_channel};
 use super::settings::{Throttle, server_config};
+use crate::audit::events::{AuthFailed, Event};
 use crate::services::Services;
 
 /// `direct-tcpip` channels of one connection being decided at once; more are refused
@@ -43,11 +43,13 @@ impl Drop for ConnHandler {
         // however many keys the client offered.
         if self.identity.is_none() && !self.failed_keys.is_empty() {
             self.throttle.failed(self.peer.ip());
-            let _ = self.state.audit.record(
-                "auth.failed",
-                json!({"source": self.peer.to_string(), "user": self.failed_user, "method": "publickey",
-                       "keys": self.failed_keys, "inner": self.inner}),
-            );
+            let _ = self.state.audit.event(&Event::AuthFailed(AuthFailed {
+                source: self.peer.to_string(),
+                user: self.failed_user.clone(),
+                method: "publickey".to_owned(),
+                keys: self.failed_keys.clone(),
+                inner: self.inner,
+            }));
         }
     }
 }

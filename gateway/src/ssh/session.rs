@@ -11,10 +11,12 @@ use postern_proto::{ExecCommand, ExecRequest, Message, Resize, SessionRequest, S
 use postern_tunnel::server::{OpenError, SessionStream};
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::channel::{clamp16, human, notice, refuse, sig_name, warn_lead};
+use crate::audit::events::{
+    Event, SessionAuthorized, SessionDenied, SessionEnd, SessionStart, SshDenied, SshSessionEnd, SshSessionStart,
+};
 use crate::broker::Party;
 use crate::recording::Recorder;
 use crate::services::Services;
@@ -112,10 +114,13 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     {
         Ok(a) => a,
         Err(msg) => {
-            let _ = ctx.state.audit.record(
-                "session.denied",
-                json!({"user": ctx.identity.user, "target": target, "action": action.name(), "source": ctx.peer.to_string(), "reason": msg}),
-            );
+            let _ = ctx.state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
+                user: ctx.identity.user.clone(),
+                target: target.clone(),
+                action,
+                source: ctx.peer.to_string(),
+                reason: msg.to_owned(),
+            })));
             refuse(&wr, msg, 1).await;
             return;
         }
@@ -190,18 +195,23 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             }
         }
     };
-    let authorized = ctx.state.audit.record(
-        "session.authorized",
-        json!({"user": authz.user(), "target": authz.instance(), "agent_id": authz.agent_id(), "kind": action.name(),
-               "source": ctx.peer.to_string(), "recording_ok": recorder.is_some() || action == Action::Sftp}),
-    );
+    let authorized = ctx.state.audit.event(&Event::SessionAuthorized(SessionAuthorized {
+        user: authz.user().to_owned(),
+        target: authz.instance().to_owned(),
+        agent_id: authz.agent_id().to_owned(),
+        kind: action,
+        source: ctx.peer.to_string(),
+        recording_ok: recorder.is_some() || action == Action::Sftp,
+    }));
     if fail_closed && (authorized.is_err() || (recorder.is_none() && action != Action::Sftp)) {
         let what = if authorized.is_err() { "the audit log" } else { "the session recording" };
-        let _ = ctx.state.audit.record(
-            "session.denied",
-            json!({"user": authz.user(), "target": authz.instance(), "action": action.name(), "source": ctx.peer.to_string(),
-                   "reason": format!("{what} cannot be written (fail_closed)")}),
-        );
+        let _ = ctx.state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
+            user: authz.user().to_owned(),
+            target: authz.instance().to_owned(),
+            action,
+            source: ctx.peer.to_string(),
+            reason: format!("{what} cannot be written (fail_closed)"),
+        })));
         refuse(
             &wr,
             &format!("{what} cannot be written on the gateway, and sessions are not run unrecorded here; tell your administrator"),
@@ -244,13 +254,22 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     let running = ctx.state.broker.start(
         &sid,
         Party::of(&authz, ctx.identity.source, logged),
-        "session.start",
-        json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "agent_id": authz.agent_id(),
-               "kind": action.name(), "command": command_text, "pty": pty.is_some(), "source": ctx.peer.to_string(),
-               "profile": if profile.name.is_empty() { None } else { Some(profile.name.clone()) }, "run_as": authz.run_as(),
-               "logged": logged, "reason": reason,
-               "run_id": run_id.filter(|r| ctx.state.runs.owned_by(r, &ctx.identity.user)),
-               "recording": recorder.as_ref().map(|r| r.path().display().to_string())}),
+        &Event::SessionStart(SessionStart::Ssh(SshSessionStart {
+            session_id: sid.clone(),
+            user: authz.user().to_owned(),
+            target: authz.instance().to_owned(),
+            agent_id: authz.agent_id().to_owned(),
+            kind: action,
+            command: command_text.clone(),
+            pty: pty.is_some(),
+            source: ctx.peer.to_string(),
+            profile: if profile.name.is_empty() { None } else { Some(profile.name.clone()) },
+            run_as: authz.run_as().map(str::to_owned),
+            logged,
+            reason: reason.map(str::to_owned),
+            run_id: run_id.filter(|r| ctx.state.runs.owned_by(r, &ctx.identity.user)),
+            recording: recorder.as_ref().map(|r| r.path().display().to_string()),
+        })),
     );
     info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(), "ssh session started");
     let live = running.live().clone();
@@ -391,14 +410,25 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     }
     let _ = wr.eof().await;
     let _ = wr.close().await;
-    running.finish(
-        "session.end",
-        json!({"session_id": sid, "user": authz.user(), "target": authz.instance(), "kind": action.name(),
-               "exit_code": exit_code, "bytes_in": bytes_in, "bytes_out": bytes_out, "end_reason": end_reason,
-               "terminated_because": live.reason(),
-               "logged": logged && recording_lost.is_none(),
-               "reason": recording_lost.as_ref().map(|e| format!("recording failed during the session: {e}")).or(reason.map(str::to_owned))}),
-    );
+    running.finish(|duration_ms| {
+        Event::SessionEnd(SessionEnd::Ssh(SshSessionEnd {
+            session_id: sid.clone(),
+            user: authz.user().to_owned(),
+            target: authz.instance().to_owned(),
+            kind: action,
+            exit_code,
+            bytes_in,
+            bytes_out,
+            end_reason: end_reason.map(str::to_owned),
+            terminated_because: live.reason(),
+            duration_ms,
+            logged: logged && recording_lost.is_none(),
+            reason: recording_lost
+                .as_ref()
+                .map(|e| format!("recording failed during the session: {e}"))
+                .or(reason.map(str::to_owned)),
+        }))
+    });
     if let (Some(shipper), Some(rec)) = (&ctx.state.shipper, recorder.as_ref()) {
         shipper.recording_finished(rec.path());
     }
