@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::access::{AccessList, Authorizer};
 use crate::audit::AuditLog;
+use crate::audit::events::{AdminSessionEnd, AdminSessionStart, Event, SessionEnd, SessionStart};
 use crate::broker::{Broker, Party};
 use crate::manage::{Manage, ManageRequest};
 use crate::sessions::SessionTable;
@@ -81,6 +82,36 @@ impl Kit {
     }
 }
 
+/// A start event for session `id` (the admin-socket shape: the simplest one).
+fn start_event(id: &str) -> Event {
+    Event::SessionStart(SessionStart::AdminSocket(AdminSessionStart {
+        session_id: id.into(),
+        actor: "test".into(),
+        target: "web-01".into(),
+        agent_id: "ag-1".into(),
+        kind: Action::Shell,
+        via: "test".into(),
+        logged: true,
+        reason: String::new(),
+    }))
+}
+
+/// The end event of session `id`, with the duration the broker measured.
+fn end_event(id: &str) -> impl FnOnce(u64) -> Event {
+    let id = id.to_owned();
+    move |duration_ms| {
+        Event::SessionEnd(SessionEnd::AdminSocket(AdminSessionEnd {
+            session_id: id,
+            target: "web-01".into(),
+            kind: Action::Shell,
+            bytes_in: 0,
+            bytes_out: 0,
+            end_reason: None,
+            duration_ms,
+        }))
+    }
+}
+
 fn alice() -> Identity {
     Identity { user: "alice".into(), source: Some("127.0.0.9".parse().unwrap()) }
 }
@@ -120,18 +151,13 @@ async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
-    let running = kit.broker.start(
-        "s-1",
-        Party::of(&authz, alice().source, true),
-        "session.start",
-        json!({"session_id": "s-1", "user": "alice", "target": "web-01"}),
-    );
+    let running = kit.broker.start("s-1", Party::of(&authz, alice().source, true), &start_event("s-1"));
     assert_eq!(kit.events("session.start").len(), 1, "the start event is written before the session runs");
     let rows = kit.sessions.rows(false);
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].id.as_str(), rows[0].user.as_str(), rows[0].kind.as_str()), ("s-1", "alice", "shell"));
     running.live().add_in(3);
-    running.finish("session.end", json!({"session_id": "s-1", "user": "alice"}));
+    running.finish(end_event("s-1"));
     let end = kit.events("session.end");
     assert_eq!(end.len(), 1);
     assert!(end[0]["duration_ms"].is_u64(), "the broker adds the duration: {}", end[0]);
@@ -145,10 +171,10 @@ async fn max_sessions_counts_the_users_live_sessions() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
-    let running = kit.broker.start("s-1", Party::of(&authz, None, true), "session.start", json!({}));
+    let running = kit.broker.start("s-1", Party::of(&authz, None, true), &start_event("s-1"));
     let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap_err();
     assert!(refused.contains("maximum number of concurrent sessions"), "{refused}");
-    running.finish("session.end", json!({}));
+    running.finish(end_event("s-1"));
     assert!(kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.is_ok());
 }
 
@@ -157,7 +183,7 @@ async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
-    let running = kit.broker.start("s-1", Party::of(&authz, None, true), "session.start", json!({}));
+    let running = kit.broker.start("s-1", Party::of(&authz, None, true), &start_event("s-1"));
     let shutdown = CancellationToken::new();
     let enforcer = tokio::spawn(crate::enforcer::enforce(
         kit.authorizer.clone(),
