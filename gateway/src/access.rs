@@ -13,6 +13,7 @@ use russh::keys::PublicKey;
 use crate::config::{SshConfig, UserConfig};
 use crate::sessions::{LiveSession, SessionTable};
 use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord, resolve_instance};
+use postern_core::duration::{DurationError, parse_limit};
 use postern_core::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
 use postern_core::policy::{Decision, Document, Effect, PolicySet, Target};
 use postern_core::{Action, DENIED, Identity, Limits, SESSION_ACTIONS};
@@ -122,18 +123,36 @@ fn config_statement(u: &UserConfig) -> Option<Statement> {
     })
 }
 
+/// What is wrong with the `[ssh]` users, user CAs or limits of the gateway config.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessConfigError {
+    #[error("[ssh] {field}: {source}")]
+    Default { field: &'static str, source: DurationError },
+    #[error("ssh.user_ca_keys: key {index} is not an OpenSSH public key: {reason}")]
+    UserCaKey { index: usize, reason: String },
+    #[error("ssh.users {user:?}: key {index}: {reason}")]
+    UserKey { user: String, index: usize, reason: String },
+    #[error("ssh.users {user:?}: unknown action {action:?}")]
+    UnknownAction { user: String, action: String },
+    #[error("ssh.users {user:?}: {field}: {source}")]
+    Limit { user: String, field: &'static str, source: DurationError },
+    #[error("ssh.users {user:?}: unknown profile {profile:?} (define it under [[ssh.profiles]])")]
+    UnknownProfile { user: String, profile: String },
+}
+
 impl AccessList {
-    pub fn from_config(cfg: &SshConfig) -> anyhow::Result<Self> {
+    pub fn from_config(cfg: &SshConfig) -> Result<Self, AccessConfigError> {
         let list = AccessList::default();
+        let limit = |field, v: &str| parse_limit(v).map_err(|source| AccessConfigError::Default { field, source });
         if let Ok(mut d) = list.defaults.write() {
             *d = Limits {
-                idle_timeout: postern_core::duration::parse_limit(&cfg.idle_timeout)?,
-                max_session: postern_core::duration::parse_limit(&cfg.max_session)?,
+                idle_timeout: limit("idle_timeout", &cfg.idle_timeout)?,
+                max_session: limit("max_session", &cfg.max_session)?,
             };
         }
         for (i, line) in cfg.user_ca_keys.iter().enumerate() {
             let key = PublicKey::from_openssh(line.trim())
-                .map_err(|e| anyhow::anyhow!("ssh.user_ca_keys: key {} is not an OpenSSH public key: {e}", i + 1))?;
+                .map_err(|e| AccessConfigError::UserCaKey { index: i + 1, reason: e.to_string() })?;
             if let Ok(mut cas) = list.user_cas.write() {
                 cas.push(key.key_data().clone());
             }
@@ -228,16 +247,20 @@ impl AccessList {
         ok.then(|| Identity { user: user.to_owned(), source })
     }
 
-    pub fn add(&self, u: &UserConfig) -> anyhow::Result<()> {
+    pub fn add(&self, u: &UserConfig) -> Result<(), AccessConfigError> {
         let mut keys = Vec::new();
         for (i, line) in u.keys.iter().enumerate() {
-            let key = parse_key(line).map_err(|e| anyhow::anyhow!("ssh.users {:?}: key {}: {e}", u.name, i + 1))?;
+            let key = parse_key(line).map_err(|reason| AccessConfigError::UserKey {
+                user: u.name.clone(),
+                index: i + 1,
+                reason,
+            })?;
             keys.push(key);
         }
         if let Some(actions) = &u.actions {
             for a in actions {
                 if Action::parse(a).is_none() {
-                    anyhow::bail!("ssh.users {:?}: unknown action {a:?}", u.name);
+                    return Err(AccessConfigError::UnknownAction { user: u.name.clone(), action: a.clone() });
                 }
             }
         }
@@ -245,8 +268,11 @@ impl AccessList {
         if let Some(st) = st.as_mut() {
             for (field, v) in [("idle_timeout", &u.idle_timeout), ("max_session", &u.max_session)] {
                 if let Some(v) = v {
-                    let limit = postern_core::duration::parse_limit(v)
-                        .map_err(|e| anyhow::anyhow!("ssh.users {:?}: {field}: {e}", u.name))?;
+                    let limit = parse_limit(v).map_err(|source| AccessConfigError::Limit {
+                        user: u.name.clone(),
+                        field,
+                        source,
+                    })?;
                     if field == "idle_timeout" {
                         st.idle_timeout = Some(Limit(limit));
                     } else {
@@ -259,7 +285,7 @@ impl AccessList {
             self.profiles.read().map(|p| p.iter().map(|x| x.name.clone()).collect::<Vec<_>>()).unwrap_or_default();
         for name in u.profiles.iter().chain(u.default_profile.iter()) {
             if !known.contains(name) {
-                anyhow::bail!("ssh.users {:?}: unknown profile {name:?} (define it under [[ssh.profiles]])", u.name);
+                return Err(AccessConfigError::UnknownProfile { user: u.name.clone(), profile: name.clone() });
             }
         }
         if let Ok(mut e) = self.static_users.write() {

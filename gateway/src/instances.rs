@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use postern_core::util::{name_from_hostname, now_unix, random_hex, sha256_hex, valid_name};
+use postern_core::util::{RandomError, name_from_hostname, now_unix, random_hex, sha256_hex, valid_name};
 use postern_proto::{EnrollRequest, ErrorCode, Hello};
 use postern_tunnel::pki::CertAuthority;
 use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refusal};
@@ -26,6 +26,20 @@ pub fn token_hash(token: &str) -> String {
 /// How the audit log names a token: the first 12 characters of its hash.
 fn token_id(hash: &str) -> String {
     hash.get(..12).unwrap_or(hash).to_owned()
+}
+
+/// Why a token was not created or an instance not revoked.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("invalid instance name {0:?}: use letters, digits, '-', '_' and '.', at most 63 characters")]
+    InvalidName(String),
+    /// No such instance, or a name several instances share (the message says which).
+    #[error("{0}")]
+    Unknown(String),
+    #[error(transparent)]
+    Random(#[from] RandomError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Enrolled instances and their tokens.
@@ -124,9 +138,9 @@ impl Instances {
     }
 
     /// Revoke `instance` (name or id): marked in the store, its connection closed.
-    pub async fn revoke(&self, instance: &str, actor: &str) -> anyhow::Result<Revoked> {
+    pub async fn revoke(&self, instance: &str, actor: &str) -> Result<Revoked, InstanceError> {
         let agents = self.store.agents().await?;
-        let agent = resolve_instance(&agents, instance).map_err(|e| anyhow::anyhow!(e))?.clone();
+        let agent = resolve_instance(&agents, instance).map_err(InstanceError::Unknown)?.clone();
         self.store.revoke_agent(&agent.id).await?;
         let was_online = self.registry.disconnect(&agent.id, "agent revoked");
         let _ = self.audit.event(&Event::AgentRevoked(AgentRevoked {
@@ -144,11 +158,11 @@ impl Instances {
         ttl: std::time::Duration,
         name: Option<String>,
         actor: &str,
-    ) -> anyhow::Result<CreatedToken> {
+    ) -> Result<CreatedToken, InstanceError> {
         if let Some(n) = &name
             && !valid_name(n)
         {
-            anyhow::bail!("invalid instance name {n:?}: use letters, digits, '-', '_' and '.', at most 63 characters");
+            return Err(InstanceError::InvalidName(n.clone()));
         }
         let token = format!("pt_{}", random_hex(24)?);
         let now = now_unix();

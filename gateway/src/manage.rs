@@ -18,8 +18,8 @@ use crate::audit::events::{
     AdminAction, Event, GrantCreated, GrantRevoked, PolicyChange, PolicyChanged, SessionTerminated,
 };
 use crate::sessions::SessionTable;
-use crate::store::Store;
 use crate::store::{GrantRecord, UserRecord};
+use crate::store::{Store, StoreError};
 use postern_core::policy::Target;
 use postern_core::util::valid_name;
 
@@ -138,15 +138,28 @@ impl Manage {
     }
 }
 
-fn bad(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::anyhow!(msg.into())
+/// Why an admin operation was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    /// Not possible as asked (a bad name, an unknown user, an invalid policy, ...); the
+    /// message says what to change.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Random(#[from] postern_core::util::RandomError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-fn check_name(kind: &str, name: &str) -> anyhow::Result<()> {
+fn bad(msg: impl Into<String>) -> ManageError {
+    ManageError::Invalid(msg.into())
+}
+
+fn check_name(kind: &str, name: &str) -> Result<(), ManageError> {
     if valid_name(name) { Ok(()) } else { Err(bad(format!("{kind} {name:?}: use letters, digits, '-' and '_'"))) }
 }
 
-fn normalize_key(line: &str) -> anyhow::Result<String> {
+fn normalize_key(line: &str) -> Result<String, ManageError> {
     let key = parse_key(line).map_err(bad)?;
     key.to_openssh().map_err(|e| bad(format!("cannot encode key: {e}")))
 }
@@ -163,7 +176,7 @@ fn user_view(u: &UserRecord) -> Value {
                 "comment": k.split_whitespace().nth(2).unwrap_or("")})).collect::<Vec<_>>()})
 }
 
-async fn user(state: &Manage, name: &str) -> anyhow::Result<UserRecord> {
+async fn user(state: &Manage, name: &str) -> Result<UserRecord, ManageError> {
     state
         .store
         .users()
@@ -174,13 +187,13 @@ async fn user(state: &Manage, name: &str) -> anyhow::Result<UserRecord> {
 }
 
 /// Reload the policy engine from the store and re-check live sessions now.
-async fn changed(state: &Manage) -> anyhow::Result<()> {
+async fn changed(state: &Manage) -> Result<(), ManageError> {
     state.access.reload(state.store.as_ref()).await?;
     state.access_changed.notify_one();
     Ok(())
 }
 
-pub async fn run(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
+pub async fn run(state: &Manage, req: ManageRequest, actor: &str) -> Result<Value, ManageError> {
     let op = req.name();
     let audit_args = serde_json::to_value(&req).unwrap_or(Value::Null);
     let result = run_inner(state, req.clone(), actor).await;
@@ -211,7 +224,7 @@ pub async fn run(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::Res
     result
 }
 
-async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::Result<Value> {
+async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Value, ManageError> {
     let now = postern_core::util::now_unix();
     match req {
         ManageRequest::UserAdd { name, groups, keys, principals } => {
@@ -222,7 +235,7 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::R
             if state.store.users().await?.iter().any(|u| u.name == name) {
                 return Err(bad(format!("user {name:?} already exists")));
             }
-            let keys = keys.iter().map(|k| normalize_key(k)).collect::<anyhow::Result<Vec<_>>>()?;
+            let keys = keys.iter().map(|k| normalize_key(k)).collect::<Result<Vec<_>, ManageError>>()?;
             let u = UserRecord { name, groups, keys, principals, disabled: false, created_at: now };
             state.store.put_user(&u).await?;
             changed(state).await?;
@@ -459,7 +472,7 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> anyhow::R
 }
 
 /// RFC 3339, or a date and time without offset in UTC (`2026-12-01 09:00`).
-pub fn parse_time(s: &str) -> anyhow::Result<jiff::Timestamp> {
+pub fn parse_time(s: &str) -> Result<jiff::Timestamp, ManageError> {
     if let Ok(t) = s.parse::<jiff::Timestamp>() {
         return Ok(t);
     }

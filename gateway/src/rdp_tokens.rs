@@ -31,7 +31,7 @@ impl RdpTokens {
         audit: Arc<AuditLog>,
         ttl: Duration,
         door: Option<String>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, postern_core::util::RandomError> {
         Ok(RdpTokens { issuer: TokenIssuer::new()?, authorizer, audit, ttl, door })
     }
 

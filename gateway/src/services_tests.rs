@@ -59,7 +59,7 @@ impl Kit {
         kit
     }
 
-    async fn admin(&self, req: Value) -> anyhow::Result<Value> {
+    async fn admin(&self, req: Value) -> Result<Value, crate::manage::ManageError> {
         let req: ManageRequest = serde_json::from_value(req).unwrap();
         crate::manage::run(&self.manage, req, "test-admin").await
     }

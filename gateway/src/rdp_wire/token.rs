@@ -80,10 +80,10 @@ impl std::fmt::Debug for TokenIssuer {
 
 impl TokenIssuer {
     /// A fresh key from the system random number generator.
-    pub fn new() -> anyhow::Result<Self> {
+    pub fn new() -> Result<Self, postern_core::util::RandomError> {
         let rng = ring::rand::SystemRandom::new();
-        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .map_err(|_| anyhow::anyhow!("system random number generator failed"))?;
+        let key =
+            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).map_err(|_| postern_core::util::RandomError)?;
         Ok(Self { key, redeemed: Mutex::new(HashMap::new()) })
     }
 
