@@ -448,8 +448,12 @@ fn admin_socket_sessions_are_listed_and_can_be_terminated() {
     let status = child.wait().unwrap();
     assert!(started.elapsed() < Duration::from_secs(20));
     assert!(!status.success());
+    // The gateway writes the end event once the relay has wound down, which can be just
+    // after the client saw its connection close.
+    let is_end = |e: &Value| e["event"] == "session.end" && e["session_id"] == mine["id"];
+    wait_until("the admin session's session.end", Duration::from_secs(10), || s.gw.audit_events().iter().any(is_end));
     let events = s.gw.audit_events();
-    let end = events.iter().find(|e| e["event"] == "session.end" && e["session_id"] == mine["id"]).unwrap();
+    let end = events.iter().find(|e| is_end(e)).unwrap();
     assert!(end["end_reason"].is_string(), "{end}");
     assert!(
         !events.iter().any(|e| e["event"] == "session.terminated" && e["actor"] == "policy"),
