@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use russh::keys::PublicKey;
 
 use crate::config::{SshConfig, UserConfig};
-use crate::sessions::{LiveSession, SessionTable};
+use crate::sessions::{LiveSession, Party, SessionTable};
 use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord, resolve_instance};
 use postern_core::duration::{DurationError, parse_limit};
 use postern_core::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
@@ -83,6 +83,20 @@ impl Authorization {
     pub fn run_as(&self) -> Option<&str> {
         self.run_as.as_deref()
     }
+    /// The party of this session from `source`, for the live table.
+    pub fn party(&self, source: Option<IpAddr>, logged: bool) -> Party {
+        Party {
+            user: self.user.clone(),
+            source,
+            target: self.instance.clone(),
+            agent_id: self.agent_id.clone(),
+            action: self.action,
+            destination: self.destination.clone(),
+            logged,
+            via_admin: false,
+        }
+    }
+
     /// For port forwards and passthrough: the host and port the agent connects to.
     pub fn destination(&self) -> Option<(&str, u16)> {
         self.destination.as_ref().map(|(h, p)| (h.as_str(), *p))
@@ -472,24 +486,24 @@ impl Authorizer {
         session: &LiveSession,
         at: jiff::Timestamp,
     ) -> Result<(), String> {
-        if session.via_admin {
+        if session.party.via_admin {
             return match agent {
                 Some(_) => Ok(()),
-                None => Err(format!("instance {} was revoked", session.target)),
+                None => Err(format!("instance {} was revoked", session.party.target)),
             };
         }
-        if !self.list.user_active(&session.user) {
-            return Err(format!("user {} is disabled or removed", session.user));
+        if !self.list.user_active(&session.party.user) {
+            return Err(format!("user {} is disabled or removed", session.party.user));
         }
         let Some(agent) = agent else {
-            return Err(format!("instance {} was revoked", session.target));
+            return Err(format!("instance {} was revoked", session.party.target));
         };
-        let destination = session.destination.as_ref().map(|(h, p)| (h.as_str(), *p));
+        let destination = session.party.destination.as_ref().map(|(h, p)| (h.as_str(), *p));
         let d = self.list.decide(
-            &session.user,
-            session.source,
+            &session.party.user,
+            session.party.source,
             Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
-            session.action.name(),
+            session.party.action.name(),
             destination,
             at,
             false,

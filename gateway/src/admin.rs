@@ -20,8 +20,8 @@ use tracing::{debug, warn};
 use crate::audit::events::{
     AdminAction, AdminSessionEnd, AdminSessionStart, AgentBulkEnrolled, Event, SessionEnd, SessionStart,
 };
-use crate::broker::Party;
 use crate::services::Services;
+use crate::sessions::Party;
 use crate::store::{Labels, resolve_instance};
 
 /// Longest request line accepted.

@@ -12,18 +12,16 @@
 //! enforcer re-checks it and `sessions terminate` ends it — from its start event to its end
 //! event, however the door's relay ends (the registration is dropped on every path).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use postern_core::Action;
 use postern_proto::SessionRequest;
 use postern_tunnel::server::{AgentRegistry, OpenError, SessionStream};
 
 use crate::access::Authorization;
 use crate::audit::AuditLog;
 use crate::audit::events::Event;
-use crate::sessions::{LiveSession, Registration, SessionTable};
+use crate::sessions::{LiveSession, Party, Registration, SessionTable};
 use crate::store::AgentRecord;
 
 /// Why sessions whose content the gateway cannot see are marked `logged: false`.
@@ -38,39 +36,6 @@ pub struct Broker {
     registry: AgentRegistry,
     sessions: Arc<SessionTable>,
     audit: Arc<AuditLog>,
-}
-
-/// Who a session is for and what it reaches, as the live table shows it.
-#[derive(Debug, Clone)]
-pub struct Party {
-    pub user: String,
-    pub source: Option<IpAddr>,
-    /// The instance's name.
-    pub target: String,
-    pub agent_id: String,
-    pub action: Action,
-    /// For forwards and passthrough: where the agent connects.
-    pub destination: Option<(String, u16)>,
-    /// Whether the session's content is recorded.
-    pub logged: bool,
-    /// Opened by a local administrator on the admin socket (no policy applies).
-    pub via_admin: bool,
-}
-
-impl Party {
-    /// The party of an authorized session from `source`.
-    pub fn of(authz: &Authorization, source: Option<IpAddr>, logged: bool) -> Self {
-        Party {
-            user: authz.user().to_owned(),
-            source,
-            target: authz.instance().to_owned(),
-            agent_id: authz.agent_id().to_owned(),
-            action: authz.action(),
-            destination: authz.destination().map(|(h, p)| (h.to_owned(), p)),
-            logged,
-            via_admin: false,
-        }
-    }
 }
 
 impl Broker {
@@ -97,17 +62,7 @@ impl Broker {
     /// Write the session's start event and put it on the live table.
     pub fn start(&self, session_id: &str, party: Party, event: &Event) -> Running {
         let _ = self.audit.event(event);
-        let registration = self.sessions.register(
-            session_id,
-            &party.user,
-            party.source,
-            &party.target,
-            &party.agent_id,
-            party.action,
-            party.destination,
-            party.logged,
-            party.via_admin,
-        );
+        let registration = self.sessions.register(session_id, party);
         Running { registration, started: Instant::now(), audit: self.audit.clone() }
     }
 }

@@ -49,15 +49,15 @@ pub async fn enforce(
         };
         let now = jiff::Timestamp::now();
         for s in live {
-            if let Err(why) = authorizer.recheck(agents.get(&s.agent_id), &s, now) {
+            if let Err(why) = authorizer.recheck(agents.get(&s.party.agent_id), &s, now) {
                 let reason = format!("access revoked ({why})");
                 if sessions.terminate(&s.id, &reason) {
-                    info!(session_id = %s.id, user = %s.user, %reason, "ending session no longer allowed");
+                    info!(session_id = %s.id, user = %s.party.user, %reason, "ending session no longer allowed");
                     let _ = audit.event(&Event::SessionTerminated(SessionTerminated {
                         session_id: s.id.clone(),
-                        user: s.user.clone(),
-                        target: s.target.clone(),
-                        kind: s.action,
+                        user: s.party.user.clone(),
+                        target: s.party.target.clone(),
+                        kind: s.party.action,
                         actor: "policy".to_owned(),
                         reason,
                     }));

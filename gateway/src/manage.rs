@@ -460,9 +460,9 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             };
             let _ = state.audit.event(&Event::SessionTerminated(SessionTerminated {
                 session_id: id.clone(),
-                user: s.user.clone(),
-                target: s.target.clone(),
-                kind: s.action,
+                user: s.party.user.clone(),
+                target: s.party.target.clone(),
+                kind: s.party.action,
                 actor: actor.to_owned(),
                 reason: reason.clone(),
             }));

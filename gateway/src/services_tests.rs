@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use crate::access::{AccessList, Authorizer};
 use crate::audit::AuditLog;
 use crate::audit::events::{AdminSessionEnd, AdminSessionStart, Event, SessionEnd, SessionStart};
-use crate::broker::{Broker, Party};
+use crate::broker::Broker;
 use crate::manage::{Manage, ManageRequest};
 use crate::sessions::SessionTable;
 use crate::store::sqlite::SqliteStore;
@@ -151,7 +151,7 @@ async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
-    let running = kit.broker.start("s-1", Party::of(&authz, alice().source, true), &start_event("s-1"));
+    let running = kit.broker.start("s-1", authz.party(alice().source, true), &start_event("s-1"));
     assert_eq!(kit.events("session.start").len(), 1, "the start event is written before the session runs");
     let rows = kit.sessions.rows(false);
     assert_eq!(rows.len(), 1);
@@ -171,7 +171,7 @@ async fn max_sessions_counts_the_users_live_sessions() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
-    let running = kit.broker.start("s-1", Party::of(&authz, None, true), &start_event("s-1"));
+    let running = kit.broker.start("s-1", authz.party(None, true), &start_event("s-1"));
     let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap_err();
     assert!(refused.contains("maximum number of concurrent sessions"), "{refused}");
     running.finish(end_event("s-1"));
@@ -183,7 +183,7 @@ async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
-    let running = kit.broker.start("s-1", Party::of(&authz, None, true), &start_event("s-1"));
+    let running = kit.broker.start("s-1", authz.party(None, true), &start_event("s-1"));
     let shutdown = CancellationToken::new();
     let enforcer = tokio::spawn(crate::enforcer::enforce(
         kit.authorizer.clone(),

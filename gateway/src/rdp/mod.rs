@@ -28,7 +28,7 @@ use crate::access::Authorization;
 use crate::audit::events::{
     Event, RdpClose, RdpDenied, RdpFailed, RdpMode, RdpOpen, RdpRequest, RdpTokenHolder, SessionDenied,
 };
-use crate::broker::{Party, Running, unlogged};
+use crate::broker::{Running, unlogged};
 use crate::rdp_wire::preamble::{self, Preamble};
 use crate::rdp_wire::token::Claims;
 use crate::services::Services;
@@ -163,7 +163,7 @@ async fn connect(
     let sid = stream.id.to_string();
     let running: Running = state.broker.start(
         &sid,
-        Party::of(&authz, Some(peer.ip()), false),
+        authz.party(Some(peer.ip()), false),
         &Event::RdpOpen(RdpOpen {
             session_id: sid.clone(),
             user: authz.user().to_owned(),

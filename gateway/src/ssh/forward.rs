@@ -21,7 +21,7 @@ use crate::access::Authorization;
 use crate::audit::events::{
     Event, ForwardClose, ForwardFailed, ForwardOpen, RdpClose, RdpFailed, RdpMode, RdpOpen, SessionDenied, SshDenied,
 };
-use crate::broker::{Party, unlogged};
+use crate::broker::unlogged;
 use crate::services::Services;
 use crate::sessions::LiveSession;
 
@@ -110,7 +110,7 @@ async fn forward(
     let sid = stream.id.to_string();
     let running = state.broker.start(
         &sid,
-        Party::of(&authz, Some(peer.ip()), false),
+        authz.party(Some(peer.ip()), false),
         &open_event(&authz, &sid, &destination, peer, unlogged_reason),
     );
     let SessionStream { send, recv, .. } = stream;

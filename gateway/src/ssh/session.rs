@@ -17,7 +17,6 @@ use super::channel::{clamp16, human, notice, refuse, sig_name, warn_lead};
 use crate::audit::events::{
     Event, SessionAuthorized, SessionDenied, SessionEnd, SessionStart, SshDenied, SshSessionEnd, SshSessionStart,
 };
-use crate::broker::Party;
 use crate::recording::Recorder;
 use crate::services::Services;
 
@@ -253,7 +252,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     };
     let running = ctx.state.broker.start(
         &sid,
-        Party::of(&authz, ctx.identity.source, logged),
+        authz.party(ctx.identity.source, logged),
         &Event::SessionStart(SessionStart::Ssh(SshSessionStart {
             session_id: sid.clone(),
             user: authz.user().to_owned(),
