@@ -14,16 +14,18 @@
 //! own task that owns the channel, the agent stream and the recording.
 //!
 //! Inside the door, nothing imports this file: `listener` accepts connections, `handler`
-//! (the russh handler) authenticates and answers channel opens, `session` serves shell, exec
-//! and sftp channels, `forward` serves `-L`, passthrough and `@rdp` channels, `commands`
-//! answers gateway commands, `settings` holds the russh settings and the auth throttle,
-//! `channel` the messages said on a channel.
+//! (the russh handler) authenticates and answers channel opens, `session` serves shell,
+//! exec and sftp channels in named phases (request, authorize, plan, record, open, relay,
+//! end) with `relay` moving their bytes, `forward` serves `-L`, passthrough and `@rdp`
+//! channels, `commands` answers gateway commands, `settings` holds the russh settings and
+//! the auth throttle, `channel` the messages said on a channel.
 
 mod channel;
 mod commands;
 mod forward;
 mod handler;
 mod listener;
+mod relay;
 mod session;
 mod settings;
 

@@ -5,15 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_core::profile::{Profile, interactive_script, render_command, wrap_command};
 use postern_core::util::glob_match;
 use postern_core::{Action, Identity};
-use postern_proto::{ExecCommand, ExecRequest, Message, Resize, SessionRequest, ShellRequest, Signal, write_frame};
-use postern_tunnel::server::{OpenError, SessionStream};
+use postern_proto::{ExecCommand, ExecRequest, SessionRequest, ShellRequest};
+use postern_tunnel::server::OpenError;
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
 use tracing::{info, warn};
 
-use super::channel::{clamp16, human, notice, refuse, sig_name, warn_lead};
+use super::channel::{clamp16, refuse};
+use super::relay::{Relayed, Terms, relay};
 use crate::audit::events::{
     Event, SessionAuthorized, SessionDenied, SessionEnd, SessionStart, SshDenied, SshSessionEnd, SshSessionStart,
 };
@@ -24,6 +26,48 @@ use crate::services::Services;
 const SFTP_SERVER: &str = "for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server \
     /usr/libexec/sftp-server /usr/lib/ssh/sftp-server; do [ -x \"$p\" ] && exec \"$p\"; done; \
     echo 'postern: no sftp-server on this instance' >&2; exit 127";
+
+/// Phase 3: what the agent is asked to run: the profile's one command, or the user's request
+/// shaped by the profile (working directory, startup commands, shell, environment). `Err`
+/// is the refusal to show the user.
+fn plan(
+    request: &Request,
+    pty: Option<&Pty>,
+    mut env: Vec<(String, String)>,
+    profile: &Profile,
+    run_as: Option<&str>,
+) -> Result<SessionRequest, String> {
+    let run_as = run_as.map(str::to_owned);
+    env.extend(profile.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let command = if profile.command.is_some() {
+        let args = match request {
+            Request::Exec(c) => c.clone(),
+            Request::Shell => String::new(),
+            Request::Subsystem(_) => return Err(format!("profile {} only runs its command", profile.name)),
+        };
+        Some(render_command(profile, &args).map_err(|e| format!("profile {}: {e}", profile.name))?)
+    } else {
+        match request {
+            Request::Shell => interactive_script(profile),
+            Request::Exec(c) => Some(wrap_command(profile, c)),
+            Request::Subsystem(_) => Some(SFTP_SERVER.to_owned()),
+        }
+    };
+    let exec = |command: String, env, run_as| ExecRequest { command: ExecCommand::Shell(command), env, run_as };
+    Ok(match (command, pty) {
+        (Some(c), _) if matches!(request, Request::Subsystem(_)) => SessionRequest::Exec(exec(c, env, run_as)),
+        (command, Some(p)) => SessionRequest::Shell(ShellRequest {
+            term: p.term.clone(),
+            cols: p.cols,
+            rows: p.rows,
+            env,
+            run_as,
+            command,
+        }),
+        (Some(c), None) => SessionRequest::Exec(exec(c, env, run_as)),
+        (None, None) => SessionRequest::Exec(exec("exec \"$SHELL\" -l".into(), env, run_as)),
+    })
+}
 
 /// What a session channel's task knows of its connection.
 pub(super) struct SessionCtx {
@@ -46,13 +90,25 @@ struct Pty {
     rows: u16,
 }
 
-pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
-    let (mut rd, wr) = channel.split();
+/// What the client asked for before it said what to run.
+struct Asked {
+    request: Request,
+    pty: Option<Pty>,
+    /// Variables the client set that `[ssh] accept_env` lets through.
+    env: Vec<(String, String)>,
+    /// `POSTERN_PROFILE`.
+    profile: Option<String>,
+    /// `POSTERN_RUN_ID`: the `postern run` this invocation belongs to (if the user's own).
+    run_id: Option<String>,
+}
+
+/// Phase 1: collect pty and env requests until the client says what to run (at most 60 s
+/// between requests); `None` when the client goes away first.
+async fn read_request(rd: &mut russh::ChannelReadHalf, accept_env: &[String]) -> Option<Asked> {
     let mut pty: Option<Pty> = None;
     let mut env: Vec<(String, String)> = Vec::new();
-    let mut requested_profile: Option<String> = None;
+    let mut profile: Option<String> = None;
     let mut run_id: Option<String> = None;
-    // Phase 1: collect pty/env until the client says what to run.
     let request = loop {
         match tokio::time::timeout(Duration::from_secs(60), rd.wait()).await {
             Ok(Some(ChannelMsg::RequestPty { term, col_width, row_height, .. })) => {
@@ -61,14 +117,14 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }))
                 if variable_name == "POSTERN_PROFILE" =>
             {
-                requested_profile = Some(variable_value.chars().take(64).collect());
+                profile = Some(variable_value.chars().take(64).collect());
             }
             // `postern run` tags each invocation with its run (only the user's own runs count).
             Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. })) if variable_name == "POSTERN_RUN_ID" => {
                 run_id = Some(variable_value.chars().take(64).collect());
             }
             Ok(Some(ChannelMsg::SetEnv { variable_name, variable_value, .. })) => {
-                if ctx.state.config.ssh.accept_env.iter().any(|p| glob_match(p, &variable_name)) && env.len() < 64 {
+                if accept_env.iter().any(|p| glob_match(p, &variable_name)) && env.len() < 64 {
                     env.push((variable_name, variable_value));
                 }
             }
@@ -77,10 +133,21 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 break Request::Exec(String::from_utf8_lossy(&command).into_owned());
             }
             Ok(Some(ChannelMsg::RequestSubsystem { name, .. })) => break Request::Subsystem(name),
-            Ok(Some(ChannelMsg::Eof | ChannelMsg::Close)) | Ok(None) | Err(_) => return,
+            Ok(Some(ChannelMsg::Eof | ChannelMsg::Close)) | Ok(None) | Err(_) => return None,
             Ok(Some(_)) => {}
         }
     };
+    Some(Asked { request, pty, env, profile, run_id })
+}
+
+pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>) {
+    let (mut rd, wr) = channel.split();
+    let Some(Asked { request, pty, env, profile: requested_profile, run_id }) =
+        read_request(&mut rd, &ctx.state.config.ssh.accept_env).await
+    else {
+        return;
+    };
+    // On a connection to the gateway itself: a gateway command, or help.
     let Some(target) = ctx.target.clone() else {
         if let Request::Exec(command) = &request {
             super::commands::answer(&ctx.state, &ctx.identity, &ctx.peer.ip().to_string(), &wr, command).await;
@@ -105,6 +172,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             return;
         }
     };
+    // Phase 2: authorize (the only way to an Authorization, which names the agent to dial).
     let authz = match ctx
         .state
         .authorizer
@@ -124,58 +192,22 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             return;
         }
     };
-    let run_as = authz.run_as().map(str::to_owned);
     let (cols, rows) = pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
+    let profile = authz.profile().clone();
     let command_text = match &request {
         Request::Shell => None,
         Request::Exec(c) => Some(c.clone()),
         Request::Subsystem(_) => Some("sftp".to_owned()),
     };
-    let profile = authz.profile().clone();
-    env.extend(profile.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    // What runs on the instance: the profile's one command, or the user's request shaped
-    // by the profile (working directory, startup commands, shell).
-    let command = if profile.command.is_some() {
-        let args = match &request {
-            Request::Exec(c) => c.clone(),
-            Request::Shell => String::new(),
-            Request::Subsystem(_) => {
-                refuse(&wr, &format!("profile {} only runs its command", profile.name), 1).await;
-                return;
-            }
-        };
-        match postern_core::profile::render_command(&profile, &args) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                refuse(&wr, &format!("profile {}: {e}", profile.name), 1).await;
-                return;
-            }
-        }
-    } else {
-        match &request {
-            Request::Shell => postern_core::profile::interactive_script(&profile),
-            Request::Exec(c) => Some(postern_core::profile::wrap_command(&profile, c)),
-            Request::Subsystem(_) => Some(SFTP_SERVER.to_owned()),
+    let agent_request = match plan(&request, pty.as_ref(), env, &profile, authz.run_as()) {
+        Ok(r) => r,
+        Err(message) => {
+            refuse(&wr, &message, 1).await;
+            return;
         }
     };
-    let agent_request = match (&command, &pty) {
-        (Some(c), _) if matches!(request, Request::Subsystem(_)) => {
-            SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(c.clone()), env, run_as })
-        }
-        (command, Some(p)) => SessionRequest::Shell(ShellRequest {
-            term: p.term.clone(),
-            cols: p.cols,
-            rows: p.rows,
-            env,
-            run_as,
-            command: command.clone(),
-        }),
-        (Some(c), None) => SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(c.clone()), env, run_as }),
-        (None, None) => {
-            SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell("exec \"$SHELL\" -l".into()), env, run_as })
-        }
-    };
-    // Recording and audit trail must be writable before anything runs (fail closed).
+    // Phase 4: the recording and the audit trail must be writable before anything runs
+    // (fail closed).
     let recording_dir = ctx.state.config.data_dir.join("recordings");
     let fail_closed = ctx.state.config.audit.fail_closed;
     let mut recorder = if action == Action::Sftp {
@@ -222,6 +254,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
         }
         return;
     }
+    // Phase 5: open the agent's stream and start the session (start event, live table).
     let stream = match ctx.state.broker.open(&authz, agent_request).await {
         Ok(s) => s,
         Err(e) => {
@@ -274,139 +307,11 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     let live = running.live().clone();
     let started = running.started();
 
-    let SessionStream { mut send, recv, .. } = stream;
-    let mut frames = crate::frames::FrameReader::spawn(recv);
-    let mut bytes_out: u64 = 0;
-    let mut bytes_in: u64 = 0;
+    // Phase 6: relay until it ends; phase 7: the end event, off the live table.
     let limits = authz.limits();
-    let mut last_input = std::time::Instant::now();
-    let (mut warned_idle, mut warned_max) = (false, false);
-    let mut end_reason: Option<&'static str> = None;
-    let mut recording_lost: Option<String> = None;
-    let mut flush_tick = tokio::time::interval(crate::recording::FLUSH_EVERY);
-    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let on_pty = pty.is_some();
-    let exit_code: Option<i32> = loop {
-        tokio::select! {
-            msg = rd.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data).await; }
-                    bytes_in += data.len() as u64;
-                    live.add_in(data.len());
-                    last_input = std::time::Instant::now();
-                    warned_idle = false;
-                    for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
-                        if write_frame(&mut send, &Message::Stdin(chunk.to_vec())).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                Some(ChannelMsg::Eof) => { let _ = write_frame(&mut send, &Message::Eof).await; }
-                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
-                    let (c, r) = (clamp16(col_width), clamp16(row_height));
-                    let _ = write_frame(&mut send, &Message::Resize(Resize { cols: c, rows: r })).await;
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r).await; }
-                }
-                Some(ChannelMsg::Signal { signal }) => {
-                    let _ = write_frame(&mut send, &Message::Signal(Signal { name: sig_name(&signal) })).await;
-                }
-                Some(ChannelMsg::Close) | None => {
-                    // The client went away: stop the remote process.
-                    let _ = send.reset(0u32.into());
-                    break None;
-                }
-                Some(_) => {}
-            },
-            _ = flush_tick.tick(), if recorder.is_some() => {
-                if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due().await; }
-            }
-            _ = live.terminated() => {
-                let why = live.reason().unwrap_or_else(|| "ended by the gateway".into());
-                notice(&wr, on_pty, &format!("session ended: {why}")).await;
-                let _ = send.reset(0u32.into());
-                let _ = wr.exit_status(255).await;
-                end_reason = Some("terminated");
-                break Some(255);
-            }
-            _ = tick.tick(), if limits.idle_timeout.is_some() || limits.max_session.is_some() => {
-                let now = std::time::Instant::now();
-                let mut close: Option<(&'static str, String)> = None;
-                if let Some(max) = limits.max_session {
-                    let end = started + max;
-                    if now >= end {
-                        close = Some(("max-duration", format!("maximum session length of {} reached; closing the session", human(max))));
-                    } else if !warned_max && now + warn_lead(max) >= end {
-                        warned_max = true;
-                        notice(&wr, on_pty, &format!("this session reaches its maximum length of {} in {}s and will be closed", human(max), (end - now).as_secs().max(1))).await;
-                    }
-                }
-                if let (None, Some(idle)) = (&close, limits.idle_timeout) {
-                    let end = last_input + idle;
-                    if now >= end {
-                        close = Some(("idle-timeout", format!("no input for {}; closing the session", human(idle))));
-                    } else if !warned_idle && now + warn_lead(idle) >= end {
-                        warned_idle = true;
-                        notice(&wr, on_pty, &format!("no input for a while: this session closes in {}s unless you type something", (end - now).as_secs().max(1))).await;
-                    }
-                }
-                if let Some((reason, message)) = close {
-                    notice(&wr, on_pty, &message).await;
-                    let _ = send.reset(0u32.into());
-                    let _ = wr.exit_status(255).await;
-                    end_reason = Some(reason);
-                    break Some(255);
-                }
-            }
-            frame = frames.next() => match frame {
-                Ok(Some(Message::Stdout(d))) => {
-                    bytes_out += d.len() as u64;
-                    live.add_out(d.len());
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
-                    if wr.data_bytes(d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
-                }
-                Ok(Some(Message::Stderr(d))) => {
-                    bytes_out += d.len() as u64;
-                    live.add_out(d.len());
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
-                    if wr.extended_data_bytes(1, d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
-                }
-                Ok(Some(Message::Exit(e))) => {
-                    let _ = wr.exit_status(u32::try_from(e.code).unwrap_or(255)).await;
-                    break Some(e.code);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    let _ = wr.extended_data_bytes(1, b"\r\npostern: connection to the instance was lost\r\n".to_vec()).await;
-                    let _ = wr.exit_status(255).await;
-                    break Some(255);
-                }
-            },
-        }
-        // A recording that stops being written (a full disk) ends the session when the
-        // gateway fails closed; otherwise the session goes on and its end says unlogged.
-        if recording_lost.is_none()
-            && let Some(why) = recorder.as_ref().and_then(Recorder::failure)
-        {
-            recording_lost = Some(why.to_owned());
-            if fail_closed {
-                notice(&wr, on_pty, "the session recording can no longer be written on the gateway, and sessions are not run unrecorded here; closing the session").await;
-                let _ = send.reset(0u32.into());
-                let _ = wr.exit_status(255).await;
-                end_reason = Some("recording-failed");
-                break Some(255);
-            }
-        }
-    };
-    drop(frames);
-    if let Some(rec) = recorder.as_mut() {
-        let _ = rec.finish(exit_code).await;
-        // The last write can fail too: the end event then says what was lost.
-        if recording_lost.is_none() {
-            recording_lost = rec.failure().map(str::to_owned);
-        }
-    }
+    let terms = Terms { live: &live, limits, started, on_pty: pty.is_some(), fail_closed };
+    let Relayed { exit_code, bytes_in, bytes_out, end_reason, recording_lost } =
+        relay(&mut rd, &wr, stream, &mut recorder, terms).await;
     let _ = wr.eof().await;
     let _ = wr.close().await;
     running.finish(|duration_ms| {

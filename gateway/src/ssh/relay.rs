@@ -1,0 +1,183 @@
+//! The relay of a session channel: the user's SSH channel on one side, the agent's framed
+//! session stream on the other, with the recording, the session's limits (idle and maximum
+//! length, warned before they strike), termination, and a recording that fails mid-session.
+
+use std::time::{Duration, Instant};
+
+use postern_core::Limits;
+use postern_proto::{Message, Resize, Signal, write_frame};
+use postern_tunnel::server::SessionStream;
+use russh::ChannelMsg;
+use russh::server::Msg;
+
+use super::channel::{clamp16, human, notice, sig_name, warn_lead};
+use crate::recording::Recorder;
+use crate::sessions::LiveSession;
+
+/// How a relayed session went.
+pub(super) struct Relayed {
+    /// The remote exit status; `None` when the client went away first.
+    pub exit_code: Option<i32>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Why the gateway ended it ("terminated", "idle-timeout", "max-duration",
+    /// "recording-failed"); `None` when it ended by itself.
+    pub end_reason: Option<&'static str>,
+    /// Why the recording stopped being written, if it did.
+    pub recording_lost: Option<String>,
+}
+
+/// What the relay needs to know about the session besides its two ends.
+pub(super) struct Terms<'a> {
+    pub live: &'a LiveSession,
+    pub limits: Limits,
+    pub started: Instant,
+    /// Notices go to the terminal (with a PTY) or to stderr.
+    pub on_pty: bool,
+    /// A recording that fails ends the session.
+    pub fail_closed: bool,
+}
+
+/// Relay until the remote process exits, the client goes away, or the gateway ends the
+/// session; then finish the recording.
+pub(super) async fn relay(
+    rd: &mut russh::ChannelReadHalf,
+    wr: &russh::ChannelWriteHalf<Msg>,
+    stream: SessionStream,
+    recorder: &mut Option<Recorder>,
+    terms: Terms<'_>,
+) -> Relayed {
+    let Terms { live, limits, started, on_pty, fail_closed } = terms;
+    let SessionStream { mut send, recv, .. } = stream;
+    let mut frames = crate::frames::FrameReader::spawn(recv);
+    let mut bytes_out: u64 = 0;
+    let mut bytes_in: u64 = 0;
+    let mut last_input = Instant::now();
+    let (mut warned_idle, mut warned_max) = (false, false);
+    let mut end_reason: Option<&'static str> = None;
+    let mut recording_lost: Option<String> = None;
+    let mut flush_tick = tokio::time::interval(crate::recording::FLUSH_EVERY);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let exit_code: Option<i32> = loop {
+        tokio::select! {
+            msg = rd.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data).await; }
+                    bytes_in += data.len() as u64;
+                    live.add_in(data.len());
+                    last_input = Instant::now();
+                    warned_idle = false;
+                    for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
+                        if write_frame(&mut send, &Message::Stdin(chunk.to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Some(ChannelMsg::Eof) => { let _ = write_frame(&mut send, &Message::Eof).await; }
+                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+                    let (c, r) = (clamp16(col_width), clamp16(row_height));
+                    let _ = write_frame(&mut send, &Message::Resize(Resize { cols: c, rows: r })).await;
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r).await; }
+                }
+                Some(ChannelMsg::Signal { signal }) => {
+                    let _ = write_frame(&mut send, &Message::Signal(Signal { name: sig_name(&signal) })).await;
+                }
+                Some(ChannelMsg::Close) | None => {
+                    // The client went away: stop the remote process.
+                    let _ = send.reset(0u32.into());
+                    break None;
+                }
+                Some(_) => {}
+            },
+            _ = flush_tick.tick(), if recorder.is_some() => {
+                if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due().await; }
+            }
+            _ = live.terminated() => {
+                let why = live.reason().unwrap_or_else(|| "ended by the gateway".into());
+                notice(wr, on_pty, &format!("session ended: {why}")).await;
+                let _ = send.reset(0u32.into());
+                let _ = wr.exit_status(255).await;
+                end_reason = Some("terminated");
+                break Some(255);
+            }
+            _ = tick.tick(), if limits.idle_timeout.is_some() || limits.max_session.is_some() => {
+                let now = Instant::now();
+                let mut close: Option<(&'static str, String)> = None;
+                if let Some(max) = limits.max_session {
+                    let end = started + max;
+                    if now >= end {
+                        close = Some(("max-duration", format!("maximum session length of {} reached; closing the session", human(max))));
+                    } else if !warned_max && now + warn_lead(max) >= end {
+                        warned_max = true;
+                        notice(wr, on_pty, &format!("this session reaches its maximum length of {} in {}s and will be closed", human(max), (end - now).as_secs().max(1))).await;
+                    }
+                }
+                if let (None, Some(idle)) = (&close, limits.idle_timeout) {
+                    let end = last_input + idle;
+                    if now >= end {
+                        close = Some(("idle-timeout", format!("no input for {}; closing the session", human(idle))));
+                    } else if !warned_idle && now + warn_lead(idle) >= end {
+                        warned_idle = true;
+                        notice(wr, on_pty, &format!("no input for a while: this session closes in {}s unless you type something", (end - now).as_secs().max(1))).await;
+                    }
+                }
+                if let Some((reason, message)) = close {
+                    notice(wr, on_pty, &message).await;
+                    let _ = send.reset(0u32.into());
+                    let _ = wr.exit_status(255).await;
+                    end_reason = Some(reason);
+                    break Some(255);
+                }
+            }
+            frame = frames.next() => match frame {
+                Ok(Some(Message::Stdout(d))) => {
+                    bytes_out += d.len() as u64;
+                    live.add_out(d.len());
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
+                    if wr.data_bytes(d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
+                }
+                Ok(Some(Message::Stderr(d))) => {
+                    bytes_out += d.len() as u64;
+                    live.add_out(d.len());
+                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
+                    if wr.extended_data_bytes(1, d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
+                }
+                Ok(Some(Message::Exit(e))) => {
+                    let _ = wr.exit_status(u32::try_from(e.code).unwrap_or(255)).await;
+                    break Some(e.code);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    let _ = wr.extended_data_bytes(1, b"\r\npostern: connection to the instance was lost\r\n".to_vec()).await;
+                    let _ = wr.exit_status(255).await;
+                    break Some(255);
+                }
+            },
+        }
+        // A recording that stops being written (a full disk) ends the session when the
+        // gateway fails closed; otherwise the session goes on and its end says unlogged.
+        if recording_lost.is_none()
+            && let Some(why) = recorder.as_ref().and_then(Recorder::failure)
+        {
+            recording_lost = Some(why.to_owned());
+            if fail_closed {
+                notice(wr, on_pty, "the session recording can no longer be written on the gateway, and sessions are not run unrecorded here; closing the session").await;
+                let _ = send.reset(0u32.into());
+                let _ = wr.exit_status(255).await;
+                end_reason = Some("recording-failed");
+                break Some(255);
+            }
+        }
+    };
+    drop(frames);
+    if let Some(rec) = recorder.as_mut() {
+        let _ = rec.finish(exit_code).await;
+        // The last write can fail too: the end event then says what was lost.
+        if recording_lost.is_none() {
+            recording_lost = rec.failure().map(str::to_owned);
+        }
+    }
+    Relayed { exit_code, bytes_in, bytes_out, end_reason, recording_lost }
+}
