@@ -14,7 +14,8 @@ use tracing::info;
 
 use crate::access::{AccessList, Authorizer};
 use crate::audit::AuditLog;
-use crate::audit::events::{AuditRetention, Event, GatewayStarted, GatewayStopped, SegmentsDeleted};
+use crate::audit::anchor::Standing;
+use crate::audit::events::{AuditRetention, AuditTruncated, Event, GatewayStarted, GatewayStopped, SegmentsDeleted};
 use crate::audit::ship::Kind;
 use crate::broker::Broker;
 use crate::config::GatewayConfig;
@@ -76,6 +77,13 @@ impl RunningGateway {
         let _ = std::fs::remove_file(admin_socket_path(&self.services.config.data_dir));
         let _ = self.services.audit.event(&Event::GatewayStopped(GatewayStopped {}));
         let _ = self.services.audit.checkpoint(true);
+        // The final checkpoint's anchor, now rather than through the keeper (stopped above).
+        let last = self.services.audit.anchors().borrow().clone();
+        if let Some(anchor) = last
+            && let Err(e) = self.services.store.set_audit_anchor(&anchor).await
+        {
+            tracing::error!(error = %e, "cannot record the audit anchor in the database");
+        }
         info!("gateway stopped");
     }
 }
@@ -200,6 +208,52 @@ async fn checkpoints(audit: Arc<AuditLog>, shutdown: CancellationToken) {
     }
 }
 
+/// Before the log is continued: does it still reach the last checkpoint the gateway signed
+/// (the anchor in the store)? `Some(event)` when it does not; `accepted` when
+/// `[audit] accept_truncation` names the seq of that checkpoint.
+async fn check_audit_anchor(
+    store: &dyn Store,
+    dir: &Path,
+    keyring: &crate::audit::seal::Keyring,
+    accept: Option<u64>,
+) -> anyhow::Result<Option<AuditTruncated>> {
+    let Some(anchor) = store.audit_anchor().await.context("reading the audit anchor from the database")? else {
+        return Ok(None);
+    };
+    let standing = crate::audit::anchor::check(dir, keyring, &anchor).with_context(|| {
+        format!("cannot continue the audit chain: checking the log in {} against its anchor", dir.display())
+    })?;
+    let log_seq = match standing {
+        Standing::Reaches => return Ok(None),
+        Standing::Shorter { log_seq } | Standing::Differs { log_seq } => log_seq,
+    };
+    Ok(Some(AuditTruncated {
+        log_seq,
+        anchor_seq: anchor.seq,
+        anchor_hash: anchor.hash.clone(),
+        reason: standing.describe(&anchor),
+        accepted: accept == Some(anchor.seq),
+    }))
+}
+
+/// Keep the last checkpoint the log wrote in the store, as it is written.
+async fn keep_audit_anchor(audit: Arc<AuditLog>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut anchors = audit.anchors();
+    anchors.mark_changed();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = anchors.changed() => if changed.is_err() { return },
+        }
+        let anchor = anchors.borrow_and_update().clone();
+        if let Some(anchor) = anchor
+            && let Err(e) = store.set_audit_anchor(&anchor).await
+        {
+            tracing::error!(error = %e, seq = anchor.seq, "cannot record the audit anchor in the database");
+        }
+    }
+}
+
 /// Earlier versions kept the whole log in `DATA_DIR/audit.log`: it becomes the first segment.
 fn migrate_single_file_log(dir: &std::path::Path) -> anyhow::Result<()> {
     let old = dir.join("audit.log");
@@ -285,8 +339,32 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         keyring: keyring.clone(),
     };
     migrate_single_file_log(&dir)?;
+    let truncated =
+        check_audit_anchor(store.as_ref(), &dir.join("audit"), &keyring, config.audit.accept_truncation).await?;
     let audit =
         Arc::new(AuditLog::open_signed(&dir.join("audit"), signing_key, log_options).context("opening the audit log")?);
+    if let Some(t) = truncated {
+        // Written (not signed) into the short log, so the gap stays on record either way.
+        let _ = audit.event(&Event::AuditTruncated(t.clone()));
+        if !t.accepted {
+            anyhow::bail!(
+                "refusing to continue the audit log in {}: {}.\n\
+                 The end of the log was removed (or an older copy was restored), and continuing would sign \
+                 over the gap. Restore the log from a backup or from [audit.s3] into that directory and start \
+                 again; `postern audit verify` shows what is missing. To go on with the shorter log anyway \
+                 (it keeps an audit.truncated event), set `accept_truncation = {}` in [audit].",
+                dir.join("audit").display(),
+                t.reason,
+                t.anchor_seq
+            );
+        }
+        tracing::warn!(
+            log_seq = t.log_seq,
+            anchor_seq = t.anchor_seq,
+            "audit log truncation accepted by [audit] accept_truncation"
+        );
+        audit.checkpoint(true).context("writing a checkpoint after the accepted truncation")?;
+    }
     audit.set_stdout(config.audit.stdout);
     let directory = Arc::new(StoreDirectory::new(store.clone(), audit.clone()));
     let settings = TunnelSettings {
@@ -362,6 +440,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         shutdown.clone(),
     ));
     tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
+    tasks.spawn(keep_audit_anchor(state.audit.clone(), state.store.clone(), shutdown.clone()));
     if let Some(shipper) = state.shipper.clone() {
         let st = state.clone();
         tasks.spawn(shipper.run(move |full| upload_candidates(&st, full), state.audit.clone(), shutdown.clone()));

@@ -76,6 +76,10 @@ pub struct AuditConfig {
     pub encryption: EncryptionConfig,
     /// Copy closed segments and finished recordings to S3-compatible object storage.
     pub s3: Option<crate::audit::ship::S3Config>,
+    /// The gateway refuses to start when the log does not reach the last checkpoint it
+    /// signed (the log was cut back). Set this to that checkpoint's seq (the refusal names
+    /// it) to accept the loss and go on; it has no effect on any other checkpoint.
+    pub accept_truncation: Option<u64>,
 }
 
 impl Default for AuditConfig {
@@ -91,6 +95,7 @@ impl Default for AuditConfig {
             record_input: false,
             encryption: EncryptionConfig::default(),
             s3: None,
+            accept_truncation: None,
         }
     }
 }

@@ -68,6 +68,118 @@ fn verify_accepts_the_gateways_log_and_locates_tampering() {
     assert!(text(&out.stdout).contains("signature does not verify"));
 }
 
+/// Lines of the (one) clear segment, and the 1-based line numbers of its checkpoints.
+fn segment_lines(gw: &Gateway) -> (std::path::PathBuf, Vec<String>, Vec<usize>) {
+    let segs = gw.audit_segments();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let lines: Vec<String> = std::fs::read_to_string(&segs[0]).unwrap().lines().map(str::to_owned).collect();
+    let checkpoints =
+        (0..lines.len()).filter(|&i| lines[i].contains("\"event\":\"audit.checkpoint\"")).map(|i| i + 1).collect();
+    (segs[0].clone(), lines, checkpoints)
+}
+
+/// Start the gateway and expect it to refuse (exit within 20 s): its standard error.
+fn start_refused(gw: &Gateway) -> String {
+    let log = gw.dir.path().join("refused.log");
+    let mut cmd = std::process::Command::new(bin("postern"));
+    cmd.arg("--config").arg(gw.dir.path().join("gateway.toml")).arg("gateway");
+    let mut p = spawn_logged(cmd, &log);
+    let code = p.wait_exit(Duration::from_secs(20));
+    let shown = p.log_text();
+    assert!(code.is_some_and(|c| c != 0), "the gateway started on a truncated log ({code:?}): {shown}");
+    shown
+}
+
+/// Issue 15 item 12: a log cut back to an older signed checkpoint is still a valid chain; the
+/// anchor in the database (the last checkpoint signed) shows the missing tail, and the
+/// gateway refuses to continue (and sign over) the shorter chain.
+#[test]
+fn a_log_cut_back_to_a_checkpoint_is_refused_at_start_and_reported_by_verify() {
+    let mut gw = Gateway::start("");
+    let _ = gw.postern(&["instances"]);
+    gw.stop();
+    gw.restart();
+    for _ in 0..3 {
+        let _ = gw.postern(&["token", "create", "--ttl", "5m"]);
+    }
+    gw.stop();
+    let (log, lines, checkpoints) = segment_lines(&gw);
+    assert!(checkpoints.len() >= 2, "{checkpoints:?}");
+    let last_seq = lines.len();
+    assert_eq!(gw.postern(&["audit", "verify"]).status.code(), Some(0));
+
+    // Cut the log back to the first checkpoint: a chain that is intact on its own.
+    let keep = checkpoints[0];
+    std::fs::write(&log, lines[..keep].join("\n") + "\n").unwrap();
+    let loose = std::process::Command::new(bin("postern"))
+        .args(["audit", "verify", "--file", log.to_str().unwrap(), "--key"])
+        .arg(gw.data_dir().join("audit-signing.pub"))
+        .env_remove("POSTERN_DATA_DIR")
+        .env_remove("POSTERN_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(loose.status.code(), Some(0), "{}", text(&loose.stdout));
+    assert!(text(&loose.stderr).contains("the end of the log cannot be checked"), "{}", text(&loose.stderr));
+
+    // The gateway refuses to continue it, says what happened and what to do.
+    let refused = start_refused(&gw);
+    assert!(refused.contains("refusing to continue the audit log"), "{refused}");
+    let removed = format!("events {}-{last_seq} at least were removed from the end of the log", keep + 1);
+    assert!(refused.contains(&removed), "{refused}");
+    assert!(refused.contains("Restore the log from a backup"), "{refused}");
+    assert!(refused.contains(&format!("accept_truncation = {last_seq}")), "{refused}");
+    // ... with an event in the log (not signed), and it did not sign over the gap.
+    let (_, after, checkpoints_after) = segment_lines(&gw);
+    assert_eq!(after.len(), keep + 1, "only the audit.truncated event was added");
+    assert!(after[keep].contains("\"event\":\"audit.truncated\"") && after[keep].contains("\"accepted\":false"));
+    assert_eq!(checkpoints_after, checkpoints[..1]);
+
+    // verify, with the data directory, reports the missing tail against the anchor.
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let shown = text(&out.stdout);
+    assert!(shown.contains(&format!("but the gateway signed a checkpoint at seq {last_seq}")), "{shown}");
+    assert!(shown.contains("were removed from the end of the log"), "{shown}");
+
+    // An emptied segment too.
+    std::fs::write(&log, b"").unwrap();
+    let shown = text(&gw.postern(&["audit", "verify"]).stdout);
+    assert!(shown.contains(&format!("events 1-{last_seq} at least were removed")), "{shown}");
+    assert!(start_refused(&gw).contains("refusing to continue the audit log"));
+
+    // The documented override: accept the loss of that checkpoint's tail, on record.
+    std::fs::write(&log, lines[..keep].join("\n") + "\n").unwrap();
+    let config = gw.dir.path().join("gateway.toml");
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(&format!("[audit]\naccept_truncation = {last_seq}\n"));
+    std::fs::write(&config, toml).unwrap();
+    gw.restart();
+    gw.stop();
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("it reaches the last checkpoint the gateway recorded"));
+    assert!(gw.audit_text().contains("\"accepted\":true"));
+}
+
+/// Issue 15 item 13: two adjacent lines swapped are named as such, and only they.
+#[test]
+fn verify_names_exactly_two_swapped_lines() {
+    let mut gw = Gateway::start("");
+    for _ in 0..3 {
+        let _ = gw.postern(&["token", "create", "--ttl", "5m"]);
+    }
+    gw.stop();
+    let (log, mut lines, _) = segment_lines(&gw);
+    assert!(lines.len() >= 8, "{}", lines.len());
+    lines.swap(3, 4);
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("NOT intact (1 problems)"), "{shown}");
+    assert!(shown.contains("line 4: lines 4 and 5 are swapped"), "{shown}");
+}
+
 /// `kill -9` of the gateway mid-session: the recording is readable up to what was shown, the
 /// log verifies, and the restarted gateway writes the orphaned session's end event.
 #[test]

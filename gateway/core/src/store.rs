@@ -16,6 +16,14 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// The last signed checkpoint of the audit log, kept outside the log so that cutting the log
+/// back to an older checkpoint is noticed: its `seq` and the SHA-256 (hex) of its line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AuditAnchor {
+    pub seq: u64,
+    pub hash: String,
+}
+
 /// An enrollment token as stored: only the SHA-256 of the secret is kept.
 #[derive(Debug, Clone)]
 pub struct NewToken {
@@ -168,6 +176,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Mark a grant revoked; false if it was unknown or already revoked.
     async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError>;
+
+    /// The audit anchor: the last signed checkpoint the gateway wrote (None: none yet).
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError>;
+
+    /// Record a new audit anchor (replacing the old one).
+    async fn set_audit_anchor(&self, anchor: &AuditAnchor) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //! (Over 600 lines with its tests, on purpose: the chain, rotation and checkpoints are one
 //! state machine under one lock, tested together; the code alone is under 600.)
 
+pub mod anchor;
 pub mod events;
 pub mod seal;
 pub mod ship;
@@ -106,6 +107,8 @@ pub struct AuditLog {
     to_stdout: std::sync::atomic::AtomicBool,
     /// Signalled when a segment is closed (the object-store shipper waits on it).
     pub segment_closed: tokio::sync::Notify,
+    /// The last checkpoint written, for start-up to keep outside the log ([`anchor`]).
+    checkpointed: tokio::sync::watch::Sender<Option<postern_core::store::AuditAnchor>>,
 }
 
 #[derive(Debug)]
@@ -319,6 +322,7 @@ impl AuditLog {
             webhooks: std::sync::OnceLock::new(),
             to_stdout: std::sync::atomic::AtomicBool::new(false),
             segment_closed: tokio::sync::Notify::new(),
+            checkpointed: tokio::sync::watch::Sender::new(None),
         };
         // A new segment that continues a chain starts with a signed anchor, so it can be
         // verified after older segments are gone (retention) or on its own.
@@ -336,6 +340,11 @@ impl AuditLog {
     /// Send written events to these webhooks from now on.
     pub fn set_webhooks(&self, hooks: std::sync::Arc<webhooks::Webhooks>) {
         let _ = self.webhooks.set(hooks);
+    }
+
+    /// The last checkpoint written (its seq and line hash), updated on every new one.
+    pub fn anchors(&self) -> tokio::sync::watch::Receiver<Option<postern_core::store::AuditAnchor>> {
+        self.checkpointed.subscribe()
     }
 
     /// The directory holding the segments.
@@ -510,6 +519,8 @@ impl AuditLog {
         chain.file.sync_data()?;
         chain.since_checkpoint = 0;
         chain.last_checkpoint = Instant::now();
+        self.checkpointed
+            .send_replace(Some(postern_core::store::AuditAnchor { seq: chain.seq, hash: chain.last_hash.clone() }));
         Ok(())
     }
 
@@ -649,7 +660,7 @@ mod tests {
             .zip(&texts)
             .map(|((_, p), t)| verify::Part { name: p.display().to_string(), text: t, ending: None })
             .collect();
-        let r = verify::verify_parts(&parts, Some(&public));
+        let r = verify::verify_parts(&parts, Some(&public), None);
         assert!(r.ok(), "{:?}", r.problems);
         assert_eq!(r.segments, segs.len());
     }

@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use super::anchor::AuditAnchor;
 use super::seal::Ending;
 use super::{GENESIS, checkpoint_message, key_id, line_hash};
 use postern_core::util::unhex;
@@ -29,6 +30,9 @@ pub struct Report {
     /// Events after the last valid checkpoint: chained, but not yet covered by a signature
     /// (a truncated tail could only be noticed by comparing with a copy).
     pub unsigned_tail: usize,
+    /// The seq of the last checkpoint the gateway signed, from its database, that the log was
+    /// checked to reach (None: no anchor given, so a removed tail cannot be seen).
+    pub anchor_seq: Option<u64>,
     pub problems: Vec<Problem>,
 }
 
@@ -49,145 +53,264 @@ pub struct Part<'a> {
 
 /// Verify `text`, a log in one piece. See [`verify_parts`].
 pub fn verify(text: &[u8], public_key: Option<&[u8]>) -> Report {
-    verify_parts(&[Part { name: "log".into(), text, ending: None }], public_key)
+    verify_parts(&[Part { name: "log".into(), text, ending: None }], public_key, None)
+}
+
+/// Where verification stands while walking the log.
+struct Walk {
+    problems: Vec<Problem>,
+    prev_hash: String,
+    expected_seq: u64,
+    events: usize,
+    checkpoints: usize,
+    last_cp: u64,
+    since_cp: usize,
+    first_seq: u64,
+    /// Seq up to which events are missing at the start, and up to which retention says so.
+    missing_through: u64,
+    deleted_through: u64,
+    start: Option<(String, usize)>,
+    anchor_signed: bool,
+    verifier: Option<ring::signature::UnparsedPublicKey<Vec<u8>>>,
+    our_key: Option<String>,
+    /// The anchor to find, and the hash of the line found at its seq.
+    anchor: Option<AuditAnchor>,
+    at_anchor: Option<(String, usize, String)>,
+    /// The last seq seen.
+    last_seq: u64,
+}
+
+/// The seq and prev of a line, if it is a JSON event.
+fn seq_prev(raw: &[u8]) -> Option<(Option<u64>, String)> {
+    let v = serde_json::from_slice::<Value>(raw).ok()?;
+    Some((v.get("seq").and_then(Value::as_u64), v.get("prev").and_then(Value::as_str).unwrap_or("").to_owned()))
+}
+
+impl Walk {
+    /// Lines `a` (written first) and `b` are the two events the chain expects next, in the
+    /// other order: a swap of two adjacent lines.
+    fn swapped(&self, a: &[u8], b: &[u8]) -> bool {
+        let (Some((Some(sa), pa)), Some((Some(sb), pb))) = (seq_prev(a), seq_prev(b)) else { return false };
+        sb == self.expected_seq && sa == self.expected_seq + 1 && pb == self.prev_hash && pa == line_hash(b)
+    }
+
+    /// Check one line, `n` (1-based) of segment `file`.
+    fn line(&mut self, file: &str, n: usize, raw: &[u8]) {
+        let mut problems = Vec::new();
+        let mut problem = |message: String| problems.push(Problem { file: file.to_owned(), line: n, message });
+        let hash = line_hash(raw);
+        let Ok(v) = serde_json::from_slice::<Value>(raw) else {
+            problem("not a JSON event (damaged, or torn by a crash mid-write)".into());
+            self.prev_hash = hash;
+            self.problems.append(&mut problems);
+            return;
+        };
+        let seq = v.get("seq").and_then(Value::as_u64);
+        let prev = v.get("prev").and_then(Value::as_str).unwrap_or("");
+        let is_checkpoint = v.get("event").and_then(Value::as_str) == Some("audit.checkpoint");
+        if self.events == 0 {
+            self.first_seq = seq.unwrap_or(1);
+            // The log may start later than seq 1 at a segment anchor (checked below).
+            if self.first_seq > 1 && is_checkpoint && v.get("segment_start").is_some() {
+                self.expected_seq = self.first_seq;
+                self.prev_hash = prev.to_owned();
+                self.missing_through = self.first_seq - 1;
+                self.start = Some((file.to_owned(), n));
+            }
+        }
+        self.events += 1;
+        self.since_cp += 1;
+        match seq {
+            Some(s) if s == self.expected_seq => {}
+            Some(s) if s > self.expected_seq => problem(format!(
+                "seq {s} where {} was expected: {} event(s) deleted before this line",
+                self.expected_seq,
+                s - self.expected_seq
+            )),
+            Some(s) => {
+                // An earlier event again: reported here, and the chain goes on from the line
+                // before it, so the lines after it verify again.
+                problem(format!(
+                    "seq {s} where {} was expected: this line was inserted, duplicated or moved",
+                    self.expected_seq
+                ));
+                self.problems.append(&mut problems);
+                return;
+            }
+            None => problem("no seq: not written by the gateway".into()),
+        }
+        if prev != self.prev_hash {
+            let what = if self.events == 1 {
+                "the first line does not start the chain".to_owned()
+            } else if n == 1 {
+                "the previous segment's last line was modified or removed, or a segment is missing".to_owned()
+            } else {
+                format!("line {} was modified, deleted or reordered (its hash is not this line's prev)", n - 1)
+            };
+            problem(format!("chain broken: {what}"));
+        }
+        if v.get("event").and_then(Value::as_str) == Some("audit.retention") {
+            let through = v.get("deleted_through_seq").and_then(Value::as_u64).unwrap_or(0);
+            self.deleted_through = self.deleted_through.max(through);
+        }
+        if is_checkpoint {
+            self.checkpoints += 1;
+            let covers = v.get("covers_seq").and_then(Value::as_u64).unwrap_or(0);
+            let covers_hash = v.get("covers_hash").and_then(Value::as_str).unwrap_or("");
+            let sig = v.get("sig").and_then(Value::as_str).and_then(unhex).unwrap_or_default();
+            if covers + 1 != seq.unwrap_or(0) || covers_hash != self.prev_hash {
+                problem(format!("checkpoint covers seq {covers} with a hash the log before it does not have"));
+            }
+            match (&self.verifier, &self.our_key) {
+                (Some(ver), Some(id)) => {
+                    let signed = ver.verify(&checkpoint_message(covers, covers_hash), &sig).is_ok();
+                    if !signed || v.get("key_id").and_then(Value::as_str) != Some(id.as_str()) {
+                        problem("checkpoint signature does not verify with the gateway's audit key".into());
+                    } else if covers + 1 == seq.unwrap_or(0) && covers_hash == self.prev_hash {
+                        self.last_cp = covers;
+                        self.since_cp = 0;
+                        self.anchor_signed |= self.events == 1;
+                    }
+                }
+                _ => problem("checkpoint signature cannot be checked: no public key given".into()),
+            }
+        }
+        if let (Some(a), Some(s)) = (&self.anchor, seq)
+            && a.seq == s
+        {
+            self.at_anchor = Some((file.to_owned(), n, hash.clone()));
+        }
+        self.problems.append(&mut problems);
+        self.prev_hash = hash;
+        self.expected_seq = seq.map(|s| s.max(self.expected_seq) + 1).unwrap_or(self.expected_seq + 1);
+        self.last_seq = seq.unwrap_or(self.last_seq).max(self.last_seq);
+    }
 }
 
 /// Verify the segments of a log, oldest first. `public_key` is the raw ed25519 public key
 /// checkpoints must be signed with; without it, checkpoint signatures are reported as
 /// unverifiable. A log may start past seq 1 only at a signed segment anchor, and only if a
-/// retention event later in the log records deleting the events before it.
-pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>) -> Report {
-    let mut problems = Vec::new();
-    let mut prev_hash = GENESIS.to_owned();
-    let mut expected_seq = 1u64;
-    let (mut events, mut checkpoints, mut last_cp, mut since_cp) = (0usize, 0usize, 0u64, 0usize);
-    let mut first_seq = 0u64;
-    // Seq up to which events are missing at the start, and up to which retention says so.
-    let (mut missing_through, mut deleted_through) = (0u64, 0u64);
-    let mut start = None::<(String, usize)>;
-    let mut anchor_signed = false;
-    let verifier = public_key.map(|k| ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k.to_vec()));
-    let our_key = public_key.map(key_id);
+/// retention event later in the log records deleting the events before it. `anchor` is the
+/// last checkpoint the gateway signed, as its database recorded it ([`super::anchor`]): the
+/// log must reach it, or its tail was removed (without it, a missing tail cannot be seen).
+pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>, anchor: Option<&AuditAnchor>) -> Report {
+    let mut w = Walk {
+        problems: Vec::new(),
+        prev_hash: GENESIS.to_owned(),
+        expected_seq: 1,
+        events: 0,
+        checkpoints: 0,
+        last_cp: 0,
+        since_cp: 0,
+        first_seq: 0,
+        missing_through: 0,
+        deleted_through: 0,
+        start: None,
+        anchor_signed: false,
+        verifier: public_key.map(|k| ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, k.to_vec())),
+        our_key: public_key.map(key_id),
+        anchor: anchor.cloned(),
+        at_anchor: None,
+        last_seq: 0,
+    };
+    let mut end = None::<(String, usize)>;
     for part in parts {
         let body = part.text.strip_suffix(b"\n").unwrap_or(part.text);
-        let mut n = 0;
-        for (i, raw) in body.split(|b| *b == b'\n').enumerate().filter(|_| !body.is_empty()) {
-            n = i + 1;
-            let mut problem = |message: String| problems.push(Problem { file: part.name.clone(), line: n, message });
-            let hash = line_hash(raw);
-            let Ok(v) = serde_json::from_slice::<Value>(raw) else {
-                problem("not a JSON event (damaged, or torn by a crash mid-write)".into());
-                prev_hash = hash;
-                continue;
-            };
-            let seq = v.get("seq").and_then(Value::as_u64);
-            let prev = v.get("prev").and_then(Value::as_str).unwrap_or("");
-            let is_checkpoint = v.get("event").and_then(Value::as_str) == Some("audit.checkpoint");
-            if events == 0 {
-                first_seq = seq.unwrap_or(1);
-                // The log may start later than seq 1 at a segment anchor (checked below).
-                if first_seq > 1 && is_checkpoint && v.get("segment_start").is_some() {
-                    expected_seq = first_seq;
-                    prev_hash = prev.to_owned();
-                    missing_through = first_seq - 1;
-                    start = Some((part.name.clone(), n));
-                }
+        let lines: Vec<&[u8]> = if body.is_empty() { Vec::new() } else { body.split(|b| *b == b'\n').collect() };
+        let mut i = 0;
+        while let Some(raw) = lines.get(i) {
+            let next = lines.get(i + 1);
+            if let Some(next) = next.filter(|next| w.events > 0 && w.swapped(raw, next)) {
+                // Named once, as what it is; both lines then verify in chain order.
+                w.problems.push(Problem {
+                    file: part.name.clone(),
+                    line: i + 1,
+                    message: format!(
+                        "lines {} and {} are swapped: seq {} is written before seq {} (their chain is intact in the other order)",
+                        i + 1,
+                        i + 2,
+                        w.expected_seq + 1,
+                        w.expected_seq
+                    ),
+                });
+                w.line(&part.name, i + 2, next);
+                w.line(&part.name, i + 1, raw);
+                i += 2;
+            } else {
+                w.line(&part.name, i + 1, raw);
+                i += 1;
             }
-            events += 1;
-            since_cp += 1;
-            match seq {
-                Some(s) if s == expected_seq => {}
-                Some(s) if s > expected_seq => problem(format!(
-                    "seq {s} where {expected_seq} was expected: {} event(s) deleted before this line",
-                    s - expected_seq
-                )),
-                Some(s) => problem(format!(
-                    "seq {s} where {expected_seq} was expected: this line was inserted, duplicated or moved"
-                )),
-                None => problem("no seq: not written by the gateway".into()),
-            }
-            if prev != prev_hash {
-                let what = if events == 1 {
-                    "the first line does not start the chain".to_owned()
-                } else if n == 1 {
-                    "the previous segment's last line was modified or removed, or a segment is missing".to_owned()
-                } else {
-                    format!("line {} was modified, deleted or reordered (its hash is not this line's prev)", n - 1)
-                };
-                problem(format!("chain broken: {what}"));
-            }
-            if v.get("event").and_then(Value::as_str) == Some("audit.retention") {
-                let through = v.get("deleted_through_seq").and_then(Value::as_u64).unwrap_or(0);
-                deleted_through = deleted_through.max(through);
-            }
-            if is_checkpoint {
-                checkpoints += 1;
-                let covers = v.get("covers_seq").and_then(Value::as_u64).unwrap_or(0);
-                let covers_hash = v.get("covers_hash").and_then(Value::as_str).unwrap_or("");
-                let sig = v.get("sig").and_then(Value::as_str).and_then(unhex).unwrap_or_default();
-                if covers + 1 != seq.unwrap_or(0) || covers_hash != prev_hash {
-                    problem(format!("checkpoint covers seq {covers} with a hash the log before it does not have"));
-                }
-                match (&verifier, &our_key) {
-                    (Some(ver), Some(id)) => {
-                        let signed = ver.verify(&checkpoint_message(covers, covers_hash), &sig).is_ok();
-                        if !signed || v.get("key_id").and_then(Value::as_str) != Some(id.as_str()) {
-                            problem("checkpoint signature does not verify with the gateway's audit key".into());
-                        } else if covers + 1 == seq.unwrap_or(0) && covers_hash == prev_hash {
-                            last_cp = covers;
-                            since_cp = 0;
-                            anchor_signed |= events == 1;
-                        }
-                    }
-                    _ => problem("checkpoint signature cannot be checked: no public key given".into()),
-                }
-            }
-            prev_hash = hash;
-            expected_seq = seq.map(|s| s.max(expected_seq) + 1).unwrap_or(expected_seq + 1);
         }
+        end = Some((part.name.clone(), lines.len()));
         if part.ending == Some(Ending::Torn) {
-            problems.push(Problem {
+            w.problems.push(Problem {
                 file: part.name.clone(),
-                line: n + 1,
+                line: lines.len() + 1,
                 message: "the segment ends with a record cut off mid-write (crash), or was truncated".into(),
             });
         }
     }
     if let Some(first) = parts.first()
-        && events > 0
-        && first_seq > 1
+        && w.events > 0
+        && w.first_seq > 1
     {
-        let (file, line) = start.unwrap_or((first.name.clone(), 1));
-        if missing_through == 0 {
-            problems.insert(
-                0,
-                Problem {
-                    file,
-                    line,
-                    message: format!(
-                        "the log starts at seq {first_seq} without a signed segment anchor: earlier events are missing"
-                    ),
-                },
-            );
-        } else if deleted_through < missing_through {
-            problems.insert(0, Problem { file, line, message: format!(
+        let (file, line) = w.start.clone().unwrap_or((first.name.clone(), 1));
+        let (first_seq, missing_through) = (w.first_seq, w.missing_through);
+        let message = if missing_through == 0 {
+            Some(format!(
+                "the log starts at seq {first_seq} without a signed segment anchor: earlier events are missing"
+            ))
+        } else if w.deleted_through < missing_through {
+            Some(format!(
                 "the log starts at seq {first_seq}, but no audit.retention event records deleting events 1-{missing_through}"
-            )});
-        } else if !anchor_signed {
-            problems.insert(
-                0,
-                Problem { file, line, message: "the segment anchor the log starts at is not signed".into() },
-            );
+            ))
+        } else if !w.anchor_signed {
+            Some("the segment anchor the log starts at is not signed".into())
+        } else {
+            None
+        };
+        if let Some(message) = message {
+            w.problems.insert(0, Problem { file, line, message });
+        }
+    }
+    if let Some(a) = &w.anchor {
+        let (file, line) = end.unwrap_or_default();
+        match &w.at_anchor {
+            Some((_, _, hash)) if *hash == a.hash => {}
+            Some((file, line, _)) => w.problems.push(Problem {
+                file: file.clone(),
+                line: *line,
+                message: format!(
+                    "this line (seq {}) is not the checkpoint the gateway signed at that seq (recorded in its database): \
+                     the log was cut back and written on, or rewritten, from there",
+                    a.seq
+                ),
+            }),
+            // A log that starts after the anchor (retention) has nothing to compare.
+            None if w.events > 0 && w.first_seq > a.seq => {}
+            None => w.problems.push(Problem {
+                file,
+                line: line + 1,
+                message: format!(
+                    "the log ends at seq {}, but the gateway signed a checkpoint at seq {} (recorded in its database): \
+                     events {}-{} at least were removed from the end of the log",
+                    w.last_seq,
+                    a.seq,
+                    w.last_seq + 1,
+                    a.seq
+                ),
+            }),
         }
     }
     Report {
         segments: parts.len(),
-        events,
-        checkpoints,
-        first_seq,
-        last_checkpoint_seq: last_cp,
-        unsigned_tail: since_cp,
-        problems,
+        events: w.events,
+        checkpoints: w.checkpoints,
+        first_seq: w.first_seq,
+        last_checkpoint_seq: w.last_cp,
+        unsigned_tail: w.since_cp,
+        anchor_seq: anchor.map(|a| a.seq),
+        problems: w.problems,
     }
 }
 
@@ -303,5 +426,67 @@ mod tests {
         .unwrap();
         let r = verify(&text, Some(other.public_key().as_ref()));
         assert!(r.problems.iter().any(|p| p.message.contains("signature does not verify")));
+    }
+
+    #[test]
+    fn a_swap_of_two_adjacent_lines_is_named_as_such_and_the_lines_after_it_verify() {
+        let (text, key) = log(50);
+        for at in [20, 49] {
+            // Two events, and (at 49) an event and the checkpoint after it.
+            let mut l = lines(&text);
+            l.swap(at, at + 1);
+            let r = verify(&join(&l), Some(&key));
+            assert_eq!(r.problems.len(), 1, "exactly one problem: {:#?}", r.problems);
+            assert_eq!(r.problems[0].line, at + 1);
+            let named = format!("lines {} and {} are swapped", at + 1, at + 2);
+            assert!(r.problems[0].message.contains(&named), "{:?}", r.problems[0]);
+            assert_eq!(r.last_checkpoint_seq, 50, "the checkpoint after the swap still verifies");
+        }
+    }
+
+    #[test]
+    fn an_inserted_or_duplicated_line_is_one_problem_and_the_chain_goes_on() {
+        let (text, key) = log(50);
+        let l = lines(&text);
+        let mut ins = l.clone();
+        ins.insert(30, l[5].clone());
+        let r = verify(&join(&ins), Some(&key));
+        assert_eq!(r.problems.len(), 1, "{:#?}", r.problems);
+        assert_eq!(r.problems[0].line, 31);
+        assert_eq!(r.last_checkpoint_seq, 50);
+    }
+
+    #[test]
+    fn a_log_cut_back_to_a_checkpoint_or_emptied_is_caught_against_the_anchor() {
+        // 250 events: checkpoints at seq 101, 202 and 253 (the last, the anchor).
+        let (text, key) = log(250);
+        let l = lines(&text);
+        let anchor = AuditAnchor { seq: 253, hash: line_hash(&l[252]) };
+        let check = |text: &[u8], anchor: Option<&AuditAnchor>| {
+            verify_parts(&[Part { name: "log".into(), text, ending: None }], Some(&key), anchor)
+        };
+        let whole = check(&text, Some(&anchor));
+        assert!(whole.ok(), "{:?}", whole.problems);
+        assert_eq!(whole.anchor_seq, Some(253));
+
+        // Cut back to the checkpoint at seq 101: the chain alone is intact ...
+        let cut = join(&l[..101]);
+        assert!(check(&cut, None).ok(), "without the anchor the hole is invisible");
+        // ... the anchor shows what is missing.
+        let r = check(&cut, Some(&anchor));
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert_eq!(r.problems[0].line, 102);
+        assert!(r.problems[0].message.contains("events 102-253"), "{:?}", r.problems[0]);
+
+        // An emptied segment.
+        assert!(check(b"", None).ok());
+        let r = check(b"", Some(&anchor));
+        assert!(r.problems.iter().any(|p| p.message.contains("events 1-253")), "{:?}", r.problems);
+
+        // Cut back and written on past the anchor's seq: the line there is not the anchor.
+        let other = AuditAnchor { seq: 253, hash: line_hash(&l[251]) };
+        let r = check(&text, Some(&other));
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(r.problems[0].message.contains("not the checkpoint the gateway signed"), "{:?}", r.problems[0]);
     }
 }

@@ -9,6 +9,7 @@ pub mod manage;
 pub mod rdp;
 pub mod session;
 pub mod user;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -436,16 +437,16 @@ fn segment_files(cfg: &GatewayConfig, files: &[PathBuf]) -> anyhow::Result<Vec<P
 }
 
 /// `postern audit verify`.
-pub fn audit_verify(
+pub async fn audit_verify(
     cli: &Cli,
-    files: &[PathBuf],
+    files_given: &[PathBuf],
     key: Option<&Path>,
     master_key: &[PathBuf],
     json: bool,
 ) -> anyhow::Result<i32> {
     use crate::audit::verify::{Part, verify_parts};
     let cfg = resolve_config(cli)?;
-    let files = segment_files(&cfg, files)?;
+    let files = segment_files(&cfg, files_given)?;
     let keyring = read_keyring(&cfg, master_key)?;
     let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| cfg.data_dir.join("audit-signing.pub"));
     let key_text = std::fs::read_to_string(&key_path)
@@ -461,37 +462,15 @@ pub fn audit_verify(
         .zip(&texts)
         .map(|(f, (text, ending))| Part { name: f.display().to_string(), text, ending: *ending })
         .collect();
-    let report = verify_parts(&parts, Some(&key));
+    let loose = !files_given.is_empty() && cli.data_dir.is_none() && cli.config.is_none();
+    let anchor = verify::anchor(&cfg.data_dir, loose).await?;
+    let report = verify_parts(&parts, Some(&key), anchor.as_ref().ok());
     let what = if files.len() == 1 {
         files.first().map(|f| f.display().to_string()).unwrap_or_default()
     } else {
         format!("audit log ({} segments)", files.len())
     };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if report.ok() {
-        println!(
-            "{what}: intact. {} events{}, {} signed checkpoints; the last covers seq {}{}",
-            report.events,
-            if report.first_seq > 1 {
-                format!(" from seq {} (older segments deleted by retention)", report.first_seq)
-            } else {
-                String::new()
-            },
-            report.checkpoints,
-            report.last_checkpoint_seq,
-            if report.unsigned_tail > 0 {
-                format!(" ({} newer events are chained but not yet under a checkpoint)", report.unsigned_tail)
-            } else {
-                String::new()
-            }
-        );
-    } else {
-        println!("{what}: NOT intact ({} problems)", report.problems.len());
-        for p in report.problems.iter().take(20) {
-            println!("  {} line {}: {}", p.file, p.line, p.message);
-        }
-    }
+    verify::print(&what, &report, anchor.as_ref().err().map(String::as_str), json)?;
     Ok(if report.ok() { 0 } else { 1 })
 }
 

@@ -6,7 +6,8 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{
-    AgentRecord, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, Store, StoreError, UserRecord,
+    AgentRecord, AuditAnchor, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, Store, StoreError,
+    UserRecord,
 };
 
 /// The store's error for a failed database call.
@@ -67,6 +68,15 @@ CREATE TABLE grants (
     expires_at  INTEGER NOT NULL,
     revoked_at  INTEGER,
     revoked_by  TEXT
+);
+"#,
+    // 3: the audit anchor, kept outside the log: the seq and line hash of the last signed
+    // checkpoint, so a log cut back to an older checkpoint is noticed (docs/audit.md).
+    r#"
+CREATE TABLE audit_anchor (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    seq   INTEGER NOT NULL,
+    hash  TEXT NOT NULL
 );
 "#,
 ];
@@ -462,6 +472,34 @@ impl Store for SqliteStore {
             .map_err(db)?;
         Ok(r.rows_affected() > 0)
     }
+
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| {
+            let seq: i64 = r.try_get("seq").map_err(db)?;
+            let seq = u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {seq}")))?;
+            Ok(AuditAnchor { seq, hash: r.try_get("hash").map_err(db)? })
+        })
+        .transpose()
+    }
+
+    async fn set_audit_anchor(&self, anchor: &AuditAnchor) -> Result<(), StoreError> {
+        let seq =
+            i64::try_from(anchor.seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.seq)))?;
+        sqlx::query(
+            "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+        )
+        .bind(seq)
+        .bind(&anchor.hash)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -585,5 +623,18 @@ mod tests {
         let back = store.grants().await.unwrap();
         assert_eq!(back[0].revoked_at, Some(15));
         assert!(!back[0].active_at(16));
+    }
+
+    #[tokio::test]
+    async fn the_audit_anchor_is_kept_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("postern.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.audit_anchor().await.unwrap(), None);
+        store.set_audit_anchor(&AuditAnchor { seq: 101, hash: "ab".into() }).await.unwrap();
+        store.set_audit_anchor(&AuditAnchor { seq: 202, hash: "cd".into() }).await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.audit_anchor().await.unwrap(), Some(AuditAnchor { seq: 202, hash: "cd".into() }));
     }
 }

@@ -165,6 +165,21 @@ pub struct AuditCheckpoint {
     pub segment_start: Option<String>,
 }
 
+/// `audit.truncated`: at start-up the log did not reach the last checkpoint the gateway
+/// signed (the anchor kept in the database, see [`super::super::anchor`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditTruncated {
+    /// The seq the log ends at.
+    pub log_seq: u64,
+    /// The anchored checkpoint: its seq and line hash.
+    pub anchor_seq: u64,
+    pub anchor_hash: String,
+    /// What was found, in words.
+    pub reason: String,
+    /// false: the gateway refused to start; true: `[audit] accept_truncation` let it go on.
+    pub accepted: bool,
+}
+
 /// `audit.retention`: a retention run deleted something.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRetention {

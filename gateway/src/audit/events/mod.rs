@@ -98,6 +98,7 @@ events! {
     /// Written by the log itself ([`super::AuditLog`]), never through [`super::AuditLog::event`].
     AuditCheckpoint(AuditCheckpoint) = "audit.checkpoint",
     AuditRetention(AuditRetention) = "audit.retention",
+    AuditTruncated(AuditTruncated) = "audit.truncated",
     AuditSink(AuditSink) = "audit.sink",
 }
 
