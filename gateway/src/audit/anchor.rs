@@ -60,10 +60,11 @@ pub fn log_end(dir: &Path, keyring: &seal::Keyring) -> anyhow::Result<u64> {
     Ok(0)
 }
 
-/// The hash of the line with `seq` in `text` (None: no such line).
+/// The hash of the line with `seq` in `text` (None: no such line). Searched from the end:
+/// the anchor is the last checkpoint, so it is near the end of its segment.
 pub fn hash_at(text: &[u8], seq: u64) -> Option<String> {
     let body = text.strip_suffix(b"\n").unwrap_or(text);
-    body.split(|b| *b == b'\n').find_map(|raw| {
+    body.rsplit(|b| *b == b'\n').find_map(|raw| {
         let v = serde_json::from_slice::<Value>(raw).ok()?;
         (v.get("seq").and_then(Value::as_u64) == Some(seq)).then(|| line_hash(raw))
     })

@@ -276,8 +276,9 @@ pub struct InstancesArgs {
 
 #[derive(Subcommand)]
 pub enum AuditAction {
-    /// Check that no event was modified, deleted, inserted or reordered. Works offline on the
-    /// files; exits 0 when intact, 1 with the first broken line(s) otherwise.
+    /// Check that no event was modified, deleted, inserted or reordered, and (with the data
+    /// directory) that the log reaches the last checkpoint recorded in the gateway's database.
+    /// Works offline on the files; exits 0 when intact, 1 with the first broken line(s) otherwise.
     #[command(
         after_help = "Examples:\n  postern audit verify\n  postern audit verify --file copy/events-000000000001.jsonl --file copy/events-000000004711.jsonl --key copy/audit-signing.pub"
     )]
