@@ -447,6 +447,10 @@ pub async fn audit_verify(
 ) -> anyhow::Result<i32> {
     use crate::audit::verify::{Part, verify_parts};
     let cfg = resolve_config(cli)?;
+    // The anchor first: a running gateway records a checkpoint's anchor only after writing
+    // it to the log, so the files read after it hold it.
+    let loose = !files_given.is_empty() && cli.data_dir.is_none() && cli.config.is_none();
+    let anchor = verify::anchor(&cfg.data_dir, loose).await?;
     let files = segment_files(&cfg, files_given)?;
     let keyring = read_keyring(&cfg, master_key)?;
     let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| cfg.data_dir.join("audit-signing.pub"));
@@ -463,8 +467,6 @@ pub async fn audit_verify(
         .zip(&texts)
         .map(|(f, (text, ending))| Part { name: f.display().to_string(), text, ending: *ending })
         .collect();
-    let loose = !files_given.is_empty() && cli.data_dir.is_none() && cli.config.is_none();
-    let anchor = verify::anchor(&cfg.data_dir, loose).await?;
     let report = verify_parts(&parts, Some(&key), anchor.as_ref().ok());
     let what = if files.len() == 1 {
         files.first().map(|f| f.display().to_string()).unwrap_or_default()
