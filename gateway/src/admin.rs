@@ -6,10 +6,13 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use postern_proto::{ExecCommand, ExecRequest, SessionRequest, ShellRequest};
+use postern_proto::{
+    ExecCommand, ExecRequest, Message, SessionRequest, ShellRequest, StreamKind, read_frame, write_frame,
+};
 use postern_tunnel::CancellationToken;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -276,47 +279,86 @@ async fn relay_session(
     );
     reply(&mut stream, json!({"ok": true, "session_id": sid})).await?;
     let live = running.live().clone();
-    let (mut from_client, mut to_client) = stream.into_split();
-    let postern_tunnel::server::SessionStream { mut send, mut recv, .. } = session;
-    // The agent ends a session by finishing its stream after the exit frame. The client
+    let (from_client, mut to_client) = stream.into_split();
+    let mut from_client = BufReader::new(from_client);
+    let postern_tunnel::server::SessionStream { mut send, mut recv, violation, .. } = session;
+    // Frames are decoded both ways: to count what the session carried (`sessions --all`,
+    // the end event), to see the exit code, and so that an agent breaking the protocol is
+    // dropped (its connection closed, `agent.protocol_violation` written) as docs/protocol.md
+    // says. The agent ends a session by finishing its stream after the exit frame. The client
     // never half-closes, so end of input from it means it went away: reset the stream so the
     // agent stops the remote process instead of leaving it running.
     // `postern sessions terminate` (or the instance revoked) ends it the same way.
     let up = async {
-        let n = tokio::select! {
-            n = tokio::io::copy(&mut from_client, &mut send) => n.unwrap_or(0),
-            _ = live.terminated() => 0,
+        let pump = async {
+            while let Ok(Some(msg)) = read_frame(&mut from_client, StreamKind::Session).await {
+                if let Message::Stdin(d) = &msg {
+                    live.add_in(d.len());
+                }
+                if write_frame(&mut send, &msg).await.is_err() {
+                    break;
+                }
+            }
         };
+        tokio::select! {
+            () = pump => {}
+            () = live.terminated() => {}
+        }
         let _ = send.reset(0u32.into());
-        n
     };
     let down = async {
-        let n = tokio::io::copy(&mut recv, &mut to_client).await.unwrap_or(0);
+        let mut exit_code = None;
+        loop {
+            let msg = match read_frame(&mut recv, StreamKind::Session).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    if postern_tunnel::server::is_violation(&e) {
+                        violation.report(&e.to_string());
+                    }
+                    break;
+                }
+            };
+            match &msg {
+                Message::Stdout(d) | Message::Stderr(d) => live.add_out(d.len()),
+                Message::Exit(e) => exit_code = Some(e.code),
+                Message::Error(_) => {}
+                other => {
+                    violation.report(&format!("unexpected session message {:?}", other.kind()));
+                    break;
+                }
+            }
+            if write_frame(&mut to_client, &msg).await.is_err() {
+                break;
+            }
+        }
         let _ = to_client.shutdown().await;
-        n
+        exit_code
     };
     tokio::pin!(up, down);
-    let (bytes_in, bytes_out) = tokio::select! {
-        out = &mut down => {
+    let exit_code = tokio::select! {
+        code = &mut down => {
             // Session over; whatever the client still sends is moot.
-            let inp = tokio::time::timeout(Duration::from_secs(1), &mut up).await.unwrap_or(0);
-            (inp, out)
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut up).await;
+            code
         }
-        inp = &mut up => {
-            let out = tokio::time::timeout(Duration::from_secs(5), &mut down).await.unwrap_or(0);
-            (inp, out)
-        }
+        () = &mut up => tokio::time::timeout(Duration::from_secs(5), &mut down).await.unwrap_or(None),
     };
     let end_reason = live.reason();
+    let (bytes_in, bytes_out) = (live.bytes_in.load(Ordering::Relaxed), live.bytes_out.load(Ordering::Relaxed));
     running.finish(|duration_ms| {
         Event::SessionEnd(SessionEnd::AdminSocket(AdminSessionEnd {
             session_id: sid.clone(),
+            user: actor(),
             target: agent.name.clone(),
             kind: action,
+            via: "admin-socket".to_owned(),
+            exit_code,
             bytes_in,
             bytes_out,
             end_reason,
             duration_ms,
+            logged: false,
         }))
     });
     Ok(())

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use postern_core::util::{RandomError, name_from_hostname, now_unix, random_hex, sha256_hex, valid_name};
+use postern_core::util::{RandomError, clean_text, name_from_hostname, now_unix, random_hex, sha256_hex, valid_name};
 use postern_proto::{EnrollRequest, ErrorCode, Hello};
 use postern_tunnel::pki::CertAuthority;
 use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refusal};
@@ -209,8 +209,8 @@ impl AgentDirectory for StoreDirectory {
         let new = NewAgent {
             id,
             hostname: name_from_hostname(&req.hostname),
-            platform: req.platform.chars().take(64).collect(),
-            agent_version: req.agent_version.chars().take(64).collect(),
+            platform: clean_text(&req.platform, 64),
+            agent_version: clean_text(&req.agent_version, 64),
             now: now_unix(),
         };
         let outcome = self.store.redeem_token(&hash, &new).await;
@@ -266,14 +266,14 @@ impl AgentDirectory for StoreDirectory {
             }));
             return Err(Refusal { code: ErrorCode::AgentRevoked, message: reason.into() });
         }
-        let trim = |s: &str, n| s.chars().take(n).collect::<String>();
+        let agent_version = clean_text(&hello.agent_version, 64);
         let _ = self
             .store
             .agent_seen(
                 agent_id,
-                Some(&trim(&hello.hostname, 255)),
-                Some(&trim(&hello.platform, 64)),
-                Some(&trim(&hello.agent_version, 64)),
+                Some(&clean_text(&hello.hostname, 255)),
+                Some(&clean_text(&hello.platform, 64)),
+                Some(&agent_version),
                 now_unix(),
             )
             .await;
@@ -282,7 +282,7 @@ impl AgentDirectory for StoreDirectory {
             agent_id: agent_id.to_owned(),
             name: name.clone(),
             source: remote.to_string(),
-            agent_version: hello.agent_version.clone(),
+            agent_version,
         }));
         Ok(name)
     }

@@ -102,12 +102,16 @@ fn end_event(id: &str) -> impl FnOnce(u64) -> Event {
     move |duration_ms| {
         Event::SessionEnd(SessionEnd::AdminSocket(AdminSessionEnd {
             session_id: id,
+            user: "root".into(),
             target: "web-01".into(),
             kind: Action::Shell,
+            via: "admin-socket".into(),
+            exit_code: None,
             bytes_in: 0,
             bytes_out: 0,
             end_reason: None,
             duration_ms,
+            logged: false,
         }))
     }
 }

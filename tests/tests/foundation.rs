@@ -24,6 +24,19 @@ fn exec_and_pty_shell_through_the_tunnel() {
     assert_eq!(text(&out.stdout).trim(), "300000", "{}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(0));
 
+    // Admin-socket sessions end with who, the exit code and what they carried (the live
+    // table's counters, which `postern sessions --all` shows, feed the end event).
+    let ends: Vec<_> = gw.audit_events().into_iter().filter(|e| e["event"] == "session.end").collect();
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    assert_eq!(ends[0]["exit_code"], 3, "{ends:#?}");
+    assert_eq!(ends[0]["bytes_out"], 11, "{ends:#?}");
+    assert_eq!(ends[1]["exit_code"], 0, "{ends:#?}");
+    assert_eq!((ends[1]["bytes_in"].as_u64(), ends[1]["bytes_out"].as_u64()), (Some(300_000), Some(7)), "{ends:#?}");
+    for end in &ends {
+        assert!(end["user"].as_str().unwrap().starts_with("local-admin(uid="), "{end}");
+        assert_eq!((&end["logged"], &end["via"]), (&serde_json::json!(false), &serde_json::json!("admin-socket")));
+    }
+
     // A PTY shell: the remote side has a terminal of the requested size.
     let out = gw.postern_stdin(&["shell", "web-01"], b"tty; stty size; echo TERM=$TERM; exit 5\n");
     let shown = text(&out.stdout);

@@ -108,3 +108,180 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
     let violations = gw.audit_events().iter().filter(|e| e["event"] == "agent.protocol_violation").count();
     assert_eq!(violations, 5, "{:#?}", gw.audit_events());
 }
+
+/// Enroll a raw rogue agent (a token named `name`, labels `labels`) and return its tunnel config.
+fn enroll_rogue(
+    gw: &Gateway,
+    name: &str,
+    labels: &str,
+    dir: &std::path::Path,
+    rt: &tokio::runtime::Runtime,
+) -> quinn::ClientConfig {
+    let (token, pin) = gw.token(&["--name", name, "--labels", labels]);
+    rt.block_on(agent::join(&JoinOptions {
+        gateway: gw.listen.clone(),
+        token,
+        ca_pin: pin,
+        state_dir: dir.to_owned(),
+    }))
+    .unwrap();
+    agent::tunnel_config(dir, TransportTimers::default()).unwrap().0
+}
+
+async fn connect(gw: &Gateway, cfg: &quinn::ClientConfig) -> quinn::Connection {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr: std::net::SocketAddr = gw.listen.parse().unwrap();
+    endpoint.connect_with(cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap()
+}
+
+const ESC_HELLO: &str = "\x1b]0;pwned\x07\x1b[2J\x1b[31m";
+
+/// Item 14: what an agent says about itself (hostname, platform, version) reaches every
+/// table the CLI prints; terminal escapes in it must not.
+#[test]
+fn agent_supplied_text_cannot_drive_the_terminal() {
+    let gw = Gateway::start("idle_timeout = \"0\"");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("alice");
+    ssh_keygen(&key, "alice");
+    gw.write_known_hosts(&dir.path().join("known_hosts"));
+    let admin = |args: &[&str]| {
+        let out = gw.postern(args);
+        assert!(out.status.success(), "postern {args:?}: {}", text(&out.stderr));
+        out.stdout
+    };
+    admin(&["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]);
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "name = \"all\"\n[[statement]]\nsid = \"all\"\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"exec\"]\nlabels = [\"env=rogue\"]\n",
+    )
+    .unwrap();
+    admin(&["policy", "apply", policy.to_str().unwrap()]);
+    let ssh = dir.path().join(".ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    std::fs::copy(&key, ssh.join("id_ed25519")).unwrap();
+    std::fs::copy(dir.path().join("known_hosts"), ssh.join("postern_known_hosts")).unwrap();
+    let ls = || {
+        let out = Command::new(bin("postern"))
+            .arg("ls")
+            .env("POSTERN_GATEWAY", format!("127.0.0.1:{}", gw.ssh_port))
+            .env("POSTERN_USER", "alice")
+            .env("HOME", dir.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("POSTERN_DATA_DIR")
+            .env_remove("POSTERN_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ls: {}", text(&out.stderr));
+        out.stdout
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = enroll_rogue(&gw, "rogue-01", "env=rogue", state.path(), &rt);
+    let conn = rt.block_on(async {
+        let conn = connect(&gw, &cfg).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let big = format!("{ESC_HELLO}{}", "A".repeat(4000));
+        let hello = Hello { agent_version: big.clone(), hostname: big.clone(), platform: big };
+        write_frame(&mut send, &Message::Hello(hello)).await.unwrap();
+        assert!(matches!(read_frame(&mut recv, StreamKind::Control).await.unwrap(), Some(Message::HelloAck(_))));
+        (conn, send, recv)
+    });
+    wait_until("rogue online", Duration::from_secs(10), || gw.is_online("rogue-01"));
+
+    // Online: the live registry's view; then offline: the store's.
+    for _ in 0..2 {
+        let instances = admin(&["instances"]);
+        assert!(instances.windows(8).any(|w| w == b"rogue-01"), "{}", text(&instances));
+        assert!(!instances.contains(&0x1b) && !instances.contains(&0x07), "{:?}", text(&instances));
+        let listed = ls();
+        assert!(listed.windows(8).any(|w| w == b"rogue-01"), "{}", text(&listed));
+        assert!(!listed.contains(&0x1b) && !listed.contains(&0x07), "{:?}", text(&listed));
+        let json = gw.instances();
+        let rogue = json.iter().find(|i| i["name"] == "rogue-01").unwrap();
+        assert!(rogue["platform"].as_str().unwrap().chars().count() <= 64, "{rogue}");
+        assert!(rogue["hostname"].as_str().unwrap().chars().count() <= 255, "{rogue}");
+        conn.0.close(0u32.into(), b"bye");
+        wait_until("rogue offline", Duration::from_secs(10), || !gw.is_online("rogue-01"));
+    }
+}
+
+/// Item 16: an agent that breaks the protocol on a session stream (garbage, a 50 MB header,
+/// a kind it must not send) loses its whole connection, as docs/protocol.md says, and the
+/// log says why.
+#[test]
+fn session_stream_violations_close_the_agent_connection() {
+    let gw = Gateway::start("");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = enroll_rogue(&gw, "rogue-02", "env=rogue", state.path(), &rt);
+    let cases: [&[u8]; 3] = [
+        &[9u8; 64],                         // garbage: bad version byte
+        &[1, 0x31, 0x03, 0x20, 0x00, 0x00], // Stdout announcing 50 MB
+        &[1, 0x30, 0, 0, 0, 2, b'h', b'i'], // Stdin: a kind only the gateway sends
+    ];
+    for (i, bad) in cases.iter().enumerate() {
+        let conn = rt.block_on(async {
+            let conn = connect(&gw, &cfg).await;
+            let control = hello(&conn).await;
+            let c = conn.clone();
+            let bad = bad.to_vec();
+            tokio::spawn(async move {
+                let (mut send, mut recv) = c.accept_bi().await.unwrap();
+                let Some(Message::Open(open)) = read_frame(&mut recv, StreamKind::Session).await.unwrap() else {
+                    panic!("expected open")
+                };
+                write_frame(&mut send, &Message::Accept(postern_proto::Accept { session_id: open.session_id }))
+                    .await
+                    .unwrap();
+                send.write_all(&bad).await.unwrap();
+                let _keep = (send, recv, control);
+                std::future::pending::<()>().await;
+            });
+            conn
+        });
+        wait_until("rogue online", Duration::from_secs(10), || gw.is_online("rogue-02"));
+        let out = gw.postern(&["exec", "rogue-02", "--", "true"]);
+        assert!(!out.status.success(), "case {i}: {}", text(&out.stdout));
+        assert_eq!(rt.block_on(closed_with(&conn)), u64::from(PROTOCOL_ERROR), "case {i}");
+        let violations: Vec<_> =
+            gw.audit_events().into_iter().filter(|e| e["event"] == "agent.protocol_violation").collect();
+        assert_eq!(violations.len(), i + 1, "case {i}: {violations:#?}");
+        assert!(violations[i]["agent_id"].as_str().unwrap().starts_with("ag-"), "{violations:#?}");
+    }
+}
+
+/// Item 18a: an agent closing its connection (stopping, a gateway shutting down with its
+/// local agent) is a departure, not a protocol violation. Ctrl-C of `postern quickstart`
+/// used to log "i/o error: connection lost" as `agent.protocol_violation` (a race, so a few
+/// rounds).
+#[test]
+fn clean_stops_are_not_violations() {
+    let home = tempfile::tempdir().unwrap();
+    for round in 0..6 {
+        let data = home.path().join(format!("data-{round}"));
+        let mut cmd = Command::new(bin("postern"));
+        cmd.args(["quickstart", "--listen", &format!("127.0.0.1:{}", free_udp_port())])
+            .args(["--ssh-listen", &format!("127.0.0.1:{}", free_tcp_port())])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("HOME", home.path())
+            .env_remove("POSTERN_CONFIG")
+            .stdin(Stdio::null());
+        let mut qs = spawn_logged(cmd, &home.path().join(format!("quickstart-{round}.log")));
+        let events = || -> String {
+            std::fs::read_dir(data.join("audit"))
+                .map(|d| d.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect())
+                .unwrap_or_default()
+        };
+        wait_until("local agent online", Duration::from_secs(30), || events().contains("agent.connected"));
+        qs.signal(nix::sys::signal::Signal::SIGINT);
+        assert_eq!(qs.wait_exit(Duration::from_secs(15)), Some(0), "{}", qs.log_text());
+        let log = events();
+        assert!(log.contains("gateway.stopped"), "{log}");
+        assert!(!log.contains("agent.protocol_violation"), "round {round}:\n{log}");
+    }
+}

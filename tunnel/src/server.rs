@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use postern_proto::{
-    EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, Hello, HelloAck, Message, OpenSession, RenewResponse,
-    SessionId, SessionRequest, StreamKind, read_frame, write_frame,
+    EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, FrameError, Hello, HelloAck, Message, OpenSession,
+    RenewResponse, SessionId, SessionRequest, StreamKind, read_frame, write_frame,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,19 @@ pub mod close {
     pub const REFUSED: u32 = 2;
     pub const REPLACED: u32 = 3;
     pub const SHUTDOWN: u32 = 4;
+}
+
+/// How many characters of what an agent says about itself (`Hello`) the registry keeps.
+pub mod limits {
+    pub const HOSTNAME: usize = 255;
+    pub const PLATFORM: usize = 64;
+    pub const VERSION: usize = 64;
+}
+
+/// Agent-supplied text as the registry keeps it: bounded, control characters (terminal
+/// escapes) replaced by '?', so listing agents cannot drive an administrator's terminal.
+pub fn clean_text(s: &str, max: usize) -> String {
+    s.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// An enrollment the directory approved: the identity the certificate will carry.
@@ -115,6 +128,32 @@ pub struct ConnectedAgent {
 struct Entry {
     info: ConnectedAgent,
     conn: quinn::Connection,
+    violation: ViolationSlot,
+}
+
+/// The first protocol violation seen on a connection's session streams, reported to the
+/// directory by the task that owns the connection once the connection has closed.
+type ViolationSlot = Arc<std::sync::Mutex<Option<String>>>;
+
+/// Lets whoever reads a session stream report that the agent broke the protocol on it
+/// (garbage, an oversized or unknown frame, a kind the agent must not send): the agent's
+/// whole connection is closed with [`close::PROTOCOL_ERROR`] and the directory hears of it
+/// (`AgentDirectory::protocol_violation`), as on the control stream.
+#[derive(Debug, Clone)]
+pub struct ViolationReporter {
+    conn: quinn::Connection,
+    slot: ViolationSlot,
+}
+
+impl ViolationReporter {
+    pub fn report(&self, error: &str) {
+        if let Ok(mut slot) = self.slot.lock()
+            && slot.is_none()
+        {
+            *slot = Some(error.to_owned());
+        }
+        self.conn.close(close::PROTOCOL_ERROR.into(), b"protocol error");
+    }
 }
 
 /// Who is online right now. Cheap to clone; all clones share one map.
@@ -147,6 +186,8 @@ pub struct SessionStream {
     pub id: SessionId,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
+    /// Report a protocol violation on this stream (closes the agent's connection).
+    pub violation: ViolationReporter,
 }
 
 pub fn new_session_id() -> SessionId {
@@ -171,10 +212,15 @@ impl AgentRegistry {
     fn connection(&self, agent_id: &str) -> Option<quinn::Connection> {
         self.inner.read().ok()?.get(agent_id).map(|e| e.conn.clone())
     }
+    fn reporter(&self, agent_id: &str) -> Option<ViolationReporter> {
+        let map = self.inner.read().ok()?;
+        map.get(agent_id).map(|e| ViolationReporter { conn: e.conn.clone(), slot: e.violation.clone() })
+    }
 
     /// Register a connection; an older connection of the same agent is closed.
-    fn insert(&self, info: ConnectedAgent, conn: quinn::Connection) {
-        let old = self.inner.write().ok().and_then(|mut m| m.insert(info.agent_id.clone(), Entry { info, conn }));
+    fn insert(&self, info: ConnectedAgent, conn: quinn::Connection, violation: ViolationSlot) {
+        let old =
+            self.inner.write().ok().and_then(|mut m| m.insert(info.agent_id.clone(), Entry { info, conn, violation }));
         if let Some(old) = old {
             old.conn.close(close::REPLACED.into(), b"replaced by a newer connection of the same agent");
         }
@@ -204,7 +250,8 @@ impl AgentRegistry {
 
     /// Open a session stream to an online agent and wait for accept or reject.
     pub async fn open_session(&self, agent_id: &str, request: SessionRequest) -> Result<SessionStream, OpenError> {
-        let conn = self.connection(agent_id).ok_or(OpenError::Offline)?;
+        let violation = self.reporter(agent_id).ok_or(OpenError::Offline)?;
+        let conn = violation.conn.clone();
         let id = new_session_id();
         let exchange = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Tunnel(e.to_string()))?;
@@ -212,10 +259,20 @@ impl AgentRegistry {
                 .await
                 .map_err(|e| OpenError::Tunnel(e.to_string()))?;
             match read_frame(&mut recv, StreamKind::Session).await {
-                Ok(Some(Message::Accept(a))) if a.session_id == id => Ok(SessionStream { id, send, recv }),
+                Ok(Some(Message::Accept(a))) if a.session_id == id => Ok(SessionStream { id, send, recv, violation }),
                 Ok(Some(Message::Reject(r))) => Err(OpenError::Rejected { code: r.code, reason: r.reason }),
-                Ok(other) => Err(OpenError::Tunnel(format!("unexpected answer to open: {other:?}"))),
-                Err(e) => Err(OpenError::Tunnel(e.to_string())),
+                Ok(None) => Err(OpenError::Tunnel("the agent closed the session stream".into())),
+                Ok(Some(other)) => {
+                    let error = format!("unexpected answer to open: {:?}", other.kind());
+                    violation.report(&error);
+                    Err(OpenError::Tunnel(error))
+                }
+                Err(e) => {
+                    if is_violation(&e) {
+                        violation.report(&e.to_string());
+                    }
+                    Err(OpenError::Tunnel(e.to_string()))
+                }
             }
         };
         tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| OpenError::Timeout(HANDSHAKE_TIMEOUT))?
@@ -332,6 +389,12 @@ async fn handle_incoming<D: AgentDirectory>(ctx: ConnCtx<D>, incoming: quinn::In
     }
 }
 
+/// Whether a read error is the peer's fault (bytes that break the protocol) rather than the
+/// stream or connection ending (reset, closed, lost), which is no violation.
+pub fn is_violation(e: &FrameError) -> bool {
+    matches!(e, FrameError::Proto(_))
+}
+
 async fn violation<D: AgentDirectory>(ctx: &ConnCtx<D>, conn: &quinn::Connection, agent: Option<&str>, error: String) {
     warn!(agent_id = agent.unwrap_or("-"), %error, "dropping peer after protocol violation");
     conn.close(close::PROTOCOL_ERROR.into(), b"protocol error");
@@ -357,7 +420,8 @@ async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Conn
         Ok(Ok(other)) => {
             return violation(&ctx, &conn, None, format!("expected enrollment request, got {other:?}")).await;
         }
-        Ok(Err(e)) => return violation(&ctx, &conn, None, e.to_string()).await,
+        Ok(Err(e)) if is_violation(&e) => return violation(&ctx, &conn, None, e.to_string()).await,
+        Ok(Err(e)) => return debug!(error = %e, "enrollment stream ended"),
         Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for enrollment request"),
     };
     // Validate the CSR before the token is spent, so a broken agent does not burn it.
@@ -402,16 +466,17 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
     let span = info_span!("agent", %agent_id);
     async move {
         let first = async {
-            let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-            let hello = read_frame(&mut recv, StreamKind::Control).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((send, recv, hello))
+            let (send, mut recv) = conn.accept_bi().await.map_err(|e| FrameError::Io(e.into()))?;
+            let hello = read_frame(&mut recv, StreamKind::Control).await?;
+            Ok::<_, FrameError>((send, recv, hello))
         };
         let (mut send, mut recv, hello) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, first).await {
             Ok(Ok((s, r, Some(Message::Hello(h))))) => (s, r, h),
             Ok(Ok((_, _, other))) => {
                 return violation(&ctx, &conn, Some(&agent_id), format!("expected hello, got {other:?}")).await;
             }
-            Ok(Err(e)) => return violation(&ctx, &conn, Some(&agent_id), e).await,
+            Ok(Err(e)) if is_violation(&e) => return violation(&ctx, &conn, Some(&agent_id), e.to_string()).await,
+            Ok(Err(e)) => return debug!(error = %e, "connection ended before hello"),
             Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for hello"),
         };
         let name = match ctx.directory.admit(&agent_id, &hello, remote).await {
@@ -427,6 +492,7 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
                 return;
             }
         };
+        let violations = ViolationSlot::default();
         if write_frame(&mut send, &Message::HelloAck(HelloAck { agent_id: agent_id.clone(), name: name.clone() }))
             .await
             .is_err()
@@ -437,13 +503,14 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
             ConnectedAgent {
                 agent_id: agent_id.clone(),
                 name,
-                hostname: hello.hostname,
-                platform: hello.platform,
-                agent_version: hello.agent_version,
+                hostname: clean_text(&hello.hostname, limits::HOSTNAME),
+                platform: clean_text(&hello.platform, limits::PLATFORM),
+                agent_version: clean_text(&hello.agent_version, limits::VERSION),
                 remote,
                 connected_at: SystemTime::now(),
             },
             conn.clone(),
+            violations.clone(),
         );
         info!("agent online");
 
@@ -483,11 +550,23 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
                         .await;
                     break;
                 }
-                Err(e) => {
+                Err(e) if is_violation(&e) => {
                     violation(&ctx, &conn, Some(&agent_id), e.to_string()).await;
                     break;
                 }
+                Err(e) => {
+                    // The connection closed or the stream was reset (an agent stopping, the
+                    // gateway shutting down): a departure, not a violation.
+                    debug!(error = %e, "control stream ended");
+                    break;
+                }
             }
+        }
+        // A violation on a session stream closed the connection; say so once it has.
+        let seen = violations.lock().ok().and_then(|mut v| v.take());
+        if let Some(error) = seen {
+            warn!(%error, "dropped agent after a protocol violation on a session stream");
+            ctx.directory.protocol_violation(remote, Some(&agent_id), &error).await;
         }
         if ctx.registry.remove(&agent_id, &conn) {
             info!("agent offline");

@@ -48,14 +48,28 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-/// A usable instance name from whatever hostname an agent reported.
+/// A usable instance name from whatever hostname an agent reported. A name that looks like
+/// an agent id (`ag-…`) is prefixed with `host-`: `resolve_instance` tries ids first, so an
+/// agent must not be able to pass itself off as another one by its hostname.
 pub fn name_from_hostname(hostname: &str) -> String {
     let cleaned: String = hostname
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
         .take(63)
         .collect();
-    if cleaned.is_empty() { "instance".into() } else { cleaned }
+    if cleaned.is_empty() {
+        "instance".into()
+    } else if cleaned.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ag-")) {
+        format!("host-{cleaned}").chars().take(63).collect()
+    } else {
+        cleaned
+    }
+}
+
+/// Text a peer supplied (an agent's hostname, platform, version), made safe to store and
+/// print: at most `max` characters, control characters (ESC, CR, BEL, ...) replaced by '?'.
+pub fn clean_text(s: &str, max: usize) -> String {
+    s.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -193,6 +207,11 @@ mod tests {
         assert_eq!(name_from_hostname("my host;rm -rf"), "my-host-rm--rf");
         assert_eq!(name_from_hostname(""), "instance");
         assert_eq!(name_from_hostname(&"h".repeat(300)).len(), 63);
+        assert_eq!(name_from_hostname("ag-0123456789abcdef"), "host-ag-0123456789abcdef");
+        assert_eq!(name_from_hostname("AG-x"), "host-AG-x");
+        assert_eq!(name_from_hostname(&format!("ag-{}", "h".repeat(300))).len(), 63);
+        assert_eq!(clean_text("a\x1b[31mb\r\u{9b}c", 100), "a?[31mb??c");
+        assert_eq!(clean_text(&"x".repeat(100), 10).len(), 10);
     }
 
     #[test]

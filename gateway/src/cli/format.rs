@@ -13,8 +13,21 @@ pub fn ago(unix: Option<i64>) -> String {
     }
 }
 
-/// A plain text table with columns padded to their widest cell.
+/// `s` with control characters escaped (ESC becomes `\u{1b}`): table cells carry text
+/// from agents and users, which must not reach the terminal as escape sequences.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// A plain text table with columns padded to their widest cell; control characters in
+/// cells are escaped.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| printable(c).into_owned()).collect()).collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -33,4 +46,17 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_escape_control_characters() {
+        let out = table(&["A", "B"], &[vec!["x\x1b[2J".into(), "\x07\r\n".into()]]);
+        assert!(!out.contains('\x1b') && !out.contains('\x07') && !out.contains('\r'), "{out:?}");
+        assert!(out.contains("x\\u{1b}[2J"), "{out:?}");
+        assert_eq!(out.matches('\n').count(), 2, "{out:?}");
+    }
 }

@@ -90,6 +90,10 @@ fn print_instances(list: &[Instance]) {
 
 /// A plain left-aligned table.
 pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    // Cells carry text from agents (platform, hostname): no control characters reach the terminal.
+    let rows: Vec<[String; N]> =
+        rows.iter().map(|r| r.clone().map(|c| super::format::printable(&c).into_owned())).collect();
+    let rows = rows.as_slice();
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

@@ -48,7 +48,7 @@ pub(super) async fn relay(
     terms: Terms<'_>,
 ) -> Relayed {
     let Terms { live, limits, started, on_pty, fail_closed } = terms;
-    let SessionStream { mut send, recv, .. } = stream;
+    let SessionStream { mut send, recv, violation, .. } = stream;
     let mut frames = crate::frames::FrameReader::spawn(recv);
     let mut bytes_out: u64 = 0;
     let mut bytes_in: u64 = 0;
@@ -148,7 +148,21 @@ pub(super) async fn relay(
                     let _ = wr.exit_status(u32::try_from(e.code).unwrap_or(255)).await;
                     break Some(e.code);
                 }
-                Ok(Some(_)) => {}
+                Ok(Some(Message::Error(_))) => {}
+                Ok(Some(other)) => {
+                    // A kind the agent must not send on a session stream: the protocol says
+                    // the connection is closed (and the violation audited), not just this session.
+                    violation.report(&format!("unexpected session message {:?}", other.kind()));
+                    let _ = wr.extended_data_bytes(1, b"\r\npostern: the instance broke the protocol; session closed\r\n".to_vec()).await;
+                    let _ = wr.exit_status(255).await;
+                    break Some(255);
+                }
+                Err(e) if postern_tunnel::server::is_violation(&e) => {
+                    violation.report(&e.to_string());
+                    let _ = wr.extended_data_bytes(1, b"\r\npostern: the instance broke the protocol; session closed\r\n".to_vec()).await;
+                    let _ = wr.exit_status(255).await;
+                    break Some(255);
+                }
                 Ok(None) | Err(_) => {
                     let _ = wr.extended_data_bytes(1, b"\r\npostern: connection to the instance was lost\r\n".to_vec()).await;
                     let _ = wr.exit_status(255).await;

@@ -80,8 +80,9 @@ pub struct AdminSessionStart {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum SessionEnd {
-    Ssh(SshSessionEnd),
+    // First: an SSH end has no `via`, so it never parses as an admin-socket one.
     AdminSocket(AdminSessionEnd),
+    Ssh(SshSessionEnd),
     Crashed(CrashedSessionEnd),
 }
 
@@ -107,13 +108,22 @@ pub struct SshSessionEnd {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdminSessionEnd {
     pub session_id: String,
+    /// The local administrator (`local-admin(uid=N)`), as in the start event's `actor`.
+    pub user: String,
     pub target: String,
     #[serde(with = "action_name")]
     pub kind: Action,
+    /// "admin-socket".
+    pub via: String,
+    /// From the agent's exit frame; null when the session ended without one.
+    pub exit_code: Option<i32>,
+    /// Bytes of stdin, and of stdout and stderr, the session carried.
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub end_reason: Option<String>,
     pub duration_ms: u64,
+    /// Always false: admin-socket sessions are not recorded.
+    pub logged: bool,
 }
 
 /// Written at the next start for a session whose live marker a crash left behind: what the

@@ -88,15 +88,20 @@ fn shapes_without_a_doc_example_serialize_as_before() {
     check(
         Event::SessionEnd(SessionEnd::AdminSocket(AdminSessionEnd {
             session_id: s("sid"),
+            user: s("local-admin(uid=0)"),
             target: s("web-01"),
             kind: Action::Shell,
+            via: s("admin-socket"),
+            exit_code: Some(0),
             bytes_in: 1,
             bytes_out: 2,
             end_reason: None,
             duration_ms: 3,
+            logged: false,
         })),
-        json!({"session_id": "sid", "target": "web-01", "kind": "shell", "bytes_in": 1, "bytes_out": 2,
-               "end_reason": null, "duration_ms": 3}),
+        json!({"session_id": "sid", "user": "local-admin(uid=0)", "target": "web-01", "kind": "shell",
+               "via": "admin-socket", "exit_code": 0, "bytes_in": 1, "bytes_out": 2, "end_reason": null,
+               "duration_ms": 3, "logged": false}),
     );
     let marker = json!({"user": "alice", "target": "web-01", "agent_id": "ag-1", "kind": "shell",
                         "logged": true, "started_at": 1700000000});
