@@ -243,8 +243,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => cli::user::run(args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(*shell, &mut Cli::command(), "postern", &mut std::io::stdout());
-            Ok(0)
+            // Generated into memory: clap_complete panics when its writer fails, and a
+            // reader that goes away (`| head`) must end the command quietly.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "postern", &mut script);
+            let mut out = std::io::stdout().lock();
+            match std::io::Write::write_all(&mut out, &script).and_then(|()| std::io::Write::flush(&mut out)) {
+                Ok(()) => Ok(0),
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(141),
+                Err(e) => Err(e.into()),
+            }
         }
         Command::User { action } => cli::manage::user(&cli::socket_for(&cli)?, action).await.map(|()| 0),
         Command::Group { action } => cli::manage::group(&cli::socket_for(&cli)?, action).await.map(|()| 0),

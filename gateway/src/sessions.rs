@@ -164,7 +164,9 @@ impl Drop for Registration {
 impl SessionTable {
     /// A table that keeps crash markers in `dir`.
     pub fn with_markers(dir: std::path::PathBuf) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(SessionTable { markers: Some(dir), ..Default::default() })
     }
 
@@ -211,7 +213,7 @@ impl SessionTable {
             if id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 && let Ok(text) = serde_json::to_string(&marker)
             {
-                let _ = std::fs::write(dir.join(id), text);
+                let _ = write_owner_only(&dir.join(id), text.as_bytes());
             }
         }
         if let Ok(mut live) = self.live.lock() {
@@ -249,6 +251,14 @@ impl SessionTable {
         }
         rows
     }
+}
+
+/// Markers name users and targets: readable by the gateway's user only, like the rest of
+/// the data directory.
+fn write_owner_only(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?.write_all(data)
 }
 
 /// A crash marker as written by [`SessionTable::register`]. It is read back after a crash,

@@ -58,6 +58,16 @@ fn exec_and_pty_shell_through_the_tunnel() {
     assert_eq!(first, "started\n");
     let running = || Command::new("pgrep").args(["-f", &marker]).output().unwrap().status.success();
     assert!(running());
+    // Its crash marker names the user and the target: private, as the database is.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let markers: Vec<_> =
+        std::fs::read_dir(gw.data_dir().join("live-sessions")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert_eq!(mode(&markers[0]), 0o600, "{markers:?}");
+    for db in ["postern.db", "postern.db-wal", "postern.db-shm"] {
+        assert_eq!(mode(&gw.data_dir().join(db)), 0o600, "{db}");
+    }
     client.kill().unwrap();
     client.wait().unwrap();
     wait_until("remote command to end after the client left", Duration::from_secs(5), || !running());
@@ -77,9 +87,7 @@ fn exec_and_pty_shell_through_the_tunnel() {
     assert!(table.contains("web-01") && table.contains("online"), "{table}");
 
     // Key material on the agent is private.
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(agent.state_dir().join("identity.pem")).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(mode(&agent.state_dir().join("identity.pem")), 0o600);
 }
 
 #[test]
@@ -241,4 +249,22 @@ fn interactive_shell_in_a_terminal() {
     let _agent = Agent::start(&gw, "tty-01", vec![], &gw.listen);
     let cmd = format!("{} --data-dir {} shell tty-01", bin("postern").display(), gw.data_dir().display());
     drive_interactive_terminal(&cmd);
+}
+
+/// `postern completions bash | head`: the reader going away ends the command quietly.
+#[test]
+fn completions_into_a_closed_pipe_exit_quietly() {
+    use std::io::Read;
+    let mut child = Command::new(bin("postern"))
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
+    assert!(matches!(out.status.code(), Some(0 | 141)), "{:?}: {}", out.status, text(&out.stderr));
 }
