@@ -455,3 +455,29 @@ impl Drop for NetNs {
             .status();
     }
 }
+
+/// `asciinema cat CAST` on a terminal of its own. asciinema opens `/dev/tty` to put it in
+/// raw mode: under CI there is none (`setsid bash .ci/run </dev/null`), and on a developer's
+/// terminal it would flip that terminal to raw mode. `script` gives it a private PTY as its
+/// controlling terminal; what it prints still goes to files, returned as the output.
+pub fn asciinema_cat(cast: &Path) -> Output {
+    on_own_terminal(r#"exec asciinema cat "$ARG""#, cast)
+}
+
+/// Run the `sh` command `cmd` (`$ARG` is `arg`) with a new PTY as its controlling
+/// terminal; its stdout and stderr are captured apart from the terminal.
+pub fn on_own_terminal(cmd: &str, arg: &Path) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let status = Command::new("script")
+        .args(["-qec", &format!(r#"{{ {cmd}; }} >"$OUT" 2>"$ERR""#), "/dev/null"])
+        .env("ARG", arg)
+        .env("OUT", &out)
+        .env("ERR", &err)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("script (util-linux) is installed");
+    Output { status, stdout: std::fs::read(out).unwrap_or_default(), stderr: std::fs::read(err).unwrap_or_default() }
+}

@@ -211,7 +211,7 @@ fn a_gateway_crash_mid_session_leaves_a_readable_recording_and_an_end_event() {
     let _ = child.kill();
     let _ = child.wait();
 
-    let played = std::process::Command::new("asciinema").arg("cat").arg(&cast).output().unwrap();
+    let played = asciinema_cat(&cast);
     assert!(played.status.success(), "{}", text(&played.stderr));
     assert!(text(&played.stdout).contains("before-the-42-crash"));
 
@@ -711,7 +711,7 @@ fn recordings_and_the_event_log_are_encrypted_at_rest() {
     assert_eq!(cast.last().unwrap()[2], "exit 3");
     let plain = dir.path().join("exec.cast");
     std::fs::write(&plain, &raw.stdout).unwrap();
-    let ac = std::process::Command::new("asciinema").arg("cat").arg(&plain).output().unwrap();
+    let ac = asciinema_cat(&plain);
     assert!(ac.status.success() && text(&ac.stdout).contains("sealed-42"), "{}", text(&ac.stderr));
     let shell_cast = text(&postern_cfg(&gw, &config, &["replay", &shell_sid, "--raw"]).stdout);
     assert!(

@@ -268,3 +268,12 @@ fn completions_into_a_closed_pipe_exit_quietly() {
     assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
     assert!(matches!(out.status.code(), Some(0 | 141)), "{:?}: {}", out.status, text(&out.stderr));
 }
+
+/// Tests that need a terminal (asciinema opens `/dev/tty`) get one of their own, so the
+/// suite passes with no terminal at all (`setsid bash .ci/run </dev/null`).
+#[test]
+fn commands_that_need_a_terminal_get_their_own() {
+    let out = on_own_terminal(r#"exec 3<>/dev/tty && echo "$ARG" >&3 && echo "$ARG""#, std::path::Path::new("tty-ok"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "tty-ok\n");
+}

@@ -131,7 +131,7 @@ fn exec_stdin_stderr_exit_status_and_recording() {
     assert_eq!(start["user"], "alice");
     let cast_path = start["recording"].as_str().unwrap();
     // The real asciinema player parses it (installed by tests/run.sh).
-    let played = Command::new("asciinema").arg("cat").arg(cast_path).output().expect("asciinema is installed");
+    let played = asciinema_cat(std::path::Path::new(cast_path));
     assert!(played.status.success(), "asciinema cat: {}", text(&played.stderr));
     assert!(text(&played.stdout).contains("Linux"));
     // `postern replay` plays it in the terminal (offline, from the data directory).
