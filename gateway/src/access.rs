@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use russh::keys::PublicKey;
 
 use crate::config::{SshConfig, UserConfig};
-use crate::sessions::{LiveSession, Party, SessionTable};
+use crate::sessions::{LiveSession, Party, Reservation, SessionTable};
 use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord, resolve_instance};
 use postern_core::duration::{DurationError, parse_limit};
 use postern_core::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
@@ -58,6 +58,9 @@ pub struct Authorization {
     run_as: Option<String>,
     limits: Limits,
     profile: postern_core::profile::Profile,
+    /// The user's concurrent-session slot, held until the session registers (or this
+    /// authorization is dropped).
+    reservation: Arc<Reservation>,
 }
 
 impl Authorization {
@@ -94,6 +97,7 @@ impl Authorization {
             destination: self.destination.clone(),
             logged,
             via_admin: false,
+            reservation: Some(self.reservation.clone()),
         }
     }
 
@@ -457,11 +461,11 @@ impl Authorizer {
         if run_as.as_deref() == Some("root") && !(profile.allow_root || settings.allow_root) {
             return Err("running as root is not allowed for you (allow_root)");
         }
-        if let Some(max) = settings.max_sessions
-            && self.sessions.count_user(&identity.user) >= max as usize
-        {
+        // Reserved now, atomically with the count: the slot is held until the session is on
+        // the live table, so simultaneous requests cannot all pass the check.
+        let Some(reservation) = self.sessions.reserve(&identity.user, settings.max_sessions) else {
             return Err("you have reached your maximum number of concurrent sessions");
-        }
+        };
         let defaults = self.list.defaults();
         Ok(Authorization {
             user: identity.user.clone(),
@@ -475,6 +479,7 @@ impl Authorizer {
                 max_session: settings.max_session.unwrap_or(defaults.max_session),
             },
             profile,
+            reservation,
         })
     }
 

@@ -262,6 +262,7 @@ async fn relay_session(
         destination: None,
         logged: false,
         via_admin: true,
+        reservation: None,
     };
     let running = state.broker.start(
         &sid,

@@ -307,6 +307,7 @@ fn build_services(
         access,
         authorizer,
         sessions,
+        connections: Arc::new(crate::connections::Connections::default()),
         host_keys,
         access_changed,
     })
@@ -435,7 +436,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         state.authorizer.clone(),
         state.sessions.clone(),
         state.store.clone(),
-        state.audit.clone(),
+        state.connections.clone(),
         state.access_changed.clone(),
         shutdown.clone(),
     ));

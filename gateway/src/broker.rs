@@ -67,7 +67,8 @@ impl Broker {
     }
 }
 
-/// A session on the live table, from its start event to its end event.
+/// A session on the live table, from its start event to its end event (preceded by its
+/// `session.terminated` event when an administrator or the enforcer ended it).
 pub struct Running {
     registration: Registration,
     started: Instant,
@@ -89,6 +90,10 @@ impl Running {
     /// take the session off the table.
     pub fn finish(self, end: impl FnOnce(u64) -> Event) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Who ended it is recorded now that it has ended (not when it was asked to end).
+        if let Some(terminated) = self.registration.session.take_terminated_event() {
+            let _ = self.audit.event(&terminated);
+        }
         let _ = self.audit.event(&end(ms));
         drop(self.registration);
     }

@@ -17,6 +17,7 @@ pub mod store;
 // services
 pub mod access;
 pub mod broker;
+pub mod connections;
 pub mod enforcer;
 pub mod instances;
 pub mod manage;

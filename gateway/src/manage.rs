@@ -454,18 +454,21 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
         ManageRequest::Sessions { all } => Ok(json!(state.sessions.rows(all))),
         ManageRequest::SessionTerminate { id } => {
             let reason = format!("terminated by {actor}");
-            let live = state.sessions.live().into_iter().find(|s| s.id == id);
-            let Some(s) = live.filter(|_| state.sessions.terminate(&id, &reason)) else {
+            // The session.terminated event is written when the session has actually ended,
+            // just before its end event (broker::Running::finish).
+            let ended = state.sessions.terminate_with_event(&id, &reason, |s| {
+                Event::SessionTerminated(SessionTerminated {
+                    session_id: s.id.clone(),
+                    user: s.party.user.clone(),
+                    target: s.party.target.clone(),
+                    kind: s.party.action,
+                    actor: actor.to_owned(),
+                    reason: reason.clone(),
+                })
+            });
+            if !ended {
                 return Err(bad(format!("no live session {id:?}; see `postern sessions`")));
-            };
-            let _ = state.audit.event(&Event::SessionTerminated(SessionTerminated {
-                session_id: id.clone(),
-                user: s.party.user.clone(),
-                target: s.party.target.clone(),
-                kind: s.party.action,
-                actor: actor.to_owned(),
-                reason: reason.clone(),
-            }));
+            }
             Ok(json!({"terminated": id}))
         }
     }

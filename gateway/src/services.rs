@@ -12,6 +12,7 @@ use crate::audit::AuditLog;
 use crate::audit::ship::Shipper;
 use crate::broker::Broker;
 use crate::config::GatewayConfig;
+use crate::connections::Connections;
 use crate::hostkeys::HostKeys;
 use crate::instances::Instances;
 use crate::manage::Manage;
@@ -47,6 +48,8 @@ pub struct Services {
     pub authorizer: Arc<Authorizer>,
     pub instances: Instances,
     pub sessions: Arc<SessionTable>,
+    /// Authenticated SSH connections by user (closed when the user is disabled or removed).
+    pub connections: Arc<Connections>,
     pub broker: Broker,
     pub runs: Runs,
     pub rdp_tokens: RdpTokens,

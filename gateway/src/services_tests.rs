@@ -26,7 +26,6 @@ const ALICE_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNV6u6wpsWtZv2s0S8
 struct Kit {
     dir: tempfile::TempDir,
     store: Arc<dyn Store>,
-    audit: Arc<AuditLog>,
     sessions: Arc<SessionTable>,
     authorizer: Arc<Authorizer>,
     broker: Broker,
@@ -50,7 +49,7 @@ impl Kit {
         let agents = [("ag-1", "web-01"), ("ag-2", "web-02"), ("ag-3", "db-01")];
         let agents: Vec<(String, String)> = agents.iter().map(|(i, n)| (i.to_string(), n.to_string())).collect();
         store.insert_agents(&agents, &Labels::new(), 0).await.unwrap();
-        let kit = Kit { dir, store, audit, sessions, authorizer, broker, manage, access_changed };
+        let kit = Kit { dir, store, sessions, authorizer, broker, manage, access_changed };
         kit.admin(
             json!({"what": "user_add", "name": "alice", "groups": ["ops"], "keys": [ALICE_KEY], "principals": []}),
         )
@@ -139,6 +138,8 @@ async fn the_authorizer_resolves_the_instance_and_denies_unknown_and_forbidden_a
     kit.apply(WEB_SHELL).await;
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
     assert_eq!((authz.agent_id(), authz.instance(), authz.user()), ("ag-1", "web-01", "alice"));
+    // An authorization holds one of alice's max_sessions = 1 slots until it is dropped.
+    drop(authz);
     // By id too, resolved to the same instance.
     let by_id = kit.authorizer.authorize(&alice(), "ag-2", Action::Exec, None, None).await.unwrap();
     assert_eq!(by_id.instance(), "web-02");
@@ -183,6 +184,26 @@ async fn max_sessions_counts_the_users_live_sessions() {
 }
 
 #[tokio::test]
+async fn max_sessions_counts_authorizations_not_yet_started() {
+    let kit = Kit::new().await;
+    kit.apply(WEB_SHELL).await;
+    // Authorized but not yet on the live table (its stream is still opening): the slot is
+    // already taken, so a simultaneous request cannot pass the check too.
+    let first = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap_err();
+    assert!(refused.contains("maximum number of concurrent sessions"), "{refused}");
+    // An authorization dropped without a session gives its slot back.
+    drop(first);
+    let second = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap();
+    // Starting converts the slot into the live entry (counted once, released at the end).
+    let running = kit.broker.start("s-2", second.party(None, true), &start_event("s-2"));
+    drop(second);
+    assert!(kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.is_err());
+    running.finish(end_event("s-2"));
+    assert!(kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.is_ok());
+}
+
+#[tokio::test]
 async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
@@ -193,7 +214,7 @@ async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
         kit.authorizer.clone(),
         kit.sessions.clone(),
         kit.store.clone(),
-        kit.audit.clone(),
+        Arc::new(crate::connections::Connections::default()),
         kit.access_changed.clone(),
         shutdown.clone(),
     ));
@@ -207,6 +228,9 @@ async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
         .await
         .expect("the session ends within 5 s of the user being disabled");
     assert!(running.live().reason().unwrap().contains("alice is disabled"), "{:?}", running.live().reason());
+    // session.terminated is written when the session has actually ended, before its end.
+    assert!(kit.events("session.terminated").is_empty(), "written before the session ended");
+    running.finish(end_event("s-1"));
     let t = kit.events("session.terminated");
     assert_eq!((t.len(), t[0]["actor"].as_str(), t[0]["session_id"].as_str()), (1, Some("policy"), Some("s-1")));
     shutdown.cancel();

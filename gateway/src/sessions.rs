@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use postern_tunnel::CancellationToken;
@@ -36,6 +36,43 @@ pub struct Party {
     /// host): `user` is the local actor, and policy does not apply (revocation of the
     /// instance and `postern sessions terminate` do).
     pub via_admin: bool,
+    /// The concurrent-session slot the authorization reserved; the live entry takes its
+    /// place when the session registers.
+    pub reservation: Option<Arc<Reservation>>,
+}
+
+/// A slot counted against a user's `max_sessions` from the authorization until the session
+/// registers (or the authorization is dropped without a session), so that concurrent
+/// requests cannot all pass the check before any of them is on the live table.
+#[derive(Debug)]
+pub struct Reservation {
+    table: Weak<SessionTable>,
+    user: String,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Reservation {
+    /// Give the slot back (`reserved` is the table's locked reservation counts).
+    fn release(&self, reserved: &mut HashMap<String, usize>) {
+        if self.held.swap(false, Ordering::AcqRel)
+            && let Some(n) = reserved.get_mut(&self.user)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                reserved.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(table) = self.table.upgrade()
+            && let Ok(mut reserved) = table.reserved.lock()
+        {
+            self.release(&mut reserved);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -48,6 +85,9 @@ pub struct LiveSession {
     pub bytes_out: AtomicU64,
     cancel: CancellationToken,
     reason: Mutex<Option<String>>,
+    /// The `session.terminated` event of whoever ended it, written when the session has
+    /// actually ended (just before its end event), not when it was asked to.
+    terminated_event: Mutex<Option<Event>>,
 }
 
 impl LiveSession {
@@ -61,6 +101,10 @@ impl LiveSession {
     pub async fn terminated(&self) {
         self.cancel.cancelled().await
     }
+    /// Whether the session has been asked to end.
+    pub fn is_ending(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
     /// End the session with `reason`; false when it was already ending.
     pub fn end(&self, reason: &str) -> bool {
         if self.cancel.is_cancelled() {
@@ -71,6 +115,24 @@ impl LiveSession {
         }
         self.cancel.cancel();
         true
+    }
+
+    /// As [`end`](Self::end), with the `session.terminated` event to write once the session
+    /// has ended ([`take_terminated_event`](Self::take_terminated_event)).
+    pub fn end_with_event(&self, reason: &str, event: Event) -> bool {
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        if let Ok(mut e) = self.terminated_event.lock() {
+            *e = Some(event);
+        }
+        self.end(reason)
+    }
+
+    /// The `session.terminated` event to write now that the session has ended, if it was
+    /// ended by someone.
+    pub fn take_terminated_event(&self) -> Option<Event> {
+        self.terminated_event.lock().ok().and_then(|mut e| e.take())
     }
 
     /// As [`terminated`](Self::terminated), and the session also ends once `max` (its
@@ -131,6 +193,8 @@ impl SessionRow {
 #[derive(Debug, Default)]
 pub struct SessionTable {
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    /// Reserved slots per user (authorized, not yet live). Locked after `live`, never before.
+    reserved: Mutex<HashMap<String, usize>>,
     recent: Mutex<VecDeque<SessionRow>>,
     /// One marker file per live session, so that sessions a crash cut short can be given an
     /// end event when the gateway starts again.
@@ -188,8 +252,28 @@ impl SessionTable {
         }
     }
 
-    /// Put session `id` on the live table until the returned registration is dropped.
-    pub fn register(self: &Arc<Self>, id: &str, party: Party) -> Registration {
+    /// Reserve a concurrent-session slot for `user`: refused (`None`) when their live
+    /// sessions and reserved slots already reach `max`. Counting and reserving happen under
+    /// the table's lock, so concurrent requests cannot overshoot the limit.
+    pub fn reserve(self: &Arc<Self>, user: &str, max: Option<u32>) -> Option<Arc<Reservation>> {
+        let live = self.live.lock().ok()?;
+        let mut reserved = self.reserved.lock().ok()?;
+        let in_use = live.values().filter(|s| s.party.user == user).count() + reserved.get(user).copied().unwrap_or(0);
+        if max.is_some_and(|max| in_use >= max as usize) {
+            return None;
+        }
+        *reserved.entry(user.to_owned()).or_default() += 1;
+        Some(Arc::new(Reservation {
+            table: Arc::downgrade(self),
+            user: user.to_owned(),
+            held: std::sync::atomic::AtomicBool::new(true),
+        }))
+    }
+
+    /// Put session `id` on the live table until the returned registration is dropped. A
+    /// reserved slot in `party` becomes the live entry (in one step, under the lock).
+    pub fn register(self: &Arc<Self>, id: &str, mut party: Party) -> Registration {
+        let reservation = party.reservation.take();
         let session = Arc::new(LiveSession {
             id: id.to_owned(),
             party,
@@ -198,6 +282,7 @@ impl SessionTable {
             bytes_out: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             reason: Mutex::new(None),
+            terminated_event: Mutex::new(None),
         });
         if let Some(dir) = &self.markers {
             let p = &session.party;
@@ -218,6 +303,9 @@ impl SessionTable {
         }
         if let Ok(mut live) = self.live.lock() {
             live.insert(id.to_owned(), session.clone());
+            if let (Some(r), Ok(mut reserved)) = (&reservation, self.reserved.lock()) {
+                r.release(&mut reserved);
+            }
         }
         Registration { table: self.clone(), session }
     }
@@ -231,14 +319,19 @@ impl SessionTable {
         self.live.lock().map(|l| l.values().map(|s| s.id.clone()).collect()).unwrap_or_default()
     }
 
-    pub fn count_user(&self, user: &str) -> usize {
-        self.live.lock().map(|l| l.values().filter(|s| s.party.user == user).count()).unwrap_or(0)
-    }
-
     /// Ask a live session to end with `reason`; false if it is not live (or already ending).
     pub fn terminate(&self, id: &str, reason: &str) -> bool {
         let Some(s) = self.live.lock().ok().and_then(|l| l.get(id).cloned()) else { return false };
         s.end(reason)
+    }
+
+    /// As [`terminate`](Self::terminate), with the `session.terminated` event `event` builds
+    /// from the session: it is written when the session has actually ended, just before its
+    /// end event ([`crate::broker::Running::finish`]).
+    pub fn terminate_with_event(&self, id: &str, reason: &str, event: impl FnOnce(&LiveSession) -> Event) -> bool {
+        let Some(s) = self.live.lock().ok().and_then(|l| l.get(id).cloned()) else { return false };
+        let ev = event(&s);
+        s.end_with_event(reason, ev)
     }
 
     /// Live sessions, newest first, then (with `all`) recently ended ones.
@@ -294,6 +387,7 @@ mod tests {
             destination: None,
             logged: true,
             via_admin: false,
+            reservation: None,
         };
         let reg = table.register("sid-1", party);
         let started_at = reg.session.started_at;

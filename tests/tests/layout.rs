@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 /// repeats it, so change both together.
 const LAYERS: &[(&str, &[&str])] = &[
     ("leaves", &["config", "store", "audit", "recording", "frames", "hostkeys", "rdp_wire", "addressing"]),
-    ("services", &["sessions", "access", "instances", "enforcer", "manage", "broker", "runs", "rdp_tokens"]),
+    (
+        "services",
+        &["sessions", "connections", "access", "instances", "enforcer", "manage", "broker", "runs", "rdp_tokens"],
+    ),
     ("the services struct", &["services"]),
     ("doors", &["ssh", "rdp", "admin"]),
     ("app", &["app"]),

@@ -404,3 +404,147 @@ max_sessions = 1
     wait_until("alice's session gone", Duration::from_secs(10), || !s.sessions().iter().any(|x| x["user"] == "alice"));
     assert_eq!(text(&s.ssh(&alice, "alice%web-01@127.0.0.1", "echo again").stdout), "again\n");
 }
+
+const CAPPED_3: &str = r#"
+name = "capped"
+[[statement]]
+effect = "allow"
+users = ["alice"]
+actions = ["shell", "exec"]
+instances = ["web-*"]
+max_sessions = 3
+"#;
+
+/// Whether a process whose command line contains `marker` runs (the agent runs as this user).
+fn running(marker: &str) -> bool {
+    Command::new("pgrep").args(["-f", marker]).output().unwrap().status.success()
+}
+
+#[test]
+fn a_session_whose_client_stops_reading_still_ends_and_its_process_with_it() {
+    let s = Setup::new();
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod,role=web", vec![], &s.gw.listen);
+    let alice = s.user("alice", &[]);
+    assert!(s.apply("capped", CAPPED_3).status.success());
+    // `yes` writes for ever; the client's stdout is a pipe nobody reads, so the SSH window
+    // fills and the gateway's writes to the channel wait (issue 15, item 6).
+    for (round, end) in [("terminate", &["sessions", "terminate"][..]), ("disable", &["user", "disable", "alice"][..])]
+    {
+        let marker = format!("postern-stall-{round}-{}", std::process::id());
+        let mut client = s
+            .ssh_cmd(&alice, "alice%web-01@127.0.0.1", &[])
+            // Quoted so that only the remote `yes` (not the local ssh) has the marker in its argv.
+            .arg(format!("yes {}", marker.replacen('-', "'-'", 1)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let id = s.wait_live("alice");
+        wait_until("the remote process", Duration::from_secs(10), || running(&marker));
+        // Long enough for the window to fill and the relay to block on its write.
+        std::thread::sleep(Duration::from_secs(2));
+        let at = Instant::now();
+        let mut args = end.to_vec();
+        if round == "terminate" {
+            args.push(&id);
+        }
+        s.ok(&args);
+        wait_until("the session off the live table", Duration::from_secs(5), || {
+            !s.sessions().iter().any(|x| x["id"] == id.as_str())
+        });
+        wait_until(
+            "the remote process gone",
+            Duration::from_secs(5) - at.elapsed().min(Duration::from_secs(5)),
+            || !running(&marker),
+        );
+        let _ = client.kill();
+        let _ = client.wait();
+        let events = s.gw.audit_events();
+        let of = |name: &str| events.iter().position(|e| e["event"] == name && e["session_id"] == id.as_str());
+        let (terminated, end) =
+            (of("session.terminated").expect("session.terminated"), of("session.end").expect("session.end"));
+        assert!(terminated < end, "session.terminated is written when the session has ended, just before its end");
+        let end = &events[end];
+        assert_eq!(end["end_reason"], "terminated", "{end}");
+        assert_eq!(end["exit_code"], 255, "{end}");
+        if round == "disable" {
+            assert_eq!(events[terminated]["actor"], "policy");
+            s.ok(&["user", "enable", "alice"]);
+        }
+    }
+}
+
+#[test]
+fn max_sessions_holds_under_thirty_simultaneous_requests() {
+    let s = Setup::new();
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod,role=web", vec![], &s.gw.listen);
+    let alice = s.user("alice", &[]);
+    assert!(s.apply("capped", CAPPED_3).status.success());
+    // Each session lasts longer than it takes all 30 to be decided, so any fourth success
+    // would have run beside three others.
+    let clients: Vec<Child> = (0..30)
+        .map(|_| {
+            s.ssh_cmd(&alice, "alice%web-01@127.0.0.1", &[])
+                .arg("sleep 8; echo ok")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let (mut ran, mut refused) = (0, 0);
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        if text(&out.stdout) == "ok\n" {
+            ran += 1;
+        } else if text(&out.stderr).contains("maximum number of concurrent sessions") {
+            refused += 1;
+        } else {
+            panic!("neither ran nor refused: {:?} {}", out.status, text(&out.stderr));
+        }
+    }
+    assert!((1..=3).contains(&ran), "{ran} sessions ran at once with max_sessions = 3 ({refused} refused)");
+    assert_eq!(ran + refused, 30);
+    // The slots are given back: the next session runs.
+    assert_eq!(text(&s.ssh(&alice, "alice%web-01@127.0.0.1", "echo again").stdout), "again\n");
+}
+
+#[test]
+fn disabling_a_user_closes_their_multiplexed_connection() {
+    let s = Setup::new();
+    let alice = s.user("alice", &[]);
+    let control = s.dir.path().join("cm");
+    let path = format!("ControlPath={}", control.display());
+    let mut master = s
+        .ssh_cmd(&alice, "alice@127.0.0.1", &["-N", "-o", "ControlMaster=yes", "-o", &path])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the control socket", Duration::from_secs(20), || control.exists());
+    let via = |c: &str| {
+        s.ssh_cmd(&alice, "alice@127.0.0.1", &["-o", "ControlMaster=no", "-o", &path])
+            .arg(c)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(via("whoami").status.code(), Some(0));
+    s.ok(&["user", "disable", "alice"]);
+    // At once: gateway commands on the existing connection are refused.
+    let out = via("whoami");
+    assert_ne!(out.status.code(), Some(0), "a disabled user's connection still answers: {}", text(&out.stdout));
+    // Within 5 s: the connection itself is closed, so the master exits.
+    let at = Instant::now();
+    while master.try_wait().unwrap().is_none() {
+        if at.elapsed() > Duration::from_secs(5) {
+            let _ = master.kill();
+            panic!("the ControlMaster connection of a disabled user is still open");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ne!(via("whoami").status.code(), Some(0));
+}

@@ -35,8 +35,14 @@ pub(super) fn human(d: Duration) -> String {
     }
 }
 
-/// A line from the gateway to the user's terminal (stderr when there is no PTY).
+/// How long a notice may wait for the client to read: one that stopped reading must not
+/// hold up the end of its session.
+pub(super) const NOTICE_WAIT: Duration = Duration::from_secs(1);
+
+/// A line from the gateway to the user's terminal (stderr when there is no PTY), given up
+/// after [`NOTICE_WAIT`] when the client is not reading.
 pub(super) async fn notice(ch: &russh::ChannelWriteHalf<Msg>, on_pty: bool, message: &str) {
     let line = format!("\r\npostern: {message}\r\n").into_bytes();
-    let _ = if on_pty { ch.data_bytes(line).await } else { ch.extended_data_bytes(1, line).await };
+    let write = async { if on_pty { ch.data_bytes(line).await } else { ch.extended_data_bytes(1, line).await } };
+    let _ = tokio::time::timeout(NOTICE_WAIT, write).await;
 }

@@ -23,6 +23,12 @@ pub(super) async fn answer(
     wr: &russh::ChannelWriteHalf<Msg>,
     command: &str,
 ) {
+    // The connection may have outlived the user's access (it is closed shortly after, by
+    // the enforcer): a disabled or removed user gets no answer from the gateway.
+    if !state.access.user_active(&identity.user) {
+        refuse(wr, postern_core::DENIED, 1).await;
+        return;
+    }
     match run(state, identity, source, command).await {
         Ok(v) => {
             let _ = wr.data_bytes(format!("{v}\n").into_bytes()).await;

@@ -4,6 +4,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use postern_tunnel::CancellationToken;
 
 use postern_core::command::RDP_DESTINATION;
 use postern_core::{Action, Identity};
@@ -15,11 +18,16 @@ use super::forward::{ChannelOpen, open_channel};
 use super::session::{SessionCtx, serve_session_channel};
 use super::settings::{Throttle, server_config};
 use crate::audit::events::{AuthFailed, Event};
+use crate::connections::Conn;
 use crate::services::Services;
 
 /// `direct-tcpip` channels of one connection being decided at once; more are refused
 /// (`ResourceShortage`) until one is decided.
 const MAX_OPENING_CHANNELS: usize = 64;
+
+/// How long a connection whose user lost access stays up before it is disconnected, so that
+/// the notices of the sessions ended with it go out first.
+const REVOKED_GRACE: Duration = Duration::from_millis(500);
 
 pub(super) struct ConnHandler {
     state: Arc<Services>,
@@ -35,6 +43,8 @@ pub(super) struct ConnHandler {
     failed_user: Option<String>,
     /// Channel opens being decided in their own tasks (bounded per connection).
     opening: Arc<tokio::sync::Semaphore>,
+    /// This connection on the connection table (closed when its user loses access).
+    conn: Arc<Conn>,
 }
 
 impl Drop for ConnHandler {
@@ -60,6 +70,7 @@ impl ConnHandler {
         throttle: Arc<Throttle>,
         peer: SocketAddr,
         inner_target: Option<String>,
+        conn: Arc<Conn>,
     ) -> Self {
         let inner = inner_target.is_some();
         Self {
@@ -72,6 +83,7 @@ impl ConnHandler {
             failed_keys: Vec::new(),
             failed_user: None,
             opening: Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_CHANNELS)),
+            conn,
         }
     }
 
@@ -107,6 +119,7 @@ impl russh::server::Handler for ConnHandler {
                     self.target = Some(i.to_owned());
                 }
                 info!(user = %identity.user, target = ?self.target, "ssh user authenticated");
+                self.conn.authenticated(&identity.user);
                 self.identity = Some(identity);
                 Ok(Auth::Accept)
             }
@@ -129,6 +142,7 @@ impl russh::server::Handler for ConnHandler {
                     self.target = Some(i.to_owned());
                 }
                 info!(user = %identity.user, key_id = cert.key_id(), "ssh user authenticated by certificate");
+                self.conn.authenticated(&identity.user);
                 self.identity = Some(identity);
                 Ok(Auth::Accept)
             }
@@ -278,20 +292,57 @@ impl ConnHandler {
             }
         };
         reply.accept().await;
-        let handler = ConnHandler::new(self.state.clone(), self.throttle.clone(), self.peer, Some(instance.to_owned()));
+        // The inner connection is on the connection table too: its user may differ.
+        let conn = Arc::new(self.state.connections.open());
+        let handler = ConnHandler::new(
+            self.state.clone(),
+            self.throttle.clone(),
+            self.peer,
+            Some(instance.to_owned()),
+            conn.clone(),
+        );
         let span = info_span!("inner", instance = %instance);
+        let never = CancellationToken::new();
         tokio::spawn(
             async move {
                 match russh::server::run_stream(config, channel.into_stream(), handler).await {
-                    Ok(session) => {
-                        if let Err(e) = session.await {
-                            debug!(error = %e, "inner ssh session ended with error");
-                        }
-                    }
+                    Ok(session) => run_connection(session, &conn, &never).await,
                     Err(e) => debug!(error = %e, "inner ssh handshake failed"),
                 }
             }
             .instrument(span),
         );
     }
+}
+
+/// Drive one SSH connection until it ends, the gateway shuts down, or its user loses access
+/// (`conn` is closed by the enforcer): then disconnect it, whatever its channels are doing.
+pub(super) async fn run_connection<H>(
+    session: russh::server::RunningSession<H>,
+    conn: &Conn,
+    shutdown: &CancellationToken,
+) where
+    H: russh::server::Handler + Send + 'static,
+    H::Error: std::fmt::Display,
+{
+    let handle = session.handle();
+    let mut session = std::pin::pin!(session);
+    let why = tokio::select! {
+        r = &mut session => {
+            if let Err(e) = r { debug!(error = %e, "ssh connection ended with error") }
+            return;
+        }
+        _ = shutdown.cancelled() => "gateway shutting down",
+        _ = conn.closed() => {
+            // The user's sessions were told to end just before: let their notices and exit
+            // statuses reach the client first (they end at once, even when it is not reading).
+            if tokio::time::timeout(REVOKED_GRACE, &mut session).await.is_ok() {
+                return;
+            }
+            "your access to this gateway was revoked (user disabled or removed)"
+        }
+    };
+    let _ = handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into()).await;
+    // Let the disconnect message go out, briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
 }

@@ -7,7 +7,7 @@ use postern_tunnel::CancellationToken;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::handler::ConnHandler;
+use super::handler::{ConnHandler, run_connection};
 use super::settings::{Throttle, server_config};
 use crate::services::Services;
 
@@ -29,21 +29,16 @@ pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: Cancel
             debug!(%peer, "refusing connection from a throttled source");
             continue;
         }
-        let handler = ConnHandler::new(state.clone(), throttle.clone(), peer, None);
+        // On the connection table (by user once authenticated): closed when the user is
+        // disabled or removed.
+        let conn = Arc::new(state.connections.open());
+        let handler = ConnHandler::new(state.clone(), throttle.clone(), peer, None, conn.clone());
         let config = config.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(
             async move {
                 match russh::server::run_stream(config, stream, handler).await {
-                    Ok(session) => {
-                        let handle = session.handle();
-                        tokio::select! {
-                            r = session => if let Err(e) = r { debug!(error = %e, "ssh connection ended with error") },
-                            _ = shutdown.cancelled() => {
-                                let _ = handle.disconnect(russh::Disconnect::ByApplication, "gateway shutting down".into(), "en".into()).await;
-                            }
-                        }
-                    }
+                    Ok(session) => run_connection(session, &conn, &shutdown).await,
                     Err(e) => debug!(error = %e, "ssh handshake failed"),
                 }
             }

@@ -10,7 +10,7 @@ use postern_tunnel::server::SessionStream;
 use russh::ChannelMsg;
 use russh::server::Msg;
 
-use super::channel::{clamp16, human, notice, sig_name, warn_lead};
+use super::channel::{NOTICE_WAIT, clamp16, human, notice, sig_name, warn_lead};
 use crate::recording::Recorder;
 use crate::sessions::LiveSession;
 
@@ -104,26 +104,21 @@ pub(super) async fn relay(
             }
             _ = tick.tick(), if limits.idle_timeout.is_some() || limits.max_session.is_some() => {
                 let now = Instant::now();
-                let mut close: Option<(&'static str, String)> = None;
                 if let Some(max) = limits.max_session {
                     let end = started + max;
-                    if now >= end {
-                        close = Some(("max-duration", format!("maximum session length of {} reached; closing the session", human(max))));
-                    } else if !warned_max && now + warn_lead(max) >= end {
+                    if now < end && !warned_max && now + warn_lead(max) >= end {
                         warned_max = true;
                         notice(wr, on_pty, &format!("this session reaches its maximum length of {} in {}s and will be closed", human(max), (end - now).as_secs().max(1))).await;
                     }
                 }
-                if let (None, Some(idle)) = (&close, limits.idle_timeout) {
+                if let Some(idle) = limits.idle_timeout {
                     let end = last_input + idle;
-                    if now >= end {
-                        close = Some(("idle-timeout", format!("no input for {}; closing the session", human(idle))));
-                    } else if !warned_idle && now + warn_lead(idle) >= end {
+                    if now < end && !warned_idle && now + warn_lead(idle) >= end {
                         warned_idle = true;
                         notice(wr, on_pty, &format!("no input for a while: this session closes in {}s unless you type something", (end - now).as_secs().max(1))).await;
                     }
                 }
-                if let Some((reason, message)) = close {
+                if let Some((reason, message)) = due(limits, started, last_input, Instant::now()) {
                     notice(wr, on_pty, &message).await;
                     let _ = send.reset(0u32.into());
                     let _ = wr.exit_status(255).await;
@@ -136,13 +131,31 @@ pub(super) async fn relay(
                     bytes_out += d.len() as u64;
                     live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
-                    if wr.data_bytes(d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
+                    let deadline = deadline(limits, started, last_input);
+                    match write_or_end(wr.data_bytes(d), live, deadline).await {
+                        Written::Yes => {}
+                        Written::ClientGone => { let _ = send.reset(0u32.into()); break None; }
+                        Written::Ended => {
+                            let (reason, code) = stalled_end(live, limits, started, last_input, &mut send, wr).await;
+                            end_reason = Some(reason);
+                            break code;
+                        }
+                    }
                 }
                 Ok(Some(Message::Stderr(d))) => {
                     bytes_out += d.len() as u64;
                     live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
-                    if wr.extended_data_bytes(1, d).await.is_err() { let _ = send.reset(0u32.into()); break None; }
+                    let deadline = deadline(limits, started, last_input);
+                    match write_or_end(wr.extended_data_bytes(1, d), live, deadline).await {
+                        Written::Yes => {}
+                        Written::ClientGone => { let _ = send.reset(0u32.into()); break None; }
+                        Written::Ended => {
+                            let (reason, code) = stalled_end(live, limits, started, last_input, &mut send, wr).await;
+                            end_reason = Some(reason);
+                            break code;
+                        }
+                    }
                 }
                 Ok(Some(Message::Exit(e))) => {
                     let _ = wr.exit_status(u32::try_from(e.code).unwrap_or(255)).await;
@@ -194,4 +207,87 @@ pub(super) async fn relay(
         }
     }
     Relayed { exit_code, bytes_in, bytes_out, end_reason, recording_lost }
+}
+
+/// Which of the session's limits has struck at `now`, with the message for the user.
+fn due(limits: Limits, started: Instant, last_input: Instant, now: Instant) -> Option<(&'static str, String)> {
+    if let Some(max) = limits.max_session
+        && now >= started + max
+    {
+        return Some((
+            "max-duration",
+            format!("maximum session length of {} reached; closing the session", human(max)),
+        ));
+    }
+    if let Some(idle) = limits.idle_timeout
+        && now >= last_input + idle
+    {
+        return Some(("idle-timeout", format!("no input for {}; closing the session", human(idle))));
+    }
+    None
+}
+
+/// When the first of the session's limits strikes, if it has any.
+fn deadline(limits: Limits, started: Instant, last_input: Instant) -> Option<Instant> {
+    let max = limits.max_session.map(|m| started + m);
+    let idle = limits.idle_timeout.map(|i| last_input + i);
+    match (max, idle) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+enum Written {
+    Yes,
+    /// The channel is gone.
+    ClientGone,
+    /// The session was terminated, or a limit struck, while the write waited.
+    Ended,
+}
+
+/// A write to the client raced against the end of the session. A client that stops reading
+/// leaves a write waiting for window space for as long as it likes; termination and the
+/// session's limits must still win (the write is abandoned).
+async fn write_or_end<E>(
+    write: impl std::future::Future<Output = Result<(), E>>,
+    live: &LiveSession,
+    deadline: Option<Instant>,
+) -> Written {
+    let limit = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = write => if r.is_ok() { Written::Yes } else { Written::ClientGone },
+        _ = live.terminated() => Written::Ended,
+        _ = limit => Written::Ended,
+    }
+}
+
+/// End a session whose client stopped reading: stop the remote process, and say why (a
+/// notice is only tried, briefly: the client is not reading).
+async fn stalled_end(
+    live: &LiveSession,
+    limits: Limits,
+    started: Instant,
+    last_input: Instant,
+    send: &mut quinn::SendStream,
+    wr: &russh::ChannelWriteHalf<Msg>,
+) -> (&'static str, Option<i32>) {
+    let _ = send.reset(0u32.into());
+    let (reason, message) = if live.is_ending() {
+        ("terminated", format!("session ended: {}", live.reason().unwrap_or_else(|| "ended by the gateway".into())))
+    } else {
+        due(limits, started, last_input, Instant::now())
+            .unwrap_or(("terminated", "session ended by the gateway".to_owned()))
+    };
+    let _ = tokio::time::timeout(
+        NOTICE_WAIT,
+        wr.extended_data_bytes(1, format!("\r\npostern: {message}\r\n").into_bytes()),
+    )
+    .await;
+    let _ = wr.exit_status(255).await;
+    (reason, Some(255))
 }
