@@ -473,6 +473,27 @@ fn a_session_whose_client_stops_reading_still_ends_and_its_process_with_it() {
             s.ok(&["user", "enable", "alice"]);
         }
     }
+    // The maximum session length wins over the blocked write too.
+    assert!(s.apply("capped", &CAPPED_3.replace("max_sessions = 3", "max_session = \"4s\"")).status.success());
+    let marker = format!("postern-stall-max-{}", std::process::id());
+    let mut client = s
+        .ssh_cmd(&alice, "alice%web-01@127.0.0.1", &[])
+        .arg(format!("yes {}", marker.replacen('-', "'-'", 1)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = s.wait_live("alice");
+    wait_until("the session ended at its maximum length", Duration::from_secs(9), || {
+        !s.sessions().iter().any(|x| x["id"] == id.as_str())
+    });
+    wait_until("the remote process gone", Duration::from_secs(2), || !running(&marker));
+    let _ = client.kill();
+    let _ = client.wait();
+    let events = s.gw.audit_events();
+    let end = events.iter().find(|e| e["event"] == "session.end" && e["session_id"] == id.as_str()).unwrap();
+    assert_eq!(end["end_reason"], "max-duration", "{end}");
 }
 
 #[test]
