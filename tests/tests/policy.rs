@@ -473,6 +473,26 @@ fn a_session_whose_client_stops_reading_still_ends_and_its_process_with_it() {
             s.ok(&["user", "enable", "alice"]);
         }
     }
+    // The other way round: a remote process that never reads its input, fed without end.
+    let marker = format!("postern-stall-stdin-{}", std::process::id());
+    let mut client = s
+        .ssh_cmd(&alice, "alice%web-01@127.0.0.1", &[])
+        .arg(format!("sh -c 'sleep 600; true' {}", marker.replacen('-', "'-'", 1)))
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = s.wait_live("alice");
+    wait_until("the remote process", Duration::from_secs(10), || running(&marker));
+    std::thread::sleep(Duration::from_secs(2));
+    s.ok(&["sessions", "terminate", &id]);
+    wait_until("the session off the live table", Duration::from_secs(5), || {
+        !s.sessions().iter().any(|x| x["id"] == id.as_str())
+    });
+    wait_until("the remote process gone", Duration::from_secs(5), || !running(&marker));
+    let _ = client.kill();
+    let _ = client.wait();
     // The maximum session length wins over the blocked write too.
     assert!(s.apply("capped", &CAPPED_3.replace("max_sessions = 3", "max_session = \"4s\"")).status.success());
     let marker = format!("postern-stall-max-{}", std::process::id());

@@ -306,8 +306,17 @@ async fn exec(
             status = child.wait() => break status,
             frame = read_frame(&mut recv, StreamKind::Session), if input_open => match frame {
                 Ok(Some(Message::Stdin(data))) => {
-                    if let Some(s) = stdin.as_mut() && s.write_all(&data).await.is_err() {
-                        stdin = None;
+                    if let Some(s) = stdin.as_mut() {
+                        // A command that does not read its input blocks this write; the
+                        // gateway ending the session (a reset) must still stop it.
+                        tokio::select! {
+                            r = s.write_all(&data) => if r.is_err() { stdin = None },
+                            _ = recv.received_reset() => {
+                                debug!(%id, "session ended while input was pending; killing the command");
+                                signal_group(pid, "KILL");
+                                break child.wait().await;
+                            }
+                        }
                     }
                 }
                 Ok(Some(Message::Eof)) => stdin = None,
@@ -402,7 +411,16 @@ async fn shell(
             status = child.wait() => break status,
             frame = read_frame(&mut recv, StreamKind::Session), if input_open => match frame {
                 Ok(Some(Message::Stdin(data))) => {
-                    let _ = writer_half.write_all(&data).await;
+                    // A terminal whose program does not read blocks this write; the gateway
+                    // ending the session (a reset) must still stop it.
+                    tokio::select! {
+                        _ = writer_half.write_all(&data) => {}
+                        _ = recv.received_reset() => {
+                            debug!(%id, "session ended while input was pending; hanging up the shell");
+                            signal_group(pid, "HUP");
+                            break child.wait().await;
+                        }
+                    }
                 }
                 Ok(Some(Message::Resize(r))) => {
                     let _ = writer_half.resize(pty_process::Size::new(r.rows.max(1), r.cols.max(1)));

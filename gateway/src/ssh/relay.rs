@@ -69,10 +69,19 @@ pub(super) async fn relay(
                     live.add_in(data.len());
                     last_input = Instant::now();
                     warned_idle = false;
-                    for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
-                        if write_frame(&mut send, &Message::Stdin(chunk.to_vec())).await.is_err() {
-                            break;
+                    // A remote process that does not read its input blocks this write just
+                    // as a client that does not read blocks output: it must not outlast the
+                    // session's end either (a failed write shows as the stream's loss below).
+                    let forward = async {
+                        for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
+                            write_frame(&mut send, &Message::Stdin(chunk.to_vec())).await?;
                         }
+                        Ok::<(), postern_proto::FrameError>(())
+                    };
+                    if let Written::Ended = write_or_end(forward, live, deadline(limits, started, last_input)).await {
+                        let (reason, code) = stalled_end(live, limits, started, last_input, &mut send, wr).await;
+                        end_reason = Some(reason);
+                        break code;
                     }
                 }
                 Some(ChannelMsg::Eof) => { let _ = write_frame(&mut send, &Message::Eof).await; }
