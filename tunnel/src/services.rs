@@ -529,14 +529,27 @@ async fn relay_tcp(
     }
     info!(%id, %addr, "{what} opened");
     let (tcp_read, mut tcp_write) = stream.into_split();
+    // The gateway resets the stream when it ends the session (terminated, revoked, maximum
+    // length): then the connection closes both ways at once, even if the destination is
+    // silent and would otherwise hold it half open.
+    let reset = tokio_util::sync::CancellationToken::new();
     let up = async {
-        let n = tokio::io::copy(&mut recv, &mut tcp_write).await.unwrap_or(0);
+        let n = match tokio::io::copy(&mut recv, &mut tcp_write).await {
+            Ok(n) => n,
+            Err(_) => {
+                reset.cancel();
+                0
+            }
+        };
         let _ = tcp_write.shutdown().await;
         n
     };
     let down = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, tcp_read);
-        let n = tokio::io::copy_buf(&mut r, &mut send).await.unwrap_or(0);
+        let n = tokio::select! {
+            n = tokio::io::copy_buf(&mut r, &mut send) => n.unwrap_or(0),
+            _ = reset.cancelled() => 0,
+        };
         let _ = send.finish();
         n
     };

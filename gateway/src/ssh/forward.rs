@@ -225,11 +225,17 @@ pub(super) async fn relay_forward(
     };
     let both = async { tokio::join!(up, down) };
     let counted = || (live.bytes_in.load(Ordering::Relaxed), live.bytes_out.load(Ordering::Relaxed));
+    let mut ended = false;
     let (up, down) = tokio::select! {
         r = both => r,
-        // Ended by an admin or by policy: dropping the relay resets the tunnel stream.
-        _ = live.terminated_or_after(max_session) => counted(),
+        // Ended by an admin, by policy or at its maximum length: the relay (and any write
+        // blocked on a client that stopped reading) is dropped.
+        _ = live.terminated_or_after(max_session) => { ended = true; counted() }
     };
+    if ended {
+        // Reset, not finish, so that the agent closes its connection at once.
+        let _ = send.reset(0u32.into());
+    }
     let _ = ch_write.close().await;
     (up, down)
 }
