@@ -84,12 +84,13 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 
 pub async fn serve(listener: UnixListener, state: Arc<Services>, shutdown: CancellationToken) {
     let tasks = tokio_util::task::TaskTracker::new();
+    let mut backoff = crate::accept::AcceptBackoff::default();
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+                Ok(s) => { backoff.reset(); s }
+                Err(e) => { backoff.failed("admin", &e).await; continue; }
             },
         };
         let me = nix::unistd::Uid::effective().as_raw();

@@ -313,7 +313,24 @@ fn build_services(
     })
 }
 
+/// Raise the soft limit on open files to the hard limit: every connection is a descriptor,
+/// and the usual soft limit (1024) is soon reached. Logs the limit in force.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, soft = ?limit.current, hard = ?limit.maximum, "cannot raise the open files limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile);
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    info!(soft = %show(now.current), hard = %show(now.maximum), "open files limit (RLIMIT_NOFILE)");
+}
+
 pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
+    raise_nofile_limit();
     let keep = Retention {
         recordings: crate::config::parse_limit(&config.audit.retention).context("[audit] retention")?,
         log: crate::config::parse_limit(&config.audit.log_retention).context("[audit] log_retention")?,

@@ -163,6 +163,14 @@ pub struct SshConfig {
     /// Ciphers offered to clients (OpenSSH names). Default: AES-GCM only (see
     /// docs/ssh.md); add "chacha20-poly1305@openssh.com" for hosts without AES instructions.
     pub ciphers: Option<Vec<String>>,
+    /// Most connections that have not authenticated yet, in all; more are closed at once
+    /// (OpenSSH's MaxStartups).
+    pub max_startups: usize,
+    /// Most connections that have not authenticated yet from one source address.
+    pub max_startups_per_source: usize,
+    /// A connection not authenticated this long after it was accepted is closed ("30s";
+    /// "0" disables; OpenSSH's LoginGraceTime).
+    pub login_grace_time: String,
 }
 
 impl Default for SshConfig {
@@ -179,6 +187,9 @@ impl Default for SshConfig {
             idle_timeout: "30m".into(),
             max_session: "12h".into(),
             ciphers: None,
+            max_startups: 100,
+            max_startups_per_source: 10,
+            login_grace_time: "30s".into(),
         }
     }
 }
@@ -286,6 +297,14 @@ impl GatewayConfig {
             .with_context(|| format!("{}: tunnel.agent_cert_ttl", path.display()))?;
         parse_limit(&cfg.ssh.idle_timeout).with_context(|| format!("{}: ssh.idle_timeout", path.display()))?;
         parse_limit(&cfg.ssh.max_session).with_context(|| format!("{}: ssh.max_session", path.display()))?;
+        parse_limit(&cfg.ssh.login_grace_time)
+            .with_context(|| format!("{}: [ssh] login_grace_time", path.display()))?;
+        if cfg.ssh.max_startups == 0 || cfg.ssh.max_startups_per_source == 0 {
+            anyhow::bail!("{}: [ssh] max_startups and max_startups_per_source must be at least 1", path.display());
+        }
+        if cfg.ssh.max_startups_per_source > cfg.ssh.max_startups {
+            anyhow::bail!("{}: [ssh] max_startups_per_source may not exceed max_startups", path.display());
+        }
         parse_limit(&cfg.audit.retention).with_context(|| format!("{}: [audit] retention", path.display()))?;
         parse_limit(&cfg.audit.log_retention).with_context(|| format!("{}: [audit] log_retention", path.display()))?;
         parse_limit(&cfg.audit.rotate_after).with_context(|| format!("{}: [audit] rotate_after", path.display()))?;
@@ -314,6 +333,11 @@ impl GatewayConfig {
         parse_duration(&self.rdp.handshake_timeout).unwrap_or(Duration::from_secs(10))
     }
 
+    /// `[ssh] login_grace_time`, checked at load: `None` when disabled with "0".
+    pub fn ssh_login_grace_time(&self) -> Option<Duration> {
+        parse_limit(&self.ssh.login_grace_time).unwrap_or(Some(Duration::from_secs(30)))
+    }
+
     pub fn agent_cert_ttl(&self) -> anyhow::Result<Duration> {
         parse_duration(&self.tunnel.agent_cert_ttl).context("tunnel.agent_cert_ttl")
     }
@@ -329,5 +353,24 @@ mod tests {
         assert_eq!(cfg.tunnel.listen.port(), 5000);
         assert_eq!(cfg.tunnel.agent_cert_ttl, "30d");
         assert!(toml::from_str::<GatewayConfig>("[tunnel]\nlisen = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn ssh_startup_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |ssh: &str| {
+            let p = dir.path().join("g.toml");
+            std::fs::write(&p, format!("[ssh]\n{ssh}\n")).unwrap();
+            GatewayConfig::load(&p)
+        };
+        let cfg = load("").unwrap();
+        assert_eq!((cfg.ssh.max_startups, cfg.ssh.max_startups_per_source), (100, 10));
+        assert_eq!(cfg.ssh_login_grace_time(), Some(Duration::from_secs(30)));
+        assert_eq!(load("login_grace_time = \"0\"").unwrap().ssh_login_grace_time(), None);
+        assert!(load("login_grace_time = \"soon\"").is_err());
+        assert!(load("max_startups = 0").is_err());
+        assert!(load("max_startups_per_source = 0").is_err());
+        assert!(load("max_startups = 5\nmax_startups_per_source = 6").is_err());
+        assert!(load("max_startups = 5\nmax_startups_per_source = 5").is_ok());
     }
 }

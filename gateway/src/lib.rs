@@ -6,6 +6,7 @@
 //! The vocabulary is the `postern-core` crate; the client SDK is `postern-client`.
 
 // leaves
+pub mod accept;
 pub mod addressing;
 pub mod audit;
 pub mod config;

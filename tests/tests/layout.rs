@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 /// lower layers, never of a higher one. This table is the contract; docs/architecture.md
 /// repeats it, so change both together.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("leaves", &["config", "store", "audit", "recording", "frames", "hostkeys", "rdp_wire", "addressing"]),
+    ("leaves", &["accept", "config", "store", "audit", "recording", "frames", "hostkeys", "rdp_wire", "addressing"]),
     (
         "services",
         &["sessions", "connections", "access", "instances", "enforcer", "manage", "broker", "runs", "rdp_tokens"],

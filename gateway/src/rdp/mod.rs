@@ -22,7 +22,7 @@ use postern_tunnel::CancellationToken;
 use postern_tunnel::server::SessionStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::access::Authorization;
 use crate::audit::events::{
@@ -40,6 +40,7 @@ const MAX_HANDSHAKES: usize = 256;
 pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: CancellationToken) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let mut prune = tokio::time::interval(Duration::from_secs(60));
+    let mut backoff = crate::accept::AcceptBackoff::default();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -48,12 +49,8 @@ pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: Cancel
                 continue;
             }
             r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "rdp accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+                Ok(c) => { backoff.reset(); c }
+                Err(e) => { backoff.failed("rdp", &e).await; continue; }
             },
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {

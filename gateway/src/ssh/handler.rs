@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::forward::{ChannelOpen, open_channel};
 use super::session::{SessionCtx, serve_session_channel};
 use super::settings::{Throttle, server_config};
+use super::startups::{LoginDeadline, Startup};
 use crate::audit::events::{AuthFailed, Event};
 use crate::connections::Conn;
 use crate::services::Services;
@@ -45,6 +46,8 @@ pub(super) struct ConnHandler {
     opening: Arc<tokio::sync::Semaphore>,
     /// This connection on the connection table (closed when its user loses access).
     conn: Arc<Conn>,
+    /// Its place among the connections not yet authenticated, until it authenticates.
+    startup: Option<Startup>,
 }
 
 impl Drop for ConnHandler {
@@ -84,6 +87,22 @@ impl ConnHandler {
             failed_user: None,
             opening: Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_CHANNELS)),
             conn,
+            startup: None,
+        }
+    }
+
+    /// Count this connection among the startups until it authenticates.
+    pub(super) fn with_startup(mut self, startup: Startup) -> Self {
+        self.startup = Some(startup);
+        self
+    }
+
+    /// Authentication succeeded as `identity`.
+    fn authenticated(&mut self, identity: Identity) {
+        self.conn.authenticated(&identity.user);
+        self.identity = Some(identity);
+        if let Some(s) = self.startup.take() {
+            s.authenticated();
         }
     }
 
@@ -119,8 +138,7 @@ impl russh::server::Handler for ConnHandler {
                     self.target = Some(i.to_owned());
                 }
                 info!(user = %identity.user, target = ?self.target, "ssh user authenticated");
-                self.conn.authenticated(&identity.user);
-                self.identity = Some(identity);
+                self.authenticated(identity);
                 Ok(Auth::Accept)
             }
             None => {
@@ -142,8 +160,7 @@ impl russh::server::Handler for ConnHandler {
                     self.target = Some(i.to_owned());
                 }
                 info!(user = %identity.user, key_id = cert.key_id(), "ssh user authenticated by certificate");
-                self.conn.authenticated(&identity.user);
-                self.identity = Some(identity);
+                self.authenticated(identity);
                 Ok(Auth::Accept)
             }
             None => {
@@ -306,7 +323,7 @@ impl ConnHandler {
         tokio::spawn(
             async move {
                 match russh::server::run_stream(config, channel.into_stream(), handler).await {
-                    Ok(session) => run_connection(session, &conn, &never).await,
+                    Ok(session) => run_connection(session, &conn, &never, None).await,
                     Err(e) => debug!(error = %e, "inner ssh handshake failed"),
                 }
             }
@@ -315,24 +332,33 @@ impl ConnHandler {
     }
 }
 
-/// Drive one SSH connection until it ends, the gateway shuts down, or its user loses access
-/// (`conn` is closed by the enforcer): then disconnect it, whatever its channels are doing.
+/// Drive one SSH connection until it ends, the gateway shuts down, its user loses access
+/// (`conn` is closed by the enforcer), or it has not authenticated by the `login` deadline
+/// (the token is cancelled on authentication): then disconnect it, whatever its channels
+/// are doing.
 pub(super) async fn run_connection<H>(
     session: russh::server::RunningSession<H>,
     conn: &Conn,
     shutdown: &CancellationToken,
+    mut login: Option<LoginDeadline>,
 ) where
     H: russh::server::Handler + Send + 'static,
     H::Error: std::fmt::Display,
 {
     let handle = session.handle();
     let mut session = std::pin::pin!(session);
+    let mut linger = Duration::from_secs(2);
     let why = tokio::select! {
         r = &mut session => {
             if let Err(e) = r { debug!(error = %e, "ssh connection ended with error") }
             return;
         }
         _ = shutdown.cancelled() => "gateway shutting down",
+        _ = LoginDeadline::expired(&mut login) => {
+            debug!("not authenticated within the login grace time; closing");
+            linger = Duration::from_millis(200);
+            "not authenticated within the login grace time"
+        }
         _ = conn.closed() => {
             // The user's sessions were told to end just before: let their notices and exit
             // statuses reach the client first (they end at once, even when it is not reading).
@@ -344,5 +370,10 @@ pub(super) async fn run_connection<H>(
     };
     let _ = handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into()).await;
     // Let the disconnect message go out, briefly.
-    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    let _ = tokio::time::timeout(linger, session).await;
+    // russh does not act on the disconnect while a key exchange waits for the client:
+    // close the socket under it (it then ends, and the connection gives its place back).
+    if let Some(l) = &login {
+        l.close();
+    }
 }

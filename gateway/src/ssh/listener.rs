@@ -1,7 +1,9 @@
 //! The SSH door's accept loop: one russh session per TCP connection, ended at shutdown.
+//! Connections that have not authenticated are capped (in all and per source address) and
+//! must authenticate within the login grace time; accept errors back off.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postern_tunnel::CancellationToken;
 use tokio::net::TcpListener;
@@ -9,36 +11,68 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::handler::{ConnHandler, run_connection};
 use super::settings::{Throttle, server_config};
+use super::startups::{Full, LoginDeadline, Startups};
+use crate::accept::{AcceptBackoff, LogLimiter};
 use crate::services::Services;
 
 /// Accept SSH connections until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: CancellationToken) {
     let config = Arc::new(server_config(&state, state.host_keys.certificate.clone()));
     let throttle = Arc::new(Throttle::default());
+    let ssh = &state.config.ssh;
+    let startups = Startups::new(ssh.max_startups, ssh.max_startups_per_source);
+    let grace = state.config.ssh_login_grace_time();
+    let mut backoff = AcceptBackoff::default();
+    let mut refusals = LogLimiter::new(Duration::from_secs(1));
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => { warn!(error = %e, "ssh accept failed"); continue; }
+                Ok(s) => { backoff.reset(); s }
+                Err(e) => { backoff.failed("ssh", &e).await; continue; }
             },
         };
-        let _ = stream.set_nodelay(true);
         if throttle.is_blocked(peer.ip()) {
             debug!(%peer, "refusing connection from a throttled source");
             continue;
         }
+        let startup = match startups.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(full) => {
+                // Closed at once (dropping the stream), before any work is spent on it.
+                if let Some(skipped) = refusals.tick(Instant::now()) {
+                    let (cap, limit) = match full {
+                        Full::Total => ("max_startups", ssh.max_startups),
+                        Full::Source => ("max_startups_per_source", ssh.max_startups_per_source),
+                    };
+                    warn!(%peer, cap, limit, suppressed = skipped,
+                        "too many unauthenticated ssh connections; closing new ones");
+                }
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let login = grace.map(|g| LoginDeadline::new(tokio::time::Instant::now() + g, &startup, &stream));
         // On the connection table (by user once authenticated): closed when the user is
         // disabled or removed.
         let conn = Arc::new(state.connections.open());
-        let handler = ConnHandler::new(state.clone(), throttle.clone(), peer, None, conn.clone());
+        let handler = ConnHandler::new(state.clone(), throttle.clone(), peer, None, conn.clone()).with_startup(startup);
         let config = config.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(
             async move {
-                match russh::server::run_stream(config, stream, handler).await {
-                    Ok(session) => run_connection(session, &conn, &shutdown).await,
+                // The version exchange too must finish within the grace time.
+                let handshake = russh::server::run_stream(config, stream, handler);
+                let result = match &login {
+                    Some(l) => match tokio::time::timeout_at(l.deadline(), handshake).await {
+                        Ok(r) => r,
+                        Err(_) => return debug!("no ssh version exchange within the login grace time; closing"),
+                    },
+                    None => handshake.await,
+                };
+                match result {
+                    Ok(session) => run_connection(session, &conn, &shutdown, login).await,
                     Err(e) => debug!(error = %e, "ssh handshake failed"),
                 }
             }

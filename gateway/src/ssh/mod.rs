@@ -28,6 +28,7 @@ mod listener;
 mod relay;
 mod session;
 mod settings;
+mod startups;
 
 pub use listener::serve;
 pub use settings::ciphers;
