@@ -4,7 +4,7 @@
 # and to enroll agents. Needs python3.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
-T=$PWD/target/release
+T=${CARGO_TARGET_DIR:-$PWD/target}/release
 W=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }

@@ -1,5 +1,5 @@
 //! Postern gateway: the server and the `postern` command, in layers (docs/architecture.md;
-//! tests/tests/layout.rs checks them): leaves (config, store, audit, recording, frames,
+//! tests/tests/layout.rs checks them): leaves (accept, config, store, audit, recording, frames,
 //! host keys, the RDP wire format, addressing) → services (access, instances, sessions,
 //! enforcer, manage, broker, runs, RDP tokens) → the [`services::Services`] set → doors (ssh,
 //! rdp, admin), which never import one another → app (start-up, background jobs) → cli.
