@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (name, opts) in [
         ("output 16 KiB chunk, clear file", RecordingOptions::default()),
-        ("output 16 KiB chunk, sealed file", RecordingOptions { keyring: keys, input: false }),
+        ("output 16 KiB chunk, sealed file", RecordingOptions { keyring: keys, input: false, max_bytes: 0 }),
     ] {
         let mut n = 0u64;
         let mut rec: Option<Recorder> = None;

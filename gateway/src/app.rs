@@ -293,7 +293,12 @@ fn build_services(
     };
     let rdp_door = addresses.rdp.map(|a| crate::addressing::rdp_public_address(&config, a.port()));
     Ok(Services {
-        recording: crate::recording::RecordingOptions { keyring, input: config.audit.record_input },
+        recording: crate::recording::RecordingOptions {
+            keyring,
+            input: config.audit.record_input,
+            max_bytes: config.audit.max_recording_bytes,
+        },
+        space: std::sync::Arc::new(crate::recording::space::SpaceGuard::new(config.audit.min_free_space()?)),
         instances: Instances::new(store.clone(), audit.clone(), registry.clone(), ca, advertised),
         broker: Broker::new(registry, sessions.clone(), audit.clone()),
         runs: Runs::new(audit.clone()),

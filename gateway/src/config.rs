@@ -80,6 +80,25 @@ pub struct AuditConfig {
     /// signed (the log was cut back). Set this to that checkpoint's seq (the refusal names
     /// it) to accept the loss and go on; it has no effect on any other checkpoint.
     pub accept_truncation: Option<u64>,
+    /// A session's recording stops before it passes this many bytes (default 1 GiB; 0: no
+    /// limit). Failing closed the session is then ended; failing open it goes on unrecorded.
+    pub max_recording_bytes: u64,
+    /// Free space the recordings' file system must have for a new logged session to start:
+    /// bytes ("1GiB"), a percentage of the file system ("5%") or "0" (no check). Not set:
+    /// the smaller of 1 GiB and 5 % of the file system.
+    pub min_free_space: Option<String>,
+}
+
+impl AuditConfig {
+    /// `[audit] min_free_space`, parsed (checked at load).
+    pub fn min_free_space(&self) -> anyhow::Result<crate::recording::space::MinFree> {
+        match &self.min_free_space {
+            None => Ok(crate::recording::space::MinFree::Auto),
+            Some(s) => {
+                crate::recording::space::parse_min_free(s).map_err(|e| anyhow::anyhow!("[audit] min_free_space: {e}"))
+            }
+        }
+    }
 }
 
 impl Default for AuditConfig {
@@ -96,6 +115,8 @@ impl Default for AuditConfig {
             encryption: EncryptionConfig::default(),
             s3: None,
             accept_truncation: None,
+            max_recording_bytes: 1 << 30,
+            min_free_space: None,
         }
     }
 }
@@ -317,6 +338,10 @@ impl GatewayConfig {
         }
         parse_duration(&cfg.rdp.handshake_timeout)
             .with_context(|| format!("{}: [rdp] handshake_timeout", path.display()))?;
+        cfg.audit.min_free_space().with_context(|| path.display().to_string())?;
+        if cfg.audit.max_recording_bytes != 0 && cfg.audit.max_recording_bytes < 4096 {
+            anyhow::bail!("{}: [audit] max_recording_bytes must be at least 4096 (or 0: no limit)", path.display());
+        }
         if cfg.audit.rotate_bytes < 4096 {
             anyhow::bail!("{}: [audit] rotate_bytes must be at least 4096", path.display());
         }

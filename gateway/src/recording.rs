@@ -12,6 +12,8 @@ use serde_json::json;
 
 use crate::audit::seal::{Ending, Keyring, Plain, Sealer};
 
+pub mod space;
+
 /// Longest time recorded output may sit in the gateway's buffer.
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Buffered events are written once they reach this size, whatever their age.
@@ -24,7 +26,13 @@ pub struct RecordingOptions {
     pub keyring: Keyring,
     /// Record input as well as output.
     pub input: bool,
+    /// Stop recording before the content would pass this many bytes (`[audit]
+    /// max_recording_bytes`; 0: no limit).
+    pub max_bytes: u64,
 }
+
+/// Room kept under the limit for the closing markers (the limit's and the exit status).
+const LIMIT_RESERVE: u64 = 512;
 
 pub struct Recorder {
     path: PathBuf,
@@ -40,6 +48,11 @@ pub struct Recorder {
     spare: Vec<u8>,
     /// Why the recording stopped being written, once a write failed.
     failed: Option<(std::io::ErrorKind, String)>,
+    /// `[audit] max_recording_bytes` (0: none), the content so far, and why recording
+    /// stopped once it reached the limit.
+    max_bytes: u64,
+    recorded: u64,
+    limited: Option<String>,
     input: bool,
     start: Instant,
     last_flush: Instant,
@@ -231,6 +244,9 @@ impl Recorder {
             buf: Vec::with_capacity(FLUSH_BYTES + 4096),
             spare: Vec::with_capacity(FLUSH_BYTES + 4096),
             failed: None,
+            max_bytes: options.max_bytes,
+            recorded: line.len() as u64,
+            limited: None,
             input: options.input,
             start: Instant::now(),
             last_flush: Instant::now(),
@@ -253,7 +269,11 @@ impl Recorder {
 
     async fn event(&mut self, kind: &str, data: &str) -> std::io::Result<()> {
         self.check()?;
+        if self.limited.is_some() {
+            return Ok(());
+        }
         let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+        let mark = self.buf.len();
         // Written straight into the buffer: no intermediate JSON value or string.
         self.buf.push(b'[');
         serde_json::to_writer(&mut self.buf, &t).map_err(std::io::Error::other)?;
@@ -262,6 +282,21 @@ impl Recorder {
         self.buf.extend_from_slice(b"\",");
         json_string(&mut self.buf, data);
         self.buf.extend_from_slice(b"]\n");
+        let line = (self.buf.len() - mark) as u64;
+        if self.max_bytes > 0 && self.recorded + line + LIMIT_RESERVE > self.max_bytes {
+            // The limit: this event is not recorded, nor anything after it; a marker says so.
+            self.buf.truncate(mark);
+            let why = format!(
+                "the recording reached [audit] max_recording_bytes ({} bytes); the rest of the session is not recorded",
+                self.max_bytes
+            );
+            tracing::warn!(path = %self.path.display(), limit = self.max_bytes, "recording limit reached; the rest of this session is not recorded");
+            serde_json::to_writer(&mut self.buf, &(t, "m", &why)).map_err(std::io::Error::other)?;
+            self.buf.push(b'\n');
+            self.limited = Some(why);
+            return self.write_out(false).await;
+        }
+        self.recorded += line;
         if self.buf.len() >= FLUSH_BYTES { self.write_out(false).await } else { self.flush_if_due().await }
     }
 
@@ -295,6 +330,12 @@ impl Recorder {
     /// the next event or flush after it).
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_ref().map(|(_, why)| why.as_str())
+    }
+
+    /// Why the recording stopped at `[audit] max_recording_bytes`, once it did (at the
+    /// event that would have passed it: nothing of that event or after it is recorded).
+    pub fn limit_reached(&self) -> Option<&str> {
+        self.limited.as_deref()
     }
 
     /// After a failed write nothing more is written: what follows would land after a torn
@@ -428,6 +469,9 @@ pub fn replay(
 }
 
 #[cfg(test)]
+mod limit_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -482,7 +526,7 @@ mod tests {
         let keys = Keyring::new(vec![std::sync::Arc::new(FileKey::from_bytes(&[9; 32]).unwrap())]);
         let expected: String = (0..200_000).map(|i| format!("line {i}\r\n")).collect();
         for (name, keyring) in [("clear", Keyring::default()), ("sealed", keys.clone())] {
-            let opts = RecordingOptions { keyring: keyring.clone(), input: false };
+            let opts = RecordingOptions { keyring: keyring.clone(), input: false, max_bytes: 0 };
             let mut r = Recorder::create(dir.path(), name, (80, 24), "t", None, &opts).unwrap();
             for chunk in expected.as_bytes().chunks(16 << 10) {
                 r.output(chunk).await.unwrap();
@@ -531,7 +575,7 @@ mod tests {
         use crate::audit::seal::FileKey;
         let dir = tempfile::tempdir().unwrap();
         let keys = Keyring::new(vec![std::sync::Arc::new(FileKey::from_bytes(&[5; 32]).unwrap())]);
-        let opts = RecordingOptions { keyring: keys.clone(), input: true };
+        let opts = RecordingOptions { keyring: keys.clone(), input: true, max_bytes: 0 };
         let mut r = Recorder::create(dir.path(), "pending", (80, 24), "t", None, &opts).unwrap();
         r.rename_to("s2").unwrap();
         r.output(b"top secret output").await.unwrap();

@@ -40,6 +40,8 @@ pub struct Services {
     pub audit: Arc<AuditLog>,
     /// How new recordings are written (encryption, input capture).
     pub recording: RecordingOptions,
+    /// `[audit] min_free_space`: checked before each logged session.
+    pub space: Arc<crate::recording::space::SpaceGuard>,
     /// Copies closed segments and recordings to object storage (`[audit.s3]`).
     pub shipper: Option<Arc<Shipper>>,
     /// Identities, policies and grants (reloaded after every change).

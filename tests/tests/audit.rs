@@ -442,6 +442,101 @@ fn a_full_disk_refuses_new_sessions_and_keeps_the_log_intact() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }
 
+/// The one recording in the gateway's recordings directory: its size and its lines.
+fn the_recording(gw: &Gateway) -> (u64, Vec<serde_json::Value>) {
+    let cast = std::fs::read_dir(gw.data_dir().join("recordings")).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(&cast).unwrap();
+    let lines = text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line: {e}"))).collect();
+    (text.len() as u64, lines)
+}
+
+/// `[audit] max_recording_bytes`: NULs cost six bytes each in a recording (`\u0000`), so a
+/// small command could fill a disk. At the limit, failing closed, the session is ended with
+/// a message and all it showed is recorded; failing open, it runs on unrecorded and its end
+/// says so. Either way the recording stays under the limit and ends with a marker.
+#[test]
+fn a_recording_stops_at_its_size_limit() {
+    const CAP: u64 = 1 << 20;
+    const OUTPUT: usize = 20_000_000;
+    let command = format!("head -c {OUTPUT} /dev/zero; sleep 20; echo after");
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), &format!("[audit]\nmax_recording_bytes = {CAP}\n"));
+    let started = std::time::Instant::now();
+    let out = ssh_exec(&gw, &key, &kh, &command);
+    assert!(started.elapsed() < Duration::from_secs(15), "session was not ended: {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("recording limit ([audit] max_recording_bytes)"), "{}", text(&out.stderr));
+    assert!(out.stdout.len() < OUTPUT && !text(&out.stdout).contains("after"), "{} bytes", out.stdout.len());
+    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    assert_eq!(end["end_reason"], "recording-limit", "{end}");
+    assert_eq!(end["logged"], true, "all the session showed is recorded: {end}");
+    let (size, lines) = the_recording(&gw);
+    assert!(size <= CAP, "{size} bytes");
+    // What the user saw is what was recorded: 6 bytes of recording per NUL.
+    let recorded: usize = lines.iter().filter(|l| l[1] == "o").map(|l| l[2].as_str().unwrap().len()).sum();
+    assert_eq!(recorded, out.stdout.len());
+    let marker = &lines[lines.len() - 2];
+    assert!(marker[1] == "m" && marker[2].as_str().unwrap().contains("max_recording_bytes"), "{marker}");
+    assert_eq!(lines[lines.len() - 1][2], "exit 255");
+
+    // Failing open: the command runs to its end; the recording stops with a marker.
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, key, kh, _agent) =
+        ssh_gateway_on(dir.path(), &format!("[audit]\nfail_closed = false\nmax_recording_bytes = {CAP}\n"));
+    let out = ssh_exec(&gw, &key, &kh, &command.replace("sleep 20", "sleep 1"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), OUTPUT + "after\n".len());
+    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    assert_eq!(end["end_reason"], serde_json::Value::Null, "{end}");
+    assert_eq!(end["logged"], false, "{end}");
+    assert!(end["reason"].as_str().unwrap().contains("max_recording_bytes"), "{end}");
+    let (size, lines) = the_recording(&gw);
+    assert!(size <= CAP, "{size} bytes");
+    assert!(lines.iter().any(|l| l[1] == "m" && l[2].as_str().unwrap().contains("max_recording_bytes")));
+    assert_eq!(lines[lines.len() - 1][2], "exit 0");
+}
+
+/// `[audit] min_free_space`: with less free space than that for recordings, new logged
+/// sessions are refused (failing closed) or run unrecorded (failing open), and one
+/// `gateway.disk_low` event marks the episode.
+#[test]
+fn too_little_free_space_refuses_new_sessions_with_one_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    // More than any disk here has.
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "[audit]\nmin_free_space = \"1000000TiB\"\n");
+    for _ in 0..2 {
+        let out = ssh_exec(&gw, &key, &kh, &touch);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("low disk space for recordings"), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("min_free_space"), "{}", text(&out.stderr));
+        assert!(!marker.exists(), "nothing ran");
+    }
+    let events = gw.audit_events();
+    let denied: Vec<_> = events.iter().filter(|e| e["event"] == "session.denied").collect();
+    assert_eq!(denied.len(), 2);
+    assert!(denied[0]["reason"].as_str().unwrap().contains("min_free_space"), "{}", denied[0]);
+    let alerts: Vec<_> = events.iter().filter(|e| e["event"] == "gateway.disk_low").collect();
+    assert_eq!(alerts.len(), 1, "one alert per episode");
+    assert_eq!(alerts[0]["min_free_bytes"], 1_000_000u64 << 40);
+    assert_eq!(alerts[0]["fail_closed"], true);
+    assert!(!events.iter().any(|e| e["event"] == "session.start"));
+
+    // Failing open: the session runs, unrecorded, and says why.
+    let (gw2, key, kh, _agent2) =
+        ssh_gateway_on(dir.path(), "[audit]\nfail_closed = false\nmin_free_space = \"100%\"\n");
+    let out = ssh_exec(&gw2, &key, &kh, &touch);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(marker.exists());
+    let events = gw2.audit_events();
+    let start = events.iter().find(|e| e["event"] == "session.start").unwrap();
+    assert_eq!(start["logged"], false);
+    assert!(start["reason"].as_str().unwrap().contains("low disk space"), "{start}");
+    let alert = events.iter().find(|e| e["event"] == "gateway.disk_low").unwrap();
+    assert_eq!(alert["fail_closed"], false);
+}
+
 #[test]
 fn recordings_past_retention_are_deleted_and_the_deletion_is_audited() {
     let mut gw = Gateway::start("[audit]\nretention = \"1d\"\n");

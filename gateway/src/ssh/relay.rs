@@ -21,9 +21,11 @@ pub(super) struct Relayed {
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Why the gateway ended it ("terminated", "idle-timeout", "max-duration",
-    /// "recording-failed"); `None` when it ended by itself.
+    /// "recording-failed", "recording-limit"); `None` when it ended by itself.
     pub end_reason: Option<&'static str>,
-    /// Why the recording stopped being written, if it did.
+    /// Why the recording stopped before the session ended, if it did (the end event's
+    /// `reason`, with `logged: false`). Not set when a fail-closed session was ended at the
+    /// recording limit: all it showed is recorded.
     pub recording_lost: Option<String>,
 }
 
@@ -141,7 +143,13 @@ pub(super) async fn relay(
                     live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
                     let deadline = deadline(limits, started, last_input);
-                    match write_or_end(wr.data_bytes(d), live, deadline).await {
+                    // Failing closed, output the recording did not take is not shown.
+                    let sent = if fail_closed && recorder.as_ref().is_some_and(stopped) {
+                        Written::Yes
+                    } else {
+                        write_or_end(wr.data_bytes(d), live, deadline).await
+                    };
+                    match sent {
                         Written::Yes => {}
                         Written::ClientGone => { let _ = send.reset(0u32.into()); break None; }
                         Written::Ended => {
@@ -156,7 +164,13 @@ pub(super) async fn relay(
                     live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
                     let deadline = deadline(limits, started, last_input);
-                    match write_or_end(wr.extended_data_bytes(1, d), live, deadline).await {
+                    // Failing closed, output the recording did not take is not shown.
+                    let sent = if fail_closed && recorder.as_ref().is_some_and(stopped) {
+                        Written::Yes
+                    } else {
+                        write_or_end(wr.extended_data_bytes(1, d), live, deadline).await
+                    };
+                    match sent {
                         Written::Yes => {}
                         Written::ClientGone => { let _ = send.reset(0u32.into()); break None; }
                         Written::Ended => {
@@ -197,7 +211,7 @@ pub(super) async fn relay(
         if recording_lost.is_none()
             && let Some(why) = recorder.as_ref().and_then(Recorder::failure)
         {
-            recording_lost = Some(why.to_owned());
+            recording_lost = Some(format!("recording failed during the session: {why}"));
             if fail_closed {
                 notice(wr, on_pty, "the session recording can no longer be written on the gateway, and sessions are not run unrecorded here; closing the session").await;
                 let _ = send.reset(0u32.into());
@@ -206,16 +220,34 @@ pub(super) async fn relay(
                 break Some(255);
             }
         }
+        // The recording reached `[audit] max_recording_bytes`: the same choice.
+        if recording_lost.is_none()
+            && let Some(why) = recorder.as_ref().and_then(Recorder::limit_reached)
+        {
+            if fail_closed {
+                notice(wr, on_pty, "this session's output reached the gateway's recording limit ([audit] max_recording_bytes), and sessions are not run unrecorded here; closing the session").await;
+                let _ = send.reset(0u32.into());
+                let _ = wr.exit_status(255).await;
+                end_reason = Some("recording-limit");
+                break Some(255);
+            }
+            recording_lost = Some(why.to_owned());
+        }
     };
     drop(frames);
     if let Some(rec) = recorder.as_mut() {
         let _ = rec.finish(exit_code).await;
         // The last write can fail too: the end event then says what was lost.
-        if recording_lost.is_none() {
-            recording_lost = rec.failure().map(str::to_owned);
+        if recording_lost.is_none() && end_reason != Some("recording-limit") {
+            recording_lost = rec.failure().map(|why| format!("recording failed during the session: {why}"));
         }
     }
     Relayed { exit_code, bytes_in, bytes_out, end_reason, recording_lost }
+}
+
+/// Whether the recording stopped taking output (it failed, or reached its limit).
+fn stopped(rec: &Recorder) -> bool {
+    rec.failure().is_some() || rec.limit_reached().is_some()
 }
 
 /// Which of the session's limits has struck at `now`, with the message for the user.

@@ -17,7 +17,8 @@ use tracing::{info, warn};
 use super::channel::{clamp16, refuse};
 use super::relay::{Relayed, Terms, relay};
 use crate::audit::events::{
-    Event, SessionAuthorized, SessionDenied, SessionEnd, SessionStart, SshDenied, SshSessionEnd, SshSessionStart,
+    Event, GatewayDiskLow, SessionAuthorized, SessionDenied, SessionEnd, SessionStart, SshDenied, SshSessionEnd,
+    SshSessionStart,
 };
 use crate::recording::Recorder;
 use crate::services::Services;
@@ -210,7 +211,35 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     // (fail closed).
     let recording_dir = ctx.state.config.data_dir.join("recordings");
     let fail_closed = ctx.state.config.audit.fail_closed;
-    let mut recorder = if action == Action::Sftp {
+    // The free-space guard: a logged session does not start on a nearly full disk.
+    let low_space = if action == Action::Sftp { None } else { ctx.state.space.check(&recording_dir).err() };
+    if let Some(low) = &low_space {
+        warn!(dir = %recording_dir.display(), free = low.free, needed = low.needed, "low disk space for recordings");
+        if low.first {
+            let _ = ctx.state.audit.event(&Event::GatewayDiskLow(GatewayDiskLow {
+                path: recording_dir.display().to_string(),
+                free_bytes: low.free,
+                min_free_bytes: low.needed,
+                fail_closed,
+            }));
+        }
+        if fail_closed {
+            let _ = ctx.state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
+                user: authz.user().to_owned(),
+                target: authz.instance().to_owned(),
+                action,
+                source: ctx.peer.to_string(),
+                reason: format!("{} (fail_closed)", low.reason()),
+            })));
+            let message = format!(
+                "the session recording cannot be written on the gateway: {}, and sessions are not run unrecorded here; tell your administrator",
+                low.reason()
+            );
+            refuse(&wr, &message, 1).await;
+            return;
+        }
+    }
+    let mut recorder = if action == Action::Sftp || low_space.is_some() {
         None
     } else {
         let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
@@ -278,10 +307,11 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     {
         warn!(error = %e, "cannot name the recording after its session");
     }
-    let (logged, reason) = match (&recorder, action) {
-        (Some(_), _) => (true, None),
-        (None, Action::Sftp) => (false, Some("sftp file transfer content is not recorded")),
-        (None, _) => (false, Some("recording could not be created")),
+    let (logged, reason) = match (&recorder, action, &low_space) {
+        (Some(_), _, _) => (true, None),
+        (None, Action::Sftp, _) => (false, Some("sftp file transfer content is not recorded".to_owned())),
+        (None, _, Some(low)) => (false, Some(low.reason())),
+        (None, _, None) => (false, Some("recording could not be created".to_owned())),
     };
     let running = ctx.state.broker.start(
         &sid,
@@ -298,7 +328,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             profile: if profile.name.is_empty() { None } else { Some(profile.name.clone()) },
             run_as: authz.run_as().map(str::to_owned),
             logged,
-            reason: reason.map(str::to_owned),
+            reason: reason.clone(),
             run_id: run_id.filter(|r| ctx.state.runs.owned_by(r, &ctx.identity.user)),
             recording: recorder.as_ref().map(|r| r.path().display().to_string()),
         })),
@@ -327,10 +357,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             terminated_because: live.reason(),
             duration_ms,
             logged: logged && recording_lost.is_none(),
-            reason: recording_lost
-                .as_ref()
-                .map(|e| format!("recording failed during the session: {e}"))
-                .or(reason.map(str::to_owned)),
+            reason: recording_lost.clone().or(reason.clone()),
         }))
     });
     if let (Some(shipper), Some(rec)) = (&ctx.state.shipper, recorder.as_ref()) {

@@ -180,6 +180,20 @@ pub struct AuditTruncated {
     pub accepted: bool,
 }
 
+/// `gateway.disk_low`: the file system of the recordings has less free space than `[audit]
+/// min_free_space`; written at the first session that finds it so, not again until a later
+/// check finds enough space (an episode).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayDiskLow {
+    /// The recordings directory.
+    pub path: String,
+    pub free_bytes: u64,
+    pub min_free_bytes: u64,
+    /// `[audit] fail_closed`: true, new logged sessions are refused meanwhile; false, they
+    /// run unrecorded (`logged: false`).
+    pub fail_closed: bool,
+}
+
 /// `audit.retention`: a retention run deleted something.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRetention {

@@ -64,6 +64,8 @@ macro_rules! events {
 events! {
     GatewayStarted(GatewayStarted) = "gateway.started",
     GatewayStopped(GatewayStopped) = "gateway.stopped",
+    /// Free space for recordings fell below `[audit] min_free_space` (once per episode).
+    GatewayDiskLow(GatewayDiskLow) = "gateway.disk_low",
     TokenCreated(TokenCreated) = "token.created",
     AgentEnrolled(AgentEnrolled) = "agent.enrolled",
     AgentEnrollRefused(AgentEnrollRefused) = "agent.enroll_refused",
