@@ -238,7 +238,7 @@ pub(super) async fn relay(
     if let Some(rec) = recorder.as_mut() {
         let _ = rec.finish(exit_code).await;
         // The last write can fail too: the end event then says what was lost.
-        if recording_lost.is_none() && end_reason != Some("recording-limit") {
+        if recording_lost.is_none() {
             recording_lost = rec.failure().map(|why| format!("recording failed during the session: {why}"));
         }
     }
