@@ -149,3 +149,30 @@ fn connections_not_authenticated_within_the_grace_time_are_closed() {
     let _ = held.kill();
     let _ = held.wait();
 }
+
+/// The client SDK (and so `postern ls/exec/run`) retries a connection the gateway closed
+/// before its banner because too many from this address were still authenticating: many
+/// clients at once from one address all get through.
+#[test]
+fn clients_turned_away_by_the_startup_cap_retry_and_get_in() {
+    let s = Setup::new("max_startups_per_source = 1");
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            Command::new(bin("postern"))
+                .args(["ls", "--json", "--gateway", &format!("127.0.0.1:{}", s.gw.ssh_port), "--user", "alice", "-i"])
+                .arg(s.key())
+                .arg("--known-hosts")
+                .arg(s.dir.path().join("known_hosts"))
+                .env_remove("SSH_AUTH_SOCK")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "postern ls failed: {}", text(&out.stderr));
+    }
+}

@@ -22,6 +22,20 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer to a gateway command (`ls` on a large fleet is megabytes).
 const MAX_REPLY: usize = 64 << 20;
+
+/// Retries of a connection the gateway closed before its SSH banner, and the first pause.
+const STARTUP_RETRIES: u32 = 5;
+const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(50);
+
+/// `d` plus up to half of it again, so that clients that were turned away together do not
+/// come back together.
+fn jittered(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let half_ms = u64::try_from(d.as_millis() / 2).unwrap_or(u64::MAX).max(1);
+    d + Duration::from_millis(u64::from(u16::from_le_bytes(b)) % half_ms)
+}
+
 /// Largest refusal message kept from a gateway command's stderr.
 const MAX_REFUSAL: usize = 64 << 10;
 
@@ -135,9 +149,28 @@ impl Client {
     /// (`user%instance`), as needed for [`Client::exec_capture`], [`Client::open_tcp`] and
     /// [`Client::open_rdp`].
     pub async fn connect(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(opts, instance)).await.unwrap_or_else(|_| {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_retrying(opts, instance)).await.unwrap_or_else(|_| {
             Err(ClientError::ConnectTimeout { address: opts.gateway.clone(), after: CONNECT_TIMEOUT })
         })
+    }
+
+    /// A gateway that has too many connections still authenticating from this address
+    /// closes new ones before the SSH banner (`[ssh] max_startups_per_source`, as OpenSSH's
+    /// MaxStartups): that is a handshake failure worth a few retries with growing, jittered
+    /// pauses (e.g. `postern run` opening many connections at once). Every other error is
+    /// final at once.
+    async fn connect_retrying(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
+        let mut pause = STARTUP_RETRY_FIRST;
+        for _ in 0..STARTUP_RETRIES {
+            match Self::connect_inner(opts, instance).await {
+                Err(ClientError::Handshake { .. }) => {
+                    tokio::time::sleep(jittered(pause)).await;
+                    pause = pause.saturating_mul(2);
+                }
+                other => return other,
+            }
+        }
+        Self::connect_inner(opts, instance).await
     }
 
     async fn connect_inner(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
