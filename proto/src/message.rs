@@ -219,9 +219,13 @@ pub enum SessionRequest {
     Exec(ExecRequest),
     Shell(ShellRequest),
     Tcp(TcpRequest),
-    /// Connect to the RDP server the agent's own configuration names (`[rdp] address`,
+    /// Connect to the RDP server the agent's own configuration names (`[limits] rdp_address`,
     /// default 127.0.0.1:3389), then relay raw bytes like `Tcp`.
     Rdp,
+    /// SSH passthrough: connect to the instance's own sshd where the agent's configuration
+    /// says (`[limits] ssh_address`, default 127.0.0.1:22), then relay raw bytes like `Tcp`.
+    /// The gateway cannot choose the port: passthrough never reaches another service.
+    Ssh,
 }
 
 /// First frame on a session stream, sent by the gateway.
@@ -370,6 +374,7 @@ impl Message {
                         w.u16(t.port);
                     }
                     SessionRequest::Rdp => w.u8(4),
+                    SessionRequest::Ssh => w.u8(5),
                 }
             }
             Message::Accept(m) => w.0.extend_from_slice(&m.session_id.0),
@@ -451,6 +456,7 @@ impl Message {
                     }),
                     3 => SessionRequest::Tcp(TcpRequest { host: r.str("tcp.host")?, port: r.u16("tcp.port")? }),
                     4 => SessionRequest::Rdp,
+                    5 => SessionRequest::Ssh,
                     v => return Err(ProtoError::InvalidValue { field: "open.request", value: u32::from(v) }),
                 };
                 Message::Open(OpenSession { session_id, request })

@@ -38,6 +38,7 @@ fn any_request() -> impl Strategy<Value = SessionRequest> {
         ),
         (any_string(), any::<u16>()).prop_map(|(host, port)| SessionRequest::Tcp(TcpRequest { host, port })),
         Just(SessionRequest::Rdp),
+        Just(SessionRequest::Ssh),
     ]
 }
 

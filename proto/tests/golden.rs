@@ -203,6 +203,18 @@ fn open_rdp() {
 }
 
 #[test]
+fn open_ssh() {
+    let mut expected = vec![1, 0x20, 0, 0, 0, 17];
+    expected.extend_from_slice(&[0x11; 16]);
+    expected.push(5);
+    check(
+        Message::Open(OpenSession { session_id: sid(), request: SessionRequest::Ssh }),
+        StreamKind::Session,
+        &expected,
+    );
+}
+
+#[test]
 fn accept_reject() {
     let mut expected = vec![1, 0x21, 0, 0, 0, 16];
     expected.extend_from_slice(&[0x11; 16]);

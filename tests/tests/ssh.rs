@@ -229,11 +229,7 @@ fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
 }
 
 #[test]
-fn local_forward_and_unlogged_passthrough_to_the_instance_sshd() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the passthrough test logs into a real sshd as root (CI runs as root)"
-    );
+fn local_forward_through_the_instance() {
     let s = SshSetup::new();
     let _agent = Agent::start(&s.gw, "web-04", vec![], &s.gw.listen);
 
@@ -286,29 +282,89 @@ fn local_forward_and_unlogged_passthrough_to_the_instance_sshd() {
     let _ = http.kill();
     let _ = http.wait();
 
-    // Passthrough: ssh -J to the instance's own sshd. The gateway only moves bytes.
+    assert!(s.gw.audit_events().iter().any(|e| e["event"] == "forward.open" && e["logged"] == false));
+}
+
+/// Item 9: `ssh-passthrough` reaches the instance's own sshd (where its agent's `ssh_address`
+/// says) and nothing else: a user allowed only passthrough gets the sshd through `-J`, and
+/// `-W instance:<another port>` is refused (the listener there sees no connection).
+#[test]
+fn passthrough_reaches_only_the_instance_sshd() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the passthrough test logs into a real sshd as root (CI runs as root)"
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let bob_key = keys.path().join("bob");
+    keygen(&bob_key);
+    let bob_pub = std::fs::read_to_string(bob_key.with_extension("pub")).unwrap();
+    let s = SshSetup::with(
+        "",
+        &format!(
+            "[[ssh.users]]\nname = \"bob\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\nactions = [\"ssh-passthrough\"]\n",
+            bob_pub.trim()
+        ),
+    );
     let target_key = s.dir.path().join("root_key");
     keygen(&target_key);
     let authorized = s.dir.path().join("authorized_keys");
     std::fs::copy(target_key.with_extension("pub"), &authorized).unwrap();
     let sshd = start_sshd(s.dir.path(), &authorized);
-    // The target's own host key goes in known_hosts under the instance name.
+    // The instance's sshd is where its agent says, not on port 22 (tests cannot own it).
+    let agent_cfg = s.dir.path().join("web-04.toml");
+    std::fs::write(&agent_cfg, format!("[limits]\nssh_address = \"127.0.0.1:{}\"\n", sshd.port)).unwrap();
+    let _agent = Agent::start_with(
+        &s.gw,
+        "web-04",
+        "env=test",
+        vec![],
+        &s.gw.listen,
+        &["--config", agent_cfg.to_str().unwrap()],
+    );
+    // Another service on the instance, which passthrough must not reach.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    other.set_nonblocking(true).unwrap();
+    let other_port = other.local_addr().unwrap().port();
+
+    // The target's own host key goes in known_hosts under the instance name (port 22).
     let kh = s.known_hosts();
     let mut known = std::fs::read_to_string(&kh).unwrap();
-    known.push_str(&format!("[web-04]:{} {}", sshd.port, sshd.host_key_pub));
+    known.push_str(&format!("web-04 {}", sshd.host_key_pub));
     std::fs::write(&kh, known).unwrap();
     let cfg = std::fs::read_to_string(s.config()).unwrap();
     std::fs::write(
         s.config(),
         format!(
-            "Host web-04\n    ProxyJump alice@127.0.0.1:{gw}\n    Port {port}\n    User root\n    IdentityFile {key}\n    UserKnownHostsFile {kh}\n{cfg}",
+            "Host bobjump\n    HostName 127.0.0.1\n    Port {gw}\n    User bob\n    IdentityFile {bob}\n    UserKnownHostsFile {kh}\n\
+             Host web-04\n    ProxyJump bobjump\n    User root\n    IdentityFile {key}\n    UserKnownHostsFile {kh}\n{cfg}",
             gw = s.gw.ssh_port,
-            port = sshd.port,
+            bob = bob_key.display(),
             key = target_key.display(),
             kh = kh.display(),
         ),
     )
     .unwrap();
+
+    // -W to another port of the instance: refused, with a reason in the audit log.
+    let out = s.ssh(&["-W", &format!("web-04:{other_port}"), "bobjump"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("administratively prohibited"), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(other.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the other service was reached through passthrough"
+    );
+    let events = s.gw.audit_events();
+    let denied = events
+        .iter()
+        .find(|e| e["event"] == "session.denied" && e["action"] == "ssh-passthrough")
+        .expect("passthrough denial in the audit log");
+    assert_eq!(denied["user"], "bob");
+    assert_eq!(denied["target"], "web-04");
+    let reason = denied["reason"].as_str().unwrap();
+    assert!(reason.contains("only the instance's sshd") && reason.contains("-L"), "{reason}");
+
+    // ssh -J to the instance's own sshd (port 22 asked, the agent's ssh_address reached).
     let out = s.ssh(&["web-04", "echo passthrough-ok $(id -un)"]);
     assert_eq!(
         text(&out.stdout),
@@ -320,8 +376,12 @@ fn local_forward_and_unlogged_passthrough_to_the_instance_sshd() {
     let events = s.gw.audit_events();
     let open = events.iter().find(|e| e["event"] == "passthrough.open").expect("passthrough audit event");
     assert_eq!(open["logged"], false);
+    assert_eq!(open["user"], "bob");
+    assert_eq!(open["destination"], "ssh");
     assert_eq!(open["reason"], "end-to-end encrypted SSH passthrough");
-    assert!(events.iter().any(|e| e["event"] == "forward.open" && e["logged"] == false));
+    wait_until("passthrough.close", Duration::from_secs(10), || {
+        s.gw.audit_events().iter().any(|e| e["event"] == "passthrough.close" && e["destination"] == "ssh")
+    });
 }
 
 #[test]

@@ -37,6 +37,9 @@ pub struct LocalLimits {
     /// Where RDP sessions go (`host:port`); "" refuses RDP on this instance. The gateway
     /// cannot choose another destination for RDP, so `tcp_allow` does not apply.
     pub rdp_address: String,
+    /// Where SSH passthrough goes (`host:port`, this host's sshd); "" refuses passthrough.
+    /// The gateway cannot choose another destination for passthrough, so `tcp_allow` does not apply.
+    pub ssh_address: String,
 }
 
 impl Default for LocalLimits {
@@ -48,6 +51,7 @@ impl Default for LocalLimits {
             allow_root: false,
             default_shell: "/bin/sh".into(),
             rdp_address: "127.0.0.1:3389".into(),
+            ssh_address: "127.0.0.1:22".into(),
         }
     }
 }
@@ -105,7 +109,8 @@ pub async fn serve_session(
         SessionRequest::Exec(req) => exec(id, req, send, recv, limits).await,
         SessionRequest::Shell(req) => shell(id, req, send, recv, limits).await,
         SessionRequest::Tcp(req) => tcp(id, req, send, recv, limits).await,
-        SessionRequest::Rdp => rdp(id, send, recv, limits).await,
+        SessionRequest::Rdp => configured(id, send, recv, &limits.rdp_address, "rdp", "RDP").await,
+        SessionRequest::Ssh => configured(id, send, recv, &limits.ssh_address, "ssh", "SSH passthrough").await,
     };
     if let Err((mut send, Rejection(code, reason))) = result {
         info!(%id, ?code, %reason, "session rejected");
@@ -483,20 +488,29 @@ async fn tcp(
     relay_tcp(id, &target, addr, send, recv, "tcp forward").await
 }
 
-/// RDP goes where this agent's configuration says, never where the gateway asks.
-async fn rdp(id: SessionId, send: quinn::SendStream, recv: quinn::RecvStream, limits: &LocalLimits) -> Outcome {
-    let target = limits.rdp_address.trim();
+/// RDP and SSH passthrough go where this agent's configuration says (`rdp_address`,
+/// `ssh_address`), never where the gateway asks.
+async fn configured(
+    id: SessionId,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    address: &str,
+    setting: &'static str,
+    what: &'static str,
+) -> Outcome {
+    let target = address.trim();
     if target.is_empty() {
-        return Err((send, Rejection(ErrorCode::Forbidden, "RDP is turned off on this instance (rdp_address)".into())));
+        let reason = format!("{what} is turned off on this instance ({setting}_address)");
+        return Err((send, Rejection(ErrorCode::Forbidden, reason)));
     }
     let addr = match resolve(target).await {
         Ok(a) => a.into_iter().next(),
         Err(r) => return Err((send, r)),
     };
     let Some(addr) = addr else {
-        return Err((send, Rejection(ErrorCode::Unavailable, format!("cannot resolve RDP address {target}"))));
+        return Err((send, Rejection(ErrorCode::Unavailable, format!("cannot resolve {what} address {target}"))));
     };
-    relay_tcp(id, target, addr, send, recv, "rdp").await
+    relay_tcp(id, target, addr, send, recv, setting).await
 }
 
 async fn resolve(target: &str) -> Result<Vec<SocketAddr>, Rejection> {

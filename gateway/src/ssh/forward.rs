@@ -76,6 +76,8 @@ async fn forward(
     // The agent dials exactly what was authorized.
     let (req, destination) = match (authz.action(), authz.destination()) {
         (Action::Rdp, _) => (SessionRequest::Rdp, "rdp".to_owned()),
+        // The instance's own sshd, where its agent says (`ssh_address`): never another port.
+        (Action::SshPassthrough, _) => (SessionRequest::Ssh, "ssh".to_owned()),
         (_, Some((host, port))) => {
             (SessionRequest::Tcp(TcpRequest { host: host.to_owned(), port }), format!("{host}:{port}"))
         }

@@ -18,7 +18,7 @@ use super::forward::{ChannelOpen, open_channel};
 use super::session::{SessionCtx, serve_session_channel};
 use super::settings::{Throttle, server_config};
 use super::startups::{LoginDeadline, Startup};
-use crate::audit::events::{AuthFailed, Event};
+use crate::audit::events::{AuthFailed, Event, SessionDenied, SshDenied};
 use crate::connections::Conn;
 use crate::services::Services;
 
@@ -29,6 +29,10 @@ const MAX_OPENING_CHANNELS: usize = 64;
 /// How long a connection whose user lost access stays up before it is disconnected, so that
 /// the notices of the sessions ended with it go out first.
 const REVOKED_GRACE: Duration = Duration::from_millis(500);
+
+/// The one port a jump to a plain instance name (`ssh -J`, `-W instance:22`) may ask for:
+/// the agent connects to its own sshd (`ssh_address`), never to another service.
+pub(super) const PASSTHROUGH_PORT: u16 = 22;
 
 pub(super) struct ConnHandler {
     state: Arc<Services>,
@@ -208,8 +212,14 @@ impl russh::server::Handler for ConnHandler {
                 self.serve_inner(instance, channel, reply).await;
                 return Ok(());
             }
-            // Jump host hop to a plain instance name: passthrough to its own sshd.
-            (None, _) => (host.to_owned(), Action::SshPassthrough, Some(("127.0.0.1".to_owned(), port))),
+            // Jump host hop to a plain instance name: passthrough to its own sshd, and to
+            // nothing else (other ports are port forwards, with their own action and rules).
+            (None, _) if port != PASSTHROUGH_PORT => {
+                self.refuse_passthrough(&identity, host, port);
+                reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                return Ok(());
+            }
+            (None, _) => (host.to_owned(), Action::SshPassthrough, Some(("127.0.0.1".to_owned(), PASSTHROUGH_PORT))),
             // `postern rdp --local`: the instance's RDP server, wherever its agent says it is.
             (Some(target), _) if host == RDP_DESTINATION => (target.clone(), Action::Rdp, None),
             // `-L` on a connection to an instance: forward through its agent.
@@ -289,6 +299,24 @@ impl russh::server::Handler for ConnHandler {
 }
 
 impl ConnHandler {
+    /// A jump to a plain instance name on a port other than SSH's: refused and audited.
+    fn refuse_passthrough(&self, identity: &Identity, host: &str, port: u16) {
+        let suffix = &self.state.config.ssh.suffix;
+        let reason = format!(
+            "ssh-passthrough reaches only the instance's sshd (port {PASSTHROUGH_PORT}); for port {port} use a \
+             port forward: ssh -L <local>:127.0.0.1:{port} {user}%{host}@<gateway> (or {user}@{host}.{suffix})",
+            user = identity.user,
+        );
+        info!(target = %host, port, "passthrough to a port other than ssh refused");
+        let _ = self.state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
+            user: identity.user.clone(),
+            target: host.chars().take(255).collect(),
+            action: Action::SshPassthrough,
+            source: self.peer.to_string(),
+            reason,
+        })));
+    }
+
     fn note_failure(&mut self, user: &str, key: &russh::keys::PublicKey) {
         self.failed_user = Some(user.chars().take(64).collect());
         if self.failed_keys.len() < 16 {
