@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use postern_proto::{EnrollRequest, ErrorCode, Hello};
 use postern_tunnel::CancellationToken;
@@ -27,6 +27,7 @@ impl AgentDirectory for OpenDirectory {
         Ok(agent_id.to_owned())
     }
     async fn departed(&self, _agent_id: &str) {}
+    async fn renewed(&self, _agent_id: &str, _remote: SocketAddr, _serial_hex: &str, _not_after: SystemTime) {}
     async fn protocol_violation(&self, _remote: SocketAddr, _agent_id: Option<&str>, _error: &str) {}
 }
 

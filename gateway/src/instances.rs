@@ -14,7 +14,7 @@ use tracing::info;
 use crate::audit::AuditLog;
 use crate::audit::events::{
     AgentConnected, AgentDisconnected, AgentEnrollRefused, AgentEnrolled, AgentProtocolViolation, AgentRefused,
-    AgentRevoked, Event, TokenCreated,
+    AgentRenewed, AgentRevoked, Event, TokenCreated,
 };
 use crate::store::{Labels, NewAgent, NewToken, RedeemError, Store, StoreError, resolve_instance};
 
@@ -290,6 +290,19 @@ impl AgentDirectory for StoreDirectory {
     async fn departed(&self, agent_id: &str) {
         let _ = self.store.agent_seen(agent_id, None, None, None, now_unix()).await;
         let _ = self.audit.event(&Event::AgentDisconnected(AgentDisconnected { agent_id: agent_id.to_owned() }));
+    }
+
+    async fn renewed(&self, agent_id: &str, remote: SocketAddr, serial_hex: &str, not_after: std::time::SystemTime) {
+        let not_after = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let _ = self.audit.event(&Event::AgentRenewed(AgentRenewed {
+            agent_id: agent_id.to_owned(),
+            source: remote.to_string(),
+            serial: serial_hex.to_owned(),
+            not_after,
+        }));
     }
 
     async fn protocol_violation(&self, remote: SocketAddr, agent_id: Option<&str>, error: &str) {

@@ -285,3 +285,78 @@ fn clean_stops_are_not_violations() {
         assert!(!log.contains("agent.protocol_violation"), "round {round}:\n{log}");
     }
 }
+
+/// Item 4: an enrolled agent cannot mint certificates at will. Renewals are granted from half
+/// of the current certificate's lifetime and at most once per agent per interval, each one
+/// audited (`agent.renewed`); a normal agent still renews on its own.
+#[test]
+fn renewal_flood_gets_one_certificate_and_each_renewal_is_audited() {
+    let mut gw = Gateway::start("");
+    // Short certificates (6 s): renewals are due after 3.75 s, agents renew at 5 s.
+    gw.stop();
+    let config = gw.dir.path().join("gateway.toml");
+    let text_cfg = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text_cfg.replacen("[tunnel]\n", "[tunnel]\nagent_cert_ttl = \"6s\"\n", 1)).unwrap();
+    gw.restart();
+
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let cfg = enroll_rogue(&gw, "rogue-renew", "env=rogue", dir.path(), &rt);
+    let agent_id = agent::identity_info(dir.path()).unwrap().common_name;
+    rt.block_on(async {
+        let conn = connect(&gw, &cfg).await;
+        let (mut send, mut recv) = hello(&conn).await;
+        // A fresh certificate is not due: every request is refused.
+        let (certs, refusals) = renew_many(&mut send, &mut recv, 50).await;
+        assert_eq!(certs, 0, "{refusals:?}");
+        assert!(refusals.iter().all(|r| r.contains("renewal refused") && r.contains("not due")), "{refusals:?}");
+        // Past half of its lifetime: one certificate, then refusals again.
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+        let (certs, refusals) = renew_many(&mut send, &mut recv, 200).await;
+        assert_eq!(certs, 1, "{refusals:?}");
+        assert_eq!(refusals.len(), 199);
+        assert!(refusals.iter().all(|r| r.contains("renewal refused")), "{refusals:?}");
+        // A new connection with the old (still valid, due) certificate: the agent was just
+        // renewed, so it is refused too.
+        let conn2 = connect(&gw, &cfg).await;
+        let (mut send2, mut recv2) = hello(&conn2).await;
+        let (certs, refusals) = renew_many(&mut send2, &mut recv2, 20).await;
+        assert_eq!(certs, 0, "{refusals:?}");
+        assert!(refusals.iter().all(|r| r.contains("at most one renewal per")), "{refusals:?}");
+    });
+
+    // One audit event for the one certificate issued.
+    let renewed: Vec<_> = gw
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["event"] == "agent.renewed" && e["agent_id"] == agent_id.as_str())
+        .collect();
+    assert_eq!(renewed.len(), 1, "{renewed:#?}");
+    assert!(renewed[0]["serial"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(renewed[0]["not_after"].as_i64().is_some());
+
+    // A normal agent still renews on its own (at two thirds of its lifetime), audited.
+    let real = Agent::start(&gw, "app-01", vec![], &gw.listen);
+    let real_id = agent::identity_info(&real.state_dir()).unwrap().common_name;
+    wait_until("the real agent renewed", Duration::from_secs(20), || {
+        gw.audit_events().iter().any(|e| e["event"] == "agent.renewed" && e["agent_id"] == real_id.as_str())
+    });
+    let again = gw.postern(&["exec", "app-01", "--", "echo", "renewed"]);
+    assert_eq!(text(&again.stdout), "renewed\n", "{}", text(&again.stderr));
+}
+
+/// Send `n` renewal requests in a row (each with a fresh CSR, answered before the next):
+/// how many certificates came back, and the refusals' messages.
+async fn renew_many(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, n: usize) -> (usize, Vec<String>) {
+    let (mut certs, mut refusals) = (0, Vec::new());
+    for _ in 0..n {
+        let (_key, csr) = postern_tunnel::pki::new_key_and_csr().unwrap();
+        write_frame(send, &Message::RenewRequest(postern_proto::RenewRequest { csr_der: csr })).await.unwrap();
+        match read_frame(recv, StreamKind::Control).await.unwrap() {
+            Some(Message::RenewResponse(_)) => certs += 1,
+            Some(Message::Error(e)) => refusals.push(e.message),
+            other => panic!("unexpected answer to a renewal: {other:?}"),
+        }
+    }
+    (certs, refusals)
+}

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod pki;
+pub mod renewal;
 pub mod server;
 pub mod services;
 pub mod tls;

@@ -8,14 +8,15 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use postern_proto::{
-    EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, FrameError, Hello, HelloAck, Message, OpenSession,
-    RenewResponse, SessionId, SessionRequest, StreamKind, read_frame, write_frame,
+    EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, FrameError, Hello, HelloAck, Message, OpenSession, SessionId,
+    SessionRequest, StreamKind, read_frame, write_frame,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::pki::{CertAuthority, cert_info};
+use crate::renewal::{RenewalGate, Validity};
 use crate::tls::TransportTimers;
 
 /// How long a peer may take for one handshake step (TLS, first frame, reply).
@@ -82,6 +83,15 @@ pub trait AgentDirectory: Send + Sync + 'static {
     /// same agent does not count).
     fn departed(&self, agent_id: &str) -> impl Future<Output = ()> + Send;
 
+    /// A certificate was renewed for a connected agent (`serial_hex`, valid until `not_after`).
+    fn renewed(
+        &self,
+        agent_id: &str,
+        remote: SocketAddr,
+        serial_hex: &str,
+        not_after: SystemTime,
+    ) -> impl Future<Output = ()> + Send;
+
     /// A rogue or broken peer was dropped; for the audit log.
     fn protocol_violation(
         &self,
@@ -94,7 +104,8 @@ pub trait AgentDirectory: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct TunnelSettings {
     pub timers: TransportTimers,
-    /// Lifetime of agent certificates; agents renew at two thirds of it.
+    /// Lifetime of agent certificates; agents renew at two thirds of it, and the gateway
+    /// refuses renewals before half of it ([`crate::renewal`]).
     pub agent_cert_ttl: Duration,
     /// Upper bound on connected agents; further connections are refused.
     pub max_agents: usize,
@@ -328,6 +339,7 @@ impl<D: AgentDirectory> TunnelServer<D> {
     pub async fn serve(self, shutdown: CancellationToken) {
         let tasks = tokio_util::task::TaskTracker::new();
         let enrollments = Arc::new(Semaphore::new(self.settings.max_enrollments));
+        let renewals = Arc::new(RenewalGate::new(self.settings.agent_cert_ttl));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -344,6 +356,7 @@ impl<D: AgentDirectory> TunnelServer<D> {
                 ca: self.ca.clone(),
                 settings: self.settings.clone(),
                 enrollments: enrollments.clone(),
+                renewals: renewals.clone(),
                 shutdown: shutdown.clone(),
             };
             let remote = incoming.remote_address();
@@ -362,6 +375,7 @@ struct ConnCtx<D> {
     ca: Arc<CertAuthority>,
     settings: TunnelSettings,
     enrollments: Arc<Semaphore>,
+    renewals: Arc<RenewalGate>,
     shutdown: CancellationToken,
 }
 
@@ -459,10 +473,13 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
         .peer_identity()
         .and_then(|p| p.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().cloned());
-    let Some(agent_id) = peer_cert.and_then(|c| cert_info(&c).ok()).map(|i| i.common_name) else {
+    let Some(cert) = peer_cert.and_then(|c| cert_info(&c).ok()) else {
         conn.close(close::REFUSED.into(), b"a client certificate is required");
         return;
     };
+    // The certificate the agent holds now: the one it connected with, then each renewal.
+    let mut current = Validity::from(&cert);
+    let agent_id = cert.common_name;
     let span = info_span!("agent", %agent_id);
     async move {
         let first = async {
@@ -526,12 +543,14 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
             };
             match msg {
                 Ok(Some(Message::RenewRequest(r))) => {
-                    let reply = match ctx.ca.issue_agent_cert(&r.csr_der, &agent_id, ctx.settings.agent_cert_ttl) {
-                        Ok(cert) => {
-                            info!("agent certificate renewed");
-                            Message::RenewResponse(RenewResponse { cert_der: cert.to_vec() })
+                    let ttl = ctx.settings.agent_cert_ttl;
+                    let reply = match ctx.renewals.answer(&ctx.ca, &agent_id, &mut current, &r.csr_der, ttl) {
+                        Ok(renewed) => {
+                            let info = renewed.info;
+                            ctx.directory.renewed(&agent_id, remote, &info.serial_hex, info.not_after).await;
+                            renewed.reply
                         }
-                        Err(e) => Message::Error(ErrorMsg { code: ErrorCode::BadRequest, message: e.to_string() }),
+                        Err(refusal) => Message::Error(refusal),
                     };
                     if write_frame(&mut send, &reply).await.is_err() {
                         break;

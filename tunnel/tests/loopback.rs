@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use postern_proto::*;
 use postern_tunnel::CancellationToken;
@@ -19,6 +19,7 @@ struct MemDirectory {
     tokens: Mutex<HashMap<String, bool>>, // token -> used
     revoked: Mutex<Vec<String>>,
     violations: Mutex<Vec<String>>,
+    renewals: Mutex<Vec<String>>, // serials
 }
 
 impl AgentDirectory for MemDirectory {
@@ -40,6 +41,9 @@ impl AgentDirectory for MemDirectory {
         Ok(agent_id.to_owned())
     }
     async fn departed(&self, _agent_id: &str) {}
+    async fn renewed(&self, _agent_id: &str, _remote: SocketAddr, serial_hex: &str, _not_after: SystemTime) {
+        self.renewals.lock().unwrap().push(serial_hex.to_owned());
+    }
     async fn protocol_violation(&self, _remote: SocketAddr, _agent_id: Option<&str>, error: &str) {
         self.violations.lock().unwrap().push(error.to_owned());
     }
@@ -303,6 +307,8 @@ async fn certificate_is_renewed_before_expiry() {
         if now.serial_hex != first.serial_hex {
             assert!(now.not_after > first.not_after);
             assert_eq!(now.common_name, id);
+            // The directory heard of it (the gateway audits each renewal).
+            assert!(gw.directory.renewals.lock().unwrap().contains(&now.serial_hex));
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(15), "certificate was not renewed");

@@ -70,6 +70,17 @@ pub struct AgentRefused {
     pub reason: String,
 }
 
+/// `agent.renewed`: a connected agent got a new certificate (at most one per half lifetime).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRenewed {
+    pub agent_id: String,
+    pub source: String,
+    /// Serial of the new certificate (hex).
+    pub serial: String,
+    /// When the new certificate expires (Unix seconds).
+    pub not_after: i64,
+}
+
 /// `agent.revoked`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRevoked {

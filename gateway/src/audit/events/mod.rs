@@ -72,6 +72,7 @@ events! {
     AgentConnected(AgentConnected) = "agent.connected",
     AgentDisconnected(AgentDisconnected) = "agent.disconnected",
     AgentRefused(AgentRefused) = "agent.refused",
+    AgentRenewed(AgentRenewed) = "agent.renewed",
     AgentRevoked(AgentRevoked) = "agent.revoked",
     AgentBulkEnrolled(AgentBulkEnrolled) = "agent.bulk_enrolled",
     AgentProtocolViolation(AgentProtocolViolation) = "agent.protocol_violation",
