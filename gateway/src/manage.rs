@@ -435,6 +435,12 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                 None if action == "ssh-passthrough" => Some(("127.0.0.1".to_owned(), 22)),
                 None => None,
             };
+            // As the SSH door decides: passthrough reaches the instance's sshd and nothing else.
+            if action == "ssh-passthrough" && destination.as_ref().is_some_and(|(_, p)| *p != 22) {
+                return Err(bad(
+                    "ssh-passthrough reaches only the instance's sshd (port 22); other ports are port-forward",
+                ));
+            }
             let agents = state.store.agents().await?;
             let agent = crate::store::resolve_instance(&agents, &target).map_err(bad)?;
             let d = state.access.decide(

@@ -363,6 +363,14 @@ fn passthrough_reaches_only_the_instance_sshd() {
     assert_eq!(denied["target"], "web-04");
     let reason = denied["reason"].as_str().unwrap();
     assert!(reason.contains("only the instance's sshd") && reason.contains("-L"), "{reason}");
+    // explain agrees: passthrough to another port is not a thing, port 22 is allowed.
+    let explain = |to: &str| {
+        s.gw.postern(&["explain", "--user", "bob", "--target", "web-04", "--action", "ssh-passthrough", "--to", to])
+    };
+    let out = explain(&format!("127.0.0.1:{other_port}"));
+    assert!(!out.status.success() && text(&out.stderr).contains("only the instance's sshd"), "{}", text(&out.stderr));
+    let out = explain("127.0.0.1:22");
+    assert!(out.status.success() && text(&out.stdout).contains("allow"), "{}", text(&out.stdout));
 
     // ssh -J to the instance's own sshd (port 22 asked, the agent's ssh_address reached).
     let out = s.ssh(&["web-04", "echo passthrough-ok $(id -un)"]);

@@ -37,8 +37,7 @@ pub struct LocalLimits {
     /// Where RDP sessions go (`host:port`); "" refuses RDP on this instance. The gateway
     /// cannot choose another destination for RDP, so `tcp_allow` does not apply.
     pub rdp_address: String,
-    /// Where SSH passthrough goes (`host:port`, this host's sshd); "" refuses passthrough.
-    /// The gateway cannot choose another destination for passthrough, so `tcp_allow` does not apply.
+    /// Where SSH passthrough goes (this host's sshd); "" refuses passthrough. As for RDP, `tcp_allow` does not apply.
     pub ssh_address: String,
 }
 
@@ -109,8 +108,8 @@ pub async fn serve_session(
         SessionRequest::Exec(req) => exec(id, req, send, recv, limits).await,
         SessionRequest::Shell(req) => shell(id, req, send, recv, limits).await,
         SessionRequest::Tcp(req) => tcp(id, req, send, recv, limits).await,
-        SessionRequest::Rdp => configured(id, send, recv, &limits.rdp_address, "rdp", "RDP").await,
-        SessionRequest::Ssh => configured(id, send, recv, &limits.ssh_address, "ssh", "SSH passthrough").await,
+        SessionRequest::Rdp => configured(id, send, recv, (&limits.rdp_address, "rdp", "RDP")).await,
+        SessionRequest::Ssh => configured(id, send, recv, (&limits.ssh_address, "ssh", "SSH passthrough")).await,
     };
     if let Err((mut send, Rejection(code, reason))) = result {
         info!(%id, ?code, %reason, "session rejected");
@@ -488,16 +487,13 @@ async fn tcp(
     relay_tcp(id, &target, addr, send, recv, "tcp forward").await
 }
 
+/// A configured destination: (address, setting, name).
+type Service<'a> = (&'a str, &'static str, &'static str);
+
 /// RDP and SSH passthrough go where this agent's configuration says (`rdp_address`,
 /// `ssh_address`), never where the gateway asks.
-async fn configured(
-    id: SessionId,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    address: &str,
-    setting: &'static str,
-    what: &'static str,
-) -> Outcome {
+async fn configured(id: SessionId, send: quinn::SendStream, recv: quinn::RecvStream, service: Service<'_>) -> Outcome {
+    let (address, setting, what) = service;
     let target = address.trim();
     if target.is_empty() {
         let reason = format!("{what} is turned off on this instance ({setting}_address)");
