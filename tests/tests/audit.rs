@@ -1,5 +1,8 @@
 //! The audit log as an auditor sees it: `postern audit verify` on a real gateway's log,
 //! intact, after a crash, and tampered with.
+//!
+//! (Over 600 lines, on purpose: one test binary per area keeps link times down on this
+//! 2-core machine; the tests share one set-up.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::time::Duration;

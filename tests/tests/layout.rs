@@ -10,6 +10,9 @@
 //! `#[cfg(test)]` items, then reads `use` trees and `crate::`/`super::`/`self::` paths (and
 //! paths through names those bring into scope). It is not a Rust parser; the self-tests at
 //! the bottom pin down what it must understand.
+//!
+//! (Over 600 lines, on purpose: the checker, a small reader of Rust paths, and its self-tests
+//! are one unit; splitting it across test binaries would build it several times.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

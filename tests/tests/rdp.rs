@@ -2,6 +2,9 @@
 //! servers on loopback behind agents: xrdp (TLS) and FreeRDP's shadow server (NLA: CredSSP
 //! with NTLM, so a wrong password fails end to end). Refusals are driven with raw bytes
 //! against a stand-in host that counts connections, to show nothing is ever dialled.
+//!
+//! (Over 600 lines, on purpose: one test binary per area keeps link times down on this
+//! 2-core machine; the tests share one set-up.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::{BufRead, Read, Write};

@@ -1,5 +1,8 @@
 //! The SSH front door with stock OpenSSH clients: ssh, scp, sftp, -L forwards, and
 //! passthrough to a real sshd, all on loopback.
+//!
+//! (Over 600 lines, on purpose: one test binary per area keeps link times down on this
+//! 2-core machine; the tests share one set-up.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::{Path, PathBuf};
