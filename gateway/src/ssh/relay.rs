@@ -14,6 +14,21 @@ use super::channel::{NOTICE_WAIT, clamp16, human, notice, sig_name, warn_lead};
 use crate::recording::Recorder;
 use crate::sessions::LiveSession;
 
+/// A frame from the agent: output (stdout and stderr are handled alike but for the channel
+/// they go to) or anything else.
+enum Frame {
+    Output { data: Vec<u8>, to_stderr: bool },
+    Other(Message),
+}
+
+fn split_output(frame: Option<Message>) -> Option<Frame> {
+    frame.map(|m| match m {
+        Message::Stdout(data) => Frame::Output { data, to_stderr: false },
+        Message::Stderr(data) => Frame::Output { data, to_stderr: true },
+        other => Frame::Other(other),
+    })
+}
+
 /// How a relayed session went.
 pub(super) struct Relayed {
     /// The remote exit status; `None` when the client went away first.
@@ -137,8 +152,8 @@ pub(super) async fn relay(
                     break Some(255);
                 }
             }
-            frame = frames.next() => match frame {
-                Ok(Some(Message::Stdout(d))) => {
+            frame = frames.next() => match frame.map(split_output) {
+                Ok(Some(Frame::Output { data: d, to_stderr })) => {
                     bytes_out += d.len() as u64;
                     live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
@@ -146,6 +161,8 @@ pub(super) async fn relay(
                     // Failing closed, output the recording did not take is not shown.
                     let sent = if fail_closed && recorder.as_ref().is_some_and(stopped) {
                         Written::Yes
+                    } else if to_stderr {
+                        write_or_end(wr.extended_data_bytes(1, d), live, deadline).await
                     } else {
                         write_or_end(wr.data_bytes(d), live, deadline).await
                     };
@@ -159,33 +176,12 @@ pub(super) async fn relay(
                         }
                     }
                 }
-                Ok(Some(Message::Stderr(d))) => {
-                    bytes_out += d.len() as u64;
-                    live.add_out(d.len());
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
-                    let deadline = deadline(limits, started, last_input);
-                    // Failing closed, output the recording did not take is not shown.
-                    let sent = if fail_closed && recorder.as_ref().is_some_and(stopped) {
-                        Written::Yes
-                    } else {
-                        write_or_end(wr.extended_data_bytes(1, d), live, deadline).await
-                    };
-                    match sent {
-                        Written::Yes => {}
-                        Written::ClientGone => { let _ = send.reset(0u32.into()); break None; }
-                        Written::Ended => {
-                            let (reason, code) = stalled_end(live, limits, started, last_input, &mut send, wr).await;
-                            end_reason = Some(reason);
-                            break code;
-                        }
-                    }
-                }
-                Ok(Some(Message::Exit(e))) => {
+                Ok(Some(Frame::Other(Message::Exit(e)))) => {
                     let _ = wr.exit_status(u32::try_from(e.code).unwrap_or(255)).await;
                     break Some(e.code);
                 }
-                Ok(Some(Message::Error(_))) => {}
-                Ok(Some(other)) => {
+                Ok(Some(Frame::Other(Message::Error(_)))) => {}
+                Ok(Some(Frame::Other(other))) => {
                     // A kind the agent must not send on a session stream: the protocol says
                     // the connection is closed (and the violation audited), not just this session.
                     violation.report(&format!("unexpected session message {:?}", other.kind()));
