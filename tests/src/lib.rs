@@ -237,8 +237,14 @@ impl Gateway {
         self.audit_segments().iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
     }
 
+    /// Every complete event in the log. A running gateway may be writing the last line as
+    /// it is read: only lines that end in a newline are complete.
     pub fn audit_events(&self) -> Vec<Value> {
-        self.audit_text().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        self.audit_text()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
