@@ -31,6 +31,7 @@ idle_timeout = "0"
 name = "bench"
 keys = ["$(cat "$W/user.pub")"]
 instances = ["*"]
+allow_root = true   # the benchmark agent runs as root (docs/ssh.md, "Who sessions run as")
 $2
 CFG
   POSTERN_LOG=warn "$T/postern" --config "$d/gateway.toml" gateway >"$d/gateway.log" 2>&1 & pids+=($!)

@@ -22,6 +22,7 @@ fail_closed = true
 name = "bench"
 keys = ["$(cat "$W/user.pub")"]
 instances = ["*"]
+allow_root = true   # the benchmark agent runs as root (docs/ssh.md, "Who sessions run as")
 CFG
 POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway >"$W/gateway.log" 2>&1 & GW_PID=$!; pids+=($GW_PID)
 gateway_ready "$W/data"

@@ -26,6 +26,7 @@ public_host = "127.0.0.1"
 name = "alice"
 keys = ["$(cat "$W/user.pub")"]
 instances = ["*"]
+allow_root = true   # the benchmark agent runs as root (docs/ssh.md, "Who sessions run as")
 CFG
 POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway 2>"$W/gateway.log" & GW=$!; pids+=($GW)
 gateway_ready "$W/data"

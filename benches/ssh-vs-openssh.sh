@@ -49,6 +49,7 @@ ${SSH_CIPHERS:+ciphers = $SSH_CIPHERS}
 name = "root"
 keys = ["$(cat "$W/user.pub")"]
 instances = ["*"]
+allow_root = true   # the benchmark agent runs as root (docs/ssh.md, "Who sessions run as")
 CFG
 POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway >"$W/gateway.log" 2>&1 & pids+=($!)
 gateway_ready "$W/data"

@@ -20,6 +20,7 @@ fn samples() -> Vec<(&'static str, Message, StreamKind)> {
                     env: vec![("LANG".into(), "C.UTF-8".into()), ("LC_ALL".into(), "C.UTF-8".into())],
                     run_as: Some("deploy".into()),
                     command: None,
+                    allow_root: false,
                 }),
             }),
             StreamKind::Session,

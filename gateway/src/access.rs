@@ -56,6 +56,9 @@ pub struct Authorization {
     action: Action,
     destination: Option<(String, u16)>,
     run_as: Option<String>,
+    /// Whether a policy (or the profile) lets the session run as root; the agent refuses uid 0
+    /// without it, also when no `run_as` is set and the agent itself runs as root.
+    allow_root: bool,
     limits: Limits,
     profile: postern_core::profile::Profile,
     /// The user's concurrent-session slot, held until the session registers (or this
@@ -85,6 +88,9 @@ impl Authorization {
     }
     pub fn run_as(&self) -> Option<&str> {
         self.run_as.as_deref()
+    }
+    pub fn allow_root(&self) -> bool {
+        self.allow_root
     }
     /// The party of this session from `source`, for the live table.
     pub fn party(&self, source: Option<IpAddr>, logged: bool) -> Party {
@@ -458,7 +464,8 @@ impl Authorizer {
         {
             return Err("the profile's run-as user is not allowed for you");
         }
-        if run_as.as_deref() == Some("root") && !(profile.allow_root || settings.allow_root) {
+        let allow_root = profile.allow_root || settings.allow_root;
+        if run_as.as_deref() == Some("root") && !allow_root {
             return Err("running as root is not allowed for you (allow_root)");
         }
         // Reserved now, atomically with the count: the slot is held until the session is on
@@ -474,6 +481,7 @@ impl Authorizer {
             action,
             destination: destination.map(|(h, p)| (h.to_owned(), p)),
             run_as,
+            allow_root,
             limits: Limits {
                 idle_timeout: settings.idle_timeout.unwrap_or(defaults.idle_timeout),
                 max_session: settings.max_session.unwrap_or(defaults.max_session),

@@ -234,13 +234,23 @@ async fn relay_session(
         Ok(a) => a.clone(),
         Err(e) => return reply(&mut stream, json!({"ok": false, "error": e})).await,
     };
+    // The admin socket is the gateway operator's own door (peer credentials checked): whoever
+    // holds it can write any policy, root included, so its sessions are not limited to
+    // non-root users. docs/ssh.md ("Who sessions run as") says so.
     let (kind, request) = match spec {
-        SessionSpec::Exec { command, env } => {
-            ("exec", SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(command), env, run_as: None }))
-        }
-        SessionSpec::Shell { term, cols, rows, env, command } => {
-            ("shell", SessionRequest::Shell(ShellRequest { term, cols, rows, env, run_as: None, command }))
-        }
+        SessionSpec::Exec { command, env } => (
+            "exec",
+            SessionRequest::Exec(ExecRequest {
+                command: ExecCommand::Shell(command),
+                env,
+                run_as: None,
+                allow_root: true,
+            }),
+        ),
+        SessionSpec::Shell { term, cols, rows, env, command } => (
+            "shell",
+            SessionRequest::Shell(ShellRequest { term, cols, rows, env, run_as: None, command, allow_root: true }),
+        ),
     };
     let session = match state.broker.open_for_admin(&agent, request).await {
         Ok(s) => s,

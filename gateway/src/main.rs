@@ -166,7 +166,9 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
             max_session: None,
             profiles: Vec::new(),
             default_profile: None,
-            allow_root: false,
+            // The local agent runs as the person running quickstart; when that is root, their
+            // sessions are root sessions, which needs saying so (docs/ssh.md).
+            allow_root: nix::unistd::Uid::current().is_root(),
         })?;
         let known_hosts = data_dir.join("known_hosts");
         let line = state

@@ -104,6 +104,14 @@ impl<'a> Reader<'a> {
             v => Err(ProtoError::InvalidValue { field: what, value: u32::from(v) }),
         }
     }
+    /// A boolean: exactly 0 or 1, anything else is malformed.
+    pub(crate) fn flag(&mut self, what: &'static str) -> Result<bool, ProtoError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(ProtoError::InvalidValue { field: what, value: u32::from(v) }),
+        }
+    }
     pub(crate) fn strs(&mut self, what: &'static str) -> Result<Vec<String>, ProtoError> {
         let n = self.u16(what)?;
         // Each element needs at least 4 bytes, which bounds the allocation by the input.

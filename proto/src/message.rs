@@ -195,6 +195,10 @@ pub struct ExecRequest {
     pub command: ExecCommand,
     pub env: Vec<(String, String)>,
     pub run_as: Option<String>,
+    /// Whether a policy lets this user run as root. Without it the agent refuses any session
+    /// that would run with uid 0, the agent's own user included (an agent installed as a
+    /// service runs as root).
+    pub allow_root: bool,
 }
 
 /// An interactive login shell on a PTY, or `command` on a PTY when set.
@@ -206,6 +210,8 @@ pub struct ShellRequest {
     pub env: Vec<(String, String)>,
     pub run_as: Option<String>,
     pub command: Option<String>,
+    /// As [`ExecRequest::allow_root`].
+    pub allow_root: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,6 +364,7 @@ impl Message {
                         }
                         w.pairs(&e.env);
                         w.opt_str(e.run_as.as_deref());
+                        w.u8(u8::from(e.allow_root));
                     }
                     SessionRequest::Shell(s) => {
                         w.u8(2);
@@ -367,6 +374,7 @@ impl Message {
                         w.pairs(&s.env);
                         w.opt_str(s.run_as.as_deref());
                         w.opt_str(s.command.as_deref());
+                        w.u8(u8::from(s.allow_root));
                     }
                     SessionRequest::Tcp(t) => {
                         w.u8(3);
@@ -444,6 +452,7 @@ impl Message {
                             command,
                             env: r.pairs("exec.env")?,
                             run_as: r.opt_str("exec.run_as")?,
+                            allow_root: r.flag("exec.allow_root")?,
                         })
                     }
                     2 => SessionRequest::Shell(ShellRequest {
@@ -453,6 +462,7 @@ impl Message {
                         env: r.pairs("shell.env")?,
                         run_as: r.opt_str("shell.run_as")?,
                         command: r.opt_str("shell.command")?,
+                        allow_root: r.flag("shell.allow_root")?,
                     }),
                     3 => SessionRequest::Tcp(TcpRequest { host: r.str("tcp.host")?, port: r.u16("tcp.port")? }),
                     4 => SessionRequest::Rdp,

@@ -20,11 +20,13 @@ fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
 
 fn any_request() -> impl Strategy<Value = SessionRequest> {
     prop_oneof![
-        (any_string(), any_pairs(), proptest::option::of(any_string())).prop_map(|(c, env, run_as)| {
-            SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(c), env, run_as })
-        }),
+        (any_string(), any_pairs(), proptest::option::of(any_string()), any::<bool>()).prop_map(
+            |(c, env, run_as, allow_root)| {
+                SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(c), env, run_as, allow_root })
+            }
+        ),
         (proptest::collection::vec(any_string(), 0..4), any_pairs()).prop_map(|(a, env)| {
-            SessionRequest::Exec(ExecRequest { command: ExecCommand::Argv(a), env, run_as: None })
+            SessionRequest::Exec(ExecRequest { command: ExecCommand::Argv(a), env, run_as: None, allow_root: false })
         }),
         (any_string(), any::<u16>(), any::<u16>(), any_pairs(), proptest::option::of(any_string())).prop_map(
             |(term, cols, rows, env, command)| SessionRequest::Shell(ShellRequest {
@@ -33,7 +35,8 @@ fn any_request() -> impl Strategy<Value = SessionRequest> {
                 rows,
                 env,
                 run_as: None,
-                command
+                command,
+                allow_root: true,
             })
         ),
         (any_string(), any::<u16>()).prop_map(|(host, port)| SessionRequest::Tcp(TcpRequest { host, port })),

@@ -108,11 +108,12 @@ fn renew() {
 
 #[test]
 fn open_exec_shell_command() {
-    let mut expected = vec![1, 0x20, 0, 0, 0, 37];
+    let mut expected = vec![1, 0x20, 0, 0, 0, 38];
     expected.extend_from_slice(&[0x11; 16]);
     expected.extend_from_slice(&[1, 1, 0, 0, 0, 2, b'i', b'd']); // exec, shell command "id"
     expected.extend_from_slice(&[0, 1, 0, 0, 0, 1, b'K', 0, 0, 0, 1, b'V']); // env K=V
     expected.extend_from_slice(&[0]); // no run_as
+    expected.extend_from_slice(&[0]); // root not allowed
     check(
         Message::Open(OpenSession {
             session_id: sid(),
@@ -120,6 +121,7 @@ fn open_exec_shell_command() {
                 command: ExecCommand::Shell("id".into()),
                 env: vec![("K".into(), "V".into())],
                 run_as: None,
+                allow_root: false,
             }),
         }),
         StreamKind::Session,
@@ -129,11 +131,12 @@ fn open_exec_shell_command() {
 
 #[test]
 fn open_exec_argv() {
-    let mut expected = vec![1, 0x20, 0, 0, 0, 39];
+    let mut expected = vec![1, 0x20, 0, 0, 0, 40];
     expected.extend_from_slice(&[0x11; 16]);
     expected.extend_from_slice(&[1, 2, 0, 2, 0, 0, 0, 2, b'l', b's', 0, 0, 0, 1, b'/']);
     expected.extend_from_slice(&[0, 0]); // no env
     expected.extend_from_slice(&[1, 0, 0, 0, 1, b'u']); // run_as "u"
+    expected.extend_from_slice(&[1]); // root allowed
     check(
         Message::Open(OpenSession {
             session_id: sid(),
@@ -141,6 +144,7 @@ fn open_exec_argv() {
                 command: ExecCommand::Argv(vec!["ls".into(), "/".into()]),
                 env: vec![],
                 run_as: Some("u".into()),
+                allow_root: true,
             }),
         }),
         StreamKind::Session,
@@ -150,12 +154,13 @@ fn open_exec_argv() {
 
 #[test]
 fn open_shell() {
-    let mut expected = vec![1, 0x20, 0, 0, 0, 34];
+    let mut expected = vec![1, 0x20, 0, 0, 0, 35];
     expected.extend_from_slice(&[0x11; 16]);
     expected.extend_from_slice(&[2, 0, 0, 0, 5, b'x', b't', b'e', b'r', b'm']);
     expected.extend_from_slice(&[0, 80, 0, 24]); // cols, rows
     expected.extend_from_slice(&[0, 0]); // no env
     expected.extend_from_slice(&[0, 0]); // no run_as, no command
+    expected.extend_from_slice(&[0]); // root not allowed
     check(
         Message::Open(OpenSession {
             session_id: sid(),
@@ -166,6 +171,7 @@ fn open_shell() {
                 env: vec![],
                 run_as: None,
                 command: None,
+                allow_root: false,
             }),
         }),
         StreamKind::Session,

@@ -239,7 +239,7 @@ fn ssh_gateway_on(dir: &std::path::Path, extra: &str) -> (Gateway, std::path::Pa
     }
     let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
     let config = format!(
-        "idle_timeout = \"0\"\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"*\"]\n{extra}",
+        "idle_timeout = \"0\"\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"*\"]\nallow_root = true\n{extra}",
         public.trim()
     );
     let gw = Gateway::start(&config);

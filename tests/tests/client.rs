@@ -74,6 +74,8 @@ effect = "allow"
 users = ["alice"]
 actions = ["shell", "exec"]
 labels = ["env=prod"]
+# The test agents run as root.
+allow_root = true
 "#;
 
 #[test]

@@ -123,6 +123,8 @@ groups = ["ops"]
 actions = ["shell", "exec"]
 labels = ["env=prod"]
 run_as = []
+# The test agents run as root (docs/ssh.md, "Who sessions run as").
+allow_root = true
 
 [[statement]]
 sid = "no-databases"
@@ -140,6 +142,7 @@ effect = "allow"
 groups = ["oncall"]
 actions = ["shell", "exec"]
 instances = ["web-*"]
+allow_root = true
 "#;
 
 #[test]
@@ -197,7 +200,7 @@ fn users_policies_explain_and_the_same_answer_for_unknown_and_denied() {
     let out = s.gw.postern(&["explain", "--user", "alice", "--target", "db-01", "--action", "shell"]);
     assert_eq!(out.status.code(), Some(1));
     let shown = text(&out.stdout);
-    assert!(shown.starts_with("DENY") && shown.contains("decided by: ops/no-databases (deny, line 13)"), "{shown}");
+    assert!(shown.starts_with("DENY") && shown.contains("decided by: ops/no-databases (deny, line 15)"), "{shown}");
     assert!(shown.contains("overridden allow: ops/prod-shells"), "{shown}");
     let out = s.gw.postern(&["explain", "--user", "alice", "--target", "web-01", "--action", "exec", "--json"]);
     assert_eq!(out.status.code(), Some(0));
@@ -396,6 +399,7 @@ users = ["alice"]
 actions = ["shell", "exec"]
 instances = ["web-*"]
 max_sessions = 1
+allow_root = true
 "#;
     assert!(s.apply("capped", policy).status.success());
     let child = s.spawn_session(&alice, "alice%web-01@127.0.0.1");
@@ -418,6 +422,7 @@ users = ["alice"]
 actions = ["shell", "exec"]
 instances = ["web-*"]
 max_sessions = 3
+allow_root = true
 "#;
 
 /// Whether a process whose command line contains `marker` runs (the agent runs as this user).

@@ -154,7 +154,7 @@ fn agent_supplied_text_cannot_drive_the_terminal() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
-        "name = \"all\"\n[[statement]]\nsid = \"all\"\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"exec\"]\nlabels = [\"env=rogue\"]\n",
+        "name = \"all\"\n[[statement]]\nsid = \"all\"\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"exec\"]\nlabels = [\"env=rogue\"]\nallow_root = true\n",
     )
     .unwrap();
     admin(&["policy", "apply", policy.to_str().unwrap()]);

@@ -38,7 +38,7 @@ impl SshSetup {
         keygen(&key);
         let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
         let users = format!(
-            "{ssh_settings}\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\n{more}",
+            "{ssh_settings}\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\nallow_root = true\n{more}",
             public.trim()
         );
         let gw = Gateway::start_on(listen, &users);
@@ -462,7 +462,7 @@ fn user_certificates_from_a_trusted_ca() {
     // bob has no keys at all: only certificates from the CA let him in.
     let s = SshSetup::with(
         &format!("user_ca_keys = [{:?}]", ca_pub.trim()),
-        "[[ssh.users]]\nname = \"bob\"\nkeys = []\ninstances = [\"web-*\"]\n",
+        "[[ssh.users]]\nname = \"bob\"\nkeys = []\ninstances = [\"web-*\"]\nallow_root = true\n",
     );
     let _agent = Agent::start(&s.gw, "web-08", vec![], &s.gw.listen);
     let bob = dir.path().join("bob");
@@ -570,15 +570,101 @@ fn shell_profiles_and_command_profiles() {
     let out = with("logs", &["alice@web-10.postern", "uname -a"]);
     assert_eq!(out.status.code(), Some(1));
 
-    // Root only when explicitly allowed; unknown profiles are refused.
+    // A profile may name root for a user allowed root (alice is: the test agents run as
+    // root); sessions_run_as_root_only_where_allowed covers the refusals. Unknown profiles
+    // are refused.
     let out = with("rooty", &["alice@web-10.postern", "id -un"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("root is not allowed"), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "root\n", "{}", text(&out.stderr));
     let out = with("nope", &["alice@web-10.postern", "true"]);
     assert!(text(&out.stderr).contains("not allowed for you"), "{}", text(&out.stderr));
 
     let events = s.gw.audit_events();
     assert!(events.iter().any(|e| e["event"] == "session.start" && e["profile"] == "logs"));
+}
+
+#[test]
+fn sessions_run_as_root_only_where_allowed() {
+    assert!(nix::unistd::Uid::effective().is_root(), "this test needs an agent running as root (CI runs as root)");
+    let keys = tempfile::tempdir().unwrap();
+    let key = |name: &str| {
+        let k = keys.path().join(name);
+        keygen(&k);
+        (k.clone(), std::fs::read_to_string(k.with_extension("pub")).unwrap().trim().to_owned())
+    };
+    let (bob, bob_pub) = key("bob");
+    let (carol, carol_pub) = key("carol");
+    // bob: no OS user named for him, no allow_root. carol: run_as nobody. alice (the
+    // fixture's user): allow_root = true.
+    let s = SshSetup::with(
+        "",
+        &format!(
+            "[[ssh.users]]\nname = \"bob\"\nkeys = [{bob_pub:?}]\ninstances = [\"web-*\"]\nprofiles = [\"rooty\"]\n\
+             [[ssh.users]]\nname = \"carol\"\nkeys = [{carol_pub:?}]\ninstances = [\"web-*\"]\nrun_as = \"nobody\"\n\
+             [[ssh.profiles]]\nname = \"rooty\"\nrun_as = \"root\"\n"
+        ),
+    );
+    let agent_cfg = s.dir.path().join("web-20.toml");
+    std::fs::write(&agent_cfg, "[limits]\nrun_as = [\"nobody\"]\n").unwrap();
+    let _agent = Agent::start_with(
+        &s.gw,
+        "web-20",
+        "env=test",
+        vec![],
+        &s.gw.listen,
+        &["--config", agent_cfg.to_str().unwrap()],
+    );
+    let as_user = |key: &Path, user: &str, extra: &[&str], command: &str| {
+        let extra: Vec<String> = extra.iter().map(|x| (*x).to_owned()).collect();
+        s.ssh_no_config(key, &extra, &format!("{user}%web-20@127.0.0.1"), command)
+    };
+
+    // The agent runs as root and nothing names another user for bob: refused, saying what
+    // to configure, and nothing ran.
+    let marker = s.dir.path().join("bob-ran");
+    for extra in [&[][..], &["-tt"][..]] {
+        let out = as_user(&bob, "bob", extra, &format!("touch {}", marker.display()));
+        let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_ne!(out.status.code(), Some(0), "{shown}");
+        assert!(
+            shown.contains("would run as root") && shown.contains("run_as") && shown.contains("allow_root"),
+            "{shown}"
+        );
+        assert!(!marker.exists(), "bob's command ran as root");
+    }
+    // sftp runs as the same user: refused too.
+    let batch = s.dir.path().join("batch");
+    std::fs::write(&batch, "ls /\n").unwrap();
+    let out = Command::new("timeout")
+        .args(["30", "sftp", "-P", &s.gw.ssh_port.to_string(), "-i"])
+        .arg(&bob)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", s.known_hosts().display()))
+        .arg("-b")
+        .arg(&batch)
+        .arg("bob%web-20@127.0.0.1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "sftp as bob: {}", text(&out.stdout));
+    // A profile naming root is refused for a user not allowed root.
+    let out = as_user(&bob, "bob", &["-o", "SetEnv=POSTERN_PROFILE=rooty"], "id -un");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("root is not allowed"), "{}", text(&out.stderr));
+
+    // carol has an OS user: her sessions run as nobody, through nobody's login shell (on
+    // Debian nologin, which answers for itself).
+    let out = as_user(&carol, "carol", &[], "id -un");
+    let shown = text(&out.stdout);
+    assert!(
+        shown == "nobody\n" || shown.contains("account is currently not available"),
+        "{shown}{}",
+        text(&out.stderr)
+    );
+    // alice is allowed root: the agent's own user.
+    let out = s.ssh(&["alice@web-20.postern", "id -u"]);
+    assert_eq!(text(&out.stdout), "0\n", "{}", text(&out.stderr));
+    let events = s.gw.audit_events();
+    assert!(events.iter().any(|e| e["event"] == "session.start" && e["user"] == "carol" && e["run_as"] == "nobody"));
 }
 
 #[test]

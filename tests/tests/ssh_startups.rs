@@ -24,7 +24,7 @@ impl Setup {
         sh(&format!("ssh-keygen -q -t ed25519 -N '' -C test -f {}", key.display()));
         let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
         let gw = Gateway::start(&format!(
-            "{ssh_settings}\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\n",
+            "{ssh_settings}\n[[ssh.users]]\nname = \"alice\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\nallow_root = true\n",
             public.trim()
         ));
         gw.write_known_hosts(&dir.path().join("known_hosts"));

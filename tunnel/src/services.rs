@@ -127,18 +127,37 @@ async fn reject(send: &mut quinn::SendStream, id: SessionId, code: ErrorCode, re
 
 type Outcome = Result<(), (quinn::SendStream, Rejection)>;
 
-/// The OS account a session runs as: `None` means the agent's own user.
+/// The OS account a session runs as: `user` is `None` when it is the agent's own user.
 struct RunAs {
     user: Option<nix::unistd::User>,
+    uid: nix::unistd::Uid,
     home: std::path::PathBuf,
     shell: String,
     name: String,
 }
 
-fn resolve_run_as(requested: Option<&str>, limits: &LocalLimits) -> Result<RunAs, Rejection> {
+/// What a user sees when a session would run as root without a policy allowing it.
+const ROOT_NOT_ALLOWED: &str = "this session would run as root and no policy allows root for you: \
+     name an OS user for you in a policy statement (run_as = [\"deploy\"], also listed in this \
+     agent's [limits] run_as) or allow root there (allow_root = true)";
+
+/// The account a session runs as: `requested`, or the agent's own user when none is named.
+/// Whatever the route, uid 0 needs `allow_root` from the gateway (a policy said so); a named
+/// user other than the agent's own also needs the agent's local `run_as` (and `allow_root`
+/// for root) and the agent running as root.
+fn resolve_run_as(requested: Option<&str>, allow_root: bool, limits: &LocalLimits) -> Result<RunAs, Rejection> {
+    let run_as = lookup_run_as(requested, limits)?;
+    if run_as.uid.is_root() && !allow_root {
+        return Err(Rejection(ErrorCode::Forbidden, ROOT_NOT_ALLOWED.into()));
+    }
+    Ok(run_as)
+}
+
+fn lookup_run_as(requested: Option<&str>, limits: &LocalLimits) -> Result<RunAs, Rejection> {
     use nix::unistd::{Uid, User};
     let me = User::from_uid(Uid::current()).ok().flatten();
     let describe = |u: &User, switch: bool| RunAs {
+        uid: u.uid,
         home: u.dir.clone(),
         shell: u.shell.to_str().filter(|s| !s.is_empty()).unwrap_or(&limits.default_shell).to_owned(),
         name: u.name.clone(),
@@ -147,6 +166,7 @@ fn resolve_run_as(requested: Option<&str>, limits: &LocalLimits) -> Result<RunAs
     match requested {
         None => Ok(me.as_ref().map(|u| describe(u, false)).unwrap_or_else(|| RunAs {
             user: None,
+            uid: Uid::current(),
             home: "/".into(),
             shell: limits.default_shell.clone(),
             name: Uid::current().to_string(),
@@ -178,6 +198,13 @@ fn resolve_run_as(requested: Option<&str>, limits: &LocalLimits) -> Result<RunAs
                 .ok()
                 .flatten()
                 .ok_or_else(|| Rejection(ErrorCode::BadRequest, format!("no such user {name:?} on this host")))?;
+            if user.uid.is_root() && !limits.allow_root {
+                // Another name for uid 0 (e.g. `toor`) is root all the same.
+                return Err(Rejection(
+                    ErrorCode::Forbidden,
+                    format!("{name:?} is root (uid 0), which this agent's local configuration does not allow"),
+                ));
+            }
             Ok(describe(&user, true))
         }
     }
@@ -262,7 +289,7 @@ async fn exec(
     mut recv: quinn::RecvStream,
     limits: &LocalLimits,
 ) -> Outcome {
-    let run_as = match resolve_run_as(req.run_as.as_deref(), limits) {
+    let run_as = match resolve_run_as(req.run_as.as_deref(), req.allow_root, limits) {
         Ok(r) => r,
         Err(rej) => return Err((send, rej)),
     };
@@ -372,7 +399,7 @@ async fn shell(
     mut recv: quinn::RecvStream,
     limits: &LocalLimits,
 ) -> Outcome {
-    let run_as = match resolve_run_as(req.run_as.as_deref(), limits) {
+    let run_as = match resolve_run_as(req.run_as.as_deref(), req.allow_root, limits) {
         Ok(r) => r,
         Err(rej) => return Err((send, rej)),
     };
@@ -589,14 +616,20 @@ mod tests {
 
     #[test]
     fn root_needs_explicit_permission() {
+        let am_root = nix::unistd::Uid::current().is_root();
+        let forbidden = |r: Result<RunAs, Rejection>| r.is_err_and(|Rejection(c, _)| c == ErrorCode::Forbidden);
         let l = LocalLimits { run_as: vec!["root".into()], ..LocalLimits::default() };
-        assert!(
-            resolve_run_as(Some("root"), &l).is_err_and(|Rejection(c, _)| c == ErrorCode::Forbidden)
-                || nix::unistd::Uid::current().is_root()
-        );
+        // Named root: the local allow_root is needed (unless root is the agent's own user).
+        assert!(forbidden(resolve_run_as(Some("root"), true, &l)) || am_root);
         let l = LocalLimits::default();
-        assert!(resolve_run_as(Some("nobody-such-user"), &l).is_err());
-        assert!(resolve_run_as(None, &l).is_ok());
+        assert!(resolve_run_as(Some("nobody-such-user"), true, &l).is_err());
+        // The agent's own user: fine unless that is root and no policy allows root.
+        assert!(resolve_run_as(None, true, &l).is_ok());
+        assert_eq!(forbidden(resolve_run_as(None, false, &l)), am_root);
+        if am_root {
+            let Err(Rejection(_, message)) = resolve_run_as(Some("root"), false, &l) else { panic!("root allowed") };
+            assert!(message.contains("allow_root") && message.contains("run_as"), "{message}");
+        }
     }
 
     #[test]

@@ -133,8 +133,56 @@ async fn collect(stream: &mut postern_tunnel::server::SessionStream) -> Output {
     }
 }
 
+/// An exec as the agent's own user, which may be root (these tests are not about root).
 fn exec_req(cmd: &str) -> SessionRequest {
-    SessionRequest::Exec(ExecRequest { command: ExecCommand::Shell(cmd.into()), env: vec![], run_as: None })
+    SessionRequest::Exec(ExecRequest {
+        command: ExecCommand::Shell(cmd.into()),
+        env: vec![],
+        run_as: None,
+        allow_root: true,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_run_as_root_only_when_the_gateway_allows_root() {
+    let am_root = nix::unistd::Uid::current().is_root();
+    let gw = gateway(TunnelSettings::default()).await;
+    let (_dir, id, _stop) = join_and_run(&gw, "t-root", LocalLimits::default()).await;
+    let not_allowed = |cmd: &str| {
+        SessionRequest::Exec(ExecRequest {
+            command: ExecCommand::Shell(cmd.into()),
+            env: vec![],
+            run_as: None,
+            allow_root: false,
+        })
+    };
+    let shell = SessionRequest::Shell(ShellRequest {
+        term: "xterm".into(),
+        cols: 80,
+        rows: 24,
+        env: vec![],
+        run_as: None,
+        command: Some("id -u".into()),
+        allow_root: false,
+    });
+    for request in [not_allowed("id -u"), shell] {
+        match gw.registry.open_session(&id, request).await {
+            // An agent running as root refuses: the session would run as uid 0.
+            Err(e) => {
+                assert!(am_root, "a non-root agent refused: {e}");
+                assert!(e.to_string().contains("allow_root"), "{e}");
+            }
+            Ok(mut s) => {
+                assert!(!am_root, "an agent running as root ran a session without allow_root");
+                let out = collect(&mut s).await;
+                assert_ne!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+            }
+        }
+    }
+    // With allow_root the agent's own user, root or not, runs it.
+    let out = collect(&mut gw.registry.open_session(&id, exec_req("id -u")).await.unwrap()).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), nix::unistd::Uid::current().to_string());
+    gw.shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +229,7 @@ async fn pty_shell_with_resize() {
                 env: vec![],
                 run_as: None,
                 command: Some("stty size; echo TERM=$TERM; test -t 0 && echo tty; read line; stty size; exit 7".into()),
+                allow_root: true,
             }),
         )
         .await

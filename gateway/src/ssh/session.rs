@@ -37,6 +37,7 @@ fn plan(
     mut env: Vec<(String, String)>,
     profile: &Profile,
     run_as: Option<&str>,
+    allow_root: bool,
 ) -> Result<SessionRequest, String> {
     let run_as = run_as.map(str::to_owned);
     env.extend(profile.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -54,7 +55,8 @@ fn plan(
             Request::Subsystem(_) => Some(SFTP_SERVER.to_owned()),
         }
     };
-    let exec = |command: String, env, run_as| ExecRequest { command: ExecCommand::Shell(command), env, run_as };
+    let exec =
+        |command: String, env, run_as| ExecRequest { command: ExecCommand::Shell(command), env, run_as, allow_root };
     Ok(match (command, pty) {
         (Some(c), _) if matches!(request, Request::Subsystem(_)) => SessionRequest::Exec(exec(c, env, run_as)),
         (command, Some(p)) => SessionRequest::Shell(ShellRequest {
@@ -64,6 +66,7 @@ fn plan(
             env,
             run_as,
             command,
+            allow_root,
         }),
         (Some(c), None) => SessionRequest::Exec(exec(c, env, run_as)),
         (None, None) => SessionRequest::Exec(exec("exec \"$SHELL\" -l".into(), env, run_as)),
@@ -200,7 +203,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
         Request::Exec(c) => Some(c.clone()),
         Request::Subsystem(_) => Some("sftp".to_owned()),
     };
-    let agent_request = match plan(&request, pty.as_ref(), env, &profile, authz.run_as()) {
+    let agent_request = match plan(&request, pty.as_ref(), env, &profile, authz.run_as(), authz.allow_root()) {
         Ok(r) => r,
         Err(message) => {
             refuse(&wr, &message, 1).await;
