@@ -4,7 +4,9 @@
 //! - no import cycles between module files in `gateway/src`, `gateway/core/src` and
 //!   `gateway/client/src`;
 //! - the layer table `LAYERS` below holds for `gateway/src`: a module imports only its own
-//!   layer or lower ones, and the front doors never import one another.
+//!   layer or lower ones, and the front doors never import one another;
+//! - every entry of the mutation matrix (tests/mutations.toml) still names code that exists
+//!   exactly once (`tests/mutate --check`), so the matrix cannot go stale unnoticed.
 //!
 //! The scanner is deliberately small: it strips comments, string and char literals and
 //! `#[cfg(test)]` items, then reads `use` trees and `crate::`/`super::`/`self::` paths (and
@@ -54,6 +56,21 @@ fn workspace_root() -> PathBuf {
 fn scan_real(rel: &str) -> Tree {
     let dir = workspace_root().join(rel);
     scan(&dir, rel).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_mutation_matrix_names_code_that_exists() {
+    let out = std::process::Command::new("python3")
+        .arg(workspace_root().join("tests/mutate"))
+        .arg("--check")
+        .output()
+        .expect("python3 runs tests/mutate");
+    assert!(
+        out.status.success(),
+        "tests/mutations.toml is stale (fix `find` where the code moved):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
