@@ -481,6 +481,36 @@ fn user_certificates_from_a_trusted_ca() {
     // A certificate for another principal does not make its holder bob.
     let wrong = login("mallory");
     assert_eq!(wrong.status.code(), Some(255), "{}", text(&wrong.stdout));
+
+    // A certificate from a CA the gateway does not trust is no login at all.
+    let rogue_ca = dir.path().join("rogue_ca");
+    keygen(&rogue_ca);
+    let sign = |ca: &Path, principal: &str| {
+        sh(&format!(
+            "ssh-keygen -q -s {} -I cert-{principal} -n {principal} -V -5m:+1h {}",
+            ca.display(),
+            bob.with_extension("pub").display()
+        ))
+    };
+    sign(&rogue_ca, "bob");
+    let cert = vec!["-o".to_owned(), format!("CertificateFile={}-cert.pub", bob.display())];
+    let rogue = s.ssh_no_config(&bob, &cert, "bob%web-08@127.0.0.1", "echo cert-ok");
+    assert_eq!(rogue.status.code(), Some(255), "{}", text(&rogue.stdout));
+    assert!(text(&rogue.stdout).is_empty());
+
+    // Users of the store: without principals of their own, the certificate must name the
+    // user; with principals, one of those (the name alone is not enough). Authenticated but
+    // not allowed anywhere shows as "access denied" (1), not authenticated as 255.
+    assert!(s.gw.postern(&["user", "add", "dave"]).status.success());
+    assert!(s.gw.postern(&["user", "add", "carol", "--principal", "ops-carol"]).status.success());
+    let as_user = |user: &str, principal: &str| {
+        sign(&ca, principal);
+        s.ssh_no_config(&bob, &cert, &format!("{user}%web-08@127.0.0.1"), "true").status.code()
+    };
+    assert_eq!(as_user("dave", "dave"), Some(1));
+    assert_eq!(as_user("dave", "mallory"), Some(255));
+    assert_eq!(as_user("carol", "ops-carol"), Some(1));
+    assert_eq!(as_user("carol", "carol"), Some(255));
 }
 
 #[test]
