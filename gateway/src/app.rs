@@ -389,14 +389,16 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         audit.checkpoint(true).context("writing a checkpoint after the accepted truncation")?;
     }
     audit.set_stdout(config.audit.stdout);
-    let directory = Arc::new(StoreDirectory::new(store.clone(), audit.clone()));
+    let directory = Arc::new(StoreDirectory::new(store.clone(), audit.clone(), config.refusal_interval()));
     let settings = TunnelSettings {
         agent_cert_ttl: config.agent_cert_ttl()?,
         max_agents: config.tunnel.max_agents,
+        max_enrollments: config.tunnel.max_enrollments,
+        max_enrollments_per_source: config.tunnel.max_enrollments_per_source,
         ..TunnelSettings::default()
     };
-    let server =
-        TunnelServer::bind(config.tunnel.listen, ca.clone(), directory, settings, &reset_key).with_context(|| {
+    let server = TunnelServer::bind(config.tunnel.listen, ca.clone(), directory.clone(), settings, &reset_key)
+        .with_context(|| {
             format!("listening for agents on udp {} (is another gateway running?)", config.tunnel.listen)
         })?;
     let tunnel_addr = server.local_addr()?;
@@ -454,6 +456,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let tasks = tokio_util::task::TaskTracker::new();
     let listener = crate::admin::bind(&admin_socket_path(&dir))?;
     tasks.spawn(server.serve(shutdown.clone()));
+    tasks.spawn(directory.summarise_refusals(shutdown.clone()));
     tasks.spawn(crate::enforcer::enforce(
         state.authorizer.clone(),
         state.sessions.clone(),

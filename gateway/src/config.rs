@@ -33,8 +33,13 @@ pub struct RdpConfig {
     pub public_address: Option<String>,
     /// How long a routing token stays valid ("5m"; at most "1h"). Tokens are single-use.
     pub token_ttl: String,
-    /// Time a client has to send the preconnection blob and connection request ("10s").
+    /// Time a client has to send the preconnection blob and connection request ("5s").
     pub handshake_timeout: String,
+    /// Most connections still before their token (reading the preconnection blob and
+    /// connection request) at once; more are closed on arrival.
+    pub max_handshakes: usize,
+    /// Most of those from one source address.
+    pub max_handshakes_per_source: usize,
 }
 
 impl Default for RdpConfig {
@@ -44,7 +49,9 @@ impl Default for RdpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 3389)),
             public_address: None,
             token_ttl: "5m".into(),
-            handshake_timeout: "10s".into(),
+            handshake_timeout: "5s".into(),
+            max_handshakes: 256,
+            max_handshakes_per_source: 10,
         }
     }
 }
@@ -87,6 +94,11 @@ pub struct AuditConfig {
     /// bytes ("1GiB"), a percentage of the file system ("5%") or "0" (no check). Not set:
     /// the smaller of 1 GiB and 5 % of the file system.
     pub min_free_space: Option<String>,
+    /// Refusals of connections that never proved who they are (RDP connections without a
+    /// valid token, enrollments with a bad token) are written at most once per source
+    /// address per interval: the first at once, then one summary with a `count` ("10s";
+    /// "0" writes every refusal).
+    pub refusal_interval: String,
 }
 
 impl AuditConfig {
@@ -117,6 +129,7 @@ impl Default for AuditConfig {
             accept_truncation: None,
             max_recording_bytes: 1 << 30,
             min_free_space: None,
+            refusal_interval: "10s".into(),
         }
     }
 }
@@ -226,6 +239,10 @@ pub struct TunnelConfig {
     pub agent_cert_ttl: String,
     /// Most agents connected at once; more are refused.
     pub max_agents: usize,
+    /// Most enrollments (`postern-agent join`) in progress at once; more are refused.
+    pub max_enrollments: usize,
+    /// Most enrollments in progress from one source address.
+    pub max_enrollments_per_source: usize,
 }
 
 /// Switches for load tests. Never enable in production.
@@ -256,8 +273,22 @@ impl Default for TunnelConfig {
             advertise: None,
             agent_cert_ttl: "30d".into(),
             max_agents: 50_000,
+            max_enrollments: 64,
+            max_enrollments_per_source: 8,
         }
     }
+}
+
+/// A cap in all and its per-source part (`NAME` and `NAME_per_source`): both at least 1, the
+/// part no larger than the whole.
+fn check_caps(path: &Path, name: &str, total: usize, per_source: usize) -> anyhow::Result<()> {
+    if total == 0 || per_source == 0 {
+        anyhow::bail!("{}: {name} and {name}_per_source must be at least 1", path.display());
+    }
+    if per_source > total {
+        anyhow::bail!("{}: {name}_per_source may not exceed {name}", path.display());
+    }
+    Ok(())
 }
 
 /// Longest routing-token lifetime `[rdp] token_ttl` may set.
@@ -338,6 +369,15 @@ impl GatewayConfig {
         }
         parse_duration(&cfg.rdp.handshake_timeout)
             .with_context(|| format!("{}: [rdp] handshake_timeout", path.display()))?;
+        check_caps(path, "[rdp] max_handshakes", cfg.rdp.max_handshakes, cfg.rdp.max_handshakes_per_source)?;
+        check_caps(
+            path,
+            "[tunnel] max_enrollments",
+            cfg.tunnel.max_enrollments,
+            cfg.tunnel.max_enrollments_per_source,
+        )?;
+        parse_limit(&cfg.audit.refusal_interval)
+            .with_context(|| format!("{}: [audit] refusal_interval", path.display()))?;
         cfg.audit.min_free_space().with_context(|| path.display().to_string())?;
         if cfg.audit.max_recording_bytes != 0 && cfg.audit.max_recording_bytes < 4096 {
             anyhow::bail!("{}: [audit] max_recording_bytes must be at least 4096 (or 0: no limit)", path.display());
@@ -355,7 +395,12 @@ impl GatewayConfig {
 
     /// `[rdp] handshake_timeout`, checked at load.
     pub fn rdp_handshake_timeout(&self) -> Duration {
-        parse_duration(&self.rdp.handshake_timeout).unwrap_or(Duration::from_secs(10))
+        parse_duration(&self.rdp.handshake_timeout).unwrap_or(Duration::from_secs(5))
+    }
+
+    /// `[audit] refusal_interval`, checked at load (zero: every refusal is written).
+    pub fn refusal_interval(&self) -> Duration {
+        parse_limit(&self.audit.refusal_interval).map(Option::unwrap_or_default).unwrap_or(Duration::from_secs(10))
     }
 
     /// `[ssh] login_grace_time`, checked at load: `None` when disabled with "0".
@@ -397,5 +442,26 @@ mod tests {
         assert!(load("max_startups_per_source = 0").is_err());
         assert!(load("max_startups = 5\nmax_startups_per_source = 6").is_err());
         assert!(load("max_startups = 5\nmax_startups_per_source = 5").is_ok());
+    }
+
+    #[test]
+    fn unauthenticated_caps_and_refusal_interval_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let p = dir.path().join("g.toml");
+            std::fs::write(&p, text).unwrap();
+            GatewayConfig::load(&p)
+        };
+        let cfg = load("").unwrap();
+        assert_eq!((cfg.rdp.max_handshakes, cfg.rdp.max_handshakes_per_source), (256, 10));
+        assert_eq!(cfg.rdp_handshake_timeout(), Duration::from_secs(5));
+        assert_eq!((cfg.tunnel.max_enrollments, cfg.tunnel.max_enrollments_per_source), (64, 8));
+        assert_eq!(cfg.refusal_interval(), Duration::from_secs(10));
+        assert_eq!(load("[audit]\nrefusal_interval = \"0\"").unwrap().refusal_interval(), Duration::ZERO);
+        assert!(load("[audit]\nrefusal_interval = \"often\"").is_err());
+        assert!(load("[rdp]\nmax_handshakes_per_source = 0").is_err());
+        assert!(load("[rdp]\nmax_handshakes = 4\nmax_handshakes_per_source = 5").is_err());
+        assert!(load("[tunnel]\nmax_enrollments = 0").is_err());
+        assert!(load("[tunnel]\nmax_enrollments = 8\nmax_enrollments_per_source = 9").is_err());
     }
 }

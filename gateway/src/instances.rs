@@ -11,6 +11,7 @@ use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refus
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use crate::accept::{FailureBackoff, RefusalDigest};
 use crate::audit::AuditLog;
 use crate::audit::events::{
     AgentConnected, AgentDisconnected, AgentEnrollRefused, AgentEnrolled, AgentProtocolViolation, AgentRefused,
@@ -188,21 +189,71 @@ impl Instances {
     }
 }
 
-/// The tunnel's view of the store, with audit events for every decision.
+/// The tunnel's view of the store, with audit events for every decision. Enrollments with
+/// a bad token are not told apart from a flood: an address refused again and again is
+/// shut out for a growing while (no store lookup), and the refusals are audited once per
+/// address per interval (`[audit] refusal_interval`), with a count.
 pub struct StoreDirectory {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
+    backoff: FailureBackoff,
+    refusals: Arc<RefusalDigest<AgentEnrollRefused>>,
 }
 
 impl StoreDirectory {
-    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>) -> Self {
-        StoreDirectory { store, audit }
+    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, refusal_interval: std::time::Duration) -> Self {
+        StoreDirectory {
+            store,
+            audit,
+            backoff: FailureBackoff::default(),
+            refusals: Arc::new(RefusalDigest::new(refusal_interval)),
+        }
+    }
+
+    /// Write the summaries of refused enrollments as their intervals end, until `shutdown`.
+    pub fn summarise_refusals(
+        &self,
+        shutdown: postern_tunnel::CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let audit = self.audit.clone();
+        self.refusals.clone().summarise(
+            move |last: AgentEnrollRefused, count| {
+                let _ = audit.event(&Event::AgentEnrollRefused(AgentEnrollRefused { count: Some(count), ..last }));
+            },
+            shutdown,
+        )
+    }
+
+    /// Audit a refused enrollment (at once, or counted for the source's summary).
+    fn refused(&self, remote: SocketAddr, refusal: AgentEnrollRefused) {
+        if let Some(r) = self.refusals.refused(remote.ip(), refusal, std::time::Instant::now()) {
+            let _ = self.audit.event(&Event::AgentEnrollRefused(r));
+        }
     }
 }
 
 impl AgentDirectory for StoreDirectory {
     async fn enroll(&self, token: &str, req: &EnrollRequest, remote: SocketAddr) -> Result<EnrolledAgent, Refusal> {
         let hash = token_hash(token);
+        let now = std::time::Instant::now();
+        if let Some(wait) = self.backoff.blocked(remote.ip(), now) {
+            // Refused again without a look at the store; audited with the others.
+            let message = format!(
+                "too many refused enrollments from this address; retry in {} s",
+                wait.as_secs().saturating_add(1)
+            );
+            self.refused(
+                remote,
+                AgentEnrollRefused {
+                    source: remote.to_string(),
+                    token_id: token_id(&hash),
+                    hostname: name_from_hostname(&req.hostname),
+                    reason: message.clone(),
+                    count: None,
+                },
+            );
+            return Err(Refusal { code: ErrorCode::Unavailable, message });
+        }
         let id = random_hex(8)
             .map(|h| format!("ag-{h}"))
             .map_err(|e| Refusal { code: ErrorCode::Internal, message: e.to_string() })?;
@@ -215,16 +266,24 @@ impl AgentDirectory for StoreDirectory {
         };
         let outcome = self.store.redeem_token(&hash, &new).await;
         let refuse = |code: ErrorCode, message: &str| {
-            let _ = self.audit.event(&Event::AgentEnrollRefused(AgentEnrollRefused {
-                source: remote.to_string(),
-                token_id: token_id(&hash),
-                hostname: new.hostname.clone(),
-                reason: message.to_owned(),
-            }));
+            if code != ErrorCode::Internal {
+                self.backoff.failed(remote.ip(), now);
+            }
+            self.refused(
+                remote,
+                AgentEnrollRefused {
+                    source: remote.to_string(),
+                    token_id: token_id(&hash),
+                    hostname: new.hostname.clone(),
+                    reason: message.to_owned(),
+                    count: None,
+                },
+            );
             Refusal { code, message: message.to_owned() }
         };
         match outcome {
             Ok(Ok(rec)) => {
+                self.backoff.succeeded(remote.ip());
                 let _ = self.audit.event(&Event::AgentEnrolled(AgentEnrolled {
                     source: remote.to_string(),
                     agent_id: rec.id.clone(),

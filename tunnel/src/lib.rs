@@ -2,6 +2,8 @@
 //!
 //! - gateway side ([`server`]): listener, enrollment, [`server::AgentRegistry`] of online
 //!   agents, [`server::AgentRegistry::open_session`];
+//! - caps on connections per source address ([`slots`]), for enrollment and the gateway's
+//!   doors;
 //! - agent side ([`agent`]): `join`, the dial loop with backoff and renewal, and the local
 //!   [`services`] (PTY shell, exec, TCP connect) that serve session streams.
 //!
@@ -12,6 +14,7 @@ pub mod pki;
 pub mod renewal;
 pub mod server;
 pub mod services;
+pub mod slots;
 pub mod tls;
 
 pub use tokio_util::sync::CancellationToken;

@@ -11,12 +11,12 @@ use postern_proto::{
     EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, FrameError, Hello, HelloAck, Message, OpenSession, SessionId,
     SessionRequest, StreamKind, read_frame, write_frame,
 };
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::pki::{CertAuthority, cert_info};
 use crate::renewal::{RenewalGate, Validity};
+use crate::slots::{Full, SourceSlots};
 use crate::tls::TransportTimers;
 
 /// How long a peer may take for one handshake step (TLS, first frame, reply).
@@ -109,8 +109,11 @@ pub struct TunnelSettings {
     pub agent_cert_ttl: Duration,
     /// Upper bound on connected agents; further connections are refused.
     pub max_agents: usize,
-    /// Upper bound on enrollments in progress at once.
+    /// Upper bound on enrollments in progress at once ...
     pub max_enrollments: usize,
+    /// ... and from one source address, so that idle enrollment connections from one
+    /// address cannot take every place.
+    pub max_enrollments_per_source: usize,
 }
 
 impl Default for TunnelSettings {
@@ -120,6 +123,7 @@ impl Default for TunnelSettings {
             agent_cert_ttl: Duration::from_secs(30 * 24 * 3600),
             max_agents: 50_000,
             max_enrollments: 64,
+            max_enrollments_per_source: 8,
         }
     }
 }
@@ -338,7 +342,7 @@ impl<D: AgentDirectory> TunnelServer<D> {
     /// the close to reach agents.
     pub async fn serve(self, shutdown: CancellationToken) {
         let tasks = tokio_util::task::TaskTracker::new();
-        let enrollments = Arc::new(Semaphore::new(self.settings.max_enrollments));
+        let enrollments = SourceSlots::new(self.settings.max_enrollments, self.settings.max_enrollments_per_source);
         let renewals = Arc::new(RenewalGate::new(self.settings.agent_cert_ttl));
         loop {
             let incoming = tokio::select! {
@@ -374,7 +378,7 @@ struct ConnCtx<D> {
     directory: Arc<D>,
     ca: Arc<CertAuthority>,
     settings: TunnelSettings,
-    enrollments: Arc<Semaphore>,
+    enrollments: Arc<SourceSlots>,
     renewals: Arc<RenewalGate>,
     shutdown: CancellationToken,
 }
@@ -416,9 +420,16 @@ async fn violation<D: AgentDirectory>(ctx: &ConnCtx<D>, conn: &quinn::Connection
 }
 
 async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connection, remote: SocketAddr) {
-    let Ok(_permit) = ctx.enrollments.clone().try_acquire_owned() else {
-        conn.close(close::REFUSED.into(), b"too many enrollments in progress, retry later");
-        return;
+    let _slot = match ctx.enrollments.admit(remote.ip()) {
+        Ok(s) => s,
+        Err(Full::Total) => {
+            return conn.close(close::REFUSED.into(), b"too many enrollments in progress, retry later");
+        }
+        Err(Full::Source) => {
+            debug!("too many enrollments in progress from this address; refusing");
+            return conn
+                .close(close::REFUSED.into(), b"too many enrollments in progress from this address, retry later");
+        }
     };
     let step = async {
         let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;

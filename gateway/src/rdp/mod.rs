@@ -11,11 +11,18 @@
 //!
 //! Without a valid token nothing is dialled: the connection is closed and `session.denied`
 //! is written, with the cookie and protocols from the Connection Request when it parsed.
+//!
+//! Before its token is redeemed a connection has proved nothing, so that phase is bounded:
+//! at most `[rdp] max_handshakes` connections at once and `max_handshakes_per_source` from
+//! one address (more are closed on arrival), each for at most `handshake_timeout`; and its
+//! refusals are audited at most once per address per `[audit] refusal_interval`, the rest
+//! as one summary with a `count`. Refusals of a redeemed token (policy) name a user and are
+//! always written.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postern_proto::SessionRequest;
 use postern_tunnel::CancellationToken;
@@ -24,6 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::accept::{Full, RefusalDigest, Slot, SourceSlots};
 use crate::access::Authorization;
 use crate::audit::events::{
     Event, RdpClose, RdpDenied, RdpFailed, RdpMode, RdpOpen, RdpRequest, RdpTokenHolder, SessionDenied,
@@ -34,16 +42,25 @@ use crate::rdp_wire::token::Claims;
 use crate::services::Services;
 use postern_core::{Action, Identity};
 
-/// Connections still in their preamble at once; more are closed on arrival.
-const MAX_HANDSHAKES: usize = 256;
+/// Refusals before a token was redeemed, audited once per source per interval.
+type Denials = RefusalDigest<RdpDenied>;
 
 pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: CancellationToken) {
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let rdp = &state.config.rdp;
+    let handshakes = SourceSlots::new(rdp.max_handshakes, rdp.max_handshakes_per_source);
+    let denials = Arc::new(Denials::new(state.config.refusal_interval()));
+    let audit = state.audit.clone();
+    let summaries = tokio::spawn(denials.clone().summarise(
+        move |last: RdpDenied, count| {
+            let _ = audit.event(&Event::SessionDenied(SessionDenied::Rdp(RdpDenied { count: Some(count), ..last })));
+        },
+        shutdown.clone(),
+    ));
     let mut prune = tokio::time::interval(Duration::from_secs(60));
     let mut backoff = crate::accept::AcceptBackoff::default();
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = prune.tick() => {
                 state.rdp_tokens.prune();
                 continue;
@@ -53,35 +70,78 @@ pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: Cancel
                 Err(e) => { backoff.failed("rdp", &e).await; continue; }
             },
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            debug!(%peer, "too many rdp handshakes in progress; closing");
-            continue;
+        let slot = match handshakes.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(full) => {
+                // Closed at once (dropping the stream), before any work is spent on it.
+                debug!(%peer, ?full, "too many rdp handshakes in progress; closing");
+                let (cap, limit) = match full {
+                    Full::Total => ("max_handshakes", handshakes.max_total()),
+                    Full::Source => ("max_handshakes_per_source", handshakes.max_per_source()),
+                };
+                deny_unproven(
+                    &state,
+                    &denials,
+                    peer,
+                    format!("too many connections still in their handshake ([rdp] {cap} = {limit})"),
+                    "too-many-handshakes",
+                    None,
+                );
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let st = state.clone();
         let stop = shutdown.clone();
+        let denials = denials.clone();
         tokio::spawn(
             async move {
                 tokio::select! {
-                    _ = handle(st, tcp, peer, permit) => {}
+                    _ = handle(st, &denials, tcp, peer, slot) => {}
                     _ = stop.cancelled() => {}
                 }
             }
             .instrument(info_span!("rdp", %peer)),
         );
     }
+    let _ = tokio::time::timeout(Duration::from_secs(3), summaries).await;
 }
 
-async fn handle(state: Arc<Services>, mut tcp: TcpStream, peer: SocketAddr, permit: tokio::sync::OwnedSemaphorePermit) {
-    // `session.denied`, with what the client's connection request said once it was read.
-    let denied = |reason: String, code: &str, token: Option<RdpTokenHolder>, seen: Option<&Preamble>| {
+/// `session.denied` for a connection that has not redeemed a token: at once if it is the
+/// first from its address this interval, else counted for the summary.
+fn deny_unproven(
+    state: &Services,
+    denials: &Denials,
+    peer: SocketAddr,
+    reason: String,
+    code: &str,
+    seen: Option<&Preamble>,
+) {
+    let denial = RdpDenied {
+        action: Action::Rdp,
+        source: peer.to_string(),
+        reason,
+        code: code.to_owned(),
+        token: None,
+        request: seen.map(rdp_request),
+        count: None,
+    };
+    if let Some(d) = denials.refused(peer.ip(), denial, Instant::now()) {
+        let _ = state.audit.event(&Event::SessionDenied(SessionDenied::Rdp(d)));
+    }
+}
+
+async fn handle(state: Arc<Services>, denials: &Denials, mut tcp: TcpStream, peer: SocketAddr, slot: Slot) {
+    // `session.denied` once the token was redeemed: it names a user, so always written.
+    let denied = |reason: String, code: &str, token: RdpTokenHolder, seen: &Preamble| {
         let _ = state.audit.event(&Event::SessionDenied(SessionDenied::Rdp(RdpDenied {
             action: Action::Rdp,
             source: peer.to_string(),
             reason,
             code: code.to_owned(),
-            token,
-            request: seen.map(rdp_request),
+            token: Some(token),
+            request: Some(rdp_request(seen)),
+            count: None,
         })));
     };
     let holder =
@@ -91,26 +151,28 @@ async fn handle(state: Arc<Services>, mut tcp: TcpStream, peer: SocketAddr, perm
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             info!(reason = %e, "rdp connection refused");
-            denied(e.to_string(), e.code(), None, None);
+            deny_unproven(&state, denials, peer, e.to_string(), e.code(), None);
             return;
         }
         Err(_) => {
             info!("rdp preamble timed out");
-            denied(
+            deny_unproven(
+                &state,
+                denials,
+                peer,
                 format!("no preconnection blob and connection request within {}s", limit.as_secs()),
                 "timeout",
-                None,
                 None,
             );
             return;
         }
     };
-    drop(permit);
+    drop(slot);
     let claims = match state.rdp_tokens.redeem(&pre.token) {
         Ok(c) => c,
         Err(e) => {
             info!(reason = %e, "rdp token refused");
-            denied(e.to_string(), e.code(), None, Some(&pre));
+            deny_unproven(&state, denials, peer, e.to_string(), e.code(), Some(&pre));
             return;
         }
     };
@@ -121,13 +183,13 @@ async fn handle(state: Arc<Services>, mut tcp: TcpStream, peer: SocketAddr, perm
             denied(
                 "the instance is now a different agent than when the token was issued".to_owned(),
                 "instance-changed",
-                Some(holder(&claims)),
-                Some(&pre),
+                holder(&claims),
+                &pre,
             );
             return;
         }
         Err(msg) => {
-            denied(msg.to_owned(), "policy", Some(holder(&claims)), Some(&pre));
+            denied(msg.to_owned(), "policy", holder(&claims), &pre);
             return;
         }
     };

@@ -11,8 +11,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::handler::{ConnHandler, run_connection};
 use super::settings::{Throttle, server_config};
-use super::startups::{Full, LoginDeadline, Startups};
-use crate::accept::{AcceptBackoff, LogLimiter};
+use super::startups::{LoginDeadline, Startups};
+use crate::accept::{AcceptBackoff, Full, LogLimiter};
 use crate::services::Services;
 
 /// Accept SSH connections until `shutdown`.

@@ -3,62 +3,42 @@
 //! A connection beyond either cap is closed as soon as it is accepted; a connection gives
 //! its place back when it authenticates or ends.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use postern_tunnel::CancellationToken;
 
+use crate::accept::{Full, Slot, SourceSlots};
+
+/// The startups in progress: a per-source table of places.
 #[derive(Debug)]
 pub(super) struct Startups {
-    max_total: usize,
-    max_per_source: usize,
-    /// Startups in progress: in all, and by source address.
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-/// Why a connection was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Full {
-    Total,
-    Source,
+    slots: Arc<SourceSlots>,
 }
 
 /// One connection's place among the startups, given back when dropped. Its token is
 /// cancelled when the connection authenticates.
 #[derive(Debug)]
 pub(super) struct Startup {
-    table: Arc<Startups>,
-    source: IpAddr,
+    _slot: Slot,
     authenticated: CancellationToken,
 }
 
 impl Startups {
-    pub(super) fn new(max_total: usize, max_per_source: usize) -> Arc<Self> {
-        Arc::new(Self { max_total, max_per_source, open: Mutex::new((0, HashMap::new())) })
+    pub(super) fn new(max_total: usize, max_per_source: usize) -> Self {
+        Self { slots: SourceSlots::new(max_total, max_per_source) }
     }
 
     /// A place for a new connection from `source`, or which cap it is over.
-    pub(super) fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Startup, Full> {
-        let Ok(mut open) = self.open.lock() else { return Err(Full::Total) };
-        let (total, by_source) = &mut *open;
-        if *total >= self.max_total {
-            return Err(Full::Total);
-        }
-        let n = by_source.entry(source).or_insert(0);
-        if *n >= self.max_per_source {
-            return Err(Full::Source);
-        }
-        *n += 1;
-        *total += 1;
-        Ok(Startup { table: self.clone(), source, authenticated: CancellationToken::new() })
+    pub(super) fn admit(&self, source: IpAddr) -> Result<Startup, Full> {
+        let slot = self.slots.admit(source)?;
+        Ok(Startup { _slot: slot, authenticated: CancellationToken::new() })
     }
 
     /// Startups in progress (in all, from `source`).
     #[cfg(test)]
     fn count(&self, source: IpAddr) -> (usize, usize) {
-        let open = self.open.lock().unwrap();
-        (open.0, open.1.get(&source).copied().unwrap_or(0))
+        self.slots.taken(source)
     }
 }
 
@@ -71,20 +51,6 @@ impl Startup {
     /// The connection authenticated: give the place back and tell the connection task.
     pub(super) fn authenticated(self) {
         self.authenticated.cancel();
-    }
-}
-
-impl Drop for Startup {
-    fn drop(&mut self) {
-        let Ok(mut open) = self.table.open.lock() else { return };
-        let (total, by_source) = &mut *open;
-        *total = total.saturating_sub(1);
-        if let Some(n) = by_source.get_mut(&self.source) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                by_source.remove(&self.source);
-            }
-        }
     }
 }
 
@@ -156,6 +122,5 @@ mod tests {
         assert_eq!(t.count(b), (3, 0));
         drop(held);
         assert_eq!(t.count(a), (0, 0));
-        assert!(t.open.lock().unwrap().1.is_empty(), "no entry left for idle sources");
     }
 }

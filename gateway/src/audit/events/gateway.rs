@@ -38,13 +38,17 @@ pub struct AgentEnrolled {
     pub token_id: String,
 }
 
-/// `agent.enroll_refused`.
+/// `agent.enroll_refused`. Written once per source address per interval: the first refusal
+/// at once, then a summary (the last refusal) with `count`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentEnrollRefused {
     pub source: String,
     pub token_id: String,
     pub hostname: String,
     pub reason: String,
+    /// On a summary: how many refusals from this address it stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// `agent.connected`: its tunnel is up.

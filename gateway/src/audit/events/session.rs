@@ -206,6 +206,10 @@ pub struct RdpDenied {
     /// Once the connection request was read.
     #[serde(flatten)]
     pub request: Option<RdpRequest>,
+    /// On a summary of refusals before a token was redeemed: how many connections from
+    /// this address it stands for (docs/rdp.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

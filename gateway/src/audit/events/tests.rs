@@ -153,10 +153,16 @@ fn shapes_without_a_doc_example_serialize_as_before() {
         code: s("timeout"),
         token: None,
         request: None,
+        count: None,
     };
     check(
         Event::SessionDenied(SessionDenied::Rdp(early.clone())),
         json!({"reason": "late", "code": "timeout", "action": "rdp", "source": "1.2.3.4:5"}),
+    );
+    // A summary of refusals from one address.
+    check(
+        Event::SessionDenied(SessionDenied::Rdp(RdpDenied { count: Some(299), ..early.clone() })),
+        json!({"reason": "late", "code": "timeout", "action": "rdp", "source": "1.2.3.4:5", "count": 299}),
     );
     check(
         Event::SessionDenied(SessionDenied::Rdp(RdpDenied {
