@@ -106,7 +106,8 @@ fn agent_comes_back_within_5s_after_gateway_restart() {
 
 #[test]
 fn tokens_reused_expired_or_wrong_pin_are_refused() {
-    let gw = Gateway::start("");
+    // Every refusal written on its own, to read each reason (rogue.rs tests the summaries).
+    let gw = Gateway::start("[audit]\nrefusal_interval = \"0\"");
     let dir = tempfile::tempdir().unwrap();
 
     let (token, pin) = gw.token(&[]);

@@ -466,7 +466,9 @@ fn raw(s: &Setup, bytes: &[u8], close_write: bool) -> (Vec<u8>, Duration) {
 
 #[test]
 fn refusals_are_audited_and_never_dial_the_host() {
-    let s = Setup::new("token_ttl = \"5s\"\nhandshake_timeout = \"2s\"");
+    // Every refusal written on its own (they all come from 127.0.0.1): this test reads them
+    // one by one; the summaries are tested below.
+    let s = Setup::new("token_ttl = \"5s\"\nhandshake_timeout = \"2s\"\n[audit]\nrefusal_interval = \"0\"");
     let echo = Echo::start();
     let _win = s.agent("win-01", &format!("127.0.0.1:{}", echo.port));
     let _other = s.agent("web-01", &format!("127.0.0.1:{}", echo.port));
@@ -618,4 +620,103 @@ fn refusals_are_audited_and_never_dial_the_host() {
 
     let out = s.gw.postern(&["audit", "verify"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// `n` TCP connections to `port` from the local address `source` (a loopback address other
+/// than the one the kernel picks, so that the gateway sees another client).
+fn connect_from(source: &str, port: u16, n: usize) -> Vec<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            let c = socket.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
+            let c = c.into_std().unwrap();
+            c.set_nonblocking(false).unwrap();
+            out.push(c);
+        }
+        out
+    })
+}
+
+/// The `session.denied` events from `ip`, and how many refusals they stand for (a summary
+/// stands for `count`, any other for one).
+fn denials_from(s: &Setup, ip: &str) -> (Vec<Value>, u64) {
+    let from: Vec<Value> = s
+        .events("session.denied")
+        .into_iter()
+        .filter(|e| e["source"].as_str().is_some_and(|src| src.starts_with(&format!("{ip}:"))))
+        .collect();
+    let stands_for = from.iter().map(|e| e["count"].as_u64().unwrap_or(1)).sum();
+    (from, stands_for)
+}
+
+/// Issue 15 (RDP slowloris): 300 idle connections from one address used to fill the one
+/// global handshake cap, so a valid token from anywhere was reset at once, and each wrote
+/// its own `session.denied`. Now one address holds at most `max_handshakes_per_source`
+/// places (the rest are closed on arrival), and its refusals are audited as the first one
+/// plus one summary per interval with a count.
+#[test]
+fn an_idle_flood_from_one_address_keeps_no_token_out_and_is_audited_in_summaries() {
+    let s = Setup::new("[audit]\nrefusal_interval = \"2s\"");
+    let echo = Echo::start();
+    let _win = s.agent("win-01", &format!("127.0.0.1:{}", echo.port));
+    let token = s.token("win-01");
+
+    // 300 connections from 127.0.0.2 that send nothing, held open.
+    let idle = connect_from("127.0.0.2", s.rdp_port, 300);
+    // A real token from 127.0.0.1 (accepted after all of them: the listen queue is FIFO)
+    // goes through the door to the agent and its host, quickly.
+    let start = Instant::now();
+    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cr = connection_request("alice");
+    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
+    let mut back = vec![0u8; cr.len()];
+    c.read_exact(&mut back).expect("the door closed a valid token's connection during an idle flood");
+    assert_eq!(back, cr);
+    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    assert_eq!(s.wait_event("rdp.open", 1)["source"].as_str().unwrap().split(':').next(), Some("127.0.0.1"));
+    assert_eq!(echo.count(), 1);
+
+    // Every one of the 300 is refused (290 on arrival, 10 at the handshake timeout), and
+    // the audit log says so in a handful of events whose counts add up to 300.
+    wait_until("300 refusals from 127.0.0.2 in the audit log", Duration::from_secs(30), || {
+        denials_from(&s, "127.0.0.2").1 >= 300
+    });
+    let (events, stands_for) = denials_from(&s, "127.0.0.2");
+    assert_eq!(stands_for, 300, "{events:#?}");
+    assert!(events.len() <= 5, "{} session.denied events for one flood: {events:#?}", events.len());
+    assert_eq!(events[0]["code"], "too-many-handshakes", "the first is written at once: {events:#?}");
+    assert!(events[0]["count"].is_null());
+    assert!(events[1]["count"].as_u64() >= Some(280), "the next is a summary of the others: {events:#?}");
+    let codes: Vec<&str> = events.iter().map(|e| e["code"].as_str().unwrap()).collect();
+    assert!(codes.contains(&"timeout"), "the held ones time out: {codes:?}");
+    drop(idle);
+    drop(c);
+
+    let out = s.gw.postern(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A hostile-peer fixture: a client that connects, sends part of its preconnection blob and
+/// stalls is closed at the (default, 5 s) handshake timeout, with one `session.denied`.
+#[test]
+fn a_client_that_stalls_in_its_preamble_is_closed_at_the_handshake_timeout() {
+    let s = Setup::new("");
+    let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
+    let local = c.local_addr().unwrap().to_string();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let start = Instant::now();
+    c.write_all(&pcb("pr1.never-finished")[..20]).unwrap();
+    let mut back = Vec::new();
+    let _ = c.read_to_end(&mut back);
+    let took = start.elapsed();
+    assert!(back.is_empty());
+    assert!(took >= Duration::from_millis(4900) && took < Duration::from_secs(8), "closed after {took:?}");
+    let denied = s.wait_event("session.denied", 1);
+    assert_eq!((denied["code"].as_str(), denied["source"].as_str()), (Some("timeout"), Some(local.as_str())));
+    assert!(denied["count"].is_null());
+    assert_eq!(s.events("session.denied").len(), 1);
 }

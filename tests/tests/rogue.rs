@@ -4,15 +4,16 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postern_e2e::*;
-use postern_proto::{Hello, Message, StreamKind, read_frame, write_frame};
+use postern_proto::{EnrollRequest, Hello, Message, StreamKind, read_frame, write_frame};
 use postern_tunnel::agent::{self, JoinOptions};
 use postern_tunnel::pki::GATEWAY_SERVER_NAME;
 use postern_tunnel::tls::{TransportTimers, agent_enroll_config};
 
 const PROTOCOL_ERROR: u32 = postern_tunnel::server::close::PROTOCOL_ERROR;
+const REFUSED: u32 = postern_tunnel::server::close::REFUSED;
 
 async fn closed_with(conn: &quinn::Connection) -> u64 {
     match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("gateway did not drop the rogue") {
@@ -359,4 +360,132 @@ async fn renew_many(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, 
         }
     }
     (certs, refusals)
+}
+
+/// The gateway's default `[tunnel] max_enrollments_per_source`.
+const ENROLLMENTS_PER_SOURCE: usize = 8;
+
+/// Issue 15: 70 idle enrollment connections (QUIC handshake done, no request) from one
+/// address used to take every enrollment place, so a real `postern-agent join` failed with
+/// "too many enrollments in progress". Now one address holds at most
+/// `max_enrollments_per_source` places; the rest are refused at once.
+#[test]
+fn idle_enrollments_from_one_address_do_not_block_a_join_from_another() {
+    let gw = Gateway::start("");
+    let (token, pin) = gw.token(&[]);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let addr: std::net::SocketAddr = gw.listen.parse().unwrap();
+    let (_endpoint, idle) = rt.block_on(async {
+        let endpoint = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
+        let cfg = agent_enroll_config(&pin, TransportTimers::default()).unwrap();
+        let mut idle = Vec::new();
+        for _ in 0..70 {
+            idle.push(endpoint.connect_with(cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap());
+        }
+        (endpoint, idle)
+    });
+    let refused = || idle.iter().filter(|c| c.close_reason().is_some()).count();
+    // Give the gateway a bounded moment to turn the extra ones away (it does at once);
+    // without the per-source cap it never does, and the join below is what fails.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused() < idle.len() - ENROLLMENTS_PER_SOURCE && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A real join from 127.0.0.1 while the idle ones are still held.
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let out = Agent::try_join(&[], &gw.listen, &token, &pin, &dir.path().join("agent"));
+    assert!(out.status.success(), "join during an idle enrollment flood: {}", text(&out.stderr));
+    assert!(start.elapsed() < Duration::from_secs(5), "join took {:?}", start.elapsed());
+    assert_eq!(refused(), idle.len() - ENROLLMENTS_PER_SOURCE, "only the per-source cap's worth are held");
+    for c in idle.iter().filter(|c| c.close_reason().is_some()) {
+        match c.close_reason().unwrap() {
+            quinn::ConnectionError::ApplicationClosed(a) => {
+                assert_eq!(a.error_code.into_inner(), u64::from(REFUSED));
+                assert!(String::from_utf8_lossy(&a.reason).contains("from this address"), "{a:?}");
+            }
+            other => panic!("unexpected close: {other}"),
+        }
+    }
+    assert!(gw.audit_events().iter().any(|e| e["event"] == "agent.enrolled"));
+}
+
+/// One enrollment attempt with `token` and a valid CSR; the gateway's answer (the refusal's
+/// message, or "enrolled").
+async fn enroll_once(
+    endpoint: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    token: &str,
+) -> String {
+    let conn = endpoint.connect_with(cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_key, csr) = postern_tunnel::pki::new_key_and_csr().unwrap();
+    let request = EnrollRequest {
+        token: token.to_owned(),
+        csr_der: csr,
+        hostname: "flood".into(),
+        platform: "x".into(),
+        agent_version: "x".into(),
+    };
+    write_frame(&mut send, &Message::EnrollRequest(request)).await.unwrap();
+    let _ = send.finish();
+    let answer = match read_frame(&mut recv, StreamKind::Enroll).await.unwrap() {
+        Some(Message::Error(e)) => e.message,
+        Some(Message::EnrollResponse(_)) => "enrolled".into(),
+        other => panic!("unexpected answer: {other:?}"),
+    };
+    conn.close(0u32.into(), b"done");
+    answer
+}
+
+/// Issue 15: a client with a bad token wrote 3,499 `agent.enroll_refused` events in 20 s.
+/// Now an address refused again and again is shut out for a growing while (no store lookup),
+/// and its refusals are audited as the first one plus one summary per interval with a count;
+/// another address still enrolls.
+#[test]
+fn a_bad_token_enrollment_flood_is_throttled_and_audited_in_summaries() {
+    let gw = Gateway::start("[audit]\nrefusal_interval = \"2s\"");
+    let (token, pin) = gw.token(&[]);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let addr: std::net::SocketAddr = gw.listen.parse().unwrap();
+    let answers = rt.block_on(async {
+        let endpoint = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
+        let cfg = agent_enroll_config(&pin, TransportTimers::default()).unwrap();
+        let mut answers = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            answers.push(enroll_once(&endpoint, &cfg, addr, "pt_0000000000000000000000000000000000000000000000").await);
+        }
+        answers
+    });
+    let looked_up = answers.iter().filter(|a| a.contains("unknown enrollment token")).count();
+    let shut_out = answers.iter().filter(|a| a.contains("too many refused enrollments from this address")).count();
+    assert_eq!(looked_up + shut_out, answers.len(), "{answers:?}");
+    assert!(answers.len() > 50, "only {} attempts in 3 s", answers.len());
+    // Five free refusals, then shut out for 1 s, 2 s, ...: a handful of store lookups.
+    assert!(looked_up <= 8, "{looked_up} of {} bad tokens were looked up", answers.len());
+
+    // The audit log: a few events whose counts add up to every refusal.
+    let from_flood = || {
+        let events: Vec<serde_json::Value> = gw
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["event"] == "agent.enroll_refused" && e["source"].as_str().unwrap().starts_with("127.0.0.2:"))
+            .collect();
+        let stands_for: u64 = events.iter().map(|e| e["count"].as_u64().unwrap_or(1)).sum();
+        (events, stands_for)
+    };
+    wait_until("every refusal in the audit log", Duration::from_secs(20), || from_flood().1 >= answers.len() as u64);
+    let (events, stands_for) = from_flood();
+    assert_eq!(stands_for, answers.len() as u64);
+    assert!(events.len() <= 4, "{} events for {} refusals: {events:#?}", events.len(), answers.len());
+    assert!(events[0]["count"].is_null() && events[1]["count"].as_u64().is_some(), "{events:#?}");
+
+    // Another address is not shut out.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Agent::try_join(&[], &gw.listen, &token, &pin, &dir.path().join("agent"));
+    assert!(out.status.success(), "join from another address: {}", text(&out.stderr));
+    let out = gw.postern(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
