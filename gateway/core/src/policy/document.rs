@@ -201,10 +201,14 @@ impl Destination {
             HostPattern::Net(net.trunc())
         } else if let Ok(ip) = host.parse::<IpAddr>() {
             HostPattern::Net(IpNet::from(ip))
-        } else if !host.is_empty()
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || "-.*?".contains(c))
-            && !host.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '/')
-        {
+        } else if !host.contains(['*', '?']) {
+            // One spelling per host, as requests are matched (`127.1` is 127.0.0.1).
+            match super::host::Host::parse(host) {
+                Ok(super::host::Host::Ip(ip)) => HostPattern::Net(IpNet::from(ip)),
+                Ok(super::host::Host::Name(n)) => HostPattern::Name(n),
+                Err(e) => return Err(bad(&e.to_string())),
+            }
+        } else if host.chars().all(|c| c.is_ascii_alphanumeric() || "-_.*?".contains(c)) {
             HostPattern::Name(host.to_ascii_lowercase())
         } else {
             return Err(bad("bad host, address or CIDR"));
@@ -486,7 +490,21 @@ mod tests {
         assert_eq!(d.host, HostPattern::Net("::1/128".parse().unwrap()));
         assert_eq!(d.ports, (8000, 8099));
         assert_eq!(Destination::parse("DB.internal:5432").unwrap().host, HostPattern::Name("db.internal".into()));
-        for bad in ["db", "db:0", "db:9-3", "db:70000", "[::1:22", "10.0.0.0/40:22", ":22", "1.2.3.999:22"] {
+        assert_eq!(Destination::parse("DB.internal.:5432").unwrap().host, HostPattern::Name("db.internal".into()));
+        assert_eq!(Destination::parse("127.1:80").unwrap().host, HostPattern::Net("127.0.0.1/32".parse().unwrap()));
+        assert_eq!(Destination::parse("*.Internal:80").unwrap().host, HostPattern::Name("*.internal".into()));
+        for bad in [
+            "db",
+            "db:0",
+            "db:9-3",
+            "db:70000",
+            "[::1:22",
+            "10.0.0.0/40:22",
+            ":22",
+            "1.2.3.999:22",
+            "a b:1",
+            "0.0.0.0.0:1",
+        ] {
             assert!(Destination::parse(bad).is_err(), "{bad}");
         }
     }

@@ -8,19 +8,27 @@
 //! matches, the instance matches its targets (names/ids and label selectors), the forward
 //! destination matches (port forwards), and its conditions (validity period, weekly windows,
 //! source ranges) hold at the request's time and address.
+//!
+//! Destinations are matched in their canonical form ([`host::Host`]): `127.1`, `0x7f000001`
+//! and `127.0.0.1` are one address, `DB.internal.` and `db.internal` one name. A name is not
+//! resolved here: address rules of applicable deny statements are handed to the agent
+//! ([`Decision::address_denies`]), which checks what the name resolves to before it connects.
 
 pub mod document;
+pub mod host;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::store::Labels;
 use crate::util::glob_match;
 use document::{Destination, HostPattern, Selector, Statement, Term};
 pub use document::{Document, Effect};
+use host::{Host, HostError};
 
 /// Destinations an allow statement with no `forward_to` permits: the instance itself.
 const LOOPBACK_ONLY: &str = "loopback only (no forward_to)";
@@ -95,7 +103,8 @@ pub struct Request<'a> {
     pub grants: &'a [String],
     pub action: &'a str,
     pub target: Option<Target<'a>>,
-    /// For port forwards: where the agent is asked to connect.
+    /// For port forwards: where the agent is asked to connect, in any spelling (it is
+    /// matched in its canonical form; a host that has none is denied).
     pub destination: Option<(&'a str, u16)>,
     pub source: Option<IpAddr>,
     pub at: jiff::Timestamp,
@@ -143,6 +152,11 @@ pub struct Decision {
     /// Only filled by [`PolicySet::explain`]: allow statements that applied but lost to a deny.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub overridden: Vec<StatementRef>,
+    /// For an allowed forward: the address ranges that deny statements applying to this
+    /// request name for its port. The agent refuses to connect to a resolved address in
+    /// them, so a name cannot reach what an address rule denies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub address_denies: Vec<IpNet>,
 }
 
 impl Decision {
@@ -257,6 +271,7 @@ impl PolicySet {
 
     fn decide(&self, req: &Request, explain: bool) -> Decision {
         let bit = action_bit(req.action);
+        let dest = req.destination.map(|(h, p)| (Host::parse(h), p));
         let mut applicable: Vec<usize> = Vec::new();
         let mut missed: Vec<(usize, Miss)> = Vec::new();
         for idx in self.candidates(req) {
@@ -264,7 +279,7 @@ impl PolicySet {
                 continue;
             }
             let Some(c) = self.statements.get(idx) else { continue };
-            match applies(c, req) {
+            match applies(c, req, dest.as_ref()) {
                 Ok(()) => applicable.push(idx),
                 Err(miss) if explain => missed.push((idx, miss)),
                 Err(_) => {}
@@ -289,6 +304,7 @@ impl PolicySet {
                 settings: Settings::default(),
                 not_applicable,
                 overridden: if explain { allows.into_iter().map(reference).collect() } else { Vec::new() },
+                address_denies: Vec::new(),
             };
         }
         if allows.is_empty() {
@@ -298,6 +314,7 @@ impl PolicySet {
                 settings: Settings::default(),
                 not_applicable,
                 overridden: Vec::new(),
+                address_denies: Vec::new(),
             };
         }
         let mut settings = Settings::default();
@@ -324,13 +341,40 @@ impl PolicySet {
                 (a, b) => a.or(b),
             };
         }
+        let address_denies = match req.destination {
+            Some((_, port)) => self.address_denies(req, port),
+            None => Vec::new(),
+        };
         Decision {
             allowed: true,
             decided_by: allows.into_iter().map(reference).collect(),
             settings,
             not_applicable,
             overridden: Vec::new(),
+            address_denies,
         }
+    }
+
+    /// Address ranges of the deny statements that apply to `req` whatever its destination
+    /// host, for destinations on `port`.
+    fn address_denies(&self, req: &Request, port: u16) -> Vec<IpNet> {
+        let any_host = Request { destination: None, ..req.clone() };
+        let mut nets: Vec<IpNet> = Vec::new();
+        for idx in self.candidates(req) {
+            let Some(c) = self.statements.get(idx) else { continue };
+            if c.stmt.effect != Effect::Deny || applies(c, &any_host, None).is_err() {
+                continue;
+            }
+            for d in c.stmt.forward_to.iter().flatten() {
+                if let HostPattern::Net(net) = &d.host
+                    && (d.ports.0..=d.ports.1).contains(&port)
+                    && !nets.contains(net)
+                {
+                    nets.push(*net);
+                }
+            }
+        }
+        nets
     }
 }
 
@@ -387,8 +431,11 @@ impl Miss {
     }
 }
 
+type Dest = (Result<Host, HostError>, u16);
+
 /// Cheapest checks first: this runs for every candidate statement of every decision.
-fn applies(c: &Compiled, req: &Request) -> Result<(), Miss> {
+/// `dest` is the request's destination in canonical form.
+fn applies(c: &Compiled, req: &Request, dest: Option<&Dest>) -> Result<(), Miss> {
     let s = &c.stmt;
     let named = c.users.iter().any(|u| u.matches(req.user))
         || c.groups.iter().any(|g| req.groups.iter().any(|rg| g.matches(rg)))
@@ -410,12 +457,16 @@ fn applies(c: &Compiled, req: &Request) -> Result<(), Miss> {
     } else if !(s.instances.is_empty() && s.labels.is_empty()) {
         return Err(Miss::NoTarget);
     }
-    if let Some((host, port)) = req.destination {
-        let ok = match &s.forward_to {
-            Some(list) => list.iter().any(|d| destination_matches(d, host, port)),
+    if let Some((host, port)) = dest {
+        let ok = match (&s.forward_to, host) {
+            (Some(list), _) => {
+                list.iter().any(|d| destination_matches(d, host, *port, s.effect))
+                    || (s.effect == Effect::Allow && loopback_name_allowed(list, host, *port))
+            }
             // Deny statements without forward_to deny every destination.
-            None if s.effect == Effect::Deny => true,
-            None => is_loopback(host),
+            (None, _) if s.effect == Effect::Deny => true,
+            (None, Ok(h)) => h.is_loopback(),
+            (None, Err(_)) => false,
         };
         if !ok {
             return Err(Miss::Destination);
@@ -444,26 +495,51 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether `host`, in any spelling, is the instance itself.
 pub fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| canonical(ip).is_loopback())
+    Host::parse(host).is_ok_and(|h| h.is_loopback())
 }
 
-fn destination_matches(d: &Destination, host: &str, port: u16) -> bool {
+/// The addresses a loopback name (`localhost`) stands for.
+const LOOPBACK_ADDRESSES: [IpAddr; 2] = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+
+/// An allow list covers a loopback name when it covers both its addresses (by any entries).
+fn loopback_name_allowed(list: &[Destination], host: &Result<Host, HostError>, port: u16) -> bool {
+    host.as_ref().is_ok_and(|h| h.is_loopback_name())
+        && LOOPBACK_ADDRESSES
+            .iter()
+            .all(|a| list.iter().any(|d| destination_matches(d, &Ok(Host::Ip(*a)), port, Effect::Allow)))
+}
+
+/// Whether one `forward_to` entry covers a canonical destination. Where a spelling could
+/// mean more than one thing, a deny takes the broad reading and an allow the narrow one:
+/// - a host with no canonical form is covered by every deny and no allow;
+/// - `localhost` (and `*.localhost`) is 127.0.0.1 or ::1: a deny range holding either covers
+///   it; allow ranges must hold both (the list is checked in [`loopback_name_allowed`]);
+/// - a name pattern naming `localhost` covers, in a deny, every loopback address and name;
+///   in an allow, 127.0.0.1 and ::1;
+/// - other names are never matched by address ranges here: the agent checks what they
+///   resolve to against the deny ranges ([`Decision::address_denies`]).
+fn destination_matches(d: &Destination, host: &Result<Host, HostError>, port: u16, effect: Effect) -> bool {
     if port < d.ports.0 || port > d.ports.1 {
         return false;
     }
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    match (&d.host, bare.parse::<IpAddr>()) {
+    let deny = effect == Effect::Deny;
+    let Ok(host) = host else { return deny };
+    match (&d.host, host) {
         (HostPattern::Any, _) => true,
-        (HostPattern::Net(net), Ok(ip)) => net.contains(&canonical(ip)),
-        (HostPattern::Net(_), Err(_)) => false,
-        (HostPattern::Name(_), Ok(_)) => false,
-        (HostPattern::Name(p), Err(_)) => glob_match(p, &bare.to_ascii_lowercase()),
+        (HostPattern::Net(net), Host::Ip(ip)) => net.contains(&canonical(*ip)),
+        // Allows: see [`loopback_name_allowed`].
+        (HostPattern::Net(net), h) if h.is_loopback_name() => {
+            deny && LOOPBACK_ADDRESSES.iter().any(|a| net.contains(a))
+        }
+        (HostPattern::Net(_), Host::Name(_)) => false,
+        (HostPattern::Name(p), Host::Ip(ip)) => {
+            glob_match(p, "localhost") && if deny { ip.is_loopback() } else { LOOPBACK_ADDRESSES.contains(ip) }
+        }
+        (HostPattern::Name(p), Host::Name(n)) => {
+            glob_match(p, n) || (deny && host.is_loopback_name() && glob_match(p, "localhost"))
+        }
     }
 }
 

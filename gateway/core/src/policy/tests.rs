@@ -181,6 +181,97 @@ instances = ["*"]
     assert!(!ok("db.internal"));
 }
 
+/// Issue 15 item 8: a deny holds whatever the spelling of the destination.
+#[test]
+fn denies_hold_for_every_spelling_of_a_destination() {
+    let s = set(&[r#"
+name = "p"
+[[statement]]
+sid = "anything"
+effect = "allow"
+users = ["alice"]
+actions = ["port-forward"]
+instances = ["*"]
+forward_to = ["*:*"]
+
+[[statement]]
+sid = "no-redis"
+effect = "deny"
+users = ["alice"]
+actions = ["port-forward"]
+instances = ["*"]
+forward_to = ["127.0.0.1/32:6379", "secret.internal:*", "[fd00::/8]:6379"]
+
+[[statement]]
+sid = "no-admin-ui"
+effect = "deny"
+users = ["alice"]
+actions = ["port-forward"]
+instances = ["*"]
+forward_to = ["localhost:9000"]
+"#]);
+    let decide = |host: &'static str, port: u16| {
+        Req { dest: Some((host, port)), ..Req::new("alice", "port-forward", "w") }.check(&s)
+    };
+    let denied = [
+        "127.0.0.1",
+        "localhost",
+        "LOCALHOST",
+        "localhost.",
+        "app.localhost",
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "0177.0.0.1",
+        "127.000.000.001",
+        "[::1%1]",
+        "::ffff:127.0.0.1",
+        "0.0.0.0",
+        "127.0.0.1 ",
+        "",
+    ];
+    for host in denied {
+        let d = decide(host, 6379);
+        assert!(!d.allowed, "{host:?} reached a denied destination: {d:?}");
+    }
+    for host in ["secret.internal", "secret.internal.", "SECRET.Internal"] {
+        assert!(!decide(host, 443).allowed, "{host:?}");
+    }
+    // A name rule about localhost covers its addresses too.
+    for host in ["127.0.0.1", "127.0.0.2", "::1", "localhost", "0x7f.1"] {
+        assert!(!decide(host, 9000).allowed, "{host:?}");
+    }
+    assert!(decide("127.0.0.1", 6380).allowed);
+    assert!(decide("127.0.0.2", 6379).allowed, "another address than the one denied");
+    assert!(decide("db.internal", 6379).allowed);
+    // The agent gets the address denies for the port, to check what names resolve to.
+    let nets: Vec<String> = decide("db.internal", 6379).address_denies.iter().map(|n| n.to_string()).collect();
+    assert_eq!(nets, ["127.0.0.1/32", "fd00::/8"]);
+    assert!(decide("db.internal", 6380).address_denies.is_empty());
+}
+
+#[test]
+fn loopback_names_take_the_narrow_reading_in_allows() {
+    let s = set(&[r#"
+name = "p"
+[[statement]]
+effect = "allow"
+users = ["alice"]
+actions = ["port-forward"]
+instances = ["*"]
+forward_to = ["127.0.0.1:80", "127.0.0.0/8:81", "[::1]:81", "localhost:82"]
+"#]);
+    let ok = |host: &'static str, port| {
+        Req { dest: Some((host, port)), ..Req::new("alice", "port-forward", "w") }.check(&s).allowed
+    };
+    assert!(ok("127.1", 80));
+    assert!(!ok("localhost", 80), "localhost may be ::1, which 127.0.0.1 does not allow");
+    assert!(ok("localhost", 81));
+    assert!(ok("localhost", 82) && ok("127.0.0.1", 82) && ok("::1", 82));
+    assert!(!ok("127.0.0.2", 82), "localhost is 127.0.0.1 and ::1 only");
+    assert!(!ok("0177.0.0.1 ", 80), "no canonical form, no allow");
+}
+
 #[test]
 fn label_selectors() {
     let sel = |s: &str| document::Selector::parse(s).unwrap();
