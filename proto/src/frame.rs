@@ -37,6 +37,7 @@ impl StreamKind {
                 Kind::Open
                     | Kind::Accept
                     | Kind::Reject
+                    | Kind::Connected
                     | Kind::Stdin
                     | Kind::Stdout
                     | Kind::Stderr

@@ -24,9 +24,9 @@ pub use error::{FrameError, ProtoError};
 pub use frame::{FrameHeader, StreamKind, decode_frame, encode_frame};
 pub use io::{read_frame, write_frame};
 pub use message::{
-    Accept, EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, ExecCommand, ExecRequest, Exit, Hello, HelloAck, Kind,
-    Message, OpenSession, Reject, RenewRequest, RenewResponse, Resize, SessionId, SessionRequest, ShellRequest, Signal,
-    TcpRequest,
+    Accept, Connected, EnrollRequest, EnrollResponse, ErrorCode, ErrorMsg, ExecCommand, ExecRequest, Exit, Hello,
+    HelloAck, Kind, Message, OpenSession, Reject, RenewRequest, RenewResponse, Resize, SessionId, SessionRequest,
+    ShellRequest, Signal, TcpByNameRequest, TcpRequest,
 };
 
 /// Version of the frame format and message set carried in every frame header.

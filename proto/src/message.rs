@@ -20,6 +20,7 @@ pub enum Kind {
     Open = 0x20,
     Accept = 0x21,
     Reject = 0x22,
+    Connected = 0x23,
     Stdin = 0x30,
     Stdout = 0x31,
     Stderr = 0x32,
@@ -30,7 +31,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Error,
         Kind::Hello,
         Kind::HelloAck,
@@ -41,6 +42,7 @@ impl Kind {
         Kind::Open,
         Kind::Accept,
         Kind::Reject,
+        Kind::Connected,
         Kind::Stdin,
         Kind::Stdout,
         Kind::Stderr,
@@ -220,6 +222,17 @@ pub struct TcpRequest {
     pub port: u16,
 }
 
+/// A TCP connection to a host *name*: the agent resolves it, skips every address in one of
+/// the `deny` ranges (CIDR text, from the policy's deny statements) or outside its own
+/// `tcp_allow`, connects to the first address left, and answers [`Connected`] naming it.
+/// (Addresses go as [`TcpRequest`]: the gateway has checked the exact address already.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpByNameRequest {
+    pub host: String,
+    pub port: u16,
+    pub deny: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionRequest {
     Exec(ExecRequest),
@@ -232,6 +245,7 @@ pub enum SessionRequest {
     /// says (`[limits] ssh_address`, default 127.0.0.1:22), then relay raw bytes like `Tcp`.
     /// The gateway cannot choose the port: passthrough never reaches another service.
     Ssh,
+    TcpByName(TcpByNameRequest),
 }
 
 /// First frame on a session stream, sent by the gateway.
@@ -244,6 +258,13 @@ pub struct OpenSession {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accept {
     pub session_id: SessionId,
+}
+
+/// The accept of a [`TcpByNameRequest`]: the address (`ip:port`) the agent connected to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connected {
+    pub session_id: SessionId,
+    pub address: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +305,7 @@ pub enum Message {
     Open(OpenSession),
     Accept(Accept),
     Reject(Reject),
+    Connected(Connected),
     Stdin(Vec<u8>),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
@@ -306,6 +328,7 @@ impl Message {
             Message::Open(_) => Kind::Open,
             Message::Accept(_) => Kind::Accept,
             Message::Reject(_) => Kind::Reject,
+            Message::Connected(_) => Kind::Connected,
             Message::Stdin(_) => Kind::Stdin,
             Message::Stdout(_) => Kind::Stdout,
             Message::Stderr(_) => Kind::Stderr,
@@ -383,6 +406,12 @@ impl Message {
                     }
                     SessionRequest::Rdp => w.u8(4),
                     SessionRequest::Ssh => w.u8(5),
+                    SessionRequest::TcpByName(t) => {
+                        w.u8(6);
+                        w.str(&t.host);
+                        w.u16(t.port);
+                        w.strs(&t.deny);
+                    }
                 }
             }
             Message::Accept(m) => w.0.extend_from_slice(&m.session_id.0),
@@ -390,6 +419,10 @@ impl Message {
                 w.0.extend_from_slice(&m.session_id.0);
                 w.u16(m.code.to_u16());
                 w.str(&m.reason);
+            }
+            Message::Connected(m) => {
+                w.0.extend_from_slice(&m.session_id.0);
+                w.str(&m.address);
             }
             Message::Stdin(d) | Message::Stdout(d) | Message::Stderr(d) => {
                 w.0.extend_from_slice(d);
@@ -467,6 +500,11 @@ impl Message {
                     3 => SessionRequest::Tcp(TcpRequest { host: r.str("tcp.host")?, port: r.u16("tcp.port")? }),
                     4 => SessionRequest::Rdp,
                     5 => SessionRequest::Ssh,
+                    6 => SessionRequest::TcpByName(TcpByNameRequest {
+                        host: r.str("tcp_by_name.host")?,
+                        port: r.u16("tcp_by_name.port")?,
+                        deny: r.strs("tcp_by_name.deny")?,
+                    }),
                     v => return Err(ProtoError::InvalidValue { field: "open.request", value: u32::from(v) }),
                 };
                 Message::Open(OpenSession { session_id, request })
@@ -476,6 +514,10 @@ impl Message {
                 session_id: SessionId(r.fixed("reject.session_id")?),
                 code: ErrorCode::from_u16(r.u16("reject.code")?),
                 reason: r.str("reject.reason")?,
+            }),
+            Kind::Connected => Message::Connected(Connected {
+                session_id: SessionId(r.fixed("connected.session_id")?),
+                address: r.str("connected.address")?,
             }),
             // Data frames: the whole payload is the data.
             Kind::Stdin => return Ok(Message::Stdin(payload.to_vec())),

@@ -42,6 +42,8 @@ fn any_request() -> impl Strategy<Value = SessionRequest> {
         (any_string(), any::<u16>()).prop_map(|(host, port)| SessionRequest::Tcp(TcpRequest { host, port })),
         Just(SessionRequest::Rdp),
         Just(SessionRequest::Ssh),
+        (any_string(), any::<u16>(), proptest::collection::vec(any_string(), 0..4))
+            .prop_map(|(host, port, deny)| SessionRequest::TcpByName(TcpByNameRequest { host, port, deny })),
     ]
 }
 
@@ -67,6 +69,8 @@ fn any_message() -> impl Strategy<Value = Message> {
         (any::<[u8; 16]>(), any_request())
             .prop_map(|(id, request)| Message::Open(OpenSession { session_id: SessionId(id), request })),
         any::<[u8; 16]>().prop_map(|id| Message::Accept(Accept { session_id: SessionId(id) })),
+        (any::<[u8; 16]>(), any_string())
+            .prop_map(|(id, address)| Message::Connected(Connected { session_id: SessionId(id), address })),
         (any::<[u8; 16]>(), any::<u16>(), any_string()).prop_map(|(id, c, r)| Message::Reject(Reject {
             session_id: SessionId(id),
             code: ErrorCode::from_u16(c),

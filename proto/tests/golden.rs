@@ -196,6 +196,41 @@ fn open_tcp() {
     );
 }
 
+/// Tag 6: a name the agent resolves, with the deny ranges it must skip; answered by
+/// `Connected` (0x23) with the address it connected to.
+#[test]
+fn open_tcp_by_name_and_connected() {
+    let mut expected = vec![1, 0x20, 0, 0, 0, 50];
+    expected.extend_from_slice(&[0x11; 16]);
+    expected.extend_from_slice(&[6, 0, 0, 0, 9]);
+    expected.extend_from_slice(b"localhost");
+    expected.extend_from_slice(&[0x18, 0xeb]); // 6379
+    expected.extend_from_slice(&[0, 1, 0, 0, 0, 12]);
+    expected.extend_from_slice(b"127.0.0.1/32");
+    check(
+        Message::Open(OpenSession {
+            session_id: sid(),
+            request: SessionRequest::TcpByName(TcpByNameRequest {
+                host: "localhost".into(),
+                port: 6379,
+                deny: vec!["127.0.0.1/32".into()],
+            }),
+        }),
+        StreamKind::Session,
+        &expected,
+    );
+
+    let mut expected = vec![1, 0x23, 0, 0, 0, 30];
+    expected.extend_from_slice(&[0x11; 16]);
+    expected.extend_from_slice(&[0, 0, 0, 10]);
+    expected.extend_from_slice(b"[::1]:6379");
+    check(
+        Message::Connected(Connected { session_id: sid(), address: "[::1]:6379".into() }),
+        StreamKind::Session,
+        &expected,
+    );
+}
+
 #[test]
 fn open_rdp() {
     let mut expected = vec![1, 0x20, 0, 0, 0, 17];

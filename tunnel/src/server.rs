@@ -203,6 +203,8 @@ pub struct SessionStream {
     pub recv: quinn::RecvStream,
     /// Report a protocol violation on this stream (closes the agent's connection).
     pub violation: ViolationReporter,
+    /// For a `TcpByName` session: the address the agent says it connected to.
+    pub connected_to: Option<String>,
 }
 
 pub fn new_session_id() -> SessionId {
@@ -268,13 +270,20 @@ impl AgentRegistry {
         let violation = self.reporter(agent_id).ok_or(OpenError::Offline)?;
         let conn = violation.conn.clone();
         let id = new_session_id();
+        let by_name = matches!(request, SessionRequest::TcpByName(_));
         let exchange = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Tunnel(e.to_string()))?;
             write_frame(&mut send, &Message::Open(OpenSession { session_id: id, request }))
                 .await
                 .map_err(|e| OpenError::Tunnel(e.to_string()))?;
             match read_frame(&mut recv, StreamKind::Session).await {
-                Ok(Some(Message::Accept(a))) if a.session_id == id => Ok(SessionStream { id, send, recv, violation }),
+                Ok(Some(Message::Accept(a))) if a.session_id == id && !by_name => {
+                    Ok(SessionStream { id, send, recv, violation, connected_to: None })
+                }
+                // A name's session is accepted only with the address it reached.
+                Ok(Some(Message::Connected(c))) if c.session_id == id && by_name => {
+                    Ok(SessionStream { id, send, recv, violation, connected_to: Some(c.address) })
+                }
                 Ok(Some(Message::Reject(r))) => Err(OpenError::Rejected { code: r.code, reason: r.reason }),
                 Ok(None) => Err(OpenError::Tunnel("the agent closed the session stream".into())),
                 Ok(Some(other)) => {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use postern_proto::{
-    Accept, ErrorCode, ExecCommand, ExecRequest, Exit, Message, Reject, SessionId, SessionRequest, ShellRequest,
-    StreamKind, TcpRequest, read_frame, write_frame,
+    Accept, Connected, ErrorCode, ExecCommand, ExecRequest, Exit, Message, Reject, SessionId, SessionRequest,
+    ShellRequest, StreamKind, TcpByNameRequest, TcpRequest, read_frame, write_frame,
 };
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -58,14 +58,27 @@ impl Default for LocalLimits {
     }
 }
 
-impl LocalLimits {
-    pub fn tcp_allowed(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        self.tcp_allow.iter().any(|n| n.contains(&ip))
+/// IPv4-mapped IPv6 addresses (`::ffff:127.0.0.1`) are their IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
     }
+}
+
+impl LocalLimits {
+    /// Whether TCP sessions may connect to `ip`. Never the unspecified address (0.0.0.0,
+    /// ::): connecting to it reaches this host's own listeners, whatever `tcp_allow` says.
+    pub fn tcp_allowed(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        !ip.is_unspecified() && self.tcp_allow.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Whether `ip` is in one of the policy's deny ranges (sent with a `TcpByName` request).
+fn policy_denies(deny: &[IpNet], ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    deny.iter().any(|n| n.contains(&ip))
 }
 
 struct Rejection(ErrorCode, String);
@@ -111,6 +124,7 @@ pub async fn serve_session(
         SessionRequest::Exec(req) => exec(id, req, send, recv, limits).await,
         SessionRequest::Shell(req) => shell(id, req, send, recv, limits).await,
         SessionRequest::Tcp(req) => tcp(id, req, send, recv, limits).await,
+        SessionRequest::TcpByName(req) => tcp_by_name(id, req, send, recv, limits).await,
         SessionRequest::Rdp => configured(id, send, recv, (&limits.rdp_address, "rdp", "RDP")).await,
         SessionRequest::Ssh => configured(id, send, recv, (&limits.ssh_address, "ssh", "SSH passthrough")).await,
     };
@@ -514,7 +528,41 @@ async fn tcp(
             ),
         ));
     };
-    relay_tcp(id, &target, addr, send, recv, "tcp forward").await
+    relay_tcp(id, &target, addr, send, recv, "tcp forward", Message::Accept(Accept { session_id: id })).await
+}
+
+/// A name: resolved here, where the connection is made, and every address it resolves to
+/// is checked against the policy's deny ranges and `tcp_allow` before one is dialled, so
+/// a name cannot reach an address the policy denies. The answer names the address.
+async fn tcp_by_name(
+    id: SessionId,
+    req: TcpByNameRequest,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    limits: &LocalLimits,
+) -> Outcome {
+    let mut deny = Vec::with_capacity(req.deny.len());
+    for d in &req.deny {
+        match d.parse::<IpNet>() {
+            Ok(n) => deny.push(n),
+            Err(_) => return Err((send, Rejection(ErrorCode::BadRequest, format!("bad deny range {d:?}")))),
+        }
+    }
+    let target = format!("{}:{}", req.host, req.port);
+    let addrs = match resolve(&target).await {
+        Ok(a) => a,
+        Err(r) => return Err((send, r)),
+    };
+    let Some(addr) = addrs.iter().copied().find(|a| !policy_denies(&deny, a.ip()) && limits.tcp_allowed(a.ip())) else {
+        let denied = addrs.iter().any(|a| policy_denies(&deny, a.ip()));
+        let why = if denied { "denied by policy" } else { "not allowed by this agent's local configuration" };
+        return Err((
+            send,
+            Rejection(ErrorCode::Forbidden, format!("destination {target} resolves only to addresses {why}")),
+        ));
+    };
+    let answer = Message::Connected(Connected { session_id: id, address: addr.to_string() });
+    relay_tcp(id, &target, addr, send, recv, "tcp forward", answer).await
 }
 
 /// A configured destination: (address, setting, name).
@@ -536,7 +584,7 @@ async fn configured(id: SessionId, send: quinn::SendStream, recv: quinn::RecvStr
     let Some(addr) = addr else {
         return Err((send, Rejection(ErrorCode::Unavailable, format!("cannot resolve {what} address {target}"))));
     };
-    relay_tcp(id, target, addr, send, recv, setting).await
+    relay_tcp(id, target, addr, send, recv, setting, Message::Accept(Accept { session_id: id })).await
 }
 
 async fn resolve(target: &str) -> Result<Vec<SocketAddr>, Rejection> {
@@ -547,7 +595,8 @@ async fn resolve(target: &str) -> Result<Vec<SocketAddr>, Rejection> {
     }
 }
 
-/// Connect to `addr`, accept the session, and move raw bytes both ways until both ends finish.
+/// Connect to `addr`, accept the session with `answer`, and move raw bytes both ways until
+/// both ends finish.
 async fn relay_tcp(
     id: SessionId,
     target: &str,
@@ -555,6 +604,7 @@ async fn relay_tcp(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     what: &'static str,
+    answer: Message,
 ) -> Outcome {
     let stream = match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -564,7 +614,7 @@ async fn relay_tcp(
         Err(_) => return Err((send, Rejection(ErrorCode::Unavailable, format!("connecting to {target} timed out")))),
     };
     let _ = stream.set_nodelay(true);
-    if write_frame(&mut send, &Message::Accept(Accept { session_id: id })).await.is_err() {
+    if write_frame(&mut send, &answer).await.is_err() {
         return Ok(());
     }
     info!(%id, %addr, "{what} opened");
@@ -612,6 +662,19 @@ mod tests {
         assert!(!l.tcp_allowed("10.0.0.1".parse().unwrap()));
         assert!(!l.tcp_allowed("::ffff:10.0.0.1".parse().unwrap()));
         assert!(!l.tcp_allowed("192.168.1.1".parse().unwrap()));
+        let open = LocalLimits { tcp_allow: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()], ..l };
+        assert!(!open.tcp_allowed("0.0.0.0".parse().unwrap()), "0.0.0.0 reaches this host's own listeners");
+        assert!(!open.tcp_allowed("::".parse().unwrap()));
+        assert!(!open.tcp_allowed("::ffff:0.0.0.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn policy_deny_ranges_cover_mapped_addresses() {
+        let deny: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()];
+        assert!(policy_denies(&deny, "127.0.0.1".parse().unwrap()));
+        assert!(policy_denies(&deny, "::ffff:127.0.0.1".parse().unwrap()));
+        assert!(policy_denies(&deny, "::1".parse().unwrap()));
+        assert!(!policy_denies(&deny, "127.0.0.2".parse().unwrap()));
     }
 
     #[test]

@@ -289,6 +289,43 @@ async fn tcp_forward_and_local_allow_list() {
     gw.shutdown.cancel();
 }
 
+/// Issue 15 item 8: a name is checked by what it resolves to, on the agent. `localhost`
+/// resolves to loopback addresses only; with those denied, nothing reaches the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_never_reaches_an_address_the_policy_denies() {
+    use tokio::io::AsyncReadExt;
+    let gw = gateway(TunnelSettings::default()).await;
+    let (_dir, id, _stop) = join_and_run(&gw, "t-deny", LocalLimits::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let by_name = |deny: &[&str]| {
+        SessionRequest::TcpByName(TcpByNameRequest {
+            host: "localhost".into(),
+            port,
+            deny: deny.iter().map(|d| d.to_string()).collect(),
+        })
+    };
+    for deny in [&["127.0.0.1/32", "::1/128"][..], &["127.0.0.0/8", "::/0"][..]] {
+        let err = gw.registry.open_session(&id, by_name(deny)).await.unwrap_err();
+        assert!(err.to_string().contains("denied by policy"), "{err}");
+    }
+    let err = gw.registry.open_session(&id, by_name(&["not a range"])).await.unwrap_err();
+    assert!(err.to_string().contains("bad deny range"), "{err}");
+    // Nothing connected to the listener.
+    let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+    assert!(accepted.is_err(), "a denied address was connected to: {accepted:?}");
+
+    // Allowed: the agent says where it connected.
+    let mut s = gw.registry.open_session(&id, by_name(&["10.0.0.0/8", "::/0"])).await.unwrap();
+    let (sock, peer) = listener.accept().await.unwrap();
+    assert_eq!(s.connected_to.as_deref(), Some(format!("127.0.0.1:{port}").as_str()), "{peer}");
+    drop(sock);
+    s.send.finish().unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), AsyncReadExt::read_to_end(&mut s.recv, &mut rest)).await;
+    gw.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_single_use_and_pins_are_checked() {
     let gw = gateway(TunnelSettings::default()).await;
