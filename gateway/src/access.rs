@@ -15,8 +15,12 @@ use crate::sessions::{LiveSession, Party, Reservation, SessionTable};
 use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord, resolve_instance};
 use postern_core::duration::{DurationError, parse_limit};
 use postern_core::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
+use postern_core::policy::host::Host;
 use postern_core::policy::{Decision, Document, Effect, PolicySet, Target};
 use postern_core::{Action, DENIED, Identity, Limits, SESSION_ACTIONS};
+
+/// Why a forward to a host with no canonical form (`[::1%1]`, `a b`, `08.1`) is refused.
+pub const BAD_DESTINATION: &str = "that forward destination is not a valid host name or address";
 
 /// A user defined in the gateway config (or by quickstart): keys only; what they may do is
 /// a statement in the built-in `config` policy.
@@ -54,7 +58,10 @@ pub struct Authorization {
     agent_id: String,
     instance: String,
     action: Action,
-    destination: Option<(String, u16)>,
+    /// In canonical form ([`Host`]), as the policy decided it and the agent dials it.
+    destination: Option<(Host, u16)>,
+    /// Address ranges the agent must not connect to, whatever a name resolves to.
+    address_denies: Vec<ipnet::IpNet>,
     run_as: Option<String>,
     /// Whether a policy (or the profile) lets the session run as root; the agent refuses uid 0
     /// without it, also when no `run_as` is set and the agent itself runs as root.
@@ -100,16 +107,22 @@ impl Authorization {
             target: self.instance.clone(),
             agent_id: self.agent_id.clone(),
             action: self.action,
-            destination: self.destination.clone(),
+            destination: self.destination.as_ref().map(|(h, p)| (h.to_string(), *p)),
             logged,
             via_admin: false,
             reservation: Some(self.reservation.clone()),
         }
     }
 
-    /// For port forwards and passthrough: the host and port the agent connects to.
-    pub fn destination(&self) -> Option<(&str, u16)> {
-        self.destination.as_ref().map(|(h, p)| (h.as_str(), *p))
+    /// For port forwards and passthrough: the host (canonical) and port the agent connects to.
+    pub fn destination(&self) -> Option<(&Host, u16)> {
+        self.destination.as_ref().map(|(h, p)| (h, *p))
+    }
+
+    /// For forwards to a name: the address ranges the policy denies on its port, which the
+    /// agent checks every resolved address against.
+    pub fn address_denies(&self) -> &[ipnet::IpNet] {
+        &self.address_denies
     }
 }
 
@@ -362,6 +375,7 @@ impl AccessList {
             settings: Default::default(),
             not_applicable: Vec::new(),
             overridden: Vec::new(),
+            address_denies: Vec::new(),
         };
         if !self.user_active(user) {
             return none();
@@ -421,8 +435,9 @@ impl Authorizer {
     }
 
     /// The one decision point: may `identity` do `action` on `instance` (name or id), with the
-    /// shell profile they asked for (or their default) and, for forwards, this destination?
-    /// Resolves policy, profile, run-as, limits and concurrent-session caps.
+    /// shell profile they asked for (or their default) and, for forwards, this destination
+    /// (in any spelling: it is decided, and dialled, in its canonical form; a host with none
+    /// is refused)? Resolves policy, profile, run-as, limits and concurrent-session caps.
     pub async fn authorize(
         &self,
         identity: &Identity,
@@ -431,6 +446,14 @@ impl Authorizer {
         requested_profile: Option<&str>,
         destination: Option<(&str, u16)>,
     ) -> Result<Authorization, &'static str> {
+        let destination = match destination {
+            Some((host, port)) => match Host::parse(host) {
+                Ok(h) => Some((h, port)),
+                Err(_) => return Err(BAD_DESTINATION),
+            },
+            None => None,
+        };
+        let spelled = destination.as_ref().map(|(h, p)| (h.to_string(), *p));
         let agents = self.store.find_agents(instance).await.map_err(|_| "gateway storage error")?;
         let found = resolve_instance(&agents, instance).ok();
         // An unknown instance is evaluated against a placeholder, so that "unknown" and "denied"
@@ -445,7 +468,7 @@ impl Authorizer {
             identity.source,
             Some(target),
             action.name(),
-            destination,
+            spelled.as_ref().map(|(h, p)| (h.as_str(), *p)),
             jiff::Timestamp::now(),
             false,
         );
@@ -479,7 +502,8 @@ impl Authorizer {
             agent_id: agent.id.clone(),
             instance: agent.name.clone(),
             action,
-            destination: destination.map(|(h, p)| (h.to_owned(), p)),
+            destination,
+            address_denies: decision.address_denies,
             run_as,
             allow_root,
             limits: Limits {

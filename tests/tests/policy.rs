@@ -386,6 +386,148 @@ forward_to = ["127.0.0.1:5432-5440"]
     drop(other);
 }
 
+/// One `ssh -L` forward to `host:port` through `login`; what the first connection read.
+fn forward_once(s: &Setup, key: &Path, login: &str, host: &str, port: u16) -> String {
+    let local = free_tcp_port();
+    let spec = if host.contains(':') { format!("{local}:[{host}]:{port}") } else { format!("{local}:{host}:{port}") };
+    let mut child =
+        s.ssh_cmd(key, login, &["-N", "-L", &spec]).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_until("forward listening", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+    });
+    let mut got = String::new();
+    if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+        use std::io::Read;
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.read_to_string(&mut got);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    got
+}
+
+/// A listener that answers "pong" and counts the connections it accepted.
+fn pong_listener(l: std::net::TcpListener) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            use std::io::Write;
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = c.write_all(b"pong\n");
+        }
+    });
+    seen
+}
+
+/// Issue 15 item 8: an explicit deny wins whatever the destination's spelling. Every
+/// spelling below reaches 127.0.0.1 (or is refused outright); the denied listener must see
+/// no connection at all, and the allowed one still answers.
+#[test]
+fn a_denied_destination_stays_denied_in_every_spelling() {
+    let s = Setup::new();
+    let _cache = Agent::start_labeled(&s.gw, "cache-01", "role=cache", vec![], &s.gw.listen);
+    let dave = s.user("dave", &[]);
+    let denied_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let denied_port = denied_l.local_addr().unwrap().port();
+    let allowed_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let allowed_port = allowed_l.local_addr().unwrap().port();
+    // `localhost` may resolve to ::1 first: answer there too.
+    let allowed_v6 = std::net::TcpListener::bind(("::1", allowed_port)).ok();
+    let policy = format!(
+        r#"
+name = "forwards"
+[[statement]]
+sid = "anywhere"
+effect = "allow"
+users = ["dave"]
+actions = ["port-forward"]
+instances = ["*"]
+forward_to = ["*:*"]
+
+[[statement]]
+sid = "not-redis"
+effect = "deny"
+users = ["dave"]
+actions = ["port-forward"]
+instances = ["*"]
+forward_to = ["127.0.0.1/32:{denied_port}", "secret.internal:*"]
+"#
+    );
+    assert!(s.apply("forwards", &policy).status.success());
+    let denied_seen = pong_listener(denied_l);
+    let allowed_seen = pong_listener(allowed_l);
+    if let Some(l) = allowed_v6 {
+        pong_listener(l);
+    }
+    let login = "dave%cache-01@127.0.0.1";
+    let spellings = [
+        "127.0.0.1",
+        "localhost",
+        "LOCALHOST",
+        "localhost.",
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "0177.0.0.1",
+        "127.000.000.001",
+        "::1%1",
+        "::ffff:127.0.0.1",
+        "0.0.0.0",
+    ];
+    for host in spellings {
+        assert_eq!(forward_once(&s, &dave, login, host, denied_port), "", "{host} reached a denied destination");
+    }
+    assert_eq!(forward_once(&s, &dave, login, "secret.internal.", 80), "");
+    assert_eq!(forward_once(&s, &dave, login, "SECRET.internal", 80), "");
+    // A name the gateway cannot tell is loopback: the agent checks what it resolves to.
+    let me = text(&Command::new("hostname").output().unwrap().stdout).trim().to_owned();
+    let resolves_to_denied = std::net::ToSocketAddrs::to_socket_addrs(&(me.as_str(), denied_port))
+        .is_ok_and(|mut a| a.next().is_some_and(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST));
+    if resolves_to_denied {
+        assert_eq!(forward_once(&s, &dave, login, &me, denied_port), "", "{me} resolves to the denied address");
+    } else {
+        eprintln!("note: {me} does not resolve to 127.0.0.1 first here; that case is covered by the tunnel test");
+    }
+    assert_eq!(denied_seen.load(std::sync::atomic::Ordering::SeqCst), 0, "the denied listener saw a connection");
+
+    // Allowed destinations still work, by address and by name.
+    assert_eq!(forward_once(&s, &dave, login, "127.0.0.1", allowed_port), "pong\n");
+    assert_eq!(forward_once(&s, &dave, login, "LOCALHOST.", allowed_port), "pong\n");
+    assert!(allowed_seen.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+    let events = s.gw.audit_events();
+    for host in spellings.iter().chain(&["secret.internal.", "SECRET.internal"]) {
+        let port = if host.starts_with("secret") || host.starts_with("SECRET") { 80 } else { denied_port };
+        let want = format!("{host}:{port}");
+        assert!(
+            events.iter().any(|e| e["event"] == "session.denied" && e["destination"] == want.as_str()),
+            "no session.denied for {want}"
+        );
+    }
+    if resolves_to_denied {
+        let failed =
+            events.iter().find(|e| e["event"] == "forward.failed" && e["destination"] == format!("{me}:{denied_port}"));
+        let failed = failed.unwrap_or_else(|| panic!("no forward.failed for {me}"));
+        assert!(failed["error"].as_str().unwrap().contains("denied by policy"), "{failed}");
+    }
+    let by_name = events
+        .iter()
+        .find(|e| e["event"] == "forward.open" && e["requested"] == format!("LOCALHOST.:{allowed_port}"))
+        .expect("forward.open for LOCALHOST.");
+    assert_eq!(by_name["destination"], format!("localhost:{allowed_port}"));
+    let resolved = by_name["resolved"].as_str().unwrap();
+    assert!(
+        [format!("127.0.0.1:{allowed_port}"), format!("[::1]:{allowed_port}")].contains(&resolved.to_owned()),
+        "{by_name}"
+    );
+    let by_address = events
+        .iter()
+        .find(|e| e["event"] == "forward.open" && e["requested"] == format!("127.0.0.1:{allowed_port}"))
+        .expect("forward.open for 127.0.0.1");
+    assert_eq!(by_address["resolved"], format!("127.0.0.1:{allowed_port}"));
+}
+
 #[test]
 fn max_sessions_caps_concurrent_sessions_per_user() {
     let s = Setup::new();

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use postern_core::policy::host::Host;
 use postern_core::{Action, Identity};
-use postern_proto::{SessionRequest, TcpRequest};
+use postern_proto::{SessionRequest, TcpByNameRequest, TcpRequest};
 use postern_tunnel::server::SessionStream;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
@@ -42,6 +43,11 @@ pub(super) struct ChannelOpen {
 pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit: OwnedSemaphorePermit) {
     let ChannelOpen { identity, peer, target, action, destination, channel, reply } = open;
     let dest = destination.as_ref().map(|(h, p)| (h.as_str(), *p));
+    // What the client asked for, as it spelled it (audited beside what was dialled).
+    let requested = match (action, &destination) {
+        (Action::PortForward, Some((h, p))) => Some(format!("{}:{p}", h.chars().take(255).collect::<String>())),
+        _ => None,
+    };
     let authz = match state.authorizer.authorize(&identity, &target, action, None, dest).await {
         Ok(a) => a,
         Err(msg) => {
@@ -51,6 +57,7 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
                 action,
                 source: peer.to_string(),
                 reason: msg.to_owned(),
+                destination: requested,
             })));
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return;
@@ -61,32 +68,68 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
         Action::Rdp => unlogged::RDP,
         _ => unlogged::FORWARD,
     };
-    forward(&state, peer, authz, channel, reply, why, permit).await;
+    forward(&state, peer, (authz, requested), channel, reply, why, permit).await;
+}
+
+/// Whether the agent's report of where it connected (`IP:PORT`) is outside the policy's
+/// deny ranges.
+fn resolved_allowed(denies: &[ipnet::IpNet], resolved: &str) -> bool {
+    resolved.parse::<SocketAddr>().is_ok_and(|a| {
+        let ip = match a.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(a.ip()),
+            v4 => v4,
+        };
+        !ip.is_unspecified() && !denies.iter().any(|n| n.contains(&ip))
+    })
 }
 
 async fn forward(
     state: &Services,
     peer: SocketAddr,
-    authz: Authorization,
+    (authz, requested): (Authorization, Option<String>),
     channel: Channel<Msg>,
     reply: ChannelOpenHandle,
     unlogged_reason: &'static str,
     permit: OwnedSemaphorePermit,
 ) {
-    // The agent dials exactly what was authorized.
+    // The agent dials exactly what was authorized, in its canonical form.
     let (req, destination) = match (authz.action(), authz.destination()) {
         (Action::Rdp, _) => (SessionRequest::Rdp, "rdp".to_owned()),
         // The instance's own sshd, where its agent says (`ssh_address`): never another port.
         (Action::SshPassthrough, _) => (SessionRequest::Ssh, "ssh".to_owned()),
-        (_, Some((host, port))) => {
-            (SessionRequest::Tcp(TcpRequest { host: host.to_owned(), port }), format!("{host}:{port}"))
+        // An address was decided exactly; a name is resolved by the agent, which checks
+        // every address it gets against the policy's deny ranges.
+        (_, Some((host @ Host::Ip(_), port))) => {
+            (SessionRequest::Tcp(TcpRequest { host: host.to_string(), port }), host.with_port(port))
         }
+        (_, Some((host @ Host::Name(_), port))) => (
+            SessionRequest::TcpByName(TcpByNameRequest {
+                host: host.to_string(),
+                port,
+                deny: authz.address_denies().iter().map(|n| n.to_string()).collect(),
+            }),
+            host.with_port(port),
+        ),
         (_, None) => {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
     };
-    let stream = match state.broker.open(&authz, req).await {
+    let opened = state.broker.open(&authz, req).await.and_then(|mut s| {
+        // The agent checked its addresses; this catches one that did not (nothing is relayed).
+        let denied =
+            s.connected_to.as_deref().filter(|a| !resolved_allowed(authz.address_denies(), a)).map(str::to_owned);
+        match denied {
+            Some(addr) => {
+                let _ = s.send.reset(0u32.into());
+                Err(postern_tunnel::server::OpenError::Tunnel(format!(
+                    "the agent connected to a denied address {addr}"
+                )))
+            }
+            None => Ok(s),
+        }
+    });
+    let stream = match opened {
         Ok(s) => s,
         Err(e) => {
             info!(error = %e, "forward refused");
@@ -110,10 +153,12 @@ async fn forward(
     // Opened: the connection may open more channels while this one relays.
     drop(permit);
     let sid = stream.id.to_string();
+    // Where the agent connected: what it reported for a name, the address itself otherwise.
+    let resolved = requested.as_ref().map(|_| stream.connected_to.clone().unwrap_or_else(|| destination.clone()));
     let running = state.broker.start(
         &sid,
         authz.party(Some(peer.ip()), false),
-        &open_event(&authz, &sid, &destination, peer, unlogged_reason),
+        &open_event(&authz, &sid, &destination, peer, unlogged_reason, (requested, resolved)),
     );
     let SessionStream { send, recv, .. } = stream;
     let max = authz.limits().max_session;
@@ -160,8 +205,17 @@ async fn forward(
     });
 }
 
-/// `forward.open`, `passthrough.open` or (`@rdp`) `rdp.open` with mode "local".
-fn open_event(authz: &Authorization, sid: &str, destination: &str, peer: SocketAddr, reason: &str) -> Event {
+/// `forward.open`, `passthrough.open` or (`@rdp`) `rdp.open` with mode "local"; `spelled`
+/// is (requested, resolved) for `-L` forwards.
+fn open_event(
+    authz: &Authorization,
+    sid: &str,
+    destination: &str,
+    peer: SocketAddr,
+    reason: &str,
+    spelled: (Option<String>, Option<String>),
+) -> Event {
+    let (requested, resolved) = spelled;
     let (session_id, user, target) = (sid.to_owned(), authz.user().to_owned(), authz.instance().to_owned());
     let (destination, source, reason) = (destination.to_owned(), peer.to_string(), reason.to_owned());
     match authz.action() {
@@ -178,7 +232,17 @@ fn open_event(authz: &Authorization, sid: &str, destination: &str, peer: SocketA
             reason,
         }),
         action => {
-            let open = ForwardOpen { session_id, user, target, destination, source, logged: false, reason };
+            let open = ForwardOpen {
+                session_id,
+                user,
+                target,
+                destination,
+                source,
+                logged: false,
+                reason,
+                requested,
+                resolved,
+            };
             if action == Action::SshPassthrough { Event::PassthroughOpen(open) } else { Event::ForwardOpen(open) }
         }
     }
@@ -240,4 +304,19 @@ pub(super) async fn relay_forward(
     }
     let _ = ch_write.close().await;
     (up, down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_report_of_a_denied_address_is_caught() {
+        let denies: Vec<ipnet::IpNet> = vec!["127.0.0.1/32".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        assert!(resolved_allowed(&denies, "127.0.0.2:6379"));
+        assert!(resolved_allowed(&denies, "[::1]:6379"));
+        for bad in ["127.0.0.1:6379", "[::ffff:127.0.0.1]:6379", "[fd00::5]:1", "0.0.0.0:1", "[::]:1", "nonsense", ""] {
+            assert!(!resolved_allowed(&denies, bad), "{bad}");
+        }
+    }
 }

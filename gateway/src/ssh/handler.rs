@@ -314,6 +314,7 @@ impl ConnHandler {
             action: Action::SshPassthrough,
             source: self.peer.to_string(),
             reason,
+            destination: None,
         })));
     }
 

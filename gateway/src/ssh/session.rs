@@ -191,6 +191,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 action,
                 source: ctx.peer.to_string(),
                 reason: msg.to_owned(),
+                destination: None,
             })));
             refuse(&wr, msg, 1).await;
             return;
@@ -233,6 +234,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 action,
                 source: ctx.peer.to_string(),
                 reason: format!("{} (fail_closed)", low.reason()),
+                destination: None,
             })));
             let message = format!(
                 "the session recording cannot be written on the gateway: {}, and sessions are not run unrecorded here; tell your administrator",
@@ -274,6 +276,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             action,
             source: ctx.peer.to_string(),
             reason: format!("{what} cannot be written (fail_closed)"),
+            destination: None,
         })));
         refuse(
             &wr,

@@ -175,6 +175,9 @@ pub struct SshDenied {
     pub action: Action,
     pub source: String,
     pub reason: String,
+    /// Forwards: the destination `HOST:PORT` as the client spelled it (cut to 255 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 /// An RDP routing token refused (policy said no when it was asked for).
@@ -238,11 +241,19 @@ pub struct ForwardOpen {
     pub session_id: String,
     pub user: String,
     pub target: String,
-    /// HOST:PORT.
+    /// HOST:PORT, the host in canonical form (`127.1` is `127.0.0.1`, `DB.` is `db`): what
+    /// the policy decided and the agent was asked to dial.
     pub destination: String,
     pub source: String,
     pub logged: bool,
     pub reason: String,
+    /// `-L` forwards: the destination as the client spelled it (cut to 255 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<String>,
+    /// `-L` forwards: the address (`IP:PORT`) the agent connected to; for a name, what it
+    /// resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
 }
 
 /// `forward.close` and `passthrough.close`.

@@ -130,8 +130,10 @@ fn shapes_without_a_doc_example_serialize_as_before() {
             action: Action::PortForward,
             source: s("1.2.3.4:5"),
             reason: s("no"),
+            destination: Some(s("127.1:6379")),
         })),
-        json!({"user": "alice", "target": "web-01", "action": "port-forward", "source": "1.2.3.4:5", "reason": "no"}),
+        json!({"user": "alice", "target": "web-01", "action": "port-forward", "source": "1.2.3.4:5", "reason": "no",
+               "destination": "127.1:6379"}),
     );
     check(
         Event::SessionDenied(SessionDenied::RdpToken(RdpTokenDenied {
