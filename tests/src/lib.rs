@@ -168,6 +168,14 @@ impl Gateway {
         }
     }
 
+    /// Crash: SIGKILL, no chance to close connections or flush anything, then reaped.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(nix::sys::signal::Signal::SIGKILL);
+            assert_eq!(p.wait_exit(Duration::from_secs(10)), None, "the gateway was not killed by the signal");
+        }
+    }
+
     /// Write a known_hosts file trusting this gateway's host CA: the `@cert-authority` line
     /// `postern ssh-config` prints.
     pub fn write_known_hosts(&self, path: &Path) {

@@ -104,6 +104,29 @@ fn agent_comes_back_within_5s_after_gateway_restart() {
     assert!(events.iter().filter(|e| e["event"] == "agent.connected").count() >= 2);
 }
 
+/// After a crash (SIGKILL: no connection close reaches the agents) and a restart on the
+/// same data directory and port, agents are back well before their QUIC idle timeout
+/// (30 s): the new process answers their next keep-alive with a stateless reset.
+#[test]
+fn agents_come_back_within_10s_after_the_gateway_is_killed() {
+    let mut gw = Gateway::start("");
+    let names = ["crash-1", "crash-2", "crash-3"];
+    let _agents: Vec<Agent> = names.iter().map(|n| Agent::start(&gw, n, vec![], &gw.listen)).collect();
+    let all_online = |gw: &Gateway| {
+        let list = gw.instances();
+        names.iter().all(|n| list.iter().any(|i| i["name"] == *n && i["online"] == true))
+    };
+    let crash = std::time::Instant::now();
+    gw.kill();
+    gw.restart();
+    let restarted = crash.elapsed();
+    let left = Duration::from_secs(10).saturating_sub(restarted);
+    wait_until("agents online within 10 s of the crash", left, || all_online(&gw));
+    eprintln!("gateway answering {restarted:?} after the crash, agents back {:?} after it", crash.elapsed());
+    let out = gw.postern(&["exec", "crash-2", "--", "echo", "back"]);
+    assert_eq!(text(&out.stdout), "back\n", "{}", text(&out.stderr));
+}
+
 #[test]
 fn tokens_reused_expired_or_wrong_pin_are_refused() {
     // Every refusal written on its own, to read each reason (rogue.rs tests the summaries).

@@ -303,6 +303,15 @@ impl AgentRegistry {
     }
 }
 
+/// The key of the connection-ID generator, derived from the reset key (so it persists with
+/// it) under its own label (so neither reveals the other).
+fn cid_generator_key(reset_key: &ring::hmac::Key) -> u64 {
+    let tag = ring::hmac::sign(reset_key, b"postern quic connection-id generator");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(tag.as_ref().get(..8).unwrap_or(&[0; 8]));
+    u64::from_le_bytes(first)
+}
+
 /// The gateway's QUIC listener.
 pub struct TunnelServer<D: AgentDirectory> {
     endpoint: quinn::Endpoint,
@@ -332,7 +341,14 @@ impl<D: AgentDirectory> TunnelServer<D> {
             settings.timers,
         )?;
         let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
-        let endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac.clone()));
+        // quinn drops a packet whose connection ID its generator did not make, without a
+        // reset; its default generator has a fresh key per process, so a restarted gateway
+        // ignored every packet of its lost connections and agents waited for their idle
+        // timeout. A key derived from the persisted reset key makes the new process
+        // recognise the old IDs and answer them with a stateless reset.
+        let cid_key = cid_generator_key(&hmac);
+        endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
         let socket = std::net::UdpSocket::bind(addr)?;
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)?;

@@ -34,7 +34,10 @@ pub struct TransportTimers {
 
 impl Default for TransportTimers {
     fn default() -> Self {
-        Self { keep_alive: Duration::from_secs(10), idle_timeout: Duration::from_secs(30) }
+        // 5 s, not more: after a gateway crash and restart, an agent learns its connection is
+        // gone from the stateless reset answering its next packet, so this bounds how long
+        // it stays away from a restarted gateway.
+        Self { keep_alive: Duration::from_secs(5), idle_timeout: Duration::from_secs(30) }
     }
 }
 
