@@ -205,6 +205,12 @@ pub struct SshConfig {
     /// A connection not authenticated this long after it was accepted is closed ("30s";
     /// "0" disables; OpenSSH's LoginGraceTime).
     pub login_grace_time: String,
+    /// Longest wait before an authentication attempt by one user from one source address
+    /// is looked at, after repeated failures ("30s"; "0" turns the backoff off).
+    pub auth_delay_max: String,
+    /// Longest wait for any attempt from a source address with many failures, whatever the
+    /// user: short, so others at that address (an administrator, a NAT) still get in.
+    pub auth_delay_max_per_source: String,
 }
 
 impl Default for SshConfig {
@@ -224,6 +230,8 @@ impl Default for SshConfig {
             max_startups: 100,
             max_startups_per_source: 10,
             login_grace_time: "30s".into(),
+            auth_delay_max: "30s".into(),
+            auth_delay_max_per_source: "2s".into(),
         }
     }
 }
@@ -351,6 +359,9 @@ impl GatewayConfig {
         parse_limit(&cfg.ssh.max_session).with_context(|| format!("{}: ssh.max_session", path.display()))?;
         parse_limit(&cfg.ssh.login_grace_time)
             .with_context(|| format!("{}: [ssh] login_grace_time", path.display()))?;
+        parse_limit(&cfg.ssh.auth_delay_max).with_context(|| format!("{}: [ssh] auth_delay_max", path.display()))?;
+        parse_limit(&cfg.ssh.auth_delay_max_per_source)
+            .with_context(|| format!("{}: [ssh] auth_delay_max_per_source", path.display()))?;
         if cfg.ssh.max_startups == 0 || cfg.ssh.max_startups_per_source == 0 {
             anyhow::bail!("{}: [ssh] max_startups and max_startups_per_source must be at least 1", path.display());
         }
@@ -408,6 +419,17 @@ impl GatewayConfig {
         parse_limit(&self.ssh.login_grace_time).unwrap_or(Some(Duration::from_secs(30)))
     }
 
+    /// `[ssh] auth_delay_max` and `auth_delay_max_per_source`, checked at load: `None` when
+    /// the backoff is off (`auth_delay_max = "0"`). A per-source cap of "0" means no delay
+    /// for the source as a whole (the per-user one still applies).
+    pub fn ssh_auth_delays(&self) -> Option<(Duration, Duration)> {
+        let per_user = parse_limit(&self.ssh.auth_delay_max).unwrap_or(Some(Duration::from_secs(30)))?;
+        let per_source = parse_limit(&self.ssh.auth_delay_max_per_source)
+            .unwrap_or(Some(Duration::from_secs(2)))
+            .unwrap_or_default();
+        Some((per_user, per_source))
+    }
+
     pub fn agent_cert_ttl(&self) -> anyhow::Result<Duration> {
         parse_duration(&self.tunnel.agent_cert_ttl).context("tunnel.agent_cert_ttl")
     }
@@ -437,6 +459,13 @@ mod tests {
         assert_eq!((cfg.ssh.max_startups, cfg.ssh.max_startups_per_source), (100, 10));
         assert_eq!(cfg.ssh_login_grace_time(), Some(Duration::from_secs(30)));
         assert_eq!(load("login_grace_time = \"0\"").unwrap().ssh_login_grace_time(), None);
+        assert_eq!(cfg.ssh_auth_delays(), Some((Duration::from_secs(30), Duration::from_secs(2))));
+        assert_eq!(load("auth_delay_max = \"0\"").unwrap().ssh_auth_delays(), None);
+        assert_eq!(
+            load("auth_delay_max_per_source = \"0\"").unwrap().ssh_auth_delays(),
+            Some((Duration::from_secs(30), Duration::ZERO))
+        );
+        assert!(load("auth_delay_max = \"long\"").is_err());
         assert!(load("login_grace_time = \"soon\"").is_err());
         assert!(load("max_startups = 0").is_err());
         assert!(load("max_startups_per_source = 0").is_err());

@@ -16,8 +16,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::forward::{ChannelOpen, open_channel};
 use super::session::{SessionCtx, serve_session_channel};
-use super::settings::{Throttle, server_config};
+use super::settings::server_config;
 use super::startups::{LoginDeadline, Startup};
+use super::throttle::AuthThrottle;
 use crate::audit::events::{AuthFailed, Event, SessionDenied, SshDenied};
 use crate::connections::Conn;
 use crate::services::Services;
@@ -36,7 +37,7 @@ pub(super) const PASSTHROUGH_PORT: u16 = 22;
 
 pub(super) struct ConnHandler {
     state: Arc<Services>,
-    throttle: Arc<Throttle>,
+    throttle: Arc<AuthThrottle>,
     peer: SocketAddr,
     /// Instance this connection is about: fixed for inner connections, or from `user%instance`.
     target: Option<String>,
@@ -46,6 +47,9 @@ pub(super) struct ConnHandler {
     /// Keys offered or tried without success, for one audit event per connection.
     failed_keys: Vec<String>,
     failed_user: Option<String>,
+    /// The key whose offer was accepted because it is bound to the user: its signed request
+    /// follows at once and does not wait its turn again.
+    vetted_key: Option<russh::keys::PublicKey>,
     /// Channel opens being decided in their own tasks (bounded per connection).
     opening: Arc<tokio::sync::Semaphore>,
     /// This connection on the connection table (closed when its user loses access).
@@ -56,10 +60,9 @@ pub(super) struct ConnHandler {
 
 impl Drop for ConnHandler {
     fn drop(&mut self) {
-        // One event (and one throttle strike) per connection that never authenticated,
-        // however many keys the client offered.
+        // One event per connection that never authenticated, however many keys the client
+        // offered (the throttle counted each attempt as it came).
         if self.identity.is_none() && !self.failed_keys.is_empty() {
-            self.throttle.failed(self.peer.ip());
             let _ = self.state.audit.event(&Event::AuthFailed(AuthFailed {
                 source: self.peer.to_string(),
                 user: self.failed_user.clone(),
@@ -74,7 +77,7 @@ impl Drop for ConnHandler {
 impl ConnHandler {
     pub(super) fn new(
         state: Arc<Services>,
-        throttle: Arc<Throttle>,
+        throttle: Arc<AuthThrottle>,
         peer: SocketAddr,
         inner_target: Option<String>,
         conn: Arc<Conn>,
@@ -89,6 +92,7 @@ impl ConnHandler {
             identity: None,
             failed_keys: Vec::new(),
             failed_user: None,
+            vetted_key: None,
             opening: Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_CHANNELS)),
             conn,
             startup: None,
@@ -124,9 +128,15 @@ impl russh::server::Handler for ConnHandler {
 
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
         let (name, _) = self.split_user(user);
-        // A certificate offer carries the certificate's key, bound to nobody: let the client
-        // prove possession and decide in auth_openssh_certificate.
-        if self.state.access.authenticate(name, offer.public_key, None).is_some() || self.state.access.has_user_cas() {
+        self.wait_turn(name).await;
+        if self.state.access.authenticate(name, offer.public_key, None).is_some() {
+            self.vetted_key = Some(offer.public_key.clone());
+            self.throttle.forgive(self.peer.ip(), name);
+            Ok(Auth::Accept)
+        } else if self.state.access.has_user_cas() {
+            // A certificate offer carries the certificate's key, bound to nobody: let the
+            // client prove possession and decide (and count) in auth_openssh_certificate.
+            self.throttle.forgive(self.peer.ip(), name);
             Ok(Auth::Accept)
         } else {
             self.note_failure(name, offer.public_key);
@@ -136,12 +146,20 @@ impl russh::server::Handler for ConnHandler {
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         let (name, instance) = self.split_user(user);
+        if self.vetted_key.as_ref() == Some(key.public_key) {
+            // Counted, so that success forgives it as any other attempt, but not delayed:
+            // the offer of this very key waited its turn.
+            let _ = self.throttle.attempt(self.peer.ip(), name);
+        } else {
+            self.wait_turn(name).await;
+        }
         match self.state.access.authenticate(name, key.public_key, Some(self.peer.ip())) {
             Some(identity) => {
                 if let Some(i) = instance {
                     self.target = Some(i.to_owned());
                 }
                 info!(user = %identity.user, target = ?self.target, "ssh user authenticated");
+                self.throttle.succeeded(self.peer.ip(), name);
                 self.authenticated(identity);
                 Ok(Auth::Accept)
             }
@@ -158,12 +176,14 @@ impl russh::server::Handler for ConnHandler {
         cert: &russh::keys::Certificate,
     ) -> Result<Auth, Self::Error> {
         let (name, instance) = self.split_user(user);
+        self.wait_turn(name).await;
         match self.state.access.authenticate_certificate(name, cert, Some(self.peer.ip())) {
             Some(identity) => {
                 if let Some(i) = instance {
                     self.target = Some(i.to_owned());
                 }
                 info!(user = %identity.user, key_id = cert.key_id(), "ssh user authenticated by certificate");
+                self.throttle.succeeded(self.peer.ip(), name);
                 self.authenticated(identity);
                 Ok(Auth::Accept)
             }
@@ -316,6 +336,17 @@ impl ConnHandler {
             reason,
             destination: None,
         })));
+    }
+
+    /// Count an authentication attempt by `user` and wait as long as the throttle says
+    /// (nothing unless this address, or this user at it, failed repeatedly of late). The
+    /// wait is inside the connection's packet loop: this connection only.
+    async fn wait_turn(&self, user: &str) {
+        let delay = self.throttle.attempt(self.peer.ip(), user);
+        if !delay.is_zero() {
+            debug!(?delay, "repeated authentication failures; delaying this attempt");
+            tokio::time::sleep(delay).await;
+        }
     }
 
     fn note_failure(&mut self, user: &str, key: &russh::keys::PublicKey) {

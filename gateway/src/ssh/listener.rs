@@ -10,15 +10,17 @@ use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::handler::{ConnHandler, run_connection};
-use super::settings::{Throttle, server_config};
+use super::settings::server_config;
 use super::startups::{LoginDeadline, Startups};
+use super::throttle::{AuthThrottle, Caps};
 use crate::accept::{AcceptBackoff, Full, LogLimiter};
 use crate::services::Services;
 
 /// Accept SSH connections until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: CancellationToken) {
     let config = Arc::new(server_config(&state, state.host_keys.certificate.clone()));
-    let throttle = Arc::new(Throttle::default());
+    let caps = state.config.ssh_auth_delays().map(|(per_user, per_source)| Caps { per_user, per_source });
+    let throttle = Arc::new(AuthThrottle::new(caps));
     let ssh = &state.config.ssh;
     let startups = Startups::new(ssh.max_startups, ssh.max_startups_per_source);
     let grace = state.config.ssh_login_grace_time();
@@ -33,10 +35,6 @@ pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: Cancel
                 Err(e) => { backoff.failed("ssh", &e).await; continue; }
             },
         };
-        if throttle.is_blocked(peer.ip()) {
-            debug!(%peer, "refusing connection from a throttled source");
-            continue;
-        }
         let startup = match startups.admit(peer.ip()) {
             Ok(s) => s,
             Err(full) => {

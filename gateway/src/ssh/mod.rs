@@ -17,8 +17,9 @@
 //! (the russh handler) authenticates and answers channel opens, `session` serves shell,
 //! exec and sftp channels in named phases (request, authorize, plan, record, open, relay,
 //! end) with `relay` moving their bytes, `forward` serves `-L`, passthrough and `@rdp`
-//! channels, `commands` answers gateway commands, `settings` holds the russh settings and
-//! the auth throttle, `channel` the messages said on a channel.
+//! channels, `commands` answers gateway commands, `settings` holds the russh settings,
+//! `throttle` the backoff of failed authentications, `startups` the caps on connections
+//! not yet authenticated, `channel` the messages said on a channel.
 
 mod channel;
 mod commands;
@@ -29,6 +30,7 @@ mod relay;
 mod session;
 mod settings;
 mod startups;
+mod throttle;
 
 pub use listener::serve;
 pub use settings::ciphers;

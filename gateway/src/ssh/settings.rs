@@ -1,5 +1,4 @@
-//! How the SSH door talks: russh server settings (ciphers, timeouts, windows) and the
-//! per-source throttle of failed authentications.
+//! How the SSH door talks: russh server settings (ciphers, timeouts, windows).
 
 use std::time::Duration;
 
@@ -57,36 +56,5 @@ pub(super) fn server_config(state: &Services, certificate: russh::keys::Certific
         maximum_packet_size: 65535,
         preferred,
         ..Default::default()
-    }
-}
-
-/// Per-source counter of failed authentications; a source with too many recent failures
-/// is refused for a while.
-#[derive(Debug, Default)]
-pub struct Throttle {
-    failures: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
-}
-
-impl Throttle {
-    const WINDOW: Duration = Duration::from_secs(60);
-    const LIMIT: u32 = 20;
-    /// Most sources remembered; older entries are dropped first (bounded memory).
-    const MAX_SOURCES: usize = 10_000;
-
-    pub fn is_blocked(&self, ip: std::net::IpAddr) -> bool {
-        let Ok(map) = self.failures.lock() else { return false };
-        map.get(&ip).is_some_and(|(n, since)| *n >= Self::LIMIT && since.elapsed() < Self::WINDOW)
-    }
-
-    pub fn failed(&self, ip: std::net::IpAddr) {
-        let Ok(mut map) = self.failures.lock() else { return };
-        if map.len() >= Self::MAX_SOURCES {
-            map.retain(|_, (_, since)| since.elapsed() < Self::WINDOW);
-        }
-        let entry = map.entry(ip).or_insert((0, std::time::Instant::now()));
-        if entry.1.elapsed() >= Self::WINDOW {
-            *entry = (0, std::time::Instant::now());
-        }
-        entry.0 = entry.0.saturating_add(1);
     }
 }
