@@ -1,6 +1,8 @@
 //! The SSH door against connections that never authenticate (OpenSSH's MaxStartups and
 //! LoginGraceTime): a per-source cap closes extra connections at once while others still
-//! get in, and a connection not authenticated within the grace time is closed.
+//! get in, and a connection not authenticated within the grace time is closed. Hostile
+//! clients (no version line, an 8 MB one, a 4 GiB packet claim, a stalled key exchange,
+//! half-open floods) are closed promptly with the gateway's memory bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::{ErrorKind, Read, Write};
@@ -175,4 +177,169 @@ fn clients_turned_away_by_the_startup_cap_retry_and_get_in() {
         let out = c.wait_with_output().unwrap();
         assert!(out.status.success(), "postern ls failed: {}", text(&out.stderr));
     }
+}
+
+/// The gateway's resident memory, in KiB.
+fn gateway_rss_kib(s: &Setup) -> u64 {
+    let pid = s.gw.proc.as_ref().unwrap().child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// One SSH binary packet, unencrypted (before the first key exchange): length, padding
+/// length, payload, at least 4 bytes of padding to a multiple of 8 (RFC 4253 §6).
+fn clear_packet(payload: &[u8]) -> Vec<u8> {
+    let mut padding = 8 - (5 + payload.len()) % 8;
+    if padding < 4 {
+        padding += 8;
+    }
+    let mut p = Vec::new();
+    p.extend_from_slice(&((1 + payload.len() + padding) as u32).to_be_bytes());
+    p.push(padding as u8);
+    p.extend_from_slice(payload);
+    p.extend(std::iter::repeat_n(0u8, padding));
+    p
+}
+
+/// A client KEXINIT (RFC 4253 §7.1) the gateway accepts: it answers and waits for the key
+/// exchange to go on.
+fn client_kexinit() -> Vec<u8> {
+    let mut m = vec![20u8];
+    m.extend_from_slice(&[7u8; 16]);
+    for list in [
+        "curve25519-sha256",
+        "ssh-ed25519",
+        "aes256-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "hmac-sha2-256",
+        "hmac-sha2-256",
+        "none",
+        "none",
+        "",
+        "",
+    ] {
+        m.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        m.extend_from_slice(list.as_bytes());
+    }
+    m.push(0);
+    m.extend_from_slice(&0u32.to_be_bytes());
+    clear_packet(&m)
+}
+
+/// Hostile clients, all at once from 127.0.0.1: one that never sends its version line, one
+/// that sends an 8 MB one, one that claims a 4 GiB packet, one that stalls in the middle of
+/// the key exchange, and a flood of half-open connections (a partial version line, then the
+/// client's sending side closed). Each is closed promptly — at once when the input is
+/// invalid, at the login grace time when it is merely silent — while a real `ssh` login from
+/// another address succeeds at the same time, and the gateway's memory stays bounded.
+#[test]
+fn hostile_clients_are_closed_promptly_with_bounded_memory_while_others_log_in() {
+    let s = Setup::new("login_grace_time = \"3s\"\nmax_startups_per_source = 20\nmax_startups = 100");
+    // Warm up (a first login allocates what every login shares), then measure.
+    let (out, _) = s.whoami_from("127.0.0.1");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rss_before = gateway_rss_kib(&s);
+    // Each hostile client is let in (has its place among the startups) before the flood
+    // from the same address begins, which fills the places left and is closed beyond them.
+    let admitted = std::sync::Barrier::new(7);
+    let version = |c: &mut TcpStream| {
+        assert!(first_bytes(c).starts_with(b"SSH-2.0-Postern"));
+        admitted.wait();
+    };
+
+    std::thread::scope(|scope| {
+        let silent = scope.spawn(|| {
+            let mut c = s.connect();
+            version(&mut c);
+            until_closed(&mut c, Duration::from_secs(10))
+        });
+        let huge_banners: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut c = s.connect();
+                    version(&mut c);
+                    // 8 MB with no end of line; the gateway stops reading long before.
+                    let chunk = vec![b'A'; 64 * 1024];
+                    let start = Instant::now();
+                    let mut sent = 0usize;
+                    while sent < 8 * 1024 * 1024 && c.write_all(&chunk).is_ok() {
+                        sent += chunk.len();
+                    }
+                    (until_closed(&mut c, Duration::from_secs(10)).max(start.elapsed()), sent)
+                })
+            })
+            .collect();
+        let huge_packet = scope.spawn(|| {
+            let mut c = s.connect();
+            version(&mut c);
+            c.write_all(b"SSH-2.0-OpenSSH_9.6 hostile\r\n").unwrap();
+            // Length 0xFFFFFFFF, then a little of the "packet".
+            c.write_all(&[0xFF, 0xFF, 0xFF, 0xFF, 4, 20, 0, 0, 0, 0, 0, 0]).unwrap();
+            until_closed(&mut c, Duration::from_secs(10))
+        });
+        let mid_kex = scope.spawn(|| {
+            let mut c = s.connect();
+            c.write_all(b"SSH-2.0-OpenSSH_9.6 stalls\r\n").unwrap();
+            c.write_all(&client_kexinit()).unwrap();
+            // The gateway answers with its own KEXINIT (after its version line), then waits
+            // for the key exchange that never comes.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(17).any(|w| w == b"curve25519-sha256") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "closed before answering the key exchange");
+                got.extend_from_slice(&buf[..n]);
+            }
+            admitted.wait();
+            until_closed(&mut c, Duration::from_secs(10))
+        });
+        let half_open = scope.spawn(|| {
+            admitted.wait();
+            let start = Instant::now();
+            let mut held: Vec<TcpStream> = (0..200)
+                .filter_map(|_| TcpStream::connect(("127.0.0.1", s.gw.ssh_port)).ok())
+                .map(|mut c| {
+                    let _ = c.write_all(b"SSH-2.0-half");
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                    c
+                })
+                .collect();
+            for c in &mut held {
+                until_closed(c, Duration::from_secs(10));
+            }
+            (held.len(), start.elapsed())
+        });
+
+        // Meanwhile a real login from another address.
+        let (out, login) = s.whoami_from("127.0.0.2");
+        assert!(out.status.success(), "ssh from 127.0.0.2 failed during the attack: {}", text(&out.stderr));
+        assert!(login < Duration::from_secs(5), "ssh from 127.0.0.2 took {login:?} during the attack");
+
+        let took = silent.join().unwrap();
+        eprintln!("login from 127.0.0.2 during the attack: {login:?}; silent client closed after {took:?}");
+        assert!(took < Duration::from_secs(5), "silent client closed after {took:?}");
+        for h in huge_banners {
+            let (took, sent) = h.join().unwrap();
+            eprintln!("8 MB version line: closed after {took:?}, {sent} bytes written");
+            assert!(took < Duration::from_secs(2), "8 MB version line: closed after {took:?}");
+        }
+        let took = huge_packet.join().unwrap();
+        eprintln!("4 GiB packet claim: closed after {took:?}");
+        assert!(took < Duration::from_secs(2), "4 GiB packet claim: closed after {took:?}");
+        let took = mid_kex.join().unwrap();
+        eprintln!("stalled key exchange: closed after {took:?}");
+        assert!(took < Duration::from_secs(5), "stalled key exchange: closed after {took:?}");
+        let (n, took) = half_open.join().unwrap();
+        eprintln!("{n} half-open connections: all closed after {took:?}");
+        assert_eq!(n, 200);
+        assert!(took < Duration::from_secs(5), "200 half-open connections: all closed after {took:?}");
+    });
+
+    let rss_after = gateway_rss_kib(&s);
+    eprintln!("gateway RSS {rss_before} KiB before the attack, {rss_after} KiB after");
+    assert!(rss_after < rss_before + 32 * 1024, "gateway RSS grew from {rss_before} KiB to {rss_after} KiB");
+    // And the attacked address can log in again.
+    let (out, _) = s.whoami_from("127.0.0.1");
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
