@@ -216,28 +216,46 @@ fn agent_supplied_text_cannot_drive_the_terminal() {
 #[test]
 fn session_stream_violations_close_the_agent_connection() {
     let gw = Gateway::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("alice");
+    ssh_keygen(&key, "alice");
+    let known_hosts = dir.path().join("known_hosts");
+    gw.write_known_hosts(&known_hosts);
+    assert!(gw.postern(&["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]).status.success());
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "name = \"all\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"exec\"]\nlabels = [\"env=rogue\"]\nallow_root = true\n",
+    )
+    .unwrap();
+    assert!(gw.postern(&["policy", "apply", policy.to_str().unwrap()]).status.success());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let state = tempfile::tempdir().unwrap();
     let cfg = enroll_rogue(&gw, "rogue-02", "env=rogue", state.path(), &rt);
-    let cases: [&[u8]; 3] = [
-        &[9u8; 64],                         // garbage: bad version byte
-        &[1, 0x31, 0x03, 0x20, 0x00, 0x00], // Stdout announcing 50 MB
-        &[1, 0x30, 0, 0, 0, 2, b'h', b'i'], // Stdin: a kind only the gateway sends
+    // (bytes the rogue sends, whether it accepts the session first, through ssh or the
+    // admin socket): every place a session stream is read, each way a frame can be wrong.
+    let cases: [(&[u8], bool, bool); 5] = [
+        (&[9u8; 64], true, false),                          // garbage: bad version byte
+        (&[1, 0x31, 0x03, 0x20, 0x00, 0x00], true, true),   // Stdout announcing 50 MB
+        (&[1, 0x30, 0, 0, 0, 2, b'h', b'i'], true, false),  // Stdin: a kind only the gateway sends
+        (&[1, 0x30, 0, 0, 0, 2, b'h', b'i'], true, true),   // the same, through ssh
+        (&[9u8; 64], false, false),                         // garbage instead of Accept/Reject
     ];
-    for (i, bad) in cases.iter().enumerate() {
+    for (i, (bad, accept, via_ssh)) in cases.iter().enumerate() {
         let conn = rt.block_on(async {
             let conn = connect(&gw, &cfg).await;
             let control = hello(&conn).await;
             let c = conn.clone();
-            let bad = bad.to_vec();
+            let (bad, accept) = (bad.to_vec(), *accept);
             tokio::spawn(async move {
                 let (mut send, mut recv) = c.accept_bi().await.unwrap();
                 let Some(Message::Open(open)) = read_frame(&mut recv, StreamKind::Session).await.unwrap() else {
                     panic!("expected open")
                 };
-                write_frame(&mut send, &Message::Accept(postern_proto::Accept { session_id: open.session_id }))
-                    .await
-                    .unwrap();
+                if accept {
+                    let accepted = Message::Accept(postern_proto::Accept { session_id: open.session_id });
+                    write_frame(&mut send, &accepted).await.unwrap();
+                }
                 send.write_all(&bad).await.unwrap();
                 let _keep = (send, recv, control);
                 std::future::pending::<()>().await;
@@ -245,9 +263,21 @@ fn session_stream_violations_close_the_agent_connection() {
             conn
         });
         wait_until("rogue online", Duration::from_secs(10), || gw.is_online("rogue-02"));
-        let out = gw.postern(&["exec", "rogue-02", "--", "true"]);
+        let out = if *via_ssh {
+            Command::new("timeout")
+                .args(["30", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+                .arg(&key)
+                .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+                .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+                .args(["alice%rogue-02@127.0.0.1", "true"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        } else {
+            gw.postern(&["exec", "rogue-02", "--", "true"])
+        };
         assert!(!out.status.success(), "case {i}: {}", text(&out.stdout));
-        assert_eq!(rt.block_on(closed_with(&conn)), u64::from(PROTOCOL_ERROR), "case {i}");
+        assert_eq!(rt.block_on(closed_with(&conn)), u64::from(PROTOCOL_ERROR), "case {i}: {}", text(&out.stderr));
         let violations: Vec<_> =
             gw.audit_events().into_iter().filter(|e| e["event"] == "agent.protocol_violation").collect();
         assert_eq!(violations.len(), i + 1, "case {i}: {violations:#?}");
