@@ -258,7 +258,10 @@ async fn pty_shell_with_resize() {
 async fn tcp_forward_and_local_allow_list() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = gateway(TunnelSettings::default()).await;
-    let (_dir, id, _stop) = join_and_run(&gw, "t3", LocalLimits::default()).await;
+    // Only 127.0.0.1 allowed, so a refusal can be shown on loopback too (no traffic leaves
+    // the machine even if the check were missing).
+    let limits = LocalLimits { tcp_allow: vec!["127.0.0.1/32".parse().unwrap()], ..LocalLimits::default() };
+    let (_dir, id, _stop) = join_and_run(&gw, "t3", limits).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -279,13 +282,18 @@ async fn tcp_forward_and_local_allow_list() {
     AsyncReadExt::read_to_end(&mut s.recv, &mut got).await.unwrap();
     assert_eq!(got, b"echo:hello");
 
-    // Not on the agent's allow-list: refused by the agent, whatever the gateway wants.
+    // Not on the agent's allow-list: refused by the agent, whatever the gateway wants, and
+    // nothing is dialled (a listener there sees no connection).
+    let other = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    other.set_nonblocking(true).unwrap();
+    let other_port = other.local_addr().unwrap().port();
     let err = gw
         .registry
-        .open_session(&id, SessionRequest::Tcp(TcpRequest { host: "10.255.255.1".into(), port: 80 }))
+        .open_session(&id, SessionRequest::Tcp(TcpRequest { host: "127.0.0.3".into(), port: other_port }))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not allowed"), "{err}");
+    assert!(other.accept().is_err(), "the agent connected to an address outside its tcp_allow");
     gw.shutdown.cancel();
 }
 
