@@ -1,10 +1,12 @@
-# Shared set-up for the end-to-end benchmark scripts (sourced, not run): a release build,
+# Shared set-up for the end-to-end benchmark scripts (sourced, not run): a release build
+# (PROFILE=debug for scripts whose result does not depend on it, such as recording sizes),
 # a scratch directory removed on exit together with every process started in the
 # background (append PIDs to `pids`), free loopback ports, and helpers to wait for a gateway
 # and to enroll agents. Needs python3.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --release --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
-T=${CARGO_TARGET_DIR:-$PWD/target}/release
+PROFILE=${PROFILE:-release}
+cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
+T=${CARGO_TARGET_DIR:-$PWD/target}/$PROFILE
 W=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }

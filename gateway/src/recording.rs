@@ -1,13 +1,20 @@
 //! Session recordings in asciicast v2: a JSON header line, then `[time, "o", data]` output
 //! events, `[time, "r", "COLSxROWS"]` resizes, `[time, "i", data]` input (only with
-//! `[audit] record_input`), and a closing `[time, "m", "exit CODE"]` marker. `asciinema play
-//! FILE` replays a clear recording; sealed ones (encryption at rest, `.cast.sealed`) are read
-//! through `postern replay`.
+//! `[audit] record_input`), and a closing `[time, "m", "exit CODE"]` marker. Output that is
+//! not text (not UTF-8, or mostly control bytes that JSON spells in six bytes each) is a
+//! `[time, "b", BASE64]` event instead: the exact bytes at 4/3 of their size, where `"o"`
+//! would cost up to six times (`\u0000`) or lose them (invalid UTF-8). asciicast's event
+//! codes are open to extension and asciinema skips codes it does not know, so `asciinema
+//! play FILE` still replays a clear recording (without the binary chunks, which a terminal
+//! shows as noise); `postern replay` writes them back byte for byte. Sealed recordings
+//! (encryption at rest, `.cast.sealed`) are read through `postern replay`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::json;
 
 use crate::audit::seal::{Ending, Keyring, Plain, Sealer};
@@ -33,6 +40,31 @@ pub struct RecordingOptions {
 
 /// Room kept under the limit for the closing markers (the limit's and the exit status).
 const LIMIT_RESERVE: u64 = 512;
+
+/// Event code of output recorded as text (asciicast's own).
+pub const OUTPUT: &str = "o";
+/// Event code of output recorded as base64 of its exact bytes (Postern's extension).
+pub const OUTPUT_BYTES: &str = "b";
+
+/// What an event carries: text (a JSON string) or bytes (a base64 string).
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Text(&'a str),
+    Bytes(&'a [u8]),
+}
+
+/// Whether text of `len` bytes, `odd` of which JSON spells as `\u00XX` though a terminal
+/// does nothing with them, costs more as a JSON string than as base64 (`4 * ceil(len / 3)`).
+/// Bytes terminal programs send as part of ordinary output (ESC, BEL, SO, SI) are not
+/// counted in `odd`, so colourful or full-screen output stays text whatever its escapes cost;
+/// nor do chunks shorter than [`MIN_BYTES_EVENT`], where there is little to save and a stray
+/// control byte next to a few characters would hide them from asciinema.
+fn cheaper_as_bytes(len: usize, odd: usize) -> bool {
+    len >= MIN_BYTES_EVENT && len + 5 * odd > len.div_ceil(3) * 4
+}
+
+/// Text output shorter than this stays text whatever it costs (see [`cheaper_as_bytes`]).
+const MIN_BYTES_EVENT: usize = 64;
 
 pub struct Recorder {
     path: PathBuf,
@@ -131,13 +163,15 @@ fn clean(block: &[u8]) -> bool {
 /// Append `s` as a JSON string. Terminal output is mostly text that needs no escaping, so
 /// it is checked 32 and 8 bytes at a time, jumping straight to the next byte that needs an
 /// escape, and copied in runs; this is the recorder's hot loop (serde_json's byte-at-a-time
-/// escaper cost a measurable share of shell throughput).
-pub fn json_string(out: &mut Vec<u8>, s: &str) {
+/// escaper cost a measurable share of shell throughput). Returns how many bytes it spelled
+/// as `\u00XX` that are not ESC, BEL, SO or SI (see [`cheaper_as_bytes`]).
+pub fn json_string(out: &mut Vec<u8>, s: &str) -> usize {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut run = 0; // start of the bytes not yet copied
     let mut i = 0;
+    let mut odd = 0;
     while i < bytes.len() {
         if let Some(block) = bytes.get(i..i + 32)
             && clean(block)
@@ -177,6 +211,9 @@ pub fn json_string(out: &mut Vec<u8>, s: &str) {
             Some(e) => out.extend_from_slice(e),
             None => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
+                if !matches!(b, 0x07 | 0x0e | 0x0f | 0x1b) {
+                    odd += 1;
+                }
                 out.extend_from_slice(b"\\u00");
                 out.push(HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0'));
                 out.push(HEX.get(usize::from(b & 15)).copied().unwrap_or(b'0'));
@@ -186,6 +223,19 @@ pub fn json_string(out: &mut Vec<u8>, s: &str) {
         run = i;
     }
     out.extend_from_slice(bytes.get(run..).unwrap_or_default());
+    out.push(b'"');
+    odd
+}
+
+/// Append `bytes` as a JSON string of their base64.
+fn base64_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    let start = out.len();
+    out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+    if let Some(room) = out.get_mut(start..) {
+        let written = B64.encode_slice(bytes, room).unwrap_or(0);
+        out.truncate(start + written);
+    }
     out.push(b'"');
 }
 
@@ -267,12 +317,9 @@ impl Recorder {
         Ok(())
     }
 
-    async fn event(&mut self, kind: &str, data: &str) -> std::io::Result<()> {
-        self.check()?;
-        if self.limited.is_some() {
-            return Ok(());
-        }
-        let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+    /// Append one event line to the buffer; output text that would cost more as a JSON
+    /// string than as base64 becomes an [`OUTPUT_BYTES`] event.
+    fn push_event(&mut self, t: f64, kind: &str, data: Payload<'_>) -> std::io::Result<()> {
         let mark = self.buf.len();
         // Written straight into the buffer: no intermediate JSON value or string.
         self.buf.push(b'[');
@@ -280,8 +327,28 @@ impl Recorder {
         self.buf.extend_from_slice(b",\"");
         self.buf.extend_from_slice(kind.as_bytes());
         self.buf.extend_from_slice(b"\",");
-        json_string(&mut self.buf, data);
+        match data {
+            Payload::Text(text) => {
+                let odd = json_string(&mut self.buf, text);
+                if kind == OUTPUT && cheaper_as_bytes(text.len(), odd) {
+                    self.buf.truncate(mark);
+                    return self.push_event(t, OUTPUT_BYTES, Payload::Bytes(text.as_bytes()));
+                }
+            }
+            Payload::Bytes(bytes) => base64_string(&mut self.buf, bytes),
+        }
         self.buf.extend_from_slice(b"]\n");
+        Ok(())
+    }
+
+    async fn event(&mut self, kind: &str, data: Payload<'_>) -> std::io::Result<()> {
+        self.check()?;
+        if self.limited.is_some() {
+            return Ok(());
+        }
+        let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+        let mark = self.buf.len();
+        self.push_event(t, kind, data)?;
         let line = (self.buf.len() - mark) as u64;
         if self.max_bytes > 0 && self.recorded + line + LIMIT_RESERVE > self.max_bytes {
             // The limit: this event is not recorded, nor anything after it; a marker says so.
@@ -379,6 +446,11 @@ impl Recorder {
     /// End the recording: an `exit CODE` marker when the command's status is known, then
     /// everything buffered (and, sealed, the final record), waiting until it is written.
     pub async fn finish(&mut self, exit_code: Option<i32>) -> std::io::Result<()> {
+        // The start of a UTF-8 sequence the output ended in the middle of.
+        if !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            self.event(OUTPUT_BYTES, Payload::Bytes(&rest)).await?;
+        }
         if let Some(code) = exit_code {
             let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
             serde_json::to_writer(&mut self.buf, &(t, "m", format!("exit {code}"))).map_err(std::io::Error::other)?;
@@ -387,24 +459,30 @@ impl Recorder {
         self.write_out(true).await
     }
 
+    /// Record output: as text while it is UTF-8 (a sequence split across chunks is carried
+    /// to the next), as its exact bytes (`"b"`, base64) where it is not.
     pub async fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
         // The common case: no carried-over bytes and valid UTF-8, used in place.
         if self.pending.is_empty()
             && let Ok(text) = std::str::from_utf8(data)
         {
-            return if text.is_empty() { Ok(()) } else { self.event("o", text).await };
+            return if text.is_empty() { Ok(()) } else { self.event(OUTPUT, Payload::Text(text)).await };
         }
         let mut bytes = std::mem::take(&mut self.pending);
         bytes.extend_from_slice(data);
-        let valid_up_to = match std::str::from_utf8(&bytes) {
-            Ok(_) => bytes.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => bytes.len(),
-        };
-        let (text, rest) = bytes.split_at(valid_up_to);
-        self.pending = rest.to_vec();
-        let text = String::from_utf8_lossy(text).into_owned();
-        if text.is_empty() { Ok(()) } else { self.event("o", &text).await }
+        match std::str::from_utf8(&bytes) {
+            Ok(text) => self.event(OUTPUT, Payload::Text(text)).await,
+            // Only the end is incomplete: the text before it now, the rest with the next chunk.
+            Err(e) if e.error_len().is_none() => {
+                let (text, rest) = bytes.split_at(e.valid_up_to());
+                self.pending = rest.to_vec();
+                match std::str::from_utf8(text) {
+                    Ok(text) if !text.is_empty() => self.event(OUTPUT, Payload::Text(text)).await,
+                    _ => Ok(()),
+                }
+            }
+            Err(_) => self.event(OUTPUT_BYTES, Payload::Bytes(&bytes)).await,
+        }
     }
 
     /// What the user typed, if input is recorded (`[audit] record_input`).
@@ -413,11 +491,11 @@ impl Recorder {
             return Ok(());
         }
         let text = String::from_utf8_lossy(data).into_owned();
-        self.event("i", &text).await
+        self.event("i", Payload::Text(&text)).await
     }
 
     pub async fn resize(&mut self, cols: u16, rows: u16) -> std::io::Result<()> {
-        self.event("r", &format!("{cols}x{rows}")).await
+        self.event("r", Payload::Text(&format!("{cols}x{rows}"))).await
     }
 }
 
@@ -460,8 +538,10 @@ pub fn replay(
             out.flush()?;
             std::thread::sleep(std::time::Duration::from_secs_f64(wait));
         }
-        if ev.1 == "o" {
-            out.write_all(ev.2.as_bytes())?;
+        match ev.1.as_str() {
+            OUTPUT => out.write_all(ev.2.as_bytes())?,
+            OUTPUT_BYTES => out.write_all(&B64.decode(&ev.2).with_context(|| format!("{}: not base64", bad()))?)?,
+            _ => {}
         }
     }
     out.flush()?;
@@ -542,6 +622,48 @@ mod tests {
                 assert_eq!(ending, Some(Ending::Complete));
             }
         }
+    }
+
+    /// Output that is not text is recorded as its exact bytes, at 4/3 of their size; text,
+    /// escapes and all, stays text; a UTF-8 sequence cut by the end of the output is kept.
+    #[tokio::test]
+    async fn binary_output_is_recorded_exactly_and_compactly_and_text_stays_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Recorder::create(dir.path(), "b", (80, 24), "t", None, &RecordingOptions::default()).unwrap();
+        let zeros = vec![0u8; 30_000];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<u8> = (0..30_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let colour = "\u{1b}[1;31mred\u{1b}[0m \u{7}\u{e}q\u{f}\u{1b}[K\r\n";
+        let euro = "€".as_bytes();
+        let mut expected = Vec::new();
+        for chunk in [&zeros[..], colour.as_bytes(), &noise[..], &[b'a', euro[0]], &euro[1..], b"x\0y", &euro[..2]] {
+            r.output(chunk).await.unwrap();
+            expected.extend_from_slice(chunk);
+        }
+        r.finish(Some(0)).await.unwrap();
+        let text = std::fs::read_to_string(r.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let codes: Vec<&str> = lines[1..].iter().map(|l| l[1].as_str().unwrap()).collect();
+        assert_eq!(codes, ["b", "o", "b", "o", "o", "o", "b", "m"]);
+        assert_eq!(lines[2][2], colour, "terminal escapes stay text");
+        assert_eq!(lines[4][2], "a");
+        assert_eq!(lines[6][2], "x\u{0}y", "a stray NUL in text stays text");
+        let zeros_line = text.lines().nth(1).unwrap().len();
+        assert!(zeros_line < zeros.len() * 4 / 3 + 40, "{zeros_line} bytes for {} zeros", zeros.len());
+        let mut out = Vec::new();
+        replay(r.path(), &Keyring::default(), 1e9, Some(0.0), &mut out).unwrap();
+        assert!(out == expected, "{} bytes back of {}", out.len(), expected.len());
+
+        std::fs::write(r.path(), "{\"version\":2}\n[0.1,\"b\",\"not base64!\"]\n").unwrap();
+        let e = replay(r.path(), &Keyring::default(), 1.0, None, &mut Vec::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("b.cast:2: not an asciicast event: not base64"), "{e:#}");
     }
 
     #[test]

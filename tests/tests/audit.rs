@@ -453,10 +453,70 @@ fn the_recording(gw: &Gateway) -> (u64, Vec<serde_json::Value>) {
     (text.len() as u64, lines)
 }
 
-/// `[audit] max_recording_bytes`: NULs cost six bytes each in a recording (`\u0000`), so a
-/// small command could fill a disk. At the limit, failing closed, the session is ended with
-/// a message and all it showed is recorded; failing open, it runs on unrecorded and its end
-/// says so. Either way the recording stays under the limit and ends with a marker.
+/// Bytes a base64 string stands for.
+fn base64_len(b64: &str) -> usize {
+    b64.len() / 4 * 3 - b64.bytes().rev().take_while(|&b| b == b'=').count()
+}
+
+/// Output that is not text goes into the recording as its exact bytes (`"b"` events,
+/// base64, 4/3 of its size where JSON would spell a NUL in six bytes and mangle invalid
+/// UTF-8), and `postern replay` gives back exactly what the client received; text stays
+/// `"o"` events, which asciinema plays, and asciinema skips the others without failing.
+#[test]
+fn binary_output_round_trips_exactly_through_the_recording_and_text_is_unchanged() {
+    const N: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "");
+    let recording_of = |out: &std::process::Output| {
+        let start = gw.audit_events().into_iter().rfind(|e| e["event"] == "session.start").unwrap();
+        assert_eq!(start["logged"], true, "{start}");
+        let sid = start["session_id"].as_str().unwrap().to_owned();
+        let path = std::path::PathBuf::from(start["recording"].as_str().unwrap());
+        let replayed = gw.postern(&["replay", &sid, "--speed", "1000", "--max-wait", "0.001"]);
+        assert!(replayed.status.success(), "{}", text(&replayed.stderr));
+        assert!(replayed.stdout == out.stdout, "{} bytes replayed of {}", replayed.stdout.len(), out.stdout.len());
+        path
+    };
+
+    // Zeros, random bytes, colourful text, and a UTF-8 sequence cut off by the end.
+    let command = format!(
+        "head -c {N} /dev/zero; head -c {N} /dev/urandom; printf 'plain \\033[1mbold\\033[0m done\\n'; printf '\\342\\202'"
+    );
+    let out = ssh_exec(&gw, &key, &kh, &command);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), 2 * N + "plain \x1b[1mbold\x1b[0m done\n".len() + 2);
+    let cast = recording_of(&out);
+    let size = std::fs::metadata(&cast).unwrap().len() as usize;
+    assert!(size < out.stdout.len() * 4 / 3 + 20_000, "{size} bytes of recording for {} of output", out.stdout.len());
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&cast).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().any(|l| l[1] == "b"));
+    let played = asciinema_cat(&cast);
+    assert!(played.status.success(), "asciinema cat: {}", text(&played.stderr));
+    assert_eq!(text(&played.stdout), "plain \x1b[1mbold\x1b[0m done\n");
+
+    // Text, escapes and all, is recorded as "o" events as before, and asciinema plays it.
+    let out = ssh_exec(&gw, &key, &kh, "seq 1 20000; printf '\\033[31mred\\033[0m\\t\\a€\\n'");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cast = recording_of(&out);
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&cast).unwrap().lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut output = String::new();
+    for l in lines.iter().filter(|l| l[1] != "m") {
+        assert_eq!(l[1], "o", "{l}");
+        output.push_str(l[2].as_str().unwrap());
+    }
+    assert_eq!(output.as_bytes(), out.stdout);
+    let played = asciinema_cat(&cast);
+    assert!(played.status.success(), "asciinema cat: {}", text(&played.stderr));
+    assert!(played.stdout == out.stdout);
+}
+
+/// `[audit] max_recording_bytes`: a small command can print more than a disk holds, and
+/// output costs a recording up to 4/3 of its size as bytes (a NUL in text, six). At the
+/// limit, failing closed, the session is ended with a message and all it showed is recorded;
+/// failing open, it runs on unrecorded and its end says so. Either way the recording stays
+/// under the limit and ends with a marker.
 #[test]
 fn a_recording_stops_at_its_size_limit() {
     const CAP: u64 = 1 << 20;
@@ -475,8 +535,8 @@ fn a_recording_stops_at_its_size_limit() {
     assert_eq!(end["logged"], true, "all the session showed is recorded: {end}");
     let (size, lines) = the_recording(&gw);
     assert!(size <= CAP, "{size} bytes");
-    // What the user saw is what was recorded: 6 bytes of recording per NUL.
-    let recorded: usize = lines.iter().filter(|l| l[1] == "o").map(|l| l[2].as_str().unwrap().len()).sum();
+    // What the user saw is what was recorded (as bytes: NULs are not text).
+    let recorded: usize = lines.iter().filter(|l| l[1] == "b").map(|l| base64_len(l[2].as_str().unwrap())).sum();
     assert_eq!(recorded, out.stdout.len());
     let marker = &lines[lines.len() - 2];
     assert!(marker[1] == "m" && marker[2].as_str().unwrap().contains("max_recording_bytes"), "{marker}");
