@@ -68,9 +68,31 @@ pub struct RunningGateway {
     tasks: tokio_util::task::TaskTracker,
 }
 
+/// How long a graceful stop waits for live sessions to end before it closes their
+/// connections under them.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl RunningGateway {
-    /// Stop accepting, close agent connections, remove the admin socket.
+    /// End live sessions (each writes its `session.end`), then stop accepting, close agent
+    /// connections, remove the admin socket.
     pub async fn stop(self) {
+        // First, while connections are still up: a client that reads gets its notice and
+        // exit status, and every session writes its end event, also one whose client stopped
+        // reading (termination wins over a blocked write). Asked again on every poll, so a
+        // session that started meanwhile ends too. Sessions still live at the bound are cut
+        // off with their connections; their markers give them an end at the next start.
+        let waiting = tokio::time::Instant::now();
+        loop {
+            let live = self.services.sessions.end_all_for_stop();
+            if live == 0 {
+                break;
+            }
+            if waiting.elapsed() >= STOP_GRACE {
+                tracing::warn!(live, "sessions did not end within the stop grace period; closing their connections");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;

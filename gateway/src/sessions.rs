@@ -88,6 +88,8 @@ pub struct LiveSession {
     /// The `session.terminated` event of whoever ended it, written when the session has
     /// actually ended (just before its end event), not when it was asked to.
     terminated_event: Mutex<Option<Event>>,
+    /// Ended because the gateway is stopping ([`SessionTable::end_all_for_stop`]).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl LiveSession {
@@ -151,7 +153,16 @@ impl LiveSession {
     pub fn reason(&self) -> Option<String> {
         self.reason.lock().ok().and_then(|r| r.clone())
     }
+
+    /// The end event's `end_reason` for a session asked to end: `gateway-stopped` when the
+    /// gateway stopped it, else `terminated` (an administrator, the policy).
+    pub fn ended_by(&self) -> &'static str {
+        if self.stopping.load(Ordering::Relaxed) { "gateway-stopped" } else { "terminated" }
+    }
 }
+
+/// Why sessions end at a graceful stop (the notice users see).
+pub const GATEWAY_STOPPING: &str = "the gateway is shutting down";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionRow {
@@ -283,6 +294,7 @@ impl SessionTable {
             cancel: CancellationToken::new(),
             reason: Mutex::new(None),
             terminated_event: Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         if let Some(dir) = &self.markers {
             let p = &session.party;
@@ -323,6 +335,20 @@ impl SessionTable {
     pub fn terminate(&self, id: &str, reason: &str) -> bool {
         let Some(s) = self.live.lock().ok().and_then(|l| l.get(id).cloned()) else { return false };
         s.end(reason)
+    }
+
+    /// Ask every live session to end because the gateway is stopping; returns how many are
+    /// still live (ending ones included). Called repeatedly while the gateway waits for
+    /// them, so one that started meanwhile is ended too.
+    pub fn end_all_for_stop(&self) -> usize {
+        let live = self.live();
+        for s in &live {
+            if !s.is_ending() {
+                s.stopping.store(true, Ordering::Relaxed);
+                s.end(GATEWAY_STOPPING);
+            }
+        }
+        live.len()
     }
 
     /// As [`terminate`](Self::terminate), with the `session.terminated` event `event` builds

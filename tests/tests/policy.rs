@@ -668,6 +668,45 @@ fn a_session_whose_client_stops_reading_still_ends_and_its_process_with_it() {
     assert_eq!(end["end_reason"], "max-duration", "{end}");
 }
 
+/// A graceful stop (SIGTERM) while a session's client is not reading: the gateway still
+/// exits cleanly, writes the session's `session.end` before it does, and the remote process
+/// ends with it (issue 15, item 6).
+#[test]
+fn a_graceful_stop_ends_a_session_whose_client_stops_reading_with_its_end_event() {
+    let mut s = Setup::new();
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod,role=web", vec![], &s.gw.listen);
+    let alice = s.user("alice", &[]);
+    assert!(s.apply("capped", CAPPED_3).status.success());
+    let marker = format!("postern-stall-stop-{}", std::process::id());
+    let mut client = s
+        .ssh_cmd(&alice, "alice%web-01@127.0.0.1", &[])
+        // `cat /dev/zero` with the marker in its argv (a second, empty file), quoted as above.
+        .arg(format!("cat /dev/zero /dev/null {}", marker.replacen('-', "'-'", 1)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = s.wait_live("alice");
+    wait_until("the remote process", Duration::from_secs(10), || running(&marker));
+    // Long enough for the window to fill and the relay to block on its write.
+    std::thread::sleep(Duration::from_secs(2));
+    let at = Instant::now();
+    // SIGTERM; the helper asserts the gateway exits with status 0 within 10 s.
+    s.gw.stop();
+    let stopped_in = at.elapsed();
+    wait_until("the remote process gone", Duration::from_secs(5), || !running(&marker));
+    let _ = client.kill();
+    let _ = client.wait();
+    let events = s.gw.audit_events();
+    let end = events.iter().position(|e| e["event"] == "session.end" && e["session_id"] == id.as_str());
+    let end = end.unwrap_or_else(|| panic!("no session.end for {id} after a graceful stop ({stopped_in:?})"));
+    let stopped = events.iter().position(|e| e["event"] == "gateway.stopped").expect("gateway.stopped");
+    assert!(end < stopped, "the session ended before the gateway stopped");
+    assert_eq!(events[end]["end_reason"], "gateway-stopped", "{}", events[end]);
+    assert!(stopped_in < Duration::from_secs(8), "{stopped_in:?}");
+}
+
 #[test]
 fn max_sessions_holds_under_thirty_simultaneous_requests() {
     // Thirty handshakes from one address at once: above the default per-source cap on

@@ -125,7 +125,7 @@ pub(super) async fn relay(
                 notice(wr, on_pty, &format!("session ended: {why}")).await;
                 let _ = send.reset(0u32.into());
                 let _ = wr.exit_status(255).await;
-                end_reason = Some("terminated");
+                end_reason = Some(live.ended_by());
                 break Some(255);
             }
             _ = tick.tick(), if limits.idle_timeout.is_some() || limits.max_session.is_some() => {
@@ -315,7 +315,7 @@ async fn stalled_end(
 ) -> (&'static str, Option<i32>) {
     let _ = send.reset(0u32.into());
     let (reason, message) = if live.is_ending() {
-        ("terminated", format!("session ended: {}", live.reason().unwrap_or_else(|| "ended by the gateway".into())))
+        (live.ended_by(), format!("session ended: {}", live.reason().unwrap_or_else(|| "ended by the gateway".into())))
     } else {
         due(limits, started, last_input, Instant::now())
             .unwrap_or(("terminated", "session ended by the gateway".to_owned()))
