@@ -101,10 +101,21 @@ impl RunningGateway {
         let _ = self.services.audit.checkpoint(true);
         // The final checkpoint's anchor, now rather than through the keeper (stopped above).
         let last = self.services.audit.anchors().borrow().clone();
-        if let Some(anchor) = last
-            && let Err(e) = self.services.store.set_audit_anchor(&anchor).await
+        if let Some(anchor) = &last
+            && let Err(e) = self.services.store.set_audit_anchor(anchor).await
         {
             tracing::error!(error = %e, "cannot record the audit anchor in the database");
+        }
+        // ... and in the object store (bounded: a store that is down does not hold the stop).
+        if let (Some(anchor), Some(shipper)) = (last, &self.services.shipper) {
+            let anchor = s3_anchor(&self.services.audit, anchor);
+            match tokio::time::timeout(STOP_GRACE, shipper.put_anchor(&anchor)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot upload the audit anchor to the object store")
+                }
+                Err(_) => tracing::warn!("the object store did not take the audit anchor in time"),
+            }
         }
         info!("gateway stopped");
     }
@@ -256,6 +267,60 @@ async fn check_audit_anchor(
         reason: standing.describe(&anchor),
         accepted: accept == Some(anchor.seq),
     }))
+}
+
+/// The anchor as uploaded: the checkpoint, the signing key's id and the time.
+fn s3_anchor(audit: &AuditLog, anchor: crate::audit::anchor::AuditAnchor) -> crate::audit::ship::S3Anchor {
+    crate::audit::ship::S3Anchor {
+        v: 1,
+        seq: anchor.seq,
+        hash: anchor.hash,
+        key_id: audit.key_id(),
+        time: postern_core::util::rfc3339(postern_core::util::now_unix()),
+    }
+}
+
+/// Keep the last checkpoint the log wrote in the object store too (`[audit.s3]`), as it is
+/// written. One upload at a time, and the latest wins: checkpoints written meanwhile are
+/// skipped (the watch holds only the newest). A failed upload is retried with backoff, with
+/// whatever is newest by then; the first failure and the recovery are logged.
+async fn ship_audit_anchor(
+    audit: Arc<AuditLog>,
+    shipper: Arc<crate::audit::ship::Shipper>,
+    shutdown: CancellationToken,
+) {
+    let mut anchors = audit.anchors();
+    anchors.mark_changed();
+    let mut failing = false;
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = anchors.changed() => if changed.is_err() { return },
+        }
+        loop {
+            let Some(anchor) = anchors.borrow_and_update().clone() else { break };
+            match shipper.put_anchor(&s3_anchor(&audit, anchor)).await {
+                Ok(()) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("the audit anchor reaches the object store again");
+                    }
+                    backoff = std::time::Duration::from_secs(1);
+                    break;
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot upload the audit anchor to the object store; retrying");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
+                }
+            }
+        }
+    }
 }
 
 /// Keep the last checkpoint the log wrote in the store, as it is written.
@@ -491,6 +556,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     tasks.spawn(keep_audit_anchor(state.audit.clone(), state.store.clone(), shutdown.clone()));
     if let Some(shipper) = state.shipper.clone() {
         let st = state.clone();
+        tasks.spawn(ship_audit_anchor(state.audit.clone(), shipper.clone(), shutdown.clone()));
         tasks.spawn(shipper.run(move |full| upload_candidates(&st, full), state.audit.clone(), shutdown.clone()));
     }
     if keep.recordings.is_some() || keep.log.is_some() {

@@ -950,15 +950,17 @@ fn log_segments_rotate_and_retention_keeps_the_rest_verifiable() {
 }
 
 /// A signed S3 request to moto on `port` through boto3 (which moto brings): "create" the
-/// test bucket, or "get" an object (`None`: no such key).
+/// test bucket, "get" an object (`None`: no such key), or "put KEY FILE".
 fn s3(port: u16, op: &str, key: &str) -> Option<Vec<u8>> {
     const SCRIPT: &str = "import sys, boto3\n\
 s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n\
 if sys.argv[2] == 'create':\n    s3.create_bucket(Bucket='postern-audit')\n    sys.exit(0)\n\
+if sys.argv[2] == 'put':\n    s3.put_object(Bucket='postern-audit', Key=sys.argv[3], Body=open(sys.argv[4], 'rb').read())\n    sys.exit(0)\n\
 try:\n    sys.stdout.buffer.write(s3.get_object(Bucket='postern-audit', Key=sys.argv[3])['Body'].read())\n\
 except s3.exceptions.NoSuchKey:\n    sys.exit(3)\n";
     let out = std::process::Command::new("python3")
-        .args(["-c", SCRIPT, &format!("http://127.0.0.1:{port}"), op, key])
+        .args(["-c", SCRIPT, &format!("http://127.0.0.1:{port}"), op])
+        .args(key.split(' '))
         .output()
         .unwrap();
     match out.status.code() {
@@ -1053,4 +1055,111 @@ fn closed_segments_and_recordings_reach_s3_and_are_spooled_while_it_is_down() {
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(&sid))
         .count();
     assert_eq!(left, 0);
+}
+
+/// A moto S3 server on a free loopback port with the test bucket; returns its port and process.
+fn moto_with_bucket(dir: &std::path::Path) -> (u16, Proc) {
+    let port = free_tcp_port();
+    let mut moto = std::process::Command::new("moto_server");
+    moto.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let proc = spawn_logged(moto, &dir.join("moto.log"));
+    wait_until("moto listens", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    s3(port, "create", "");
+    (port, proc)
+}
+
+/// Issue 15 item 12: with [audit.s3] every checkpoint's anchor also goes to the object store
+/// (`anchor.json`, and one `anchors/SEQ.json` per checkpoint). Cutting the log back AND
+/// putting back an older copy of the database (whose anchor then matches the shorter log)
+/// passes the database's check, but `audit verify` with the config checks against the
+/// object store's anchor and reports the missing tail; so it does when `anchor.json` was
+/// lowered too, from the history.
+#[test]
+fn a_log_cut_back_with_its_database_anchor_lowered_is_caught_by_the_object_stores_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, _moto) = moto_with_bucket(dir.path());
+    let extra = format!(
+        "[audit.s3]\nbucket = \"postern-audit\"\nprefix = \"site-a\"\n\
+         endpoint = \"http://127.0.0.1:{port}\"\nallow_http = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n"
+    );
+    let mut gw = Gateway::start(&extra);
+    let config = gw.dir.path().join("gateway.toml");
+    let _ = gw.postern(&["instances"]);
+    gw.stop();
+    // The attacker's older copy: the database as it was when the log ended here.
+    let (_, early_lines, _) = segment_lines(&gw);
+    let db_copy = dir.path().join("db-copy");
+    std::fs::create_dir(&db_copy).unwrap();
+    for e in std::fs::read_dir(gw.data_dir()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("postern.db") {
+            std::fs::copy(e.path(), db_copy.join(e.file_name())).unwrap();
+        }
+    }
+    gw.restart();
+    for _ in 0..3 {
+        let _ = gw.postern(&["token", "create", "--ttl", "5m"]);
+    }
+    gw.stop();
+    let (log, lines, _) = segment_lines(&gw);
+    let last_seq = lines.len();
+    assert!(lines[last_seq - 1].contains("\"event\":\"audit.checkpoint\""));
+
+    // The anchor of the last checkpoint is in the store, and in the history.
+    let latest: serde_json::Value = serde_json::from_slice(&s3(port, "get", "site-a/anchor.json").unwrap()).unwrap();
+    assert_eq!(latest["seq"], last_seq as u64, "{latest}");
+    assert!(latest["key_id"].as_str().is_some_and(|k| k.len() == 16), "{latest}");
+    assert!(latest["time"].as_str().is_some(), "{latest}");
+    let early_seq = early_lines.len() as u64;
+    assert!(s3(port, "get", &format!("site-a/anchors/{early_seq:020}.json")).is_some(), "the first run's last anchor");
+    let out = postern_cfg(&gw, &config, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout)
+            .contains(&format!("(seq {last_seq}, in the object store at s3://postern-audit/site-a/anchor.json)")),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The attack: the log cut back to the first run's end, the database put back to match.
+    std::fs::write(&log, early_lines.join("\n") + "\n").unwrap();
+    for e in std::fs::read_dir(gw.data_dir()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("postern.db") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    for e in std::fs::read_dir(&db_copy).unwrap().flatten() {
+        std::fs::copy(e.path(), gw.data_dir().join(e.file_name())).unwrap();
+    }
+    // The database's anchor cannot see it ...
+    let out = gw.postern(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "the store anchor alone is fooled: {}", text(&out.stdout));
+    assert!(text(&out.stdout).contains(&format!("(seq {early_seq}, in its database)")), "{}", text(&out.stdout));
+    // ... the object store's does, and the output says which anchor it used.
+    let removed = format!(
+        "the log ends at seq {early_seq}, but the gateway signed a checkpoint at seq {last_seq} (recorded in the object store at s3://postern-audit/site-a/anchor.json): events {}-{last_seq} at least were removed",
+        early_seq + 1
+    );
+    let out = postern_cfg(&gw, &config, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains(&removed), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "the database's anchor (seq {early_seq}) is behind the object store's (seq {last_seq})"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // With the gateway's S3 credentials the attacker lowers anchor.json as well: the history
+    // (kept by object lock in production) still holds the later checkpoint.
+    let early = s3(port, "get", &format!("site-a/anchors/{early_seq:020}.json")).unwrap();
+    let early_file = dir.path().join("early-anchor.json");
+    std::fs::write(&early_file, early).unwrap();
+    s3(port, "put", &format!("site-a/anchor.json {}", early_file.display()));
+    let out = postern_cfg(&gw, &config, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let from_history = format!(
+        "but the gateway signed a checkpoint at seq {last_seq} (recorded in the object store at s3://postern-audit/site-a/anchors/{last_seq:020}.json)"
+    );
+    assert!(text(&out.stdout).contains(&from_history), "{}", text(&out.stdout));
 }

@@ -347,6 +347,11 @@ impl AuditLog {
         self.checkpointed.subscribe()
     }
 
+    /// The id of the key checkpoints are signed with (None: an unsigned log).
+    pub fn key_id(&self) -> Option<String> {
+        self.signer.as_ref().map(|s| s.key_id.clone())
+    }
+
     /// The directory holding the segments.
     pub fn dir(&self) -> &Path {
         &self.dir

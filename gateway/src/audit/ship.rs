@@ -1,15 +1,18 @@
 //! Copies of closed event-log segments and finished recordings in S3-compatible object
-//! storage.
+//! storage, and the audit anchor (the last signed checkpoint) beside them: a second copy of
+//! the anchor outside the gateway's disk, so that cutting the log back and lowering the
+//! anchor in the database is still seen.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig, WriteMultipart};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::events::{AuditSink, Event, SinkState};
@@ -19,8 +22,9 @@ use super::events::{AuditSink, Event, SinkState};
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     pub bucket: String,
-    /// Key prefix: objects are `PREFIX/audit/events-….jsonl[.sealed]` and
-    /// `PREFIX/recordings/SESSION.cast[.sealed]`.
+    /// Key prefix: objects are `PREFIX/audit/events-….jsonl[.sealed]`,
+    /// `PREFIX/recordings/SESSION.cast[.sealed]`, and the audit anchor `PREFIX/anchor.json`
+    /// with its history `PREFIX/anchors/SEQ.json`.
     #[serde(default = "default_prefix")]
     pub prefix: String,
     /// Endpoint of an S3-compatible service ("http://127.0.0.1:9000"); default: AWS.
@@ -89,12 +93,42 @@ const SCAN_EVERY: Duration = Duration::from_secs(30);
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(600);
 /// Finished recordings queued for the next pass, at most (more: a full scan finds them).
 const MAX_QUEUED: usize = 4096;
+/// The anchor object, overwritten at every upload, and the folder of its history.
+const ANCHOR: &str = "anchor.json";
+const HISTORY: &str = "anchors";
+/// Longest one anchor request may take.
+const ANCHOR_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pages (1000 keys each) of anchor history read at most when looking for the newest.
+const MAX_ANCHOR_PAGES: usize = 1000;
+
+/// The audit anchor as kept in the object store: the last signed checkpoint's seq and line
+/// hash, the signing key's id, and when it was uploaded (RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Anchor {
+    pub v: u32,
+    pub seq: u64,
+    pub hash: String,
+    pub key_id: Option<String>,
+    pub time: String,
+}
+
+/// `anchors/SEQ.json`, the seq zero-padded so that names sort by it.
+fn history_name(seq: u64) -> String {
+    format!("{HISTORY}/{seq:020}.json")
+}
+
+/// The seq of a history object's name (`SEQ.json`, without the folder).
+fn seq_of_history(name: &str) -> Option<u64> {
+    name.strip_suffix(".json").filter(|n| n.len() == 20).and_then(|n| n.parse().ok())
+}
 
 /// Uploads closed files to the object store, and remembers (in marker files under
 /// `DATA_DIR/uploaded/`) what is there. The local directory is the spool: nothing is
 /// deleted locally before it is uploaded.
 pub struct Shipper {
     store: Arc<dyn ObjectStore>,
+    /// The same store, for listings that start at a key (the anchor's history).
+    s3: Arc<AmazonS3>,
     bucket: String,
     prefix: String,
     markers: PathBuf,
@@ -137,9 +171,10 @@ impl Shipper {
         if let Some(k) = &cfg.secret_access_key {
             b = b.with_secret_access_key(k);
         }
-        let store = b.build().context("[audit.s3]")?;
+        let s3 = Arc::new(b.build().context("[audit.s3]")?);
         Ok(Self {
-            store: Arc::new(store),
+            store: s3.clone(),
+            s3,
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.trim_matches('/').to_owned(),
             markers: data_dir.join("uploaded"),
@@ -225,6 +260,97 @@ impl Shipper {
     /// Where objects of `kind` are kept, for messages: `s3://BUCKET/PREFIX/KIND/`.
     pub fn location(&self, kind: Kind) -> String {
         format!("s3://{}/{}", self.bucket, self.key(kind, Path::new("")))
+    }
+
+    /// The object key of `name` under the prefix.
+    fn object(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_owned() } else { format!("{}/{name}", self.prefix) }
+    }
+
+    /// Where the anchor is kept, for messages: `s3://BUCKET/PREFIX/anchor.json`.
+    pub fn anchor_location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.object(ANCHOR))
+    }
+
+    /// Upload `anchor`: first as `PREFIX/anchors/SEQ.json`, a new object per checkpoint
+    /// (under S3 object lock, a history nobody can lower), then over `PREFIX/anchor.json`.
+    pub async fn put_anchor(&self, anchor: &S3Anchor) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(anchor)?;
+        for key in [self.object(&history_name(anchor.seq)), self.object(ANCHOR)] {
+            let location = ObjectPath::from(key);
+            tokio::time::timeout(ANCHOR_TIMEOUT, self.store.put(&location, PutPayload::from(body.clone())))
+                .await
+                .map_err(|_| anyhow::anyhow!("the object store did not answer within {}s", ANCHOR_TIMEOUT.as_secs()))?
+                .with_context(|| format!("uploading {location}"))?;
+        }
+        Ok(())
+    }
+
+    /// The newest anchor in the store: `PREFIX/anchor.json`, unless the history holds a
+    /// later checkpoint (then `anchor.json` was lowered or lost, and the later one wins).
+    /// `None`: the store has no anchor yet. Returns the anchor and the object it came from.
+    pub async fn get_anchor(&self) -> anyhow::Result<Option<(S3Anchor, String)>> {
+        let late = || anyhow::anyhow!("the object store did not answer within {}s", ANCHOR_TIMEOUT.as_secs());
+        let latest = ObjectPath::from(self.object(ANCHOR));
+        let mut best: Option<(S3Anchor, String)> =
+            match tokio::time::timeout(ANCHOR_TIMEOUT, self.store.get(&latest)).await.map_err(|_| late())? {
+                Ok(got) => {
+                    let bytes = tokio::time::timeout(ANCHOR_TIMEOUT, got.bytes())
+                        .await
+                        .map_err(|_| late())?
+                        .with_context(|| format!("reading {latest}"))?;
+                    let anchor = serde_json::from_slice::<S3Anchor>(&bytes)
+                        .with_context(|| format!("{latest} is not an audit anchor"))?;
+                    Some((anchor, latest.to_string()))
+                }
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => return Err(e).with_context(|| format!("reading {latest}")),
+            };
+        // History names sort by seq: list only those after the latest's (usually none).
+        let prefix = format!("{}/", self.object(HISTORY));
+        let mut opts = PaginatedListOptions {
+            offset: best.as_ref().map(|(a, _)| self.object(&history_name(a.seq))),
+            ..PaginatedListOptions::default()
+        };
+        let mut newest: Option<String> = None;
+        for _ in 0..MAX_ANCHOR_PAGES {
+            let page = tokio::time::timeout(ANCHOR_TIMEOUT, self.s3.list_paginated(Some(&prefix), opts.clone()))
+                .await
+                .map_err(|_| late())?
+                .with_context(|| format!("listing s3://{}/{prefix}", self.bucket))?;
+            for o in page.result.objects {
+                let key = o.location.to_string();
+                if key.strip_prefix(&prefix).and_then(seq_of_history).is_some()
+                    && newest.as_ref().is_none_or(|n| key > *n)
+                {
+                    newest = Some(key);
+                }
+            }
+            match page.page_token {
+                Some(t) => opts.page_token = Some(t),
+                None => break,
+            }
+        }
+        if let Some(key) = newest {
+            let location = ObjectPath::from(key.clone());
+            let got = tokio::time::timeout(ANCHOR_TIMEOUT, self.store.get(&location))
+                .await
+                .map_err(|_| late())?
+                .with_context(|| format!("reading {location}"))?;
+            let bytes = tokio::time::timeout(ANCHOR_TIMEOUT, got.bytes()).await.map_err(|_| late())??;
+            let anchor = serde_json::from_slice::<S3Anchor>(&bytes)
+                .with_context(|| format!("{location} is not an audit anchor"))?;
+            // The seq in the name counts, whatever the content says: it cannot be lowered by
+            // rewriting the object.
+            let named = key.strip_prefix(&prefix).and_then(seq_of_history).unwrap_or(anchor.seq);
+            if best.as_ref().is_none_or(|(b, _)| named > b.seq) {
+                best = Some((S3Anchor { seq: named.max(anchor.seq), ..anchor }, format!("s3://{}/{key}", self.bucket)));
+            }
+        }
+        Ok(best.map(|(a, from)| {
+            let from = if from.starts_with("s3://") { from } else { format!("s3://{}/{from}", self.bucket) };
+            (a, from)
+        }))
     }
 
     async fn upload(&self, kind: Kind, path: &Path) -> anyhow::Result<()> {

@@ -30,9 +30,13 @@ pub struct Report {
     /// Events after the last valid checkpoint: chained, but not yet covered by a signature
     /// (a truncated tail could only be noticed by comparing with a copy).
     pub unsigned_tail: usize,
-    /// The seq of the last checkpoint the gateway signed, from its database, that the log was
-    /// checked to reach (None: no anchor given, so a removed tail cannot be seen).
+    /// The seq of the last checkpoint the gateway signed, from its database or the object
+    /// store, that the log was checked to reach (None: no anchor given, so a removed tail
+    /// cannot be seen).
     pub anchor_seq: Option<u64>,
+    /// Where that anchor was recorded (`"in its database"`, `"in the object store at …"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchor_recorded: Option<String>,
     pub problems: Vec<Problem>,
 }
 
@@ -191,9 +195,11 @@ impl Walk {
 /// checkpoints must be signed with; without it, checkpoint signatures are reported as
 /// unverifiable. A log may start past seq 1 only at a signed segment anchor, and only if a
 /// retention event later in the log records deleting the events before it. `anchor` is the
-/// last checkpoint the gateway signed, as its database recorded it ([`super::anchor`]): the
-/// log must reach it, or its tail was removed (without it, a missing tail cannot be seen).
-pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>, anchor: Option<&AuditAnchor>) -> Report {
+/// last checkpoint the gateway signed, as its database or the object store recorded it
+/// ([`super::anchor`]), with where (`"in its database"`): the log must reach it, or its tail
+/// was removed (without it, a missing tail cannot be seen).
+pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>, anchor: Option<(&AuditAnchor, &str)>) -> Report {
+    let (anchor, recorded) = (anchor.map(|a| a.0), anchor.map(|a| a.1).unwrap_or_default());
     let mut w = Walk {
         problems: Vec::new(),
         prev_hash: GENESIS.to_owned(),
@@ -281,7 +287,7 @@ pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>, anchor: Optio
                 file: file.clone(),
                 line: *line,
                 message: format!(
-                    "this line (seq {}) is not the checkpoint the gateway signed at that seq (recorded in its database): \
+                    "this line (seq {}) is not the checkpoint the gateway signed at that seq (recorded {recorded}): \
                      the log was cut back and written on, or rewritten, from there",
                     a.seq
                 ),
@@ -292,7 +298,7 @@ pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>, anchor: Optio
                 file,
                 line: line + 1,
                 message: format!(
-                    "the log ends at seq {}, but the gateway signed a checkpoint at seq {} (recorded in its database): \
+                    "the log ends at seq {}, but the gateway signed a checkpoint at seq {} (recorded {recorded}): \
                      events {}-{} at least were removed from the end of the log",
                     w.last_seq,
                     a.seq,
@@ -310,6 +316,7 @@ pub fn verify_parts(parts: &[Part<'_>], public_key: Option<&[u8]>, anchor: Optio
         last_checkpoint_seq: w.last_cp,
         unsigned_tail: w.since_cp,
         anchor_seq: anchor.map(|a| a.seq),
+        anchor_recorded: anchor.map(|_| recorded.to_owned()),
         problems: w.problems,
     }
 }
@@ -463,7 +470,11 @@ mod tests {
         let l = lines(&text);
         let anchor = AuditAnchor { seq: 253, hash: line_hash(&l[252]) };
         let check = |text: &[u8], anchor: Option<&AuditAnchor>| {
-            verify_parts(&[Part { name: "log".into(), text, ending: None }], Some(&key), anchor)
+            verify_parts(
+                &[Part { name: "log".into(), text, ending: None }],
+                Some(&key),
+                anchor.map(|a| (a, "in its database")),
+            )
         };
         let whole = check(&text, Some(&anchor));
         assert!(whole.ok(), "{:?}", whole.problems);

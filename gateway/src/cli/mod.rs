@@ -450,7 +450,7 @@ pub async fn audit_verify(
     // The anchor first: a running gateway records a checkpoint's anchor only after writing
     // it to the log, so the files read after it hold it.
     let loose = !files_given.is_empty() && cli.data_dir.is_none() && cli.config.is_none();
-    let anchor = verify::anchor(&cfg.data_dir, loose).await?;
+    let (anchor, notes) = verify::anchor(&cfg.data_dir, cfg.audit.s3.as_ref(), loose).await?;
     let files = segment_files(&cfg, files_given)?;
     let keyring = read_keyring(&cfg, master_key)?;
     let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| cfg.data_dir.join("audit-signing.pub"));
@@ -467,13 +467,13 @@ pub async fn audit_verify(
         .zip(&texts)
         .map(|(f, (text, ending))| Part { name: f.display().to_string(), text, ending: *ending })
         .collect();
-    let report = verify_parts(&parts, Some(&key), anchor.as_ref().ok());
+    let report = verify_parts(&parts, Some(&key), anchor.as_ref().map(|c| (&c.anchor, c.recorded.as_str())));
     let what = if files.len() == 1 {
         files.first().map(|f| f.display().to_string()).unwrap_or_default()
     } else {
         format!("audit log ({} segments)", files.len())
     };
-    verify::print(&what, &report, anchor.as_ref().err().map(String::as_str), json)?;
+    verify::print(&what, &report, &notes, json)?;
     Ok(if report.ok() { 0 } else { 1 })
 }
 
