@@ -227,6 +227,29 @@ pub fn json_string(out: &mut Vec<u8>, s: &str) -> usize {
     odd
 }
 
+/// Split `rest`, which starts with an invalid UTF-8 sequence, into the bytes up to the end of
+/// its last invalid sequence, the valid text after them, and an incomplete character at the
+/// very end (carried to the next chunk).
+fn split_binary(rest: &[u8]) -> (&[u8], &[u8], &[u8]) {
+    let (mut at, mut binary_end, mut text_end) = (0, 0, rest.len());
+    for chunk in rest.utf8_chunks() {
+        at += chunk.valid().len();
+        let invalid = chunk.invalid();
+        if invalid.is_empty() {
+            continue;
+        }
+        if at + invalid.len() == rest.len() && std::str::from_utf8(invalid).is_err_and(|e| e.error_len().is_none()) {
+            text_end = at;
+            break;
+        }
+        at += invalid.len();
+        binary_end = at;
+    }
+    let (binary, after) = rest.split_at(binary_end.min(rest.len()));
+    let (tail, pending) = after.split_at(text_end.saturating_sub(binary_end).min(after.len()));
+    (binary, tail, pending)
+}
+
 /// Append `bytes` as a JSON string of their base64.
 fn base64_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
@@ -481,7 +504,22 @@ impl Recorder {
                     _ => Ok(()),
                 }
             }
-            Err(_) => self.event(OUTPUT_BYTES, Payload::Bytes(&bytes)).await,
+            Err(e) => {
+                // Text before the first invalid byte and after the last stays text (a prompt
+                // printed right after binary output is still seen in asciinema); the bytes
+                // from the one to the other are recorded as they are.
+                let (head, rest) = bytes.split_at(e.valid_up_to());
+                let (binary, tail, pending) = split_binary(rest);
+                self.pending = pending.to_vec();
+                for (code, part) in [(OUTPUT, head), (OUTPUT_BYTES, binary), (OUTPUT, tail)] {
+                    match std::str::from_utf8(part) {
+                        _ if part.is_empty() => {}
+                        Ok(text) if code == OUTPUT => self.event(OUTPUT, Payload::Text(text)).await?,
+                        _ => self.event(OUTPUT_BYTES, Payload::Bytes(part)).await?,
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -664,6 +702,16 @@ mod tests {
         std::fs::write(r.path(), "{\"version\":2}\n[0.1,\"b\",\"not base64!\"]\n").unwrap();
         let e = replay(r.path(), &Keyring::default(), 1.0, None, &mut Vec::new()).unwrap_err();
         assert!(format!("{e:#}").contains("b.cast:2: not an asciicast event: not base64"), "{e:#}");
+    }
+
+    #[test]
+    fn binary_is_split_from_the_text_after_it_and_an_incomplete_end() {
+        let (b, t, p) = split_binary(b"\xff\x00\xfeprompt$ \xe2\x82");
+        assert_eq!((b, t, p), (&b"\xff\x00\xfe"[..], &b"prompt$ "[..], &b"\xe2\x82"[..]));
+        let (b, t, p) = split_binary(b"\xffab\xc0");
+        assert_eq!((b, t, p), (&b"\xffab\xc0"[..], &b""[..], &b""[..]));
+        let (b, t, p) = split_binary(b"\xff\xe2\x82");
+        assert_eq!((b, t, p), (&b"\xff"[..], &b""[..], &b"\xe2\x82"[..]));
     }
 
     #[test]

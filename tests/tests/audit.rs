@@ -491,9 +491,11 @@ fn binary_output_round_trips_exactly_through_the_recording_and_text_is_unchanged
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&cast).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(lines.iter().any(|l| l[1] == "b"));
+    // asciinema plays the text, also when it came in the same chunk as the random bytes
+    // (then after whatever of them happened to be valid UTF-8, as a terminal shows it).
     let played = asciinema_cat(&cast);
     assert!(played.status.success(), "asciinema cat: {}", text(&played.stderr));
-    assert_eq!(text(&played.stdout), "plain \x1b[1mbold\x1b[0m done\n");
+    assert!(text(&played.stdout).ends_with("plain \x1b[1mbold\x1b[0m done\n"), "{:?}", text(&played.stdout));
 
     // Text, escapes and all, is recorded as "o" events as before, and asciinema plays it.
     let out = ssh_exec(&gw, &key, &kh, "seq 1 20000; printf '\\033[31mred\\033[0m\\t\\a€\\n'");
