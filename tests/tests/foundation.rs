@@ -26,7 +26,11 @@ fn exec_and_pty_shell_through_the_tunnel() {
 
     // Admin-socket sessions end with who, the exit code and what they carried (the live
     // table's counters, which `postern sessions --all` shows, feed the end event).
-    let ends: Vec<_> = gw.audit_events().into_iter().filter(|e| e["event"] == "session.end").collect();
+    // The end event is written once the relay has finished, which may be just after the
+    // client has its exit status: wait for it.
+    let ends = || gw.audit_events().into_iter().filter(|e| e["event"] == "session.end").collect::<Vec<_>>();
+    wait_until("both session.end events", Duration::from_secs(10), || ends().len() >= 2);
+    let ends = ends();
     assert_eq!(ends.len(), 2, "{ends:#?}");
     assert_eq!(ends[0]["exit_code"], 3, "{ends:#?}");
     assert_eq!(ends[0]["bytes_out"], 11, "{ends:#?}");
