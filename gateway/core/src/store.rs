@@ -110,6 +110,76 @@ impl GrantRecord {
     }
 }
 
+/// One session in the history (`postern sessions --all`, `postern replay`): written when it
+/// starts, completed when it ends. Every door's sessions are kept, recorded or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    /// The Postern user (for admin-socket sessions the local actor, `local-admin(uid=N)`).
+    pub user: String,
+    /// The client's address, when there is one.
+    pub source: Option<String>,
+    /// The instance's name when the session started.
+    pub instance: String,
+    pub agent_id: String,
+    /// What it is: shell, exec, sftp, port-forward, ssh-passthrough, rdp.
+    pub kind: String,
+    /// The way in: ssh, rdp (the RDP port) or admin-socket.
+    pub door: String,
+    /// What the user asked to run (exec, or a shell's command), if anything.
+    pub command: Option<String>,
+    /// Forwards, passthrough and RDP: HOST:PORT the agent connected to.
+    pub destination: Option<String>,
+    pub started_at: i64,
+    /// None while it runs (or when a crash cut it short and no gateway has seen it since).
+    pub ended_at: Option<i64>,
+    /// Why it ended ("idle-timeout", "terminated by ...", "gateway-crash"); None when the
+    /// session ended by itself.
+    pub end_reason: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Bytes from the client towards the instance, and back.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Whether its content was recorded, and why not when it was not.
+    pub logged: bool,
+    pub unlogged_reason: Option<String>,
+    /// The recording's file in the gateway's data directory (it may since have been moved
+    /// to `[audit.s3]` by retention).
+    pub recording: Option<String>,
+}
+
+/// How a session in the history ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnding {
+    pub id: String,
+    pub ended_at: i64,
+    pub end_reason: Option<String>,
+    pub exit_code: Option<i32>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// A recording that failed part-way turns a logged session into an unlogged one.
+    pub logged: bool,
+    pub unlogged_reason: Option<String>,
+}
+
+/// Which sessions of the history to list: every filter that is set must match. Newest first
+/// (`started_at`, then `id`, descending); `before` continues a listing after that row.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SessionQuery {
+    pub user: Option<String>,
+    /// Matches the instance name or the agent id.
+    pub instance: Option<String>,
+    /// Matches the kind or the door.
+    pub kind: Option<String>,
+    /// Started at or after (Unix seconds).
+    pub since: Option<i64>,
+    /// Started before (Unix seconds).
+    pub until: Option<i64>,
+    /// Only rows after this one in the order: (started_at, id).
+    pub before: Option<(i64, String)>,
+    pub limit: u32,
+}
+
 /// The instance `wanted` names: an agent id, or a name that only one agent has.
 pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&'a AgentRecord, String> {
     if let Some(a) = agents.iter().find(|a| a.id == wanted) {
@@ -182,6 +252,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Record a new audit anchor (replacing the old one).
     async fn set_audit_anchor(&self, anchor: &AuditAnchor) -> Result<(), StoreError>;
+
+    /// Add a session to the history; a row with its id already there is left as it is.
+    async fn insert_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
+
+    /// Complete a session's row; false when there is no row with its id.
+    async fn end_session(&self, ending: &SessionEnding) -> Result<bool, StoreError>;
+
+    /// The sessions `query` selects, newest first, at most `query.limit`.
+    async fn sessions(&self, query: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Sessions whose id starts with `prefix` (at most `limit`, newest first). `prefix`
+    /// holds only hex digits and '-' (callers check), so it has no pattern characters.
+    async fn sessions_by_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Retention: delete sessions that ended (or, unfinished, started) before `cutoff`, then
+    /// the oldest beyond the newest `keep_rows`. Returns how many rows were deleted.
+    async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError>;
 }
 
 #[cfg(test)]
