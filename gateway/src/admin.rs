@@ -237,6 +237,10 @@ async fn relay_session(
     // The admin socket is the gateway operator's own door (peer credentials checked): whoever
     // holds it can write any policy, root included, so its sessions are not limited to
     // non-root users. docs/ssh.md ("Who sessions run as") says so.
+    let asked = match &spec {
+        SessionSpec::Exec { command, .. } => Some(command.clone()),
+        SessionSpec::Shell { command, .. } => command.clone(),
+    };
     let (kind, request) = match spec {
         SessionSpec::Exec { command, env } => (
             "exec",
@@ -285,6 +289,7 @@ async fn relay_session(
             agent_id: agent.id.clone(),
             kind: action,
             via: "admin-socket".to_owned(),
+            command: asked,
             logged: false,
             reason: "admin-socket sessions are not recorded".to_owned(),
         })),

@@ -19,6 +19,7 @@ use crate::audit::events::{AuditRetention, AuditTruncated, Event, GatewayStarted
 use crate::audit::ship::Kind;
 use crate::broker::Broker;
 use crate::config::GatewayConfig;
+use crate::history::{HistoryRetention, SessionHistory};
 use crate::instances::{Instances, StoreDirectory};
 use crate::manage::Manage;
 use crate::rdp_tokens::RdpTokens;
@@ -97,6 +98,10 @@ impl RunningGateway {
         self.tasks.close();
         self.tasks.wait().await;
         let _ = std::fs::remove_file(admin_socket_path(&self.services.config.data_dir));
+        // The sessions' last history writes (they ended as the doors stopped).
+        if !self.services.history.flush(SHUTDOWN_FLUSH).await {
+            tracing::warn!("the session history writes did not finish in time; the audit log has the sessions");
+        }
         let _ = self.services.audit.event(&Event::GatewayStopped(GatewayStopped {}));
         let _ = self.services.audit.checkpoint(true);
         // The final checkpoint's anchor, now rather than through the keeper (stopped above).
@@ -120,6 +125,9 @@ impl RunningGateway {
         info!("gateway stopped");
     }
 }
+
+/// How long a stopping gateway waits for queued session history writes.
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What retention keeps: recordings and closed event-log segments younger than these.
 #[derive(Debug, Clone, Copy)]
@@ -365,6 +373,7 @@ fn build_services(
     shipper: Option<Arc<crate::audit::ship::Shipper>>,
     access: Arc<AccessList>,
     sessions: Arc<SessionTable>,
+    history: Arc<SessionHistory>,
     host_keys: Arc<crate::hostkeys::HostKeys>,
     registry: postern_tunnel::server::AgentRegistry,
     ca: Arc<postern_tunnel::pki::CertAuthority>,
@@ -387,10 +396,17 @@ fn build_services(
         },
         space: std::sync::Arc::new(crate::recording::space::SpaceGuard::new(config.audit.min_free_space()?)),
         instances: Instances::new(store.clone(), audit.clone(), registry.clone(), ca, advertised),
-        broker: Broker::new(registry, sessions.clone(), audit.clone()),
+        broker: Broker::new(registry, sessions.clone(), audit.clone(), history.clone()),
         runs: Runs::new(audit.clone()),
         rdp_tokens: RdpTokens::new(authorizer.clone(), audit.clone(), config.rdp_token_ttl(), rdp_door)?,
-        manage: Manage::new(store.clone(), access.clone(), audit.clone(), sessions.clone(), access_changed.clone()),
+        manage: Manage::new(
+            store.clone(),
+            access.clone(),
+            audit.clone(),
+            sessions.clone(),
+            history.clone(),
+            access_changed.clone(),
+        ),
         config: Arc::new(config),
         addresses,
         store,
@@ -399,6 +415,7 @@ fn build_services(
         access,
         authorizer,
         sessions,
+        history,
         connections: Arc::new(crate::connections::Connections::default()),
         host_keys,
         access_changed,
@@ -515,7 +532,16 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         SessionTable::with_markers(dir.join("live-sessions"))
             .with_context(|| format!("creating {}", dir.join("live-sessions").display()))?,
     );
-    sessions.close_orphans(&audit);
+    let history = SessionHistory::start(
+        store.clone(),
+        audit.clone(),
+        HistoryRetention {
+            max_age: crate::config::parse_limit(&config.audit.history_retention)
+                .context("[audit] history_retention")?,
+            max_rows: Some(config.audit.history_max_rows).filter(|n| *n > 0),
+        },
+    );
+    sessions.close_orphans(&audit, &history);
     let shipper =
         config.audit.s3.as_ref().map(|c| crate::audit::ship::Shipper::new(c, &dir).map(Arc::new)).transpose()?;
     let addresses = Addresses { tunnel: tunnel_addr, ssh: ssh_addr, rdp: rdp_addr };
@@ -528,6 +554,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         shipper,
         access,
         sessions,
+        history,
         host_keys,
         server.registry(),
         ca,

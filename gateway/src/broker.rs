@@ -10,9 +10,12 @@
 //! Doors differ only in how bytes reach the client (an SSH channel, a TCP socket, the admin
 //! socket). A session is on the live table — where `postern sessions` lists it, the
 //! enforcer re-checks it and `sessions terminate` ends it — from its start event to its end
-//! event, however the door's relay ends (the registration is dropped on every path).
+//! event, however the door's relay ends (the registration is dropped on every path). The
+//! broker also writes each session to the session history ([`crate::history`]) as it
+//! starts and ends, so every door's sessions are there, recorded or not.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use postern_proto::SessionRequest;
@@ -21,8 +24,9 @@ use postern_tunnel::server::{AgentRegistry, OpenError, SessionStream};
 use crate::access::Authorization;
 use crate::audit::AuditLog;
 use crate::audit::events::Event;
+use crate::history::SessionHistory;
 use crate::sessions::{LiveSession, Party, Registration, SessionTable};
-use crate::store::AgentRecord;
+use crate::store::{AgentRecord, SessionRecord};
 
 /// Why sessions whose content the gateway cannot see are marked `logged: false`.
 pub mod unlogged {
@@ -36,11 +40,17 @@ pub struct Broker {
     registry: AgentRegistry,
     sessions: Arc<SessionTable>,
     audit: Arc<AuditLog>,
+    history: Arc<SessionHistory>,
 }
 
 impl Broker {
-    pub fn new(registry: AgentRegistry, sessions: Arc<SessionTable>, audit: Arc<AuditLog>) -> Self {
-        Broker { registry, sessions, audit }
+    pub fn new(
+        registry: AgentRegistry,
+        sessions: Arc<SessionTable>,
+        audit: Arc<AuditLog>,
+        history: Arc<SessionHistory>,
+    ) -> Self {
+        Broker { registry, sessions, audit, history }
     }
 
     /// Open a tunnel stream to the authorized agent, asking it for `request`. The agent id
@@ -59,11 +69,32 @@ impl Broker {
         self.registry.open_session(&agent.id, request).await
     }
 
-    /// Write the session's start event and put it on the live table.
+    /// Write the session's start event, put it on the live table and in the history.
     pub fn start(&self, session_id: &str, party: Party, event: &Event) -> Running {
         let _ = self.audit.event(event);
+        let record = SessionRecord {
+            id: session_id.to_owned(),
+            user: party.user.clone(),
+            source: party.source.map(|ip| ip.to_string()),
+            instance: party.target.clone(),
+            agent_id: party.agent_id.clone(),
+            kind: party.action.name().to_owned(),
+            door: String::new(),
+            command: None,
+            destination: party.destination.as_ref().map(|(h, p)| format!("{h}:{p}")),
+            started_ms: jiff::Timestamp::now().as_millisecond(),
+            ended_at: None,
+            end_reason: None,
+            exit_code: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            logged: party.logged,
+            unlogged_reason: None,
+            recording: None,
+        };
         let registration = self.sessions.register(session_id, party);
-        Running { registration, started: Instant::now(), audit: self.audit.clone() }
+        self.history.started(record, event);
+        Running { registration, started: Instant::now(), audit: self.audit.clone(), history: self.history.clone() }
     }
 }
 
@@ -73,6 +104,7 @@ pub struct Running {
     registration: Registration,
     started: Instant,
     audit: Arc<AuditLog>,
+    history: Arc<SessionHistory>,
 }
 
 impl Running {
@@ -94,7 +126,11 @@ impl Running {
         if let Some(terminated) = self.registration.session.take_terminated_event() {
             let _ = self.audit.event(&terminated);
         }
-        let _ = self.audit.event(&end(ms));
+        let end = end(ms);
+        let _ = self.audit.event(&end);
+        let live = &self.registration.session;
+        let counted = (live.bytes_in.load(Ordering::Relaxed), live.bytes_out.load(Ordering::Relaxed));
+        self.history.ended(&live.id, postern_core::util::now_unix(), &end, counted);
         drop(self.registration);
     }
 }

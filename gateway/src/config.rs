@@ -99,6 +99,12 @@ pub struct AuditConfig {
     /// address per interval: the first at once, then one summary with a `count` ("10s";
     /// "0" writes every refusal).
     pub refusal_interval: String,
+    /// Keep sessions in the session history (`postern sessions --all`, `postern replay`)
+    /// for this long after they end ("400d", the default; "0" keeps them) ...
+    pub history_retention: String,
+    /// ... and at most this many (the newest; default 200000, 0: no limit). Both are
+    /// applied at start and hourly.
+    pub history_max_rows: u64,
 }
 
 impl AuditConfig {
@@ -130,6 +136,8 @@ impl Default for AuditConfig {
             max_recording_bytes: 1 << 30,
             min_free_space: None,
             refusal_interval: "10s".into(),
+            history_retention: "400d".into(),
+            history_max_rows: 200_000,
         }
     }
 }
@@ -371,6 +379,8 @@ impl GatewayConfig {
         parse_limit(&cfg.audit.retention).with_context(|| format!("{}: [audit] retention", path.display()))?;
         parse_limit(&cfg.audit.log_retention).with_context(|| format!("{}: [audit] log_retention", path.display()))?;
         parse_limit(&cfg.audit.rotate_after).with_context(|| format!("{}: [audit] rotate_after", path.display()))?;
+        parse_limit(&cfg.audit.history_retention)
+            .with_context(|| format!("{}: [audit] history_retention", path.display()))?;
         let ttl = parse_duration(&cfg.rdp.token_ttl).with_context(|| format!("{}: [rdp] token_ttl", path.display()))?;
         if ttl > MAX_RDP_TOKEN_TTL {
             anyhow::bail!(

@@ -20,6 +20,7 @@ pub mod access;
 pub mod broker;
 pub mod connections;
 pub mod enforcer;
+pub mod history;
 pub mod instances;
 pub mod manage;
 pub mod rdp_tokens;

@@ -276,10 +276,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 .await
         }
         Command::Sessions(args) => {
-            cli::manage::sessions(&cli::socket_for(&cli)?, args.all, args.json, args.action.as_ref()).await.map(|()| 0)
+            let socket = cli::socket_for(&cli)?;
+            cli::manage::sessions(&socket, args.all, args.json, &args.history, args.action.as_ref()).await.map(|()| 0)
         }
-        Command::Replay { session, speed, max_wait, raw, master_key } => {
-            cli::replay(&cli, session, *speed, *max_wait, *raw, master_key).await
+        Command::Replay { session, speed, idle_limit, raw, master_key } => {
+            cli::replay(&cli, session, *speed, *idle_limit, *raw, master_key).await
         }
         Command::Audit { action } => match action {
             cli::AuditAction::Verify { file, key, master_key, json } => {

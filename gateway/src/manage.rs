@@ -17,6 +17,7 @@ use crate::audit::AuditLog;
 use crate::audit::events::{
     AdminAction, Event, GrantCreated, GrantRevoked, PolicyChange, PolicyChanged, SessionTerminated,
 };
+use crate::history::{HistoryError, HistoryRow, SessionHistory};
 use crate::sessions::SessionTable;
 use crate::store::{GrantRecord, UserRecord};
 use crate::store::{Store, StoreError};
@@ -88,6 +89,9 @@ pub enum ManageRequest {
     },
     Sessions {
         all: bool,
+        /// With `all`: which sessions of the history, and which page.
+        #[serde(default)]
+        filter: crate::history::SessionFilter,
     },
     SessionTerminate {
         id: String,
@@ -123,6 +127,7 @@ pub struct Manage {
     access: Arc<AccessList>,
     audit: Arc<AuditLog>,
     sessions: Arc<SessionTable>,
+    history: Arc<SessionHistory>,
     access_changed: Arc<Notify>,
 }
 
@@ -132,11 +137,16 @@ impl Manage {
         access: Arc<AccessList>,
         audit: Arc<AuditLog>,
         sessions: Arc<SessionTable>,
+        history: Arc<SessionHistory>,
         access_changed: Arc<Notify>,
     ) -> Self {
-        Manage { store, access, audit, sessions, access_changed }
+        Manage { store, access, audit, sessions, history, access_changed }
     }
 }
+
+/// How long a history listing waits for queued writes, so that it shows the sessions that
+/// ended before it was asked for.
+const LIST_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why an admin operation was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +159,15 @@ pub enum ManageError {
     Random(#[from] postern_core::util::RandomError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<HistoryError> for ManageError {
+    fn from(e: HistoryError) -> Self {
+        match e {
+            HistoryError::Invalid(m) => ManageError::Invalid(m),
+            HistoryError::Store(e) => ManageError::Store(e),
+        }
+    }
 }
 
 fn bad(msg: impl Into<String>) -> ManageError {
@@ -457,7 +476,32 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                       "destination": destination.map(|(h, p)| format!("{h}:{p}")),
                       "summary": d.summary(), "decision": d}))
         }
-        ManageRequest::Sessions { all } => Ok(json!(state.sessions.rows(all))),
+        ManageRequest::Sessions { all: false, .. } => Ok(json!(state.sessions.rows())),
+        ManageRequest::Sessions { all: true, filter } => {
+            let query = filter.query(state.store.as_ref()).await?;
+            state.history.flush(LIST_FLUSH).await;
+            let live: std::collections::HashMap<String, (u64, u64)> = state
+                .sessions
+                .live()
+                .iter()
+                .map(|s| {
+                    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+                    (s.id.clone(), (load(&s.bytes_in), load(&s.bytes_out)))
+                })
+                .collect();
+            let now = postern_core::util::now_unix();
+            let rows: Vec<HistoryRow> = state
+                .store
+                .sessions(&query)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    let counted = live.get(&r.id).copied();
+                    HistoryRow::of(r, counted, now)
+                })
+                .collect();
+            Ok(json!(rows))
+        }
         ManageRequest::SessionTerminate { id } => {
             let reason = format!("terminated by {actor}");
             // The session.terminated event is written when the session has actually ended,

@@ -13,6 +13,7 @@ use crate::audit::ship::Shipper;
 use crate::broker::Broker;
 use crate::config::GatewayConfig;
 use crate::connections::Connections;
+use crate::history::SessionHistory;
 use crate::hostkeys::HostKeys;
 use crate::instances::Instances;
 use crate::manage::Manage;
@@ -50,6 +51,8 @@ pub struct Services {
     pub authorizer: Arc<Authorizer>,
     pub instances: Instances,
     pub sessions: Arc<SessionTable>,
+    /// Every session, kept in the store (`postern sessions --all`, `postern replay`).
+    pub history: Arc<SessionHistory>,
     /// Authenticated SSH connections by user (closed when the user is disabled or removed).
     pub connections: Arc<Connections>,
     pub broker: Broker,

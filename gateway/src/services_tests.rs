@@ -43,9 +43,16 @@ impl Kit {
         let sessions = Arc::new(SessionTable::default());
         let access_changed = Arc::new(Notify::new());
         let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
-        let broker = Broker::new(AgentRegistry::default(), sessions.clone(), audit.clone());
-        let manage =
-            Manage::new(store.clone(), access.clone(), audit.clone(), sessions.clone(), access_changed.clone());
+        let history = crate::history::SessionHistory::start(store.clone(), audit.clone(), Default::default());
+        let broker = Broker::new(AgentRegistry::default(), sessions.clone(), audit.clone(), history.clone());
+        let manage = Manage::new(
+            store.clone(),
+            access.clone(),
+            audit.clone(),
+            sessions.clone(),
+            history,
+            access_changed.clone(),
+        );
         let agents = [("ag-1", "web-01"), ("ag-2", "web-02"), ("ag-3", "db-01")];
         let agents: Vec<(String, String)> = agents.iter().map(|(i, n)| (i.to_string(), n.to_string())).collect();
         store.insert_agents(&agents, &Labels::new(), 0).await.unwrap();
@@ -90,6 +97,7 @@ fn start_event(id: &str) -> Event {
         agent_id: "ag-1".into(),
         kind: Action::Shell,
         via: "test".into(),
+        command: None,
         logged: true,
         reason: String::new(),
     }))
@@ -158,17 +166,33 @@ async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_
     let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
     let running = kit.broker.start("s-1", authz.party(alice().source, true), &start_event("s-1"));
     assert_eq!(kit.events("session.start").len(), 1, "the start event is written before the session runs");
-    let rows = kit.sessions.rows(false);
+    let rows = kit.sessions.rows();
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].id.as_str(), rows[0].user.as_str(), rows[0].kind.as_str()), ("s-1", "alice", "shell"));
     running.live().add_in(3);
+    // In the history from its start, with the live counts while it runs.
+    let all = kit.admin(json!({"what": "sessions", "all": true})).await.unwrap();
+    assert_eq!((all[0]["id"].as_str(), &all[0]["active"], &all[0]["bytes_in"]), (Some("s-1"), &json!(true), &json!(3)));
+    assert_eq!(all[0]["ended_at"], Value::Null);
     running.finish(end_event("s-1"));
     let end = kit.events("session.end");
     assert_eq!(end.len(), 1);
     assert!(end[0]["duration_ms"].is_u64(), "the broker adds the duration: {}", end[0]);
-    assert!(kit.sessions.rows(false).is_empty(), "off the live table after its end event");
-    let recent = kit.sessions.rows(true);
-    assert_eq!((recent.len(), recent[0].bytes_in, recent[0].active), (1, 3, false));
+    assert!(kit.sessions.rows().is_empty(), "off the live table after its end event");
+    let all = kit.admin(json!({"what": "sessions", "all": true})).await.unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(
+        (&all[0]["active"], &all[0]["user"], &all[0]["target"]),
+        (&json!(false), &json!("alice"), &json!("web-01"))
+    );
+    assert!(all[0]["ended_at"].is_i64(), "{all}");
+    // Filters: another user's sessions, an unknown kind.
+    assert_eq!(
+        kit.admin(json!({"what": "sessions", "all": true, "filter": {"user": "bob"}})).await.unwrap(),
+        json!([])
+    );
+    let e = kit.admin(json!({"what": "sessions", "all": true, "filter": {"kind": "telnet"}})).await.unwrap_err();
+    assert!(e.to_string().contains("unknown --kind \"telnet\""), "{e}");
 }
 
 #[tokio::test]

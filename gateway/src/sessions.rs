@@ -1,8 +1,8 @@
 //! Live sessions: what `postern sessions` lists, what `sessions terminate` and the policy
 //! enforcer end. Each session registers here for as long as it runs and keeps its byte
-//! counters current; ended sessions stay in a bounded list of recent ones.
+//! counters current; ended sessions are in the session history ([`crate::history`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -15,9 +15,7 @@ use serde_json::{Map, Value};
 use postern_core::Action;
 
 use crate::audit::events::{CrashedSessionEnd, Event, LiveMarker, SessionEnd};
-
-/// Ended sessions kept for `postern sessions --all`.
-const RECENT: usize = 256;
+use crate::history::SessionHistory;
 
 /// Who a session is for and what it reaches, as the live table shows it.
 #[derive(Debug, Clone)]
@@ -206,7 +204,6 @@ pub struct SessionTable {
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
     /// Reserved slots per user (authorized, not yet live). Locked after `live`, never before.
     reserved: Mutex<HashMap<String, usize>>,
-    recent: Mutex<VecDeque<SessionRow>>,
     /// One marker file per live session, so that sessions a crash cut short can be given an
     /// end event when the gateway starts again.
     markers: Option<std::path::PathBuf>,
@@ -226,13 +223,6 @@ impl Drop for Registration {
         if let Ok(mut live) = self.table.live.lock() {
             live.remove(&self.session.id);
         }
-        let row = SessionRow::of(&self.session, postern_core::util::now_unix(), false);
-        if let Ok(mut recent) = self.table.recent.lock() {
-            if recent.len() >= RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(row);
-        }
     }
 }
 
@@ -246,15 +236,19 @@ impl SessionTable {
     }
 
     /// Sessions that were live when the gateway last stopped without ending them (a crash):
-    /// write their end event with reason `gateway-crash` and forget them.
-    pub fn close_orphans(&self, audit: &crate::audit::AuditLog) {
+    /// write their end event with reason `gateway-crash`, mark them ended in the history
+    /// and forget them.
+    pub fn close_orphans(&self, audit: &crate::audit::AuditLog, history: &SessionHistory) {
         let Some(dir) = &self.markers else { return };
         let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let now = postern_core::util::now_unix();
         for e in entries.flatten() {
             let marker = std::fs::read(e.path()).map(|b| read_marker(&b)).unwrap_or_default();
+            let session_id = e.file_name().to_string_lossy().into_owned();
+            history.crashed(&session_id, &marker, now);
             let end = Event::SessionEnd(SessionEnd::Crashed(CrashedSessionEnd {
-                session_id: e.file_name().to_string_lossy().into_owned(),
-                end_reason: "gateway-crash".to_owned(),
+                session_id,
+                end_reason: crate::history::CRASH.to_owned(),
                 marker,
             }));
             if audit.event(&end).is_ok() {
@@ -360,14 +354,11 @@ impl SessionTable {
         s.end_with_event(reason, ev)
     }
 
-    /// Live sessions, newest first, then (with `all`) recently ended ones.
-    pub fn rows(&self, all: bool) -> Vec<SessionRow> {
+    /// Live sessions, newest first.
+    pub fn rows(&self) -> Vec<SessionRow> {
         let now = postern_core::util::now_unix();
         let mut rows: Vec<SessionRow> = self.live().iter().map(|s| SessionRow::of(s, now, true)).collect();
-        rows.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.id.cmp(&b.id)));
-        if all && let Ok(recent) = self.recent.lock() {
-            rows.extend(recent.iter().rev().cloned());
-        }
+        rows.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
         rows
     }
 }
@@ -400,8 +391,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn a_crash_marker_comes_back_as_the_end_event() {
+    #[tokio::test]
+    async fn a_crash_marker_comes_back_as_the_end_event() {
         let dir = tempfile::tempdir().unwrap();
         let table = Arc::new(SessionTable::with_markers(dir.path().join("live")).unwrap());
         let party = Party {
@@ -419,8 +410,17 @@ mod tests {
         let started_at = reg.session.started_at;
         // A crash: the registration is never dropped, so the marker stays.
         std::mem::forget(reg);
-        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        table.close_orphans(&audit);
+        let audit = Arc::new(crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap());
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("postern.db")).await.unwrap());
+        let history = SessionHistory::start(store.clone(), audit.clone(), Default::default());
+        table.close_orphans(&audit, &history);
+        // Its start row never reached the database: it is made from the marker, ended.
+        assert!(history.flush(Duration::from_secs(5)).await);
+        let row = store.sessions_by_prefix("sid-1", 2).await.unwrap().pop().unwrap();
+        assert_eq!((row.user.as_str(), row.instance.as_str(), row.kind.as_str()), ("alice", "web-01", "shell"));
+        assert_eq!((row.started_ms, row.end_reason.as_deref()), (started_at * 1000, Some("gateway-crash")));
+        assert!(row.ended_at.is_some());
         let (_, segment) = crate::audit::segments(&dir.path().join("audit")).unwrap().pop().unwrap();
         let text = std::fs::read_to_string(segment).unwrap();
         let mut end: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();

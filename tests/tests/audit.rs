@@ -225,9 +225,71 @@ fn a_gateway_crash_mid_session_leaves_a_readable_recording_and_an_end_event() {
     let end = end.unwrap_or_else(|| panic!("no end event for {sid}"));
     assert_eq!(end["end_reason"], "gateway-crash");
     assert_eq!(end["user"], "alice");
+    // The session history marks it ended too.
+    let out = gw.postern(&["sessions", "--all", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows.iter().find(|r| r["id"] == sid.as_str()).unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(
+        (&row["end_reason"], &row["active"], &row["user"]),
+        (&"gateway-crash".into(), &false.into(), &"alice".into())
+    );
+    assert!(row["ended_at"].is_i64(), "{row}");
+    let out = gw.postern(&["replay", &sid, "--speed", "100"]);
+    assert!(text(&out.stdout).contains("before-the-42-crash"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).trim_end().ends_with("no exit status (gateway-crash)"), "{}", text(&out.stderr));
     gw.stop();
     let out = gw.postern(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
+/// A database that cannot be written (another process holds its write lock past the
+/// gateway's busy timeout) neither holds up nor fails sessions: they run at once, the lost
+/// history write is a `gateway.history_failed` event (once per episode), and sessions after
+/// the lock is gone are in the history again.
+#[test]
+fn a_locked_database_does_not_hold_up_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, key, kh, _agent) = ssh_gateway_on(dir.path(), "");
+    let db = gw.data_dir().join("postern.db");
+    let mut locker = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3,sys,time\nc=sqlite3.connect({:?},isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\nsys.stdin.read()\n",
+            db.to_str().unwrap()
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(locker.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line, "locked\n");
+    }
+    let started = std::time::Instant::now();
+    for n in 0..2 {
+        let out = ssh_run(&gw, &key, &kh, "alice%web-01@127.0.0.1", &format!("echo locked-{n}"));
+        assert_eq!(text(&out.stdout), format!("locked-{n}\n"), "{}", text(&out.stderr));
+    }
+    // The history's busy timeout is 5 s per write: sessions that waited for it would take longer.
+    assert!(started.elapsed() < Duration::from_secs(4), "sessions waited for the database: {:?}", started.elapsed());
+    wait_until("the failed history write is audited", Duration::from_secs(20), || {
+        gw.audit_events().iter().any(|e| e["event"] == "gateway.history_failed")
+    });
+    drop(locker.stdin.take());
+    assert!(locker.wait().unwrap().success());
+    let out = ssh_run(&gw, &key, &kh, "alice%web-01@127.0.0.1", "echo unlocked");
+    assert_eq!(text(&out.stdout), "unlocked\n");
+    let failed: Vec<serde_json::Value> =
+        gw.audit_events().into_iter().filter(|e| e["event"] == "gateway.history_failed").collect();
+    assert_eq!(failed.len(), 1, "once per episode: {failed:?}");
+    assert_eq!(failed[0]["write"], "start");
+    assert!(failed[0]["error"].as_str().unwrap().contains("locked"), "{}", failed[0]);
+    let out = gw.postern(&["sessions", "--all", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let last = rows.first().unwrap_or_else(|| panic!("the history is empty: {}", text(&out.stderr)));
+    assert_eq!((&last["command"], &last["exit_code"]), (&"echo unlocked".into(), &0.into()));
 }
 
 /// A gateway whose SSH user `alice` may reach every instance, with an agent `web-01`;

@@ -974,3 +974,213 @@ fn a_slow_forward_destination_does_not_stall_other_channels() {
     let out = Command::new("nft").args(["list", "tables"]).output().unwrap();
     assert!(!text(&out.stdout).contains(&table), "nft table {table} left behind");
 }
+
+/// Issue 16: every door's sessions are kept in the store and listed after a restart, with
+/// filters and pages; `postern replay` finds a session by a unique prefix and says who,
+/// where, when and what before the recording and its exit status after it.
+#[test]
+fn session_history_survives_a_restart_and_replays_by_prefix() {
+    let mut s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-21", vec![], &s.gw.listen);
+    // exec (its command carries an escape sequence, which the replay header must not print raw)
+    let exec_cmd = "echo hist-$((6*7)); exit 3 # \x1b[2J";
+    let out = s.ssh(&["alice@web-21.postern", exec_cmd]);
+    assert_eq!((text(&out.stdout).as_str(), out.status.code()), ("hist-42\n", Some(3)), "{}", text(&out.stderr));
+    // a shell on a PTY
+    let mut shell = s
+        .cmd("ssh")
+        .args(["-tt", "alice@web-21.postern"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        shell.stdin.take().unwrap().write_all(b"echo shell-$((2+3)); exit 5\n").unwrap();
+    }
+    let out = shell.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stdout));
+    // sftp
+    let batch = s.dir.path().join("batch");
+    std::fs::write(&batch, "ls /\n").unwrap();
+    let out = s.cmd("sftp").arg("-b").arg(&batch).arg("alice@web-21.postern").output().unwrap();
+    assert!(out.status.success(), "sftp: {}", text(&out.stderr));
+    // a -L forward to a listener here, one connection through it
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut c, _) = listener.accept().unwrap();
+        c.write_all(b"hello through -L\n").unwrap();
+    });
+    let local = free_tcp_port();
+    let mut fwd = s
+        .cmd("ssh")
+        .args([
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-L",
+            &format!("{local}:127.0.0.1:{dest}"),
+            "alice@web-21.postern",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut got = String::new();
+    wait_until("the forward answers", Duration::from_secs(15), || {
+        use std::io::Read;
+        std::net::TcpStream::connect(("127.0.0.1", local))
+            .is_ok_and(|mut c| c.read_to_string(&mut got).is_ok() && !got.is_empty())
+    });
+    assert_eq!(got, "hello through -L\n");
+    server.join().unwrap();
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    // an exec through the admin socket
+    let out = s.gw.postern(&["exec", "web-21", "--", "echo admin-$((1+1))"]);
+    assert_eq!(text(&out.stdout), "admin-2\n", "{}", text(&out.stderr));
+
+    // All five after a restart, newest first, with what each was.
+    let all = |gw: &Gateway, args: &[&str]| -> Vec<serde_json::Value> {
+        let mut a = vec!["sessions", "--all", "--json"];
+        a.extend_from_slice(args);
+        let out = gw.postern(&a);
+        assert!(out.status.success(), "{a:?}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    wait_until("the forward's session has ended", Duration::from_secs(10), || {
+        all(&s.gw, &[]).iter().all(|r| r["active"] == false)
+    });
+    s.gw.stop();
+    s.gw.restart();
+    let rows = all(&s.gw, &[]);
+    let kinds: Vec<&str> = rows.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["exec", "port-forward", "sftp", "shell", "exec"], "{rows:#?}");
+    let (admin, forward, sftp, shell, exec) = (&rows[0], &rows[1], &rows[2], &rows[3], &rows[4]);
+    for r in &rows {
+        assert_eq!(r["target"], "web-21");
+        assert!(r["ended_at"].as_i64().unwrap() >= r["started_at"].as_i64().unwrap(), "{r}");
+        assert_eq!(r["active"], false);
+    }
+    assert_eq!((&exec["user"], &exec["door"], &exec["source"]), (&"alice".into(), &"ssh".into(), &"127.0.0.1".into()));
+    assert_eq!((&exec["command"], &exec["exit_code"], &exec["logged"]), (&exec_cmd.into(), &3.into(), &true.into()));
+    assert!(exec["bytes_out"].as_u64().unwrap() >= 8, "{exec}");
+    let cast = std::path::PathBuf::from(exec["recording"].as_str().unwrap());
+    assert!(cast.exists(), "{cast:?}");
+    assert_eq!(
+        (&shell["exit_code"], &shell["logged"], &shell["command"]),
+        (&5.into(), &true.into(), &serde_json::Value::Null)
+    );
+    assert_eq!(
+        (&sftp["logged"], &sftp["reason"]),
+        (&false.into(), &"sftp file transfer content is not recorded".into())
+    );
+    assert_eq!(forward["destination"], format!("127.0.0.1:{dest}"));
+    assert_eq!(
+        (&forward["logged"], &forward["reason"]),
+        (&false.into(), &"forwarded TCP content is not inspected".into())
+    );
+    assert_eq!(forward["bytes_out"], 17);
+    assert_eq!(
+        (&admin["door"], &admin["command"], &admin["exit_code"]),
+        (&"admin-socket".into(), &"echo admin-$((1+1))".into(), &0.into())
+    );
+    assert!(admin["user"].as_str().unwrap().starts_with("local-admin(uid="), "{admin}");
+
+    // Filters.
+    let ids =
+        |rows: Vec<serde_json::Value>| rows.iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let id = |r: &serde_json::Value| r["id"].as_str().unwrap().to_owned();
+    assert_eq!(ids(all(&s.gw, &["--user", "alice"])), [id(forward), id(sftp), id(shell), id(exec)]);
+    assert_eq!(ids(all(&s.gw, &["--kind", "forward"])), [id(forward)]);
+    assert_eq!(ids(all(&s.gw, &["--kind", "admin"])), [id(admin)]);
+    assert_eq!(ids(all(&s.gw, &["--kind", "exec", "--instance", "web-21"])), [id(admin), id(exec)]);
+    assert_eq!(all(&s.gw, &["--since", "1h"]).len(), 5);
+    assert_eq!(all(&s.gw, &["--since", "2000-01-01T00:00Z", "--until", "2000-01-02T00:00Z"]).len(), 0);
+    assert!(all(&s.gw, &["--instance", "web-22"]).is_empty());
+    let bad = s.gw.postern(&["sessions", "--all", "--since", "yesterday"]);
+    assert!(
+        !bad.status.success() && text(&bad.stderr).contains("expected an age (2h, 7d) or a time"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let bad = s.gw.postern(&["sessions", "--user", "alice"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("--all"), "{}", text(&bad.stderr));
+    // The table: ids cut to 12 characters, the escape sequence escaped.
+    let table = s.gw.postern(&["sessions", "--all"]);
+    let shown = text(&table.stdout);
+    assert!(shown.starts_with("SESSION") && shown.contains(&id(exec)[..12]) && !shown.contains(&id(exec)), "{shown}");
+    assert!(!shown.contains('\x1b') && shown.contains("\\u{1b}[2J"), "{shown}");
+
+    // Pages of two: newest first, then from the last one shown.
+    let page = s.gw.postern(&["sessions", "--all", "--limit", "2"]);
+    assert!(text(&page.stderr).contains(&format!("--before {}", &id(forward)[..12])), "{}", text(&page.stderr));
+    let mut paged = ids(all(&s.gw, &["--limit", "2"]));
+    let last = paged.last().unwrap().clone();
+    paged.extend(ids(all(&s.gw, &["--limit", "2", "--before", &last])));
+    let last = paged.last().unwrap().clone();
+    paged.extend(ids(all(&s.gw, &["--limit", "2", "--before", &last[..12]])));
+    assert_eq!(paged, ids(rows.clone()));
+
+    // Replay by a unique prefix: header, output, exit status.
+    let unique = |full: &str| -> String {
+        let others: Vec<String> = ids(rows.clone()).into_iter().filter(|i| i != full).collect();
+        (1..=full.len())
+            .map(|n| full[..n].to_owned())
+            .find(|p| others.iter().all(|o| !o.starts_with(p.as_str())))
+            .unwrap()
+    };
+    let prefix = unique(&id(exec));
+    let played = s.gw.postern(&["replay", &prefix, "--speed", "100", "--idle-limit", "0"]);
+    assert!(played.status.success(), "{}", text(&played.stderr));
+    assert!(text(&played.stdout).contains("hist-42"), "{}", text(&played.stdout));
+    let said = text(&played.stderr);
+    assert!(
+        said.starts_with(&format!("session {}\n  user:     alice from 127.0.0.1\n  target:   web-21", id(exec))),
+        "{said}"
+    );
+    assert!(said.contains("  kind:     exec via ssh\n  command:  echo hist-$((6*7)); exit 3 # \\u{1b}[2J\n"), "{said}");
+    assert!(!said.contains('\x1b'), "the header printed the escape sequence raw: {said:?}");
+    assert!(said.contains(&format!("  recording: {}", cast.display())), "{said}");
+    assert!(said.trim_end().ends_with("exit status 3"), "{said}");
+    // --raw: the recording itself, nothing else.
+    let raw = s.gw.postern(&["replay", &prefix, "--raw"]);
+    assert!(raw.status.success());
+    assert_eq!(raw.stdout, std::fs::read(&cast).unwrap());
+    assert_eq!(text(&raw.stderr), "");
+    // A forward has nothing to replay, and says why.
+    let out = s.gw.postern(&["replay", &unique(&id(forward))]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr)
+            .contains("port-forward on web-21 by alice) has no recording: forwarded TCP content is not inspected"),
+        "{}",
+        text(&out.stderr)
+    );
+    // No session, or several, with that prefix.
+    let none =
+        (0..).map(|n| format!("{n:012x}")).find(|p| rows.iter().all(|r| !id(r).starts_with(p.as_str()))).unwrap();
+    let out = s.gw.postern(&["replay", &none]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no session id starts with"), "{}", text(&out.stderr));
+    // More sessions until two ids share a first digit (at most 17 by pigeonhole).
+    wait_until("the agent is back", Duration::from_secs(20), || s.gw.is_online("web-21"));
+    let shared = loop {
+        let ids = ids(all(&s.gw, &["--limit", "100"]));
+        let first = ids
+            .iter()
+            .map(|i| i[..1].to_owned())
+            .find(|c| ids.iter().filter(|i| i.starts_with(c.as_str())).count() > 1);
+        if let Some(c) = first {
+            let sharing: Vec<String> = ids.into_iter().filter(|i| i.starts_with(c.as_str())).collect();
+            break (c, sharing);
+        }
+        assert!(ids.len() <= 17);
+        let out = s.gw.postern(&["exec", "web-21", "--", "true"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    let out = s.gw.postern(&["replay", &shared.0]);
+    let said = text(&out.stderr);
+    assert!(!out.status.success() && said.contains("is the start of several session ids"), "{said}");
+    assert!(shared.1.iter().all(|i| said.contains(i.as_str())), "{said}");
+}

@@ -130,7 +130,8 @@ pub struct SessionRecord {
     pub command: Option<String>,
     /// Forwards, passthrough and RDP: HOST:PORT the agent connected to.
     pub destination: Option<String>,
-    pub started_at: i64,
+    /// Unix milliseconds: the history's order (sessions start many to a second).
+    pub started_ms: i64,
     /// None while it runs (or when a crash cut it short and no gateway has seen it since).
     pub ended_at: Option<i64>,
     /// Why it ended ("idle-timeout", "terminated by ...", "gateway-crash"); None when the
@@ -157,13 +158,15 @@ pub struct SessionEnding {
     pub exit_code: Option<i32>,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// A recording that failed part-way turns a logged session into an unlogged one.
-    pub logged: bool,
+    /// A recording that failed part-way turns a logged session into an unlogged one
+    /// (None: as it started).
+    pub logged: Option<bool>,
+    /// None: as it started.
     pub unlogged_reason: Option<String>,
 }
 
 /// Which sessions of the history to list: every filter that is set must match. Newest first
-/// (`started_at`, then `id`, descending); `before` continues a listing after that row.
+/// (`started_ms`, then `id`, descending); `before` continues a listing after that row.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SessionQuery {
     pub user: Option<String>,
@@ -171,11 +174,11 @@ pub struct SessionQuery {
     pub instance: Option<String>,
     /// Matches the kind or the door.
     pub kind: Option<String>,
-    /// Started at or after (Unix seconds).
+    /// Started at or after (Unix milliseconds).
     pub since: Option<i64>,
-    /// Started before (Unix seconds).
+    /// Started before (Unix milliseconds).
     pub until: Option<i64>,
-    /// Only rows after this one in the order: (started_at, id).
+    /// Only rows after this one in the order: (started_ms, id).
     pub before: Option<(i64, String)>,
     pub limit: u32,
 }
@@ -266,7 +269,8 @@ pub trait Store: Send + Sync + 'static {
     /// holds only hex digits and '-' (callers check), so it has no pattern characters.
     async fn sessions_by_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<SessionRecord>, StoreError>;
 
-    /// Retention: delete sessions that ended (or, unfinished, started) before `cutoff`, then
+    /// Retention: delete sessions that ended (or, unfinished, started) before `cutoff` (Unix
+    /// seconds), then
     /// the oldest beyond the newest `keep_rows`. Returns how many rows were deleted.
     async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError>;
 }

@@ -439,13 +439,24 @@ pub async fn explain(
     Ok(if allowed { 0 } else { 1 })
 }
 
-pub async fn sessions(socket: &Path, all: bool, json: bool, action: Option<&SessionsAction>) -> anyhow::Result<()> {
+pub async fn sessions(
+    socket: &Path,
+    all: bool,
+    json: bool,
+    history: &super::history::HistoryArgs,
+    action: Option<&SessionsAction>,
+) -> anyhow::Result<()> {
     if let Some(SessionsAction::Terminate { id }) = action {
         manage(socket, ManageRequest::SessionTerminate { id: id.clone() }).await?;
         println!("terminated session {id}");
         return Ok(());
     }
-    let v = manage(socket, ManageRequest::Sessions { all }).await?;
+    if all {
+        let filter = super::history::filter(history)?;
+        let v = manage(socket, ManageRequest::Sessions { all: true, filter }).await?;
+        return super::history::print_rows(&v, history, json);
+    }
+    let v = manage(socket, ManageRequest::Sessions { all: false, filter: Default::default() }).await?;
     if json {
         return print_json(&v);
     }

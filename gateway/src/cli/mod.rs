@@ -5,6 +5,7 @@
 //! the submodules.)
 
 pub mod format;
+pub mod history;
 pub mod manage;
 pub mod rdp;
 pub mod session;
@@ -172,21 +173,22 @@ pub enum Command {
     /// Active sessions (--all: also recently ended ones), or terminate one.
     Sessions(SessionsArgs),
     /// Play a recorded session in this terminal (from the data directory, or from [audit.s3]
-    /// once retention deleted the local copy).
+    /// once retention deleted the local copy), between a header (who, where, when, what) and
+    /// its exit status, both on standard error.
     #[command(
-        after_help = "Example:\n  postern replay 5b0e6f3c-... --speed 2\n  (session ids: `postern sessions --all` or the audit log's session.start events)"
+        after_help = "Examples:\n  postern replay 5b0e6f3c --speed 2      a unique prefix of the id will do\n  postern replay 5b0e6f3c --raw | asciinema play -\n  (session ids: `postern sessions --all`; sessions without a recording say why)"
     )]
     Replay {
-        /// Session id, or the path of a .cast or .cast.sealed file.
+        /// Session id (or a unique prefix of one), or the path of a .cast or .cast.sealed file.
         session: String,
         /// Playback speed factor.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
         /// Shorten pauses to at most this many seconds (0 keeps them).
-        #[arg(long, default_value_t = 2.0)]
-        max_wait: f64,
-        /// Print the recording itself (asciicast v2, decrypted) instead of playing it, e.g.
-        /// for `asciinema play -`.
+        #[arg(long, alias = "max-wait", default_value_t = 2.0)]
+        idle_limit: f64,
+        /// Print the recording itself (asciicast v2, decrypted) and nothing else, instead of
+        /// playing it: for piping, e.g. to `asciinema play -`.
         #[arg(long)]
         raw: bool,
         /// Master key file for a sealed recording (default: [audit.encryption]).
@@ -345,30 +347,35 @@ pub async fn replay(
     cli: &Cli,
     session: &str,
     speed: f64,
-    max_wait: f64,
+    idle_limit: f64,
     raw: bool,
     master_key: &[PathBuf],
 ) -> anyhow::Result<i32> {
     let cfg = resolve_config(cli)?;
     let as_path = Path::new(session);
     let mut fetched: Option<Fetched> = None;
+    let mut found = None;
     let path = if (session.ends_with(".cast") || session.ends_with(".cast.sealed")) && as_path.exists() {
         as_path.to_path_buf()
     } else {
-        if !session.chars().all(|c| c.is_ascii_hexdigit() || c == '-') || session.is_empty() {
-            bail!("{session:?} is not a session id");
+        found = history::find(&cfg.data_dir, session).await?;
+        if let Some(why) = found.as_ref().and_then(history::not_recorded) {
+            eprintln!("postern: {why}");
+            return Ok(1);
         }
+        let id = found.as_ref().map_or(session, |r| r.id.as_str());
         let dir = cfg.data_dir.join("recordings");
-        match (crate::recording::find(&dir, session), &cfg.audit.s3) {
+        match (crate::recording::find(&dir, id), &cfg.audit.s3) {
             (Some(p), _) => p,
             (None, Some(s3)) => {
-                let f = fetch_recording(s3, &cfg.data_dir, session).await?.with_context(|| {
-                    format!("no recording for session {session} in {} or in the object store", dir.display())
+                let f = fetch_recording(s3, &cfg.data_dir, id).await?.with_context(|| {
+                    format!("no recording for session {id} in {} or in the object store", dir.display())
                 })?;
                 fetched.insert(f).0.clone()
             }
             (None, None) => bail!(
-                "no recording for session {session} in {} (sftp, forwards, passthrough and admin-socket sessions are not recorded)",
+                "no recording for session {id} in {} (sftp, forwards, passthrough, RDP and admin-socket sessions are \
+                 not recorded; `postern sessions --all` says which are)",
                 dir.display()
             ),
         }
@@ -380,9 +387,15 @@ pub async fn replay(
         std::io::copy(&mut plain, &mut out).with_context(|| format!("reading {}", path.display()))?;
         plain.ending()
     } else {
-        crate::recording::replay(&path, &keyring, speed, (max_wait > 0.0).then_some(max_wait), &mut out)?
+        if let Some(r) = &found {
+            eprint!("{}  recording: {}\n\n", history::header(r), path.display());
+        }
+        crate::recording::replay(&path, &keyring, speed, (idle_limit > 0.0).then_some(idle_limit), &mut out)?
     };
     warn_ending(&path, ending);
+    if !raw && let Some(r) = &found {
+        eprintln!("\n{}", history::footer(r));
+    }
     Ok(0)
 }
 
@@ -509,11 +522,19 @@ pub fn audit_keygen(file: &Path) -> anyhow::Result<i32> {
 }
 
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Without --all: the sessions live now. With --all: the session history (every door, \
+kept across restarts for [audit] history_retention), newest first, --limit rows at a time; the \
+table shortens ids to 12 characters (`postern replay` takes any unique prefix, --json has them \
+whole). For the next page, pass the last id shown as --before.\n\nExamples:\n  postern sessions --all --user alice --since 2h\n  postern sessions --all --kind forward --since 2026-12-01T10:00Z --until 2026-12-02T00:00Z\n  postern sessions --all --limit 20 --before 3f9c2a71b0de\n  postern sessions terminate 3f9c2a71b0de4a55c1e8d7f6a9b2c3d4"
+)]
 pub struct SessionsArgs {
-    /// Include recently ended sessions.
+    /// The session history: ended sessions too, also those from before a restart.
     #[arg(long)]
     pub all: bool,
+    #[command(flatten)]
+    pub history: history::HistoryArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

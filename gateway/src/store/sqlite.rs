@@ -97,7 +97,7 @@ CREATE TABLE session_history (
     door            TEXT NOT NULL,
     command         TEXT,
     destination     TEXT,
-    started_at      BIGINT NOT NULL,
+    started_ms      BIGINT NOT NULL,
     ended_at        BIGINT,
     end_reason      TEXT,
     exit_code       INTEGER,
@@ -107,8 +107,8 @@ CREATE TABLE session_history (
     unlogged_reason TEXT,
     recording       TEXT
 );
-CREATE INDEX session_history_started ON session_history(started_at, id);
-CREATE INDEX session_history_user ON session_history(user_name, started_at);
+CREATE INDEX session_history_started ON session_history(started_ms, id);
+CREATE INDEX session_history_user ON session_history(user_name, started_ms);
 "#,
 ];
 
@@ -229,7 +229,7 @@ fn row_to_policy(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, StoreEr
 }
 
 const SESSION_COLUMNS: &str = "id, user_name, source, instance, agent_id, kind, door, command, destination, \
-     started_at, ended_at, end_reason, exit_code, bytes_in, bytes_out, logged, unlogged_reason, recording";
+     started_ms, ended_at, end_reason, exit_code, bytes_in, bytes_out, logged, unlogged_reason, recording";
 
 /// Byte counts are kept as signed 64-bit integers (what SQL has); more than 2^63 bytes is
 /// stored as the largest.
@@ -252,7 +252,7 @@ fn row_to_session(row: &sqlx::sqlite::SqliteRow) -> Result<SessionRecord, StoreE
         door: row.try_get("door").map_err(db)?,
         command: row.try_get("command").map_err(db)?,
         destination: row.try_get("destination").map_err(db)?,
-        started_at: row.try_get("started_at").map_err(db)?,
+        started_ms: row.try_get("started_ms").map_err(db)?,
         ended_at: row.try_get("ended_at").map_err(db)?,
         end_reason: row.try_get("end_reason").map_err(db)?,
         exit_code: row.try_get("exit_code").map_err(db)?,
@@ -603,7 +603,7 @@ impl Store for SqliteStore {
         .bind(&r.door)
         .bind(&r.command)
         .bind(&r.destination)
-        .bind(r.started_at)
+        .bind(r.started_ms)
         .bind(r.ended_at)
         .bind(&r.end_reason)
         .bind(r.exit_code)
@@ -621,14 +621,14 @@ impl Store for SqliteStore {
     async fn end_session(&self, e: &SessionEnding) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE session_history SET ended_at = ?, end_reason = ?, exit_code = ?, bytes_in = ?, bytes_out = ?, \
-             logged = ?, unlogged_reason = ? WHERE id = ?",
+             logged = COALESCE(?, logged), unlogged_reason = COALESCE(?, unlogged_reason) WHERE id = ?",
         )
         .bind(e.ended_at)
         .bind(&e.end_reason)
         .bind(e.exit_code)
         .bind(bytes_sql(e.bytes_in))
         .bind(bytes_sql(e.bytes_out))
-        .bind(i64::from(e.logged))
+        .bind(e.logged.map(i64::from))
         .bind(&e.unlogged_reason)
         .bind(&e.id)
         .execute(&self.pool)
@@ -642,10 +642,10 @@ impl Store for SqliteStore {
         let rows = sqlx::query(&format!(
             "SELECT {SESSION_COLUMNS} FROM session_history WHERE \
              (? IS NULL OR user_name = ?) AND (? IS NULL OR instance = ? OR agent_id = ?) \
-             AND (? IS NULL OR kind = ? OR door = ?) AND (? IS NULL OR started_at >= ?) \
-             AND (? IS NULL OR started_at < ?) \
-             AND (? IS NULL OR started_at < ? OR (started_at = ? AND id < ?)) \
-             ORDER BY started_at DESC, id DESC LIMIT ?"
+             AND (? IS NULL OR kind = ? OR door = ?) AND (? IS NULL OR started_ms >= ?) \
+             AND (? IS NULL OR started_ms < ?) \
+             AND (? IS NULL OR started_ms < ? OR (started_ms = ? AND id < ?)) \
+             ORDER BY started_ms DESC, id DESC LIMIT ?"
         ))
         .bind(&q.user)
         .bind(&q.user)
@@ -672,7 +672,7 @@ impl Store for SqliteStore {
 
     async fn sessions_by_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<SessionRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {SESSION_COLUMNS} FROM session_history WHERE id LIKE ? ORDER BY started_at DESC, id DESC LIMIT ?"
+            "SELECT {SESSION_COLUMNS} FROM session_history WHERE id LIKE ? ORDER BY started_ms DESC, id DESC LIMIT ?"
         ))
         .bind(format!("{prefix}%"))
         .bind(i64::from(limit))
@@ -685,7 +685,7 @@ impl Store for SqliteStore {
     async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError> {
         let mut deleted = 0;
         if let Some(cutoff) = cutoff {
-            let r = sqlx::query("DELETE FROM session_history WHERE COALESCE(ended_at, started_at) < ?")
+            let r = sqlx::query("DELETE FROM session_history WHERE COALESCE(ended_at, started_ms / 1000) < ?")
                 .bind(cutoff)
                 .execute(&self.pool)
                 .await
@@ -696,8 +696,8 @@ impl Store for SqliteStore {
             // The newest `keep` rows stay (and any that started in the same second as the
             // last of them: the bound is exact to a second, which is enough for retention).
             let r = sqlx::query(
-                "DELETE FROM session_history WHERE started_at < \
-                 (SELECT started_at FROM session_history ORDER BY started_at DESC, id DESC LIMIT 1 OFFSET ?)",
+                "DELETE FROM session_history WHERE started_ms < \
+                 (SELECT started_ms FROM session_history ORDER BY started_ms DESC, id DESC LIMIT 1 OFFSET ?)",
             )
             .bind(bytes_sql(keep.saturating_sub(1)))
             .execute(&self.pool)
@@ -845,7 +845,7 @@ mod tests {
         assert_eq!(store.audit_anchor().await.unwrap(), Some(AuditAnchor { seq: 202, hash: "cd".into() }));
     }
 
-    fn session(id: &str, user: &str, kind: &str, started_at: i64) -> SessionRecord {
+    fn session(id: &str, user: &str, kind: &str, started_ms: i64) -> SessionRecord {
         SessionRecord {
             id: id.into(),
             user: user.into(),
@@ -856,7 +856,7 @@ mod tests {
             door: "ssh".into(),
             command: Some("uname -a".into()),
             destination: None,
-            started_at,
+            started_ms,
             ended_at: None,
             end_reason: None,
             exit_code: None,
@@ -873,12 +873,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("postern.db");
         let store = SqliteStore::open(&path).await.unwrap();
-        let mut a = session("aa01", "alice", "exec", 100);
+        let mut a = session("aa01", "alice", "exec", 100_000);
         store.insert_session(&a).await.unwrap();
         // A second insert with the same id changes nothing.
-        store.insert_session(&session("aa01", "mallory", "shell", 1)).await.unwrap();
-        store.insert_session(&session("aa02", "bob", "shell", 200)).await.unwrap();
-        store.insert_session(&session("ab03", "alice", "port-forward", 200)).await.unwrap();
+        store.insert_session(&session("aa01", "mallory", "shell", 1_000)).await.unwrap();
+        store.insert_session(&session("aa02", "bob", "shell", 200_000)).await.unwrap();
+        store.insert_session(&session("ab03", "alice", "port-forward", 200_000)).await.unwrap();
         let ending = SessionEnding {
             id: "aa01".into(),
             ended_at: 150,
@@ -886,7 +886,7 @@ mod tests {
             exit_code: Some(3),
             bytes_in: 5,
             bytes_out: u64::MAX,
-            logged: false,
+            logged: Some(false),
             unlogged_reason: Some("recording failed".into()),
         };
         assert!(store.end_session(&ending).await.unwrap());
@@ -910,13 +910,13 @@ mod tests {
         let inst = |i: &str| SessionQuery { instance: Some(i.into()), ..q.clone() };
         assert_eq!(ids(store.sessions(&inst("ag-1")).await.unwrap()).len(), 3);
         assert!(store.sessions(&inst("db")).await.unwrap().is_empty());
-        let window = SessionQuery { since: Some(100), until: Some(200), ..q.clone() };
+        let window = SessionQuery { since: Some(100_000), until: Some(200_000), ..q.clone() };
         assert_eq!(ids(store.sessions(&window).await.unwrap()), ["aa01"]);
         // Pages: two, then the rest after the last row shown.
         let first = store.sessions(&SessionQuery { limit: 2, ..q.clone() }).await.unwrap();
         assert_eq!(ids(first.clone()), ["ab03", "aa02"]);
         let last = first.last().unwrap();
-        let next = SessionQuery { limit: 2, before: Some((last.started_at, last.id.clone())), ..q.clone() };
+        let next = SessionQuery { limit: 2, before: Some((last.started_ms, last.id.clone())), ..q.clone() };
         assert_eq!(ids(store.sessions(&next).await.unwrap()), ["aa01"]);
 
         assert_eq!(ids(store.sessions_by_prefix("aa", 10).await.unwrap()), ["aa02", "aa01"]);
@@ -926,7 +926,7 @@ mod tests {
         // Retention by age (aa01 ended at 150) and by count (the newest row stays).
         assert_eq!(store.prune_sessions(Some(160), None).await.unwrap(), 1);
         assert_eq!(store.prune_sessions(None, Some(5)).await.unwrap(), 0);
-        store.insert_session(&session("ac04", "carol", "sftp", 300)).await.unwrap();
+        store.insert_session(&session("ac04", "carol", "sftp", 300_000)).await.unwrap();
         assert_eq!(store.prune_sessions(None, Some(1)).await.unwrap(), 2);
         assert_eq!(ids(store.sessions(&q).await.unwrap()), ["ac04"]);
     }

@@ -209,6 +209,19 @@ pub struct GatewayDiskLow {
     pub fail_closed: bool,
 }
 
+/// `gateway.history_failed`: a session could not be written to the session history in the
+/// database (`postern sessions --all`, `postern replay`); the session itself went on, and
+/// its events here remain the record. Written at the first failure, not again until a write
+/// has succeeded (an episode).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayHistoryFailed {
+    /// The session whose row was not written.
+    pub session_id: String,
+    /// "start", "end" or "crash" (a session a crash cut short, marked ended at start-up).
+    pub write: String,
+    pub error: String,
+}
+
 /// `audit.retention`: a retention run deleted something.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRetention {

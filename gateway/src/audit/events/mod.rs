@@ -66,6 +66,8 @@ events! {
     GatewayStopped(GatewayStopped) = "gateway.stopped",
     /// Free space for recordings fell below `[audit] min_free_space` (once per episode).
     GatewayDiskLow(GatewayDiskLow) = "gateway.disk_low",
+    /// A session could not be written to the session history (once per episode).
+    GatewayHistoryFailed(GatewayHistoryFailed) = "gateway.history_failed",
     TokenCreated(TokenCreated) = "token.created",
     AgentEnrolled(AgentEnrolled) = "agent.enrolled",
     AgentEnrollRefused(AgentEnrollRefused) = "agent.enroll_refused",

@@ -72,6 +72,9 @@ pub struct AdminSessionStart {
     pub kind: Action,
     /// "admin-socket".
     pub via: String,
+    /// What was asked to run (exec, or a shell's `-c` command; null for a login shell).
+    #[serde(default)]
+    pub command: Option<String>,
     pub logged: bool,
     pub reason: String,
 }

@@ -79,11 +79,13 @@ fn shapes_without_a_doc_example_serialize_as_before() {
             agent_id: s("ag-1"),
             kind: Action::Exec,
             via: s("admin-socket"),
+            command: Some(s("uptime")),
             logged: false,
             reason: s("admin-socket sessions are not recorded"),
         })),
         json!({"session_id": "sid", "actor": "root", "target": "web-01", "agent_id": "ag-1", "kind": "exec",
-               "via": "admin-socket", "logged": false, "reason": "admin-socket sessions are not recorded"}),
+               "via": "admin-socket", "command": "uptime", "logged": false,
+               "reason": "admin-socket sessions are not recorded"}),
     );
     check(
         Event::SessionEnd(SessionEnd::AdminSocket(AdminSessionEnd {
