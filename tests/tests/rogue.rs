@@ -278,8 +278,12 @@ fn session_stream_violations_close_the_agent_connection() {
         };
         assert!(!out.status.success(), "case {i}: {}", text(&out.stdout));
         assert_eq!(rt.block_on(closed_with(&conn)), u64::from(PROTOCOL_ERROR), "case {i}: {}", text(&out.stderr));
-        let violations: Vec<_> =
-            gw.audit_events().into_iter().filter(|e| e["event"] == "agent.protocol_violation").collect();
+        // The event is written just after the connection is closed: wait for it.
+        let violations = || {
+            gw.audit_events().into_iter().filter(|e| e["event"] == "agent.protocol_violation").collect::<Vec<_>>()
+        };
+        wait_until("the violation event", Duration::from_secs(10), || violations().len() > i);
+        let violations = violations();
         assert_eq!(violations.len(), i + 1, "case {i}: {violations:#?}");
         assert!(violations[i]["agent_id"].as_str().unwrap().starts_with("ag-"), "{violations:#?}");
     }
