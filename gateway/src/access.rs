@@ -4,6 +4,7 @@
 //! and the only way to get an [`Authorization`] — which carries the resolved target and
 //! destination the session code dials — is from it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -410,6 +411,49 @@ impl AccessList {
     }
 }
 
+/// The OS login a session runs as (`None`: the agent's own user): the login the person asked
+/// for when the policy's logins (`run_as`) allow it; else, when they asked for none or for
+/// their own identity name, the profile's run-as or the policy's default login (the first).
+/// A login asked for and not allowed is refused with the list of those that are (root is
+/// one only where root is allowed).
+fn resolve_login(
+    identity: &Identity,
+    instance: &str,
+    requested: Option<&str>,
+    profile: &postern_core::profile::Profile,
+    logins: &[String],
+    allow_root: bool,
+) -> Result<Option<String>, Cow<'static, str>> {
+    let Some(login) = requested.filter(|l| *l != identity.user) else {
+        return Ok(profile.run_as.clone().or(logins.first().cloned()));
+    };
+    let logins: Vec<String> = logins.iter().filter(|l| allow_root || *l != "root").cloned().collect();
+    if !logins.iter().any(|l| l == login) {
+        let login: String = login.chars().take(64).collect();
+        return Err(format!("login {login:?} is not allowed for you on {instance}; {}", describe_logins(&logins, &identity.user)).into());
+    }
+    match &profile.run_as {
+        Some(p) if p != login => Err(format!(
+            "profile {} runs as {p:?}, not as the login {login:?} you asked for; log in as {p} or choose another profile",
+            profile.name
+        )
+        .into()),
+        _ => Ok(Some(login.to_owned())),
+    }
+}
+
+/// The logins a policy's `run_as` list gives a person, as refusals and `explain` say it.
+pub fn describe_logins(logins: &[String], user: &str) -> String {
+    match logins.split_first() {
+        None => format!(
+            "the policy names no logins for you there (run_as), so there is none to choose: log in as {user} \
+             (your own name) and the session runs as the agent's own user"
+        ),
+        Some((default, rest)) if rest.is_empty() => format!("allowed login: {default} (the default)"),
+        Some((default, rest)) => format!("allowed logins: {default} (the default), {}", rest.join(", ")),
+    }
+}
+
 /// Decisions for sessions: the policy engine and identities ([`AccessList`]) applied to the
 /// instances in the store and the sessions already running (concurrent-session caps).
 pub struct Authorizer {
@@ -435,21 +479,25 @@ impl Authorizer {
     }
 
     /// The one decision point: may `identity` do `action` on `instance` (name or id), with the
-    /// shell profile they asked for (or their default) and, for forwards, this destination
-    /// (in any spelling: it is decided, and dialled, in its canonical form; a host with none
-    /// is refused)? Resolves policy, profile, run-as, limits and concurrent-session caps.
+    /// shell profile they asked for (or their default), as the OS login they asked for (the
+    /// user name of `ssh LOGIN@instance`; `None` or their own identity name: the default
+    /// login) and, for forwards, this destination (in any spelling: it is decided, and
+    /// dialled, in its canonical form; a host with none is refused)? Resolves policy,
+    /// profile, login (run-as), limits and concurrent-session caps. The error is the refusal
+    /// to show the user.
     pub async fn authorize(
         &self,
         identity: &Identity,
         instance: &str,
         action: Action,
         requested_profile: Option<&str>,
+        requested_login: Option<&str>,
         destination: Option<(&str, u16)>,
-    ) -> Result<Authorization, &'static str> {
+    ) -> Result<Authorization, Cow<'static, str>> {
         let destination = match destination {
             Some((host, port)) => match Host::parse(host) {
                 Ok(h) => Some((h, port)),
-                Err(_) => return Err(BAD_DESTINATION),
+                Err(_) => return Err(BAD_DESTINATION.into()),
             },
             None => None,
         };
@@ -472,29 +520,29 @@ impl Authorizer {
             jiff::Timestamp::now(),
             false,
         );
-        let Some(agent) = found.filter(|_| decision.allowed) else { return Err(DENIED) };
+        let Some(agent) = found.filter(|_| decision.allowed) else { return Err(DENIED.into()) };
         let settings = decision.settings;
         let profile = match requested_profile.or(settings.profile.as_deref()) {
             None => postern_core::profile::Profile::default(),
             Some(name) => match self.list.profile(name) {
                 Some(p) if settings.profiles.iter().any(|x| x == name) => p,
-                _ => return Err("that profile does not exist or is not allowed for you"),
+                _ => return Err("that profile does not exist or is not allowed for you".into()),
             },
         };
-        let run_as = profile.run_as.clone().or(settings.run_as.first().cloned());
         if let (Some(wanted), false) = (&profile.run_as, settings.run_as.is_empty())
             && !settings.run_as.contains(wanted)
         {
-            return Err("the profile's run-as user is not allowed for you");
+            return Err("the profile's run-as user is not allowed for you".into());
         }
         let allow_root = profile.allow_root || settings.allow_root;
+        let run_as = resolve_login(identity, &agent.name, requested_login, &profile, &settings.run_as, allow_root)?;
         if run_as.as_deref() == Some("root") && !allow_root {
-            return Err("running as root is not allowed for you (allow_root)");
+            return Err("running as root is not allowed for you (allow_root)".into());
         }
         // Reserved now, atomically with the count: the slot is held until the session is on
         // the live table, so simultaneous requests cannot all pass the check.
         let Some(reservation) = self.sessions.reserve(&identity.user, settings.max_sessions) else {
-            return Err("you have reached your maximum number of concurrent sessions");
+            return Err("you have reached your maximum number of concurrent sessions".into());
         };
         let defaults = self.list.defaults();
         Ok(Authorization {

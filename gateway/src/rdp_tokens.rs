@@ -37,11 +37,11 @@ impl RdpTokens {
 
     /// Issue a routing token to an authenticated user, if policy lets them use RDP on the
     /// instance now.
-    pub async fn issue(&self, identity: &Identity, instance: &str) -> Result<RdpToken, &'static str> {
+    pub async fn issue(&self, identity: &Identity, instance: &str) -> Result<RdpToken, std::borrow::Cow<'static, str>> {
         let Some(door) = &self.door else {
-            return Err("the RDP front door is turned off on this gateway ([rdp] enabled = false)");
+            return Err("the RDP front door is turned off on this gateway ([rdp] enabled = false)".into());
         };
-        let authz = match self.authorizer.authorize(identity, instance, Action::Rdp, None, None).await {
+        let authz = match self.authorizer.authorize(identity, instance, Action::Rdp, None, None, None).await {
             Ok(a) => a,
             Err(msg) => {
                 let _ = self.audit.event(&Event::SessionDenied(SessionDenied::RdpToken(RdpTokenDenied {
@@ -50,7 +50,7 @@ impl RdpTokens {
                     action: Action::Rdp,
                     stage: "token".to_owned(),
                     source: identity.source.map(|s| s.to_string()),
-                    reason: msg.to_owned(),
+                    reason: msg.to_string(),
                 })));
                 return Err(msg);
             }

@@ -141,29 +141,76 @@ max_sessions = 1
 #[tokio::test]
 async fn the_authorizer_resolves_the_instance_and_denies_unknown_and_forbidden_alike() {
     let kit = Kit::new().await;
-    let denied = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap_err();
+    let denied = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.unwrap_err();
     assert_eq!(denied, DENIED, "deny by default");
     kit.apply(WEB_SHELL).await;
-    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.unwrap();
     assert_eq!((authz.agent_id(), authz.instance(), authz.user()), ("ag-1", "web-01", "alice"));
     // An authorization holds one of alice's max_sessions = 1 slots until it is dropped.
     drop(authz);
     // By id too, resolved to the same instance.
-    let by_id = kit.authorizer.authorize(&alice(), "ag-2", Action::Exec, None, None).await.unwrap();
+    let by_id = kit.authorizer.authorize(&alice(), "ag-2", Action::Exec, None, None, None).await.unwrap();
     assert_eq!(by_id.instance(), "web-02");
     for (instance, action) in [("db-01", Action::Shell), ("web-01", Action::PortForward), ("nope", Action::Shell)] {
-        let e = kit.authorizer.authorize(&alice(), instance, action, None, None).await.unwrap_err();
+        let e = kit.authorizer.authorize(&alice(), instance, action, None, None, None).await.unwrap_err();
         assert_eq!(e, DENIED, "{instance} {action}: not allowed and unknown look the same");
     }
     let bob = Identity { user: "bob".into(), source: None };
-    assert_eq!(kit.authorizer.authorize(&bob, "web-01", Action::Shell, None, None).await.unwrap_err(), DENIED);
+    assert_eq!(kit.authorizer.authorize(&bob, "web-01", Action::Shell, None, None, None).await.unwrap_err(), DENIED);
+}
+
+const LOGINS: &str = r#"
+name = "logins"
+
+[[statement]]
+effect = "allow"
+users = ["alice"]
+actions = ["shell", "exec"]
+instances = ["web-*"]
+run_as = ["deploy", "www", "root"]
+"#;
+
+#[tokio::test]
+async fn the_login_asked_for_is_one_the_policy_allows_or_the_default() {
+    let kit = Kit::new().await;
+    kit.apply(LOGINS).await;
+    let login = |asked: Option<&'static str>| {
+        let authorizer = kit.authorizer.clone();
+        async move {
+            authorizer
+                .authorize(&alice(), "web-01", Action::Shell, None, asked, None)
+                .await
+                .map(|a| a.run_as().map(str::to_owned))
+        }
+    };
+    // No login, or the person's own identity name: the default login (the first).
+    assert_eq!(login(None).await.unwrap().as_deref(), Some("deploy"));
+    assert_eq!(login(Some("alice")).await.unwrap().as_deref(), Some("deploy"));
+    // Another allowed login: that one.
+    assert_eq!(login(Some("www")).await.unwrap().as_deref(), Some("www"));
+    // One not allowed: refused, naming those that are.
+    let refused = login(Some("postgres")).await.unwrap_err();
+    assert!(refused.contains("login \"postgres\" is not allowed for you on web-01"), "{refused}");
+    assert!(refused.ends_with("allowed logins: deploy (the default), www"), "{refused}");
+    // root is listed, but no statement allows root: not a login to have, nor to list.
+    let refused = login(Some("root")).await.unwrap_err();
+    assert!(refused.contains("login \"root\" is not allowed") && !refused.contains(", root"), "{refused}");
+    kit.apply(&LOGINS.replace("run_as =", "allow_root = true\nrun_as =")).await;
+    assert_eq!(login(Some("root")).await.unwrap().as_deref(), Some("root"));
+    let refused = login(Some("postgres")).await.unwrap_err();
+    assert!(refused.ends_with("allowed logins: deploy (the default), www, root"), "{refused}");
+    // A policy with no logins: only the default (the agent's own user) is there to have.
+    kit.apply(&LOGINS.replace("run_as = [\"deploy\", \"www\", \"root\"]", "")).await;
+    assert_eq!(login(Some("alice")).await.unwrap(), None);
+    let refused = login(Some("deploy")).await.unwrap_err();
+    assert!(refused.contains("names no logins for you"), "{refused}");
 }
 
 #[tokio::test]
 async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_event() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
-    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.unwrap();
     let running = kit.broker.start("s-1", authz.party(alice().source, true), &start_event("s-1"));
     assert_eq!(kit.events("session.start").len(), 1, "the start event is written before the session runs");
     let rows = kit.sessions.rows();
@@ -199,12 +246,12 @@ async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_
 async fn max_sessions_counts_the_users_live_sessions() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
-    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.unwrap();
     let running = kit.broker.start("s-1", authz.party(None, true), &start_event("s-1"));
-    let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap_err();
+    let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None, None).await.unwrap_err();
     assert!(refused.contains("maximum number of concurrent sessions"), "{refused}");
     running.finish(end_event("s-1"));
-    assert!(kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.is_ok());
+    assert!(kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None, None).await.is_ok());
 }
 
 #[tokio::test]
@@ -213,25 +260,25 @@ async fn max_sessions_counts_authorizations_not_yet_started() {
     kit.apply(WEB_SHELL).await;
     // Authorized but not yet on the live table (its stream is still opening): the slot is
     // already taken, so a simultaneous request cannot pass the check too.
-    let first = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
-    let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap_err();
+    let first = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.unwrap();
+    let refused = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None, None).await.unwrap_err();
     assert!(refused.contains("maximum number of concurrent sessions"), "{refused}");
     // An authorization dropped without a session gives its slot back.
     drop(first);
-    let second = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None).await.unwrap();
+    let second = kit.authorizer.authorize(&alice(), "web-02", Action::Shell, None, None, None).await.unwrap();
     // Starting converts the slot into the live entry (counted once, released at the end).
     let running = kit.broker.start("s-2", second.party(None, true), &start_event("s-2"));
     drop(second);
-    assert!(kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.is_err());
+    assert!(kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.is_err());
     running.finish(end_event("s-2"));
-    assert!(kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.is_ok());
+    assert!(kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.is_ok());
 }
 
 #[tokio::test]
 async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
-    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None).await.unwrap();
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.unwrap();
     let running = kit.broker.start("s-1", authz.party(None, true), &start_event("s-1"));
     let shutdown = CancellationToken::new();
     let enforcer = tokio::spawn(crate::enforcer::enforce(

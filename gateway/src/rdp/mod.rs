@@ -177,7 +177,7 @@ async fn handle(state: Arc<Services>, denials: &Denials, mut tcp: TcpStream, pee
         }
     };
     let identity = Identity { user: claims.user.clone(), source: Some(peer.ip()) };
-    let authz = match state.authorizer.authorize(&identity, &claims.instance, Action::Rdp, None, None).await {
+    let authz = match state.authorizer.authorize(&identity, &claims.instance, Action::Rdp, None, None, None).await {
         Ok(a) if a.agent_id() == claims.agent_id => a,
         Ok(_) => {
             denied(
@@ -189,7 +189,7 @@ async fn handle(state: Arc<Services>, denials: &Denials, mut tcp: TcpStream, pee
             return;
         }
         Err(msg) => {
-            denied(msg.to_owned(), "policy", holder(&claims), &pre);
+            denied(msg.into_owned(), "policy", holder(&claims), &pre);
             return;
         }
     };

@@ -48,7 +48,7 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
         (Action::PortForward, Some((h, p))) => Some(format!("{}:{p}", h.chars().take(255).collect::<String>())),
         _ => None,
     };
-    let authz = match state.authorizer.authorize(&identity, &target, action, None, dest).await {
+    let authz = match state.authorizer.authorize(&identity, &target, action, None, None, dest).await {
         Ok(a) => a,
         Err(msg) => {
             let _ = state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
@@ -56,7 +56,7 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
                 target: target.clone(),
                 action,
                 source: peer.to_string(),
-                reason: msg.to_owned(),
+                reason: msg.to_string(),
                 destination: requested,
             })));
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;

@@ -41,8 +41,12 @@ pub(super) struct ConnHandler {
     peer: SocketAddr,
     /// Instance this connection is about: fixed for inner connections, or from `user%instance`.
     target: Option<String>,
-    /// Set for an inner connection (the instance comes from the outer direct-tcpip channel).
-    inner: bool,
+    /// For an inner connection (the instance comes from the outer direct-tcpip channel): the
+    /// person the outer connection authenticated. The inner hop must authenticate as them
+    /// again; its user name is the OS login, not an identity.
+    outer: Option<Identity>,
+    /// The OS login the inner hop's user name asks for (`ssh deploy@web-01.<suffix>`).
+    login: Option<String>,
     identity: Option<Identity>,
     /// Keys offered or tried without success, for one audit event per connection.
     failed_keys: Vec<String>,
@@ -68,7 +72,7 @@ impl Drop for ConnHandler {
                 user: self.failed_user.clone(),
                 method: "publickey".to_owned(),
                 keys: self.failed_keys.clone(),
-                inner: self.inner,
+                inner: self.outer.is_some(),
             }));
         }
     }
@@ -79,16 +83,17 @@ impl ConnHandler {
         state: Arc<Services>,
         throttle: Arc<AuthThrottle>,
         peer: SocketAddr,
-        inner_target: Option<String>,
+        inner: Option<(String, Identity)>,
         conn: Arc<Conn>,
     ) -> Self {
-        let inner = inner_target.is_some();
+        let (target, outer) = inner.map(|(t, o)| (Some(t), Some(o))).unwrap_or_default();
         Self {
             state,
             throttle,
             peer,
-            target: inner_target,
-            inner,
+            target,
+            outer,
+            login: None,
             identity: None,
             failed_keys: Vec::new(),
             failed_user: None,
@@ -114,11 +119,17 @@ impl ConnHandler {
         }
     }
 
-    /// `alice%web-01` names user and instance; inner connections take only a user.
-    fn split_user<'a>(&self, user: &'a str) -> (&'a str, Option<&'a str>) {
+    /// Who is authenticating, and what the SSH user name asks for: on the gateway hop the
+    /// user name is the Postern identity (`alice`, or `alice%web-01` naming the instance too);
+    /// on an inner hop the identity is the outer hop's person and the user name is the OS
+    /// login (`(alice, None, Some(deploy))`).
+    fn split_user(&self, user: &str) -> (String, Option<String>, Option<String>) {
+        if let Some(outer) = &self.outer {
+            return (outer.user.clone(), None, Some(user.to_owned()));
+        }
         match user.split_once('%') {
-            Some((u, i)) if !self.inner && !i.is_empty() => (u, Some(i)),
-            _ => (user, None),
+            Some((u, i)) if !i.is_empty() => (u.to_owned(), Some(i.to_owned()), None),
+            _ => (user.to_owned(), None, None),
         }
     }
 }
@@ -127,7 +138,8 @@ impl russh::server::Handler for ConnHandler {
     type Error = russh::Error;
 
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
-        let (name, _) = self.split_user(user);
+        let (name, _, _) = self.split_user(user);
+        let name = name.as_str();
         self.wait_turn(name).await;
         if self.state.access.authenticate(name, offer.public_key, None).is_some() {
             self.vetted_key = Some(offer.public_key.clone());
@@ -145,7 +157,8 @@ impl russh::server::Handler for ConnHandler {
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
-        let (name, instance) = self.split_user(user);
+        let (name, instance, login) = self.split_user(user);
+        let name = name.as_str();
         if self.vetted_key.as_ref() == Some(key.public_key) {
             // Counted, so that success forgives it as any other attempt, but not delayed:
             // the offer of this very key waited its turn.
@@ -156,9 +169,10 @@ impl russh::server::Handler for ConnHandler {
         match self.state.access.authenticate(name, key.public_key, Some(self.peer.ip())) {
             Some(identity) => {
                 if let Some(i) = instance {
-                    self.target = Some(i.to_owned());
+                    self.target = Some(i);
                 }
-                info!(user = %identity.user, target = ?self.target, "ssh user authenticated");
+                self.login = login;
+                info!(user = %identity.user, target = ?self.target, login = ?self.login, "ssh user authenticated");
                 self.throttle.succeeded(self.peer.ip(), name);
                 self.authenticated(identity);
                 Ok(Auth::Accept)
@@ -175,13 +189,15 @@ impl russh::server::Handler for ConnHandler {
         user: &str,
         cert: &russh::keys::Certificate,
     ) -> Result<Auth, Self::Error> {
-        let (name, instance) = self.split_user(user);
+        let (name, instance, login) = self.split_user(user);
+        let name = name.as_str();
         self.wait_turn(name).await;
         match self.state.access.authenticate_certificate(name, cert, Some(self.peer.ip())) {
             Some(identity) => {
                 if let Some(i) = instance {
-                    self.target = Some(i.to_owned());
+                    self.target = Some(i);
                 }
+                self.login = login;
                 info!(user = %identity.user, key_id = cert.key_id(), "ssh user authenticated by certificate");
                 self.throttle.succeeded(self.peer.ip(), name);
                 self.authenticated(identity);
@@ -205,7 +221,13 @@ impl russh::server::Handler for ConnHandler {
     ) -> Result<(), Self::Error> {
         let Some(identity) = self.identity.clone() else { return Ok(()) };
         reply.accept().await;
-        let ctx = SessionCtx { state: self.state.clone(), identity, target: self.target.clone(), peer: self.peer };
+        let ctx = SessionCtx {
+            state: self.state.clone(),
+            identity,
+            target: self.target.clone(),
+            login: self.login.clone(),
+            peer: self.peer,
+        };
         tokio::spawn(serve_session_channel(ctx, channel).instrument(tracing::Span::current()));
         Ok(())
     }
@@ -229,7 +251,7 @@ impl russh::server::Handler for ConnHandler {
         let (target, action, destination) = match (&self.target, host.strip_suffix(&suffix)) {
             // Jump host hop to `<instance>.<suffix>`: serve an inner SSH session ourselves.
             (None, Some(instance)) if !instance.is_empty() => {
-                self.serve_inner(instance, channel, reply).await;
+                self.serve_inner(identity, instance, channel, reply).await;
                 return Ok(());
             }
             // Jump host hop to a plain instance name: passthrough to its own sshd, and to
@@ -358,7 +380,13 @@ impl ConnHandler {
 
     /// `ssh alice@web-01.<suffix>` through the gateway as ProxyJump: the gateway answers
     /// the channel with an inner SSH server whose host certificate names that instance.
-    async fn serve_inner(&self, instance: &str, channel: Channel<Msg>, reply: russh::server::ChannelOpenHandle) {
+    async fn serve_inner(
+        &self,
+        identity: Identity,
+        instance: &str,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+    ) {
         let principal = format!("{instance}.{}", self.state.config.ssh.suffix);
         let config = match self.state.host_keys.certificate_for(&[principal]) {
             Ok(cert) => Arc::new(server_config(&self.state, cert)),
@@ -369,13 +397,13 @@ impl ConnHandler {
             }
         };
         reply.accept().await;
-        // The inner connection is on the connection table too: its user may differ.
+        // The inner connection is on the connection table too (closed with its person's access).
         let conn = Arc::new(self.state.connections.open());
         let handler = ConnHandler::new(
             self.state.clone(),
             self.throttle.clone(),
             self.peer,
-            Some(instance.to_owned()),
+            Some((instance.to_owned(), identity)),
             conn.clone(),
         );
         let span = info_span!("inner", instance = %instance);

@@ -79,6 +79,8 @@ pub(super) struct SessionCtx {
     pub identity: Identity,
     /// The instance the connection names; `None` on a connection to the gateway itself.
     pub target: Option<String>,
+    /// The OS login asked for (the inner hop's user name), decided by the policy's logins.
+    pub login: Option<String>,
     pub peer: SocketAddr,
 }
 
@@ -180,7 +182,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     let authz = match ctx
         .state
         .authorizer
-        .authorize(&ctx.identity, &target, action, requested_profile.as_deref(), None)
+        .authorize(&ctx.identity, &target, action, requested_profile.as_deref(), ctx.login.as_deref(), None)
         .await
     {
         Ok(a) => a,
@@ -190,10 +192,10 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 target: target.clone(),
                 action,
                 source: ctx.peer.to_string(),
-                reason: msg.to_owned(),
+                reason: msg.to_string(),
                 destination: None,
             })));
-            refuse(&wr, msg, 1).await;
+            refuse(&wr, &msg, 1).await;
             return;
         }
     };
