@@ -176,6 +176,8 @@ pub enum AccessConfigError {
     Limit { user: String, field: &'static str, source: DurationError },
     #[error("ssh.users {user:?}: unknown profile {profile:?} (define it under [[ssh.profiles]])")]
     UnknownProfile { user: String, profile: String },
+    #[error("ssh.users {user:?}: key {index} is already bound to user {owner:?} (a key names one person)")]
+    KeyBound { user: String, index: usize, owner: String },
 }
 
 impl AccessList {
@@ -293,6 +295,16 @@ impl AccessList {
                 index: i + 1,
                 reason,
             })?;
+            let owner = self.configured_key_owner(&key).or_else(|| {
+                let dir = self.directory();
+                dir.users
+                    .values()
+                    .find(|(_, ks)| ks.iter().any(|k| k.key_data() == key.key_data()))
+                    .map(|(r, _)| r.name.clone())
+            });
+            if let Some(owner) = owner.filter(|o| *o != u.name) {
+                return Err(AccessConfigError::KeyBound { user: u.name.clone(), index: i + 1, owner });
+            }
             keys.push(key);
         }
         if let Some(actions) = &u.actions {
@@ -336,6 +348,12 @@ impl AccessList {
         }
         self.recompile();
         Ok(())
+    }
+
+    /// The `[[ssh.users]]` entry (or quickstart's user) `key` is bound to, if any.
+    pub fn configured_key_owner(&self, key: &PublicKey) -> Option<String> {
+        let users = self.static_users.read().ok()?;
+        users.iter().find(|u| u.keys.iter().any(|k| k.key_data() == key.key_data())).map(|u| u.name.clone())
     }
 
     /// The identity `user` if `key` is bound to it (and the user is not disabled).
@@ -430,7 +448,11 @@ fn resolve_login(
     let logins: Vec<String> = logins.iter().filter(|l| allow_root || *l != "root").cloned().collect();
     if !logins.iter().any(|l| l == login) {
         let login: String = login.chars().take(64).collect();
-        return Err(format!("login {login:?} is not allowed for you on {instance}; {}", describe_logins(&logins, &identity.user)).into());
+        return Err(format!(
+            "login {login:?} is not allowed for you on {instance}; {}",
+            describe_logins(&logins, &identity.user)
+        )
+        .into());
     }
     match &profile.run_as {
         Some(p) if p != login => Err(format!(
@@ -655,5 +677,9 @@ mod tests {
             allow_root: false,
         };
         assert!(AccessList::default().add(&bad).is_err());
+        // The same key for a second config user: refused, naming its owner.
+        let twice = UserConfig { name: "mallory".into(), keys: vec![key.into()], ..bad };
+        let e = list.add(&twice).unwrap_err().to_string();
+        assert!(e.contains("already bound to user \"alice\""), "{e}");
     }
 }

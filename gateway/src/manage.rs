@@ -129,6 +129,9 @@ pub struct Manage {
     sessions: Arc<SessionTable>,
     history: Arc<SessionHistory>,
     access_changed: Arc<Notify>,
+    /// Held while a user's keys change, so that two requests cannot bind one key to two
+    /// users between the check and the write.
+    key_writes: tokio::sync::Mutex<()>,
 }
 
 impl Manage {
@@ -140,7 +143,7 @@ impl Manage {
         history: Arc<SessionHistory>,
         access_changed: Arc<Notify>,
     ) -> Self {
-        Manage { store, access, audit, sessions, history, access_changed }
+        Manage { store, access, audit, sessions, history, access_changed, key_writes: tokio::sync::Mutex::new(()) }
     }
 }
 
@@ -185,6 +188,29 @@ fn normalize_key(line: &str) -> Result<String, ManageError> {
 
 fn fingerprint(line: &str) -> String {
     parse_key(line).map(|k| k.fingerprint(Default::default()).to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// A public key names one person: refuse `keys` (normalized) when one is already bound to
+/// a user other than `name`, in the store or in the gateway config.
+async fn check_keys_unbound(state: &Manage, name: &str, keys: &[String]) -> Result<(), ManageError> {
+    let users = state.store.users().await?;
+    for key in keys {
+        let blob = key.split_whitespace().nth(1);
+        let stored =
+            users.iter().find(|u| u.name != name && u.keys.iter().any(|k| k.split_whitespace().nth(1) == blob));
+        let owner = match stored {
+            Some(u) => Some(u.name.clone()),
+            None => parse_key(key).ok().and_then(|k| state.access.configured_key_owner(&k)).filter(|o| o != name),
+        };
+        if let Some(owner) = owner {
+            return Err(bad(format!(
+                "key {} is already bound to user {owner:?}: a key names one person; remove it there first \
+                 (postern user key rm {owner} FINGERPRINT) or give {name} a key of their own",
+                fingerprint(key)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A user as listed: keys shown by fingerprint.
@@ -255,6 +281,8 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                 return Err(bad(format!("user {name:?} already exists")));
             }
             let keys = keys.iter().map(|k| normalize_key(k)).collect::<Result<Vec<_>, ManageError>>()?;
+            let _writing = state.key_writes.lock().await;
+            check_keys_unbound(state, &name, &keys).await?;
             let u = UserRecord { name, groups, keys, principals, disabled: false, created_at: now };
             state.store.put_user(&u).await?;
             changed(state).await?;
@@ -276,8 +304,10 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             Ok(user_view(&u))
         }
         ManageRequest::UserKeyAdd { name, key } => {
+            let _writing = state.key_writes.lock().await;
             let mut u = user(state, &name).await?;
             let key = normalize_key(&key)?;
+            check_keys_unbound(state, &name, std::slice::from_ref(&key)).await?;
             if !u.keys.iter().any(|k| k.split_whitespace().nth(1) == key.split_whitespace().nth(1)) {
                 u.keys.push(key);
             }

@@ -207,6 +207,24 @@ async fn the_login_asked_for_is_one_the_policy_allows_or_the_default() {
 }
 
 #[tokio::test]
+async fn a_key_is_bound_to_one_user() {
+    let kit = Kit::new().await;
+    let e = kit
+        .admin(json!({"what": "user_add", "name": "bob", "groups": [], "keys": [ALICE_KEY], "principals": []}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already bound to user \"alice\"") && e.contains("SHA256:"), "{e}");
+    kit.admin(json!({"what": "user_add", "name": "bob", "groups": [], "keys": [], "principals": []})).await.unwrap();
+    let e = kit.admin(json!({"what": "user_key_add", "name": "bob", "key": ALICE_KEY})).await.unwrap_err().to_string();
+    assert!(e.contains("already bound to user \"alice\""), "{e}");
+    // Adding it to its own user again is not a conflict.
+    kit.admin(json!({"what": "user_key_add", "name": "alice", "key": ALICE_KEY})).await.unwrap();
+    let users = kit.store.users().await.unwrap();
+    assert!(users.iter().find(|u| u.name == "bob").unwrap().keys.is_empty());
+}
+
+#[tokio::test]
 async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_event() {
     let kit = Kit::new().await;
     kit.apply(WEB_SHELL).await;
