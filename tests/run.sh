@@ -38,6 +38,17 @@ if ((${#need[@]})); then
   fi
 fi
 
+# An OS account with a real shell for the login tests (ssh LOGIN@instance runs as it;
+# nobody's shell on Debian is nologin). The tests check that it exists.
+if ! id -u postern-login >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    useradd --system --no-create-home --home-dir / --shell /bin/sh postern-login
+  else
+    echo "missing the OS account postern-login (run as root, or: useradd --system -M -d / -s /bin/sh postern-login)" >&2
+    exit 1
+  fi
+fi
+
 # asciinema (PyPI) checks that session recordings are valid asciicast v2.
 if ! command -v asciinema >/dev/null 2>&1; then
   echo "installing asciinema (pip)"

@@ -445,7 +445,7 @@ fn resolve_login(
     let Some(login) = requested.filter(|l| *l != identity.user) else {
         return Ok(profile.run_as.clone().or(logins.first().cloned()));
     };
-    let logins: Vec<String> = logins.iter().filter(|l| allow_root || *l != "root").cloned().collect();
+    let logins = usable_logins(logins, allow_root);
     if !logins.iter().any(|l| l == login) {
         let login: String = login.chars().take(64).collect();
         return Err(format!(
@@ -464,6 +464,12 @@ fn resolve_login(
     }
 }
 
+/// The logins a person may choose from the policy's `run_as` list (the first is the
+/// default): root only where root is allowed.
+pub fn usable_logins(logins: &[String], allow_root: bool) -> Vec<String> {
+    logins.iter().filter(|l| allow_root || *l != "root").cloned().collect()
+}
+
 /// The logins a policy's `run_as` list gives a person, as refusals and `explain` say it.
 pub fn describe_logins(logins: &[String], user: &str) -> String {
     match logins.split_first() {
@@ -471,7 +477,7 @@ pub fn describe_logins(logins: &[String], user: &str) -> String {
             "the policy names no logins for you there (run_as), so there is none to choose: log in as {user} \
              (your own name) and the session runs as the agent's own user"
         ),
-        Some((default, rest)) if rest.is_empty() => format!("allowed login: {default} (the default)"),
+        Some((default, [])) => format!("allowed login: {default} (the default)"),
         Some((default, rest)) => format!("allowed logins: {default} (the default), {}", rest.join(", ")),
     }
 }

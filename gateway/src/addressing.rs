@@ -2,6 +2,8 @@
 //! line that trusts it, the `~/.ssh/config` block `postern ssh-config` prints, and the
 //! public addresses of the SSH and RDP doors. Pure functions of the configuration.
 
+use postern_core::command::SshConfig;
+
 use crate::config::GatewayConfig;
 use crate::hostkeys::HostKeys;
 
@@ -18,6 +20,17 @@ pub fn rdp_public_address(cfg: &GatewayConfig, rdp_port: u16) -> String {
     }
 }
 
+/// The address `postern ssh-config` writes for the SSH door listening on `listen`: the
+/// configured `public_host`, else the listen address when it is a specific one (a gateway
+/// on 127.0.0.1 is not reachable at this machine's hostname), else the hostname.
+pub fn ssh_public_host(cfg: &GatewayConfig, listen: std::net::SocketAddr) -> String {
+    match &cfg.ssh.public_host {
+        Some(h) => h.clone(),
+        None if listen.ip().is_unspecified() => postern_tunnel::agent::hostname(),
+        None => listen.ip().to_string(),
+    }
+}
+
 /// Names the host certificate must cover: every instance, and the gateway itself.
 pub fn host_principals(cfg: &GatewayConfig) -> Vec<String> {
     let mut p = vec![format!("*.{}", cfg.ssh.suffix), "localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -25,39 +38,48 @@ pub fn host_principals(cfg: &GatewayConfig) -> Vec<String> {
     if let Some(h) = &cfg.ssh.public_host {
         p.push(h.clone());
     }
-    p.dedup();
-    p
+    if !cfg.ssh.listen.ip().is_unspecified() {
+        p.push(cfg.ssh.listen.ip().to_string());
+    }
+    dedup(p)
+}
+
+fn dedup(names: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for n in names {
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    out
 }
 
 /// Patterns for the `@cert-authority` line: instances, and the gateway on its SSH port.
 pub fn known_hosts_patterns(cfg: &GatewayConfig, port: u16) -> Vec<String> {
-    let mut names = vec![public_host(cfg), "localhost".into(), "127.0.0.1".into()];
-    names.dedup();
+    let listen = std::net::SocketAddr::new(cfg.ssh.listen.ip(), port);
+    let names = dedup(vec![ssh_public_host(cfg, listen), public_host(cfg), "localhost".into(), "127.0.0.1".into()]);
     let mut p: Vec<String> = names.into_iter().map(|n| if port == 22 { n } else { format!("[{n}]:{port}") }).collect();
     p.push(format!("*.{}", cfg.ssh.suffix));
     p
 }
 
-/// The `~/.ssh/config` block and known_hosts line printed by `postern ssh-config`.
+/// What `postern ssh-config` prints and installs, for the person `user`, with the SSH door
+/// listening on `listen`.
 pub fn client_config(
     cfg: &GatewayConfig,
     host_keys: &HostKeys,
-    port: u16,
+    listen: std::net::SocketAddr,
     known_hosts_file: &str,
-) -> anyhow::Result<String> {
-    let host = public_host(cfg);
-    let suffix = &cfg.ssh.suffix;
-    let line = host_keys.known_hosts_line(&known_hosts_patterns(cfg, port))?;
-    Ok(format!(
-        "# Postern: add to ~/.ssh/config\n\
-         Host *.{suffix}\n\
-         \x20   ProxyJump %r@{host}:{port}\n\
-         \x20   UserKnownHostsFile ~/.ssh/known_hosts {known_hosts_file}\n\
-         Host {host}\n\
-         \x20   UserKnownHostsFile ~/.ssh/known_hosts {known_hosts_file}\n\
-         \n\
-         # Postern: put this line in {known_hosts_file} (it trusts the gateway's host CA\n\
-         # for *.{suffix} and the gateway itself; host key checking stays strict)\n\
-         {line}\n"
-    ))
+    user: &str,
+) -> anyhow::Result<SshConfig> {
+    let mut c = SshConfig {
+        config: String::new(),
+        user: user.to_owned(),
+        host: ssh_public_host(cfg, listen),
+        port: listen.port(),
+        suffix: cfg.ssh.suffix.clone(),
+        known_hosts_line: host_keys.known_hosts_line(&known_hosts_patterns(cfg, listen.port()))?,
+    };
+    c.config = c.printed(known_hosts_file, &[]);
+    Ok(c)
 }

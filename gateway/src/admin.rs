@@ -54,6 +54,8 @@ pub enum AdminRequest {
     },
     SshConfig {
         known_hosts_file: String,
+        /// The Postern identity the gateway hop logs in as.
+        user: String,
     },
     /// Users, groups, policies, grants, explain and sessions (see [`crate::manage`]).
     Manage {
@@ -170,7 +172,7 @@ async fn handle(mut stream: UnixStream, state: &Services) -> anyhow::Result<()> 
             Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
         },
         AdminRequest::Session { instance, session } => relay_session(stream, state, &instance, session).await,
-        AdminRequest::SshConfig { known_hosts_file } => {
+        AdminRequest::SshConfig { known_hosts_file, user } => {
             let Some(addr) = state.addresses.ssh else {
                 return reply(
                     &mut stream,
@@ -178,8 +180,8 @@ async fn handle(mut stream: UnixStream, state: &Services) -> anyhow::Result<()> 
                 )
                 .await;
             };
-            match crate::addressing::client_config(&state.config, &state.host_keys, addr.port(), &known_hosts_file) {
-                Ok(text) => reply(&mut stream, json!({"ok": true, "result": text})).await,
+            match crate::addressing::client_config(&state.config, &state.host_keys, addr, &known_hosts_file, &user) {
+                Ok(config) => reply(&mut stream, json!({"ok": true, "result": config})).await,
                 Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
             }
         }

@@ -161,7 +161,8 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
             keys: keys.clone(),
             instances: vec![local.name.clone()],
             actions: None,
-            run_as: None,
+            // Their own account is their login on this machine: `ssh {me}@{name}.{suffix}`.
+            run_as: Some(me.clone()),
             idle_timeout: None,
             max_session: None,
             profiles: Vec::new(),
@@ -178,7 +179,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
         format!(
             "SSH into this machine through the gateway ({n} key(s) of yours registered as user {me}):\n\
              \x20 ssh -o UserKnownHostsFile={kh} -p {ssh_port} {me}%{name}@127.0.0.1\n\
-             For `ssh {me}@{name}.{suffix}`: postern{dd} ssh-config\n             As a user with the postern client (docs/client.md):\n             \x20 postern ls --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}",
+             For `ssh {me}@{name}.{suffix}` (your account here is your login): postern{dd} ssh-config --install\n             As a user with the postern client (docs/client.md):\n             \x20 postern ls --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}",
             n = keys.len(),
             kh = known_hosts.display(),
             name = local.name,
@@ -290,14 +291,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             cli::AuditAction::Keygen { file } => cli::audit_keygen(file),
         },
         Command::Rdp(args) => cli::rdp::run(args).await,
-        Command::SshConfig { gateway, known_hosts_file } if gateway.gateway.is_some() => {
-            let client = postern_client::Client::connect(&gateway.options()?, None).await?;
-            let v = client.gateway_command(&format!("ssh-config {known_hosts_file}")).await?;
-            print!("{}", v.get("config").and_then(|c| c.as_str()).unwrap_or_default());
-            Ok(0)
-        }
-        Command::SshConfig { known_hosts_file, .. } => {
-            cli::ssh_config(&cli::socket_for(&cli)?, known_hosts_file).await.map(|()| 0)
+        Command::SshConfig { gateway, known_hosts_file, install } => {
+            cli::ssh_config::run(|| cli::socket_for(&cli), gateway, known_hosts_file, *install).await
         }
     }
 }

@@ -501,8 +501,13 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                 at,
                 true,
             );
+            // The OS logins shell, exec and sftp may choose (`ssh LOGIN@instance`), default first.
+            let logins = (d.allowed && matches!(action.as_str(), "shell" | "exec" | "sftp"))
+                .then(|| crate::access::usable_logins(&d.settings.run_as, d.settings.allow_root));
+            let logins_text = logins.as_ref().map(|l| crate::access::describe_logins(l, &name));
             Ok(json!({"user": name, "user_active": state.access.user_active(&name), "target": agent.name,
                       "action": action, "at": at.to_string(), "from": from,
+                      "logins": logins, "logins_text": logins_text,
                       "destination": destination.map(|(h, p)| format!("{h}:{p}")),
                       "summary": d.summary(), "decision": d}))
         }

@@ -126,7 +126,7 @@ fn ls_and_exec_as_a_user() {
     // A user gets the same ssh config an admin prints.
     let out = s.out(&["ssh-config", "--known-hosts-file", "~/.ssh/pk"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), s.admin(&["ssh-config", "--known-hosts-file", "~/.ssh/pk"]));
+    assert_eq!(text(&out.stdout), s.admin(&["ssh-config", "--user", "alice", "--known-hosts-file", "~/.ssh/pk"]));
     assert!(text(&out.stdout).contains("@cert-authority"));
 
     // shell: on a PTY, exit status back.

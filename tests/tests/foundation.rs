@@ -201,7 +201,9 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     sh(&format!("ssh-keygen -q -t ed25519 -N '' -C me -f {}", home.join(".ssh/id_ed25519").display()));
     let mut cmd = Command::new(bin("postern"));
+    let ssh_listen = format!("127.0.0.1:{}", free_tcp_port());
     cmd.arg("--data-dir").arg(&data).args(["quickstart", "--listen", &format!("127.0.0.1:{port}")]);
+    cmd.args(["--ssh-listen", &ssh_listen]);
     cmd.env("HOME", &home).env_remove("SSH_AUTH_SOCK");
     let mut qs = spawn_logged(cmd, &dir.path().join("quickstart.log"));
     wait_until("quickstart banner", Duration::from_secs(30), || qs.log_text().contains("Press Ctrl-C"));
@@ -230,6 +232,29 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
     assert!(out.status.success(), "{ls}: {}", text(&out.stderr));
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed[0]["name"], host.as_str(), "{listed}");
+    // The person's own account is their login: plain ssh with the installed config.
+    let me = nix::unistd::User::from_uid(nix::unistd::Uid::current()).unwrap().unwrap().name;
+    assert_eq!(listed[0]["logins"], serde_json::json!([me]), "{listed}");
+    let out = Command::new(bin("postern"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["ssh-config", "--install", "-i"])
+        .arg(home.join(".ssh/id_ed25519"))
+        .env("HOME", &home)
+        .env_remove("POSTERN_USER")
+        .env_remove("POSTERN_GATEWAY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = Command::new("timeout")
+        .args(["30", "ssh", "-F"])
+        .arg(home.join(".ssh/config"))
+        .args(["-o", "BatchMode=yes", &format!("{me}@{host}.postern"), "id -un"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), format!("{me}\n"), "{}", text(&out.stderr));
     qs.signal(nix::sys::signal::Signal::SIGINT);
     assert_eq!(qs.wait_exit(Duration::from_secs(10)), Some(0), "{}", qs.log_text());
     assert!(!data.join("admin.sock").exists());

@@ -45,7 +45,7 @@ impl SshSetup {
         let setup = SshSetup { gw, dir };
         // Client config exactly as printed by `postern ssh-config`, plus the identity to use.
         let kh = setup.known_hosts();
-        let out = setup.gw.postern(&["ssh-config", "--known-hosts-file", kh.to_str().unwrap()]);
+        let out = setup.gw.postern(&["ssh-config", "--user", "alice", "--known-hosts-file", kh.to_str().unwrap()]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let printed = text(&out.stdout);
         let (config, rest) = printed.split_once("\n\n").unwrap();
@@ -1183,4 +1183,222 @@ fn session_history_survives_a_restart_and_replays_by_prefix() {
     let said = text(&out.stderr);
     assert!(!out.status.success() && said.contains("is the start of several session ids"), "{said}");
     assert!(shared.1.iter().all(|i| said.contains(i.as_str())), "{said}");
+/// The OS account with a real shell that tests/run.sh creates for login tests.
+const LOGIN: &str = "postern-login";
+
+fn os_account_exists(name: &str) -> bool {
+    nix::unistd::User::from_name(name).ok().flatten().is_some()
+}
+
+/// `ssh LOGIN@INSTANCE.postern`: the user before `@` is the OS login, allowed by the policy's
+/// logins (run_as) for the person the gateway hop authenticated (by key: the ProxyJump
+/// names their Postern identity); their own name means the default login; a login not
+/// allowed is refused with the list; the inner hop must be that same person's key.
+#[test]
+fn the_user_before_the_at_is_the_os_login() {
+    assert!(nix::unistd::Uid::effective().is_root(), "this test needs an agent running as root (CI runs as root)");
+    assert!(os_account_exists(LOGIN), "tests/run.sh creates the OS account {LOGIN}; run it (as root) first");
+    let keys = tempfile::tempdir().unwrap();
+    let bob = keys.path().join("bob");
+    keygen(&bob);
+    let bob_pub = std::fs::read_to_string(bob.with_extension("pub")).unwrap();
+    let s = SshSetup::with(
+        "",
+        &format!("[[ssh.users]]\nname = \"bob\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\n", bob_pub.trim()),
+    );
+    // alice's logins: postern-login (the default) and nobody; root is not among them,
+    // although she is allowed root.
+    let policy = s.dir.path().join("logins.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "name = \"logins\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"shell\", \"exec\"]\n\
+             instances = [\"web-*\"]\nrun_as = [\"{LOGIN}\", \"nobody\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = s.gw.postern(&["policy", "apply", policy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let agent_cfg = s.dir.path().join("web-21.toml");
+    std::fs::write(&agent_cfg, format!("[limits]\nrun_as = [\"nobody\", \"{LOGIN}\"]\n")).unwrap();
+    let _agent = Agent::start_with(
+        &s.gw,
+        "web-21",
+        "env=test",
+        vec![],
+        &s.gw.listen,
+        &["--config", agent_cfg.to_str().unwrap()],
+    );
+
+    // The login asked for, allowed: the session runs as it.
+    let out = s.ssh(&[&format!("{LOGIN}@web-21.postern"), "id -un"]);
+    assert_eq!(text(&out.stdout), format!("{LOGIN}\n"), "{}", text(&out.stderr));
+    // The person's own name, and no login at all (alice%web-21@gateway): the default login.
+    let out = s.ssh(&["alice@web-21.postern", "id -un"]);
+    assert_eq!(text(&out.stdout), format!("{LOGIN}\n"), "{}", text(&out.stderr));
+    let out = s.ssh_no_config(&s.dir.path().join("alice"), &[], "alice%web-21@127.0.0.1", "id -un");
+    assert_eq!(text(&out.stdout), format!("{LOGIN}\n"), "{}", text(&out.stderr));
+    // The other allowed login (nobody: its shell is nologin on Debian, which answers itself).
+    let out = s.ssh(&["nobody@web-21.postern", "id -un"]);
+    let shown = text(&out.stdout);
+    assert!(shown == "nobody\n" || shown.contains("account is currently not available"), "{shown}");
+
+    // Logins not allowed: refused on stderr with exit status 1, naming those that are.
+    let marker = s.dir.path().join("ran");
+    for login in ["root", "daemon"] {
+        let out = s.ssh(&[&format!("{login}@web-21.postern"), &format!("touch {}", marker.display())]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{login}: {err}");
+        assert!(err.contains(&format!("login \"{login}\" is not allowed for you on web-21")), "{err}");
+        assert!(err.contains(&format!("allowed logins: {LOGIN} (the default), nobody")), "{err}");
+        assert!(!marker.exists(), "the command ran as {login}");
+    }
+    let events = s.gw.audit_events();
+    let denied: Vec<_> = events.iter().filter(|e| e["event"] == "session.denied" && e["user"] == "alice").collect();
+    assert!(denied.iter().any(|e| e["reason"].as_str().unwrap().contains("login \"daemon\"")), "{denied:?}");
+    let starts: Vec<_> = events.iter().filter(|e| e["event"] == "session.start" && e["user"] == "alice").collect();
+    assert!(starts.iter().filter(|e| e["run_as"] == LOGIN).count() >= 3, "{starts:?}");
+    assert!(starts.iter().any(|e| e["run_as"] == "nobody"), "{starts:?}");
+
+    // The inner hop authenticates the same person: bob's key there, behind alice's gateway
+    // hop, is refused whatever login it names, bob's own name included.
+    let mixed = s.dir.path().join("mixed_config");
+    let mixed_config = |jump_user: &str, jump_key: &Path| {
+        let text = format!(
+            "Host jump\n    HostName 127.0.0.1\n    Port {port}\n    User {jump_user}\n    IdentityFile {jump_key}\n\
+             Host *.postern\n    ProxyJump jump\n    IdentityFile {bob}\n\
+             Host *\n    IdentitiesOnly yes\n    BatchMode yes\n    UserKnownHostsFile {kh}\n",
+            port = s.gw.ssh_port,
+            jump_key = jump_key.display(),
+            bob = bob.display(),
+            kh = s.known_hosts().display(),
+        );
+        std::fs::write(&mixed, text).unwrap();
+    };
+    mixed_config("alice", &s.dir.path().join("alice"));
+    for login in ["bob", LOGIN] {
+        let out = Command::new("timeout")
+            .args(["30", "ssh", "-F"])
+            .arg(&mixed)
+            .args([&format!("{login}@web-21.postern"), "id -un"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(255), "{login}: {}{}", text(&out.stdout), text(&out.stderr));
+        assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
+    }
+    // ... while bob through his own gateway hop gets in, with his default (the agent's own
+    // user is root and bob is not allowed root: refused by the agent, saying so).
+    mixed_config("bob", &bob);
+    let out = Command::new("timeout")
+        .args(["30", "ssh", "-F"])
+        .arg(&mixed)
+        .args(["bob@web-21.postern", "id -un"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(text(&out.stderr).contains("would run as root"), "{}{}", text(&out.stdout), text(&out.stderr));
+
+    // A key names one person: giving alice's key to another user is refused.
+    let alice_pub = s.dir.path().join("alice.pub");
+    let out = s.gw.postern(&["user", "add", "carol", "--key-file", alice_pub.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("already bound to user \"alice\""), "{}", text(&out.stderr));
+    let out = s.gw.postern(&["user", "add", "carol"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = s.gw.postern(&["user", "key", "add", "carol", "--file", bob.with_extension("pub").to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("already bound to user \"bob\""), "{}", text(&out.stderr));
+
+    // explain and ls show the logins.
+    let out = s.gw.postern(&["explain", "--user", "alice", "--target", "web-21", "--action", "shell"]);
+    assert!(
+        text(&out.stdout).contains(&format!("allowed logins: {LOGIN} (the default), nobody")),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = Command::new(bin("postern"))
+        .args(["ls", "--json", "--gateway", &format!("127.0.0.1:{}", s.gw.ssh_port), "--user", "alice", "-i"])
+        .arg(s.dir.path().join("alice"))
+        .arg("--known-hosts")
+        .arg(s.known_hosts())
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out.stderr)));
+    let web = listed.as_array().unwrap().iter().find(|i| i["name"] == "web-21").unwrap();
+    assert_eq!(web["logins"], serde_json::json!([LOGIN, "nobody"]), "{web}");
+}
+
+/// `postern ssh-config --install -i KEY`: the Host blocks in a file included from
+/// ~/.ssh/config and the host CA line in the known hosts file, written once however often
+/// it runs; the blocks carry the key for both hops, so plain ssh works with a key ssh
+/// would not try by itself.
+#[test]
+fn ssh_config_install_writes_blocks_that_work_with_the_given_key() {
+    assert!(os_account_exists(LOGIN), "tests/run.sh creates the OS account {LOGIN}; run it (as root) first");
+    let keys = tempfile::tempdir().unwrap();
+    let bob = keys.path().join("bob-key");
+    keygen(&bob);
+    let bob_pub = std::fs::read_to_string(bob.with_extension("pub")).unwrap();
+    let s = SshSetup::with(
+        "",
+        &format!(
+            "[[ssh.users]]\nname = \"bob\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\nrun_as = \"{LOGIN}\"\n",
+            bob_pub.trim()
+        ),
+    );
+    let agent_cfg = s.dir.path().join("web-22.toml");
+    std::fs::write(&agent_cfg, format!("[limits]\nrun_as = [\"{LOGIN}\"]\n")).unwrap();
+    let _agent = Agent::start_with(
+        &s.gw,
+        "web-22",
+        "env=test",
+        vec![],
+        &s.gw.listen,
+        &["--config", agent_cfg.to_str().unwrap()],
+    );
+    let home = s.dir.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(home.join(".ssh/config"), "Host elsewhere\n    User someone\n").unwrap();
+    let install = || {
+        let out = Command::new(bin("postern"))
+            .arg("--data-dir")
+            .arg(s.gw.data_dir())
+            .args(["ssh-config", "--install", "--user", "bob", "-i"])
+            .arg(&bob)
+            .env("HOME", &home)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        ["config", "postern/postern.conf", "postern_known_hosts"]
+            .map(|f| std::fs::read_to_string(home.join(".ssh").join(f)).unwrap())
+    };
+    let first = install();
+    assert_eq!(install(), first, "a second --install changes nothing");
+    let [main, blocks, known] = first;
+    let include = format!("Include {}/.ssh/postern/*.conf", home.display());
+    assert_eq!(main.lines().filter(|l| l.starts_with("Include")).collect::<Vec<_>>(), [include.as_str()], "{main}");
+    assert!(main.ends_with("Host elsewhere\n    User someone\n"), "{main}");
+    let gw = format!("[127.0.0.1]:{}", s.gw.ssh_port);
+    assert!(blocks.contains(&format!("HostName 127.0.0.1\n    Port {}\n    User bob\n", s.gw.ssh_port)), "{blocks}");
+    assert!(blocks.contains("ProxyJump bob@postern-gateway\n"), "{blocks}");
+    assert_eq!(blocks.matches(&format!("IdentityFile {}\n    IdentitiesOnly yes", bob.display())).count(), 2);
+    assert_eq!(known.lines().count(), 1, "{known}");
+    assert!(known.starts_with("@cert-authority ") && known.contains(&gw), "{known}");
+
+    // Plain ssh with that config only (no agent, no default keys): bob's key on both hops,
+    // bob's login.
+    let out = Command::new("timeout")
+        .args(["30", "ssh", "-F"])
+        .arg(home.join(".ssh/config"))
+        .args(["-o", "BatchMode=yes", &format!("{LOGIN}@web-22.postern"), "id -un"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), format!("{LOGIN}\n"), "{}", text(&out.stderr));
+    let events = s.gw.audit_events();
+    assert!(events.iter().any(|e| e["event"] == "session.start" && e["user"] == "bob" && e["run_as"] == LOGIN));
 }

@@ -448,6 +448,7 @@ mod tests {
             hostname: name.into(),
             last_seen: None,
             actions: actions.iter().map(|a| (*a).to_owned()).collect(),
+            logins: Vec::new(),
         }
     }
 

@@ -36,6 +36,11 @@ pub struct Instance {
     pub last_seen: Option<i64>,
     /// What this user may do there now (`shell`, `exec`, `port-forward`, `rdp`, ...).
     pub actions: Vec<String>,
+    /// The OS logins this user may choose there for shell, exec and sftp (`ssh
+    /// LOGIN@INSTANCE.<suffix>`), the default first; empty: none to choose, sessions run
+    /// as the agent's own user.
+    #[serde(default)]
+    pub logins: Vec<String>,
 }
 
 /// `rdp-token INSTANCE`.
@@ -48,10 +53,75 @@ pub struct RdpToken {
     pub rdp_address: String,
 }
 
-/// `ssh-config [KNOWN_HOSTS_FILE]`.
+/// `ssh-config [KNOWN_HOSTS_FILE]`: the config text as printed, and its parts, so that a
+/// client can write it with its own identity files (`postern ssh-config -i KEY --install`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshConfig {
+    /// The Host blocks and the known_hosts line, as `postern ssh-config` prints them.
     pub config: String,
+    /// The Postern identity the gateway hop (ProxyJump) logs in as.
+    #[serde(default)]
+    pub user: String,
+    /// An address the gateway's SSH door listens on (a name or an IP address, no brackets).
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub port: u16,
+    /// Instances are `<name>.<suffix>`.
+    #[serde(default)]
+    pub suffix: String,
+    /// The `@cert-authority` line trusting the gateway's host CA.
+    #[serde(default)]
+    pub known_hosts_line: String,
+}
+
+/// A value for an ssh_config keyword: quoted when it has spaces.
+fn ssh_config_value(v: &str) -> String {
+    if v.contains(char::is_whitespace) { format!("\"{v}\"") } else { v.to_owned() }
+}
+
+impl SshConfig {
+    /// The Host alias of the gateway hop: it carries the gateway's address, port, the
+    /// person's identity and their key, for this hop only (a `Host <gateway>` block with
+    /// `IdentitiesOnly` would also bind other SSH servers on that machine to the key).
+    pub fn jump_alias(&self) -> String {
+        format!("{}-gateway", self.suffix)
+    }
+
+    /// The `~/.ssh/config` Host blocks: `ssh LOGIN@INSTANCE.<suffix>` jumps through the
+    /// gateway as `user` (ProxyJump), and the user name before `@` is the OS login. With
+    /// `identity_files`, both hops use those keys and only those.
+    pub fn host_blocks(&self, known_hosts_file: &str, identity_files: &[String]) -> String {
+        let known = format!("    UserKnownHostsFile ~/.ssh/known_hosts {}\n", ssh_config_value(known_hosts_file));
+        let mut ids: String =
+            identity_files.iter().map(|f| format!("    IdentityFile {}\n", ssh_config_value(f))).collect();
+        if !identity_files.is_empty() {
+            ids.push_str("    IdentitiesOnly yes\n");
+        }
+        let alias = self.jump_alias();
+        format!(
+            "Host {alias}\n    HostName {host}\n    Port {port}\n    User {user}\n{known}{ids}\
+             Host *.{suffix}\n    ProxyJump {user}@{alias}\n{known}{ids}\
+             Host {host}\n{known}",
+            host = self.host,
+            port = self.port,
+            user = self.user,
+            suffix = self.suffix,
+        )
+    }
+
+    /// What `postern ssh-config` prints: the Host blocks, a blank line, the known_hosts line.
+    pub fn printed(&self, known_hosts_file: &str, identity_files: &[String]) -> String {
+        format!(
+            "# Postern: add to ~/.ssh/config (or let `postern ssh-config --install` do it)\n{blocks}\n\
+             # Postern: put this line in {known_hosts_file} (it trusts the gateway's host CA\n\
+             # for *.{suffix} and the gateway itself; host key checking stays strict)\n\
+             {line}\n",
+            blocks = self.host_blocks(known_hosts_file, identity_files),
+            suffix = self.suffix,
+            line = self.known_hosts_line,
+        )
+    }
 }
 
 /// The body of `run-begin JSON`: a fleet run about to start (for its audit event).

@@ -432,6 +432,9 @@ pub async fn explain(
                 println!("  not applicable: {}/{} ({}): {why}", s(st, "policy"), s(st, "sid"), s(st, "effect"));
             }
         }
+        if let Some(logins) = v.get("logins_text").and_then(Value::as_str) {
+            println!("  {logins}");
+        }
         if allowed && let Some(settings) = v.pointer("/decision/settings") {
             println!("  session settings: {}", serde_json::to_string(settings)?);
         }

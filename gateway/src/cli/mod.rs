@@ -9,6 +9,7 @@ pub mod history;
 pub mod manage;
 pub mod rdp;
 pub mod session;
+pub mod ssh_config;
 pub mod user;
 pub mod verify;
 
@@ -88,14 +89,20 @@ pub enum Command {
     /// RDP to an instance: a single-use routing token for the gateway's RDP port (FreeRDP
     /// command line, .rdp file for mstsc), or a local port forward with --local.
     Rdp(rdp::RdpArgs),
-    /// Print the ~/.ssh/config block and the known_hosts line for `ssh USER@INSTANCE.<suffix>`
-    /// (from the local admin socket, or as a user with --gateway).
+    /// The ~/.ssh/config Host blocks and the known_hosts line for `ssh LOGIN@INSTANCE.<suffix>`
+    /// (from the local admin socket, or as a user with --gateway): printed, or written with
+    /// --install. The gateway hop logs in as your Postern user (--user, default your local
+    /// account name); with -i KEY both hops use that key only.
     SshConfig {
         #[command(flatten)]
         gateway: user::GatewayArgs,
-        /// File the printed config points at for the gateway's host CA line.
+        /// File the config points at for the gateway's host CA line.
         #[arg(long, default_value = "~/.ssh/postern_known_hosts")]
         known_hosts_file: String,
+        /// Write the Host blocks to ~/.ssh/postern/<suffix>.conf (included from ~/.ssh/config)
+        /// and the host CA line to the known hosts file, instead of printing them. Idempotent.
+        #[arg(long)]
+        install: bool,
     },
     /// Users: add, remove, list, disable, keys and groups.
     User {
@@ -634,13 +641,6 @@ pub async fn instances(socket: &Path, json: bool) -> anyhow::Result<()> {
         })
         .collect();
     print!("{}", table(&["ID", "NAME", "LABELS", "PLATFORM", "VERSION", "STATUS", "LAST SEEN"], &table_rows));
-    Ok(())
-}
-
-pub async fn ssh_config(socket: &Path, known_hosts_file: &str) -> anyhow::Result<()> {
-    let (reply, _) =
-        request(socket, &AdminRequest::SshConfig { known_hosts_file: known_hosts_file.to_owned() }).await?;
-    print!("{}", reply.get("result").and_then(Value::as_str).unwrap_or_default());
     Ok(())
 }
 

@@ -42,12 +42,7 @@ impl GatewayArgs {
         // As ssh does: the local account's name unless told otherwise.
         let user = match &self.user {
             Some(u) => u.clone(),
-            None => nix::unistd::User::from_uid(nix::unistd::Uid::current())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-                .or_else(|| std::env::var("USER").ok())
-                .context("no --user given and the local account has no name")?,
+            None => local_user_name()?,
         };
         Ok(ClientOptions {
             gateway,
@@ -56,6 +51,16 @@ impl GatewayArgs {
             known_hosts: self.known_hosts.clone(),
         })
     }
+}
+
+/// The local account's name (the default Postern user name, as ssh's default user).
+pub fn local_user_name() -> anyhow::Result<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::current())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .or_else(|| std::env::var("USER").ok())
+        .context("no --user given and the local account has no name")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -73,7 +78,7 @@ pub async fn ls(gw: &GatewayArgs, labels: Option<&str>, json: bool) -> anyhow::R
 }
 
 fn print_instances(list: &[Instance]) {
-    let rows: Vec<[String; 5]> = list
+    let rows: Vec<[String; 6]> = list
         .iter()
         .map(|i| {
             [
@@ -82,10 +87,12 @@ fn print_instances(list: &[Instance]) {
                 i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
                 i.platform.clone(),
                 i.actions.join(","),
+                // The default login first; "-": none to choose (the agent's own user).
+                if i.logins.is_empty() { "-".into() } else { i.logins.join(",") },
             ]
         })
         .collect();
-    table(&["NAME", "STATUS", "LABELS", "PLATFORM", "YOU MAY"], &rows);
+    table(&["NAME", "STATUS", "LABELS", "PLATFORM", "YOU MAY", "LOGINS"], &rows);
 }
 
 /// A plain left-aligned table.

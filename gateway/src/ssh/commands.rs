@@ -3,15 +3,16 @@
 //! contract). The `postern` client (and any SSH client) uses them: `whoami`, `ls [SELECTOR]`,
 //! `rdp-token INSTANCE`, `ssh-config [FILE]`, `run-begin JSON`, `run-end JSON`.
 
-use postern_core::command::{DEFAULT_KNOWN_HOSTS, Instance, RunBegin, RunEnd, SshConfig, USAGE, WhoAmI};
+use postern_core::command::{DEFAULT_KNOWN_HOSTS, Instance, RunBegin, RunEnd, USAGE, WhoAmI};
 use postern_core::policy::Target;
 use postern_core::util::now_unix;
-use postern_core::{Identity, SESSION_ACTIONS};
+use postern_core::{Action, Identity, SESSION_ACTIONS};
 use russh::server::Msg;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::channel::refuse;
+use crate::access::usable_logins;
 use crate::services::Services;
 
 /// Answer one gateway command on the channel: the JSON document and exit status 0, or the
@@ -65,9 +66,10 @@ async fn run(state: &Services, identity: &Identity, source: &str, command: &str)
         }
         "ssh-config" => {
             let file = if rest.is_empty() { DEFAULT_KNOWN_HOSTS } else { rest };
-            crate::addressing::client_config(&state.config, &state.host_keys, state.ssh_port(), file)
+            let listen = state.addresses.ssh.unwrap_or(state.config.ssh.listen);
+            crate::addressing::client_config(&state.config, &state.host_keys, listen, file, &identity.user)
                 .map_err(|e| format!("{e:#}"))
-                .and_then(|config| to_json(SshConfig { config }))
+                .and_then(to_json)
         }
         "" | "help" => Err(USAGE.to_owned()),
         other => Err(format!("unknown gateway command {:?}; {USAGE}", other.chars().take(40).collect::<String>())),
@@ -92,16 +94,23 @@ async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> 
             continue;
         }
         let target = Target { id: &a.id, name: &a.name, labels: &a.labels };
-        let actions: Vec<String> = SESSION_ACTIONS
+        let decisions: Vec<(Action, postern_core::policy::Decision)> = SESSION_ACTIONS
             .iter()
-            .filter(|act| {
-                state.access.decide(&identity.user, identity.source, Some(target), act.name(), None, now, false).allowed
+            .map(|act| {
+                (*act, state.access.decide(&identity.user, identity.source, Some(target), act.name(), None, now, false))
             })
-            .map(|act| act.name().to_owned())
+            .filter(|(_, d)| d.allowed)
             .collect();
-        if actions.is_empty() {
+        if decisions.is_empty() {
             continue;
         }
+        let actions: Vec<String> = decisions.iter().map(|(act, _)| act.name().to_owned()).collect();
+        // The logins of the first login-bearing action allowed (shell, exec, sftp).
+        let logins = decisions
+            .iter()
+            .find(|(act, _)| matches!(act, Action::Shell | Action::Exec | Action::Sftp))
+            .map(|(_, d)| usable_logins(&d.settings.run_as, d.settings.allow_root))
+            .unwrap_or_default();
         let live = registry.get(&a.id);
         rows.push(Instance {
             online: live.is_some(),
@@ -112,6 +121,7 @@ async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> 
             id: a.id,
             labels: a.labels,
             actions,
+            logins,
         });
     }
     Ok(rows)
