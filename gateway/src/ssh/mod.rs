@@ -2,11 +2,12 @@
 //!
 //! Three ways in, all on one port:
 //! - `ssh -p 2222 alice%web-01@gateway`: the user name names the instance;
-//! - `ssh alice@web-01.<suffix>` with the config from `postern ssh-config`: OpenSSH jumps
-//!   through the gateway (`ProxyJump`) and opens a `direct-tcpip` channel to
-//!   `web-01.<suffix>:22`; the gateway answers that channel itself with a second, inner SSH
-//!   server whose host certificate covers `*.<suffix>`, so the client checks the host name
-//!   it asked for, strictly, against the gateway's host CA;
+//! - `ssh deploy@web-01.<suffix>` with the config from `postern ssh-config`: OpenSSH jumps
+//!   through the gateway as the person's Postern identity (`ProxyJump alice@...`) and opens
+//!   a `direct-tcpip` channel to `web-01.<suffix>:22`; the gateway answers that channel
+//!   itself with a second, inner SSH server whose host certificate covers `*.<suffix>`, so
+//!   the client checks the host name it asked for, strictly, against the gateway's host CA.
+//!   The inner hop authenticates the same person again; its user name is the OS login;
 //! - `ssh -J alice@gateway alice@web-01`: a `direct-tcpip` channel to a plain instance name
 //!   is raw TCP to that instance's own sshd (passthrough, end-to-end encrypted, unlogged).
 //!
