@@ -1183,6 +1183,8 @@ fn session_history_survives_a_restart_and_replays_by_prefix() {
     let said = text(&out.stderr);
     assert!(!out.status.success() && said.contains("is the start of several session ids"), "{said}");
     assert!(shared.1.iter().all(|i| said.contains(i.as_str())), "{said}");
+}
+
 /// The OS account with a real shell that tests/run.sh creates for login tests.
 const LOGIN: &str = "postern-login";
 
