@@ -221,7 +221,11 @@ fn session_stream_violations_close_the_agent_connection() {
     ssh_keygen(&key, "alice");
     let known_hosts = dir.path().join("known_hosts");
     gw.write_known_hosts(&known_hosts);
-    assert!(gw.postern(&["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]).status.success());
+    assert!(
+        gw.postern(&["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()])
+            .status
+            .success()
+    );
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
@@ -235,11 +239,11 @@ fn session_stream_violations_close_the_agent_connection() {
     // (bytes the rogue sends, whether it accepts the session first, through ssh or the
     // admin socket): every place a session stream is read, each way a frame can be wrong.
     let cases: [(&[u8], bool, bool); 5] = [
-        (&[9u8; 64], true, false),                          // garbage: bad version byte
-        (&[1, 0x31, 0x03, 0x20, 0x00, 0x00], true, true),   // Stdout announcing 50 MB
-        (&[1, 0x30, 0, 0, 0, 2, b'h', b'i'], true, false),  // Stdin: a kind only the gateway sends
-        (&[1, 0x30, 0, 0, 0, 2, b'h', b'i'], true, true),   // the same, through ssh
-        (&[9u8; 64], false, false),                         // garbage instead of Accept/Reject
+        (&[9u8; 64], true, false),                         // garbage: bad version byte
+        (&[1, 0x31, 0x03, 0x20, 0x00, 0x00], true, true),  // Stdout announcing 50 MB
+        (&[1, 0x30, 0, 0, 0, 2, b'h', b'i'], true, false), // Stdin: a kind only the gateway sends
+        (&[1, 0x30, 0, 0, 0, 2, b'h', b'i'], true, true),  // the same, through ssh
+        (&[9u8; 64], false, false),                        // garbage instead of Accept/Reject
     ];
     for (i, (bad, accept, via_ssh)) in cases.iter().enumerate() {
         let conn = rt.block_on(async {
@@ -279,9 +283,8 @@ fn session_stream_violations_close_the_agent_connection() {
         assert!(!out.status.success(), "case {i}: {}", text(&out.stdout));
         assert_eq!(rt.block_on(closed_with(&conn)), u64::from(PROTOCOL_ERROR), "case {i}: {}", text(&out.stderr));
         // The event is written just after the connection is closed: wait for it.
-        let violations = || {
-            gw.audit_events().into_iter().filter(|e| e["event"] == "agent.protocol_violation").collect::<Vec<_>>()
-        };
+        let violations =
+            || gw.audit_events().into_iter().filter(|e| e["event"] == "agent.protocol_violation").collect::<Vec<_>>();
         wait_until("the violation event", Duration::from_secs(10), || violations().len() > i);
         let violations = violations();
         assert_eq!(violations.len(), i + 1, "case {i}: {violations:#?}");
