@@ -85,6 +85,27 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway's tunnel port when an address names none (`postern gateway`'s default).
+pub const DEFAULT_GATEWAY_PORT: u16 = 4433;
+
+/// `HOST`, `HOST:PORT`, `[V6]`, `[V6]:PORT` or a bare IPv6 address, with
+/// [`DEFAULT_GATEWAY_PORT`] added where no port is given.
+pub fn with_default_port(addr: &str) -> String {
+    let addr = addr.trim();
+    if let Some(rest) = addr.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((_, "")) => format!("{addr}:{DEFAULT_GATEWAY_PORT}"),
+            _ => addr.to_owned(),
+        };
+    }
+    match addr.matches(':').count() {
+        0 => format!("{addr}:{DEFAULT_GATEWAY_PORT}"),
+        1 => addr.to_owned(),
+        // A bare IPv6 address.
+        _ => format!("[{addr}]:{DEFAULT_GATEWAY_PORT}"),
+    }
+}
+
 pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(addr)
         .await
@@ -380,4 +401,18 @@ async fn renew(dir: &Path, send: &mut quinn::SendStream, recv: &mut quinn::RecvS
     write_identity(dir, &key, &cert)?;
     info!(serial = %info.serial_hex, not_after = ?info.not_after, "certificate renewed");
     Ok(renewal_time(&info))
+}
+
+#[cfg(test)]
+mod default_port_tests {
+    #[test]
+    fn gateway_addresses_get_the_default_port() {
+        use super::with_default_port as p;
+        assert_eq!(p("gw.example.com"), "gw.example.com:4433");
+        assert_eq!(p("gw.example.com:5000"), "gw.example.com:5000");
+        assert_eq!(p("127.0.0.1"), "127.0.0.1:4433");
+        assert_eq!(p("::1"), "[::1]:4433");
+        assert_eq!(p("[::1]"), "[::1]:4433");
+        assert_eq!(p("[::1]:5000"), "[::1]:5000");
+    }
 }

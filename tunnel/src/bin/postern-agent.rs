@@ -39,7 +39,7 @@ struct Cli {
 enum Command {
     /// Enroll with a gateway using a single-use token (only a CSR leaves this host).
     Join {
-        /// Gateway tunnel address, HOST:PORT (UDP).
+        /// Gateway tunnel address, HOST or HOST:PORT (UDP; port 4433 by default).
         #[arg(long)]
         gateway: String,
         /// Enrollment token from `postern token create`.
@@ -54,13 +54,17 @@ enum Command {
         /// Local limits file (see `run --config`).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Replace the identity already in the state directory (the old one stops working
+        /// here; revoke it on the gateway with `postern instances revoke`).
+        #[arg(long)]
+        force: bool,
     },
     /// Keep the connection to the gateway up and serve sessions until stopped.
     Run {
         /// Local limits file (TOML): `[limits] tcp_allow = ["127.0.0.0/8"]`, `run_as = [...]`, ...
         #[arg(long, env = "POSTERN_AGENT_CONFIG")]
         config: Option<PathBuf>,
-        /// Override the gateway address recorded at join time.
+        /// Override the gateway address recorded at join time (HOST or HOST:PORT, port 4433 by default).
         #[arg(long)]
         gateway: Option<String>,
     },
@@ -122,10 +126,39 @@ async fn run_agent(state_dir: PathBuf, config: Option<PathBuf>, gateway: Option<
     agent::run(opts, shutdown_on_signal()).await
 }
 
+/// `2026-12-01 10:00:00 UTC (in 6d 23h)`: a date a person reads, and how far from now.
+fn readable(t: std::time::SystemTime, now: std::time::SystemTime) -> String {
+    let date = time::OffsetDateTime::from(t);
+    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    let text = date.format(&fmt).unwrap_or_else(|_| "?".to_owned());
+    let (secs, future) = match t.duration_since(now) {
+        Ok(d) => (d.as_secs(), true),
+        Err(e) => (e.duration().as_secs(), false),
+    };
+    let span = match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d {}h", secs / 86400, secs % 86400 / 3600),
+    };
+    if future { format!("{text} (in {span})") } else { format!("{text} ({span} ago)") }
+}
+
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     let state_dir = cli.state_dir.unwrap_or_else(default_state_dir);
     match cli.command {
-        Command::Join { gateway, token, ca_pin, run, config } => {
+        Command::Join { gateway, token, ca_pin, run, config, force } => {
+            if !force && let Ok(old) = agent::load_state(&state_dir) {
+                anyhow::bail!(
+                    "{} already holds the identity of {} (id {}, gateway {}); joining again would replace it. \
+                     Use another --state-dir, or pass --force to replace it",
+                    state_dir.display(),
+                    old.name,
+                    old.agent_id,
+                    old.gateway
+                );
+            }
+            let gateway = agent::with_default_port(&gateway);
             let state = agent::join(&JoinOptions { gateway, token, ca_pin, state_dir: state_dir.clone() }).await?;
             println!("joined as {} (id {}); state in {}", state.name, state.agent_id, state_dir.display());
             if run {
@@ -135,18 +168,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config, gateway } => run_agent(state_dir, config, gateway).await,
+        Command::Run { config, gateway } => {
+            run_agent(state_dir, config, gateway.as_deref().map(agent::with_default_port)).await
+        }
         Command::Status => {
             let state = agent::load_state(&state_dir)?;
             let cert = agent::identity_info(&state_dir)?;
-            let secs =
-                |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now = std::time::SystemTime::now();
             println!("agent id:     {}", state.agent_id);
             println!("name:         {}", state.name);
             println!("gateway:      {}", state.gateway);
             println!("ca pin:       {}", state.ca_pin);
             println!("cert serial:  {}", cert.serial_hex);
-            println!("cert expires: {} (unix time)", secs(cert.not_after));
+            println!("cert issued:  {}", readable(cert.not_before, now));
+            println!("cert expires: {}", readable(cert.not_after, now));
             Ok(())
         }
     }
