@@ -29,6 +29,15 @@ pub const BAD_DESTINATION: &str = "that forward destination is not a valid host 
 struct StaticUser {
     name: String,
     keys: Vec<PublicKey>,
+    /// Its statement in the `config` policy, as TOML (empty: it reaches no instance).
+    statement: String,
+}
+
+/// A user from the gateway config (`[[ssh.users]]`, or quickstart's), as `user list` shows it.
+#[derive(Debug, Clone)]
+pub struct ConfigUser {
+    pub name: String,
+    pub keys: Vec<PublicKey>,
 }
 
 /// Users, groups, policies and grants from the store, as of the last reload.
@@ -159,6 +168,31 @@ fn config_statement(u: &UserConfig) -> Option<Statement> {
         max_session: None,
         max_sessions: None,
     })
+}
+
+/// A config user's statement as policy TOML, for `postern policy show config` (read-only:
+/// it comes from the gateway config, or `postern quickstart`).
+fn config_statement_text(u: &UserConfig, st: &Statement) -> String {
+    let list = |v: Vec<String>| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(", ");
+    let mut out = format!(
+        "[[statement]]\nsid = {:?}\neffect = \"allow\"\nusers = [{:?}]\nactions = [{}]\ninstances = [{}]\nforward_to = [\"*:*\"]\n",
+        st.sid.clone().unwrap_or_default(),
+        u.name,
+        list(st.actions.iter().map(|a| a.0.clone()).collect()),
+        list(u.instances.clone()),
+    );
+    if let Some(r) = &u.run_as {
+        out.push_str(&format!("run_as = [{r:?}]\n"));
+    }
+    if u.allow_root {
+        out.push_str("allow_root = true\n");
+    }
+    for (k, v) in [("idle_timeout", &u.idle_timeout), ("max_session", &u.max_session)] {
+        if let Some(v) = v {
+            out.push_str(&format!("{k} = {v:?}\n"));
+        }
+    }
+    out
 }
 
 /// What is wrong with the `[ssh]` users, user CAs or limits of the gateway config.
@@ -338,8 +372,9 @@ impl AccessList {
                 return Err(AccessConfigError::UnknownProfile { user: u.name.clone(), profile: name.clone() });
             }
         }
+        let statement = st.as_ref().map(|st| config_statement_text(u, st)).unwrap_or_default();
         if let Ok(mut e) = self.static_users.write() {
-            e.push(StaticUser { name: u.name.clone(), keys });
+            e.push(StaticUser { name: u.name.clone(), keys, statement });
         }
         if let Some(st) = st
             && let Ok(mut c) = self.config_statements.write()
@@ -387,6 +422,94 @@ impl AccessList {
         at: jiff::Timestamp,
         explain: bool,
     ) -> Decision {
+        self.decide_inner(user, source, target, action, destination, at, explain, &[])
+    }
+
+    /// [`AccessList::decide`] as if the user also held grants of `extra` policies.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_with_grants(
+        &self,
+        user: &str,
+        source: Option<IpAddr>,
+        target: Option<Target<'_>>,
+        action: &str,
+        destination: Option<(&str, u16)>,
+        at: jiff::Timestamp,
+        extra: &[String],
+    ) -> Decision {
+        self.decide_inner(user, source, target, action, destination, at, false, extra)
+    }
+
+    /// Users from the gateway config (read-only: not in the store).
+    pub fn config_users(&self) -> Vec<ConfigUser> {
+        self.static_users
+            .read()
+            .map(|v| v.iter().map(|u| ConfigUser { name: u.name.clone(), keys: u.keys.clone() }).collect())
+            .unwrap_or_default()
+    }
+
+    /// The built-in `config` policy (the config users' statements) as policy TOML.
+    pub fn config_policy_source(&self) -> String {
+        let mut out = "# Built in, read-only: the gateway config's [[ssh.users]] (and `postern quickstart`'s user).\n\
+                       # Change them in the config file, not with `postern policy`.\nname = \"config\"\n"
+            .to_owned();
+        for u in self
+            .static_users
+            .read()
+            .map(|v| v.iter().map(|u| u.statement.clone()).collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            if !u.is_empty() {
+                out.push('\n');
+                out.push_str(&u);
+            }
+        }
+        out
+    }
+
+    /// The grants as of the last reload (all of them: active, expired and revoked).
+    pub fn grants(&self) -> Vec<GrantRecord> {
+        self.directory().grants.clone()
+    }
+
+    /// Of `user`'s grants no longer active at `at`, the most recently ended one that
+    /// `allows` says would allow again: "grant gr-... for policy P expired at T" (or "was
+    /// revoked at T").
+    fn ended_grant_explaining(
+        &self,
+        user: &str,
+        at: jiff::Timestamp,
+        allows: impl Fn(&[String]) -> bool,
+    ) -> Option<String> {
+        let now = at.as_second();
+        let mut ended: Vec<GrantRecord> =
+            self.directory().grants.iter().filter(|g| g.user == user && !g.active_at(now)).cloned().collect();
+        ended.sort_by_key(|g| std::cmp::Reverse(g.revoked_at.unwrap_or(g.expires_at)));
+        ended.into_iter().take(16).find(|g| allows(std::slice::from_ref(&g.policy))).map(|g| match g.revoked_at {
+            Some(t) => {
+                format!("grant {} for policy {} was revoked at {}", g.id, g.policy, postern_core::util::rfc3339(t))
+            }
+            None => format!(
+                "grant {} for policy {} expired at {}",
+                g.id,
+                g.policy,
+                postern_core::util::rfc3339(g.expires_at)
+            ),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide_inner(
+        &self,
+        user: &str,
+        source: Option<IpAddr>,
+        target: Option<Target<'_>>,
+        action: &str,
+        destination: Option<(&str, u16)>,
+        at: jiff::Timestamp,
+        explain: bool,
+        extra_grants: &[String],
+    ) -> Decision {
         let dir = self.directory();
         let none = || Decision {
             allowed: false,
@@ -401,8 +524,9 @@ impl AccessList {
         }
         let groups = dir.users.get(user).map(|(u, _)| u.groups.clone()).unwrap_or_default();
         let now = at.as_second();
-        let grants: Vec<String> =
+        let mut grants: Vec<String> =
             dir.grants.iter().filter(|g| g.user == user && g.active_at(now)).map(|g| g.policy.clone()).collect();
+        grants.extend(extra_grants.iter().cloned());
         let req = postern_core::policy::Request {
             user,
             groups: &groups,
@@ -621,7 +745,26 @@ impl Authorizer {
             at,
             false,
         );
-        if d.allowed { Ok(()) } else { Err(d.summary()) }
+        if d.allowed {
+            return Ok(());
+        }
+        // A grant that ended (expired or revoked) is the reason when the session would be
+        // allowed with it: say which, and when.
+        let party = &session.party;
+        let ended = self.list.ended_grant_explaining(&party.user, at, |grants| {
+            self.list
+                .decide_with_grants(
+                    &party.user,
+                    party.source,
+                    Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
+                    party.action.name(),
+                    destination,
+                    at,
+                    grants,
+                )
+                .allowed
+        });
+        Err(ended.unwrap_or_else(|| d.summary()))
     }
 }
 

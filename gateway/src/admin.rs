@@ -40,6 +40,10 @@ pub enum AdminRequest {
         name: Option<String>,
     },
     Instances,
+    TokenList,
+    TokenRevoke {
+        id: String,
+    },
     Revoke {
         instance: String,
     },
@@ -163,6 +167,14 @@ async fn handle(mut stream: UnixStream, state: &Services) -> anyhow::Result<()> 
                 Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
             }
         }
+        AdminRequest::TokenList => match state.instances.tokens().await {
+            Ok(rows) => reply(&mut stream, json!({"ok": true, "result": rows})).await,
+            Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
+        },
+        AdminRequest::TokenRevoke { id } => match state.instances.revoke_token(&id, &actor()).await {
+            Ok(()) => reply(&mut stream, json!({"ok": true, "result": {"revoked": id}})).await,
+            Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
+        },
         AdminRequest::Instances => {
             let rows = state.instances.rows().await?;
             reply(&mut stream, json!({"ok": true, "result": rows})).await

@@ -572,6 +572,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     tasks.spawn(server.serve(shutdown.clone()));
     tasks.spawn(directory.summarise_refusals(shutdown.clone()));
     tasks.spawn(crate::enforcer::enforce(
+        state.audit.clone(),
         state.authorizer.clone(),
         state.sessions.clone(),
         state.store.clone(),

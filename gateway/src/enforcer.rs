@@ -2,7 +2,7 @@
 //! least every [`RECHECK_EVERY`]; those no longer allowed are ended, with an audit event.
 //! Revocation must end sessions within 5 seconds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,8 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::access::Authorizer;
-use crate::audit::events::{Event, SessionTerminated};
+use crate::audit::AuditLog;
+use crate::audit::events::{Event, GrantExpired, SessionTerminated};
 use crate::connections::Connections;
 use crate::sessions::SessionTable;
 use crate::store::{AgentRecord, Store};
@@ -23,7 +24,10 @@ pub const RECHECK_EVERY: Duration = Duration::from_secs(1);
 /// Re-check every live session against the current policy whenever access changes, and at
 /// least every [`RECHECK_EVERY`]; end those no longer allowed, with an audit event (written
 /// when the session has ended), and close the SSH connections of users no longer active.
+/// Grants that expire meanwhile get their `grant.expired` event.
+#[allow(clippy::too_many_arguments)]
 pub async fn enforce(
+    audit: Arc<AuditLog>,
     authorizer: Arc<Authorizer>,
     sessions: Arc<SessionTable>,
     store: Arc<dyn Store>,
@@ -31,12 +35,14 @@ pub async fn enforce(
     access_changed: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
+    let mut active_grants = HashSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = access_changed.notified() => {}
             _ = tokio::time::sleep(RECHECK_EVERY) => {}
         }
+        announce_expired_grants(&authorizer, &audit, &mut active_grants);
         end_disallowed(&authorizer, &sessions, store.as_ref()).await;
         // A user who is disabled or removed keeps no connection either (a multiplexed
         // connection could otherwise still run gateway commands and open channels). After
@@ -46,6 +52,30 @@ pub async fn enforce(
             info!(%user, "closing an ssh connection of a user who is disabled or removed");
         }
     }
+}
+
+/// Write `grant.expired` for each grant that was active at the last look and has expired
+/// since (not revoked: that has its own event). `active` holds the ids of active grants
+/// (bounded by the grants in the store). Grants that expire while the gateway is stopped get
+/// no event (their `expires_at` is in `grant.created`).
+fn announce_expired_grants(authorizer: &Authorizer, audit: &AuditLog, active: &mut HashSet<String>) {
+    let now = postern_core::util::now_unix();
+    let grants = authorizer.list().grants();
+    for g in &grants {
+        if g.active_at(now) {
+            active.insert(g.id.clone());
+        } else if active.remove(&g.id) && g.revoked_at.is_none() {
+            info!(grant_id = %g.id, user = %g.user, policy = %g.policy, "grant expired");
+            let _ = audit.event(&Event::GrantExpired(GrantExpired {
+                grant_id: g.id.clone(),
+                user: g.user.clone(),
+                policy: g.policy.clone(),
+                expires_at: g.expires_at,
+            }));
+        }
+    }
+    // Grants deleted from the store are forgotten.
+    active.retain(|id| grants.iter().any(|g| &g.id == id));
 }
 
 /// End the live sessions policy no longer allows.

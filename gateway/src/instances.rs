@@ -15,7 +15,7 @@ use crate::accept::{FailureBackoff, RefusalDigest};
 use crate::audit::AuditLog;
 use crate::audit::events::{
     AgentConnected, AgentDisconnected, AgentEnrollRefused, AgentEnrolled, AgentProtocolViolation, AgentRefused,
-    AgentRenewed, AgentRevoked, Event, TokenCreated,
+    AgentRenewed, AgentRevoked, Event, TokenCreated, TokenRevoked,
 };
 use crate::store::{Labels, NewAgent, NewToken, RedeemError, Store, StoreError, resolve_instance};
 
@@ -37,11 +37,19 @@ pub enum InstanceError {
     /// No such instance, or a name several instances share (the message says which).
     #[error("{0}")]
     Unknown(String),
+    #[error("a token may live at most {} days (--ttl)", MAX_TOKEN_TTL.as_secs() / 86400)]
+    TtlTooLong,
+    #[error("no unused token {0:?}; see `postern token list` (ids are 12 hex digits)")]
+    NoSuchToken(String),
     #[error(transparent)]
     Random(#[from] RandomError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// The longest an enrollment token may stay valid: it is a bearer secret that enrolls a
+/// machine, meant to be used minutes after it is made (docs/quickstart.md).
+pub const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
 
 /// Enrolled instances and their tokens.
 pub struct Instances {
@@ -165,6 +173,9 @@ impl Instances {
         {
             return Err(InstanceError::InvalidName(n.clone()));
         }
+        if ttl > MAX_TOKEN_TTL {
+            return Err(InstanceError::TtlTooLong);
+        }
         let token = format!("pt_{}", random_hex(24)?);
         let now = now_unix();
         let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
@@ -187,6 +198,38 @@ impl Instances {
         }));
         Ok(CreatedToken { token, expires_at, ca_pin: self.ca.pin(), gateway: self.advertised.clone(), labels, name })
     }
+
+    /// Every enrollment token (never a secret), with its state now.
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>, InstanceError> {
+        let now = now_unix();
+        Ok(self
+            .store
+            .tokens()
+            .await?
+            .into_iter()
+            .map(|t| TokenRow { state: t.state(now).to_owned(), token: t })
+            .collect())
+    }
+
+    /// Make the unused token `id` unusable (audited).
+    pub async fn revoke_token(&self, id: &str, actor: &str) -> Result<(), InstanceError> {
+        if !self.store.revoke_token(id, now_unix(), actor).await? {
+            return Err(InstanceError::NoSuchToken(id.chars().take(40).collect()));
+        }
+        let _ = self
+            .audit
+            .event(&Event::TokenRevoked(TokenRevoked { actor: actor.to_owned(), token_id: id.to_ascii_lowercase() }));
+        Ok(())
+    }
+}
+
+/// A token as `postern token list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRow {
+    #[serde(flatten)]
+    pub token: crate::store::TokenRecord,
+    /// `unused`, `used`, `expired` or `revoked`.
+    pub state: String,
 }
 
 /// The tunnel's view of the store, with audit events for every decision. Enrollments with

@@ -220,6 +220,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Token { action: TokenAction::Create { labels, ttl, name, json } } => {
             cli::token_create(&cli::socket_for(&cli)?, labels, ttl, name.clone(), *json).await.map(|()| 0)
         }
+        Command::Token { action: TokenAction::List { json } } => {
+            cli::token_list(&cli::socket_for(&cli)?, *json).await.map(|()| 0)
+        }
+        Command::Token { action: TokenAction::Revoke { id } } => {
+            cli::token_revoke(&cli::socket_for(&cli)?, id).await.map(|()| 0)
+        }
         Command::Instances(args) => match &args.action {
             None => cli::instances(&cli::socket_for(&cli)?, args.json).await.map(|()| 0),
             Some(InstancesAction::Revoke { instance }) => {

@@ -186,6 +186,9 @@ fn normalize_key(line: &str) -> Result<String, ManageError> {
     key.to_openssh().map_err(|e| bad(format!("cannot encode key: {e}")))
 }
 
+/// The built-in policy of the config users' statements.
+const CONFIG_POLICY: &str = "config";
+
 fn fingerprint(line: &str) -> String {
     parse_key(line).map(|k| k.fingerprint(Default::default()).to_string()).unwrap_or_else(|_| "?".into())
 }
@@ -295,7 +298,20 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             changed(state).await?;
             Ok(json!({"removed": name}))
         }
-        ManageRequest::UserList => Ok(Value::Array(state.store.users().await?.iter().map(user_view).collect())),
+        ManageRequest::UserList => {
+            let mut users: Vec<Value> = state.store.users().await?.iter().map(user_view).collect();
+            // Users of the gateway config (and quickstart's) too, marked read-only.
+            for u in state.access.config_users() {
+                if users.iter().any(|x| x["name"] == u.name.as_str()) {
+                    continue;
+                }
+                users.push(json!({"name": u.name, "groups": [], "principals": [], "disabled": false,
+                    "created_at": null, "source": "config", "read_only": true,
+                    "keys": u.keys.iter().map(|k| json!({"fingerprint": k.fingerprint(Default::default()).to_string(),
+                        "comment": k.comment().to_string()})).collect::<Vec<_>>()}));
+            }
+            Ok(Value::Array(users))
+        }
         ManageRequest::UserSetDisabled { name, disabled } => {
             let mut u = user(state, &name).await?;
             u.disabled = disabled;
@@ -372,16 +388,20 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             }));
             Ok(json!({"name": doc.name, "version": version, "statements": doc.statements.len(), "unchanged": false}))
         }
-        ManageRequest::PolicyList => Ok(json!(
-            state
-                .store
-                .policies()
-                .await?
-                .into_iter()
-                .map(|p| json!({"name": p.name, "version": p.version, "file": p.file,
-                                "applied_at": p.applied_at, "applied_by": p.applied_by}))
-                .collect::<Vec<_>>()
-        )),
+        ManageRequest::PolicyList => {
+            // The built-in `config` policy first (read-only), then the stored ones.
+            let mut list = vec![json!({"name": CONFIG_POLICY, "version": null, "file": "gateway config",
+                "applied_at": null, "applied_by": null, "source": "config", "read_only": true})];
+            list.extend(state.store.policies().await?.into_iter().map(|p| {
+                json!({"name": p.name, "version": p.version, "file": p.file,
+                       "applied_at": p.applied_at, "applied_by": p.applied_by, "source": "store", "read_only": false})
+            }));
+            Ok(json!(list))
+        }
+        ManageRequest::PolicyHistory { name } if name == CONFIG_POLICY => Ok(json!([{
+            "name": CONFIG_POLICY, "version": 1, "file": "gateway config", "source": state.access.config_policy_source(),
+            "applied_at": null, "applied_by": null, "removed": false, "read_only": true,
+        }])),
         ManageRequest::PolicyHistory { name } => {
             let h = state.store.policy_history(&name).await?;
             if h.is_empty() {
@@ -438,8 +458,23 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             Ok(json!(grant))
         }
         ManageRequest::GrantList { all } => {
-            let grants = state.store.grants().await?;
-            Ok(json!(grants.into_iter().filter(|g| all || g.active_at(now)).collect::<Vec<_>>()))
+            // Each with its state at `now`: active, expired or revoked.
+            let grants: Vec<Value> = state
+                .store
+                .grants()
+                .await?
+                .into_iter()
+                .filter(|g| all || g.active_at(now))
+                .map(|g| {
+                    let state = grant_state(&g, now);
+                    let mut v = json!(g);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("state".to_owned(), json!(state));
+                    }
+                    v
+                })
+                .collect();
+            Ok(json!(grants))
         }
         ManageRequest::GrantRevoke { id, user: who, policy } => {
             if id.is_none() && who.is_none() {
@@ -567,4 +602,13 @@ pub fn parse_time(s: &str) -> Result<jiff::Timestamp, ManageError> {
     let civil: jiff::civil::DateTime =
         s.parse().map_err(|_| bad(format!("{s:?}: expected a time like 2026-12-01T09:00:00Z")))?;
     civil.to_zoned(jiff::tz::TimeZone::UTC).map(|z| z.timestamp()).map_err(|e| bad(e.to_string()))
+}
+
+/// A grant's state at `now`: `revoked` (whatever its expiry), else `active` or `expired`.
+pub fn grant_state(g: &GrantRecord, now: i64) -> &'static str {
+    match (g.revoked_at, g.active_at(now)) {
+        (Some(_), _) => "revoked",
+        (None, true) => "active",
+        (None, false) => "expired",
+    }
 }

@@ -31,6 +31,7 @@ struct Kit {
     broker: Broker,
     manage: Manage,
     access_changed: Arc<Notify>,
+    audit: Arc<AuditLog>,
 }
 
 impl Kit {
@@ -53,10 +54,11 @@ impl Kit {
             history,
             access_changed.clone(),
         );
+        let audit_log = audit.clone();
         let agents = [("ag-1", "web-01"), ("ag-2", "web-02"), ("ag-3", "db-01")];
         let agents: Vec<(String, String)> = agents.iter().map(|(i, n)| (i.to_string(), n.to_string())).collect();
         store.insert_agents(&agents, &Labels::new(), 0).await.unwrap();
-        let kit = Kit { dir, store, sessions, authorizer, broker, manage, access_changed };
+        let kit = Kit { dir, store, sessions, authorizer, broker, manage, access_changed, audit: audit_log };
         kit.admin(
             json!({"what": "user_add", "name": "alice", "groups": ["ops"], "keys": [ALICE_KEY], "principals": []}),
         )
@@ -300,6 +302,7 @@ async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
     let running = kit.broker.start("s-1", authz.party(None, true), &start_event("s-1"));
     let shutdown = CancellationToken::new();
     let enforcer = tokio::spawn(crate::enforcer::enforce(
+        kit.audit.clone(),
         kit.authorizer.clone(),
         kit.sessions.clone(),
         kit.store.clone(),
@@ -322,6 +325,54 @@ async fn the_enforcer_ends_a_live_session_when_its_user_is_disabled() {
     running.finish(end_event("s-1"));
     let t = kit.events("session.terminated");
     assert_eq!((t.len(), t[0]["actor"].as_str(), t[0]["session_id"].as_str()), (1, Some("policy"), Some("s-1")));
+    shutdown.cancel();
+    enforcer.await.unwrap();
+}
+
+const ONCALL: &str = r#"
+name = "oncall"
+
+[[statement]]
+effect = "allow"
+users = ["nobody-by-default"]
+actions = ["shell"]
+instances = ["web-*"]
+"#;
+
+/// Regression (issue 16): a session ended by its grant's expiry said only "deny by default";
+/// it names the grant and when it expired, and the expiry is an audit event of its own.
+#[tokio::test]
+async fn a_session_ended_by_grant_expiry_names_the_grant_and_the_expiry_is_audited() {
+    let kit = Kit::new().await;
+    kit.apply(ONCALL).await;
+    let grant = kit
+        .admin(json!({"what": "grant_create", "user": "alice", "policy": "oncall", "ttl_secs": 2, "reason": "INC-1"}))
+        .await
+        .unwrap();
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let authz = kit.authorizer.authorize(&alice(), "web-01", Action::Shell, None, None, None).await.unwrap();
+    let running = kit.broker.start("s-1", authz.party(None, true), &start_event("s-1"));
+    let shutdown = CancellationToken::new();
+    let enforcer = tokio::spawn(crate::enforcer::enforce(
+        kit.audit.clone(),
+        kit.authorizer.clone(),
+        kit.sessions.clone(),
+        kit.store.clone(),
+        Arc::new(crate::connections::Connections::default()),
+        kit.access_changed.clone(),
+        shutdown.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(6), running.live().terminated())
+        .await
+        .expect("the session ends within a few seconds of its grant expiring");
+    let reason = running.live().reason().unwrap();
+    let expires = postern_core::util::rfc3339(grant["expires_at"].as_i64().unwrap());
+    assert!(reason.contains(&format!("grant {id} for policy oncall expired at {expires}")), "{reason}");
+    running.finish(end_event("s-1"));
+    let expired = kit.events("grant.expired");
+    assert_eq!(expired.len(), 1, "one event per expired grant");
+    assert_eq!((expired[0]["grant_id"].as_str(), expired[0]["policy"].as_str()), (Some(id.as_str()), Some("oncall")));
+    assert_eq!(expired[0]["user"], "alice");
     shutdown.cancel();
     enforcer.await.unwrap();
 }

@@ -19,7 +19,12 @@ struct Setup {
 
 impl Setup {
     fn new(policy: &str) -> Setup {
-        let gw = Gateway::start("idle_timeout = \"0\"");
+        Self::with_config(policy, "")
+    }
+
+    /// With more gateway config (after `[ssh] idle_timeout`).
+    fn with_config(policy: &str, extra: &str) -> Setup {
+        let gw = Gateway::start(&format!("idle_timeout = \"0\"\n{extra}"));
         let dir = tempfile::tempdir().unwrap();
         gw.write_known_hosts(&dir.path().join("known_hosts"));
         let key = dir.path().join("alice");
@@ -461,4 +466,249 @@ fn admin_socket_sessions_are_listed_and_can_be_terminated() {
         !events.iter().any(|e| e["event"] == "session.terminated" && e["actor"] == "policy"),
         "policy must not end admin sessions"
     );
+}
+
+const WEB_ONLY: &str = r#"name = "web-ops"
+[[statement]]
+sid = "web"
+effect = "allow"
+users = ["alice"]
+actions = ["shell", "exec", "port-forward"]
+labels = ["env=prod"]
+forward_to = ["*:*"]
+allow_root = true
+"#;
+
+/// One exit-code rule for every command (docs/client.md, "Exit status"): a refusal or a
+/// client error is `postern: error: ...` and 255, whatever the command and whichever way
+/// it goes (as a user through the gateway, or through the admin socket); otherwise the
+/// remote status. Plain ssh keeps exit status 1 for a refusal.
+#[test]
+fn every_command_follows_the_exit_code_rule() {
+    let s = Setup::new(WEB_ONLY);
+    let _web = Agent::start_labeled(&s.gw, "web-01", "env=prod", vec![], &s.gw.listen);
+    let _dev = Agent::start_labeled(&s.gw, "dev-01", "env=dev", vec![], &s.gw.listen);
+    let data_dir = s.gw.data_dir();
+    let admin = |args: &[&str]| -> Output {
+        let mut c = Command::new("timeout");
+        c.arg("60").arg(bin("postern")).arg("--data-dir").arg(&data_dir).args(args).env_remove("POSTERN_GATEWAY");
+        c.stdin(Stdio::null()).output().unwrap()
+    };
+    const REFUSED: i32 = 255;
+    // (how, command, expected status, stderr must contain, stderr must not contain)
+    let cases: Vec<(&str, Vec<&str>, i32, &str, &str)> = vec![
+        ("user", vec!["exec", "web-01", "--", "exit 7"], 7, "", "postern: error"),
+        ("user", vec!["exec", "dev-01", "--", "true"], REFUSED, "postern: error: access denied", ""),
+        ("user", vec!["exec", "web-1", "--", "true"], REFUSED, "did you mean web-01?", ""),
+        // dev-01 exists and is one letter away, but alice may not see it: never suggested.
+        ("user", vec!["exec", "dev-02", "--", "true"], REFUSED, "access denied", "did you mean"),
+        ("user", vec!["shell", "web-01", "-c", "exit 7"], 7, "", "postern: error"),
+        ("user", vec!["shell", "dev-01", "-c", "true"], REFUSED, "postern: error: access denied", ""),
+        ("user", vec!["shell", "web-1", "-c", "true"], REFUSED, "did you mean web-01?", ""),
+        ("user", vec!["run", "--instances", "web-01", "-q", "--", "exit 7"], 1, "", "postern: error"),
+        ("user", vec!["run", "--instances", "web-1", "--", "true"], REFUSED, "did you mean web-01?", ""),
+        (
+            "user",
+            vec!["run", "--instances", "dev-01", "--", "true"],
+            REFUSED,
+            "postern: error: instance \"dev-01\": access denied",
+            "",
+        ),
+        ("user", vec!["forward", "dev-01", "18080:80"], REFUSED, "postern: error: the gateway refused a forward", ""),
+        ("user", vec!["forward", "web-1", "18080:80"], REFUSED, "did you mean web-01?", ""),
+        ("user", vec!["ls", "--labels", "role=,"], REFUSED, "postern: error: label selector", ""),
+        ("admin", vec!["exec", "web-01", "--", "exit 7"], 7, "", "postern: error"),
+        (
+            "admin",
+            vec!["exec", "web-1", "--", "true"],
+            REFUSED,
+            "postern: error: no instance named \"web-1\"; did you mean web-01?",
+            "",
+        ),
+        ("admin", vec!["shell", "web-01", "-c", "exit 7"], 7, "", "postern: error"),
+        ("admin", vec!["shell", "nope", "-c", "true"], REFUSED, "postern: error: no instance named", ""),
+    ];
+    for (how, args, want, has, has_not) in cases {
+        let out = if how == "user" { s.out(&args) } else { admin(&args) };
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(want), "{how} {args:?}: {err}");
+        assert!(err.contains(has), "{how} {args:?}: {err}");
+        assert!(has_not.is_empty() || !err.contains(has_not), "{how} {args:?}: {err}");
+    }
+
+    // Plain ssh: what OpenSSH users expect, the refusal on stderr and exit status 1 (the
+    // marker the postern client reads is an exit-signal OpenSSH ignores).
+    let ssh = |login: &str| {
+        Command::new("ssh")
+            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", s.dir.path().join("known_hosts").display()))
+            .arg("-i")
+            .arg(&s.key)
+            .args(["-p", &s.gw.ssh_port.to_string(), &format!("{login}@127.0.0.1"), "true"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = ssh("alice%web-1");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("postern: access denied (or no such instance); did you mean web-01?"));
+
+    // A forward the agent's tcp_allow refuses: the reason reaches ssh -L and postern forward.
+    let port = free_tcp_port();
+    let mut fwd = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=no",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", s.dir.path().join("known_hosts").display()))
+        .arg("-i")
+        .arg(&s.key)
+        .arg("-L")
+        .arg(format!("{port}:192.0.2.1:80"))
+        .args(["-p", &s.gw.ssh_port.to_string(), "alice%web-01@127.0.0.1"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("ssh -L listening", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    drop(std::net::TcpStream::connect(("127.0.0.1", port)));
+    let mut err = std::io::BufReader::new(fwd.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    fwd.kill().unwrap();
+    fwd.wait().unwrap();
+    assert!(line.contains("open failed: administratively prohibited: web-01: destination 192.0.2.1:80"), "{line}");
+    assert!(line.contains("tcp_allow"), "{line}");
+    let out = s.out(&["forward", "web-01", &format!("{}:192.0.2.1:80", free_tcp_port())]);
+    assert_eq!(out.status.code(), Some(255));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refused a forward to 192.0.2.1:80: web-01: destination 192.0.2.1:80 is not allowed"),
+        "{err}"
+    );
+
+    // postern run shows each instance's output as it comes, prefixed with its name; the
+    // files and the summary stay; --quiet shows only the summary.
+    let out =
+        s.out(&["run", "--instances", "web-01", "--output-dir", "r1", "--", "echo one; echo two >&2; printf three"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(stdout.starts_with("web-01: one\nweb-01: three\n"), "{stdout}");
+    assert!(stdout.contains("1 of 1 succeeded"), "{stdout}");
+    assert!(stderr.contains("web-01: two\n"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(s.dir.path().join("r1/web-01.stdout")).unwrap(), "one\nthree");
+    let out = s.out(&["run", "--instances", "web-01", "--quiet", "--output-dir", "r2", "--", "echo one"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!text(&out.stdout).contains("web-01: one"), "{}", text(&out.stdout));
+    assert_eq!(std::fs::read_to_string(s.dir.path().join("r2/web-01.stdout")).unwrap(), "one\n");
+    let out = s.out(&["run", "--instances", "web-01", "--json", "--output-dir", "r3", "--", "echo one"]);
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("--json prints only the summary");
+    assert_eq!(summary["success"], 1);
+}
+
+/// Tokens, grants, agents and config users as an administrator sees them (issue 16, part 5).
+#[test]
+fn tokens_grants_agents_and_config_users() {
+    let bob = tempfile::tempdir().unwrap();
+    let bob_key = bob.path().join("bob");
+    ssh_keygen(&bob_key, "bob");
+    let bob_pub = std::fs::read_to_string(bob_key.with_extension("pub")).unwrap();
+    let config = format!(
+        "[[ssh.users]]\nname = \"bob\"\nkeys = [{:?}]\ninstances = [\"web-*\"]\nactions = [\"exec\"]\n",
+        bob_pub.trim()
+    );
+    let oncall = "name = \"oncall\"\n[[statement]]\neffect = \"allow\"\nusers = [\"nobody-by-default\"]\nactions = [\"exec\"]\ninstances = [\"*\"]\n";
+    let s = Setup::with_config(oncall, &config);
+
+    // Config users and the built-in policy are listed, marked read-only.
+    let users: Vec<Value> = serde_json::from_str(&s.admin(&["user", "list", "--json"])).unwrap();
+    let b = users.iter().find(|u| u["name"] == "bob").expect("the config user is listed");
+    assert_eq!((b["source"].as_str(), b["read_only"].as_bool()), (Some("config"), Some(true)));
+    assert!(s.admin(&["user", "list"]).contains("config (read-only)"));
+    let table = s.admin(&["policy", "list"]);
+    assert!(table.lines().any(|l| l.starts_with("config") && l.contains("config (read-only)")), "{table}");
+    let shown = s.admin(&["policy", "show", "config"]);
+    assert!(
+        shown.contains("read-only") && shown.contains("users = [\"bob\"]") && shown.contains("actions = [\"exec\"]"),
+        "{shown}"
+    );
+
+    // Tokens: the name echoed, listed with their state, revoked, TTL capped.
+    let out = s.admin(&["token", "create", "--name", "app-01", "--ttl", "10m"]);
+    assert!(out.contains("name:    app-01"), "{out}");
+    let token = out.lines().find_map(|l| l.strip_prefix("token:")).unwrap().trim().to_owned();
+    let pin = out.lines().find_map(|l| l.strip_prefix("ca pin:")).unwrap().trim().to_owned();
+    let list: Vec<Value> = serde_json::from_str(&s.admin(&["token", "list", "--json"])).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0]["name"].as_str(), list[0]["state"].as_str()), (Some("app-01"), Some("unused")));
+    assert!(!s.admin(&["token", "list", "--json"]).contains(&token), "the secret is never listed");
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    assert!(s.admin(&["token", "revoke", &id]).contains("revoked"));
+    let list: Vec<Value> = serde_json::from_str(&s.admin(&["token", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["state"], "revoked");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Agent::try_join(&[], &s.gw.listen, &token, &pin, &dir.path().join("a"));
+    assert!(!out.status.success(), "a revoked token enrolls nothing");
+    let out = s.gw.postern(&["token", "revoke", &id]);
+    assert_eq!(out.status.code(), Some(255), "revoked twice: {}", text(&out.stderr));
+    let out = s.gw.postern(&["token", "create", "--ttl", "8d"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(text(&out.stderr).contains("at most 7 days"), "{}", text(&out.stderr));
+
+    // Agents: join refuses to replace an identity without --force; status reads as dates.
+    let state = dir.path().join("b");
+    let (t1, pin) = s.gw.token(&["--name", "app-02"]);
+    assert!(Agent::try_join(&[], &s.gw.listen, &t1, &pin, &state).status.success());
+    let (t2, _) = s.gw.token(&["--name", "app-03"]);
+    let out = Agent::try_join(&[], &s.gw.listen, &t2, &pin, &state);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("already holds the identity of app-02") && text(&out.stderr).contains("--force")
+    );
+    let out = Command::new(bin("postern-agent"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["join", "--force", "--gateway", &s.gw.listen, "--token", &t2, "--ca-pin", &pin])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = Command::new(bin("postern-agent")).arg("--state-dir").arg(&state).arg("status").output().unwrap();
+    let status = text(&out.stdout);
+    assert!(status.contains("name:         app-03"), "{status}");
+    let expires = status.lines().find(|l| l.starts_with("cert expires:")).unwrap();
+    assert!(expires.contains(" UTC (in ") && expires.contains("-"), "{expires}");
+
+    // Grants: STATE for every grant (also --json); an expiring one ends up "expired", with
+    // a grant.expired event.
+    s.admin(&["grant", "--user", "alice", "--policy", "oncall", "--for", "2s", "--reason", "INC-1"]);
+    s.admin(&["grant", "--user", "alice", "--policy", "oncall", "--for", "1h", "--reason", "INC-2"]);
+    s.admin(&["revoke", "--user", "alice"]);
+    let states = || -> Vec<String> {
+        let v: Vec<Value> = serde_json::from_str(&s.admin(&["grants", "--all", "--json"])).unwrap();
+        let mut st: Vec<String> = v.iter().map(|g| g["state"].as_str().unwrap().to_owned()).collect();
+        st.sort();
+        st
+    };
+    assert_eq!(states(), ["revoked", "revoked"]);
+    s.admin(&["grant", "--user", "alice", "--policy", "oncall", "--for", "2s", "--reason", "INC-3"]);
+    assert!(s.admin(&["grants"]).contains("active"));
+    wait_until("grant expired", Duration::from_secs(10), || states().contains(&"expired".to_owned()));
+    assert!(s.admin(&["grants", "--all"]).contains("expired"));
+    wait_until("grant.expired event", Duration::from_secs(5), || {
+        s.gw.audit_events().iter().any(|e| e["event"] == "grant.expired" && e["reason"].is_null())
+    });
+    let n = s.gw.audit_events().iter().filter(|e| e["event"] == "grant.expired").count();
+    assert_eq!(n, 1, "only the grant that expired (not the revoked ones)");
+    assert!(s.gw.audit_events().iter().any(|e| e["event"] == "token.revoked" && e["token_id"] == id.as_str()));
 }

@@ -164,7 +164,10 @@ fn users_policies_explain_and_the_same_answer_for_unknown_and_denied() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("ops.toml:10:") && err.contains("label selector"), "{err}");
-    assert!(s.ok(&["policy", "list", "--json"]).trim() == "[]");
+    // Only the built-in, read-only `config` policy: nothing was stored.
+    let listed: Vec<Value> = serde_json::from_str(&s.ok(&["policy", "list", "--json"])).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0]["name"].as_str(), listed[0]["read_only"].as_bool()), (Some("config"), Some(true)));
 
     let out = s.apply("ops", OPS);
     assert!(out.status.success(), "{}", text(&out.stderr));

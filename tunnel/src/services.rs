@@ -524,7 +524,7 @@ async fn tcp(
             send,
             Rejection(
                 ErrorCode::Forbidden,
-                format!("destination {target} is not allowed by this agent's local configuration"),
+                format!("destination {target} is not allowed by this agent's local configuration (tcp_allow)"),
             ),
         ));
     };

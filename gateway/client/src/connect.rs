@@ -120,6 +120,13 @@ impl Stream {
     }
 }
 
+/// Which output stream a chunk of a command's output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
 /// What a command run with [`Client::exec_capture`] produced.
 #[derive(Debug, Clone, Default)]
 pub struct Captured {
@@ -132,6 +139,9 @@ pub struct Captured {
 /// An authenticated SSH connection to the gateway.
 pub struct Client {
     handle: russh::client::Handle<Verifier>,
+    /// The description of the last channel-open failure (numbered): russh hands only the
+    /// reason code to the opener, the text (the gateway's reason) to the handler.
+    open_failures: tokio::sync::watch::Receiver<(u64, String)>,
 }
 
 impl std::fmt::Debug for Client {
@@ -189,7 +199,8 @@ impl Client {
                 Algorithm::Rsa { hash: Some(HashAlg::Sha512) },
             ]);
         }
-        let verifier = Verifier { host: host.clone(), trust, verdict: verdict.clone() };
+        let (failures_tx, open_failures) = tokio::sync::watch::channel((0, String::new()));
+        let verifier = Verifier { host: host.clone(), trust, verdict: verdict.clone(), open_failures: failures_tx };
         let config = Arc::new(russh::client::Config {
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(30)),
@@ -214,7 +225,7 @@ impl Client {
             None => opts.user.clone(),
         };
         match authenticate(&mut handle, &login, &opts.identity_files).await? {
-            Authenticated::Yes => Ok(Client { handle }),
+            Authenticated::Yes => Ok(Client { handle, open_failures }),
             Authenticated::Refused => {
                 Err(ClientError::AuthenticationRefused { user: opts.user.clone(), tried: opts.identities_tried() })
             }
@@ -296,12 +307,14 @@ impl Client {
 
     /// A byte stream to the instance's RDP server (connect with `instance` set).
     pub async fn open_rdp(&self) -> Result<russh::ChannelStream<russh::client::Msg>, ClientError> {
-        let ch = self
-            .handle
-            .channel_open_direct_tcpip(RDP_DESTINATION, 3389, "127.0.0.1", 0)
-            .await
-            .map_err(|source| ClientError::RdpRefused { source })?;
-        Ok(ch.into_stream())
+        let before = self.open_failures.borrow().0;
+        match self.handle.channel_open_direct_tcpip(RDP_DESTINATION, 3389, "127.0.0.1", 0).await {
+            Ok(ch) => Ok(ch.into_stream()),
+            Err(source) => Err(ClientError::RdpRefused {
+                reason: self.open_failure_reason(before, &source).await,
+                source: Box::new(source),
+            }),
+        }
     }
 
     /// A session channel on this connection (connect with `instance` set to run things there).
@@ -310,30 +323,64 @@ impl Client {
     }
 
     /// Run `command` on the instance this client is connected to and collect its output
-    /// (at most `limit` bytes of each stream are kept; the rest is counted, not stored).
+    /// (at most `limit` bytes of each stream are kept; the rest is counted, not stored). A
+    /// session the gateway refused is [`ClientError::SessionRefused`].
     pub async fn exec_capture(
         &self,
         command: &str,
         env: &[(&str, &str)],
         limit: usize,
     ) -> Result<Captured, ClientError> {
+        self.exec_streaming(command, env, limit, |_, _| async {}).await
+    }
+
+    /// [`Client::exec_capture`], also handing each chunk of output to `on_output` as it
+    /// arrives (e.g. to show it while the command runs).
+    pub async fn exec_streaming<F, Fut>(
+        &self,
+        command: &str,
+        env: &[(&str, &str)],
+        limit: usize,
+        mut on_output: F,
+    ) -> Result<Captured, ClientError>
+    where
+        F: FnMut(OutputStream, Vec<u8>) -> Fut,
+        Fut: Future<Output = ()>,
+    {
         let mut ch = self.session_channel().await?;
         for (k, v) in env {
             ch.set_env(false, *k, *v).await.map_err(channel_error("setting the command's environment"))?;
         }
         ch.exec(true, command).await.map_err(channel_error("starting the command"))?;
         let mut out = Captured::default();
+        let mut refused: Option<String> = None;
         while let Some(msg) = ch.wait().await {
             match msg {
-                ChannelMsg::Data { data } => out.stdout.push(&data, limit),
-                ChannelMsg::ExtendedData { data, .. } => out.stderr.push(&data, limit),
+                // After a refusal, the stderr text is the refusal's, for plain ssh users.
+                _ if refused.is_some() && !matches!(msg, ChannelMsg::Close) => {}
+                ChannelMsg::Data { data } => {
+                    out.stdout.push(&data, limit);
+                    on_output(OutputStream::Stdout, data.to_vec()).await;
+                }
+                ChannelMsg::ExtendedData { data, .. } => {
+                    out.stderr.push(&data, limit);
+                    on_output(OutputStream::Stderr, data.to_vec()).await;
+                }
                 ChannelMsg::ExitStatus { exit_status } => out.exit_code = Some(exit_status),
-                ChannelMsg::ExitSignal { signal_name, .. } => out.signal = Some(format!("{signal_name:?}")),
+                ChannelMsg::ExitSignal { signal_name, error_message, .. } => {
+                    match refusal(&signal_name, &error_message) {
+                        Some(why) => refused = Some(why),
+                        None => out.signal = Some(format!("{signal_name:?}")),
+                    }
+                }
                 ChannelMsg::Close => break,
                 _ => {}
             }
         }
-        Ok(out)
+        match refused {
+            Some(message) => Err(ClientError::SessionRefused { message }),
+            None => Ok(out),
+        }
     }
 
     /// A TCP stream to `host:port` as seen from the instance (policy's `forward_to` and the
@@ -343,12 +390,30 @@ impl Client {
         host: &str,
         port: u16,
     ) -> Result<russh::ChannelStream<russh::client::Msg>, ClientError> {
-        let ch = self
-            .handle
-            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
-            .await
-            .map_err(|source| ClientError::ForwardRefused { host: host.to_owned(), port, source })?;
-        Ok(ch.into_stream())
+        let before = self.open_failures.borrow().0;
+        match self.handle.channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0).await {
+            Ok(ch) => Ok(ch.into_stream()),
+            Err(source) => Err(ClientError::ForwardRefused {
+                host: host.to_owned(),
+                port,
+                reason: self.open_failure_reason(before, &source).await,
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// The gateway's text for a channel open that failed after failure number `before`
+    /// (it reaches the handler just after the opener learns of the failure: waited for,
+    /// briefly). `None` for other errors, or when the text is only the code's generic name.
+    async fn open_failure_reason(&self, before: u64, error: &russh::Error) -> Option<Box<str>> {
+        if !matches!(error, russh::Error::ChannelOpenFailure(_)) {
+            return None;
+        }
+        let mut rx = self.open_failures.clone();
+        let got = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|(n, _)| *n > before)).await;
+        let text = got.ok()?.ok()?.1.trim().to_owned();
+        let generic = ["", "Administratively prohibited", "Connect failed", "open failed"];
+        (!generic.iter().any(|g| g.eq_ignore_ascii_case(&text))).then(|| text.into_boxed_str())
     }
 
     /// Whether the SSH connection has ended.
@@ -430,12 +495,25 @@ fn cert_beside(key: &Path) -> Option<Certificate> {
 }
 
 /// Checks the gateway's host key against known_hosts (plain keys and `@cert-authority`).
+/// The gateway's refusal of a session channel, when `signal` is its marker
+/// ([`postern_core::command::REFUSED_SIGNAL`]): the refusal's text.
+pub fn refusal(signal: &russh::Sig, message: &str) -> Option<String> {
+    match signal {
+        russh::Sig::Custom(name) if name == postern_core::command::REFUSED_SIGNAL => {
+            Some(if message.is_empty() { "the gateway refused the session".to_owned() } else { message.to_owned() })
+        }
+        _ => None,
+    }
+}
+
 struct Verifier {
     host: String,
     /// The known_hosts entries for this host, read once per connection.
     trust: known_hosts::Trust,
     /// Why the host key was refused, for the error `connect` returns.
     verdict: Arc<Mutex<Option<String>>>,
+    /// Channel-open failure descriptions, numbered (see [`Client::open_failure_reason`]).
+    open_failures: tokio::sync::watch::Sender<(u64, String)>,
 }
 
 impl russh::client::Handler for Verifier {
@@ -455,6 +533,22 @@ impl russh::client::Handler for Verifier {
                 Ok(false)
             }
         }
+    }
+
+    async fn channel_open_failure(
+        &mut self,
+        _channel: russh::ChannelId,
+        _reason: russh::ChannelOpenFailure,
+        description: &str,
+        _language: &str,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        let text: String = description.chars().take(512).collect();
+        self.open_failures.send_modify(|(n, last)| {
+            *n += 1;
+            *last = text;
+        });
+        Ok(())
     }
 }
 

@@ -98,20 +98,28 @@ pub enum ClientError {
         source: russh::Error,
     },
 
-    /// The gateway refused a TCP forward (policy `forward_to`, or the agent's `tcp_allow`).
-    #[error("the gateway refused a forward to {host}:{port}")]
+    /// The gateway refused a session (shell, exec) on the instance: access denied, unknown
+    /// or offline instance, ...; `message` is the gateway's reason.
+    #[error("{message}")]
+    SessionRefused { message: String },
+
+    /// The gateway refused a TCP forward (policy `forward_to`, or the agent's `tcp_allow`);
+    /// `reason` is the gateway's text, when it gave one.
+    #[error("the gateway refused a forward to {host}:{port}{}", because(reason))]
     ForwardRefused {
         host: String,
         port: u16,
+        reason: Option<Box<str>>,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
 
     /// The gateway refused RDP to the instance (policy, or the instance has no RDP server).
-    #[error("the gateway refused RDP to this instance")]
+    #[error("the gateway refused RDP to this instance{}", because(reason))]
     RdpRefused {
+        reason: Option<Box<str>>,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
 
     /// A local forward could not listen on its address.
@@ -121,6 +129,10 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn because(reason: &Option<Box<str>>) -> String {
+    reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
 }
 
 pub(crate) fn describe(files: &[PathBuf]) -> String {

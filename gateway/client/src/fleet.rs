@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use postern_core::command::{Instance, RunBegin, RunEnd, RunStarted};
 use serde::Serialize;
 
-use crate::connect::{Captured, Client, ClientOptions};
+use crate::connect::{Captured, Client, ClientOptions, OutputStream};
 use crate::error::{ClientError, error_chain};
 
 /// Default bound on the output kept per stream and instance (the byte counts stay exact).
@@ -41,9 +41,10 @@ pub enum FleetError {
         #[source]
         source: std::num::ParseIntError,
     },
-    /// A named instance is not among those the user may reach.
-    #[error("instance {instance:?}: access denied (or no such instance)")]
-    Denied { instance: String },
+    /// A named instance is not among those the user may reach (`near`: one of those it is
+    /// a near miss of).
+    #[error("instance {instance:?}: access denied (or no such instance){}", near.as_ref().map(|n| format!("; did you mean {n}?")).unwrap_or_default())]
+    Denied { instance: String, near: Option<String> },
     /// The selection is empty.
     #[error("no instance you may reach matches {selection}")]
     NoMatch { selection: String },
@@ -214,10 +215,24 @@ pub struct RunReport {
 pub enum FleetEvent<'a> {
     /// An invocation started on this instance.
     Started { instance: &'a str },
+    /// Output of a running invocation, as it arrives (in order per instance and stream; all
+    /// of an instance's output comes before its `Finished`).
+    Output { instance: &'a str, stream: OutputStream, data: &'a [u8] },
     /// An instance is done (including those skipped or never started); `output` is what it
     /// printed, when it ran to an exit.
     Finished { outcome: &'a Outcome, output: Option<&'a Captured> },
 }
+
+/// A chunk of output on its way from an invocation to the [`run`] caller.
+struct Chunk {
+    instance: Arc<str>,
+    stream: OutputStream,
+    data: Vec<u8>,
+}
+
+/// Bound on chunks waiting to be reported: a caller slow to print slows the invocations
+/// (SSH flow control), it does not make the client buffer without limit.
+const CHUNKS_WAITING: usize = 64;
 
 /// The instances to run on: those matching `selector` that the user may reach, narrowed to
 /// `names` when given (each of which must be reachable).
@@ -228,10 +243,12 @@ pub async fn select_instances(
 ) -> Result<Vec<Instance>, FleetError> {
     let mut candidates = client.instances(selector).await?;
     if !names.is_empty() {
-        candidates.retain(|i| names.contains(&i.name));
         if let Some(missing) = names.iter().find(|n| !candidates.iter().any(|i| &i.name == *n)) {
-            return Err(FleetError::Denied { instance: missing.clone() });
+            // Only names this user may reach are suggested.
+            let near = postern_core::util::near_miss(missing, candidates.iter().map(|i| i.name.as_str()));
+            return Err(FleetError::Denied { instance: missing.clone(), near: near.map(str::to_owned) });
         }
+        candidates.retain(|i| names.contains(&i.name));
     }
     if candidates.is_empty() {
         return Err(FleetError::NoMatch { selection: selector.unwrap_or("--instances").to_owned() });
@@ -281,9 +298,9 @@ pub async fn run(
 ) -> RunReport {
     let (opts, command, run_id) = (Arc::new(opts.clone()), Arc::<str>::from(command), Arc::<str>::from(run_id));
     let (timeout, keep) = (limits.timeout, limits.keep_output);
-    let invoke = move |name: String| {
+    let invoke = move |name: String, chunks: tokio::sync::mpsc::Sender<Chunk>| {
         let (opts, command, run_id) = (opts.clone(), command.clone(), run_id.clone());
-        async move { invoke(&opts, &name, &command, &run_id, timeout, keep).await }
+        async move { invoke(&opts, &name, &command, &run_id, timeout, keep, chunks).await }
     };
     schedule(instances, limits, invoke, events, cancel).await
 }
@@ -300,7 +317,7 @@ async fn schedule<F, Fut>(
     cancel: impl Future<Output = ()>,
 ) -> RunReport
 where
-    F: Fn(String) -> Fut,
+    F: Fn(String, tokio::sync::mpsc::Sender<Chunk>) -> Fut,
     Fut: Future<Output = Invocation> + Send + 'static,
 {
     let mut outcomes = Vec::new();
@@ -322,6 +339,7 @@ where
         events(FleetEvent::Finished { outcome: o, output: None });
     }
     let mut running = tokio::task::JoinSet::new();
+    let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_WAITING);
     let mut names = HashMap::new();
     let mut errors = 0usize;
     let mut interrupted = false;
@@ -329,11 +347,17 @@ where
     loop {
         while !interrupted && running.len() < limits.concurrency && errors <= limits.max_errors {
             let Some(name) = queue.pop_front() else { break };
-            let task = running.spawn(invoke(name.clone()));
+            let task = running.spawn(invoke(name.clone(), chunks_tx.clone()));
             events(FleetEvent::Started { instance: &name });
             names.insert(task.id(), name);
         }
         let joined = tokio::select! {
+            // Output first: an invocation's chunks are all queued before it finishes.
+            biased;
+            Some(c) = chunks.recv() => {
+                events(FleetEvent::Output { instance: &c.instance, stream: c.stream, data: &c.data });
+                continue;
+            }
             j = running.join_next_with_id() => j,
             () = &mut cancel, if !interrupted => {
                 interrupted = true;
@@ -382,11 +406,21 @@ async fn invoke(
     run_id: &str,
     timeout: Duration,
     keep: usize,
+    chunks: tokio::sync::mpsc::Sender<Chunk>,
 ) -> Invocation {
     let started = Instant::now();
+    let name: Arc<str> = Arc::from(instance);
     let attempt = async {
         let client = Client::connect(opts, Some(instance)).await?;
-        client.exec_capture(command, &[("POSTERN_RUN_ID", run_id)], keep).await
+        // Waiting for room in the queue holds up this invocation's reading (and so, through
+        // SSH flow control, the remote command), never the others.
+        let forward = |stream: OutputStream, data: Vec<u8>| {
+            let (chunks, instance) = (chunks.clone(), name.clone());
+            async move {
+                let _ = chunks.send(Chunk { instance, stream, data }).await;
+            }
+        };
+        client.exec_streaming(command, &[("POSTERN_RUN_ID", run_id)], keep, forward).await
     };
     let (status, exit_code, error, out) = match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(c)) => {
@@ -457,8 +491,8 @@ mod tests {
     }
 
     /// A fake invocation: instances named `fail-*` fail; tracks the most running at once.
-    fn fake(running: Arc<AtomicUsize>, peak: Arc<AtomicUsize>) -> impl Fn(String) -> futures_like::Boxed {
-        move |name: String| {
+    fn fake(running: Arc<AtomicUsize>, peak: Arc<AtomicUsize>) -> impl Fn(String, Sender) -> futures_like::Boxed {
+        move |name: String, _chunks| {
             let (running, peak) = (running.clone(), peak.clone());
             Box::pin(async move {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -475,6 +509,8 @@ mod tests {
             })
         }
     }
+
+    type Sender = tokio::sync::mpsc::Sender<Chunk>;
 
     mod futures_like {
         pub type Boxed = std::pin::Pin<Box<dyn Future<Output = super::Invocation> + Send>>;
@@ -518,10 +554,50 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cancel_stops_running_and_pending() {
         let fleet: Vec<Instance> = ["a", "b", "c"].iter().map(|n| instance(n, true, &["exec"])).collect();
-        let hang = |_name: String| -> futures_like::Boxed { Box::pin(std::future::pending()) };
+        let hang = |_name: String, _chunks: Sender| -> futures_like::Boxed { Box::pin(std::future::pending()) };
         let cancel = tokio::time::sleep(Duration::from_millis(50));
         let report = schedule(fleet, &limits(2, 0), hang, |_| {}, cancel).await;
         let s = &report.summary;
         assert_eq!((s.cancelled, s.not_started, s.interrupted), (2, 1, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_is_reported_as_it_comes_and_before_the_instance_finishes() {
+        let fleet: Vec<Instance> = ["a", "b"].iter().map(|n| instance(n, true, &["exec"])).collect();
+        let talk = |name: String, chunks: Sender| -> futures_like::Boxed {
+            Box::pin(async move {
+                for i in 0..100 {
+                    let data = format!("{name} {i}\n").into_bytes();
+                    let c = Chunk { instance: Arc::from(name.as_str()), stream: OutputStream::Stdout, data };
+                    chunks.send(c).await.unwrap();
+                }
+                let o = Outcome { exit_code: Some(0), ..Outcome::without_run(name, Status::Success, String::new()) };
+                (o, None)
+            })
+        };
+        let mut seen: Vec<String> = Vec::new();
+        schedule(
+            fleet,
+            &limits(2, 0),
+            talk,
+            |e| match e {
+                FleetEvent::Output { instance, data, .. } => seen.push(format!("{instance}: {}", text(data))),
+                FleetEvent::Finished { outcome, .. } => seen.push(format!("{} done", outcome.instance)),
+                _ => {}
+            },
+            std::future::pending(),
+        )
+        .await;
+        for name in ["a", "b"] {
+            let mine: Vec<&String> = seen.iter().filter(|l| l.starts_with(name)).collect();
+            assert_eq!(mine.len(), 101);
+            assert_eq!(mine[0], &format!("{name}: {name} 0\n"));
+            assert_eq!(mine[99], &format!("{name}: {name} 99\n"), "in order");
+            assert_eq!(mine[100], &format!("{name} done"), "all output before the end");
+        }
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
     }
 }

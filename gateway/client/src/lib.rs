@@ -42,7 +42,9 @@ pub mod fleet;
 pub mod forward;
 pub mod known_hosts;
 
-pub use connect::{COMMAND_TIMEOUT, CONNECT_TIMEOUT, Captured, Client, ClientOptions, Stream, split_host_port};
+pub use connect::{
+    COMMAND_TIMEOUT, CONNECT_TIMEOUT, Captured, Client, ClientOptions, OutputStream, Stream, refusal, split_host_port,
+};
 pub use error::{ClientError, error_chain};
 pub use forward::{Connection, ForwardEvent, ForwardSpec, ForwardStats, Target, serve_forwards};
 pub use postern_core::command::{Instance, RdpToken, SshConfig, WhoAmI};

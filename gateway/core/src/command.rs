@@ -14,6 +14,14 @@ pub const USAGE: &str = "gateway commands: whoami | ls [LABEL-SELECTOR] | rdp-to
 /// configured `rdp_address`): `ssh -L 13389:@rdp:3389 alice%win-01@gateway`.
 pub const RDP_DESTINATION: &str = "@rdp";
 
+/// The `exit-signal` name with which the gateway marks a session channel it refused
+/// (access denied, unknown or offline instance, ...): sent before the refusal's text and
+/// exit status 1, with the refusal's text as the signal's error message. OpenSSH ignores
+/// it (plain `ssh` shows the text and exits 1, as for any remote failure); the `postern`
+/// client reports the text as its own error and exits 255, so a script can tell a refusal
+/// from a remote `exit 1`. (RFC 4254 6.10: other signal names take the form `name@domain`.)
+pub const REFUSED_SIGNAL: &str = "REFUSED@postern";
+
 /// Where `ssh-config` points `UserKnownHostsFile` when the user names no file.
 pub const DEFAULT_KNOWN_HOSTS: &str = "~/.ssh/postern_known_hosts";
 

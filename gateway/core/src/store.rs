@@ -34,6 +34,35 @@ pub struct NewToken {
     pub expires_at: i64,
 }
 
+/// An enrollment token as listed (`postern token list`): never the secret, nor its full hash.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TokenRecord {
+    /// The first 12 hex digits of the secret's SHA-256 (the audit log's `token_id`).
+    pub id: String,
+    pub name: Option<String>,
+    pub labels: Labels,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+    /// The agent it enrolled, or `revoked by ACTOR` for a revoked token.
+    pub used_by: Option<String>,
+}
+
+/// What `used_by` starts with for a revoked token (agent ids never do).
+pub const TOKEN_REVOKED_BY: &str = "revoked by ";
+
+impl TokenRecord {
+    /// `unused`, `used`, `expired` or `revoked` at `now`.
+    pub fn state(&self, now: i64) -> &'static str {
+        match (&self.used_by, self.used_at) {
+            (Some(by), _) if by.starts_with(TOKEN_REVOKED_BY) => "revoked",
+            (_, Some(_)) => "used",
+            _ if now >= self.expires_at => "expired",
+            _ => "unused",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedeemError {
     Unknown,
@@ -191,7 +220,12 @@ pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&
     let matches: Vec<&AgentRecord> = agents.iter().filter(|a| a.name == wanted).collect();
     match matches.as_slice() {
         [one] => Ok(one),
-        [] => Err(format!("no instance named {wanted:?}; see `postern instances`")),
+        // Every agent given may be named: callers pass only what their user may see (the
+        // admin socket: all; a user's refusal never comes from here).
+        [] => match crate::util::near_miss(wanted, agents.iter().map(|a| a.name.as_str())) {
+            Some(near) => Err(format!("no instance named {wanted:?}; did you mean {near}? (see `postern instances`)")),
+            None => Err(format!("no instance named {wanted:?}; see `postern instances`")),
+        },
         _ => Err(format!("{wanted:?} names several instances; use the instance id")),
     }
 }
@@ -203,6 +237,13 @@ pub trait Store: Send + Sync + 'static {
     /// Atomically spend the token `hash` and create the agent it enrolls. A token is
     /// redeemed at most once, even under concurrent attempts.
     async fn redeem_token(&self, hash: &str, agent: &NewAgent) -> Result<Result<AgentRecord, RedeemError>, StoreError>;
+
+    /// Every enrollment token, newest first.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Spend the unused token whose id (hash prefix) is `id` without enrolling anything;
+    /// false if there is none (unknown, used or already revoked).
+    async fn revoke_token(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError>;
 
     async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
 

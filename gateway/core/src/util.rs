@@ -167,8 +167,61 @@ pub fn line_diff(old: &str, new: &str) -> String {
     out
 }
 
+/// Levenshtein distance between two names (characters), for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row.first().copied().unwrap_or(0);
+        if let Some(first) = row.first_mut() {
+            *first = i + 1;
+        }
+        for (j, cb) in b.iter().enumerate() {
+            let above = row.get(j + 1).copied().unwrap_or(0);
+            let left = row.get(j).copied().unwrap_or(0);
+            let best = (prev + usize::from(ca != *cb)).min(above + 1).min(left + 1);
+            prev = above;
+            if let Some(x) = row.get_mut(j + 1) {
+                *x = best;
+            }
+        }
+    }
+    row.last().copied().unwrap_or(0)
+}
+
+/// The candidate closest to `typed` when it is a near miss (1 edit for names of 3 to 5
+/// characters, 2 for longer ones; none for shorter); ties go to the first in `candidates`. Only
+/// names the caller may show go in: the hint must not reveal others.
+pub fn near_miss<'a>(typed: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = match typed.chars().count() {
+        0..=2 => return None,
+        3..=5 => 1,
+        _ => 2,
+    };
+    let scored: Vec<(usize, &str)> = candidates.into_iter().map(|c| (edit_distance(typed, c), c)).collect();
+    if scored.iter().any(|(d, _)| *d == 0) {
+        return None;
+    }
+    scored.into_iter().filter(|(d, _)| *d <= limit).min_by_key(|(d, _)| *d).map(|(_, c)| c)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn near_misses() {
+        use super::{edit_distance, near_miss};
+        assert_eq!(edit_distance("web-01", "web-01"), 0);
+        assert_eq!(edit_distance("web-1", "web-01"), 1);
+        assert_eq!(edit_distance("wbe-01", "web-01"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        let seen = ["db-01", "web-01", "web-02"];
+        assert_eq!(near_miss("web-1", seen), Some("web-01"));
+        assert_eq!(near_miss("web-03", seen), Some("web-01"));
+        assert_eq!(near_miss("mail-01", seen), None);
+        assert_eq!(near_miss("web-01", seen), None, "an exact name is not a near miss");
+        assert_eq!(near_miss("x", ["y"]), None, "one-letter names are too short to guess");
+    }
+
     use super::*;
 
     #[test]

@@ -145,6 +145,12 @@ fn read_keys(keys: &[String], files: &[PathBuf]) -> anyhow::Result<Vec<String>> 
     Ok(out)
 }
 
+/// Where a user or policy comes from: `store` (managed with these commands) or `config
+/// (read-only)` (the gateway config file, or quickstart).
+fn from(v: &Value) -> String {
+    if v.get("read_only") == Some(&Value::Bool(true)) { "config (read-only)".into() } else { "store".into() }
+}
+
 pub async fn user(socket: &Path, action: &UserAction) -> anyhow::Result<()> {
     let show = |v: &Value| {
         let keys = v.get("keys").and_then(Value::as_array).map(|a| a.len()).unwrap_or(0);
@@ -179,7 +185,7 @@ pub async fn user(socket: &Path, action: &UserAction) -> anyhow::Result<()> {
             if *json {
                 return print_json(&v);
             }
-            print_table(&v, &["USER", "GROUPS", "STATE", "KEYS"], |u| {
+            print_table(&v, &["USER", "GROUPS", "STATE", "FROM", "KEYS"], |u| {
                 let fps: Vec<String> = u
                     .get("keys")
                     .and_then(Value::as_array)
@@ -189,6 +195,7 @@ pub async fn user(socket: &Path, action: &UserAction) -> anyhow::Result<()> {
                     s(u, "name"),
                     s(u, "groups"),
                     if u.get("disabled") == Some(&Value::Bool(true)) { "disabled" } else { "active" }.into(),
+                    from(u),
                     fps.join(" "),
                 ]
             });
@@ -263,12 +270,14 @@ pub async fn policy(socket: Option<&Path>, action: &PolicyAction) -> anyhow::Res
             if *json {
                 return print_json(&v);
             }
-            print_table(&v, &["POLICY", "VERSION", "APPLIED", "BY", "FILE"], |p| {
+            print_table(&v, &["POLICY", "VERSION", "APPLIED", "BY", "FROM", "FILE"], |p| {
+                let read_only = p.get("read_only") == Some(&Value::Bool(true));
                 vec![
                     s(p, "name"),
-                    s(p, "version"),
-                    ago(p.get("applied_at").and_then(Value::as_i64)),
-                    s(p, "applied_by"),
+                    if read_only { "-".into() } else { s(p, "version") },
+                    if read_only { "-".into() } else { ago(p.get("applied_at").and_then(Value::as_i64)) },
+                    if read_only { "-".into() } else { s(p, "applied_by") },
+                    from(p),
                     s(p, "file"),
                 ]
             });
@@ -355,14 +364,7 @@ pub async fn grants(socket: &Path, all: bool, json: bool) -> anyhow::Result<()> 
         return print_json(&v);
     }
     print_table(&v, &["GRANT", "USER", "POLICY", "EXPIRES", "STATE", "REASON"], |g| {
-        vec![
-            s(g, "id"),
-            s(g, "user"),
-            s(g, "policy"),
-            when(g, "expires_at"),
-            if g.get("revoked_at").is_some_and(|x| !x.is_null()) { "revoked".into() } else { String::new() },
-            s(g, "reason"),
-        ]
+        vec![s(g, "id"), s(g, "user"), s(g, "policy"), when(g, "expires_at"), s(g, "state"), s(g, "reason")]
     });
     Ok(())
 }

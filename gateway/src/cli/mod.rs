@@ -261,7 +261,7 @@ pub enum TokenAction {
         /// Labels for the agent, e.g. env=dev,role=web.
         #[arg(long, value_delimiter = ',')]
         labels: Vec<String>,
-        /// How long the token stays valid (90s, 15m, 8h, 7d).
+        /// How long the token stays valid (90s, 15m, 8h; at most 7d).
         #[arg(long, default_value = "15m")]
         ttl: String,
         /// Instance name (default: the agent's hostname).
@@ -271,6 +271,15 @@ pub enum TokenAction {
         #[arg(long)]
         json: bool,
     },
+    /// List enrollment tokens (never their secrets): id, name, labels, expiry, state
+    /// (unused, used, expired, revoked) and the agent each enrolled.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an unused token unusable (id from `postern token list`, or the audit log's token_id).
+    Revoke { id: String },
 }
 
 #[derive(Args)]
@@ -594,6 +603,12 @@ pub async fn token_create(
 ) -> anyhow::Result<()> {
     let labels = parse_labels(labels)?;
     let ttl = parse_duration(ttl).context("--ttl")?;
+    if ttl > crate::instances::MAX_TOKEN_TTL {
+        bail!(
+            "--ttl {}: a token may live at most 7 days (it enrolls a machine: make one when you need it)",
+            ttl_text(ttl)
+        );
+    }
     let (reply, _) = request(socket, &AdminRequest::TokenCreate { labels, ttl_secs: ttl.as_secs(), name }).await?;
     let r = reply.get("result").cloned().unwrap_or(Value::Null);
     if json {
@@ -606,12 +621,59 @@ pub async fn token_create(
     println!("token:   {}", s("token"));
     println!("expires: {} (single use)", postern_core::util::rfc3339(expires));
     println!("ca pin:  {}", s("ca_pin"));
+    if let Some(name) = r.get("name").and_then(Value::as_str) {
+        println!("name:    {name}");
+    }
     if !labels.is_empty() {
         println!("labels:  {}", labels_text(&labels));
     }
     println!();
     println!("On the server to add, run:");
     println!("  postern-agent join --gateway {} --token {} --ca-pin {} --run", s("gateway"), s("token"), s("ca_pin"));
+    Ok(())
+}
+
+fn ttl_text(d: Duration) -> String {
+    format!("{}s", d.as_secs())
+}
+
+/// `postern token list`.
+pub async fn token_list(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let (reply, _) = request(socket, &AdminRequest::TokenList).await?;
+    let rows: Vec<crate::instances::TokenRow> =
+        serde_json::from_value(reply.get("result").cloned().unwrap_or_default())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No tokens. Create one with `postern token create`.");
+        return Ok(());
+    }
+    let when = postern_core::util::rfc3339;
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let t = &r.token;
+            vec![
+                t.id.clone(),
+                t.name.clone().unwrap_or_else(|| "-".into()),
+                labels_text(&t.labels),
+                when(t.created_at),
+                when(t.expires_at),
+                r.state.clone(),
+                t.used_by.clone().filter(|_| r.state == "used").unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["TOKEN", "NAME", "LABELS", "CREATED", "EXPIRES", "STATE", "ENROLLED"], &table_rows));
+    Ok(())
+}
+
+/// `postern token revoke ID`.
+pub async fn token_revoke(socket: &Path, id: &str) -> anyhow::Result<()> {
+    request(socket, &AdminRequest::TokenRevoke { id: id.to_owned() }).await?;
+    println!("revoked token {id}: it can no longer enroll an agent");
     Ok(())
 }
 

@@ -172,6 +172,9 @@ async fn interact(ch: russh::Channel<russh::client::Msg>, tty: bool) -> anyhow::
     let mut buf = vec![0u8; 32 * 1024];
     let mut stdin_open = true;
     let mut code: Option<i32> = None;
+    // The gateway's refusal (access denied, unknown or offline instance): our error, not a
+    // remote exit status (docs/client.md, "Exit status").
+    let mut refused: Option<String> = None;
     loop {
         tokio::select! {
             n = stdin.read(&mut buf), if stdin_open => match n {
@@ -190,6 +193,13 @@ async fn interact(ch: russh::Channel<russh::client::Msg>, tty: bool) -> anyhow::
                 let _ = wr.window_change(u32::from(cols), u32::from(rows), 0, 0).await;
             }
             msg = rd.wait() => match msg {
+                // After the refusal marker the gateway repeats the text on stderr for ssh users.
+                Some(ChannelMsg::Data { .. } | ChannelMsg::ExtendedData { .. }) if refused.is_some() => {}
+                Some(ChannelMsg::ExitSignal { signal_name, error_message, .. })
+                    if postern_client::refusal(&signal_name, &error_message).is_some() =>
+                {
+                    refused = postern_client::refusal(&signal_name, &error_message);
+                }
                 Some(ChannelMsg::Data { data }) => {
                     stdout.write_all(&data).await?;
                     stdout.flush().await?;
@@ -204,6 +214,10 @@ async fn interact(ch: russh::Channel<russh::client::Msg>, tty: bool) -> anyhow::
                 Some(_) => {}
             },
         }
+    }
+    drop(_raw);
+    if let Some(message) = refused {
+        return Err(postern_client::ClientError::SessionRefused { message }.into());
     }
     Ok(code.unwrap_or(255))
 }
@@ -288,9 +302,12 @@ pub struct RunArgs {
     /// Where each instance's stdout and stderr are saved. Default: ./postern-run-<RUN ID>.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
-    /// Print the summary as JSON on stdout (progress still goes to stderr).
+    /// Print the summary as JSON on stdout (progress still goes to stderr; output only to files).
     #[arg(long)]
     pub json: bool,
+    /// Do not show the instances' output as it comes (it is still saved in --output-dir).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     /// The command (run by the remote user's shell).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -314,10 +331,19 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<i32> {
         dir.display()
     );
 
-    let progress = Progress::new(total);
+    // Output is shown as it comes, each line after its instance's name, unless --quiet or
+    // --json; then the progress is one line per finished instance (a redrawn bar would
+    // tear the output), as it is off a terminal.
+    let stream = !args.quiet && !args.json;
+    let progress = Progress::new(total, !stream);
+    let mut lines = PrefixedLines::default();
     let on_event = |event: FleetEvent<'_>| match event {
         FleetEvent::Started { .. } => progress.started(),
+        FleetEvent::Output { instance, stream: which, data } if stream => lines.push(instance, which, data),
         FleetEvent::Finished { outcome, output } => {
+            if stream {
+                lines.finish(&outcome.instance);
+            }
             if let Some(captured) = output {
                 save_output(&dir, &outcome.instance, captured);
             }
@@ -380,6 +406,69 @@ fn save_output(dir: &std::path::Path, instance: &str, captured: &postern_client:
     let _ = std::fs::write(dir.join(format!("{safe}.stderr")), &captured.stderr.data);
 }
 
+/// Bound on a partial line held back for its prefix: a longer one is shown in pieces.
+const MAX_HELD_LINE: usize = 64 << 10;
+
+/// Instances' output as `NAME: line`, stdout to stdout and stderr to stderr; a line is
+/// shown once complete (or when its instance finishes), so lines of different instances
+/// never mix.
+#[derive(Default)]
+struct PrefixedLines {
+    partial: std::collections::HashMap<(String, bool), Vec<u8>>,
+}
+
+impl PrefixedLines {
+    fn push(&mut self, instance: &str, stream: postern_client::OutputStream, data: &[u8]) {
+        let to_stderr = stream == postern_client::OutputStream::Stderr;
+        let held = self.partial.entry((instance.to_owned(), to_stderr)).or_default();
+        held.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(end) = held.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = held.drain(..=end).collect();
+            prefixed(&mut out, instance, &line);
+        }
+        if held.len() > MAX_HELD_LINE {
+            let mut line = std::mem::take(held);
+            line.push(b'\n');
+            prefixed(&mut out, instance, &line);
+        }
+        emit(to_stderr, &out);
+    }
+
+    /// Show what is left of an instance's output (a last line without a newline).
+    fn finish(&mut self, instance: &str) {
+        for to_stderr in [false, true] {
+            if let Some(mut rest) = self.partial.remove(&(instance.to_owned(), to_stderr))
+                && !rest.is_empty()
+            {
+                rest.push(b'\n');
+                let mut out = Vec::new();
+                prefixed(&mut out, instance, &rest);
+                emit(to_stderr, &out);
+            }
+        }
+    }
+}
+
+fn prefixed(out: &mut Vec<u8>, instance: &str, line: &[u8]) {
+    out.extend_from_slice(instance.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(line);
+}
+
+fn emit(to_stderr: bool, bytes: &[u8]) {
+    use std::io::Write;
+    if bytes.is_empty() {
+        return;
+    }
+    let _ = if to_stderr {
+        std::io::stderr().lock().write_all(bytes)
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes).and_then(|()| out.flush())
+    };
+}
+
 /// Progress on stderr: a redrawn line on a terminal, one line per finished instance otherwise.
 struct Progress {
     total: usize,
@@ -388,8 +477,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: usize) -> Self {
-        let tty = rustix::termios::isatty(std::io::stderr());
+    /// `bar`: a redrawn bar when stderr is a terminal.
+    fn new(total: usize, bar: bool) -> Self {
+        let tty = bar && rustix::termios::isatty(std::io::stderr());
         Progress { total, tty, state: std::sync::Mutex::new((0, 0, 0)) }
     }
 

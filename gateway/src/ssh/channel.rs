@@ -13,6 +13,23 @@ pub(super) fn sig_name(s: &russh::Sig) -> String {
     format!("{s:?}").trim_start_matches("Custom(\"").trim_end_matches("\")").to_owned()
 }
 
+/// Refuse a session channel (shell, exec, sftp on an instance): marked as the gateway's
+/// refusal with the [`postern_core::command::REFUSED_SIGNAL`] exit-signal carrying the
+/// text (first, so the `postern` client knows the text that follows is the refusal's),
+/// then the text on stderr and exit status `code` for plain `ssh` (which ignores the
+/// signal): 1, or 255 when the instance could not be reached.
+pub(super) async fn refuse_session(
+    handle: &russh::server::Handle,
+    ch: &russh::ChannelWriteHalf<Msg>,
+    message: &str,
+    code: u32,
+) {
+    let signal = russh::Sig::Custom(postern_core::command::REFUSED_SIGNAL.to_owned());
+    // Through the connection's one outgoing queue, so it arrives before the text.
+    let _ = handle.exit_signal_request(ch.id(), signal, false, message.to_owned(), String::new()).await;
+    refuse(ch, message, code).await;
+}
+
 /// Tell the client why nothing happened, and end the channel with `code`.
 pub(super) async fn refuse(ch: &russh::ChannelWriteHalf<Msg>, message: &str, code: u32) {
     let _ = ch.extended_data_bytes(1, format!("postern: {message}\r\n").into_bytes()).await;

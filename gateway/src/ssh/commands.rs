@@ -76,6 +76,14 @@ async fn run(state: &Services, identity: &Identity, source: &str, command: &str)
     }
 }
 
+/// The name of an instance this user may reach that `typed` is a near miss of: the hint
+/// for "access denied (or no such instance)". Only instances `ls` shows this user are
+/// candidates, so the hint says nothing about others (nor whether `typed` exists).
+pub(super) async fn near_miss(state: &Services, identity: &Identity, typed: &str) -> Option<String> {
+    let visible = list(state, identity, None).await.ok()?;
+    postern_core::util::near_miss(typed, visible.iter().map(|i| i.name.as_str())).map(str::to_owned)
+}
+
 /// Instances the user may reach now: not revoked, matching the selector, with at least one
 /// action the policy allows (listed per instance).
 async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> Result<Vec<Instance>, String> {

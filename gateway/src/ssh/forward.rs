@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use postern_core::policy::host::Host;
 use postern_core::{Action, Identity};
+use postern_proto::ErrorCode;
 use postern_proto::{SessionRequest, TcpByNameRequest, TcpRequest};
-use postern_tunnel::server::SessionStream;
+use postern_tunnel::server::{OpenError, SessionStream};
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
 use tokio::sync::OwnedSemaphorePermit;
@@ -59,7 +60,16 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
                 reason: msg.to_string(),
                 destination: requested,
             })));
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            // The reason is the channel-open failure's text (`ssh -L` prints it), with a near
+            // miss among the instances this user may reach.
+            let why = match msg.as_ref() {
+                postern_core::DENIED => match super::commands::near_miss(&state, &identity, &target).await {
+                    Some(near) => format!("{msg}; did you mean {near}?"),
+                    None => msg.into_owned(),
+                },
+                _ => msg.into_owned(),
+            };
+            reply.reject(refusal(ChannelOpenFailure::AdministrativelyProhibited, &why)).await;
             return;
         }
     };
@@ -69,6 +79,12 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
         _ => unlogged::FORWARD,
     };
     forward(&state, peer, (authz, requested), channel, reply, why, permit).await;
+}
+
+/// A channel-open failure of `kind` whose text says why (the client shows it: OpenSSH as
+/// "open failed: administratively prohibited: TEXT").
+fn refusal(kind: ChannelOpenFailure, why: &str) -> ChannelOpenFailure {
+    ChannelOpenFailure::Other { code: kind.code(), reason: why.chars().take(400).collect() }
 }
 
 /// Whether the agent's report of where it connected (`IP:PORT`) is outside the policy's
@@ -138,14 +154,29 @@ async fn forward(
                 Action::Rdp => Event::RdpFailed(RdpFailed {
                     user,
                     target,
-                    destination: Some(destination),
+                    destination: Some(destination.clone()),
                     source: None,
                     token_id: None,
                     error,
                 }),
-                _ => Event::ForwardFailed(ForwardFailed { user, target, destination, error }),
+                _ => Event::ForwardFailed(ForwardFailed { user, target, destination: destination.clone(), error }),
             });
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            // Why, in the channel-open failure's text: what the agent said (its `tcp_allow`,
+            // a refused connection), or that it is offline.
+            let (kind, why) = match &e {
+                OpenError::Rejected { code: ErrorCode::Forbidden, reason } => {
+                    (ChannelOpenFailure::AdministrativelyProhibited, format!("{}: {reason}", authz.instance()))
+                }
+                OpenError::Rejected { reason, .. } => {
+                    (ChannelOpenFailure::ConnectFailed, format!("{}: {reason}", authz.instance()))
+                }
+                OpenError::Offline => (
+                    ChannelOpenFailure::ConnectFailed,
+                    format!("instance {} is offline (its agent is not connected)", authz.instance()),
+                ),
+                other => (ChannelOpenFailure::ConnectFailed, format!("{} {destination}: {other}", authz.instance())),
+            };
+            reply.reject(refusal(kind, &why)).await;
             return;
         }
     };

@@ -217,7 +217,7 @@ impl russh::server::Handler for ConnHandler {
         &mut self,
         channel: Channel<Msg>,
         reply: russh::server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(identity) = self.identity.clone() else { return Ok(()) };
         reply.accept().await;
@@ -227,6 +227,7 @@ impl russh::server::Handler for ConnHandler {
             target: self.target.clone(),
             login: self.login.clone(),
             peer: self.peer,
+            handle: session.handle(),
         };
         tokio::spawn(serve_session_channel(ctx, channel).instrument(tracing::Span::current()));
         Ok(())

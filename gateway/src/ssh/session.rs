@@ -14,7 +14,7 @@ use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
 use tracing::{info, warn};
 
-use super::channel::{clamp16, refuse};
+use super::channel::{clamp16, refuse, refuse_session};
 use super::relay::{Relayed, Terms, relay};
 use crate::audit::events::{
     Event, GatewayDiskLow, SessionAuthorized, SessionDenied, SessionEnd, SessionStart, SshDenied, SshSessionEnd,
@@ -82,6 +82,8 @@ pub(super) struct SessionCtx {
     /// The OS login asked for (the inner hop's user name), decided by the policy's logins.
     pub login: Option<String>,
     pub peer: SocketAddr,
+    /// The connection's handle (for what a channel half cannot send: the refusal marker).
+    pub handle: russh::server::Handle,
 }
 
 enum Request {
@@ -174,7 +176,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
         Request::Exec(_) => Action::Exec,
         Request::Subsystem(s) if s == "sftp" => Action::Sftp,
         Request::Subsystem(other) => {
-            refuse(&wr, &format!("unsupported subsystem {other:?}"), 1).await;
+            refuse_session(&ctx.handle, &wr, &format!("unsupported subsystem {other:?}"), 1).await;
             return;
         }
     };
@@ -195,7 +197,16 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 reason: msg.to_string(),
                 destination: None,
             })));
-            refuse(&wr, &msg, 1).await;
+            // A near miss among the instances this user may reach (never others).
+            let hint = match msg.as_ref() {
+                postern_core::DENIED => super::commands::near_miss(&ctx.state, &ctx.identity, &target).await,
+                _ => None,
+            };
+            let message = match hint {
+                Some(name) => format!("{msg}; did you mean {name}?"),
+                None => msg.into_owned(),
+            };
+            refuse_session(&ctx.handle, &wr, &message, 1).await;
             return;
         }
     };
@@ -209,7 +220,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
     let agent_request = match plan(&request, pty.as_ref(), env, &profile, authz.run_as(), authz.allow_root()) {
         Ok(r) => r,
         Err(message) => {
-            refuse(&wr, &message, 1).await;
+            refuse_session(&ctx.handle, &wr, &message, 1).await;
             return;
         }
     };
@@ -242,7 +253,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 "the session recording cannot be written on the gateway: {}, and sessions are not run unrecorded here; tell your administrator",
                 low.reason()
             );
-            refuse(&wr, &message, 1).await;
+            refuse_session(&ctx.handle, &wr, &message, 1).await;
             return;
         }
     }
@@ -280,7 +291,8 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             reason: format!("{what} cannot be written (fail_closed)"),
             destination: None,
         })));
-        refuse(
+        refuse_session(
+            &ctx.handle,
             &wr,
             &format!("{what} cannot be written on the gateway, and sessions are not run unrecorded here; tell your administrator"),
             1,
@@ -302,7 +314,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 }
                 other => format!("instance {}: {other}", authz.instance()),
             };
-            refuse(&wr, &msg, 255).await;
+            refuse_session(&ctx.handle, &wr, &msg, 255).await;
             if let Some(r) = recorder {
                 let _ = std::fs::remove_file(r.path());
             }

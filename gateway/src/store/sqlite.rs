@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 use super::{
     AgentRecord, AuditAnchor, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, SessionEnding,
-    SessionQuery, SessionRecord, Store, StoreError, UserRecord,
+    SessionQuery, SessionRecord, Store, StoreError, TOKEN_REVOKED_BY, TokenRecord, UserRecord,
 };
 
 /// The store's error for a failed database call.
@@ -279,6 +279,46 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at DESC, hash")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let hash: String = r.try_get("hash").map_err(db)?;
+                let labels: String = r.try_get("labels").map_err(db)?;
+                Ok(TokenRecord {
+                    id: hash.get(..12).unwrap_or(&hash).to_owned(),
+                    name: r.try_get("name").map_err(db)?,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    created_at: r.try_get("created_at").map_err(db)?,
+                    expires_at: r.try_get("expires_at").map_err(db)?,
+                    used_at: r.try_get("used_at").map_err(db)?,
+                    used_by: r.try_get("used_by").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn revoke_token(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError> {
+        // Only a full 12-digit id: a shorter prefix could name several tokens.
+        if id.len() != 12 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(false);
+        }
+        // Spent like a used token (redeem_token's conditional UPDATE then refuses it), with
+        // who revoked it in `used_by`: no schema change.
+        let done =
+            sqlx::query("UPDATE tokens SET used_at = ?, used_by = ? WHERE substr(hash, 1, 12) = ? AND used_at IS NULL")
+                .bind(now)
+                .bind(format!("{TOKEN_REVOKED_BY}{by}"))
+                .bind(id.to_ascii_lowercase())
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn redeem_token(&self, hash: &str, agent: &NewAgent) -> Result<Result<AgentRecord, RedeemError>, StoreError> {

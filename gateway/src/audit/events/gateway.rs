@@ -27,6 +27,13 @@ pub struct TokenCreated {
     pub expires_at: i64,
 }
 
+/// `token.revoked`: an unused enrollment token made unusable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub actor: String,
+    pub token_id: String,
+}
+
 /// `agent.enrolled`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentEnrolled {
@@ -150,6 +157,16 @@ pub struct GrantRevoked {
     pub grant_id: String,
     pub user: String,
     pub policy: String,
+}
+
+/// `grant.expired`: a grant's time ran out (within a second of `expires_at`, while the
+/// gateway runs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantExpired {
+    pub grant_id: String,
+    pub user: String,
+    pub policy: String,
+    pub expires_at: i64,
 }
 
 /// `admin.action`: every admin request. Requests answered by the admin socket itself say

@@ -69,6 +69,7 @@ events! {
     /// A session could not be written to the session history (once per episode).
     GatewayHistoryFailed(GatewayHistoryFailed) = "gateway.history_failed",
     TokenCreated(TokenCreated) = "token.created",
+    TokenRevoked(TokenRevoked) = "token.revoked",
     AgentEnrolled(AgentEnrolled) = "agent.enrolled",
     AgentEnrollRefused(AgentEnrollRefused) = "agent.enroll_refused",
     AgentConnected(AgentConnected) = "agent.connected",
@@ -99,6 +100,8 @@ events! {
     PolicyChanged(PolicyChanged) = "policy.changed",
     GrantCreated(GrantCreated) = "grant.created",
     GrantRevoked(GrantRevoked) = "grant.revoked",
+    /// A grant reached its expiry while the gateway ran (written by the enforcer).
+    GrantExpired(GrantExpired) = "grant.expired",
     AdminAction(AdminAction) = "admin.action",
     /// Written by the log itself ([`super::AuditLog`]), never through [`super::AuditLog::event`].
     AuditCheckpoint(AuditCheckpoint) = "audit.checkpoint",
