@@ -357,6 +357,14 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+/// Whether the config file at `path` sets `[section] key` itself, rather than leaving it to
+/// the default: quickstart's loopback defaults give way to what a file says, and only to that.
+pub fn file_sets(path: &Path, section: &str, key: &str) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(table.get(section).and_then(toml::Value::as_table).is_some_and(|t| t.contains_key(key)))
+}
+
 impl GatewayConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -455,6 +463,17 @@ mod tests {
         assert_eq!(cfg.tunnel.listen.port(), 5000);
         assert_eq!(cfg.tunnel.agent_cert_ttl, "30d");
         assert!(toml::from_str::<GatewayConfig>("[tunnel]\nlisen = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn file_sets_tells_set_keys_from_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        std::fs::write(&p, "[tunnel]\nlisten = \"0.0.0.0:5000\"\n[rdp]\nenabled = true\n").unwrap();
+        assert!(file_sets(&p, "tunnel", "listen").unwrap());
+        assert!(!file_sets(&p, "ssh", "listen").unwrap());
+        assert!(!file_sets(&p, "rdp", "listen").unwrap());
+        assert!(file_sets(&dir.path().join("missing.toml"), "ssh", "listen").is_err());
     }
 
     #[test]

@@ -52,6 +52,10 @@ async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow:
     let stop = shutdown_signal();
     survive_file_size_limit()?;
     let running = app::start(cfg).await?;
+    println!(
+        "Postern gateway is running.\n{}\nPress Ctrl-C (or send SIGTERM) to stop it.",
+        cli::listener_lines(&running.services)
+    );
     stop.await;
     tracing::info!("shutting down");
     running.stop().await;
@@ -89,11 +93,12 @@ async fn local_public_keys() -> Vec<String> {
     keys
 }
 
-async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    let mut cfg = cli::resolve_config(cli)?;
-    cfg.tunnel.listen = listen;
-    cfg.ssh.listen = ssh_listen;
-    cfg.ssh.enabled = true;
+async fn quickstart(
+    cli: &Cli,
+    listen: Option<std::net::SocketAddr>,
+    ssh_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let cfg = cli::quickstart_config(cli, listen, ssh_listen)?;
     let data_dir = cfg.data_dir.clone();
     let stop = shutdown_signal();
     survive_file_size_limit()?;
@@ -179,7 +184,9 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
         format!(
             "SSH into this machine through the gateway ({n} key(s) of yours registered as user {me}):\n\
              \x20 ssh -o UserKnownHostsFile={kh} -p {ssh_port} {me}%{name}@127.0.0.1\n\
-             For `ssh {me}@{name}.{suffix}` (your account here is your login): postern{dd} ssh-config --install\n             As a user with the postern client (docs/client.md):\n             \x20 postern ls --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}",
+             For `ssh {me}@{name}.{suffix}` (your account here is your login): postern{dd} ssh-config --install\n\
+             As a user with the postern client (docs/client.md):\n\
+             \x20 postern ls --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}",
             n = keys.len(),
             kh = known_hosts.display(),
             name = local.name,
@@ -188,8 +195,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
     };
     println!(
         "\nPostern is running.\n\
-         \x20 gateway (agents):  udp {tunnel}   CA pin {pin}\n\
-         \x20 data directory:    {dir}\n\
+         {listeners}\n\
          \x20 local agent:       {name} ({id}) online\n\n\
          Try it from another terminal:\n\
          \x20 postern{dd} instances\n\
@@ -199,9 +205,7 @@ async fn quickstart(cli: &Cli, listen: std::net::SocketAddr, ssh_listen: std::ne
          Add another server:\n\
          \x20 postern{dd} token create --labels env=dev --ttl 15m     (prints the postern-agent join command)\n\n\
          Press Ctrl-C to stop the gateway and the local agent.",
-        tunnel = state.addresses.tunnel,
-        pin = state.instances.ca().pin(),
-        dir = data_dir.display(),
+        listeners = cli::listener_lines(&state),
         name = local.name,
         id = local.agent_id,
     );

@@ -260,6 +260,78 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
     assert!(!data.join("admin.sock").exists());
 }
 
+/// quickstart takes its listen addresses from the command line, else from `--config`
+/// (`[tunnel]`, `[ssh]`, `[rdp]`), and prints every listener in an aligned banner.
+#[test]
+fn quickstart_listens_where_the_config_says_and_prints_every_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    sh(&format!("ssh-keygen -q -t ed25519 -N '' -C me -f {}", home.join(".ssh/id_ed25519").display()));
+    let (file_udp, flag_udp, ssh, rdp) = (free_udp_port(), free_udp_port(), free_tcp_port(), free_tcp_port());
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n[tunnel]\nlisten = \"127.0.0.1:{file_udp}\"\n[ssh]\nlisten = \"127.0.0.1:{ssh}\"\n\
+             [rdp]\nenabled = true\nlisten = \"127.0.0.1:{rdp}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("postern"));
+    // The command line wins over the file for the tunnel; the file's SSH and RDP addresses hold.
+    cmd.arg("--config").arg(&config).args(["quickstart", "--listen", &format!("127.0.0.1:{flag_udp}")]);
+    cmd.env("HOME", &home).env_remove("SSH_AUTH_SOCK");
+    let mut qs = spawn_logged(cmd, &dir.path().join("quickstart.log"));
+    wait_until("quickstart banner", Duration::from_secs(30), || qs.log_text().contains("Press Ctrl-C"));
+    let log = qs.log_text();
+    let banner = &log[log.find("Postern is running.").unwrap()..];
+    let squeezed: Vec<String> =
+        banner.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    for want in [
+        format!("agents (tunnel): udp 127.0.0.1:{flag_udp} CA pin sha256:"),
+        format!("SSH door: tcp 127.0.0.1:{ssh}"),
+        format!("RDP door: tcp 127.0.0.1:{rdp}"),
+        format!("admin socket: {}", data.join("admin.sock").display()),
+        format!("data directory: {}", data.display()),
+        format!("ssh -o UserKnownHostsFile={} -p {ssh} ", data.join("known_hosts").display()),
+    ] {
+        assert!(squeezed.iter().any(|l| l.starts_with(&want)), "no line {want:?} in:\n{banner}");
+    }
+    // Aligned: lines start in the first column, or indented by two for a listed item.
+    for line in banner.lines().filter(|l| l.starts_with(' ')) {
+        assert!(line.starts_with("  ") && !line.starts_with("   "), "misaligned line {line:?} in:\n{banner}");
+    }
+    // The doors really listen there (and the tunnel where the flag said: the agent is online).
+    for port in [ssh, rdp] {
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    }
+    assert!(std::net::UdpSocket::bind(("127.0.0.1", flag_udp)).is_err(), "the tunnel is not on the flag's port");
+    assert!(std::net::UdpSocket::bind(("127.0.0.1", file_udp)).is_ok(), "the file's tunnel port is in use");
+    qs.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(qs.wait_exit(Duration::from_secs(10)), Some(0), "{}", qs.log_text());
+}
+
+/// `postern gateway` prints every address it listens on, and which doors are off.
+#[test]
+fn gateway_prints_every_listener() {
+    let gw = Gateway::start("");
+    let proc = gw.proc.as_ref().unwrap();
+    wait_until("the gateway's banner", Duration::from_secs(10), || proc.log_text().contains("to stop it"));
+    let log = proc.log_text();
+    let squeezed: Vec<String> = log.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    for want in [
+        "Postern gateway is running.".to_owned(),
+        format!("agents (tunnel): udp {} CA pin sha256:", gw.listen),
+        format!("SSH door: tcp 127.0.0.1:{}", gw.ssh_port),
+        "RDP door: off (turn it on with [rdp] enabled = true)".to_owned(),
+        format!("admin socket: {}", gw.data_dir().join("admin.sock").display()),
+    ] {
+        assert!(squeezed.iter().any(|l| l.starts_with(&want)), "no line {want:?} in:\n{log}");
+    }
+}
+
 /// An agent in its own network namespace whose firewall drops every inbound connection
 /// still serves sessions: it only ever dials out.
 #[test]

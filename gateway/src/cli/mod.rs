@@ -13,6 +13,7 @@ pub mod ssh_config;
 pub mod user;
 pub mod verify;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::admin::{AdminRequest, SessionSpec, request};
 use crate::app::admin_socket_path;
 use crate::config::{GatewayConfig, default_data_dir, parse_duration};
 use crate::instances::InstanceRow;
+use crate::services::Services;
 use crate::store::Labels;
 use format::{ago, table};
 
@@ -59,14 +61,16 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Start a gateway and enroll a local agent for this machine, ready to use.
+    /// Start a gateway and enroll a local agent for this machine, ready to use. Listens on
+    /// loopback unless the command line or the --config file says otherwise.
     Quickstart {
-        /// UDP address for agents.
-        #[arg(long, default_value = "127.0.0.1:4433")]
-        listen: std::net::SocketAddr,
-        /// TCP address of the SSH front door.
-        #[arg(long, default_value = "127.0.0.1:2222")]
-        ssh_listen: std::net::SocketAddr,
+        /// UDP address for agents (default: [tunnel] listen from --config, else 127.0.0.1:4433).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// TCP address of the SSH front door (default: [ssh] listen from --config, else
+        /// 127.0.0.1:2222).
+        #[arg(long)]
+        ssh_listen: Option<std::net::SocketAddr>,
     },
     /// Enrollment tokens for new agents.
     Token {
@@ -573,6 +577,61 @@ pub fn resolve_config(cli: &Cli) -> anyhow::Result<GatewayConfig> {
         cfg.data_dir = d.clone();
     }
     Ok(cfg)
+}
+
+/// The configuration quickstart runs with. Each listen address comes from the command line,
+/// else from the config file when it sets one, else it is loopback on the default port:
+/// quickstart is for trying Postern on this machine, so it opens nothing to the network
+/// unless told to. The SSH door is always on (quickstart is about using it); the RDP door
+/// only when the file turns it on.
+pub fn quickstart_config(
+    cli: &Cli,
+    listen: Option<SocketAddr>,
+    ssh_listen: Option<SocketAddr>,
+) -> anyhow::Result<GatewayConfig> {
+    let mut cfg = resolve_config(cli)?;
+    let file_sets = |section: &str| -> anyhow::Result<bool> {
+        match &cli.config {
+            Some(path) => crate::config::file_sets(path, section, "listen"),
+            None => Ok(false),
+        }
+    };
+    let loopback = |port: u16| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    cfg.tunnel.listen = match listen {
+        Some(a) => a,
+        None if file_sets("tunnel")? => cfg.tunnel.listen,
+        None => loopback(cfg.tunnel.listen.port()),
+    };
+    cfg.ssh.listen = match ssh_listen {
+        Some(a) => a,
+        None if file_sets("ssh")? => cfg.ssh.listen,
+        None => loopback(cfg.ssh.listen.port()),
+    };
+    cfg.ssh.enabled = true;
+    if !file_sets("rdp")? {
+        cfg.rdp.listen = loopback(cfg.rdp.listen.port());
+    }
+    Ok(cfg)
+}
+
+/// Every address a running gateway listens on (tunnel, doors, admin socket) and its data
+/// directory, one aligned line each: the start-up banners of `postern gateway` and
+/// `quickstart`.
+pub fn listener_lines(state: &Services) -> String {
+    let a = &state.addresses;
+    let ssh = a.ssh.map_or_else(|| "off ([ssh] enabled = false)".to_owned(), |s| format!("tcp {s}"));
+    let rdp = a.rdp.map_or_else(|| "off (turn it on with [rdp] enabled = true)".to_owned(), |r| format!("tcp {r}"));
+    format!(
+        "  agents (tunnel):   udp {tunnel}   CA pin {pin}\n\
+         \x20 SSH door:          {ssh}\n\
+         \x20 RDP door:          {rdp}\n\
+         \x20 admin socket:      {socket}\n\
+         \x20 data directory:    {dir}",
+        tunnel = a.tunnel,
+        pin = state.instances.ca().pin(),
+        socket = admin_socket_path(&state.config.data_dir).display(),
+        dir = state.config.data_dir.display(),
+    )
 }
 
 pub fn parse_labels(items: &[String]) -> anyhow::Result<Labels> {
