@@ -83,6 +83,48 @@ labels = ["env=prod"]
 allow_root = true
 "#;
 
+/// `ls` offers `rdp` only where it can be used: the policy allows it and the gateway's RDP
+/// door is on. An instance the user may only RDP to is not listed while the door is off.
+#[test]
+fn ls_offers_rdp_only_when_the_rdp_door_is_on() {
+    let policy = r#"name = "mixed"
+[[statement]]
+sid = "shells"
+effect = "allow"
+users = ["alice"]
+actions = ["shell", "rdp"]
+instances = ["web-01"]
+allow_root = true
+[[statement]]
+sid = "desktops"
+effect = "allow"
+users = ["alice"]
+actions = ["rdp"]
+instances = ["win-01"]
+"#;
+    let listed = |s: &Setup| -> Vec<(String, Value)> {
+        let out = s.out(&["ls", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        list.iter().map(|i| (i["name"].as_str().unwrap().to_owned(), i["actions"].clone())).collect()
+    };
+    let off = Setup::new(policy);
+    let _web = Agent::start(&off.gw, "web-01", vec![], &off.gw.listen);
+    let _win = Agent::start(&off.gw, "win-01", vec![], &off.gw.listen);
+    assert_eq!(listed(&off), [("web-01".to_owned(), serde_json::json!(["shell"]))]);
+
+    let on = Setup::with_config(policy, &format!("[rdp]\nenabled = true\nlisten = \"127.0.0.1:{}\"", free_tcp_port()));
+    let _web = Agent::start(&on.gw, "web-01", vec![], &on.gw.listen);
+    let _win = Agent::start(&on.gw, "win-01", vec![], &on.gw.listen);
+    assert_eq!(
+        listed(&on),
+        [
+            ("web-01".to_owned(), serde_json::json!(["shell", "rdp"])),
+            ("win-01".to_owned(), serde_json::json!(["rdp"]))
+        ]
+    );
+}
+
 #[test]
 fn ls_and_exec_as_a_user() {
     let s = Setup::new(POLICY);

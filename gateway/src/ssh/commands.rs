@@ -85,7 +85,7 @@ pub(super) async fn near_miss(state: &Services, identity: &Identity, typed: &str
 }
 
 /// Instances the user may reach now: not revoked, matching the selector, with at least one
-/// action the policy allows (listed per instance).
+/// action the policy allows and a door that is on (listed per instance).
 async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> Result<Vec<Instance>, String> {
     let sel = selector
         .map(postern_core::policy::document::Selector::parse)
@@ -104,6 +104,8 @@ async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> 
         let target = Target { id: &a.id, name: &a.name, labels: &a.labels };
         let decisions: Vec<(Action, postern_core::policy::Decision)> = SESSION_ACTIONS
             .iter()
+            // `rdp` only where it can be used: not while the RDP door is off.
+            .filter(|act| **act != Action::Rdp || state.addresses.rdp.is_some())
             .map(|act| {
                 (*act, state.access.decide(&identity.user, identity.source, Some(target), act.name(), None, now, false))
             })
