@@ -4,7 +4,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
 use postern_gateway::app;
 use postern_gateway::cli::{self, Cli, Command, InstancesAction, TokenAction};
 use postern_tunnel::CancellationToken;
@@ -255,11 +254,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Run(args) => cli::user::run(args).await,
         Command::Completions { shell } => {
-            use clap::CommandFactory;
             // Generated into memory: clap_complete panics when its writer fails, and a
             // reader that goes away (`| head`) must end the command quietly.
             let mut script = Vec::new();
-            clap_complete::generate(*shell, &mut Cli::command(), "postern", &mut script);
+            clap_complete::generate(*shell, &mut cli::command(), "postern", &mut script);
             let mut out = std::io::stdout().lock();
             match std::io::Write::write_all(&mut out, &script).and_then(|()| std::io::Write::flush(&mut out)) {
                 Ok(()) => Ok(0),
@@ -323,7 +321,7 @@ fn quiet_on_closed_stdout() {
 
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
-    let cli = Cli::parse();
+    let cli = cli::parse();
     let server = matches!(cli.command, Command::Gateway { .. } | Command::Quickstart { .. });
     postern_tunnel::init_logging(if server { &cli.log } else { "warn" }, cli.log_json);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -118,10 +118,7 @@ instances = ["win-01"]
     let _win = Agent::start(&on.gw, "win-01", vec![], &on.gw.listen);
     assert_eq!(
         listed(&on),
-        [
-            ("web-01".to_owned(), serde_json::json!(["shell", "rdp"])),
-            ("win-01".to_owned(), serde_json::json!(["rdp"]))
-        ]
+        [("web-01".to_owned(), serde_json::json!(["shell", "rdp"])), ("win-01".to_owned(), serde_json::json!(["rdp"]))]
     );
 }
 

@@ -287,8 +287,7 @@ fn quickstart_listens_where_the_config_says_and_prints_every_listener() {
     wait_until("quickstart banner", Duration::from_secs(30), || qs.log_text().contains("Press Ctrl-C"));
     let log = qs.log_text();
     let banner = &log[log.find("Postern is running.").unwrap()..];
-    let squeezed: Vec<String> =
-        banner.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    let squeezed: Vec<String> = banner.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
     for want in [
         format!("agents (tunnel): udp 127.0.0.1:{flag_udp} CA pin sha256:"),
         format!("SSH door: tcp 127.0.0.1:{ssh}"),

@@ -16,7 +16,9 @@ use postern_core::util::line_diff;
 #[derive(Subcommand)]
 pub enum UserAction {
     /// Add a user with SSH keys and groups.
-    #[command(after_help = "Example:\n  postern user add alice --group ops --key-file ~/.ssh/id_ed25519.pub")]
+    #[command(
+        after_help = "Examples:\n  postern user add alice --group ops --key-file ~/.ssh/id_ed25519.pub\n  postern user add bob --key 'ssh-ed25519 AAAA... bob@laptop'\n  postern user add carol                      no key yet: a grant or `user key add` later"
+    )]
     Add {
         name: String,
         /// Group memberships (repeat or comma-separate).
@@ -33,23 +35,33 @@ pub enum UserAction {
         principals: Vec<String>,
     },
     /// Remove a user; their live sessions end.
+    #[command(after_help = "Examples:\n  postern user rm alice")]
     Rm { name: String },
     /// List users.
+    #[command(after_help = "Examples:\n  postern user list\n  postern user list --json")]
     List {
         #[arg(long)]
         json: bool,
     },
     /// Disable a user: they cannot log in and their live sessions end.
+    #[command(after_help = "Examples:\n  postern user disable alice")]
     Disable { name: String },
     /// Enable a disabled user.
+    #[command(after_help = "Examples:\n  postern user enable alice")]
     Enable { name: String },
     /// Set a user's groups (replaces the list; empty removes all).
+    #[command(
+        after_help = "Examples:\n  postern user groups alice ops,oncall\n  postern user groups alice                  no groups"
+    )]
     Groups {
         name: String,
         #[arg(value_delimiter = ',')]
         groups: Vec<String>,
     },
     /// Add or remove SSH keys.
+    #[command(
+        after_help = "Examples:\n  postern user key add alice --file alice-laptop.pub\n  postern user key rm alice SHA256:q3l7...     (fingerprints: postern user list)"
+    )]
     Key {
         #[command(subcommand)]
         action: KeyAction,
@@ -59,6 +71,9 @@ pub enum UserAction {
 #[derive(Subcommand)]
 pub enum KeyAction {
     /// Bind a public key (line or --file) to a user.
+    #[command(
+        after_help = "Examples:\n  postern user key add alice --file alice-laptop.pub\n  postern user key add alice 'ssh-ed25519 AAAA... alice@laptop'"
+    )]
     Add {
         name: String,
         key: Option<String>,
@@ -66,12 +81,14 @@ pub enum KeyAction {
         file: Option<PathBuf>,
     },
     /// Unbind a key by its SHA256 fingerprint (as `postern user list` shows it).
+    #[command(after_help = "Examples:\n  postern user key rm alice SHA256:q3l7...")]
     Rm { name: String, fingerprint: String },
 }
 
 #[derive(Subcommand)]
 pub enum GroupAction {
     /// List groups and their members.
+    #[command(after_help = "Examples:\n  postern group list\n  postern group list --json")]
     List {
         #[arg(long)]
         json: bool,
@@ -81,31 +98,45 @@ pub enum GroupAction {
 #[derive(Subcommand)]
 pub enum PolicyAction {
     /// Validate and apply a policy document (TOML); its `name` decides which policy it replaces.
+    #[command(after_help = "Examples:\n  postern policy apply ops.toml                (the document: docs/policy.md)")]
     Apply { file: PathBuf },
     /// Validate a document without applying it (works without a gateway).
+    #[command(
+        after_help = "Examples:\n  postern policy check ops.toml                no gateway needed: for CI on a policy repository"
+    )]
     Check { file: PathBuf },
     /// List applied policies.
+    #[command(after_help = "Examples:\n  postern policy list\n  postern policy list --json")]
     List {
         #[arg(long)]
         json: bool,
     },
     /// Print a policy (the current version, or --version N).
+    #[command(after_help = "Examples:\n  postern policy show ops\n  postern policy show ops --version 3")]
     Show {
         name: String,
         #[arg(long)]
         version: Option<i64>,
     },
     /// Versions of a policy: when, by whom.
+    #[command(after_help = "Examples:\n  postern policy history ops")]
     History { name: String },
     /// Differences between two versions (default: the previous and the current one).
+    #[command(
+        after_help = "Examples:\n  postern policy diff ops                      the previous version against the current one\n  postern policy diff ops 2 5"
+    )]
     Diff { name: String, from: Option<i64>, to: Option<i64> },
     /// Remove a policy (recorded as a new version; history is kept).
+    #[command(after_help = "Examples:\n  postern policy rm ops")]
     Rm { name: String },
 }
 
 #[derive(Subcommand)]
 pub enum SessionsAction {
     /// End a live session now, with a message to its user.
+    #[command(
+        after_help = "Examples:\n  postern sessions terminate 3f9c2a71b0de4a55c1e8d7f6a9b2c3d4   (ids: postern sessions)"
+    )]
     Terminate { id: String },
 }
 

@@ -53,9 +53,73 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What a command talks to, which decides the global options its help shows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The gateway process itself (`gateway`, `quickstart`): every global option.
+    Server,
+    /// The local gateway's admin socket and files: `--config` and `--data-dir` find them.
+    Local,
+    /// A gateway's SSH door as a user, or the local admin socket without `--gateway`.
+    Either,
+    /// A gateway's SSH door as a user (or nothing at all): no gateway-side option applies.
+    User,
+}
+
+impl Reach {
+    fn of(command: &str) -> Reach {
+        match command {
+            "gateway" | "quickstart" => Reach::Server,
+            "exec" | "shell" | "ssh-config" => Reach::Either,
+            "ls" | "forward" | "run" | "rdp" | "completions" => Reach::User,
+            _ => Reach::Local,
+        }
+    }
+}
+
+/// The heading `exec`, `shell` and `ssh-config` show `--config` and `--data-dir` under.
+pub const LOCAL_GATEWAY_HEADING: &str = "On the gateway host, without --gateway";
+
+/// The `postern` command line, each command's help showing only the global options that do
+/// something there: `--config` and `--data-dir` locate the local gateway (its files and admin
+/// socket), so user commands, which talk to a gateway's SSH door, hide them, and `exec`,
+/// `shell` and `ssh-config` show them under [`LOCAL_GATEWAY_HEADING`]; `--log` and
+/// `--log-json` are the server's logging, shown by `gateway` and `quickstart`. Hidden options
+/// are still accepted wherever they were (`postern --data-dir D ls` keeps working). The
+/// clap derive cannot scope a global option, so the built command is adjusted in place
+/// (`mut_args`/`mut_subcommands` keep the order clap indexed it in).
+pub fn command() -> clap::Command {
+    fn scope(cmd: clap::Command, reach: Reach) -> clap::Command {
+        cmd.mut_args(|a| match a.get_id().as_str() {
+            "config" | "data_dir" if reach == Reach::User => a.hide(true),
+            "config" | "data_dir" if reach == Reach::Either => a.help_heading(LOCAL_GATEWAY_HEADING),
+            "log" | "log_json" if reach != Reach::Server => a.hide(true),
+            _ => a,
+        })
+        .mut_subcommands(|sub| scope(sub, reach))
+    }
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Propagates the global options into every subcommand, where they can then be adjusted.
+    cmd.build();
+    cmd.mut_subcommands(|sub| {
+        let reach = Reach::of(sub.get_name());
+        scope(sub, reach)
+    })
+}
+
+/// Parse the process's arguments with [`command`] (exits with clap's message on bad usage).
+pub fn parse() -> Cli {
+    let mut matches = command().get_matches();
+    <Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut matches)
+        .unwrap_or_else(|e| e.format(&mut command()).exit())
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the gateway (agent tunnel listener and admin socket) until Ctrl-C.
+    #[command(
+        after_help = "It prints every address it listens on when it starts; gateway.toml is described in the README.\n\nExamples:\n  postern gateway                                every setting at its default\n  postern gateway --config /etc/postern/gateway.toml\n  postern gateway --listen 0.0.0.0:4433 --log debug"
+    )]
     Gateway {
         /// UDP address for agents, overriding the config file (e.g. 0.0.0.0:4433).
         #[arg(long)]
@@ -63,6 +127,9 @@ pub enum Command {
     },
     /// Start a gateway and enroll a local agent for this machine, ready to use. Listens on
     /// loopback unless the command line or the --config file says otherwise.
+    #[command(
+        after_help = "Examples:\n  postern quickstart                             gateway and local agent, on loopback\n  postern quickstart --config gateway.toml      listen addresses (and the RDP door) from the file\n  postern quickstart --ssh-listen 0.0.0.0:2222  the SSH door reachable from other machines"
+    )]
     Quickstart {
         /// UDP address for agents (default: [tunnel] listen from --config, else 127.0.0.1:4433).
         #[arg(long)]
@@ -73,6 +140,7 @@ pub enum Command {
         ssh_listen: Option<std::net::SocketAddr>,
     },
     /// Enrollment tokens for new agents.
+    #[command(after_help = "Examples:\n  postern token create --labels env=dev,role=web --ttl 15m --name web-01")]
     Token {
         #[command(subcommand)]
         action: TokenAction,
@@ -81,6 +149,9 @@ pub enum Command {
     Instances(InstancesArgs),
     /// Run a command on an instance; exits with the command's status. With --gateway (or
     /// POSTERN_GATEWAY) as you through the gateway's SSH door, else via the local admin socket.
+    #[command(
+        after_help = "Examples:\n  postern exec web-01 -- uname -a                          through the local admin socket\n  postern exec web-01 -- 'df -h /; exit 3'                 exits 3; stdout and stderr kept apart\n  tar c dir | postern exec web-01 -- tar x -C /tmp         stdin is piped\n  postern exec --gateway gw.example.com web-01 -- uptime   as you, through the SSH door"
+    )]
     Exec {
         #[command(flatten)]
         gateway: user::GatewayArgs,
@@ -97,6 +168,9 @@ pub enum Command {
     /// (from the local admin socket, or as a user with --gateway): printed, or written with
     /// --install. The gateway hop logs in as your Postern user (--user, default your local
     /// account name); with -i KEY both hops use that key only.
+    #[command(
+        after_help = "Examples:\n  postern ssh-config --install                 on the gateway host; then: ssh LOGIN@web-01.postern\n  postern ssh-config --gateway gw.example.com --install -i ~/.ssh/id_ed25519\n  postern ssh-config > postern.conf          just print it"
+    )]
     SshConfig {
         #[command(flatten)]
         gateway: user::GatewayArgs,
@@ -109,22 +183,31 @@ pub enum Command {
         install: bool,
     },
     /// Users: add, remove, list, disable, keys and groups.
+    #[command(
+        after_help = "Examples:\n  postern user add alice --group ops --key-file alice.pub\n  postern user list\n  postern user key add alice --file alice-laptop.pub\n  postern user disable alice                   her live sessions end"
+    )]
     User {
         #[command(subcommand)]
         action: manage::UserAction,
     },
     /// Groups and their members.
+    #[command(
+        after_help = "Examples:\n  postern group list\n  postern user groups alice ops,oncall         (members are set on the user)"
+    )]
     Group {
         #[command(subcommand)]
         action: manage::GroupAction,
     },
     /// Policy documents: apply, check, list, show, history, diff, rm.
+    #[command(
+        after_help = "Examples:\n  postern policy check ops.toml\n  postern policy apply ops.toml                (the document: docs/policy.md)\n  postern policy list\n  postern policy diff ops"
+    )]
     Policy {
         #[command(subcommand)]
         action: manage::PolicyAction,
     },
     /// Grant a user a policy for a limited time.
-    #[command(after_help = "Example:\n  postern grant --user bob --policy oncall-prod --for 8h --reason \"INC-4711\"")]
+    #[command(after_help = "Examples:\n  postern grant --user bob --policy oncall-prod --for 8h --reason \"INC-4711\"")]
     Grant {
         #[arg(long)]
         user: String,
@@ -141,6 +224,7 @@ pub enum Command {
         json: bool,
     },
     /// List grants (active ones; --all includes expired and revoked).
+    #[command(after_help = "Examples:\n  postern grants\n  postern grants --all --json")]
     Grants {
         #[arg(long)]
         all: bool,
@@ -149,6 +233,9 @@ pub enum Command {
     },
     /// Revoke grants by id, or all active grants of --user (optionally only of --policy).
     /// Live sessions that lose access end within seconds.
+    #[command(
+        after_help = "Examples:\n  postern revoke --user carol                  every active grant of carol\n  postern revoke --user carol --policy oncall\n  postern revoke gr-3f9c2a71b0de               one grant, by its id (postern grants)"
+    )]
     Revoke {
         id: Option<String>,
         #[arg(long)]
@@ -158,7 +245,7 @@ pub enum Command {
     },
     /// Would this be allowed, and which statements decide? Exits 0 for allow, 1 for deny.
     #[command(
-        after_help = "Example:\n  postern explain --user alice --target web-01 --action shell --from 10.0.0.5 --at 2026-12-24T22:00:00Z"
+        after_help = "Examples:\n  postern explain --user alice --target web-01 --action shell\n  postern explain --user alice --target web-01 --action shell --at 2026-12-24T22:00:00Z"
     )]
     Explain {
         #[arg(long)]
@@ -207,11 +294,17 @@ pub enum Command {
         master_key: Vec<PathBuf>,
     },
     /// The audit log: verify, read, and manage its encryption key.
+    #[command(
+        after_help = "Examples:\n  postern audit verify\n  postern audit cat | jq -c 'select(.event == \"session.start\")'\n  postern audit keygen /etc/postern/audit-master.key"
+    )]
     Audit {
         #[command(subcommand)]
         action: AuditAction,
     },
     /// Open an interactive shell on an instance (PTY).
+    #[command(
+        after_help = "Examples:\n  postern shell web-01           through the local admin socket\n  postern shell web-01 -c htop   a command on the PTY instead of a login shell\n  postern shell --gateway gw.example.com web-01 --profile deploy"
+    )]
     Shell {
         #[command(flatten)]
         gateway: user::GatewayArgs,
@@ -225,6 +318,9 @@ pub enum Command {
         profile: Option<String>,
     },
     /// The instances you may reach through the gateway (as a user, over SSH).
+    #[command(
+        after_help = "Examples:\n  postern ls --gateway gw.example.com:2222\n  postern ls --labels env=prod,role!=db\n  postern ls --json | jq -r '.[] | select(.online) | .name'"
+    )]
     Ls {
         #[command(flatten)]
         gateway: user::GatewayArgs,
@@ -254,13 +350,19 @@ pub enum Command {
     /// Run a command on every matching instance you may exec on, with a concurrency limit
     /// and an error budget; output saved per instance, a summary at the end.
     Run(user::RunArgs),
-    /// Print a shell completion script: `postern completions bash > /etc/bash_completion.d/postern`.
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  postern completions bash > /etc/bash_completion.d/postern\n  postern completions zsh > ~/.zfunc/_postern\n  postern completions fish > ~/.config/fish/completions/postern.fish"
+    )]
     Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
 pub enum TokenAction {
     /// Create a single-use enrollment token and print the join command.
+    #[command(
+        after_help = "Examples:\n  postern token create --labels env=dev,role=web --ttl 15m --name web-01\n  postern token create --labels env=prod --json"
+    )]
     Create {
         /// Labels for the agent, e.g. env=dev,role=web.
         #[arg(long, value_delimiter = ',')]
@@ -287,7 +389,10 @@ pub enum TokenAction {
 }
 
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  postern instances\n  postern instances --json | jq -r '.[] | select(.online) | .name'\n  postern instances revoke web-01"
+)]
 pub struct InstancesArgs {
     /// Print JSON.
     #[arg(long)]
@@ -302,7 +407,7 @@ pub enum AuditAction {
     /// directory) that the log reaches the last checkpoint recorded in the gateway's database.
     /// Works offline on the files; exits 0 when intact, 1 with the first broken line(s) otherwise.
     #[command(
-        after_help = "Examples:\n  postern audit verify\n  postern audit verify --file copy/events-000000000001.jsonl --file copy/events-000000004711.jsonl --key copy/audit-signing.pub"
+        after_help = "Examples:\n  postern audit verify\n  postern audit verify --key copy/audit-signing.pub --file copy/events-000000000001.jsonl \\\n      --file copy/events-000000004711.jsonl"
     )]
     Verify {
         /// Segment files, oldest first (default: every segment in DATA_DIR/audit).
@@ -319,6 +424,9 @@ pub enum AuditAction {
         json: bool,
     },
     /// Print events as JSON lines (decrypting sealed segments), oldest first: `| jq`.
+    #[command(
+        after_help = "Examples:\n  postern audit cat | jq -c 'select(.user == \"alice\")'\n  postern audit cat --file copy/events-000000000001.jsonl --master-key audit-master.key"
+    )]
     Cat {
         /// Segment files, oldest first (default: every segment in DATA_DIR/audit).
         #[arg(long)]
@@ -330,6 +438,7 @@ pub enum AuditAction {
     /// Create a master key file for encryption at rest (64 hex digits, mode 0600). Set it
     /// as [audit.encryption] key_file; keep a copy offline: without it, sealed recordings
     /// and logs cannot be read.
+    #[command(after_help = "Examples:\n  postern audit keygen /etc/postern/audit-master.key")]
     Keygen {
         /// Where to write the key; an existing file is never overwritten.
         file: PathBuf,
@@ -565,6 +674,7 @@ pub struct SessionsArgs {
 #[derive(Subcommand)]
 pub enum InstancesAction {
     /// Revoke an instance's agent: it is disconnected now and can no longer connect.
+    #[command(after_help = "Examples:\n  postern instances revoke web-01")]
     Revoke { instance: String },
 }
 
@@ -806,10 +916,93 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod cli_tests {
+    use clap::FromArgMatches;
+
     /// Catches clashing flags (e.g. a subcommand's `--log` against the global one) that clap
     /// would otherwise only report as a panic when the command runs.
     #[test]
     fn command_definitions_are_consistent() {
         <super::Cli as clap::CommandFactory>::command().debug_assert();
+        super::command().debug_assert();
+    }
+
+    /// Every command, the groups as well as the leaves, has an Examples section in its
+    /// `--help` (docs/client.md promises it).
+    #[test]
+    fn every_command_has_examples() {
+        fn walk(cmd: &clap::Command, path: String, missing: &mut Vec<String>) {
+            let after: Vec<String> = [cmd.get_after_help(), cmd.get_after_long_help()]
+                .into_iter()
+                .flatten()
+                .map(|h| h.to_string())
+                .collect();
+            if !after.iter().any(|h| h.contains("Examples:\n  postern ")) {
+                missing.push(path.clone());
+            }
+            // Narrow enough that clap (wrapping at 100 columns) never breaks an example.
+            for line in after.iter().flat_map(|h| h.lines()).filter(|l| l.starts_with("  ") && l.chars().count() > 100)
+            {
+                missing.push(format!("{path}: a line over 100 columns: {line:?}"));
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::command(), "postern".into(), &mut missing);
+        assert!(missing.is_empty(), "commands without an \"Examples:\" section in --help: {missing:#?}");
+    }
+
+    fn help(path: &[&str]) -> String {
+        let mut cmd = super::command();
+        for name in path {
+            cmd = cmd.find_subcommand(name).unwrap_or_else(|| panic!("no command {path:?}")).clone();
+        }
+        cmd.render_long_help().to_string()
+    }
+
+    /// User commands do not show the options that only mean something on the gateway host;
+    /// commands that are both show them under a heading saying when they apply; the logging
+    /// options belong to the server commands.
+    #[test]
+    fn help_shows_only_the_global_options_that_apply() {
+        let gateway_side = ["--config", "--data-dir", "--log ", "--log-json"];
+        for user in [&["ls"][..], &["forward"], &["run"], &["rdp"], &["completions"]] {
+            let text = help(user);
+            for opt in gateway_side {
+                assert!(!text.contains(opt), "postern {user:?} --help shows {opt}:\n{text}");
+            }
+        }
+        for either in [&["exec"][..], &["shell"], &["ssh-config"]] {
+            let text = help(either);
+            let local = text.find(super::LOCAL_GATEWAY_HEADING).unwrap_or_else(|| panic!("{either:?}:\n{text}"));
+            assert!(text[local..].contains("--data-dir") && text[local..].contains("--config"), "{text}");
+            assert!(!text.contains("--log"), "postern {either:?} --help shows --log:\n{text}");
+        }
+        for local in [&["instances"][..], &["user", "add"], &["audit", "verify"], &["sessions"]] {
+            let text = help(local);
+            assert!(text.contains("--data-dir") && text.contains("--config"), "{local:?}:\n{text}");
+            assert!(!text.contains("--log"), "postern {local:?} --help shows --log:\n{text}");
+        }
+        for server in ["gateway", "quickstart"] {
+            let text = help(&[server]);
+            for opt in gateway_side {
+                assert!(text.contains(opt), "postern {server} --help lacks {opt}:\n{text}");
+            }
+        }
+    }
+
+    /// Hidden is not refused: the options are accepted where they were before.
+    #[test]
+    fn hidden_global_options_are_still_accepted() {
+        for args in [
+            &["postern", "--data-dir", "/d", "ls"][..],
+            &["postern", "ls", "--data-dir", "/d"],
+            &["postern", "forward", "web-01", "8080:80", "--config", "/c.toml", "--data-dir", "/d"],
+        ] {
+            let matches = super::command().try_get_matches_from(args).unwrap();
+            let cli = super::Cli::from_arg_matches(&matches).unwrap();
+            assert_eq!(cli.data_dir.as_deref(), Some(std::path::Path::new("/d")), "{args:?}");
+        }
     }
 }
