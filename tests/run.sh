@@ -49,6 +49,17 @@ if ! id -u postern-login >/dev/null 2>&1; then
   fi
 fi
 
+# An unprivileged account for the docs tours (tests/tests/docs.rs run the README as it):
+# its home is only ever a fresh directory mounted over /home in the tour's own namespace.
+if ! id -u postern-tour >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    useradd --system --no-create-home --home-dir /home/postern-tour --shell /bin/sh postern-tour
+  else
+    echo "missing the OS account postern-tour (run as root, or: useradd --system -M -d /home/postern-tour -s /bin/sh postern-tour)" >&2
+    exit 1
+  fi
+fi
+
 # asciinema (PyPI) checks that session recordings are valid asciicast v2.
 if ! command -v asciinema >/dev/null 2>&1; then
   echo "installing asciinema (pip)"
