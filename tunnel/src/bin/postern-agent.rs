@@ -38,6 +38,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Enroll with a gateway using a single-use token (only a CSR leaves this host).
+    #[command(
+        after_help = "Examples:\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:... --run\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:...\n  (the token can come from POSTERN_JOIN_TOKEN instead, out of the process list)"
+    )]
     Join {
         /// Gateway tunnel address, HOST or HOST:PORT (UDP; port 4433 by default).
         #[arg(long)]
@@ -60,6 +63,9 @@ enum Command {
         force: bool,
     },
     /// Keep the connection to the gateway up and serve sessions until stopped.
+    #[command(
+        after_help = "Examples:\n  postern-agent run\n  postern-agent run --config /etc/postern-agent/agent.toml\n  postern-agent --state-dir /srv/agent run --gateway gw2.example.com:4433"
+    )]
     Run {
         /// Local limits file (TOML): `[limits] tcp_allow = ["127.0.0.0/8"]`, `run_as = [...]`, ...
         #[arg(long, env = "POSTERN_AGENT_CONFIG")]
@@ -69,6 +75,7 @@ enum Command {
         gateway: Option<String>,
     },
     /// Show this agent's identity and certificate.
+    #[command(after_help = "Examples:\n  postern-agent status\n  postern-agent --state-dir /srv/agent status")]
     Status,
 }
 
@@ -204,5 +211,22 @@ fn main() -> ExitCode {
             eprintln!("postern-agent: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command's `--help` ends with examples, as `postern`'s do.
+    #[test]
+    fn every_command_has_examples() {
+        let cmd = super::Cli::command();
+        let all = std::iter::once(&cmd).chain(cmd.get_subcommands().filter(|s| s.get_name() != "help"));
+        let missing: Vec<&str> = all
+            .filter(|c| !c.get_after_help().is_some_and(|h| h.to_string().contains("Examples:\n  postern-agent ")))
+            .map(|c| c.get_name())
+            .collect();
+        assert!(missing.is_empty(), "postern-agent commands without examples: {missing:?}");
     }
 }
