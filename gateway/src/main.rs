@@ -51,14 +51,27 @@ async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow:
     let stop = shutdown_signal();
     survive_file_size_limit()?;
     let running = app::start(cfg).await?;
-    println!(
-        "Postern gateway is running.\n{}\nPress Ctrl-C (or send SIGTERM) to stop it.",
-        cli::listener_lines(&running.services)
+    print_banner(
+        &running.services,
+        &format!(
+            "Postern gateway is running.\n{}\nPress Ctrl-C (or send SIGTERM) to stop it.",
+            cli::listener_lines(&running.services)
+        ),
     );
     stop.await;
     tracing::info!("shutting down");
     running.stop().await;
     Ok(())
+}
+
+/// A start-up banner: on standard output, unless `[audit] stdout` makes that the event
+/// stream (then on standard error, beside the logs), which must stay JSON lines only.
+fn print_banner(state: &postern_gateway::services::Services, text: &str) {
+    if state.config.audit.stdout {
+        eprintln!("{text}");
+    } else {
+        println!("{text}");
+    }
 }
 
 /// SSH public keys of the person running quickstart: `~/.ssh/*.pub` and a running ssh-agent.
@@ -192,8 +205,10 @@ async fn quickstart(
             suffix = state.config.ssh.suffix,
         )
     };
-    println!(
-        "\nPostern is running.\n\
+    print_banner(
+        &state,
+        &format!(
+            "\nPostern is running.\n\
          {listeners}\n\
          \x20 local agent:       {name} ({id}) online\n\n\
          Try it from another terminal:\n\
@@ -204,9 +219,10 @@ async fn quickstart(
          Add another server:\n\
          \x20 postern{dd} token create --labels env=dev --ttl 15m     (prints the postern-agent join command)\n\n\
          Press Ctrl-C to stop the gateway and the local agent.",
-        listeners = cli::listener_lines(&state),
-        name = local.name,
-        id = local.agent_id,
+            listeners = cli::listener_lines(&state),
+            name = local.name,
+            id = local.agent_id,
+        ),
     );
     stop.await;
     tracing::info!("shutting down");
