@@ -379,12 +379,16 @@ pub enum TokenAction {
     },
     /// List enrollment tokens (never their secrets): id, name, labels, expiry, state
     /// (unused, used, expired, revoked) and the agent each enrolled.
+    #[command(
+        after_help = "Examples:\n  postern token list\n  postern token list --json | jq '.[] | select(.state == \"unused\")'"
+    )]
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Make an unused token unusable (id from `postern token list`, or the audit log's token_id).
+    #[command(after_help = "Examples:\n  postern token revoke 3f9c2a71d0e4   (an id from postern token list)")]
     Revoke { id: String },
 }
 
