@@ -27,7 +27,6 @@ use crate::runs::Runs;
 use crate::services::{Addresses, Services};
 use crate::sessions::SessionTable;
 use crate::store::Store;
-use crate::store::sqlite::SqliteStore;
 
 pub fn admin_socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
@@ -453,11 +452,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     }
     let ca = Arc::new(load_or_create_ca(&dir)?);
     let reset_key = load_or_create_reset_key(&dir)?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.join("postern.db"))
-            .await
-            .with_context(|| format!("opening database in {}", dir.display()))?,
-    );
+    let store = crate::store::open(config.store.url.as_deref(), &dir).await?;
     let signing_key = crate::audit::load_or_create_signing_key(&dir.join("audit-signing.key"))?;
     let keyring = config.audit.encryption.keyring()?;
     let log_options = crate::audit::LogOptions {

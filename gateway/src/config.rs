@@ -17,7 +17,18 @@ pub struct GatewayConfig {
     pub ssh: SshConfig,
     pub audit: AuditConfig,
     pub rdp: RdpConfig,
+    pub store: StoreConfig,
     pub testing: TestingConfig,
+}
+
+/// Where users, policies, grants, agents, tokens and the session history are kept
+/// (docs/scale-out.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a PostgreSQL database; unset
+    /// (the default): the embedded SQLite file `postern.db` in the data directory.
+    pub url: Option<String>,
 }
 
 /// The RDP front door (docs/rdp.md). Off by default: a gateway without Windows hosts opens
@@ -277,6 +288,7 @@ impl Default for GatewayConfig {
             ssh: SshConfig::default(),
             audit: AuditConfig::default(),
             rdp: RdpConfig::default(),
+            store: StoreConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -413,6 +425,14 @@ impl GatewayConfig {
         }
         if cfg.audit.rotate_bytes < 4096 {
             anyhow::bail!("{}: [audit] rotate_bytes must be at least 4096", path.display());
+        }
+        if let Some(url) = &cfg.store.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            anyhow::bail!(
+                "{}: [store] url must be a postgres:// URL (leave it unset for the embedded SQLite database)",
+                path.display()
+            );
         }
         Ok(cfg)
     }

@@ -495,3 +495,60 @@ pub fn on_own_terminal(cmd: &str, arg: &Path) -> Output {
         .expect("script (util-linux) is installed");
     Output { status, stdout: std::fs::read(out).unwrap_or_default(), stderr: std::fs::read(err).unwrap_or_default() }
 }
+
+/// A throwaway PostgreSQL server on loopback (`initdb` refuses root: run as `postgres`).
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server (apt-get install postgresql)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|b| b.join("initdb").exists())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_tcp_port();
+        let data = dir.path().join("data");
+        sh(&format!("chown -R postgres {}", dir.path().display()));
+        sh(&format!(
+            "runuser -u postgres -- {}/initdb -D {} -U postgres -A trust --no-sync >/dev/null",
+            bin.display(),
+            data.display()
+        ));
+        sh(&format!(
+            "runuser -u postgres -- {}/pg_ctl -D {} -l {}/log -w -o '-c listen_addresses=127.0.0.1 -p {port} -k {}' start >/dev/null",
+            bin.display(),
+            data.display(),
+            dir.path().display(),
+            dir.path().display()
+        ));
+        Postgres { dir, port }
+    }
+
+    /// A connection URL for a fresh, empty database `name` on this server.
+    pub fn new_database(&self, name: &str) -> String {
+        let out = Command::new("timeout")
+            .args(["30", "psql", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-Atc"])
+            .arg(format!("CREATE DATABASE {name}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "sh", "-c"])
+            .arg(format!(
+                "$(dirname $(ls -d /usr/lib/postgresql/*/bin | head -1))/bin/pg_ctl -D {}/data -m immediate stop",
+                self.dir.path().display()
+            ))
+            .output();
+    }
+}

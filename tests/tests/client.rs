@@ -392,52 +392,6 @@ fn run_across_instances_with_a_failing_and_an_offline_one() {
     });
 }
 
-/// A throwaway PostgreSQL server on loopback (`initdb` refuses root: run as `postgres`).
-struct Postgres {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Postgres {
-    fn start() -> Postgres {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server (apt-get install postgresql)")
-            .flatten()
-            .map(|e| e.path().join("bin"))
-            .find(|b| b.join("initdb").exists())
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_tcp_port();
-        let data = dir.path().join("data");
-        sh(&format!("chown -R postgres {}", dir.path().display()));
-        sh(&format!(
-            "runuser -u postgres -- {}/initdb -D {} -U postgres -A trust --no-sync >/dev/null",
-            bin.display(),
-            data.display()
-        ));
-        sh(&format!(
-            "runuser -u postgres -- {}/pg_ctl -D {} -l {}/log -w -o '-c listen_addresses=127.0.0.1 -p {port} -k {}' start >/dev/null",
-            bin.display(),
-            data.display(),
-            dir.path().display(),
-            dir.path().display()
-        ));
-        Postgres { dir, port }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--", "sh", "-c"])
-            .arg(format!(
-                "$(dirname $(ls -d /usr/lib/postgresql/*/bin | head -1))/bin/pg_ctl -D {}/data -m immediate stop",
-                self.dir.path().display()
-            ))
-            .output();
-    }
-}
-
 #[test]
 fn psql_through_a_forward_to_a_host_the_instance_reaches() {
     let pg = Postgres::start();

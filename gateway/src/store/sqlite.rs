@@ -10,13 +10,13 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{
+use postern_core::store::{
     AgentRecord, AuditAnchor, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, SessionEnding,
     SessionQuery, SessionRecord, Store, StoreError, TOKEN_REVOKED_BY, TokenRecord, UserRecord,
 };
 
 /// The store's error for a failed database call.
-fn db(e: sqlx::Error) -> StoreError {
+pub(super) fn db(e: sqlx::Error) -> StoreError {
     StoreError::Database(Box::new(e))
 }
 
@@ -187,7 +187,7 @@ impl SqliteStore {
     }
 }
 
-fn labels_json(labels: &Labels) -> String {
+pub(super) fn labels_json(labels: &Labels) -> String {
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
 }
 
@@ -211,7 +211,7 @@ fn json_list(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Vec<String>, St
     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
 }
 
-fn to_json(v: &[String]) -> String {
+pub(super) fn to_json(v: &[String]) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
@@ -228,12 +228,12 @@ fn row_to_policy(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, StoreEr
     })
 }
 
-const SESSION_COLUMNS: &str = "id, user_name, source, instance, agent_id, kind, door, command, destination, \
+pub(super) const SESSION_COLUMNS: &str = "id, user_name, source, instance, agent_id, kind, door, command, destination, \
      started_ms, ended_at, end_reason, exit_code, bytes_in, bytes_out, logged, unlogged_reason, recording";
 
 /// Byte counts are kept as signed 64-bit integers (what SQL has); more than 2^63 bytes is
 /// stored as the largest.
-fn bytes_sql(n: u64) -> i64 {
+pub(super) fn bytes_sql(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -264,7 +264,8 @@ fn row_to_session(row: &sqlx::sqlite::SqliteRow) -> Result<SessionRecord, StoreE
     })
 }
 
-const AGENT_COLUMNS: &str = "id, name, labels, hostname, platform, agent_version, enrolled_at, last_seen, revoked";
+pub(super) const AGENT_COLUMNS: &str =
+    "id, name, labels, hostname, platform, agent_version, enrolled_at, last_seen, revoked";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -530,27 +531,25 @@ impl Store for SqliteStore {
     }
 
     async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 FROM policies WHERE name = ?")
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO policies (name, version, source, file, applied_at, applied_by) VALUES (?, ?, ?, ?, ?, ?)",
+        // One statement that writes first: it takes SQLite's write lock (waiting up to the
+        // busy timeout) before it reads the newest version. A transaction that read first
+        // and wrote second fails with "database is locked" when another writer got in
+        // between (tests/store.rs, two gateways on one file).
+        let version: i64 = sqlx::query(
+            "INSERT INTO policies (name, version, source, file, applied_at, applied_by) \
+             SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ? FROM policies WHERE name = ? RETURNING version",
         )
         .bind(name)
-        .bind(version)
         .bind(source)
         .bind(file)
         .bind(now)
         .bind(by)
-        .execute(&mut *tx)
+        .bind(name)
+        .fetch_one(&self.pool)
         .await
+        .map_err(db)?
+        .try_get(0)
         .map_err(db)?;
-        tx.commit().await.map_err(db)?;
         Ok(version)
     }
 

@@ -1,0 +1,722 @@
+//! The scale-out store: PostgreSQL through sqlx, with numbered migrations. The same tables,
+//! columns and queries as `sqlite.rs` (kept side by side: `$n` placeholders instead of `?`,
+//! BIGINT for every integer column, `"user"` quoted), plus what several gateways on one
+//! database need: migrations under an advisory lock, and a table lock around the one
+//! read-then-write (the next policy version). Single-use tokens and grant revocation are
+//! conditional UPDATEs, which PostgreSQL re-checks after a concurrent writer commits.
+//! The conformance suite (tests/tests/store.rs) runs against both backends.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use postern_core::store::{
+    AgentRecord, AuditAnchor, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, SessionEnding,
+    SessionQuery, SessionRecord, Store, StoreError, TOKEN_REVOKED_BY, TokenRecord, UserRecord,
+};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+
+use super::sqlite::{AGENT_COLUMNS, SESSION_COLUMNS, bytes_sql, db, labels_json, to_json};
+
+/// Schema migrations, applied in order; `schema_version` records how far a database got.
+/// The same tables as SQLite's migrations at the same numbers.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE tokens (
+    hash        TEXT PRIMARY KEY,
+    labels      TEXT NOT NULL,
+    name        TEXT,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    used_at     BIGINT,
+    used_by     TEXT
+);
+CREATE TABLE agents (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    hostname      TEXT NOT NULL,
+    platform      TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    enrolled_at   BIGINT NOT NULL,
+    last_seen     BIGINT,
+    revoked       BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX agents_name ON agents(name);
+"#,
+    r#"
+CREATE TABLE users (
+    name        TEXT PRIMARY KEY,
+    groups      TEXT NOT NULL,
+    keys        TEXT NOT NULL,
+    principals  TEXT NOT NULL,
+    disabled    BIGINT NOT NULL DEFAULT 0,
+    created_at  BIGINT NOT NULL
+);
+CREATE TABLE policies (
+    name        TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    source      TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    applied_at  BIGINT NOT NULL,
+    applied_by  TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE grants (
+    id          TEXT PRIMARY KEY,
+    "user"      TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    created_by  TEXT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    revoked_at  BIGINT,
+    revoked_by  TEXT
+);
+"#,
+    r#"
+CREATE TABLE audit_anchor (
+    id    BIGINT PRIMARY KEY CHECK (id = 1),
+    seq   BIGINT NOT NULL,
+    hash  TEXT NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE session_history (
+    id              TEXT PRIMARY KEY,
+    user_name       TEXT NOT NULL,
+    source          TEXT,
+    instance        TEXT NOT NULL,
+    agent_id        TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    door            TEXT NOT NULL,
+    command         TEXT,
+    destination     TEXT,
+    started_ms      BIGINT NOT NULL,
+    ended_at        BIGINT,
+    end_reason      TEXT,
+    exit_code       INTEGER,
+    bytes_in        BIGINT NOT NULL DEFAULT 0,
+    bytes_out       BIGINT NOT NULL DEFAULT 0,
+    logged          BIGINT NOT NULL,
+    unlogged_reason TEXT,
+    recording       TEXT
+);
+CREATE INDEX session_history_started ON session_history(started_ms, id);
+CREATE INDEX session_history_user ON session_history(user_name, started_ms);
+"#,
+];
+
+/// How long connecting (or waiting for a pooled connection) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The advisory lock key that serialises migrations between gateways starting together.
+const MIGRATION_LOCK: i64 = 0x706f_7374_6572_6e01;
+
+/// Where a `[store] url` points, without its password: for error messages and logs.
+pub fn describe(url: &str) -> String {
+    match PgConnectOptions::from_str(url) {
+        Ok(o) => format!("postgres://{}:{}/{}", o.get_host(), o.get_port(), o.get_database().unwrap_or("")),
+        Err(_) => "postgres://(unparsable url)".into(),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connect (bounded: a database that does not answer within 10 s is an error) and bring
+    /// the schema up to date.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let opts = PgConnectOptions::from_str(url).map_err(db)?;
+        // One connection first, for its own error ("Connection refused", a failed
+        // password): the pool would only say that it timed out.
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&opts))
+            .await
+            .map_err(|_| db(sqlx::Error::PoolTimedOut))?
+            .map_err(db)?;
+        first.close().await.map_err(db)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(opts)
+            .await
+            .map_err(db)?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // One transaction under an advisory lock: a second gateway starting at the same time
+        // waits, then finds the schema current. PostgreSQL's DDL is transactional.
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await.map_err(db)?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+            if version <= current {
+                continue;
+            }
+            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+}
+
+fn row_to_agent(row: &PgRow) -> Result<AgentRecord, StoreError> {
+    let labels: String = row.try_get("labels").map_err(db)?;
+    Ok(AgentRecord {
+        id: row.try_get("id").map_err(db)?,
+        name: row.try_get("name").map_err(db)?,
+        labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("agent labels: {e}")))?,
+        hostname: row.try_get("hostname").map_err(db)?,
+        platform: row.try_get("platform").map_err(db)?,
+        agent_version: row.try_get("agent_version").map_err(db)?,
+        enrolled_at: row.try_get("enrolled_at").map_err(db)?,
+        last_seen: row.try_get("last_seen").map_err(db)?,
+        revoked: row.try_get::<i64, _>("revoked").map_err(db)? != 0,
+    })
+}
+
+fn json_list(row: &PgRow, col: &str) -> Result<Vec<String>, StoreError> {
+    let text: String = row.try_get(col).map_err(db)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn row_to_policy(row: &PgRow) -> Result<PolicyVersion, StoreError> {
+    let source: String = row.try_get("source").map_err(db)?;
+    Ok(PolicyVersion {
+        name: row.try_get("name").map_err(db)?,
+        version: row.try_get("version").map_err(db)?,
+        removed: source.is_empty(),
+        source,
+        file: row.try_get("file").map_err(db)?,
+        applied_at: row.try_get("applied_at").map_err(db)?,
+        applied_by: row.try_get("applied_by").map_err(db)?,
+    })
+}
+
+fn row_to_session(row: &PgRow) -> Result<SessionRecord, StoreError> {
+    let bytes = |col: &str| -> Result<u64, StoreError> {
+        let n: i64 = row.try_get(col).map_err(db)?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("session {col} {n}")))
+    };
+    Ok(SessionRecord {
+        id: row.try_get("id").map_err(db)?,
+        user: row.try_get("user_name").map_err(db)?,
+        source: row.try_get("source").map_err(db)?,
+        instance: row.try_get("instance").map_err(db)?,
+        agent_id: row.try_get("agent_id").map_err(db)?,
+        kind: row.try_get("kind").map_err(db)?,
+        door: row.try_get("door").map_err(db)?,
+        command: row.try_get("command").map_err(db)?,
+        destination: row.try_get("destination").map_err(db)?,
+        started_ms: row.try_get("started_ms").map_err(db)?,
+        ended_at: row.try_get("ended_at").map_err(db)?,
+        end_reason: row.try_get("end_reason").map_err(db)?,
+        exit_code: row.try_get("exit_code").map_err(db)?,
+        bytes_in: bytes("bytes_in")?,
+        bytes_out: bytes("bytes_out")?,
+        logged: row.try_get::<i64, _>("logged").map_err(db)? != 0,
+        unlogged_reason: row.try_get("unlogged_reason").map_err(db)?,
+        recording: row.try_get("recording").map_err(db)?,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_token(&self, t: &NewToken) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO tokens (hash, labels, name, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&t.hash)
+            .bind(labels_json(&t.labels))
+            .bind(&t.name)
+            .bind(t.created_at)
+            .bind(t.expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at DESC, hash")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let hash: String = r.try_get("hash").map_err(db)?;
+                let labels: String = r.try_get("labels").map_err(db)?;
+                Ok(TokenRecord {
+                    id: hash.get(..12).unwrap_or(&hash).to_owned(),
+                    name: r.try_get("name").map_err(db)?,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    created_at: r.try_get("created_at").map_err(db)?,
+                    expires_at: r.try_get("expires_at").map_err(db)?,
+                    used_at: r.try_get("used_at").map_err(db)?,
+                    used_by: r.try_get("used_by").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn revoke_token(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError> {
+        // Only a full 12-digit id: a shorter prefix could name several tokens.
+        if id.len() != 12 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(false);
+        }
+        let done = sqlx::query(
+            "UPDATE tokens SET used_at = $1, used_by = $2 WHERE substr(hash, 1, 12) = $3 AND used_at IS NULL",
+        )
+        .bind(now)
+        .bind(format!("{TOKEN_REVOKED_BY}{by}"))
+        .bind(id.to_ascii_lowercase())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn redeem_token(&self, hash: &str, agent: &NewAgent) -> Result<Result<AgentRecord, RedeemError>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        // The conditional UPDATE is the single point that makes tokens single-use: a
+        // concurrent redeem (from any gateway) waits on the row lock, then re-checks
+        // `used_at IS NULL` against the committed row and updates nothing.
+        let spent = sqlx::query(
+            "UPDATE tokens SET used_at = $1, used_by = $2 WHERE hash = $3 AND used_at IS NULL AND expires_at > $1 \
+             RETURNING labels, name",
+        )
+        .bind(agent.now)
+        .bind(&agent.id)
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(spent) = spent else {
+            let why = sqlx::query("SELECT used_at, expires_at FROM tokens WHERE hash = $1")
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+            return Ok(Err(match why {
+                None => RedeemError::Unknown,
+                Some(row) if row.try_get::<Option<i64>, _>("used_at").map_err(db)?.is_some() => RedeemError::Used,
+                Some(_) => RedeemError::Expired,
+            }));
+        };
+        let labels: String = spent.try_get("labels").map_err(db)?;
+        let requested: Option<String> = spent.try_get("name").map_err(db)?;
+        let base = requested.unwrap_or_else(|| agent.hostname.clone());
+        let taken: i64 = sqlx::query("SELECT COUNT(*) FROM agents WHERE name = $1 AND revoked = 0")
+            .bind(&base)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
+        let name = if taken == 0 {
+            base
+        } else {
+            format!("{base}-{}", agent.id.trim_start_matches("ag-").chars().take(6).collect::<String>())
+        };
+        sqlx::query(
+            "INSERT INTO agents (id, name, labels, hostname, platform, agent_version, enrolled_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&agent.id)
+        .bind(&name)
+        .bind(&labels)
+        .bind(&agent.hostname)
+        .bind(&agent.platform)
+        .bind(&agent.agent_version)
+        .bind(agent.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(Ok(AgentRecord {
+            id: agent.id.clone(),
+            name,
+            labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("token labels: {e}")))?,
+            hostname: agent.hostname.clone(),
+            platform: agent.platform.clone(),
+            agent_version: agent.agent_version.clone(),
+            enrolled_at: agent.now,
+            last_seen: None,
+            revoked: false,
+        }))
+    }
+
+    async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(row_to_agent).transpose()
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(row_to_agent).collect()
+    }
+
+    async fn find_agents(&self, wanted: &str) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 AND (id = $1 OR name = $1) ORDER BY name"
+        ))
+        .bind(wanted)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_agent).collect()
+    }
+
+    async fn agent_seen(
+        &self,
+        id: &str,
+        hostname: Option<&str>,
+        platform: Option<&str>,
+        version: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agents SET last_seen = $1, hostname = COALESCE($2, hostname), platform = COALESCE($3, platform), \
+             agent_version = COALESCE($4, agent_version) WHERE id = $5",
+        )
+        .bind(now)
+        .bind(hostname)
+        .bind(platform)
+        .bind(version)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = $1 AND revoked = 0")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn insert_agents(&self, agents: &[(String, String)], labels: &Labels, now: i64) -> Result<(), StoreError> {
+        let labels = labels_json(labels);
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for (id, name) in agents {
+            sqlx::query(
+                "INSERT INTO agents (id, name, labels, hostname, platform, agent_version, enrolled_at) \
+                 VALUES ($1, $2, $3, 'simulated', 'simulated', 'simulated', $4)",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(&labels)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM users ORDER BY name").fetch_all(&self.pool).await.map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(UserRecord {
+                    name: r.try_get("name").map_err(db)?,
+                    groups: json_list(r, "groups")?,
+                    keys: json_list(r, "keys")?,
+                    principals: json_list(r, "principals")?,
+                    disabled: r.try_get::<i64, _>("disabled").map_err(db)? != 0,
+                    created_at: r.try_get("created_at").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_user(&self, u: &UserRecord) -> Result<(), StoreError> {
+        // One upsert statement: atomic between gateways.
+        sqlx::query(
+            "INSERT INTO users (name, groups, keys, principals, disabled, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (name) DO UPDATE SET groups = excluded.groups, keys = excluded.keys, \
+             principals = excluded.principals, disabled = excluded.disabled",
+        )
+        .bind(&u.name)
+        .bind(to_json(&u.groups))
+        .bind(to_json(&u.keys))
+        .bind(to_json(&u.principals))
+        .bind(i64::from(u.disabled))
+        .bind(u.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM users WHERE name = $1").bind(name).execute(&self.pool).await.map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn policies(&self) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT p.* FROM policies p JOIN (SELECT name, MAX(version) AS v FROM policies GROUP BY name) latest \
+             ON p.name = latest.name AND p.version = latest.v WHERE p.source != '' ORDER BY p.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_policy).collect()
+    }
+
+    async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM policies WHERE name = $1 ORDER BY version")
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(row_to_policy).collect()
+    }
+
+    async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        // Reading the newest version and writing the next is one step: writers (from any
+        // gateway) take turns, so no two get the same number. Readers are not blocked.
+        sqlx::query("LOCK TABLE policies IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await.map_err(db)?;
+        let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 FROM policies WHERE name = $1")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO policies (name, version, source, file, applied_at, applied_by) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(name)
+        .bind(version)
+        .bind(source)
+        .bind(file)
+        .bind(now)
+        .bind(by)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(version)
+    }
+
+    async fn grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM grants ORDER BY created_at, id").fetch_all(&self.pool).await.map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(GrantRecord {
+                    id: r.try_get("id").map_err(db)?,
+                    user: r.try_get("user").map_err(db)?,
+                    policy: r.try_get("policy").map_err(db)?,
+                    reason: r.try_get("reason").map_err(db)?,
+                    created_at: r.try_get("created_at").map_err(db)?,
+                    created_by: r.try_get("created_by").map_err(db)?,
+                    expires_at: r.try_get("expires_at").map_err(db)?,
+                    revoked_at: r.try_get("revoked_at").map_err(db)?,
+                    revoked_by: r.try_get("revoked_by").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO grants (id, \"user\", policy, reason, created_at, created_by, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&g.id)
+        .bind(&g.user)
+        .bind(&g.policy)
+        .bind(&g.reason)
+        .bind(g.created_at)
+        .bind(&g.created_by)
+        .bind(g.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE grants SET revoked_at = $1, revoked_by = $2 WHERE id = $3 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(by)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| {
+            let seq: i64 = r.try_get("seq").map_err(db)?;
+            let seq = u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {seq}")))?;
+            Ok(AuditAnchor { seq, hash: r.try_get("hash").map_err(db)? })
+        })
+        .transpose()
+    }
+
+    async fn set_audit_anchor(&self, anchor: &AuditAnchor) -> Result<(), StoreError> {
+        let seq =
+            i64::try_from(anchor.seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.seq)))?;
+        sqlx::query(
+            "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+        )
+        .bind(seq)
+        .bind(&anchor.hash)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn insert_session(&self, r: &SessionRecord) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO session_history ({SESSION_COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+             ON CONFLICT (id) DO NOTHING"
+        ))
+        .bind(&r.id)
+        .bind(&r.user)
+        .bind(&r.source)
+        .bind(&r.instance)
+        .bind(&r.agent_id)
+        .bind(&r.kind)
+        .bind(&r.door)
+        .bind(&r.command)
+        .bind(&r.destination)
+        .bind(r.started_ms)
+        .bind(r.ended_at)
+        .bind(&r.end_reason)
+        .bind(r.exit_code)
+        .bind(bytes_sql(r.bytes_in))
+        .bind(bytes_sql(r.bytes_out))
+        .bind(i64::from(r.logged))
+        .bind(&r.unlogged_reason)
+        .bind(&r.recording)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn end_session(&self, e: &SessionEnding) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE session_history SET ended_at = $1, end_reason = $2, exit_code = $3, bytes_in = $4, bytes_out = $5, \
+             logged = COALESCE($6, logged), unlogged_reason = COALESCE($7, unlogged_reason) WHERE id = $8",
+        )
+        .bind(e.ended_at)
+        .bind(&e.end_reason)
+        .bind(e.exit_code)
+        .bind(bytes_sql(e.bytes_in))
+        .bind(bytes_sql(e.bytes_out))
+        .bind(e.logged.map(i64::from))
+        .bind(&e.unlogged_reason)
+        .bind(&e.id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn sessions(&self, q: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError> {
+        // Each filter is `($n IS NULL OR ...)`, so the statement is one fixed text.
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM session_history WHERE \
+             ($1::TEXT IS NULL OR user_name = $1) AND ($2::TEXT IS NULL OR instance = $2 OR agent_id = $2) \
+             AND ($3::TEXT IS NULL OR kind = $3 OR door = $3) AND ($4::BIGINT IS NULL OR started_ms >= $4) \
+             AND ($5::BIGINT IS NULL OR started_ms < $5) \
+             AND ($6::BIGINT IS NULL OR started_ms < $6 OR (started_ms = $6 AND id < $7)) \
+             ORDER BY started_ms DESC, id DESC LIMIT $8"
+        ))
+        .bind(&q.user)
+        .bind(&q.instance)
+        .bind(&q.kind)
+        .bind(q.since)
+        .bind(q.until)
+        .bind(q.before.as_ref().map(|b| b.0))
+        .bind(q.before.as_ref().map(|b| b.1.as_str()))
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_session).collect()
+    }
+
+    async fn sessions_by_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<SessionRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM session_history WHERE id LIKE $1 ORDER BY started_ms DESC, id DESC LIMIT $2"
+        ))
+        .bind(format!("{prefix}%"))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_session).collect()
+    }
+
+    async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        if let Some(cutoff) = cutoff {
+            let r = sqlx::query("DELETE FROM session_history WHERE COALESCE(ended_at, started_ms / 1000) < $1")
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+            deleted += r.rows_affected();
+        }
+        if let Some(keep) = keep_rows {
+            let r = sqlx::query(
+                "DELETE FROM session_history WHERE started_ms < \
+                 (SELECT started_ms FROM session_history ORDER BY started_ms DESC, id DESC LIMIT 1 OFFSET $1)",
+            )
+            .bind(bytes_sql(keep.saturating_sub(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            deleted += r.rows_affected();
+        }
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,419 @@
+//! The store conformance suite: one set of checks, written once against the `Store` trait,
+//! run against the embedded SQLite store and a real PostgreSQL server; two store instances on
+//! one database (two gateways) racing for the same token, policy and grant; and a real
+//! gateway on PostgreSQL serving an agent and `ssh`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use postern_e2e::*;
+use postern_gateway::store::postgres::PgStore;
+use postern_gateway::store::sqlite::SqliteStore;
+use postern_gateway::store::*;
+
+fn new_agent(id: &str, host: &str, now: i64) -> NewAgent {
+    NewAgent { id: id.into(), hostname: host.into(), platform: "linux".into(), agent_version: "1".into(), now }
+}
+
+fn token(hash: &str, expires_at: i64) -> NewToken {
+    let mut labels = Labels::new();
+    labels.insert("env".into(), "dev".into());
+    NewToken { hash: hash.into(), labels, name: None, created_at: 0, expires_at }
+}
+
+async fn tokens_and_agents(s: &dyn Store) {
+    s.create_token(&token("aaaaaaaaaaaa01", 200)).await.unwrap();
+    s.create_token(&token("bbbbbbbbbbbb01", 50)).await.unwrap();
+    s.create_token(&token("cccccccccccc01", 200)).await.unwrap();
+    let rec = s.redeem_token("aaaaaaaaaaaa01", &new_agent("ag-1", "web", 100)).await.unwrap().unwrap();
+    assert_eq!((rec.name.as_str(), rec.labels.get("env").map(String::as_str)), ("web", Some("dev")));
+    let again = s.redeem_token("aaaaaaaaaaaa01", &new_agent("ag-2", "web", 100)).await.unwrap();
+    assert_eq!(again.unwrap_err(), RedeemError::Used);
+    let expired = s.redeem_token("bbbbbbbbbbbb01", &new_agent("ag-3", "web", 100)).await.unwrap();
+    assert_eq!(expired.unwrap_err(), RedeemError::Expired);
+    assert_eq!(s.redeem_token("zz", &new_agent("ag-4", "web", 100)).await.unwrap().unwrap_err(), RedeemError::Unknown);
+    // Revoked: spent without enrolling; only a whole 12-digit id; only once.
+    assert!(!s.revoke_token("cccccc", 110, "admin").await.unwrap());
+    assert!(s.revoke_token("CCCCCCCCCCCC", 110, "admin").await.unwrap());
+    assert!(!s.revoke_token("cccccccccccc", 111, "admin").await.unwrap());
+    let revoked = s.redeem_token("cccccccccccc01", &new_agent("ag-5", "web", 120)).await.unwrap();
+    assert_eq!(revoked.unwrap_err(), RedeemError::Used);
+    let states: Vec<(String, &str)> = s.tokens().await.unwrap().iter().map(|t| (t.id.clone(), t.state(120))).collect();
+    assert_eq!(states.len(), 3);
+    assert!(states.contains(&("aaaaaaaaaaaa".into(), "used")), "{states:?}");
+    assert!(states.contains(&("bbbbbbbbbbbb".into(), "expired")), "{states:?}");
+    assert!(states.contains(&("cccccccccccc".into(), "revoked")), "{states:?}");
+
+    // A second host with the same hostname gets a distinct name.
+    s.create_token(&token("dddddddddddd01", 200)).await.unwrap();
+    let rec2 = s.redeem_token("dddddddddddd01", &new_agent("ag-abcdef99", "web", 100)).await.unwrap().unwrap();
+    assert_eq!(rec2.name, "web-abcdef");
+    s.agent_seen("ag-1", Some("web.example"), None, Some("2"), 130).await.unwrap();
+    let seen = s.agent("ag-1").await.unwrap().unwrap();
+    assert_eq!(
+        (seen.hostname.as_str(), seen.platform.as_str(), seen.agent_version.as_str()),
+        ("web.example", "linux", "2")
+    );
+    assert_eq!(seen.last_seen, Some(130));
+    assert_eq!(s.find_agents("web").await.unwrap().len(), 1);
+    assert_eq!(s.find_agents("ag-abcdef99").await.unwrap()[0].name, "web-abcdef");
+    s.insert_agents(&[("ag-s1".into(), "sim-1".into()), ("ag-s2".into(), "sim-2".into())], &Labels::new(), 140)
+        .await
+        .unwrap();
+    assert_eq!(s.agents().await.unwrap().len(), 4);
+    assert!(s.revoke_agent("ag-1").await.unwrap());
+    assert!(!s.revoke_agent("ag-1").await.unwrap());
+    assert!(s.agent("ag-1").await.unwrap().unwrap().revoked);
+    assert!(s.find_agents("web").await.unwrap().is_empty());
+    assert_eq!(s.agents().await.unwrap().len(), 3);
+    assert!(s.agent("ag-none").await.unwrap().is_none());
+}
+
+async fn users_policies_grants_anchor(s: &dyn Store) {
+    let mut u = UserRecord {
+        name: "bob".into(),
+        groups: vec!["ops".into()],
+        keys: vec!["ssh-ed25519 AAAA bob".into()],
+        principals: vec!["bob@corp".into()],
+        disabled: false,
+        created_at: 5,
+    };
+    s.put_user(&u).await.unwrap();
+    u.disabled = true;
+    u.groups.push("dba".into());
+    s.put_user(&u).await.unwrap();
+    assert_eq!(s.users().await.unwrap(), vec![u]);
+    assert!(s.delete_user("bob").await.unwrap());
+    assert!(!s.delete_user("bob").await.unwrap());
+    assert!(s.users().await.unwrap().is_empty());
+
+    assert_eq!(s.put_policy("p", "a", "p.toml", 1, "me").await.unwrap(), 1);
+    assert_eq!(s.put_policy("p", "b", "p.toml", 2, "me").await.unwrap(), 2);
+    assert_eq!(s.put_policy("q", "c", "q.toml", 2, "me").await.unwrap(), 1);
+    let current: Vec<(String, i64)> = s.policies().await.unwrap().into_iter().map(|p| (p.source, p.version)).collect();
+    assert_eq!(current, vec![("b".into(), 2), ("c".into(), 1)]);
+    assert_eq!(s.put_policy("q", "", "", 3, "me").await.unwrap(), 2);
+    assert_eq!(s.policies().await.unwrap().len(), 1);
+    let history = s.policy_history("q").await.unwrap();
+    assert_eq!(history.iter().map(|p| (p.version, p.removed)).collect::<Vec<_>>(), [(1, false), (2, true)]);
+
+    let g = GrantRecord {
+        id: "gr-1".into(),
+        user: "bob".into(),
+        policy: "p".into(),
+        reason: "oncall".into(),
+        created_at: 10,
+        created_by: "me".into(),
+        expires_at: 20,
+        revoked_at: None,
+        revoked_by: None,
+    };
+    s.put_grant(&g).await.unwrap();
+    assert_eq!(s.grants().await.unwrap(), vec![g.clone()]);
+    assert!(s.revoke_grant("gr-1", 15, "me").await.unwrap());
+    assert!(!s.revoke_grant("gr-1", 16, "you").await.unwrap());
+    assert!(!s.revoke_grant("gr-none", 16, "you").await.unwrap());
+    let back = s.grants().await.unwrap();
+    assert_eq!((back[0].revoked_at, back[0].revoked_by.as_deref()), (Some(15), Some("me")));
+
+    assert_eq!(s.audit_anchor().await.unwrap(), None);
+    s.set_audit_anchor(&AuditAnchor { seq: 101, hash: "ab".into() }).await.unwrap();
+    s.set_audit_anchor(&AuditAnchor { seq: 202, hash: "cd".into() }).await.unwrap();
+    assert_eq!(s.audit_anchor().await.unwrap(), Some(AuditAnchor { seq: 202, hash: "cd".into() }));
+}
+
+fn session(id: &str, user: &str, kind: &str, started_ms: i64) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        user: user.into(),
+        source: Some("127.0.0.1".into()),
+        instance: "web-01".into(),
+        agent_id: "ag-1".into(),
+        kind: kind.into(),
+        door: "ssh".into(),
+        command: Some("uname -a".into()),
+        destination: None,
+        started_ms,
+        ended_at: None,
+        end_reason: None,
+        exit_code: None,
+        bytes_in: 0,
+        bytes_out: 0,
+        logged: true,
+        unlogged_reason: None,
+        recording: Some("/data/recordings/a.cast".into()),
+    }
+}
+
+async fn session_history(s: &dyn Store) {
+    let mut a = session("aa01", "alice", "exec", 100_000);
+    s.insert_session(&a).await.unwrap();
+    // A second insert with the same id changes nothing.
+    s.insert_session(&session("aa01", "mallory", "shell", 1_000)).await.unwrap();
+    s.insert_session(&session("aa02", "bob", "shell", 200_000)).await.unwrap();
+    s.insert_session(&session("ab03", "alice", "port-forward", 200_000)).await.unwrap();
+    let ending = SessionEnding {
+        id: "aa01".into(),
+        ended_at: 150,
+        end_reason: Some("idle-timeout".into()),
+        exit_code: Some(3),
+        bytes_in: 5,
+        bytes_out: u64::MAX,
+        logged: Some(false),
+        unlogged_reason: Some("recording failed".into()),
+    };
+    assert!(s.end_session(&ending).await.unwrap());
+    assert!(!s.end_session(&SessionEnding { id: "zz".into(), ..ending.clone() }).await.unwrap());
+
+    let ids = |rows: Vec<SessionRecord>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let q = SessionQuery { limit: 50, ..SessionQuery::default() };
+    assert_eq!(ids(s.sessions(&q).await.unwrap()), ["ab03", "aa02", "aa01"]);
+    let back = s.sessions(&SessionQuery { user: Some("alice".into()), ..q.clone() }).await.unwrap();
+    assert_eq!(ids(back.clone()), ["ab03", "aa01"]);
+    (a.ended_at, a.end_reason, a.exit_code, a.bytes_in, a.bytes_out) =
+        (Some(150), Some("idle-timeout".into()), Some(3), 5, i64::MAX as u64);
+    (a.logged, a.unlogged_reason) = (false, Some("recording failed".into()));
+    assert_eq!(back[1], a);
+    let kind = |k: &str| SessionQuery { kind: Some(k.into()), ..q.clone() };
+    assert_eq!(ids(s.sessions(&kind("port-forward")).await.unwrap()), ["ab03"]);
+    assert_eq!(ids(s.sessions(&kind("ssh")).await.unwrap()).len(), 3);
+    let inst = |i: &str| SessionQuery { instance: Some(i.into()), ..q.clone() };
+    assert_eq!(ids(s.sessions(&inst("ag-1")).await.unwrap()).len(), 3);
+    assert_eq!(ids(s.sessions(&inst("web-01")).await.unwrap()).len(), 3);
+    assert!(s.sessions(&inst("db")).await.unwrap().is_empty());
+    let window = SessionQuery { since: Some(100_000), until: Some(200_000), ..q.clone() };
+    assert_eq!(ids(s.sessions(&window).await.unwrap()), ["aa01"]);
+    let first = s.sessions(&SessionQuery { limit: 2, ..q.clone() }).await.unwrap();
+    assert_eq!(ids(first.clone()), ["ab03", "aa02"]);
+    let last = first.last().unwrap();
+    let next = SessionQuery { limit: 2, before: Some((last.started_ms, last.id.clone())), ..q.clone() };
+    assert_eq!(ids(s.sessions(&next).await.unwrap()), ["aa01"]);
+
+    assert_eq!(ids(s.sessions_by_prefix("aa", 10).await.unwrap()), ["aa02", "aa01"]);
+    assert_eq!(ids(s.sessions_by_prefix("aa", 1).await.unwrap()), ["aa02"]);
+    assert_eq!(ids(s.sessions_by_prefix("ab03", 10).await.unwrap()), ["ab03"]);
+    assert!(s.sessions_by_prefix("ac", 10).await.unwrap().is_empty());
+
+    assert_eq!(s.prune_sessions(Some(160), None).await.unwrap(), 1);
+    assert_eq!(s.prune_sessions(None, Some(5)).await.unwrap(), 0);
+    s.insert_session(&session("ac04", "carol", "sftp", 300_000)).await.unwrap();
+    assert_eq!(s.prune_sessions(None, Some(1)).await.unwrap(), 2);
+    assert_eq!(ids(s.sessions(&q).await.unwrap()), ["ac04"]);
+}
+
+async fn conformance(s: &dyn Store) {
+    tokens_and_agents(s).await;
+    users_policies_grants_anchor(s).await;
+    session_history(s).await;
+}
+
+/// Two stores on one database (two gateways), each racing 30 callers for the same token,
+/// the same policy and the same grant.
+async fn concurrent_gateways(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    const N: usize = 30;
+    let pick = |i: usize| if i.is_multiple_of(2) { a.clone() } else { b.clone() };
+    a.create_token(&token("feedfeedfeed01", i64::MAX)).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let s = pick(i);
+        tasks.spawn(async move { s.redeem_token("feedfeedfeed01", &new_agent(&format!("ag-race{i}"), "h", 1)).await });
+    }
+    let results = tasks.join_all().await;
+    let won = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    let used = results.iter().filter(|r| matches!(r, Ok(Err(RedeemError::Used)))).count();
+    assert_eq!((won, used), (1, N - 1), "{results:?}");
+    assert_eq!(b.agents().await.unwrap().len(), 1);
+
+    // Policy versions: every write gets its own number, none lost.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let s = pick(i);
+        tasks.spawn(async move { s.put_policy("shared", &format!("v{i}"), "shared.toml", 1, "me").await });
+    }
+    let mut versions: Vec<i64> = tasks.join_all().await.into_iter().map(|r| r.unwrap()).collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=N as i64).collect::<Vec<_>>());
+    assert_eq!(a.policy_history("shared").await.unwrap().len(), N);
+
+    // A grant is revoked once: one revoker is recorded.
+    a.put_grant(&GrantRecord {
+        id: "gr-race".into(),
+        user: "bob".into(),
+        policy: "shared".into(),
+        reason: "race".into(),
+        created_at: 1,
+        created_by: "me".into(),
+        expires_at: i64::MAX,
+        revoked_at: None,
+        revoked_by: None,
+    })
+    .await
+    .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let s = pick(i);
+        tasks.spawn(async move { s.revoke_grant("gr-race", 2, &format!("admin{i}")).await.unwrap() });
+    }
+    assert_eq!(tasks.join_all().await.into_iter().filter(|done| *done).count(), 1);
+
+    // User changes: each write is whole (no mix of two writers' fields).
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let s = pick(i);
+        tasks.spawn(async move {
+            let u = UserRecord {
+                name: "carol".into(),
+                groups: vec![format!("g{i}")],
+                keys: vec![format!("ssh-ed25519 K{i}")],
+                principals: vec![],
+                disabled: false,
+                created_at: 1,
+            };
+            s.put_user(&u).await.unwrap()
+        });
+    }
+    tasks.join_all().await;
+    let users = b.users().await.unwrap();
+    assert_eq!(users.len(), 1);
+    let i = users[0].groups[0].trim_start_matches('g');
+    assert_eq!(users[0].keys, [format!("ssh-ed25519 K{i}")]);
+}
+
+#[tokio::test]
+async fn sqlite_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("postern.db")).await.unwrap();
+    conformance(&store).await;
+    // Reopening keeps the data and does not re-run migrations.
+    drop(store);
+    let store = SqliteStore::open(&dir.path().join("postern.db")).await.unwrap();
+    assert_eq!(store.agents().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn postgres_store_conforms() {
+    let pg = Postgres::start();
+    let url = pg.new_database("conformance");
+    let store = PgStore::connect(&url).await.unwrap();
+    conformance(&store).await;
+    drop(store);
+    let store = PgStore::connect(&url).await.unwrap();
+    assert_eq!(store.agents().await.unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_sqlite_file_stay_atomic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("postern.db");
+    let a = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let b = Arc::new(SqliteStore::open(&path).await.unwrap());
+    concurrent_gateways(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_postgres_database_stay_atomic() {
+    let pg = Postgres::start();
+    let url = pg.new_database("shared");
+    // Both start (and migrate) at once.
+    let (a, b) = tokio::join!(PgStore::connect(&url), PgStore::connect(&url));
+    concurrent_gateways(Arc::new(a.unwrap()), Arc::new(b.unwrap())).await;
+}
+
+#[test]
+fn a_gateway_whose_store_is_unreachable_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_tcp_port();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[tunnel]\nlisten = \"127.0.0.1:{}\"\n[ssh]\nlisten = \"127.0.0.1:{}\"\n\
+             [store]\nurl = \"postgres://postern:s3cret-pw@127.0.0.1:{port}/postern\"\n",
+            dir.path().join("data"),
+            free_udp_port(),
+            free_tcp_port()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(bin("postern"))
+        .arg("--config")
+        .arg(&config)
+        .arg("gateway")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("Connection refused"), "the cause is named: {err}");
+    assert!(err.contains(&format!("[store] url database postgres://127.0.0.1:{port}/postern")), "{err}");
+    assert!(!err.contains("s3cret-pw"), "the password is not shown: {err}");
+    // A URL that is not PostgreSQL's is refused when the configuration is read.
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace("postgres://", "mysql://")).unwrap();
+    let out = Command::new(bin("postern")).arg("--config").arg(&config).arg("gateway").output().unwrap();
+    assert!(text(&out.stderr).contains("[store] url must be a postgres:// URL"), "{}", text(&out.stderr));
+}
+
+const POLICY: &str = r#"
+name = "ops"
+[[statement]]
+effect = "allow"
+users = ["alice"]
+actions = ["exec"]
+instances = ["web-*"]
+allow_root = true
+"#;
+
+#[test]
+fn a_gateway_on_postgres_enrolls_an_agent_and_serves_ssh() {
+    let pg = Postgres::start();
+    let url = pg.new_database("gateway");
+    let gw = Gateway::start(&format!("[store]\nurl = {url:?}\n"));
+    let dir = tempfile::tempdir().unwrap();
+    gw.write_known_hosts(&dir.path().join("known_hosts"));
+    let _web = Agent::start(&gw, "web-01", vec![], &gw.listen);
+    let key = dir.path().join("alice");
+    ssh_keygen(&key, "alice");
+    let ok = |args: &[&str]| {
+        let out = gw.postern(args);
+        assert!(out.status.success(), "postern {args:?}: {}", text(&out.stderr));
+    };
+    ok(&["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]);
+    let policy = dir.path().join("ops.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    ok(&["policy", "apply", policy.to_str().unwrap()]);
+    let ssh = |command: &str| {
+        Command::new("timeout")
+            .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+            .arg(&key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", dir.path().join("known_hosts").display()))
+            .args(["alice%web-01@127.0.0.1", command])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = ssh("echo on-postgres");
+    assert_eq!(text(&out.stdout), "on-postgres\n", "{}", text(&out.stderr));
+    // A policy change takes effect: exec is no longer allowed.
+    std::fs::write(&policy, POLICY.replace("actions = [\"exec\"]", "actions = [\"shell\"]")).unwrap();
+    ok(&["policy", "apply", policy.to_str().unwrap()]);
+    let out = ssh("echo on-postgres");
+    assert!(!out.status.success() && text(&out.stdout).is_empty(), "{}", text(&out.stderr));
+    // What the gateway stored is in PostgreSQL, not in a SQLite file beside it.
+    assert!(!gw.data_dir().join("postern.db").exists());
+    let psql = |sql: &str| {
+        let out = Command::new("timeout")
+            .args(["30", "psql", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "gateway"])
+            .args(["-Atc", sql])
+            .output()
+            .unwrap();
+        text(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(psql("SELECT name FROM agents"), "web-01");
+    assert_eq!(psql("SELECT MAX(version) FROM policies WHERE name = 'ops'"), "2");
+    let history: u32 = psql("SELECT COUNT(*) FROM session_history WHERE user_name = 'alice'").parse().unwrap();
+    assert!(history >= 1, "{history}");
+}
