@@ -405,7 +405,8 @@ fn build_services(
             sessions.clone(),
             history.clone(),
             access_changed.clone(),
-        ),
+        )
+        .with_shipper(shipper.clone()),
         config: Arc::new(config),
         addresses,
         store,

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::ship::Kind;
 use tracing::{info, warn};
 
 use crate::audit::AuditLog;
@@ -379,7 +381,14 @@ pub struct HistoryRow {
     pub logged: bool,
     /// Why it is not recorded.
     pub reason: Option<String>,
+    /// The recording's path in the gateway's data directory, as it was written.
     pub recording: Option<String>,
+    /// Whether that file is still there (retention may have removed it after upload).
+    #[serde(default)]
+    pub recording_local: bool,
+    /// Its copy in the object store (`s3://BUCKET/PREFIX/recordings/NAME`), once uploaded.
+    #[serde(default)]
+    pub recording_s3: Option<String>,
 }
 
 impl HistoryRow {
@@ -406,7 +415,17 @@ impl HistoryRow {
             logged: r.logged,
             reason: r.unlogged_reason,
             recording: r.recording,
+            recording_local: false,
+            recording_s3: None,
         }
+    }
+
+    /// Where the recording is now: on this gateway's disk, in the object store, or both.
+    pub fn locate_recording(&mut self, shipper: Option<&crate::audit::ship::Shipper>) {
+        let Some(path) = self.recording.as_deref().map(std::path::Path::new) else { return };
+        self.recording_local = path.is_file();
+        self.recording_s3 =
+            shipper.filter(|s| s.is_uploaded(Kind::Recording, path)).map(|s| s.url(Kind::Recording, path));
     }
 }
 

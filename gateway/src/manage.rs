@@ -17,6 +17,7 @@ use crate::audit::AuditLog;
 use crate::audit::events::{
     AdminAction, Event, GrantCreated, GrantRevoked, PolicyChange, PolicyChanged, SessionTerminated,
 };
+use crate::audit::ship::Shipper;
 use crate::history::{HistoryError, HistoryRow, SessionHistory};
 use crate::sessions::SessionTable;
 use crate::store::{GrantRecord, UserRecord};
@@ -132,6 +133,8 @@ pub struct Manage {
     /// Held while a user's keys change, so that two requests cannot bind one key to two
     /// users between the check and the write.
     key_writes: tokio::sync::Mutex<()>,
+    /// The object store recordings are copied to, if any.
+    shipper: Option<Arc<Shipper>>,
 }
 
 impl Manage {
@@ -143,7 +146,22 @@ impl Manage {
         history: Arc<SessionHistory>,
         access_changed: Arc<Notify>,
     ) -> Self {
-        Manage { store, access, audit, sessions, history, access_changed, key_writes: tokio::sync::Mutex::new(()) }
+        Manage {
+            store,
+            access,
+            audit,
+            sessions,
+            history,
+            access_changed,
+            key_writes: tokio::sync::Mutex::new(()),
+            shipper: None,
+        }
+    }
+
+    /// With `[audit.s3]`: history listings say which recordings are in the object store.
+    pub fn with_shipper(mut self, shipper: Option<Arc<Shipper>>) -> Self {
+        self.shipper = shipper;
+        self
     }
 }
 
@@ -567,7 +585,9 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                 .into_iter()
                 .map(|r| {
                     let counted = live.get(&r.id).copied();
-                    HistoryRow::of(r, counted, now)
+                    let mut row = HistoryRow::of(r, counted, now);
+                    row.locate_recording(state.shipper.as_deref());
+                    row
                 })
                 .collect();
             Ok(json!(rows))

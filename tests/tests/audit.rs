@@ -1089,11 +1089,24 @@ fn closed_segments_and_recordings_reach_s3_and_are_spooled_while_it_is_down() {
     wait_until("the new recording is uploaded", Duration::from_secs(20), || {
         s3(port, "get", &format!("site-a/recordings/{sid}.cast")).is_some()
     });
+    // The session history says where the recording is: here and in the object store, then
+    // (the local copy gone, as retention does) only there.
+    let located = || {
+        let out = gw.postern(&["sessions", "--all", "--json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let row = rows.into_iter().find(|r| r["id"] == sid.as_str()).unwrap();
+        (row["recording_local"].as_bool(), row["recording_s3"].as_str().map(str::to_owned))
+    };
+    let object = format!("s3://postern-audit/site-a/recordings/{sid}.cast");
+    wait_until("the history shows the uploaded copy", Duration::from_secs(10), || {
+        located() == (Some(true), Some(object.clone()))
+    });
+    std::fs::remove_file(gw.data_dir().join("recordings").join(format!("{sid}.cast"))).unwrap();
+    assert_eq!(located(), (Some(false), Some(object.clone())));
     drop(agent);
     gw.stop();
 
     // Once the local copy is gone (retention), replay fetches the recording from the store.
-    std::fs::remove_file(gw.data_dir().join("recordings").join(format!("{sid}.cast"))).unwrap();
     let replay = |session: &str| {
         std::process::Command::new(bin("postern"))
             .arg("--config")

@@ -257,6 +257,11 @@ impl Shipper {
         Ok(true)
     }
 
+    /// The object of the file `path`: `s3://BUCKET/PREFIX/KIND/NAME`.
+    pub fn url(&self, kind: Kind, path: &Path) -> String {
+        format!("s3://{}/{}", self.bucket, self.key(kind, path))
+    }
+
     /// Where objects of `kind` are kept, for messages: `s3://BUCKET/PREFIX/KIND/`.
     pub fn location(&self, kind: Kind) -> String {
         format!("s3://{}/{}", self.bucket, self.key(kind, Path::new("")))
