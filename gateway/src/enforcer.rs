@@ -36,12 +36,14 @@ pub async fn enforce(
     shutdown: CancellationToken,
 ) {
     let mut active_grants = HashSet::new();
+    let mut follower = Follower::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = access_changed.notified() => {}
             _ = tokio::time::sleep(RECHECK_EVERY) => {}
         }
+        follower.follow(&authorizer, store.as_ref()).await;
         announce_expired_grants(&authorizer, &audit, &mut active_grants);
         end_disallowed(&authorizer, &sessions, store.as_ref()).await;
         // A user who is disabled or removed keeps no connection either (a multiplexed
@@ -50,6 +52,45 @@ pub async fn enforce(
         // SSH door gives a closed connection a moment before it disconnects).
         for user in connections.close_inactive(|u| authorizer.list().user_active(u)) {
             info!(%user, "closing an ssh connection of a user who is disabled or removed");
+        }
+    }
+}
+
+/// How often a failure to read the store while following it is logged (it is retried every
+/// tick meanwhile).
+const FOLLOW_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Follows changes to users, policies and grants made through other gateways sharing the
+/// store: each tick reads the store's access generation (one row) and, when it moved,
+/// reloads this gateway's copy; the re-check that follows then ends sessions no longer
+/// allowed. A store that cannot be read keeps the last copy in force (logged at most once a
+/// [`FOLLOW_WARN_EVERY`]) and is tried again next tick.
+#[derive(Debug, Default)]
+struct Follower {
+    /// The generation the copy in memory was loaded at (None: not yet known here).
+    loaded: Option<i64>,
+    last_warning: Option<tokio::time::Instant>,
+}
+
+impl Follower {
+    async fn follow(&mut self, authorizer: &Authorizer, store: &dyn Store) {
+        let result = async {
+            let generation = store.access_generation().await?;
+            if self.loaded != Some(generation) {
+                // Read before reloading: a change committed meanwhile moves it again, and the
+                // next tick reloads once more.
+                authorizer.list().reload(store).await?;
+                self.loaded = Some(generation);
+            }
+            Ok::<_, crate::store::StoreError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            let now = tokio::time::Instant::now();
+            if self.last_warning.is_none_or(|t| now.duration_since(t) >= FOLLOW_WARN_EVERY) {
+                self.last_warning = Some(now);
+                warn!(error = %e, "cannot read users, policies and grants from the store; keeping the last copy");
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use postern_e2e::*;
 use postern_gateway::store::postgres::PgStore;
@@ -123,6 +124,60 @@ async fn users_policies_grants_anchor(s: &dyn Store) {
     assert_eq!(s.audit_anchor().await.unwrap(), Some(AuditAnchor { seq: 202, hash: "cd".into() }));
 }
 
+/// Every write to users, policies or grants moves the access generation (which other
+/// gateways poll); reads and unrelated writes do not.
+async fn access_generation(s: &dyn Store) {
+    let mut last = s.access_generation().await.unwrap();
+    let mut moved = |now: i64, what: &str| {
+        assert!(now > last, "{what}: the access generation did not move ({last} -> {now})");
+        last = now;
+    };
+    let mut u = UserRecord {
+        name: "dave".into(),
+        groups: vec![],
+        keys: vec!["ssh-ed25519 AAAA dave".into()],
+        principals: vec![],
+        disabled: false,
+        created_at: 5,
+    };
+    s.put_user(&u).await.unwrap();
+    moved(s.access_generation().await.unwrap(), "user added");
+    u.disabled = true;
+    s.put_user(&u).await.unwrap();
+    moved(s.access_generation().await.unwrap(), "user disabled");
+    u.keys.clear();
+    s.put_user(&u).await.unwrap();
+    moved(s.access_generation().await.unwrap(), "user keys changed");
+    assert!(s.delete_user("dave").await.unwrap());
+    moved(s.access_generation().await.unwrap(), "user removed");
+    s.put_policy("gen", "x", "gen.toml", 1, "me").await.unwrap();
+    moved(s.access_generation().await.unwrap(), "policy applied");
+    s.put_policy("gen", "", "", 2, "me").await.unwrap();
+    moved(s.access_generation().await.unwrap(), "policy removed");
+    let g = GrantRecord {
+        id: "gr-gen".into(),
+        user: "dave".into(),
+        policy: "gen".into(),
+        reason: "r".into(),
+        created_at: 1,
+        created_by: "me".into(),
+        expires_at: 9,
+        revoked_at: None,
+        revoked_by: None,
+    };
+    s.put_grant(&g).await.unwrap();
+    moved(s.access_generation().await.unwrap(), "grant created");
+    assert!(s.revoke_grant("gr-gen", 2, "me").await.unwrap());
+    moved(s.access_generation().await.unwrap(), "grant revoked");
+    // Reads and writes that do not change access leave it alone.
+    s.users().await.unwrap();
+    s.policies().await.unwrap();
+    s.grants().await.unwrap();
+    s.insert_session(&session("gen01", "dave", "exec", 1)).await.unwrap();
+    s.set_audit_anchor(&AuditAnchor { seq: 303, hash: "ef".into() }).await.unwrap();
+    assert_eq!(s.access_generation().await.unwrap(), last);
+}
+
 fn session(id: &str, user: &str, kind: &str, started_ms: i64) -> SessionRecord {
     SessionRecord {
         id: id.into(),
@@ -206,6 +261,7 @@ async fn conformance(s: &dyn Store) {
     tokens_and_agents(s).await;
     users_policies_grants_anchor(s).await;
     session_history(s).await;
+    access_generation(s).await;
 }
 
 /// Two stores on one database (two gateways), each racing 30 callers for the same token,
@@ -226,6 +282,7 @@ async fn concurrent_gateways(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     assert_eq!(b.agents().await.unwrap().len(), 1);
 
     // Policy versions: every write gets its own number, none lost.
+    let generation = b.access_generation().await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..N {
         let s = pick(i);
@@ -235,6 +292,9 @@ async fn concurrent_gateways(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     versions.sort_unstable();
     assert_eq!(versions, (1..=N as i64).collect::<Vec<_>>());
     assert_eq!(a.policy_history("shared").await.unwrap().len(), N);
+    // Each of those writes moved the access generation both gateways poll: none lost.
+    let moved = a.access_generation().await.unwrap() - generation;
+    assert!(moved >= N as i64, "{moved}");
 
     // A grant is revoked once: one revoker is recorded.
     a.put_grant(&GrantRecord {
@@ -416,4 +476,80 @@ fn a_gateway_on_postgres_enrolls_an_agent_and_serves_ssh() {
     assert_eq!(psql("SELECT MAX(version) FROM policies WHERE name = 'ops'"), "2");
     let history: u32 = psql("SELECT COUNT(*) FROM session_history WHERE user_name = 'alice'").parse().unwrap();
     assert!(history >= 1, "{history}");
+}
+
+/// Two gateways on one PostgreSQL database: a change made through one (a user disabled, a
+/// policy applied) takes effect on the other within 5 seconds — its live sessions end, new
+/// sessions are let in — because each gateway polls the store's access generation.
+#[test]
+fn access_changes_through_one_gateway_reach_another_within_5s() {
+    let pg = Postgres::start();
+    let url = pg.new_database("cluster");
+    let a = Gateway::start(&format!("[store]\nurl = {url:?}\n"));
+    let b = Gateway::start(&format!("[store]\nurl = {url:?}\n"));
+    let dir = tempfile::tempdir().unwrap();
+    a.write_known_hosts(&dir.path().join("known_hosts"));
+    let _web = Agent::start(&a, "web-01", vec![], &a.listen);
+    let key = dir.path().join("alice");
+    ssh_keygen(&key, "alice");
+    let ok = |gw: &Gateway, args: &[&str]| {
+        let out = gw.postern(args);
+        assert!(out.status.success(), "postern {args:?}: {}", text(&out.stderr));
+    };
+    let policy = dir.path().join("ops.toml");
+    let apply = |gw: &Gateway, source: &str| {
+        std::fs::write(&policy, source).unwrap();
+        ok(gw, &["policy", "apply", policy.to_str().unwrap()]);
+    };
+    let ssh_at_a = |command: &str| {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["60", "ssh", "-p", &a.ssh_port.to_string(), "-i"])
+            .arg(&key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", dir.path().join("known_hosts").display()))
+            .args(["alice%web-01@127.0.0.1", command])
+            .stdin(Stdio::null());
+        cmd
+    };
+    ok(&a, &["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]);
+    apply(&a, POLICY);
+
+    // A user disabled through B: her session through A ends within 5 s.
+    let mut child = ssh_at_a("sleep 60").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_until("alice's session to start at A", Duration::from_secs(30), || {
+        a.audit_events().iter().any(|e| e["event"] == "session.start" && e["user"] == "alice")
+    });
+    ok(&b, &["user", "disable", "alice"]);
+    let disabled_at = Instant::now();
+    let mut status = None;
+    wait_until("alice's session at A to end", Duration::from_secs(15), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let took = disabled_at.elapsed();
+    assert!(took < Duration::from_secs(5), "the session at A ended {took:?} after the change at B");
+    assert_eq!(status.unwrap().code(), Some(255));
+    wait_until("session.terminated and session.end at A", Duration::from_secs(5), || {
+        let events = a.audit_events();
+        let of = |name: &str| events.iter().any(|e| e["event"] == name && e["user"] == "alice");
+        of("session.terminated") && of("session.end")
+    });
+    let events = a.audit_events();
+    let terminated = events.iter().find(|e| e["event"] == "session.terminated").unwrap();
+    assert_eq!(terminated["actor"], "policy");
+    assert!(terminated["reason"].as_str().unwrap().contains("user alice is disabled"), "{terminated}");
+    // And A refuses her from then on.
+    assert!(!ssh_at_a("true").output().unwrap().status.success());
+
+    // A policy applied through B lets a new session in at A within 5 s.
+    ok(&a, &["user", "enable", "alice"]);
+    apply(&a, &POLICY.replace("actions = [\"exec\"]", "actions = [\"shell\"]"));
+    assert!(!ssh_at_a("true").output().unwrap().status.success(), "exec is not allowed yet");
+    apply(&b, POLICY);
+    let applied_at = Instant::now();
+    wait_until("the policy applied at B to let alice in at A", Duration::from_secs(15), || {
+        text(&ssh_at_a("echo in").output().unwrap().stdout) == "in\n"
+    });
+    let took = applied_at.elapsed();
+    assert!(took < Duration::from_secs(5), "A let alice in {took:?} after the change at B");
 }

@@ -291,6 +291,11 @@ pub trait Store: Send + Sync + 'static {
     /// Mark a grant revoked; false if it was unknown or already revoked.
     async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError>;
 
+    /// A number that moves (up) with every committed change to users, policies or grants,
+    /// from any gateway sharing the store; bumped in the same transaction as the change.
+    /// Gateways poll it and reload their copy of access state when it moved.
+    async fn access_generation(&self) -> Result<i64, StoreError>;
+
     /// The audit anchor: the last signed checkpoint the gateway wrote (None: none yet).
     async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError>;
 

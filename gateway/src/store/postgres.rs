@@ -106,6 +106,25 @@ CREATE TABLE session_history (
 CREATE INDEX session_history_started ON session_history(started_ms, id);
 CREATE INDEX session_history_user ON session_history(user_name, started_ms);
 "#,
+    r#"
+CREATE TABLE access_generation (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    generation  BIGINT NOT NULL
+);
+INSERT INTO access_generation (id, generation) VALUES (1, 0);
+CREATE FUNCTION bump_access_generation() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER access_users AFTER INSERT OR UPDATE OR DELETE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION bump_access_generation();
+CREATE TRIGGER access_policies AFTER INSERT OR UPDATE OR DELETE ON policies
+    FOR EACH STATEMENT EXECUTE FUNCTION bump_access_generation();
+CREATE TRIGGER access_grants AFTER INSERT OR UPDATE OR DELETE ON grants
+    FOR EACH STATEMENT EXECUTE FUNCTION bump_access_generation();
+"#,
 ];
 
 /// How long connecting (or waiting for a pooled connection) may take.
@@ -581,6 +600,15 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         Ok(r.rows_affected() > 0)
+    }
+
+    async fn access_generation(&self) -> Result<i64, StoreError> {
+        sqlx::query("SELECT generation FROM access_generation WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)
     }
 
     async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {

@@ -110,6 +110,43 @@ CREATE TABLE session_history (
 CREATE INDEX session_history_started ON session_history(started_ms, id);
 CREATE INDEX session_history_user ON session_history(user_name, started_ms);
 "#,
+    // 5: the access generation, bumped in the same transaction as every write to users,
+    // policies or grants (by these triggers, so no write path can forget it); gateways
+    // sharing the store poll it and reload their copy when it moves (docs/scale-out.md).
+    r#"
+CREATE TABLE access_generation (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    generation  BIGINT NOT NULL
+);
+INSERT INTO access_generation (id, generation) VALUES (1, 0);
+CREATE TRIGGER access_users_insert AFTER INSERT ON users BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_users_update AFTER UPDATE ON users BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_users_delete AFTER DELETE ON users BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_policies_insert AFTER INSERT ON policies BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_policies_update AFTER UPDATE ON policies BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_policies_delete AFTER DELETE ON policies BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_grants_insert AFTER INSERT ON grants BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_grants_update AFTER UPDATE ON grants BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+CREATE TRIGGER access_grants_delete AFTER DELETE ON grants BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+"#,
 ];
 
 /// The database (users, keys, grants, agents) is readable by the gateway's user only. The
@@ -598,6 +635,15 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         Ok(r.rows_affected() > 0)
+    }
+
+    async fn access_generation(&self) -> Result<i64, StoreError> {
+        sqlx::query("SELECT generation FROM access_generation WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)
     }
 
     async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
