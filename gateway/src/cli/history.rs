@@ -138,16 +138,21 @@ pub fn print_rows(v: &Value, args: &HistoryArgs, json: bool) -> anyhow::Result<(
     Ok(())
 }
 
-/// The session a replay names, from the history in the data directory's database (read
-/// directly: replay works with the gateway stopped). `Ok(None)`: the history does not have
+/// The session a replay names, from the history in the data directory's database, or the
+/// `[store] url` database when the config names one (read directly: replay works with the
+/// gateway stopped). `Ok(None)`: the history does not have
 /// it (no database, or an older or pruned session), and `wanted` is a whole id to look up
 /// as a file. A prefix of several sessions, or of none, is an error that says so.
-pub async fn find(data_dir: &Path, wanted: &str) -> anyhow::Result<Option<SessionRecord>> {
+pub async fn find(data_dir: &Path, store_url: Option<&str>, wanted: &str) -> anyhow::Result<Option<SessionRecord>> {
     if !valid_prefix(wanted) {
         bail!("{wanted:?} is not a session id (hex digits; a unique prefix will do)");
     }
     let db = data_dir.join("postern.db");
-    let found = if db.exists() {
+    let found = if let Some(url) = store_url {
+        // `[store] url`: the history is in that database, shared by the cluster's gateways.
+        let store = crate::store::open(Some(url), data_dir).await?;
+        store.sessions_by_prefix(wanted, CANDIDATES + 1).await.context("reading the session history")?
+    } else if db.exists() {
         let store = crate::store::sqlite::SqliteStore::open(&db)
             .await
             .with_context(|| format!("opening the session history in {}", db.display()))?;

@@ -491,7 +491,7 @@ pub async fn replay(
     let path = if (session.ends_with(".cast") || session.ends_with(".cast.sealed")) && as_path.exists() {
         as_path.to_path_buf()
     } else {
-        found = history::find(&cfg.data_dir, session).await?;
+        found = history::find(&cfg.data_dir, cfg.store.url.as_deref(), session).await?;
         if let Some(why) = found.as_ref().and_then(history::not_recorded) {
             eprintln!("postern: {why}");
             return Ok(1);
@@ -596,7 +596,7 @@ pub async fn audit_verify(
     // The anchor first: a running gateway records a checkpoint's anchor only after writing
     // it to the log, so the files read after it hold it.
     let loose = !files_given.is_empty() && cli.data_dir.is_none() && cli.config.is_none();
-    let (anchor, notes) = verify::anchor(&cfg.data_dir, cfg.audit.s3.as_ref(), loose).await?;
+    let (anchor, notes) = verify::anchor(&cfg.data_dir, cfg.store.url.as_deref(), cfg.audit.s3.as_ref(), loose).await?;
     let files = segment_files(&cfg, files_given)?;
     let keyring = read_keyring(&cfg, master_key)?;
     let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| cfg.data_dir.join("audit-signing.pub"));

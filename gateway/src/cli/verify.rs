@@ -27,11 +27,12 @@ pub struct Chosen {
 /// anchor to match is then still seen.
 pub async fn anchor(
     data_dir: &Path,
+    store_url: Option<&str>,
     s3: Option<&S3Config>,
     loose: bool,
 ) -> anyhow::Result<(Option<Chosen>, Vec<String>)> {
     let mut notes = Vec::new();
-    let db = database_anchor(data_dir, loose).await?;
+    let db = database_anchor(data_dir, store_url, loose).await?;
     let s3 = match s3 {
         None => None,
         Some(cfg) => {
@@ -92,13 +93,27 @@ pub async fn anchor(
 
 /// The last checkpoint the gateway signed, from its database in `data_dir`, or why the end
 /// of the log cannot be checked. `loose`: segments given with --file, and no data directory.
-async fn database_anchor(data_dir: &Path, loose: bool) -> anyhow::Result<Result<AuditAnchor, String>> {
+async fn database_anchor(
+    data_dir: &Path,
+    store_url: Option<&str>,
+    loose: bool,
+) -> anyhow::Result<Result<AuditAnchor, String>> {
     let unchecked = "the end of the log cannot be checked (a removed tail is not seen)";
     if loose {
         return Ok(Err(format!(
             "{unchecked}: --file segments without --data-dir or --config; give the gateway's data directory, \
              whose database records the last checkpoint the gateway signed"
         )));
+    }
+    if let Some(url) = store_url {
+        // `[store] url`: the anchor is in that database.
+        let store = crate::store::open(Some(url), data_dir).await?;
+        let what = format!("the [store] url database {}", crate::store::postgres::describe(url));
+        return Ok(store
+            .audit_anchor()
+            .await
+            .with_context(|| format!("reading the audit anchor from {what}"))?
+            .ok_or_else(|| format!("{unchecked}: {what} records no signed checkpoint yet")));
     }
     let db = data_dir.join("postern.db");
     if !db.exists() {
