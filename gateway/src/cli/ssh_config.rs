@@ -1,7 +1,6 @@
 //! `postern ssh-config`: the `~/.ssh/config` Host blocks and the known_hosts line for plain
 //! `ssh LOGIN@INSTANCE.<suffix>`, printed, or written where ssh reads them (`--install`).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -121,7 +120,7 @@ pub fn install_config(
         "# Written by `postern ssh-config --install`; it is rewritten the next time.\n{}",
         config.host_blocks(&kh_text, identity_files)
     );
-    write_private(&blocks, text.as_bytes())?;
+    postern_tunnel::agent::write_private(&blocks, text.as_bytes())?;
 
     if let Some(parent) = known_hosts.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -131,7 +130,7 @@ pub fn install_config(
     let mut lines: Vec<&str> =
         old.lines().filter(|l| l.split_whitespace().take(2).collect::<Vec<_>>() != ours).collect();
     lines.push(&config.known_hosts_line);
-    write_private(&known_hosts, format!("{}\n", lines.join("\n")).as_bytes())?;
+    postern_tunnel::agent::write_private(&known_hosts, format!("{}\n", lines.join("\n")).as_bytes())?;
 
     let main = ssh_dir.join("config");
     let include = format!("Include {}", dir.join("*.conf").to_str().context("the ~/.ssh path is not UTF-8")?);
@@ -142,7 +141,7 @@ pub fn install_config(
         if main.exists() {
             std::fs::write(&main, text).with_context(|| format!("writing {}", main.display()))?;
         } else {
-            write_private(&main, text.as_bytes())?;
+            postern_tunnel::agent::write_private(&main, text.as_bytes())?;
         }
     }
     Ok(Installed { main, blocks, known_hosts })
@@ -169,21 +168,6 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Write `path` (mode 0600 when created) through a temporary file, so that ssh never reads
-/// half of it.
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("postern-tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
 
 #[cfg(test)]
 mod tests {
