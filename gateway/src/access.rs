@@ -46,6 +46,8 @@ struct Directory {
     users: HashMap<String, (UserRecord, Vec<PublicKey>)>,
     grants: Vec<GrantRecord>,
     policy: PolicySet,
+    /// The store's access generation this copy was loaded at (None: never loaded).
+    generation: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -245,12 +247,21 @@ impl AccessList {
         self.user_cas.read().map(|c| !c.is_empty()).unwrap_or(false)
     }
 
+    /// The store's access generation the users, policies and grants in memory were loaded
+    /// at (None: not loaded from the store yet).
+    pub fn loaded_generation(&self) -> Option<i64> {
+        self.directory().generation
+    }
+
     fn directory(&self) -> Arc<Directory> {
         self.directory.read().map(|d| d.clone()).unwrap_or_default()
     }
 
     /// Re-read users, policies and grants from the store and recompile the policy set.
     pub async fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
+        // Read before loading: a change committed meanwhile moves it again, and whoever
+        // follows the store (the enforcer) reloads once more.
+        let generation = Some(store.access_generation().await?);
         let mut users = HashMap::new();
         for u in store.users().await? {
             let keys = u.keys.iter().filter_map(|k| parse_key(k).ok()).collect();
@@ -270,7 +281,7 @@ impl AccessList {
         }
         let policy = self.compile();
         if let Ok(mut d) = self.directory.write() {
-            *d = Arc::new(Directory { users, grants, policy });
+            *d = Arc::new(Directory { users, grants, policy, generation });
         }
         Ok(())
     }
@@ -293,7 +304,12 @@ impl AccessList {
         let policy = self.compile();
         if let Ok(mut d) = self.directory.write() {
             let old = d.clone();
-            *d = Arc::new(Directory { users: old.users.clone(), grants: old.grants.clone(), policy });
+            *d = Arc::new(Directory {
+                users: old.users.clone(),
+                grants: old.grants.clone(),
+                policy,
+                generation: old.generation,
+            });
         }
     }
 

@@ -61,26 +61,21 @@ pub async fn enforce(
 const FOLLOW_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Follows changes to users, policies and grants made through other gateways sharing the
-/// store: each tick reads the store's access generation (one row) and, when it moved,
-/// reloads this gateway's copy; the re-check that follows then ends sessions no longer
+/// store: each tick reads the store's access generation (one row) and, when it is not the
+/// one this gateway's copy was loaded at, reloads the copy (a change made here was reloaded
+/// at once and is not loaded again); the re-check that follows then ends sessions no longer
 /// allowed. A store that cannot be read keeps the last copy in force (logged at most once a
 /// [`FOLLOW_WARN_EVERY`]) and is tried again next tick.
 #[derive(Debug, Default)]
 struct Follower {
-    /// The generation the copy in memory was loaded at (None: not yet known here).
-    loaded: Option<i64>,
     last_warning: Option<tokio::time::Instant>,
 }
 
 impl Follower {
     async fn follow(&mut self, authorizer: &Authorizer, store: &dyn Store) {
         let result = async {
-            let generation = store.access_generation().await?;
-            if self.loaded != Some(generation) {
-                // Read before reloading: a change committed meanwhile moves it again, and the
-                // next tick reloads once more.
+            if authorizer.list().loaded_generation() != Some(store.access_generation().await?) {
                 authorizer.list().reload(store).await?;
-                self.loaded = Some(generation);
             }
             Ok::<_, crate::store::StoreError>(())
         }

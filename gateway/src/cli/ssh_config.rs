@@ -168,7 +168,6 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
