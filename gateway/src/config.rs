@@ -18,7 +18,26 @@ pub struct GatewayConfig {
     pub audit: AuditConfig,
     pub rdp: RdpConfig,
     pub store: StoreConfig,
+    pub cluster: ClusterConfig,
     pub testing: TestingConfig,
+}
+
+/// Several gateways serving as one cluster on a shared store (docs/scale-out.md). Unset (the
+/// default): a single gateway, exactly as before.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This gateway's id, unique in the cluster: 1 to 32 of `a-z`, `0-9` and `-`, starting
+    /// with a letter or digit. It names the gateway's audit segments, its agents' locations and
+    /// its live sessions in the shared store. Setting it needs a shared `[store] url`.
+    pub gateway_id: Option<String>,
+}
+
+/// Whether `id` is a valid `[cluster] gateway_id`.
+pub fn valid_gateway_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
 }
 
 /// Where users, policies, grants, agents, tokens and the session history are kept
@@ -289,6 +308,7 @@ impl Default for GatewayConfig {
             audit: AuditConfig::default(),
             rdp: RdpConfig::default(),
             store: StoreConfig::default(),
+            cluster: ClusterConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -434,7 +454,26 @@ impl GatewayConfig {
                 path.display()
             );
         }
+        if let Some(id) = &cfg.cluster.gateway_id {
+            if !valid_gateway_id(id) {
+                anyhow::bail!(
+                    "{}: [cluster] gateway_id {id:?} must be 1 to 32 of a-z, 0-9 and '-', starting with a letter or digit",
+                    path.display()
+                );
+            }
+            if cfg.store.url.is_none() {
+                anyhow::bail!(
+                    "{}: [cluster] gateway_id needs a store shared by the cluster: set [store] url to a postgres:// URL",
+                    path.display()
+                );
+            }
+        }
         Ok(cfg)
+    }
+
+    /// `[cluster] gateway_id`: this gateway's id in a cluster, `None` for a single gateway.
+    pub fn gateway_id(&self) -> Option<&str> {
+        self.cluster.gateway_id.as_deref()
     }
 
     /// `[rdp] token_ttl`, checked at load; the default when it does not parse.
@@ -494,6 +533,25 @@ mod tests {
         assert!(!file_sets(&p, "ssh", "listen").unwrap());
         assert!(!file_sets(&p, "rdp", "listen").unwrap());
         assert!(file_sets(&dir.path().join("missing.toml"), "ssh", "listen").is_err());
+    }
+
+    #[test]
+    fn a_gateway_id_is_checked_and_needs_a_shared_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let p = dir.path().join("g.toml");
+            std::fs::write(&p, text).unwrap();
+            GatewayConfig::load(&p)
+        };
+        let pg = "[store]\nurl = \"postgres://p@127.0.0.1/p\"\n";
+        assert_eq!(load("").unwrap().gateway_id(), None);
+        assert_eq!(load(&format!("{pg}[cluster]\ngateway_id = \"gw-a1\"\n")).unwrap().gateway_id(), Some("gw-a1"));
+        for bad in ["", "-a", "GW", "a/b", "a.b", &"a".repeat(33)] {
+            let e = load(&format!("{pg}[cluster]\ngateway_id = {bad:?}\n")).unwrap_err();
+            assert!(format!("{e:#}").contains("gateway_id"), "{bad:?}: {e:#}");
+        }
+        let e = load("[cluster]\ngateway_id = \"gw-a\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("[store] url"), "{e:#}");
     }
 
     #[test]
