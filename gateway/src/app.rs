@@ -376,6 +376,7 @@ fn build_services(
     host_keys: Arc<crate::hostkeys::HostKeys>,
     registry: postern_tunnel::server::AgentRegistry,
     ca: Arc<postern_tunnel::pki::CertAuthority>,
+    rdp_key: Option<[u8; 32]>,
 ) -> anyhow::Result<Services> {
     let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
     let access_changed = Arc::new(tokio::sync::Notify::new());
@@ -397,7 +398,13 @@ fn build_services(
         instances: Instances::new(store.clone(), audit.clone(), registry.clone(), ca, advertised),
         broker: Broker::new(registry, sessions.clone(), audit.clone(), history.clone()),
         runs: Runs::new(audit.clone()),
-        rdp_tokens: RdpTokens::new(authorizer.clone(), audit.clone(), config.rdp_token_ttl(), rdp_door)?,
+        rdp_tokens: RdpTokens::new(
+            authorizer.clone(),
+            audit.clone(),
+            config.rdp_token_ttl(),
+            rdp_door,
+            rdp_key.as_ref(),
+        )?,
         manage: Manage::new(
             store.clone(),
             access.clone(),
@@ -451,10 +458,33 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting permissions of {}", dir.display()))?;
     }
-    let ca = Arc::new(load_or_create_ca(&dir)?);
     let reset_key = load_or_create_reset_key(&dir)?;
     let store = crate::store::open(config.store.url.as_deref(), &dir).await?;
-    let signing_key = crate::audit::load_or_create_signing_key(&dir.join("audit-signing.key"))?;
+    // A cluster's gateways share their keys through the store (crate::cluster); a single
+    // gateway makes its own in the data directory.
+    let cluster = match config.gateway_id() {
+        Some(id) => {
+            let keyring = crate::cluster::keyring(&config.cluster)?;
+            let keys = crate::cluster::load(store.as_ref(), &keyring).await?;
+            info!(gateway_id = id, agent_ca = %keys.agent_ca.pin(), "loaded the cluster keys from the store");
+            Some(keys)
+        }
+        None => None,
+    };
+    let (ca, signing_key) = match &cluster {
+        Some(keys) => (
+            keys.agent_ca.clone(),
+            crate::audit::signing_key(
+                &keys.audit_signing,
+                "the cluster audit signing key",
+                &dir.join("audit-signing.pub"),
+            )?,
+        ),
+        None => (
+            Arc::new(load_or_create_ca(&dir)?),
+            crate::audit::load_or_create_signing_key(&dir.join("audit-signing.key"))?,
+        ),
+    };
     let keyring = config.audit.encryption.keyring()?;
     let log_options = crate::audit::LogOptions {
         rotate_bytes: config.audit.rotate_bytes,
@@ -495,6 +525,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         max_agents: config.tunnel.max_agents,
         max_enrollments: config.tunnel.max_enrollments,
         max_enrollments_per_source: config.tunnel.max_enrollments_per_source,
+        gateway_id: config.gateway_id().map(str::to_owned),
         ..TunnelSettings::default()
     };
     let server = TunnelServer::bind(config.tunnel.listen, ca.clone(), directory.clone(), settings, &reset_key)
@@ -507,7 +538,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     if let Some(names) = &config.ssh.ciphers {
         crate::ssh::ciphers(names)?;
     }
-    let host_keys = Arc::new(crate::hostkeys::HostKeys::load(&dir, &crate::addressing::host_principals(&config))?);
+    let principals = crate::addressing::host_principals(&config);
+    let host_keys = Arc::new(match &cluster {
+        Some(keys) => crate::hostkeys::HostKeys::with_ca(keys.host_ca.clone(), &dir, &principals)?,
+        None => crate::hostkeys::HostKeys::load(&dir, &principals)?,
+    });
     let ssh_listener = if config.ssh.enabled {
         Some(tokio::net::TcpListener::bind(config.ssh.listen).await.with_context(|| {
             format!("listening for SSH on tcp {} (port in use? set [ssh] listen)", config.ssh.listen)
@@ -554,6 +589,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         host_keys,
         server.registry(),
         ca,
+        cluster.as_ref().map(|k| k.rdp_token),
     )?);
     let state = services.clone();
     let shutdown = CancellationToken::new();

@@ -31,6 +31,12 @@ pub struct ClusterConfig {
     /// with a letter or digit. It names the gateway's audit segments, its agents' locations and
     /// its live sessions in the shared store. Setting it needs a shared `[store] url`.
     pub gateway_id: Option<String>,
+    /// The cluster master key that seals the cluster's keys in the store: a file of 64 hex
+    /// digits (`postern audit keygen FILE`) ...
+    pub key_file: Option<PathBuf>,
+    /// ... or a program holding it (a KMS or vault client; the protocol of
+    /// `[audit.encryption] key_command`, docs/audit.md).
+    pub key_command: Option<Vec<String>>,
 }
 
 /// Whether `id` is a valid `[cluster] gateway_id`.
@@ -461,6 +467,12 @@ impl GatewayConfig {
                     path.display()
                 );
             }
+            if cfg.cluster.key_file.is_none() && cfg.cluster.key_command.is_none() {
+                anyhow::bail!(
+                    "{}: [cluster] gateway_id needs the cluster master key: set [cluster] key_file (or key_command)",
+                    path.display()
+                );
+            }
             if cfg.store.url.is_none() {
                 anyhow::bail!(
                     "{}: [cluster] gateway_id needs a store shared by the cluster: set [store] url to a postgres:// URL",
@@ -544,14 +556,18 @@ mod tests {
             GatewayConfig::load(&p)
         };
         let pg = "[store]\nurl = \"postgres://p@127.0.0.1/p\"\n";
+        let member =
+            |id: &str| format!("{pg}[cluster]\nkey_file = \"/etc/postern/cluster.key\"\ngateway_id = {id:?}\n");
         assert_eq!(load("").unwrap().gateway_id(), None);
-        assert_eq!(load(&format!("{pg}[cluster]\ngateway_id = \"gw-a1\"\n")).unwrap().gateway_id(), Some("gw-a1"));
+        assert_eq!(load(&member("gw-a1")).unwrap().gateway_id(), Some("gw-a1"));
         for bad in ["", "-a", "GW", "a/b", "a.b", &"a".repeat(33)] {
-            let e = load(&format!("{pg}[cluster]\ngateway_id = {bad:?}\n")).unwrap_err();
+            let e = load(&member(bad)).unwrap_err();
             assert!(format!("{e:#}").contains("gateway_id"), "{bad:?}: {e:#}");
         }
-        let e = load("[cluster]\ngateway_id = \"gw-a\"\n").unwrap_err();
+        let e = load("[cluster]\nkey_file = \"/k\"\ngateway_id = \"gw-a\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("[store] url"), "{e:#}");
+        let e = load(&format!("{pg}[cluster]\ngateway_id = \"gw-a\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("key_file"), "{e:#}");
     }
 
     #[test]

@@ -69,6 +69,12 @@ impl HostKeys {
     /// valid for `principals` for one year.
     pub fn load(dir: &Path, principals: &[String]) -> anyhow::Result<Self> {
         let ca = load_or_create_key(&dir.join("ssh_host_ca"), "postern host CA")?;
+        Self::with_ca(ca, dir, principals)
+    }
+
+    /// The same with the host CA given (a cluster's, shared by its gateways); the host key
+    /// stays this gateway's own, in `dir`.
+    pub fn with_ca(ca: PrivateKey, dir: &Path, principals: &[String]) -> anyhow::Result<Self> {
         let host_key = load_or_create_key(&dir.join("ssh_host_ed25519"), "postern gateway")?;
         let certificate = issue(&ca, &host_key, principals)?;
         Ok(Self { ca, host_key, certificate })

@@ -9,6 +9,7 @@
 pub mod accept;
 pub mod addressing;
 pub mod audit;
+pub mod cluster;
 pub mod config;
 pub mod frames;
 pub mod hostkeys;

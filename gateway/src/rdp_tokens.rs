@@ -25,14 +25,20 @@ pub struct RdpTokens {
 
 impl RdpTokens {
     /// Tokens valid for `ttl`, for the RDP door at `door` (`None`: the door is off, and no
-    /// token is issued). The signing key is made here and lives in memory only.
+    /// token is issued). Tokens are signed with `key` (a cluster's, so any of its gateways
+    /// takes them); without one a key is made here and lives in memory only.
     pub fn new(
         authorizer: Arc<Authorizer>,
         audit: Arc<AuditLog>,
         ttl: Duration,
         door: Option<String>,
+        key: Option<&[u8; 32]>,
     ) -> Result<Self, postern_core::util::RandomError> {
-        Ok(RdpTokens { issuer: TokenIssuer::new()?, authorizer, audit, ttl, door })
+        let issuer = match key {
+            Some(k) => TokenIssuer::with_key(k),
+            None => TokenIssuer::new()?,
+        };
+        Ok(RdpTokens { issuer, authorizer, audit, ttl, door })
     }
 
     /// Issue a routing token to an authenticated user, if policy lets them use RDP on the

@@ -115,8 +115,15 @@ impl Gateway {
     }
 
     pub fn start_on(listen: &str, extra_config: &str) -> Gateway {
+        let mut gw = Self::prepare_on(listen, extra_config);
+        gw.restart();
+        gw
+    }
+
+    /// Write the configuration without starting the process (see [`Gateway::config_path`]).
+    pub fn prepare_on(listen: &str, extra_config: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let mut gw = Gateway { dir, listen: listen.to_owned(), ssh_port: free_tcp_port(), proc: None };
+        let gw = Gateway { dir, listen: listen.to_owned(), ssh_port: free_tcp_port(), proc: None };
         std::fs::write(
             gw.dir.path().join("gateway.toml"),
             format!(
@@ -127,8 +134,25 @@ impl Gateway {
             ),
         )
         .unwrap();
-        gw.restart();
         gw
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.toml")
+    }
+
+    /// `postern --config GATEWAY.TOML ARGS` (the offline commands, and `gateway` itself when
+    /// it is expected to refuse to start): bounded by 60 seconds.
+    pub fn postern_config(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .arg("60")
+            .arg(bin("postern"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
     }
 
     /// (Re)start the process and wait until its admin socket answers.
@@ -529,6 +553,17 @@ impl Postgres {
         Postgres { dir, port }
     }
 
+    /// Run `sql` in database `db` with psql; its output, trimmed (empty on failure).
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("timeout")
+            .args(["30", "psql", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db])
+            .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    }
+
     /// A connection URL for a fresh, empty database `name` on this server.
     pub fn new_database(&self, name: &str) -> String {
         let out = Command::new("timeout")
@@ -550,5 +585,69 @@ impl Drop for Postgres {
                 self.dir.path().display()
             ))
             .output();
+    }
+}
+
+/// A cluster's shared parts: a PostgreSQL database and a master key, with the cluster keys
+/// made by `postern cluster init`. Gateways join it with [`Cluster::config`].
+pub struct Cluster {
+    pub pg: Postgres,
+    pub db: String,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn new(db: &str) -> Cluster {
+        let cluster = Self::create(db);
+        let out = cluster.init();
+        assert!(out.status.success(), "cluster init: {}{}", text(&out.stdout), text(&out.stderr));
+        cluster
+    }
+
+    /// The database and master key, without `cluster init`.
+    pub fn create(db: &str) -> Cluster {
+        let pg = Postgres::start();
+        let url = pg.new_database(db);
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(bin("postern"))
+            .args(["audit", "keygen"])
+            .arg(dir.path().join("cluster.key"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        Cluster { pg, db: db.to_owned(), url, dir }
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path().join("cluster.key")
+    }
+
+    /// `postern cluster init` with a config naming this cluster's store and master key.
+    pub fn init(&self) -> Output {
+        let config = self.dir.path().join("init.toml");
+        std::fs::write(&config, self.config_without_id()).unwrap();
+        Command::new("timeout")
+            .arg("60")
+            .arg(bin("postern"))
+            .arg("--config")
+            .arg(&config)
+            .args(["cluster", "init"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn config_without_id(&self) -> String {
+        format!("[store]\nurl = {:?}\n[cluster]\nkey_file = {:?}\n", self.url, self.key_file())
+    }
+
+    /// The `gateway.toml` lines that make a gateway the cluster's member `gateway_id`.
+    pub fn config(&self, gateway_id: &str) -> String {
+        format!("{}gateway_id = {gateway_id:?}\n", self.config_without_id())
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        self.pg.sql(&self.db, sql)
     }
 }

@@ -25,7 +25,10 @@ use std::path::{Path, PathBuf};
 /// lower layers, never of a higher one. This table is the contract; docs/architecture.md
 /// repeats it, so change both together.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("leaves", &["accept", "config", "store", "audit", "recording", "frames", "hostkeys", "rdp_wire", "addressing"]),
+    (
+        "leaves",
+        &["accept", "config", "store", "audit", "cluster", "recording", "frames", "hostkeys", "rdp_wire", "addressing"],
+    ),
     (
         "services",
         &[

@@ -262,6 +262,19 @@ async fn conformance(s: &dyn Store) {
     users_policies_grants_anchor(s).await;
     session_history(s).await;
     access_generation(s).await;
+    cluster_keys(s).await;
+}
+
+/// Cluster keys are added once and never replaced.
+async fn cluster_keys(s: &dyn Store) {
+    assert!(s.cluster_keys().await.unwrap().is_empty());
+    assert!(s.add_cluster_key("rdp-token", b"sealed-1", 1).await.unwrap());
+    assert!(s.add_cluster_key("agent-ca", &[0, 159, 255], 2).await.unwrap());
+    assert!(!s.add_cluster_key("rdp-token", b"sealed-2", 3).await.unwrap(), "a key is never replaced");
+    assert_eq!(
+        s.cluster_keys().await.unwrap(),
+        vec![("agent-ca".to_owned(), vec![0, 159, 255]), ("rdp-token".to_owned(), b"sealed-1".to_vec())]
+    );
 }
 
 /// Two stores on one database (two gateways), each racing 30 callers for the same token,

@@ -138,20 +138,44 @@ impl CertAuthority {
     }
 
     /// Issue the gateway's own TLS server certificate for `key`.
-    pub fn issue_server_cert(&self, key: &KeyPair, ttl: Duration) -> Result<CertificateDer<'static>, PkiError> {
-        let mut params = CertificateParams::new(vec![GATEWAY_SERVER_NAME.to_owned()])?;
+    /// The gateway's tunnel certificate. Agents check it for [`GATEWAY_SERVER_NAME`]; in a
+    /// cluster it also names the gateway (`<id>.postern-gateway`, and its common name), and it
+    /// serves as the gateway's client certificate towards other gateways.
+    pub fn issue_server_cert(
+        &self,
+        key: &KeyPair,
+        ttl: Duration,
+        gateway_id: Option<&str>,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        let mut names = vec![GATEWAY_SERVER_NAME.to_owned()];
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, GATEWAY_SERVER_NAME);
+        match gateway_id {
+            Some(id) => {
+                names.push(gateway_cert_name(id));
+                dn.push(DnType::CommonName, format!("postern gateway {id}"));
+            }
+            None => dn.push(DnType::CommonName, GATEWAY_SERVER_NAME),
+        }
+        let mut params = CertificateParams::new(names)?;
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = if gateway_id.is_some() {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ServerAuth]
+        };
         let (nb, na) = validity(ttl);
         params.not_before = nb;
         params.not_after = na;
         params.serial_number = Some(serial());
         Ok(params.signed_by(key, &self.issuer)?.der().clone())
     }
+}
+
+/// The DNS name a cluster gateway's certificate carries for gateway `id`.
+pub fn gateway_cert_name(id: &str) -> String {
+    format!("{id}.{GATEWAY_SERVER_NAME}")
 }
 
 /// `sha256:<64 hex digits>` of a DER certificate.
@@ -283,6 +307,20 @@ mod tests {
         assert!(renewal_time(&info) > SystemTime::now());
         let reloaded = CertAuthority::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
         assert_eq!(reloaded.pin(), ca.pin());
+    }
+
+    #[test]
+    fn a_cluster_gateway_certificate_names_the_gateway() {
+        let ca = CertAuthority::generate("test").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let single = ca.issue_server_cert(&key, Duration::from_secs(60), None).unwrap();
+        assert_eq!(cert_info(&single).unwrap().common_name, GATEWAY_SERVER_NAME);
+        let member = ca.issue_server_cert(&key, Duration::from_secs(60), Some("gw-b")).unwrap();
+        assert_eq!(cert_info(&member).unwrap().common_name, "postern gateway gw-b");
+        let (_, parsed) = x509_parser::parse_x509_certificate(&member).unwrap();
+        let san = parsed.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+        let names: Vec<String> = san.iter().map(|n| format!("{n}")).collect();
+        assert_eq!(names, ["DNSName(postern-gateway)", "DNSName(gw-b.postern-gateway)"]);
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub struct TunnelSettings {
     /// ... and from one source address, so that idle enrollment connections from one
     /// address cannot take every place.
     pub max_enrollments_per_source: usize,
+    /// In a cluster, this gateway's id, named in its tunnel certificate.
+    pub gateway_id: Option<String>,
 }
 
 impl Default for TunnelSettings {
@@ -124,6 +126,7 @@ impl Default for TunnelSettings {
             max_agents: 50_000,
             max_enrollments: 64,
             max_enrollments_per_source: 8,
+            gateway_id: None,
         }
     }
 }
@@ -333,7 +336,8 @@ impl<D: AgentDirectory> TunnelServer<D> {
         reset_key: &[u8; 32],
     ) -> anyhow::Result<Self> {
         let server_key = rcgen::KeyPair::generate()?;
-        let server_cert = ca.issue_server_cert(&server_key, Duration::from_secs(365 * 24 * 3600))?;
+        let server_cert =
+            ca.issue_server_cert(&server_key, Duration::from_secs(365 * 24 * 3600), settings.gateway_id.as_deref())?;
         let server_config = crate::tls::server_config(
             ca.cert_der(),
             vec![server_cert, ca.cert_der().clone()],

@@ -319,6 +319,13 @@ pub trait Store: Send + Sync + 'static {
     /// seconds), then
     /// the oldest beyond the newest `keep_rows`. Returns how many rows were deleted.
     async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError>;
+
+    /// The cluster's keys, each sealed with the cluster master key: (name, sealed bytes).
+    async fn cluster_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Add the cluster key `name` unless one by that name is already there (then false: keys
+    /// are never replaced, so two `postern cluster init` at once keep one set).
+    async fn add_cluster_key(&self, name: &str, sealed: &[u8], now: i64) -> Result<bool, StoreError>;
 }
 
 #[cfg(test)]

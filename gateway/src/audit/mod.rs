@@ -229,10 +229,16 @@ pub fn load_or_create_signing_key(path: &Path) -> anyhow::Result<Ed25519KeyPair>
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let key =
-        Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| anyhow::anyhow!("{} is not an ed25519 key", path.display()))?;
-    std::fs::write(path.with_extension("pub"), format!("{}\n", hex(key.public_key().as_ref())))
-        .with_context(|| format!("writing {}", path.with_extension("pub").display()))?;
+    signing_key(&pkcs8, &path.display().to_string(), &path.with_extension("pub"))
+}
+
+/// The signing key in `pkcs8` (from `what`), with its public half written to `public` (hex),
+/// where `postern audit verify` looks for it.
+pub fn signing_key(pkcs8: &[u8], what: &str, public: &Path) -> anyhow::Result<Ed25519KeyPair> {
+    use anyhow::Context;
+    let key = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| anyhow::anyhow!("{what} is not an ed25519 key"))?;
+    std::fs::write(public, format!("{}\n", hex(key.public_key().as_ref())))
+        .with_context(|| format!("writing {}", public.display()))?;
     Ok(key)
 }
 

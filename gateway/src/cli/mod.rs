@@ -4,6 +4,7 @@
 //! so `--help`, completions and the consistency test see one tree; the printing lives in
 //! the submodules.)
 
+pub mod cluster;
 pub mod format;
 pub mod history;
 pub mod manage;
@@ -292,6 +293,12 @@ pub enum Command {
         /// Master key file for a sealed recording (default: [audit.encryption]).
         #[arg(long)]
         master_key: Vec<PathBuf>,
+    },
+    /// A cluster of gateways on one store: make the keys they share (docs/scale-out.md).
+    #[command(after_help = "Examples:\n  postern cluster init --config gateway.toml")]
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::ClusterAction,
     },
     /// The audit log: verify, read, and manage its encryption key.
     #[command(

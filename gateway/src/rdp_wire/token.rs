@@ -87,6 +87,11 @@ impl TokenIssuer {
         Ok(Self { key, redeemed: Mutex::new(HashMap::new()) })
     }
 
+    /// Tokens signed with `secret` (a cluster's key, shared by its gateways).
+    pub fn with_key(secret: &[u8; 32]) -> Self {
+        Self { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), redeemed: Mutex::new(HashMap::new()) }
+    }
+
     /// A token for these claims.
     pub fn issue(&self, claims: &Claims) -> String {
         let body = serde_json::to_vec(claims).unwrap_or_default();

@@ -125,6 +125,13 @@ CREATE TRIGGER access_policies AFTER INSERT OR UPDATE OR DELETE ON policies
 CREATE TRIGGER access_grants AFTER INSERT OR UPDATE OR DELETE ON grants
     FOR EACH STATEMENT EXECUTE FUNCTION bump_access_generation();
 "#,
+    r#"
+CREATE TABLE cluster_keys (
+    name        TEXT PRIMARY KEY,
+    sealed      BYTEA NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+"#,
 ];
 
 /// How long connecting (or waiting for a pooled connection) may take.
@@ -746,5 +753,26 @@ impl Store for PgStore {
             deleted += r.rows_affected();
         }
         Ok(deleted)
+    }
+
+    async fn cluster_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query("SELECT name, sealed FROM cluster_keys ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| Ok((r.try_get("name").map_err(db)?, r.try_get("sealed").map_err(db)?))).collect()
+    }
+
+    async fn add_cluster_key(&self, name: &str, sealed: &[u8], now: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO cluster_keys (name, sealed, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(sealed)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -147,6 +147,13 @@ CREATE TRIGGER access_grants_delete AFTER DELETE ON grants BEGIN
     UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
 END;
 "#,
+    r#"
+CREATE TABLE cluster_keys (
+    name        TEXT PRIMARY KEY,
+    sealed      BLOB NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+"#,
 ];
 
 /// The database (users, keys, grants, agents) is readable by the gateway's user only. The
@@ -791,6 +798,27 @@ impl Store for SqliteStore {
             deleted += r.rows_affected();
         }
         Ok(deleted)
+    }
+
+    async fn cluster_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query("SELECT name, sealed FROM cluster_keys ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| Ok((r.try_get("name").map_err(db)?, r.try_get("sealed").map_err(db)?))).collect()
+    }
+
+    async fn add_cluster_key(&self, name: &str, sealed: &[u8], now: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO cluster_keys (name, sealed, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(sealed)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
     }
 }
 

@@ -1,0 +1,163 @@
+//! A cluster of gateways on one PostgreSQL store (docs/scale-out.md): the keys they share.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use postern_e2e::*;
+
+const POLICY: &str = r#"
+name = "ops"
+[[statement]]
+effect = "allow"
+users = ["alice"]
+actions = ["exec"]
+instances = ["web-*"]
+allow_root = true
+"#;
+
+fn listen() -> String {
+    format!("127.0.0.1:{}", free_udp_port())
+}
+
+#[test]
+fn every_gateway_of_a_cluster_uses_the_keys_sealed_in_the_store() {
+    let cluster = Cluster::new("keys");
+    // Sealed, never in the clear: every row is a sealed file's bytes.
+    assert_eq!(
+        cluster.sql("SELECT string_agg(name, ',' ORDER BY name) FROM cluster_keys"),
+        "agent-ca,audit-signing,rdp-token,ssh-host-ca"
+    );
+    assert_eq!(
+        cluster.sql(
+            "SELECT COUNT(*) FROM cluster_keys WHERE substring(sealed from 1 for 17) = 'POSTERN-SEALED/1\\012'::bytea"
+        ),
+        "4"
+    );
+    assert_eq!(
+        cluster.sql(
+            "SELECT COUNT(*) FROM cluster_keys WHERE position('PRIVATE KEY'::bytea in sealed) > 0 \
+             OR position('BEGIN'::bytea in sealed) > 0"
+        ),
+        "0"
+    );
+    // init again keeps them.
+    let again = cluster.init();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let out = text(&again.stdout);
+    assert_eq!(out.lines().filter(|l| l.contains(" kept ")).count(), 4, "{out}");
+    assert!(!out.contains("created"), "{out}");
+
+    let mut a = Gateway::start_on(&listen(), &cluster.config("gw-a"));
+    let b = Gateway::start_on(&listen(), &cluster.config("gw-b"));
+    // One agent CA: both hand out the same pin, and it is the one init printed.
+    let (token, pin_a) = a.token(&["--name", "web-01"]);
+    let (_, pin_b) = b.token(&[]);
+    assert_eq!(pin_a, pin_b);
+    assert!(out.contains(&pin_a), "{out}");
+    // No private key of the cluster is written to a gateway's disk; the audit public key is
+    // the cluster's on both.
+    for gw in [&a, &b] {
+        for f in ["ca.key", "ssh_host_ca", "audit-signing.key"] {
+            assert!(!gw.data_dir().join(f).exists(), "{f} written to {}", gw.data_dir().display());
+        }
+    }
+    let public = |gw: &Gateway| std::fs::read_to_string(gw.data_dir().join("audit-signing.pub")).unwrap();
+    assert_eq!(public(&a), public(&b));
+    assert!(out.contains(public(&a).trim()), "{out}");
+
+    // A token made at A enrolls an agent at B (the store is shared, the CA is the same).
+    let agent_dir = tempfile::tempdir().unwrap();
+    let state = agent_dir.path().join("state");
+    let join = Agent::try_join(&[], &b.listen, &token, &pin_a, &state);
+    assert!(join.status.success(), "{}{}", text(&join.stdout), text(&join.stderr));
+    let mut agent = Agent { dir: agent_dir, name: "web-01".into(), proc: None, prefix: vec![] };
+    agent.run();
+    wait_until("web-01 online at B", Duration::from_secs(20), || b.is_online("web-01"));
+
+    // One host CA: A's `@cert-authority` key lets plain ssh into B with strict checking (the
+    // pattern is widened to every port: in a real cluster the gateways share a name and port).
+    let dir = tempfile::tempdir().unwrap();
+    a.write_known_hosts(&dir.path().join("known_hosts"));
+    let line = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
+    let ca_key = line.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+    std::fs::write(dir.path().join("known_hosts"), format!("@cert-authority [127.0.0.1]:* {ca_key}\n")).unwrap();
+    let key = dir.path().join("alice");
+    ssh_keygen(&key, "alice");
+    let policy = dir.path().join("ops.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    for args in [
+        vec!["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()],
+        vec!["policy", "apply", policy.to_str().unwrap()],
+    ] {
+        let out = a.postern(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = wait_for_output(|| {
+        Command::new("timeout")
+            .args(["60", "ssh", "-p", &b.ssh_port.to_string(), "-i"])
+            .arg(&key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", dir.path().join("known_hosts").display()))
+            .args(["alice%web-01@127.0.0.1", "echo through-b"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    assert_eq!(text(&out.stdout), "through-b\n", "{}", text(&out.stderr));
+    a.stop();
+}
+
+/// Users and policies written at A reach B within its poll (a second): retry until then.
+fn wait_for_output(mut run: impl FnMut() -> std::process::Output) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run();
+        if out.status.success() || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_cluster_gateway_refuses_to_start_without_its_keys_or_with_keys_it_cannot_trust() {
+    let cluster = Cluster::create("refusals");
+    let gw = Gateway::prepare_on(&listen(), &cluster.config("gw-a"));
+    let refused = |why: &str| {
+        let out = gw.postern_config(&["gateway"]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "started: {err}");
+        assert!(err.contains(why), "wanted {why:?} in: {err}");
+        assert!(!gw.data_dir().join("admin.sock").exists());
+    };
+    // Before init: nothing to load, nothing made up.
+    refused("missing: agent-ca, ssh-host-ca, audit-signing, rdp-token): run `postern cluster init");
+    assert_eq!(cluster.sql("SELECT COUNT(*) FROM cluster_keys"), "0");
+
+    let init = cluster.init();
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    assert_eq!(text(&init.stdout).lines().filter(|l| l.contains(" created ")).count(), 4);
+
+    // A different master key opens nothing: init and the gateway both say so.
+    let other = cluster.dir.path().join("other.key");
+    let keygen = Command::new(bin("postern")).args(["audit", "keygen"]).arg(&other).output().unwrap();
+    assert!(keygen.status.success());
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    let key_line = format!("key_file = {:?}", cluster.key_file());
+    std::fs::write(gw.config_path(), config.replace(&key_line, &format!("key_file = {other:?}"))).unwrap();
+    refused("which is not configured here");
+    let wrong = gw.postern_config(&["cluster", "init"]);
+    assert!(!wrong.status.success() && text(&wrong.stderr).contains("not configured here"), "{}", text(&wrong.stderr));
+    std::fs::write(gw.config_path(), &config).unwrap();
+
+    // A sealed value moved to another key's row is refused by name.
+    cluster.sql(
+        "UPDATE cluster_keys SET sealed = (SELECT sealed FROM cluster_keys WHERE name = 'rdp-token') \
+         WHERE name = 'ssh-host-ca'",
+    );
+    refused("cluster key \"ssh-host-ca\" in the store holds the key \"rdp-token\": the store was changed by hand");
+    // One key missing: named.
+    cluster.sql("DELETE FROM cluster_keys WHERE name IN ('ssh-host-ca', 'audit-signing')");
+    refused("missing: ssh-host-ca, audit-signing)");
+}
