@@ -307,7 +307,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Replay { session, speed, idle_limit, raw, master_key } => {
             cli::replay(&cli, session, *speed, *idle_limit, *raw, master_key).await
         }
-        Command::Cluster { action } => cli::cluster::run(&cli, action).await,
+        Command::Cluster { action } => cli::cluster::run(&cli::resolve_config(&cli)?, action).await,
         Command::Audit { action } => match action {
             cli::AuditAction::Verify { file, key, master_key, json } => {
                 cli::audit_verify(&cli, file, key.as_deref(), master_key, *json).await

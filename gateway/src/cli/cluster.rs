@@ -23,9 +23,9 @@ pub enum ClusterAction {
     },
 }
 
-pub async fn run(cli: &super::Cli, action: &ClusterAction) -> anyhow::Result<i32> {
+/// Run `action` with the configuration the command line names.
+pub async fn run(cfg: &crate::config::GatewayConfig, action: &ClusterAction) -> anyhow::Result<i32> {
     let ClusterAction::Init { json } = action;
-    let cfg = super::resolve_config(cli)?;
     let Some(url) = cfg.store.url.as_deref() else {
         anyhow::bail!(
             "postern cluster init needs the store the cluster shares: give --config with [store] url = \"postgres://...\""
