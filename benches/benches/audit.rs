@@ -29,6 +29,7 @@ fn event(i: u64) -> Event {
         reason: None,
         run_id: None,
         recording: Some("/var/lib/postern/recordings/5b0e6f3c.cast".into()),
+        via_gateway: None,
     }))
 }
 

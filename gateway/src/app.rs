@@ -377,6 +377,7 @@ fn build_services(
     registry: postern_tunnel::server::AgentRegistry,
     ca: Arc<postern_tunnel::pki::CertAuthority>,
     rdp_key: Option<[u8; 32]>,
+    peers: Option<Arc<postern_tunnel::peer::PeerClient>>,
 ) -> anyhow::Result<Services> {
     let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
     let access_changed = Arc::new(tokio::sync::Notify::new());
@@ -388,6 +389,13 @@ fn build_services(
         None => addresses.tunnel.to_string(),
     };
     let rdp_door = addresses.rdp.map(|a| crate::addressing::rdp_public_address(&config, a.port()));
+    let peering = match (config.gateway_id(), peers) {
+        (Some(id), Some(client)) => {
+            let address = config.cluster.peer_address.clone().unwrap_or_else(|| advertised.clone());
+            Some(Arc::new(crate::peering::Peering::new(id.to_owned(), address, store.clone(), client)))
+        }
+        _ => None,
+    };
     Ok(Services {
         recording: crate::recording::RecordingOptions {
             keyring,
@@ -396,7 +404,7 @@ fn build_services(
         },
         space: std::sync::Arc::new(crate::recording::space::SpaceGuard::new(config.audit.min_free_space()?)),
         instances: Instances::new(store.clone(), audit.clone(), registry.clone(), ca, advertised),
-        broker: Broker::new(registry, sessions.clone(), audit.clone(), history.clone()),
+        broker: Broker::new(registry, sessions.clone(), audit.clone(), history.clone()).with_peering(peering),
         runs: Runs::new(audit.clone()),
         rdp_tokens: RdpTokens::new(
             authorizer.clone(),
@@ -590,6 +598,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         server.registry(),
         ca,
         cluster.as_ref().map(|k| k.rdp_token),
+        server.peers(),
     )?);
     let state = services.clone();
     let shutdown = CancellationToken::new();
@@ -612,6 +621,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         state.access_changed.clone(),
         shutdown.clone(),
     ));
+    if let Some(peering) = state.broker.peering() {
+        tasks.spawn(peering.clone().keep_lease(shutdown.clone()));
+    }
     tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
     tasks.spawn(keep_audit_anchor(state.audit.clone(), state.store.clone(), shutdown.clone()));
     if let Some(shipper) = state.shipper.clone() {

@@ -41,6 +41,8 @@ pub struct Broker {
     sessions: Arc<SessionTable>,
     audit: Arc<AuditLog>,
     history: Arc<SessionHistory>,
+    /// In a cluster: the way to agents connected to other gateways.
+    peering: Option<Arc<crate::peering::Peering>>,
 }
 
 impl Broker {
@@ -50,13 +52,32 @@ impl Broker {
         audit: Arc<AuditLog>,
         history: Arc<SessionHistory>,
     ) -> Self {
-        Broker { registry, sessions, audit, history }
+        Broker { registry, sessions, audit, history, peering: None }
+    }
+
+    /// Reach agents that are not connected here through the cluster's other gateways.
+    pub fn with_peering(mut self, peering: Option<Arc<crate::peering::Peering>>) -> Self {
+        self.peering = peering;
+        self
+    }
+
+    pub fn peering(&self) -> Option<&Arc<crate::peering::Peering>> {
+        self.peering.as_ref()
+    }
+
+    /// A stream to `agent_id`: here if it is connected here, else (in a cluster) through the
+    /// gateway it is connected to.
+    async fn open_to(&self, agent_id: &str, request: SessionRequest) -> Result<SessionStream, OpenError> {
+        match (&self.peering, self.registry.get(agent_id)) {
+            (Some(peering), None) => peering.open(agent_id, request).await,
+            _ => self.registry.open_session(agent_id, request).await,
+        }
     }
 
     /// Open a tunnel stream to the authorized agent, asking it for `request`. The agent id
     /// comes from the authorization only, so a door cannot dial another instance.
     pub async fn open(&self, authz: &Authorization, request: SessionRequest) -> Result<SessionStream, OpenError> {
-        self.registry.open_session(authz.agent_id(), request).await
+        self.open_to(authz.agent_id(), request).await
     }
 
     /// Open a stream for an administrator on the admin socket (no policy applies there:
@@ -66,7 +87,7 @@ impl Broker {
         agent: &AgentRecord,
         request: SessionRequest,
     ) -> Result<SessionStream, OpenError> {
-        self.registry.open_session(&agent.id, request).await
+        self.open_to(&agent.id, request).await
     }
 
     /// Write the session's start event, put it on the live table and in the history.

@@ -37,6 +37,9 @@ pub struct ClusterConfig {
     /// ... or a program holding it (a KMS or vault client; the protocol of
     /// `[audit.encryption] key_command`, docs/audit.md).
     pub key_command: Option<Vec<String>>,
+    /// `host:port` the other gateways reach this one's tunnel listener at, to reach agents
+    /// connected here. Default: `[tunnel] advertise`, else the listen address.
+    pub peer_address: Option<String>,
 }
 
 /// Whether `id` is a valid `[cluster] gateway_id`.

@@ -24,6 +24,7 @@ pub mod enforcer;
 pub mod history;
 pub mod instances;
 pub mod manage;
+pub mod peering;
 pub mod rdp_tokens;
 pub mod runs;
 pub mod services;

@@ -35,6 +35,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// ALPN of an authenticated agent connection (mutual TLS).
 pub const ALPN_TUNNEL: &[u8] = b"postern/1";
 
+/// ALPN of a connection between two gateways of a cluster (mutual TLS with gateway
+/// certificates; the tunnel crate's `peer` module).
+pub const ALPN_PEER: &[u8] = b"postern-peer/1";
+
 /// ALPN of an enrollment connection: server-authenticated only, carries one token exchange.
 pub const ALPN_ENROLL: &[u8] = b"postern-enroll/1";
 

@@ -161,3 +161,154 @@ fn a_cluster_gateway_refuses_to_start_without_its_keys_or_with_keys_it_cannot_tr
     cluster.sql("DELETE FROM cluster_keys WHERE name IN ('ssh-host-ca', 'audit-signing')");
     refused("missing: ssh-host-ca, audit-signing)");
 }
+
+/// Plain OpenSSH against gateway `gw` as alice, trusting the cluster's host CA on any port.
+struct Client {
+    dir: tempfile::TempDir,
+    key: std::path::PathBuf,
+}
+
+impl Client {
+    /// alice's key, added at `gw` with `policy` applied there.
+    fn new(gw: &Gateway, policy: &str) -> Client {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("alice");
+        ssh_keygen(&key, "alice");
+        gw.write_known_hosts(&dir.path().join("known_hosts"));
+        let line = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
+        let ca_key = line.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+        std::fs::write(dir.path().join("known_hosts"), format!("@cert-authority [127.0.0.1]:* {ca_key}\n")).unwrap();
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, policy).unwrap();
+        for args in [
+            vec!["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()],
+            vec!["policy", "apply", file.to_str().unwrap()],
+        ] {
+            let out = gw.postern(&args);
+            assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        }
+        Client { dir, key }
+    }
+
+    /// `PROGRAM -P/-p PORT` with alice's key and strict host key checking.
+    fn cmd(&self, program: &str, port_flag: &str, gw: &Gateway) -> Command {
+        let mut c = Command::new("timeout");
+        c.args(["60", program, port_flag, &gw.ssh_port.to_string(), "-i"])
+            .arg(&self.key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", self.dir.path().join("known_hosts").display()))
+            .stdin(Stdio::null());
+        c
+    }
+}
+
+#[test]
+fn a_user_on_one_gateway_reaches_an_agent_connected_to_another() {
+    assert!(nix::unistd::Uid::effective().is_root(), "creates a network namespace; CI runs as root");
+    let cluster = Cluster::new("peering");
+    // The agent is in a namespace with no inbound route, connected to B only.
+    let ns = NetNs::create();
+    let a = Gateway::start_on(&listen(), &cluster.config("gw-a"));
+    let b = Gateway::start_on(&format!("{}:{}", ns.host_ip, free_udp_port()), &cluster.config("gw-b"));
+    let limits = cluster.dir.path().join("agent.toml");
+    std::fs::write(&limits, format!("[limits]\ntcp_allow = [\"{}/32\"]\n", ns.host_ip)).unwrap();
+    let prefix = vec!["ip".to_owned(), "netns".to_owned(), "exec".to_owned(), ns.name.clone()];
+    let _agent =
+        Agent::start_with(&b, "web-01", "env=test", prefix, &b.listen, &["--config", limits.to_str().unwrap()]);
+    let client = Client::new(
+        &a,
+        &format!(
+            "name = \"ops\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\n\
+             actions = [\"exec\", \"shell\", \"sftp\", \"port-forward\"]\ninstances = [\"web-*\"]\n\
+             forward_to = [\"{}:*\"]\nallow_root = true\n",
+            ns.host_ip
+        ),
+    );
+    let login = "alice%web-01@127.0.0.1";
+
+    // exec through A: output, stderr and exit status come back as from a local agent.
+    let out = client.cmd("ssh", "-p", &a).args([login, "echo via-peer; echo err >&2; exit 4"]).output().unwrap();
+    assert_eq!((text(&out.stdout).as_str(), text(&out.stderr).as_str()), ("via-peer\n", "err\n"));
+    assert_eq!(out.status.code(), Some(4));
+
+    // A shell on a PTY, recorded at A.
+    let out = client
+        .cmd("ssh", "-p", &a)
+        .args(["-tt", login])
+        .stdin(
+            std::fs::File::open({
+                let input = client.dir.path().join("typed");
+                std::fs::write(&input, "echo typed-$((6*7))\nexit\n").unwrap();
+                input
+            })
+            .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert!(text(&out.stdout).contains("typed-42"), "{}{}", text(&out.stdout), text(&out.stderr));
+
+    // scp both ways.
+    let blob = client.dir.path().join("blob");
+    sh(&format!("head -c 3000000 /dev/urandom > {}", blob.display()));
+    let remote = format!("/tmp/postern-peer-{}", std::process::id());
+    let up = client.cmd("scp", "-P", &a).arg(&blob).arg(format!("{login}:{remote}")).output().unwrap();
+    assert!(up.status.success(), "scp up: {}", text(&up.stderr));
+    let back = client.dir.path().join("back");
+    let down = client.cmd("scp", "-P", &a).arg(format!("{login}:{remote}")).arg(&back).output().unwrap();
+    assert!(down.status.success(), "scp down: {}", text(&down.stderr));
+    assert_eq!(std::fs::read(&blob).unwrap(), std::fs::read(&back).unwrap());
+    let _ = std::fs::remove_file(&remote);
+
+    // ssh -L to a service the instance reaches (on the host side of its namespace).
+    let service = std::net::TcpListener::bind((ns.host_ip.as_str(), 0)).unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in service.incoming().flatten() {
+            use std::io::Write;
+            let mut c = c;
+            let _ = c.write_all(b"from-the-service\n");
+        }
+    });
+    let local = free_tcp_port();
+    let mut forward = client
+        .cmd("ssh", "-p", &a)
+        .args(["-N", "-L", &format!("{local}:{}:{service_port}", ns.host_ip), login])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("ssh -L listening", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+    });
+    let mut got = String::new();
+    {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.read_to_string(&mut got);
+    }
+    let _ = forward.kill();
+    let _ = forward.wait();
+    assert_eq!(got, "from-the-service\n");
+
+    // Recorded and audited at A, where alice is, with the gateway it went through; B, which
+    // only carried the bytes, has no session of hers.
+    let mut starts = Vec::new();
+    wait_until("A's session and forward events", Duration::from_secs(10), || {
+        starts = a
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["event"] == "session.start" || e["event"] == "forward.open")
+            .collect();
+        starts.len() >= 5
+    });
+    for e in &starts {
+        assert_eq!(e["via_gateway"], "gw-b", "{e}");
+    }
+    let shell = starts.iter().find(|e| e["kind"] == "shell").unwrap();
+    let recording = std::fs::read_to_string(shell["recording"].as_str().unwrap()).unwrap();
+    assert!(recording.contains("typed-42"), "{recording}");
+    assert!(
+        !b.audit_events().iter().any(|e| e["event"] == "session.start" || e["event"] == "forward.open"),
+        "B audits sessions of users connected to it only"
+    );
+}

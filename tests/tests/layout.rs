@@ -42,6 +42,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "runs",
             "rdp_tokens",
             "history",
+            "peering",
         ],
     ),
     ("the services struct", &["services"]),

@@ -263,6 +263,21 @@ async fn conformance(s: &dyn Store) {
     session_history(s).await;
     access_generation(s).await;
     cluster_keys(s).await;
+    gateway_leases(s).await;
+}
+
+/// A gateway is live while its lease runs; it leaves at once when it stops.
+async fn gateway_leases(s: &dyn Store) {
+    s.gateway_alive("gw-b", "10.0.0.2:4433", 115).await.unwrap();
+    s.gateway_alive("gw-a", "10.0.0.1:4433", 110).await.unwrap();
+    let pair = |id: &str, a: &str| (id.to_owned(), a.to_owned());
+    assert_eq!(s.live_gateways(100).await.unwrap(), vec![pair("gw-a", "10.0.0.1:4433"), pair("gw-b", "10.0.0.2:4433")]);
+    assert_eq!(s.live_gateways(110).await.unwrap(), vec![pair("gw-b", "10.0.0.2:4433")], "a lease ends at its time");
+    // Renewal moves the lease (and the address).
+    s.gateway_alive("gw-a", "10.0.0.9:4433", 130).await.unwrap();
+    assert_eq!(s.live_gateways(120).await.unwrap(), vec![pair("gw-a", "10.0.0.9:4433")]);
+    s.gateway_left("gw-a", 121).await.unwrap();
+    assert!(s.live_gateways(121).await.unwrap().is_empty());
 }
 
 /// Cluster keys are added once and never replaced.

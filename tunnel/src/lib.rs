@@ -10,6 +10,7 @@
 //! Both ends use rustls with the ring provider over quinn; see `docs/architecture.md`.
 
 pub mod agent;
+pub mod peer;
 pub mod pki;
 pub mod renewal;
 pub mod server;

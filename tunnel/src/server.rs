@@ -159,18 +159,29 @@ type ViolationSlot = Arc<std::sync::Mutex<Option<String>>>;
 /// (`AgentDirectory::protocol_violation`), as on the control stream.
 #[derive(Debug, Clone)]
 pub struct ViolationReporter {
-    conn: quinn::Connection,
+    /// The agent's connection; `None` for an agent reached through another gateway, whose
+    /// connection is that gateway's to close.
+    conn: Option<quinn::Connection>,
     slot: ViolationSlot,
 }
 
 impl ViolationReporter {
+    /// For a stream to an agent that is not connected here (through a peer gateway): a
+    /// violation ends the session that saw it and is logged.
+    pub fn detached() -> Self {
+        Self { conn: None, slot: ViolationSlot::default() }
+    }
+
     pub fn report(&self, error: &str) {
         if let Ok(mut slot) = self.slot.lock()
             && slot.is_none()
         {
             *slot = Some(error.to_owned());
         }
-        self.conn.close(close::PROTOCOL_ERROR.into(), b"protocol error");
+        match &self.conn {
+            Some(conn) => conn.close(close::PROTOCOL_ERROR.into(), b"protocol error"),
+            None => warn!(%error, "protocol violation by an agent reached through another gateway; its session ends"),
+        }
     }
 }
 
@@ -208,6 +219,8 @@ pub struct SessionStream {
     pub violation: ViolationReporter,
     /// For a `TcpByName` session: the address the agent says it connected to.
     pub connected_to: Option<String>,
+    /// The gateway the agent is connected to, when it is not this one (crate::peer).
+    pub via: Option<String>,
 }
 
 pub fn new_session_id() -> SessionId {
@@ -234,7 +247,7 @@ impl AgentRegistry {
     }
     fn reporter(&self, agent_id: &str) -> Option<ViolationReporter> {
         let map = self.inner.read().ok()?;
-        map.get(agent_id).map(|e| ViolationReporter { conn: e.conn.clone(), slot: e.violation.clone() })
+        map.get(agent_id).map(|e| ViolationReporter { conn: Some(e.conn.clone()), slot: e.violation.clone() })
     }
 
     /// Register a connection; an older connection of the same agent is closed.
@@ -271,39 +284,60 @@ impl AgentRegistry {
     /// Open a session stream to an online agent and wait for accept or reject.
     pub async fn open_session(&self, agent_id: &str, request: SessionRequest) -> Result<SessionStream, OpenError> {
         let violation = self.reporter(agent_id).ok_or(OpenError::Offline)?;
-        let conn = violation.conn.clone();
-        let id = new_session_id();
-        let by_name = matches!(request, SessionRequest::TcpByName(_));
-        let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Tunnel(e.to_string()))?;
-            write_frame(&mut send, &Message::Open(OpenSession { session_id: id, request }))
-                .await
-                .map_err(|e| OpenError::Tunnel(e.to_string()))?;
-            match read_frame(&mut recv, StreamKind::Session).await {
-                Ok(Some(Message::Accept(a))) if a.session_id == id && !by_name => {
-                    Ok(SessionStream { id, send, recv, violation, connected_to: None })
-                }
-                // A name's session is accepted only with the address it reached.
-                Ok(Some(Message::Connected(c))) if c.session_id == id && by_name => {
-                    Ok(SessionStream { id, send, recv, violation, connected_to: Some(c.address) })
-                }
-                Ok(Some(Message::Reject(r))) => Err(OpenError::Rejected { code: r.code, reason: r.reason }),
-                Ok(None) => Err(OpenError::Tunnel("the agent closed the session stream".into())),
-                Ok(Some(other)) => {
-                    let error = format!("unexpected answer to open: {:?}", other.kind());
-                    violation.report(&error);
-                    Err(OpenError::Tunnel(error))
-                }
-                Err(e) => {
-                    if is_violation(&e) {
-                        violation.report(&e.to_string());
-                    }
-                    Err(OpenError::Tunnel(e.to_string()))
-                }
-            }
-        };
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| OpenError::Timeout(HANDSHAKE_TIMEOUT))?
+        let conn = self.connection(agent_id).ok_or(OpenError::Offline)?;
+        let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.open_bi())
+            .await
+            .map_err(|_| OpenError::Timeout(HANDSHAKE_TIMEOUT))?
+            .map_err(|e| OpenError::Tunnel(e.to_string()))?;
+        open_on(send, recv, violation, request).await
     }
+
+    /// A bare stream to an online agent, for a peer gateway that speaks the session protocol
+    /// over it itself (crate::peer). `None`: the agent is not connected here.
+    pub(crate) async fn open_raw(&self, agent_id: &str) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        let conn = self.connection(agent_id)?;
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.open_bi()).await.ok()?.ok()
+    }
+}
+
+/// Ask the agent at the other end of a fresh stream for `request` and wait for its accept or
+/// reject (bounded by [`HANDSHAKE_TIMEOUT`]).
+pub(crate) async fn open_on(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    violation: ViolationReporter,
+    request: SessionRequest,
+) -> Result<SessionStream, OpenError> {
+    let id = new_session_id();
+    let by_name = matches!(request, SessionRequest::TcpByName(_));
+    let exchange = async {
+        write_frame(&mut send, &Message::Open(OpenSession { session_id: id, request }))
+            .await
+            .map_err(|e| OpenError::Tunnel(e.to_string()))?;
+        match read_frame(&mut recv, StreamKind::Session).await {
+            Ok(Some(Message::Accept(a))) if a.session_id == id && !by_name => {
+                Ok(SessionStream { id, send, recv, violation, connected_to: None, via: None })
+            }
+            // A name's session is accepted only with the address it reached.
+            Ok(Some(Message::Connected(c))) if c.session_id == id && by_name => {
+                Ok(SessionStream { id, send, recv, violation, connected_to: Some(c.address), via: None })
+            }
+            Ok(Some(Message::Reject(r))) => Err(OpenError::Rejected { code: r.code, reason: r.reason }),
+            Ok(None) => Err(OpenError::Tunnel("the agent closed the session stream".into())),
+            Ok(Some(other)) => {
+                let error = format!("unexpected answer to open: {:?}", other.kind());
+                violation.report(&error);
+                Err(OpenError::Tunnel(error))
+            }
+            Err(e) => {
+                if is_violation(&e) {
+                    violation.report(&e.to_string());
+                }
+                Err(OpenError::Tunnel(e.to_string()))
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await.map_err(|_| OpenError::Timeout(HANDSHAKE_TIMEOUT))?
 }
 
 /// The key of the connection-ID generator, derived from the reset key (so it persists with
@@ -322,6 +356,8 @@ pub struct TunnelServer<D: AgentDirectory> {
     directory: Arc<D>,
     ca: Arc<CertAuthority>,
     settings: TunnelSettings,
+    /// In a cluster: a client to the other gateways, with this gateway's certificate.
+    peers: Option<Arc<crate::peer::PeerClient>>,
 }
 
 impl<D: AgentDirectory> TunnelServer<D> {
@@ -338,11 +374,21 @@ impl<D: AgentDirectory> TunnelServer<D> {
         let server_key = rcgen::KeyPair::generate()?;
         let server_cert =
             ca.issue_server_cert(&server_key, Duration::from_secs(365 * 24 * 3600), settings.gateway_id.as_deref())?;
+        let chain = vec![server_cert, ca.cert_der().clone()];
+        let peers = match settings.gateway_id {
+            Some(_) => Some(Arc::new(crate::peer::PeerClient::new(
+                ca.cert_der(),
+                chain.clone(),
+                crate::pki::private_key_der(&server_key),
+            )?)),
+            None => None,
+        };
         let server_config = crate::tls::server_config(
             ca.cert_der(),
-            vec![server_cert, ca.cert_der().clone()],
+            chain,
             crate::pki::private_key_der(&server_key),
             settings.timers,
+            peers.is_some(),
         )?;
         let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac.clone()));
@@ -356,7 +402,7 @@ impl<D: AgentDirectory> TunnelServer<D> {
         let socket = std::net::UdpSocket::bind(addr)?;
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)?;
-        Ok(Self { endpoint, registry: AgentRegistry::default(), directory, ca, settings })
+        Ok(Self { endpoint, registry: AgentRegistry::default(), directory, ca, settings, peers })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -365,6 +411,12 @@ impl<D: AgentDirectory> TunnelServer<D> {
 
     pub fn registry(&self) -> AgentRegistry {
         self.registry.clone()
+    }
+
+    /// In a cluster (`gateway_id` set): the client this gateway reaches agents connected to
+    /// other gateways with.
+    pub fn peers(&self) -> Option<Arc<crate::peer::PeerClient>> {
+        self.peers.clone()
     }
 
     /// Accept connections until `shutdown`, then close every connection and wait briefly for
@@ -432,7 +484,27 @@ async fn handle_incoming<D: AgentDirectory>(ctx: ConnCtx<D>, incoming: quinn::In
     match alpn.as_deref() {
         Some(p) if p == postern_proto::ALPN_ENROLL => handle_enrollment(ctx, conn, remote).await,
         Some(p) if p == postern_proto::ALPN_TUNNEL => handle_agent(ctx, conn, remote).await,
+        Some(p) if p == postern_proto::ALPN_PEER && ctx.settings.gateway_id.is_some() => {
+            handle_peer(ctx, conn, remote).await
+        }
         _ => conn.close(close::PROTOCOL_ERROR.into(), b"unsupported ALPN"),
+    }
+}
+
+/// Another gateway of the cluster: only a gateway certificate from the cluster's CA (an
+/// agent's certificate, from the same CA, is refused).
+async fn handle_peer<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connection, remote: SocketAddr) {
+    let cert = conn
+        .peer_identity()
+        .and_then(|p| p.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned());
+    let Some(peer) = cert.as_ref().and_then(crate::peer::gateway_of) else {
+        crate::peer::refused(remote, "not a gateway certificate");
+        return conn.close(close::REFUSED.into(), b"a gateway certificate is required");
+    };
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => conn.close(close::SHUTDOWN.into(), b"gateway shutting down"),
+        () = crate::peer::serve(ctx.registry.clone(), conn.clone(), peer) => {}
     }
 }
 

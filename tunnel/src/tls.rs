@@ -68,6 +68,7 @@ pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     timers: TransportTimers,
+    peering: bool,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
@@ -81,6 +82,9 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![postern_proto::ALPN_TUNNEL.to_vec(), postern_proto::ALPN_ENROLL.to_vec()];
+    if peering {
+        tls.alpn_protocols.push(postern_proto::ALPN_PEER.to_vec());
+    }
     tls.max_early_data_size = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));

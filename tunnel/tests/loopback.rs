@@ -55,19 +55,25 @@ struct Gateway {
     directory: Arc<MemDirectory>,
     ca: Arc<CertAuthority>,
     shutdown: CancellationToken,
+    peers: Option<Arc<postern_tunnel::peer::PeerClient>>,
 }
 
 async fn gateway(settings: TunnelSettings) -> Gateway {
-    let ca = Arc::new(CertAuthority::generate("test agent CA").unwrap());
+    gateway_with(Arc::new(CertAuthority::generate("test agent CA").unwrap()), settings).await
+}
+
+/// A gateway with the CA `ca` (gateways of one cluster share it).
+async fn gateway_with(ca: Arc<CertAuthority>, settings: TunnelSettings) -> Gateway {
     let directory = Arc::new(MemDirectory::default());
     let server =
         TunnelServer::bind("127.0.0.1:0".parse().unwrap(), ca.clone(), directory.clone(), settings, &[7u8; 32])
             .unwrap();
     let addr = server.local_addr().unwrap();
     let registry = server.registry();
+    let peers = server.peers();
     let shutdown = CancellationToken::new();
     tokio::spawn(server.serve(shutdown.clone()));
-    Gateway { addr, registry, directory, ca, shutdown }
+    Gateway { addr, registry, directory, ca, shutdown, peers }
 }
 
 async fn wait_online(registry: &AgentRegistry, agent_id: &str) {
@@ -428,4 +434,67 @@ fn backoff_grows_with_jitter_and_caps() {
     }
     let samples: std::collections::HashSet<_> = (0..20).map(|_| b.delay(5)).collect();
     assert!(samples.len() > 1, "no jitter");
+}
+
+fn member(id: &str) -> TunnelSettings {
+    TunnelSettings { gateway_id: Some(id.into()), ..TunnelSettings::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reaches_an_agent_connected_to_its_peer() {
+    let ca = Arc::new(CertAuthority::generate("cluster CA").unwrap());
+    let a = gateway_with(ca.clone(), member("gw-a")).await;
+    let b = gateway_with(ca.clone(), member("gw-b")).await;
+    let (_dir, id, _stop) = join_and_run(&b, "p1", LocalLimits::default()).await;
+    let peers = a.peers.as_ref().expect("a cluster gateway has a peer client");
+    let at_b = b.addr.to_string();
+
+    // The session protocol runs end to end through B: stdin in, stdout, stderr, exit out.
+    let mut s = peers.open_session("gw-b", &at_b, &id, exec_req("tr a-z A-Z; echo err >&2; exit 5")).await.unwrap();
+    write_frame(&mut s.send, &Message::Stdin(b"through b".to_vec())).await.unwrap();
+    write_frame(&mut s.send, &Message::Eof).await.unwrap();
+    let out = collect(&mut s).await;
+    assert_eq!((out.stdout.as_slice(), out.stderr.as_slice(), out.exit.code), (&b"THROUGH B"[..], &b"err\n"[..], 5));
+
+    // Several at once over the one peer connection.
+    let runs = (0..8).map(|i| {
+        let (peers, at_b, id) = (peers.clone(), at_b.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut s = peers.open_session("gw-b", &at_b, &id, exec_req(&format!("echo {i}"))).await.unwrap();
+            collect(&mut s).await.stdout
+        })
+    });
+    for (i, run) in runs.enumerate() {
+        assert_eq!(run.await.unwrap(), format!("{i}\n").into_bytes());
+    }
+
+    // An agent B does not have is offline, as for a local lookup.
+    let err = peers.open_session("gw-b", &at_b, "ag-nowhere", exec_req("true")).await.unwrap_err();
+    assert!(matches!(err, postern_tunnel::server::OpenError::Offline), "{err:?}");
+
+    // A checks it talks to exactly the gateway it named: B's certificate is not gw-c's.
+    let err = peers.open_session("gw-c", &at_b, &id, exec_req("true")).await.unwrap_err();
+    assert!(format!("{err}").contains("cannot reach gateway gw-c"), "{err}");
+
+    // Agents of the same CA cannot pose as a gateway: B refuses an agent certificate.
+    let (key, csr) = postern_tunnel::pki::new_key_and_csr().unwrap();
+    let agent_cert = ca.issue_agent_cert(&csr, "ag-rogue", Duration::from_secs(600)).unwrap();
+    let rogue = postern_tunnel::peer::PeerClient::new(
+        ca.cert_der(),
+        vec![agent_cert, ca.cert_der().clone()],
+        postern_tunnel::pki::private_key_der(&key),
+    )
+    .unwrap();
+    let err = rogue.open_session("gw-b", &at_b, &id, exec_req("echo no")).await.unwrap_err();
+    assert!(!matches!(err, postern_tunnel::server::OpenError::Rejected { .. }), "{err:?}");
+
+    // A single gateway (no gateway id) is no peer: it has no peer client, names no gateway
+    // in its certificate and does not offer the peer protocol.
+    let single = gateway_with(ca.clone(), TunnelSettings::default()).await;
+    assert!(single.peers.is_none());
+    let err = peers.open_session("gw-s", &single.addr.to_string(), &id, exec_req("true")).await.unwrap_err();
+    assert!(format!("{err}").contains("cannot reach gateway"), "{err}");
+    for gw in [a, b, single] {
+        gw.shutdown.cancel();
+    }
 }

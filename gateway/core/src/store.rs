@@ -326,6 +326,16 @@ pub trait Store: Send + Sync + 'static {
     /// Add the cluster key `name` unless one by that name is already there (then false: keys
     /// are never replaced, so two `postern cluster init` at once keep one set).
     async fn add_cluster_key(&self, name: &str, sealed: &[u8], now: i64) -> Result<bool, StoreError>;
+
+    /// Gateway `id` of a cluster is alive and other gateways reach it at `address`
+    /// (`host:port` of its tunnel listener) until `lease_until` (Unix seconds).
+    async fn gateway_alive(&self, id: &str, address: &str, lease_until: i64) -> Result<(), StoreError>;
+
+    /// The gateways whose lease has not run out at `now`: (id, address), by id.
+    async fn live_gateways(&self, now: i64) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Gateway `id` stopped: its lease ends now.
+    async fn gateway_left(&self, id: &str, now: i64) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -234,6 +234,7 @@ async fn connect(
             request: Some(rdp_request(&pre)),
             logged: false,
             reason: unlogged::RDP.to_owned(),
+            via_gateway: stream.via.clone(),
         }),
     );
     info!(session = %sid, user = authz.user(), target = authz.instance(), "rdp session opened");

@@ -189,7 +189,7 @@ async fn forward(
     let running = state.broker.start(
         &sid,
         authz.party(Some(peer.ip()), false),
-        &open_event(&authz, &sid, &destination, peer, unlogged_reason, (requested, resolved)),
+        &open_event(&authz, &sid, &destination, peer, unlogged_reason, (requested, resolved), stream.via.clone()),
     );
     let SessionStream { send, recv, .. } = stream;
     let max = authz.limits().max_session;
@@ -245,6 +245,7 @@ fn open_event(
     peer: SocketAddr,
     reason: &str,
     spelled: (Option<String>, Option<String>),
+    via_gateway: Option<String>,
 ) -> Event {
     let (requested, resolved) = spelled;
     let (session_id, user, target) = (sid.to_owned(), authz.user().to_owned(), authz.instance().to_owned());
@@ -261,6 +262,7 @@ fn open_event(
             request: None,
             logged: false,
             reason,
+            via_gateway,
         }),
         action => {
             let open = ForwardOpen {
@@ -273,6 +275,7 @@ fn open_event(
                 reason,
                 requested,
                 resolved,
+                via_gateway,
             };
             if action == Action::SshPassthrough { Event::PassthroughOpen(open) } else { Event::ForwardOpen(open) }
         }

@@ -131,6 +131,11 @@ CREATE TABLE cluster_keys (
     sealed      BYTEA NOT NULL,
     created_at  BIGINT NOT NULL
 );
+CREATE TABLE gateways (
+    id          TEXT PRIMARY KEY,
+    address     TEXT NOT NULL,
+    lease_until BIGINT NOT NULL
+);
 "#,
 ];
 
@@ -774,5 +779,39 @@ impl Store for PgStore {
         .await
         .map_err(db)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn gateway_alive(&self, id: &str, address: &str, lease_until: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO gateways (id, address, lease_until) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET address = excluded.address, lease_until = excluded.lease_until",
+        )
+        .bind(id)
+        .bind(address)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn live_gateways(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, address FROM gateways WHERE lease_until > $1 ORDER BY id")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(|r| Ok((r.try_get("id").map_err(db)?, r.try_get("address").map_err(db)?))).collect()
+    }
+
+    async fn gateway_left(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE gateways SET lease_until = $1 WHERE id = $2 AND lease_until > $3")
+            .bind(now)
+            .bind(id)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 }

@@ -59,6 +59,10 @@ pub struct SshSessionStart {
     pub reason: Option<String>,
     pub run_id: Option<String>,
     pub recording: Option<String>,
+    /// In a cluster, the gateway the agent is connected to when it is not this one (the
+    /// session went through it; recorded and audited here all the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_gateway: Option<String>,
 }
 
 /// A session through the admin socket (`postern exec`/`shell` on the gateway host).
@@ -257,6 +261,10 @@ pub struct ForwardOpen {
     /// resolved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved: Option<String>,
+    /// In a cluster, the gateway the agent is connected to when it is not this one (the
+    /// session went through it; recorded and audited here all the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_gateway: Option<String>,
 }
 
 /// `forward.close` and `passthrough.close`.
@@ -311,6 +319,10 @@ pub struct RdpOpen {
     pub request: Option<RdpRequest>,
     pub logged: bool,
     pub reason: String,
+    /// In a cluster, the gateway the agent is connected to when it is not this one (the
+    /// session went through it; recorded and audited here all the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_gateway: Option<String>,
 }
 
 /// `rdp.close`; `destination` only through `ssh -L`.

@@ -188,9 +188,28 @@ fn shapes_without_a_doc_example_serialize_as_before() {
             request: None,
             logged: false,
             reason: s("e2e"),
+            via_gateway: None,
         }),
         json!({"session_id": "sid", "user": "alice", "target": "win-01", "destination": "rdp",
                "source": "1.2.3.4:5", "logged": false, "reason": "e2e", "mode": "local"}),
+    );
+    // Through another gateway of a cluster: the gateway is named.
+    check(
+        Event::RdpOpen(RdpOpen {
+            session_id: s("sid"),
+            user: s("alice"),
+            target: s("win-01"),
+            source: s("1.2.3.4:5"),
+            mode: RdpMode::Local,
+            destination: Some(s("rdp")),
+            token_id: None,
+            request: None,
+            logged: false,
+            reason: s("e2e"),
+            via_gateway: Some(s("gw-b")),
+        }),
+        json!({"session_id": "sid", "user": "alice", "target": "win-01", "destination": "rdp",
+               "source": "1.2.3.4:5", "logged": false, "reason": "e2e", "mode": "local", "via_gateway": "gw-b"}),
     );
     check(
         Event::RdpClose(RdpClose {
