@@ -312,3 +312,52 @@ fn a_user_on_one_gateway_reaches_an_agent_connected_to_another() {
         "B audits sessions of users connected to it only"
     );
 }
+
+#[test]
+fn a_session_through_a_gateway_that_dies_ends_cleanly_at_the_users_gateway() {
+    let cluster = Cluster::new("peerdeath");
+    let a = Gateway::start_on(&listen(), &cluster.config("gw-a"));
+    let mut b = Gateway::start_on(&listen(), &cluster.config("gw-b"));
+    let _agent = Agent::start(&b, "web-01", vec![], &b.listen);
+    let client = Client::new(
+        &a,
+        "name = \"ops\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"exec\"]\n\
+         instances = [\"web-*\"]\nallow_root = true\n",
+    );
+    let mut ssh = client
+        .cmd("ssh", "-p", &a)
+        .args(["alice%web-01@127.0.0.1", "echo started; exec sleep 300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut first = String::new();
+        std::io::BufReader::new(ssh.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
+        assert_eq!(first, "started\n");
+    }
+    b.kill();
+    let killed = std::time::Instant::now();
+    let mut status = None;
+    wait_until("the ssh client to end", Duration::from_secs(30), || {
+        status = ssh.try_wait().unwrap();
+        status.is_some()
+    });
+    let took = killed.elapsed();
+    let mut stderr = String::new();
+    {
+        use std::io::Read;
+        ssh.stderr.as_mut().unwrap().read_to_string(&mut stderr).unwrap();
+    }
+    eprintln!("the session through the killed gateway ended {took:?} after the kill");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(status.unwrap().code(), Some(255));
+    assert!(stderr.contains("connection to the instance was lost"), "{stderr}");
+    // A, which carried the session, ends it in its log with the reason.
+    wait_until("session.end at A", Duration::from_secs(10), || {
+        a.audit_events()
+            .iter()
+            .any(|e| e["event"] == "session.end" && e["user"] == "alice" && e["end_reason"] == "instance-lost")
+    });
+}

@@ -39,6 +39,8 @@ const MAX_AGENT_ID: usize = 256;
 const MAX_REASON: usize = 1024;
 /// Sessions one peer may have open through this gateway at once.
 pub const PEER_STREAMS: u32 = 4096;
+/// Silence after which a peer connection counts as lost.
+pub const PEER_IDLE: Duration = Duration::from_secs(5);
 /// Connecting to a peer and each step of a stream's set-up are bounded by this.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -165,11 +167,13 @@ impl std::fmt::Debug for PeerClient {
     }
 }
 
-/// Transport settings for peer connections: a lost peer is noticed within seconds.
+/// Transport settings for peer connections: a lost peer (a crash sends no close) is noticed
+/// after [`PEER_IDLE`] of silence. Gateways of a cluster are close to each other, so a
+/// keep-alive every second costs nothing.
 fn peer_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(10)).ok());
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(PEER_IDLE).ok());
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.initial_rtt(Duration::from_millis(100));
     t.max_concurrent_bidi_streams(0u32.into());
     t.max_concurrent_uni_streams(0u32.into());

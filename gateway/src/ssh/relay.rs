@@ -198,6 +198,7 @@ pub(super) async fn relay(
                 Ok(None) | Err(_) => {
                     let _ = wr.extended_data_bytes(1, b"\r\npostern: connection to the instance was lost\r\n".to_vec()).await;
                     let _ = wr.exit_status(255).await;
+                    end_reason = Some("instance-lost");
                     break Some(255);
                 }
             },
