@@ -47,6 +47,31 @@ fn load_or_create_ca(dir: &Path) -> anyhow::Result<CertAuthority> {
     Ok(ca)
 }
 
+/// Longest wait between two attempts to reach the store at start (cluster gateways).
+const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A cluster gateway's store: it serves nothing without one (fail closed), so while the
+/// store cannot be reached it waits (opening no port) and tries again, every second at
+/// first and then every [`STORE_RETRY_MAX`], logging each failure; it starts as soon as the
+/// store answers. A single gateway instead stops with the error, as a misconfiguration.
+async fn open_store_when_reachable(url: Option<&str>, dir: &Path) -> Arc<dyn Store> {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match crate::store::open(url, dir).await {
+            Ok(store) => return store,
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    retry_in_secs = wait.as_secs(),
+                    "the store is unreachable; this gateway serves nothing until it answers"
+                );
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(STORE_RETRY_MAX);
+    }
+}
+
 /// The key behind QUIC stateless resets; kept so a restarted gateway can reset old connections.
 fn load_or_create_reset_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
     let path = dir.join("reset.key");
@@ -467,7 +492,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             .with_context(|| format!("restricting permissions of {}", dir.display()))?;
     }
     let reset_key = load_or_create_reset_key(&dir)?;
-    let store = crate::store::open(config.store.url.as_deref(), &dir).await?;
+    let store = match config.gateway_id() {
+        Some(_) => open_store_when_reachable(config.store.url.as_deref(), &dir).await,
+        None => crate::store::open(config.store.url.as_deref(), &dir).await?,
+    };
     // A cluster's gateways share their keys through the store (crate::cluster); a single
     // gateway makes its own in the data directory.
     let cluster = match config.gateway_id() {

@@ -524,6 +524,7 @@ pub fn on_own_terminal(cmd: &str, arg: &Path) -> Output {
 pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
+    bin: PathBuf,
 }
 
 impl Postgres {
@@ -543,14 +544,28 @@ impl Postgres {
             bin.display(),
             data.display()
         ));
+        let pg = Postgres { dir, port, bin };
+        pg.resume();
+        pg
+    }
+
+    /// Stop the server (fast shutdown: connections are closed), keeping its data.
+    pub fn pause(&self) {
         sh(&format!(
-            "runuser -u postgres -- {}/pg_ctl -D {} -l {}/log -w -o '-c listen_addresses=127.0.0.1 -p {port} -k {}' start >/dev/null",
-            bin.display(),
-            data.display(),
-            dir.path().display(),
-            dir.path().display()
+            "runuser -u postgres -- {}/pg_ctl -D {}/data -m fast -w stop >/dev/null",
+            self.bin.display(),
+            self.dir.path().display()
         ));
-        Postgres { dir, port }
+    }
+
+    /// Start the server (again), waiting until it accepts connections.
+    pub fn resume(&self) {
+        let dir = self.dir.path().display();
+        sh(&format!(
+            "runuser -u postgres -- {}/pg_ctl -D {dir}/data -l {dir}/log -w -o '-c listen_addresses=127.0.0.1 -p {} -k {dir}' start >/dev/null",
+            self.bin.display(),
+            self.port
+        ));
     }
 
     /// Run `sql` in database `db` with psql; its output, trimmed (empty on failure).

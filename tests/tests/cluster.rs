@@ -361,3 +361,35 @@ fn a_session_through_a_gateway_that_dies_ends_cleanly_at_the_users_gateway() {
             .any(|e| e["event"] == "session.end" && e["user"] == "alice" && e["end_reason"] == "instance-lost")
     });
 }
+
+#[test]
+fn a_cluster_gateway_waits_for_an_unreachable_store_serving_nothing_and_recovers() {
+    let cluster = Cluster::new("outage");
+    let mut a = Gateway::start_on(&listen(), &cluster.config("gw-a"));
+    a.stop();
+    cluster.pg.pause();
+    // Restarted while the store is down: the process stays up, says why, and opens nothing.
+    let log = a.dir.path().join("gateway-outage.log");
+    let mut cmd = Command::new(bin("postern"));
+    cmd.arg("--config").arg(a.config_path()).arg("gateway");
+    a.proc = Some(spawn_logged(cmd, &log));
+    wait_until("two failed attempts to reach the store", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).unwrap_or_default().matches("the store is unreachable").count() >= 2
+    });
+    assert!(a.proc.as_mut().unwrap().child.try_wait().unwrap().is_none(), "the gateway exited");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", a.ssh_port)).is_err(), "the SSH door is open");
+    assert!(!a.data_dir().join("admin.sock").exists());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("postgres@"), "the store URL's user (and any password) stays out of the log: {logged}");
+    // The store comes back: the gateway starts by itself and serves.
+    cluster.pg.resume();
+    let back = std::time::Instant::now();
+    wait_until("the gateway serving", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(a.data_dir().join("admin.sock")).is_ok()
+    });
+    eprintln!("serving {:?} after the store came back", back.elapsed());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", a.ssh_port)).is_ok());
+    let out = a.postern(&["instances", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    a.stop();
+}
