@@ -257,6 +257,95 @@ async fn session_history(s: &dyn Store) {
     assert_eq!(ids(s.sessions(&q).await.unwrap()), ["ac04"]);
 }
 
+fn live(id: &str, gateway: &str, started_at: i64, lease_until: i64) -> LiveSessionRecord {
+    LiveSessionRecord {
+        id: id.into(),
+        gateway_id: gateway.into(),
+        user: "alice".into(),
+        source: Some("127.0.0.1".into()),
+        instance: "web-01".into(),
+        agent_id: "ag-1".into(),
+        kind: "shell".into(),
+        destination: None,
+        logged: true,
+        started_at,
+        bytes_in: 0,
+        bytes_out: 0,
+        lease_until,
+    }
+}
+
+/// Live sessions of a cluster, terminate requests between gateways, spent RDP tokens.
+async fn cluster_sessions(s: &dyn Store) {
+    let ids = |rows: Vec<LiveSessionRecord>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    // One batched write puts several rows; a renewal moves bytes and lease, nothing else.
+    s.put_live_sessions(&[live("ls-1", "gw-a", 100, 115), live("ls-2", "gw-a", 101, 115)]).await.unwrap();
+    s.put_live_sessions(&[live("ls-3", "gw-b", 102, 117)]).await.unwrap();
+    assert_eq!(ids(s.live_sessions(110, 100).await.unwrap()), ["ls-3", "ls-2", "ls-1"]);
+    let mut renewed = live("ls-1", "gw-a", 999, 130);
+    renewed.user = "mallory".into();
+    (renewed.bytes_in, renewed.bytes_out) = (5, u64::MAX);
+    s.put_live_sessions(&[renewed]).await.unwrap();
+    let rows = s.live_sessions(110, 100).await.unwrap();
+    let one = rows.iter().find(|r| r.id == "ls-1").unwrap();
+    assert_eq!(one, &LiveSessionRecord { bytes_in: 5, bytes_out: i64::MAX as u64, ..live("ls-1", "gw-a", 100, 130) });
+    assert_eq!(rows.iter().find(|r| r.id == "ls-3").unwrap(), &live("ls-3", "gw-b", 102, 117));
+    s.put_live_sessions(&[]).await.unwrap();
+    // Expired leases are not listed; the limit holds.
+    assert_eq!(ids(s.live_sessions(116, 100).await.unwrap()), ["ls-3", "ls-1"]);
+    assert_eq!(ids(s.live_sessions(110, 1).await.unwrap()), ["ls-3"]);
+    // A gateway removes only its own rows.
+    s.remove_live_sessions("gw-b", &["ls-1".into()]).await.unwrap();
+    s.remove_live_sessions("gw-a", &["ls-1".into(), "ls-none".into()]).await.unwrap();
+    assert_eq!(ids(s.live_sessions(110, 100).await.unwrap()), ["ls-3", "ls-2"]);
+    s.remove_live_sessions("gw-a", &[]).await.unwrap();
+
+    // Terminate requests: pending ones for a gateway until they expire; one move from a state.
+    let request = |id: &str, gateway: &str, expires_at: i64| TerminateRequest {
+        id: id.into(),
+        session_id: "ls-3".into(),
+        gateway_id: gateway.into(),
+        actor: "local-admin(uid=0)".into(),
+        asked_by: "gw-a".into(),
+        created_at: 100,
+        expires_at,
+        state: TERMINATE_PENDING.into(),
+    };
+    s.add_terminate_request(&request("tr-1", "gw-b", 110)).await.unwrap();
+    s.add_terminate_request(&request("tr-2", "gw-b", 120)).await.unwrap();
+    s.add_terminate_request(&request("tr-3", "gw-c", 120)).await.unwrap();
+    let pending = |now| async move { s.pending_terminate_requests("gw-b", now, 10).await.unwrap() };
+    assert_eq!(pending(105).await, [request("tr-1", "gw-b", 110), request("tr-2", "gw-b", 120)]);
+    assert_eq!(pending(110).await, [request("tr-2", "gw-b", 120)]);
+    // An expired request can no longer be claimed; an unexpired one once.
+    assert!(!s.move_terminate_request("tr-1", TERMINATE_PENDING, TERMINATE_CLAIMED, 110).await.unwrap());
+    assert!(s.move_terminate_request("tr-2", TERMINATE_PENDING, TERMINATE_CLAIMED, 110).await.unwrap());
+    assert!(!s.move_terminate_request("tr-2", TERMINATE_PENDING, TERMINATE_CLAIMED, 110).await.unwrap());
+    assert!(!s.move_terminate_request("tr-2", TERMINATE_PENDING, TERMINATE_WITHDRAWN, 110).await.unwrap());
+    assert!(s.move_terminate_request("tr-2", TERMINATE_CLAIMED, TERMINATE_DONE, 111).await.unwrap());
+    assert_eq!(s.terminate_request("tr-2").await.unwrap().unwrap().state, TERMINATE_DONE);
+    assert!(pending(105).await.iter().all(|r| r.id != "tr-2"));
+    // Withdrawn: the gateway asked finds nothing to do.
+    assert!(s.move_terminate_request("tr-3", TERMINATE_PENDING, TERMINATE_WITHDRAWN, 111).await.unwrap());
+    assert!(s.pending_terminate_requests("gw-c", 105, 10).await.unwrap().is_empty());
+    assert!(!s.move_terminate_request("tr-3", TERMINATE_PENDING, TERMINATE_CLAIMED, 111).await.unwrap());
+    assert!(s.terminate_request("tr-none").await.unwrap().is_none());
+
+    // Spent RDP tokens: once each.
+    assert!(s.spend_rdp_token("tok-1", 200).await.unwrap());
+    assert!(!s.spend_rdp_token("tok-1", 200).await.unwrap());
+    assert!(s.spend_rdp_token("tok-2", 1000).await.unwrap());
+
+    // Pruning: expired leases, requests a minute past expiry, tokens well past theirs.
+    assert_eq!(s.prune_cluster_sessions(100).await.unwrap(), 0);
+    // At 700: ls-2 and ls-3 (leases out), tr-1, tr-2 and tr-3 (expired over 60 s ago),
+    // tok-1 (expired over 300 s ago); tok-2 stays spent.
+    assert_eq!(s.prune_cluster_sessions(700).await.unwrap(), 6);
+    assert!(s.terminate_request("tr-2").await.unwrap().is_none());
+    assert!(!s.spend_rdp_token("tok-2", 1000).await.unwrap());
+    assert!(s.spend_rdp_token("tok-1", 200).await.unwrap(), "forgotten after pruning");
+}
+
 async fn conformance(s: &dyn Store) {
     tokens_and_agents(s).await;
     users_policies_grants_anchor(s).await;
@@ -264,6 +353,7 @@ async fn conformance(s: &dyn Store) {
     access_generation(s).await;
     cluster_keys(s).await;
     gateway_leases(s).await;
+    cluster_sessions(s).await;
 }
 
 /// A gateway is live while its lease runs; it leaves at once when it stops.
@@ -366,6 +456,37 @@ async fn concurrent_gateways(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     assert_eq!(users.len(), 1);
     let i = users[0].groups[0].trim_start_matches('g');
     assert_eq!(users[0].keys, [format!("ssh-ed25519 K{i}")]);
+
+    // An RDP routing token is spent once across gateways.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let s = pick(i);
+        tasks.spawn(async move { s.spend_rdp_token("tok-race", i64::MAX).await.unwrap() });
+    }
+    assert_eq!(tasks.join_all().await.into_iter().filter(|won| *won).count(), 1);
+
+    // Of a claim by the session's gateway and a withdrawal by the asking one, racing on one
+    // terminate request, exactly one wins.
+    for round in 0..N {
+        let id = format!("tr-race{round}");
+        a.add_terminate_request(&TerminateRequest {
+            id: id.clone(),
+            session_id: "s".into(),
+            gateway_id: "gw-b".into(),
+            actor: "admin".into(),
+            asked_by: "gw-a".into(),
+            created_at: 1,
+            expires_at: i64::MAX,
+            state: TERMINATE_PENDING.into(),
+        })
+        .await
+        .unwrap();
+        let (claim, withdraw) = tokio::join!(
+            b.move_terminate_request(&id, TERMINATE_PENDING, TERMINATE_CLAIMED, 2),
+            a.move_terminate_request(&id, TERMINATE_PENDING, TERMINATE_WITHDRAWN, 2)
+        );
+        assert!(claim.unwrap() ^ withdraw.unwrap(), "round {round}");
+    }
 }
 
 #[tokio::test]

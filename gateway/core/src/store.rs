@@ -212,6 +212,62 @@ pub struct SessionQuery {
     pub limit: u32,
 }
 
+/// A live session as the whole cluster sees it (`postern sessions` with `[cluster]`): its
+/// gateway keeps the row current while the session runs, under a lease it renews; a row
+/// whose lease has run out (its gateway stopped renewing: killed, cut off) is ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LiveSessionRecord {
+    pub id: String,
+    /// The gateway carrying it (`[cluster] gateway_id`).
+    pub gateway_id: String,
+    pub user: String,
+    pub source: Option<String>,
+    /// The instance's name.
+    pub instance: String,
+    pub agent_id: String,
+    /// shell, exec, sftp, port-forward, ssh-passthrough, rdp.
+    pub kind: String,
+    pub destination: Option<String>,
+    pub logged: bool,
+    /// Unix seconds.
+    pub started_at: i64,
+    /// As of the last renewal.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Unix seconds: the row counts until then.
+    pub lease_until: i64,
+}
+
+/// A request, written by one gateway, that the gateway carrying a session end it
+/// (`postern sessions terminate` for a session elsewhere in the cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TerminateRequest {
+    pub id: String,
+    pub session_id: String,
+    /// The gateway asked to act (the session's).
+    pub gateway_id: String,
+    /// The administrator who asked.
+    pub actor: String,
+    /// The gateway they asked at.
+    pub asked_by: String,
+    pub created_at: i64,
+    /// Unix seconds: not acted on after this.
+    pub expires_at: i64,
+    /// One of the `TERMINATE_*` states.
+    pub state: String,
+}
+
+/// Waiting for the session's gateway.
+pub const TERMINATE_PENDING: &str = "pending";
+/// Taken by the session's gateway, which is ending the session.
+pub const TERMINATE_CLAIMED: &str = "claimed";
+/// The session was asked to end.
+pub const TERMINATE_DONE: &str = "terminated";
+/// The session was not live (any more) at its gateway.
+pub const TERMINATE_NOT_LIVE: &str = "not-live";
+/// The asking gateway gave up waiting; the request is not acted on any more.
+pub const TERMINATE_WITHDRAWN: &str = "withdrawn";
+
 /// The instance `wanted` names: an agent id, or a name that only one agent has.
 pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&'a AgentRecord, String> {
     if let Some(a) = agents.iter().find(|a| a.id == wanted) {
@@ -319,6 +375,41 @@ pub trait Store: Send + Sync + 'static {
     /// seconds), then
     /// the oldest beyond the newest `keep_rows`. Returns how many rows were deleted.
     async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError>;
+
+    /// Cluster sessions: insert or refresh these live-session rows (new ones, bytes and
+    /// lease of existing ones) in one statement.
+    async fn put_live_sessions(&self, sessions: &[LiveSessionRecord]) -> Result<(), StoreError>;
+
+    /// Delete the live-session rows `ids` of gateway `gateway_id` (sessions that ended).
+    async fn remove_live_sessions(&self, gateway_id: &str, ids: &[String]) -> Result<(), StoreError>;
+
+    /// Live sessions of every gateway whose lease runs past `now`, newest first, at most `limit`.
+    async fn live_sessions(&self, now: i64, limit: u32) -> Result<Vec<LiveSessionRecord>, StoreError>;
+
+    /// Record a terminate request (its `state` is pending).
+    async fn add_terminate_request(&self, request: &TerminateRequest) -> Result<(), StoreError>;
+
+    /// Pending, unexpired requests for gateway `gateway_id`, oldest first, at most `limit`.
+    async fn pending_terminate_requests(
+        &self,
+        gateway_id: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<TerminateRequest>, StoreError>;
+
+    async fn terminate_request(&self, id: &str) -> Result<Option<TerminateRequest>, StoreError>;
+
+    /// Move request `id` from state `from` to `to`; false when it was not in `from` (someone
+    /// else moved it first). From pending to claimed only while unexpired at `now`.
+    async fn move_terminate_request(&self, id: &str, from: &str, to: &str, now: i64) -> Result<bool, StoreError>;
+
+    /// Spend RDP routing token `token_id` (valid until `expires_at`): true for the one caller
+    /// that spends it first, across every gateway sharing the store.
+    async fn spend_rdp_token(&self, token_id: &str, expires_at: i64) -> Result<bool, StoreError>;
+
+    /// Delete what has run out by `now`: expired live-session rows, old terminate requests,
+    /// spent RDP tokens well past their expiry. Returns how many rows were deleted.
+    async fn prune_cluster_sessions(&self, now: i64) -> Result<u64, StoreError>;
 
     /// The cluster's keys, each sealed with the cluster master key: (name, sealed bytes).
     async fn cluster_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;

@@ -11,13 +11,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use postern_core::store::{
-    AgentRecord, AuditAnchor, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, SessionEnding,
-    SessionQuery, SessionRecord, Store, StoreError, TOKEN_REVOKED_BY, TokenRecord, UserRecord,
+    AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion, RedeemError,
+    SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
+    TerminateRequest, TokenRecord, UserRecord,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
-use super::sqlite::{AGENT_COLUMNS, SESSION_COLUMNS, bytes_sql, db, labels_json, to_json};
+use super::sqlite::{
+    AGENT_COLUMNS, SESSION_COLUMNS, SPENT_TOKEN_GRACE, TERMINATE_REQUEST_KEPT, bytes_sql, db, labels_json,
+    live_sessions_json, to_json,
+};
 
 /// Schema migrations, applied in order; `schema_version` records how far a database got.
 /// The same tables as SQLite's migrations at the same numbers.
@@ -124,6 +128,39 @@ CREATE TRIGGER access_policies AFTER INSERT OR UPDATE OR DELETE ON policies
     FOR EACH STATEMENT EXECUTE FUNCTION bump_access_generation();
 CREATE TRIGGER access_grants AFTER INSERT OR UPDATE OR DELETE ON grants
     FOR EACH STATEMENT EXECUTE FUNCTION bump_access_generation();
+"#,
+    r#"
+CREATE TABLE live_sessions (
+    id          TEXT PRIMARY KEY,
+    gateway_id  TEXT NOT NULL,
+    user_name   TEXT NOT NULL,
+    source      TEXT,
+    instance    TEXT NOT NULL,
+    agent_id    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    destination TEXT,
+    logged      BIGINT NOT NULL,
+    started_at  BIGINT NOT NULL,
+    bytes_in    BIGINT NOT NULL,
+    bytes_out   BIGINT NOT NULL,
+    lease_until BIGINT NOT NULL
+);
+CREATE INDEX live_sessions_gateway ON live_sessions(gateway_id);
+CREATE TABLE terminate_requests (
+    id          TEXT PRIMARY KEY,
+    session_id  TEXT NOT NULL,
+    gateway_id  TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    asked_by    TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    state       TEXT NOT NULL
+);
+CREATE INDEX terminate_requests_gateway ON terminate_requests(gateway_id, state);
+CREATE TABLE rdp_tokens_spent (
+    token_id    TEXT PRIMARY KEY,
+    expires_at  BIGINT NOT NULL
+);
 "#,
     r#"
 CREATE TABLE cluster_keys (
@@ -270,6 +307,41 @@ fn row_to_session(row: &PgRow) -> Result<SessionRecord, StoreError> {
         logged: row.try_get::<i64, _>("logged").map_err(db)? != 0,
         unlogged_reason: row.try_get("unlogged_reason").map_err(db)?,
         recording: row.try_get("recording").map_err(db)?,
+    })
+}
+
+fn row_to_live(row: &PgRow) -> Result<LiveSessionRecord, StoreError> {
+    let bytes = |col: &str| -> Result<u64, StoreError> {
+        let n: i64 = row.try_get(col).map_err(db)?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("live session {col} {n}")))
+    };
+    Ok(LiveSessionRecord {
+        id: row.try_get("id").map_err(db)?,
+        gateway_id: row.try_get("gateway_id").map_err(db)?,
+        user: row.try_get("user_name").map_err(db)?,
+        source: row.try_get("source").map_err(db)?,
+        instance: row.try_get("instance").map_err(db)?,
+        agent_id: row.try_get("agent_id").map_err(db)?,
+        kind: row.try_get("kind").map_err(db)?,
+        destination: row.try_get("destination").map_err(db)?,
+        logged: row.try_get::<i64, _>("logged").map_err(db)? != 0,
+        started_at: row.try_get("started_at").map_err(db)?,
+        bytes_in: bytes("bytes_in")?,
+        bytes_out: bytes("bytes_out")?,
+        lease_until: row.try_get("lease_until").map_err(db)?,
+    })
+}
+
+fn row_to_request(row: &PgRow) -> Result<TerminateRequest, StoreError> {
+    Ok(TerminateRequest {
+        id: row.try_get("id").map_err(db)?,
+        session_id: row.try_get("session_id").map_err(db)?,
+        gateway_id: row.try_get("gateway_id").map_err(db)?,
+        actor: row.try_get("actor").map_err(db)?,
+        asked_by: row.try_get("asked_by").map_err(db)?,
+        created_at: row.try_get("created_at").map_err(db)?,
+        expires_at: row.try_get("expires_at").map_err(db)?,
+        state: row.try_get("state").map_err(db)?,
     })
 }
 
@@ -756,6 +828,133 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
             deleted += r.rows_affected();
+        }
+        Ok(deleted)
+    }
+
+    async fn put_live_sessions(&self, sessions: &[LiveSessionRecord]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO live_sessions (id, gateway_id, user_name, source, instance, agent_id, kind, destination, \
+             logged, started_at, bytes_in, bytes_out, lease_until) \
+             SELECT * FROM json_to_recordset($1::text::json) AS r(id TEXT, gateway_id TEXT, user_name TEXT, \
+             source TEXT, instance TEXT, agent_id TEXT, kind TEXT, destination TEXT, logged BIGINT, \
+             started_at BIGINT, bytes_in BIGINT, bytes_out BIGINT, lease_until BIGINT) \
+             ON CONFLICT (id) DO UPDATE SET bytes_in = EXCLUDED.bytes_in, bytes_out = EXCLUDED.bytes_out, \
+             lease_until = EXCLUDED.lease_until",
+        )
+        .bind(live_sessions_json(sessions))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn remove_live_sessions(&self, gateway_id: &str, ids: &[String]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM live_sessions WHERE gateway_id = $1 AND id = ANY($2)")
+            .bind(gateway_id)
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn live_sessions(&self, now: i64, limit: u32) -> Result<Vec<LiveSessionRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM live_sessions WHERE lease_until > $1 ORDER BY started_at DESC, id DESC LIMIT $2")
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.iter().map(row_to_live).collect()
+    }
+
+    async fn add_terminate_request(&self, r: &TerminateRequest) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO terminate_requests (id, session_id, gateway_id, actor, asked_by, created_at, expires_at, state) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&r.id)
+        .bind(&r.session_id)
+        .bind(&r.gateway_id)
+        .bind(&r.actor)
+        .bind(&r.asked_by)
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .bind(&r.state)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn pending_terminate_requests(
+        &self,
+        gateway_id: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<TerminateRequest>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM terminate_requests WHERE gateway_id = $1 AND state = $2 AND expires_at > $3 \
+             ORDER BY created_at, id LIMIT $4",
+        )
+        .bind(gateway_id)
+        .bind(TERMINATE_PENDING)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_request).collect()
+    }
+
+    async fn terminate_request(&self, id: &str) -> Result<Option<TerminateRequest>, StoreError> {
+        let row = sqlx::query("SELECT * FROM terminate_requests WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(row_to_request).transpose()
+    }
+
+    async fn move_terminate_request(&self, id: &str, from: &str, to: &str, now: i64) -> Result<bool, StoreError> {
+        // A conditional UPDATE: PostgreSQL re-checks `state` after a concurrent writer
+        // commits, so of a claim and a withdrawal racing, one wins.
+        let r = sqlx::query(
+            "UPDATE terminate_requests SET state = $1 WHERE id = $2 AND state = $3 \
+             AND (state <> 'pending' OR $1 <> 'claimed' OR expires_at > $4)",
+        )
+        .bind(to)
+        .bind(id)
+        .bind(from)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn spend_rdp_token(&self, token_id: &str, expires_at: i64) -> Result<bool, StoreError> {
+        // The primary key decides: of concurrent inserts, one commits a row, the others
+        // wait for it and then insert nothing.
+        let r = sqlx::query("INSERT INTO rdp_tokens_spent (token_id, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(token_id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn prune_cluster_sessions(&self, now: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for (sql, before) in [
+            ("DELETE FROM live_sessions WHERE lease_until <= $1", now),
+            ("DELETE FROM terminate_requests WHERE expires_at < $1", now - TERMINATE_REQUEST_KEPT),
+            ("DELETE FROM rdp_tokens_spent WHERE expires_at < $1", now - SPENT_TOKEN_GRACE),
+        ] {
+            deleted += sqlx::query(sql).bind(before).execute(&self.pool).await.map_err(db)?.rows_affected();
         }
         Ok(deleted)
     }

@@ -11,8 +11,9 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use postern_core::store::{
-    AgentRecord, AuditAnchor, GrantRecord, Labels, NewAgent, NewToken, PolicyVersion, RedeemError, SessionEnding,
-    SessionQuery, SessionRecord, Store, StoreError, TOKEN_REVOKED_BY, TokenRecord, UserRecord,
+    AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion, RedeemError,
+    SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
+    TerminateRequest, TokenRecord, UserRecord,
 };
 
 /// The store's error for a failed database call.
@@ -146,6 +147,39 @@ END;
 CREATE TRIGGER access_grants_delete AFTER DELETE ON grants BEGIN
     UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
 END;
+"#,
+    r#"
+CREATE TABLE live_sessions (
+    id          TEXT PRIMARY KEY,
+    gateway_id  TEXT NOT NULL,
+    user_name   TEXT NOT NULL,
+    source      TEXT,
+    instance    TEXT NOT NULL,
+    agent_id    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    destination TEXT,
+    logged      INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    bytes_in    INTEGER NOT NULL,
+    bytes_out   INTEGER NOT NULL,
+    lease_until INTEGER NOT NULL
+);
+CREATE INDEX live_sessions_gateway ON live_sessions(gateway_id);
+CREATE TABLE terminate_requests (
+    id          TEXT PRIMARY KEY,
+    session_id  TEXT NOT NULL,
+    gateway_id  TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    asked_by    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    state       TEXT NOT NULL
+);
+CREATE INDEX terminate_requests_gateway ON terminate_requests(gateway_id, state);
+CREATE TABLE rdp_tokens_spent (
+    token_id    TEXT PRIMARY KEY,
+    expires_at  INTEGER NOT NULL
+);
 "#,
     r#"
 CREATE TABLE cluster_keys (
@@ -310,6 +344,64 @@ fn row_to_session(row: &sqlx::sqlite::SqliteRow) -> Result<SessionRecord, StoreE
         logged: row.try_get::<i64, _>("logged").map_err(db)? != 0,
         unlogged_reason: row.try_get("unlogged_reason").map_err(db)?,
         recording: row.try_get("recording").map_err(db)?,
+    })
+}
+
+/// Live-session rows as one JSON array (the batched upsert reads it with `json_each` here,
+/// `json_to_recordset` in PostgreSQL).
+pub(super) fn live_sessions_json(rows: &[LiveSessionRecord]) -> String {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({"id": r.id, "gateway_id": r.gateway_id, "user_name": r.user, "source": r.source,
+                "instance": r.instance, "agent_id": r.agent_id, "kind": r.kind, "destination": r.destination,
+                "logged": i64::from(r.logged), "started_at": r.started_at, "bytes_in": bytes_sql(r.bytes_in),
+                "bytes_out": bytes_sql(r.bytes_out), "lease_until": r.lease_until})
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+/// How long a spent RDP token is remembered past its expiry: a gateway whose clock is behind
+/// still takes it for unexpired that long, and must still find it spent.
+pub(super) const SPENT_TOKEN_GRACE: i64 = 300;
+
+/// How long a finished or expired terminate request is kept (the asking gateway reads its
+/// outcome within seconds).
+pub(super) const TERMINATE_REQUEST_KEPT: i64 = 60;
+
+fn row_to_live(row: &sqlx::sqlite::SqliteRow) -> Result<LiveSessionRecord, StoreError> {
+    let bytes = |col: &str| -> Result<u64, StoreError> {
+        let n: i64 = row.try_get(col).map_err(db)?;
+        u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("live session {col} {n}")))
+    };
+    Ok(LiveSessionRecord {
+        id: row.try_get("id").map_err(db)?,
+        gateway_id: row.try_get("gateway_id").map_err(db)?,
+        user: row.try_get("user_name").map_err(db)?,
+        source: row.try_get("source").map_err(db)?,
+        instance: row.try_get("instance").map_err(db)?,
+        agent_id: row.try_get("agent_id").map_err(db)?,
+        kind: row.try_get("kind").map_err(db)?,
+        destination: row.try_get("destination").map_err(db)?,
+        logged: row.try_get::<i64, _>("logged").map_err(db)? != 0,
+        started_at: row.try_get("started_at").map_err(db)?,
+        bytes_in: bytes("bytes_in")?,
+        bytes_out: bytes("bytes_out")?,
+        lease_until: row.try_get("lease_until").map_err(db)?,
+    })
+}
+
+fn row_to_request(row: &sqlx::sqlite::SqliteRow) -> Result<TerminateRequest, StoreError> {
+    Ok(TerminateRequest {
+        id: row.try_get("id").map_err(db)?,
+        session_id: row.try_get("session_id").map_err(db)?,
+        gateway_id: row.try_get("gateway_id").map_err(db)?,
+        actor: row.try_get("actor").map_err(db)?,
+        asked_by: row.try_get("asked_by").map_err(db)?,
+        created_at: row.try_get("created_at").map_err(db)?,
+        expires_at: row.try_get("expires_at").map_err(db)?,
+        state: row.try_get("state").map_err(db)?,
     })
 }
 
@@ -801,6 +893,131 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
             deleted += r.rows_affected();
+        }
+        Ok(deleted)
+    }
+    async fn put_live_sessions(&self, sessions: &[LiveSessionRecord]) -> Result<(), StoreError> {
+        // `WHERE true`: SQLite's parser needs it before ON CONFLICT after a SELECT.
+        sqlx::query(
+            "INSERT INTO live_sessions (id, gateway_id, user_name, source, instance, agent_id, kind, destination, \
+             logged, started_at, bytes_in, bytes_out, lease_until) \
+             SELECT json_extract(value, '$.id'), json_extract(value, '$.gateway_id'), \
+             json_extract(value, '$.user_name'), json_extract(value, '$.source'), json_extract(value, '$.instance'), \
+             json_extract(value, '$.agent_id'), json_extract(value, '$.kind'), json_extract(value, '$.destination'), \
+             json_extract(value, '$.logged'), json_extract(value, '$.started_at'), json_extract(value, '$.bytes_in'), \
+             json_extract(value, '$.bytes_out'), json_extract(value, '$.lease_until') FROM json_each(?) WHERE true \
+             ON CONFLICT(id) DO UPDATE SET bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out, \
+             lease_until = excluded.lease_until",
+        )
+        .bind(live_sessions_json(sessions))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn remove_live_sessions(&self, gateway_id: &str, ids: &[String]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM live_sessions WHERE gateway_id = ? AND id IN (SELECT value FROM json_each(?))")
+            .bind(gateway_id)
+            .bind(to_json(ids))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn live_sessions(&self, now: i64, limit: u32) -> Result<Vec<LiveSessionRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM live_sessions WHERE lease_until > ? ORDER BY started_at DESC, id DESC LIMIT ?")
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(row_to_live).collect()
+    }
+
+    async fn add_terminate_request(&self, r: &TerminateRequest) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO terminate_requests (id, session_id, gateway_id, actor, asked_by, created_at, expires_at, state) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.session_id)
+        .bind(&r.gateway_id)
+        .bind(&r.actor)
+        .bind(&r.asked_by)
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .bind(&r.state)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn pending_terminate_requests(
+        &self,
+        gateway_id: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<TerminateRequest>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM terminate_requests WHERE gateway_id = ? AND state = ? AND expires_at > ? \
+             ORDER BY created_at, id LIMIT ?",
+        )
+        .bind(gateway_id)
+        .bind(TERMINATE_PENDING)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_request).collect()
+    }
+
+    async fn terminate_request(&self, id: &str) -> Result<Option<TerminateRequest>, StoreError> {
+        let row = sqlx::query("SELECT * FROM terminate_requests WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(row_to_request).transpose()
+    }
+
+    async fn move_terminate_request(&self, id: &str, from: &str, to: &str, now: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE terminate_requests SET state = ? WHERE id = ? AND state = ? \
+             AND (state <> 'pending' OR ? <> 'claimed' OR expires_at > ?)",
+        )
+        .bind(to)
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn spend_rdp_token(&self, token_id: &str, expires_at: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query("INSERT INTO rdp_tokens_spent (token_id, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(token_id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn prune_cluster_sessions(&self, now: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for (sql, before) in [
+            ("DELETE FROM live_sessions WHERE lease_until <= ?", now),
+            ("DELETE FROM terminate_requests WHERE expires_at < ?", now - TERMINATE_REQUEST_KEPT),
+            ("DELETE FROM rdp_tokens_spent WHERE expires_at < ?", now - SPENT_TOKEN_GRACE),
+        ] {
+            deleted += sqlx::query(sql).bind(before).execute(&self.pool).await.map_err(db)?.rows_affected();
         }
         Ok(deleted)
     }
