@@ -18,6 +18,7 @@ use crate::audit::anchor::Standing;
 use crate::audit::events::{AuditRetention, AuditTruncated, Event, GatewayStarted, GatewayStopped, SegmentsDeleted};
 use crate::audit::ship::Kind;
 use crate::broker::Broker;
+use crate::cluster_sessions::ClusterSessions;
 use crate::config::GatewayConfig;
 use crate::history::{HistoryRetention, SessionHistory};
 use crate::instances::{Instances, StoreDirectory};
@@ -421,6 +422,17 @@ fn build_services(
         }
         _ => None,
     };
+    let cluster_sessions =
+        config.gateway_id().map(|id| Arc::new(ClusterSessions::new(id.to_owned(), store.clone(), sessions.clone())));
+    let mut rdp_tokens = RdpTokens::new(authorizer.clone(), audit.clone(), config.rdp_token_ttl(), rdp_door)?;
+    if let Some(key) = rdp_key {
+        // The cluster's key: a token issued at one gateway is checked at any other.
+        rdp_tokens = rdp_tokens.with_signing_key(&key)?;
+    }
+    if config.gateway_id().is_some() {
+        // A token may be redeemed at any gateway of the cluster: spent ones are kept in the store.
+        rdp_tokens = rdp_tokens.spent_in(store.clone());
+    }
     Ok(Services {
         recording: crate::recording::RecordingOptions {
             keyring,
@@ -431,13 +443,7 @@ fn build_services(
         instances: Instances::new(store.clone(), audit.clone(), registry.clone(), ca, advertised),
         broker: Broker::new(registry, sessions.clone(), audit.clone(), history.clone()).with_peering(peering),
         runs: Runs::new(audit.clone()),
-        rdp_tokens: RdpTokens::new(
-            authorizer.clone(),
-            audit.clone(),
-            config.rdp_token_ttl(),
-            rdp_door,
-            rdp_key.as_ref(),
-        )?,
+        rdp_tokens,
         manage: Manage::new(
             store.clone(),
             access.clone(),
@@ -446,7 +452,9 @@ fn build_services(
             history.clone(),
             access_changed.clone(),
         )
-        .with_shipper(shipper.clone()),
+        .with_shipper(shipper.clone())
+        .with_cluster(cluster_sessions.clone()),
+        cluster_sessions,
         config: Arc::new(config),
         addresses,
         store,
@@ -651,6 +659,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     ));
     if let Some(peering) = state.broker.peering() {
         tasks.spawn(peering.clone().keep_lease(shutdown.clone()));
+    }
+    if let Some(cluster) = state.cluster_sessions.clone() {
+        tasks.spawn(cluster.run(shutdown.clone()));
     }
     tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
     tasks.spawn(keep_audit_anchor(state.audit.clone(), state.store.clone(), shutdown.clone()));

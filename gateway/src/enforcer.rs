@@ -140,6 +140,7 @@ async fn end_disallowed(authorizer: &Authorizer, sessions: &SessionTable, store:
                     kind: s.party.action,
                     actor: "policy".to_owned(),
                     reason: reason.clone(),
+                    from_gateway: None,
                 });
                 if s.end_with_event(&reason, event) {
                     info!(session_id = %s.id, user = %s.party.user, %reason, "ending session no longer allowed");

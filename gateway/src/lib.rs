@@ -19,6 +19,7 @@ pub mod store;
 // services
 pub mod access;
 pub mod broker;
+pub mod cluster_sessions;
 pub mod connections;
 pub mod enforcer;
 pub mod history;

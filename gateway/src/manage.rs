@@ -18,6 +18,7 @@ use crate::audit::events::{
     AdminAction, Event, GrantCreated, GrantRevoked, PolicyChange, PolicyChanged, SessionTerminated,
 };
 use crate::audit::ship::Shipper;
+use crate::cluster_sessions::{ClusterSessions, RemoteTerminateError};
 use crate::history::{HistoryError, HistoryRow, SessionHistory};
 use crate::sessions::SessionTable;
 use crate::store::{GrantRecord, UserRecord};
@@ -135,6 +136,8 @@ pub struct Manage {
     key_writes: tokio::sync::Mutex<()>,
     /// The object store recordings are copied to, if any.
     shipper: Option<Arc<Shipper>>,
+    /// With `[cluster]`: the live sessions of every gateway.
+    cluster: Option<Arc<ClusterSessions>>,
 }
 
 impl Manage {
@@ -155,7 +158,15 @@ impl Manage {
             access_changed,
             key_writes: tokio::sync::Mutex::new(()),
             shipper: None,
+            cluster: None,
         }
+    }
+
+    /// With `[cluster]`: `sessions` lists every gateway's live sessions and `sessions
+    /// terminate` reaches them.
+    pub fn with_cluster(mut self, cluster: Option<Arc<ClusterSessions>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// With `[audit.s3]`: history listings say which recordings are in the object store.
@@ -564,7 +575,10 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                       "destination": destination.map(|(h, p)| format!("{h}:{p}")),
                       "summary": d.summary(), "decision": d}))
         }
-        ManageRequest::Sessions { all: false, .. } => Ok(json!(state.sessions.rows())),
+        ManageRequest::Sessions { all: false, .. } => match &state.cluster {
+            Some(cluster) => Ok(json!(cluster.rows().await?)),
+            None => Ok(json!(state.sessions.rows())),
+        },
         ManageRequest::Sessions { all: true, filter } => {
             let query = filter.query(state.store.as_ref()).await?;
             state.history.flush(LIST_FLUSH).await;
@@ -604,12 +618,23 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                     kind: s.party.action,
                     actor: actor.to_owned(),
                     reason: reason.clone(),
+                    from_gateway: None,
                 })
             });
-            if !ended {
-                return Err(bad(format!("no live session {id:?}; see `postern sessions`")));
+            if ended {
+                return Ok(json!({"terminated": id}));
             }
-            Ok(json!({"terminated": id}))
+            // Not here: with `[cluster]`, the gateway carrying it is asked (the admin socket
+            // admitted the actor, as for a local terminate).
+            let Some(cluster) = &state.cluster else {
+                return Err(bad(format!("no live session {id:?}; see `postern sessions`")));
+            };
+            match cluster.terminate_elsewhere(&id, actor).await {
+                Ok(gateway) => Ok(json!({"terminated": id, "gateway": gateway})),
+                Err(RemoteTerminateError::Store(e)) => Err(ManageError::Store(e)),
+                Err(RemoteTerminateError::Random(e)) => Err(ManageError::Random(e)),
+                Err(e) => Err(bad(e.to_string())),
+            }
         }
     }
 }

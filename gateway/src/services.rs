@@ -11,6 +11,7 @@ use crate::access::{AccessList, Authorizer};
 use crate::audit::AuditLog;
 use crate::audit::ship::Shipper;
 use crate::broker::Broker;
+use crate::cluster_sessions::ClusterSessions;
 use crate::config::GatewayConfig;
 use crate::connections::Connections;
 use crate::history::SessionHistory;
@@ -58,6 +59,9 @@ pub struct Services {
     pub broker: Broker,
     pub runs: Runs,
     pub rdp_tokens: RdpTokens,
+    /// With `[cluster]`: this gateway's live sessions kept in the store, and terminate
+    /// requests from other gateways.
+    pub cluster_sessions: Option<Arc<ClusterSessions>>,
     pub manage: Manage,
     pub host_keys: Arc<HostKeys>,
     /// Signalled after users, policies or grants change: live sessions are re-checked.

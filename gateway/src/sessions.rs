@@ -177,10 +177,13 @@ pub struct SessionRow {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub end_reason: Option<String>,
+    /// With `[cluster]`: the gateway carrying the session (absent for a single gateway).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 impl SessionRow {
-    fn of(s: &LiveSession, now: i64, active: bool) -> Self {
+    pub(crate) fn of(s: &LiveSession, now: i64, active: bool) -> Self {
         SessionRow {
             id: s.id.clone(),
             user: s.party.user.clone(),
@@ -195,6 +198,7 @@ impl SessionRow {
             bytes_in: s.bytes_in.load(Ordering::Relaxed),
             bytes_out: s.bytes_out.load(Ordering::Relaxed),
             end_reason: s.reason(),
+            gateway: None,
         }
     }
 }

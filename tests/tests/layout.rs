@@ -43,6 +43,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "rdp_tokens",
             "history",
             "peering",
+            "cluster_sessions",
         ],
     ),
     ("the services struct", &["services"]),

@@ -483,8 +483,11 @@ pub async fn sessions(
     action: Option<&SessionsAction>,
 ) -> anyhow::Result<()> {
     if let Some(SessionsAction::Terminate { id }) = action {
-        manage(socket, ManageRequest::SessionTerminate { id: id.clone() }).await?;
-        println!("terminated session {id}");
+        let v = manage(socket, ManageRequest::SessionTerminate { id: id.clone() }).await?;
+        match v.get("gateway").and_then(Value::as_str) {
+            Some(gateway) => println!("terminated session {id} (at gateway {gateway})"),
+            None => println!("terminated session {id}"),
+        }
         return Ok(());
     }
     if all {
@@ -496,23 +499,30 @@ pub async fn sessions(
     if json {
         return print_json(&v);
     }
-    print_table(
-        &v,
-        &["SESSION", "USER", "TARGET", "KIND", "LOGGED", "STATE", "STARTED", "DURATION", "BYTES IN/OUT"],
-        |x| {
-            let secs = x.get("duration_secs").and_then(Value::as_i64).unwrap_or(0);
-            vec![
-                s(x, "id"),
-                s(x, "user"),
-                s(x, "target"),
-                s(x, "kind"),
-                if x.get("logged") == Some(&Value::Bool(true)) { "yes" } else { "no" }.into(),
-                if x.get("active") == Some(&Value::Bool(true)) { "active" } else { "ended" }.into(),
-                ago(x.get("started_at").and_then(Value::as_i64)),
-                format!("{}m{:02}s", secs / 60, secs % 60),
-                format!("{}/{}", s(x, "bytes_in"), s(x, "bytes_out")),
-            ]
-        },
-    );
+    // With `[cluster]` every row names its gateway; a single gateway's table is as before.
+    let cluster = v.as_array().is_some_and(|rows| rows.iter().any(|x| x.get("gateway").is_some()));
+    let mut headers =
+        vec!["SESSION", "USER", "TARGET", "KIND", "LOGGED", "STATE", "STARTED", "DURATION", "BYTES IN/OUT"];
+    if cluster {
+        headers.insert(1, "GATEWAY");
+    }
+    print_table(&v, &headers, |x| {
+        let secs = x.get("duration_secs").and_then(Value::as_i64).unwrap_or(0);
+        let mut row = vec![
+            s(x, "id"),
+            s(x, "user"),
+            s(x, "target"),
+            s(x, "kind"),
+            if x.get("logged") == Some(&Value::Bool(true)) { "yes" } else { "no" }.into(),
+            if x.get("active") == Some(&Value::Bool(true)) { "active" } else { "ended" }.into(),
+            ago(x.get("started_at").and_then(Value::as_i64)),
+            format!("{}m{:02}s", secs / 60, secs % 60),
+            format!("{}/{}", s(x, "bytes_in"), s(x, "bytes_out")),
+        ];
+        if cluster {
+            row.insert(1, s(x, "gateway"));
+        }
+        row
+    });
     Ok(())
 }

@@ -168,7 +168,7 @@ async fn handle(state: Arc<Services>, denials: &Denials, mut tcp: TcpStream, pee
         }
     };
     drop(slot);
-    let claims = match state.rdp_tokens.redeem(&pre.token) {
+    let claims = match state.rdp_tokens.redeem(&pre.token).await {
         Ok(c) => c,
         Err(e) => {
             info!(reason = %e, "rdp token refused");

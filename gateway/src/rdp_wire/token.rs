@@ -66,6 +66,14 @@ impl TokenError {
     }
 }
 
+/// The shortest signing key [`TokenIssuer::with_key`] takes (HMAC-SHA256's output size).
+pub const MIN_KEY_LEN: usize = 32;
+
+/// A signing key shorter than [`MIN_KEY_LEN`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the rdp token signing key must be at least {MIN_KEY_LEN} bytes")]
+pub struct KeyTooShort;
+
 pub struct TokenIssuer {
     key: ring::hmac::Key,
     /// Redeemed token id -> its expiry.
@@ -87,9 +95,13 @@ impl TokenIssuer {
         Ok(Self { key, redeemed: Mutex::new(HashMap::new()) })
     }
 
-    /// Tokens signed with `secret` (a cluster's key, shared by its gateways).
-    pub fn with_key(secret: &[u8; 32]) -> Self {
-        Self { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), redeemed: Mutex::new(HashMap::new()) }
+    /// A key given from outside (the cluster's, so that any gateway of it can check the
+    /// tokens another issued): at least [`MIN_KEY_LEN`] bytes.
+    pub fn with_key(key: &[u8]) -> Result<Self, KeyTooShort> {
+        if key.len() < MIN_KEY_LEN {
+            return Err(KeyTooShort);
+        }
+        Ok(Self { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), redeemed: Mutex::new(HashMap::new()) })
     }
 
     /// A token for these claims.

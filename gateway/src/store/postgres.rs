@@ -860,13 +860,14 @@ impl Store for PgStore {
     }
 
     async fn live_sessions(&self, now: i64, limit: u32) -> Result<Vec<LiveSessionRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM live_sessions WHERE lease_until > $1 ORDER BY started_at DESC, id DESC LIMIT $2")
-                .bind(now)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?;
+        let rows = sqlx::query(
+            "SELECT * FROM live_sessions WHERE lease_until > $1 ORDER BY started_at DESC, id DESC LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         rows.iter().map(row_to_live).collect()
     }
 
@@ -938,12 +939,13 @@ impl Store for PgStore {
     async fn spend_rdp_token(&self, token_id: &str, expires_at: i64) -> Result<bool, StoreError> {
         // The primary key decides: of concurrent inserts, one commits a row, the others
         // wait for it and then insert nothing.
-        let r = sqlx::query("INSERT INTO rdp_tokens_spent (token_id, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(token_id)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+        let r =
+            sqlx::query("INSERT INTO rdp_tokens_spent (token_id, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(token_id)
+                .bind(expires_at)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
         Ok(r.rows_affected() == 1)
     }
 

@@ -927,12 +927,13 @@ impl Store for SqliteStore {
     }
 
     async fn live_sessions(&self, now: i64, limit: u32) -> Result<Vec<LiveSessionRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM live_sessions WHERE lease_until > ? ORDER BY started_at DESC, id DESC LIMIT ?")
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
+        let rows =
+            sqlx::query("SELECT * FROM live_sessions WHERE lease_until > ? ORDER BY started_at DESC, id DESC LIMIT ?")
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
         rows.iter().map(row_to_live).collect()
     }
 

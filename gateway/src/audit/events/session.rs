@@ -240,6 +240,10 @@ pub struct SessionTerminated {
     /// "policy" or the admin.
     pub actor: String,
     pub reason: String,
+    /// With `[cluster]`: the gateway the admin asked at, when it is not the one that
+    /// carried the session (`postern sessions terminate` for a session elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_gateway: Option<String>,
 }
 
 /// `forward.open` and `passthrough.open`.
