@@ -412,15 +412,21 @@ pub async fn request(socket: &Path, req: &AdminRequest) -> anyhow::Result<(Value
     let (reader, mut writer) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    writer.write_all(&line).await?;
+    // The gateway drops a connection from a user other than its own and root at once.
+    writer.write_all(&line).await.context(
+        "sending the request to the gateway's admin socket (it admits only the gateway's own user and root)",
+    )?;
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(120), reader.read_until(b'\n', &mut buf))
         .await
         .context("gateway did not answer")?
-        .context("reading gateway reply")?;
+        .context("reading the gateway's reply (the admin socket admits only the gateway's own user and root)")?;
     if buf.is_empty() {
-        anyhow::bail!("gateway closed the admin connection without answering");
+        anyhow::bail!(
+            "the gateway closed the admin connection without answering (the admin socket admits only the gateway's \
+             own user and root)"
+        );
     }
     let value: Value = serde_json::from_slice(&buf).context("parsing gateway reply")?;
     if value.get("ok").and_then(Value::as_bool) != Some(true) {
