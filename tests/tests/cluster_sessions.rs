@@ -132,6 +132,7 @@ fn a_session_through_one_gateway_is_listed_and_ended_at_another() {
     );
     assert_eq!(listed(&c.a, &id).unwrap()["gateway"], "gw-a");
     let table = ok(&c.b, &["sessions"]);
+    eprintln!("postern sessions at B:\n{table}");
     let header = table.lines().next().unwrap();
     assert!(header.starts_with("SESSION") && header.contains("GATEWAY"), "{table}");
     let line = table.lines().find(|l| l.starts_with(&id)).unwrap();
