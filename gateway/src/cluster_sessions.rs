@@ -287,3 +287,72 @@ impl ClusterSessions {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_core::Action;
+
+    use crate::sessions::Party;
+
+    fn party(user: &str) -> Party {
+        Party {
+            user: user.into(),
+            source: None,
+            target: "web-01".into(),
+            agent_id: "ag-1".into(),
+            action: Action::Exec,
+            destination: None,
+            logged: true,
+            via_admin: false,
+            reservation: None,
+        }
+    }
+
+    /// Two gateways on one store: rows appear, renew and go with the sessions; a request
+    /// from B is carried out by A once, with who asked and where in the event.
+    #[tokio::test]
+    async fn rows_follow_the_live_table_and_requests_are_carried_out_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("postern.db")).await.unwrap());
+        let (table_a, table_b) = (Arc::new(SessionTable::default()), Arc::new(SessionTable::default()));
+        let a = ClusterSessions::new("gw-a".into(), store.clone(), table_a.clone());
+        let b = ClusterSessions::new("gw-b".into(), store.clone(), table_b.clone());
+        let (mut published, mut renewed) = (HashSet::new(), None);
+
+        let s1 = table_a.register("s1", party("alice"));
+        let s2 = table_a.register("s2", party("bob"));
+        a.publish(&mut published, &mut renewed).await.unwrap();
+        let ids = |rows: Vec<SessionRow>| rows.into_iter().map(|r| (r.id, r.gateway.unwrap())).collect::<Vec<_>>();
+        let mut at_b = ids(b.rows().await.unwrap());
+        at_b.sort();
+        assert_eq!(at_b, [("s1".to_owned(), "gw-a".to_owned()), ("s2".to_owned(), "gw-a".to_owned())]);
+
+        // An ended session's row goes with the next look; the other stays.
+        drop(s2);
+        a.publish(&mut published, &mut renewed).await.unwrap();
+        assert_eq!(ids(b.rows().await.unwrap()), [("s1".to_owned(), "gw-a".to_owned())]);
+        assert_eq!(published.len(), 1);
+
+        // B asks, A acts (as its task would within a second), B hears back.
+        let (asked, ()) = tokio::join!(b.terminate_elsewhere("s1", "local-admin(uid=0)"), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            a.act_on_requests().await.unwrap();
+        });
+        assert_eq!(asked.unwrap(), "gw-a");
+        assert!(s1.session.is_ending());
+        assert_eq!(s1.session.reason().unwrap(), "terminated by local-admin(uid=0) (at gateway gw-b)");
+        let Some(Event::SessionTerminated(ev)) = s1.session.take_terminated_event() else { panic!("no event") };
+        assert_eq!((ev.actor.as_str(), ev.from_gateway.as_deref()), ("local-admin(uid=0)", Some("gw-b")));
+        // Acting again finds nothing to do.
+        a.act_on_requests().await.unwrap();
+
+        // Unknown ids, and sessions of the asking gateway itself, are not asked for.
+        assert!(matches!(b.terminate_elsewhere("nope", "x").await, Err(RemoteTerminateError::NotLive(_))));
+        let _s3 = table_b.register("s3", party("carol"));
+        let mut b_published = HashSet::new();
+        b.publish(&mut b_published, &mut None).await.unwrap();
+        assert!(matches!(b.terminate_elsewhere("s3", "x").await, Err(RemoteTerminateError::NotLive(_))));
+    }
+}
