@@ -173,7 +173,7 @@ impl ClusterSessions {
     /// Keep this gateway's rows current and act on terminate requests for it, until
     /// `shutdown`; then delete its rows (best effort: they expire anyway).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut published = HashSet::new();
+        let mut published = self.rows_left_before().await;
         let mut last_renewal: Option<tokio::time::Instant> = None;
         let mut last_prune = tokio::time::Instant::now();
         let mut last_warning: Option<tokio::time::Instant> = None;
@@ -203,6 +203,17 @@ impl ClusterSessions {
         let ids: Vec<String> = published.into_iter().collect();
         let _ =
             tokio::time::timeout(Duration::from_secs(2), self.store.remove_live_sessions(&self.gateway_id, &ids)).await;
+    }
+
+    /// Rows this gateway id left in the store before this process started (after a crash):
+    /// their sessions no longer run. Counted as published, the first look deletes them
+    /// rather than letting them wait for their lease. None when the store cannot be read
+    /// (they expire then).
+    async fn rows_left_before(&self) -> HashSet<String> {
+        match self.store.live_sessions(now_unix(), MAX_LISTED).await {
+            Ok(rows) => rows.into_iter().filter(|r| r.gateway_id == self.gateway_id).map(|r| r.id).collect(),
+            Err(_) => HashSet::new(),
+        }
     }
 
     /// Write what changed since the last call: rows for new sessions, deletions for ended
@@ -350,9 +361,19 @@ mod tests {
 
         // Unknown ids, and sessions of the asking gateway itself, are not asked for.
         assert!(matches!(b.terminate_elsewhere("nope", "x").await, Err(RemoteTerminateError::NotLive(_))));
-        let _s3 = table_b.register("s3", party("carol"));
+        let s3 = table_b.register("s3", party("carol"));
         let mut b_published = HashSet::new();
         b.publish(&mut b_published, &mut None).await.unwrap();
         assert!(matches!(b.terminate_elsewhere("s3", "x").await, Err(RemoteTerminateError::NotLive(_))));
+
+        // B crashes and starts again (a new table, nothing live): its first look deletes the
+        // row it left, without waiting for the lease.
+        std::mem::forget(s3);
+        let b = ClusterSessions::new("gw-b".into(), store.clone(), Arc::new(SessionTable::default()));
+        let mut left = b.rows_left_before().await;
+        assert_eq!(left, HashSet::from(["s3".to_owned()]));
+        b.publish(&mut left, &mut None).await.unwrap();
+        assert!(a.rows().await.unwrap().iter().all(|r| r.id != "s3"));
+        assert!(left.is_empty());
     }
 }
