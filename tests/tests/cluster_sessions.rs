@@ -27,16 +27,14 @@ struct Cluster {
     _agent: Agent,
     dir: tempfile::TempDir,
     key: PathBuf,
-    _pg: Postgres,
+    _shared: postern_e2e::Cluster,
 }
 
 impl Cluster {
     fn start() -> Cluster {
-        let pg = Postgres::start();
-        let url = pg.new_database("cluster");
-        let config = |id: &str| format!("[store]\nurl = {url:?}\n[cluster]\ngateway_id = {id:?}\n");
-        let a = Gateway::start(&config("gw-a"));
-        let b = Gateway::start(&config("gw-b"));
+        let shared = postern_e2e::Cluster::new("cluster");
+        let a = Gateway::start(&shared.config("gw-a"));
+        let b = Gateway::start(&shared.config("gw-b"));
         let dir = tempfile::tempdir().unwrap();
         a.write_known_hosts(&dir.path().join("known_hosts"));
         let agent = Agent::start(&a, "web-01", vec![], &a.listen);
@@ -45,7 +43,7 @@ impl Cluster {
         ok(&a, &["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]);
         std::fs::write(dir.path().join("ops.toml"), POLICY).unwrap();
         ok(&a, &["policy", "apply", dir.path().join("ops.toml").to_str().unwrap()]);
-        Cluster { a, b, _agent: agent, dir, key, _pg: pg }
+        Cluster { a, b, _agent: agent, dir, key, _shared: shared }
     }
 
     /// A long session through A (its stderr, where the end notice goes, in `stderr`);
