@@ -55,7 +55,7 @@ pub async fn start_in_process() -> InProcess {
     tokio::spawn(server.serve(shutdown.clone()));
     let dir = tempfile::tempdir().unwrap();
     let state = agent::join(&JoinOptions {
-        gateway: addr.to_string(),
+        gateways: vec![addr.to_string()],
         token: "bench".into(),
         ca_pin: ca.pin(),
         state_dir: dir.path().to_owned(),
@@ -64,7 +64,7 @@ pub async fn start_in_process() -> InProcess {
     .unwrap();
     let opts = RunOptions {
         state_dir: dir.path().to_owned(),
-        gateway: None,
+        gateways: Vec::new(),
         limits: LocalLimits::default(),
         backoff: Backoff::default(),
         timers: TransportTimers::default(),

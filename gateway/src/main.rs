@@ -129,7 +129,7 @@ async fn quickstart(
             let labels = cli::parse_labels(&["env=local".to_owned()])?;
             let token = state.instances.create_token(labels, Duration::from_secs(300), None, "quickstart").await?;
             agent::join(&JoinOptions {
-                gateway: state.addresses.tunnel.to_string(),
+                gateways: vec![state.addresses.tunnel.to_string()],
                 token: token.token,
                 ca_pin: token.ca_pin,
                 state_dir: agent_dir.clone(),
@@ -142,7 +142,7 @@ async fn quickstart(
     let agent_task = tokio::spawn(agent::run(
         RunOptions {
             state_dir: agent_dir,
-            gateway: Some(state.addresses.tunnel.to_string()),
+            gateways: vec![state.addresses.tunnel.to_string()],
             limits: LocalLimits::default(),
             backoff: Backoff::default(),
             timers: TransportTimers::default(),

@@ -75,7 +75,7 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
 
         // 4. An enrolled (authenticated) rogue agent: valid hello, then an oversized control frame.
         agent::join(&JoinOptions {
-            gateway: gw.listen.clone(),
+            gateways: vec![gw.listen.clone()],
             token: token.clone(),
             ca_pin: pin.clone(),
             state_dir: rogue_dir.path().to_owned(),
@@ -120,7 +120,7 @@ fn enroll_rogue(
 ) -> quinn::ClientConfig {
     let (token, pin) = gw.token(&["--name", name, "--labels", labels]);
     rt.block_on(agent::join(&JoinOptions {
-        gateway: gw.listen.clone(),
+        gateways: vec![gw.listen.clone()],
         token,
         ca_pin: pin,
         state_dir: dir.to_owned(),

@@ -28,10 +28,23 @@ const CA_FILE: &str = "ca.crt";
 /// What `join` stores next to the key and certificates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentState {
+    /// The first gateway address (the only one before agents knew several; kept so that a
+    /// state file stays readable by older agents).
     pub gateway: String,
     pub agent_id: String,
     pub name: String,
     pub ca_pin: String,
+    /// Every gateway address given at join time, in order (absent in state files written
+    /// before there could be several: then `gateway` is the one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+}
+
+impl AgentState {
+    /// The addresses to dial, in order.
+    pub fn addresses(&self) -> Vec<String> {
+        if self.gateways.is_empty() { vec![self.gateway.clone()] } else { self.gateways.clone() }
+    }
 }
 
 /// Reconnect policy: exponential backoff with jitter, reset after a stable connection.
@@ -56,6 +69,35 @@ impl Backoff {
         let exp = self.initial.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX)).min(self.max);
         let half = exp / 2;
         half + half.mul_f64(fastrand::f64())
+    }
+}
+
+/// Where the dial loop is in its backoff: each round (every address tried once, or a
+/// connection that was up and ended) is followed by the next delay; a connection that
+/// lasted [`Backoff::stable_after`] starts the schedule again.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    backoff: Backoff,
+    attempt: u32,
+}
+
+impl Retry {
+    pub fn new(backoff: Backoff) -> Self {
+        Self { backoff, attempt: 0 }
+    }
+
+    /// A connection was up for `up`, then ended.
+    pub fn connection_ended(&mut self, up: Duration) {
+        if up >= self.backoff.stable_after {
+            self.attempt = 0;
+        }
+    }
+
+    /// How long to wait before the next round.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.backoff.delay(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        delay
     }
 }
 
@@ -106,12 +148,42 @@ pub fn with_default_port(addr: &str) -> String {
     }
 }
 
-pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
-    tokio::net::lookup_host(addr)
-        .await
-        .with_context(|| format!("resolving gateway address {addr}"))?
-        .next()
-        .ok_or_else(|| anyhow!("gateway address {addr} resolved to nothing"))
+/// One address to dial: a socket address and the gateway address it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// As given to `join --gateway` (a name may stand for several candidates).
+    pub gateway: String,
+    pub addr: SocketAddr,
+}
+
+/// How long resolving one gateway name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every socket address of every gateway address, in order, without repeats: a DNS name
+/// with several addresses gives several candidates. Names that do not resolve are left out
+/// with their error, so one bad name does not stop the agent reaching the others.
+pub async fn resolve_all(gateways: &[String]) -> (Vec<Candidate>, Vec<String>) {
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut errors = Vec::new();
+    for gateway in gateways {
+        match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(gateway.as_str())).await {
+            Ok(Ok(addrs)) => {
+                let mut any = false;
+                for addr in addrs {
+                    any = true;
+                    if !candidates.iter().any(|c| c.addr == addr) {
+                        candidates.push(Candidate { gateway: gateway.clone(), addr });
+                    }
+                }
+                if !any {
+                    errors.push(format!("gateway address {gateway} resolved to nothing"));
+                }
+            }
+            Ok(Err(e)) => errors.push(format!("resolving gateway address {gateway}: {e}")),
+            Err(_) => errors.push(format!("resolving gateway address {gateway} timed out")),
+        }
+    }
+    (candidates, errors)
 }
 
 fn client_endpoint(gateway: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
@@ -121,31 +193,54 @@ fn client_endpoint(gateway: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
 
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    pub gateway: String,
+    /// Gateway addresses (`HOST:PORT`), tried in order; every gateway of a cluster shares
+    /// the agent CA, so enrolling at any one of them is enough.
+    pub gateways: Vec<String>,
     pub token: String,
     pub ca_pin: String,
     pub state_dir: PathBuf,
 }
 
+/// How long the handshake with one enrollment candidate may take before the next is tried.
+const ENROLL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Enroll with a single-use token. Only a CSR leaves this machine; the key stays in
-/// `state_dir` with mode 0600.
+/// `state_dir` with mode 0600. The addresses are tried in order (each name with all its DNS
+/// addresses); the token goes to the first gateway that completes a handshake presenting the
+/// pinned CA, and what that gateway answers is final.
 pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
     let pin = crate::pki::parse_pin(&opts.ca_pin).map_err(|e| anyhow!(e))?;
+    let Some(first) = opts.gateways.first() else { bail!("no gateway address given (--gateway HOST[:PORT])") };
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
     set_dir_private(&opts.state_dir)?;
-    let addr = resolve(&opts.gateway).await?;
+    let (candidates, mut failures) = resolve_all(&opts.gateways).await;
     let (key, csr) = new_key_and_csr()?;
-    let endpoint = client_endpoint(addr)?;
     let cfg = crate::tls::agent_enroll_config(&pin, TransportTimers::default())?;
-    let attempt = async {
-        let conn = endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?.await.map_err(|e| {
-            if e.to_string().contains(crate::tls::PIN_MISMATCH) {
-                anyhow!("{}: this is not the gateway you meant, or the pin is wrong", crate::tls::PIN_MISMATCH)
-            } else {
-                anyhow!(e).context(format!("connecting to gateway {}", opts.gateway))
+    let mut answered = None;
+    for candidate in &candidates {
+        match enroll_connect(candidate, &cfg).await {
+            Ok(found) => {
+                answered = Some(found);
+                break;
             }
-        })?;
+            Err(e) => {
+                debug!(gateway = %candidate.gateway, address = %candidate.addr, error = %format!("{e:#}"), "enrollment candidate failed");
+                failures.push(format!("{e:#}"));
+            }
+        }
+    }
+    let Some((endpoint, conn, candidate)) = answered else {
+        if failures.iter().any(|f| f.contains(crate::tls::PIN_MISMATCH)) {
+            bail!(
+                "{}: this is not the gateway you meant, or the pin is wrong ({})",
+                crate::tls::PIN_MISMATCH,
+                failures.join("; ")
+            );
+        }
+        bail!("no gateway answered (is it running, is UDP open?): {}", failures.join("; "));
+    };
+    let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.context("opening enrollment stream")?;
         write_frame(
             &mut send,
@@ -163,9 +258,9 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
         conn.close(0u32.into(), b"enrolled");
         Ok::<_, anyhow::Error>(reply)
     };
-    let reply = tokio::time::timeout(Duration::from_secs(20), attempt)
-        .await
-        .map_err(|_| anyhow!("gateway {} did not answer within 20 s (is it running, is UDP open?)", opts.gateway))??;
+    let reply = tokio::time::timeout(Duration::from_secs(20), exchange).await.map_err(|_| {
+        anyhow!("gateway {} ({}) did not answer the enrollment within 20 s", candidate.gateway, candidate.addr)
+    })??;
     endpoint.wait_idle().await;
     let resp = match reply {
         Some(Message::EnrollResponse(r)) => r,
@@ -175,11 +270,34 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
     if crate::pki::ca_pin(&resp.ca_der) != pin {
         bail!("{}: the gateway returned a different CA than it presented", crate::tls::PIN_MISMATCH);
     }
+    info!(gateway = %candidate.gateway, address = %candidate.addr, "enrolled");
     write_identity(&opts.state_dir, &key, &resp.cert_der)?;
     write_private(&opts.state_dir.join(CA_FILE), der_to_pem(&resp.ca_der).as_bytes())?;
-    let state = AgentState { gateway: opts.gateway.clone(), agent_id: resp.agent_id, name: resp.name, ca_pin: pin };
+    let gateways = if opts.gateways.len() > 1 { opts.gateways.clone() } else { Vec::new() };
+    let state =
+        AgentState { gateway: first.clone(), agent_id: resp.agent_id, name: resp.name, ca_pin: pin, gateways };
     write_private(&opts.state_dir.join(STATE_FILE), toml::to_string(&state)?.as_bytes())?;
     Ok(state)
+}
+
+/// A completed enrollment handshake (the gateway presented the pinned CA) with `candidate`.
+async fn enroll_connect(
+    candidate: &Candidate,
+    cfg: &quinn::ClientConfig,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, Candidate)> {
+    let endpoint = client_endpoint(candidate.addr)?;
+    let connecting = endpoint.connect_with(cfg.clone(), candidate.addr, GATEWAY_SERVER_NAME)?;
+    let conn = tokio::time::timeout(ENROLL_CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow!("gateway {} ({}) did not answer within 5 s", candidate.gateway, candidate.addr))?
+        .map_err(|e| {
+            if e.to_string().contains(crate::tls::PIN_MISMATCH) {
+                anyhow!("gateway {} ({}): {}", candidate.gateway, candidate.addr, crate::tls::PIN_MISMATCH)
+            } else {
+                anyhow!(e).context(format!("connecting to gateway {} ({})", candidate.gateway, candidate.addr))
+            }
+        })?;
+    Ok((endpoint, conn, candidate.clone()))
 }
 
 fn write_identity(dir: &Path, key: &rcgen::KeyPair, cert_der: &[u8]) -> anyhow::Result<()> {
@@ -228,8 +346,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub state_dir: PathBuf,
-    /// Overrides the gateway address stored at join time.
-    pub gateway: Option<String>,
+    /// Overrides the gateway addresses stored at join time (empty: use those).
+    pub gateways: Vec<String>,
     pub limits: LocalLimits,
     pub backoff: Backoff,
     pub timers: TransportTimers,
@@ -241,33 +359,54 @@ enum Ended {
     Shutdown,
 }
 
-/// Keep a connection to the gateway until `shutdown`. Returns an error only for conditions
-/// retrying cannot fix (no state, revoked agent).
+/// Keep a connection to a gateway until `shutdown`. Returns an error only for conditions
+/// retrying cannot fix (no state, revoked agent, expired certificate).
+///
+/// With several candidate addresses (several `--gateway`, or a name with several DNS
+/// addresses) the agent fails over: a round tries each candidate once, starting after the
+/// one it was last connected to, and rounds are separated by the backoff ([`Retry`]). So a
+/// lost connection moves the agent to the next gateway at once, and a dead cluster is not
+/// hammered. It stays where it is while its connection lives (no moving back).
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = load_state(&opts.state_dir)?;
-    let gateway = opts.gateway.clone().unwrap_or_else(|| state.gateway.clone());
+    let gateways = if opts.gateways.is_empty() { state.addresses() } else { opts.gateways.clone() };
     let sessions = Arc::new(Semaphore::new(opts.limits.max_sessions));
     let limits = Arc::new(opts.limits.clone());
-    let mut attempt: u32 = 0;
-    info!(agent_id = %state.agent_id, name = %state.name, %gateway, "agent starting");
+    let mut retry = Retry::new(opts.backoff);
+    // Where the next round starts: after the candidate last connected to.
+    let mut start: usize = 0;
+    info!(agent_id = %state.agent_id, name = %state.name, gateways = %gateways.join(","), "agent starting");
     loop {
-        match connect_once(&opts, &gateway, &limits, &sessions, &shutdown).await {
-            Ok(Ended::Shutdown) => return Ok(()),
-            Ok(Ended::After(up)) => {
-                if up >= opts.backoff.stable_after {
-                    attempt = 0;
+        let (candidates, errors) = resolve_all(&gateways).await;
+        for e in &errors {
+            warn!(error = %e, "gateway address not usable this round");
+        }
+        // Several gateways: notice a dead one within seconds, to move to another in time.
+        let timers = if candidates.len() > 1 { opts.timers.for_failover() } else { opts.timers };
+        let count = candidates.len();
+        for k in 0..count {
+            let i = (start + k) % count;
+            let Some(candidate) = candidates.get(i) else { break };
+            match connect_once(&opts, timers, candidate, &limits, &sessions, &shutdown).await {
+                Ok(Ended::Shutdown) => return Ok(()),
+                Ok(Ended::After(up)) => {
+                    retry.connection_ended(up);
+                    start = i + 1;
+                    break;
+                }
+                Err(e) => {
+                    if let Some(Fatal(msg)) = e.downcast_ref::<Fatal>() {
+                        bail!("{msg}");
+                    }
+                    warn!(gateway = %candidate.gateway, address = %candidate.addr, error = %format!("{e:#}"), "gateway connection failed");
                 }
             }
-            Err(e) => {
-                if let Some(Fatal(msg)) = e.downcast_ref::<Fatal>() {
-                    bail!("{msg}");
-                }
-                warn!(error = %format!("{e:#}"), "gateway connection failed");
+            if shutdown.is_cancelled() {
+                return Ok(());
             }
         }
-        let delay = opts.backoff.delay(attempt);
-        attempt = attempt.saturating_add(1);
-        debug!(?delay, attempt, "reconnecting after backoff");
+        let delay = retry.next_delay();
+        debug!(?delay, "reconnecting after backoff");
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
@@ -302,12 +441,13 @@ pub fn tunnel_config(
 
 async fn connect_once(
     opts: &RunOptions,
-    gateway: &str,
+    timers: TransportTimers,
+    candidate: &Candidate,
     limits: &Arc<LocalLimits>,
     sessions: &Arc<Semaphore>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Ended> {
-    let (cfg, cert) = tunnel_config(&opts.state_dir, opts.timers)?;
+    let (cfg, cert) = tunnel_config(&opts.state_dir, timers)?;
     if cert.not_after <= SystemTime::now() {
         return Err(Fatal(format!(
             "the agent certificate expired at {:?}; enroll again with a new token (postern-agent join)",
@@ -315,12 +455,12 @@ async fn connect_once(
         ))
         .into());
     }
-    let addr = resolve(gateway).await?;
+    let (gateway, addr) = (&candidate.gateway, candidate.addr);
     let endpoint = client_endpoint(addr)?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?)
         .await
-        .map_err(|_| anyhow!("connecting to {gateway} timed out"))?
-        .with_context(|| format!("connecting to {gateway}"))?;
+        .map_err(|_| anyhow!("connecting to {gateway} ({addr}) timed out"))?
+        .with_context(|| format!("connecting to {gateway} ({addr})"))?;
     let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("opening control stream")?;
     write_frame(
         &mut ctl_send,
@@ -331,7 +471,9 @@ async fn connect_once(
         .await
         .map_err(|_| anyhow!("gateway did not acknowledge hello"))??;
     match ack {
-        Some(Message::HelloAck(a)) => info!(agent_id = %a.agent_id, name = %a.name, %gateway, "connected to gateway"),
+        Some(Message::HelloAck(a)) => {
+            info!(agent_id = %a.agent_id, name = %a.name, %gateway, address = %addr, "connected to gateway");
+        }
         Some(Message::Error(e)) if e.code == ErrorCode::AgentRevoked => {
             return Err(Fatal(format!("gateway refused this agent: {}", e.message)).into());
         }
@@ -349,7 +491,7 @@ async fn connect_once(
                 break Ended::Shutdown;
             }
             reason = conn.closed() => {
-                info!(%reason, "disconnected from gateway");
+                info!(%reason, %gateway, address = %addr, "disconnected from gateway");
                 break Ended::After(up_since.elapsed());
             }
             _ = tokio::time::sleep(until_renewal) => {
@@ -365,7 +507,7 @@ async fn connect_once(
                 let (send, recv) = match stream {
                     Ok(s) => s,
                     Err(e) => {
-                        info!(reason = %e, "disconnected from gateway");
+                        info!(reason = %e, %gateway, address = %addr, "disconnected from gateway");
                         break Ended::After(up_since.elapsed());
                     }
                 };
@@ -414,5 +556,57 @@ mod default_port_tests {
         assert_eq!(p("::1"), "[::1]:4433");
         assert_eq!(p("[::1]"), "[::1]:4433");
         assert_eq!(p("[::1]:5000"), "[::1]:5000");
+    }
+}
+
+#[cfg(test)]
+mod failover_tests {
+    use std::time::Duration;
+
+    use super::{Backoff, Retry, resolve_all};
+
+    fn backoff() -> Backoff {
+        Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(4), stable_after: Duration::from_secs(30) }
+    }
+
+    /// The delays double from the first, stay within [half, whole] of each step (jitter),
+    /// never exceed the maximum, and start again after a connection that lasted.
+    #[test]
+    fn backoff_doubles_with_jitter_is_bounded_and_resets_after_a_stable_connection() {
+        let b = backoff();
+        let mut retry = Retry::new(b);
+        let mut delays = Vec::new();
+        for attempt in 0..40u32 {
+            let d = retry.next_delay();
+            let step = b.initial.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX)).min(b.max);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?} outside [{:?}, {step:?}]", step / 2);
+            delays.push(d);
+        }
+        assert!(delays.iter().all(|d| *d <= b.max), "{delays:?}");
+        assert!(delays[..2].iter().all(|d| *d <= Duration::from_millis(400)), "{delays:?}");
+        assert!(delays[30..].iter().all(|d| *d >= b.max / 2), "capped at the maximum: {delays:?}");
+        // Jitter: not every capped delay is the same.
+        let first = delays[30];
+        assert!(delays[30..].iter().any(|d| *d != first), "no jitter: {delays:?}");
+        // A short connection does not reset the schedule...
+        retry.connection_ended(Duration::from_secs(1));
+        assert!(retry.next_delay() >= b.max / 2);
+        // ... one that lasted does.
+        retry.connection_ended(Duration::from_secs(30));
+        assert!(retry.next_delay() <= b.initial);
+        assert!(retry.next_delay() <= b.initial * 2);
+    }
+
+    /// A name with several addresses gives every one of them, in order, once.
+    #[tokio::test]
+    async fn a_name_with_several_addresses_gives_every_one() {
+        let (candidates, errors) =
+            resolve_all(&["localhost:4433".to_owned(), "127.0.0.1:4433".to_owned(), "nonexistent.invalid:1".to_owned()])
+                .await;
+        let addrs: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
+        assert!(addrs.contains(&"127.0.0.1:4433".to_owned()), "{addrs:?}");
+        assert_eq!(addrs.iter().filter(|a| *a == "127.0.0.1:4433").count(), 1, "no repeats: {addrs:?}");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("nonexistent.invalid"), "{errors:?}");
     }
 }

@@ -92,7 +92,7 @@ async fn join_and_run(
     gw.directory.tokens.lock().unwrap().insert(token.into(), false);
     let dir = tempfile::tempdir().unwrap();
     let state = agent::join(&JoinOptions {
-        gateway: gw.addr.to_string(),
+        gateways: vec![gw.addr.to_string()],
         token: token.into(),
         ca_pin: gw.ca.pin(),
         state_dir: dir.path().to_owned(),
@@ -102,7 +102,7 @@ async fn join_and_run(
     let stop = CancellationToken::new();
     let opts = RunOptions {
         state_dir: dir.path().to_owned(),
-        gateway: None,
+        gateways: Vec::new(),
         limits,
         backoff: Backoff {
             initial: Duration::from_millis(50),
@@ -346,7 +346,7 @@ async fn tokens_are_single_use_and_pins_are_checked() {
     gw.directory.tokens.lock().unwrap().insert("once".into(), false);
     let dir = tempfile::tempdir().unwrap();
     let opts = |token: &str, pin: String| JoinOptions {
-        gateway: gw.addr.to_string(),
+        gateways: vec![gw.addr.to_string()],
         token: token.into(),
         ca_pin: pin,
         state_dir: dir.path().to_owned(),
@@ -382,7 +382,7 @@ async fn revoked_agent_is_refused_and_run_returns_error() {
     gw.directory.revoked.lock().unwrap().push(id.clone());
     let opts = RunOptions {
         state_dir: dir.path().to_owned(),
-        gateway: None,
+        gateways: Vec::new(),
         limits: LocalLimits::default(),
         backoff: Backoff::default(),
         timers: TransportTimers::default(),

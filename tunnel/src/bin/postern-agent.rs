@@ -39,12 +39,14 @@ struct Cli {
 enum Command {
     /// Enroll with a gateway using a single-use token (only a CSR leaves this host).
     #[command(
-        after_help = "Examples:\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:... --run\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:...\n  (the token can come from POSTERN_JOIN_TOKEN instead, out of the process list)"
+        after_help = "Examples:\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:... --run\n  postern-agent join --gateway gw-a.example.com --gateway gw-b.example.com --token pt_... --ca-pin sha256:...\n  (the token can come from POSTERN_JOIN_TOKEN instead, out of the process list)"
     )]
     Join {
-        /// Gateway tunnel address, HOST or HOST:PORT (UDP; port 4433 by default).
-        #[arg(long)]
-        gateway: String,
+        /// Gateway tunnel address, HOST or HOST:PORT (UDP; port 4433 by default). Repeat it
+        /// for the gateways of a cluster (a name with several DNS addresses counts as all of
+        /// them): the agent enrolls at the first that answers and fails over between them.
+        #[arg(long, required = true)]
+        gateway: Vec<String>,
         /// Enrollment token from `postern token create`.
         #[arg(long, env = "POSTERN_JOIN_TOKEN", hide_env_values = true)]
         token: String,
@@ -64,15 +66,16 @@ enum Command {
     },
     /// Keep the connection to the gateway up and serve sessions until stopped.
     #[command(
-        after_help = "Examples:\n  postern-agent run\n  postern-agent run --config /etc/postern-agent/agent.toml\n  postern-agent --state-dir /srv/agent run --gateway gw2.example.com:4433"
+        after_help = "Examples:\n  postern-agent run\n  postern-agent run --config /etc/postern-agent/agent.toml\n  postern-agent --state-dir /srv/agent run --gateway gw2.example.com:4433 --gateway gw3.example.com"
     )]
     Run {
         /// Local limits file (TOML): `[limits] tcp_allow = ["127.0.0.0/8"]`, `run_as = [...]`, ...
         #[arg(long, env = "POSTERN_AGENT_CONFIG")]
         config: Option<PathBuf>,
-        /// Override the gateway address recorded at join time (HOST or HOST:PORT, port 4433 by default).
+        /// Override the gateway addresses recorded at join time (HOST or HOST:PORT, port 4433
+        /// by default; repeatable).
         #[arg(long)]
-        gateway: Option<String>,
+        gateway: Vec<String>,
     },
     /// Show this agent's identity and certificate.
     #[command(after_help = "Examples:\n  postern-agent status\n  postern-agent --state-dir /srv/agent status")]
@@ -122,10 +125,10 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn run_agent(state_dir: PathBuf, config: Option<PathBuf>, gateway: Option<String>) -> anyhow::Result<()> {
+async fn run_agent(state_dir: PathBuf, config: Option<PathBuf>, gateways: Vec<String>) -> anyhow::Result<()> {
     let opts = RunOptions {
         state_dir,
-        gateway,
+        gateways,
         limits: load_limits(config.as_deref())?,
         backoff: Backoff::default(),
         timers: TransportTimers::default(),
@@ -162,21 +165,21 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     state_dir.display(),
                     old.name,
                     old.agent_id,
-                    old.gateway
+                    old.addresses().join(", ")
                 );
             }
-            let gateway = agent::with_default_port(&gateway);
-            let state = agent::join(&JoinOptions { gateway, token, ca_pin, state_dir: state_dir.clone() }).await?;
+            let gateways = gateway.iter().map(|g| agent::with_default_port(g)).collect();
+            let state = agent::join(&JoinOptions { gateways, token, ca_pin, state_dir: state_dir.clone() }).await?;
             println!("joined as {} (id {}); state in {}", state.name, state.agent_id, state_dir.display());
             if run {
-                run_agent(state_dir, config, None).await?;
+                run_agent(state_dir, config, Vec::new()).await?;
             } else {
                 println!("next: postern-agent run --state-dir {}", state_dir.display());
             }
             Ok(())
         }
         Command::Run { config, gateway } => {
-            run_agent(state_dir, config, gateway.as_deref().map(agent::with_default_port)).await
+            run_agent(state_dir, config, gateway.iter().map(|g| agent::with_default_port(g)).collect()).await
         }
         Command::Status => {
             let state = agent::load_state(&state_dir)?;
@@ -184,7 +187,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let now = std::time::SystemTime::now();
             println!("agent id:     {}", state.agent_id);
             println!("name:         {}", state.name);
-            println!("gateway:      {}", state.gateway);
+            println!("gateway:      {}", state.addresses().join(", "));
             println!("ca pin:       {}", state.ca_pin);
             println!("cert serial:  {}", cert.serial_hex);
             println!("cert issued:  {}", readable(cert.not_before, now));
