@@ -346,6 +346,50 @@ async fn cluster_sessions(s: &dyn Store) {
     assert!(s.spend_rdp_token("tok-1", 200).await.unwrap(), "forgotten after pruning");
 }
 
+/// Agent locations: recorded, renewed in one batch, not live once expired, and deleted only
+/// by the gateway that holds them.
+async fn agent_locations(s: &dyn Store) {
+    let at = |agent: &str, gateway: &str, since: i64, lease: i64| AgentLocation {
+        agent_id: agent.into(),
+        gateway_id: gateway.into(),
+        connected_since: since,
+        lease_expires: lease,
+    };
+    let live = |now: i64| async move {
+        s.agent_locations(now).await.unwrap().into_iter().map(|l| (l.agent_id, l.gateway_id)).collect::<Vec<_>>()
+    };
+    let pair = |a: &str, g: &str| (a.to_owned(), g.to_owned());
+    assert!(live(0).await.is_empty());
+    s.record_agent_location(&at("ag-1", "gw-a", 1_000, 16_000)).await.unwrap();
+    s.record_agent_location(&at("ag-2", "gw-a", 1_000, 16_000)).await.unwrap();
+    assert_eq!(live(15_999).await, [pair("ag-1", "gw-a"), pair("ag-2", "gw-a")]);
+    assert_eq!(s.agent_location("ag-1", 15_999).await.unwrap(), Some(at("ag-1", "gw-a", 1_000, 16_000)));
+    // Expired: not live any more (the row is still there for its gateway to renew).
+    assert!(live(16_000).await.is_empty());
+    assert_eq!(s.agent_location("ag-1", 16_000).await.unwrap(), None);
+
+    // One batch renews A's rows and adds a missing one; connected_since stays.
+    let mine = [("ag-1".to_owned(), 1_000), ("ag-2".to_owned(), 1_000), ("ag-3".to_owned(), 5_000)];
+    assert_eq!(s.renew_agent_locations("gw-a", &mine, 30_000).await.unwrap(), 3);
+    assert_eq!(s.agent_location("ag-1", 20_000).await.unwrap(), Some(at("ag-1", "gw-a", 1_000, 30_000)));
+    assert_eq!(s.agent_location("ag-3", 20_000).await.unwrap(), Some(at("ag-3", "gw-a", 5_000, 30_000)));
+
+    // ag-2 moves to B: its row is B's, and A's next renewal (A has not noticed yet) leaves it.
+    s.record_agent_location(&at("ag-2", "gw-b", 21_000, 36_000)).await.unwrap();
+    assert_eq!(s.renew_agent_locations("gw-a", &mine, 45_000).await.unwrap(), 2);
+    assert_eq!(s.agent_location("ag-2", 40_000).await.unwrap(), None, "B's lease, not renewed by A, expired");
+    assert_eq!(s.agent_location("ag-2", 35_000).await.unwrap(), Some(at("ag-2", "gw-b", 21_000, 36_000)));
+
+    // A cannot delete B's row; each gateway deletes its own.
+    assert!(!s.remove_agent_location("ag-2", "gw-a").await.unwrap());
+    assert_eq!(s.agent_location("ag-2", 35_000).await.unwrap().unwrap().gateway_id, "gw-b");
+    assert!(s.remove_agent_location("ag-1", "gw-a").await.unwrap());
+    assert!(!s.remove_agent_location("ag-1", "gw-a").await.unwrap());
+    assert!(s.remove_agent_location("ag-2", "gw-b").await.unwrap());
+    assert_eq!(s.renew_agent_locations("gw-a", &[], 50_000).await.unwrap(), 0);
+    assert_eq!(live(40_000).await, [pair("ag-3", "gw-a")]);
+}
+
 async fn conformance(s: &dyn Store) {
     tokens_and_agents(s).await;
     users_policies_grants_anchor(s).await;
@@ -354,6 +398,7 @@ async fn conformance(s: &dyn Store) {
     cluster_keys(s).await;
     gateway_leases(s).await;
     cluster_sessions(s).await;
+    agent_locations(s).await;
 }
 
 /// A gateway is live while its lease runs; it leaves at once when it stops.

@@ -427,6 +427,44 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gateway `id` stopped: its lease ends now.
     async fn gateway_left(&self, id: &str, now: i64) -> Result<(), StoreError>;
+
+    // Agent locations (cluster mode, docs/scale-out.md): one row per agent, naming the
+    // gateway it is connected to, under a lease that gateway renews. Times are Unix ms.
+
+    /// Agent `location.agent_id` connected to `location.gateway_id`: its row becomes this one,
+    /// whichever gateway held it before (the agent has moved here).
+    async fn record_agent_location(&self, location: &AgentLocation) -> Result<(), StoreError>;
+
+    /// Renew, in one statement, the leases of `agents` (id, connected since) at `gateway_id`
+    /// until `lease_expires`: this gateway's rows are extended, missing rows are added, a row
+    /// that names another gateway is left alone. Returns how many rows were written.
+    async fn renew_agent_locations(
+        &self,
+        gateway_id: &str,
+        agents: &[(String, i64)],
+        lease_expires: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Delete the agent's row only if it still names `gateway_id` (an agent that moved to
+    /// another gateway keeps its new row); true when a row was deleted.
+    async fn remove_agent_location(&self, agent_id: &str, gateway_id: &str) -> Result<bool, StoreError>;
+
+    /// Every location whose lease has not expired at `now` (expired ones are not live).
+    async fn agent_locations(&self, now: i64) -> Result<Vec<AgentLocation>, StoreError>;
+
+    /// Where `agent_id` is, if its lease has not expired at `now`.
+    async fn agent_location(&self, agent_id: &str, now: i64) -> Result<Option<AgentLocation>, StoreError>;
+}
+
+/// Which gateway an agent is connected to, as the store keeps it (cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLocation {
+    pub agent_id: String,
+    pub gateway_id: String,
+    /// When this connection began (Unix ms).
+    pub connected_since: i64,
+    /// The row stops counting at this time (Unix ms) unless its gateway renews it.
+    pub lease_expires: i64,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use postern_core::store::{
-    AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion, RedeemError,
+    AgentLocation, AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion, RedeemError,
     SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
     TerminateRequest, TokenRecord, UserRecord,
 };
@@ -173,6 +173,15 @@ CREATE TABLE gateways (
     address     TEXT NOT NULL,
     lease_until BIGINT NOT NULL
 );
+"#,
+    r#"
+CREATE TABLE agent_locations (
+    agent_id        TEXT PRIMARY KEY,
+    gateway_id      TEXT NOT NULL,
+    connected_since BIGINT NOT NULL,
+    lease_expires   BIGINT NOT NULL
+);
+CREATE INDEX agent_locations_gateway ON agent_locations(gateway_id);
 "#,
 ];
 
@@ -342,6 +351,15 @@ fn row_to_request(row: &PgRow) -> Result<TerminateRequest, StoreError> {
         created_at: row.try_get("created_at").map_err(db)?,
         expires_at: row.try_get("expires_at").map_err(db)?,
         state: row.try_get("state").map_err(db)?,
+    })
+}
+
+fn row_to_location(row: &PgRow) -> Result<AgentLocation, StoreError> {
+    Ok(AgentLocation {
+        agent_id: row.try_get("agent_id").map_err(db)?,
+        gateway_id: row.try_get("gateway_id").map_err(db)?,
+        connected_since: row.try_get("connected_since").map_err(db)?,
+        lease_expires: row.try_get("lease_expires").map_err(db)?,
     })
 }
 
@@ -1014,5 +1032,83 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    async fn record_agent_location(&self, l: &AgentLocation) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO agent_locations (agent_id, gateway_id, connected_since, lease_expires) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (agent_id) DO UPDATE SET gateway_id = EXCLUDED.gateway_id, \
+             connected_since = EXCLUDED.connected_since, lease_expires = EXCLUDED.lease_expires",
+        )
+        .bind(&l.agent_id)
+        .bind(&l.gateway_id)
+        .bind(l.connected_since)
+        .bind(l.lease_expires)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn renew_agent_locations(
+        &self,
+        gateway_id: &str,
+        agents: &[(String, i64)],
+        lease_expires: i64,
+    ) -> Result<u64, StoreError> {
+        if agents.is_empty() {
+            return Ok(0);
+        }
+        let (ids, since): (Vec<&str>, Vec<i64>) = agents.iter().map(|(id, s)| (id.as_str(), *s)).unzip();
+        // One statement for all, the lists bound as two arrays.
+        let r = sqlx::query(
+            "INSERT INTO agent_locations (agent_id, gateway_id, connected_since, lease_expires) \
+             SELECT a.id, $1, a.since, $2 FROM UNNEST($3::TEXT[], $4::BIGINT[]) AS a(id, since) \
+             ON CONFLICT (agent_id) DO UPDATE SET lease_expires = EXCLUDED.lease_expires \
+             WHERE agent_locations.gateway_id = EXCLUDED.gateway_id",
+        )
+        .bind(gateway_id)
+        .bind(lease_expires)
+        .bind(ids)
+        .bind(since)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn remove_agent_location(&self, agent_id: &str, gateway_id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM agent_locations WHERE agent_id = $1 AND gateway_id = $2")
+            .bind(agent_id)
+            .bind(gateway_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn agent_locations(&self, now: i64) -> Result<Vec<AgentLocation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
+             WHERE lease_expires > $1 ORDER BY agent_id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_location).collect()
+    }
+
+    async fn agent_location(&self, agent_id: &str, now: i64) -> Result<Option<AgentLocation>, StoreError> {
+        let row = sqlx::query(
+            "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
+             WHERE agent_id = $1 AND lease_expires > $2",
+        )
+        .bind(agent_id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(row_to_location).transpose()
     }
 }

@@ -11,7 +11,7 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use postern_core::store::{
-    AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion, RedeemError,
+    AgentLocation, AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion, RedeemError,
     SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
     TerminateRequest, TokenRecord, UserRecord,
 };
@@ -192,6 +192,17 @@ CREATE TABLE gateways (
     address     TEXT NOT NULL,
     lease_until INTEGER NOT NULL
 );
+"#,
+    // Where each agent is connected in a cluster, under a lease its gateway renews
+    // (docs/scale-out.md, "Agents on any gateway"); a single gateway never writes it.
+    r#"
+CREATE TABLE agent_locations (
+    agent_id        TEXT PRIMARY KEY,
+    gateway_id      TEXT NOT NULL,
+    connected_since BIGINT NOT NULL,
+    lease_expires   BIGINT NOT NULL
+);
+CREATE INDEX agent_locations_gateway ON agent_locations(gateway_id);
 "#,
 ];
 
@@ -407,6 +418,15 @@ fn row_to_request(row: &sqlx::sqlite::SqliteRow) -> Result<TerminateRequest, Sto
 
 pub(super) const AGENT_COLUMNS: &str =
     "id, name, labels, hostname, platform, agent_version, enrolled_at, last_seen, revoked";
+
+fn row_to_location(row: &sqlx::sqlite::SqliteRow) -> Result<AgentLocation, StoreError> {
+    Ok(AgentLocation {
+        agent_id: row.try_get("agent_id").map_err(db)?,
+        gateway_id: row.try_get("gateway_id").map_err(db)?,
+        connected_since: row.try_get("connected_since").map_err(db)?,
+        lease_expires: row.try_get("lease_expires").map_err(db)?,
+    })
+}
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -1076,6 +1096,83 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    async fn record_agent_location(&self, l: &AgentLocation) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO agent_locations (agent_id, gateway_id, connected_since, lease_expires) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (agent_id) DO UPDATE SET gateway_id = excluded.gateway_id, \
+             connected_since = excluded.connected_since, lease_expires = excluded.lease_expires",
+        )
+        .bind(&l.agent_id)
+        .bind(&l.gateway_id)
+        .bind(l.connected_since)
+        .bind(l.lease_expires)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn renew_agent_locations(
+        &self,
+        gateway_id: &str,
+        agents: &[(String, i64)],
+        lease_expires: i64,
+    ) -> Result<u64, StoreError> {
+        if agents.is_empty() {
+            return Ok(0);
+        }
+        // One statement for all: the list goes in as one JSON array of [id, since] pairs.
+        let list = serde_json::to_string(agents).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let r = sqlx::query(
+            "INSERT INTO agent_locations (agent_id, gateway_id, connected_since, lease_expires) \
+             SELECT json_extract(value, '$[0]'), ?, json_extract(value, '$[1]'), ? FROM json_each(?) WHERE true \
+             ON CONFLICT (agent_id) DO UPDATE SET lease_expires = excluded.lease_expires \
+             WHERE agent_locations.gateway_id = excluded.gateway_id",
+        )
+        .bind(gateway_id)
+        .bind(lease_expires)
+        .bind(list)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn remove_agent_location(&self, agent_id: &str, gateway_id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM agent_locations WHERE agent_id = ? AND gateway_id = ?")
+            .bind(agent_id)
+            .bind(gateway_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn agent_locations(&self, now: i64) -> Result<Vec<AgentLocation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
+             WHERE lease_expires > ? ORDER BY agent_id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(row_to_location).collect()
+    }
+
+    async fn agent_location(&self, agent_id: &str, now: i64) -> Result<Option<AgentLocation>, StoreError> {
+        let row = sqlx::query(
+            "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
+             WHERE agent_id = ? AND lease_expires > ?",
+        )
+        .bind(agent_id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(row_to_location).transpose()
     }
 }
 
