@@ -404,20 +404,21 @@ fn build_services(
     ca: Arc<postern_tunnel::pki::CertAuthority>,
     rdp_key: Option<[u8; 32]>,
     peers: Option<Arc<postern_tunnel::peer::PeerClient>>,
+    locations: Arc<crate::locations::AgentLocations>,
 ) -> anyhow::Result<Services> {
     let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
     let access_changed = Arc::new(tokio::sync::Notify::new());
-    let advertised = match &config.tunnel.advertise {
-        Some(a) => a.clone(),
-        None if addresses.tunnel.ip().is_unspecified() => {
-            format!("{}:{}", postern_tunnel::agent::hostname(), addresses.tunnel.port())
-        }
-        None => addresses.tunnel.to_string(),
+    let advertised = if !config.tunnel.advertise.is_empty() {
+        config.tunnel.advertise.clone()
+    } else if addresses.tunnel.ip().is_unspecified() {
+        vec![format!("{}:{}", postern_tunnel::agent::hostname(), addresses.tunnel.port())]
+    } else {
+        vec![addresses.tunnel.to_string()]
     };
     let rdp_door = addresses.rdp.map(|a| crate::addressing::rdp_public_address(&config, a.port()));
     let peering = match (config.gateway_id(), peers) {
         (Some(id), Some(client)) => {
-            let address = config.cluster.peer_address.clone().unwrap_or_else(|| advertised.clone());
+            let address = config.cluster.peer_address.clone().or_else(|| advertised.first().cloned()).unwrap_or_default();
             Some(Arc::new(crate::peering::Peering::new(id.to_owned(), address, store.clone(), client)))
         }
         _ => None,
@@ -440,8 +441,10 @@ fn build_services(
             max_bytes: config.audit.max_recording_bytes,
         },
         space: std::sync::Arc::new(crate::recording::space::SpaceGuard::new(config.audit.min_free_space()?)),
-        instances: Instances::new(store.clone(), audit.clone(), registry.clone(), ca, advertised),
-        broker: Broker::new(registry, sessions.clone(), audit.clone(), history.clone()).with_peering(peering),
+        instances: Instances::new(store.clone(), audit.clone(), registry.clone(), ca, advertised, locations.clone()),
+        broker: Broker::new(registry, sessions.clone(), audit.clone(), history.clone())
+            .with_peering(peering)
+            .with_locations(locations),
         runs: Runs::new(audit.clone()),
         rdp_tokens,
         manage: Manage::new(
@@ -563,7 +566,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         audit.checkpoint(true).context("writing a checkpoint after the accepted truncation")?;
     }
     audit.set_stdout(config.audit.stdout);
-    let directory = Arc::new(StoreDirectory::new(store.clone(), audit.clone(), config.refusal_interval()));
+    let locations =
+        Arc::new(crate::locations::AgentLocations::new(store.clone(), config.gateway_id().map(str::to_owned)));
+    let directory =
+        Arc::new(StoreDirectory::new(store.clone(), audit.clone(), config.refusal_interval(), locations.clone()));
     let settings = TunnelSettings {
         agent_cert_ttl: config.agent_cert_ttl()?,
         max_agents: config.tunnel.max_agents,
@@ -635,6 +641,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         ca,
         cluster.as_ref().map(|k| k.rdp_token),
         server.peers(),
+        locations.clone(),
     )?);
     let state = services.clone();
     let shutdown = CancellationToken::new();
@@ -648,6 +655,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let listener = crate::admin::bind(&admin_socket_path(&dir))?;
     tasks.spawn(server.serve(shutdown.clone()));
     tasks.spawn(directory.summarise_refusals(shutdown.clone()));
+    tasks.spawn(locations.keep_leases(state.instances.registry().clone(), shutdown.clone()));
     tasks.spawn(crate::enforcer::enforce(
         state.audit.clone(),
         state.authorizer.clone(),

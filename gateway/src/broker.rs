@@ -25,6 +25,7 @@ use crate::access::Authorization;
 use crate::audit::AuditLog;
 use crate::audit::events::Event;
 use crate::history::SessionHistory;
+use crate::locations::AgentLocations;
 use crate::sessions::{LiveSession, Party, Registration, SessionTable};
 use crate::store::{AgentRecord, SessionRecord};
 
@@ -35,6 +36,11 @@ pub mod unlogged {
     pub const FORWARD: &str = "forwarded TCP content is not inspected";
 }
 
+/// What a door tells a user whose instance is connected to another gateway of the cluster.
+pub fn elsewhere_message(instance: &str, gateway: &str) -> String {
+    format!("instance {instance} is connected to gateway {gateway}, which this gateway cannot reach")
+}
+
 #[derive(Debug)]
 pub struct Broker {
     registry: AgentRegistry,
@@ -43,6 +49,8 @@ pub struct Broker {
     history: Arc<SessionHistory>,
     /// In a cluster: the way to agents connected to other gateways.
     peering: Option<Arc<crate::peering::Peering>>,
+    /// Where agents not connected here are (cluster mode), to say so instead of "offline".
+    locations: Option<Arc<AgentLocations>>,
 }
 
 impl Broker {
@@ -52,7 +60,7 @@ impl Broker {
         audit: Arc<AuditLog>,
         history: Arc<SessionHistory>,
     ) -> Self {
-        Broker { registry, sessions, audit, history, peering: None }
+        Broker { registry, sessions, audit, history, peering: None, locations: None }
     }
 
     /// Reach agents that are not connected here through the cluster's other gateways.
@@ -65,12 +73,39 @@ impl Broker {
         self.peering.as_ref()
     }
 
+    /// Name the gateway an agent is connected to when it is another one of the cluster.
+    pub fn with_locations(mut self, locations: Arc<AgentLocations>) -> Self {
+        self.locations = Some(locations);
+        self
+    }
+
     /// A stream to `agent_id`: here if it is connected here, else (in a cluster) through the
-    /// gateway it is connected to.
+    /// gateway the store says it is connected to (asked first), or any live gateway that has it.
     async fn open_to(&self, agent_id: &str, request: SessionRequest) -> Result<SessionStream, OpenError> {
-        match (&self.peering, self.registry.get(agent_id)) {
-            (Some(peering), None) => peering.open(agent_id, request).await,
-            _ => self.registry.open_session(agent_id, request).await,
+        match &self.peering {
+            Some(peering) if self.registry.get(agent_id).is_none() => {
+                let hint = match &self.locations {
+                    Some(locations) => locations.elsewhere(agent_id).await,
+                    None => None,
+                };
+                peering.open(agent_id, hint.as_deref(), request).await
+            }
+            _ => {
+                let r = self.registry.open_session(agent_id, request).await;
+                self.locate(agent_id, r).await
+            }
+        }
+    }
+
+    /// `Offline` becomes `Elsewhere` when the store has a live lease for the agent at another
+    /// gateway and there is no way to it (no peering): the user learns where it is.
+    async fn locate(&self, agent_id: &str, r: Result<SessionStream, OpenError>) -> Result<SessionStream, OpenError> {
+        match (r, &self.locations) {
+            (Err(OpenError::Offline), Some(locations)) => match locations.elsewhere(agent_id).await {
+                Some(gateway) => Err(OpenError::Elsewhere { gateway }),
+                None => Err(OpenError::Offline),
+            },
+            (r, _) => r,
         }
     }
 

@@ -288,8 +288,11 @@ impl Default for SshConfig {
 pub struct TunnelConfig {
     /// UDP address agents connect to.
     pub listen: SocketAddr,
-    /// Address printed in join commands, if agents reach the gateway by another name.
-    pub advertise: Option<String>,
+    /// Address printed in join commands, if agents reach the gateway by another name; a
+    /// list for a cluster (`["gw-a.example.com:4433", "gw-b.example.com:4433"]`): the join
+    /// command then carries one `--gateway` per entry.
+    #[serde(deserialize_with = "one_or_many")]
+    pub advertise: Vec<String>,
     /// Lifetime of agent certificates ("30d", "12h", ...); agents renew at two thirds.
     pub agent_cert_ttl: String,
     /// Most agents connected at once; more are refused.
@@ -327,7 +330,7 @@ impl Default for TunnelConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
-            advertise: None,
+            advertise: Vec::new(),
             agent_cert_ttl: "30d".into(),
             max_agents: 50_000,
             max_enrollments: 64,
@@ -338,6 +341,20 @@ impl Default for TunnelConfig {
 
 /// A cap in all and its per-source part (`NAME` and `NAME_per_source`): both at least 1, the
 /// part no larger than the whole.
+/// A string or a list of strings (`advertise = "a"` or `advertise = ["a", "b"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 fn check_caps(path: &Path, name: &str, total: usize, per_source: usize) -> anyhow::Result<()> {
     if total == 0 || per_source == 0 {
         anyhow::bail!("{}: {name} and {name}_per_source must be at least 1", path.display());

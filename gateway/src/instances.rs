@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::accept::{FailureBackoff, RefusalDigest};
 use crate::audit::AuditLog;
+use crate::locations::AgentLocations;
 use crate::audit::events::{
     AgentConnected, AgentDisconnected, AgentEnrollRefused, AgentEnrolled, AgentProtocolViolation, AgentRefused,
     AgentRenewed, AgentRevoked, Event, TokenCreated, TokenRevoked,
@@ -57,7 +58,8 @@ pub struct Instances {
     audit: Arc<AuditLog>,
     registry: AgentRegistry,
     ca: Arc<CertAuthority>,
-    advertised: String,
+    advertised: Vec<String>,
+    locations: Arc<AgentLocations>,
 }
 
 impl std::fmt::Debug for Instances {
@@ -78,6 +80,9 @@ pub struct InstanceRow {
     pub online: bool,
     pub last_seen: Option<i64>,
     pub remote: Option<String>,
+    /// Cluster mode: the id of the gateway an online agent is connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// What `postern instances revoke` reports.
@@ -93,7 +98,10 @@ pub struct CreatedToken {
     pub token: String,
     pub expires_at: i64,
     pub ca_pin: String,
+    /// The first address agents should dial (what `gateways` held alone before clusters).
     pub gateway: String,
+    /// Every address agents should dial (`[tunnel] advertise`), one `--gateway` each.
+    pub gateways: Vec<String>,
     pub labels: Labels,
     pub name: Option<String>,
 }
@@ -104,14 +112,20 @@ impl Instances {
         audit: Arc<AuditLog>,
         registry: AgentRegistry,
         ca: Arc<CertAuthority>,
-        advertised: String,
+        advertised: Vec<String>,
+        locations: Arc<AgentLocations>,
     ) -> Self {
-        Instances { store, audit, registry, ca, advertised }
+        Instances { store, audit, registry, ca, advertised, locations }
     }
 
-    /// Address agents should dial, for printed join commands.
-    pub fn advertised_tunnel(&self) -> &str {
+    /// Addresses agents should dial, for printed join commands (never empty).
+    pub fn advertised_tunnel(&self) -> &[String] {
         &self.advertised
+    }
+
+    /// Where agents are connected in a cluster.
+    pub fn locations(&self) -> &Arc<AgentLocations> {
+        &self.locations
     }
 
     /// Who is connected now (the live truth for "online").
@@ -125,16 +139,26 @@ impl Instances {
     }
 
     /// Every enrolled instance with what its live connection says, for `postern instances`.
+    /// In a cluster an agent connected to another gateway (a live lease in the store) is
+    /// online too, with that gateway named.
     pub async fn rows(&self) -> Result<Vec<InstanceRow>, StoreError> {
         let agents = self.store.agents().await?;
+        let here = self.locations.gateway_id().map(str::to_owned);
+        let elsewhere = self.locations.all_elsewhere().await;
         Ok(agents
             .into_iter()
             .map(|a| {
                 let live = self.registry.get(&a.id);
+                let gateway = match &live {
+                    Some(_) => here.clone(),
+                    None => elsewhere.get(&a.id).cloned(),
+                };
+                let online = live.is_some() || gateway.is_some();
                 InstanceRow {
-                    online: live.is_some(),
+                    online,
+                    gateway,
                     remote: live.as_ref().map(|l| l.remote.to_string()),
-                    last_seen: if live.is_some() { Some(now_unix()) } else { a.last_seen },
+                    last_seen: if online { Some(now_unix()) } else { a.last_seen },
                     hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
                     platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
                     agent_version: live.as_ref().map(|l| l.agent_version.clone()).unwrap_or(a.agent_version),
@@ -196,7 +220,15 @@ impl Instances {
             name: name.clone(),
             expires_at,
         }));
-        Ok(CreatedToken { token, expires_at, ca_pin: self.ca.pin(), gateway: self.advertised.clone(), labels, name })
+        Ok(CreatedToken {
+            token,
+            expires_at,
+            ca_pin: self.ca.pin(),
+            gateway: self.advertised.first().cloned().unwrap_or_default(),
+            gateways: self.advertised.clone(),
+            labels,
+            name,
+        })
     }
 
     /// Every enrollment token (never a secret), with its state now.
@@ -241,13 +273,20 @@ pub struct StoreDirectory {
     audit: Arc<AuditLog>,
     backoff: FailureBackoff,
     refusals: Arc<RefusalDigest<AgentEnrollRefused>>,
+    locations: Arc<AgentLocations>,
 }
 
 impl StoreDirectory {
-    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, refusal_interval: std::time::Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        refusal_interval: std::time::Duration,
+        locations: Arc<AgentLocations>,
+    ) -> Self {
         StoreDirectory {
             store,
             audit,
+            locations,
             backoff: FailureBackoff::default(),
             refusals: Arc::new(RefusalDigest::new(refusal_interval)),
         }
@@ -380,6 +419,7 @@ impl AgentDirectory for StoreDirectory {
             )
             .await;
         let name = rec.map(|r| r.name).unwrap_or_default();
+        self.locations.connected(agent_id).await;
         let _ = self.audit.event(&Event::AgentConnected(AgentConnected {
             agent_id: agent_id.to_owned(),
             name: name.clone(),
@@ -390,6 +430,7 @@ impl AgentDirectory for StoreDirectory {
     }
 
     async fn departed(&self, agent_id: &str) {
+        self.locations.departed(agent_id).await;
         let _ = self.store.agent_seen(agent_id, None, None, None, now_unix()).await;
         let _ = self.audit.event(&Event::AgentDisconnected(AgentDisconnected { agent_id: agent_id.to_owned() }));
     }

@@ -1,7 +1,7 @@
 //! Postern gateway: the server and the `postern` command, in layers (docs/architecture.md;
 //! tests/tests/layout.rs checks them): leaves (accept, config, store, audit, recording, frames,
-//! host keys, the RDP wire format, addressing) → services (access, instances, sessions,
-//! enforcer, manage, broker, runs, RDP tokens) → the [`services::Services`] set → doors (ssh,
+//! host keys, the RDP wire format, addressing) → services (access, instances, agent locations,
+//! sessions, enforcer, manage, broker, runs, RDP tokens) → the [`services::Services`] set → doors (ssh,
 //! rdp, admin), which never import one another → app (start-up, background jobs) → cli.
 //! The vocabulary is the `postern-core` crate; the client SDK is `postern-client`.
 
@@ -24,6 +24,7 @@ pub mod connections;
 pub mod enforcer;
 pub mod history;
 pub mod instances;
+pub mod locations;
 pub mod manage;
 pub mod peering;
 pub mod rdp_tokens;

@@ -52,12 +52,19 @@ impl Peering {
     }
 
     /// Open a session to `agent_id`, which is not connected here, through the live gateway
-    /// that has it. `Offline` when none has it.
-    pub async fn open(&self, agent_id: &str, request: SessionRequest) -> Result<SessionStream, OpenError> {
-        let gateways = self.store.live_gateways(now_unix()).await.map_err(|e| {
+    /// that has it: `hint` (where the store says the agent is) first, then the others.
+    /// `Offline` when none has it.
+    pub async fn open(
+        &self,
+        agent_id: &str,
+        hint: Option<&str>,
+        request: SessionRequest,
+    ) -> Result<SessionStream, OpenError> {
+        let mut gateways = self.store.live_gateways(now_unix()).await.map_err(|e| {
             tracing::warn!(error = %e, "cannot read the cluster's gateways from the store");
             OpenError::Offline
         })?;
+        gateways.sort_by_key(|(id, _)| Some(id.as_str()) != hint);
         let mut last = OpenError::Offline;
         for (id, address) in gateways.iter().filter(|(id, _)| *id != self.id) {
             match self.client.open_session(id, address, agent_id, request.clone()).await {

@@ -36,6 +36,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "connections",
             "access",
             "instances",
+            "locations",
             "enforcer",
             "manage",
             "broker",

@@ -201,6 +201,9 @@ impl std::fmt::Debug for AgentRegistry {
 pub enum OpenError {
     #[error("instance is offline")]
     Offline,
+    /// Not connected here, but to another gateway of the cluster (which the store says).
+    #[error("its agent is connected to gateway {gateway}; reaching agents through another gateway is not available yet")]
+    Elsewhere { gateway: String },
     #[error("agent refused the session: {reason}")]
     Rejected { code: ErrorCode, reason: String },
     #[error("agent did not answer within {0:?}")]

@@ -809,7 +809,17 @@ pub async fn token_create(
     }
     println!();
     println!("On the server to add, run:");
-    println!("  postern-agent join --gateway {} --token {} --ca-pin {} --run", s("gateway"), s("token"), s("ca_pin"));
+    // One `--gateway` per advertised address (a cluster advertises several).
+    let mut gateways: Vec<String> = r
+        .get("gateways")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    if gateways.is_empty() {
+        gateways.push(s("gateway"));
+    }
+    let flags: String = gateways.iter().map(|g| format!("--gateway {g} ")).collect();
+    println!("  postern-agent join {flags}--token {} --ca-pin {} --run", s("token"), s("ca_pin"));
     Ok(())
 }
 
@@ -868,10 +878,12 @@ pub async fn instances(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!("No instances yet. Create a token with `postern token create` and join an agent.");
         return Ok(());
     }
+    // A cluster's gateways name where each online agent is connected; a single gateway does not.
+    let cluster = rows.iter().any(|r| r.gateway.is_some());
     let table_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
+            let mut row = vec![
                 r.id.clone(),
                 r.name.clone(),
                 labels_text(&r.labels),
@@ -879,10 +891,18 @@ pub async fn instances(socket: &Path, json: bool) -> anyhow::Result<()> {
                 r.agent_version.clone(),
                 if r.online { "online".into() } else { "offline".into() },
                 if r.online { "now".into() } else { ago(r.last_seen) },
-            ]
+            ];
+            if cluster {
+                row.push(r.gateway.clone().unwrap_or_else(|| "-".into()));
+            }
+            row
         })
         .collect();
-    print!("{}", table(&["ID", "NAME", "LABELS", "PLATFORM", "VERSION", "STATUS", "LAST SEEN"], &table_rows));
+    let mut header = vec!["ID", "NAME", "LABELS", "PLATFORM", "VERSION", "STATUS", "LAST SEEN"];
+    if cluster {
+        header.push("GATEWAY");
+    }
+    print!("{}", table(&header, &table_rows));
     Ok(())
 }
 

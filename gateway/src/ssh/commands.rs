@@ -94,6 +94,8 @@ async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> 
     let agents = state.store.agents().await.map_err(|_| "gateway storage error".to_owned())?;
     let now = jiff::Timestamp::now();
     let registry = state.instances.registry();
+    // In a cluster, connected to another gateway counts as online too.
+    let elsewhere = state.instances.locations().all_elsewhere().await;
     let mut rows = Vec::new();
     for a in agents.into_iter().filter(|a| !a.revoked) {
         if let Some(sel) = &sel
@@ -122,11 +124,12 @@ async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> 
             .map(|(_, d)| usable_logins(&d.settings.run_as, d.settings.allow_root))
             .unwrap_or_default();
         let live = registry.get(&a.id);
+        let online = live.is_some() || elsewhere.contains_key(&a.id);
         rows.push(Instance {
-            online: live.is_some(),
+            online,
             platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
             hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
-            last_seen: if live.is_some() { Some(now_unix()) } else { a.last_seen },
+            last_seen: if online { Some(now_unix()) } else { a.last_seen },
             name: a.name,
             id: a.id,
             labels: a.labels,
