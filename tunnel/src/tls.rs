@@ -42,14 +42,15 @@ impl Default for TransportTimers {
 }
 
 impl TransportTimers {
-    /// An agent with several gateways to choose from: keep-alives every 2 s and a 6 s idle
-    /// timeout (the smaller of the two ends' applies to both), so a gateway killed without
-    /// a word is noticed within 6 s and the agent is on another within the 10 s a cluster
+    /// An agent with several gateways to choose from: keep-alives every 2 s and a 5 s idle
+    /// timeout (the smaller of the two ends' applies to both). The idle timer restarts with
+    /// the first keep-alive sent after the last packet received, so a gateway killed without
+    /// a word is noticed within 7 s and the agent is on another within the 10 s a cluster
     /// promises. Never longer than `self`.
     pub fn for_failover(self) -> Self {
         Self {
             keep_alive: self.keep_alive.min(Duration::from_secs(2)),
-            idle_timeout: self.idle_timeout.min(Duration::from_secs(6)),
+            idle_timeout: self.idle_timeout.min(Duration::from_secs(5)),
         }
     }
 }
