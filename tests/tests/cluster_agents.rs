@@ -263,3 +263,48 @@ fn token_create_prints_every_advertised_address() {
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(text(&out.stdout).contains("joined as multi-01"), "{}", text(&out.stdout));
 }
+
+/// Removes a namespace's `/etc/netns/NAME` (files `ip netns exec` mounts over `/etc`).
+struct NetnsEtc(std::path::PathBuf);
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A gateway name with several addresses is tried in full: inside the namespace
+/// `gw.cluster.test` resolves to `::1` (first, by address selection; nothing listens there)
+/// and to the host end of the link, where the gateway is. Join and run both get past the
+/// dead address to the live one.
+#[test]
+fn every_address_of_a_gateway_name_is_tried() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test creates a network namespace and must run as root (CI does)"
+    );
+    let ns = NetNs::create();
+    let port = free_udp_port();
+    let gw = Gateway::start_on(&format!("{}:{port}", ns.host_ip), "");
+    // `ip netns exec` bind-mounts /etc/netns/NAME/hosts over /etc/hosts for that command.
+    let etc = NetnsEtc(Path::new("/etc/netns").join(&ns.name));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(etc.0.join("hosts"), format!("::1 gw.cluster.test\n{} gw.cluster.test\n", ns.host_ip)).unwrap();
+    let prefix = vec!["ip".to_owned(), "netns".to_owned(), "exec".to_owned(), ns.name.clone()];
+    let resolved = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "getent", "ahostsv6", "gw.cluster.test"])
+        .output()
+        .unwrap();
+    assert!(text(&resolved.stdout).contains("::1"), "{}", text(&resolved.stdout));
+
+    let (agent, joined) = join_agent(&gw, "dns-01", prefix, &[&format!("gw.cluster.test:{port}")], "debug");
+    let tried = text(&joined.stderr);
+    assert!(tried.contains(&format!("[::1]:{port}")), "join tried the dead address first:\n{tried}");
+    wait_until("dns-01 online", Duration::from_secs(30), || gw.is_online("dns-01"));
+    let log = agent_log(&agent);
+    let on = |l: &&str| l.contains("connected to gateway") && !l.contains("disconnected");
+    let connected = log.lines().find(on).unwrap_or_default().to_owned();
+    assert!(connected.contains(&format!("{}:{port}", ns.host_ip)), "{log}");
+    let out = gw.postern(&["exec", "dns-01", "--", "echo", "found"]);
+    assert_eq!(text(&out.stdout), "found\n", "{}", text(&out.stderr));
+}
