@@ -418,7 +418,8 @@ fn build_services(
     let rdp_door = addresses.rdp.map(|a| crate::addressing::rdp_public_address(&config, a.port()));
     let peering = match (config.gateway_id(), peers) {
         (Some(id), Some(client)) => {
-            let address = config.cluster.peer_address.clone().or_else(|| advertised.first().cloned()).unwrap_or_default();
+            let address =
+                config.cluster.peer_address.clone().or_else(|| advertised.first().cloned()).unwrap_or_default();
             Some(Arc::new(crate::peering::Peering::new(id.to_owned(), address, store.clone(), client)))
         }
         _ => None,

@@ -13,11 +13,11 @@ use tracing::info;
 
 use crate::accept::{FailureBackoff, RefusalDigest};
 use crate::audit::AuditLog;
-use crate::locations::AgentLocations;
 use crate::audit::events::{
     AgentConnected, AgentDisconnected, AgentEnrollRefused, AgentEnrolled, AgentProtocolViolation, AgentRefused,
     AgentRenewed, AgentRevoked, Event, TokenCreated, TokenRevoked,
 };
+use crate::locations::AgentLocations;
 use crate::store::{Labels, NewAgent, NewToken, RedeemError, Store, StoreError, resolve_instance};
 
 /// Enrollment tokens are stored and audited only by their SHA-256.

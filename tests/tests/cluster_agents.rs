@@ -209,9 +209,9 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
     assert_eq!(text(&out.stdout), "after-failover\n", "{}", text(&out.stderr));
 
     // A's lease of solo-01 counts until it expires (15 s after A's last renewal), then not.
-    let expired = wait_until("solo-01's lease at A to expire", Duration::from_secs(40), || !row(&b, "solo-01")["online"]
-        .as_bool()
-        .unwrap_or(true));
+    let expired = wait_until("solo-01's lease at A to expire", Duration::from_secs(40), || {
+        !row(&b, "solo-01")["online"].as_bool().unwrap_or(true)
+    });
     let since_kill = killed.elapsed();
     eprintln!("solo-01 offline at B {since_kill:?} after A was killed ({expired:?} after web-01 moved)");
     assert!(since_kill <= Duration::from_secs(16), "the lease outlived its 15 s: {since_kill:?}");
@@ -291,10 +291,8 @@ fn every_address_of_a_gateway_name_is_tried() {
     std::fs::create_dir_all(&etc.0).unwrap();
     std::fs::write(etc.0.join("hosts"), format!("::1 gw.cluster.test\n{} gw.cluster.test\n", ns.host_ip)).unwrap();
     let prefix = vec!["ip".to_owned(), "netns".to_owned(), "exec".to_owned(), ns.name.clone()];
-    let resolved = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "getent", "ahostsv6", "gw.cluster.test"])
-        .output()
-        .unwrap();
+    let resolved =
+        Command::new("ip").args(["netns", "exec", &ns.name, "getent", "ahostsv6", "gw.cluster.test"]).output().unwrap();
     assert!(text(&resolved.stdout).contains("::1"), "{}", text(&resolved.stdout));
 
     let (agent, joined) = join_agent(&gw, "dns-01", prefix, &[&format!("gw.cluster.test:{port}")], "debug");

@@ -274,8 +274,7 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
     write_identity(&opts.state_dir, &key, &resp.cert_der)?;
     write_private(&opts.state_dir.join(CA_FILE), der_to_pem(&resp.ca_der).as_bytes())?;
     let gateways = if opts.gateways.len() > 1 { opts.gateways.clone() } else { Vec::new() };
-    let state =
-        AgentState { gateway: first.clone(), agent_id: resp.agent_id, name: resp.name, ca_pin: pin, gateways };
+    let state = AgentState { gateway: first.clone(), agent_id: resp.agent_id, name: resp.name, ca_pin: pin, gateways };
     write_private(&opts.state_dir.join(STATE_FILE), toml::to_string(&state)?.as_bytes())?;
     Ok(state)
 }
@@ -566,7 +565,11 @@ mod failover_tests {
     use super::{Backoff, Retry, resolve_all};
 
     fn backoff() -> Backoff {
-        Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(4), stable_after: Duration::from_secs(30) }
+        Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(4),
+            stable_after: Duration::from_secs(30),
+        }
     }
 
     /// The delays double from the first, stay within [half, whole] of each step (jitter),
@@ -600,9 +603,12 @@ mod failover_tests {
     /// A name with several addresses gives every one of them, in order, once.
     #[tokio::test]
     async fn a_name_with_several_addresses_gives_every_one() {
-        let (candidates, errors) =
-            resolve_all(&["localhost:4433".to_owned(), "127.0.0.1:4433".to_owned(), "nonexistent.invalid:1".to_owned()])
-                .await;
+        let (candidates, errors) = resolve_all(&[
+            "localhost:4433".to_owned(),
+            "127.0.0.1:4433".to_owned(),
+            "nonexistent.invalid:1".to_owned(),
+        ])
+        .await;
         let addrs: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
         assert!(addrs.contains(&"127.0.0.1:4433".to_owned()), "{addrs:?}");
         assert_eq!(addrs.iter().filter(|a| *a == "127.0.0.1:4433").count(), 1, "no repeats: {addrs:?}");

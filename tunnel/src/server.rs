@@ -202,7 +202,9 @@ pub enum OpenError {
     #[error("instance is offline")]
     Offline,
     /// Not connected here, but to another gateway of the cluster (which the store says).
-    #[error("its agent is connected to gateway {gateway}; reaching agents through another gateway is not available yet")]
+    #[error(
+        "its agent is connected to gateway {gateway}; reaching agents through another gateway is not available yet"
+    )]
     Elsewhere { gateway: String },
     #[error("agent refused the session: {reason}")]
     Rejected { code: ErrorCode, reason: String },

@@ -11,8 +11,8 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use postern_core::store::{
-    AgentLocation, AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion, RedeemError,
-    SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
+    AgentLocation, AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion,
+    RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
     TerminateRequest, TokenRecord, UserRecord,
 };
 
