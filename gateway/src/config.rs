@@ -457,6 +457,13 @@ impl GatewayConfig {
         parse_duration(&cfg.rdp.handshake_timeout)
             .with_context(|| format!("{}: [rdp] handshake_timeout", path.display()))?;
         check_caps(path, "[rdp] max_handshakes", cfg.rdp.max_handshakes, cfg.rdp.max_handshakes_per_source)?;
+        if let Some(bad) = cfg.tunnel.advertise.iter().find(|a| a.trim().is_empty() || a.contains(char::is_whitespace))
+        {
+            anyhow::bail!(
+                "{}: [tunnel] advertise {bad:?}: each address is HOST or HOST:PORT, without spaces",
+                path.display()
+            );
+        }
         check_caps(
             path,
             "[tunnel] max_enrollments",
@@ -554,6 +561,21 @@ mod tests {
         assert_eq!(cfg.tunnel.listen.port(), 5000);
         assert_eq!(cfg.tunnel.agent_cert_ttl, "30d");
         assert!(toml::from_str::<GatewayConfig>("[tunnel]\nlisen = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn advertise_is_one_address_or_a_list() {
+        let one: GatewayConfig = toml::from_str("[tunnel]\nadvertise = \"gw:4433\"\n").unwrap();
+        assert_eq!(one.tunnel.advertise, ["gw:4433"]);
+        let many: GatewayConfig = toml::from_str("[tunnel]\nadvertise = [\"a:1\", \"b:2\"]\n").unwrap();
+        assert_eq!(many.tunnel.advertise, ["a:1", "b:2"]);
+        assert!(GatewayConfig::default().tunnel.advertise.is_empty());
+        assert!(toml::from_str::<GatewayConfig>("[tunnel]\nadvertise = 5\n").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        std::fs::write(&p, "[tunnel]\nadvertise = [\"a:1\", \"\"]\n").unwrap();
+        let err = format!("{:#}", GatewayConfig::load(&p).unwrap_err());
+        assert!(err.contains("[tunnel] advertise \"\""), "{err}");
     }
 
     #[test]
