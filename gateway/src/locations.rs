@@ -139,3 +139,43 @@ impl AgentLocations {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    /// Two gateways on one store: each sees the other's agents (and not its own) as
+    /// elsewhere; a departure at the old gateway does not remove the agent's new location;
+    /// a single gateway keeps nothing.
+    #[tokio::test]
+    async fn gateways_see_each_others_agents_and_only_their_own_rows_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("postern.db")).await.unwrap());
+        let a = AgentLocations::new(store.clone(), Some("gw-a".into()));
+        let b = AgentLocations::new(store.clone(), Some("gw-b".into()));
+        let single = AgentLocations::new(store.clone(), None);
+
+        a.connected("ag-1").await;
+        assert_eq!(b.elsewhere("ag-1").await.as_deref(), Some("gw-a"));
+        assert_eq!(a.elsewhere("ag-1").await, None, "its own agent is not elsewhere");
+        assert_eq!(b.all_elsewhere().await.get("ag-1").map(String::as_str), Some("gw-a"));
+        assert!(a.all_elsewhere().await.is_empty());
+
+        // ag-1 moves to B before A notices it left: A's departure leaves B's row.
+        b.connected("ag-1").await;
+        a.departed("ag-1").await;
+        assert_eq!(a.elsewhere("ag-1").await.as_deref(), Some("gw-b"));
+        b.departed("ag-1").await;
+        assert_eq!(a.elsewhere("ag-1").await, None);
+
+        // A single gateway writes nothing and finds nothing elsewhere.
+        single.connected("ag-2").await;
+        assert_eq!(a.elsewhere("ag-2").await, None);
+        assert!(store.agent_locations(0).await.unwrap().is_empty());
+        a.connected("ag-3").await;
+        assert_eq!(single.elsewhere("ag-3").await, None);
+        assert!(single.all_elsewhere().await.is_empty());
+    }
+}
