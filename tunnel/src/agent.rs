@@ -600,6 +600,21 @@ mod failover_tests {
         assert!(retry.next_delay() <= b.initial * 2);
     }
 
+    /// A state file written before agents knew several gateways still reads (one address),
+    /// and one with several keeps the first in `gateway` for older agents.
+    #[test]
+    fn old_and_new_state_files_read() {
+        let old = "gateway = \"gw:4433\"\nagent_id = \"ag-1\"\nname = \"web-01\"\nca_pin = \"sha256:00\"\n";
+        let state: super::AgentState = toml::from_str(old).unwrap();
+        assert_eq!(state.addresses(), ["gw:4433"]);
+        assert!(!toml::to_string(&state).unwrap().contains("gateways"), "a single gateway is written as before");
+        let many = super::AgentState { gateways: vec!["a:1".into(), "b:2".into()], gateway: "a:1".into(), ..state };
+        let text = toml::to_string(&many).unwrap();
+        let back: super::AgentState = toml::from_str(&text).unwrap();
+        assert_eq!(back.addresses(), ["a:1", "b:2"]);
+        assert!(text.contains("gateway = \"a:1\""), "{text}");
+    }
+
     /// A name with several addresses gives every one of them, in order, once.
     #[tokio::test]
     async fn a_name_with_several_addresses_gives_every_one() {
