@@ -214,7 +214,8 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
     });
     let since_kill = killed.elapsed();
     eprintln!("solo-01 offline at B {since_kill:?} after A was killed ({expired:?} after web-01 moved)");
-    assert!(since_kill <= Duration::from_secs(16), "the lease outlived its 15 s: {since_kill:?}");
+    // 15 s after A's last write at most, plus the time a `postern instances` poll takes.
+    assert!(since_kill <= Duration::from_secs(18), "the lease outlived its 15 s: {since_kill:?}");
     assert!(row(&b, "solo-01")["gateway"].is_null());
     let out = ssh(&b, &key, &known_b, "solo-01", "true");
     assert!(text(&out.stderr).contains("instance solo-01 is offline"), "{}", text(&out.stderr));
