@@ -21,22 +21,11 @@ instances = ["*"]
 allow_root = true
 "#;
 
-fn cluster_config(url: &str, id: &str) -> String {
-    format!("[store]\nurl = {url:?}\n[cluster]\ngateway_id = {id:?}\n")
-}
-
 /// A gateway with its own directory and ports; `tunnel` goes into its `[tunnel]` section.
-/// With `ca_from`, it shares that gateway's agent CA (copied into its data directory before
-/// it starts, as the cluster keys will provide).
-fn gateway_with(listen: &str, tunnel: &str, extra_config: &str, ca_from: Option<&Gateway>) -> Gateway {
+fn gateway_with(listen: &str, tunnel: &str, extra_config: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway { dir, listen: listen.to_owned(), ssh_port: free_tcp_port(), proc: None };
     std::fs::create_dir_all(gw.data_dir()).unwrap();
-    if let Some(first) = ca_from {
-        for f in ["ca.crt", "ca.key"] {
-            std::fs::copy(first.data_dir().join(f), gw.data_dir().join(f)).unwrap();
-        }
-    }
     std::fs::write(
         gw.dir.path().join("gateway.toml"),
         format!(
@@ -48,43 +37,6 @@ fn gateway_with(listen: &str, tunnel: &str, extra_config: &str, ca_from: Option<
     .unwrap();
     gw.restart();
     gw
-}
-
-/// Restart `gw` on its directory. Gateways of one store still share one audit anchor (per-
-/// gateway audit chains are another part of issue 17), so a restarted gateway finds the
-/// anchor of another and refuses to start, naming the `accept_truncation` that lets it go
-/// on: until that part lands, take it.
-fn restart_past_the_shared_audit_anchor(gw: &mut Gateway) {
-    let config = gw.dir.path().join("gateway.toml");
-    for _ in 0..3 {
-        let mut cmd = Command::new(bin("postern"));
-        cmd.arg("--config").arg(&config).arg("gateway");
-        let n = std::fs::read_dir(gw.dir.path()).map(|d| d.count()).unwrap_or(0);
-        let mut proc = spawn_logged(cmd, &gw.dir.path().join(format!("gateway-{n}.log")));
-        let sock = gw.data_dir().join("admin.sock");
-        let mut exited = false;
-        wait_until("gateway admin socket (or its exit)", Duration::from_secs(20), || {
-            exited = proc.child.try_wait().unwrap().is_some();
-            exited || std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
-        if !exited {
-            gw.proc = Some(proc);
-            return;
-        }
-        let log = proc.log_text();
-        let seq = log
-            .split("accept_truncation = ")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .unwrap_or_else(|| panic!("the gateway did not start:\n{log}"));
-        let text = std::fs::read_to_string(&config).unwrap();
-        let text = match text.find("\n[audit]\naccept_truncation") {
-            Some(i) => text[..i].to_owned(),
-            None => text,
-        };
-        std::fs::write(&config, format!("{text}\n[audit]\naccept_truncation = {seq}\n")).unwrap();
-    }
-    panic!("the gateway did not start after three tries");
 }
 
 /// `name`'s row in `postern instances --json` at `gw`.
@@ -150,10 +102,9 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
         nix::unistd::Uid::effective().is_root(),
         "this test creates a network namespace and must run as root (CI does)"
     );
-    let pg = Postgres::start();
-    let url = pg.new_database("agents");
+    let cluster = Cluster::new("agents");
     let ns = NetNs::create();
-    let mut a = Gateway::start_on(&format!("{}:{}", ns.host_ip, free_udp_port()), &cluster_config(&url, "gw-a"));
+    let mut a = Gateway::start_on(&format!("{}:{}", ns.host_ip, free_udp_port()), &cluster.config("gw-a"));
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("alice");
     ssh_keygen(&key, "alice");
@@ -165,7 +116,7 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
     let policy = dir.path().join("ops.toml");
     std::fs::write(&policy, POLICY).unwrap();
     ok(&a, &["policy", "apply", policy.to_str().unwrap()]);
-    let b = gateway_with(&format!("{}:{}", ns.host_ip, free_udp_port()), "", &cluster_config(&url, "gw-b"), Some(&a));
+    let b = gateway_with(&format!("{}:{}", ns.host_ip, free_udp_port()), "", &cluster.config("gw-b"));
     let (known_a, known_b) = (dir.path().join("known_hosts_a"), dir.path().join("known_hosts_b"));
     a.write_known_hosts(&known_a);
     b.write_known_hosts(&known_b);
@@ -181,16 +132,9 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
     wait_until("B to see web-01 at gw-a", Duration::from_secs(10), || online_at(&b, "web-01", "gw-a"));
     let table = text(&b.postern(&["instances"]).stdout);
     assert!(table.contains("GATEWAY") && table.contains("gw-a"), "{table}");
-    // A session through B to it says where it is (peering is not built yet).
+    // A session through B reaches it through A (peering), the store naming A.
     let out = ssh(&b, &key, &known_b, "web-01", "echo through-b");
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains(
-            "instance web-01 is connected to gateway gw-a; reaching agents through another gateway is not available yet"
-        ),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_eq!(text(&out.stdout), "through-b\n", "{}", text(&out.stderr));
     assert_eq!(text(&ssh(&a, &key, &known_a, "web-01", "echo through-a").stdout), "through-a\n");
 
     // An agent that knows only A, to watch A's lease expire once A is gone.
@@ -223,7 +167,7 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
     // A comes back: it sees web-01 at B (and gets solo-01 back), and web-01 stays on B.
     let connects = |log: &str| log.matches("connected to gateway").count();
     let before = connects(&agent_log(&web));
-    restart_past_the_shared_audit_anchor(&mut a);
+    a.restart();
     wait_until("A to see web-01 at gw-b", Duration::from_secs(15), || online_at(&a, "web-01", "gw-b"));
     wait_until("solo-01 back at A", Duration::from_secs(15), || online_at(&a, "solo-01", "gw-a"));
     // Watch for longer than the 7 s in which the agent would notice a lost connection: no move back, no reconnect.
@@ -239,7 +183,7 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
 fn token_create_prints_every_advertised_address() {
     let port = free_udp_port();
     let listen = format!("127.0.0.1:{port}");
-    let gw = gateway_with(&listen, &format!("advertise = [\"127.0.0.2:{port}\", {listen:?}]"), "", None);
+    let gw = gateway_with(&listen, &format!("advertise = [\"127.0.0.2:{port}\", {listen:?}]"), "");
     let out = gw.postern(&["token", "create", "--name", "multi-01"]);
     let printed = text(&out.stdout);
     let command = printed.lines().find(|l| l.contains("postern-agent join")).unwrap().trim().to_owned();
