@@ -92,6 +92,37 @@ pub struct RunningGateway {
     pub services: Arc<Services>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
+    anchors: AnchorBook,
+}
+
+/// Where this gateway's audit anchor is kept in the store: the one row of a single gateway,
+/// or (`[cluster] gateway_id`) the gateway's own row with its checkpoint key, so that each
+/// gateway of a cluster checks its log against its own last checkpoint, never another's.
+#[derive(Clone)]
+struct AnchorBook {
+    store: Arc<dyn Store>,
+    gateway_id: Option<String>,
+    /// The checkpoint signing key's public half (hex), recorded with a cluster anchor.
+    public_key: String,
+}
+
+impl AnchorBook {
+    async fn read(&self) -> Result<Option<crate::audit::anchor::AuditAnchor>, crate::store::StoreError> {
+        match &self.gateway_id {
+            Some(id) => Ok(self.store.gateway_audit_anchor(id).await?.map(|g| g.anchor)),
+            None => self.store.audit_anchor().await,
+        }
+    }
+
+    async fn write(&self, anchor: &crate::audit::anchor::AuditAnchor) -> Result<(), crate::store::StoreError> {
+        match &self.gateway_id {
+            Some(id) => {
+                let entry = crate::store::GatewayAnchor { anchor: anchor.clone(), public_key: self.public_key.clone() };
+                self.store.set_gateway_audit_anchor(id, &entry).await
+            }
+            None => self.store.set_audit_anchor(anchor).await,
+        }
+    }
 }
 
 /// How long a graceful stop waits for live sessions to end before it closes their
@@ -132,7 +163,7 @@ impl RunningGateway {
         // The final checkpoint's anchor, now rather than through the keeper (stopped above).
         let last = self.services.audit.anchors().borrow().clone();
         if let Some(anchor) = &last
-            && let Err(e) = self.services.store.set_audit_anchor(anchor).await
+            && let Err(e) = self.anchors.write(anchor).await
         {
             tracing::error!(error = %e, "cannot record the audit anchor in the database");
         }
@@ -145,6 +176,27 @@ impl RunningGateway {
                     tracing::warn!(error = %format!("{e:#}"), "cannot upload the audit anchor to the object store")
                 }
                 Err(_) => tracing::warn!("the object store did not take the audit anchor in time"),
+            }
+        }
+        // A cluster gateway ships its log whole as it stops (it continues in a new segment at
+        // its next start), with the recordings of the sessions that just ended, so the bucket
+        // holds every gateway's complete chain (`postern audit verify --bucket`). Bounded: a
+        // store that is down does not hold the stop; what is left goes up at the next start.
+        if let (Some(_), Some(shipper)) = (self.services.config.gateway_id(), &self.services.shipper) {
+            let mut todo: Vec<(Kind, PathBuf)> = crate::audit::segments(self.services.audit.dir())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(_, p)| (Kind::Segment, p))
+                .collect();
+            todo.extend(upload_candidates(&self.services, true).into_iter().filter(|(k, _)| *k == Kind::Recording));
+            match tokio::time::timeout(STOP_GRACE * 6, shipper.ship_now(&todo)).await {
+                Ok(Ok(n)) => info!(uploaded = n, "the audit log and recordings are in the object store"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot ship the audit log at stop; it goes up at the next start")
+                }
+                Err(_) => {
+                    tracing::warn!("the object store did not take the audit log in time; it goes up at the next start")
+                }
             }
         }
         info!("gateway stopped");
@@ -278,12 +330,12 @@ async fn checkpoints(audit: Arc<AuditLog>, shutdown: CancellationToken) {
 /// (the anchor in the store)? `Some(event)` when it does not; `accepted` when
 /// `[audit] accept_truncation` names the seq of that checkpoint.
 async fn check_audit_anchor(
-    store: &dyn Store,
+    anchors: &AnchorBook,
     dir: &Path,
     keyring: &crate::audit::seal::Keyring,
     accept: Option<u64>,
 ) -> anyhow::Result<Option<AuditTruncated>> {
-    let Some(anchor) = store.audit_anchor().await.context("reading the audit anchor from the database")? else {
+    let Some(anchor) = anchors.read().await.context("reading the audit anchor from the database")? else {
         return Ok(None);
     };
     let standing = crate::audit::anchor::check(dir, keyring, &anchor).with_context(|| {
@@ -357,7 +409,7 @@ async fn ship_audit_anchor(
 }
 
 /// Keep the last checkpoint the log wrote in the store, as it is written.
-async fn keep_audit_anchor(audit: Arc<AuditLog>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+async fn keep_audit_anchor(audit: Arc<AuditLog>, store: AnchorBook, shutdown: CancellationToken) {
     let mut anchors = audit.anchors();
     anchors.mark_changed();
     loop {
@@ -367,7 +419,7 @@ async fn keep_audit_anchor(audit: Arc<AuditLog>, store: Arc<dyn Store>, shutdown
         }
         let anchor = anchors.borrow_and_update().clone();
         if let Some(anchor) = anchor
-            && let Err(e) = store.set_audit_anchor(&anchor).await
+            && let Err(e) = store.write(&anchor).await
         {
             tracing::error!(error = %e, seq = anchor.seq, "cannot record the audit anchor in the database");
         }
@@ -533,15 +585,20 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
             crate::audit::load_or_create_signing_key(&dir.join("audit-signing.key"))?,
         ),
     };
+    let anchors = AnchorBook {
+        store: store.clone(),
+        gateway_id: config.gateway_id().map(str::to_owned),
+        public_key: postern_core::util::hex(ring::signature::KeyPair::public_key(&signing_key).as_ref()),
+    };
     let keyring = config.audit.encryption.keyring()?;
     let log_options = crate::audit::LogOptions {
         rotate_bytes: config.audit.rotate_bytes,
         rotate_after: crate::config::parse_limit(&config.audit.rotate_after).context("[audit] rotate_after")?,
         keyring: keyring.clone(),
+        gateway_id: config.gateway_id().map(str::to_owned),
     };
     migrate_single_file_log(&dir)?;
-    let truncated =
-        check_audit_anchor(store.as_ref(), &dir.join("audit"), &keyring, config.audit.accept_truncation).await?;
+    let truncated = check_audit_anchor(&anchors, &dir.join("audit"), &keyring, config.audit.accept_truncation).await?;
     let audit =
         Arc::new(AuditLog::open_signed(&dir.join("audit"), signing_key, log_options).context("opening the audit log")?);
     if let Some(t) = truncated {
@@ -614,7 +671,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         SessionTable::with_markers(dir.join("live-sessions"))
             .with_context(|| format!("creating {}", dir.join("live-sessions").display()))?,
     );
-    let history = SessionHistory::start(
+    let history = SessionHistory::start_as(
         store.clone(),
         audit.clone(),
         HistoryRetention {
@@ -622,10 +679,15 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
                 .context("[audit] history_retention")?,
             max_rows: Some(config.audit.history_max_rows).filter(|n| *n > 0),
         },
+        config.gateway_id().map(str::to_owned),
     );
     sessions.close_orphans(&audit, &history);
-    let shipper =
-        config.audit.s3.as_ref().map(|c| crate::audit::ship::Shipper::new(c, &dir).map(Arc::new)).transpose()?;
+    let shipper = config
+        .audit
+        .s3
+        .as_ref()
+        .map(|c| crate::audit::ship::Shipper::new(c, &dir).map(|s| Arc::new(s.for_gateway(config.gateway_id()))))
+        .transpose()?;
     let addresses = Addresses { tunnel: tunnel_addr, ssh: ssh_addr, rdp: rdp_addr };
     let services = Arc::new(build_services(
         config,
@@ -673,7 +735,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         tasks.spawn(cluster.run(shutdown.clone()));
     }
     tasks.spawn(checkpoints(state.audit.clone(), shutdown.clone()));
-    tasks.spawn(keep_audit_anchor(state.audit.clone(), state.store.clone(), shutdown.clone()));
+    tasks.spawn(keep_audit_anchor(state.audit.clone(), anchors.clone(), shutdown.clone()));
     if let Some(shipper) = state.shipper.clone() {
         let st = state.clone();
         tasks.spawn(ship_audit_anchor(state.audit.clone(), shipper.clone(), shutdown.clone()));
@@ -694,7 +756,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         ssh: ssh_addr.map(|a| a.to_string()),
         rdp: rdp_addr.map(|a| a.to_string()),
         ca_pin: state.instances.ca().pin(),
+        gateway_id: state.config.gateway_id().map(str::to_owned),
     }));
     info!(tunnel = %tunnel_addr, data_dir = %dir.display(), ca_pin = %state.instances.ca().pin(), "gateway started");
-    Ok(RunningGateway { services, shutdown, tasks })
+    Ok(RunningGateway { services, shutdown, tasks, anchors })
 }

@@ -147,6 +147,7 @@ impl Broker {
             logged: party.logged,
             unlogged_reason: None,
             recording: None,
+            gateway: None,
         };
         let registration = self.sessions.register(session_id, party);
         self.history.started(record, event);

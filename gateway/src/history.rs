@@ -64,6 +64,8 @@ impl Write {
 pub struct SessionHistory {
     queue: mpsc::Sender<Write>,
     failures: Arc<Failures>,
+    /// `[cluster] gateway_id`, written into every row (None: a single gateway).
+    gateway: Option<String>,
 }
 
 /// Episode state for `gateway.history_failed`: reported at the first failure after a
@@ -97,10 +99,22 @@ impl SessionHistory {
     /// Start the writer task on `store`; it runs until the last handle is dropped, pruning
     /// to `keep` at start and hourly.
     pub fn start(store: Arc<dyn Store>, audit: Arc<AuditLog>, keep: HistoryRetention) -> Arc<Self> {
+        Self::start_as(store, audit, keep, None)
+    }
+
+    /// [`SessionHistory::start`] for gateway `gateway` of a cluster: its rows say so, and
+    /// `postern replay` then looks for their recordings in that gateway's place in the
+    /// object store.
+    pub fn start_as(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        keep: HistoryRetention,
+        gateway: Option<String>,
+    ) -> Arc<Self> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let failures = Arc::new(Failures { failing: AtomicBool::new(false), audit });
         tokio::spawn(write_loop(store, rx, failures.clone(), keep));
-        Arc::new(SessionHistory { queue, failures })
+        Arc::new(SessionHistory { queue, failures, gateway })
     }
 
     fn send(&self, write: Write) {
@@ -118,6 +132,7 @@ impl SessionHistory {
     /// table's party, completed from the door's start event (command, recording, door).
     pub fn started(&self, mut record: SessionRecord, start: &Event) {
         fill_from_start(&mut record, start);
+        record.gateway.clone_from(&self.gateway);
         self.send(Write::Start(Box::new(record)));
     }
 
@@ -160,6 +175,7 @@ impl SessionHistory {
                 logged: marker.logged.unwrap_or(false),
                 unlogged_reason: None,
                 recording: None,
+                gateway: self.gateway.clone(),
             })),
             _ => None,
         };
@@ -389,6 +405,9 @@ pub struct HistoryRow {
     /// Its copy in the object store (`s3://BUCKET/PREFIX/recordings/NAME`), once uploaded.
     #[serde(default)]
     pub recording_s3: Option<String>,
+    /// The `[cluster] gateway_id` of the gateway that carried it (absent: a single gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 impl HistoryRow {
@@ -417,12 +436,18 @@ impl HistoryRow {
             recording: r.recording,
             recording_local: false,
             recording_s3: None,
+            gateway: r.gateway,
         }
     }
 
     /// Where the recording is now: on this gateway's disk, in the object store, or both.
     pub fn locate_recording(&mut self, shipper: Option<&crate::audit::ship::Shipper>) {
         let Some(path) = self.recording.as_deref().map(std::path::Path::new) else { return };
+        // Another gateway's recording is on its disk and in its folder of the bucket, which
+        // this gateway's upload markers do not cover (`postern replay` fetches it from there).
+        if shipper.is_some_and(|s| s.gateway_id() != self.gateway.as_deref()) {
+            return;
+        }
         self.recording_local = path.is_file();
         self.recording_s3 =
             shipper.filter(|s| s.is_uploaded(Kind::Recording, path)).map(|s| s.url(Kind::Recording, path));

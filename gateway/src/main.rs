@@ -309,8 +309,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Cluster { action } => cli::cluster::run(&cli::resolve_config(&cli)?, action).await,
         Command::Audit { action } => match action {
-            cli::AuditAction::Verify { file, key, master_key, json } => {
-                cli::audit_verify(&cli, file, key.as_deref(), master_key, *json).await
+            cli::AuditAction::Verify { file, key, master_key, json, bucket } => {
+                cli::audit_verify(&cli, file, key.as_deref(), master_key, *json, *bucket).await
             }
             cli::AuditAction::Cat { file, master_key } => cli::audit_cat(&cli, file, master_key),
             cli::AuditAction::Keygen { file } => cli::audit_keygen(file),

@@ -198,6 +198,7 @@ fn session(id: &str, user: &str, kind: &str, started_ms: i64) -> SessionRecord {
         logged: true,
         unlogged_reason: None,
         recording: Some("/data/recordings/a.cast".into()),
+        gateway: None,
     }
 }
 
@@ -390,6 +391,35 @@ async fn agent_locations(s: &dyn Store) {
     assert_eq!(live(40_000).await, [pair("ag-3", "gw-a")]);
 }
 
+/// Issue 17, audit in a cluster: each gateway's anchor (and checkpoint key) is its own,
+/// apart from the others' and from a single gateway's; the history says which gateway
+/// carried a session.
+async fn gateway_anchors_and_history(s: &dyn Store) {
+    let anchor = |seq: u64, hash: &str, key: &str| GatewayAnchor {
+        anchor: AuditAnchor { seq, hash: hash.into() },
+        public_key: key.into(),
+    };
+    assert_eq!(s.gateway_audit_anchor("gw-a").await.unwrap(), None);
+    let single = s.audit_anchor().await.unwrap();
+    s.set_gateway_audit_anchor("gw-a", &anchor(10, "a10", "ka")).await.unwrap();
+    s.set_gateway_audit_anchor("gw-b", &anchor(500, "b500", "kb")).await.unwrap();
+    s.set_gateway_audit_anchor("gw-a", &anchor(12, "a12", "ka")).await.unwrap();
+    assert_eq!(s.gateway_audit_anchor("gw-a").await.unwrap(), Some(anchor(12, "a12", "ka")));
+    assert_eq!(s.gateway_audit_anchor("gw-b").await.unwrap(), Some(anchor(500, "b500", "kb")));
+    assert_eq!(s.gateway_audit_anchor("gw-c").await.unwrap(), None);
+    assert_eq!(
+        s.gateway_audit_anchors().await.unwrap(),
+        [("gw-a".to_owned(), anchor(12, "a12", "ka")), ("gw-b".to_owned(), anchor(500, "b500", "kb"))]
+    );
+    // The single gateway's anchor is not one of them.
+    assert_eq!(s.audit_anchor().await.unwrap(), single);
+
+    let mut at_b = session("cc01", "alice", "exec", 400_000);
+    at_b.gateway = Some("gw-b".into());
+    s.insert_session(&at_b).await.unwrap();
+    assert_eq!(s.sessions_by_prefix("cc01", 1).await.unwrap(), [at_b]);
+}
+
 async fn conformance(s: &dyn Store) {
     tokens_and_agents(s).await;
     users_policies_grants_anchor(s).await;
@@ -399,6 +429,7 @@ async fn conformance(s: &dyn Store) {
     gateway_leases(s).await;
     cluster_sessions(s).await;
     agent_locations(s).await;
+    gateway_anchors_and_history(s).await;
 }
 
 /// A gateway is live while its lease runs; it leaves at once when it stops.

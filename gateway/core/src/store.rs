@@ -24,6 +24,15 @@ pub struct AuditAnchor {
     pub hash: String,
 }
 
+/// A cluster gateway's audit anchor and the public key (hex ed25519) its checkpoints are
+/// signed with: `postern audit verify --bucket` checks each gateway's chain in the object
+/// store with the key its gateway recorded here, not with one taken from the bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayAnchor {
+    pub anchor: AuditAnchor,
+    pub public_key: String,
+}
+
 /// An enrollment token as stored: only the SHA-256 of the secret is kept.
 #[derive(Debug, Clone)]
 pub struct NewToken {
@@ -176,6 +185,8 @@ pub struct SessionRecord {
     /// The recording's file in the gateway's data directory (it may since have been moved
     /// to `[audit.s3]` by retention).
     pub recording: Option<String>,
+    /// The `[cluster] gateway_id` of the gateway that carried it (None: a single gateway).
+    pub gateway: Option<String>,
 }
 
 /// How a session in the history ended.
@@ -454,6 +465,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Where `agent_id` is, if its lease has not expired at `now`.
     async fn agent_location(&self, agent_id: &str, now: i64) -> Result<Option<AgentLocation>, StoreError>;
+
+    /// The audit anchor of gateway `gateway_id` of a cluster, with its checkpoint key. Each
+    /// gateway of a cluster keeps its own chain, so its own anchor; a single gateway (no
+    /// `[cluster] gateway_id`) keeps its one in [`Store::audit_anchor`].
+    async fn gateway_audit_anchor(&self, gateway_id: &str) -> Result<Option<GatewayAnchor>, StoreError>;
+
+    /// Record gateway `gateway_id`'s new anchor (replacing its old one; other gateways' stay).
+    async fn set_gateway_audit_anchor(&self, gateway_id: &str, anchor: &GatewayAnchor) -> Result<(), StoreError>;
+
+    /// Every cluster gateway's anchor, by gateway id (sorted).
+    async fn gateway_audit_anchors(&self) -> Result<Vec<(String, GatewayAnchor)>, StoreError>;
 }
 
 /// Which gateway an agent is connected to, as the store keeps it (cluster mode).

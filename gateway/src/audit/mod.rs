@@ -10,7 +10,9 @@
 //! `postern audit verify` checks both (see [`verify`]).
 //!
 //! The log is a directory of **segments** (`events-<first seq>.jsonl`, or `.jsonl.sealed`
-//! when encrypted at rest, see [`seal`]). The chain runs on across them: a new segment starts
+//! when encrypted at rest, see [`seal`]; a gateway of a cluster names them
+//! `events-<gateway id>-<first seq>.jsonl`, so each gateway's chain is told apart wherever
+//! the files end up). The chain runs on across them: a new segment starts
 //! when the current one reaches a size or an age, and its first line is a signed checkpoint
 //! (`segment_start`) over the last line of the previous one, so a segment can be verified
 //! on its own and the log still verifies after retention has deleted the oldest segments.
@@ -54,6 +56,9 @@ pub struct LogOptions {
     /// New segments are sealed with the active key, if there is one; older ones are opened
     /// with whichever key they name.
     pub keyring: seal::Keyring,
+    /// `[cluster] gateway_id`: segment names carry it, and a restarted gateway continues its
+    /// chain in a new segment (the last one was shipped whole at its stop).
+    pub gateway_id: Option<String>,
 }
 
 impl Default for LogOptions {
@@ -62,13 +67,37 @@ impl Default for LogOptions {
             rotate_bytes: 64 << 20,
             rotate_after: Some(Duration::from_secs(86400)),
             keyring: seal::Keyring::default(),
+            gateway_id: None,
         }
     }
 }
 
 /// File name of the segment whose first event has `first_seq`.
 pub fn segment_name(first_seq: u64, sealed: bool) -> String {
-    format!("events-{first_seq:012}.jsonl{}", if sealed { ".sealed" } else { "" })
+    segment_name_of(None, first_seq, sealed)
+}
+
+/// File name of gateway `gateway_id`'s segment whose first event has `first_seq`
+/// (`events-<id>-<seq>.jsonl`; without an id, a single gateway's `events-<seq>.jsonl`).
+pub fn segment_name_of(gateway_id: Option<&str>, first_seq: u64, sealed: bool) -> String {
+    let gateway = gateway_id.map(|g| format!("{g}-")).unwrap_or_default();
+    format!("events-{gateway}{first_seq:012}.jsonl{}", if sealed { ".sealed" } else { "" })
+}
+
+/// The first seq of a segment named `name` (either form of [`segment_name_of`]), and the
+/// gateway id it names, if any.
+pub fn parse_segment_name(name: &str) -> Option<(Option<&str>, u64)> {
+    let rest = name.strip_prefix("events-")?;
+    let stem = rest.strip_suffix(".jsonl").or_else(|| rest.strip_suffix(".jsonl.sealed"))?;
+    let (gateway, digits) = match stem.rsplit_once('-') {
+        Some((g, d)) if !g.is_empty() => (Some(g), d),
+        Some(_) => return None,
+        None => (None, stem),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((gateway, digits.parse().ok()?))
 }
 
 /// The log's segments in `dir`, oldest first, with the `seq` of their first event.
@@ -82,12 +111,9 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let seq = name
-            .strip_prefix("events-")
-            .and_then(|r| r.strip_suffix(".jsonl").or_else(|| r.strip_suffix(".jsonl.sealed")))
-            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|d| d.parse::<u64>().ok());
-        if let Some(seq) = seq {
+        // A single gateway that joined a cluster keeps its older segments: the chain runs on
+        // across both names, ordered by seq.
+        if let Some((_, seq)) = parse_segment_name(&name) {
             out.push((seq, e.path()));
         }
     }
@@ -208,9 +234,10 @@ fn segment_tail(path: &Path, keyring: &seal::Keyring) -> anyhow::Result<Option<(
 fn create_segment(
     dir: &Path,
     first_seq: u64,
-    keyring: &seal::Keyring,
+    options: &LogOptions,
 ) -> std::io::Result<(std::fs::File, PathBuf, Option<seal::Sealer>, u64)> {
-    let path = dir.join(segment_name(first_seq, keyring.active().is_some()));
+    let keyring = &options.keyring;
+    let path = dir.join(segment_name_of(options.gateway_id.as_deref(), first_seq, keyring.active().is_some()));
     let (file, sealer, len) = seal::create_file(&path, keyring)?;
     Ok((file, path, sealer, len))
 }
@@ -284,7 +311,11 @@ impl AuditLog {
         let sealing = options.keyring.active().is_some();
         // A clear newest segment is appended to while the log stays clear; a sealed one is
         // never reopened (its data key is not kept): the chain continues in a new segment.
-        let reuse = segs.last().filter(|(_, p)| !sealing && !seal::is_sealed(p)).map(|(_, p)| p.clone());
+        // Nor is a cluster gateway's: it shipped that segment whole when it stopped.
+        let reuse = segs
+            .last()
+            .filter(|(_, p)| !sealing && !seal::is_sealed(p) && options.gateway_id.is_none())
+            .map(|(_, p)| p.clone());
         let (file, path, sealer, len, fresh) = match reuse {
             Some(path) => {
                 let mut file = std::fs::OpenOptions::new().read(true).append(true).mode(0o600).open(&path)?;
@@ -301,7 +332,7 @@ impl AuditLog {
                 (file, path, None, len, false)
             }
             None => {
-                let (file, path, sealer, len) = create_segment(dir, seq + 1, &options.keyring)
+                let (file, path, sealer, len) = create_segment(dir, seq + 1, &options)
                     .with_context(|| format!("creating an audit log segment in {}", dir.display()))?;
                 (file, path, sealer, len, true)
             }
@@ -456,7 +487,7 @@ impl AuditLog {
             chain.file.sync_data()?;
         }
         let previous = chain.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (file, path, sealer, len) = create_segment(&self.dir, chain.seq + 1, &self.options.keyring)?;
+        let (file, path, sealer, len) = create_segment(&self.dir, chain.seq + 1, &self.options)?;
         chain.file = file;
         chain.path = path;
         chain.sealer = sealer;
@@ -628,6 +659,31 @@ mod tests {
             assert_eq!(lines[i]["seq"], i as u64 + 1);
             assert_eq!(lines[i]["prev"].as_str().unwrap(), line_hash(raw[i - 1].as_bytes()));
         }
+    }
+
+    #[test]
+    fn a_cluster_gateways_segments_carry_its_id_and_a_restart_starts_a_new_one() {
+        assert_eq!(segment_name(7, false), "events-000000000007.jsonl");
+        assert_eq!(segment_name_of(Some("gw-a"), 7, true), "events-gw-a-000000000007.jsonl.sealed");
+        assert_eq!(parse_segment_name("events-000000000007.jsonl"), Some((None, 7)));
+        assert_eq!(parse_segment_name("events-gw-b-2-000000000042.jsonl.sealed"), Some((Some("gw-b-2"), 42)));
+        for bad in ["events-.jsonl", "events--000000000001.jsonl", "events-gw-a-.jsonl", "events-gw-a-12x.jsonl"] {
+            assert_eq!(parse_segment_name(bad), None, "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions { gateway_id: Some("gw-a".into()), ..LogOptions::default() };
+        let log = AuditLog::open_signed(dir.path(), signing_key(), opts.clone()).unwrap();
+        log.record("a", json!({})).unwrap();
+        drop(log);
+        let log = AuditLog::open_signed(dir.path(), signing_key(), opts).unwrap();
+        log.record("b", json!({})).unwrap();
+        let names: Vec<String> = segments(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["events-gw-a-000000000001.jsonl", "events-gw-a-000000000002.jsonl"]);
+        assert_eq!(log.closed_segments().len(), 1);
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub struct S3Config {
     pub bucket: String,
     /// Key prefix: objects are `PREFIX/audit/events-….jsonl[.sealed]`,
     /// `PREFIX/recordings/SESSION.cast[.sealed]`, and the audit anchor `PREFIX/anchor.json`
-    /// with its history `PREFIX/anchors/SEQ.json`.
+    /// with its history `PREFIX/anchors/SEQ.json`. A gateway of a cluster keeps the same
+    /// layout under `PREFIX/gateways/GATEWAY_ID/`, so gateways sharing a bucket never
+    /// write each other's objects.
     #[serde(default = "default_prefix")]
     pub prefix: String,
     /// Endpoint of an S3-compatible service ("http://127.0.0.1:9000"); default: AWS.
@@ -100,6 +102,10 @@ const HISTORY: &str = "anchors";
 const ANCHOR_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pages (1000 keys each) of anchor history read at most when looking for the newest.
 const MAX_ANCHOR_PAGES: usize = 1000;
+/// The folder under the prefix holding each cluster gateway's objects.
+const GATEWAYS: &str = "gateways";
+/// Pages (1000 keys each) read at most when listing a gateway's segments or the gateways.
+const MAX_LIST_PAGES: usize = 10_000;
 
 /// The audit anchor as kept in the object store: the last signed checkpoint's seq and line
 /// hash, the signing key's id, and when it was uploaded (RFC 3339).
@@ -132,6 +138,8 @@ pub struct Shipper {
     bucket: String,
     prefix: String,
     markers: PathBuf,
+    /// The cluster gateway whose folder this is (None: directly under the prefix).
+    gateway_id: Option<String>,
     wake: tokio::sync::Notify,
     /// Recordings finished since the last pass, and whether some did not fit.
     queued: std::sync::Mutex<(Vec<PathBuf>, bool)>,
@@ -178,6 +186,7 @@ impl Shipper {
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.trim_matches('/').to_owned(),
             markers: data_dir.join("uploaded"),
+            gateway_id: None,
             wake: tokio::sync::Notify::new(),
             queued: std::sync::Mutex::new((Vec::new(), false)),
             pending: std::sync::atomic::AtomicUsize::new(0),
@@ -213,6 +222,71 @@ impl Shipper {
     /// Files waiting for upload, as of the last pass.
     pub fn pending(&self) -> usize {
         self.pending.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The same store for the objects of cluster gateway `gateway_id` (its own folder
+    /// `PREFIX/gateways/ID/`); `None`: a single gateway's, directly under the prefix.
+    #[must_use]
+    pub fn for_gateway(mut self, gateway_id: Option<&str>) -> Self {
+        if let Some(id) = gateway_id {
+            self.prefix = self.object(&format!("{GATEWAYS}/{id}"));
+            self.gateway_id = Some(id.to_owned());
+        }
+        self
+    }
+
+    /// The cluster gateway whose folder this is (None: a single gateway's objects).
+    pub fn gateway_id(&self) -> Option<&str> {
+        self.gateway_id.as_deref()
+    }
+
+    /// Every key under `PREFIX/FOLDER/` (sorted), or the sub-folder names there when
+    /// `folders`; at most [`MAX_LIST_PAGES`] pages.
+    async fn list(&self, folder: &str, folders: bool) -> anyhow::Result<Vec<String>> {
+        let prefix = format!("{}/", self.object(folder));
+        let mut opts = PaginatedListOptions {
+            delimiter: folders.then_some(std::borrow::Cow::Borrowed("/")),
+            ..PaginatedListOptions::default()
+        };
+        let mut out = Vec::new();
+        for _ in 0..MAX_LIST_PAGES {
+            let page = tokio::time::timeout(ANCHOR_TIMEOUT, self.s3.list_paginated(Some(&prefix), opts.clone()))
+                .await
+                .map_err(|_| anyhow::anyhow!("the object store did not answer within {}s", ANCHOR_TIMEOUT.as_secs()))?
+                .with_context(|| format!("listing s3://{}/{prefix}", self.bucket))?;
+            if folders {
+                out.extend(page.result.common_prefixes.iter().filter_map(|p| {
+                    let p = p.to_string();
+                    p.strip_prefix(&prefix).map(|n| n.trim_end_matches('/').to_owned()).filter(|n| !n.is_empty())
+                }));
+            } else {
+                out.extend(page.result.objects.iter().map(|o| o.location.to_string()));
+            }
+            match page.page_token {
+                Some(t) => opts.page_token = Some(t),
+                None => break,
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The cluster gateways with a folder in the bucket (`PREFIX/gateways/ID/`), sorted.
+    pub async fn gateways(&self) -> anyhow::Result<Vec<String>> {
+        self.list(GATEWAYS, true).await
+    }
+
+    /// The names of the segments in the store (this gateway's), oldest first.
+    pub async fn segment_names(&self) -> anyhow::Result<Vec<String>> {
+        let keys = self.list(Kind::Segment.dir(), false).await?;
+        let mut named: Vec<(u64, String)> = keys
+            .iter()
+            .filter_map(|k| k.rsplit('/').next())
+            .filter_map(|n| super::parse_segment_name(n).map(|(_, seq)| (seq, n.to_owned())))
+            .collect();
+        named.sort();
+        Ok(named.into_iter().map(|(_, n)| n).collect())
     }
 
     /// The object key of a file.
@@ -388,6 +462,19 @@ impl Shipper {
             std::fs::write(&m, format!("{location}\n"))?;
         }
         Ok(())
+    }
+
+    /// Upload `todo` now (what is not uploaded yet), in order; stops at the first failure.
+    /// Returns how many files were uploaded.
+    pub async fn ship_now(&self, todo: &[(Kind, PathBuf)]) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for (kind, path) in todo.iter().filter(|(k, p)| !self.is_uploaded(*k, p)) {
+            tokio::time::timeout(UPLOAD_TIMEOUT, self.upload(*kind, path))
+                .await
+                .map_err(|_| anyhow::anyhow!("upload of {} timed out", path.display()))??;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Upload what `candidates` lists (files that are complete; recordings only when its

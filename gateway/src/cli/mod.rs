@@ -418,7 +418,7 @@ pub enum AuditAction {
     /// directory) that the log reaches the last checkpoint recorded in the gateway's database.
     /// Works offline on the files; exits 0 when intact, 1 with the first broken line(s) otherwise.
     #[command(
-        after_help = "Examples:\n  postern audit verify\n  postern audit verify --key copy/audit-signing.pub --file copy/events-000000000001.jsonl \\\n      --file copy/events-000000004711.jsonl"
+        after_help = "Examples:\n  postern audit verify\n  postern --config gateway.toml audit verify --bucket\n  postern audit verify --key copy/audit-signing.pub --file copy/events-000000000001.jsonl \\\n      --file copy/events-000000004711.jsonl"
     )]
     Verify {
         /// Segment files, oldest first (default: every segment in DATA_DIR/audit).
@@ -433,6 +433,11 @@ pub enum AuditAction {
         /// Print the full report as JSON.
         #[arg(long)]
         json: bool,
+        /// Verify the copies in [audit.s3] instead of the local files: every gateway's chain
+        /// found there (each cluster gateway's, with the checkpoint key and anchor it recorded
+        /// in the database), one report per gateway.
+        #[arg(long, conflicts_with = "file")]
+        bucket: bool,
     },
     /// Print events as JSON lines (decrypting sealed segments), oldest first: `| jq`.
     #[command(
@@ -508,7 +513,10 @@ pub async fn replay(
         match (crate::recording::find(&dir, id), &cfg.audit.s3) {
             (Some(p), _) => p,
             (None, Some(s3)) => {
-                let f = fetch_recording(s3, &cfg.data_dir, id).await?.with_context(|| {
+                // A cluster's history says which gateway made it: the recording is in that
+                // gateway's folder of the bucket (this one's when the history does not say).
+                let made_at = found.as_ref().and_then(|r| r.gateway.as_deref()).or(cfg.gateway_id());
+                let f = fetch_recording(s3, &cfg.data_dir, id, made_at).await?.with_context(|| {
                     format!("no recording for session {id} in {} or in the object store", dir.display())
                 })?;
                 fetched.insert(f).0.clone()
@@ -554,9 +562,10 @@ async fn fetch_recording(
     s3: &crate::audit::ship::S3Config,
     data_dir: &Path,
     session: &str,
+    gateway_id: Option<&str>,
 ) -> anyhow::Result<Option<Fetched>> {
     use crate::audit::ship::{Kind, Shipper};
-    let shipper = Shipper::new(s3, data_dir)?;
+    let shipper = Shipper::new(s3, data_dir)?.for_gateway(gateway_id);
     for sealed in [true, false] {
         let name = crate::recording::file_name(session, sealed);
         let tmp =
@@ -597,13 +606,20 @@ pub async fn audit_verify(
     key: Option<&Path>,
     master_key: &[PathBuf],
     json: bool,
+    bucket: bool,
 ) -> anyhow::Result<i32> {
     use crate::audit::verify::{Part, verify_parts};
     let cfg = resolve_config(cli)?;
+    if bucket {
+        let keyring = read_keyring(&cfg, master_key)?;
+        let own_key = key.map(Path::to_path_buf).unwrap_or_else(|| cfg.data_dir.join("audit-signing.pub"));
+        return verify::bucket(&cfg, &keyring, &own_key, json).await;
+    }
     // The anchor first: a running gateway records a checkpoint's anchor only after writing
     // it to the log, so the files read after it hold it.
     let loose = !files_given.is_empty() && cli.data_dir.is_none() && cli.config.is_none();
-    let (anchor, notes) = verify::anchor(&cfg.data_dir, cfg.store.url.as_deref(), cfg.audit.s3.as_ref(), loose).await?;
+    let (anchor, notes) =
+        verify::anchor(&cfg.data_dir, cfg.store.url.as_deref(), cfg.audit.s3.as_ref(), loose, cfg.gateway_id()).await?;
     let files = segment_files(&cfg, files_given)?;
     let keyring = read_keyring(&cfg, master_key)?;
     let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| cfg.data_dir.join("audit-signing.pub"));

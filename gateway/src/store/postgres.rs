@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use postern_core::store::{
-    AgentLocation, AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion,
-    RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
-    TerminateRequest, TokenRecord, UserRecord,
+    AgentLocation, AgentRecord, AuditAnchor, GatewayAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent,
+    NewToken, PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError,
+    TERMINATE_PENDING, TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
@@ -183,6 +183,19 @@ CREATE TABLE agent_locations (
 );
 CREATE INDEX agent_locations_gateway ON agent_locations(gateway_id);
 "#,
+
+    // Audit in a cluster (issue 17): each gateway of a cluster keeps its own hash chain,
+    // so its own anchor, with the public key its checkpoints are signed with (for `audit
+    // verify --bucket`); and the session history says which gateway carried a session.
+    r#"
+CREATE TABLE gateway_audit_anchors (
+    gateway_id  TEXT PRIMARY KEY,
+    seq         BIGINT NOT NULL,
+    hash        TEXT NOT NULL,
+    public_key  TEXT NOT NULL
+);
+ALTER TABLE session_history ADD COLUMN gateway TEXT;
+"#,
 ];
 
 /// How long connecting (or waiting for a pooled connection) may take.
@@ -292,6 +305,16 @@ fn row_to_policy(row: &PgRow) -> Result<PolicyVersion, StoreError> {
     })
 }
 
+/// A `gateway_audit_anchors` row's anchor and key.
+fn gateway_anchor_of(row: &PgRow) -> Result<GatewayAnchor, StoreError> {
+    let seq: i64 = row.try_get("seq").map_err(db)?;
+    let seq = u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {seq}")))?;
+    Ok(GatewayAnchor {
+        anchor: AuditAnchor { seq, hash: row.try_get("hash").map_err(db)? },
+        public_key: row.try_get("public_key").map_err(db)?,
+    })
+}
+
 fn row_to_session(row: &PgRow) -> Result<SessionRecord, StoreError> {
     let bytes = |col: &str| -> Result<u64, StoreError> {
         let n: i64 = row.try_get(col).map_err(db)?;
@@ -316,6 +339,7 @@ fn row_to_session(row: &PgRow) -> Result<SessionRecord, StoreError> {
         logged: row.try_get::<i64, _>("logged").map_err(db)? != 0,
         unlogged_reason: row.try_get("unlogged_reason").map_err(db)?,
         recording: row.try_get("recording").map_err(db)?,
+        gateway: row.try_get("gateway").map_err(db)?,
     })
 }
 
@@ -744,7 +768,7 @@ impl Store for PgStore {
     async fn insert_session(&self, r: &SessionRecord) -> Result<(), StoreError> {
         sqlx::query(&format!(
             "INSERT INTO session_history ({SESSION_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
              ON CONFLICT (id) DO NOTHING"
         ))
         .bind(&r.id)
@@ -765,6 +789,7 @@ impl Store for PgStore {
         .bind(i64::from(r.logged))
         .bind(&r.unlogged_reason)
         .bind(&r.recording)
+        .bind(&r.gateway)
         .execute(&self.pool)
         .await
         .map_err(db)?;
@@ -1110,5 +1135,41 @@ impl Store for PgStore {
         .await
         .map_err(db)?;
         row.as_ref().map(row_to_location).transpose()
+    }
+
+    async fn gateway_audit_anchor(&self, gateway_id: &str) -> Result<Option<GatewayAnchor>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash, public_key FROM gateway_audit_anchors WHERE gateway_id = $1")
+            .bind(gateway_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(gateway_anchor_of).transpose()
+    }
+
+    async fn set_gateway_audit_anchor(&self, gateway_id: &str, anchor: &GatewayAnchor) -> Result<(), StoreError> {
+        let seq = i64::try_from(anchor.anchor.seq)
+            .map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.anchor.seq)))?;
+        sqlx::query(
+            "INSERT INTO gateway_audit_anchors (gateway_id, seq, hash, public_key) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (gateway_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
+             public_key = excluded.public_key",
+        )
+        .bind(gateway_id)
+        .bind(seq)
+        .bind(&anchor.anchor.hash)
+        .bind(&anchor.public_key)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn gateway_audit_anchors(&self) -> Result<Vec<(String, GatewayAnchor)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT gateway_id, seq, hash, public_key FROM gateway_audit_anchors ORDER BY gateway_id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
     }
 }

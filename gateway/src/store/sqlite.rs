@@ -11,9 +11,9 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use postern_core::store::{
-    AgentLocation, AgentRecord, AuditAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken, PolicyVersion,
-    RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING, TOKEN_REVOKED_BY,
-    TerminateRequest, TokenRecord, UserRecord,
+    AgentLocation, AgentRecord, AuditAnchor, GatewayAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent,
+    NewToken, PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError,
+    TERMINATE_PENDING, TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
 };
 
 /// The store's error for a failed database call.
@@ -204,6 +204,19 @@ CREATE TABLE agent_locations (
 );
 CREATE INDEX agent_locations_gateway ON agent_locations(gateway_id);
 "#,
+
+    // Audit in a cluster (issue 17): each gateway of a cluster keeps its own hash chain,
+    // so its own anchor, with the public key its checkpoints are signed with (for `audit
+    // verify --bucket`); and the session history says which gateway carried a session.
+    r#"
+CREATE TABLE gateway_audit_anchors (
+    gateway_id  TEXT PRIMARY KEY,
+    seq         BIGINT NOT NULL,
+    hash        TEXT NOT NULL,
+    public_key  TEXT NOT NULL
+);
+ALTER TABLE session_history ADD COLUMN gateway TEXT;
+"#,
 ];
 
 /// The database (users, keys, grants, agents) is readable by the gateway's user only. The
@@ -323,12 +336,22 @@ fn row_to_policy(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, StoreEr
 }
 
 pub(super) const SESSION_COLUMNS: &str = "id, user_name, source, instance, agent_id, kind, door, command, destination, \
-     started_ms, ended_at, end_reason, exit_code, bytes_in, bytes_out, logged, unlogged_reason, recording";
+     started_ms, ended_at, end_reason, exit_code, bytes_in, bytes_out, logged, unlogged_reason, recording, gateway";
 
 /// Byte counts are kept as signed 64-bit integers (what SQL has); more than 2^63 bytes is
 /// stored as the largest.
 pub(super) fn bytes_sql(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A `gateway_audit_anchors` row's anchor and key.
+fn gateway_anchor_of(row: &sqlx::sqlite::SqliteRow) -> Result<GatewayAnchor, StoreError> {
+    let seq: i64 = row.try_get("seq").map_err(db)?;
+    let seq = u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {seq}")))?;
+    Ok(GatewayAnchor {
+        anchor: AuditAnchor { seq, hash: row.try_get("hash").map_err(db)? },
+        public_key: row.try_get("public_key").map_err(db)?,
+    })
 }
 
 fn row_to_session(row: &sqlx::sqlite::SqliteRow) -> Result<SessionRecord, StoreError> {
@@ -355,6 +378,7 @@ fn row_to_session(row: &sqlx::sqlite::SqliteRow) -> Result<SessionRecord, StoreE
         logged: row.try_get::<i64, _>("logged").map_err(db)? != 0,
         unlogged_reason: row.try_get("unlogged_reason").map_err(db)?,
         recording: row.try_get("recording").map_err(db)?,
+        gateway: row.try_get("gateway").map_err(db)?,
     })
 }
 
@@ -801,7 +825,7 @@ impl Store for SqliteStore {
     async fn insert_session(&self, r: &SessionRecord) -> Result<(), StoreError> {
         sqlx::query(&format!(
             "INSERT INTO session_history ({SESSION_COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
         ))
         .bind(&r.id)
         .bind(&r.user)
@@ -821,6 +845,7 @@ impl Store for SqliteStore {
         .bind(i64::from(r.logged))
         .bind(&r.unlogged_reason)
         .bind(&r.recording)
+        .bind(&r.gateway)
         .execute(&self.pool)
         .await
         .map_err(db)?;
@@ -1174,6 +1199,43 @@ impl Store for SqliteStore {
         .map_err(db)?;
         row.as_ref().map(row_to_location).transpose()
     }
+
+
+    async fn gateway_audit_anchor(&self, gateway_id: &str) -> Result<Option<GatewayAnchor>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash, public_key FROM gateway_audit_anchors WHERE gateway_id = ?")
+            .bind(gateway_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(gateway_anchor_of).transpose()
+    }
+
+    async fn set_gateway_audit_anchor(&self, gateway_id: &str, anchor: &GatewayAnchor) -> Result<(), StoreError> {
+        let seq = i64::try_from(anchor.anchor.seq)
+            .map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.anchor.seq)))?;
+        sqlx::query(
+            "INSERT INTO gateway_audit_anchors (gateway_id, seq, hash, public_key) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (gateway_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
+             public_key = excluded.public_key",
+        )
+        .bind(gateway_id)
+        .bind(seq)
+        .bind(&anchor.anchor.hash)
+        .bind(&anchor.public_key)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn gateway_audit_anchors(&self) -> Result<Vec<(String, GatewayAnchor)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT gateway_id, seq, hash, public_key FROM gateway_audit_anchors ORDER BY gateway_id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
+    }
 }
 
 #[cfg(test)]
@@ -1332,6 +1394,7 @@ mod tests {
             logged: true,
             unlogged_reason: None,
             recording: Some("/data/recordings/a.cast".into()),
+            gateway: None,
         }
     }
 

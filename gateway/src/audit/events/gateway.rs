@@ -11,6 +11,9 @@ pub struct GatewayStarted {
     pub ssh: Option<String>,
     pub rdp: Option<String>,
     pub ca_pin: String,
+    /// `[cluster] gateway_id` (absent for a single gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_id: Option<String>,
 }
 
 /// `gateway.stopped` (graceful stop); no fields.
