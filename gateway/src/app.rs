@@ -189,7 +189,7 @@ impl RunningGateway {
                 .map(|(_, p)| (Kind::Segment, p))
                 .collect();
             todo.extend(upload_candidates(&self.services, true).into_iter().filter(|(k, _)| *k == Kind::Recording));
-            match tokio::time::timeout(STOP_GRACE * 6, shipper.ship_now(&todo)).await {
+            match tokio::time::timeout(STOP_GRACE, shipper.ship_now(&todo)).await {
                 Ok(Ok(n)) => info!(uploaded = n, "the audit log and recordings are in the object store"),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot ship the audit log at stop; it goes up at the next start")
