@@ -104,8 +104,9 @@ const ANCHOR_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ANCHOR_PAGES: usize = 1000;
 /// The folder under the prefix holding each cluster gateway's objects.
 const GATEWAYS: &str = "gateways";
-/// Pages (1000 keys each) read at most when listing a gateway's segments or the gateways.
-const MAX_LIST_PAGES: usize = 10_000;
+/// Pages (1000 keys each) read at most when listing a gateway's segments or the gateways:
+/// a million segments (64 MiB each by default) is far beyond any log; more is an error.
+const MAX_LIST_PAGES: usize = 1000;
 
 /// The audit anchor as kept in the object store: the last signed checkpoint's seq and line
 /// hash, the signing key's id, and when it was uploaded (RFC 3339).
@@ -241,7 +242,7 @@ impl Shipper {
     }
 
     /// Every key under `PREFIX/FOLDER/` (sorted), or the sub-folder names there when
-    /// `folders`; at most [`MAX_LIST_PAGES`] pages.
+    /// `folders`; an error beyond [`MAX_LIST_PAGES`] pages.
     async fn list(&self, folder: &str, folders: bool) -> anyhow::Result<Vec<String>> {
         let prefix = format!("{}/", self.object(folder));
         let mut opts = PaginatedListOptions {
@@ -264,12 +265,14 @@ impl Shipper {
             }
             match page.page_token {
                 Some(t) => opts.page_token = Some(t),
-                None => break,
+                None => {
+                    out.sort();
+                    out.dedup();
+                    return Ok(out);
+                }
             }
         }
-        out.sort();
-        out.dedup();
-        Ok(out)
+        anyhow::bail!("more than {MAX_LIST_PAGES} pages of keys under s3://{}/{prefix}", self.bucket)
     }
 
     /// The cluster gateways with a folder in the bucket (`PREFIX/gateways/ID/`), sorted.
