@@ -191,6 +191,15 @@ fn each_gateway_ships_its_own_chain_and_verify_over_the_bucket_checks_every_one_
     assert!(line_of(&report, "gw-b").contains("s3://postern-audit/site/gateways/gw-b/audit/"), "{report}");
     assert!(report.contains("2 audit chains in the object store, all intact"), "{report}");
 
+    // A's own log verifies on its disk, against A's own anchor.
+    let out = offline(&a, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("in the object store at s3://postern-audit/site/gateways/gw-a/anchor.json)"),
+        "{}",
+        text(&out.stdout)
+    );
+
     // Replay at A finds the recording B made, in B's folder of the bucket.
     let out = offline(&a, &["replay", &b_session[..10], "--speed", "1000", "--idle-limit", "0"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -217,6 +226,27 @@ fn each_gateway_ships_its_own_chain_and_verify_over_the_bucket_checks_every_one_
     let restored = dir.path().join("restored");
     std::fs::write(&restored, &original).unwrap();
     s3(port, &["put", &first, restored.to_str().unwrap()]);
+    assert_eq!(verify_bucket(&a).0, Some(0));
+
+    // A's segment copied into B's folder is reported there, by name.
+    let a_first = "site/gateways/gw-a/audit/events-gw-a-000000000001.jsonl";
+    let copy = dir.path().join("copy");
+    std::fs::write(&copy, s3(port, &["get", a_first]).unwrap()).unwrap();
+    let moved = "site/gateways/gw-b/audit/events-gw-a-000000000001.jsonl";
+    s3(port, &["put", moved, copy.to_str().unwrap()]);
+    let (code, report) = verify_bucket(&a);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(report.contains("named for gateway gw-a, in the folder of gateway gw-b"), "{report}");
+    s3(port, &["delete", moved]);
+    // A folder for a gateway the store does not know, holding a copy of A's whole chain
+    // (signed, intact): its key is not taken from the bucket or from A, so it fails.
+    let forged = "site/gateways/gw-c/audit/events-gw-c-000000000001.jsonl";
+    s3(port, &["put", forged, copy.to_str().unwrap()]);
+    let (code, report) = verify_bucket(&a);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(report.contains("no checkpoint key recorded for gateway gw-c in the database"), "{report}");
+    assert!(report.contains("NOT intact: gateway gw-c"), "{report}");
+    s3(port, &["delete", forged]);
     assert_eq!(verify_bucket(&a).0, Some(0));
 
     // B's last segment deleted from the bucket: the chain that is left is whole, but it no
