@@ -2,6 +2,7 @@
 //! checkpoint the gateway signed, recorded in its database and, with `[audit.s3]`, in the
 //! object store; the log is checked against the later of the two.
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::Path;
 
 use anyhow::Context;
@@ -218,7 +219,9 @@ pub async fn bucket(
     if !base.segment_names().await?.is_empty() {
         chains.push(None);
     }
-    let mut ids: Vec<String> = base.gateways().await?;
+    // Folder names come from the bucket: only gateway ids are chains (and safe to print).
+    let (mut ids, strays): (Vec<String>, Vec<String>) =
+        base.gateways().await?.into_iter().partition(|g| crate::config::valid_gateway_id(g));
     ids.extend(recorded.keys().cloned());
     ids.sort();
     ids.dedup();
@@ -233,9 +236,17 @@ pub async fn bucket(
         .with_context(|| format!("creating {}", scratch.display()))?;
     let _cleanup = RemoveDir(scratch.clone());
     let mut out = Vec::new();
-    for gateway in chains {
-        let chain = verify_chain(cfg, keyring, own_key, gateway, &recorded, &scratch).await?;
-        out.push(chain);
+    for (i, gateway) in chains.into_iter().enumerate() {
+        let dir = scratch.join(i.to_string());
+        out.push(verify_chain(cfg, keyring, own_key, gateway, &recorded, &dir).await?);
+    }
+    if let Some(first) = out.first_mut()
+        && !strays.is_empty()
+    {
+        first.notes.push(format!(
+            "{} folder(s) under the prefix's gateways/ are not named like a gateway id and were not verified",
+            strays.len()
+        ));
     }
     let failed: Vec<String> = out.iter().filter(|c| !c.report.ok()).map(|c| name_of(c.gateway.as_deref())).collect();
     if json {
@@ -270,8 +281,6 @@ impl Drop for RemoveDir {
     }
 }
 
-use std::os::unix::fs::DirBuilderExt as _;
-
 /// Download and verify one gateway's chain from the bucket.
 async fn verify_chain(
     cfg: &crate::config::GatewayConfig,
@@ -279,7 +288,7 @@ async fn verify_chain(
     own_key: &Path,
     gateway: Option<String>,
     recorded: &std::collections::BTreeMap<String, crate::store::GatewayAnchor>,
-    scratch: &Path,
+    dir: &Path,
 ) -> anyhow::Result<BucketChain> {
     use crate::audit::ship::Kind;
     use crate::audit::verify::{Part, Problem, verify_parts};
@@ -308,8 +317,7 @@ async fn verify_chain(
     if names.is_empty() {
         early.push(problem(format!("no segments of {} in the object store", name_of(gateway.as_deref()))));
     }
-    let dir = scratch.join(gateway.as_deref().unwrap_or("single"));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::DirBuilder::new().mode(0o700).create(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut texts = Vec::with_capacity(names.len());
     for name in &names {
         // A segment named for another gateway in this one's folder was moved there.
@@ -330,7 +338,11 @@ async fn verify_chain(
             });
             continue;
         }
-        texts.push((format!("{location}{name}"), crate::audit::seal::Plain::read_all(&dest, keyring)?));
+        // A segment that cannot be read (a sealed one without its key) fails this chain only.
+        match crate::audit::seal::Plain::read_all(&dest, keyring) {
+            Ok(plain) => texts.push((format!("{location}{name}"), plain)),
+            Err(e) => early.push(Problem { file: format!("{location}{name}"), line: 0, message: format!("{e:#}") }),
+        }
         let _ = std::fs::remove_file(&dest);
     }
     let parts: Vec<Part<'_>> =
