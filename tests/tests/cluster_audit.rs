@@ -86,20 +86,20 @@ fn line_of<'a>(report: &'a str, gateway: &str) -> &'a str {
 
 #[test]
 fn each_gateway_ships_its_own_chain_and_verify_over_the_bucket_checks_every_one_apart() {
-    let pg = Postgres::start();
-    let url = pg.new_database("cluster_audit");
+    let cluster = Cluster::new("cluster_audit");
     let dir = tempfile::tempdir().unwrap();
     let (port, _moto) = moto_with_bucket(dir.path());
     let config = |id: &str| {
         format!(
-            "[store]\nurl = {url:?}\n[cluster]\ngateway_id = \"{id}\"\n[audit.s3]\nbucket = \"{BUCKET}\"\n\
+            "{}[audit.s3]\nbucket = \"{BUCKET}\"\n\
              prefix = \"site\"\nendpoint = \"http://127.0.0.1:{port}\"\nallow_http = true\naccess_key_id = \"test\"\n\
-             secret_access_key = \"test\"\n"
+             secret_access_key = \"test\"\n",
+            cluster.config(id)
         )
     };
     let mut a = Gateway::start(&config("gw-a"));
     let mut b = Gateway::start(&config("gw-b"));
-    // Each gateway has its own agent CA (cluster keys are a later part): one agent each.
+    // One agent on each gateway.
     let web1 = Agent::start(&a, "web-01", vec![], &a.listen);
     let web2 = Agent::start(&b, "web-02", vec![], &b.listen);
     let key = dir.path().join("alice");
