@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use postern_core::store::{
-    AgentLocation, AgentRecord, AuditAnchor, GatewayAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent,
-    NewToken, PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError,
-    TERMINATE_PENDING, TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
+    AgentLocation, AgentRecord, AuditAnchor, GatewayAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken,
+    PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING,
+    TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
@@ -183,7 +183,6 @@ CREATE TABLE agent_locations (
 );
 CREATE INDEX agent_locations_gateway ON agent_locations(gateway_id);
 "#,
-
     // Audit in a cluster (issue 17): each gateway of a cluster keeps its own hash chain,
     // so its own anchor, with the public key its checkpoints are signed with (for `audit
     // verify --bucket`); and the session history says which gateway carried a session.

@@ -11,9 +11,9 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use postern_core::store::{
-    AgentLocation, AgentRecord, AuditAnchor, GatewayAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent,
-    NewToken, PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError,
-    TERMINATE_PENDING, TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
+    AgentLocation, AgentRecord, AuditAnchor, GatewayAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken,
+    PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING,
+    TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
 };
 
 /// The store's error for a failed database call.
@@ -204,7 +204,6 @@ CREATE TABLE agent_locations (
 );
 CREATE INDEX agent_locations_gateway ON agent_locations(gateway_id);
 "#,
-
     // Audit in a cluster (issue 17): each gateway of a cluster keeps its own hash chain,
     // so its own anchor, with the public key its checkpoints are signed with (for `audit
     // verify --bucket`); and the session history says which gateway carried a session.
@@ -1199,7 +1198,6 @@ impl Store for SqliteStore {
         .map_err(db)?;
         row.as_ref().map(row_to_location).transpose()
     }
-
 
     async fn gateway_audit_anchor(&self, gateway_id: &str) -> Result<Option<GatewayAnchor>, StoreError> {
         let row = sqlx::query("SELECT seq, hash, public_key FROM gateway_audit_anchors WHERE gateway_id = ?")
