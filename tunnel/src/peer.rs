@@ -128,28 +128,31 @@ async fn relay(registry: AgentRegistry, mut send: quinn::SendStream, mut recv: q
         return;
     }
     // Each direction ends on its own: an end of stream is passed on as one, a reset as a
-    // reset; when either side goes away for good, both streams are closed.
-    let up = async {
-        match tokio::io::copy(&mut recv, &mut agent_send).await {
-            Ok(_) => {
-                let _ = agent_send.finish();
+    // reset. Chunks move as they arrive (owned `Bytes`, no copy through a buffer).
+    tokio::join!(pass(&mut recv, &mut agent_send), pass(&mut agent_recv, &mut send));
+}
+
+/// Move every chunk from `from` to `to` until `from` ends (then finish `to`) or breaks
+/// (then reset `to`; a `to` that went away stops `from`).
+async fn pass(from: &mut quinn::RecvStream, to: &mut quinn::SendStream) {
+    loop {
+        match from.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                if to.write_chunk(chunk.bytes).await.is_err() {
+                    let _ = from.stop(0u32.into());
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return;
             }
             Err(_) => {
-                let _ = agent_send.reset(0u32.into());
+                let _ = to.reset(0u32.into());
+                return;
             }
         }
-    };
-    let down = async {
-        match tokio::io::copy(&mut agent_recv, &mut send).await {
-            Ok(_) => {
-                let _ = send.finish();
-            }
-            Err(_) => {
-                let _ = send.reset(0u32.into());
-            }
-        }
-    };
-    tokio::join!(up, down);
+    }
 }
 
 /// A's side: connections to the other gateways of the cluster, one per gateway, made when
