@@ -666,3 +666,31 @@ impl Cluster {
         self.pg.sql(&self.db, sql)
     }
 }
+
+/// A version 2 preconnection blob carrying `token`.
+pub fn rdp_pcb(token: &str) -> Vec<u8> {
+    let units: Vec<u16> = token.encode_utf16().chain([0]).collect();
+    let size = 16 + 2 + units.len() * 2;
+    let mut b = Vec::new();
+    b.extend_from_slice(&(size as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(units.len() as u16).to_le_bytes());
+    for u in units {
+        b.extend_from_slice(&u.to_le_bytes());
+    }
+    b
+}
+
+/// An X.224 Connection Request with cookie `mstshash=<user>` asking for TLS and CredSSP.
+pub fn rdp_connection_request(user: &str) -> Vec<u8> {
+    let cookie = format!("Cookie: mstshash={user}\r\n");
+    let neg = [1u8, 0, 8, 0, 3, 0, 0, 0];
+    let li = 6 + cookie.len() + neg.len();
+    let total = 4 + 1 + li;
+    let mut b = vec![3, 0, (total >> 8) as u8, total as u8, li as u8, 0xe0, 0, 0, 0, 0, 0];
+    b.extend_from_slice(cookie.as_bytes());
+    b.extend_from_slice(&neg);
+    b
+}

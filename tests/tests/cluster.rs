@@ -393,3 +393,87 @@ fn a_cluster_gateway_waits_for_an_unreachable_store_serving_nothing_and_recovers
     assert!(out.status.success(), "{}", text(&out.stderr));
     a.stop();
 }
+
+#[test]
+fn an_rdp_token_from_one_gateway_is_redeemed_once_at_another_and_refused_at_a_third() {
+    use std::io::{Read, Write};
+    let cluster = Cluster::new("rdp");
+    let rdp_door = |port: u16| format!("[rdp]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n");
+    let ports = [free_tcp_port(), free_tcp_port(), free_tcp_port()];
+    let a = Gateway::start_on(&listen(), &format!("{}{}", cluster.config("gw-a"), rdp_door(ports[0])));
+    let b = Gateway::start_on(&listen(), &format!("{}{}", cluster.config("gw-b"), rdp_door(ports[1])));
+    let c = Gateway::start_on(&listen(), &format!("{}{}", cluster.config("gw-c"), rdp_door(ports[2])));
+    // A stand-in RDP host behind an agent connected to A: it echoes what it receives.
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in host.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = conn.read(&mut buf) {
+                    if k == 0 || conn.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let limits = cluster.dir.path().join("win.toml");
+    std::fs::write(&limits, format!("[limits]\nrdp_address = \"127.0.0.1:{host_port}\"\n")).unwrap();
+    let _agent = Agent::start_with(&a, "win-01", "os=windows", vec![], &a.listen, &["--config", limits.to_str().unwrap()]);
+    let client = Client::new(
+        &a,
+        "name = \"rdp\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"rdp\"]\ninstances = [\"win-*\"]\n",
+    );
+    // B and C have the policy applied at A (their copies follow the store within seconds).
+    for gw in [&b, &c] {
+        wait_until("the policy at the other gateways", Duration::from_secs(10), || {
+            let out = gw.postern(&["explain", "--user", "alice", "--target", "win-01", "--action", "rdp", "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v.pointer("/decision/allowed") == Some(&serde_json::Value::Bool(true)))
+        });
+    }
+    // The token, from A (`postern rdp` through A's SSH door as alice).
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(bin("postern"))
+        .args(["rdp", "--gateway", &format!("127.0.0.1:{}", a.ssh_port), "--user", "alice", "-i"])
+        .arg(&client.key)
+        .arg("--known-hosts")
+        .arg(client.dir.path().join("known_hosts"))
+        .args(["win-01", "--json"])
+        .env("HOME", client.dir.path())
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("POSTERN_CONFIG")
+        .env_remove("POSTERN_DATA_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "postern rdp: {}", text(&out.stderr));
+    let token = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token"].as_str().unwrap().to_owned();
+    let request = rdp_connection_request("alice");
+    let redeem = |port: u16| {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        conn.write_all(&[rdp_pcb(&token), request.clone()].concat()).unwrap();
+        let mut back = vec![0u8; request.len()];
+        let got = conn.read_exact(&mut back).map(|()| back);
+        (conn, got)
+    };
+    // Redeemed at B (the key is the cluster's): the host gets the request, through A where
+    // the agent is.
+    let (_open, got) = redeem(ports[1]);
+    assert_eq!(got.unwrap(), request, "the request reached the host and its echo came back");
+    wait_until("rdp.open at B", Duration::from_secs(10), || {
+        b.audit_events().iter().any(|e| e["event"] == "rdp.open" && e["via_gateway"] == "gw-a")
+    });
+    // Replayed at C, and again at B: refused as used, nothing reaches the host.
+    for (gw, port) in [(&c, ports[2]), (&b, ports[1])] {
+        let (_conn, got) = redeem(port);
+        assert!(got.is_err(), "a spent token was let in again");
+        wait_until("token-used refusal", Duration::from_secs(10), || {
+            gw.audit_events().iter().any(|e| e["event"] == "session.denied" && e["code"] == "token-used")
+        });
+    }
+}

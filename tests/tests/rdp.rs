@@ -367,7 +367,7 @@ fn freerdp_reaches_xrdp_and_an_nla_server_through_the_gateway() {
     let token = s.token("win-02");
     s.ok(&["instances", "revoke", "win-02"]);
     let _win2_again = s.agent("win-02", &format!("127.0.0.1:{nla_port}"));
-    let (back, _) = raw(&s, &[pcb(&token), connection_request("alice")].concat(), false);
+    let (back, _) = raw(&s, &[rdp_pcb(&token), rdp_connection_request("alice")].concat(), false);
     assert!(back.is_empty());
     let denied = s.events("session.denied").into_iter().last().unwrap();
     assert_eq!(denied["code"], "instance-changed", "{denied}");
@@ -407,34 +407,6 @@ impl Echo {
     }
 }
 
-/// A version 2 preconnection blob carrying `token`.
-fn pcb(token: &str) -> Vec<u8> {
-    let units: Vec<u16> = token.encode_utf16().chain([0]).collect();
-    let size = 16 + 2 + units.len() * 2;
-    let mut b = Vec::new();
-    b.extend_from_slice(&(size as u32).to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
-    b.extend_from_slice(&2u32.to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
-    b.extend_from_slice(&(units.len() as u16).to_le_bytes());
-    for u in units {
-        b.extend_from_slice(&u.to_le_bytes());
-    }
-    b
-}
-
-/// An X.224 Connection Request with cookie `mstshash=<user>` asking for TLS and CredSSP.
-fn connection_request(user: &str) -> Vec<u8> {
-    let cookie = format!("Cookie: mstshash={user}\r\n");
-    let neg = [1u8, 0, 8, 0, 3, 0, 0, 0];
-    let li = 6 + cookie.len() + neg.len();
-    let total = 4 + 1 + li;
-    let mut b = vec![3, 0, (total >> 8) as u8, total as u8, li as u8, 0xe0, 0, 0, 0, 0, 0];
-    b.extend_from_slice(cookie.as_bytes());
-    b.extend_from_slice(&neg);
-    b
-}
-
 /// Through the RDP door with a fresh token for `instance`: connect, send the preconnection
 /// blob and a Connection Request for alice, and read back as many bytes as the request had
 /// (the stand-in host echoes). Returns the connection, the request and what came back.
@@ -442,8 +414,8 @@ fn through_rdp_door(s: &Setup, instance: &str) -> (TcpStream, Vec<u8>, Vec<u8>) 
     let token = s.token(instance);
     let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let cr = connection_request("alice");
-    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
+    let cr = rdp_connection_request("alice");
+    c.write_all(&[rdp_pcb(&token), cr.clone()].concat()).unwrap();
     let mut back = vec![0u8; cr.len()];
     c.read_exact(&mut back).unwrap();
     (c, cr, back)
@@ -493,14 +465,14 @@ fn refusals_are_audited_and_never_dial_the_host() {
     s.apply(RDP_POLICY);
     let token = s.token("win-01");
     s.ok(&["policy", "rm", "rdp-users"]);
-    let (back, _) = raw(&s, &[pcb(&token), connection_request("alice")].concat(), false);
+    let (back, _) = raw(&s, &[rdp_pcb(&token), rdp_connection_request("alice")].concat(), false);
     assert!(back.is_empty());
     n += 1;
     assert_eq!(denied(n)["code"], "policy");
     s.apply(RDP_POLICY);
 
     // No blob at all (a client pointed straight at the gateway): closed at once.
-    let (_, took) = raw(&s, &connection_request("mallory"), false);
+    let (_, took) = raw(&s, &rdp_connection_request("mallory"), false);
     assert!(took < Duration::from_secs(2), "{took:?}");
     n += 1;
     assert_eq!(denied(n)["code"], "no-token");
@@ -509,29 +481,29 @@ fn refusals_are_audited_and_never_dial_the_host() {
     assert!(took < Duration::from_secs(2), "{took:?}");
     n += 1;
     assert_eq!(denied(n)["code"], "oversized");
-    let mut big = pcb(&"A".repeat(100));
+    let mut big = rdp_pcb(&"A".repeat(100));
     big[..4].copy_from_slice(&(1u32 << 20).to_le_bytes());
     raw(&s, &big, false);
     n += 1;
     assert_eq!(denied(n)["code"], "oversized");
     // A blob that is not valid inside: its string runs past its own size.
-    let mut bad = pcb("pr1.x");
+    let mut bad = rdp_pcb("pr1.x");
     bad[16] = 200;
     raw(&s, &bad, false);
     n += 1;
     assert_eq!(denied(n)["code"], "malformed");
     // Truncated: the client stops half way and closes ...
-    raw(&s, &pcb(&token)[..20], true);
+    raw(&s, &rdp_pcb(&token)[..20], true);
     n += 1;
     assert_eq!(denied(n)["code"], "truncated");
     // ... or stops half way and waits: dropped at the handshake timeout.
-    let (_, took) = raw(&s, &pcb(&token)[..20], false);
+    let (_, took) = raw(&s, &rdp_pcb(&token)[..20], false);
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(10), "{took:?}");
     n += 1;
     assert_eq!(denied(n)["code"], "timeout");
     // A token with a valid form from another gateway (or before a restart).
     let forged = format!("{}A.{}", &token[..40], &token[41..]);
-    raw(&s, &[pcb(&forged), connection_request("alice")].concat(), false);
+    raw(&s, &[rdp_pcb(&forged), rdp_connection_request("alice")].concat(), false);
     n += 1;
     assert!(["token-invalid", "token-malformed"].contains(&denied(n)["code"].as_str().unwrap()));
 
@@ -546,7 +518,7 @@ fn refusals_are_audited_and_never_dial_the_host() {
     let token = s.token("win-01");
     let issued = Instant::now();
     wait_until("the token to expire", Duration::from_secs(10), || issued.elapsed() > Duration::from_millis(5100));
-    raw(&s, &[pcb(&token), connection_request("alice")].concat(), false);
+    raw(&s, &[rdp_pcb(&token), rdp_connection_request("alice")].concat(), false);
     n += 1;
     assert_eq!(denied(n)["code"], "token-expired");
 
@@ -671,8 +643,8 @@ fn an_idle_flood_from_one_address_keeps_no_token_out_and_is_audited_in_summaries
     let start = Instant::now();
     let mut c = TcpStream::connect(("127.0.0.1", s.rdp_port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let cr = connection_request("alice");
-    c.write_all(&[pcb(&token), cr.clone()].concat()).unwrap();
+    let cr = rdp_connection_request("alice");
+    c.write_all(&[rdp_pcb(&token), cr.clone()].concat()).unwrap();
     let mut back = vec![0u8; cr.len()];
     c.read_exact(&mut back).expect("the door closed a valid token's connection during an idle flood");
     assert_eq!(back, cr);
@@ -709,7 +681,7 @@ fn a_client_that_stalls_in_its_preamble_is_closed_at_the_handshake_timeout() {
     let local = c.local_addr().unwrap().to_string();
     c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let start = Instant::now();
-    c.write_all(&pcb("pr1.never-finished")[..20]).unwrap();
+    c.write_all(&rdp_pcb("pr1.never-finished")[..20]).unwrap();
     let mut back = Vec::new();
     let _ = c.read_to_end(&mut back);
     let took = start.elapsed();
