@@ -281,3 +281,104 @@ fn each_gateway_ships_its_own_chain_and_verify_over_the_bucket_checks_every_one_
         serde_json::from_slice(&s3(port, &["get", "site/gateways/gw-a/anchor.json"]).unwrap()).unwrap();
     assert!(err.contains(&format!("signed a checkpoint at seq {}", a_anchor["seq"])), "A's own anchor: {err}");
 }
+
+#[test]
+fn a_gateway_killed_mid_session_loses_no_audit_and_every_chain_verifies() {
+    let cluster = Cluster::new("crash_audit");
+    let dir = tempfile::tempdir().unwrap();
+    let (port, _moto) = moto_with_bucket(dir.path());
+    let config = |id: &str| {
+        format!(
+            "{}[audit.s3]\nbucket = \"{BUCKET}\"\nprefix = \"site\"\nendpoint = \"http://127.0.0.1:{port}\"\n\
+             allow_http = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+            cluster.config(id)
+        )
+    };
+    let mut a = Gateway::start(&config("gw-a"));
+    let mut b = Gateway::start(&config("gw-b"));
+    let mut c = Gateway::start(&config("gw-c"));
+    let web = Agent::start(&b, "web-01", vec![], &b.listen);
+    let key = dir.path().join("alice");
+    ssh_keygen(&key, "alice");
+    let policy = dir.path().join("ops.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    for args in [
+        vec!["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()],
+        vec!["policy", "apply", policy.to_str().unwrap()],
+    ] {
+        let out = c.postern(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    // A long session through B (the gateway that dies) and one through A to the agent on B.
+    let long = |gw: &Gateway, tag: &str| {
+        let known = dir.path().join(format!("known_hosts-{tag}"));
+        gw.write_known_hosts(&known);
+        let mut child = Command::new("timeout")
+            .args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+            .arg(&key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .args(["alice%web-01@127.0.0.1", &format!("echo {tag}; exec sleep 300")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
+        assert_eq!(first, format!("{tag}\n"));
+        child
+    };
+    wait_until("the policy at every gateway", Duration::from_secs(10), || {
+        [&a, &b].iter().all(|gw| {
+            let out = gw.postern(&["explain", "--user", "alice", "--target", "web-01", "--action", "exec", "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v.pointer("/decision/allowed") == Some(&serde_json::Value::Bool(true)))
+        })
+    });
+    let mut at_b = long(&b, "through-b");
+    let mut at_a = long(&a, "through-a");
+    let b_session = b
+        .audit_events()
+        .into_iter()
+        .find(|e| e["event"] == "session.start")
+        .and_then(|e| e["session_id"].as_str().map(str::to_owned))
+        .unwrap();
+
+    b.kill();
+    // Both users' sessions end: the one through B with B, the one through A when A loses B.
+    for child in [&mut at_b, &mut at_a] {
+        let mut status = None;
+        wait_until("the ssh client to end", Duration::from_secs(20), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+    }
+    wait_until("A ends its session to the lost agent", Duration::from_secs(10), || {
+        a.audit_events().iter().any(|e| e["event"] == "session.end" && e["end_reason"] == "instance-lost")
+    });
+    // B comes back: it closes the session the crash cut short, in its own chain.
+    b.restart();
+    drop(web);
+    for gw in [&mut a, &mut b, &mut c] {
+        gw.stop();
+    }
+
+    // Nothing is missing: every chain in the bucket verifies, and B's holds the session that
+    // was live when it died, from its start to the end its restart wrote.
+    let (code, report) = verify_bucket(&a);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(report.contains("3 audit chains in the object store, all intact"), "{report}");
+    let b_chain: String = list(port, "site/gateways/gw-b/audit/")
+        .iter()
+        .map(|k| text(&s3(port, &["get", k]).unwrap()))
+        .collect();
+    let events: Vec<serde_json::Value> = b_chain.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(events.iter().any(|e| e["event"] == "session.start" && e["session_id"] == b_session.as_str()));
+    assert!(
+        events.iter().any(|e| e["event"] == "session.end"
+            && e["session_id"] == b_session.as_str()
+            && e["end_reason"] == "gateway-crash"),
+        "{b_chain}"
+    );
+}
