@@ -37,3 +37,17 @@ enroll() {
 
 # known_hosts DATA_DIR: the gateway's @cert-authority line.
 known_hosts() { "$T/postern" --data-dir "$1" ssh-config --known-hosts-file /dev/null | sed -n '/^@cert-authority/p'; }
+
+# start_postgres DB: a throwaway PostgreSQL on loopback (initdb runs as the postgres user, so
+# this needs root) with an empty database DB; sets PGPORT and URL, stopped on exit.
+start_postgres() {
+  PGBIN=$(ls -d /usr/lib/postgresql/*/bin | head -1)
+  PGPORT=$(port)
+  mkdir -p "$W/pg" && chown postgres "$W" "$W/pg"
+  runuser -u postgres -- "$PGBIN/initdb" -D "$W/pg/data" -U postgres -A trust --no-sync >/dev/null
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$W/pg/data" -l "$W/pg/log" -w \
+    -o "-c listen_addresses=127.0.0.1 -p $PGPORT -k $W/pg" start >/dev/null
+  trap 'runuser -u postgres -- "$PGBIN/pg_ctl" -D "$W/pg/data" -m immediate stop >/dev/null 2>&1 || true; cleanup' EXIT
+  psql -h 127.0.0.1 -p "$PGPORT" -U postgres -Atc "CREATE DATABASE $1" >/dev/null
+  URL="postgres://postgres@127.0.0.1:$PGPORT/$1"
+}

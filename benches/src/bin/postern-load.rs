@@ -40,6 +40,22 @@ struct Args {
     /// Seconds to stay connected and idle while measuring CPU.
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
+    /// Cluster failover: after the idle period, kill the gateway (SIGKILL) and have every
+    /// agent reconnect to this other gateway of the cluster, timing how long they take.
+    /// Agents then use the failover timers of an agent that knows several gateways.
+    #[arg(long)]
+    failover: Option<std::net::SocketAddr>,
+    /// The failover gateway's data directory (to count its online agents).
+    #[arg(long, requires = "failover")]
+    failover_data_dir: Option<PathBuf>,
+    /// How many agents the failover gateway should list online once all have moved (its
+    /// own plus these).
+    #[arg(long, default_value_t = 0)]
+    failover_expect_online: usize,
+    /// Stay connected this many seconds after printing the report (while another driver
+    /// measures something else), then exit.
+    #[arg(long, default_value_t = 0)]
+    linger_secs: u64,
 }
 
 fn proc_field(pid: u32, key: &str) -> anyhow::Result<u64> {
@@ -69,7 +85,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 struct Connected {
-    _conn: quinn::Connection,
+    conn: quinn::Connection,
     _send: quinn::SendStream,
     _recv: quinn::RecvStream,
 }
@@ -87,7 +103,7 @@ async fn connect_one(
     )
     .await?;
     match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv, StreamKind::Control)).await?? {
-        Some(Message::HelloAck(_)) => Ok(Connected { _conn: conn, _send: send, _recv: recv }),
+        Some(Message::HelloAck(_)) => Ok(Connected { conn, _send: send, _recv: recv }),
         other => bail!("unexpected reply {other:?}"),
     }
 }
@@ -121,8 +137,12 @@ async fn main() -> anyhow::Result<()> {
     let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
+    let timers =
+        if args.failover.is_some() { TransportTimers::default().for_failover() } else { TransportTimers::default() };
+    let mut configs = Vec::with_capacity(certs.len());
     for (i, cert) in certs.into_iter().enumerate() {
-        let cfg = agent_tunnel_config(&ca, cert, private_key_der(&key), TransportTimers::default())?;
+        let cfg = agent_tunnel_config(&ca, cert, private_key_der(&key), timers)?;
+        configs.push((cfg.clone(), endpoints.get(i % endpoints.len()).context("endpoint")?.clone()));
         let endpoint = endpoints.get(i % endpoints.len()).context("endpoint")?.clone();
         let sem = sem.clone();
         let addr = args.gateway;
@@ -131,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
             let mut last = None;
             for _ in 0..3 {
                 match connect_one(&endpoint, cfg.clone(), addr).await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => return Ok((i, c)),
                     Err(e) => last = Some(e),
                 }
             }
@@ -142,8 +162,8 @@ async fn main() -> anyhow::Result<()> {
     let mut failed = 0usize;
     while let Some(r) = set.join_next().await {
         match r {
-            Ok(Ok(c)) => {
-                connected.push(c);
+            Ok(Ok((i, c))) => {
+                connected.push((i, c));
                 if connected.len() % 1000 == 0 {
                     eprintln!("  {} connected ({:.1} s)", connected.len(), start.elapsed().as_secs_f64());
                 }
@@ -184,7 +204,12 @@ async fn main() -> anyhow::Result<()> {
         (cpu1.saturating_sub(cpu0)) as f64 / clock_ticks_per_sec() as f64 / args.idle_secs as f64 * 100.0;
     let per_agent_kib = (rss_idle.saturating_sub(rss_baseline)) as f64 / connected.len().max(1) as f64;
     let driver_rss = proc_field(std::process::id(), "VmRSS:")?;
+    let failover = match (args.failover, &args.failover_data_dir) {
+        (Some(to), Some(dir)) => Some(fail_over(args.gateway_pid, to, dir, args.failover_expect_online, &connected, &configs).await?),
+        _ => None,
+    };
     let report = json!({
+        "failover": failover,
         "agents_requested": args.agents,
         "agents_connected": connected.len(),
         "agents_failed": failed,
@@ -201,9 +226,87 @@ async fn main() -> anyhow::Result<()> {
         "driver_rss_kib": driver_rss,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
+    tokio::time::sleep(Duration::from_secs(args.linger_secs)).await;
     drop(connected);
     for e in &endpoints {
         e.close(0u32.into(), b"done");
     }
     Ok(())
+}
+
+/// Kill the gateway the agents are connected to, reconnect each to `to` as soon as it sees
+/// its connection lost, and time it: until every agent is connected again, and until the
+/// gateway at `to` (admin socket in `dir`) lists `expect` agents online.
+async fn fail_over(
+    pid: u32,
+    to: std::net::SocketAddr,
+    dir: &std::path::Path,
+    expect: usize,
+    connected: &[(usize, Connected)],
+    configs: &[(quinn::ClientConfig, quinn::Endpoint)],
+) -> anyhow::Result<serde_json::Value> {
+    let kill = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+    anyhow::ensure!(kill.success(), "cannot kill the gateway {pid}");
+    let killed = Instant::now();
+    eprintln!("killed the gateway; {} agents fail over to {to}...", connected.len());
+    let sem = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut set = tokio::task::JoinSet::new();
+    for (i, c) in connected {
+        let conn = c.conn.clone();
+        let (cfg, endpoint) = configs.get(*i).context("config")?.clone();
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn.closed()).await;
+            let noticed = killed.elapsed();
+            let _permit = sem.acquire_owned().await;
+            for attempt in 0..20u32 {
+                match connect_one(&endpoint, cfg.clone(), to).await {
+                    // Dropped at once: what is measured is the time to be connected again.
+                    Ok(_) => return Ok((noticed, killed.elapsed())),
+                    Err(e) if attempt == 19 => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+            bail!("no attempt")
+        });
+    }
+    let (mut noticed, mut moved, mut failed) = (Vec::new(), Vec::new(), 0usize);
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok((n, m))) => {
+                noticed.push(n.as_secs_f64());
+                moved.push(m.as_secs_f64());
+            }
+            _ => failed += 1,
+        }
+    }
+    let all_moved = killed.elapsed().as_secs_f64();
+    noticed.sort_by(f64::total_cmp);
+    moved.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied();
+    let socket = dir.join("admin.sock");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let listed = loop {
+        let (reply, _) = request(&socket, &AdminRequest::Instances).await?;
+        let online = reply
+            .get("result")
+            .and_then(|r| r.as_array())
+            .map(|a| a.iter().filter(|i| i.get("online") == Some(&json!(true))).count())
+            .unwrap_or(0);
+        if online >= expect || Instant::now() > deadline {
+            break (online, killed.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    Ok(json!({
+        "agents_moved": moved.len(),
+        "agents_failed_to_move": failed,
+        "noticed_p50_seconds": pct(&noticed, 0.5),
+        "noticed_max_seconds": noticed.last(),
+        "reconnected_p50_seconds": pct(&moved, 0.5),
+        "reconnected_p99_seconds": pct(&moved, 0.99),
+        "all_reconnected_seconds": (all_moved * 10.0).round() / 10.0,
+        "failover_gateway_online": listed.0,
+        "failover_gateway_lists_all_seconds": (listed.1 * 10.0).round() / 10.0,
+    }))
 }
