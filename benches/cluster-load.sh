@@ -47,11 +47,12 @@ echo "## $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $N simulated agents over t
 until grep -q '"gateway_rss_kib_per_agent"' "$W/load-b.json" 2>/dev/null; do sleep 1; done
 # A's half: measured, then A is killed and they move to B.
 "$T/postern-load" --data-dir "$W/a" --gateway "127.0.0.1:$PA" --gateway-pid "$PID_A" \
-  --agents "$HALF" --idle-secs "$IDLE" --failover "127.0.0.1:$PB" --failover-data-dir "$W/b" \
+  --agents "$HALF" --idle-secs $(( IDLE + 25 )) --failover "127.0.0.1:$PB" --failover-data-dir "$W/b" \
   --failover-expect-online "$N" >"$W/load-a.json" 2>"$W/load-a.log" & LOAD_A=$!; pids+=($LOAD_A)
 until [ "$(online a 2>/dev/null || echo 0)" -ge "$HALF" ]; do sleep 1; done
-x0=$(xacts); sleep 20; x1=$(xacts)
-echo "### store at idle ($N agents connected, two gateways): $(( (x1 - x0) / 20 )) transactions/s (pg_stat_database over 20 s)"
+sleep 10   # the connections' own writes (agent_seen, locations) settle first
+x0=$(xacts); sleep 15; x1=$(xacts)
+echo "### store at idle ($N agents connected, two gateways): $(( (x1 - x0) / 15 )) transactions/s (pg_stat_database over 15 s)"
 wait "$LOAD_A"
 echo "### gateway B (its own $HALF agents, measured before A's moved in)"; cat "$W/load-b.json"
 echo "### gateway A, then killed: its $HALF agents move to B"; cat "$W/load-a.json"

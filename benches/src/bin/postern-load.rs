@@ -261,8 +261,8 @@ async fn fail_over(
             let _permit = sem.acquire_owned().await;
             for attempt in 0..20u32 {
                 match connect_one(&endpoint, cfg.clone(), to).await {
-                    // Dropped at once: what is measured is the time to be connected again.
-                    Ok(_) => return Ok((noticed, killed.elapsed())),
+                    // Kept (the failover gateway counts it online) until the end.
+                    Ok(c) => return Ok((noticed, killed.elapsed(), c)),
                     Err(e) if attempt == 19 => return Err(e),
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
@@ -270,12 +270,13 @@ async fn fail_over(
             bail!("no attempt")
         });
     }
-    let (mut noticed, mut moved, mut failed) = (Vec::new(), Vec::new(), 0usize);
+    let (mut noticed, mut moved, mut failed, mut held) = (Vec::new(), Vec::new(), 0usize, Vec::new());
     while let Some(r) = set.join_next().await {
         match r {
-            Ok(Ok((n, m))) => {
+            Ok(Ok((n, m, c))) => {
                 noticed.push(n.as_secs_f64());
                 moved.push(m.as_secs_f64());
+                held.push(c);
             }
             _ => failed += 1,
         }
@@ -298,6 +299,7 @@ async fn fail_over(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    drop(held);
     Ok(json!({
         "agents_moved": moved.len(),
         "agents_failed_to_move": failed,

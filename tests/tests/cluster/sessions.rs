@@ -1,7 +1,6 @@
 //! Live sessions across a cluster: two real gateways with their own ids on one PostgreSQL
 //! database, a real OpenSSH session through one of them, `postern sessions` and `postern
 //! sessions terminate` at the other (docs/scale-out.md, "Sessions across the cluster").
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,5 +1,4 @@
-//! A cluster of gateways on one PostgreSQL store (docs/scale-out.md): the keys they share.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+//! The keys a cluster shares, gateway peering, failures (docs/scale-out.md).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -2,7 +2,6 @@
 //! over when its gateway is killed, the store keeps where each agent is connected under a
 //! lease, and a name with several addresses is tried in full. Real gateways on one real
 //! PostgreSQL database, agents in a network namespace with no inbound route, OpenSSH.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

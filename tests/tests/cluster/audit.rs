@@ -3,7 +3,6 @@
 //! chain (segment names carry its id), ships it to its own folder of the bucket, and keeps
 //! its own anchor in the store; `postern audit verify --bucket` checks every chain apart;
 //! `postern replay` at one gateway finds a recording made at the other.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
