@@ -205,7 +205,9 @@ async fn main() -> anyhow::Result<()> {
     let per_agent_kib = (rss_idle.saturating_sub(rss_baseline)) as f64 / connected.len().max(1) as f64;
     let driver_rss = proc_field(std::process::id(), "VmRSS:")?;
     let failover = match (args.failover, &args.failover_data_dir) {
-        (Some(to), Some(dir)) => Some(fail_over(args.gateway_pid, to, dir, args.failover_expect_online, &connected, &configs).await?),
+        (Some(to), Some(dir)) => {
+            Some(fail_over(args.gateway_pid, to, dir, args.failover_expect_online, &connected, &configs).await?)
+        }
         _ => None,
     };
     let report = json!({

@@ -368,10 +368,8 @@ fn a_gateway_killed_mid_session_loses_no_audit_and_every_chain_verifies() {
     let (code, report) = verify_bucket(&a);
     assert_eq!(code, Some(0), "{report}");
     assert!(report.contains("3 audit chains in the object store, all intact"), "{report}");
-    let b_chain: String = list(port, "site/gateways/gw-b/audit/")
-        .iter()
-        .map(|k| text(&s3(port, &["get", k]).unwrap()))
-        .collect();
+    let b_chain: String =
+        list(port, "site/gateways/gw-b/audit/").iter().map(|k| text(&s3(port, &["get", k]).unwrap())).collect();
     let events: Vec<serde_json::Value> = b_chain.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(events.iter().any(|e| e["event"] == "session.start" && e["session_id"] == b_session.as_str()));
     assert!(

@@ -420,7 +420,8 @@ fn an_rdp_token_from_one_gateway_is_redeemed_once_at_another_and_refused_at_a_th
     });
     let limits = cluster.dir.path().join("win.toml");
     std::fs::write(&limits, format!("[limits]\nrdp_address = \"127.0.0.1:{host_port}\"\n")).unwrap();
-    let _agent = Agent::start_with(&a, "win-01", "os=windows", vec![], &a.listen, &["--config", limits.to_str().unwrap()]);
+    let _agent =
+        Agent::start_with(&a, "win-01", "os=windows", vec![], &a.listen, &["--config", limits.to_str().unwrap()]);
     let client = Client::new(
         &a,
         "name = \"rdp\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"rdp\"]\ninstances = [\"win-*\"]\n",
