@@ -568,6 +568,40 @@ impl Postgres {
         ));
     }
 
+    /// Turn TLS on and refuse connections without it (`hostssl` only): a CA and a server
+    /// certificate for 127.0.0.1 made with openssl. Returns the CA certificate's path.
+    pub fn require_tls(&self) -> PathBuf {
+        let d = self.dir.path();
+        let data = d.join("data");
+        sh(&format!(
+            "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+             -subj /CN=test-db-ca -keyout ca.key -out ca.crt 2>/dev/null && \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+             -keyout server.key -out server.csr 2>/dev/null && \
+             printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext && \
+             openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+             -extfile san.ext -out server.crt 2>/dev/null && \
+             cp server.crt server.key {data}/ && chown postgres {data}/server.crt {data}/server.key && \
+             chmod 600 {data}/server.key && \
+             printf 'local all all trust\\nhostssl all all 127.0.0.1/32 trust\\nhostnossl all all 0.0.0.0/0 reject\\n' > {data}/pg_hba.conf && \
+             chown postgres {data}/pg_hba.conf",
+            d = d.display(),
+            data = data.display()
+        ));
+        self.sql("postgres", "ALTER SYSTEM SET ssl = on");
+        self.sql("postgres", "SELECT pg_reload_conf()");
+        let ready = || {
+            Command::new("timeout")
+                .args(["10", "psql", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-Atc"])
+                .arg("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .env("PGSSLMODE", "require")
+                .output()
+                .is_ok_and(|o| text(&o.stdout).trim() == "t")
+        };
+        wait_until("PostgreSQL serving TLS", Duration::from_secs(10), ready);
+        d.join("ca.crt")
+    }
+
     /// Run `sql` in database `db` with psql; its output, trimmed (empty on failure).
     pub fn sql(&self, db: &str, sql: &str) -> String {
         let out = Command::new("timeout")

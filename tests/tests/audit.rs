@@ -409,7 +409,11 @@ fn a_recording_that_fills_the_disk_mid_session_ends_it_when_failing_closed() {
     assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("recording can no longer be written"), "{}", text(&out.stderr));
     assert!(!text(&out.stdout).contains("after"));
-    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    let mut end = serde_json::Value::Null;
+    wait_until("the session.end event", Duration::from_secs(10), || {
+        end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap_or_default();
+        !end.is_null()
+    });
     assert_eq!(end["end_reason"], "recording-failed", "{end}");
     assert_eq!(end["logged"], false);
     assert!(end["reason"].as_str().unwrap().starts_with("recording failed during the session"), "{end}");
@@ -434,7 +438,11 @@ fn a_recording_that_fills_the_disk_mid_session_ends_it_when_failing_closed() {
     let out = ssh_exec(&gw, &key, &kh, command);
     assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("recording can no longer be written"), "{}", text(&out.stderr));
-    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    let mut end = serde_json::Value::Null;
+    wait_until("the session.end event", Duration::from_secs(10), || {
+        end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap_or_default();
+        !end.is_null()
+    });
     assert!(end["reason"].as_str().unwrap().contains("File too large"), "{end}");
     let cast = std::fs::read_dir(gw.data_dir().join("recordings")).unwrap().next().unwrap().unwrap().path();
     let recorded = std::fs::read_to_string(&cast).unwrap();
@@ -452,7 +460,11 @@ fn a_recording_that_fills_the_disk_mid_session_ends_it_when_failing_closed() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).ends_with("after\n"));
     assert_eq!(out.stdout.len(), 3_000_000 + "\nafter\n".len());
-    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    let mut end = serde_json::Value::Null;
+    wait_until("the session.end event", Duration::from_secs(10), || {
+        end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap_or_default();
+        !end.is_null()
+    });
     assert_eq!(end["end_reason"], serde_json::Value::Null, "{end}");
     assert_eq!(end["exit_code"], 0);
     assert_eq!(end["logged"], false);
@@ -594,7 +606,11 @@ fn a_recording_stops_at_its_size_limit() {
     assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("recording limit ([audit] max_recording_bytes)"), "{}", text(&out.stderr));
     assert!(out.stdout.len() < OUTPUT && !text(&out.stdout).contains("after"), "{} bytes", out.stdout.len());
-    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    let mut end = serde_json::Value::Null;
+    wait_until("the session.end event", Duration::from_secs(10), || {
+        end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap_or_default();
+        !end.is_null()
+    });
     assert_eq!(end["end_reason"], "recording-limit", "{end}");
     assert_eq!(end["logged"], true, "all the session showed is recorded: {end}");
     let (size, lines) = the_recording(&gw);
@@ -613,7 +629,11 @@ fn a_recording_stops_at_its_size_limit() {
     let out = ssh_exec(&gw, &key, &kh, &command.replace("sleep 20", "sleep 1"));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(out.stdout.len(), OUTPUT + "after\n".len());
-    let end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap();
+    let mut end = serde_json::Value::Null;
+    wait_until("the session.end event", Duration::from_secs(10), || {
+        end = gw.audit_events().into_iter().find(|e| e["event"] == "session.end").unwrap_or_default();
+        !end.is_null()
+    });
     assert_eq!(end["end_reason"], serde_json::Value::Null, "{end}");
     assert_eq!(end["logged"], false, "{end}");
     assert!(end["reason"].as_str().unwrap().contains("max_recording_bytes"), "{end}");

@@ -803,3 +803,35 @@ fn access_changes_through_one_gateway_reach_another_within_5s() {
     let took = applied_at.elapsed();
     assert!(took < Duration::from_secs(5), "A let alice in {took:?} after the change at B");
 }
+
+#[tokio::test]
+async fn the_store_is_reached_over_tls_with_the_server_certificate_verified() {
+    let pg = Postgres::start();
+    let url = pg.new_database("tls");
+    let ca = pg.require_tls();
+    // verify-full against the database's CA: connected (over TLS: the server refuses anything
+    // else now), and it works.
+    let verified = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let store = PgStore::connect(&verified).await.unwrap();
+    store.create_token(&token("feedfeed0001", i64::MAX)).await.unwrap();
+    assert_eq!(store.tokens().await.unwrap().len(), 1);
+    drop(store);
+    // Without TLS the server refuses.
+    let plain = PgStore::connect(&format!("{url}?sslmode=disable")).await.unwrap_err();
+    assert!(format!("{plain}").contains("no encryption"), "{plain}");
+    // Another CA: the server's certificate is not trusted, nothing is sent.
+    let other = tempfile::tempdir().unwrap();
+    sh(&format!(
+        "cd {} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=other \
+         -keyout o.key -out o.crt 2>/dev/null",
+        other.path().display()
+    ));
+    let wrong = format!("{url}?sslmode=verify-full&sslrootcert={}", other.path().join("o.crt").display());
+    let err = PgStore::connect(&wrong).await.unwrap_err();
+    assert!(format!("{err}").to_lowercase().contains("certificate"), "{err}");
+
+    // A real gateway with that URL starts and serves.
+    let gw = Gateway::start(&format!("[store]\nurl = {verified:?}\n"));
+    assert!(gw.instances().is_empty());
+    assert!(!gw.data_dir().join("postern.db").exists());
+}
