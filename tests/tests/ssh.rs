@@ -198,39 +198,6 @@ fn scp_and_sftp_both_ways() {
     assert!(events.iter().any(|e| e["event"] == "session.start" && e["kind"] == "sftp" && e["logged"] == false));
 }
 
-/// A real sshd on loopback, the target of passthrough.
-struct Sshd {
-    proc: Proc,
-    port: u16,
-    host_key_pub: String,
-}
-
-fn start_sshd(dir: &Path, authorized: &Path) -> Sshd {
-    let port = free_tcp_port();
-    let host_key = dir.join("sshd_host_key");
-    keygen(&host_key);
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let cfg = dir.join("sshd_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-             PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n",
-            host_key.display(),
-            dir.join("sshd.pid").display(),
-            authorized.display()
-        ),
-    )
-    .unwrap();
-    sh(&format!("/usr/sbin/sshd -t -f {}", cfg.display()));
-    let mut cmd = Command::new("/usr/sbin/sshd");
-    cmd.arg("-D").arg("-e").arg("-f").arg(&cfg);
-    let proc = spawn_logged(cmd, &dir.join("sshd.log"));
-    wait_until("sshd listening", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    Sshd { proc, port, host_key_pub: std::fs::read_to_string(host_key.with_extension("pub")).unwrap() }
-}
-
 #[test]
 fn local_forward_through_the_instance() {
     let s = SshSetup::new();

@@ -477,3 +477,64 @@ fn an_rdp_token_from_one_gateway_is_redeemed_once_at_another_and_refused_at_a_th
         });
     }
 }
+
+#[test]
+fn ssh_passthrough_reaches_an_instance_sshd_through_another_gateway() {
+    assert!(nix::unistd::Uid::effective().is_root(), "logs into a real sshd as root; CI runs as root");
+    let cluster = Cluster::new("passthrough");
+    let a = Gateway::start_on(&listen(), &cluster.config("gw-a"));
+    let b = Gateway::start_on(&listen(), &cluster.config("gw-b"));
+    let client = Client::new(
+        &a,
+        "name = \"jump\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"ssh-passthrough\"]\n\
+         instances = [\"web-*\"]\n",
+    );
+    // The instance's own sshd (where its agent, connected to B, says it is).
+    let target_key = client.dir.path().join("root_key");
+    ssh_keygen(&target_key, "root");
+    let authorized = client.dir.path().join("authorized_keys");
+    std::fs::copy(target_key.with_extension("pub"), &authorized).unwrap();
+    let sshd = start_sshd(client.dir.path(), &authorized);
+    let agent_cfg = client.dir.path().join("web-01.toml");
+    std::fs::write(&agent_cfg, format!("[limits]\nssh_address = \"127.0.0.1:{}\"\n", sshd.port)).unwrap();
+    let _agent =
+        Agent::start_with(&b, "web-01", "env=test", vec![], &b.listen, &["--config", agent_cfg.to_str().unwrap()]);
+    let kh = client.dir.path().join("known_hosts");
+    let mut known = std::fs::read_to_string(&kh).unwrap();
+    known.push_str(&format!("web-01 {}", sshd.host_key_pub));
+    std::fs::write(&kh, known).unwrap();
+    let config = client.dir.path().join("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host jump\n    HostName 127.0.0.1\n    Port {}\n    User alice\n    IdentityFile {}\n    IdentitiesOnly yes\n\
+             Host web-01\n    ProxyJump jump\n    User root\n    IdentityFile {}\n    IdentitiesOnly yes\n\
+             Host *\n    BatchMode yes\n    StrictHostKeyChecking yes\n    UserKnownHostsFile {}\n",
+            a.ssh_port,
+            client.key.display(),
+            target_key.display(),
+            kh.display()
+        ),
+    )
+    .unwrap();
+    // ssh -J through A: end to end to the instance's sshd, which B's agent reaches.
+    let mut out = None;
+    wait_until("the policy applied at A", Duration::from_secs(10), || {
+        let o = Command::new("timeout")
+            .args(["60", "ssh", "-F"])
+            .arg(&config)
+            .args(["web-01", "echo passthrough-ok $(id -un)"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let done = o.status.success();
+        out = Some(o);
+        done
+    });
+    let out = out.unwrap();
+    assert_eq!(text(&out.stdout), "passthrough-ok root\n", "{}", text(&out.stderr));
+    wait_until("passthrough.open at A, through B", Duration::from_secs(10), || {
+        a.audit_events().iter().any(|e| e["event"] == "passthrough.open" && e["via_gateway"] == "gw-b")
+    });
+    drop(sshd);
+}
