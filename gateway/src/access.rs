@@ -242,6 +242,15 @@ impl AccessList {
         Ok(list)
     }
 
+    /// Trust user certificates signed by `ca` (the gateway's own user CA).
+    pub fn trust_user_ca(&self, ca: &PublicKey) {
+        if let Ok(mut cas) = self.user_cas.write()
+            && !cas.contains(ca.key_data())
+        {
+            cas.push(ca.key_data().clone());
+        }
+    }
+
     /// Whether any user CA is trusted (then certificate offers are worth a signature check).
     pub fn has_user_cas(&self) -> bool {
         self.user_cas.read().map(|c| !c.is_empty()).unwrap_or(false)

@@ -457,6 +457,7 @@ fn build_services(
     rdp_key: Option<[u8; 32]>,
     peers: Option<Arc<postern_tunnel::peer::PeerClient>>,
     locations: Arc<crate::locations::AgentLocations>,
+    user_ca: Arc<crate::hostkeys::UserCa>,
 ) -> anyhow::Result<Services> {
     let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
     let access_changed = Arc::new(tokio::sync::Notify::new());
@@ -509,7 +510,8 @@ fn build_services(
             access_changed.clone(),
         )
         .with_shipper(shipper.clone())
-        .with_cluster(cluster_sessions.clone()),
+        .with_cluster(cluster_sessions.clone())
+        .with_user_ca(user_ca, config.cert_ttl()),
         cluster_sessions,
         config: Arc::new(config),
         addresses,
@@ -646,6 +648,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     if let Some(names) = &config.ssh.ciphers {
         crate::ssh::ciphers(names)?;
     }
+    let user_ca = Arc::new(match &cluster {
+        Some(keys) => crate::hostkeys::UserCa::with_key(keys.user_ca.clone()),
+        None => crate::hostkeys::UserCa::load(&dir)?,
+    });
+    access.trust_user_ca(&user_ca.public_key());
     let principals = crate::addressing::host_principals(&config);
     let host_keys = Arc::new(match &cluster {
         Some(keys) => crate::hostkeys::HostKeys::with_ca(keys.host_ca.clone(), &dir, &principals)?,
@@ -705,6 +712,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         cluster.as_ref().map(|k| k.rdp_token),
         server.peers(),
         locations.clone(),
+        user_ca,
     )?);
     let state = services.clone();
     let shutdown = CancellationToken::new();

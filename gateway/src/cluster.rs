@@ -4,8 +4,9 @@
 //! them instead, so that any gateway is a valid host, tunnel server and checkpoint signer for
 //! the same names: the agent CA (agents enrolled at one gateway connect to any other), the
 //! SSH host CA (one `@cert-authority` line covers every gateway), the audit signing key (one
-//! public key verifies every gateway's chain) and the RDP routing token key (a token issued
-//! at one gateway is redeemed at another).
+//! public key verifies every gateway's chain), the RDP routing token key (a token issued
+//! at one gateway is redeemed at another) and the SSH user CA (a user certificate issued at
+//! one gateway is accepted at every other).
 //!
 //! `postern cluster init` makes the keys once and keeps them in the shared store, each sealed
 //! with the cluster master key (`[cluster] key_file` or `key_command`, the same key formats
@@ -37,9 +38,11 @@ pub const HOST_CA: &str = "ssh-host-ca";
 pub const AUDIT_SIGNING: &str = "audit-signing";
 /// The HMAC key of RDP routing tokens.
 pub const RDP_TOKEN: &str = "rdp-token";
+/// The SSH user CA: signs short-lived user certificates (`postern user cert`).
+pub const USER_CA: &str = "ssh-user-ca";
 
 /// Every cluster key, in the order `cluster init` reports them.
-pub const NAMES: [&str; 4] = [AGENT_CA, HOST_CA, AUDIT_SIGNING, RDP_TOKEN];
+pub const NAMES: [&str; 5] = [AGENT_CA, HOST_CA, AUDIT_SIGNING, RDP_TOKEN, USER_CA];
 
 /// What is sealed for one key.
 #[derive(Serialize, Deserialize)]
@@ -66,6 +69,7 @@ pub struct ClusterKeys {
     /// PKCS#8 of the ed25519 audit signing key.
     pub audit_signing: Vec<u8>,
     pub rdp_token: [u8; 32],
+    pub user_ca: PrivateKey,
 }
 
 impl std::fmt::Debug for ClusterKeys {
@@ -96,9 +100,9 @@ fn generate(name: &str) -> anyhow::Result<Entry> {
             let ca = CertAuthority::generate("Postern cluster agent CA")?;
             (ca.key_pem().to_owned(), Some(ca.cert_pem().to_owned()))
         }
-        HOST_CA => {
+        HOST_CA | USER_CA => {
             let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?));
-            key.set_comment("postern cluster host CA");
+            key.set_comment(if name == HOST_CA { "postern cluster host CA" } else { "postern cluster user CA" });
             (key.to_openssh(LineEnding::LF).context("encoding the host CA")?.to_string(), None)
         }
         AUDIT_SIGNING => {
@@ -188,7 +192,8 @@ pub async fn load(store: &dyn Store, keyring: &Keyring) -> anyhow::Result<Cluste
     let rdp_token = unhex(&get(RDP_TOKEN)?.secret)
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .context("the RDP token key is damaged")?;
-    Ok(ClusterKeys { agent_ca: Arc::new(agent_ca), host_ca, audit_signing, rdp_token })
+    let user_ca = PrivateKey::from_openssh(get(USER_CA)?.secret).context("loading the cluster user CA")?;
+    Ok(ClusterKeys { agent_ca: Arc::new(agent_ca), host_ca, audit_signing, rdp_token, user_ca })
 }
 
 /// The cluster master keyring from `[cluster]` (empty when neither key is set).

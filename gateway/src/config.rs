@@ -19,8 +19,27 @@ pub struct GatewayConfig {
     pub rdp: RdpConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
+    pub identity: IdentityConfig,
     pub testing: TestingConfig,
 }
+
+/// Who users are beyond their registered keys (docs/ssh.md, "Certificates from the gateway").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// How long a user certificate from the gateway's user CA is valid unless `postern user
+    /// cert --ttl` says otherwise ("8h"; at most "7d").
+    pub cert_ttl: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self { cert_ttl: "8h".into() }
+    }
+}
+
+/// The longest a gateway-issued user certificate may be valid.
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(7 * 86400);
 
 /// Several gateways serving as one cluster on a shared store (docs/scale-out.md). Unset (the
 /// default): a single gateway, exactly as before.
@@ -321,6 +340,7 @@ impl Default for GatewayConfig {
             rdp: RdpConfig::default(),
             store: StoreConfig::default(),
             cluster: ClusterConfig::default(),
+            identity: IdentityConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -487,6 +507,14 @@ impl GatewayConfig {
                 path.display()
             );
         }
+        let cert_ttl = parse_duration(&cfg.identity.cert_ttl)
+            .with_context(|| format!("{}: [identity] cert_ttl", path.display()))?;
+        if cert_ttl > MAX_CERT_TTL {
+            anyhow::bail!(
+                "{}: [identity] cert_ttl may be at most 7d (certificates are meant to be short-lived)",
+                path.display()
+            );
+        }
         if let Some(id) = &cfg.cluster.gateway_id {
             if !valid_gateway_id(id) {
                 anyhow::bail!(
@@ -508,6 +536,11 @@ impl GatewayConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// `[identity] cert_ttl`, checked at load.
+    pub fn cert_ttl(&self) -> Duration {
+        parse_duration(&self.identity.cert_ttl).map(|d| d.min(MAX_CERT_TTL)).unwrap_or(Duration::from_secs(8 * 3600))
     }
 
     /// `[cluster] gateway_id`: this gateway's id in a cluster, `None` for a single gateway.

@@ -1,4 +1,5 @@
-//! The gateway's SSH host CA and host certificate.
+//! The gateway's SSH host CA and host certificate, and its SSH user CA (short-lived user
+//! certificates, `postern user cert`).
 //!
 //! The host CA (`ssh_host_ca`, 0600) signs the gateway's host key with principals for every
 //! name a client may use: `*.<suffix>` (OpenSSH accepts wildcard principals in host
@@ -62,6 +63,65 @@ fn issue(ca: &PrivateKey, host_key: &PrivateKey, principals: &[String]) -> anyho
         b.valid_principal(p.clone()).context("principal")?;
     }
     b.sign(ca).context("signing host certificate")
+}
+
+/// The gateway's SSH user CA (`ssh_user_ca`, 0600; a cluster's is shared): signs short-lived
+/// user certificates whose one principal is the Postern user name. The gateway trusts it
+/// like a `user_ca_keys` entry, so the usual checks apply at login (the user must exist and
+/// be enabled, the certificate must name them and be within its validity).
+pub struct UserCa {
+    key: PrivateKey,
+}
+
+impl std::fmt::Debug for UserCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserCa").finish_non_exhaustive()
+    }
+}
+
+/// A user certificate as issued: the certificate, its serial and its end (Unix seconds).
+#[derive(Debug)]
+pub struct IssuedCert {
+    pub certificate: Certificate,
+    pub serial: u64,
+    pub valid_before: u64,
+}
+
+impl UserCa {
+    /// Load (or create) the user CA in `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self { key: load_or_create_key(&dir.join("ssh_user_ca"), "postern user CA")? })
+    }
+
+    /// The user CA `key` (a cluster's).
+    pub fn with_key(key: PrivateKey) -> Self {
+        Self { key }
+    }
+
+    /// The CA's public key, to trust certificates it signed.
+    pub fn public_key(&self) -> ssh_key::PublicKey {
+        self.key.public_key().clone()
+    }
+
+    /// A user certificate for `key`, naming `user` as its one principal, valid from five
+    /// minutes ago (clock skew) for `ttl`. Its key id says who and which serial.
+    pub fn issue(&self, user: &str, key: &ssh_key::PublicKey, ttl: std::time::Duration) -> anyhow::Result<IssuedCert> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0).unsigned_abs();
+        let valid_before = now.saturating_add(ttl.as_secs().max(1));
+        let serial = u64::from_be_bytes(random_bytes::<8>()?);
+        let mut b =
+            Builder::new(random_bytes::<16>()?.to_vec(), key.key_data().clone(), now.saturating_sub(300), valid_before)
+                .context("certificate builder")?;
+        b.cert_type(CertType::User).context("cert type")?;
+        b.key_id(format!("postern:{user}:{serial:016x}")).context("key id")?;
+        b.serial(serial).context("serial")?;
+        b.valid_principal(user.to_owned()).context("principal")?;
+        for ext in ["permit-pty", "permit-port-forwarding", "permit-agent-forwarding"] {
+            b.extension(ext, "").context("extension")?;
+        }
+        let certificate = b.sign(&self.key).context("signing the user certificate")?;
+        Ok(IssuedCert { certificate, serial, valid_before })
+    }
 }
 
 impl HostKeys {

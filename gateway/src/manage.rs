@@ -55,6 +55,14 @@ pub enum ManageRequest {
         name: String,
         groups: Vec<String>,
     },
+    /// A short-lived user certificate from the gateway's user CA for `key`, naming `name`.
+    UserCert {
+        name: String,
+        key: String,
+        /// Validity in seconds (default `[identity] cert_ttl`; at most 7 days).
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+    },
     GroupList,
     PolicyApply {
         file: String,
@@ -138,6 +146,8 @@ pub struct Manage {
     shipper: Option<Arc<Shipper>>,
     /// With `[cluster]`: the live sessions of every gateway.
     cluster: Option<Arc<ClusterSessions>>,
+    /// The user CA `user cert` signs with, and the validity it gives by default.
+    user_ca: Option<(Arc<crate::hostkeys::UserCa>, std::time::Duration)>,
 }
 
 impl Manage {
@@ -159,7 +169,14 @@ impl Manage {
             key_writes: tokio::sync::Mutex::new(()),
             shipper: None,
             cluster: None,
+            user_ca: None,
         }
+    }
+
+    /// `user cert` signs with `ca`, for `default_ttl` unless asked otherwise.
+    pub fn with_user_ca(mut self, ca: Arc<crate::hostkeys::UserCa>, default_ttl: std::time::Duration) -> Self {
+        self.user_ca = Some((ca, default_ttl));
+        self
     }
 
     /// With `[cluster]`: `sessions` lists every gateway's live sessions and `sessions
@@ -292,6 +309,13 @@ pub async fn run(state: &Manage, req: ManageRequest, actor: &str) -> Result<Valu
             }
             obj.remove("source");
         }
+        // What the gateway chose for a certificate it issued: its serial and end.
+        if let (Ok(v), Some(obj)) = (&result, args.as_object_mut())
+            && let Some(serial) = v.get("serial")
+        {
+            obj.insert("serial".into(), serial.clone());
+            obj.insert("valid_before".into(), v.get("valid_before").cloned().unwrap_or_default());
+        }
         event.args = Some(args);
     }
     if let Err(e) = &result {
@@ -359,6 +383,30 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             state.store.put_user(&u).await?;
             changed(state).await?;
             Ok(user_view(&u))
+        }
+        ManageRequest::UserCert { name, key, ttl_secs } => {
+            let Some((ca, default_ttl)) = &state.user_ca else {
+                return Err(bad("this gateway has no user CA"));
+            };
+            let u = user(state, &name).await?;
+            if u.disabled {
+                return Err(bad(format!("user {name:?} is disabled; `postern user enable {name}` first")));
+            }
+            let key = parse_key(&key).map_err(bad)?;
+            let ttl = ttl_secs.map(std::time::Duration::from_secs).unwrap_or(*default_ttl);
+            if ttl.is_zero() || ttl > crate::config::MAX_CERT_TTL {
+                return Err(bad("a certificate's validity must be between 1s and 7d"));
+            }
+            let issued = ca.issue(&name, &key, ttl).map_err(|e| bad(format!("{e:#}")))?;
+            let certificate =
+                issued.certificate.to_openssh().map_err(|e| bad(format!("cannot encode the certificate: {e}")))?;
+            Ok(json!({
+                "user": name,
+                "certificate": certificate,
+                "serial": issued.serial,
+                "valid_before": issued.valid_before,
+                "key": key.fingerprint(Default::default()).to_string(),
+            }))
         }
         ManageRequest::UserKeyRm { name, fingerprint: fp } => {
             let mut u = user(state, &name).await?;

@@ -1371,3 +1371,105 @@ fn ssh_config_install_writes_blocks_that_work_with_the_given_key() {
     let events = s.gw.audit_events();
     assert!(events.iter().any(|e| e["event"] == "session.start" && e["user"] == "bob" && e["run_as"] == LOGIN));
 }
+
+#[test]
+fn gateway_issued_user_certificates_let_a_user_in_until_they_expire_or_the_user_is_disabled() {
+    let gw = Gateway::start("[identity]\ncert_ttl = \"1h\"\n");
+    let _agent = Agent::start(&gw, "web-01", vec![], &gw.listen);
+    let dir = tempfile::tempdir().unwrap();
+    let ok = |args: &[&str]| {
+        let out = gw.postern(args);
+        assert!(out.status.success(), "postern {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+    };
+    // carol has no key registered at all.
+    ok(&["user", "add", "carol"]);
+    ok(&["user", "add", "dave"]);
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        "name = \"certs\"\n[[statement]]\neffect = \"allow\"\nusers = [\"carol\", \"dave\"]\nactions = [\"exec\"]\n\
+         instances = [\"web-*\"]\nallow_root = true\n",
+    )
+    .unwrap();
+    ok(&["policy", "apply", policy.to_str().unwrap()]);
+    let key = dir.path().join("carol");
+    keygen(&key);
+    let kh = dir.path().join("known_hosts");
+    gw.write_known_hosts(&kh);
+    let ssh = |login: &str, cert: &Path| {
+        Command::new("timeout")
+            .args(["30", "ssh", "-p", &gw.ssh_port.to_string(), "-i"])
+            .arg(&key)
+            .arg("-o")
+            .arg(format!("CertificateFile={}", cert.display()))
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .args([&format!("{login}%web-01@127.0.0.1"), "echo cert-ok"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // Issued for carol's key, written beside it as carol-cert.pub.
+    let said = ok(&["user", "cert", "carol", "--key-file", key.with_extension("pub").to_str().unwrap()]);
+    let cert = dir.path().join("carol-cert.pub");
+    assert!(said.contains("certificate for carol") && said.contains(&cert.display().to_string()), "{said}");
+    let shown = text(&Command::new("ssh-keygen").arg("-L").arg("-f").arg(&cert).output().unwrap().stdout);
+    assert!(shown.contains("Type: ssh-ed25519-cert-v01@openssh.com user certificate"), "{shown}");
+    assert!(shown.contains("postern:carol:"), "{shown}");
+    let principals: Vec<&str> =
+        shown.split("Principals:").nth(1).unwrap().split("Critical").next().unwrap().split_whitespace().collect();
+    assert_eq!(principals, ["carol"], "{shown}");
+    let out = ssh("carol", &cert);
+    assert_eq!(text(&out.stdout), "cert-ok\n", "{}", text(&out.stderr));
+    // It names carol only: dave cannot use it.
+    assert_ne!(ssh("dave", &cert).status.code(), Some(0));
+    // The admin action is in the audit log with the serial the gateway chose.
+    let issued = gw
+        .audit_events()
+        .into_iter()
+        .find(|e| e["event"] == "admin.action" && e["op"] == "user_cert")
+        .expect("user_cert in the audit log");
+    assert_eq!(issued["args"]["name"], "carol");
+    assert!(issued["args"]["serial"].as_u64().is_some(), "{issued}");
+    assert!(issued["args"]["key"].as_str().unwrap().starts_with("SHA256:"), "{issued}");
+
+    // Disabled: the unexpired certificate is refused at once; enabled again, it works.
+    ok(&["user", "disable", "carol"]);
+    assert_ne!(ssh("carol", &cert).status.code(), Some(0));
+    let out = gw.postern(&["user", "cert", "carol", "--key-file", key.with_extension("pub").to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out.stderr).contains("is disabled"), "{}", text(&out.stderr));
+    ok(&["user", "enable", "carol"]);
+    assert_eq!(text(&ssh("carol", &cert).stdout), "cert-ok\n");
+
+    // A short one works, then expires and is refused.
+    let short = dir.path().join("short-cert.pub");
+    ok(&[
+        "user",
+        "cert",
+        "carol",
+        "--key-file",
+        key.with_extension("pub").to_str().unwrap(),
+        "--ttl",
+        "4s",
+        "--out",
+        short.to_str().unwrap(),
+    ]);
+    assert_eq!(text(&ssh("carol", &short).stdout), "cert-ok\n");
+    wait_until("the short certificate to be refused", Duration::from_secs(20), || {
+        ssh("carol", &short).status.code() != Some(0)
+    });
+    // Unknown users and bad lifetimes are refused with a reason.
+    let out = gw.postern(&["user", "cert", "nobody", "--key-file", key.with_extension("pub").to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no user \"nobody\""), "{}", text(&out.stderr));
+    let out = gw.postern(&[
+        "user",
+        "cert",
+        "carol",
+        "--key-file",
+        key.with_extension("pub").to_str().unwrap(),
+        "--ttl",
+        "30d",
+    ]);
+    assert!(!out.status.success() && text(&out.stderr).contains("between 1s and 7d"), "{}", text(&out.stderr));
+}

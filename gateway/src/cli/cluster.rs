@@ -4,11 +4,12 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::cluster::{AGENT_CA, AUDIT_SIGNING, HOST_CA, Outcome};
+use crate::cluster::{AGENT_CA, AUDIT_SIGNING, HOST_CA, Outcome, USER_CA};
 
 #[derive(Subcommand)]
 pub enum ClusterAction {
-    /// Make the cluster's keys (agent CA, SSH host CA, audit signing key, RDP token key) in
+    /// Make the cluster's keys (agent CA, SSH host CA, audit signing key, RDP token key, SSH
+    /// user CA) in
     /// the store named by [store] url, sealed with the [cluster] master key. Keys already there
     /// are kept, so it is safe to run again; it also checks they open with this master key.
     #[command(
@@ -40,10 +41,12 @@ pub async fn run(cfg: &crate::config::GatewayConfig, action: &ClusterAction) -> 
     let store = crate::store::open(Some(url), &cfg.data_dir).await?;
     let (report, keys) = crate::cluster::init(store.as_ref(), &keyring).await?;
     let host_ca = keys.host_ca.public_key().to_openssh().context("encoding the host CA")?;
+    let user_ca = keys.user_ca.public_key().to_openssh().context("encoding the user CA")?;
     let facts = |name: &str| -> anyhow::Result<String> {
         Ok(match name {
             AGENT_CA => format!("pin {}", keys.agent_ca.pin()),
             HOST_CA => host_ca.clone(),
+            USER_CA => user_ca.clone(),
             AUDIT_SIGNING => format!("public key {}", keys.audit_public_hex()?),
             _ => String::new(),
         })

@@ -58,6 +58,27 @@ pub enum UserAction {
         #[arg(value_delimiter = ',')]
         groups: Vec<String>,
     },
+    /// Issue a short-lived SSH user certificate for a user's key, from the gateway's user CA:
+    /// the user logs in with key and certificate, nothing registered. Written beside the key
+    /// as KEY-cert.pub, where OpenSSH looks for it.
+    #[command(
+        after_help = "Examples:\n  postern user cert alice --key-file alice.pub             valid for [identity] cert_ttl (8h)\n  postern user cert alice --key-file alice.pub --ttl 1h    writes alice-cert.pub\n  ssh -i alice alice@web-01.postern                        OpenSSH offers alice-cert.pub with it"
+    )]
+    Cert {
+        name: String,
+        /// The user's OpenSSH public key file (`KEY.pub`).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// How long the certificate is valid ("1h", "30m"; at most "7d"). Default: `[identity] cert_ttl`.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Where to write the certificate (default: KEY-cert.pub beside the key; "-": standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the result as JSON (the certificate, its serial and its end).
+        #[arg(long)]
+        json: bool,
+    },
     /// Add or remove SSH keys.
     #[command(
         after_help = "Examples:\n  postern user key add alice --file alice-laptop.pub\n  postern user key rm alice SHA256:q3l7...     (fingerprints: postern user list)"
@@ -247,6 +268,43 @@ pub async fn user(socket: &Path, action: &UserAction) -> anyhow::Result<()> {
             }
             for key in keys {
                 show(&manage(socket, ManageRequest::UserKeyAdd { name: name.clone(), key }).await?);
+            }
+        }
+        UserAction::Cert { name, key_file, ttl, out, json } => {
+            let key = std::fs::read_to_string(key_file)
+                .with_context(|| format!("reading {}", key_file.display()))?
+                .lines()
+                .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .with_context(|| format!("{} holds no public key", key_file.display()))?;
+            let ttl_secs = ttl.as_deref().map(parse_duration).transpose()?.map(|d| d.as_secs());
+            let v = manage(socket, ManageRequest::UserCert { name: name.clone(), key, ttl_secs }).await?;
+            let cert = v.get("certificate").and_then(Value::as_str).context("no certificate in the answer")?;
+            let until = v.get("valid_before").and_then(Value::as_i64).unwrap_or_default();
+            let until = jiff::Timestamp::from_second(until).map(|t| t.to_string()).unwrap_or_default();
+            let path = match out {
+                Some(p) if p.as_os_str() == "-" => None,
+                Some(p) => Some(p.clone()),
+                None => {
+                    let stem = key_file.to_string_lossy();
+                    Some(PathBuf::from(format!("{}-cert.pub", stem.strip_suffix(".pub").unwrap_or(&stem))))
+                }
+            };
+            match &path {
+                Some(p) => {
+                    std::fs::write(p, format!("{cert}\n")).with_context(|| format!("writing {}", p.display()))?
+                }
+                None if !json => println!("{cert}"),
+                None => {}
+            }
+            if *json {
+                print_json(&v)?;
+            } else if let Some(p) = &path {
+                println!(
+                    "certificate for {name} (serial {}) valid until {until}: {}",
+                    v.get("serial").and_then(Value::as_u64).unwrap_or_default(),
+                    p.display()
+                );
             }
         }
         UserAction::Key { action: KeyAction::Rm { name, fingerprint } } => show(

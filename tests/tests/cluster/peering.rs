@@ -25,13 +25,13 @@ fn every_gateway_of_a_cluster_uses_the_keys_sealed_in_the_store() {
     // Sealed, never in the clear: every row is a sealed file's bytes.
     assert_eq!(
         cluster.sql("SELECT string_agg(name, ',' ORDER BY name) FROM cluster_keys"),
-        "agent-ca,audit-signing,rdp-token,ssh-host-ca"
+        "agent-ca,audit-signing,rdp-token,ssh-host-ca,ssh-user-ca"
     );
     assert_eq!(
         cluster.sql(
             "SELECT COUNT(*) FROM cluster_keys WHERE substring(sealed from 1 for 17) = 'POSTERN-SEALED/1\\012'::bytea"
         ),
-        "4"
+        "5"
     );
     assert_eq!(
         cluster.sql(
@@ -44,7 +44,7 @@ fn every_gateway_of_a_cluster_uses_the_keys_sealed_in_the_store() {
     let again = cluster.init();
     assert!(again.status.success(), "{}", text(&again.stderr));
     let out = text(&again.stdout);
-    assert_eq!(out.lines().filter(|l| l.contains(" kept ")).count(), 4, "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains(" kept ")).count(), 5, "{out}");
     assert!(!out.contains("created"), "{out}");
 
     let mut a = Gateway::start_on(&listen(), &cluster.config("gw-a"));
@@ -57,7 +57,7 @@ fn every_gateway_of_a_cluster_uses_the_keys_sealed_in_the_store() {
     // No private key of the cluster is written to a gateway's disk; the audit public key is
     // the cluster's on both.
     for gw in [&a, &b] {
-        for f in ["ca.key", "ssh_host_ca", "audit-signing.key"] {
+        for f in ["ca.key", "ssh_host_ca", "ssh_user_ca", "audit-signing.key"] {
             assert!(!gw.data_dir().join(f).exists(), "{f} written to {}", gw.data_dir().display());
         }
     }
@@ -104,6 +104,34 @@ fn every_gateway_of_a_cluster_uses_the_keys_sealed_in_the_store() {
             .unwrap()
     });
     assert_eq!(text(&out.stdout), "through-b\n", "{}", text(&out.stderr));
+
+    // One user CA: a certificate issued at A (for erin, who has no key registered) gets her
+    // into B.
+    let erin = dir.path().join("erin");
+    ssh_keygen(&erin, "erin");
+    for args in [
+        vec!["user", "add", "erin"],
+        vec!["user", "cert", "erin", "--key-file", erin.with_extension("pub").to_str().unwrap()],
+    ] {
+        let out = a.postern(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let policy = dir.path().join("erin.toml");
+    std::fs::write(&policy, POLICY.replace("name = \"ops\"", "name = \"erin\"").replace("alice", "erin")).unwrap();
+    let out = a.postern(&["policy", "apply", policy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = wait_for_output(|| {
+        Command::new("timeout")
+            .args(["60", "ssh", "-p", &b.ssh_port.to_string(), "-i"])
+            .arg(&erin)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", dir.path().join("known_hosts").display()))
+            .args(["erin%web-01@127.0.0.1", "echo erin-at-b"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    assert_eq!(text(&out.stdout), "erin-at-b\n", "{}", text(&out.stderr));
     a.stop();
 }
 
@@ -131,12 +159,12 @@ fn a_cluster_gateway_refuses_to_start_without_its_keys_or_with_keys_it_cannot_tr
         assert!(!gw.data_dir().join("admin.sock").exists());
     };
     // Before init: nothing to load, nothing made up.
-    refused("missing: agent-ca, ssh-host-ca, audit-signing, rdp-token): run `postern cluster init");
+    refused("missing: agent-ca, ssh-host-ca, audit-signing, rdp-token, ssh-user-ca): run `postern cluster init");
     assert_eq!(cluster.sql("SELECT COUNT(*) FROM cluster_keys"), "0");
 
     let init = cluster.init();
     assert!(init.status.success(), "{}", text(&init.stderr));
-    assert_eq!(text(&init.stdout).lines().filter(|l| l.contains(" created ")).count(), 4);
+    assert_eq!(text(&init.stdout).lines().filter(|l| l.contains(" created ")).count(), 5);
 
     // A different master key opens nothing: init and the gateway both say so.
     let other = cluster.dir.path().join("other.key");
