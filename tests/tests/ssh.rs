@@ -1436,7 +1436,9 @@ fn gateway_issued_user_certificates_let_a_user_in_until_they_expire_or_the_user_
 
     // Disabled: the unexpired certificate is refused at once; enabled again, it works.
     ok(&["user", "disable", "carol"]);
-    assert_ne!(ssh("carol", &cert).status.code(), Some(0));
+    let out = ssh("carol", &cert);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("Permission denied (publickey)"), "refused at login: {}", text(&out.stderr));
     let out = gw.postern(&["user", "cert", "carol", "--key-file", key.with_extension("pub").to_str().unwrap()]);
     assert!(!out.status.success() && text(&out.stderr).contains("is disabled"), "{}", text(&out.stderr));
     ok(&["user", "enable", "carol"]);
