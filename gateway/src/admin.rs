@@ -275,9 +275,6 @@ async fn relay_session(
         Err(e) => {
             let msg = match e {
                 postern_tunnel::server::OpenError::Offline => format!("instance {} is offline", agent.name),
-                postern_tunnel::server::OpenError::Elsewhere { gateway } => {
-                    crate::broker::elsewhere_message(&agent.name, &gateway)
-                }
                 other => other.to_string(),
             };
             return reply(&mut stream, json!({"ok": false, "error": msg})).await;

@@ -36,11 +36,6 @@ pub mod unlogged {
     pub const FORWARD: &str = "forwarded TCP content is not inspected";
 }
 
-/// What a door tells a user whose instance is connected to another gateway of the cluster.
-pub fn elsewhere_message(instance: &str, gateway: &str) -> String {
-    format!("instance {instance} is connected to gateway {gateway}, which this gateway cannot reach")
-}
-
 #[derive(Debug)]
 pub struct Broker {
     registry: AgentRegistry,
@@ -49,7 +44,7 @@ pub struct Broker {
     history: Arc<SessionHistory>,
     /// In a cluster: the way to agents connected to other gateways.
     peering: Option<Arc<crate::peering::Peering>>,
-    /// Where agents not connected here are (cluster mode), to say so instead of "offline".
+    /// Where agents not connected here are (cluster mode): their gateway is asked first.
     locations: Option<Arc<AgentLocations>>,
 }
 
@@ -83,29 +78,14 @@ impl Broker {
     /// gateway the store says it is connected to (asked first), or any live gateway that has it.
     async fn open_to(&self, agent_id: &str, request: SessionRequest) -> Result<SessionStream, OpenError> {
         match &self.peering {
-            Some(peering) if self.registry.get(agent_id).is_none() => {
+            Some(peering) if !self.registry.is_connected(agent_id) => {
                 let hint = match &self.locations {
                     Some(locations) => locations.elsewhere(agent_id).await,
                     None => None,
                 };
                 peering.open(agent_id, hint.as_deref(), request).await
             }
-            _ => {
-                let r = self.registry.open_session(agent_id, request).await;
-                self.locate(agent_id, r).await
-            }
-        }
-    }
-
-    /// `Offline` becomes `Elsewhere` when the store has a live lease for the agent at another
-    /// gateway and there is no way to it (no peering): the user learns where it is.
-    async fn locate(&self, agent_id: &str, r: Result<SessionStream, OpenError>) -> Result<SessionStream, OpenError> {
-        match (r, &self.locations) {
-            (Err(OpenError::Offline), Some(locations)) => match locations.elsewhere(agent_id).await {
-                Some(gateway) => Err(OpenError::Elsewhere { gateway }),
-                None => Err(OpenError::Offline),
-            },
-            (r, _) => r,
+            _ => self.registry.open_session(agent_id, request).await,
         }
     }
 

@@ -21,13 +21,13 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
-use russh::keys::ssh_key::private::Ed25519Keypair;
 use serde::{Deserialize, Serialize};
 
 use postern_core::util::{hex, now_unix, unhex};
 use postern_tunnel::pki::CertAuthority;
 
 use crate::audit::seal::{Ending, Keyring, MAGIC, Sealer, Unsealer};
+use crate::hostkeys::{new_key, random_bytes};
 use crate::store::Store;
 
 /// The agent CA: signs agent certificates and every gateway's tunnel certificate.
@@ -87,13 +87,6 @@ pub enum Outcome {
     Kept,
 }
 
-fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
-    let mut b = [0u8; N];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-        .map_err(|_| anyhow::anyhow!("system random number generator failed"))?;
-    Ok(b)
-}
-
 fn generate(name: &str) -> anyhow::Result<Entry> {
     let (secret, public) = match name {
         AGENT_CA => {
@@ -101,8 +94,7 @@ fn generate(name: &str) -> anyhow::Result<Entry> {
             (ca.key_pem().to_owned(), Some(ca.cert_pem().to_owned()))
         }
         HOST_CA | USER_CA => {
-            let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?));
-            key.set_comment(if name == HOST_CA { "postern cluster host CA" } else { "postern cluster user CA" });
+            let key = new_key(if name == HOST_CA { "postern cluster host CA" } else { "postern cluster user CA" })?;
             (key.to_openssh(LineEnding::LF).context("encoding the host CA")?.to_string(), None)
         }
         AUDIT_SIGNING => {
@@ -110,7 +102,7 @@ fn generate(name: &str) -> anyhow::Result<Entry> {
                 .map_err(|_| anyhow::anyhow!("cannot generate the audit signing key"))?;
             (hex(doc.as_ref()), None)
         }
-        RDP_TOKEN => (hex(&random::<32>()?), None),
+        RDP_TOKEN => (hex(&random_bytes::<32>()?), None),
         other => bail!("unknown cluster key {other:?}"),
     };
     Ok(Entry { name: name.to_owned(), secret, public })
@@ -198,14 +190,8 @@ pub async fn load(store: &dyn Store, keyring: &Keyring) -> anyhow::Result<Cluste
 
 /// The cluster master keyring from `[cluster]` (empty when neither key is set).
 pub fn keyring(config: &crate::config::ClusterConfig) -> anyhow::Result<Keyring> {
-    use crate::audit::seal::{CommandKey, FileKey, KeyProvider};
-    let key: Arc<dyn KeyProvider> = match (&config.key_file, &config.key_command) {
-        (Some(_), Some(_)) => bail!("[cluster]: set key_file or key_command, not both"),
-        (Some(f), None) => Arc::new(FileKey::load(f).context("[cluster] key_file")?),
-        (None, Some(cmd)) => Arc::new(CommandKey::new(cmd.clone()).context("[cluster] key_command")?),
-        (None, None) => return Ok(Keyring::default()),
-    };
-    Ok(Keyring::new(vec![key]))
+    let key = crate::audit::seal::master_key("[cluster]", config.key_file.as_deref(), config.key_command.as_deref())?;
+    Ok(Keyring::new(key.into_iter().collect()))
 }
 
 impl ClusterKeys {

@@ -61,12 +61,9 @@ pub struct ClusterConfig {
     pub peer_address: Option<String>,
 }
 
-/// Whether `id` is a valid `[cluster] gateway_id`.
-pub fn valid_gateway_id(id: &str) -> bool {
-    (1..=32).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-')
-}
+/// Whether `id` is a valid `[cluster] gateway_id` (the rule gateway certificates are
+/// checked by, so the two cannot drift apart).
+pub use postern_tunnel::peer::valid_gateway_id;
 
 /// Where users, policies, grants, agents, tokens and the session history are kept
 /// (docs/scale-out.md).
@@ -216,19 +213,12 @@ pub struct EncryptionConfig {
 impl EncryptionConfig {
     /// The keyring these settings describe (empty: encryption off).
     pub fn keyring(&self) -> anyhow::Result<crate::audit::seal::Keyring> {
-        use crate::audit::seal::{CommandKey, FileKey, KeyProvider, Keyring};
-        let mut keys: Vec<std::sync::Arc<dyn KeyProvider>> = Vec::new();
-        match (&self.key_file, &self.key_command) {
-            (Some(_), Some(_)) => anyhow::bail!("[audit.encryption]: set key_file or key_command, not both"),
-            (Some(f), None) => keys.push(std::sync::Arc::new(FileKey::load(f)?)),
-            (None, Some(cmd)) => {
-                keys.push(std::sync::Arc::new(CommandKey::new(cmd.clone()).context("[audit.encryption] key_command")?))
-            }
-            (None, None) if !self.previous_key_files.is_empty() => {
-                anyhow::bail!("[audit.encryption]: previous_key_files needs a key_file or key_command")
-            }
-            (None, None) => {}
+        use crate::audit::seal::{FileKey, KeyProvider, Keyring, master_key};
+        let active = master_key("[audit.encryption]", self.key_file.as_deref(), self.key_command.as_deref())?;
+        if active.is_none() && !self.previous_key_files.is_empty() {
+            anyhow::bail!("[audit.encryption]: previous_key_files needs a key_file or key_command");
         }
+        let mut keys: Vec<std::sync::Arc<dyn KeyProvider>> = active.into_iter().collect();
         for f in &self.previous_key_files {
             keys.push(std::sync::Arc::new(FileKey::load(f)?));
         }

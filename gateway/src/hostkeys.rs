@@ -28,11 +28,18 @@ impl std::fmt::Debug for HostKeys {
     }
 }
 
-fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+pub(crate) fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut b = [0u8; N];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| anyhow::anyhow!("system random number generator failed"))?;
     Ok(b)
+}
+
+/// A new ed25519 key (a CA's or the host's) with `comment`.
+pub(crate) fn new_key(comment: &str) -> anyhow::Result<PrivateKey> {
+    let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&random_bytes::<32>()?));
+    key.set_comment(comment);
+    Ok(key)
 }
 
 fn load_or_create_key(path: &Path, comment: &str) -> anyhow::Result<PrivateKey> {
@@ -40,8 +47,7 @@ fn load_or_create_key(path: &Path, comment: &str) -> anyhow::Result<PrivateKey> 
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         return PrivateKey::from_openssh(text).with_context(|| format!("parsing {}", path.display()));
     }
-    let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&random_bytes::<32>()?));
-    key.set_comment(comment);
+    let key = new_key(comment)?;
     let pem = key.to_openssh(LineEnding::LF).context("encoding key")?;
     write_private(path, pem.as_bytes())?;
     Ok(key)

@@ -201,11 +201,6 @@ impl std::fmt::Debug for AgentRegistry {
 pub enum OpenError {
     #[error("instance is offline")]
     Offline,
-    /// Not connected here, but to another gateway of the cluster (which the store says).
-    #[error(
-        "its agent is connected to gateway {gateway}; reaching agents through another gateway is not available yet"
-    )]
-    Elsewhere { gateway: String },
     #[error("agent refused the session: {reason}")]
     Rejected { code: ErrorCode, reason: String },
     #[error("agent did not answer within {0:?}")]
@@ -243,6 +238,10 @@ impl AgentRegistry {
     }
     pub fn online(&self) -> Vec<ConnectedAgent> {
         self.inner.read().map(|m| m.values().map(|e| e.info.clone()).collect()).unwrap_or_default()
+    }
+    /// Whether `agent_id` is connected here (no copy of its details).
+    pub fn is_connected(&self, agent_id: &str) -> bool {
+        self.inner.read().is_ok_and(|m| m.contains_key(agent_id))
     }
     pub fn get(&self, agent_id: &str) -> Option<ConnectedAgent> {
         self.inner.read().ok()?.get(agent_id).map(|e| e.info.clone())

@@ -228,6 +228,23 @@ impl KeyProvider for CommandKey {
     }
 }
 
+/// The master key a configuration section names: `key_file` or `key_command` (not both);
+/// `None` when it names neither. `section` (`[audit.encryption]`, `[cluster]`) is for errors.
+pub fn master_key(
+    section: &str,
+    key_file: Option<&Path>,
+    key_command: Option<&[String]>,
+) -> anyhow::Result<Option<Arc<dyn KeyProvider>>> {
+    Ok(match (key_file, key_command) {
+        (Some(_), Some(_)) => bail!("{section}: set key_file or key_command, not both"),
+        (Some(f), None) => Some(Arc::new(FileKey::load(f).with_context(|| format!("{section} key_file"))?)),
+        (None, Some(cmd)) => {
+            Some(Arc::new(CommandKey::new(cmd.to_vec()).with_context(|| format!("{section} key_command"))?))
+        }
+        (None, None) => None,
+    })
+}
+
 /// The master keys the gateway knows: the first seals new files; all of them open old ones
 /// (keep a retired key here after rotating to a new one).
 #[derive(Debug, Clone, Default)]

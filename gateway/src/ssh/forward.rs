@@ -174,9 +174,6 @@ async fn forward(
                     ChannelOpenFailure::ConnectFailed,
                     format!("instance {} is offline (its agent is not connected)", authz.instance()),
                 ),
-                OpenError::Elsewhere { gateway } => {
-                    (ChannelOpenFailure::ConnectFailed, crate::broker::elsewhere_message(authz.instance(), gateway))
-                }
                 other => (ChannelOpenFailure::ConnectFailed, format!("{} {destination}: {other}", authz.instance())),
             };
             reply.reject(refusal(kind, &why)).await;

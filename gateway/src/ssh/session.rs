@@ -309,7 +309,6 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
         Err(e) => {
             let msg = match e {
                 OpenError::Offline => format!("instance {} is offline (its agent is not connected)", authz.instance()),
-                OpenError::Elsewhere { gateway } => crate::broker::elsewhere_message(authz.instance(), &gateway),
                 OpenError::Rejected { reason, .. } => {
                     format!("instance {} refused the session: {reason}", authz.instance())
                 }
