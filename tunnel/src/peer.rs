@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use postern_proto::SessionRequest;
 use quinn::crypto::rustls::QuicClientConfig;
-use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
@@ -191,14 +190,7 @@ impl PeerClient {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
-        let provider = crate::tls::provider();
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone())?;
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)?;
-        tls.alpn_protocols = vec![postern_proto::ALPN_PEER.to_vec()];
+        let tls = crate::tls::mutual_client(ca, chain, key, postern_proto::ALPN_PEER)?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(peer_transport()));

@@ -115,15 +115,26 @@ pub fn agent_tunnel_config(
     key: PrivateKeyDer<'static>,
     timers: TransportTimers,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let provider = provider();
+    let tls = mutual_client(ca, vec![cert], key, postern_proto::ALPN_TUNNEL)?;
+    finish_client(tls, timers)
+}
+
+/// A TLS 1.3 client trusting exactly `ca`, presenting `chain` and `key`, speaking `alpn`:
+/// an agent's tunnel, or a gateway towards its peers (crate::peer).
+pub(crate) fn mutual_client(
+    ca: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone())?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key)?;
-    tls.alpn_protocols = vec![postern_proto::ALPN_TUNNEL.to_vec()];
-    finish_client(tls, timers)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
 }
 
 /// Agent side, enrollment: no CA yet, only a pin. The server must present the CA whose
