@@ -23,9 +23,13 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer to a gateway command (`ls` on a large fleet is megabytes).
 const MAX_REPLY: usize = 64 << 20;
 
-/// Retries of a connection the gateway closed before its SSH banner, and the first pause.
-const STARTUP_RETRIES: u32 = 5;
+/// How long a connection the gateway closed before its SSH banner is retried, the first
+/// pause between tries and the longest one. A time budget, not a count: how long a busy
+/// gateway takes to let everyone in depends on how many clients arrive at once and how
+/// loaded the machine is, and a count tuned on a quiet machine gives up on a busy one.
+const STARTUP_RETRY_BUDGET: Duration = Duration::from_secs(10);
 const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(50);
+const STARTUP_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// `d` plus up to half of it again, so that clients that were turned away together do not
 /// come back together.
@@ -167,20 +171,20 @@ impl Client {
     /// A gateway that has too many connections still authenticating from this address
     /// closes new ones before the SSH banner (`[ssh] max_startups_per_source`, as OpenSSH's
     /// MaxStartups): that is a handshake failure worth a few retries with growing, jittered
-    /// pauses (e.g. `postern run` opening many connections at once). Every other error is
-    /// final at once.
+    /// pauses (e.g. `postern run` opening many connections at once), for up to
+    /// [`STARTUP_RETRY_BUDGET`]. Every other error is final at once.
     async fn connect_retrying(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
+        let give_up = tokio::time::Instant::now() + STARTUP_RETRY_BUDGET;
         let mut pause = STARTUP_RETRY_FIRST;
-        for _ in 0..STARTUP_RETRIES {
+        loop {
             match Self::connect_inner(opts, instance).await {
-                Err(ClientError::Handshake { .. }) => {
+                Err(ClientError::Handshake { .. }) if tokio::time::Instant::now() + pause < give_up => {
                     tokio::time::sleep(jittered(pause)).await;
-                    pause = pause.saturating_mul(2);
+                    pause = pause.saturating_mul(2).min(STARTUP_RETRY_MAX);
                 }
                 other => return other,
             }
         }
-        Self::connect_inner(opts, instance).await
     }
 
     async fn connect_inner(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
