@@ -8,6 +8,9 @@ use anyhow::Context;
 pub use postern_core::duration::{parse_duration, parse_limit};
 use serde::Deserialize;
 
+mod oidc;
+pub use oidc::{ClientSecret, OidcConfig, check_provider_url, default_mfa_amr, is_loopback};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -30,11 +33,13 @@ pub struct IdentityConfig {
     /// How long a user certificate from the gateway's user CA is valid unless `postern user
     /// cert --ttl` says otherwise ("8h"; at most "7d").
     pub cert_ttl: String,
+    /// `[identity.oidc]`: single sign-on with an OpenID Connect provider (docs/sso.md).
+    pub oidc: Option<OidcConfig>,
 }
 
 impl Default for IdentityConfig {
     fn default() -> Self {
-        Self { cert_ttl: "8h".into() }
+        Self { cert_ttl: "8h".into(), oidc: None }
     }
 }
 
@@ -436,7 +441,7 @@ pub fn file_sets(path: &Path, section: &str, key: &str) -> anyhow::Result<bool> 
 impl GatewayConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         parse_duration(&cfg.tunnel.agent_cert_ttl)
             .with_context(|| format!("{}: tunnel.agent_cert_ttl", path.display()))?;
         parse_limit(&cfg.ssh.idle_timeout).with_context(|| format!("{}: ssh.idle_timeout", path.display()))?;
@@ -504,6 +509,9 @@ impl GatewayConfig {
                 "{}: [identity] cert_ttl may be at most 7d (certificates are meant to be short-lived)",
                 path.display()
             );
+        }
+        if let Some(oidc) = &mut cfg.identity.oidc {
+            oidc.prepare(path)?;
         }
         if let Some(id) = &cfg.cluster.gateway_id {
             if !valid_gateway_id(id) {
@@ -680,5 +688,20 @@ mod tests {
         assert!(load("[rdp]\nmax_handshakes = 4\nmax_handshakes_per_source = 5").is_err());
         assert!(load("[tunnel]\nmax_enrollments = 0").is_err());
         assert!(load("[tunnel]\nmax_enrollments = 8\nmax_enrollments_per_source = 9").is_err());
+    }
+
+    #[test]
+    fn identity_oidc_is_checked_at_load_naming_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        assert!(GatewayConfig::load(&p).is_err());
+        std::fs::write(&p, "").unwrap();
+        assert!(GatewayConfig::load(&p).unwrap().identity.oidc.is_none());
+        std::fs::write(&p, "[identity.oidc]\nissuer = \"http://idp.example.com\"\nclient_id = \"c\"\n").unwrap();
+        let e = format!("{:#}", GatewayConfig::load(&p).unwrap_err());
+        assert!(e.contains("g.toml: [identity.oidc] issuer") && e.contains("https"), "{e}");
+        std::fs::write(&p, "[identity.oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"c\"\nclient_secret_env = \"CARGO_PKG_NAME\"\n").unwrap();
+        let cfg = GatewayConfig::load(&p).unwrap();
+        assert!(cfg.identity.oidc.unwrap().client_secret.is_some());
     }
 }
