@@ -2,8 +2,9 @@
 # Run the whole Postern test suite: unit, golden, fuzz-budget, tunnel integration and
 # end-to-end tests with the real binaries. On Debian as root it installs what the tests
 # need (nftables, iproute2, python3, tmux, procps, OpenSSH client, server and
-# sftp-server, xrdp, Xvfb, FreeRDP 2 client and shadow server, winpr-utils, openssl, and
-# asciinema and moto from PyPI); elsewhere it says what is missing.
+# sftp-server, xrdp, Xvfb, FreeRDP 2 client and shadow server, winpr-utils, openssl,
+# Chromium, asciinema and moto from PyPI, and the test OpenID Provider's node modules from
+# npm); elsewhere it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,10 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+# Single sign-on: the test OpenID Provider (tests/oidc) runs on node; Chromium is its browser.
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test dependencies: ${need[*]}"
@@ -70,6 +75,18 @@ fi
 if ! command -v moto_server >/dev/null 2>&1; then
   echo "installing moto_server (pip)"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'moto[server,s3]>=5,<6'
+fi
+
+# The test OpenID Provider and its browser drivers (tests/oidc), exactly as locked; skipped
+# when node_modules already holds this lock file's modules.
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+  echo "node $(node --version) is too old for tests/oidc: it needs node 20 or later" >&2
+  exit 1
+fi
+if ! cmp -s tests/oidc/package-lock.json tests/oidc/node_modules/.postern-installed-lock; then
+  echo "installing tests/oidc node modules (npm ci)"
+  (cd tests/oidc && npm ci --quiet --no-audit --no-fund --no-progress >/dev/null)
+  cp tests/oidc/package-lock.json tests/oidc/node_modules/.postern-installed-lock
 fi
 
 # The end-to-end tests start the real binaries from target/debug.

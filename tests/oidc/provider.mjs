@@ -110,6 +110,7 @@ const provider = new Provider(issuer, {
     Interaction: 600,
     Session: 3600,
     Grant: 3600,
+    DeviceCode: 600,
   },
   pkce: { required: () => true },
   features: {
