@@ -1,9 +1,10 @@
 //! Postern gateway: the server and the `postern` command, in layers (docs/architecture.md;
 //! tests/tests/layout.rs checks them): leaves (accept, config, store, audit, recording, frames,
-//! host keys, the RDP wire format, addressing) → services (access, instances, agent locations,
-//! sessions, enforcer, manage, broker, runs, RDP tokens) → the [`services::Services`] set → doors (ssh,
-//! rdp, admin), which never import one another → app (start-up, background jobs) → cli.
-//! The vocabulary is the `postern-core` crate; the client SDK is `postern-client`.
+//! host keys, the RDP wire format, addressing, the OIDC relying party) → services (access,
+//! instances, agent locations, sessions, enforcer, manage, broker, runs, RDP tokens) → the
+//! [`services::Services`] set → doors (ssh, rdp, admin), which never import one another → app
+//! (start-up, background jobs) → cli. The vocabulary is the `postern-core` crate; the client
+//! SDK is `postern-client`.
 
 // leaves
 pub mod accept;
@@ -13,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod frames;
 pub mod hostkeys;
+pub mod oidc;
 pub mod rdp_wire;
 pub mod recording;
 pub mod store;

@@ -27,7 +27,19 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "leaves",
-        &["accept", "config", "store", "audit", "cluster", "recording", "frames", "hostkeys", "rdp_wire", "addressing"],
+        &[
+            "accept",
+            "config",
+            "store",
+            "audit",
+            "cluster",
+            "recording",
+            "frames",
+            "hostkeys",
+            "rdp_wire",
+            "addressing",
+            "oidc",
+        ],
     ),
     (
         "services",
