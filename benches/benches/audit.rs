@@ -30,6 +30,7 @@ fn event(i: u64) -> Event {
         run_id: None,
         recording: Some("/var/lib/postern/recordings/5b0e6f3c.cast".into()),
         via_gateway: None,
+        cert_serial: None,
     }))
 }
 

@@ -177,6 +177,7 @@ fn decide(w: &World, q: &Query, at: jiff::Timestamp) -> bool {
             target: Some(Target { id, name, labels }),
             destination: if q.action == "port-forward" { Some(("127.0.0.1", 5432)) } else { None },
             source: Some(q.source),
+            mfa: false,
             at,
         })
         .allowed

@@ -15,6 +15,7 @@ use crate::config::{SshConfig, UserConfig};
 use crate::sessions::{LiveSession, Party, Reservation, SessionTable};
 use crate::store::{AgentRecord, GrantRecord, Store, StoreError, UserRecord, resolve_instance};
 use postern_core::duration::{DurationError, parse_limit};
+use postern_core::identity::CertFacts;
 use postern_core::policy::document::{ActionPattern, Destination, HostPattern, Limit, Name, Statement};
 use postern_core::policy::host::Host;
 use postern_core::policy::{Decision, Document, Effect, PolicySet, Target};
@@ -33,6 +34,10 @@ struct StaticUser {
     statement: String,
 }
 
+/// The extension a certificate from `postern login` carries when the identity provider
+/// reported a second factor for the login (only trusted on the gateway's own certificates).
+pub const MFA_EXTENSION: &str = "mfa@postern";
+
 /// A user from the gateway config (`[[ssh.users]]`, or quickstart's), as `user list` shows it.
 #[derive(Debug, Clone)]
 pub struct ConfigUser {
@@ -48,6 +53,8 @@ struct Directory {
     policy: PolicySet,
     /// The store's access generation this copy was loaded at (None: never loaded).
     generation: Option<i64>,
+    /// Serials of unexpired certificates of the gateway's own user CA that were revoked.
+    revoked_certs: std::collections::HashSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +66,9 @@ pub struct AccessList {
     directory: RwLock<Arc<Directory>>,
     profiles: RwLock<Vec<postern_core::profile::Profile>>,
     user_cas: RwLock<Vec<russh::keys::ssh_key::public::KeyData>>,
+    /// The gateway's own user CA (`postern login`, `postern user cert`): its certificates
+    /// are checked against the revocation list and may carry login facts (MFA).
+    own_user_ca: RwLock<Option<russh::keys::ssh_key::public::KeyData>>,
     defaults: RwLock<Limits>,
 }
 
@@ -83,6 +93,8 @@ pub struct Authorization {
     /// The user's concurrent-session slot, held until the session registers (or this
     /// authorization is dropped).
     reservation: Arc<Reservation>,
+    /// The gateway-issued certificate the user came in with, if any.
+    cert: Option<postern_core::identity::CertFacts>,
 }
 
 impl Authorization {
@@ -111,6 +123,11 @@ impl Authorization {
     pub fn allow_root(&self) -> bool {
         self.allow_root
     }
+    /// The serial of the gateway-issued certificate the user came in with.
+    pub fn cert_serial(&self) -> Option<u64> {
+        self.cert.map(|c| c.serial)
+    }
+
     /// The party of this session from `source`, for the live table.
     pub fn party(&self, source: Option<IpAddr>, logged: bool) -> Party {
         Party {
@@ -123,6 +140,7 @@ impl Authorization {
             logged,
             via_admin: false,
             reservation: Some(self.reservation.clone()),
+            cert: self.cert,
         }
     }
 
@@ -162,6 +180,7 @@ fn config_statement(u: &UserConfig) -> Option<Statement> {
         not_after: None,
         schedule: Vec::new(),
         source: Vec::new(),
+        require_mfa: false,
         run_as: u.run_as.iter().cloned().map(Name).collect(),
         allow_root: u.allow_root,
         profile: u.default_profile.clone().map(Name),
@@ -242,12 +261,15 @@ impl AccessList {
         Ok(list)
     }
 
-    /// Trust user certificates signed by `ca` (the gateway's own user CA).
+    /// Trust user certificates signed by `ca`, the gateway's own user CA.
     pub fn trust_user_ca(&self, ca: &PublicKey) {
         if let Ok(mut cas) = self.user_cas.write()
             && !cas.contains(ca.key_data())
         {
             cas.push(ca.key_data().clone());
+        }
+        if let Ok(mut own) = self.own_user_ca.write() {
+            *own = Some(ca.key_data().clone());
         }
     }
 
@@ -285,12 +307,20 @@ impl AccessList {
             }
         }
         let grants = store.grants().await?;
+        let now = jiff::Timestamp::now().as_second();
+        let revoked_certs = store
+            .certificates(None, now)
+            .await?
+            .into_iter()
+            .filter(|c| c.revoked_at.is_some())
+            .map(|c| c.serial)
+            .collect();
         if let Ok(mut d) = self.store_documents.write() {
             *d = documents;
         }
         let policy = self.compile();
         if let Ok(mut d) = self.directory.write() {
-            *d = Arc::new(Directory { users, grants, policy, generation });
+            *d = Arc::new(Directory { users, grants, policy, generation, revoked_certs });
         }
         Ok(())
     }
@@ -318,12 +348,15 @@ impl AccessList {
                 grants: old.grants.clone(),
                 policy,
                 generation: old.generation,
+                revoked_certs: old.revoked_certs.clone(),
             });
         }
     }
 
     /// The identity `user` if `cert` is a user certificate from a trusted CA naming one of
-    /// the user's principals. (russh has already checked its signature and validity period.)
+    /// the user's principals, and not revoked. (russh has already checked its signature and
+    /// validity period.) A certificate of the gateway's own CA also says whether its login
+    /// used a second factor ([`MFA_EXTENSION`]).
     pub fn authenticate_certificate(
         &self,
         user: &str,
@@ -343,7 +376,16 @@ impl AccessList {
             Some(_) => names(user),
             None => names(user) && self.static_users.read().ok()?.iter().any(|e| e.name == user),
         };
-        ok.then(|| Identity { user: user.to_owned(), source })
+        let own = self.own_user_ca.read().ok()?.as_ref().is_some_and(|ca| ca == cert.signature_key());
+        if own && dir.revoked_certs.contains(&cert.serial()) {
+            return None;
+        }
+        let facts = own.then(|| CertFacts {
+            serial: cert.serial(),
+            mfa: cert.extensions().contains_key(MFA_EXTENSION),
+            valid_before: cert.valid_before(),
+        });
+        ok.then(|| Identity { user: user.to_owned(), source, cert: facts })
     }
 
     pub fn add(&self, u: &UserConfig) -> Result<(), AccessConfigError> {
@@ -423,7 +465,12 @@ impl AccessList {
         let stored = dir.users.get(user).is_some_and(|(u, keys)| !u.disabled && keys.iter().any(same));
         let configured = !dir.users.get(user).is_some_and(|(u, _)| u.disabled)
             && self.static_users.read().ok()?.iter().any(|e| e.name == user && e.keys.iter().any(same));
-        (stored || configured).then(|| Identity { user: user.to_owned(), source })
+        (stored || configured).then(|| Identity::new(user, source))
+    }
+
+    /// The groups of a user in the store (none for a config user).
+    pub fn user_groups(&self, user: &str) -> Vec<String> {
+        self.directory().users.get(user).map(|(u, _)| u.groups.clone()).unwrap_or_default()
     }
 
     /// Whether `user` exists (in the store or the config) and is not disabled.
@@ -439,30 +486,28 @@ impl AccessList {
     #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &self,
-        user: &str,
-        source: Option<IpAddr>,
+        who: &Identity,
         target: Option<Target<'_>>,
         action: &str,
         destination: Option<(&str, u16)>,
         at: jiff::Timestamp,
         explain: bool,
     ) -> Decision {
-        self.decide_inner(user, source, target, action, destination, at, explain, &[])
+        self.decide_inner(who, target, action, destination, at, explain, &[])
     }
 
     /// [`AccessList::decide`] as if the user also held grants of `extra` policies.
     #[allow(clippy::too_many_arguments)]
     fn decide_with_grants(
         &self,
-        user: &str,
-        source: Option<IpAddr>,
+        who: &Identity,
         target: Option<Target<'_>>,
         action: &str,
         destination: Option<(&str, u16)>,
         at: jiff::Timestamp,
         extra: &[String],
     ) -> Decision {
-        self.decide_inner(user, source, target, action, destination, at, false, extra)
+        self.decide_inner(who, target, action, destination, at, false, extra)
     }
 
     /// Users from the gateway config (read-only: not in the store).
@@ -526,8 +571,7 @@ impl AccessList {
     #[allow(clippy::too_many_arguments)]
     fn decide_inner(
         &self,
-        user: &str,
-        source: Option<IpAddr>,
+        who: &Identity,
         target: Option<Target<'_>>,
         action: &str,
         destination: Option<(&str, u16)>,
@@ -535,6 +579,7 @@ impl AccessList {
         explain: bool,
         extra_grants: &[String],
     ) -> Decision {
+        let (user, source) = (who.user.as_str(), who.source);
         let dir = self.directory();
         let none = || Decision {
             allowed: false,
@@ -560,6 +605,7 @@ impl AccessList {
             target,
             destination,
             source,
+            mfa: who.mfa(),
             at,
         };
         if explain { dir.policy.explain(&req) } else { dir.policy.evaluate(&req) }
@@ -689,8 +735,7 @@ impl Authorizer {
             None => Target { id: "", name: "", labels: &empty },
         };
         let decision = self.list.decide(
-            &identity.user,
-            identity.source,
+            identity,
             Some(target),
             action.name(),
             spelled.as_ref().map(|(h, p)| (h.as_str(), *p)),
@@ -737,6 +782,7 @@ impl Authorizer {
             },
             profile,
             reservation,
+            cert: identity.cert,
         })
     }
 
@@ -761,9 +807,9 @@ impl Authorizer {
             return Err(format!("instance {} was revoked", session.party.target));
         };
         let destination = session.party.destination.as_ref().map(|(h, p)| (h.as_str(), *p));
+        let who = session.party.identity();
         let d = self.list.decide(
-            &session.party.user,
-            session.party.source,
+            &who,
             Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
             session.party.action.name(),
             destination,
@@ -779,8 +825,7 @@ impl Authorizer {
         let ended = self.list.ended_grant_explaining(&party.user, at, |grants| {
             self.list
                 .decide_with_grants(
-                    &party.user,
-                    party.source,
+                    &who,
                     Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
                     party.action.name(),
                     destination,
@@ -821,8 +866,7 @@ mod tests {
         let at = jiff::Timestamp::now();
         let decide = |name: &str, action: Action| {
             list.decide(
-                "alice",
-                None,
+                &Identity::new("alice", None),
                 Some(Target { id: "ag-1", name, labels: &labels }),
                 action.name(),
                 None,

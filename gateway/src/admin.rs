@@ -292,6 +292,7 @@ async fn relay_session(
         logged: false,
         via_admin: true,
         reservation: None,
+        cert: None,
     };
     let running = state.broker.start(
         &sid,

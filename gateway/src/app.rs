@@ -461,6 +461,25 @@ fn build_services(
 ) -> anyhow::Result<Services> {
     let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
     let access_changed = Arc::new(tokio::sync::Notify::new());
+    let certifier = crate::certs::Certifier::new(user_ca, store.clone(), config.cert_ttl());
+    let sso = match &config.identity.oidc {
+        Some(oidc) => {
+            let ssh_port = addresses.ssh.map(|a| a.port()).unwrap_or(config.ssh.listen.port());
+            let known_hosts =
+                host_keys.known_hosts_line(&crate::addressing::known_hosts_patterns(&config, ssh_port))?;
+            Some(Arc::new(crate::sso::Sso::new(
+                Arc::new(crate::oidc::Oidc::new(oidc)?),
+                certifier.clone(),
+                store.clone(),
+                access.clone(),
+                access_changed.clone(),
+                audit.clone(),
+                oidc.link_existing,
+                known_hosts,
+            )))
+        }
+        None => None,
+    };
     let advertised = if !config.tunnel.advertise.is_empty() {
         config.tunnel.advertise.clone()
     } else if addresses.tunnel.ip().is_unspecified() {
@@ -511,7 +530,9 @@ fn build_services(
         )
         .with_shipper(shipper.clone())
         .with_cluster(cluster_sessions.clone())
-        .with_user_ca(user_ca, config.cert_ttl()),
+        .with_certifier(certifier.clone()),
+        certifier,
+        sso,
         cluster_sessions,
         config: Arc::new(config),
         addresses,

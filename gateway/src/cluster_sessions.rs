@@ -317,6 +317,7 @@ mod tests {
             logged: true,
             via_admin: false,
             reservation: None,
+            cert: None,
         }
     }
 

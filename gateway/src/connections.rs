@@ -78,6 +78,11 @@ impl Conn {
         self.close.cancelled().await
     }
 
+    /// Ask for the connection to be closed (a sign-in connection that lived too long).
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
     /// Whether the connection has been asked to close.
     pub fn is_closed(&self) -> bool {
         self.close.is_cancelled()

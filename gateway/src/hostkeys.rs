@@ -110,8 +110,15 @@ impl UserCa {
     }
 
     /// A user certificate for `key`, naming `user` as its one principal, valid from five
-    /// minutes ago (clock skew) for `ttl`. Its key id says who and which serial.
-    pub fn issue(&self, user: &str, key: &ssh_key::PublicKey, ttl: std::time::Duration) -> anyhow::Result<IssuedCert> {
+    /// minutes ago (clock skew) for `ttl`, with `extensions` besides the usual permits. Its
+    /// key id says who and which serial.
+    pub fn issue(
+        &self,
+        user: &str,
+        key: &ssh_key::PublicKey,
+        ttl: std::time::Duration,
+        extensions: &[(&str, String)],
+    ) -> anyhow::Result<IssuedCert> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0).unsigned_abs();
         let valid_before = now.saturating_add(ttl.as_secs().max(1));
         let serial = u64::from_be_bytes(random_bytes::<8>()?);
@@ -124,6 +131,9 @@ impl UserCa {
         b.valid_principal(user.to_owned()).context("principal")?;
         for ext in ["permit-pty", "permit-port-forwarding", "permit-agent-forwarding"] {
             b.extension(ext, "").context("extension")?;
+        }
+        for (name, value) in extensions {
+            b.extension(*name, value.as_str()).context("extension")?;
         }
         let certificate = b.sign(&self.key).context("signing the user certificate")?;
         Ok(IssuedCert { certificate, serial, valid_before })

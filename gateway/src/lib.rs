@@ -1,7 +1,7 @@
 //! Postern gateway: the server and the `postern` command, in layers (docs/architecture.md;
 //! tests/tests/layout.rs checks them): leaves (accept, config, store, audit, recording, frames,
 //! host keys, the RDP wire format, addressing, the OIDC relying party) → services (access,
-//! instances, agent locations, sessions, enforcer, manage, broker, runs, RDP tokens) → the
+//! instances, agent locations, sessions, enforcer, manage, broker, runs, RDP tokens, certificates, sign-in) → the
 //! [`services::Services`] set → doors (ssh, rdp, admin), which never import one another → app
 //! (start-up, background jobs) → cli. The vocabulary is the `postern-core` crate; the client
 //! SDK is `postern-client`.
@@ -21,6 +21,7 @@ pub mod store;
 // services
 pub mod access;
 pub mod broker;
+pub mod certs;
 pub mod cluster_sessions;
 pub mod connections;
 pub mod enforcer;
@@ -35,6 +36,7 @@ pub mod services;
 #[cfg(test)]
 mod services_tests;
 pub mod sessions;
+pub mod sso;
 // doors
 pub mod admin;
 pub mod rdp;

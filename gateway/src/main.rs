@@ -269,6 +269,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             cli::user::forward(gateway, instance, specs, *bind).await
         }
         Command::Run(args) => cli::user::run(args).await,
+        Command::Login(args) => cli::login::login(args).await,
+        Command::Logout { gateway } => cli::login::logout(gateway).await,
+        Command::Whoami { gateway, json } => cli::login::whoami(gateway, *json).await,
         Command::Completions { shell } => {
             // Generated into memory: clap_complete panics when its writer fails, and a
             // reader that goes away (`| head`) must end the command quietly.
@@ -296,9 +299,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map(|()| 0)
         }
-        Command::Explain { user, target, action, at, from, to, json } => {
-            cli::manage::explain(&cli::socket_for(&cli)?, user, target, action, at.clone(), *from, to.clone(), *json)
-                .await
+        Command::Explain { user, target, action, at, from, to, mfa, json } => {
+            let request = postern_gateway::manage::ManageRequest::Explain {
+                user: user.clone(),
+                target: target.clone(),
+                action: action.clone(),
+                at: at.clone(),
+                from: *from,
+                to: to.clone(),
+                mfa: *mfa,
+            };
+            cli::manage::explain(&cli::socket_for(&cli)?, request, *json).await
         }
         Command::Sessions(args) => {
             let socket = cli::socket_for(&cli)?;

@@ -96,6 +96,9 @@ pub enum ManageRequest {
         at: Option<String>,
         from: Option<IpAddr>,
         to: Option<String>,
+        /// Decide as for a login with a second factor (`require_mfa` statements apply).
+        #[serde(default)]
+        mfa: bool,
     },
     Sessions {
         all: bool,
@@ -146,8 +149,8 @@ pub struct Manage {
     shipper: Option<Arc<Shipper>>,
     /// With `[cluster]`: the live sessions of every gateway.
     cluster: Option<Arc<ClusterSessions>>,
-    /// The user CA `user cert` signs with, and the validity it gives by default.
-    user_ca: Option<(Arc<crate::hostkeys::UserCa>, std::time::Duration)>,
+    /// Signs `user cert` certificates; revokes certificates (`revoke --user`, `user disable`).
+    certifier: Option<crate::certs::Certifier>,
 }
 
 impl Manage {
@@ -169,13 +172,13 @@ impl Manage {
             key_writes: tokio::sync::Mutex::new(()),
             shipper: None,
             cluster: None,
-            user_ca: None,
+            certifier: None,
         }
     }
 
-    /// `user cert` signs with `ca`, for `default_ttl` unless asked otherwise.
-    pub fn with_user_ca(mut self, ca: Arc<crate::hostkeys::UserCa>, default_ttl: std::time::Duration) -> Self {
-        self.user_ca = Some((ca, default_ttl));
+    /// `user cert` signs with this; `revoke --user` and `user disable` revoke through it.
+    pub fn with_certifier(mut self, certifier: crate::certs::Certifier) -> Self {
+        self.certifier = Some(certifier);
         self
     }
 
@@ -339,7 +342,7 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             let keys = keys.iter().map(|k| normalize_key(k)).collect::<Result<Vec<_>, ManageError>>()?;
             let _writing = state.key_writes.lock().await;
             check_keys_unbound(state, &name, &keys).await?;
-            let u = UserRecord { name, groups, keys, principals, disabled: false, created_at: now };
+            let u = UserRecord { name, groups, keys, principals, disabled: false, created_at: now, idp_subject: None };
             state.store.put_user(&u).await?;
             changed(state).await?;
             Ok(user_view(&u))
@@ -369,6 +372,10 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             let mut u = user(state, &name).await?;
             u.disabled = disabled;
             state.store.put_user(&u).await?;
+            // Certificates issued before the disable stay refused after an enable.
+            if disabled && let Some(certifier) = &state.certifier {
+                certifier.revoke(&name, None).await?;
+            }
             changed(state).await?;
             Ok(user_view(&u))
         }
@@ -385,7 +392,7 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             Ok(user_view(&u))
         }
         ManageRequest::UserCert { name, key, ttl_secs } => {
-            let Some((ca, default_ttl)) = &state.user_ca else {
+            let Some(certifier) = &state.certifier else {
                 return Err(bad("this gateway has no user CA"));
             };
             let u = user(state, &name).await?;
@@ -393,11 +400,11 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                 return Err(bad(format!("user {name:?} is disabled; `postern user enable {name}` first")));
             }
             let key = parse_key(&key).map_err(bad)?;
-            let ttl = ttl_secs.map(std::time::Duration::from_secs).unwrap_or(*default_ttl);
-            if ttl.is_zero() || ttl > crate::config::MAX_CERT_TTL {
-                return Err(bad("a certificate's validity must be between 1s and 7d"));
-            }
-            let issued = ca.issue(&name, &key, ttl).map_err(|e| bad(format!("{e:#}")))?;
+            let ttl = ttl_secs.map(std::time::Duration::from_secs);
+            let issued = certifier.issue(&name, &key, ttl, None).await.map_err(|e| match e {
+                crate::certs::CertError::Store(e) => ManageError::from(e),
+                other => bad(other.to_string()),
+            })?;
             let certificate =
                 issued.certificate.to_openssh().map_err(|e| bad(format!("cannot encode the certificate: {e}")))?;
             Ok(json!({
@@ -557,6 +564,11 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             if id.is_none() && who.is_none() {
                 return Err(bad("name a grant id or --user"));
             }
+            // `revoke --user NAME` also takes back the user's unexpired certificates.
+            let mut certificates = 0;
+            if let (Some(name), None, None, Some(certifier)) = (&who, &id, &policy, &state.certifier) {
+                certificates = certifier.revoke(name, None).await?;
+            }
             let mut revoked = Vec::new();
             for g in state.store.grants().await? {
                 let hit = g.active_at(now)
@@ -573,13 +585,17 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
                     revoked.push(g.id);
                 }
             }
-            if revoked.is_empty() {
-                return Err(bad("no active grant matches"));
+            if revoked.is_empty() && certificates == 0 {
+                return Err(bad(if who.is_some() && id.is_none() && policy.is_none() {
+                    "no active grant or unexpired certificate matches"
+                } else {
+                    "no active grant matches"
+                }));
             }
             changed(state).await?;
-            Ok(json!({"revoked": revoked}))
+            Ok(json!({"revoked": revoked, "certificates_revoked": certificates}))
         }
-        ManageRequest::Explain { user: name, target, action, at, from, to } => {
+        ManageRequest::Explain { user: name, target, action, at, from, to, mfa } => {
             let at = match at {
                 Some(t) => parse_time(&t)?,
                 None => jiff::Timestamp::now(),
@@ -604,9 +620,13 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             }
             let agents = state.store.agents().await?;
             let agent = crate::store::resolve_instance(&agents, &target).map_err(bad)?;
+            let who = postern_core::Identity {
+                user: name.clone(),
+                source: from,
+                cert: mfa.then_some(postern_core::identity::CertFacts { serial: 0, mfa: true, valid_before: 0 }),
+            };
             let d = state.access.decide(
-                &name,
-                from,
+                &who,
                 Some(Target { id: &agent.id, name: &agent.name, labels: &agent.labels }),
                 &action,
                 destination.as_ref().map(|(h, p)| (h.as_str(), *p)),

@@ -106,7 +106,7 @@ mod tests {
     }
 
     fn who(user: &str) -> Identity {
-        Identity { user: user.into(), source: None }
+        Identity::new(user, None)
     }
 
     fn begin_body() -> RunBegin {

@@ -64,6 +64,10 @@ pub struct Services {
     pub cluster_sessions: Option<Arc<ClusterSessions>>,
     pub manage: Manage,
     pub host_keys: Arc<HostKeys>,
+    /// Signs and revokes user certificates (`postern login`, `user cert`, `logout`).
+    pub certifier: crate::certs::Certifier,
+    /// With `[identity.oidc]`: sign-in through the identity provider (`postern login`).
+    pub sso: Option<Arc<crate::sso::Sso>>,
     /// Signalled after users, policies or grants change: live sessions are re-checked.
     pub access_changed: Arc<Notify>,
 }

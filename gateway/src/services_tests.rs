@@ -126,7 +126,7 @@ fn end_event(id: &str) -> impl FnOnce(u64) -> Event {
 }
 
 fn alice() -> Identity {
-    Identity { user: "alice".into(), source: Some("127.0.0.9".parse().unwrap()) }
+    Identity::new("alice", Some("127.0.0.9".parse().unwrap()))
 }
 
 const WEB_SHELL: &str = r#"
@@ -157,7 +157,7 @@ async fn the_authorizer_resolves_the_instance_and_denies_unknown_and_forbidden_a
         let e = kit.authorizer.authorize(&alice(), instance, action, None, None, None).await.unwrap_err();
         assert_eq!(e, DENIED, "{instance} {action}: not allowed and unknown look the same");
     }
-    let bob = Identity { user: "bob".into(), source: None };
+    let bob = Identity::new("bob", None);
     assert_eq!(kit.authorizer.authorize(&bob, "web-01", Action::Shell, None, None, None).await.unwrap_err(), DENIED);
 }
 

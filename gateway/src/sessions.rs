@@ -37,6 +37,16 @@ pub struct Party {
     /// The concurrent-session slot the authorization reserved; the live entry takes its
     /// place when the session registers.
     pub reservation: Option<Arc<Reservation>>,
+    /// The gateway-issued certificate the user came in with (its serial goes in the
+    /// session's events; `require_mfa` is re-checked with it).
+    pub cert: Option<postern_core::identity::CertFacts>,
+}
+
+impl Party {
+    /// Who this session is, as policy sees them.
+    pub fn identity(&self) -> postern_core::Identity {
+        postern_core::Identity { user: self.user.clone(), source: self.source, cert: self.cert }
+    }
 }
 
 /// A slot counted against a user's `max_sessions` from the authorization until the session
@@ -409,6 +419,7 @@ mod tests {
             logged: true,
             via_admin: false,
             reservation: None,
+            cert: None,
         };
         let reg = table.register("sid-1", party);
         let started_at = reg.session.started_at;

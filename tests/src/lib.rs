@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod oidc;
+pub use oidc::*;
+
 /// Directory holding the workspace binaries (`target/debug` next to the test executable).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -47,6 +47,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "sessions",
             "connections",
             "access",
+            "certs",
+            "sso",
             "instances",
             "locations",
             "enforcer",

@@ -1434,7 +1434,8 @@ fn gateway_issued_user_certificates_let_a_user_in_until_they_expire_or_the_user_
     assert!(issued["args"]["serial"].as_u64().is_some(), "{issued}");
     assert!(issued["args"]["key"].as_str().unwrap().starts_with("SHA256:"), "{issued}");
 
-    // Disabled: the unexpired certificate is refused at once; enabled again, it works.
+    // Disabled: the unexpired certificate is refused at once, and stays refused when she is
+    // enabled again (disabling revoked it); a new one works.
     ok(&["user", "disable", "carol"]);
     let out = ssh("carol", &cert);
     assert_ne!(out.status.code(), Some(0));
@@ -1442,7 +1443,14 @@ fn gateway_issued_user_certificates_let_a_user_in_until_they_expire_or_the_user_
     let out = gw.postern(&["user", "cert", "carol", "--key-file", key.with_extension("pub").to_str().unwrap()]);
     assert!(!out.status.success() && text(&out.stderr).contains("is disabled"), "{}", text(&out.stderr));
     ok(&["user", "enable", "carol"]);
+    assert_ne!(ssh("carol", &cert).status.code(), Some(0), "a certificate revoked by the disable worked again");
+    ok(&["user", "cert", "carol", "--key-file", key.with_extension("pub").to_str().unwrap()]);
     assert_eq!(text(&ssh("carol", &cert).stdout), "cert-ok\n");
+    // `revoke --user` takes back her unexpired certificates too.
+    let said = ok(&["revoke", "--user", "carol"]);
+    assert!(said.contains("1 certificate"), "{said}");
+    assert_ne!(ssh("carol", &cert).status.code(), Some(0), "a certificate revoked with revoke --user worked");
+    ok(&["user", "cert", "carol", "--key-file", key.with_extension("pub").to_str().unwrap()]);
 
     // A short one works, then expires and is refused.
     let short = dir.path().join("short-cert.pub");

@@ -79,6 +79,7 @@ async fn users_policies_grants_anchor(s: &dyn Store) {
         principals: vec!["bob@corp".into()],
         disabled: false,
         created_at: 5,
+        idp_subject: None,
     };
     s.put_user(&u).await.unwrap();
     u.disabled = true;
@@ -139,6 +140,7 @@ async fn access_generation(s: &dyn Store) {
         principals: vec![],
         disabled: false,
         created_at: 5,
+        idp_subject: None,
     };
     s.put_user(&u).await.unwrap();
     moved(s.access_generation().await.unwrap(), "user added");
@@ -523,6 +525,7 @@ async fn concurrent_gateways(a: Arc<dyn Store>, b: Arc<dyn Store>) {
                 principals: vec![],
                 disabled: false,
                 created_at: 1,
+                idp_subject: None,
             };
             s.put_user(&u).await.unwrap()
         });

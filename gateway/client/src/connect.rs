@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postern_core::command::{Instance, RDP_DESTINATION, RdpToken, SshConfig, WhoAmI};
+use postern_core::command::{Instance, LOGIN_USER, RDP_DESTINATION, RdpToken, SshConfig, WhoAmI};
 use russh::ChannelMsg;
 use russh::keys::ssh_key::{Certificate, HashAlg};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
@@ -38,6 +38,26 @@ fn jittered(d: Duration) -> Duration {
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     let half_ms = u64::try_from(d.as_millis() / 2).unwrap_or(u64::MAX).max(1);
     d + Duration::from_millis(u64::from(u16::from_le_bytes(b)) % half_ms)
+}
+
+/// Retry `attempt` while the gateway closes the connection before its banner (see
+/// [`Client::connect`]), for up to [`STARTUP_RETRY_BUDGET`].
+async fn retry_early_drops<T, F, Fut>(mut attempt: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let give_up = tokio::time::Instant::now() + STARTUP_RETRY_BUDGET;
+    let mut pause = STARTUP_RETRY_FIRST;
+    loop {
+        match attempt().await {
+            Err(ClientError::Handshake { .. }) if tokio::time::Instant::now() + pause < give_up => {
+                tokio::time::sleep(jittered(pause)).await;
+                pause = pause.saturating_mul(2).min(STARTUP_RETRY_MAX);
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Largest refusal message kept from a gateway command's stderr.
@@ -174,20 +194,19 @@ impl Client {
     /// pauses (e.g. `postern run` opening many connections at once), for up to
     /// [`STARTUP_RETRY_BUDGET`]. Every other error is final at once.
     async fn connect_retrying(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
-        let give_up = tokio::time::Instant::now() + STARTUP_RETRY_BUDGET;
-        let mut pause = STARTUP_RETRY_FIRST;
-        loop {
-            match Self::connect_inner(opts, instance).await {
-                Err(ClientError::Handshake { .. }) if tokio::time::Instant::now() + pause < give_up => {
-                    tokio::time::sleep(jittered(pause)).await;
-                    pause = pause.saturating_mul(2).min(STARTUP_RETRY_MAX);
-                }
-                other => return other,
-            }
-        }
+        retry_early_drops(|| Self::connect_inner(opts, instance)).await
     }
 
-    async fn connect_inner(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
+    async fn handshake_retrying(
+        opts: &ClientOptions,
+    ) -> Result<(russh::client::Handle<Verifier>, tokio::sync::watch::Receiver<(u64, String)>), ClientError> {
+        retry_early_drops(|| Self::handshake(opts)).await
+    }
+
+    /// TCP, SSH version exchange, key exchange and the gateway's host key check.
+    async fn handshake(
+        opts: &ClientOptions,
+    ) -> Result<(russh::client::Handle<Verifier>, tokio::sync::watch::Receiver<(u64, String)>), ClientError> {
         let (host, port) = opts.host_port()?;
         let address = format!("{host}:{port}");
         let verdict = Arc::new(Mutex::new(None));
@@ -215,7 +234,7 @@ impl Client {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|source| ClientError::Connect { address: address.clone(), source })?;
-        let mut handle = match russh::client::connect_stream(config, tcp, verifier).await {
+        let handle = match russh::client::connect_stream(config, tcp, verifier).await {
             Ok(h) => h,
             Err(source) => {
                 if let Some(reason) = verdict.lock().ok().and_then(|mut v| v.take()) {
@@ -224,6 +243,11 @@ impl Client {
                 return Err(ClientError::Handshake { address, source });
             }
         };
+        Ok((handle, open_failures))
+    }
+
+    async fn connect_inner(opts: &ClientOptions, instance: Option<&str>) -> Result<Client, ClientError> {
+        let (mut handle, open_failures) = Self::handshake(opts).await?;
         let login = match instance {
             Some(i) => format!("{}%{i}", opts.user),
             None => opts.user.clone(),
@@ -256,13 +280,27 @@ impl Client {
     }
 
     async fn command_inner(&self, command: &str) -> Result<serde_json::Value, ClientError> {
+        let out = self.command_output(command, |_| {}).await?;
+        serde_json::from_slice(&out).map_err(|source| ClientError::NotJson { command: command.to_owned(), source })
+    }
+
+    /// A command's standard output once it succeeded, each complete line also given to
+    /// `on_line` as it arrives; its refusal otherwise.
+    async fn command_output(&self, command: &str, mut on_line: impl FnMut(&str)) -> Result<Vec<u8>, ClientError> {
         let mut ch =
             self.handle.channel_open_session().await.map_err(channel_error("opening a channel to the gateway"))?;
         ch.exec(true, command).await.map_err(channel_error("sending a command to the gateway"))?;
         let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
+        let mut seen = 0;
         while let Some(msg) = ch.wait().await {
             match msg {
-                ChannelMsg::Data { data } if out.len() < MAX_REPLY => out.extend_from_slice(&data),
+                ChannelMsg::Data { data } if out.len() < MAX_REPLY => {
+                    out.extend_from_slice(&data);
+                    while let Some(end) = out.get(seen..).and_then(|rest| rest.iter().position(|&b| b == b'\n')) {
+                        on_line(&String::from_utf8_lossy(out.get(seen..seen + end).unwrap_or_default()));
+                        seen += end + 1;
+                    }
+                }
                 ChannelMsg::Data { .. } => {
                     return Err(ClientError::ReplyTooLarge { command: command.to_owned(), limit: MAX_REPLY });
                 }
@@ -281,7 +319,44 @@ impl Client {
                 exit_status: status,
             });
         }
-        serde_json::from_slice(&out).map_err(|source| ClientError::NotJson { command: command.to_owned(), source })
+        Ok(out)
+    }
+
+    /// Connect for `postern login`: the sign-in connection ([`LOGIN_USER`], no key), which
+    /// can only run the `login-*` commands ([`Client::sign_in_command`]).
+    pub async fn connect_sign_in(opts: &ClientOptions) -> Result<Client, ClientError> {
+        let connect = async {
+            let (mut handle, open_failures) = Self::handshake_retrying(opts).await?;
+            let ok = handle
+                .authenticate_none(LOGIN_USER)
+                .await
+                .map(|r| r.success())
+                .map_err(|source| ClientError::Handshake { address: opts.gateway.clone(), source })?;
+            if !ok {
+                return Err(ClientError::SignInUnavailable { address: opts.gateway.clone() });
+            }
+            Ok(Client { handle, open_failures })
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect).await.unwrap_or_else(|_| {
+            Err(ClientError::ConnectTimeout { address: opts.gateway.clone(), after: CONNECT_TIMEOUT })
+        })
+    }
+
+    /// A sign-in command on the sign-in connection, bounded by `wait` (a device sign-in
+    /// waits for its person): the answer is the last line; earlier lines go to `on_line`.
+    pub async fn sign_in_command<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        wait: Duration,
+        on_line: impl FnMut(&str),
+    ) -> Result<T, ClientError> {
+        let verb = command.split_whitespace().next().unwrap_or_default().to_owned();
+        let out = tokio::time::timeout(wait, self.command_output(command, on_line))
+            .await
+            .unwrap_or_else(|_| Err(ClientError::CommandTimeout { command: verb.clone(), after: wait }))?;
+        let text = String::from_utf8_lossy(&out);
+        let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        serde_json::from_str(last).map_err(|source| ClientError::UnexpectedReply { command: verb, source })
     }
 
     /// Who the gateway says you are (`whoami`).

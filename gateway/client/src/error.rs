@@ -65,6 +65,13 @@ pub enum ClientError {
     )]
     AuthenticationRefused { user: String, tried: String },
 
+    /// The gateway does not offer sign-in through an identity provider.
+    #[error(
+        "the gateway at {address} does not offer sign-in with an identity provider ([identity.oidc] is not \
+         configured there); ask its administrator, or use an SSH key registered with `postern user key add`"
+    )]
+    SignInUnavailable { address: String },
+
     /// The gateway refused a command: `message` is what it printed (without its `postern: `
     /// prefix), e.g. `access denied (or no such instance)`.
     #[error("{message}")]

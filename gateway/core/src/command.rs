@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The gateway commands, as `help` and unknown commands print them.
-pub const USAGE: &str = "gateway commands: whoami | ls [LABEL-SELECTOR] | rdp-token INSTANCE | ssh-config [KNOWN_HOSTS_FILE] | run-begin JSON | run-end JSON";
+pub const USAGE: &str = "gateway commands: whoami | ls [LABEL-SELECTOR] | rdp-token INSTANCE | ssh-config [KNOWN_HOSTS_FILE] | run-begin JSON | run-end JSON | logout";
 
 /// The special `direct-tcpip` host that means "the instance's RDP service" (the agent's
 /// configured `rdp_address`): `ssh -L 13389:@rdp:3389 alice%win-01@gateway`.
@@ -30,6 +30,86 @@ pub const DEFAULT_KNOWN_HOSTS: &str = "~/.ssh/postern_known_hosts";
 pub struct WhoAmI {
     pub user: String,
     pub source: String,
+    /// The user's groups (from the identity provider for a user who signs in with it).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// When the connection authenticated with a certificate from `postern login` or
+    /// `postern user cert`: which one, and what it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateInfo>,
+}
+
+/// A gateway-issued certificate, as `whoami` and `login` describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateInfo {
+    /// 16 hex digits.
+    pub serial: String,
+    /// Unix seconds.
+    pub valid_before: u64,
+    /// The login used a second factor.
+    pub mfa: bool,
+}
+
+/// The SSH user name of the sign-in connection: `postern login` authenticates as it with
+/// the `none` method, and the connection can do nothing but the `login-*` commands. (Not a
+/// valid user name, so it never names a user.)
+pub const LOGIN_USER: &str = "postern:login";
+
+/// `login-begin JSON` on the sign-in connection: start the authorization-code flow with a
+/// loopback redirect. The answer is [`LoginStarted`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginBegin {
+    /// `http://127.0.0.1:PORT/...` (or `[::1]`, `localhost`), where the client listens.
+    pub redirect_uri: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginStarted {
+    /// Open this in a browser.
+    pub authorization_url: String,
+    /// Echoed by the identity provider on the redirect; names the flow in `login-finish`.
+    pub state: String,
+}
+
+/// `login-finish JSON`: the code the redirect brought, for the flow `state` names on this
+/// connection, and the public key to certify. The answer is [`LoginResult`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginFinish {
+    pub state: String,
+    pub code: String,
+    /// OpenSSH public key line of the key the client generated.
+    pub public_key: String,
+}
+
+/// `login-device JSON`: the device authorization grant. The gateway writes a
+/// [`DevicePrompt`] line at once, then (when the user approved, or the code expired) the
+/// [`LoginResult`] line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginDevice {
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePrompt {
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub user_code: String,
+    /// Seconds the code stays valid.
+    pub expires_in: u64,
+}
+
+/// A successful sign-in: the certificate and who it says the user is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginResult {
+    pub user: String,
+    pub groups: Vec<String>,
+    /// OpenSSH certificate line (`ssh-ed25519-cert-v01@openssh.com AAAA...`).
+    pub certificate: String,
+    pub info: CertificateInfo,
+    /// The user was created by this sign-in.
+    pub created: bool,
+    /// `@cert-authority` line for the gateway's host certificates, for known_hosts.
+    pub known_hosts: String,
 }
 
 /// One row of `ls`: an instance as a user sees it.

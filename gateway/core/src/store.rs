@@ -114,6 +114,39 @@ pub struct UserRecord {
     pub principals: Vec<String>,
     pub disabled: bool,
     pub created_at: i64,
+    /// Set for a user from the identity provider (`postern login`): `issuer subject`, the
+    /// one IdP identity this user is. Such a user's groups are the IdP's, synced at every
+    /// login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idp_subject: Option<String>,
+}
+
+/// A user certificate the gateway signed (`postern login`, `postern user cert`), kept until
+/// it expires so it can be revoked before then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertificateRecord {
+    pub serial: u64,
+    pub user: String,
+    /// SHA-256 fingerprint of the certified key (`SHA256:...`).
+    pub key_fingerprint: String,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    /// `login` (postern login) or `admin` (postern user cert).
+    pub origin: String,
+    pub idp_subject: Option<String>,
+    pub mfa: bool,
+    pub revoked_at: Option<i64>,
+}
+
+/// What [`Store::login_user`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginUser {
+    /// The user as stored now (created, or groups synced).
+    Ready { user: UserRecord, created: bool },
+    /// A user of that name exists and is not from the identity provider.
+    NotFromIdp,
+    /// A user of that name exists and is another IdP identity.
+    OtherSubject,
 }
 
 /// One version of a policy document. `source` is empty for a removal.
@@ -476,6 +509,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every cluster gateway's anchor, by gateway id (sorted).
     async fn gateway_audit_anchors(&self) -> Result<Vec<(String, GatewayAnchor)>, StoreError>;
+
+    /// A user signing in through the identity provider as `name`, IdP identity `subject`,
+    /// in `groups`: created when new, groups replaced when it is that same identity; a user
+    /// of that name who is not from the IdP is taken over only with `link_existing`. One
+    /// statement, so two gateways logging the same person in at once agree.
+    async fn login_user(
+        &self,
+        name: &str,
+        subject: &str,
+        groups: &[String],
+        link_existing: bool,
+        now: i64,
+    ) -> Result<LoginUser, StoreError>;
+
+    /// Keep a certificate the gateway issued (until it expires).
+    async fn record_certificate(&self, cert: &CertificateRecord) -> Result<(), StoreError>;
+
+    /// Revoke `user`'s certificates that have not expired at `now` (only `serial`, when
+    /// given). Returns how many were revoked now (already revoked ones are not counted).
+    async fn revoke_certificates(&self, user: &str, serial: Option<u64>, now: i64) -> Result<u64, StoreError>;
+
+    /// Certificates not expired at `now`, revoked or not, of `user` or everyone, newest first.
+    async fn certificates(&self, user: Option<&str>, now: i64) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Forget certificates that expired before `before`; returns how many.
+    async fn prune_certificates(&self, before: i64) -> Result<u64, StoreError>;
 }
 
 /// Which gateway an agent is connected to, as the store keeps it (cluster mode).

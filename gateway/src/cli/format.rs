@@ -13,6 +13,21 @@ pub fn ago(unix: Option<i64>) -> String {
     }
 }
 
+/// A Unix time as an RFC 3339 UTC timestamp, to the second.
+pub fn timestamp(unix: i64) -> String {
+    jiff::Timestamp::from_second(unix).map(|t| t.to_string()).unwrap_or_else(|_| unix.to_string())
+}
+
+/// A length of time in its largest whole unit and the next ("7h59m", "4m30s", "12s").
+pub fn duration_secs(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
 /// `s` with control characters escaped (ESC becomes `\u{1b}`): table cells carry text
 /// from agents and users, which must not reach the terminal as escape sequences.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {

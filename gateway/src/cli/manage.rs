@@ -465,33 +465,23 @@ pub async fn revoke_grants(
     policy: Option<String>,
 ) -> anyhow::Result<()> {
     let v = manage(socket, ManageRequest::GrantRevoke { id, user, policy }).await?;
-    println!("revoked {}", s(&v, "revoked"));
+    let grants = s(&v, "revoked");
+    if !grants.is_empty() {
+        println!("revoked {grants}");
+    }
+    match v.get("certificates_revoked").and_then(Value::as_u64) {
+        Some(0) | None => {}
+        Some(1) => println!("revoked 1 certificate"),
+        Some(n) => println!("revoked {n} certificates"),
+    }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn explain(
-    socket: &Path,
-    user: &str,
-    target: &str,
-    action: &str,
-    at: Option<String>,
-    from: Option<std::net::IpAddr>,
-    to: Option<String>,
-    json: bool,
-) -> anyhow::Result<i32> {
-    let v = manage(
-        socket,
-        ManageRequest::Explain {
-            user: user.to_owned(),
-            target: target.to_owned(),
-            action: action.to_owned(),
-            at,
-            from,
-            to,
-        },
-    )
-    .await?;
+/// `request` is a [`ManageRequest::Explain`].
+pub async fn explain(socket: &Path, request: ManageRequest, json: bool) -> anyhow::Result<i32> {
+    let v = manage(socket, request).await?;
+    let user = s(&v, "user");
+    let action = s(&v, "action");
     let allowed = v.pointer("/decision/allowed") == Some(&Value::Bool(true));
     if json {
         print_json(&v)?;

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod format;
 pub mod history;
+pub mod login;
 pub mod manage;
 pub mod rdp;
 pub mod session;
@@ -72,7 +73,7 @@ impl Reach {
         match command {
             "gateway" | "quickstart" => Reach::Server,
             "exec" | "shell" | "ssh-config" => Reach::Either,
-            "ls" | "forward" | "run" | "rdp" | "completions" => Reach::User,
+            "ls" | "forward" | "run" | "rdp" | "completions" | "login" | "logout" | "whoami" => Reach::User,
             _ => Reach::Local,
         }
     }
@@ -246,7 +247,7 @@ pub enum Command {
     },
     /// Would this be allowed, and which statements decide? Exits 0 for allow, 1 for deny.
     #[command(
-        after_help = "Examples:\n  postern explain --user alice --target web-01 --action shell\n  postern explain --user alice --target web-01 --action shell --at 2026-12-24T22:00:00Z"
+        after_help = "Examples:\n  postern explain --user alice --target web-01 --action shell\n  postern explain --user alice --target web-01 --action shell --at 2026-12-24T22:00:00Z\n  postern explain --user alice --target db-01 --action shell --mfa      as after a login with MFA"
     )]
     Explain {
         #[arg(long)]
@@ -266,6 +267,10 @@ pub enum Command {
         /// Forward destination HOST:PORT (port-forward).
         #[arg(long)]
         to: Option<String>,
+        /// As for a session whose login used a second factor (`postern login` with MFA):
+        /// statements with `require_mfa` apply.
+        #[arg(long)]
+        mfa: bool,
         #[arg(long)]
         json: bool,
     },
@@ -323,6 +328,34 @@ pub enum Command {
         /// Shell profile (one you are allowed; with --gateway).
         #[arg(long)]
         profile: Option<String>,
+    },
+    /// Sign in with your company's identity provider (single sign-on): get a short-lived SSH
+    /// certificate for a new key, kept in ~/.ssh/postern/ and used by `postern`, `ssh
+    /// INSTANCE.<suffix>` (the ssh config is installed), scp and sftp until it expires.
+    #[command(after_help = "Examples:
+  postern login --gateway gw.example.com           opens your browser
+  postern login --gateway gw.example.com --device   no browser here: a code to enter elsewhere
+  postern login --gateway gw.example.com --no-browser   print the address instead of opening it
+
+The gateway's host key must be trusted first (its @cert-authority line in
+~/.ssh/postern_known_hosts or ~/.ssh/known_hosts, from your administrator).")]
+    Login(login::LoginArgs),
+    /// Sign out: revoke your sign-in certificate at the gateway and remove it and its key.
+    #[command(after_help = "Examples:
+  postern logout --gateway gw.example.com")]
+    Logout {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
+    },
+    /// Who the gateway says you are: user, groups, and the certificate you signed in with.
+    #[command(after_help = "Examples:
+  postern whoami --gateway gw.example.com
+  postern whoami --json")]
+    Whoami {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
+        #[arg(long)]
+        json: bool,
     },
     /// The instances you may reach through the gateway (as a user, over SSH).
     #[command(

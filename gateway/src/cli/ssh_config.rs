@@ -72,7 +72,7 @@ fn identity_files(given: &[PathBuf]) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
-fn home_dir() -> anyhow::Result<PathBuf> {
+pub(super) fn home_dir() -> anyhow::Result<PathBuf> {
     if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
         return Ok(PathBuf::from(h));
     }

@@ -39,17 +39,20 @@ impl GatewayArgs {
         let Some(gateway) = self.gateway.clone() else {
             bail!("which gateway? pass --gateway HOST[:PORT] or set POSTERN_GATEWAY");
         };
+        // Signed in with `postern login` (and not told otherwise): that key, as that user.
+        let login = if self.identity.is_empty() { super::login::current_login(&gateway) } else { None };
+        let login = login.filter(|(_, u)| self.user.as_ref().is_none_or(|x| x == u));
         // As ssh does: the local account's name unless told otherwise.
-        let user = match &self.user {
-            Some(u) => u.clone(),
-            None => local_user_name()?,
+        let user = match (&self.user, &login) {
+            (Some(u), _) => u.clone(),
+            (None, Some((_, u))) => u.clone(),
+            (None, None) => local_user_name()?,
         };
-        Ok(ClientOptions {
-            gateway,
-            user,
-            identity_files: self.identity.clone(),
-            known_hosts: self.known_hosts.clone(),
-        })
+        let identity_files = match login {
+            Some((key, _)) => vec![key],
+            None => self.identity.clone(),
+        };
+        Ok(ClientOptions { gateway, user, identity_files, known_hosts: self.known_hosts.clone() })
     }
 }
 

@@ -176,7 +176,7 @@ async fn handle(state: Arc<Services>, denials: &Denials, mut tcp: TcpStream, pee
             return;
         }
     };
-    let identity = Identity { user: claims.user.clone(), source: Some(peer.ip()) };
+    let identity = Identity::new(claims.user.clone(), Some(peer.ip()));
     let authz = match state.authorizer.authorize(&identity, &claims.instance, Action::Rdp, None, None, None).await {
         Ok(a) if a.agent_id() == claims.agent_id => a,
         Ok(_) => {

@@ -3,7 +3,7 @@
 //! contract). The `postern` client (and any SSH client) uses them: `whoami`, `ls [SELECTOR]`,
 //! `rdp-token INSTANCE`, `ssh-config [FILE]`, `run-begin JSON`, `run-end JSON`.
 
-use postern_core::command::{DEFAULT_KNOWN_HOSTS, Instance, RunBegin, RunEnd, USAGE, WhoAmI};
+use postern_core::command::{CertificateInfo, DEFAULT_KNOWN_HOSTS, Instance, RunBegin, RunEnd, USAGE, WhoAmI};
 use postern_core::policy::Target;
 use postern_core::util::now_unix;
 use postern_core::{Action, Identity, SESSION_ACTIONS};
@@ -50,7 +50,38 @@ async fn run(state: &Services, identity: &Identity, source: &str, command: &str)
     let (verb, rest) = command.split_once(char::is_whitespace).unwrap_or((command, ""));
     let rest = rest.trim();
     match verb {
-        "whoami" => to_json(WhoAmI { user: identity.user.clone(), source: source.to_owned() }),
+        "whoami" => to_json(WhoAmI {
+            user: identity.user.clone(),
+            source: source.to_owned(),
+            groups: state.access.user_groups(&identity.user),
+            certificate: identity.cert.map(|c| CertificateInfo {
+                serial: format!("{:016x}", c.serial),
+                valid_before: c.valid_before,
+                mfa: c.mfa,
+            }),
+        }),
+        // `postern logout`: the certificate this connection came in with stops working, on
+        // every gateway sharing the store.
+        "logout" => {
+            let Some(cert) = identity.cert else {
+                return Err("this connection did not authenticate with a certificate from the gateway".to_owned());
+            };
+            let revoked = state
+                .certifier
+                .revoke(&identity.user, Some(cert.serial))
+                .await
+                .map_err(|e| format!("gateway storage error: {e}"))?;
+            if let Err(e) = state.access.reload(state.store.as_ref()).await {
+                tracing::warn!(error = %e, "cannot reload access after a logout");
+            }
+            state.access_changed.notify_one();
+            let _ = state.audit.event(&crate::audit::events::Event::Logout(crate::audit::events::Logout {
+                user: identity.user.clone(),
+                source: source.to_owned(),
+                cert_serial: format!("{:016x}", cert.serial),
+            }));
+            Ok(serde_json::json!({"revoked": revoked == 1, "serial": format!("{:016x}", cert.serial)}))
+        }
         "ls" => to_json(list(state, identity, (!rest.is_empty()).then_some(rest)).await?),
         "rdp-token" if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
             to_json(state.rdp_tokens.issue(identity, rest).await?)
@@ -108,9 +139,7 @@ async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> 
             .iter()
             // `rdp` only where it can be used: not while the RDP door is off.
             .filter(|act| **act != Action::Rdp || state.addresses.rdp.is_some())
-            .map(|act| {
-                (*act, state.access.decide(&identity.user, identity.source, Some(target), act.name(), None, now, false))
-            })
+            .map(|act| (*act, state.access.decide(identity, Some(target), act.name(), None, now, false)))
             .filter(|(_, d)| d.allowed)
             .collect();
         if decisions.is_empty() {

@@ -276,6 +276,7 @@ fn open_event(
                 requested,
                 resolved,
                 via_gateway,
+                cert_serial: authz.cert_serial().map(|s| format!("{s:016x}")),
             };
             if action == Action::SshPassthrough { Event::PassthroughOpen(open) } else { Event::ForwardOpen(open) }
         }

@@ -60,6 +60,8 @@ pub(super) struct ConnHandler {
     conn: Arc<Conn>,
     /// Its place among the connections not yet authenticated, until it authenticates.
     startup: Option<Startup>,
+    /// Set when this is `postern login`'s sign-in connection ([`super::login`]).
+    sign_in: Option<super::login::SignIn>,
 }
 
 impl Drop for ConnHandler {
@@ -101,6 +103,7 @@ impl ConnHandler {
             opening: Arc::new(tokio::sync::Semaphore::new(MAX_OPENING_CHANNELS)),
             conn,
             startup: None,
+            sign_in: None,
         }
     }
 
@@ -136,6 +139,34 @@ impl ConnHandler {
 
 impl russh::server::Handler for ConnHandler {
     type Error = russh::Error;
+
+    /// Only `postern login`'s sign-in connection gets in without a key, and only to sign in
+    /// ([`super::login`]); with no `[identity.oidc]`, nobody does.
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        if user != postern_core::command::LOGIN_USER || self.outer.is_some() || self.sign_in.is_some() {
+            return Ok(Auth::reject());
+        }
+        let Some(sso) = self.state.sso.clone() else { return Ok(Auth::reject()) };
+        let Some(place) = sso.admit(self.peer.ip()) else {
+            info!("too many sign-in connections; refusing one");
+            return Ok(Auth::reject());
+        };
+        debug!("sign-in connection");
+        self.sign_in = Some(super::login::SignIn { sso, flows: Default::default(), _place: place });
+        // Its place among the startups goes back (a sign-in waits minutes for its person);
+        // its life is bounded instead.
+        if let Some(s) = self.startup.take() {
+            s.authenticated();
+        }
+        let conn = Arc::downgrade(&self.conn);
+        tokio::spawn(async move {
+            tokio::time::sleep(super::login::LOGIN_CONNECTION_MAX).await;
+            if let Some(c) = conn.upgrade() {
+                c.close();
+            }
+        });
+        Ok(Auth::Accept)
+    }
 
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
         let (name, _, _) = self.split_user(user);
@@ -219,6 +250,14 @@ impl russh::server::Handler for ConnHandler {
         reply: russh::server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Some(s) = &self.sign_in {
+            reply.accept().await;
+            let (sso, flows, source) = (s.sso.clone(), s.flows.clone(), self.peer.to_string());
+            tokio::spawn(
+                super::login::serve_login_channel(sso, flows, source, channel).instrument(tracing::Span::current()),
+            );
+            return Ok(());
+        }
         let Some(identity) = self.identity.clone() else { return Ok(()) };
         reply.accept().await;
         let ctx = SessionCtx {

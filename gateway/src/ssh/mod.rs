@@ -18,7 +18,8 @@
 //! (the russh handler) authenticates and answers channel opens, `session` serves shell,
 //! exec and sftp channels in named phases (request, authorize, plan, record, open, relay,
 //! end) with `relay` moving their bytes, `forward` serves `-L`, passthrough and `@rdp`
-//! channels, `commands` answers gateway commands, `settings` holds the russh settings,
+//! channels, `commands` answers gateway commands, `login` serves `postern login`'s sign-in
+//! connection, `settings` holds the russh settings,
 //! `throttle` the backoff of failed authentications, `startups` the caps on connections
 //! not yet authenticated, `channel` the messages said on a channel.
 
@@ -27,6 +28,7 @@ mod commands;
 mod forward;
 mod handler;
 mod listener;
+mod login;
 mod relay;
 mod session;
 mod settings;

@@ -352,6 +352,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             run_id: run_id.filter(|r| ctx.state.runs.owned_by(r, &ctx.identity.user)),
             recording: recorder.as_ref().map(|r| r.path().display().to_string()),
             via_gateway: stream.via.clone(),
+            cert_serial: authz.cert_serial().map(|s| format!("{s:016x}")),
         })),
     );
     info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(), "ssh session started");

@@ -15,11 +15,12 @@ use postern_core::store::{
     PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING,
     TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
 };
+use postern_core::store::{CertificateRecord, LoginUser};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
 use super::sqlite::{
-    AGENT_COLUMNS, SESSION_COLUMNS, SPENT_TOKEN_GRACE, TERMINATE_REQUEST_KEPT, bytes_sql, db, labels_json,
+    AGENT_COLUMNS, SESSION_COLUMNS, SPENT_TOKEN_GRACE, TERMINATE_REQUEST_KEPT, bytes_sql, cert_sql, db, labels_json,
     live_sessions_json, to_json,
 };
 
@@ -194,6 +195,23 @@ CREATE TABLE gateway_audit_anchors (
     public_key  TEXT NOT NULL
 );
 ALTER TABLE session_history ADD COLUMN gateway TEXT;
+"#,
+    r#"
+ALTER TABLE users ADD COLUMN idp_subject TEXT;
+CREATE TABLE certificates (
+    serial          TEXT PRIMARY KEY,
+    user_name       TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    issued_at       BIGINT NOT NULL,
+    expires_at      BIGINT NOT NULL,
+    origin          TEXT NOT NULL,
+    idp_subject     TEXT,
+    mfa             BIGINT NOT NULL,
+    revoked_at      BIGINT
+);
+CREATE INDEX certificates_user ON certificates(user_name, expires_at);
+CREATE TRIGGER access_certificates AFTER UPDATE ON certificates
+    FOR EACH STATEMENT EXECUTE FUNCTION bump_access_generation();
 "#,
 ];
 
@@ -601,6 +619,7 @@ impl Store for PgStore {
                     principals: json_list(r, "principals")?,
                     disabled: r.try_get::<i64, _>("disabled").map_err(db)? != 0,
                     created_at: r.try_get("created_at").map_err(db)?,
+                    idp_subject: r.try_get("idp_subject").map_err(db)?,
                 })
             })
             .collect()
@@ -1171,4 +1190,84 @@ impl Store for PgStore {
                 .map_err(db)?;
         rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
     }
+
+    async fn login_user(
+        &self,
+        name: &str,
+        subject: &str,
+        groups: &[String],
+        link_existing: bool,
+        now: i64,
+    ) -> Result<LoginUser, StoreError> {
+        let existed = self.users().await?.iter().any(|u| u.name == name);
+        let r = sqlx::query(cert_sql::LOGIN_USER)
+            .bind(name)
+            .bind(to_json(groups))
+            .bind(now)
+            .bind(subject)
+            .bind(i64::from(link_existing))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        let user = self.users().await?.into_iter().find(|u| u.name == name);
+        Ok(match user {
+            Some(u) if r.rows_affected() == 1 && u.idp_subject.as_deref() == Some(subject) => {
+                LoginUser::Ready { created: !existed, user: u }
+            }
+            Some(u) if u.idp_subject.is_none() => LoginUser::NotFromIdp,
+            _ => LoginUser::OtherSubject,
+        })
+    }
+
+    async fn record_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
+        sqlx::query(cert_sql::RECORD)
+            .bind(cert_sql::serial_text(c.serial))
+            .bind(&c.user)
+            .bind(&c.key_fingerprint)
+            .bind(c.issued_at)
+            .bind(c.expires_at)
+            .bind(&c.origin)
+            .bind(&c.idp_subject)
+            .bind(i64::from(c.mfa))
+            .bind(c.revoked_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn revoke_certificates(&self, user: &str, serial: Option<u64>, now: i64) -> Result<u64, StoreError> {
+        let q = match serial {
+            None => sqlx::query(cert_sql::REVOKE_ALL).bind(now).bind(user).bind(now),
+            Some(s) => sqlx::query(cert_sql::REVOKE_ONE).bind(now).bind(user).bind(now).bind(cert_sql::serial_text(s)),
+        };
+        Ok(q.execute(&self.pool).await.map_err(db)?.rows_affected())
+    }
+
+    async fn certificates(&self, user: Option<&str>, now: i64) -> Result<Vec<CertificateRecord>, StoreError> {
+        let q = match user {
+            None => sqlx::query(cert_sql::LIST_ALL).bind(now),
+            Some(u) => sqlx::query(cert_sql::LIST_USER).bind(now).bind(u),
+        };
+        q.fetch_all(&self.pool).await.map_err(db)?.iter().map(certificate_of).collect()
+    }
+
+    async fn prune_certificates(&self, before: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(cert_sql::PRUNE).bind(before).execute(&self.pool).await.map_err(db)?;
+        Ok(r.rows_affected())
+    }
+}
+
+fn certificate_of(r: &PgRow) -> Result<CertificateRecord, StoreError> {
+    Ok(CertificateRecord {
+        serial: cert_sql::serial_of(&r.try_get::<String, _>("serial").map_err(db)?)?,
+        user: r.try_get("user_name").map_err(db)?,
+        key_fingerprint: r.try_get("key_fingerprint").map_err(db)?,
+        issued_at: r.try_get("issued_at").map_err(db)?,
+        expires_at: r.try_get("expires_at").map_err(db)?,
+        origin: r.try_get("origin").map_err(db)?,
+        idp_subject: r.try_get("idp_subject").map_err(db)?,
+        mfa: r.try_get::<i64, _>("mfa").map_err(db)? != 0,
+        revoked_at: r.try_get("revoked_at").map_err(db)?,
+    })
 }

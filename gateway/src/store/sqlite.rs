@@ -15,6 +15,7 @@ use postern_core::store::{
     PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING,
     TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
 };
+use postern_core::store::{CertificateRecord, LoginUser};
 
 /// The store's error for a failed database call.
 pub(super) fn db(e: sqlx::Error) -> StoreError {
@@ -216,7 +217,61 @@ CREATE TABLE gateway_audit_anchors (
 );
 ALTER TABLE session_history ADD COLUMN gateway TEXT;
 "#,
+    // Single sign-on (issue 18): users from the identity provider name their IdP identity;
+    // the certificates the gateway signs are kept until they expire so they can be revoked
+    // (a revocation moves the access generation, so every gateway refuses it within 5 s).
+    r#"
+ALTER TABLE users ADD COLUMN idp_subject TEXT;
+CREATE TABLE certificates (
+    serial          TEXT PRIMARY KEY,
+    user_name       TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    issued_at       BIGINT NOT NULL,
+    expires_at      BIGINT NOT NULL,
+    origin          TEXT NOT NULL,
+    idp_subject     TEXT,
+    mfa             INTEGER NOT NULL,
+    revoked_at      BIGINT
+);
+CREATE INDEX certificates_user ON certificates(user_name, expires_at);
+CREATE TRIGGER access_certificates_update AFTER UPDATE ON certificates BEGIN
+    UPDATE access_generation SET generation = generation + 1 WHERE id = 1;
+END;
+"#,
 ];
+
+/// SQL shared by both stores (numbered parameters, which SQLite reads as well).
+pub(super) mod cert_sql {
+    /// Create the user, or sync the groups of the same IdP identity, or (with `$7`) link a
+    /// user that has no IdP identity yet; any other existing user is left as it is.
+    pub const LOGIN_USER: &str = "INSERT INTO users (name, groups, keys, principals, disabled, created_at, idp_subject) \
+         VALUES ($1, $2, '[]', '[]', 0, $3, $4) \
+         ON CONFLICT (name) DO UPDATE SET groups = excluded.groups, idp_subject = excluded.idp_subject \
+         WHERE users.idp_subject = excluded.idp_subject OR (users.idp_subject IS NULL AND $5 = 1)";
+    pub const RECORD: &str = "INSERT INTO certificates (serial, user_name, key_fingerprint, issued_at, expires_at, \
+         origin, idp_subject, mfa, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    pub const REVOKE_ALL: &str = "UPDATE certificates SET revoked_at = $1 \
+         WHERE user_name = $2 AND expires_at > $3 AND revoked_at IS NULL";
+    pub const REVOKE_ONE: &str = "UPDATE certificates SET revoked_at = $1 \
+         WHERE user_name = $2 AND expires_at > $3 AND revoked_at IS NULL AND serial = $4";
+    pub const LIST_ALL: &str = "SELECT * FROM certificates WHERE expires_at > $1 ORDER BY issued_at DESC, serial";
+    pub const LIST_USER: &str =
+        "SELECT * FROM certificates WHERE expires_at > $1 AND user_name = $2 ORDER BY issued_at DESC, serial";
+    pub const PRUNE: &str = "DELETE FROM certificates WHERE expires_at < $1";
+
+    /// Serials are kept as 16 hex digits: every database sorts and compares them alike.
+    pub fn serial_text(serial: u64) -> String {
+        format!("{serial:016x}")
+    }
+
+    pub fn serial_of(text: &str) -> Result<u64, postern_core::store::StoreError> {
+        u64::from_str_radix(text, 16).map_err(|e| {
+            postern_core::store::StoreError::Database(Box::new(std::io::Error::other(format!(
+                "certificate serial {text:?} in the store: {e}"
+            ))))
+        })
+    }
+}
 
 /// The database (users, keys, grants, agents) is readable by the gateway's user only. The
 /// file is created 0600 before SQLite opens it, and SQLite gives the `-wal` and `-shm` files
@@ -666,6 +721,7 @@ impl Store for SqliteStore {
                     principals: json_list(r, "principals")?,
                     disabled: r.try_get::<i64, _>("disabled").map_err(db)? != 0,
                     created_at: r.try_get("created_at").map_err(db)?,
+                    idp_subject: r.try_get("idp_subject").map_err(db)?,
                 })
             })
             .collect()
@@ -1234,6 +1290,86 @@ impl Store for SqliteStore {
                 .map_err(db)?;
         rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
     }
+
+    async fn login_user(
+        &self,
+        name: &str,
+        subject: &str,
+        groups: &[String],
+        link_existing: bool,
+        now: i64,
+    ) -> Result<LoginUser, StoreError> {
+        let existed = self.users().await?.iter().any(|u| u.name == name);
+        let r = sqlx::query(cert_sql::LOGIN_USER)
+            .bind(name)
+            .bind(to_json(groups))
+            .bind(now)
+            .bind(subject)
+            .bind(i64::from(link_existing))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        let user = self.users().await?.into_iter().find(|u| u.name == name);
+        Ok(match user {
+            Some(u) if r.rows_affected() == 1 && u.idp_subject.as_deref() == Some(subject) => {
+                LoginUser::Ready { created: !existed, user: u }
+            }
+            Some(u) if u.idp_subject.is_none() => LoginUser::NotFromIdp,
+            _ => LoginUser::OtherSubject,
+        })
+    }
+
+    async fn record_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
+        sqlx::query(cert_sql::RECORD)
+            .bind(cert_sql::serial_text(c.serial))
+            .bind(&c.user)
+            .bind(&c.key_fingerprint)
+            .bind(c.issued_at)
+            .bind(c.expires_at)
+            .bind(&c.origin)
+            .bind(&c.idp_subject)
+            .bind(i64::from(c.mfa))
+            .bind(c.revoked_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn revoke_certificates(&self, user: &str, serial: Option<u64>, now: i64) -> Result<u64, StoreError> {
+        let q = match serial {
+            None => sqlx::query(cert_sql::REVOKE_ALL).bind(now).bind(user).bind(now),
+            Some(s) => sqlx::query(cert_sql::REVOKE_ONE).bind(now).bind(user).bind(now).bind(cert_sql::serial_text(s)),
+        };
+        Ok(q.execute(&self.pool).await.map_err(db)?.rows_affected())
+    }
+
+    async fn certificates(&self, user: Option<&str>, now: i64) -> Result<Vec<CertificateRecord>, StoreError> {
+        let q = match user {
+            None => sqlx::query(cert_sql::LIST_ALL).bind(now),
+            Some(u) => sqlx::query(cert_sql::LIST_USER).bind(now).bind(u),
+        };
+        q.fetch_all(&self.pool).await.map_err(db)?.iter().map(certificate_of).collect()
+    }
+
+    async fn prune_certificates(&self, before: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(cert_sql::PRUNE).bind(before).execute(&self.pool).await.map_err(db)?;
+        Ok(r.rows_affected())
+    }
+}
+
+fn certificate_of(r: &sqlx::sqlite::SqliteRow) -> Result<CertificateRecord, StoreError> {
+    Ok(CertificateRecord {
+        serial: cert_sql::serial_of(&r.try_get::<String, _>("serial").map_err(db)?)?,
+        user: r.try_get("user_name").map_err(db)?,
+        key_fingerprint: r.try_get("key_fingerprint").map_err(db)?,
+        issued_at: r.try_get("issued_at").map_err(db)?,
+        expires_at: r.try_get("expires_at").map_err(db)?,
+        origin: r.try_get("origin").map_err(db)?,
+        idp_subject: r.try_get("idp_subject").map_err(db)?,
+        mfa: r.try_get::<i64, _>("mfa").map_err(db)? != 0,
+        revoked_at: r.try_get("revoked_at").map_err(db)?,
+    })
 }
 
 #[cfg(test)]
@@ -1321,6 +1457,7 @@ mod tests {
             principals: vec![],
             disabled: false,
             created_at: 5,
+            idp_subject: None,
         };
         store.put_user(&u).await.unwrap();
         u.disabled = true;

@@ -56,6 +56,10 @@ pub struct Statement {
     pub schedule: Vec<Window>,
     #[serde(default)]
     pub source: Vec<Cidr>,
+    /// Applies only to sessions whose login used a second factor (a `postern login`
+    /// certificate whose identity provider reported MFA). Allow statements only.
+    #[serde(default)]
+    pub require_mfa: bool,
     // Session settings (allow statements only).
     #[serde(default)]
     pub run_as: Vec<Name>,
@@ -422,6 +426,12 @@ pub fn parse(file: &str, text: &str) -> Result<Document, String> {
             return Err(at("not_after", "must be later than not_before"));
         }
         if s.effect == Effect::Deny {
+            if s.require_mfa {
+                return Err(at(
+                    "require_mfa",
+                    "goes on allow statements (a deny applies whatever the login; to refuse sessions without MFA, allow only with require_mfa)",
+                ));
+            }
             let settings = !s.run_as.is_empty()
                 || s.allow_root
                 || s.profile.is_some()

@@ -107,6 +107,8 @@ pub struct Request<'a> {
     /// matched in its canonical form; a host that has none is denied).
     pub destination: Option<(&'a str, u16)>,
     pub source: Option<IpAddr>,
+    /// The session's login used a second factor (see [`Statement::require_mfa`]).
+    pub mfa: bool,
     pub at: jiff::Timestamp,
 }
 
@@ -404,6 +406,7 @@ enum Miss {
     Expired,
     Schedule,
     Source,
+    Mfa,
 }
 
 impl Miss {
@@ -423,6 +426,7 @@ impl Miss {
             Miss::NotBefore => format!("not before {}", s.not_before.map(|t| t.0.to_string()).unwrap_or_default()),
             Miss::Expired => format!("expired at {}", s.not_after.map(|t| t.0.to_string()).unwrap_or_default()),
             Miss::Schedule => "outside its schedule".into(),
+            Miss::Mfa => "requires MFA (require_mfa), and this login had no second factor".into(),
             Miss::Source => match req.source {
                 Some(ip) => format!("source {ip} not in its source ranges"),
                 None => "request has no source address".into(),
@@ -483,6 +487,9 @@ fn applies(c: &Compiled, req: &Request, dest: Option<&Dest>) -> Result<(), Miss>
     }
     if !s.schedule.is_empty() && !s.schedule.iter().any(|w| w.contains(req.at)) {
         return Err(Miss::Schedule);
+    }
+    if s.require_mfa && !req.mfa {
+        return Err(Miss::Mfa);
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ struct Req {
     labels: Labels,
     dest: Option<(&'static str, u16)>,
     source: Option<IpAddr>,
+    mfa: bool,
     at: jiff::Timestamp,
 }
 
@@ -35,6 +36,7 @@ impl Req {
             labels: Labels::new(),
             dest: None,
             source: Some("10.1.2.3".parse().unwrap()),
+            mfa: false,
             at: ts("2026-11-25T12:00:00Z"),
         }
     }
@@ -59,6 +61,7 @@ impl Req {
             target: Some(Target { id: "ag-0001", name: self.name, labels: &self.labels }),
             destination: self.dest,
             source: self.source,
+            mfa: self.mfa,
             at: self.at,
         })
     }
@@ -308,6 +311,28 @@ source = ["10.0.0.0/8", "2001:db8::/32"]
 }
 
 #[test]
+fn require_mfa_allows_only_sessions_whose_login_had_a_second_factor() {
+    let s = set(&[r#"
+name = "p"
+[[statement]]
+sid = "prod-with-mfa"
+effect = "allow"
+users = ["alice"]
+actions = ["shell"]
+instances = ["*"]
+require_mfa = true
+"#]);
+    let without = Req::new("alice", "shell", "w").check(&s);
+    assert!(!without.allowed);
+    assert!(without.not_applicable.iter().any(|(r, why)| r.sid == "prod-with-mfa" && why.contains("requires MFA")));
+    assert!(Req { mfa: true, ..Req::new("alice", "shell", "w") }.check(&s).allowed);
+    // A deny with require_mfa would read as "deny only when MFA was used": refused.
+    let deny = "name = \"p\"\n[[statement]]\neffect = \"deny\"\nusers = [\"a\"]\nactions = [\"shell\"]\ninstances = [\"*\"]\nrequire_mfa = true\n";
+    let err = document::parse("p.toml", deny).unwrap_err().to_string();
+    assert!(err.contains("require_mfa") && err.contains("allow statements"), "{err}");
+}
+
+#[test]
 fn validity_period_and_windows_across_dst() {
     let s = set(&[r#"
 name = "p"
@@ -467,6 +492,7 @@ fn decide(text: &str, r: &(&'static str, Vec<String>, &'static str, &'static str
         target: Some(Target { id: "ag-1", name: r.3, labels: &r.4 }),
         destination: None,
         source: Some(r.5),
+        mfa: false,
         at: ts("2026-11-25T12:00:00Z"),
     })
 }

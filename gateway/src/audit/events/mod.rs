@@ -80,6 +80,12 @@ events! {
     AgentBulkEnrolled(AgentBulkEnrolled) = "agent.bulk_enrolled",
     AgentProtocolViolation(AgentProtocolViolation) = "agent.protocol_violation",
     AuthFailed(AuthFailed) = "auth.failed",
+    /// `postern login`: the identity provider vouched for the user and a certificate was issued.
+    LoginSucceeded(LoginSucceeded) = "login.succeeded",
+    /// `postern login` was refused (bad or forged token, not allowed, disabled user, ...).
+    LoginFailed(LoginFailed) = "login.failed",
+    /// `postern logout`: the certificate the client came in with was revoked.
+    Logout(Logout) = "logout",
     SessionAuthorized(SessionAuthorized) = "session.authorized",
     SessionStart(SessionStart) = "session.start",
     SessionEnd(SessionEnd) = "session.end",

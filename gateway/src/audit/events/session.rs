@@ -19,6 +19,49 @@ pub struct AuthFailed {
     pub inner: bool,
 }
 
+/// `login.succeeded`: a sign-in through the identity provider (`postern login`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginSucceeded {
+    pub user: String,
+    /// `ISSUER SUBJECT`: the identity provider's name for this person.
+    pub idp_subject: String,
+    /// The Postern groups the login synced (after `[identity.oidc.groups]` mapping).
+    pub groups: Vec<String>,
+    pub mfa: bool,
+    pub amr: Vec<String>,
+    /// "browser" (authorization code with PKCE) or "device" (device authorization grant).
+    pub flow: String,
+    pub cert_serial: String,
+    /// Unix seconds.
+    pub valid_before: u64,
+    /// The user was created by this login.
+    pub created: bool,
+    pub source: String,
+}
+
+/// `login.failed`: a sign-in that was refused, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginFailed {
+    /// The user the identity provider named, when it got that far.
+    pub user: Option<String>,
+    pub idp_subject: Option<String>,
+    /// A short stable reason (`bad_signature`, `wrong_audience`, `expired`, `nonce_mismatch`,
+    /// `code_rejected`, `user_disabled`, `mfa_required`, ...).
+    pub reason: String,
+    /// The message the client was given.
+    pub detail: String,
+    pub flow: String,
+    pub source: String,
+}
+
+/// `logout`: `postern logout` revoked the certificate it came in with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Logout {
+    pub user: String,
+    pub source: String,
+    pub cert_serial: String,
+}
+
 /// `session.authorized`: a shell, exec or sftp session passed policy (written before it
 /// starts, so a log that cannot be written stops it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +106,10 @@ pub struct SshSessionStart {
     /// session went through it; recorded and audited here all the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via_gateway: Option<String>,
+    /// The serial (16 hex digits) of the gateway-issued certificate the user came in with
+    /// (`postern login`, `postern user cert`): which login this session belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
 }
 
 /// A session through the admin socket (`postern exec`/`shell` on the gateway host).
@@ -269,6 +316,10 @@ pub struct ForwardOpen {
     /// session went through it; recorded and audited here all the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via_gateway: Option<String>,
+    /// The serial (16 hex digits) of the gateway-issued certificate the user came in with
+    /// (`postern login`, `postern user cert`): which login this session belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
 }
 
 /// `forward.close` and `passthrough.close`.
