@@ -59,12 +59,15 @@ async fn a_redirect_elsewhere_is_refused_before_anything_is_asked() {
 async fn a_discovery_document_for_another_issuer_is_refused() {
     let p = FakeProvider::start(&[]);
     p.state.lock().unwrap().discovery["issuer"] = json!("https://evil.example.com");
-    let e = oidc(&p).begin(REDIRECT).await.unwrap_err();
+    let o = oidc(&p);
+    let e = o.begin(REDIRECT).await.unwrap_err();
     assert_eq!(e.kind(), "wrong_issuer");
-    // A trailing '/' on one side only is the same issuer (docs/sso.md).
+    // A trailing '/' on one side only is the same issuer (docs/sso.md); and a refused
+    // document was not kept: the next login fetches it again.
     let issuer = format!("{}/", p.issuer);
     p.state.lock().unwrap().discovery["issuer"] = json!(issuer);
-    oidc(&p).begin(REDIRECT).await.unwrap();
+    o.begin(REDIRECT).await.unwrap();
+    assert_eq!(p.count("/.well-known/openid-configuration"), 2);
     // Endpoints are held to the issuer's rule: no plain http off this machine.
     p.state.lock().unwrap().discovery["token_endpoint"] = json!("http://idp.example.com/token");
     assert_eq!(oidc(&p).begin(REDIRECT).await.unwrap_err().kind(), "idp_bad_response");
