@@ -105,6 +105,17 @@ fn signature_verifies(discovery: &Value, token: &str) -> bool {
 /// (the proxy): the browser signs in, the test exchanges the code. Returns the token
 /// response and the nonce sent.
 fn code_flow(provider: &OidcProvider, login: &str, password: &str, otp: Option<&str>) -> (Value, String) {
+    code_flow_as(provider, (&provider.client_id(), &provider.client_secret()), login, password, otp)
+}
+
+/// [`code_flow`] as another client (`(id, secret)`).
+fn code_flow_as(
+    provider: &OidcProvider,
+    client: (&str, &str),
+    login: &str,
+    password: &str,
+    otp: Option<&str>,
+) -> (Value, String) {
     let discovery = provider.discovery();
     let (redirect_uri, callback) = callback_listener();
     let (verifier, challenge) = pkce_pair();
@@ -114,7 +125,7 @@ fn code_flow(provider: &OidcProvider, login: &str, password: &str, otp: Option<&
         "{}?client_id={}&response_type=code&scope={}&redirect_uri={}&code_challenge={challenge}\
          &code_challenge_method=S256&nonce={nonce}&state={state}",
         discovery["authorization_endpoint"].as_str().unwrap(),
-        provider.client_id(),
+        client.0,
         enc("openid email profile groups"),
         enc(&redirect_uri),
     );
@@ -127,8 +138,8 @@ fn code_flow(provider: &OidcProvider, login: &str, password: &str, otp: Option<&
     let code = query_param(&query, "code").unwrap();
     let tokens = post_form(
         discovery["token_endpoint"].as_str().unwrap(),
-        &provider.client_id(),
-        &provider.client_secret(),
+        client.0,
+        client.1,
         &[
             ("grant_type", "authorization_code"),
             ("code", &code),
@@ -349,13 +360,17 @@ struct Sso {
 }
 
 fn sso_gateway(issuer: &str, extra_oidc: &str) -> Sso {
+    sso_gateway_with_ttl(issuer, "1h", extra_oidc)
+}
+
+fn sso_gateway_with_ttl(issuer: &str, cert_ttl: &str, extra_oidc: &str) -> Sso {
     let secret_dir = tempfile::tempdir().unwrap();
     let secret = secret_dir.path().join("oidc-secret");
     std::fs::write(&secret, "postern-test-secret\n").unwrap();
     std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&secret).unwrap().permissions(), 0o600);
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let gw = Gateway::start(&format!(
-        "[identity]\ncert_ttl = \"1h\"\n[identity.oidc]\nissuer = \"{issuer}\"\nclient_id = \"postern\"\n\
+        "[identity]\ncert_ttl = \"{cert_ttl}\"\n[identity.oidc]\nissuer = \"{issuer}\"\nclient_id = \"postern\"\n\
          client_secret_file = \"{}\"\nscopes = [\"openid\", \"email\", \"profile\", \"groups\"]\n{extra_oidc}",
         secret.display()
     ));
@@ -641,4 +656,133 @@ fn the_device_flow_signs_in_a_machine_without_a_browser_and_policy_require_mfa_h
     assert!(text(&out.stdout).contains("requires MFA"), "{}", text(&out.stdout));
     let out = gw.postern(&["explain", "--user", "alice", "--target", "web-01", "--action", "exec", "--mfa"]);
     assert!(out.status.success() && text(&out.stdout).contains("ALLOW"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn an_id_token_issued_to_another_client_is_refused_as_the_wrong_audience() {
+    let (provider, proxy) = OidcProvider::start_behind_proxy();
+    let s = sso_gateway(&proxy.url, "");
+    let gw = &s.gw;
+    // A real token of the provider's, signed with its key, for the client `other`.
+    let (tokens, _) =
+        code_flow_as(&provider, (&provider.other_client_id(), &provider.other_client_secret()), "alice", "alice-pw", None);
+    let other = tokens["id_token"].as_str().unwrap().to_owned();
+    assert_eq!(jwt_claims(&other)["aud"], "other");
+    proxy.set_mode(ProxyMode::ReplaceIdToken(other));
+    let laptop = Laptop::new(gw);
+    let out = laptop.login(gw, "alice", "alice-pw", None);
+    assert!(!out.status.success(), "a token for another client was accepted");
+    assert!(text(&out.stderr).contains("audience"), "{}", text(&out.stderr));
+    wait_event(gw, "login.failed", |e| e["reason"] == "wrong_audience");
+    assert!(!laptop.key(gw).exists(), "a refused sign-in left a key behind");
+}
+
+#[test]
+fn an_expired_id_token_is_refused() {
+    let mut config = OidcProvider::default_config();
+    config["id_token_ttl"] = json!(1);
+    let (_provider, proxy) = OidcProvider::start_behind_proxy_with(config);
+    let s = sso_gateway(&proxy.url, "");
+    let gw = &s.gw;
+    let laptop = Laptop::new(gw);
+    let out = laptop.login(gw, "alice", "alice-pw", None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = proxy.id_tokens().last().cloned().unwrap();
+    // The gateway allows 60 s of clock skew past `exp`: wait until the token is past that.
+    let exp = jwt_claims(&token)["exp"].as_i64().unwrap();
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let left = (exp + 61 - now()).max(0);
+    std::thread::sleep(Duration::from_secs(left as u64));
+    proxy.set_mode(ProxyMode::ReplaceIdToken(token));
+    let out = laptop.login(gw, "alice", "alice-pw", None);
+    assert!(!out.status.success(), "an expired token was accepted");
+    assert!(text(&out.stderr).contains("expired"), "{}", text(&out.stderr));
+    wait_event(gw, "login.failed", |e| e["reason"] == "expired");
+}
+
+/// The sign-in connection driven with plain OpenSSH (one master connection, commands
+/// multiplexed over it): a code is redeemed once, and a flow is finished only on the
+/// connection that began it.
+#[test]
+fn a_replayed_code_and_a_flow_finished_on_another_connection_are_refused() {
+    let (provider, proxy) = OidcProvider::start_behind_proxy();
+    let s = sso_gateway(&proxy.url, "");
+    let gw = &s.gw;
+    let dir = tempfile::tempdir().unwrap();
+    let kh = dir.path().join("kh");
+    gw.write_known_hosts(&kh);
+    let ctl = dir.path().join("ctl");
+    let ssh = |extra: &[&str], command: Option<&str>| {
+        let mut c = Command::new("timeout");
+        c.args(["60", "ssh", "-p", &gw.ssh_port.to_string(), "-l", "postern:login", "-o", "BatchMode=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .args(extra)
+            .arg("127.0.0.1");
+        if let Some(cmd) = command {
+            c.arg(cmd);
+        }
+        c.stdin(Stdio::null()).output().unwrap()
+    };
+    let master = ["-S", ctl.to_str().unwrap()];
+    let out = ssh(&["-M", "-S", ctl.to_str().unwrap(), "-f", "-N", "-o", "ControlPersist=60"], None);
+    assert!(out.status.success(), "sign-in connection: {}", text(&out.stderr));
+    let key = dir.path().join("k");
+    assert!(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().unwrap().success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_owned();
+    let (redirect_uri, callback) = callback_listener();
+    let begin = |over: &[&str]| -> Value {
+        let out = ssh(over, Some(&format!("login-begin {}", json!({"redirect_uri": redirect_uri}))));
+        assert!(out.status.success(), "login-begin: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let finish = |over: &[&str], state: &str, code: &str| {
+        ssh(over, Some(&format!("login-finish {}", json!({"state": state, "code": code, "public_key": public}))))
+    };
+    // A sign-in the ordinary way, over the master connection.
+    let started = begin(&master);
+    browser_login(started["authorization_url"].as_str().unwrap(), "alice", "alice-pw", None).unwrap();
+    let query = callback.recv_timeout(Duration::from_secs(10)).unwrap();
+    let code = query_param(&query, "code").unwrap();
+    let out = finish(&master, started["state"].as_str().unwrap(), &code);
+    assert!(out.status.success(), "login-finish: {}", text(&out.stderr));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["user"], "alice");
+    assert!(result["certificate"].as_str().unwrap().starts_with("ssh-ed25519-cert-v01@openssh.com "));
+    // The same state again: that flow is finished.
+    let out = finish(&master, started["state"].as_str().unwrap(), &code);
+    assert!(!out.status.success() && text(&out.stderr).contains("no sign-in with that state"), "{}", text(&out.stderr));
+    // The same code for a new flow: the provider redeems a code once.
+    let again = begin(&master);
+    let out = finish(&master, again["state"].as_str().unwrap(), &code);
+    assert!(!out.status.success(), "a replayed code was redeemed again");
+    wait_event(gw, "login.failed", |e| e["reason"] == "code_rejected");
+    // A flow begun on the master connection cannot be finished on another connection.
+    let third = begin(&master);
+    let out = finish(&[], third["state"].as_str().unwrap(), "whatever");
+    assert!(!out.status.success() && text(&out.stderr).contains("no sign-in with that state"), "{}", text(&out.stderr));
+    // Nothing else runs on a sign-in connection.
+    let out = ssh(&master, Some("ls"));
+    assert!(!out.status.success() && text(&out.stderr).contains("for `postern login` only"), "{}", text(&out.stderr));
+    let out = ssh(&["-W", "127.0.0.1:22"], None);
+    assert!(!out.status.success(), "a forward from a sign-in connection was opened");
+    let _ = ssh(&["-S", ctl.to_str().unwrap(), "-O", "exit"], None);
+    drop(provider);
+}
+
+#[test]
+fn a_sign_in_certificate_expires_and_ssh_is_then_refused() {
+    let (_provider, proxy) = OidcProvider::start_behind_proxy();
+    let s = sso_gateway_with_ttl(&proxy.url, "8s", "");
+    let gw = &s.gw;
+    let laptop = Laptop::new(gw);
+    let out = laptop.login(gw, "alice", "alice-pw", None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = laptop.ssh().args(["alice@web-01.postern", "echo ok"]).output().unwrap();
+    assert_eq!(text(&out.stdout), "ok\n", "{}", text(&out.stderr));
+    // Once it has expired, OpenSSH's offer is refused by the gateway; postern no longer uses it.
+    wait_until("the certificate to be refused", Duration::from_secs(30), || {
+        laptop.ssh().args(["alice@web-01.postern", "echo ok"]).output().unwrap().status.code() != Some(0)
+    });
+    let out = laptop.postern(gw, &["whoami"], None);
+    assert!(!out.status.success(), "whoami with an expired certificate: {}", text(&out.stdout));
 }
