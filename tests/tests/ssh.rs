@@ -448,6 +448,19 @@ fn user_certificates_from_a_trusted_ca() {
     // A certificate for another principal does not make its holder bob.
     let wrong = login("mallory");
     assert_eq!(wrong.status.code(), Some(255), "{}", text(&wrong.stdout));
+    // Only the gateway's own certificates speak for the login behind them: one from this CA
+    // claiming MFA (the extension `postern login` certificates carry) is a certificate login
+    // without any.
+    sh(&format!(
+        "ssh-keygen -q -s {} -I cert-bob -n bob -V -5m:+1h -O extension:mfa@postern {}",
+        ca.display(),
+        bob.with_extension("pub").display()
+    ));
+    let cert = vec!["-o".to_owned(), format!("CertificateFile={}-cert.pub", bob.display())];
+    let me = s.ssh_no_config(&bob, &cert, "bob@127.0.0.1", "whoami");
+    let me: serde_json::Value = serde_json::from_slice(&me.stdout).expect("whoami answers JSON");
+    assert_eq!(me["user"], "bob");
+    assert!(me.get("certificate").is_none(), "another CA's certificate was taken for the gateway's: {me}");
 
     // A certificate from a CA the gateway does not trust is no login at all.
     let rogue_ca = dir.path().join("rogue_ca");

@@ -664,8 +664,13 @@ fn an_id_token_issued_to_another_client_is_refused_as_the_wrong_audience() {
     let s = sso_gateway(&proxy.url, "");
     let gw = &s.gw;
     // A real token of the provider's, signed with its key, for the client `other`.
-    let (tokens, _) =
-        code_flow_as(&provider, (&provider.other_client_id(), &provider.other_client_secret()), "alice", "alice-pw", None);
+    let (tokens, _) = code_flow_as(
+        &provider,
+        (&provider.other_client_id(), &provider.other_client_secret()),
+        "alice",
+        "alice-pw",
+        None,
+    );
     let other = tokens["id_token"].as_str().unwrap().to_owned();
     assert_eq!(jwt_claims(&other)["aud"], "other");
     proxy.set_mode(ProxyMode::ReplaceIdToken(other));
@@ -727,7 +732,9 @@ fn a_replayed_code_and_a_flow_finished_on_another_connection_are_refused() {
     let out = ssh(&["-M", "-S", ctl.to_str().unwrap(), "-f", "-N", "-o", "ControlPersist=60"], None);
     assert!(out.status.success(), "sign-in connection: {}", text(&out.stderr));
     let key = dir.path().join("k");
-    assert!(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().unwrap().success());
+    assert!(
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().unwrap().success()
+    );
     let public = std::fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_owned();
     let (redirect_uri, callback) = callback_listener();
     let begin = |over: &[&str]| -> Value {
@@ -766,6 +773,17 @@ fn a_replayed_code_and_a_flow_finished_on_another_connection_are_refused() {
     let out = ssh(&["-W", "127.0.0.1:22"], None);
     assert!(!out.status.success(), "a forward from a sign-in connection was opened");
     let _ = ssh(&["-S", ctl.to_str().unwrap(), "-O", "exit"], None);
+    // Only the sign-in user gets in without a key: alice with none is refused.
+    let out = Command::new("timeout")
+        .args(["30", "ssh", "-p", &gw.ssh_port.to_string(), "-l", "alice", "-o", "BatchMode=yes"])
+        .args(["-o", "PubkeyAuthentication=no", "-o"])
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["127.0.0.1", "whoami"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255), "alice got in without a key: {}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
     drop(provider);
 }
 
