@@ -314,6 +314,22 @@ async fn retention(state: Arc<Services>, keep: Retention, shutdown: Cancellation
     }
 }
 
+/// Certificates the gateway signed are kept (to be revocable) until they expire: forget the
+/// expired ones at start and then every hour.
+async fn forget_expired_certificates(state: Arc<Services>, shutdown: CancellationToken) {
+    loop {
+        match state.store.prune_certificates(postern_core::util::now_unix()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(forgotten = n, "expired user certificates forgotten"),
+            Err(e) => tracing::warn!(error = %e, "cannot forget expired user certificates"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
 /// Signed audit checkpoints at least every [`crate::audit::CHECKPOINT_EVERY`] while events
 /// arrive (the log also writes one every [`crate::audit::CHECKPOINT_EVERY_EVENTS`] events).
 async fn checkpoints(audit: Arc<AuditLog>, shutdown: CancellationToken) {
@@ -773,6 +789,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     if keep.recordings.is_some() || keep.log.is_some() {
         tasks.spawn(retention(state.clone(), keep, shutdown.clone()));
     }
+    tasks.spawn(forget_expired_certificates(state.clone(), shutdown.clone()));
     tasks.spawn(crate::admin::serve(listener, state.clone(), shutdown.clone()));
     if let Some(l) = ssh_listener {
         tasks.spawn(crate::ssh::serve(l, state.clone(), shutdown.clone()));

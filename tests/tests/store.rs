@@ -432,6 +432,87 @@ async fn conformance(s: &dyn Store) {
     cluster_sessions(s).await;
     agent_locations(s).await;
     gateway_anchors_and_history(s).await;
+    sign_in_users_and_certificates(s).await;
+}
+
+/// Users from the identity provider and the certificates the gateway signs (issue 18).
+async fn sign_in_users_and_certificates(s: &dyn Store) {
+    use postern_gateway::store::{CertificateRecord, LoginUser};
+    let g = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let before = s.access_generation().await.unwrap();
+    // Created on first sign-in, groups synced on the next; the same subject only.
+    match s.login_user("sso-ann", "https://idp sub-1", &g(&["eng"]), false, 50).await.unwrap() {
+        LoginUser::Ready { user, created } => {
+            assert!(created);
+            assert_eq!((user.groups, user.idp_subject.as_deref()), (g(&["eng"]), Some("https://idp sub-1")));
+        }
+        other => panic!("{other:?}"),
+    }
+    match s.login_user("sso-ann", "https://idp sub-1", &g(&["ops"]), false, 60).await.unwrap() {
+        LoginUser::Ready { user, created } => assert!(!created && user.groups == g(&["ops"]) && user.created_at == 50),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.login_user("sso-ann", "https://idp sub-2", &[], true, 70).await.unwrap(), LoginUser::OtherSubject);
+    // A user who is not from the IdP is taken over only with link_existing.
+    s.put_user(&UserRecord {
+        name: "sso-local".into(),
+        groups: g(&["x"]),
+        keys: vec![],
+        principals: vec![],
+        disabled: false,
+        created_at: 1,
+        idp_subject: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.login_user("sso-local", "https://idp sub-3", &[], false, 80).await.unwrap(), LoginUser::NotFromIdp);
+    let u = s.users().await.unwrap().into_iter().find(|u| u.name == "sso-local").unwrap();
+    assert_eq!((u.groups, u.idp_subject), (g(&["x"]), None), "a refused sign-in changed the user");
+    assert!(matches!(
+        s.login_user("sso-local", "https://idp sub-3", &g(&["eng"]), true, 90).await.unwrap(),
+        LoginUser::Ready { created: false, .. }
+    ));
+    // An administrator's edit keeps the IdP identity.
+    let mut u = s.users().await.unwrap().into_iter().find(|u| u.name == "sso-local").unwrap();
+    u.disabled = true;
+    s.put_user(&u).await.unwrap();
+    let u = s.users().await.unwrap().into_iter().find(|u| u.name == "sso-local").unwrap();
+    assert_eq!(u.idp_subject.as_deref(), Some("https://idp sub-3"));
+
+    // Certificates: kept until they expire, revoked one or all, pruned after.
+    let cert = |serial: u64, user: &str, expires_at: i64| CertificateRecord {
+        serial,
+        user: user.into(),
+        key_fingerprint: "SHA256:x".into(),
+        issued_at: 100,
+        expires_at,
+        origin: "login".into(),
+        idp_subject: Some("https://idp sub-1".into()),
+        mfa: serial.is_multiple_of(2),
+        revoked_at: None,
+    };
+    s.record_certificate(&cert(u64::MAX, "sso-ann", 1000)).await.unwrap();
+    s.record_certificate(&cert(2, "sso-ann", 1000)).await.unwrap();
+    s.record_certificate(&cert(3, "sso-ann", 150)).await.unwrap();
+    s.record_certificate(&cert(4, "sso-local", 1000)).await.unwrap();
+    assert!(s.record_certificate(&cert(4, "sso-ann", 1000)).await.is_err(), "a serial is recorded once");
+    let generation = s.access_generation().await.unwrap();
+    assert_eq!(s.revoke_certificates("sso-ann", Some(2), 200).await.unwrap(), 1);
+    assert_eq!(s.revoke_certificates("sso-ann", Some(2), 201).await.unwrap(), 0, "already revoked");
+    assert_eq!(s.revoke_certificates("sso-ann", Some(4), 201).await.unwrap(), 0, "another user's serial");
+    assert!(s.access_generation().await.unwrap() > generation, "a revocation moves the access generation");
+    // All of a user's unexpired ones: the expired one (150) is left alone.
+    assert_eq!(s.revoke_certificates("sso-ann", None, 200).await.unwrap(), 1);
+    let ann = s.certificates(Some("sso-ann"), 200).await.unwrap();
+    let serials: Vec<(u64, bool)> = ann.iter().map(|c| (c.serial, c.revoked_at.is_some())).collect();
+    assert_eq!(serials.len(), 2, "{serials:?}");
+    assert!(serials.contains(&(u64::MAX, true)) && serials.contains(&(2, true)), "{serials:?}");
+    assert_eq!(ann.iter().find(|c| c.serial == 2).unwrap().revoked_at, Some(200));
+    assert!(ann.iter().find(|c| c.serial == 2).unwrap().mfa);
+    assert_eq!(s.certificates(None, 200).await.unwrap().len(), 3);
+    assert_eq!(s.prune_certificates(151).await.unwrap(), 1);
+    assert_eq!(s.prune_certificates(151).await.unwrap(), 0);
+    assert!(s.access_generation().await.unwrap() > before);
 }
 
 /// A gateway is live while its lease runs; it leaves at once when it stops.

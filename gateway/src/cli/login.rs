@@ -47,29 +47,6 @@ pub struct LoginArgs {
     pub no_ssh_config: bool,
 }
 
-/// Where the sign-in key for `gateway` lives: `~/.ssh/postern/login-<gateway>`, with the
-/// certificate at `...-cert.pub` (where OpenSSH looks for it).
-pub fn key_path(gateway: &str) -> anyhow::Result<PathBuf> {
-    let slug: String = gateway.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
-    Ok(super::ssh_config::home_dir()?.join(".ssh").join("postern").join(format!("login-{slug}")))
-}
-
-fn cert_path(key: &Path) -> PathBuf {
-    PathBuf::from(format!("{}-cert.pub", key.display()))
-}
-
-/// The sign-in key for `gateway` and the user its certificate names, when there is one that
-/// has not expired: the default identity of user commands for that gateway.
-pub fn current_login(gateway: &str) -> Option<(PathBuf, String)> {
-    let key = key_path(gateway).ok()?;
-    let cert = russh::keys::load_openssh_certificate(cert_path(&key)).ok()?;
-    let now = u64::try_from(jiff::Timestamp::now().as_second()).unwrap_or(0);
-    if cert.valid_before() <= now || !key.is_file() {
-        return None;
-    }
-    Some((key, cert.valid_principals().first()?.clone()))
-}
-
 pub async fn login(args: &LoginArgs) -> anyhow::Result<i32> {
     let Some(gateway) = args.gateway.gateway.clone() else {
         bail!("which gateway? pass --gateway HOST[:PORT] or set POSTERN_GATEWAY");
@@ -83,12 +60,15 @@ pub async fn login(args: &LoginArgs) -> anyhow::Result<i32> {
         if args.device { device(&client, &public_key).await? } else { browser(&client, args, &public_key).await? };
 
     // Keep the key and its certificate where OpenSSH and the postern client find them.
-    let path = key_path(&gateway)?;
+    let path = super::home::key_path(&gateway)?;
     let dir = path.parent().context("key path")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let private = key.to_openssh(russh::keys::ssh_key::LineEnding::LF).context("encoding the key")?;
     postern_tunnel::agent::write_private(&path, private.as_bytes())?;
-    postern_tunnel::agent::write_private(&cert_path(&path), format!("{}\n", result.certificate).as_bytes())?;
+    postern_tunnel::agent::write_private(
+        &super::home::cert_path(&path),
+        format!("{}\n", result.certificate).as_bytes(),
+    )?;
     postern_tunnel::agent::write_private(
         &PathBuf::from(format!("{}.pub", path.display())),
         format!("{public_key}\n").as_bytes(),
@@ -106,7 +86,7 @@ pub async fn login(args: &LoginArgs) -> anyhow::Result<i32> {
         let user_client = Client::connect(&as_user.options()?, None).await?;
         let config = user_client.ssh_config(postern_core::command::DEFAULT_KNOWN_HOSTS).await?;
         let identity = path.to_str().context("the key path is not UTF-8")?.to_owned();
-        let home = super::ssh_config::home_dir()?;
+        let home = super::home::home_dir()?;
         super::ssh_config::install_config(&home, &config, postern_core::command::DEFAULT_KNOWN_HOSTS, &[identity])?;
         ssh_hint = format!(
             "\nTry: ssh {}@INSTANCE.{}   (the ssh config is in ~/.ssh/postern/; `postern ls` lists instances)",
@@ -318,13 +298,13 @@ pub async fn logout(gw: &GatewayArgs) -> anyhow::Result<i32> {
     let Some(gateway) = gw.gateway.clone() else {
         bail!("which gateway? pass --gateway HOST[:PORT] or set POSTERN_GATEWAY");
     };
-    let path = key_path(&gateway)?;
-    if !cert_path(&path).exists() && !path.exists() {
+    let path = super::home::key_path(&gateway)?;
+    if !super::home::cert_path(&path).exists() && !path.exists() {
         println!("Not signed in to {gateway} (no {}).", path.display());
         return Ok(0);
     }
     let mut revoked = false;
-    if let Some((key, user)) = current_login(&gateway) {
+    if let Some((key, user)) = super::home::current_login(&gateway) {
         let as_user = GatewayArgs {
             gateway: Some(gateway.clone()),
             user: Some(user),
@@ -340,7 +320,7 @@ pub async fn logout(gw: &GatewayArgs) -> anyhow::Result<i32> {
         }
     }
     remove_from_agent(&path);
-    for p in [cert_path(&path), PathBuf::from(format!("{}.pub", path.display())), path.clone()] {
+    for p in [super::home::cert_path(&path), PathBuf::from(format!("{}.pub", path.display())), path.clone()] {
         match std::fs::remove_file(&p) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 eprintln!("postern: cannot remove {}: {e}", p.display());

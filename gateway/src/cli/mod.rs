@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod format;
 pub mod history;
+pub mod home;
 pub mod login;
 pub mod manage;
 pub mod rdp;

@@ -42,7 +42,7 @@ pub async fn run(
         print!("{}", config.printed(known_hosts_file, &identity_files));
         return Ok(0);
     }
-    let home = home_dir()?;
+    let home = super::home::home_dir()?;
     let installed = install_config(&home, &config, known_hosts_file, &identity_files)?;
     println!(
         "Wrote the Host blocks for *.{suffix} to {blocks}\n\
@@ -70,17 +70,6 @@ fn identity_files(given: &[PathBuf]) -> anyhow::Result<Vec<String>> {
             abs.to_str().map(str::to_owned).with_context(|| format!("-i {}: the path is not UTF-8", p.display()))
         })
         .collect()
-}
-
-pub(super) fn home_dir() -> anyhow::Result<PathBuf> {
-    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-        return Ok(PathBuf::from(h));
-    }
-    nix::unistd::User::from_uid(nix::unistd::Uid::current())
-        .ok()
-        .flatten()
-        .map(|u| u.dir)
-        .context("no HOME and no home directory for this account")
 }
 
 /// Where `--install` wrote.

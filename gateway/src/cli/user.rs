@@ -40,7 +40,7 @@ impl GatewayArgs {
             bail!("which gateway? pass --gateway HOST[:PORT] or set POSTERN_GATEWAY");
         };
         // Signed in with `postern login` (and not told otherwise): that key, as that user.
-        let login = if self.identity.is_empty() { super::login::current_login(&gateway) } else { None };
+        let login = if self.identity.is_empty() { super::home::current_login(&gateway) } else { None };
         let login = login.filter(|(_, u)| self.user.as_ref().is_none_or(|x| x == u));
         // As ssh does: the local account's name unless told otherwise.
         let user = match (&self.user, &login) {

@@ -1199,75 +1199,24 @@ impl Store for PgStore {
         link_existing: bool,
         now: i64,
     ) -> Result<LoginUser, StoreError> {
-        let existed = self.users().await?.iter().any(|u| u.name == name);
-        let r = sqlx::query(cert_sql::LOGIN_USER)
-            .bind(name)
-            .bind(to_json(groups))
-            .bind(now)
-            .bind(subject)
-            .bind(i64::from(link_existing))
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        let user = self.users().await?.into_iter().find(|u| u.name == name);
-        Ok(match user {
-            Some(u) if r.rows_affected() == 1 && u.idp_subject.as_deref() == Some(subject) => {
-                LoginUser::Ready { created: !existed, user: u }
-            }
-            Some(u) if u.idp_subject.is_none() => LoginUser::NotFromIdp,
-            _ => LoginUser::OtherSubject,
-        })
+        self.login_user_sql(name, subject, groups, link_existing, now).await
     }
 
     async fn record_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
-        sqlx::query(cert_sql::RECORD)
-            .bind(cert_sql::serial_text(c.serial))
-            .bind(&c.user)
-            .bind(&c.key_fingerprint)
-            .bind(c.issued_at)
-            .bind(c.expires_at)
-            .bind(&c.origin)
-            .bind(&c.idp_subject)
-            .bind(i64::from(c.mfa))
-            .bind(c.revoked_at)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(())
+        self.record_certificate_sql(c).await
     }
 
     async fn revoke_certificates(&self, user: &str, serial: Option<u64>, now: i64) -> Result<u64, StoreError> {
-        let q = match serial {
-            None => sqlx::query(cert_sql::REVOKE_ALL).bind(now).bind(user).bind(now),
-            Some(s) => sqlx::query(cert_sql::REVOKE_ONE).bind(now).bind(user).bind(now).bind(cert_sql::serial_text(s)),
-        };
-        Ok(q.execute(&self.pool).await.map_err(db)?.rows_affected())
+        self.revoke_certificates_sql(user, serial, now).await
     }
 
     async fn certificates(&self, user: Option<&str>, now: i64) -> Result<Vec<CertificateRecord>, StoreError> {
-        let q = match user {
-            None => sqlx::query(cert_sql::LIST_ALL).bind(now),
-            Some(u) => sqlx::query(cert_sql::LIST_USER).bind(now).bind(u),
-        };
-        q.fetch_all(&self.pool).await.map_err(db)?.iter().map(certificate_of).collect()
+        self.certificates_sql(user, now).await
     }
 
     async fn prune_certificates(&self, before: i64) -> Result<u64, StoreError> {
-        let r = sqlx::query(cert_sql::PRUNE).bind(before).execute(&self.pool).await.map_err(db)?;
-        Ok(r.rows_affected())
+        self.prune_certificates_sql(before).await
     }
 }
 
-fn certificate_of(r: &PgRow) -> Result<CertificateRecord, StoreError> {
-    Ok(CertificateRecord {
-        serial: cert_sql::serial_of(&r.try_get::<String, _>("serial").map_err(db)?)?,
-        user: r.try_get("user_name").map_err(db)?,
-        key_fingerprint: r.try_get("key_fingerprint").map_err(db)?,
-        issued_at: r.try_get("issued_at").map_err(db)?,
-        expires_at: r.try_get("expires_at").map_err(db)?,
-        origin: r.try_get("origin").map_err(db)?,
-        idp_subject: r.try_get("idp_subject").map_err(db)?,
-        mfa: r.try_get::<i64, _>("mfa").map_err(db)? != 0,
-        revoked_at: r.try_get("revoked_at").map_err(db)?,
-    })
-}
+super::sqlite::sign_in_store!(PgStore, PgRow);
