@@ -772,6 +772,38 @@ fn a_replayed_code_and_a_flow_finished_on_another_connection_are_refused() {
     assert!(!out.status.success() && text(&out.stderr).contains("for `postern login` only"), "{}", text(&out.stderr));
     let out = ssh(&["-W", "127.0.0.1:22"], None);
     assert!(!out.status.success(), "a forward from a sign-in connection was opened");
+    // At most four sign-in commands at once on one connection: four device sign-ins wait for
+    // their person, a fifth is turned away (on a connection of the client SDK's).
+    let device = format!("login-device {}", json!({"public_key": public}));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut opts = postern_client::ClientOptions::new(&format!("127.0.0.1:{}", gw.ssh_port), "postern:login");
+        opts.known_hosts = vec![kh.clone()];
+        let client = postern_client::Client::connect_sign_in(&opts).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..4 {
+            let mut ch = client.session_channel().await.unwrap();
+            ch.exec(true, device.as_bytes()).await.unwrap();
+            // Each gets its prompt: it is running, waiting for its person.
+            loop {
+                match tokio::time::timeout(Duration::from_secs(20), ch.wait()).await.expect("a device prompt") {
+                    Some(russh::ChannelMsg::Data { data }) => {
+                        assert!(String::from_utf8_lossy(&data).contains("user_code"));
+                        break;
+                    }
+                    Some(_) => {}
+                    None => panic!("the device sign-in ended early"),
+                }
+            }
+            waiting.push(ch);
+        }
+        assert!(client.session_channel().await.is_err(), "a fifth sign-in command was let in");
+        // One ends: its place comes back.
+        let first = waiting.remove(0);
+        first.close().await.unwrap();
+        drop(first);
+        wait_until_async(|| async { client.session_channel().await.is_ok() }).await;
+    });
     let _ = ssh(&["-S", ctl.to_str().unwrap(), "-O", "exit"], None);
     // Only the sign-in user gets in without a key: alice with none is refused.
     let out = Command::new("timeout")
@@ -785,6 +817,19 @@ fn a_replayed_code_and_a_flow_finished_on_another_connection_are_refused() {
     assert_eq!(out.status.code(), Some(255), "alice got in without a key: {}", text(&out.stdout));
     assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
     drop(provider);
+}
+
+/// Poll `ok` until it is true, for at most 10 s.
+async fn wait_until_async<F, Fut>(mut ok: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok().await {
+        assert!(Instant::now() < deadline, "not within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[test]

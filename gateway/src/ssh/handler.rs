@@ -152,7 +152,12 @@ impl russh::server::Handler for ConnHandler {
             return Ok(Auth::reject());
         };
         debug!("sign-in connection");
-        self.sign_in = Some(super::login::SignIn { sso, flows: Default::default(), _place: place });
+        self.sign_in = Some(super::login::SignIn {
+            sso,
+            flows: Default::default(),
+            commands: Arc::new(tokio::sync::Semaphore::new(super::login::MAX_COMMANDS)),
+            _place: place,
+        });
         // Its place among the startups goes back (a sign-in waits minutes for its person);
         // its life is bounded instead.
         if let Some(s) = self.startup.take() {
@@ -251,10 +256,19 @@ impl russh::server::Handler for ConnHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(s) = &self.sign_in {
+            let Ok(place) = s.commands.clone().try_acquire_owned() else {
+                reply.reject(ChannelOpenFailure::ResourceShortage).await;
+                return Ok(());
+            };
             reply.accept().await;
             let (sso, flows, source) = (s.sso.clone(), s.flows.clone(), self.peer.to_string());
+            let serve = super::login::serve_login_channel(sso, flows, source, channel);
             tokio::spawn(
-                super::login::serve_login_channel(sso, flows, source, channel).instrument(tracing::Span::current()),
+                async move {
+                    serve.await;
+                    drop(place);
+                }
+                .instrument(tracing::Span::current()),
             );
             return Ok(());
         }

@@ -25,8 +25,10 @@ use super::channel::refuse;
 use crate::oidc::PendingLogin;
 use crate::sso::Sso;
 
-/// Flows one sign-in connection may have begun and not finished.
+/// Flows one sign-in connection may have begun and not finished, and sign-in commands it
+/// may have running at once (a device sign-in waits minutes for its person).
 const MAX_FLOWS: usize = 4;
+pub(super) const MAX_COMMANDS: usize = 4;
 /// How long a sign-in connection may last, whatever it does.
 pub(super) const LOGIN_CONNECTION_MAX: Duration = Duration::from_secs(15 * 60);
 /// Largest sign-in command (a public key and a code fit easily).
@@ -40,6 +42,8 @@ pub(super) struct Flows(Mutex<Vec<PendingLogin>>);
 pub(super) struct SignIn {
     pub sso: Arc<Sso>,
     pub flows: Arc<Flows>,
+    /// Places for the commands running on this connection ([`MAX_COMMANDS`]).
+    pub commands: Arc<tokio::sync::Semaphore>,
     /// Its place among the sign-in connections.
     pub _place: crate::sso::LoginPlace,
 }
@@ -68,11 +72,29 @@ pub(super) async fn serve_login_channel(
     }
     let command = String::from_utf8_lossy(&command).into_owned();
     let (verb, rest) = command.trim().split_once(' ').unwrap_or((command.trim(), ""));
-    let outcome = match verb {
-        "login-begin" => begin(&sso, &flows, rest, &source).await.and_then(to_line),
-        "login-finish" => finish(&sso, &flows, rest, &source).await.and_then(to_line),
-        "login-device" => device(&sso, rest, &source, &wr).await.and_then(to_line),
-        _ => Err("this connection is for `postern login` only (login-begin, login-finish, login-device)".to_owned()),
+    let work = async {
+        match verb {
+            "login-begin" => begin(&sso, &flows, rest, &source).await.and_then(to_line),
+            "login-finish" => finish(&sso, &flows, rest, &source).await.and_then(to_line),
+            "login-device" => device(&sso, rest, &source, &wr).await.and_then(to_line),
+            _ => {
+                Err("this connection is for `postern login` only (login-begin, login-finish, login-device)".to_owned())
+            }
+        }
+    };
+    // A client that closes the channel gives up its sign-in: stop waiting for the identity
+    // provider (a device sign-in would otherwise poll on for minutes) and free its place.
+    let closed = async {
+        loop {
+            match rd.wait().await {
+                Some(ChannelMsg::Close) | None => return,
+                Some(_) => {}
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        () = closed => return,
     };
     match outcome {
         Ok(line) => {
