@@ -23,6 +23,8 @@ pub struct Conn {
     table: Arc<Connections>,
     id: u64,
     close: CancellationToken,
+    /// Why it was closed, when not because its user lost access.
+    why: std::sync::OnceLock<&'static str>,
 }
 
 impl Connections {
@@ -33,7 +35,7 @@ impl Connections {
         if let Ok(mut open) = self.open.lock() {
             open.insert(id, (None, close.clone()));
         }
-        Conn { table: self.clone(), id, close }
+        Conn { table: self.clone(), id, close, why: std::sync::OnceLock::new() }
     }
 
     /// Close every connection whose user is no longer `active`; the users whose connections
@@ -78,9 +80,16 @@ impl Conn {
         self.close.cancelled().await
     }
 
-    /// Ask for the connection to be closed (a sign-in connection that lived too long).
-    pub fn close(&self) {
+    /// Ask for the connection to be closed for another reason than lost access (a sign-in
+    /// connection that lived too long), told to the client.
+    pub fn close_because(&self, why: &'static str) {
+        let _ = self.why.set(why);
         self.close.cancel();
+    }
+
+    /// Why the connection was closed, when it was not because its user lost access.
+    pub fn closed_because(&self) -> Option<&'static str> {
+        self.why.get().copied()
     }
 
     /// Whether the connection has been asked to close.

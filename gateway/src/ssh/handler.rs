@@ -167,7 +167,7 @@ impl russh::server::Handler for ConnHandler {
         tokio::spawn(async move {
             tokio::time::sleep(super::login::LOGIN_CONNECTION_MAX).await;
             if let Some(c) = conn.upgrade() {
-                c.close();
+                c.close_because("the sign-in took too long (15 minutes); run postern login again");
             }
         });
         Ok(Auth::Accept)
@@ -507,7 +507,7 @@ pub(super) async fn run_connection<H>(
             if tokio::time::timeout(REVOKED_GRACE, &mut session).await.is_ok() {
                 return;
             }
-            "your access to this gateway was revoked (user disabled or removed)"
+            conn.closed_because().unwrap_or("your access to this gateway was revoked (user disabled or removed)")
         }
     };
     let _ = handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into()).await;
