@@ -314,6 +314,63 @@ async fn retention(state: Arc<Services>, keep: Retention, shutdown: Cancellation
     }
 }
 
+/// `https://host:port` as browsers reach the console: `[web] public_url`, else `[ssh]
+/// public_host` (or the listen address; `localhost` for an unspecified one) and the port.
+fn web_origin(config: &GatewayConfig, bound: std::net::SocketAddr) -> String {
+    if let Some(url) = &config.web.public_url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let host = match (&config.ssh.public_host, bound.ip()) {
+        (Some(h), _) => h.clone(),
+        (None, ip) if ip.is_unspecified() => "localhost".to_owned(),
+        (None, std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+        (None, ip) => ip.to_string(),
+    };
+    if bound.port() == 443 { format!("https://{host}") } else { format!("https://{host}:{}", bound.port()) }
+}
+
+/// The console's TLS: `[web] cert_file`/`key_file`, else a certificate from the gateway's
+/// CA for the origin's host (valid 90 days; made again at every start).
+fn web_tls(
+    config: &GatewayConfig,
+    ca: &postern_tunnel::pki::CertAuthority,
+    origin: &str,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let (chain, key) = match (&config.web.cert_file, &config.web.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("[web] cert_file {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("[web] cert_file {}", cert.display()))?;
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("[web] key_file {}", key.display()))?;
+            (chain, key)
+        }
+        _ => {
+            let host = origin
+                .trim_start_matches("https://")
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(origin.trim_start_matches("https://"));
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let key = rcgen::KeyPair::generate().context("web console key")?;
+            let cert = ca
+                .issue_web_cert(&key, &[host], std::time::Duration::from_secs(90 * 86400))
+                .context("web console certificate")?;
+            (vec![cert], postern_tunnel::pki::private_key_der(&key))
+        }
+    };
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("web console TLS")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("web console certificate and key")?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// Certificates the gateway signed are kept (to be revocable) until they expire: forget the
 /// expired ones at start and then every hour.
 async fn forget_expired_certificates(state: Arc<Services>, shutdown: CancellationToken) {
@@ -478,6 +535,10 @@ fn build_services(
     let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
     let access_changed = Arc::new(tokio::sync::Notify::new());
     let certifier = crate::certs::Certifier::new(user_ca, store.clone(), config.cert_ttl());
+    let web_signin = addresses.web.map(|a| {
+        let (session_ttl, link_ttl) = config.web_ttls();
+        (Arc::new(crate::web_signin::WebSignIn::new(link_ttl, session_ttl)), web_origin(&config, a))
+    });
     let sso = match &config.identity.oidc {
         Some(oidc) => {
             let ssh_port = addresses.ssh.map(|a| a.port()).unwrap_or(config.ssh.listen.port());
@@ -549,6 +610,7 @@ fn build_services(
         .with_certifier(certifier.clone()),
         certifier,
         sso,
+        web_signin,
         cluster_sessions,
         config: Arc::new(config),
         addresses,
@@ -711,6 +773,14 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         None
     };
     let rdp_addr = rdp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let web_listener = if config.web.enabled {
+        Some(tokio::net::TcpListener::bind(config.web.listen).await.with_context(|| {
+            format!("listening for the web console on tcp {} (port in use? set [web] listen)", config.web.listen)
+        })?)
+    } else {
+        None
+    };
+    let web_addr = web_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let sessions = Arc::new(
         SessionTable::with_markers(dir.join("live-sessions"))
             .with_context(|| format!("creating {}", dir.join("live-sessions").display()))?,
@@ -732,7 +802,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .as_ref()
         .map(|c| crate::audit::ship::Shipper::new(c, &dir).map(|s| Arc::new(s.for_gateway(config.gateway_id()))))
         .transpose()?;
-    let addresses = Addresses { tunnel: tunnel_addr, ssh: ssh_addr, rdp: rdp_addr };
+    let addresses = Addresses { tunnel: tunnel_addr, ssh: ssh_addr, rdp: rdp_addr, web: web_addr };
     let services = Arc::new(build_services(
         config,
         addresses,
@@ -796,6 +866,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     }
     if let Some(l) = rdp_listener {
         tasks.spawn(crate::rdp::serve(l, state.clone(), shutdown.clone()));
+    }
+    if let (Some(l), Some((signin, origin))) = (web_listener, state.web_signin.clone()) {
+        let tls = web_tls(&state.config, state.instances.ca(), &origin)?;
+        let web = Arc::new(crate::web::Web { signin, origin, tls });
+        tasks.spawn(crate::web::serve(l, state.clone(), web, shutdown.clone()));
     }
     let _ = state.audit.event(&Event::GatewayStarted(GatewayStarted {
         tunnel: tunnel_addr.to_string(),

@@ -20,6 +20,7 @@ pub struct GatewayConfig {
     pub ssh: SshConfig,
     pub audit: AuditConfig,
     pub rdp: RdpConfig,
+    pub web: WebConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
     pub identity: IdentityConfig,
@@ -100,6 +101,42 @@ pub struct RdpConfig {
     pub max_handshakes: usize,
     /// Most of those from one source address.
     pub max_handshakes_per_source: usize,
+}
+
+/// `[web]`: the browser console over HTTPS (docs/web.md); off by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    pub enabled: bool,
+    /// TCP address the console listens on (HTTPS).
+    pub listen: SocketAddr,
+    /// The console's address as browsers reach it (`https://gw.example.com:8443`): links from
+    /// `postern web-login` point there, and requests that change something must come from
+    /// it (Origin check). Default: `https://` with `[ssh] public_host` (or the listen
+    /// address) and the listen port.
+    pub public_url: Option<String>,
+    /// PEM certificate chain and private key. Default: a certificate from the gateway's own
+    /// CA (the tunnel CA, `ca.crt` in the data directory) for the public URL's host.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// How long a browser stays signed in ("8h").
+    pub session_ttl: String,
+    /// How long a `postern web-login` link can be used ("2m"; once).
+    pub link_ttl: String,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            public_url: None,
+            cert_file: None,
+            key_file: None,
+            session_ttl: "8h".into(),
+            link_ttl: "2m".into(),
+        }
+    }
 }
 
 impl Default for RdpConfig {
@@ -333,6 +370,7 @@ impl Default for GatewayConfig {
             ssh: SshConfig::default(),
             audit: AuditConfig::default(),
             rdp: RdpConfig::default(),
+            web: WebConfig::default(),
             store: StoreConfig::default(),
             cluster: ClusterConfig::default(),
             identity: IdentityConfig::default(),
@@ -513,6 +551,20 @@ impl GatewayConfig {
         if let Some(oidc) = &mut cfg.identity.oidc {
             oidc.prepare(path)?;
         }
+        for (key, value) in [("session_ttl", &cfg.web.session_ttl), ("link_ttl", &cfg.web.link_ttl)] {
+            let d = parse_duration(value).with_context(|| format!("{}: [web] {key}", path.display()))?;
+            if d.is_zero() || d > Duration::from_secs(7 * 86400) {
+                anyhow::bail!("{}: [web] {key} must be between 1s and 7d", path.display());
+            }
+        }
+        if cfg.web.cert_file.is_some() != cfg.web.key_file.is_some() {
+            anyhow::bail!("{}: [web] cert_file and key_file go together", path.display());
+        }
+        if let Some(url) = &cfg.web.public_url
+            && (!url.starts_with("https://") || url.trim_end_matches('/').matches('/').count() != 2)
+        {
+            anyhow::bail!("{}: [web] public_url must be https://HOST[:PORT], got {url:?}", path.display());
+        }
         if let Some(id) = &cfg.cluster.gateway_id {
             if !valid_gateway_id(id) {
                 anyhow::bail!(
@@ -534,6 +586,12 @@ impl GatewayConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// `[web] session_ttl` and `link_ttl`, checked at load.
+    pub fn web_ttls(&self) -> (Duration, Duration) {
+        let get = |s: &str, d: u64| parse_duration(s).unwrap_or(Duration::from_secs(d));
+        (get(&self.web.session_ttl, 8 * 3600), get(&self.web.link_ttl, 120))
     }
 
     /// `[identity] cert_ttl`, checked at load.

@@ -37,10 +37,12 @@ pub mod services;
 mod services_tests;
 pub mod sessions;
 pub mod sso;
+pub mod web_signin;
 // doors
 pub mod admin;
 pub mod rdp;
 pub mod ssh;
+pub mod web;
 // start-up and the command line
 pub mod app;
 pub mod cli;

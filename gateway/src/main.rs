@@ -271,6 +271,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => cli::user::run(args).await,
         Command::Login(args) => cli::login::login(args).await,
         Command::Logout { gateway } => cli::login::logout(gateway).await,
+        Command::WebLogin { gateway } => cli::login::web_login(gateway).await,
         Command::Whoami { gateway, json } => cli::login::whoami(gateway, *json).await,
         Command::Completions { shell } => {
             // Generated into memory: clap_complete panics when its writer fails, and a

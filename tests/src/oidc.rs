@@ -568,3 +568,14 @@ fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
         raw = raw.get(size + 2..)?;
     }
 }
+
+/// The web console in headless Chromium (tests/oidc/console.mjs): opens the sign-in link
+/// `url`, screenshots the page to `screenshot`, filters by `labels` when given, signs out
+/// and tries the link again. Returns the script's JSON report.
+pub fn console_visit(url: &str, screenshot: &Path, labels: Option<&str>) -> Result<Value, String> {
+    let shot = screenshot.to_str().ok_or("the screenshot path is not UTF-8")?;
+    let mut args = vec![url, shot];
+    args.extend(labels);
+    let out = run_node_script("web console", "console.mjs", &args)?;
+    serde_json::from_str(out.trim()).map_err(|e| format!("web console: not JSON ({e}): {out}"))
+}

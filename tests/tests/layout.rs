@@ -49,6 +49,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "access",
             "certs",
             "sso",
+            "web_signin",
             "instances",
             "locations",
             "enforcer",
@@ -62,7 +63,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("the services struct", &["services"]),
-    ("doors", &["ssh", "rdp", "admin"]),
+    ("doors", &["ssh", "rdp", "admin", "web"]),
     ("app", &["app"]),
     ("cli", &["cli"]),
 ];

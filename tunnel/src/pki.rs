@@ -173,6 +173,30 @@ impl CertAuthority {
     }
 }
 
+impl CertAuthority {
+    /// A TLS server certificate for `key` naming `names` (DNS names or IP addresses): the
+    /// web console's, when no certificate files are configured.
+    pub fn issue_web_cert(
+        &self,
+        key: &KeyPair,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "postern web".to_owned()));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let (nb, na) = validity(ttl);
+        params.not_before = nb;
+        params.not_after = na;
+        params.serial_number = Some(serial());
+        Ok(params.signed_by(key, &self.issuer)?.der().clone())
+    }
+}
+
 /// The DNS name a cluster gateway's certificate carries for gateway `id`.
 pub fn gateway_cert_name(id: &str) -> String {
     format!("{id}.{GATEWAY_SERVER_NAME}")

@@ -365,3 +365,13 @@ pub async fn whoami(gw: &GatewayArgs, json: bool) -> anyhow::Result<i32> {
     }
     Ok(0)
 }
+
+/// `postern web-login`: a one-time link that signs a browser in to the web console as you.
+pub async fn web_login(gw: &GatewayArgs) -> anyhow::Result<i32> {
+    let client = Client::connect(&gw.options()?, None).await?;
+    let v = client.gateway_command("web-login").await?;
+    let url = v.get("url").and_then(|u| u.as_str()).context("unexpected web-login answer from the gateway")?;
+    eprintln!("Open this link in your browser within two minutes (it works once):");
+    println!("{url}");
+    Ok(0)
+}

@@ -74,7 +74,9 @@ impl Reach {
         match command {
             "gateway" | "quickstart" => Reach::Server,
             "exec" | "shell" | "ssh-config" => Reach::Either,
-            "ls" | "forward" | "run" | "rdp" | "completions" | "login" | "logout" | "whoami" => Reach::User,
+            "ls" | "forward" | "run" | "rdp" | "completions" | "login" | "logout" | "whoami" | "web-login" => {
+                Reach::User
+            }
             _ => Reach::Local,
         }
     }
@@ -341,6 +343,15 @@ pub enum Command {
 The gateway's host key must be trusted first (its @cert-authority line in
 ~/.ssh/postern_known_hosts or ~/.ssh/known_hosts, from your administrator).")]
     Login(login::LoginArgs),
+    /// A one-time link that signs a browser in to the gateway's web console as you (printed;
+    /// open it within two minutes, it works once).
+    #[command(
+        after_help = "Examples:\n  postern web-login --gateway gw.example.com\n  xdg-open \"$(postern web-login)\""
+    )]
+    WebLogin {
+        #[command(flatten)]
+        gateway: user::GatewayArgs,
+    },
     /// Sign out: revoke your sign-in certificate at the gateway and remove it and its key.
     #[command(after_help = "Examples:
   postern logout --gateway gw.example.com")]
@@ -792,10 +803,15 @@ pub fn listener_lines(state: &Services) -> String {
     let a = &state.addresses;
     let ssh = a.ssh.map_or_else(|| "off ([ssh] enabled = false)".to_owned(), |s| format!("tcp {s}"));
     let rdp = a.rdp.map_or_else(|| "off (turn it on with [rdp] enabled = true)".to_owned(), |r| format!("tcp {r}"));
+    let web = match (&state.web_signin, a.web) {
+        (Some((_, origin)), Some(w)) => format!("{origin}   (tcp {w}; sign in with: postern web-login)"),
+        _ => "off (turn it on with [web] enabled = true)".to_owned(),
+    };
     format!(
         "  agents (tunnel):   udp {tunnel}   CA pin {pin}\n\
          \x20 SSH door:          {ssh}\n\
          \x20 RDP door:          {rdp}\n\
+         \x20 web console:       {web}\n\
          \x20 admin socket:      {socket}\n\
          \x20 data directory:    {dir}",
         tunnel = a.tunnel,

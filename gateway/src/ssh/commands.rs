@@ -3,16 +3,13 @@
 //! contract). The `postern` client (and any SSH client) uses them: `whoami`, `ls [SELECTOR]`,
 //! `rdp-token INSTANCE`, `ssh-config [FILE]`, `run-begin JSON`, `run-end JSON`.
 
-use postern_core::command::{CertificateInfo, DEFAULT_KNOWN_HOSTS, Instance, RunBegin, RunEnd, USAGE, WhoAmI};
-use postern_core::policy::Target;
-use postern_core::util::now_unix;
-use postern_core::{Action, Identity, SESSION_ACTIONS};
+use postern_core::Identity;
+use postern_core::command::{CertificateInfo, DEFAULT_KNOWN_HOSTS, RunBegin, RunEnd, USAGE, WhoAmI};
 use russh::server::Msg;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::channel::refuse;
-use crate::access::usable_logins;
 use crate::services::Services;
 
 /// Answer one gateway command on the channel: the JSON document and exit status 0, or the
@@ -82,7 +79,15 @@ async fn run(state: &Services, identity: &Identity, source: &str, command: &str)
             }));
             Ok(serde_json::json!({"revoked": revoked == 1, "serial": format!("{:016x}", cert.serial)}))
         }
-        "ls" => to_json(list(state, identity, (!rest.is_empty()).then_some(rest)).await?),
+        // `postern web-login`: a one-time link that signs a browser in to the console as you.
+        "web-login" => {
+            let Some((signin, origin)) = &state.web_signin else {
+                return Err("this gateway's web console is off ([web] enabled = false)".to_owned());
+            };
+            let token = signin.issue_link(&identity.user).map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({"url": format!("{origin}/signin?token={token}"), "user": identity.user}))
+        }
+        "ls" => to_json(state.visible_instances(identity, (!rest.is_empty()).then_some(rest)).await?),
         "rdp-token" if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
             to_json(state.rdp_tokens.issue(identity, rest).await?)
         }
@@ -111,60 +116,6 @@ async fn run(state: &Services, identity: &Identity, source: &str, command: &str)
 /// for "access denied (or no such instance)". Only instances `ls` shows this user are
 /// candidates, so the hint says nothing about others (nor whether `typed` exists).
 pub(super) async fn near_miss(state: &Services, identity: &Identity, typed: &str) -> Option<String> {
-    let visible = list(state, identity, None).await.ok()?;
+    let visible = state.visible_instances(identity, None).await.ok()?;
     postern_core::util::near_miss(typed, visible.iter().map(|i| i.name.as_str())).map(str::to_owned)
-}
-
-/// Instances the user may reach now: not revoked, matching the selector, with at least one
-/// action the policy allows and a door that is on (listed per instance).
-async fn list(state: &Services, identity: &Identity, selector: Option<&str>) -> Result<Vec<Instance>, String> {
-    let sel = selector
-        .map(postern_core::policy::document::Selector::parse)
-        .transpose()
-        .map_err(|e| format!("label selector {:?}: {e}", selector.unwrap_or_default()))?;
-    let agents = state.store.agents().await.map_err(|_| "gateway storage error".to_owned())?;
-    let now = jiff::Timestamp::now();
-    let registry = state.instances.registry();
-    // In a cluster, connected to another gateway counts as online too.
-    let elsewhere = state.instances.locations().all_elsewhere().await;
-    let mut rows = Vec::new();
-    for a in agents.into_iter().filter(|a| !a.revoked) {
-        if let Some(sel) = &sel
-            && !postern_core::policy::selector_matches(sel, &a.labels)
-        {
-            continue;
-        }
-        let target = Target { id: &a.id, name: &a.name, labels: &a.labels };
-        let decisions: Vec<(Action, postern_core::policy::Decision)> = SESSION_ACTIONS
-            .iter()
-            // `rdp` only where it can be used: not while the RDP door is off.
-            .filter(|act| **act != Action::Rdp || state.addresses.rdp.is_some())
-            .map(|act| (*act, state.access.decide(identity, Some(target), act.name(), None, now, false)))
-            .filter(|(_, d)| d.allowed)
-            .collect();
-        if decisions.is_empty() {
-            continue;
-        }
-        let actions: Vec<String> = decisions.iter().map(|(act, _)| act.name().to_owned()).collect();
-        // The logins of the first login-bearing action allowed (shell, exec, sftp).
-        let logins = decisions
-            .iter()
-            .find(|(act, _)| matches!(act, Action::Shell | Action::Exec | Action::Sftp))
-            .map(|(_, d)| usable_logins(&d.settings.run_as, d.settings.allow_root))
-            .unwrap_or_default();
-        let live = registry.get(&a.id);
-        let online = live.is_some() || elsewhere.contains_key(&a.id);
-        rows.push(Instance {
-            online,
-            platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
-            hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
-            last_seen: if online { Some(now_unix()) } else { a.last_seen },
-            name: a.name,
-            id: a.id,
-            labels: a.labels,
-            actions,
-            logins,
-        });
-    }
-    Ok(rows)
 }

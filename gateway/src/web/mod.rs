@@ -1,0 +1,263 @@
+//! The web console's front door (`[web]`, docs/web.md): HTTPS on its own port. A browser
+//! signs in with a one-time link from `postern web-login` (the SSH door authenticated the
+//! user who asked for it) and then sees the instances it may reach, as `postern ls` does.
+//!
+//! Every answer carries a strict Content-Security-Policy (nothing but this origin's own
+//! stylesheet), `no-store` and `nosniff`; the session cookie is HttpOnly, Secure,
+//! SameSite=Strict; a request that changes something must come from the console's own
+//! origin (Origin header) and carry the session's CSRF token. A session counts only while
+//! its user is active: disabling or removing the user signs their browsers out at once.
+
+mod pages;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use postern_core::Identity;
+use postern_tunnel::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::services::Services;
+use crate::web_signin::{WebSession, WebSignIn};
+
+/// The session cookie's name.
+const COOKIE: &str = "postern_session";
+/// Connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 256;
+/// Time for the TLS handshake and for each request's headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body read (forms are a few fields).
+const MAX_BODY: usize = 4096;
+
+/// What the console needs beyond the services.
+pub struct Web {
+    pub signin: Arc<WebSignIn>,
+    /// `https://host:port`, as browsers reach the console.
+    pub origin: String,
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<Services>,
+    web: Arc<Web>,
+    shutdown: CancellationToken,
+) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = tokio_rustls::TlsAcceptor::from(web.tls.clone());
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let Ok(place) = places.clone().acquire_owned().await else { break };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "web console: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, state, web, shutdown) = (acceptor.clone(), state.clone(), web.clone(), shutdown.clone());
+        tasks.spawn(
+            async move {
+                let _place = place;
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    _ => return debug!("TLS handshake failed or timed out"),
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let (state, web) = (state.clone(), web.clone());
+                    async move { Ok::<_, std::convert::Infallible>(secured(handle(&state, &web, req, peer).await)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
+                    .max_buf_size(64 << 10)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "web connection ended") },
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            .instrument(info_span!("web", %peer)),
+        );
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn html(status: StatusCode, body: String) -> Answer {
+    answer(status, "text/html; charset=utf-8", body)
+}
+
+fn redirect(to: &'static str) -> Answer {
+    let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
+    r.headers_mut().insert(header::LOCATION, HeaderValue::from_static(to));
+    r
+}
+
+/// The headers every answer carries.
+fn secured(mut r: Answer) -> Answer {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // Same-origin: the console's own forms carry their Origin (with no-referrer Chromium
+    // sends `Origin: null`), and no address of the console leaves it in a Referer.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    r
+}
+
+/// The cookie's value, if the request carries one.
+fn cookie(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|line| {
+            line.split(';').map(str::trim).find_map(|kv| kv.strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')))
+        })
+        .map(str::to_owned)
+}
+
+/// The signed-in session of this request: its cookie names one, and its user is active.
+fn signed_in(state: &Services, web: &Web, req: &Request<Incoming>) -> Option<(String, WebSession)> {
+    let id = cookie(req)?;
+    let s = web.signin.session(&id)?;
+    if !state.access.user_active(&s.user) {
+        web.signin.end(&id);
+        return None;
+    }
+    Some((id, s))
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| pages::url_decode(v))
+}
+
+async fn handle(state: &Services, web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Answer {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", pages::STYLE),
+        (Method::GET, "/signin") => sign_in(state, web, &req, peer),
+        (Method::GET, "/") => match signed_in(state, web, &req) {
+            Some((_, s)) => instances_page(state, &s, query_param(&req, "labels"), peer).await,
+            None => html(StatusCode::OK, pages::signed_out(None)),
+        },
+        (Method::GET, "/api/instances") => match signed_in(state, web, &req) {
+            Some((_, s)) => {
+                let who = Identity::new(s.user.clone(), Some(peer.ip()));
+                match state.visible_instances(&who, query_param(&req, "labels").as_deref()).await {
+                    Ok(rows) => {
+                        answer(StatusCode::OK, "application/json", serde_json::to_vec(&rows).unwrap_or_default())
+                    }
+                    Err(e) => answer(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", e),
+                }
+            }
+            None => answer(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "not signed in"),
+        },
+        (Method::POST, "/signout") => sign_out(state, web, req).await,
+        _ => html(StatusCode::NOT_FOUND, pages::message("Not found", "There is no such page.")),
+    }
+}
+
+fn sign_in(state: &Services, web: &Web, req: &Request<Incoming>, peer: SocketAddr) -> Answer {
+    let refused = || {
+        html(
+            StatusCode::FORBIDDEN,
+            pages::signed_out(Some(
+                "This sign-in link is not valid: it was used already, it expired, or it was never issued. \
+                 Run postern web-login again for a new one.",
+            )),
+        )
+    };
+    let Some(token) = query_param(req, "token") else { return refused() };
+    let (id, session) = match web.signin.redeem(&token) {
+        Ok(Some(s)) => s,
+        Ok(None) => return refused(),
+        Err(e) => return html(StatusCode::SERVICE_UNAVAILABLE, pages::message("Try again shortly", &e.to_string())),
+    };
+    if !state.access.user_active(&session.user) {
+        web.signin.end(&id);
+        return refused();
+    }
+    tracing::info!(user = %session.user, %peer, "web console: signed in");
+    let mut r = redirect("/");
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
+        web.signin.session_ttl().as_secs()
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn sign_out(state: &Services, web: &Web, req: Request<Incoming>) -> Answer {
+    let forbidden = |why: &str| html(StatusCode::FORBIDDEN, pages::message("Refused", why));
+    // From the console's own pages only.
+    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if origin.as_deref() != Some(web.origin.as_str()) {
+        return forbidden("This request did not come from the console's own page (Origin).");
+    }
+    let Some((id, session)) = signed_in(state, web, &req) else { return redirect("/") };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return forbidden("The form is too large."),
+    };
+    let form = String::from_utf8_lossy(&body);
+    let csrf = form
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "csrf")
+        .map(|(_, v)| pages::url_decode(v));
+    if csrf.as_deref() != Some(session.csrf.as_str()) {
+        return forbidden("This form is stale or forged (CSRF token); reload the page.");
+    }
+    web.signin.end(&id);
+    let mut r = redirect("/");
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("postern_session=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0"),
+    );
+    r
+}
+
+async fn instances_page(state: &Services, s: &WebSession, labels: Option<String>, peer: SocketAddr) -> Answer {
+    let who = Identity::new(s.user.clone(), Some(peer.ip()));
+    let labels = labels.filter(|l| !l.trim().is_empty());
+    match state.visible_instances(&who, labels.as_deref()).await {
+        Ok(rows) => html(StatusCode::OK, pages::instances(s, &rows, labels.as_deref(), None)),
+        Err(e) => html(StatusCode::BAD_REQUEST, pages::instances(s, &[], labels.as_deref(), Some(&e))),
+    }
+}

@@ -1,0 +1,153 @@
+//! The console's pages: plain HTML with one stylesheet, every value from users, agents or
+//! the store escaped.
+
+use postern_core::command::Instance;
+
+use crate::web_signin::WebSession;
+
+pub const STYLE: &str = r#":root { --ink: #1d2733; --muted: #5b6b7c; --line: #dde3ea; --accent: #2457c5; --bg: #f5f7fa; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); background: var(--bg); }
+header { display: flex; align-items: center; justify-content: space-between; padding: 12px 28px; background: #fff; border-bottom: 1px solid var(--line); }
+header .brand { font-weight: 700; font-size: 18px; letter-spacing: .02em; }
+header .brand span { color: var(--accent); }
+header .who { color: var(--muted); display: flex; gap: 14px; align-items: center; }
+main { max-width: 1100px; margin: 28px auto; padding: 0 28px; }
+h1 { font-size: 22px; margin: 0 0 16px; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 22px 24px; }
+.notice { border-left: 4px solid #c53b24; background: #fff5f3; padding: 12px 16px; border-radius: 6px; margin-bottom: 16px; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 10px 12px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); }
+.label { display: inline-block; background: #eef2f8; border: 1px solid var(--line); border-radius: 999px; padding: 0 9px; margin: 0 4px 4px 0; font-size: 12px; }
+.action { display: inline-block; background: #e9f0ff; color: var(--accent); border-radius: 4px; padding: 0 7px; margin: 0 4px 4px 0; font-size: 12px; }
+.on { color: #197a3e; font-weight: 600; } .off { color: var(--muted); }
+form.filter { display: flex; gap: 8px; margin-bottom: 16px; }
+input[type=text] { flex: 1; padding: 8px 10px; border: 1px solid var(--line); border-radius: 6px; font: inherit; }
+button { padding: 8px 14px; border: 1px solid var(--accent); background: var(--accent); color: #fff; border-radius: 6px; font: inherit; cursor: pointer; }
+button.quiet { background: #fff; color: var(--accent); }
+code { background: #eef2f8; padding: 1px 6px; border-radius: 4px; }
+.empty { color: var(--muted); padding: 18px 0; }
+"#;
+
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `%XX` and `+` decoded (query strings and forms).
+pub fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => match bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn page(title: &str, header_right: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"></head><body>\
+         <header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{header_right}</div></header>\
+         <main>{body}</main></body></html>",
+        escape(title)
+    )
+}
+
+/// A page with one message.
+pub fn message(title: &str, text: &str) -> String {
+    page(title, "", &format!("<div class=\"card\"><h1>{}</h1><p>{}</p></div>", escape(title), escape(text)))
+}
+
+/// Not signed in: how to sign in, and why the last attempt failed.
+pub fn signed_out(problem: Option<&str>) -> String {
+    let notice =
+        problem.map(|p| format!("<div class=\"notice\" id=\"problem\">{}</div>", escape(p))).unwrap_or_default();
+    page(
+        "Sign in",
+        "",
+        &format!(
+            "{notice}<div class=\"card\"><h1>Sign in to Postern</h1>\
+             <p>Ask the gateway for a one-time sign-in link with the SSH key you already use:</p>\
+             <p><code>postern web-login --gateway GATEWAY</code></p>\
+             <p>Open the link it prints within two minutes; it works once.</p></div>"
+        ),
+    )
+}
+
+/// The instances the user may reach, filtered by a label selector.
+pub fn instances(s: &WebSession, rows: &[Instance], labels: Option<&str>, problem: Option<&str>) -> String {
+    let who = format!(
+        "<span id=\"user\">{}</span><form method=\"post\" action=\"/signout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <button class=\"quiet\" type=\"submit\">Sign out</button></form>",
+        escape(&s.user),
+        escape(&s.csrf)
+    );
+    let notice = problem.map(|p| format!("<div class=\"notice\">{}</div>", escape(p))).unwrap_or_default();
+    let mut table = String::new();
+    if rows.is_empty() {
+        table.push_str("<p class=\"empty\" id=\"none\">No instance you may reach");
+        if labels.is_some() {
+            table.push_str(" matches this filter");
+        }
+        table.push_str(".</p>");
+    } else {
+        table.push_str("<table id=\"instances\"><thead><tr><th>Instance</th><th>Labels</th><th>Status</th><th>You may</th><th>Logins</th></tr></thead><tbody>");
+        for r in rows {
+            let labels: String = r
+                .labels
+                .iter()
+                .map(|(k, v)| format!("<span class=\"label\">{}={}</span>", escape(k), escape(v)))
+                .collect();
+            let actions: String =
+                r.actions.iter().map(|a| format!("<span class=\"action\">{}</span>", escape(a))).collect();
+            let status =
+                if r.online { "<span class=\"on\">online</span>" } else { "<span class=\"off\">offline</span>" };
+            let logins = if r.logins.is_empty() { "&mdash;".to_owned() } else { escape(&r.logins.join(", ")) };
+            table.push_str(&format!(
+                "<tr><td><strong>{}</strong><br><span class=\"off\">{}</span></td><td>{labels}</td><td>{status}</td><td>{actions}</td><td>{logins}</td></tr>",
+                escape(&r.name),
+                escape(&r.hostname)
+            ));
+        }
+        table.push_str("</tbody></table>");
+    }
+    page(
+        "Instances",
+        &who,
+        &format!(
+            "{notice}<h1>Instances</h1><div class=\"card\"><form class=\"filter\" method=\"get\" action=\"/\">\
+             <input type=\"text\" name=\"labels\" placeholder=\"Filter by labels: env=prod,role!=db\" value=\"{}\">\
+             <button type=\"submit\">Filter</button></form>{table}</div>",
+            escape(labels.unwrap_or(""))
+        ),
+    )
+}
