@@ -76,6 +76,33 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A query string or form value decoded: `%XX` and `+` (a `%` not followed by two hex
+/// digits stays as it is; invalid UTF-8 becomes U+FFFD).
+pub fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => match bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Bytes of a hex string; `None` for odd length or a non-hex digit.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
@@ -207,6 +234,16 @@ pub fn near_miss<'a>(typed: &str, candidates: impl IntoIterator<Item = &'a str>)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn url_values_are_decoded() {
+        use super::url_decode;
+        assert_eq!(url_decode("env%3Dprod%2Crole%21%3Ddb"), "env=prod,role!=db");
+        assert_eq!(url_decode("a+b%20c"), "a b c");
+        assert_eq!(url_decode("100%"), "100%");
+        assert_eq!(url_decode("%zz%4"), "%zz%4");
+        assert_eq!(url_decode("%ff"), "\u{fffd}");
+    }
+
     #[test]
     fn near_misses() {
         use super::{edit_distance, near_miss};

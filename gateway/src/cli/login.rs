@@ -195,7 +195,7 @@ fn wait_for_redirect(listener: &TcpListener, state: &str) -> anyhow::Result<Stri
         let params: Vec<(String, String)> = query
             .split('&')
             .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+            .map(|(k, v)| (postern_core::util::url_decode(k), postern_core::util::url_decode(v)))
             .collect();
         let get = |k: &str| params.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
         if get("state").as_deref() != Some(state) {
@@ -235,30 +235,6 @@ fn respond(stream: &mut std::net::TcpStream, status: &str, text: &str) {
         "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            _ => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Put the key and certificate into a running ssh-agent for the certificate's life
