@@ -95,6 +95,10 @@ fn a_one_time_link_signs_a_browser_in_and_the_page_lists_what_the_user_may_reach
     assert!(filtered.contains("web-01") && !filtered.contains("web-02"), "{filtered}");
     assert!(seen["after_signout"].as_str().unwrap().contains("Sign in to Postern"), "{seen}");
     assert!(seen["reused"].as_str().unwrap().contains("This sign-in link is not valid"), "{seen}");
+    // Audited once: the second use signed nobody in.
+    let signins: Vec<_> = c.gw.audit_events().into_iter().filter(|e| e["event"] == "web.signin").collect();
+    assert_eq!(signins.len(), 1, "{signins:?}");
+    assert_eq!((signins[0]["user"].as_str(), signins[0]["via"].as_str()), (Some("alice"), Some("link")));
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "the screenshot is not a page");
     if let Ok(dir) = std::env::var("POSTERN_SCREENSHOT_DIR") {

@@ -212,6 +212,11 @@ fn sign_in(state: &Services, web: &Web, req: &Request<Incoming>, peer: SocketAdd
         return refused();
     }
     tracing::info!(user = %session.user, %peer, "web console: signed in");
+    let _ = state.audit.event(&crate::audit::events::Event::WebSignin(crate::audit::events::WebSignin {
+        user: session.user.clone(),
+        source: peer.to_string(),
+        via: "link".to_owned(),
+    }));
     let mut r = redirect("/");
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",

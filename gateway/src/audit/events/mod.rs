@@ -86,6 +86,8 @@ events! {
     LoginFailed(LoginFailed) = "login.failed",
     /// `postern logout`: the certificate the client came in with was revoked.
     Logout(Logout) = "logout",
+    /// A browser signed in to the web console (with a `postern web-login` link).
+    WebSignin(WebSignin) = "web.signin",
     SessionAuthorized(SessionAuthorized) = "session.authorized",
     SessionStart(SessionStart) = "session.start",
     SessionEnd(SessionEnd) = "session.end",

@@ -62,6 +62,16 @@ pub struct Logout {
     pub cert_serial: String,
 }
 
+/// `web.signin`: a browser signed in to the web console.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebSignin {
+    pub user: String,
+    /// The browser's address.
+    pub source: String,
+    /// How: "link" (`postern web-login`).
+    pub via: String,
+}
+
 /// `session.authorized`: a shell, exec or sftp session passed policy (written before it
 /// starts, so a log that cannot be written stops it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
