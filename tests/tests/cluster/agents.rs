@@ -10,16 +10,6 @@ use std::time::{Duration, Instant};
 use postern_e2e::*;
 use serde_json::Value;
 
-const POLICY: &str = r#"
-name = "ops"
-[[statement]]
-effect = "allow"
-users = ["alice"]
-actions = ["exec"]
-instances = ["*"]
-allow_root = true
-"#;
-
 /// A gateway with its own directory and ports; `tunnel` goes into its `[tunnel]` section.
 fn gateway_with(listen: &str, tunnel: &str, extra_config: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
@@ -105,16 +95,7 @@ fn an_agent_moves_to_another_gateway_within_10s_when_its_gateway_is_killed() {
     let ns = NetNs::create();
     let mut a = Gateway::start_on(&format!("{}:{}", ns.host_ip, free_udp_port()), &cluster.config("gw-a"));
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("alice");
-    ssh_keygen(&key, "alice");
-    let ok = |gw: &Gateway, args: &[&str]| {
-        let out = gw.postern(args);
-        assert!(out.status.success(), "postern {args:?}: {}", text(&out.stderr));
-    };
-    ok(&a, &["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]);
-    let policy = dir.path().join("ops.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    ok(&a, &["policy", "apply", policy.to_str().unwrap()]);
+    let key = super::alice_may_exec(&a, dir.path(), "*");
     let b = gateway_with(&format!("{}:{}", ns.host_ip, free_udp_port()), "", &cluster.config("gw-b"));
     let (known_a, known_b) = (dir.path().join("known_hosts_a"), dir.path().join("known_hosts_b"));
     a.write_known_hosts(&known_a);

@@ -51,16 +51,6 @@ fn moto_with_bucket(dir: &Path) -> (u16, Proc) {
     (port, proc)
 }
 
-const POLICY: &str = r#"
-name = "ops"
-[[statement]]
-effect = "allow"
-users = ["alice"]
-actions = ["exec"]
-instances = ["web-*"]
-allow_root = true
-"#;
-
 /// `postern --config GATEWAY.toml ARGS` (offline commands, gateway stopped or not).
 fn offline(gw: &Gateway, args: &[&str]) -> Output {
     Command::new(bin("postern"))
@@ -101,16 +91,7 @@ fn each_gateway_ships_its_own_chain_and_verify_over_the_bucket_checks_every_one_
     // One agent on each gateway.
     let web1 = Agent::start(&a, "web-01", vec![], &a.listen);
     let web2 = Agent::start(&b, "web-02", vec![], &b.listen);
-    let key = dir.path().join("alice");
-    ssh_keygen(&key, "alice");
-    let ok = |gw: &Gateway, args: &[&str]| {
-        let out = gw.postern(args);
-        assert!(out.status.success(), "postern {args:?}: {}", text(&out.stderr));
-    };
-    ok(&a, &["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]);
-    let policy = dir.path().join("ops.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    ok(&a, &["policy", "apply", policy.to_str().unwrap()]);
+    let key = super::alice_may_exec(&a, dir.path(), "web-*");
     let ssh = |gw: &Gateway, target: &str, command: &str| {
         let known = dir.path().join(format!("known_hosts-{}", gw.ssh_port));
         gw.write_known_hosts(&known);
@@ -297,17 +278,7 @@ fn a_gateway_killed_mid_session_loses_no_audit_and_every_chain_verifies() {
     let mut b = Gateway::start(&config("gw-b"));
     let mut c = Gateway::start(&config("gw-c"));
     let web = Agent::start(&b, "web-01", vec![], &b.listen);
-    let key = dir.path().join("alice");
-    ssh_keygen(&key, "alice");
-    let policy = dir.path().join("ops.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    for args in [
-        vec!["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()],
-        vec!["policy", "apply", policy.to_str().unwrap()],
-    ] {
-        let out = c.postern(&args);
-        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
-    }
+    let key = super::alice_may_exec(&c, dir.path(), "web-*");
     // A long session through B (the gateway that dies) and one through A to the agent on B.
     let long = |gw: &Gateway, tag: &str| {
         let known = dir.path().join(format!("known_hosts-{tag}"));

@@ -5,16 +5,6 @@ use std::time::Duration;
 
 use postern_e2e::*;
 
-const POLICY: &str = r#"
-name = "ops"
-[[statement]]
-effect = "allow"
-users = ["alice"]
-actions = ["exec"]
-instances = ["web-*"]
-allow_root = true
-"#;
-
 fn listen() -> String {
     format!("127.0.0.1:{}", free_udp_port())
 }
@@ -81,17 +71,7 @@ fn every_gateway_of_a_cluster_uses_the_keys_sealed_in_the_store() {
     let line = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
     let ca_key = line.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
     std::fs::write(dir.path().join("known_hosts"), format!("@cert-authority [127.0.0.1]:* {ca_key}\n")).unwrap();
-    let key = dir.path().join("alice");
-    ssh_keygen(&key, "alice");
-    let policy = dir.path().join("ops.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    for args in [
-        vec!["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()],
-        vec!["policy", "apply", policy.to_str().unwrap()],
-    ] {
-        let out = a.postern(&args);
-        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
-    }
+    let key = super::alice_may_exec(&a, dir.path(), "web-*");
     let out = wait_for_output(|| {
         Command::new("timeout")
             .args(["60", "ssh", "-p", &b.ssh_port.to_string(), "-i"])
@@ -117,7 +97,7 @@ fn every_gateway_of_a_cluster_uses_the_keys_sealed_in_the_store() {
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
     }
     let policy = dir.path().join("erin.toml");
-    std::fs::write(&policy, POLICY.replace("name = \"ops\"", "name = \"erin\"").replace("alice", "erin")).unwrap();
+    std::fs::write(&policy, super::exec_policy("erin", "erin", "web-*")).unwrap();
     let out = a.postern(&["policy", "apply", policy.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = wait_for_output(|| {

@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 use postern_e2e::*;
 use serde_json::Value;
 
-const POLICY: &str = r#"
-name = "ops"
-[[statement]]
-effect = "allow"
-users = ["alice"]
-actions = ["exec"]
-instances = ["web-*"]
-allow_root = true
-"#;
-
 /// Two gateways, `gw-a` and `gw-b`, on one database; an agent on A; alice may exec on it.
 struct Cluster {
     a: Gateway,
@@ -37,11 +27,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         a.write_known_hosts(&dir.path().join("known_hosts"));
         let agent = Agent::start(&a, "web-01", vec![], &a.listen);
-        let key = dir.path().join("alice");
-        ssh_keygen(&key, "alice");
-        ok(&a, &["user", "add", "alice", "--key-file", key.with_extension("pub").to_str().unwrap()]);
-        std::fs::write(dir.path().join("ops.toml"), POLICY).unwrap();
-        ok(&a, &["policy", "apply", dir.path().join("ops.toml").to_str().unwrap()]);
+        let key = super::alice_may_exec(&a, dir.path(), "web-*");
         Cluster { a, b, _agent: agent, dir, key, _shared: shared }
     }
 
