@@ -331,7 +331,7 @@ pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: SignInStore + Send + Sync + 'static {
     async fn create_token(&self, token: &NewToken) -> Result<(), StoreError>;
 
     /// Atomically spend the token `hash` and create the agent it enrolls. A token is
@@ -509,7 +509,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every cluster gateway's anchor, by gateway id (sorted).
     async fn gateway_audit_anchors(&self) -> Result<Vec<(String, GatewayAnchor)>, StoreError>;
+}
 
+/// Single sign-on's part of the store: users from the identity provider and the
+/// certificates the gateway signs. Both stores implement it with the same SQL.
+#[async_trait]
+pub trait SignInStore {
     /// A user signing in through the identity provider as `name`, IdP identity `subject`,
     /// in `groups`: created when new, groups replaced when it is that same identity; a user
     /// of that name who is not from the IdP is taken over only with `link_existing`. One

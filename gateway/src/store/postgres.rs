@@ -1190,33 +1190,6 @@ impl Store for PgStore {
                 .map_err(db)?;
         rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
     }
-
-    async fn login_user(
-        &self,
-        name: &str,
-        subject: &str,
-        groups: &[String],
-        link_existing: bool,
-        now: i64,
-    ) -> Result<LoginUser, StoreError> {
-        self.login_user_sql(name, subject, groups, link_existing, now).await
-    }
-
-    async fn record_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
-        self.record_certificate_sql(c).await
-    }
-
-    async fn revoke_certificates(&self, user: &str, serial: Option<u64>, now: i64) -> Result<u64, StoreError> {
-        self.revoke_certificates_sql(user, serial, now).await
-    }
-
-    async fn certificates(&self, user: Option<&str>, now: i64) -> Result<Vec<CertificateRecord>, StoreError> {
-        self.certificates_sql(user, now).await
-    }
-
-    async fn prune_certificates(&self, before: i64) -> Result<u64, StoreError> {
-        self.prune_certificates_sql(before).await
-    }
 }
 
 super::sqlite::sign_in_store!(PgStore, PgRow);

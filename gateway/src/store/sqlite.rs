@@ -277,8 +277,9 @@ pub(super) mod cert_sql {
 /// ([`cert_sql`]) on each one's pool and rows.
 macro_rules! sign_in_store {
     ($store:ty, $row:ty) => {
-        impl $store {
-            async fn login_user_sql(
+        #[async_trait::async_trait]
+        impl postern_core::store::SignInStore for $store {
+            async fn login_user(
                 &self,
                 name: &str,
                 subject: &str,
@@ -286,7 +287,12 @@ macro_rules! sign_in_store {
                 link_existing: bool,
                 now: i64,
             ) -> Result<LoginUser, StoreError> {
-                let existed = self.users().await?.iter().any(|u| u.name == name);
+                let existed = sqlx::query("SELECT 1 FROM users WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?
+                    .is_some();
                 let r = sqlx::query(cert_sql::LOGIN_USER)
                     .bind(name)
                     .bind(to_json(groups))
@@ -306,7 +312,7 @@ macro_rules! sign_in_store {
                 })
             }
 
-            async fn record_certificate_sql(&self, c: &CertificateRecord) -> Result<(), StoreError> {
+            async fn record_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
                 sqlx::query(cert_sql::RECORD)
                     .bind(cert_sql::serial_text(c.serial))
                     .bind(&c.user)
@@ -323,12 +329,7 @@ macro_rules! sign_in_store {
                 Ok(())
             }
 
-            async fn revoke_certificates_sql(
-                &self,
-                user: &str,
-                serial: Option<u64>,
-                now: i64,
-            ) -> Result<u64, StoreError> {
+            async fn revoke_certificates(&self, user: &str, serial: Option<u64>, now: i64) -> Result<u64, StoreError> {
                 let q = match serial {
                     None => sqlx::query(cert_sql::REVOKE_ALL).bind(now).bind(user).bind(now),
                     Some(s) => {
@@ -338,11 +339,7 @@ macro_rules! sign_in_store {
                 Ok(q.execute(&self.pool).await.map_err(db)?.rows_affected())
             }
 
-            async fn certificates_sql(
-                &self,
-                user: Option<&str>,
-                now: i64,
-            ) -> Result<Vec<CertificateRecord>, StoreError> {
+            async fn certificates(&self, user: Option<&str>, now: i64) -> Result<Vec<CertificateRecord>, StoreError> {
                 let q = match user {
                     None => sqlx::query(cert_sql::LIST_ALL).bind(now),
                     Some(u) => sqlx::query(cert_sql::LIST_USER).bind(now).bind(u),
@@ -350,7 +347,7 @@ macro_rules! sign_in_store {
                 q.fetch_all(&self.pool).await.map_err(db)?.iter().map(certificate_of).collect()
             }
 
-            async fn prune_certificates_sql(&self, before: i64) -> Result<u64, StoreError> {
+            async fn prune_certificates(&self, before: i64) -> Result<u64, StoreError> {
                 let r = sqlx::query(cert_sql::PRUNE).bind(before).execute(&self.pool).await.map_err(db)?;
                 Ok(r.rows_affected())
             }
@@ -1389,33 +1386,6 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db)?;
         rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
-    }
-
-    async fn login_user(
-        &self,
-        name: &str,
-        subject: &str,
-        groups: &[String],
-        link_existing: bool,
-        now: i64,
-    ) -> Result<LoginUser, StoreError> {
-        self.login_user_sql(name, subject, groups, link_existing, now).await
-    }
-
-    async fn record_certificate(&self, c: &CertificateRecord) -> Result<(), StoreError> {
-        self.record_certificate_sql(c).await
-    }
-
-    async fn revoke_certificates(&self, user: &str, serial: Option<u64>, now: i64) -> Result<u64, StoreError> {
-        self.revoke_certificates_sql(user, serial, now).await
-    }
-
-    async fn certificates(&self, user: Option<&str>, now: i64) -> Result<Vec<CertificateRecord>, StoreError> {
-        self.certificates_sql(user, now).await
-    }
-
-    async fn prune_certificates(&self, before: i64) -> Result<u64, StoreError> {
-        self.prune_certificates_sql(before).await
     }
 }
 
