@@ -132,7 +132,8 @@ async fn finish(sso: &Sso, flows: &Flows, rest: &str, source: &str) -> Result<Lo
     let req: LoginFinish = parse("login-finish", rest)?;
     // Taken off the list: a flow is finished once, whatever the outcome.
     let pending = flows.0.lock().ok().and_then(|mut f| {
-        let at = f.iter().position(|p| p.state == req.state)?;
+        // The relying party's own comparison (constant time), as its contract asks.
+        let at = f.iter().position(|p| p.check_state(&req.state).is_ok())?;
         Some(f.remove(at))
     });
     let Some(pending) = pending else {
