@@ -7,16 +7,17 @@
 //! (and adds both to a running ssh-agent). `logout` revokes the certificate at the gateway
 //! and removes them.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use postern_client::{Client, ClientOptions};
 use postern_core::command::{
     DevicePrompt, LOGIN_USER, LoginBegin, LoginDevice, LoginFinish, LoginResult, LoginStarted,
 };
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 
 use super::user::GatewayArgs;
 
@@ -25,7 +26,7 @@ const BROWSER_WAIT: Duration = Duration::from_secs(300);
 /// How long a device sign-in may take (the identity provider's code lives shorter).
 const DEVICE_WAIT: Duration = Duration::from_secs(16 * 60);
 /// Largest request the loopback listener reads.
-const MAX_REDIRECT: usize = 16 << 10;
+const MAX_REDIRECT: u64 = 16 << 10;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoginArgs {
@@ -109,6 +110,7 @@ pub async fn login(args: &LoginArgs) -> anyhow::Result<i32> {
 
 async fn browser(client: &Client, args: &LoginArgs, public_key: &str) -> anyhow::Result<LoginResult> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)))
+        .await
         .with_context(|| format!("listening on 127.0.0.1:{} for the identity provider's redirect", args.port))?;
     let port = listener.local_addr()?.port();
     let begin = LoginBegin { redirect_uri: format!("http://127.0.0.1:{port}/callback") };
@@ -120,10 +122,7 @@ async fn browser(client: &Client, args: &LoginArgs, public_key: &str) -> anyhow:
         open_browser(&started.authorization_url);
     }
     eprintln!("Waiting for the identity provider (up to {} minutes)...", BROWSER_WAIT.as_secs() / 60);
-    let state = started.state.clone();
-    let code = tokio::task::spawn_blocking(move || wait_for_redirect(&listener, &state))
-        .await
-        .context("waiting for the redirect")??;
+    let code = wait_for_redirect(&listener, &started.state).await?;
     let finish = LoginFinish { state: started.state, code, public_key: public_key.to_owned() };
     let result = client
         .sign_in_command(&format!("login-finish {}", serde_json::to_string(&finish)?), Duration::from_secs(120), |_| {})
@@ -165,31 +164,21 @@ fn open_browser(url: &str) {
 
 /// Serve the loopback redirect: the first request to `/callback` carrying `state` gives the
 /// code (or the identity provider's error). Other requests get a 404 and waiting goes on.
-fn wait_for_redirect(listener: &TcpListener, state: &str) -> anyhow::Result<String> {
-    let deadline = Instant::now() + BROWSER_WAIT;
-    listener.set_nonblocking(true)?;
+async fn wait_for_redirect(listener: &TcpListener, state: &str) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
     loop {
-        if Instant::now() >= deadline {
+        let Ok(accepted) = tokio::time::timeout_at(deadline, listener.accept()).await else {
             bail!("no answer from the identity provider within {} minutes", BROWSER_WAIT.as_secs() / 60);
-        }
-        let mut stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            Err(e) => return Err(e).context("accepting the redirect"),
         };
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let (mut stream, _) = accepted.context("accepting the redirect")?;
         let mut line = String::new();
-        let mut reader = BufReader::new((&stream).take_limited(MAX_REDIRECT));
-        if reader.read_line(&mut line).is_err() {
+        let mut request = BufReader::new((&mut stream).take(MAX_REDIRECT));
+        if !matches!(tokio::time::timeout(Duration::from_secs(10), request.read_line(&mut line)).await, Ok(Ok(_))) {
             continue;
         }
         let target = line.split_whitespace().nth(1).unwrap_or_default();
         let Some(query) = target.strip_prefix("/callback?") else {
-            respond(&mut stream, "404 Not Found", "Not found.");
+            respond(&mut stream, "404 Not Found", "Not found.").await;
             continue;
         };
         let params: Vec<(String, String)> = query
@@ -200,41 +189,34 @@ fn wait_for_redirect(listener: &TcpListener, state: &str) -> anyhow::Result<Stri
         let get = |k: &str| params.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
         if get("state").as_deref() != Some(state) {
             // Not our flow (another page, or a forged redirect): not an answer.
-            respond(&mut stream, "400 Bad Request", "This sign-in is not the one postern is waiting for.");
+            respond(&mut stream, "400 Bad Request", "This sign-in is not the one postern is waiting for.").await;
             continue;
         }
         if let Some(error) = get("error") {
             let why = get("error_description").map(|d| format!(": {d}")).unwrap_or_default();
-            respond(&mut stream, "200 OK", &format!("Sign-in refused by the identity provider ({error}{why})."));
+            respond(&mut stream, "200 OK", &format!("Sign-in refused by the identity provider ({error}{why}).")).await;
             bail!("the identity provider refused the sign-in: {error}{why}");
         }
         let Some(code) = get("code") else {
-            respond(&mut stream, "400 Bad Request", "No code in the redirect.");
+            respond(&mut stream, "400 Bad Request", "No code in the redirect.").await;
             bail!("the identity provider's redirect carried no code");
         };
-        respond(&mut stream, "200 OK", "Signed in. You can close this window and go back to the terminal.");
+        respond(&mut stream, "200 OK", "Signed in. You can close this window and go back to the terminal.").await;
         return Ok(code);
     }
 }
 
-trait TakeLimited: std::io::Read + Sized {
-    fn take_limited(self, n: usize) -> std::io::Take<Self> {
-        self.take(u64::try_from(n).unwrap_or(u64::MAX))
-    }
-}
-impl<R: std::io::Read> TakeLimited for R {}
-
-fn respond(stream: &mut std::net::TcpStream, status: &str, text: &str) {
+async fn respond(stream: &mut tokio::net::TcpStream, status: &str, text: &str) {
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Postern</title></head>\
          <body><p id=\"postern\">{}</p></body></html>",
         text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
     );
-    let _ = write!(
-        stream,
+    let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.write_all(response.as_bytes())).await;
 }
 
 /// Put the key and certificate into a running ssh-agent for the certificate's life
