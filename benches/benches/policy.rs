@@ -110,8 +110,8 @@ fn world() -> World {
 /// Store the documents and 10,000 instances in PostgreSQL at `url`, read the documents back
 /// (as a gateway loads them) and time instance lookups by name; returns the texts read.
 fn through_postgres(url: &str, texts: Vec<String>) -> Vec<String> {
-    use postern_gateway::store::Store;
     use postern_gateway::store::postgres::PgStore;
+    use postern_gateway::store::{PortableStore, Store};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = PgStore::connect(url).await.unwrap();

@@ -331,27 +331,79 @@ pub fn resolve_instance<'a>(agents: &'a [AgentRecord], wanted: &str) -> Result<&
 }
 
 #[async_trait]
-pub trait Store: SignInStore + Send + Sync + 'static {
-    async fn create_token(&self, token: &NewToken) -> Result<(), StoreError>;
-
+pub trait Store: PortableStore + SignInStore + Send + Sync + 'static {
     /// Atomically spend the token `hash` and create the agent it enrolls. A token is
     /// redeemed at most once, even under concurrent attempts.
     async fn redeem_token(&self, hash: &str, agent: &NewAgent) -> Result<Result<AgentRecord, RedeemError>, StoreError>;
-
-    /// Every enrollment token, newest first.
-    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
 
     /// Spend the unused token whose id (hash prefix) is `id` without enrolling anything;
     /// false if there is none (unknown, used or already revoked).
     async fn revoke_token(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError>;
 
+    /// Agents that are not revoked whose id or name is `wanted` (one indexed lookup).
+    async fn find_agents(&self, wanted: &str) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Insert or replace the user `user.name`.
+    async fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
+
+    /// Store a new version (or a removal when `source` is empty); returns its number.
+    async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError>;
+
+    async fn put_grant(&self, grant: &GrantRecord) -> Result<(), StoreError>;
+
+    /// Add a session to the history; a row with its id already there is left as it is.
+    async fn insert_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
+
+    /// The sessions `query` selects, newest first, at most `query.limit`.
+    async fn sessions(&self, query: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Retention: delete sessions that ended (or, unfinished, started) before `cutoff` (Unix
+    /// seconds), then
+    /// the oldest beyond the newest `keep_rows`. Returns how many rows were deleted.
+    async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError>;
+
+    /// Cluster sessions: insert or refresh these live-session rows (new ones, bytes and
+    /// lease of existing ones) in one statement.
+    async fn put_live_sessions(&self, sessions: &[LiveSessionRecord]) -> Result<(), StoreError>;
+
+    /// Delete the live-session rows `ids` of gateway `gateway_id` (sessions that ended).
+    async fn remove_live_sessions(&self, gateway_id: &str, ids: &[String]) -> Result<(), StoreError>;
+
+    /// Live sessions of every gateway whose lease runs past `now`, newest first, at most `limit`.
+    async fn live_sessions(&self, now: i64, limit: u32) -> Result<Vec<LiveSessionRecord>, StoreError>;
+
+    /// Move request `id` from state `from` to `to`; false when it was not in `from` (someone
+    /// else moved it first). From pending to claimed only while unexpired at `now`.
+    async fn move_terminate_request(&self, id: &str, from: &str, to: &str, now: i64) -> Result<bool, StoreError>;
+
+    /// Spend RDP routing token `token_id` (valid until `expires_at`): true for the one caller
+    /// that spends it first, across every gateway sharing the store.
+    async fn spend_rdp_token(&self, token_id: &str, expires_at: i64) -> Result<bool, StoreError>;
+
+    /// Renew, in one statement, the leases of `agents` (id, connected since) at `gateway_id`
+    /// until `lease_expires`: this gateway's rows are extended, missing rows are added, a row
+    /// that names another gateway is left alone. Returns how many rows were written.
+    async fn renew_agent_locations(
+        &self,
+        gateway_id: &str,
+        agents: &[(String, i64)],
+        lease_expires: i64,
+    ) -> Result<u64, StoreError>;
+}
+
+/// The part of the store whose SQL is the same on SQLite and PostgreSQL (implemented once
+/// for both, gateway/src/store/sqlite.rs `portable_store!`). Part of [`Store`].
+#[async_trait]
+pub trait PortableStore {
+    async fn create_token(&self, token: &NewToken) -> Result<(), StoreError>;
+
+    /// Every enrollment token, newest first.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
     async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
 
     /// All agents that are not revoked.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
-
-    /// Agents that are not revoked whose id or name is `wanted` (one indexed lookup).
-    async fn find_agents(&self, wanted: &str) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Record what a connecting agent reported, and when it was last seen.
     async fn agent_seen(
@@ -370,9 +422,6 @@ pub trait Store: SignInStore + Send + Sync + 'static {
 
     async fn users(&self) -> Result<Vec<UserRecord>, StoreError>;
 
-    /// Insert or replace the user `user.name`.
-    async fn put_user(&self, user: &UserRecord) -> Result<(), StoreError>;
-
     async fn delete_user(&self, name: &str) -> Result<bool, StoreError>;
 
     /// The newest version of every policy that is not removed.
@@ -381,12 +430,7 @@ pub trait Store: SignInStore + Send + Sync + 'static {
     /// Every version of `name`, oldest first.
     async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>, StoreError>;
 
-    /// Store a new version (or a removal when `source` is empty); returns its number.
-    async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError>;
-
     async fn grants(&self) -> Result<Vec<GrantRecord>, StoreError>;
-
-    async fn put_grant(&self, grant: &GrantRecord) -> Result<(), StoreError>;
 
     /// Mark a grant revoked; false if it was unknown or already revoked.
     async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError>;
@@ -402,33 +446,12 @@ pub trait Store: SignInStore + Send + Sync + 'static {
     /// Record a new audit anchor (replacing the old one).
     async fn set_audit_anchor(&self, anchor: &AuditAnchor) -> Result<(), StoreError>;
 
-    /// Add a session to the history; a row with its id already there is left as it is.
-    async fn insert_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
-
     /// Complete a session's row; false when there is no row with its id.
     async fn end_session(&self, ending: &SessionEnding) -> Result<bool, StoreError>;
-
-    /// The sessions `query` selects, newest first, at most `query.limit`.
-    async fn sessions(&self, query: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError>;
 
     /// Sessions whose id starts with `prefix` (at most `limit`, newest first). `prefix`
     /// holds only hex digits and '-' (callers check), so it has no pattern characters.
     async fn sessions_by_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<SessionRecord>, StoreError>;
-
-    /// Retention: delete sessions that ended (or, unfinished, started) before `cutoff` (Unix
-    /// seconds), then
-    /// the oldest beyond the newest `keep_rows`. Returns how many rows were deleted.
-    async fn prune_sessions(&self, cutoff: Option<i64>, keep_rows: Option<u64>) -> Result<u64, StoreError>;
-
-    /// Cluster sessions: insert or refresh these live-session rows (new ones, bytes and
-    /// lease of existing ones) in one statement.
-    async fn put_live_sessions(&self, sessions: &[LiveSessionRecord]) -> Result<(), StoreError>;
-
-    /// Delete the live-session rows `ids` of gateway `gateway_id` (sessions that ended).
-    async fn remove_live_sessions(&self, gateway_id: &str, ids: &[String]) -> Result<(), StoreError>;
-
-    /// Live sessions of every gateway whose lease runs past `now`, newest first, at most `limit`.
-    async fn live_sessions(&self, now: i64, limit: u32) -> Result<Vec<LiveSessionRecord>, StoreError>;
 
     /// Record a terminate request (its `state` is pending).
     async fn add_terminate_request(&self, request: &TerminateRequest) -> Result<(), StoreError>;
@@ -442,14 +465,6 @@ pub trait Store: SignInStore + Send + Sync + 'static {
     ) -> Result<Vec<TerminateRequest>, StoreError>;
 
     async fn terminate_request(&self, id: &str) -> Result<Option<TerminateRequest>, StoreError>;
-
-    /// Move request `id` from state `from` to `to`; false when it was not in `from` (someone
-    /// else moved it first). From pending to claimed only while unexpired at `now`.
-    async fn move_terminate_request(&self, id: &str, from: &str, to: &str, now: i64) -> Result<bool, StoreError>;
-
-    /// Spend RDP routing token `token_id` (valid until `expires_at`): true for the one caller
-    /// that spends it first, across every gateway sharing the store.
-    async fn spend_rdp_token(&self, token_id: &str, expires_at: i64) -> Result<bool, StoreError>;
 
     /// Delete what has run out by `now`: expired live-session rows, old terminate requests,
     /// spent RDP tokens well past their expiry. Returns how many rows were deleted.
@@ -478,16 +493,6 @@ pub trait Store: SignInStore + Send + Sync + 'static {
     /// Agent `location.agent_id` connected to `location.gateway_id`: its row becomes this one,
     /// whichever gateway held it before (the agent has moved here).
     async fn record_agent_location(&self, location: &AgentLocation) -> Result<(), StoreError>;
-
-    /// Renew, in one statement, the leases of `agents` (id, connected since) at `gateway_id`
-    /// until `lease_expires`: this gateway's rows are extended, missing rows are added, a row
-    /// that names another gateway is left alone. Returns how many rows were written.
-    async fn renew_agent_locations(
-        &self,
-        gateway_id: &str,
-        agents: &[(String, i64)],
-        lease_expires: i64,
-    ) -> Result<u64, StoreError>;
 
     /// Delete the agent's row only if it still names `gateway_id` (an agent that moved to
     /// another gateway keeps its new row); true when a row was deleted.

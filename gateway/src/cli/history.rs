@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::format::{printable, table};
 use crate::history::{HistoryRow, SessionFilter, valid_prefix};
-use crate::store::{SessionRecord, Store as _};
+use crate::store::{PortableStore as _, SessionRecord};
 
 /// Candidates listed when a prefix names several sessions.
 const CANDIDATES: u32 = 10;

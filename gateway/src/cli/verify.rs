@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::audit::anchor::AuditAnchor;
 use crate::audit::ship::{S3Config, Shipper};
 use crate::audit::verify::Report;
-use crate::store::Store as _;
+use crate::store::PortableStore as _;
 use crate::store::sqlite::SqliteStore;
 
 /// The anchor the log is checked against, and where it was recorded (`"in its database"`,

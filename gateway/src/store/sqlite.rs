@@ -15,7 +15,7 @@ use postern_core::store::{
     PolicyVersion, RedeemError, SessionEnding, SessionQuery, SessionRecord, Store, StoreError, TERMINATE_PENDING,
     TOKEN_REVOKED_BY, TerminateRequest, TokenRecord, UserRecord,
 };
-use postern_core::store::{CertificateRecord, LoginUser};
+use postern_core::store::{CertificateRecord, LoginUser, PortableStore as _};
 
 /// The store's error for a failed database call.
 pub(super) fn db(e: sqlx::Error) -> StoreError {
@@ -370,6 +370,431 @@ macro_rules! sign_in_store {
 }
 pub(super) use sign_in_store;
 
+/// The store methods whose SQL is the same on both databases (numbered parameters, which
+/// SQLite reads too): one implementation, expanded for each store with its own row
+/// helpers (`gateway_anchor_of`, `json_list`, ...) in scope.
+macro_rules! portable_store {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl postern_core::store::PortableStore for $store {
+            async fn create_token(&self, t: &NewToken) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO tokens (hash, labels, name, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(&t.hash)
+                    .bind(labels_json(&t.labels))
+                    .bind(&t.name)
+                    .bind(t.created_at)
+                    .bind(t.expires_at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+            async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+                let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at DESC, hash")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter()
+                    .map(|r| {
+                        let hash: String = r.try_get("hash").map_err(db)?;
+                        let labels: String = r.try_get("labels").map_err(db)?;
+                        Ok(TokenRecord {
+                            id: hash.get(..12).unwrap_or(&hash).to_owned(),
+                            name: r.try_get("name").map_err(db)?,
+                            labels: serde_json::from_str(&labels).unwrap_or_default(),
+                            created_at: r.try_get("created_at").map_err(db)?,
+                            expires_at: r.try_get("expires_at").map_err(db)?,
+                            used_at: r.try_get("used_at").map_err(db)?,
+                            used_by: r.try_get("used_by").map_err(db)?,
+                        })
+                    })
+                    .collect()
+            }
+            async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+                let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(row_to_agent).transpose()
+            }
+            async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+                let rows = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 ORDER BY name"))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(row_to_agent).collect()
+            }
+            async fn agent_seen(
+                &self,
+                id: &str,
+                hostname: Option<&str>,
+                platform: Option<&str>,
+                version: Option<&str>,
+                now: i64,
+            ) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE agents SET last_seen = $1, hostname = COALESCE($2, hostname), platform = COALESCE($3, platform), \
+                     agent_version = COALESCE($4, agent_version) WHERE id = $5",
+                )
+                .bind(now)
+                .bind(hostname)
+                .bind(platform)
+                .bind(version)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+            async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError> {
+                let r = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = $1 AND revoked = 0")
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected() > 0)
+            }
+            async fn insert_agents(&self, agents: &[(String, String)], labels: &Labels, now: i64) -> Result<(), StoreError> {
+                let labels = labels_json(labels);
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                for (id, name) in agents {
+                    sqlx::query(
+                        "INSERT INTO agents (id, name, labels, hostname, platform, agent_version, enrolled_at) \
+                         VALUES ($1, $2, $3, 'simulated', 'simulated', 'simulated', $4)",
+                    )
+                    .bind(id)
+                    .bind(name)
+                    .bind(&labels)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(())
+            }
+            async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+                let rows = sqlx::query("SELECT * FROM users ORDER BY name").fetch_all(&self.pool).await.map_err(db)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(UserRecord {
+                            name: r.try_get("name").map_err(db)?,
+                            groups: json_list(r, "groups")?,
+                            keys: json_list(r, "keys")?,
+                            principals: json_list(r, "principals")?,
+                            disabled: r.try_get::<i64, _>("disabled").map_err(db)? != 0,
+                            created_at: r.try_get("created_at").map_err(db)?,
+                            idp_subject: r.try_get("idp_subject").map_err(db)?,
+                        })
+                    })
+                    .collect()
+            }
+            async fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+                let r = sqlx::query("DELETE FROM users WHERE name = $1").bind(name).execute(&self.pool).await.map_err(db)?;
+                Ok(r.rows_affected() > 0)
+            }
+            async fn policies(&self) -> Result<Vec<PolicyVersion>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT p.* FROM policies p JOIN (SELECT name, MAX(version) AS v FROM policies GROUP BY name) latest \
+                     ON p.name = latest.name AND p.version = latest.v WHERE p.source != '' ORDER BY p.name",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(row_to_policy).collect()
+            }
+            async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>, StoreError> {
+                let rows = sqlx::query("SELECT * FROM policies WHERE name = $1 ORDER BY version")
+                    .bind(name)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(row_to_policy).collect()
+            }
+            async fn grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
+                let rows =
+                    sqlx::query("SELECT * FROM grants ORDER BY created_at, id").fetch_all(&self.pool).await.map_err(db)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(GrantRecord {
+                            id: r.try_get("id").map_err(db)?,
+                            user: r.try_get("user").map_err(db)?,
+                            policy: r.try_get("policy").map_err(db)?,
+                            reason: r.try_get("reason").map_err(db)?,
+                            created_at: r.try_get("created_at").map_err(db)?,
+                            created_by: r.try_get("created_by").map_err(db)?,
+                            expires_at: r.try_get("expires_at").map_err(db)?,
+                            revoked_at: r.try_get("revoked_at").map_err(db)?,
+                            revoked_by: r.try_get("revoked_by").map_err(db)?,
+                        })
+                    })
+                    .collect()
+            }
+            async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError> {
+                let r = sqlx::query("UPDATE grants SET revoked_at = $1, revoked_by = $2 WHERE id = $3 AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(by)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected() > 0)
+            }
+            async fn access_generation(&self) -> Result<i64, StoreError> {
+                sqlx::query("SELECT generation FROM access_generation WHERE id = 1")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db)?
+                    .try_get(0)
+                    .map_err(db)
+            }
+            async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+                let row = sqlx::query("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.map(|r| {
+                    let seq: i64 = r.try_get("seq").map_err(db)?;
+                    let seq = u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {seq}")))?;
+                    Ok(AuditAnchor { seq, hash: r.try_get("hash").map_err(db)? })
+                })
+                .transpose()
+            }
+            async fn set_audit_anchor(&self, anchor: &AuditAnchor) -> Result<(), StoreError> {
+                let seq =
+                    i64::try_from(anchor.seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.seq)))?;
+                sqlx::query(
+                    "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, $1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                )
+                .bind(seq)
+                .bind(&anchor.hash)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+            async fn end_session(&self, e: &SessionEnding) -> Result<bool, StoreError> {
+                let r = sqlx::query(
+                    "UPDATE session_history SET ended_at = $1, end_reason = $2, exit_code = $3, bytes_in = $4, bytes_out = $5, \
+                     logged = COALESCE($6, logged), unlogged_reason = COALESCE($7, unlogged_reason) WHERE id = $8",
+                )
+                .bind(e.ended_at)
+                .bind(&e.end_reason)
+                .bind(e.exit_code)
+                .bind(bytes_sql(e.bytes_in))
+                .bind(bytes_sql(e.bytes_out))
+                .bind(e.logged.map(i64::from))
+                .bind(&e.unlogged_reason)
+                .bind(&e.id)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(r.rows_affected() > 0)
+            }
+            async fn sessions_by_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<SessionRecord>, StoreError> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {SESSION_COLUMNS} FROM session_history WHERE id LIKE $1 ORDER BY started_ms DESC, id DESC LIMIT $2"
+                ))
+                .bind(format!("{prefix}%"))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(row_to_session).collect()
+            }
+            async fn add_terminate_request(&self, r: &TerminateRequest) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO terminate_requests (id, session_id, gateway_id, actor, asked_by, created_at, expires_at, state) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&r.id)
+                .bind(&r.session_id)
+                .bind(&r.gateway_id)
+                .bind(&r.actor)
+                .bind(&r.asked_by)
+                .bind(r.created_at)
+                .bind(r.expires_at)
+                .bind(&r.state)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+            async fn pending_terminate_requests(
+                &self,
+                gateway_id: &str,
+                now: i64,
+                limit: u32,
+            ) -> Result<Vec<TerminateRequest>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT * FROM terminate_requests WHERE gateway_id = $1 AND state = $2 AND expires_at > $3 \
+                     ORDER BY created_at, id LIMIT $4",
+                )
+                .bind(gateway_id)
+                .bind(TERMINATE_PENDING)
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(row_to_request).collect()
+            }
+            async fn terminate_request(&self, id: &str) -> Result<Option<TerminateRequest>, StoreError> {
+                let row = sqlx::query("SELECT * FROM terminate_requests WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(row_to_request).transpose()
+            }
+            async fn prune_cluster_sessions(&self, now: i64) -> Result<u64, StoreError> {
+                let mut deleted = 0;
+                for (sql, before) in [
+                    ("DELETE FROM live_sessions WHERE lease_until <= $1", now),
+                    ("DELETE FROM terminate_requests WHERE expires_at < $1", now - TERMINATE_REQUEST_KEPT),
+                    ("DELETE FROM rdp_tokens_spent WHERE expires_at < $1", now - SPENT_TOKEN_GRACE),
+                ] {
+                    deleted += sqlx::query(sql).bind(before).execute(&self.pool).await.map_err(db)?.rows_affected();
+                }
+                Ok(deleted)
+            }
+            async fn cluster_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+                let rows = sqlx::query("SELECT name, sealed FROM cluster_keys ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(|r| Ok((r.try_get("name").map_err(db)?, r.try_get("sealed").map_err(db)?))).collect()
+            }
+            async fn add_cluster_key(&self, name: &str, sealed: &[u8], now: i64) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "INSERT INTO cluster_keys (name, sealed, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(name)
+                .bind(sealed)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            }
+            async fn gateway_alive(&self, id: &str, address: &str, lease_until: i64) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO gateways (id, address, lease_until) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO UPDATE SET address = excluded.address, lease_until = excluded.lease_until",
+                )
+                .bind(id)
+                .bind(address)
+                .bind(lease_until)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+            async fn live_gateways(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
+                let rows = sqlx::query("SELECT id, address FROM gateways WHERE lease_until > $1 ORDER BY id")
+                    .bind(now)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+                rows.iter().map(|r| Ok((r.try_get("id").map_err(db)?, r.try_get("address").map_err(db)?))).collect()
+            }
+            async fn gateway_left(&self, id: &str, now: i64) -> Result<(), StoreError> {
+                sqlx::query("UPDATE gateways SET lease_until = $1 WHERE id = $2 AND lease_until > $3")
+                    .bind(now)
+                    .bind(id)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+            async fn record_agent_location(&self, l: &AgentLocation) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO agent_locations (agent_id, gateway_id, connected_since, lease_expires) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (agent_id) DO UPDATE SET gateway_id = EXCLUDED.gateway_id, \
+                     connected_since = EXCLUDED.connected_since, lease_expires = EXCLUDED.lease_expires",
+                )
+                .bind(&l.agent_id)
+                .bind(&l.gateway_id)
+                .bind(l.connected_since)
+                .bind(l.lease_expires)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+            async fn remove_agent_location(&self, agent_id: &str, gateway_id: &str) -> Result<bool, StoreError> {
+                let r = sqlx::query("DELETE FROM agent_locations WHERE agent_id = $1 AND gateway_id = $2")
+                    .bind(agent_id)
+                    .bind(gateway_id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(r.rows_affected() > 0)
+            }
+            async fn agent_locations(&self, now: i64) -> Result<Vec<AgentLocation>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
+                     WHERE lease_expires > $1 ORDER BY agent_id",
+                )
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(row_to_location).collect()
+            }
+            async fn agent_location(&self, agent_id: &str, now: i64) -> Result<Option<AgentLocation>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
+                     WHERE agent_id = $1 AND lease_expires > $2",
+                )
+                .bind(agent_id)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                row.as_ref().map(row_to_location).transpose()
+            }
+            async fn gateway_audit_anchor(&self, gateway_id: &str) -> Result<Option<GatewayAnchor>, StoreError> {
+                let row = sqlx::query("SELECT seq, hash, public_key FROM gateway_audit_anchors WHERE gateway_id = $1")
+                    .bind(gateway_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.as_ref().map(gateway_anchor_of).transpose()
+            }
+            async fn set_gateway_audit_anchor(&self, gateway_id: &str, anchor: &GatewayAnchor) -> Result<(), StoreError> {
+                let seq = i64::try_from(anchor.anchor.seq)
+                    .map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.anchor.seq)))?;
+                sqlx::query(
+                    "INSERT INTO gateway_audit_anchors (gateway_id, seq, hash, public_key) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (gateway_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
+                     public_key = excluded.public_key",
+                )
+                .bind(gateway_id)
+                .bind(seq)
+                .bind(&anchor.anchor.hash)
+                .bind(&anchor.public_key)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+            async fn gateway_audit_anchors(&self) -> Result<Vec<(String, GatewayAnchor)>, StoreError> {
+                let rows =
+                    sqlx::query("SELECT gateway_id, seq, hash, public_key FROM gateway_audit_anchors ORDER BY gateway_id")
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db)?;
+                rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
+            }
+        }
+    };
+}
+pub(super) use portable_store;
+
 /// The database (users, keys, grants, agents) is readable by the gateway's user only. The
 /// file is created 0600 before SQLite opens it, and SQLite gives the `-wal` and `-shm` files
 /// it creates the database file's mode; files left by an older version are tightened.
@@ -605,41 +1030,6 @@ fn row_to_location(row: &sqlx::sqlite::SqliteRow) -> Result<AgentLocation, Store
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_token(&self, t: &NewToken) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO tokens (hash, labels, name, created_at, expires_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&t.hash)
-            .bind(labels_json(&t.labels))
-            .bind(&t.name)
-            .bind(t.created_at)
-            .bind(t.expires_at)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(())
-    }
-
-    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at DESC, hash")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                let hash: String = r.try_get("hash").map_err(db)?;
-                let labels: String = r.try_get("labels").map_err(db)?;
-                Ok(TokenRecord {
-                    id: hash.get(..12).unwrap_or(&hash).to_owned(),
-                    name: r.try_get("name").map_err(db)?,
-                    labels: serde_json::from_str(&labels).unwrap_or_default(),
-                    created_at: r.try_get("created_at").map_err(db)?,
-                    expires_at: r.try_get("expires_at").map_err(db)?,
-                    used_at: r.try_get("used_at").map_err(db)?,
-                    used_by: r.try_get("used_by").map_err(db)?,
-                })
-            })
-            .collect()
-    }
-
     async fn revoke_token(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError> {
         // Only a full 12-digit id: a shorter prefix could name several tokens.
         if id.len() != 12 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -726,23 +1116,6 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        row.as_ref().map(row_to_agent).transpose()
-    }
-
-    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 ORDER BY name"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        rows.iter().map(row_to_agent).collect()
-    }
-
     async fn find_agents(&self, wanted: &str) -> Result<Vec<AgentRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked = 0 AND (id = ? OR name = ?) ORDER BY name"
@@ -753,75 +1126,6 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         rows.iter().map(row_to_agent).collect()
-    }
-
-    async fn agent_seen(
-        &self,
-        id: &str,
-        hostname: Option<&str>,
-        platform: Option<&str>,
-        version: Option<&str>,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE agents SET last_seen = ?, hostname = COALESCE(?, hostname), platform = COALESCE(?, platform), \
-             agent_version = COALESCE(?, agent_version) WHERE id = ?",
-        )
-        .bind(now)
-        .bind(hostname)
-        .bind(platform)
-        .bind(version)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    async fn revoke_agent(&self, id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE agents SET revoked = 1 WHERE id = ? AND revoked = 0")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(r.rows_affected() > 0)
-    }
-
-    async fn insert_agents(&self, agents: &[(String, String)], labels: &Labels, now: i64) -> Result<(), StoreError> {
-        let labels = labels_json(labels);
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        for (id, name) in agents {
-            sqlx::query(
-                "INSERT INTO agents (id, name, labels, hostname, platform, agent_version, enrolled_at) \
-                 VALUES (?, ?, ?, 'simulated', 'simulated', 'simulated', ?)",
-            )
-            .bind(id)
-            .bind(name)
-            .bind(&labels)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(())
-    }
-
-    async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM users ORDER BY name").fetch_all(&self.pool).await.map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                Ok(UserRecord {
-                    name: r.try_get("name").map_err(db)?,
-                    groups: json_list(r, "groups")?,
-                    keys: json_list(r, "keys")?,
-                    principals: json_list(r, "principals")?,
-                    disabled: r.try_get::<i64, _>("disabled").map_err(db)? != 0,
-                    created_at: r.try_get("created_at").map_err(db)?,
-                    idp_subject: r.try_get("idp_subject").map_err(db)?,
-                })
-            })
-            .collect()
     }
 
     async fn put_user(&self, u: &UserRecord) -> Result<(), StoreError> {
@@ -840,31 +1144,6 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         Ok(())
-    }
-
-    async fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM users WHERE name = ?").bind(name).execute(&self.pool).await.map_err(db)?;
-        Ok(r.rows_affected() > 0)
-    }
-
-    async fn policies(&self) -> Result<Vec<PolicyVersion>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT p.* FROM policies p JOIN (SELECT name, MAX(version) AS v FROM policies GROUP BY name) latest \
-             ON p.name = latest.name AND p.version = latest.v WHERE p.source != '' ORDER BY p.name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.iter().map(row_to_policy).collect()
-    }
-
-    async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM policies WHERE name = ? ORDER BY version")
-            .bind(name)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        rows.iter().map(row_to_policy).collect()
     }
 
     async fn put_policy(&self, name: &str, source: &str, file: &str, now: i64, by: &str) -> Result<i64, StoreError> {
@@ -890,26 +1169,6 @@ impl Store for SqliteStore {
         Ok(version)
     }
 
-    async fn grants(&self) -> Result<Vec<GrantRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM grants ORDER BY created_at, id").fetch_all(&self.pool).await.map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                Ok(GrantRecord {
-                    id: r.try_get("id").map_err(db)?,
-                    user: r.try_get("user").map_err(db)?,
-                    policy: r.try_get("policy").map_err(db)?,
-                    reason: r.try_get("reason").map_err(db)?,
-                    created_at: r.try_get("created_at").map_err(db)?,
-                    created_by: r.try_get("created_by").map_err(db)?,
-                    expires_at: r.try_get("expires_at").map_err(db)?,
-                    revoked_at: r.try_get("revoked_at").map_err(db)?,
-                    revoked_by: r.try_get("revoked_by").map_err(db)?,
-                })
-            })
-            .collect()
-    }
-
     async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO grants (id, user, policy, reason, created_at, created_by, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -923,54 +1182,6 @@ impl Store for SqliteStore {
         .bind(g.expires_at)
         .execute(&self.pool)
         .await.map_err(db)?;
-        Ok(())
-    }
-
-    async fn revoke_grant(&self, id: &str, now: i64, by: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE grants SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(now)
-            .bind(by)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(r.rows_affected() > 0)
-    }
-
-    async fn access_generation(&self) -> Result<i64, StoreError> {
-        sqlx::query("SELECT generation FROM access_generation WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)
-    }
-
-    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
-        let row = sqlx::query("SELECT seq, hash FROM audit_anchor WHERE id = 1")
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        row.map(|r| {
-            let seq: i64 = r.try_get("seq").map_err(db)?;
-            let seq = u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {seq}")))?;
-            Ok(AuditAnchor { seq, hash: r.try_get("hash").map_err(db)? })
-        })
-        .transpose()
-    }
-
-    async fn set_audit_anchor(&self, anchor: &AuditAnchor) -> Result<(), StoreError> {
-        let seq =
-            i64::try_from(anchor.seq).map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.seq)))?;
-        sqlx::query(
-            "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-        )
-        .bind(seq)
-        .bind(&anchor.hash)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
         Ok(())
     }
 
@@ -1004,25 +1215,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn end_session(&self, e: &SessionEnding) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "UPDATE session_history SET ended_at = ?, end_reason = ?, exit_code = ?, bytes_in = ?, bytes_out = ?, \
-             logged = COALESCE(?, logged), unlogged_reason = COALESCE(?, unlogged_reason) WHERE id = ?",
-        )
-        .bind(e.ended_at)
-        .bind(&e.end_reason)
-        .bind(e.exit_code)
-        .bind(bytes_sql(e.bytes_in))
-        .bind(bytes_sql(e.bytes_out))
-        .bind(e.logged.map(i64::from))
-        .bind(&e.unlogged_reason)
-        .bind(&e.id)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(r.rows_affected() > 0)
-    }
-
     async fn sessions(&self, q: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError> {
         // Each filter is `(? IS NULL OR ...)`, so the statement is one fixed text.
         let rows = sqlx::query(&format!(
@@ -1050,18 +1242,6 @@ impl Store for SqliteStore {
         .bind(q.before.as_ref().map(|b| b.0))
         .bind(q.before.as_ref().map(|b| b.1.as_str()))
         .bind(i64::from(q.limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.iter().map(row_to_session).collect()
-    }
-
-    async fn sessions_by_prefix(&self, prefix: &str, limit: u32) -> Result<Vec<SessionRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SESSION_COLUMNS} FROM session_history WHERE id LIKE ? ORDER BY started_ms DESC, id DESC LIMIT ?"
-        ))
-        .bind(format!("{prefix}%"))
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
@@ -1134,54 +1314,6 @@ impl Store for SqliteStore {
         rows.iter().map(row_to_live).collect()
     }
 
-    async fn add_terminate_request(&self, r: &TerminateRequest) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO terminate_requests (id, session_id, gateway_id, actor, asked_by, created_at, expires_at, state) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&r.id)
-        .bind(&r.session_id)
-        .bind(&r.gateway_id)
-        .bind(&r.actor)
-        .bind(&r.asked_by)
-        .bind(r.created_at)
-        .bind(r.expires_at)
-        .bind(&r.state)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    async fn pending_terminate_requests(
-        &self,
-        gateway_id: &str,
-        now: i64,
-        limit: u32,
-    ) -> Result<Vec<TerminateRequest>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM terminate_requests WHERE gateway_id = ? AND state = ? AND expires_at > ? \
-             ORDER BY created_at, id LIMIT ?",
-        )
-        .bind(gateway_id)
-        .bind(TERMINATE_PENDING)
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.iter().map(row_to_request).collect()
-    }
-
-    async fn terminate_request(&self, id: &str) -> Result<Option<TerminateRequest>, StoreError> {
-        let row = sqlx::query("SELECT * FROM terminate_requests WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        row.as_ref().map(row_to_request).transpose()
-    }
-
     async fn move_terminate_request(&self, id: &str, from: &str, to: &str, now: i64) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE terminate_requests SET state = ? WHERE id = ? AND state = ? \
@@ -1206,89 +1338,6 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         Ok(r.rows_affected() == 1)
-    }
-
-    async fn prune_cluster_sessions(&self, now: i64) -> Result<u64, StoreError> {
-        let mut deleted = 0;
-        for (sql, before) in [
-            ("DELETE FROM live_sessions WHERE lease_until <= ?", now),
-            ("DELETE FROM terminate_requests WHERE expires_at < ?", now - TERMINATE_REQUEST_KEPT),
-            ("DELETE FROM rdp_tokens_spent WHERE expires_at < ?", now - SPENT_TOKEN_GRACE),
-        ] {
-            deleted += sqlx::query(sql).bind(before).execute(&self.pool).await.map_err(db)?.rows_affected();
-        }
-        Ok(deleted)
-    }
-
-    async fn cluster_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let rows = sqlx::query("SELECT name, sealed FROM cluster_keys ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        rows.iter().map(|r| Ok((r.try_get("name").map_err(db)?, r.try_get("sealed").map_err(db)?))).collect()
-    }
-
-    async fn add_cluster_key(&self, name: &str, sealed: &[u8], now: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO cluster_keys (name, sealed, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(sealed)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn gateway_alive(&self, id: &str, address: &str, lease_until: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO gateways (id, address, lease_until) VALUES (?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET address = excluded.address, lease_until = excluded.lease_until",
-        )
-        .bind(id)
-        .bind(address)
-        .bind(lease_until)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    async fn live_gateways(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = sqlx::query("SELECT id, address FROM gateways WHERE lease_until > ? ORDER BY id")
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        rows.iter().map(|r| Ok((r.try_get("id").map_err(db)?, r.try_get("address").map_err(db)?))).collect()
-    }
-
-    async fn gateway_left(&self, id: &str, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE gateways SET lease_until = ? WHERE id = ? AND lease_until > ?")
-            .bind(now)
-            .bind(id)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(())
-    }
-
-    async fn record_agent_location(&self, l: &AgentLocation) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO agent_locations (agent_id, gateway_id, connected_since, lease_expires) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (agent_id) DO UPDATE SET gateway_id = excluded.gateway_id, \
-             connected_since = excluded.connected_since, lease_expires = excluded.lease_expires",
-        )
-        .bind(&l.agent_id)
-        .bind(&l.gateway_id)
-        .bind(l.connected_since)
-        .bind(l.lease_expires)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
     }
 
     async fn renew_agent_locations(
@@ -1316,80 +1365,10 @@ impl Store for SqliteStore {
         .map_err(db)?;
         Ok(r.rows_affected())
     }
-
-    async fn remove_agent_location(&self, agent_id: &str, gateway_id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM agent_locations WHERE agent_id = ? AND gateway_id = ?")
-            .bind(agent_id)
-            .bind(gateway_id)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(r.rows_affected() > 0)
-    }
-
-    async fn agent_locations(&self, now: i64) -> Result<Vec<AgentLocation>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
-             WHERE lease_expires > ? ORDER BY agent_id",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.iter().map(row_to_location).collect()
-    }
-
-    async fn agent_location(&self, agent_id: &str, now: i64) -> Result<Option<AgentLocation>, StoreError> {
-        let row = sqlx::query(
-            "SELECT agent_id, gateway_id, connected_since, lease_expires FROM agent_locations \
-             WHERE agent_id = ? AND lease_expires > ?",
-        )
-        .bind(agent_id)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
-        row.as_ref().map(row_to_location).transpose()
-    }
-
-    async fn gateway_audit_anchor(&self, gateway_id: &str) -> Result<Option<GatewayAnchor>, StoreError> {
-        let row = sqlx::query("SELECT seq, hash, public_key FROM gateway_audit_anchors WHERE gateway_id = ?")
-            .bind(gateway_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        row.as_ref().map(gateway_anchor_of).transpose()
-    }
-
-    async fn set_gateway_audit_anchor(&self, gateway_id: &str, anchor: &GatewayAnchor) -> Result<(), StoreError> {
-        let seq = i64::try_from(anchor.anchor.seq)
-            .map_err(|_| StoreError::Corrupt(format!("audit anchor seq {}", anchor.anchor.seq)))?;
-        sqlx::query(
-            "INSERT INTO gateway_audit_anchors (gateway_id, seq, hash, public_key) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (gateway_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
-             public_key = excluded.public_key",
-        )
-        .bind(gateway_id)
-        .bind(seq)
-        .bind(&anchor.anchor.hash)
-        .bind(&anchor.public_key)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    async fn gateway_audit_anchors(&self) -> Result<Vec<(String, GatewayAnchor)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT gateway_id, seq, hash, public_key FROM gateway_audit_anchors ORDER BY gateway_id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?;
-        rows.iter().map(|r| Ok((r.try_get("gateway_id").map_err(db)?, gateway_anchor_of(r)?))).collect()
-    }
 }
 
 sign_in_store!(SqliteStore, sqlx::sqlite::SqliteRow);
+portable_store!(SqliteStore);
 
 #[cfg(test)]
 mod tests {
