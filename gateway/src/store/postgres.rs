@@ -241,10 +241,12 @@ impl PgStore {
         let opts = PgConnectOptions::from_str(url).map_err(db)?;
         // One connection first, for its own error ("Connection refused", a failed
         // password): the pool would only say that it timed out.
-        let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&opts))
+        // It also brings the schema up to date before any pooled connection exists.
+        let mut first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&opts))
             .await
             .map_err(|_| db(sqlx::Error::PoolTimedOut))?
             .map_err(db)?;
+        migrate(&mut first).await?;
         first.close().await.map_err(db)?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
@@ -252,41 +254,39 @@ impl PgStore {
             .connect_with(opts)
             .await
             .map_err(db)?;
-        let store = Self { pool };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Self { pool })
     }
+}
 
-    async fn migrate(&self) -> Result<(), StoreError> {
-        // One transaction under an advisory lock: a second gateway starting at the same time
-        // waits, then finds the schema current. PostgreSQL's DDL is transactional.
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await.map_err(db)?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
+    // One transaction under an advisory lock: a second gateway starting at the same time
+    // waits, then finds the schema current. PostgreSQL's DDL is transactional.
+    let mut tx = conn.begin().await.map_err(db)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await.map_err(db)?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?
+        .try_get(0)
+        .map_err(db)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+        if version <= current {
+            continue;
+        }
+        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
+        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+            .bind(version)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate() {
-            let version = i64::try_from(i).unwrap_or(i64::MAX) + 1;
-            if version <= current {
-                continue;
-            }
-            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
-            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-                .bind(version)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(())
     }
+    tx.commit().await.map_err(db)?;
+    Ok(())
 }
 
 fn row_to_agent(row: &PgRow) -> Result<AgentRecord, StoreError> {

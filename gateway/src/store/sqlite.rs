@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection as _, Row, SqliteConnection};
 
 use postern_core::store::{
     AgentLocation, AgentRecord, AuditAnchor, GatewayAnchor, GrantRecord, Labels, LiveSessionRecord, NewAgent, NewToken,
@@ -830,44 +830,49 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // The schema is brought up to date on a connection of its own, closed before the
+        // pool opens: a pooled connection that had read the schema half-way through the
+        // migrations would prepare `SELECT *` against the old columns (sqlx keeps the column
+        // list of its first preparation, and SQLite only notices the change when it steps).
+        let mut conn = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+        migrate(&mut conn).await?;
+        conn.close().await.map_err(db)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await
             .map_err(db)?;
-        let store = Self { pool };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Self { pool })
     }
+}
 
-    async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate() {
-            let version = i64::try_from(i).unwrap_or(i64::MAX) + 1;
-            if version <= current {
-                continue;
-            }
-            let mut tx = self.pool.begin().await.map_err(db)?;
-            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
-            sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
-                .bind(version)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-            tx.commit().await.map_err(db)?;
+async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?
+        .try_get(0)
+        .map_err(db)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+        if version <= current {
+            continue;
         }
-        Ok(())
+        let mut tx = conn.begin().await.map_err(db)?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
+        sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
     }
+    Ok(())
 }
 
 pub(super) fn labels_json(labels: &Labels) -> String {
