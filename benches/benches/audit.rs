@@ -31,6 +31,7 @@ fn event(i: u64) -> Event {
         recording: Some("/var/lib/postern/recordings/5b0e6f3c.cast".into()),
         via_gateway: None,
         cert_serial: None,
+        door: None,
     }))
 }
 

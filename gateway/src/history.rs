@@ -251,7 +251,7 @@ async fn prune_history(store: &dyn Store, keep: HistoryRetention) {
 fn fill_from_start(record: &mut SessionRecord, start: &Event) {
     match start {
         Event::SessionStart(SessionStart::Ssh(s)) => {
-            record.door = "ssh".into();
+            record.door = s.door.clone().unwrap_or_else(|| "ssh".into());
             record.command = s.command.clone();
             record.unlogged_reason = s.reason.clone();
             record.recording = s.recording.clone();
@@ -334,7 +334,7 @@ pub struct SessionFilter {
     /// Instance name or agent id.
     pub instance: Option<String>,
     /// A kind (shell, exec, sftp, port-forward, ssh-passthrough, rdp; `forward` and
-    /// `passthrough` for short) or a door (ssh, rdp, admin-socket; `admin` for short).
+    /// `passthrough` for short) or a door (ssh, rdp, web, admin-socket; `admin` for short).
     pub kind: Option<String>,
     /// Started at or after, before (Unix seconds).
     pub since: Option<i64>,
@@ -359,6 +359,7 @@ const KINDS: &[(&str, &str)] = &[
     ("passthrough", "ssh-passthrough"),
     ("rdp", "rdp"),
     ("ssh", "ssh"),
+    ("web", "web"),
     ("admin-socket", "admin-socket"),
     ("admin", "admin-socket"),
 ];

@@ -27,14 +27,17 @@ pub mod connections;
 pub mod enforcer;
 pub mod history;
 pub mod instances;
+pub mod launch;
 pub mod locations;
 pub mod manage;
 pub mod peering;
 pub mod rdp_tokens;
 pub mod runs;
 pub mod services;
+
 #[cfg(test)]
 mod services_tests;
+pub mod session_relay;
 pub mod sessions;
 pub mod sso;
 pub mod web_signin;

@@ -35,7 +35,7 @@ pub struct HistoryArgs {
     /// Only sessions on this instance (name or id).
     #[arg(long, requires = "all")]
     pub instance: Option<String>,
-    /// Only this kind (shell, exec, sftp, forward, passthrough, rdp) or door (ssh, rdp, admin).
+    /// Only this kind (shell, exec, sftp, forward, passthrough, rdp) or door (ssh, rdp, web, admin).
     #[arg(long, requires = "all")]
     pub kind: Option<String>,
     /// Started at or after: a time (2026-12-01T10:00Z; UTC without an offset) or an age (2h, 7d).

@@ -1,9 +1,10 @@
 //! Small things said on a session channel: refusals, notices on the user's terminal, and
 //! the numbers they quote.
 
-use std::time::Duration;
-
 use russh::server::Msg;
+use russh::{ChannelMsg, ChannelWriteHalf};
+
+use crate::session_relay::FromUser;
 
 pub(super) fn clamp16(v: u32) -> u16 {
     u16::try_from(v).unwrap_or(u16::MAX)
@@ -38,28 +39,29 @@ pub(super) async fn refuse(ch: &russh::ChannelWriteHalf<Msg>, message: &str, cod
     let _ = ch.close().await;
 }
 
-/// How long before a limit the user is warned: a quarter of it, at most a minute.
-pub(super) fn warn_lead(limit: Duration) -> Duration {
-    (limit / 4).min(Duration::from_secs(60))
-}
-
-pub(super) fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        _ => format!("{}h", s / 3600),
+/// The SSH channel as a session relay reads it.
+impl crate::session_relay::UserInput for russh::ChannelReadHalf {
+    async fn next(&mut self) -> FromUser {
+        match self.wait().await {
+            Some(ChannelMsg::Data { data }) => FromUser::Data(data.to_vec()),
+            Some(ChannelMsg::Eof) => FromUser::Eof,
+            Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+                FromUser::Resize { cols: clamp16(col_width), rows: clamp16(row_height) }
+            }
+            Some(ChannelMsg::Signal { signal }) => FromUser::Signal(sig_name(&signal)),
+            Some(ChannelMsg::Close) | None => FromUser::Gone,
+            Some(_) => FromUser::Other,
+        }
     }
 }
 
-/// How long a notice may wait for the client to read: one that stopped reading must not
-/// hold up the end of its session.
-pub(super) const NOTICE_WAIT: Duration = Duration::from_secs(1);
-
-/// A line from the gateway to the user's terminal (stderr when there is no PTY), given up
-/// after [`NOTICE_WAIT`] when the client is not reading.
-pub(super) async fn notice(ch: &russh::ChannelWriteHalf<Msg>, on_pty: bool, message: &str) {
-    let line = format!("\r\npostern: {message}\r\n").into_bytes();
-    let write = async { if on_pty { ch.data_bytes(line).await } else { ch.extended_data_bytes(1, line).await } };
-    let _ = tokio::time::timeout(NOTICE_WAIT, write).await;
+/// The SSH channel as a session relay writes it: stderr is extended data 1.
+impl crate::session_relay::UserOutput for russh::ChannelWriteHalf<Msg> {
+    async fn output(&self, data: Vec<u8>, stderr: bool) -> Result<(), ()> {
+        let sent = if stderr { self.extended_data_bytes(1, data).await } else { self.data_bytes(data).await };
+        sent.map_err(|_| ())
+    }
+    async fn exit_status(&self, code: u32) {
+        let _ = ChannelWriteHalf::exit_status(self, code).await;
+    }
 }

@@ -59,6 +59,7 @@ pub(super) async fn open_channel(state: Arc<Services>, open: ChannelOpen, permit
                 source: peer.to_string(),
                 reason: msg.to_string(),
                 destination: requested,
+                door: None,
             })));
             // The reason is the channel-open failure's text (`ssh -L` prints it), with a near
             // miss among the instances this user may reach.

@@ -411,6 +411,7 @@ impl ConnHandler {
             source: self.peer.to_string(),
             reason,
             destination: None,
+            door: None,
         })));
     }
 

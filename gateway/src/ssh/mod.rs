@@ -17,7 +17,7 @@
 //! Inside the door, nothing imports this file: `listener` accepts connections, `handler`
 //! (the russh handler) authenticates and answers channel opens, `session` serves shell,
 //! exec and sftp channels in named phases (request, authorize, plan, record, open, relay,
-//! end) with `relay` moving their bytes, `forward` serves `-L`, passthrough and `@rdp`
+//! end) with the shared `session_relay` moving their bytes, `forward` serves `-L`, passthrough and `@rdp`
 //! channels, `commands` answers gateway commands, `login` serves `postern login`'s sign-in
 //! connection, `settings` holds the russh settings,
 //! `throttle` the backoff of failed authentications, `startups` the caps on connections
@@ -29,7 +29,6 @@ mod forward;
 mod handler;
 mod listener;
 mod login;
-mod relay;
 mod session;
 mod settings;
 mod startups;

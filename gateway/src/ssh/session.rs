@@ -5,73 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_core::profile::{Profile, interactive_script, render_command, wrap_command};
 use postern_core::util::glob_match;
 use postern_core::{Action, Identity};
-use postern_proto::{ExecCommand, ExecRequest, SessionRequest, ShellRequest};
-use postern_tunnel::server::OpenError;
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
-use tracing::{info, warn};
 
 use super::channel::{clamp16, refuse, refuse_session};
-use super::relay::{Relayed, Terms, relay};
-use crate::audit::events::{
-    Event, GatewayDiskLow, SessionAuthorized, SessionDenied, SessionEnd, SessionStart, SshDenied, SshSessionEnd,
-    SshSessionStart,
-};
-use crate::recording::Recorder;
+use crate::audit::events::{Event, SessionDenied, SshDenied};
+use crate::launch::{Launch, Pty, Request, plan};
 use crate::services::Services;
-
-/// Runs the first sftp-server found on the instance.
-const SFTP_SERVER: &str = "for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server \
-    /usr/libexec/sftp-server /usr/lib/ssh/sftp-server; do [ -x \"$p\" ] && exec \"$p\"; done; \
-    echo 'postern: no sftp-server on this instance' >&2; exit 127";
-
-/// Phase 3: what the agent is asked to run: the profile's one command, or the user's request
-/// shaped by the profile (working directory, startup commands, shell, environment). `Err`
-/// is the refusal to show the user.
-fn plan(
-    request: &Request,
-    pty: Option<&Pty>,
-    mut env: Vec<(String, String)>,
-    profile: &Profile,
-    run_as: Option<&str>,
-    allow_root: bool,
-) -> Result<SessionRequest, String> {
-    let run_as = run_as.map(str::to_owned);
-    env.extend(profile.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let command = if profile.command.is_some() {
-        let args = match request {
-            Request::Exec(c) => c.clone(),
-            Request::Shell => String::new(),
-            Request::Subsystem(_) => return Err(format!("profile {} only runs its command", profile.name)),
-        };
-        Some(render_command(profile, &args).map_err(|e| format!("profile {}: {e}", profile.name))?)
-    } else {
-        match request {
-            Request::Shell => interactive_script(profile),
-            Request::Exec(c) => Some(wrap_command(profile, c)),
-            Request::Subsystem(_) => Some(SFTP_SERVER.to_owned()),
-        }
-    };
-    let exec =
-        |command: String, env, run_as| ExecRequest { command: ExecCommand::Shell(command), env, run_as, allow_root };
-    Ok(match (command, pty) {
-        (Some(c), _) if matches!(request, Request::Subsystem(_)) => SessionRequest::Exec(exec(c, env, run_as)),
-        (command, Some(p)) => SessionRequest::Shell(ShellRequest {
-            term: p.term.clone(),
-            cols: p.cols,
-            rows: p.rows,
-            env,
-            run_as,
-            command,
-            allow_root,
-        }),
-        (Some(c), None) => SessionRequest::Exec(exec(c, env, run_as)),
-        (None, None) => SessionRequest::Exec(exec("exec \"$SHELL\" -l".into(), env, run_as)),
-    })
-}
+use crate::session_relay::{Terms, relay};
 
 /// What a session channel's task knows of its connection.
 pub(super) struct SessionCtx {
@@ -84,18 +27,6 @@ pub(super) struct SessionCtx {
     pub peer: SocketAddr,
     /// The connection's handle (for what a channel half cannot send: the refusal marker).
     pub handle: russh::server::Handle,
-}
-
-enum Request {
-    Shell,
-    Exec(String),
-    Subsystem(String),
-}
-
-struct Pty {
-    term: String,
-    cols: u16,
-    rows: u16,
 }
 
 /// What the client asked for before it said what to run.
@@ -196,6 +127,7 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
                 source: ctx.peer.to_string(),
                 reason: msg.to_string(),
                 destination: None,
+                door: None,
             })));
             // A near miss among the instances this user may reach (never others).
             let hint = match msg.as_ref() {
@@ -210,7 +142,6 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             return;
         }
     };
-    let (cols, rows) = pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
     let profile = authz.profile().clone();
     let command_text = match &request {
         Request::Shell => None,
@@ -224,166 +155,39 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
             return;
         }
     };
-    // Phase 4: the recording and the audit trail must be writable before anything runs
-    // (fail closed).
-    let recording_dir = ctx.state.config.data_dir.join("recordings");
-    let fail_closed = ctx.state.config.audit.fail_closed;
-    // The free-space guard: a logged session does not start on a nearly full disk.
-    let low_space = if action == Action::Sftp { None } else { ctx.state.space.check(&recording_dir).err() };
-    if let Some(low) = &low_space {
-        warn!(dir = %recording_dir.display(), free = low.free, needed = low.needed, "low disk space for recordings");
-        if low.first {
-            let _ = ctx.state.audit.event(&Event::GatewayDiskLow(GatewayDiskLow {
-                path: recording_dir.display().to_string(),
-                free_bytes: low.free,
-                min_free_bytes: low.needed,
-                fail_closed,
-            }));
-        }
-        if fail_closed {
-            let _ = ctx.state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
-                user: authz.user().to_owned(),
-                target: authz.instance().to_owned(),
-                action,
-                source: ctx.peer.to_string(),
-                reason: format!("{} (fail_closed)", low.reason()),
-                destination: None,
-            })));
-            let message = format!(
-                "the session recording cannot be written on the gateway: {}, and sessions are not run unrecorded here; tell your administrator",
-                low.reason()
-            );
-            refuse_session(&ctx.handle, &wr, &message, 1).await;
-            return;
-        }
-    }
-    let mut recorder = if action == Action::Sftp || low_space.is_some() {
-        None
-    } else {
-        let title = format!("{}@{}: {}", authz.user(), authz.instance(), command_text.as_deref().unwrap_or("shell"));
-        let created = postern_core::util::random_hex(8).map_err(std::io::Error::other).and_then(|r| {
-            let exec = if matches!(request, Request::Exec(_)) { command_text.as_deref() } else { None };
-            Recorder::create(&recording_dir, &format!("pending-{r}"), (cols, rows), &title, exec, &ctx.state.recording)
-        });
-        match created {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!(error = %e, dir = %recording_dir.display(), "cannot create recording");
-                None
-            }
-        }
+    // Phases 4 and 5 (shared with the other doors): the recording and the audit trail must
+    // be writable before anything runs (fail closed); open the agent's stream; start.
+    let run_id = run_id.filter(|r| ctx.state.runs.owned_by(r, &ctx.identity.user));
+    let launch = Launch {
+        authz: &authz,
+        action,
+        agent_request,
+        exec: matches!(request, Request::Exec(_)),
+        command: command_text,
+        pty: pty.as_ref().map(|p| (p.cols, p.rows)),
+        peer: ctx.peer,
+        door: None,
+        run_id,
     };
-    let authorized = ctx.state.audit.event(&Event::SessionAuthorized(SessionAuthorized {
-        user: authz.user().to_owned(),
-        target: authz.instance().to_owned(),
-        agent_id: authz.agent_id().to_owned(),
-        kind: action,
-        source: ctx.peer.to_string(),
-        recording_ok: recorder.is_some() || action == Action::Sftp,
-    }));
-    if fail_closed && (authorized.is_err() || (recorder.is_none() && action != Action::Sftp)) {
-        let what = if authorized.is_err() { "the audit log" } else { "the session recording" };
-        let _ = ctx.state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
-            user: authz.user().to_owned(),
-            target: authz.instance().to_owned(),
-            action,
-            source: ctx.peer.to_string(),
-            reason: format!("{what} cannot be written (fail_closed)"),
-            destination: None,
-        })));
-        refuse_session(
-            &ctx.handle,
-            &wr,
-            &format!("{what} cannot be written on the gateway, and sessions are not run unrecorded here; tell your administrator"),
-            1,
-        )
-        .await;
-        if let Some(r) = recorder {
-            let _ = std::fs::remove_file(r.path());
-        }
-        return;
-    }
-    // Phase 5: open the agent's stream and start the session (start event, live table).
-    let stream = match ctx.state.broker.open(&authz, agent_request).await {
-        Ok(s) => s,
-        Err(e) => {
-            let msg = match e {
-                OpenError::Offline => format!("instance {} is offline (its agent is not connected)", authz.instance()),
-                OpenError::Rejected { reason, .. } => {
-                    format!("instance {} refused the session: {reason}", authz.instance())
-                }
-                other => format!("instance {}: {other}", authz.instance()),
-            };
-            refuse_session(&ctx.handle, &wr, &msg, 255).await;
-            if let Some(r) = recorder {
-                let _ = std::fs::remove_file(r.path());
-            }
+    let mut launched = match crate::launch::launch(&ctx.state, launch).await {
+        Ok(l) => l,
+        Err(refused) => {
+            refuse_session(&ctx.handle, &wr, &refused.message, refused.code).await;
             return;
         }
     };
-    let sid = stream.id.to_string();
-    if let Some(r) = recorder.as_mut()
-        && let Err(e) = r.rename_to(&sid)
-    {
-        warn!(error = %e, "cannot name the recording after its session");
-    }
-    let (logged, reason) = match (&recorder, action, &low_space) {
-        (Some(_), _, _) => (true, None),
-        (None, Action::Sftp, _) => (false, Some("sftp file transfer content is not recorded".to_owned())),
-        (None, _, Some(low)) => (false, Some(low.reason())),
-        (None, _, None) => (false, Some("recording could not be created".to_owned())),
-    };
-    let running = ctx.state.broker.start(
-        &sid,
-        authz.party(ctx.identity.source, logged),
-        &Event::SessionStart(SessionStart::Ssh(SshSessionStart {
-            session_id: sid.clone(),
-            user: authz.user().to_owned(),
-            target: authz.instance().to_owned(),
-            agent_id: authz.agent_id().to_owned(),
-            kind: action,
-            command: command_text.clone(),
-            pty: pty.is_some(),
-            source: ctx.peer.to_string(),
-            profile: if profile.name.is_empty() { None } else { Some(profile.name.clone()) },
-            run_as: authz.run_as().map(str::to_owned),
-            logged,
-            reason: reason.clone(),
-            run_id: run_id.filter(|r| ctx.state.runs.owned_by(r, &ctx.identity.user)),
-            recording: recorder.as_ref().map(|r| r.path().display().to_string()),
-            via_gateway: stream.via.clone(),
-            cert_serial: authz.cert_serial().map(|s| format!("{s:016x}")),
-        })),
-    );
-    info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(), "ssh session started");
-    let live = running.live().clone();
-    let started = running.started();
-
+    let Some(stream) = launched.take_stream() else { return };
     // Phase 6: relay until it ends; phase 7: the end event, off the live table.
-    let limits = authz.limits();
-    let terms = Terms { live: &live, limits, started, on_pty: pty.is_some(), fail_closed };
-    let Relayed { exit_code, bytes_in, bytes_out, end_reason, recording_lost } =
-        relay(&mut rd, &wr, stream, &mut recorder, terms).await;
+    let live = launched.running.live().clone();
+    let terms = Terms {
+        live: &live,
+        limits: authz.limits(),
+        started: launched.running.started(),
+        on_pty: pty.is_some(),
+        fail_closed: ctx.state.config.audit.fail_closed,
+    };
+    let relayed = relay(&mut rd, &wr, stream, &mut launched.recorder, terms).await;
     let _ = wr.eof().await;
     let _ = wr.close().await;
-    running.finish(|duration_ms| {
-        Event::SessionEnd(SessionEnd::Ssh(SshSessionEnd {
-            session_id: sid.clone(),
-            user: authz.user().to_owned(),
-            target: authz.instance().to_owned(),
-            kind: action,
-            exit_code,
-            bytes_in,
-            bytes_out,
-            end_reason: end_reason.map(str::to_owned),
-            terminated_because: live.reason(),
-            duration_ms,
-            logged: logged && recording_lost.is_none(),
-            reason: recording_lost.clone().or(reason.clone()),
-        }))
-    });
-    if let (Some(shipper), Some(rec)) = (&ctx.state.shipper, recorder.as_ref()) {
-        shipper.recording_finished(rec.path());
-    }
-    info!(session_id = %sid, ?exit_code, "ssh session ended");
+    launched.finish(&ctx.state, &relayed);
 }

@@ -120,6 +120,9 @@ pub struct SshSessionStart {
     /// (`postern login`, `postern user cert`): which login this session belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_serial: Option<String>,
+    /// The door, when it is not the SSH door: "web" (a terminal in the web console).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<String>,
 }
 
 /// A session through the admin socket (`postern exec`/`shell` on the gateway host).
@@ -167,6 +170,9 @@ pub struct SshSessionEnd {
     pub duration_ms: u64,
     pub logged: bool,
     pub reason: Option<String>,
+    /// The door, when it is not the SSH door: "web" (a terminal in the web console).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +248,9 @@ pub struct SshDenied {
     /// Forwards: the destination `HOST:PORT` as the client spelled it (cut to 255 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
+    /// The door, when it is not the SSH door: "web" (a terminal in the web console).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<String>,
 }
 
 /// An RDP routing token refused (policy said no when it was asked for).

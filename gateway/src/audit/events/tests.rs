@@ -133,6 +133,7 @@ fn shapes_without_a_doc_example_serialize_as_before() {
             source: s("1.2.3.4:5"),
             reason: s("no"),
             destination: Some(s("127.1:6379")),
+            door: None,
         })),
         json!({"user": "alice", "target": "web-01", "action": "port-forward", "source": "1.2.3.4:5", "reason": "no",
                "destination": "127.1:6379"}),

@@ -1,20 +1,79 @@
-//! The relay of a session channel: the user's SSH channel on one side, the agent's framed
-//! session stream on the other, with the recording, the session's limits (idle and maximum
-//! length, warned before they strike), termination, and a recording that fails mid-session.
+//! The relay of an interactive or exec session, whichever door it came through: the user's
+//! end (an SSH channel, a browser's WebSocket) on one side, the agent's framed session stream
+//! on the other, with the recording, the session's limits (idle and maximum length, warned
+//! before they strike), termination, and a recording that fails mid-session.
+//!
+//! A door gives the relay its user's end as two halves, [`UserInput`] and [`UserOutput`];
+//! everything else (what is recorded, when a session ends and what the user is told) is
+//! decided here, once for every door.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use postern_core::Limits;
 use postern_proto::{Message, Resize, Signal, write_frame};
 use postern_tunnel::server::SessionStream;
-use russh::ChannelMsg;
-use russh::server::Msg;
 
-use super::channel::{NOTICE_WAIT, clamp16, human, notice, sig_name, warn_lead};
 use crate::recording::Recorder;
 use crate::sessions::LiveSession;
 
-/// A frame from the agent: output (stdout and stderr are handled alike but for the channel
+/// What the user's side sent.
+pub enum FromUser {
+    Data(Vec<u8>),
+    Eof,
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    /// A signal by its SSH name ("INT", "TERM", ...).
+    Signal(String),
+    /// Anything the relay has no use for.
+    Other,
+    /// The user went away.
+    Gone,
+}
+
+/// The user's side, as the relay reads it.
+pub trait UserInput {
+    /// The next thing the user sent; [`FromUser::Gone`] once they left.
+    fn next(&mut self) -> impl Future<Output = FromUser> + Send;
+}
+
+/// The user's side, as the relay writes it.
+pub trait UserOutput: Sync {
+    /// Output for the user (`stderr`: the error stream, where the door has one). `Err`: the
+    /// user is gone.
+    fn output(&self, data: Vec<u8>, stderr: bool) -> impl Future<Output = Result<(), ()>> + Send;
+    /// The session's exit status.
+    fn exit_status(&self, code: u32) -> impl Future<Output = ()> + Send;
+}
+
+/// How long before a limit the user is warned: a quarter of it, at most a minute.
+fn warn_lead(limit: Duration) -> Duration {
+    (limit / 4).min(Duration::from_secs(60))
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// How long a notice may wait for the user to read: one that stopped reading must not hold
+/// up the end of its session.
+const NOTICE_WAIT: Duration = Duration::from_secs(1);
+
+/// A line from the gateway to the user's terminal (stderr when there is no PTY), given up
+/// after [`NOTICE_WAIT`] when the user is not reading.
+pub async fn notice(out: &impl UserOutput, on_pty: bool, message: &str) {
+    let line = format!("\r\npostern: {message}\r\n").into_bytes();
+    let _ = tokio::time::timeout(NOTICE_WAIT, out.output(line, !on_pty)).await;
+}
+
+/// A frame from the agent: output (stdout and stderr are handled alike but for the stream
 /// they go to) or anything else.
 enum Frame {
     Output { data: Vec<u8>, to_stderr: bool },
@@ -30,7 +89,7 @@ fn split_output(frame: Option<Message>) -> Option<Frame> {
 }
 
 /// How a relayed session went.
-pub(super) struct Relayed {
+pub struct Relayed {
     /// The remote exit status; `None` when the client went away first.
     pub exit_code: Option<i32>,
     pub bytes_in: u64,
@@ -45,7 +104,7 @@ pub(super) struct Relayed {
 }
 
 /// What the relay needs to know about the session besides its two ends.
-pub(super) struct Terms<'a> {
+pub struct Terms<'a> {
     pub live: &'a LiveSession,
     pub limits: Limits,
     pub started: Instant,
@@ -57,9 +116,9 @@ pub(super) struct Terms<'a> {
 
 /// Relay until the remote process exits, the client goes away, or the gateway ends the
 /// session; then finish the recording.
-pub(super) async fn relay(
-    rd: &mut russh::ChannelReadHalf,
-    wr: &russh::ChannelWriteHalf<Msg>,
+pub async fn relay(
+    rd: &mut impl UserInput,
+    wr: &impl UserOutput,
     stream: SessionStream,
     recorder: &mut Option<Recorder>,
     terms: Terms<'_>,
@@ -79,8 +138,8 @@ pub(super) async fn relay(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let exit_code: Option<i32> = loop {
         tokio::select! {
-            msg = rd.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
+            msg = rd.next() => match msg {
+                FromUser::Data(data) => {
                     if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data).await; }
                     bytes_in += data.len() as u64;
                     live.add_in(data.len());
@@ -101,21 +160,20 @@ pub(super) async fn relay(
                         break code;
                     }
                 }
-                Some(ChannelMsg::Eof) => { let _ = write_frame(&mut send, &Message::Eof).await; }
-                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
-                    let (c, r) = (clamp16(col_width), clamp16(row_height));
+                FromUser::Eof => { let _ = write_frame(&mut send, &Message::Eof).await; }
+                FromUser::Resize { cols: c, rows: r } => {
                     let _ = write_frame(&mut send, &Message::Resize(Resize { cols: c, rows: r })).await;
                     if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r).await; }
                 }
-                Some(ChannelMsg::Signal { signal }) => {
-                    let _ = write_frame(&mut send, &Message::Signal(Signal { name: sig_name(&signal) })).await;
+                FromUser::Signal(name) => {
+                    let _ = write_frame(&mut send, &Message::Signal(Signal { name })).await;
                 }
-                Some(ChannelMsg::Close) | None => {
+                FromUser::Gone => {
                     // The client went away: stop the remote process.
                     let _ = send.reset(0u32.into());
                     break None;
                 }
-                Some(_) => {}
+                FromUser::Other => {}
             },
             _ = flush_tick.tick(), if recorder.is_some() => {
                 if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due().await; }
@@ -162,9 +220,9 @@ pub(super) async fn relay(
                     let sent = if fail_closed && recorder.as_ref().is_some_and(stopped) {
                         Written::Yes
                     } else if to_stderr {
-                        write_or_end(wr.extended_data_bytes(1, d), live, deadline).await
+                        write_or_end(wr.output(d, true), live, deadline).await
                     } else {
-                        write_or_end(wr.data_bytes(d), live, deadline).await
+                        write_or_end(wr.output(d, false), live, deadline).await
                     };
                     match sent {
                         Written::Yes => {}
@@ -185,18 +243,18 @@ pub(super) async fn relay(
                     // A kind the agent must not send on a session stream: the protocol says
                     // the connection is closed (and the violation audited), not just this session.
                     violation.report(&format!("unexpected session message {:?}", other.kind()));
-                    let _ = wr.extended_data_bytes(1, b"\r\npostern: the instance broke the protocol; session closed\r\n".to_vec()).await;
+                    let _ = wr.output(b"\r\npostern: the instance broke the protocol; session closed\r\n".to_vec(), true).await;
                     let _ = wr.exit_status(255).await;
                     break Some(255);
                 }
                 Err(e) if postern_tunnel::server::is_violation(&e) => {
                     violation.report(&e.to_string());
-                    let _ = wr.extended_data_bytes(1, b"\r\npostern: the instance broke the protocol; session closed\r\n".to_vec()).await;
+                    let _ = wr.output(b"\r\npostern: the instance broke the protocol; session closed\r\n".to_vec(), true).await;
                     let _ = wr.exit_status(255).await;
                     break Some(255);
                 }
                 Ok(None) | Err(_) => {
-                    let _ = wr.extended_data_bytes(1, b"\r\npostern: connection to the instance was lost\r\n".to_vec()).await;
+                    let _ = wr.output(b"\r\npostern: connection to the instance was lost\r\n".to_vec(), true).await;
                     let _ = wr.exit_status(255).await;
                     end_reason = Some("instance-lost");
                     break Some(255);
@@ -312,7 +370,7 @@ async fn stalled_end(
     started: Instant,
     last_input: Instant,
     send: &mut quinn::SendStream,
-    wr: &russh::ChannelWriteHalf<Msg>,
+    wr: &impl UserOutput,
 ) -> (&'static str, Option<i32>) {
     let _ = send.reset(0u32.into());
     let (reason, message) = if live.is_ending() {
@@ -321,11 +379,8 @@ async fn stalled_end(
         due(limits, started, last_input, Instant::now())
             .unwrap_or(("terminated", "session ended by the gateway".to_owned()))
     };
-    let _ = tokio::time::timeout(
-        NOTICE_WAIT,
-        wr.extended_data_bytes(1, format!("\r\npostern: {message}\r\n").into_bytes()),
-    )
-    .await;
+    let _ =
+        tokio::time::timeout(NOTICE_WAIT, wr.output(format!("\r\npostern: {message}\r\n").into_bytes(), true)).await;
     let _ = wr.exit_status(255).await;
     (reason, Some(255))
 }
