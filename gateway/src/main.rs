@@ -109,8 +109,9 @@ async fn quickstart(
     cli: &Cli,
     listen: Option<std::net::SocketAddr>,
     ssh_listen: Option<std::net::SocketAddr>,
+    web_listen: Option<cli::WebListen>,
 ) -> anyhow::Result<()> {
-    let cfg = cli::quickstart_config(cli, listen, ssh_listen)?;
+    let cfg = cli::quickstart_config(cli, listen, ssh_listen, web_listen)?;
     let data_dir = cfg.data_dir.clone();
     let stop = shutdown_signal();
     survive_file_size_limit()?;
@@ -193,12 +194,23 @@ async fn quickstart(
             .host_keys
             .known_hosts_line(&postern_gateway::addressing::known_hosts_patterns(&state.config, ssh_port))?;
         postern_tunnel::agent::write_private(&known_hosts, format!("{line}\n").as_bytes())?;
+        let web = if state.config.web.enabled {
+            format!(
+                "\nIn a browser (the web console, docs/web.md), with a one-time sign-in link:\n\
+                 \x20 postern web-login --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}\n\
+                 (its certificate is from the gateway's own CA, {ca}: import that, or accept the warning)",
+                kh = known_hosts.display(),
+                ca = data_dir.join("ca.crt").display(),
+            )
+        } else {
+            String::new()
+        };
         format!(
             "SSH into this machine through the gateway ({n} key(s) of yours registered as user {me}):\n\
              \x20 ssh -o UserKnownHostsFile={kh} -p {ssh_port} {me}%{name}@127.0.0.1\n\
              For `ssh {me}@{name}.{suffix}` (your account here is your login): postern{dd} ssh-config --install\n\
              As a user with the postern client (docs/client.md):\n\
-             \x20 postern ls --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}",
+             \x20 postern ls --gateway 127.0.0.1:{ssh_port} --known-hosts {kh}{web}",
             n = keys.len(),
             kh = known_hosts.display(),
             name = local.name,
@@ -235,7 +247,9 @@ async fn quickstart(
 async fn real_main(cli: Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Gateway { listen } => run_gateway(&cli, *listen).await.map(|()| 0),
-        Command::Quickstart { listen, ssh_listen } => quickstart(&cli, *listen, *ssh_listen).await.map(|()| 0),
+        Command::Quickstart { listen, ssh_listen, web_listen } => {
+            quickstart(&cli, *listen, *ssh_listen, *web_listen).await.map(|()| 0)
+        }
         Command::Token { action: TokenAction::Create { labels, ttl, name, json } } => {
             cli::token_create(&cli::socket_for(&cli)?, labels, ttl, name.clone(), *json).await.map(|()| 0)
         }

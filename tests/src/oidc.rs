@@ -579,3 +579,68 @@ pub fn console_visit(url: &str, screenshot: &Path, labels: Option<&str>) -> Resu
     let out = run_node_script("web console", "console.mjs", &args)?;
     serde_json::from_str(out.trim()).map_err(|e| format!("web console: not JSON ({e}): {out}"))
 }
+
+/// A terminal in the web console driven by headless Chromium (tests/oidc/terminal.mjs): it
+/// signs in with `url`, opens a terminal on `instance` from the instances page, runs a
+/// command, resizes, takes a screenshot, and reports `ready`; [`BrowserTerminal::finish`]
+/// then tells it what to do last.
+pub struct BrowserTerminal {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: BufReader<std::process::ChildStdout>,
+}
+
+impl BrowserTerminal {
+    pub fn open(url: &str, instance: &str, screenshot: &Path) -> Result<(BrowserTerminal, Value), String> {
+        let mut child = Command::new("timeout")
+            .args(["-k", "5", "90", "node"])
+            .arg(oidc_dir().join("terminal.mjs"))
+            .args([url, instance])
+            .arg(screenshot)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("browser terminal: cannot run node: {e}"))?;
+        let stdin = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let mut t = BrowserTerminal { child, stdin, lines };
+        let ready = t.next_event("ready")?;
+        Ok((t, ready))
+    }
+
+    /// The next JSON line, which must hold `key`; the script's stderr when it failed instead.
+    fn next_event(&mut self, key: &str) -> Result<Value, String> {
+        let mut line = String::new();
+        let _ = self.lines.read_line(&mut line);
+        match serde_json::from_str::<Value>(line.trim()) {
+            Ok(v) if v.get(key).is_some() => Ok(v[key].clone()),
+            _ => {
+                let _ = self.child.kill();
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                let _ = self.child.wait();
+                Err(format!("browser terminal: no {key} ({}): {}", line.trim(), err.trim()))
+            }
+        }
+    }
+
+    /// `exit`, `wait` or `ws URL` (see the script); its `done` report.
+    pub fn finish(mut self, command: &str) -> Result<Value, String> {
+        if let Some(mut stdin) = self.stdin.take() {
+            writeln!(stdin, "{command}").map_err(|e| format!("browser terminal: {e}"))?;
+        }
+        let done = self.next_event("done");
+        let _ = self.child.wait();
+        done
+    }
+}
+
+impl Drop for BrowserTerminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -202,8 +202,9 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
     sh(&format!("ssh-keygen -q -t ed25519 -N '' -C me -f {}", home.join(".ssh/id_ed25519").display()));
     let mut cmd = Command::new(bin("postern"));
     let ssh_listen = format!("127.0.0.1:{}", free_tcp_port());
+    let web_port = free_tcp_port();
     cmd.arg("--data-dir").arg(&data).args(["quickstart", "--listen", &format!("127.0.0.1:{port}")]);
-    cmd.args(["--ssh-listen", &ssh_listen]);
+    cmd.args(["--ssh-listen", &ssh_listen, "--web-listen", &format!("127.0.0.1:{web_port}")]);
     cmd.env("HOME", &home).env_remove("SSH_AUTH_SOCK");
     let mut qs = spawn_logged(cmd, &dir.path().join("quickstart.log"));
     wait_until("quickstart banner", Duration::from_secs(30), || qs.log_text().contains("Press Ctrl-C"));
@@ -235,6 +236,24 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
     // The person's own account is their login: plain ssh with the installed config.
     let me = nix::unistd::User::from_uid(nix::unistd::Uid::current()).unwrap().unwrap().name;
     assert_eq!(listed[0]["logins"], serde_json::json!([me]), "{listed}");
+    // The web console is on, and the printed sign-in command works as printed.
+    let web_login =
+        banner.lines().map(str::trim).find(|l| l.starts_with("postern web-login ")).expect("a web-login hint");
+    let args: Vec<&str> = web_login.split_whitespace().skip(1).collect();
+    let out = Command::new(bin("postern"))
+        .args(&args)
+        .env("HOME", &home)
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("POSTERN_USER")
+        .env_remove("POSTERN_GATEWAY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{web_login}: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with(&format!("https://127.0.0.1:{web_port}/signin?token=")),
+        "{}",
+        text(&out.stdout)
+    );
     let out = Command::new(bin("postern"))
         .arg("--data-dir")
         .arg(&data)
@@ -261,7 +280,7 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
 }
 
 /// quickstart takes its listen addresses from the command line, else from `--config`
-/// (`[tunnel]`, `[ssh]`, `[rdp]`), and prints every listener in an aligned banner.
+/// (`[tunnel]`, `[ssh]`, `[rdp]`, `[web]`), and prints every listener in an aligned banner.
 #[test]
 fn quickstart_listens_where_the_config_says_and_prints_every_listener() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,12 +289,13 @@ fn quickstart_listens_where_the_config_says_and_prints_every_listener() {
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     sh(&format!("ssh-keygen -q -t ed25519 -N '' -C me -f {}", home.join(".ssh/id_ed25519").display()));
     let (file_udp, flag_udp, ssh, rdp) = (free_udp_port(), free_udp_port(), free_tcp_port(), free_tcp_port());
+    let web = free_tcp_port();
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
         format!(
             "data_dir = {data:?}\n[tunnel]\nlisten = \"127.0.0.1:{file_udp}\"\n[ssh]\nlisten = \"127.0.0.1:{ssh}\"\n\
-             [rdp]\nenabled = true\nlisten = \"127.0.0.1:{rdp}\"\n"
+             [rdp]\nenabled = true\nlisten = \"127.0.0.1:{rdp}\"\n[web]\nlisten = \"127.0.0.1:{web}\"\n"
         ),
     )
     .unwrap();
@@ -292,6 +312,7 @@ fn quickstart_listens_where_the_config_says_and_prints_every_listener() {
         format!("agents (tunnel): udp 127.0.0.1:{flag_udp} CA pin sha256:"),
         format!("SSH door: tcp 127.0.0.1:{ssh}"),
         format!("RDP door: tcp 127.0.0.1:{rdp}"),
+        format!("web console: https://127.0.0.1:{web} (tcp 127.0.0.1:{web}; sign in with: postern web-login)"),
         format!("admin socket: {}", data.join("admin.sock").display()),
         format!("data directory: {}", data.display()),
         format!("ssh -o UserKnownHostsFile={} -p {ssh} ", data.join("known_hosts").display()),
@@ -303,7 +324,7 @@ fn quickstart_listens_where_the_config_says_and_prints_every_listener() {
         assert!(line.starts_with("  ") && !line.starts_with("   "), "misaligned line {line:?} in:\n{banner}");
     }
     // The doors really listen there (and the tunnel where the flag said: the agent is online).
-    for port in [ssh, rdp] {
+    for port in [ssh, rdp, web] {
         std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     }
     assert!(std::net::UdpSocket::bind(("127.0.0.1", flag_udp)).is_err(), "the tunnel is not on the flag's port");

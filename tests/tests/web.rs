@@ -35,7 +35,7 @@ impl Console {
         std::fs::write(
             &policy,
             "name = \"web\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"shell\", \"exec\"]\n\
-             instances = [\"web-*\"]\n",
+             instances = [\"web-*\"]\nallow_root = true\n",
         )
         .unwrap();
         assert!(gw.postern(&["policy", "apply", policy.to_str().unwrap()]).status.success());
@@ -158,4 +158,132 @@ fn the_console_refuses_forged_requests_reused_links_and_disabled_users() {
     let cookie = cookie_of(&text(&c.curl(&[&bob]).stdout));
     let page = text(&c.curl(&["-b", &cookie, &format!("{}/", c.origin())]).stdout);
     assert!(page.contains("No instance you may reach"), "{page}");
+}
+
+/// The start and end events of the console's terminal sessions.
+fn web_sessions(gw: &Gateway) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let events = gw.audit_events();
+    let of = |name: &str| -> Vec<serde_json::Value> {
+        events.iter().filter(|e| e["event"] == name && e["door"] == "web").cloned().collect()
+    };
+    (of("session.start"), of("session.end"))
+}
+
+#[test]
+fn a_browser_terminal_runs_a_recorded_shell_through_the_broker() {
+    let c = Console::start();
+    let link = c.link("alice");
+    let shot = c.dir.path().join("terminal.png");
+    let (terminal, ready) = BrowserTerminal::open(&link, "web-01", &shot).unwrap();
+    assert_eq!(ready["echoed"], true, "{ready}");
+    assert_eq!(ready["sized"], true, "the shell did not see the new size: {ready}");
+    assert_eq!(ready["violations"], serde_json::json!([]), "the page logged errors (CSP?): {ready}");
+    // On the live table like any session, with its door.
+    let (starts, _) = web_sessions(&c.gw);
+    assert_eq!(starts.len(), 1, "{starts:?}");
+    let start = &starts[0];
+    assert_eq!(
+        (start["user"].as_str(), start["target"].as_str(), start["kind"].as_str()),
+        (Some("alice"), Some("web-01"), Some("shell"))
+    );
+    assert_eq!(start["logged"], true, "{start}");
+    let sid = start["session_id"].as_str().unwrap().to_owned();
+    assert!(ready["session"].as_str().unwrap().contains(&sid), "{ready}");
+    let live = text(&c.gw.postern(&["sessions"]).stdout);
+    assert!(live.contains(&sid[..8]) && live.contains("alice"), "{live}");
+    let done = terminal.finish("exit").unwrap();
+    assert!(done["ended"].as_str().unwrap().contains("Session ended: the shell exited (exit status 0)"), "{done}");
+    // Ended, recorded: the recording replays the same output.
+    let (_, ends) = web_sessions(&c.gw);
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!((ends[0]["session_id"].as_str(), ends[0]["exit_code"].as_i64()), (Some(sid.as_str()), Some(0)));
+    assert_eq!(ends[0]["logged"], true);
+    let replay = c.gw.postern(&["replay", &sid, "--speed", "1000", "--max-wait", "0.001"]);
+    let shown = text(&replay.stdout);
+    assert!(replay.status.success(), "{}", text(&replay.stderr));
+    // Lines as the terminal showed them (bash's bracketed-paste switches and carriage
+    // returns stripped).
+    let lines: Vec<String> =
+        shown.lines().map(|l| l.replace("\x1b[?2004l", "").replace("\x1b[?2004h", "").replace('\r', "")).collect();
+    assert!(shown.contains("echo $((6*7))") && lines.iter().any(|l| l == "42"), "{shown:?}");
+    assert!(shown.contains("grüße ✓"), "{shown}");
+    // In the history, as a web session.
+    let history = text(&c.gw.postern(&["sessions", "--all", "--kind", "web"]).stdout);
+    assert!(history.contains(&sid[..8]), "{history}");
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "the screenshot is not a page");
+    if let Ok(dir) = std::env::var("POSTERN_SCREENSHOT_DIR") {
+        std::fs::copy(&shot, Path::new(&dir).join("web-terminal.png")).unwrap();
+    }
+}
+
+/// curl's attempt at the terminal's WebSocket: the response (headers, then whatever the
+/// socket sent before `--max-time` cut it).
+fn websocket(c: &Console, cookie: Option<&str>, origin: Option<&str>, instance: &str) -> String {
+    let mut args = vec![
+        "--http1.1".to_owned(),
+        "-N".to_owned(),
+        "--max-time".to_owned(),
+        "4".to_owned(),
+        "-H".to_owned(),
+        "Connection: Upgrade".to_owned(),
+        "-H".to_owned(),
+        "Upgrade: websocket".to_owned(),
+        "-H".to_owned(),
+        "Sec-WebSocket-Version: 13".to_owned(),
+        "-H".to_owned(),
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==".to_owned(),
+    ];
+    if let Some(cookie) = cookie {
+        args.extend(["-b".to_owned(), cookie.to_owned()]);
+    }
+    if let Some(origin) = origin {
+        args.extend(["-H".to_owned(), format!("Origin: {origin}")]);
+    }
+    args.push(format!("{}/ws/terminal?instance={instance}&cols=80&rows=24", c.origin()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    String::from_utf8_lossy(&c.curl(&args).stdout).into_owned()
+}
+
+#[test]
+fn crafted_terminal_sockets_are_refused_and_revocation_closes_an_open_terminal() {
+    let c = Console::start();
+    let cookie = cookie_of(&text(&c.curl(&[&c.link("alice")]).stdout));
+    let origin = c.origin();
+    // Not from the console's page (no Origin, another site's), or not signed in: refused
+    // before any upgrade.
+    let r = websocket(&c, Some(&cookie), None, "web-01");
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let r = websocket(&c, Some(&cookie), Some("https://evil.example"), "web-01");
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let r = websocket(&c, None, Some(&origin), "web-01");
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    let r = websocket(&c, Some("postern_session=forged"), Some(&origin), "web-01");
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    // Signed in, but the policy does not let alice onto db-01, nor bob anywhere: the socket
+    // says why and closes; nothing runs, and the refusal is audited with its door.
+    let r = websocket(&c, Some(&cookie), Some(&origin), "db-01");
+    assert!(r.starts_with("HTTP/1.1 101") && r.contains("\"refused\""), "{r}");
+    let bob = cookie_of(&text(&c.curl(&[&c.link("bob")]).stdout));
+    let r = websocket(&c, Some(&bob), Some(&origin), "web-01");
+    assert!(r.starts_with("HTTP/1.1 101") && r.contains("\"refused\""), "{r}");
+    let denied: Vec<_> =
+        c.gw.audit_events().into_iter().filter(|e| e["event"] == "session.denied" && e["door"] == "web").collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert!(web_sessions(&c.gw).0.is_empty(), "a refused socket started a session");
+
+    // A terminal open in a browser ends within 5 s of alice's disabling, and says so.
+    let link = c.link("alice");
+    let (terminal, _) = BrowserTerminal::open(&link, "web-01", &c.dir.path().join("t.png")).unwrap();
+    let asked = std::time::Instant::now();
+    assert!(c.gw.postern(&["user", "disable", "alice"]).status.success());
+    let done = terminal.finish("wait").unwrap();
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "the terminal outlived the revocation by {took:?}: {done}");
+    let ended = done["ended"].as_str().unwrap();
+    assert!(ended.starts_with("Session ended:") && ended.contains("disabled"), "{done}");
+    assert!(done["screen"].as_str().unwrap().contains("postern: session ended"), "{done}");
+    let (_, ends) = web_sessions(&c.gw);
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert!(ends[0]["terminated_because"].as_str().unwrap_or("").contains("disabled"), "{ends:?}");
 }

@@ -133,7 +133,7 @@ pub enum Command {
     /// Start a gateway and enroll a local agent for this machine, ready to use. Listens on
     /// loopback unless the command line or the --config file says otherwise.
     #[command(
-        after_help = "Examples:\n  postern quickstart                             gateway and local agent, on loopback\n  postern quickstart --config gateway.toml      listen addresses (and the RDP door) from the file\n  postern quickstart --ssh-listen 0.0.0.0:2222  the SSH door reachable from other machines"
+        after_help = "Examples:\n  postern quickstart                             gateway and local agent, on loopback\n  postern quickstart --config gateway.toml      listen addresses (and the RDP door) from the file\n  postern quickstart --ssh-listen 0.0.0.0:2222  the SSH door reachable from other machines\n  postern quickstart --web-listen off            no web console"
     )]
     Quickstart {
         /// UDP address for agents (default: [tunnel] listen from --config, else 127.0.0.1:4433).
@@ -143,6 +143,10 @@ pub enum Command {
         /// 127.0.0.1:2222).
         #[arg(long)]
         ssh_listen: Option<std::net::SocketAddr>,
+        /// TCP address of the web console (HTTPS), or `off` (default: [web] listen from
+        /// --config, else 127.0.0.1:8443; on unless the file sets [web] enabled = false).
+        #[arg(long, value_name = "ADDR|off", value_parser = parse_web_listen)]
+        web_listen: Option<WebListen>,
     },
     /// Enrollment tokens for new agents.
     #[command(after_help = "Examples:\n  postern token create --labels env=dev,role=web --ttl 15m --name web-01")]
@@ -761,15 +765,31 @@ pub fn resolve_config(cli: &Cli) -> anyhow::Result<GatewayConfig> {
     Ok(cfg)
 }
 
+/// `quickstart --web-listen`: an address, or no console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebListen {
+    At(SocketAddr),
+    Off,
+}
+
+fn parse_web_listen(s: &str) -> Result<WebListen, String> {
+    if s == "off" {
+        return Ok(WebListen::Off);
+    }
+    s.parse().map(WebListen::At).map_err(|e| format!("{e} (an address like 127.0.0.1:8443, or off)"))
+}
+
 /// The configuration quickstart runs with. Each listen address comes from the command line,
 /// else from the config file when it sets one, else it is loopback on the default port:
 /// quickstart is for trying Postern on this machine, so it opens nothing to the network
 /// unless told to. The SSH door is always on (quickstart is about using it); the RDP door
-/// only when the file turns it on.
+/// only when the file turns it on; the web console unless the command line or the file
+/// turns it off.
 pub fn quickstart_config(
     cli: &Cli,
     listen: Option<SocketAddr>,
     ssh_listen: Option<SocketAddr>,
+    web_listen: Option<WebListen>,
 ) -> anyhow::Result<GatewayConfig> {
     let mut cfg = resolve_config(cli)?;
     let file_sets = |section: &str| -> anyhow::Result<bool> {
@@ -792,6 +812,21 @@ pub fn quickstart_config(
     cfg.ssh.enabled = true;
     if !file_sets("rdp")? {
         cfg.rdp.listen = loopback(cfg.rdp.listen.port());
+    }
+    let web_off_in_file = match &cli.config {
+        Some(path) => crate::config::file_sets(path, "web", "enabled")? && !cfg.web.enabled,
+        None => false,
+    };
+    match web_listen {
+        Some(WebListen::Off) => cfg.web.enabled = false,
+        Some(WebListen::At(a)) => (cfg.web.enabled, cfg.web.listen) = (true, a),
+        None if web_off_in_file => {}
+        None => {
+            cfg.web.enabled = true;
+            if !file_sets("web")? {
+                cfg.web.listen = loopback(cfg.web.listen.port());
+            }
+        }
     }
     Ok(cfg)
 }

@@ -1,47 +1,44 @@
 //! The web console's front door (`[web]`, docs/web.md): HTTPS on its own port. A browser
 //! signs in with a one-time link from `postern web-login` (the SSH door authenticated the
-//! user who asked for it) and then sees the instances it may reach, as `postern ls` does.
+//! user who asked for it), sees the instances it may reach, as `postern ls` does, and opens
+//! a recorded terminal on one ([`terminal`]).
 //!
 //! Every answer carries a strict Content-Security-Policy (nothing but this origin's own
-//! stylesheet), `no-store` and `nosniff`; the session cookie is HttpOnly, Secure,
+//! scripts and stylesheets, WebSockets to itself only), `no-store` (but for the embedded
+//! front-end packages) and `nosniff`; the session cookie is HttpOnly, Secure,
 //! SameSite=Strict; a request that changes something must come from the console's own
 //! origin (Origin header) and carry the session's CSRF token. A session counts only while
 //! its user is active: disabling or removing the user signs their browsers out at once.
 
+mod assets;
+mod common;
 mod pages;
+mod terminal;
+
+pub use common::Web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use postern_core::Identity;
 use postern_tunnel::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::services::Services;
-use crate::web_signin::{WebSession, WebSignIn};
+use crate::web_signin::WebSession;
+use common::{Answer, COOKIE, CSP, CSP_TERMINAL, answer, html, query_param, redirect, signed_in};
 
-/// The session cookie's name.
-const COOKIE: &str = "postern_session";
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
 /// Time for the TLS handshake and for each request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body read (forms are a few fields).
 const MAX_BODY: usize = 4096;
-
-/// What the console needs beyond the services.
-pub struct Web {
-    pub signin: Arc<WebSignIn>,
-    /// `https://host:port`, as browsers reach the console.
-    pub origin: String,
-    pub tls: Arc<rustls::ServerConfig>,
-}
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -81,7 +78,8 @@ pub async fn serve(
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HANDSHAKE_TIMEOUT)
                     .max_buf_size(64 << 10)
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .with_upgrades();
                 let mut conn = std::pin::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "web connection ended") },
@@ -95,80 +93,59 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
 }
 
-type Answer = Response<Full<Bytes>>;
-
-fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-fn html(status: StatusCode, body: String) -> Answer {
-    answer(status, "text/html; charset=utf-8", body)
-}
-
-fn redirect(to: &'static str) -> Answer {
-    let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
-    r.headers_mut().insert(header::LOCATION, HeaderValue::from_static(to));
-    r
-}
-
 /// The headers every answer carries.
 fn secured(mut r: Answer) -> Answer {
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    }
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     // Same-origin: the console's own forms carry their Origin (with no-referrer Chromium
     // sends `Origin: null`), and no address of the console leaves it in a Referer.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
     r
 }
 
-/// The cookie's value, if the request carries one.
-fn cookie(req: &Request<Incoming>) -> Option<String> {
-    req.headers()
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|line| {
-            line.split(';').map(str::trim).find_map(|kv| kv.strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')))
-        })
-        .map(str::to_owned)
-}
-
-/// The signed-in session of this request: its cookie names one, and its user is active.
-fn signed_in(state: &Services, web: &Web, req: &Request<Incoming>) -> Option<(String, WebSession)> {
-    let id = cookie(req)?;
-    let s = web.signin.session(&id)?;
-    if !state.access.user_active(&s.user) {
-        web.signin.end(&id);
-        return None;
-    }
-    Some((id, s))
-}
-
-fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
-    req.uri()
-        .query()?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| pages::url_decode(v))
-}
-
-async fn handle(state: &Services, web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Answer {
+async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Answer {
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", pages::STYLE),
+        (Method::GET, "/favicon.svg" | "/favicon.ico") => answer(StatusCode::OK, "image/svg+xml", pages::ICON),
+        (Method::GET, "/terminal.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::TERMINAL_JS),
+        (Method::GET, p) if p.starts_with("/assets/") => match assets::get(&p["/assets/".len()..]) {
+            Some((body, content_type)) => {
+                let mut r = answer(StatusCode::OK, content_type, body);
+                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400"));
+                r
+            }
+            None => html(StatusCode::NOT_FOUND, pages::message("Not found", "There is no such file.")),
+        },
+        (Method::GET, "/terminal") => match signed_in(state, web, &req) {
+            Some((_, s)) => match query_param(&req, "instance").filter(|i| !i.is_empty()) {
+                Some(instance) if assets::MISSING.is_none() => {
+                    let mut r =
+                        html(StatusCode::OK, pages::terminal(&s, &instance, query_param(&req, "login").as_deref()));
+                    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_TERMINAL));
+                    r
+                }
+                Some(_) => html(
+                    StatusCode::NOT_IMPLEMENTED,
+                    pages::message(
+                        "No terminal in this build",
+                        "This gateway was built without the web terminal's scripts (npm was not available when it \
+                         was built); use ssh, or rebuild it with Node.js and npm installed.",
+                    ),
+                ),
+                None => redirect("/"),
+            },
+            None => redirect("/"),
+        },
+        (Method::GET, "/ws/terminal") => terminal::upgrade(state, web, req, peer),
         (Method::GET, "/signin") => sign_in(state, web, &req, peer),
         (Method::GET, "/") => match signed_in(state, web, &req) {
             Some((_, s)) => instances_page(state, &s, query_param(&req, "labels"), peer).await,

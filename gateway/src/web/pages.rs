@@ -28,7 +28,33 @@ button { padding: 8px 14px; border: 1px solid var(--accent); background: var(--a
 button.quiet { background: #fff; color: var(--accent); }
 code { background: #eef2f8; padding: 1px 6px; border-radius: 4px; }
 .empty { color: var(--muted); padding: 18px 0; }
+a.open { display: inline-block; margin: 0 6px 4px 0; padding: 3px 10px; border-radius: 6px; background: var(--accent); color: #fff; text-decoration: none; font-size: 13px; white-space: nowrap; }
+a.open:hover { background: #1b449e; }
+body.terminal { background: #0f1720; height: 100vh; display: flex; flex-direction: column; }
+body.terminal header { background: #16202c; border-bottom: 1px solid #223044; color: #dbe4ee; }
+body.terminal header .who { color: #9fb0c3; }
+body.terminal header a { color: #9fc0ff; }
+.termbar { display: flex; gap: 16px; align-items: center; padding: 8px 28px; background: #121b26; color: #9fb0c3; font-size: 13px; border-bottom: 1px solid #223044; }
+.termbar strong { color: #e8eef5; }
+.termbar .state { margin-left: auto; }
+.termbar .state.live { color: #5fd38d; }
+.termbar .state.ended { color: #ff9b85; }
+#terminal { flex: 1; min-height: 0; padding: 6px 10px; }
+#ended { display: none; margin: 0 28px 14px; border-left: 4px solid #ff9b85; background: #2a1b1b; color: #ffd9d0; padding: 10px 14px; border-radius: 6px; }
+#ended.shown { display: block; }
 "#;
+
+/// The console's icon: a gate.
+pub const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 32 32\"><rect width=\"32\" height=\"32\" rx=\"7\" fill=\"#2457c5\"/>\
+<path d=\"M9 25V13a7 7 0 0 1 14 0v12\" fill=\"none\" stroke=\"#fff\" stroke-width=\"3\"/><path d=\"M16 6v19\" stroke=\"#fff\" stroke-width=\"2\"/></svg>";
+
+/// The terminal page's own script: xterm.js on the console's WebSocket.
+pub const TERMINAL_JS: &str = include_str!("terminal.js");
+
+/// Asset URLs carry the build's version, so a browser's cached copy is never another build's.
+fn asset(name: &str) -> String {
+    format!("/assets/{name}?v={}", env!("CARGO_PKG_VERSION"))
+}
 
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -51,11 +77,61 @@ pub use postern_core::util::url_decode;
 fn page(title: &str, header_right: &str, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"></head><body>\
+         <title>{} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"icon\" href=\"/favicon.svg\"></head><body>\
          <header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{header_right}</div></header>\
          <main>{body}</main></body></html>",
         escape(title)
     )
+}
+
+/// The signed-in user and the sign-out form, for a page's header.
+fn who(s: &WebSession) -> String {
+    format!(
+        "<span id=\"user\">{}</span><form method=\"post\" action=\"/signout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <button class=\"quiet\" type=\"submit\">Sign out</button></form>",
+        escape(&s.user),
+        escape(&s.csrf)
+    )
+}
+
+/// A terminal on `instance` (as `login` when one was chosen): the script opens the session.
+pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>) -> String {
+    let as_login = login.map(|l| format!(" as <strong>{}</strong>", escape(l))).unwrap_or_default();
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"stylesheet\" href=\"{css}\"><link rel=\"icon\" href=\"/favicon.svg\"></head>\
+         <body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\"><a href=\"/\">Instances</a>{who}</div></header>\
+         <div class=\"termbar\"><span>Shell on <strong id=\"instance\">{title}</strong>{as_login}</span><span id=\"session\"></span>\
+         <span class=\"state\" id=\"state\">connecting…</span></div>\
+         <div id=\"ended\" role=\"alert\"></div>\
+         <div id=\"terminal\" data-instance=\"{title}\" data-login=\"{login}\"></div>\
+         <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/terminal.js?v={v}\"></script></body></html>",
+        title = escape(instance),
+        login = escape(login.unwrap_or("")),
+        who = who(s),
+        css = asset("xterm.css"),
+        xterm = asset("xterm.js"),
+        fit = asset("addon-fit.js"),
+        v = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// `/terminal?instance=NAME[&login=LOGIN]`, its query escaped.
+fn terminal_link(instance: &str, login: Option<&str>) -> String {
+    let mut href = format!("/terminal?instance={}", url_encode(instance));
+    if let Some(l) = login {
+        href.push_str(&format!("&login={}", url_encode(l)));
+    }
+    escape(&href)
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A page with one message.
@@ -81,12 +157,7 @@ pub fn signed_out(problem: Option<&str>) -> String {
 
 /// The instances the user may reach, filtered by a label selector.
 pub fn instances(s: &WebSession, rows: &[Instance], labels: Option<&str>, problem: Option<&str>) -> String {
-    let who = format!(
-        "<span id=\"user\">{}</span><form method=\"post\" action=\"/signout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-         <button class=\"quiet\" type=\"submit\">Sign out</button></form>",
-        escape(&s.user),
-        escape(&s.csrf)
-    );
+    let who = who(s);
     let notice = problem.map(|p| format!("<div class=\"notice\">{}</div>", escape(p))).unwrap_or_default();
     let mut table = String::new();
     if rows.is_empty() {
@@ -96,7 +167,7 @@ pub fn instances(s: &WebSession, rows: &[Instance], labels: Option<&str>, proble
         }
         table.push_str(".</p>");
     } else {
-        table.push_str("<table id=\"instances\"><thead><tr><th>Instance</th><th>Labels</th><th>Status</th><th>You may</th><th>Logins</th></tr></thead><tbody>");
+        table.push_str("<table id=\"instances\"><thead><tr><th>Instance</th><th>Labels</th><th>Status</th><th>You may</th><th>Logins</th><th></th></tr></thead><tbody>");
         for r in rows {
             let labels: String = r
                 .labels
@@ -108,8 +179,25 @@ pub fn instances(s: &WebSession, rows: &[Instance], labels: Option<&str>, proble
             let status =
                 if r.online { "<span class=\"on\">online</span>" } else { "<span class=\"off\">offline</span>" };
             let logins = if r.logins.is_empty() { "&mdash;".to_owned() } else { escape(&r.logins.join(", ")) };
+            // A terminal for each login the user may choose (the default first), or one.
+            let open = if !r.online || !r.actions.iter().any(|a| a == "shell") {
+                String::new()
+            } else if r.logins.len() > 1 {
+                r.logins
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "<a class=\"open\" href=\"{}\">Terminal as {}</a>",
+                            terminal_link(&r.name, Some(l)),
+                            escape(l)
+                        )
+                    })
+                    .collect()
+            } else {
+                format!("<a class=\"open\" href=\"{}\">Open terminal</a>", terminal_link(&r.name, None))
+            };
             table.push_str(&format!(
-                "<tr><td><strong>{}</strong><br><span class=\"off\">{}</span></td><td>{labels}</td><td>{status}</td><td>{actions}</td><td>{logins}</td></tr>",
+                "<tr><td><strong>{}</strong><br><span class=\"off\">{}</span></td><td>{labels}</td><td>{status}</td><td>{actions}</td><td>{logins}</td><td>{open}</td></tr>",
                 escape(&r.name),
                 escape(&r.hostname)
             ));

@@ -1,0 +1,83 @@
+//! What the console's handlers share: the console's settings, answers, and who is signed in.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use crate::services::Services;
+use crate::web_signin::{WebSession, WebSignIn};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "postern_session";
+
+/// What the console needs beyond the services.
+pub struct Web {
+    pub signin: Arc<WebSignIn>,
+    /// `https://host:port`, as browsers reach the console.
+    pub origin: String,
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+pub type Answer = Response<Full<Bytes>>;
+
+/// The Content-Security-Policy of every page: this origin's own scripts, stylesheets and
+/// WebSockets, nothing inline.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; font-src 'self'; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// The terminal page's: the same, but xterm.js sizes and colours its rows with inline
+/// styles (scripts stay this origin's own only).
+pub const CSP_TERMINAL: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; \
+                   font-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+pub fn html(status: StatusCode, body: String) -> Answer {
+    answer(status, "text/html; charset=utf-8", body)
+}
+
+pub fn redirect(to: &'static str) -> Answer {
+    let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
+    r.headers_mut().insert(header::LOCATION, HeaderValue::from_static(to));
+    r
+}
+
+/// The cookie's value, if the request carries one.
+pub fn cookie(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|line| {
+            line.split(';').map(str::trim).find_map(|kv| kv.strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')))
+        })
+        .map(str::to_owned)
+}
+
+/// The signed-in session of this request: its cookie names one, and its user is active.
+pub fn signed_in(state: &Services, web: &Web, req: &Request<Incoming>) -> Option<(String, WebSession)> {
+    let id = cookie(req)?;
+    let s = web.signin.session(&id)?;
+    if !state.access.user_active(&s.user) {
+        web.signin.end(&id);
+        return None;
+    }
+    Some((id, s))
+}
+
+pub fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| postern_core::util::url_decode(v))
+}

@@ -1,0 +1,84 @@
+// Postern web console: a terminal on one instance (xterm.js on the console's WebSocket).
+// Protocol: gateway/src/web/terminal.rs. Keystrokes go as binary messages, resizes as
+// {"resize":{...}}; output comes as binary messages, events as JSON text.
+"use strict";
+(() => {
+  const box = document.getElementById("terminal");
+  const state = document.getElementById("state");
+  const sessionLabel = document.getElementById("session");
+  const endedBox = document.getElementById("ended");
+  const setState = (text, cls) => {
+    state.textContent = text;
+    state.className = "state " + (cls || "");
+  };
+
+  const term = new Terminal({
+    cursorBlink: true,
+    fontFamily: '"DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace',
+    fontSize: 14,
+    scrollback: 5000,
+    theme: { background: "#0f1720", foreground: "#dbe4ee", cursor: "#9fc0ff" },
+  });
+  const fit = new FitAddon.FitAddon();
+  term.loadAddon(fit);
+  term.open(box);
+  fit.fit();
+  // For tests and for the curious: the terminal object.
+  window.posternTerminal = term;
+
+  const params = new URLSearchParams({ instance: box.dataset.instance, cols: term.cols, rows: term.rows });
+  if (box.dataset.login) params.set("login", box.dataset.login);
+  const ws = new WebSocket(`wss://${location.host}/ws/terminal?${params}`);
+  ws.binaryType = "arraybuffer";
+  const encoder = new TextEncoder();
+  let ended = false;
+
+  const showEnd = (text) => {
+    ended = true;
+    endedBox.textContent = text;
+    endedBox.classList.add("shown");
+    setState("ended", "ended");
+    term.options.cursorBlink = false;
+  };
+
+  ws.onopen = () => setState("connected", "live");
+  ws.onmessage = (e) => {
+    if (typeof e.data !== "string") {
+      term.write(new Uint8Array(e.data));
+      return;
+    }
+    let m;
+    try {
+      m = JSON.parse(e.data);
+    } catch {
+      return;
+    }
+    if (m.started) {
+      sessionLabel.textContent = `session ${m.started.session}`;
+      setState("live · recorded", "live");
+      term.focus();
+    } else if (m.refused) {
+      showEnd(`Refused: ${m.refused}`);
+    } else if (m.ended) {
+      const code = m.ended.exit === null || m.ended.exit === undefined ? "" : ` (exit status ${m.ended.exit})`;
+      showEnd(`Session ended: ${m.ended.reason}${code}.`);
+    }
+  };
+  ws.onclose = () => {
+    if (!ended) showEnd("The connection to the gateway was lost.");
+  };
+
+  const send = (bytes) => {
+    if (ws.readyState === WebSocket.OPEN && !ended) ws.send(bytes);
+  };
+  term.onData((d) => send(encoder.encode(d)));
+  term.onBinary((d) => send(Uint8Array.from(d, (c) => c.charCodeAt(0) & 0xff)));
+  term.onResize(({ cols, rows }) => {
+    if (ws.readyState === WebSocket.OPEN && !ended) ws.send(JSON.stringify({ resize: { cols, rows } }));
+  });
+  let pending = 0;
+  window.addEventListener("resize", () => {
+    clearTimeout(pending);
+    pending = setTimeout(() => fit.fit(), 50);
+  });
+})();
