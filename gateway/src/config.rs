@@ -123,6 +123,9 @@ pub struct WebConfig {
     pub session_ttl: String,
     /// How long a `postern web-login` link can be used ("2m"; once).
     pub link_ttl: String,
+    /// Members of these groups see everyone's sessions in the console's history and replay
+    /// them; everyone else sees only their own. Empty (the default): nobody sees others'.
+    pub admin_groups: Vec<String>,
 }
 
 impl Default for WebConfig {
@@ -135,6 +138,7 @@ impl Default for WebConfig {
             key_file: None,
             session_ttl: "8h".into(),
             link_ttl: "2m".into(),
+            admin_groups: Vec::new(),
         }
     }
 }

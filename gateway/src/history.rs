@@ -463,7 +463,7 @@ impl SessionFilter {
             Some(k) => {
                 Some(KINDS.iter().find(|(name, _)| name == k).map(|(_, kind)| (*kind).to_owned()).ok_or_else(|| {
                     let names: Vec<&str> = KINDS.iter().map(|(n, _)| *n).collect();
-                    HistoryError::Invalid(format!("unknown --kind {k:?}; one of: {}", names.join(", ")))
+                    HistoryError::Invalid(format!("unknown kind {k:?}; one of: {}", names.join(", ")))
                 })?)
             }
         };
@@ -492,6 +492,17 @@ impl SessionFilter {
             limit,
         })
     }
+}
+
+/// Why a session has no recording (`None`: it has one).
+pub fn unrecorded(r: &SessionRecord) -> Option<String> {
+    if r.logged && r.recording.is_some() {
+        return None;
+    }
+    Some(r.unlogged_reason.clone().unwrap_or_else(|| match r.kind.as_str() {
+        "port-forward" | "ssh-passthrough" | "rdp" => format!("{} sessions are not recorded", r.kind),
+        _ => "it was not recorded".to_owned(),
+    }))
 }
 
 /// A session id or a prefix of one: hex digits (and '-'), so it has no SQL pattern

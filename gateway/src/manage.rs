@@ -647,33 +647,7 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
             Some(cluster) => Ok(json!(cluster.rows().await?)),
             None => Ok(json!(state.sessions.rows())),
         },
-        ManageRequest::Sessions { all: true, filter } => {
-            let query = filter.query(state.store.as_ref()).await?;
-            state.history.flush(LIST_FLUSH).await;
-            let live: std::collections::HashMap<String, (u64, u64)> = state
-                .sessions
-                .live()
-                .iter()
-                .map(|s| {
-                    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
-                    (s.id.clone(), (load(&s.bytes_in), load(&s.bytes_out)))
-                })
-                .collect();
-            let now = postern_core::util::now_unix();
-            let rows: Vec<HistoryRow> = state
-                .store
-                .sessions(&query)
-                .await?
-                .into_iter()
-                .map(|r| {
-                    let counted = live.get(&r.id).copied();
-                    let mut row = HistoryRow::of(r, counted, now);
-                    row.locate_recording(state.shipper.as_deref());
-                    row
-                })
-                .collect();
-            Ok(json!(rows))
-        }
+        ManageRequest::Sessions { all: true, filter } => Ok(json!(history(state, &filter).await?)),
         ManageRequest::SessionTerminate { id } => {
             let reason = format!("terminated by {actor}");
             // The session.terminated event is written when the session has actually ended,
@@ -707,6 +681,18 @@ async fn run_inner(state: &Manage, req: ManageRequest, actor: &str) -> Result<Va
     }
 }
 
+/// A point in time for a history filter: an age ("2h", "7d": that long ago) or a time
+/// (RFC 3339, or without an offset in UTC). Unix seconds.
+pub fn parse_when(s: &str) -> Result<i64, String> {
+    if let Ok(age) = crate::config::parse_duration(s) {
+        let secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        return Ok(postern_core::util::now_unix().saturating_sub(secs));
+    }
+    parse_time(s)
+        .map(|t| t.as_second())
+        .map_err(|_| format!("{s:?}: expected an age (2h, 7d) or a time like 2026-12-01T10:00Z"))
+}
+
 /// RFC 3339, or a date and time without offset in UTC (`2026-12-01 09:00`).
 pub fn parse_time(s: &str) -> Result<jiff::Timestamp, ManageError> {
     if let Ok(t) = s.parse::<jiff::Timestamp>() {
@@ -724,4 +710,33 @@ pub fn grant_state(g: &GrantRecord, now: i64) -> &'static str {
         (None, true) => "active",
         (None, false) => "expired",
     }
+}
+
+/// The session history `filter` selects, each row with its live byte counts (when it runs
+/// here) and where its recording is now (`postern sessions --all`, the web console).
+pub async fn history(state: &Manage, filter: &crate::history::SessionFilter) -> Result<Vec<HistoryRow>, ManageError> {
+    let query = filter.query(state.store.as_ref()).await?;
+    state.history.flush(LIST_FLUSH).await;
+    let live: std::collections::HashMap<String, (u64, u64)> = state
+        .sessions
+        .live()
+        .iter()
+        .map(|s| {
+            let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+            (s.id.clone(), (load(&s.bytes_in), load(&s.bytes_out)))
+        })
+        .collect();
+    let now = postern_core::util::now_unix();
+    Ok(state
+        .store
+        .sessions(&query)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let counted = live.get(&r.id).copied();
+            let mut row = HistoryRow::of(r, counted, now);
+            row.locate_recording(state.shipper.as_deref());
+            row
+        })
+        .collect())
 }

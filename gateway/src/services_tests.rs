@@ -259,7 +259,7 @@ async fn the_broker_keeps_a_session_on_the_live_table_from_its_start_to_its_end_
         json!([])
     );
     let e = kit.admin(json!({"what": "sessions", "all": true, "filter": {"kind": "telnet"}})).await.unwrap_err();
-    assert!(e.to_string().contains("unknown --kind \"telnet\""), "{e}");
+    assert!(e.to_string().contains("unknown kind \"telnet\""), "{e}");
 }
 
 #[tokio::test]

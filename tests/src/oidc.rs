@@ -644,3 +644,12 @@ impl Drop for BrowserTerminal {
         let _ = self.child.wait();
     }
 }
+
+/// The console's session history in headless Chromium (tests/oidc/history.mjs): signs in
+/// with `url`, searches the Sessions page by `instance`, replays `session` until the player
+/// shows the line `want`, and takes a screenshot of the replay page.
+pub fn history_visit(url: &str, instance: &str, session: &str, want: &str, screenshot: &Path) -> Result<Value, String> {
+    let shot = screenshot.to_str().ok_or("the screenshot path is not UTF-8")?;
+    let out = run_node_script("web history", "history.mjs", &[url, instance, session, want, shot])?;
+    serde_json::from_str(out.trim()).map_err(|e| format!("web history: not JSON ({e}): {out}"))
+}

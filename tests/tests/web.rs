@@ -18,17 +18,28 @@ struct Console {
 impl Console {
     fn start() -> Console {
         let port = free_tcp_port();
-        let gw = Gateway::start(&format!("[web]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n"));
+        let gw = Gateway::start(&format!(
+            "[web]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nadmin_groups = [\"auditors\"]\n"
+        ));
         let agents = vec![
             Agent::start_labeled(&gw, "web-01", "env=prod", vec![], &gw.listen),
             Agent::start_labeled(&gw, "web-02", "env=dev", vec![], &gw.listen),
             Agent::start_labeled(&gw, "db-01", "env=prod", vec![], &gw.listen),
         ];
         let dir = tempfile::tempdir().unwrap();
-        for who in ["alice", "bob"] {
+        // carol audits: she may reach nothing, but sees everyone's sessions in the console.
+        for (who, group) in [("alice", "ops"), ("bob", "ops"), ("carol", "auditors")] {
             let key = dir.path().join(who);
             ssh_keygen(&key, who);
-            let out = gw.postern(&["user", "add", who, "--key-file", key.with_extension("pub").to_str().unwrap()]);
+            let out = gw.postern(&[
+                "user",
+                "add",
+                who,
+                "--group",
+                group,
+                "--key-file",
+                key.with_extension("pub").to_str().unwrap(),
+            ]);
             assert!(out.status.success(), "{}", text(&out.stderr));
         }
         let policy = dir.path().join("p.toml");
@@ -215,6 +226,36 @@ fn a_browser_terminal_runs_a_recorded_shell_through_the_broker() {
     if let Ok(dir) = std::env::var("POSTERN_SCREENSHOT_DIR") {
         std::fs::copy(&shot, Path::new(&dir).join("web-terminal.png")).unwrap();
     }
+
+    // The history page finds it, and the recording plays in the page with the same output.
+    let replay_shot = c.dir.path().join("replay.png");
+    let seen = history_visit(&c.link("alice"), "web-01", &sid, "42", &replay_shot).unwrap();
+    assert_eq!(seen["found"], true, "{seen}");
+    assert!(seen["list"].as_str().unwrap().contains("via web"), "{seen}");
+    assert!(seen["replay"].as_str().unwrap().contains("exit status 0"), "{seen}");
+    assert_eq!(seen["shown"], true, "the player never showed 42: {seen}");
+    assert_eq!(seen["errors"], serde_json::json!([]), "the page logged errors (CSP?): {seen}");
+    if let Ok(dir) = std::env::var("POSTERN_SCREENSHOT_DIR") {
+        std::fs::copy(&replay_shot, Path::new(&dir).join("web-replay.png")).unwrap();
+    }
+
+    // Users see their own sessions only; members of [web] admin_groups see everyone's.
+    let page = |who: &str, path: &str| {
+        let cookie = cookie_of(&text(&c.curl(&[&c.link(who)]).stdout));
+        text(&c.curl(&["-b", &cookie, &format!("{}{path}", c.origin())]).stdout)
+    };
+    let cast = page("alice", &format!("/sessions/{sid}/cast"));
+    assert!(cast.starts_with("HTTP/1.1 200") && cast.contains("\"version\"") && cast.contains("42"), "{cast}");
+    for path in [format!("/sessions/{sid}"), format!("/sessions/{sid}/cast")] {
+        let bob = page("bob", &path);
+        assert!(bob.starts_with("HTTP/1.1 404"), "bob saw alice's session: {bob}");
+        assert!(page("carol", &path).starts_with("HTTP/1.1 200"), "an auditor cannot see it");
+    }
+    assert!(!page("bob", "/sessions?user=alice").contains(&sid), "bob's history lists alice's session");
+    assert!(page("carol", "/sessions?user=alice").contains(&sid), "the auditor's history does not list it");
+    // Bad searches say what is wrong.
+    assert!(page("alice", "/sessions?since=yesterday").contains("expected an age"), "a bad time was not explained");
+    assert!(page("alice", "/sessions?kind=telnet").contains("unknown kind"), "a bad kind was not explained");
 }
 
 /// curl's attempt at the terminal's WebSocket: the response (headers, then whatever the

@@ -14,16 +14,9 @@ use crate::store::{PortableStore as _, SessionRecord};
 /// Candidates listed when a prefix names several sessions.
 const CANDIDATES: u32 = 10;
 
-/// A point in time for `--since`/`--until`: an age ("2h", "7d": that long ago) or a time
-/// (RFC 3339, or without an offset in UTC). Unix seconds.
+/// A point in time for `--since`/`--until` (unix seconds).
 fn when(flag: &str, s: &str) -> anyhow::Result<i64> {
-    if let Ok(age) = crate::config::parse_duration(s) {
-        let secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
-        return Ok(postern_core::util::now_unix().saturating_sub(secs));
-    }
-    crate::manage::parse_time(s)
-        .map(|t| t.as_second())
-        .map_err(|_| anyhow::anyhow!("{flag} {s:?}: expected an age (2h, 7d) or a time like 2026-12-01T10:00Z"))
+    crate::manage::parse_when(s).map_err(|e| anyhow::anyhow!("{flag} {e}"))
 }
 
 /// `postern sessions --all`'s filters and paging.
@@ -188,13 +181,7 @@ pub async fn find(data_dir: &Path, store_url: Option<&str>, wanted: &str) -> any
 
 /// Why a session has no recording to replay, or None when it should have one.
 pub fn not_recorded(r: &SessionRecord) -> Option<String> {
-    if r.logged && r.recording.is_some() {
-        return None;
-    }
-    let why = r.unlogged_reason.clone().unwrap_or_else(|| match r.kind.as_str() {
-        "port-forward" | "ssh-passthrough" | "rdp" => format!("{} sessions are not recorded", r.kind),
-        _ => "it was not recorded".to_owned(),
-    });
+    let why = crate::history::unrecorded(r)?;
     Some(format!(
         "session {} ({} on {} by {}) has no recording: {}",
         r.id,

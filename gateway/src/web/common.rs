@@ -28,10 +28,14 @@ pub type Answer = Response<Full<Bytes>>;
 /// WebSockets, nothing inline.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; font-src 'self'; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
-/// The terminal page's: the same, but xterm.js sizes and colours its rows with inline
-/// styles (scripts stay this origin's own only).
-pub const CSP_TERMINAL: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; \
+/// The terminal and replay pages': the same, but xterm.js and asciinema-player size and
+/// colour their rows with inline styles (scripts stay this origin's own only).
+pub const CSP_INLINE_STYLES: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; \
                    font-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// The replay page's: as the terminal's, and asciinema-player's terminal emulator is
+/// WebAssembly, compiled in the page ('wasm-unsafe-eval' allows that, not JavaScript eval).
+pub const CSP_PLAYER: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; \
+                   img-src 'self'; font-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 pub fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
     let mut r = Response::new(Full::new(body.into()));

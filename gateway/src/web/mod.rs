@@ -12,6 +12,7 @@
 
 mod assets;
 mod common;
+mod history;
 mod pages;
 mod terminal;
 
@@ -31,7 +32,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::services::Services;
 use crate::web_signin::WebSession;
-use common::{Answer, COOKIE, CSP, CSP_TERMINAL, answer, html, query_param, redirect, signed_in};
+use common::{Answer, COOKIE, CSP, CSP_INLINE_STYLES, answer, html, query_param, redirect, signed_in};
 
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
@@ -117,6 +118,19 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
         (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", pages::STYLE),
         (Method::GET, "/favicon.svg" | "/favicon.ico") => answer(StatusCode::OK, "image/svg+xml", pages::ICON),
         (Method::GET, "/terminal.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::TERMINAL_JS),
+        (Method::GET, "/replay.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::REPLAY_JS),
+        (Method::GET, "/sessions") => match signed_in(state, web, &req) {
+            Some((_, s)) => history::list(state, &s, &req).await,
+            None => redirect("/"),
+        },
+        (Method::GET, p) if p.starts_with("/sessions/") => {
+            let Some((_, s)) = signed_in(state, web, &req) else { return redirect("/") };
+            let rest = &p["/sessions/".len()..];
+            match rest.strip_suffix("/cast") {
+                Some(id) => history::cast(state, &s, id).await,
+                None => history::replay_page(state, &s, rest).await,
+            }
+        }
         (Method::GET, p) if p.starts_with("/assets/") => match assets::get(&p["/assets/".len()..]) {
             Some((body, content_type)) => {
                 let mut r = answer(StatusCode::OK, content_type, body);
@@ -130,7 +144,8 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
                 Some(instance) if assets::MISSING.is_none() => {
                     let mut r =
                         html(StatusCode::OK, pages::terminal(&s, &instance, query_param(&req, "login").as_deref()));
-                    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_TERMINAL));
+                    r.headers_mut()
+                        .insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_INLINE_STYLES));
                     r
                 }
                 Some(_) => html(

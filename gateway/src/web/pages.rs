@@ -28,6 +28,20 @@ button { padding: 8px 14px; border: 1px solid var(--accent); background: var(--a
 button.quiet { background: #fff; color: var(--accent); }
 code { background: #eef2f8; padding: 1px 6px; border-radius: 4px; }
 .empty { color: var(--muted); padding: 18px 0; }
+header nav { display: flex; gap: 16px; margin-right: 12px; }
+header nav a { color: var(--accent); text-decoration: none; font-weight: 600; }
+body.terminal header nav a { color: #9fc0ff; }
+form.search { display: grid; grid-template-columns: repeat(5, 1fr) auto; gap: 8px; margin-bottom: 16px; }
+form.search input { padding: 8px 10px; border: 1px solid var(--line); border-radius: 6px; font: inherit; min-width: 0; }
+td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.tag { display: inline-block; border-radius: 4px; padding: 0 7px; font-size: 12px; background: #eef2f8; }
+.tag.live { background: #e3f6ea; color: #197a3e; font-weight: 600; }
+.tag.unlogged { background: #fff1e6; color: #9a4a10; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 4px 18px; margin: 0 0 18px; }
+dl.facts dt { color: var(--muted); }
+dl.facts dd { margin: 0; }
+#player { margin-top: 8px; }
+a.more { display: inline-block; margin-top: 14px; }
 a.open { display: inline-block; margin: 0 6px 4px 0; padding: 3px 10px; border-radius: 6px; background: var(--accent); color: #fff; text-decoration: none; font-size: 13px; white-space: nowrap; }
 a.open:hover { background: #1b449e; }
 body.terminal { background: #0f1720; height: 100vh; display: flex; flex-direction: column; }
@@ -50,6 +64,8 @@ pub const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 
 
 /// The terminal page's own script: xterm.js on the console's WebSocket.
 pub const TERMINAL_JS: &str = include_str!("terminal.js");
+/// The replay page's own script: asciinema-player on the session's recording.
+pub const REPLAY_JS: &str = include_str!("replay.js");
 
 /// Asset URLs carry the build's version, so a browser's cached copy is never another build's.
 fn asset(name: &str) -> String {
@@ -87,7 +103,7 @@ fn page(title: &str, header_right: &str, body: &str) -> String {
 /// The signed-in user and the sign-out form, for a page's header.
 fn who(s: &WebSession) -> String {
     format!(
-        "<span id=\"user\">{}</span><form method=\"post\" action=\"/signout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+        "<nav><a href=\"/\">Instances</a><a href=\"/sessions\">Sessions</a></nav><span id=\"user\">{}</span><form method=\"post\" action=\"/signout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
          <button class=\"quiet\" type=\"submit\">Sign out</button></form>",
         escape(&s.user),
         escape(&s.csrf)
@@ -100,7 +116,7 @@ pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"stylesheet\" href=\"{css}\"><link rel=\"icon\" href=\"/favicon.svg\"></head>\
-         <body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\"><a href=\"/\">Instances</a>{who}</div></header>\
+         <body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{who}</div></header>\
          <div class=\"termbar\"><span>Shell on <strong id=\"instance\">{title}</strong>{as_login}</span><span id=\"session\"></span>\
          <span class=\"state\" id=\"state\">connecting…</span></div>\
          <div id=\"ended\" role=\"alert\"></div>\
@@ -212,6 +228,188 @@ pub fn instances(s: &WebSession, rows: &[Instance], labels: Option<&str>, proble
              <input type=\"text\" name=\"labels\" placeholder=\"Filter by labels: env=prod,role!=db\" value=\"{}\">\
              <button type=\"submit\">Filter</button></form>{table}</div>",
             escape(labels.unwrap_or(""))
+        ),
+    )
+}
+
+/// What the history's search form holds.
+#[derive(Default)]
+pub struct HistoryForm {
+    pub user: Option<String>,
+    pub instance: Option<String>,
+    pub kind: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+fn utc(t: i64) -> String {
+    jiff::Timestamp::from_second(t).map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
+}
+
+fn duration(secs: i64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!("{}h {:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+/// `/sessions/ID`, its id escaped for a link.
+fn session_link(id: &str) -> String {
+    format!("/sessions/{}", url_encode(id))
+}
+
+/// The session history: a search form and one page of sessions.
+pub fn sessions(
+    s: &WebSession,
+    rows: &[crate::history::HistoryRow],
+    form: &HistoryForm,
+    admin: bool,
+    more: bool,
+    problem: Option<&str>,
+) -> String {
+    let notice =
+        problem.map(|p| format!("<div class=\"notice\" id=\"problem\">{}</div>", escape(p))).unwrap_or_default();
+    let value = |v: &Option<String>| escape(v.as_deref().unwrap_or(""));
+    let user_field = if admin {
+        format!("<input type=\"text\" name=\"user\" placeholder=\"User\" value=\"{}\">", value(&form.user))
+    } else {
+        format!("<input type=\"text\" value=\"{}\" disabled title=\"You see your own sessions\">", escape(&s.user))
+    };
+    let mut table = String::new();
+    if rows.is_empty() {
+        table.push_str("<p class=\"empty\" id=\"none\">No sessions match.</p>");
+    } else {
+        table.push_str(
+            "<table id=\"sessions\"><thead><tr><th>Started (UTC)</th><th>User</th><th>Instance</th><th>Kind</th>\
+                        <th>Duration</th><th>Ended</th><th>Recording</th></tr></thead><tbody>",
+        );
+        for r in rows {
+            let ended = if r.active {
+                "<span class=\"tag live\">live</span>".to_owned()
+            } else {
+                let reason = r.end_reason.as_deref().map(escape).unwrap_or_default();
+                match r.exit_code {
+                    Some(c) if reason.is_empty() => format!("exit {c}"),
+                    Some(c) => format!("{reason}, exit {c}"),
+                    None => reason,
+                }
+            };
+            let recording = if r.logged && r.recording.is_some() && (r.recording_local || r.recording_s3.is_some()) {
+                format!("<a class=\"open\" href=\"{}\">Replay</a>", escape(&session_link(&r.id)))
+            } else if r.logged && r.recording.is_some() {
+                "<span class=\"off\">removed</span>".to_owned()
+            } else {
+                format!(
+                    "<span class=\"tag unlogged\" title=\"{}\">not recorded</span>",
+                    escape(r.reason.as_deref().unwrap_or(""))
+                )
+            };
+            table.push_str(&format!(
+                "<tr data-session=\"{id}\"><td class=\"num\">{started}</td><td>{user}</td><td><strong>{target}</strong></td>\
+                 <td>{kind}<br><span class=\"off\">via {door}</span></td><td class=\"num\">{dur}</td><td>{ended}</td><td>{recording}</td></tr>",
+                id = escape(&r.id),
+                started = utc(r.started_at),
+                user = escape(&r.user),
+                target = escape(&r.target),
+                kind = escape(&r.kind),
+                door = escape(&r.door),
+                dur = duration(r.duration_secs),
+            ));
+        }
+        table.push_str("</tbody></table>");
+        if let (true, Some(last)) = (more, rows.last()) {
+            let mut q: Vec<String> = Vec::new();
+            for (k, v) in [
+                ("user", &form.user),
+                ("instance", &form.instance),
+                ("kind", &form.kind),
+                ("since", &form.since),
+                ("until", &form.until),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", url_encode(v)));
+                }
+            }
+            q.push(format!("before={}", url_encode(&last.id)));
+            table.push_str(&format!(
+                "<a class=\"more\" href=\"/sessions?{}\">Older sessions &rarr;</a>",
+                escape(&q.join("&"))
+            ));
+        }
+    }
+    page(
+        "Sessions",
+        &who(s),
+        &format!(
+            "{notice}<h1>Sessions</h1><div class=\"card\"><form class=\"search\" method=\"get\" action=\"/sessions\">\
+             {user_field}<input type=\"text\" name=\"instance\" placeholder=\"Instance\" value=\"{instance}\">\
+             <input type=\"text\" name=\"kind\" placeholder=\"Kind or door (shell, web, ...)\" value=\"{kind}\">\
+             <input type=\"text\" name=\"since\" placeholder=\"Since (2h, 7d, 2026-12-01)\" value=\"{since}\">\
+             <input type=\"text\" name=\"until\" placeholder=\"Until\" value=\"{until}\">\
+             <button type=\"submit\">Search</button></form>{table}</div>",
+            instance = value(&form.instance),
+            kind = value(&form.kind),
+            since = value(&form.since),
+            until = value(&form.until),
+        ),
+    )
+}
+
+/// One session: who, where, when, and its recording in a player (or why there is none).
+pub fn replay(s: &WebSession, r: &crate::history::HistoryRow, unrecorded: Option<&str>, no_player: bool) -> String {
+    let ended = match (r.active, r.ended_at) {
+        (true, _) => "still running".to_owned(),
+        (false, Some(t)) => format!("{} UTC", utc(t)),
+        (false, None) => "&mdash;".to_owned(),
+    };
+    let exit = match (&r.end_reason, r.exit_code) {
+        (Some(why), Some(c)) => format!("{}, exit status {c}", escape(why)),
+        (Some(why), None) => escape(why),
+        (None, Some(c)) => format!("exit status {c}"),
+        (None, None) => "&mdash;".to_owned(),
+    };
+    let facts = format!(
+        "<dl class=\"facts\"><dt>User</dt><dd>{user}{from}</dd><dt>Instance</dt><dd><strong>{target}</strong></dd>\
+         <dt>Kind</dt><dd>{kind} via {door}{command}</dd><dt>Started</dt><dd>{started} UTC</dd><dt>Ended</dt><dd>{ended}</dd>\
+         <dt>Duration</dt><dd>{dur}</dd><dt>Outcome</dt><dd>{exit}</dd></dl>",
+        user = escape(&r.user),
+        from =
+            r.source.as_deref().map(|f| format!(" <span class=\"off\">from {}</span>", escape(f))).unwrap_or_default(),
+        target = escape(&r.target),
+        kind = escape(&r.kind),
+        door = escape(&r.door),
+        command = r.command.as_deref().map(|c| format!(": <code>{}</code>", escape(c))).unwrap_or_default(),
+        started = utc(r.started_at),
+        dur = duration(r.duration_secs),
+    );
+    let player = match (unrecorded, no_player) {
+        (Some(why), _) => format!("<p class=\"empty\" id=\"none\">This session has no recording: {}.</p>", escape(why)),
+        (None, true) => "<p class=\"empty\" id=\"none\">This gateway was built without the replay player; use \
+                         <code>postern replay</code>.</p>"
+            .to_owned(),
+        (None, false) if !r.recording_local && r.recording_s3.is_none() => {
+            "<p class=\"empty\" id=\"none\">The recording is no longer on this gateway.</p>".to_owned()
+        }
+        (None, false) => format!(
+            "<div id=\"player\" data-cast=\"{cast}\"></div>\
+             <script src=\"{js}\"></script><script src=\"/replay.js?v={v}\"></script>",
+            cast = escape(&format!("{}/cast", session_link(&r.id))),
+            js = asset("asciinema-player.js"),
+            v = env!("CARGO_PKG_VERSION"),
+        ),
+    };
+    let css = if no_player {
+        String::new()
+    } else {
+        format!("<link rel=\"stylesheet\" href=\"{}\">", asset("asciinema-player.css"))
+    };
+    page(
+        &format!("Session {}", &r.id[..r.id.len().min(12)]),
+        &who(s),
+        &format!(
+            "{css}<h1>Session <code>{id}</code></h1><div class=\"card\">{facts}{player}</div>",
+            id = escape(&r.id),
         ),
     )
 }

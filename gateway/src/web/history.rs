@@ -1,0 +1,180 @@
+//! The session history in the console: the sessions a user may see (their own; everyone's
+//! for members of `[web] admin_groups`), searchable by user, instance, kind and time, and
+//! recordings played in the page (asciinema-player) from the data directory or the object
+//! store.
+
+use std::io::Read as _;
+
+use hyper::StatusCode;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+
+use super::common::{Answer, answer, html, query_param};
+use super::pages::{self, HistoryForm};
+use crate::history::{HistoryRow, SessionFilter, valid_prefix};
+use crate::services::Services;
+use crate::store::SessionRecord;
+use crate::web_signin::WebSession;
+
+/// Rows on one page of the history.
+const PAGE: u32 = 50;
+/// Largest recording sent to a browser (a longer one is for `postern replay`).
+const MAX_CAST: u64 = 64 << 20;
+
+/// Whether `user` sees everyone's sessions: a member of one of `[web] admin_groups`.
+pub(super) fn is_admin(state: &Services, user: &str) -> bool {
+    let admins = &state.config.web.admin_groups;
+    !admins.is_empty() && state.access.user_groups(user).iter().any(|g| admins.contains(g))
+}
+
+/// `GET /sessions`: the history page.
+pub(super) async fn list(state: &Services, s: &WebSession, req: &hyper::Request<Incoming>) -> Answer {
+    let admin = is_admin(state, &s.user);
+    let field = |name: &str| query_param(req, name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let form = HistoryForm {
+        user: if admin { field("user") } else { None },
+        instance: field("instance"),
+        kind: field("kind"),
+        since: field("since"),
+        until: field("until"),
+    };
+    let mut problems = Vec::new();
+    let mut when = |name: &str, v: &Option<String>| {
+        v.as_deref().and_then(|t| crate::manage::parse_when(t).map_err(|e| problems.push(format!("{name}: {e}"))).ok())
+    };
+    let (since, until) = (when("Since", &form.since), when("Until", &form.until));
+    let filter = SessionFilter {
+        // Everyone else sees only their own.
+        user: if admin { form.user.clone() } else { Some(s.user.clone()) },
+        instance: form.instance.clone(),
+        kind: form.kind.clone(),
+        since,
+        until,
+        before: field("before").filter(|b| valid_prefix(b)),
+        limit: Some(PAGE),
+    };
+    let rows = if problems.is_empty() {
+        match crate::manage::history(&state.manage, &filter).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                problems.push(e.to_string());
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let more = rows.len() == PAGE as usize;
+    let problem = (!problems.is_empty()).then(|| problems.join("; "));
+    html(StatusCode::OK, pages::sessions(s, &rows, &form, admin, more, problem.as_deref()))
+}
+
+/// The session `id` names, if this user may see it.
+async fn visible(state: &Services, s: &WebSession, id: &str) -> Option<SessionRecord> {
+    if !valid_prefix(id) {
+        return None;
+    }
+    let found = state.store.sessions_by_prefix(id, 2).await.ok()?;
+    let r = found.into_iter().find(|r| r.id == id)?;
+    (r.user == s.user || is_admin(state, &s.user)).then_some(r)
+}
+
+fn not_found() -> Answer {
+    html(StatusCode::NOT_FOUND, pages::message("No such session", "There is no session with this id that you may see."))
+}
+
+/// `GET /sessions/ID`: who, where, when, and the recording in a player.
+pub(super) async fn replay_page(state: &Services, s: &WebSession, id: &str) -> Answer {
+    let Some(record) = visible(state, s, id).await else { return not_found() };
+    let unrecorded = crate::history::unrecorded(&record);
+    let mut row = HistoryRow::of(record, None, postern_core::util::now_unix());
+    row.locate_recording(state.shipper.as_deref());
+    let mut r = html(StatusCode::OK, pages::replay(s, &row, unrecorded.as_deref(), super::assets::MISSING.is_some()));
+    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(super::common::CSP_PLAYER));
+    r
+}
+
+/// `GET /sessions/ID/cast`: the recording as asciicast, unsealed, from the data directory
+/// or (when retention removed it there) the object store.
+pub(super) async fn cast(state: &Services, s: &WebSession, id: &str) -> Answer {
+    let text = |status, body: String| answer(status, "text/plain; charset=utf-8", body);
+    let Some(record) = visible(state, s, id).await else {
+        return text(StatusCode::NOT_FOUND, "no such session".into());
+    };
+    if let Some(why) = crate::history::unrecorded(&record) {
+        return text(StatusCode::NOT_FOUND, format!("no recording: {why}"));
+    }
+    match load(state, &record).await {
+        Ok(body) => {
+            let mut r = answer(StatusCode::OK, "application/x-asciicast", body);
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+            r
+        }
+        Err(why) => {
+            tracing::warn!(session_id = %record.id, error = %why, "web console: cannot load a recording");
+            text(StatusCode::NOT_FOUND, why)
+        }
+    }
+}
+
+/// The recording's text, unsealed with the gateway's keyring.
+async fn load(state: &Services, record: &SessionRecord) -> Result<Vec<u8>, String> {
+    let dir = state.config.data_dir.join("recordings");
+    let mut fetched: Option<tempfile_path::Removed> = None;
+    let path = match crate::recording::find(&dir, &record.id) {
+        Some(p) => p,
+        None => {
+            let Some(s3) = &state.config.audit.s3 else {
+                return Err(format!("the recording of session {} is no longer on this gateway", record.id));
+            };
+            let made_at = record.gateway.as_deref().or(state.config.gateway_id());
+            let shipper = crate::audit::ship::Shipper::new(s3, &state.config.data_dir)
+                .map_err(|e| e.to_string())?
+                .for_gateway(made_at);
+            let mut found = None;
+            for sealed in [true, false] {
+                let name = crate::recording::file_name(&record.id, sealed);
+                let random = postern_core::util::random_hex(8).map_err(|e| e.to_string())?;
+                let tmp = state.config.data_dir.join(format!("web-replay-{random}-{name}"));
+                let got = shipper.fetch(crate::audit::ship::Kind::Recording, &name, &tmp).await;
+                let removed = tempfile_path::Removed(tmp);
+                if got.map_err(|e| e.to_string())? {
+                    found = Some(removed);
+                    break;
+                }
+            }
+            let f = found.ok_or_else(|| {
+                format!(
+                    "no recording of session {} here or in {}",
+                    record.id,
+                    shipper.location(crate::audit::ship::Kind::Recording)
+                )
+            })?;
+            fetched.insert(f).0.clone()
+        }
+    };
+    let keyring = state.config.audit.encryption.keyring().map_err(|e| e.to_string())?;
+    let plain = crate::audit::seal::Plain::open(&path, &keyring).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut body = Vec::new();
+    plain.take(MAX_CAST + 1).read_to_end(&mut body).map_err(|e| format!("{}: {e}", path.display()))?;
+    if body.len() as u64 > MAX_CAST {
+        return Err(format!(
+            "the recording is larger than {} MiB: replay it with postern replay {}",
+            MAX_CAST >> 20,
+            record.id
+        ));
+    }
+    drop(fetched);
+    Ok(body)
+}
+
+mod tempfile_path {
+    /// A downloaded recording, removed when dropped.
+    pub struct Removed(pub std::path::PathBuf);
+
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
