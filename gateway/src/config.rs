@@ -123,8 +123,9 @@ pub struct WebConfig {
     pub session_ttl: String,
     /// How long a `postern web-login` link can be used ("2m"; once).
     pub link_ttl: String,
-    /// Members of these groups see everyone's sessions in the console's history and replay
-    /// them; everyone else sees only their own. Empty (the default): nobody sees others'.
+    /// Members of these groups see everyone's sessions in the console's history, replay them
+    /// and watch live ones; everyone else sees only their own. Empty (the default): nobody
+    /// sees others'.
     pub admin_groups: Vec<String>,
 }
 

@@ -175,6 +175,14 @@ pub async fn relay(
                 }
                 FromUser::Other => {}
             },
+            lines = live.notices() => {
+                // From the gateway to the user (someone began or stopped watching); the
+                // watchers see the same line.
+                for line in lines {
+                    notice(wr, on_pty, &line).await;
+                    live.publish(format!("\r\npostern: {line}\r\n").as_bytes());
+                }
+            }
             _ = flush_tick.tick(), if recorder.is_some() => {
                 if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due().await; }
             }
@@ -220,8 +228,10 @@ pub async fn relay(
                     let sent = if fail_closed && recorder.as_ref().is_some_and(stopped) {
                         Written::Yes
                     } else if to_stderr {
+                        live.publish(&d);
                         write_or_end(wr.output(d, true), live, deadline).await
                     } else {
+                        live.publish(&d);
                         write_or_end(wr.output(d, false), live, deadline).await
                     };
                     match sent {

@@ -98,6 +98,26 @@ pub struct LiveSession {
     terminated_event: Mutex<Option<Event>>,
     /// Ended because the gateway is stopping ([`SessionTable::end_all_for_stop`]).
     stopping: std::sync::atomic::AtomicBool,
+    /// Watchers of its output, and notices for its user.
+    watch: WatchHub,
+}
+
+/// Output chunks a watcher may fall behind by before it misses some (it is told how many):
+/// a slow watcher never slows the session.
+const WATCH_BACKLOG: usize = 256;
+/// Notices waiting for the session's relay to show them.
+const MAX_NOTICES: usize = 8;
+
+/// A live session's output for watchers (the web console's live watch) and lines for its
+/// user from the gateway ("... is watching this session").
+#[derive(Debug, Default)]
+struct WatchHub {
+    /// Made when the first watcher comes.
+    out: std::sync::OnceLock<tokio::sync::broadcast::Sender<bytes::Bytes>>,
+    notices: Mutex<std::collections::VecDeque<String>>,
+    noticed: tokio::sync::Notify,
+    /// Cancelled when the session leaves the live table.
+    over: CancellationToken,
 }
 
 impl LiveSession {
@@ -167,6 +187,48 @@ impl LiveSession {
     pub fn ended_by(&self) -> &'static str {
         if self.stopping.load(Ordering::Relaxed) { "gateway-stopped" } else { "terminated" }
     }
+
+    /// Output the session's user saw, for whoever watches (nothing is kept when nobody does).
+    pub fn publish(&self, data: &[u8]) {
+        if let Some(tx) = self.watch.out.get()
+            && tx.receiver_count() > 0
+        {
+            let _ = tx.send(bytes::Bytes::copy_from_slice(data));
+        }
+    }
+
+    /// Watch the session's output from now on.
+    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<bytes::Bytes> {
+        self.watch.out.get_or_init(|| tokio::sync::broadcast::channel(WATCH_BACKLOG).0).subscribe()
+    }
+
+    /// Show `line` to the session's user (its relay writes it to their terminal); at most a
+    /// few wait, the oldest give way.
+    pub fn tell_user(&self, line: String) {
+        if let Ok(mut q) = self.watch.notices.lock() {
+            if q.len() == MAX_NOTICES {
+                q.pop_front();
+            }
+            q.push_back(line);
+        }
+        self.watch.noticed.notify_one();
+    }
+
+    /// The lines waiting for the user, once there are some.
+    pub async fn notices(&self) -> Vec<String> {
+        loop {
+            let waiting: Vec<String> = self.watch.notices.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+            if !waiting.is_empty() {
+                return waiting;
+            }
+            self.watch.noticed.notified().await;
+        }
+    }
+
+    /// Resolves once the session has left the live table (it ended).
+    pub async fn over(&self) {
+        self.watch.over.cancelled().await
+    }
 }
 
 /// Why sessions end at a graceful stop (the notice users see).
@@ -231,6 +293,7 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.session.watch.over.cancel();
         if let Some(dir) = &self.table.markers {
             let _ = std::fs::remove_file(dir.join(&self.session.id));
         }
@@ -303,6 +366,7 @@ impl SessionTable {
             reason: Mutex::new(None),
             terminated_event: Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            watch: WatchHub::default(),
         });
         if let Some(dir) = &self.markers {
             let p = &session.party;
@@ -332,6 +396,11 @@ impl SessionTable {
 
     pub fn live(&self) -> Vec<Arc<LiveSession>> {
         self.live.lock().map(|l| l.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The live session `id`, if it is on this gateway's table.
+    pub fn get(&self, id: &str) -> Option<Arc<LiveSession>> {
+        self.live.lock().ok().and_then(|l| l.get(id).cloned())
     }
 
     /// Ids of the live sessions.

@@ -592,11 +592,23 @@ pub struct BrowserTerminal {
 
 impl BrowserTerminal {
     pub fn open(url: &str, instance: &str, screenshot: &Path) -> Result<(BrowserTerminal, Value), String> {
+        let shot = screenshot.to_str().ok_or("the screenshot path is not UTF-8")?;
+        Self::start("terminal.mjs", &[url, instance, shot])
+    }
+
+    /// Live watch in the console (tests/oidc/watch.mjs): signs in with `url`, opens the
+    /// Sessions page and clicks Watch on `session`; `ready` once it is watching. Then
+    /// [`BrowserTerminal::finish`] with the line to wait for on the watcher's screen.
+    pub fn watch(url: &str, session: &str, screenshot: &Path) -> Result<(BrowserTerminal, Value), String> {
+        let shot = screenshot.to_str().ok_or("the screenshot path is not UTF-8")?;
+        Self::start("watch.mjs", &[url, session, shot])
+    }
+
+    fn start(script: &str, args: &[&str]) -> Result<(BrowserTerminal, Value), String> {
         let mut child = Command::new("timeout")
             .args(["-k", "5", "90", "node"])
-            .arg(oidc_dir().join("terminal.mjs"))
-            .args([url, instance])
-            .arg(screenshot)
+            .arg(oidc_dir().join(script))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

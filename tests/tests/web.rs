@@ -328,3 +328,109 @@ fn crafted_terminal_sockets_are_refused_and_revocation_closes_an_open_terminal()
     assert_eq!(ends.len(), 1, "{ends:?}");
     assert!(ends[0]["terminated_because"].as_str().unwrap_or("").contains("disabled"), "{ends:?}");
 }
+
+/// An SSH session of alice's with a terminal, typed into from the test; what it printed so
+/// far is in `seen`.
+struct SshTerminal {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl SshTerminal {
+    fn open(c: &Console, who: &str, instance: &str) -> SshTerminal {
+        let mut child = Command::new("timeout")
+            .args(["60", "ssh", "-tt", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
+            .arg(c.dir.path().join(who))
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", c.dir.path().join("known_hosts").display()))
+            .args(["-p", &c.gw.ssh_port.to_string(), &format!("{who}%{instance}@127.0.0.1")])
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let into = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                into.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        SshTerminal { child, stdin, seen }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        std::io::Write::write_all(&mut self.stdin, format!("{line}\n").as_bytes()).unwrap();
+    }
+
+    /// Wait (up to 20 s) until the terminal has shown `want`.
+    fn wait_for(&self, want: &str) -> String {
+        wait_until(&format!("{want:?} in alice's terminal"), std::time::Duration::from_secs(20), || {
+            self.seen.lock().unwrap().contains(want)
+        });
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SshTerminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_admin_watches_a_live_ssh_session_read_only_and_its_user_is_told() {
+    let c = Console::start();
+    let mut ssh = SshTerminal::open(&c, "alice", "web-01");
+    ssh.type_line("echo ready-$((1+1))");
+    ssh.wait_for("ready-2");
+    let start =
+        c.gw.audit_events()
+            .into_iter()
+            .find(|e| e["event"] == "session.start" && e["user"] == "alice")
+            .expect("alice's session started");
+    let sid = start["session_id"].as_str().unwrap().to_owned();
+
+    // Only members of [web] admin_groups may watch: bob may not, page or socket.
+    let bob = cookie_of(&text(&c.curl(&[&c.link("bob")]).stdout));
+    let page = text(&c.curl(&["-b", &bob, &format!("{}/watch?session={sid}", c.origin())]).stdout);
+    assert!(page.starts_with("HTTP/1.1 404"), "{page}");
+    let mut args = vec!["--http1.1", "-N", "--max-time", "4", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket"];
+    args.extend(["-H", "Sec-WebSocket-Version: 13", "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-b", &bob]);
+    let origin = format!("Origin: {}", c.origin());
+    let url = format!("{}/ws/watch?session={sid}", c.origin());
+    args.extend(["-H", &origin, &url]);
+    let r = String::from_utf8_lossy(&c.curl(&args).stdout).into_owned();
+    assert!(r.contains("\"refused\""), "bob's watch socket was not refused: {r}");
+
+    // carol (auditors) watches from the Sessions page.
+    let shot = c.dir.path().join("watch.png");
+    let (watch, _ready) = BrowserTerminal::watch(&c.link("carol"), &sid, &shot).unwrap();
+    let told = ssh.wait_for("carol is watching this session (read-only)");
+    assert!(told.contains("postern: carol is watching"), "{told}");
+    ssh.type_line("echo watched-$((6*7))");
+    let done = watch.finish("watched-42").unwrap();
+    assert_eq!(done["seen"], true, "the watcher never saw the output: {done}");
+    assert_eq!(done["errors"], serde_json::json!([]), "{done}");
+    // The page closed: alice is told, and both ends are audited.
+    ssh.wait_for("carol stopped watching");
+    let events = c.gw.audit_events();
+    let watch_start = events.iter().find(|e| e["event"] == "session.watch.start").expect("session.watch.start");
+    assert_eq!((watch_start["watcher"].as_str(), watch_start["user"].as_str()), (Some("carol"), Some("alice")));
+    assert_eq!(watch_start["session_id"], sid.as_str());
+    wait_until("session.watch.end", std::time::Duration::from_secs(10), || {
+        c.gw.audit_events().iter().any(|e| e["event"] == "session.watch.end" && e["reason"] == "closed")
+    });
+    if let Ok(dir) = std::env::var("POSTERN_SCREENSHOT_DIR") {
+        std::fs::copy(&shot, Path::new(&dir).join("web-watch.png")).unwrap();
+    }
+}

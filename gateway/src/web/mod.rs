@@ -14,7 +14,9 @@ mod assets;
 mod common;
 mod history;
 mod pages;
+mod socket;
 mod terminal;
+mod watch;
 
 pub use common::Web;
 
@@ -118,6 +120,37 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
         (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", pages::STYLE),
         (Method::GET, "/favicon.svg" | "/favicon.ico") => answer(StatusCode::OK, "image/svg+xml", pages::ICON),
         (Method::GET, "/terminal.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::TERMINAL_JS),
+        (Method::GET, "/watch.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::WATCH_JS),
+        (Method::GET, "/watch") => match signed_in(state, web, &req) {
+            Some((_, s)) => {
+                let id = query_param(&req, "session").unwrap_or_default();
+                match watch::watchable(state, &s.user, &id) {
+                    Some(live) if assets::MISSING.is_none() => {
+                        let mut r =
+                            html(StatusCode::OK, pages::watch(&s, &live.id, &live.party.user, &live.party.target));
+                        r.headers_mut()
+                            .insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_INLINE_STYLES));
+                        r
+                    }
+                    Some(_) => html(
+                        StatusCode::NOT_IMPLEMENTED,
+                        pages::message(
+                            "No terminal in this build",
+                            "This gateway was built without the web terminal's scripts.",
+                        ),
+                    ),
+                    None => html(
+                        StatusCode::NOT_FOUND,
+                        pages::message(
+                            "No such session",
+                            "There is no live shell or exec session with this id that you may watch.",
+                        ),
+                    ),
+                }
+            }
+            None => redirect("/"),
+        },
+        (Method::GET, "/ws/watch") => watch::upgrade(state, web, req, peer),
         (Method::GET, "/replay.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::REPLAY_JS),
         (Method::GET, "/sessions") => match signed_in(state, web, &req) {
             Some((_, s)) => history::list(state, &s, &req).await,

@@ -64,6 +64,8 @@ pub const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 
 
 /// The terminal page's own script: xterm.js on the console's WebSocket.
 pub const TERMINAL_JS: &str = include_str!("terminal.js");
+/// The watch page's own script: a read-only xterm.js on the console's WebSocket.
+pub const WATCH_JS: &str = include_str!("watch.js");
 /// The replay page's own script: asciinema-player on the session's recording.
 pub const REPLAY_JS: &str = include_str!("replay.js");
 
@@ -124,6 +126,28 @@ pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>) -> String {
          <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/terminal.js?v={v}\"></script></body></html>",
         title = escape(instance),
         login = escape(login.unwrap_or("")),
+        who = who(s),
+        css = asset("xterm.css"),
+        xterm = asset("xterm.js"),
+        fit = asset("addon-fit.js"),
+        v = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// A live session, watched read-only: who, where, and a terminal the script fills.
+pub fn watch(s: &WebSession, session: &str, user: &str, instance: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Watching {user} on {instance} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"stylesheet\" href=\"{css}\"><link rel=\"icon\" href=\"/favicon.svg\"></head>\
+         <body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{who}</div></header>\
+         <div class=\"termbar\"><span>Watching <strong>{user}</strong> on <strong id=\"instance\">{instance}</strong></span>\
+         <span>session {session}</span><span class=\"state\" id=\"state\">connecting…</span></div>\
+         <div id=\"ended\" role=\"alert\"></div>\
+         <div id=\"terminal\" data-session=\"{session}\"></div>\
+         <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/watch.js?v={v}\"></script></body></html>",
+        user = escape(user),
+        instance = escape(instance),
+        session = escape(session),
         who = who(s),
         css = asset("xterm.css"),
         xterm = asset("xterm.js"),
@@ -295,8 +319,13 @@ pub fn sessions(
                     None => reason,
                 }
             };
+            let watch = if admin && r.active && (r.kind == "shell" || r.kind == "exec") && r.door != "admin-socket" {
+                format!("<a class=\"open\" href=\"/watch?session={}\">Watch</a>", url_encode(&r.id))
+            } else {
+                String::new()
+            };
             let recording = if r.logged && r.recording.is_some() && (r.recording_local || r.recording_s3.is_some()) {
-                format!("<a class=\"open\" href=\"{}\">Replay</a>", escape(&session_link(&r.id)))
+                format!("{watch}<a class=\"open\" href=\"{}\">Replay</a>", escape(&session_link(&r.id)))
             } else if r.logged && r.recording.is_some() {
                 "<span class=\"off\">removed</span>".to_owned()
             } else {

@@ -18,64 +18,34 @@ use std::sync::Arc;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
-use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use postern_core::util::glob_match;
 use postern_core::{Action, Identity};
 use serde_json::json;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, info_span};
 
-use super::common::{Answer, Web, answer, query_param, signed_in};
+use super::common::{Answer, Web, answer, query_param};
+use super::socket::{self, Socket, close_with};
 use crate::audit::events::{Event, SessionDenied, SshDenied};
 use crate::launch::{Launch, Pty, Request as Asked, plan};
 use crate::services::Services;
 use crate::session_relay::{FromUser, Terms, UserInput, UserOutput, relay};
 
-/// Largest message the browser may send (keystrokes and pastes come in far smaller ones).
-const MAX_MESSAGE: usize = 64 << 10;
 /// Largest terminal the browser may ask for.
 const MAX_SIZE: u16 = 1000;
-
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
-
-fn plain(status: StatusCode, text: &'static str) -> Answer {
-    answer(status, "text/plain; charset=utf-8", text)
-}
 
 /// A terminal size from the browser, within bounds.
 fn size(v: Option<String>, default: u16) -> u16 {
     v.and_then(|s| s.parse::<u16>().ok()).unwrap_or(default).clamp(1, MAX_SIZE)
 }
 
-/// Answer the WebSocket handshake for a terminal, or refuse it.
-pub(super) fn upgrade(state: &Arc<Services>, web: &Web, mut req: Request<Incoming>, peer: SocketAddr) -> Answer {
-    // From the console's own page only: a page elsewhere cannot open a terminal with the
-    // browser's cookie (cross-site WebSocket hijacking).
-    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
-    if origin != Some(web.origin.as_str()) {
-        return plain(StatusCode::FORBIDDEN, "refused: this request did not come from the console's own page (Origin)");
-    }
-    let Some((_, session)) = signed_in(state, web, &req) else {
-        return plain(StatusCode::UNAUTHORIZED, "refused: not signed in");
-    };
-    let h = req.headers();
-    let upgrade_asked =
-        h.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let version_13 = h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
-    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
-        return plain(StatusCode::BAD_REQUEST, "a WebSocket request was expected");
-    };
-    if !upgrade_asked || !version_13 {
-        return plain(StatusCode::BAD_REQUEST, "a WebSocket (version 13) request was expected");
-    }
+/// Answer the WebSocket handshake for a terminal ([`socket::upgrade`] checks it), or
+/// refuse it.
+pub(super) fn upgrade(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Answer {
     let Some(instance) = query_param(&req, "instance").filter(|i| !i.is_empty() && i.len() <= 255) else {
-        return plain(StatusCode::BAD_REQUEST, "name an instance");
+        return answer(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", "name an instance");
     };
     let ask = Ask {
         instance,
@@ -84,31 +54,11 @@ pub(super) fn upgrade(state: &Arc<Services>, web: &Web, mut req: Request<Incomin
         login: query_param(&req, "login").filter(|l| !l.is_empty()),
         profile: query_param(&req, "profile").filter(|p| !p.is_empty()),
     };
-    let upgrading = hyper::upgrade::on(&mut req);
     let state = state.clone();
-    let user = session.user;
-    tokio::spawn(
-        async move {
-            let io = match upgrading.await {
-                Ok(io) => TokioIo::new(io),
-                Err(e) => return debug!(error = %e, "WebSocket upgrade failed"),
-            };
-            let config =
-                WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE));
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            serve(&state, socket, Identity::new(user, Some(peer.ip())), peer, ask).await;
-        }
-        .instrument(info_span!("web terminal", %peer)),
-    );
-    let mut r = answer(StatusCode::SWITCHING_PROTOCOLS, "text/plain; charset=utf-8", "");
-    let h = r.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&key) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    h.remove(header::CONTENT_TYPE);
-    r
+    socket::upgrade(&state.clone(), web, req, move |socket, session| {
+        async move { serve(&state, socket, Identity::new(session.user, Some(peer.ip())), peer, ask).await }
+            .instrument(info_span!("web terminal", %peer))
+    })
 }
 
 /// What the browser asked for.
@@ -118,14 +68,6 @@ struct Ask {
     rows: u16,
     login: Option<String>,
     profile: Option<String>,
-}
-
-/// Send a JSON event and close the socket (a refusal, or the end of the session).
-async fn close_with(sink: &Output, event: serde_json::Value, code: CloseCode, why: &str) {
-    let mut sink = sink.0.lock().await;
-    let _ = sink.send(Message::text(event.to_string())).await;
-    let reason: String = why.chars().take(100).collect();
-    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
 async fn serve(state: &Services, socket: Socket, identity: Identity, peer: SocketAddr, ask: Ask) {
@@ -149,7 +91,7 @@ async fn serve(state: &Services, socket: Socket, identity: Identity, peer: Socke
                 destination: None,
                 door: Some("web".to_owned()),
             })));
-            return close_with(&out, json!({ "refused": msg }), CloseCode::Policy, "refused").await;
+            return close_with(&out.0, json!({ "refused": msg }), CloseCode::Policy, "refused").await;
         }
     };
     let pty = Pty { term: "xterm-256color".to_owned(), cols: ask.cols, rows: ask.rows };
@@ -163,7 +105,7 @@ async fn serve(state: &Services, socket: Socket, identity: Identity, peer: Socke
     let agent_request = match plan(&Asked::Shell, Some(&pty), env, authz.profile(), authz.run_as(), authz.allow_root())
     {
         Ok(r) => r,
-        Err(message) => return close_with(&out, json!({ "refused": message }), CloseCode::Policy, "refused").await,
+        Err(message) => return close_with(&out.0, json!({ "refused": message }), CloseCode::Policy, "refused").await,
     };
     let launch = Launch {
         authz: &authz,
@@ -179,7 +121,7 @@ async fn serve(state: &Services, socket: Socket, identity: Identity, peer: Socke
     let mut launched = match crate::launch::launch(state, launch).await {
         Ok(l) => l,
         Err(refused) => {
-            return close_with(&out, json!({ "refused": refused.message }), CloseCode::Policy, "refused").await;
+            return close_with(&out.0, json!({ "refused": refused.message }), CloseCode::Policy, "refused").await;
         }
     };
     let Some(stream) = launched.take_stream() else { return };
@@ -204,7 +146,7 @@ async fn serve(state: &Services, socket: Socket, identity: Identity, peer: Socke
     };
     let ended = json!({"ended": {"reason": reason, "exit": relayed.exit_code}});
     launched.finish(state, &relayed);
-    close_with(&out, ended, CloseCode::Normal, "session ended").await;
+    close_with(&out.0, ended, CloseCode::Normal, "session ended").await;
 }
 
 /// The browser's side of the WebSocket, as the relay reads it.

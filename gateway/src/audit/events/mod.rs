@@ -93,6 +93,10 @@ events! {
     SessionEnd(SessionEnd) = "session.end",
     SessionDenied(SessionDenied) = "session.denied",
     SessionTerminated(SessionTerminated) = "session.terminated",
+    /// An administrator began watching a live session in the web console (read-only).
+    SessionWatchStart(SessionWatchStart) = "session.watch.start",
+    /// ... and stopped.
+    SessionWatchEnd(SessionWatchEnd) = "session.watch.end",
     ForwardOpen(ForwardOpen) = "forward.open",
     ForwardClose(ForwardClose) = "forward.close",
     ForwardFailed(ForwardFailed) = "forward.failed",

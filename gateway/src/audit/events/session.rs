@@ -72,6 +72,31 @@ pub struct WebSignin {
     pub via: String,
 }
 
+/// `session.watch.start`: an administrator (a member of `[web] admin_groups`) began
+/// watching a live shell or exec session in the web console, read-only; its user was told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionWatchStart {
+    pub session_id: String,
+    /// Who watches.
+    pub watcher: String,
+    /// Whose session it is, and where.
+    pub user: String,
+    pub target: String,
+    /// The watcher's browser.
+    pub source: String,
+}
+
+/// `session.watch.end`: the watcher stopped watching (closed the page, the session ended,
+/// or the watcher lost the right to watch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionWatchEnd {
+    pub session_id: String,
+    pub watcher: String,
+    /// "closed", "session-ended", "not-allowed".
+    pub reason: String,
+    pub duration_ms: u64,
+}
+
 /// `session.authorized`: a shell, exec or sftp session passed policy (written before it
 /// starts, so a log that cannot be written stops it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
