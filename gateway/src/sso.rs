@@ -28,6 +28,8 @@ pub enum Flow {
     Browser,
     /// Device authorization grant.
     Device,
+    /// The web console's sign-in (authorization code with PKCE, back to the console).
+    Web,
 }
 
 impl Flow {
@@ -35,6 +37,7 @@ impl Flow {
         match self {
             Flow::Browser => "browser",
             Flow::Device => "device",
+            Flow::Web => "web",
         }
     }
 }
@@ -109,6 +112,26 @@ impl Sso {
         self.complete(facts, &key, Flow::Browser, source).await
     }
 
+    /// The web console's sign-in: to the identity provider, back to `callback`.
+    pub async fn web_begin(&self, callback: &str, source: &str) -> Result<PendingLogin, String> {
+        self.oidc.begin_console(callback).await.map_err(|e| self.failed(None, &e, Flow::Web, source))
+    }
+
+    /// The identity provider sent the browser back with `code`: the user (made or synced as
+    /// for `postern login`, with their groups) the console signs in. No certificate: the
+    /// browser's session is the console's cookie.
+    pub async fn web_finish(&self, pending: &PendingLogin, code: &str, source: &str) -> Result<String, String> {
+        let facts = self.oidc.finish(pending, code).await;
+        let (facts, _, _) = self.admit_user(facts, Flow::Web, source).await?;
+        self.changed().await;
+        Ok(facts.user)
+    }
+
+    /// A refusal before the identity provider was asked (a stale or forged return): audited.
+    pub fn web_refused(&self, reason: &str, detail: &str, source: &str) {
+        self.refused(None, None, reason, detail, Flow::Web, source);
+    }
+
     pub async fn device_begin(&self, source: &str) -> Result<DeviceLogin, String> {
         self.oidc.device_begin().await.map_err(|e| self.failed(None, &e, Flow::Device, source))
     }
@@ -132,14 +155,15 @@ impl Sso {
         })
     }
 
-    /// The identity provider answered: make the user, sign the certificate, audit.
-    async fn complete(
+    /// The identity provider vouched for someone: make or sync the user, who must be
+    /// enabled. Refusals are audited. Returns the facts, the user's subject and whether the
+    /// user was made now.
+    async fn admit_user(
         &self,
         facts: Result<LoginFacts, OidcError>,
-        key: &PublicKey,
         flow: Flow,
         source: &str,
-    ) -> Result<LoginResult, String> {
+    ) -> Result<(LoginFacts, String, bool), String> {
         let facts = facts.map_err(|e| self.failed(None, &e, flow, source))?;
         let subject = format!("{} {}", facts.issuer, facts.subject);
         let refuse = |reason: &str, detail: String| {
@@ -174,6 +198,31 @@ impl Sso {
         if user.disabled {
             return Err(refuse("user_disabled", format!("user {} is disabled on this gateway", facts.user)));
         }
+        Ok((facts, subject, created))
+    }
+
+    /// The user (new, or with new groups) counts at once here; other gateways sharing the
+    /// store follow within a second (the access generation moved).
+    async fn changed(&self) {
+        if let Err(e) = self.access.reload(self.store.as_ref()).await {
+            tracing::warn!(error = %e, "cannot reload access after a sign-in");
+        }
+        self.access_changed.notify_one();
+    }
+
+    /// The identity provider answered: make the user, sign the certificate, audit.
+    async fn complete(
+        &self,
+        facts: Result<LoginFacts, OidcError>,
+        key: &PublicKey,
+        flow: Flow,
+        source: &str,
+    ) -> Result<LoginResult, String> {
+        let (facts, subject, created) = self.admit_user(facts, flow, source).await?;
+        let refuse = |reason: &str, detail: String| {
+            self.refused(Some(&facts.user), Some(&subject), reason, &detail, flow, source);
+            detail
+        };
         let extras = LoginExtras {
             idp_subject: subject.clone(),
             groups: facts.groups.clone(),
@@ -187,12 +236,7 @@ impl Sso {
             .map_err(|e| refuse("certificate_error", e.to_string()))?;
         let certificate =
             issued.certificate.to_openssh().map_err(|e| refuse("certificate_error", format!("encoding: {e}")))?;
-        // The user (new, or with new groups) counts at once here; other gateways sharing the
-        // store follow within a second (the access generation moved).
-        if let Err(e) = self.access.reload(self.store.as_ref()).await {
-            tracing::warn!(error = %e, "cannot reload access after a sign-in");
-        }
-        self.access_changed.notify_one();
+        self.changed().await;
         let serial = format!("{:016x}", issued.serial);
         let _ = self.audit.event(&Event::LoginSucceeded(LoginSucceeded {
             user: facts.user.clone(),

@@ -665,3 +665,10 @@ pub fn history_visit(url: &str, instance: &str, session: &str, want: &str, scree
     let out = run_node_script("web history", "history.mjs", &[url, instance, session, want, shot])?;
     serde_json::from_str(out.trim()).map_err(|e| format!("web history: not JSON ({e}): {out}"))
 }
+
+/// Signing in to the web console at `origin` through the identity provider, in headless
+/// Chromium (tests/oidc/console-idp.mjs): `{landed, user, text}`.
+pub fn console_idp_login(origin: &str, login: &str, password: &str) -> Result<Value, String> {
+    let out = run_node_script("console sign-in", "console-idp.mjs", &[origin, login, password])?;
+    serde_json::from_str(out.trim()).map_err(|e| format!("console sign-in: not JSON ({e}): {out}"))
+}

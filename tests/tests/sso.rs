@@ -349,7 +349,7 @@ fn the_test_provider_stops_cleanly() {
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use postern_e2e::{Agent, Gateway, bin, open_browser_script, text, wait_until};
+use postern_e2e::{Agent, Gateway, bin, free_tcp_port, open_browser_script, text, wait_until};
 
 /// A gateway signing in at `provider` (through the test proxy's URL as the issuer), one
 /// agent `web-01`, and a policy: group `eng` may run sessions on `web-*`; `db-*` needs MFA.
@@ -848,4 +848,44 @@ fn a_sign_in_certificate_expires_and_ssh_is_then_refused() {
     });
     let out = laptop.postern(gw, &["whoami"], None);
     assert!(!out.status.success(), "whoami with an expired certificate: {}", text(&out.stdout));
+}
+
+/// The web console signs a browser in through the identity provider: the user is made from
+/// the IdP as for `postern login`, the browser lands on the instances page, and a return
+/// the browser did not begin (no binding cookie, a forged state) is refused and audited.
+#[test]
+fn the_web_console_signs_in_through_the_identity_provider() {
+    let web_port = free_tcp_port();
+    let origin = format!("https://127.0.0.1:{web_port}");
+    let mut config = OidcProvider::default_config();
+    // The console's return address is an https URL, so the client is a web client here
+    // (oidc-provider holds native clients to loopback http and claimed https URIs).
+    config["clients"][0]["redirect_uris"] = json!([format!("{origin}/signin/oidc")]);
+    config["clients"][0]["application_type"] = json!("web");
+    let provider = OidcProvider::start_with(config);
+    let sso = sso_gateway(&provider.issuer, &format!("\n[web]\nenabled = true\nlisten = \"127.0.0.1:{web_port}\"\n"));
+    let seen = postern_e2e::console_idp_login(&origin, "alice", "alice-pw").unwrap();
+    assert_eq!(seen["landed"], format!("{origin}/"), "{seen}");
+    assert_eq!(seen["user"], "alice", "{seen}");
+    assert!(seen["text"].as_str().unwrap().contains("web-01"), "eng may reach web-01: {seen}");
+    let signin = wait_event(&sso.gw, "web.signin", |e| e["user"] == "alice");
+    assert_eq!(signin["via"], "oidc");
+    // The user came from the identity provider, with its groups.
+    let users = text(&sso.gw.postern(&["user", "list", "--json"]).stdout);
+    assert!(users.contains("\"alice\"") && users.contains("\"eng\""), "{users}");
+
+    // A return this browser did not begin: refused, audited, nobody signed in.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10", "--cacert"])
+        .arg(sso.gw.data_dir().join("ca.crt"))
+        .arg(format!("{origin}/signin/oidc?code=forged&state=forged"))
+        .output()
+        .unwrap();
+    let page = text(&out.stdout);
+    assert!(
+        page.starts_with("HTTP/1.1 403") && !page.to_ascii_lowercase().contains("set-cookie: postern_session"),
+        "{page}"
+    );
+    let failed = wait_event(&sso.gw, "login.failed", |e| e["flow"] == "web");
+    assert_eq!(failed["reason"], "no_pending_login", "{failed}");
 }

@@ -27,7 +27,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::Value;
 
 pub use claims::{LEEWAY_SECS, LoginFacts};
-pub use error::OidcError;
+pub use error::{OidcError, from_idp};
 use http::{FormReply, IdpHttp};
 use jws::{Jwk, KeyChoice};
 
@@ -285,6 +285,22 @@ impl Oidc {
     /// Start an authorization-code flow with PKCE (S256) for a loopback `redirect_uri`.
     pub async fn begin(&self, redirect_uri: &str) -> Result<PendingLogin, OidcError> {
         check_redirect_uri(redirect_uri)?;
+        self.begin_to(redirect_uri).await
+    }
+
+    /// The same for the web console: `callback` is the console's own sign-in address
+    /// (`[web] public_url` + `/signin/oidc`, from the gateway's configuration, never from a
+    /// request), so it is held only to being an https URL without a fragment.
+    pub async fn begin_console(&self, callback: &str) -> Result<PendingLogin, OidcError> {
+        let refuse = || OidcError::BadRedirectUri(error::from_idp(callback));
+        let u = url::Url::parse(callback).map_err(|_| refuse())?;
+        if u.scheme() != "https" || u.fragment().is_some() || callback.len() > 512 {
+            return Err(refuse());
+        }
+        self.begin_to(callback).await
+    }
+
+    async fn begin_to(&self, redirect_uri: &str) -> Result<PendingLogin, OidcError> {
         let d = self.discovery().await?;
         let (state, nonce, verifier) = (random_token()?, random_token()?, random_token()?);
         let challenge = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));

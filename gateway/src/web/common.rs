@@ -54,14 +54,19 @@ pub fn redirect(to: &'static str) -> Answer {
     r
 }
 
-/// The cookie's value, if the request carries one.
+/// The session cookie's value, if the request carries one.
 pub fn cookie(req: &Request<Incoming>) -> Option<String> {
+    cookie_named(req, COOKIE)
+}
+
+/// The value of the cookie `name`, if the request carries one.
+pub fn cookie_named(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.headers()
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .find_map(|line| {
-            line.split(';').map(str::trim).find_map(|kv| kv.strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')))
+            line.split(';').map(str::trim).find_map(|kv| kv.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
         })
         .map(str::to_owned)
 }

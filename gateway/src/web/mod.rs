@@ -14,6 +14,7 @@ mod assets;
 mod common;
 mod history;
 mod pages;
+mod signin;
 mod socket;
 mod terminal;
 mod watch;
@@ -34,7 +35,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::services::Services;
 use crate::web_signin::WebSession;
-use common::{Answer, COOKIE, CSP, CSP_INLINE_STYLES, answer, html, query_param, redirect, signed_in};
+use common::{Answer, CSP, CSP_INLINE_STYLES, answer, html, query_param, redirect, signed_in};
 
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
@@ -194,10 +195,12 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
             None => redirect("/"),
         },
         (Method::GET, "/ws/terminal") => terminal::upgrade(state, web, req, peer),
-        (Method::GET, "/signin") => sign_in(state, web, &req, peer),
+        (Method::GET, "/signin") => signin::with_link(state, web, &req, peer),
+        (Method::GET, "/signin/oidc/start") => signin::to_idp(state, web, peer).await,
+        (Method::GET, "/signin/oidc") => signin::from_idp(state, web, &req, peer).await,
         (Method::GET, "/") => match signed_in(state, web, &req) {
             Some((_, s)) => instances_page(state, &s, query_param(&req, "labels"), peer).await,
-            None => html(StatusCode::OK, pages::signed_out(None)),
+            None => html(StatusCode::OK, pages::signed_out(None, state.sso.is_some())),
         },
         (Method::GET, "/api/instances") => match signed_in(state, web, &req) {
             Some((_, s)) => {
@@ -214,43 +217,6 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
         (Method::POST, "/signout") => sign_out(state, web, req).await,
         _ => html(StatusCode::NOT_FOUND, pages::message("Not found", "There is no such page.")),
     }
-}
-
-fn sign_in(state: &Services, web: &Web, req: &Request<Incoming>, peer: SocketAddr) -> Answer {
-    let refused = || {
-        html(
-            StatusCode::FORBIDDEN,
-            pages::signed_out(Some(
-                "This sign-in link is not valid: it was used already, it expired, or it was never issued. \
-                 Run postern web-login again for a new one.",
-            )),
-        )
-    };
-    let Some(token) = query_param(req, "token") else { return refused() };
-    let (id, session) = match web.signin.redeem(&token) {
-        Ok(Some(s)) => s,
-        Ok(None) => return refused(),
-        Err(e) => return html(StatusCode::SERVICE_UNAVAILABLE, pages::message("Try again shortly", &e.to_string())),
-    };
-    if !state.access.user_active(&session.user) {
-        web.signin.end(&id);
-        return refused();
-    }
-    tracing::info!(user = %session.user, %peer, "web console: signed in");
-    let _ = state.audit.event(&crate::audit::events::Event::WebSignin(crate::audit::events::WebSignin {
-        user: session.user.clone(),
-        source: peer.to_string(),
-        via: "link".to_owned(),
-    }));
-    let mut r = redirect("/");
-    let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
-        web.signin.session_ttl().as_secs()
-    );
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
 }
 
 async fn sign_out(state: &Services, web: &Web, req: Request<Incoming>) -> Answer {

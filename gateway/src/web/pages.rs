@@ -44,6 +44,7 @@ dl.facts dd { margin: 0; }
 a.more { display: inline-block; margin-top: 14px; }
 a.open { display: inline-block; margin: 0 6px 4px 0; padding: 3px 10px; border-radius: 6px; background: var(--accent); color: #fff; text-decoration: none; font-size: 13px; white-space: nowrap; }
 a.open:hover { background: #1b449e; }
+a.open.big { font-size: 15px; padding: 9px 18px; }
 body.terminal { background: #0f1720; height: 100vh; display: flex; flex-direction: column; }
 body.terminal header { background: #16202c; border-bottom: 1px solid #223044; color: #dbe4ee; }
 body.terminal header .who { color: #9fb0c3; }
@@ -174,21 +175,38 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
+/// Signed in, on the way to the console: a same-site navigation, so that the browser sends
+/// the new SameSite=Strict cookie (a redirect at the end of the identity provider's chain
+/// of redirects would count as cross-site).
+pub fn signed_in_continue() -> String {
+    String::from(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url=/\">\
+         <title>Signed in · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"></head><body>\
+         <header><div class=\"brand\">Post<span>ern</span></div></header><main><div class=\"card\"><h1>Signed in</h1>\
+         <p><a href=\"/\">Continue to the console</a></p></div></main></body></html>"
+    )
+}
+
 /// A page with one message.
 pub fn message(title: &str, text: &str) -> String {
     page(title, "", &format!("<div class=\"card\"><h1>{}</h1><p>{}</p></div>", escape(title), escape(text)))
 }
 
 /// Not signed in: how to sign in, and why the last attempt failed.
-pub fn signed_out(problem: Option<&str>) -> String {
+pub fn signed_out(problem: Option<&str>, idp: bool) -> String {
     let notice =
         problem.map(|p| format!("<div class=\"notice\" id=\"problem\">{}</div>", escape(p))).unwrap_or_default();
+    let idp = if idp {
+        "<p><a class=\"open big\" id=\"idp\" href=\"/signin/oidc/start\">Sign in with your identity provider</a></p>\
+         <p class=\"off\">Or, with the SSH key you already use:</p>"
+    } else {
+        "<p>Ask the gateway for a one-time sign-in link with the SSH key you already use:</p>"
+    };
     page(
         "Sign in",
         "",
         &format!(
-            "{notice}<div class=\"card\"><h1>Sign in to Postern</h1>\
-             <p>Ask the gateway for a one-time sign-in link with the SSH key you already use:</p>\
+            "{notice}<div class=\"card\"><h1>Sign in to Postern</h1>{idp}\
              <p><code>postern web-login --gateway GATEWAY</code></p>\
              <p>Open the link it prints within two minutes; it works once.</p></div>"
         ),

@@ -1,0 +1,63 @@
+// Signing in to the web console through the identity provider, in a real browser, for
+// end-to-end tests: headless Chromium (Debian's /usr/bin/chromium through playwright-core)
+// opens the console's sign-in page, clicks "Sign in with your identity provider", signs in
+// on the test provider's login page (provider.mjs) and follows the redirects back to the
+// console.
+//
+//   node console-idp.mjs CONSOLE_URL LOGIN PASSWORD
+//
+// stdout: one JSON object {landed, user, text}: where the browser ended up, the signed-in
+// user the page shows, and the page's text. TLS errors are ignored: the console's
+// certificate is from the gateway's own CA.
+
+import { chromium } from 'playwright-core';
+
+const [origin, login, password] = process.argv.slice(2);
+if (!origin || login === undefined || password === undefined) {
+  process.stderr.write('usage: node console-idp.mjs CONSOLE_URL LOGIN PASSWORD\n');
+  process.exit(2);
+}
+const TIMEOUT_MS = 45_000;
+const executablePath = process.env.POSTERN_TEST_CHROMIUM || '/usr/bin/chromium';
+const timer = setTimeout(() => {
+  process.stderr.write(`console-idp: no result within ${TIMEOUT_MS / 1000} s\n`);
+  process.exit(1);
+}, TIMEOUT_MS);
+
+let page;
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--disable-extensions'],
+  timeout: TIMEOUT_MS,
+});
+const out = {};
+try {
+  const context = await browser.newContext({ ignoreHTTPSErrors: true });
+  page = await context.newPage();
+  page.setDefaultTimeout(30_000);
+  await page.goto(`${origin}/`);
+  await page.click('#idp');
+  await page.locator('#login-form').waitFor();
+  await page.fill('input[name=login]', login);
+  await page.fill('input[name=password]', password);
+  await page.click('#login-form button[type=submit]');
+  // Back at the console: the sign-in page with a problem, or the instances page.
+  await page.waitForURL((u) => u.href.startsWith(origin) && !u.pathname.startsWith('/signin/oidc'), { waitUntil: 'load' })
+    .catch(() => {});
+  await page.locator('#user, #problem').first().waitFor();
+  out.landed = page.url();
+  out.user = (await page.locator('#user').count()) ? await page.locator('#user').innerText() : null;
+  out.text = await page.locator('main').innerText();
+} catch (err) {
+  let seen = '';
+  try {
+    seen = `\npage ${page.url()}: ${await page.locator('body').innerText({ timeout: 2000 })}`;
+  } catch {}
+  process.stderr.write(`console-idp: ${err.message}${seen}\n`);
+  await browser.close();
+  process.exit(1);
+}
+await browser.close();
+clearTimeout(timer);
+process.stdout.write(JSON.stringify(out) + '\n');
