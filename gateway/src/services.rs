@@ -120,13 +120,19 @@ impl Services {
                 continue;
             }
             let actions: Vec<String> = decisions.iter().map(|(act, _)| act.name().to_owned()).collect();
-            // The logins of the first login-bearing action allowed (shell, exec, sftp).
-            let logins = decisions
-                .iter()
-                .find(|(act, _)| {
-                    matches!(act, postern_core::Action::Shell | postern_core::Action::Exec | postern_core::Action::Sftp)
-                })
+            // The logins and profiles of the first login-bearing action allowed (shell, exec, sftp).
+            let session = decisions.iter().find(|(act, _)| {
+                matches!(act, postern_core::Action::Shell | postern_core::Action::Exec | postern_core::Action::Sftp)
+            });
+            let logins = session
                 .map(|(_, d)| crate::access::usable_logins(&d.settings.run_as, d.settings.allow_root))
+                .unwrap_or_default();
+            let profiles = session
+                .map(|(_, d)| {
+                    let mut p: Vec<String> = d.settings.profile.iter().cloned().collect();
+                    p.extend(d.settings.profiles.iter().filter(|x| Some(*x) != d.settings.profile.as_ref()).cloned());
+                    p
+                })
                 .unwrap_or_default();
             let live = registry.get(&a.id);
             let online = live.is_some() || elsewhere.contains_key(&a.id);
@@ -140,6 +146,7 @@ impl Services {
                 labels: a.labels,
                 actions,
                 logins,
+                profiles,
             });
         }
         Ok(rows)

@@ -15,11 +15,21 @@ struct Console {
     dir: tempfile::TempDir,
 }
 
+/// alice may run shells and commands on web-*, as root.
+const POLICY: &str = "name = \"web\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"shell\", \"exec\"]\n\
+                      instances = [\"web-*\"]\nallow_root = true\n";
+
 impl Console {
     fn start() -> Console {
+        Console::with("", POLICY)
+    }
+
+    /// A gateway with the console, `config` added to its file, three agents, users alice,
+    /// bob (both ops) and carol (auditors), and `policy` applied.
+    fn with(config: &str, policy: &str) -> Console {
         let port = free_tcp_port();
         let gw = Gateway::start(&format!(
-            "[web]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nadmin_groups = [\"auditors\"]\n"
+            "{config}\n[web]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nadmin_groups = [\"auditors\"]\n"
         ));
         let agents = vec![
             Agent::start_labeled(&gw, "web-01", "env=prod", vec![], &gw.listen),
@@ -42,14 +52,9 @@ impl Console {
             ]);
             assert!(out.status.success(), "{}", text(&out.stderr));
         }
-        let policy = dir.path().join("p.toml");
-        std::fs::write(
-            &policy,
-            "name = \"web\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"shell\", \"exec\"]\n\
-             instances = [\"web-*\"]\nallow_root = true\n",
-        )
-        .unwrap();
-        assert!(gw.postern(&["policy", "apply", policy.to_str().unwrap()]).status.success());
+        let policy_file = dir.path().join("p.toml");
+        std::fs::write(&policy_file, policy).unwrap();
+        assert!(gw.postern(&["policy", "apply", policy_file.to_str().unwrap()]).status.success());
         gw.write_known_hosts(&dir.path().join("known_hosts"));
         Console { gw, _agents: agents, port, dir }
     }
@@ -433,4 +438,40 @@ fn an_admin_watches_a_live_ssh_session_read_only_and_its_user_is_told() {
     if let Ok(dir) = std::env::var("POSTERN_SCREENSHOT_DIR") {
         std::fs::copy(&shot, Path::new(&dir).join("web-watch.png")).unwrap();
     }
+}
+
+/// Where the policy lets a user choose among logins and profiles, the instances page asks,
+/// and the terminal opens with the choice: the session runs with that profile and login.
+#[test]
+fn a_terminal_opens_with_the_login_and_profile_chosen() {
+    let c = Console::with(
+        "[[ssh.profiles]]\nname = \"ops\"\nworkdir = \"/tmp\"\n",
+        "name = \"web\"\n[[statement]]\neffect = \"allow\"\nusers = [\"alice\"]\nactions = [\"shell\"]\n\
+         instances = [\"web-01\"]\nallow_root = true\nrun_as = [\"root\", \"postern-login\"]\nprofiles = [\"ops\"]\n",
+    );
+    let cookie = cookie_of(&text(&c.curl(&[&c.link("alice")]).stdout));
+    let page = text(&c.curl(&["-b", &cookie, &format!("{}/", c.origin())]).stdout);
+    assert!(page.contains("<select name=\"login\"><option value=\"root\">root (default)</option><option value=\"postern-login\">postern-login</option></select>"), "{page}");
+    assert!(
+        page.contains(
+            "<select name=\"profile\"><option value=\"\">default</option><option value=\"ops\">ops</option></select>"
+        ),
+        "{page}"
+    );
+    // The form's choice reaches the terminal page and its socket.
+    let term = text(
+        &c.curl(&["-b", &cookie, &format!("{}/terminal?instance=web-01&login=root&profile=ops", c.origin())]).stdout,
+    );
+    assert!(term.contains("data-login=\"root\" data-profile=\"ops\""), "{term}");
+    let r = websocket(&c, Some(&cookie), Some(&c.origin()), "web-01&login=root&profile=ops");
+    assert!(r.starts_with("HTTP/1.1 101") && r.contains("\"started\""), "{r}");
+    let (starts, _) = web_sessions(&c.gw);
+    assert_eq!(
+        (starts[0]["profile"].as_str(), starts[0]["run_as"].as_str()),
+        (Some("ops"), Some("root")),
+        "{starts:?}"
+    );
+    // A profile the policy does not give is refused with the reason.
+    let r = websocket(&c, Some(&cookie), Some(&c.origin()), "web-01&profile=nope");
+    assert!(r.contains("\"refused\"") && r.contains("profile"), "{r}");
 }

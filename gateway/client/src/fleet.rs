@@ -483,6 +483,7 @@ mod tests {
             last_seen: None,
             actions: actions.iter().map(|a| (*a).to_owned()).collect(),
             logins: Vec::new(),
+            profiles: Vec::new(),
         }
     }
 

@@ -129,6 +129,10 @@ pub struct Instance {
     /// as the agent's own user.
     #[serde(default)]
     pub logins: Vec<String>,
+    /// The shell profiles this user may choose there (`POSTERN_PROFILE`, `--profile`), the
+    /// default first; empty: none to choose.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<String>,
 }
 
 /// `rdp-token INSTANCE`.

@@ -176,8 +176,15 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
         (Method::GET, "/terminal") => match signed_in(state, web, &req) {
             Some((_, s)) => match query_param(&req, "instance").filter(|i| !i.is_empty()) {
                 Some(instance) if assets::MISSING.is_none() => {
-                    let mut r =
-                        html(StatusCode::OK, pages::terminal(&s, &instance, query_param(&req, "login").as_deref()));
+                    let mut r = html(
+                        StatusCode::OK,
+                        pages::terminal(
+                            &s,
+                            &instance,
+                            query_param(&req, "login").filter(|l| !l.is_empty()).as_deref(),
+                            query_param(&req, "profile").filter(|p| !p.is_empty()).as_deref(),
+                        ),
+                    );
                     r.headers_mut()
                         .insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_INLINE_STYLES));
                     r

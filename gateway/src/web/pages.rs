@@ -44,6 +44,10 @@ dl.facts dd { margin: 0; }
 a.more { display: inline-block; margin-top: 14px; }
 a.open { display: inline-block; margin: 0 6px 4px 0; padding: 3px 10px; border-radius: 6px; background: var(--accent); color: #fff; text-decoration: none; font-size: 13px; white-space: nowrap; }
 a.open:hover { background: #1b449e; }
+form.open { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
+form.open button { padding: 3px 10px; font-size: 13px; }
+label.choice { font-size: 13px; color: var(--muted); }
+label.choice select { font: inherit; padding: 2px 4px; border: 1px solid var(--line); border-radius: 4px; }
 a.open.big { font-size: 15px; padding: 9px 18px; }
 body.terminal { background: #0f1720; height: 100vh; display: flex; flex-direction: column; }
 body.terminal header { background: #16202c; border-bottom: 1px solid #223044; color: #dbe4ee; }
@@ -114,8 +118,11 @@ fn who(s: &WebSession) -> String {
 }
 
 /// A terminal on `instance` (as `login` when one was chosen): the script opens the session.
-pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>) -> String {
-    let as_login = login.map(|l| format!(" as <strong>{}</strong>", escape(l))).unwrap_or_default();
+pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>, profile: Option<&str>) -> String {
+    let mut as_login = login.map(|l| format!(" as <strong>{}</strong>", escape(l))).unwrap_or_default();
+    if let Some(p) = profile {
+        as_login.push_str(&format!(", profile <strong>{}</strong>", escape(p)));
+    }
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"stylesheet\" href=\"{css}\"><link rel=\"icon\" href=\"/favicon.svg\"></head>\
@@ -123,10 +130,11 @@ pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>) -> String {
          <div class=\"termbar\"><span>Shell on <strong id=\"instance\">{title}</strong>{as_login}</span><span id=\"session\"></span>\
          <span class=\"state\" id=\"state\">connecting…</span></div>\
          <div id=\"ended\" role=\"alert\"></div>\
-         <div id=\"terminal\" data-instance=\"{title}\" data-login=\"{login}\"></div>\
+         <div id=\"terminal\" data-instance=\"{title}\" data-login=\"{login}\" data-profile=\"{profile}\"></div>\
          <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/terminal.js?v={v}\"></script></body></html>",
         title = escape(instance),
         login = escape(login.unwrap_or("")),
+        profile = escape(profile.unwrap_or("")),
         who = who(s),
         css = asset("xterm.css"),
         xterm = asset("xterm.js"),
@@ -157,13 +165,40 @@ pub fn watch(s: &WebSession, session: &str, user: &str, instance: &str) -> Strin
     )
 }
 
-/// `/terminal?instance=NAME[&login=LOGIN]`, its query escaped.
-fn terminal_link(instance: &str, login: Option<&str>) -> String {
-    let mut href = format!("/terminal?instance={}", url_encode(instance));
-    if let Some(l) = login {
-        href.push_str(&format!("&login={}", url_encode(l)));
-    }
-    escape(&href)
+/// Open a terminal, choosing the login and the profile where the policy allows several
+/// (a plain GET form: the page runs no script).
+fn open_form(r: &Instance) -> String {
+    let option = |value: &str, shown: &str| format!("<option value=\"{}\">{}</option>", escape(value), escape(shown));
+    // The first login is the default one.
+    let logins = if r.logins.len() > 1 {
+        let opts: String = r
+            .logins
+            .iter()
+            .enumerate()
+            .map(|(i, l)| if i == 0 { option(l, &format!("{l} (default)")) } else { option(l, l) })
+            .collect();
+        format!("<label class=\"choice\">as <select name=\"login\">{opts}</select></label>")
+    } else {
+        String::new()
+    };
+    // No profile named: the policy's default profile, if it has one.
+    let profiles = if r.profiles.is_empty() {
+        String::new()
+    } else {
+        let opts: String =
+            std::iter::once(option("", "default")).chain(r.profiles.iter().map(|p| option(p, p))).collect();
+        format!("<label class=\"choice\">profile <select name=\"profile\">{opts}</select></label>")
+    };
+    format!(
+        "<form class=\"open\" method=\"get\" action=\"/terminal\"><input type=\"hidden\" name=\"instance\" value=\"{}\">\
+         {logins}{profiles}<button type=\"submit\">Open terminal</button></form>",
+        escape(&r.name),
+    )
+}
+
+/// `/terminal?instance=NAME`, its query escaped.
+fn terminal_link(instance: &str) -> String {
+    escape(&format!("/terminal?instance={}", url_encode(instance)))
 }
 
 fn url_encode(s: &str) -> String {
@@ -183,7 +218,7 @@ pub fn signed_in_continue() -> String {
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url=/\">\
          <title>Signed in · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"></head><body>\
          <header><div class=\"brand\">Post<span>ern</span></div></header><main><div class=\"card\"><h1>Signed in</h1>\
-         <p><a href=\"/\">Continue to the console</a></p></div></main></body></html>"
+         <p><a href=\"/\">Continue to the console</a></p></div></main></body></html>",
     )
 }
 
@@ -237,22 +272,12 @@ pub fn instances(s: &WebSession, rows: &[Instance], labels: Option<&str>, proble
             let status =
                 if r.online { "<span class=\"on\">online</span>" } else { "<span class=\"off\">offline</span>" };
             let logins = if r.logins.is_empty() { "&mdash;".to_owned() } else { escape(&r.logins.join(", ")) };
-            // A terminal for each login the user may choose (the default first), or one.
             let open = if !r.online || !r.actions.iter().any(|a| a == "shell") {
                 String::new()
-            } else if r.logins.len() > 1 {
-                r.logins
-                    .iter()
-                    .map(|l| {
-                        format!(
-                            "<a class=\"open\" href=\"{}\">Terminal as {}</a>",
-                            terminal_link(&r.name, Some(l)),
-                            escape(l)
-                        )
-                    })
-                    .collect()
+            } else if r.logins.len() > 1 || !r.profiles.is_empty() {
+                open_form(r)
             } else {
-                format!("<a class=\"open\" href=\"{}\">Open terminal</a>", terminal_link(&r.name, None))
+                format!("<a class=\"open\" href=\"{}\">Open terminal</a>", terminal_link(&r.name))
             };
             table.push_str(&format!(
                 "<tr><td><strong>{}</strong><br><span class=\"off\">{}</span></td><td>{labels}</td><td>{status}</td><td>{actions}</td><td>{logins}</td><td>{open}</td></tr>",

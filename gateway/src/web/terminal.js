@@ -28,6 +28,7 @@
 
   const params = new URLSearchParams({ instance: box.dataset.instance, cols: term.cols, rows: term.rows });
   if (box.dataset.login) params.set("login", box.dataset.login);
+  if (box.dataset.profile) params.set("profile", box.dataset.profile);
   const ws = new WebSocket(`wss://${location.host}/ws/terminal?${params}`);
   ws.binaryType = "arraybuffer";
   const encoder = new TextEncoder();
