@@ -475,3 +475,67 @@ fn a_terminal_opens_with_the_login_and_profile_chosen() {
     let r = websocket(&c, Some(&cookie), Some(&c.origin()), "web-01&profile=nope");
     assert!(r.contains("\"refused\"") && r.contains("profile"), "{r}");
 }
+
+/// A recording the gateway uploaded to the object store and no longer has on disk (as
+/// retention leaves it) still plays in the console: fetched from the store for the page.
+#[test]
+fn a_recording_only_in_the_object_store_replays_in_the_console() {
+    let moto_dir = tempfile::tempdir().unwrap();
+    let port = free_tcp_port();
+    let mut moto = Command::new("moto_server");
+    moto.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let _moto = spawn_logged(moto, &moto_dir.path().join("moto.log"));
+    wait_until("moto listens", std::time::Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let created = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, boto3\nboto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='postern-audit')",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let c = Console::with(
+        &format!(
+            "[audit.s3]\nbucket = \"postern-audit\"\nprefix = \"site-a\"\nendpoint = \"http://127.0.0.1:{port}\"\n\
+             allow_http = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n"
+        ),
+        POLICY,
+    );
+    let out = Command::new("timeout")
+        .args(["30", "ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
+        .arg(c.dir.path().join("alice"))
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", c.dir.path().join("known_hosts").display()))
+        .args(["-p", &c.gw.ssh_port.to_string(), "alice%web-01@127.0.0.1", "echo from-the-bucket"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sid = c.gw.audit_events().into_iter().rfind(|e| e["event"] == "session.end").unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until("the recording is uploaded", std::time::Duration::from_secs(30), || {
+        let out = c.gw.postern(&["sessions", "--all", "--json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        rows.iter().any(|r| r["id"] == sid.as_str() && r["recording_s3"].is_string())
+    });
+    std::fs::remove_file(c.gw.data_dir().join("recordings").join(format!("{sid}.cast"))).unwrap();
+    let cookie = cookie_of(&text(&c.curl(&[&c.link("alice")]).stdout));
+    let cast = text(&c.curl(&["-b", &cookie, &format!("{}/sessions/{sid}/cast", c.origin())]).stdout);
+    assert!(cast.starts_with("HTTP/1.1 200") && cast.contains("from-the-bucket"), "{cast}");
+    let page = text(&c.curl(&["-b", &cookie, &format!("{}/sessions/{sid}", c.origin())]).stdout);
+    assert!(page.contains("id=\"player\""), "the page offers no player: {page}");
+    // The downloaded copy is not left behind.
+    let left: Vec<_> = std::fs::read_dir(c.gw.data_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("web-replay-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
