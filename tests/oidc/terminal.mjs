@@ -1,7 +1,8 @@
 // A terminal in the web console, driven in a real browser for end-to-end tests: headless
 // Chromium (Debian's /usr/bin/chromium through playwright-core) signs in with the one-time
 // link, opens a terminal on INSTANCE from the instances page, types a command and waits
-// for its output, resizes the window and checks that the shell sees the new size, takes a
+// for its output, resizes the window and checks that the shell sees the new size, sends
+// UTF-8 both ways, pastes a command (a paste event on the terminal), takes a
 // screenshot, then obeys one line on stdin:
 //
 //   exit   type `exit` and wait for the page to say the session ended
@@ -85,6 +86,16 @@ try {
   await page.keyboard.type('echo "grüße ✓"');
   await page.keyboard.press('Enter');
   await waitFor(/^grüße ✓$/m);
+  // A paste, as the browser delivers one to the terminal (headless Chromium does not turn
+  // Ctrl+V into a paste event, so the event is dispatched as the browser would).
+  await page.evaluate(() => {
+    const data = new DataTransfer();
+    data.setData('text/plain', 'echo pasted-$((2+3))');
+    const target = document.querySelector('#terminal textarea');
+    target.dispatchEvent(new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true }));
+  });
+  await page.keyboard.press('Enter');
+  const pasted = await waitFor(/^pasted-5$/m);
   await page.setViewportSize({ width: 1100, height: 640 });
   await page.waitForFunction((b) => window.posternTerminal.cols === b[0], before);
   await page.screenshot({ path: screenshot });
@@ -95,6 +106,7 @@ try {
       after,
       echoed: echoed.includes('42'),
       sized: sized.includes(`${after[1]} ${after[0]}`),
+      pasted: /^pasted-5$/m.test(pasted),
       violations,
     },
   });

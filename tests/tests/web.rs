@@ -193,6 +193,7 @@ fn a_browser_terminal_runs_a_recorded_shell_through_the_broker() {
     let (terminal, ready) = BrowserTerminal::open(&link, "web-01", &shot).unwrap();
     assert_eq!(ready["echoed"], true, "{ready}");
     assert_eq!(ready["sized"], true, "the shell did not see the new size: {ready}");
+    assert_eq!(ready["pasted"], true, "a paste did not reach the shell: {ready}");
     assert_eq!(ready["violations"], serde_json::json!([]), "the page logged errors (CSP?): {ready}");
     // On the live table like any session, with its door.
     let (starts, _) = web_sessions(&c.gw);
