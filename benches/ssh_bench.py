@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Timing helpers for benches/ssh-vs-openssh.sh (standard library only).
+"""Timing helpers for benches/ssh-vs-openssh.sh and the other end-to-end benchmarks (standard library only).
 
   ssh_bench.py setup N -- CMD...          median/p90 wall time of running CMD N times
   ssh_bench.py pipe BYTES -- CMD...       stream BYTES zeros into CMD's stdin; MiB/s
