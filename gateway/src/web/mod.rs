@@ -66,6 +66,8 @@ pub async fn serve(
                 }
             },
         };
+        // Keystrokes and their echoes are small writes: sent at once, as the SSH door does.
+        let _ = stream.set_nodelay(true);
         let (acceptor, state, web, shutdown) = (acceptor.clone(), state.clone(), web.clone(), shutdown.clone());
         tasks.spawn(
             async move {
