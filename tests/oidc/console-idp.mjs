@@ -10,7 +10,7 @@
 // user the page shows, and the page's text. TLS errors are ignored: the console's
 // certificate is from the gateway's own CA.
 
-import { chromium } from 'playwright-core';
+import { deadline, fail, launch } from './lib.mjs';
 
 const [origin, login, password] = process.argv.slice(2);
 if (!origin || login === undefined || password === undefined) {
@@ -18,19 +18,10 @@ if (!origin || login === undefined || password === undefined) {
   process.exit(2);
 }
 const TIMEOUT_MS = 45_000;
-const executablePath = process.env.POSTERN_TEST_CHROMIUM || '/usr/bin/chromium';
-const timer = setTimeout(() => {
-  process.stderr.write(`console-idp: no result within ${TIMEOUT_MS / 1000} s\n`);
-  process.exit(1);
-}, TIMEOUT_MS);
+const timer = deadline('console-idp', TIMEOUT_MS);
 
 let page;
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--disable-extensions'],
-  timeout: TIMEOUT_MS,
-});
+const browser = await launch(TIMEOUT_MS);
 const out = {};
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true });
@@ -50,13 +41,7 @@ try {
   out.user = (await page.locator('#user').count()) ? await page.locator('#user').innerText() : null;
   out.text = await page.locator('main').innerText();
 } catch (err) {
-  let seen = '';
-  try {
-    seen = `\npage ${page.url()}: ${await page.locator('body').innerText({ timeout: 2000 })}`;
-  } catch {}
-  process.stderr.write(`console-idp: ${err.message}${seen}\n`);
-  await browser.close();
-  process.exit(1);
+  await fail('console-idp', err, browser, page);
 }
 await browser.close();
 clearTimeout(timer);

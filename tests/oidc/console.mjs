@@ -9,7 +9,7 @@
 // certificate comes from the gateway's own CA, which this browser does not know: TLS
 // errors are ignored (the tests check the certificate chain separately).
 
-import { chromium } from 'playwright-core';
+import { deadline, fail, launch } from './lib.mjs';
 
 const [url, screenshot, labels] = process.argv.slice(2);
 if (!url || !screenshot) {
@@ -17,22 +17,14 @@ if (!url || !screenshot) {
   process.exit(2);
 }
 const TIMEOUT_MS = 30_000;
-const executablePath = process.env.POSTERN_TEST_CHROMIUM || '/usr/bin/chromium';
-const timer = setTimeout(() => {
-  process.stderr.write(`console: no result within ${TIMEOUT_MS / 1000} s\n`);
-  process.exit(1);
-}, TIMEOUT_MS);
+const timer = deadline('console', TIMEOUT_MS);
 
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--disable-extensions'],
-  timeout: TIMEOUT_MS,
-});
+const browser = await launch(TIMEOUT_MS);
 const out = {};
+let page;
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1200, height: 700 } });
-  const page = await context.newPage();
+  page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT_MS);
   await page.goto(url);
   out.landed = page.url();
@@ -50,9 +42,7 @@ try {
   await page.goto(url);
   out.reused = await page.locator('main').innerText();
 } catch (err) {
-  process.stderr.write(`console: ${err.message}\n`);
-  await browser.close();
-  process.exit(1);
+  await fail('console', err, browser, page);
 }
 await browser.close();
 clearTimeout(timer);

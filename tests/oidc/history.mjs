@@ -8,7 +8,7 @@
 // stdout: one JSON object {list, found, replay, shown, errors}. TLS errors are ignored:
 // the console's certificate is from the gateway's own CA.
 
-import { chromium } from 'playwright-core';
+import { collectErrors, deadline, fail, launch } from './lib.mjs';
 
 const [url, instance, session, want, screenshot] = process.argv.slice(2);
 if (!url || !instance || !session || !want || !screenshot) {
@@ -16,28 +16,17 @@ if (!url || !instance || !session || !want || !screenshot) {
   process.exit(2);
 }
 const TIMEOUT_MS = 45_000;
-const executablePath = process.env.POSTERN_TEST_CHROMIUM || '/usr/bin/chromium';
-const timer = setTimeout(() => {
-  process.stderr.write(`history: no result within ${TIMEOUT_MS / 1000} s\n`);
-  process.exit(1);
-}, TIMEOUT_MS);
+const timer = deadline('history', TIMEOUT_MS);
 
 const errors = [];
 let page;
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--disable-extensions'],
-  timeout: TIMEOUT_MS,
-});
+const browser = await launch(TIMEOUT_MS);
 const out = {};
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1200, height: 760 } });
   page = await context.newPage();
   page.setDefaultTimeout(20_000);
-  page.on('console', (m) => {
-    if (m.type() === 'error') errors.push(m.text());
-  });
+  collectErrors(page, errors);
   await page.goto(url);
   await page.click('header nav a[href="/sessions"]');
   await page.fill('input[name=instance]', instance);
@@ -67,13 +56,7 @@ try {
   await page.screenshot({ path: screenshot, fullPage: true });
   out.errors = errors;
 } catch (err) {
-  let seen = '';
-  try {
-    seen = `\npage ${page.url()}: ${await page.locator('body').innerText({ timeout: 2000 })}`;
-  } catch {}
-  process.stderr.write(`history: ${err.message}${seen}\nconsole errors: ${JSON.stringify(errors)}\n`);
-  await browser.close();
-  process.exit(1);
+  await fail('history', err, browser, page, errors);
 }
 await browser.close();
 clearTimeout(timer);

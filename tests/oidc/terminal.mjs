@@ -16,7 +16,7 @@
 // writes its line), and {"done": {...}} at the end. TLS errors are ignored: the console's
 // certificate is from the gateway's own CA (the tests check the chain separately).
 
-import { chromium } from 'playwright-core';
+import { collectErrors, deadline, fail, launch, screen } from './lib.mjs';
 import { createInterface } from 'node:readline';
 
 const [url, instance, screenshot] = process.argv.slice(2);
@@ -25,46 +25,28 @@ if (!url || !instance || !screenshot) {
   process.exit(2);
 }
 const TIMEOUT_MS = 60_000;
-const executablePath = process.env.POSTERN_TEST_CHROMIUM || '/usr/bin/chromium';
-const timer = setTimeout(() => {
-  process.stderr.write(`terminal: no result within ${TIMEOUT_MS / 1000} s\n`);
-  process.exit(1);
-}, TIMEOUT_MS);
+const timer = deadline('terminal', TIMEOUT_MS);
 const say = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
 let page;
 const violations = [];
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--disable-extensions'],
-  timeout: TIMEOUT_MS,
-});
+const browser = await launch(TIMEOUT_MS);
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1100, height: 640 } });
   page = await context.newPage();
   page.setDefaultTimeout(20_000);
-  page.on('console', (m) => {
-    if (m.type() === 'error') violations.push(m.text());
-  });
+  collectErrors(page, violations);
   await page.goto(url);
   // From the instances page, as a person would.
   const row = page.locator('#instances tr', { hasText: instance });
   await row.locator('a.open').first().click();
   await page.waitForURL(/\/terminal\?/);
   await page.waitForFunction(() => document.getElementById('state').textContent.includes('recorded'));
-  const screen = () => page.evaluate(() => {
-    const t = window.posternTerminal;
-    const b = t.buffer.active;
-    const out = [];
-    for (let i = 0; i < b.length; i++) out.push(b.getLine(i).translateToString(true));
-    return out.join('\n');
-  });
   const waitFor = async (re) => {
     const until = Date.now() + 20_000;
     for (;;) {
-      const s = await screen();
+      const s = await screen(page);
       if (re.test(s)) return s;
       if (Date.now() > until) throw new Error(`not on the screen: ${re}\n${s}`);
       await page.waitForTimeout(25);
@@ -132,18 +114,12 @@ try {
         ended: await page.locator('#ended').innerText(),
         state: await page.locator('#state').innerText(),
         ms: Date.now() - started,
-        screen: await screen(),
+        screen: await screen(page),
       },
     });
   }
 } catch (err) {
-  let seen = '';
-  try {
-    seen = `\npage ${page.url()}: ${await page.locator('body').innerText({ timeout: 2000 })}`;
-  } catch {}
-  process.stderr.write(`terminal: ${err.message}${seen}\nconsole errors: ${JSON.stringify(violations)}\n`);
-  await browser.close();
-  process.exit(1);
+  await fail('terminal', err, browser, page, violations);
 }
 await browser.close();
 clearTimeout(timer);

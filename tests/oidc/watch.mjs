@@ -9,7 +9,7 @@
 //
 // TLS errors are ignored: the console's certificate is from the gateway's own CA.
 
-import { chromium } from 'playwright-core';
+import { collectErrors, deadline, fail, launch, screen } from './lib.mjs';
 import { createInterface } from 'node:readline';
 
 const [url, session, screenshot] = process.argv.slice(2);
@@ -18,29 +18,18 @@ if (!url || !session || !screenshot) {
   process.exit(2);
 }
 const TIMEOUT_MS = 60_000;
-const executablePath = process.env.POSTERN_TEST_CHROMIUM || '/usr/bin/chromium';
-const timer = setTimeout(() => {
-  process.stderr.write(`watch: no result within ${TIMEOUT_MS / 1000} s\n`);
-  process.exit(1);
-}, TIMEOUT_MS);
+const timer = deadline('watch', TIMEOUT_MS);
 const say = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
 const errors = [];
 let page;
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--disable-extensions'],
-  timeout: TIMEOUT_MS,
-});
+const browser = await launch(TIMEOUT_MS);
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1100, height: 640 } });
   page = await context.newPage();
   page.setDefaultTimeout(20_000);
-  page.on('console', (m) => {
-    if (m.type() === 'error') errors.push(m.text());
-  });
+  collectErrors(page, errors);
   await page.goto(url);
   await page.click('header nav a[href="/sessions"]');
   await page.locator(`tr[data-session="${session}"] a[href^="/watch"]`).click();
@@ -48,17 +37,11 @@ try {
   await page.waitForFunction(() => document.getElementById('state').textContent.includes('watching'));
   say({ ready: { title: await page.title(), errors } });
   const { value: want = '' } = await lines.next();
-  const screen = () => page.evaluate(() => {
-    const b = window.posternTerminal.buffer.active;
-    const out = [];
-    for (let i = 0; i < b.length; i++) out.push(b.getLine(i).translateToString(true));
-    return out.join('\n');
-  });
   const until = Date.now() + 20_000;
   let seen = false;
   let shown = '';
   while (Date.now() < until) {
-    shown = await screen();
+    shown = await screen(page);
     if (shown.split('\n').some((l) => l.trim() === want)) {
       seen = true;
       break;
@@ -68,13 +51,7 @@ try {
   await page.screenshot({ path: screenshot });
   say({ done: { seen, screen: shown, errors } });
 } catch (err) {
-  let seen = '';
-  try {
-    seen = `\npage ${page.url()}: ${await page.locator('body').innerText({ timeout: 2000 })}`;
-  } catch {}
-  process.stderr.write(`watch: ${err.message}${seen}\nconsole errors: ${JSON.stringify(errors)}\n`);
-  await browser.close();
-  process.exit(1);
+  await fail('watch', err, browser, page, errors);
 }
 await browser.close();
 clearTimeout(timer);

@@ -123,7 +123,6 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
         (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", pages::STYLE),
         (Method::GET, "/favicon.svg" | "/favicon.ico") => answer(StatusCode::OK, "image/svg+xml", pages::ICON),
         (Method::GET, "/terminal.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::TERMINAL_JS),
-        (Method::GET, "/watch.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::WATCH_JS),
         (Method::GET, "/watch") => match signed_in(state, web, &req) {
             Some((_, s)) => {
                 let id = query_param(&req, "session").unwrap_or_default();

@@ -67,10 +67,8 @@ body.terminal header a { color: #9fc0ff; }
 pub const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 32 32\"><rect width=\"32\" height=\"32\" rx=\"7\" fill=\"#2457c5\"/>\
 <path d=\"M9 25V13a7 7 0 0 1 14 0v12\" fill=\"none\" stroke=\"#fff\" stroke-width=\"3\"/><path d=\"M16 6v19\" stroke=\"#fff\" stroke-width=\"2\"/></svg>";
 
-/// The terminal page's own script: xterm.js on the console's WebSocket.
+/// The terminal and watch pages' own script: xterm.js on the console's WebSocket.
 pub const TERMINAL_JS: &str = include_str!("terminal.js");
-/// The watch page's own script: a read-only xterm.js on the console's WebSocket.
-pub const WATCH_JS: &str = include_str!("watch.js");
 /// The replay page's own script: asciinema-player on the session's recording.
 pub const REPLAY_JS: &str = include_str!("replay.js");
 
@@ -150,10 +148,10 @@ pub fn watch(s: &WebSession, session: &str, user: &str, instance: &str) -> Strin
          <title>Watching {user} on {instance} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"stylesheet\" href=\"{css}\"><link rel=\"icon\" href=\"/favicon.svg\"></head>\
          <body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{who}</div></header>\
          <div class=\"termbar\"><span>Watching <strong>{user}</strong> on <strong id=\"instance\">{instance}</strong></span>\
-         <span>session {session}</span><span class=\"state\" id=\"state\">connecting…</span></div>\
+         <span id=\"session\">session {session}</span><span class=\"state\" id=\"state\">connecting…</span></div>\
          <div id=\"ended\" role=\"alert\"></div>\
          <div id=\"terminal\" data-session=\"{session}\"></div>\
-         <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/watch.js?v={v}\"></script></body></html>",
+         <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/terminal.js?v={v}\"></script></body></html>",
         user = escape(user),
         instance = escape(instance),
         session = escape(session),
