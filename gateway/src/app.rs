@@ -869,7 +869,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     }
     if let (Some(l), Some((signin, origin))) = (web_listener, state.web_signin.clone()) {
         let tls = web_tls(&state.config, state.instances.ca(), &origin)?;
-        let web = Arc::new(crate::web::Web { signin, origin, tls });
+        let web = Arc::new(crate::web::Web::new(signin, origin, tls));
         tasks.spawn(crate::web::serve(l, state.clone(), web, shutdown.clone()));
     }
     let _ = state.audit.event(&Event::GatewayStarted(GatewayStarted {

@@ -20,6 +20,18 @@ pub struct Web {
     /// `https://host:port`, as browsers reach the console.
     pub origin: String,
     pub tls: Arc<rustls::ServerConfig>,
+    /// Places for open WebSockets (terminals and watches), which outlive the HTTP
+    /// connection's place: [`MAX_SOCKETS`] at once.
+    pub sockets: Arc<tokio::sync::Semaphore>,
+}
+
+/// WebSockets (terminals and watches) open at once; more are refused (503).
+pub const MAX_SOCKETS: usize = 256;
+
+impl Web {
+    pub fn new(signin: Arc<WebSignIn>, origin: String, tls: Arc<rustls::ServerConfig>) -> Self {
+        Web { signin, origin, tls, sockets: Arc::new(tokio::sync::Semaphore::new(MAX_SOCKETS)) }
+    }
 }
 
 pub type Answer = Response<Full<Bytes>>;

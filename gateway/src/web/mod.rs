@@ -1,7 +1,9 @@
 //! The web console's front door (`[web]`, docs/web.md): HTTPS on its own port. A browser
 //! signs in with a one-time link from `postern web-login` (the SSH door authenticated the
-//! user who asked for it), sees the instances it may reach, as `postern ls` does, and opens
-//! a recorded terminal on one ([`terminal`]).
+//! user who asked for it) or through the identity provider ([`signin`]), sees the
+//! instances it may reach, as `postern ls` does, opens a recorded terminal on one
+//! ([`terminal`]), searches and replays past sessions ([`history`]) and, for members of
+//! `[web] admin_groups`, watches live ones ([`watch`]).
 //!
 //! Every answer carries a strict Content-Security-Policy (nothing but this origin's own
 //! scripts and stylesheets, WebSockets to itself only), `no-store` (but for the embedded

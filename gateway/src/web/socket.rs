@@ -55,8 +55,15 @@ where
     if !upgrade_asked || !version_13 {
         return plain(StatusCode::BAD_REQUEST, "a WebSocket (version 13) request was expected");
     }
+    let Ok(place) = web.sockets.clone().try_acquire_owned() else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many terminals are open on this gateway; try again shortly",
+        );
+    };
     let upgrading = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let _place = place;
         let io = match upgrading.await {
             Ok(io) => TokioIo::new(io),
             Err(e) => return debug!(error = %e, "WebSocket upgrade failed"),
