@@ -60,6 +60,12 @@ pub fn html(status: StatusCode, body: String) -> Answer {
     answer(status, "text/html; charset=utf-8", body)
 }
 
+/// `r` with its own Content-Security-Policy instead of [`CSP`].
+pub fn with_csp(mut r: Answer, csp: &'static str) -> Answer {
+    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
+    r
+}
+
 pub fn redirect(to: &'static str) -> Answer {
     let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
     r.headers_mut().insert(header::LOCATION, HeaderValue::from_static(to));
@@ -94,11 +100,14 @@ pub fn signed_in(state: &Services, web: &Web, req: &Request<Incoming>) -> Option
     Some((id, s))
 }
 
+/// The query parameter `name`, decoded and trimmed, when the request has one that is not
+/// empty.
 pub fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.uri()
         .query()?
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
-        .map(|(_, v)| postern_core::util::url_decode(v))
+        .map(|(_, v)| postern_core::util::url_decode(v).trim().to_owned())
+        .filter(|v| !v.is_empty())
 }

@@ -9,7 +9,7 @@ use hyper::StatusCode;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 
-use super::common::{Answer, answer, html, query_param};
+use super::common::{Answer, CSP_PLAYER, answer, html, query_param, with_csp};
 use super::pages::{self, HistoryForm};
 use crate::history::{HistoryRow, SessionFilter, valid_prefix};
 use crate::services::Services;
@@ -30,7 +30,7 @@ pub(super) fn is_admin(state: &Services, user: &str) -> bool {
 /// `GET /sessions`: the history page.
 pub(super) async fn list(state: &Services, s: &WebSession, req: &hyper::Request<Incoming>) -> Answer {
     let admin = is_admin(state, &s.user);
-    let field = |name: &str| query_param(req, name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let field = |name: &str| query_param(req, name);
     let form = HistoryForm {
         user: if admin { field("user") } else { None },
         instance: field("instance"),
@@ -89,9 +89,8 @@ pub(super) async fn replay_page(state: &Services, s: &WebSession, id: &str) -> A
     let unrecorded = crate::history::unrecorded(&record);
     let mut row = HistoryRow::of(record, None, postern_core::util::now_unix());
     row.locate_recording(state.shipper.as_deref());
-    let mut r = html(StatusCode::OK, pages::replay(s, &row, unrecorded.as_deref(), super::assets::MISSING.is_some()));
-    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(super::common::CSP_PLAYER));
-    r
+    let page = pages::replay(s, &row, unrecorded.as_deref(), super::assets::MISSING.is_some());
+    with_csp(html(StatusCode::OK, page), CSP_PLAYER)
 }
 
 /// `GET /sessions/ID/cast`: the recording as asciicast, unsealed, from the data directory

@@ -37,7 +37,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::services::Services;
 use crate::web_signin::WebSession;
-use common::{Answer, CSP, CSP_INLINE_STYLES, answer, html, query_param, redirect, signed_in};
+use common::{Answer, CSP, CSP_INLINE_STYLES, answer, html, query_param, redirect, signed_in, with_csp};
 
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
@@ -126,32 +126,7 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
         (Method::GET, "/favicon.svg" | "/favicon.ico") => answer(StatusCode::OK, "image/svg+xml", pages::ICON),
         (Method::GET, "/terminal.js") => answer(StatusCode::OK, "text/javascript; charset=utf-8", pages::TERMINAL_JS),
         (Method::GET, "/watch") => match signed_in(state, web, &req) {
-            Some((_, s)) => {
-                let id = query_param(&req, "session").unwrap_or_default();
-                match watch::watchable(state, &s.user, &id) {
-                    Some(live) if assets::MISSING.is_none() => {
-                        let mut r =
-                            html(StatusCode::OK, pages::watch(&s, &live.id, &live.party.user, &live.party.target));
-                        r.headers_mut()
-                            .insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_INLINE_STYLES));
-                        r
-                    }
-                    Some(_) => html(
-                        StatusCode::NOT_IMPLEMENTED,
-                        pages::message(
-                            "No terminal in this build",
-                            "This gateway was built without the web terminal's scripts.",
-                        ),
-                    ),
-                    None => html(
-                        StatusCode::NOT_FOUND,
-                        pages::message(
-                            "No such session",
-                            "There is no live shell or exec session with this id that you may watch.",
-                        ),
-                    ),
-                }
-            }
+            Some((_, s)) => watch_page(state, &s, &req),
             None => redirect("/"),
         },
         (Method::GET, "/ws/watch") => watch::upgrade(state, web, req, peer),
@@ -177,31 +152,7 @@ async fn handle(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: 
             None => html(StatusCode::NOT_FOUND, pages::message("Not found", "There is no such file.")),
         },
         (Method::GET, "/terminal") => match signed_in(state, web, &req) {
-            Some((_, s)) => match query_param(&req, "instance").filter(|i| !i.is_empty()) {
-                Some(instance) if assets::MISSING.is_none() => {
-                    let mut r = html(
-                        StatusCode::OK,
-                        pages::terminal(
-                            &s,
-                            &instance,
-                            query_param(&req, "login").filter(|l| !l.is_empty()).as_deref(),
-                            query_param(&req, "profile").filter(|p| !p.is_empty()).as_deref(),
-                        ),
-                    );
-                    r.headers_mut()
-                        .insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_INLINE_STYLES));
-                    r
-                }
-                Some(_) => html(
-                    StatusCode::NOT_IMPLEMENTED,
-                    pages::message(
-                        "No terminal in this build",
-                        "This gateway was built without the web terminal's scripts (npm was not available when it \
-                         was built); use ssh, or rebuild it with Node.js and npm installed.",
-                    ),
-                ),
-                None => redirect("/"),
-            },
+            Some((_, s)) => terminal_page(&s, &req),
             None => redirect("/"),
         },
         (Method::GET, "/ws/terminal") => terminal::upgrade(state, web, req, peer),
@@ -259,9 +210,47 @@ async fn sign_out(state: &Services, web: &Web, req: Request<Incoming>) -> Answer
     r
 }
 
+/// A page that runs xterm.js, or why this build cannot.
+fn with_terminal(page: impl FnOnce() -> String) -> Answer {
+    if assets::MISSING.is_some() {
+        return html(
+            StatusCode::NOT_IMPLEMENTED,
+            pages::message(
+                "No terminal in this build",
+                "This gateway was built without the web terminal's scripts (npm was not available when it was \
+                 built); use ssh, or rebuild it with Node.js and npm installed.",
+            ),
+        );
+    }
+    with_csp(html(StatusCode::OK, page()), CSP_INLINE_STYLES)
+}
+
+/// `GET /terminal?instance=NAME[&login=L][&profile=P]`.
+fn terminal_page(s: &WebSession, req: &Request<Incoming>) -> Answer {
+    let Some(instance) = query_param(req, "instance") else { return redirect("/") };
+    with_terminal(|| {
+        let (login, profile) = (query_param(req, "login"), query_param(req, "profile"));
+        pages::terminal(s, &instance, login.as_deref(), profile.as_deref())
+    })
+}
+
+/// `GET /watch?session=ID`: for those who may watch it.
+fn watch_page(state: &Services, s: &WebSession, req: &Request<Incoming>) -> Answer {
+    let id = query_param(req, "session").unwrap_or_default();
+    match watch::watchable(state, &s.user, &id) {
+        Some(live) => with_terminal(|| pages::watch(s, &live.id, &live.party.user, &live.party.target)),
+        None => html(
+            StatusCode::NOT_FOUND,
+            pages::message(
+                "No such session",
+                "There is no live shell or exec session with this id that you may watch.",
+            ),
+        ),
+    }
+}
+
 async fn instances_page(state: &Services, s: &WebSession, labels: Option<String>, peer: SocketAddr) -> Answer {
     let who = Identity::new(s.user.clone(), Some(peer.ip()));
-    let labels = labels.filter(|l| !l.trim().is_empty());
     match state.visible_instances(&who, labels.as_deref()).await {
         Ok(rows) => html(StatusCode::OK, pages::instances(s, &rows, labels.as_deref(), None)),
         Err(e) => html(StatusCode::BAD_REQUEST, pages::instances(s, &[], labels.as_deref(), Some(&e))),

@@ -95,14 +95,36 @@ pub fn escape(s: &str) -> String {
 
 pub use postern_core::util::url_decode;
 
-fn page(title: &str, header_right: &str, body: &str) -> String {
+/// A page's `<head>`: its title (escaped here), the console's stylesheet and icon, and
+/// `extra` (more stylesheets, a refresh).
+fn head(title: &str, extra: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"icon\" href=\"/favicon.svg\"></head><body>\
-         <header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{header_right}</div></header>\
-         <main>{body}</main></body></html>",
+         <title>{} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"icon\" href=\"/favicon.svg\">{extra}</head>",
         escape(title)
     )
+}
+
+fn page(title: &str, header_right: &str, body: &str) -> String {
+    page_with(title, "", header_right, body)
+}
+
+fn page_with(title: &str, extra_head: &str, header_right: &str, body: &str) -> String {
+    format!(
+        "{}<body><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{header_right}</div></header>\
+         <main>{body}</main></body></html>",
+        head(title, extra_head)
+    )
+}
+
+/// A problem to show above a page's content.
+fn notice(problem: Option<&str>) -> String {
+    problem.map(|p| format!("<div class=\"notice\" id=\"problem\">{}</div>", escape(p))).unwrap_or_default()
+}
+
+/// A query value or path segment, percent-encoded.
+fn url_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// The signed-in user and the sign-out form, for a page's header.
@@ -115,51 +137,54 @@ fn who(s: &WebSession) -> String {
     )
 }
 
-/// A terminal on `instance` (as `login` when one was chosen): the script opens the session.
-pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>, profile: Option<&str>) -> String {
-    let mut as_login = login.map(|l| format!(" as <strong>{}</strong>", escape(l))).unwrap_or_default();
-    if let Some(p) = profile {
-        as_login.push_str(&format!(", profile <strong>{}</strong>", escape(p)));
-    }
+/// A page around one terminal (terminal.js fills it): `bar` says what it is, `data` the
+/// terminal element's attributes that tell the script what to open.
+fn terminal_page(s: &WebSession, title: &str, bar: &str, data: &str) -> String {
     format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"stylesheet\" href=\"{css}\"><link rel=\"icon\" href=\"/favicon.svg\"></head>\
-         <body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{who}</div></header>\
-         <div class=\"termbar\"><span>Shell on <strong id=\"instance\">{title}</strong>{as_login}</span><span id=\"session\"></span>\
-         <span class=\"state\" id=\"state\">connecting…</span></div>\
+        "{}<body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{who}</div></header>\
+         <div class=\"termbar\">{bar}<span class=\"state\" id=\"state\">connecting…</span></div>\
          <div id=\"ended\" role=\"alert\"></div>\
-         <div id=\"terminal\" data-instance=\"{title}\" data-login=\"{login}\" data-profile=\"{profile}\"></div>\
+         <div id=\"terminal\" {data}></div>\
          <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/terminal.js?v={v}\"></script></body></html>",
-        title = escape(instance),
-        login = escape(login.unwrap_or("")),
-        profile = escape(profile.unwrap_or("")),
+        head(title, &format!("<link rel=\"stylesheet\" href=\"{}\">", asset("xterm.css"))),
         who = who(s),
-        css = asset("xterm.css"),
         xterm = asset("xterm.js"),
         fit = asset("addon-fit.js"),
         v = env!("CARGO_PKG_VERSION"),
     )
 }
 
+/// A terminal on `instance` (as `login`, with `profile`, when chosen): the script opens the
+/// session.
+pub fn terminal(s: &WebSession, instance: &str, login: Option<&str>, profile: Option<&str>) -> String {
+    let mut chosen = login.map(|l| format!(" as <strong>{}</strong>", escape(l))).unwrap_or_default();
+    if let Some(p) = profile {
+        chosen.push_str(&format!(", profile <strong>{}</strong>", escape(p)));
+    }
+    let name = escape(instance);
+    terminal_page(
+        s,
+        instance,
+        &format!("<span>Shell on <strong id=\"instance\">{name}</strong>{chosen}</span><span id=\"session\"></span>"),
+        &format!(
+            "data-instance=\"{name}\" data-login=\"{}\" data-profile=\"{}\"",
+            escape(login.unwrap_or("")),
+            escape(profile.unwrap_or(""))
+        ),
+    )
+}
+
 /// A live session, watched read-only: who, where, and a terminal the script fills.
 pub fn watch(s: &WebSession, session: &str, user: &str, instance: &str) -> String {
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>Watching {user} on {instance} · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"><link rel=\"stylesheet\" href=\"{css}\"><link rel=\"icon\" href=\"/favicon.svg\"></head>\
-         <body class=\"terminal\"><header><div class=\"brand\">Post<span>ern</span></div><div class=\"who\">{who}</div></header>\
-         <div class=\"termbar\"><span>Watching <strong>{user}</strong> on <strong id=\"instance\">{instance}</strong></span>\
-         <span id=\"session\">session {session}</span><span class=\"state\" id=\"state\">connecting…</span></div>\
-         <div id=\"ended\" role=\"alert\"></div>\
-         <div id=\"terminal\" data-session=\"{session}\"></div>\
-         <script src=\"{xterm}\"></script><script src=\"{fit}\"></script><script src=\"/terminal.js?v={v}\"></script></body></html>",
-        user = escape(user),
-        instance = escape(instance),
-        session = escape(session),
-        who = who(s),
-        css = asset("xterm.css"),
-        xterm = asset("xterm.js"),
-        fit = asset("addon-fit.js"),
-        v = env!("CARGO_PKG_VERSION"),
+    let (user_, instance_, session_) = (escape(user), escape(instance), escape(session));
+    terminal_page(
+        s,
+        &format!("Watching {user} on {instance}"),
+        &format!(
+            "<span>Watching <strong>{user_}</strong> on <strong id=\"instance\">{instance_}</strong></span>\
+             <span id=\"session\">session {session_}</span>"
+        ),
+        &format!("data-session=\"{session_}\""),
     )
 }
 
@@ -199,24 +224,15 @@ fn terminal_link(instance: &str) -> String {
     escape(&format!("/terminal?instance={}", url_encode(instance)))
 }
 
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Signed in, on the way to the console: a same-site navigation, so that the browser sends
 /// the new SameSite=Strict cookie (a redirect at the end of the identity provider's chain
 /// of redirects would count as cross-site).
 pub fn signed_in_continue() -> String {
-    String::from(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url=/\">\
-         <title>Signed in · Postern</title><link rel=\"stylesheet\" href=\"/app.css\"></head><body>\
-         <header><div class=\"brand\">Post<span>ern</span></div></header><main><div class=\"card\"><h1>Signed in</h1>\
-         <p><a href=\"/\">Continue to the console</a></p></div></main></body></html>",
+    page_with(
+        "Signed in",
+        "<meta http-equiv=\"refresh\" content=\"0;url=/\">",
+        "",
+        "<div class=\"card\"><h1>Signed in</h1><p><a href=\"/\">Continue to the console</a></p></div>",
     )
 }
 
@@ -227,8 +243,7 @@ pub fn message(title: &str, text: &str) -> String {
 
 /// Not signed in: how to sign in, and why the last attempt failed.
 pub fn signed_out(problem: Option<&str>, idp: bool) -> String {
-    let notice =
-        problem.map(|p| format!("<div class=\"notice\" id=\"problem\">{}</div>", escape(p))).unwrap_or_default();
+    let notice = notice(problem);
     let idp = if idp {
         "<p><a class=\"open big\" id=\"idp\" href=\"/signin/oidc/start\">Sign in with your identity provider</a></p>\
          <p class=\"off\">Or, with the SSH key you already use:</p>"
@@ -249,7 +264,7 @@ pub fn signed_out(problem: Option<&str>, idp: bool) -> String {
 /// The instances the user may reach, filtered by a label selector.
 pub fn instances(s: &WebSession, rows: &[Instance], labels: Option<&str>, problem: Option<&str>) -> String {
     let who = who(s);
-    let notice = problem.map(|p| format!("<div class=\"notice\">{}</div>", escape(p))).unwrap_or_default();
+    let notice = notice(problem);
     let mut table = String::new();
     if rows.is_empty() {
         table.push_str("<p class=\"empty\" id=\"none\">No instance you may reach");
@@ -333,8 +348,7 @@ pub fn sessions(
     more: bool,
     problem: Option<&str>,
 ) -> String {
-    let notice =
-        problem.map(|p| format!("<div class=\"notice\" id=\"problem\">{}</div>", escape(p))).unwrap_or_default();
+    let notice = notice(problem);
     let value = |v: &Option<String>| escape(v.as_deref().unwrap_or(""));
     let user_field = if admin {
         format!("<input type=\"text\" name=\"user\" placeholder=\"User\" value=\"{}\">", value(&form.user))
@@ -366,7 +380,7 @@ pub fn sessions(
                 String::new()
             };
             let recording = if r.logged && r.recording.is_some() && (r.recording_local || r.recording_s3.is_some()) {
-                format!("{watch}<a class=\"open\" href=\"{}\">Replay</a>", escape(&session_link(&r.id)))
+                format!("<a class=\"open\" href=\"{}\">Replay</a>", escape(&session_link(&r.id)))
             } else if r.logged && r.recording.is_some() {
                 "<span class=\"off\">removed</span>".to_owned()
             } else {
@@ -377,7 +391,7 @@ pub fn sessions(
             };
             table.push_str(&format!(
                 "<tr data-session=\"{id}\"><td class=\"num\">{started}</td><td>{user}</td><td><strong>{target}</strong></td>\
-                 <td>{kind}<br><span class=\"off\">via {door}</span></td><td class=\"num\">{dur}</td><td>{ended}</td><td>{recording}</td></tr>",
+                 <td>{kind}<br><span class=\"off\">via {door}</span></td><td class=\"num\">{dur}</td><td>{ended}</td><td>{watch}{recording}</td></tr>",
                 id = escape(&r.id),
                 started = utc(r.started_at),
                 user = escape(&r.user),
@@ -389,7 +403,7 @@ pub fn sessions(
         }
         table.push_str("</tbody></table>");
         if let (true, Some(last)) = (more, rows.last()) {
-            let mut q: Vec<String> = Vec::new();
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
             for (k, v) in [
                 ("user", &form.user),
                 ("instance", &form.instance),
@@ -398,13 +412,13 @@ pub fn sessions(
                 ("until", &form.until),
             ] {
                 if let Some(v) = v {
-                    q.push(format!("{k}={}", url_encode(v)));
+                    q.append_pair(k, v);
                 }
             }
-            q.push(format!("before={}", url_encode(&last.id)));
+            q.append_pair("before", &last.id);
             table.push_str(&format!(
                 "<a class=\"more\" href=\"/sessions?{}\">Older sessions &rarr;</a>",
-                escape(&q.join("&"))
+                escape(&q.finish())
             ));
         }
     }
@@ -474,12 +488,10 @@ pub fn replay(s: &WebSession, r: &crate::history::HistoryRow, unrecorded: Option
     } else {
         format!("<link rel=\"stylesheet\" href=\"{}\">", asset("asciinema-player.css"))
     };
-    page(
-        &format!("Session {}", &r.id[..r.id.len().min(12)]),
+    page_with(
+        &format!("Session {}", r.id.get(..12).unwrap_or(&r.id)),
+        &css,
         &who(s),
-        &format!(
-            "{css}<h1>Session <code>{id}</code></h1><div class=\"card\">{facts}{player}</div>",
-            id = escape(&r.id),
-        ),
+        &format!("<h1>Session <code>{}</code></h1><div class=\"card\">{facts}{player}</div>", escape(&r.id)),
     )
 }

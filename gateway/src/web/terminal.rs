@@ -44,15 +44,15 @@ fn size(v: Option<String>, default: u16) -> u16 {
 /// Answer the WebSocket handshake for a terminal ([`socket::upgrade`] checks it), or
 /// refuse it.
 pub(super) fn upgrade(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Answer {
-    let Some(instance) = query_param(&req, "instance").filter(|i| !i.is_empty() && i.len() <= 255) else {
+    let Some(instance) = query_param(&req, "instance").filter(|i| i.len() <= 255) else {
         return answer(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", "name an instance");
     };
     let ask = Ask {
         instance,
         cols: size(query_param(&req, "cols"), 80),
         rows: size(query_param(&req, "rows"), 24),
-        login: query_param(&req, "login").filter(|l| !l.is_empty()),
-        profile: query_param(&req, "profile").filter(|p| !p.is_empty()),
+        login: query_param(&req, "login"),
+        profile: query_param(&req, "profile"),
     };
     let state = state.clone();
     socket::upgrade(&state.clone(), web, req, move |socket, session| {

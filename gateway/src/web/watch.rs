@@ -44,7 +44,7 @@ pub(super) fn watchable(state: &Services, watcher: &str, id: &str) -> Option<Arc
 
 /// Answer the watch WebSocket's handshake ([`socket::upgrade`] checks it).
 pub(super) fn upgrade(state: &Arc<Services>, web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Answer {
-    let Some(id) = query_param(&req, "session").filter(|i| !i.is_empty() && i.len() <= 64) else {
+    let Some(id) = query_param(&req, "session").filter(|i| i.len() <= 64) else {
         return answer(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", "name a session");
     };
     let state = state.clone();
