@@ -272,6 +272,48 @@ pub fn session_of(file_name: &str) -> Option<&str> {
     file_name.strip_suffix(".cast.sealed").or_else(|| file_name.strip_suffix(".cast"))
 }
 
+/// A recording downloaded from the object store: a private file, removed when dropped.
+pub struct Downloaded {
+    path: PathBuf,
+    /// The recording's own file name (`ID.cast`, `ID.cast.sealed`).
+    name: String,
+}
+
+impl Downloaded {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Downloaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Download `session_id`'s recording (sealed or clear) from the object store `shipper`
+/// writes to, as `DIR/PREFIX-RANDOM-NAME`, for a replay after retention deleted the local
+/// copy. `None`: the store does not have it either.
+pub async fn download(
+    shipper: &crate::audit::ship::Shipper,
+    session_id: &str,
+    dir: &Path,
+    prefix: &str,
+) -> anyhow::Result<Option<Downloaded>> {
+    for sealed in [true, false] {
+        let name = file_name(session_id, sealed);
+        let path = dir.join(format!("{prefix}-{}-{name}", postern_core::util::random_hex(8)?));
+        let file = Downloaded { path, name };
+        if shipper.fetch(crate::audit::ship::Kind::Recording, &file.name, &file.path).await? {
+            return Ok(Some(file));
+        }
+    }
+    Ok(None)
+}
+
 /// The recording of `session_id` in `dir`, clear or sealed.
 pub fn find(dir: &Path, session_id: &str) -> Option<PathBuf> {
     [false, true].into_iter().map(|sealed| dir.join(file_name(session_id, sealed))).find(|p| p.exists())

@@ -547,7 +547,7 @@ pub async fn replay(
 ) -> anyhow::Result<i32> {
     let cfg = resolve_config(cli)?;
     let as_path = Path::new(session);
-    let mut fetched: Option<Fetched> = None;
+    let mut fetched: Option<crate::recording::Downloaded> = None;
     let mut found = None;
     let path = if (session.ends_with(".cast") || session.ends_with(".cast.sealed")) && as_path.exists() {
         as_path.to_path_buf()
@@ -568,7 +568,7 @@ pub async fn replay(
                 let f = fetch_recording(s3, &cfg.data_dir, id, made_at).await?.with_context(|| {
                     format!("no recording for session {id} in {} or in the object store", dir.display())
                 })?;
-                fetched.insert(f).0.clone()
+                fetched.insert(f).path().to_path_buf()
             }
             (None, None) => bail!(
                 "no recording for session {id} in {} (sftp, forwards, passthrough, RDP and admin-socket sessions are \
@@ -596,39 +596,26 @@ pub async fn replay(
     Ok(0)
 }
 
-/// A recording downloaded for replay: a private temporary file, removed when done.
-struct Fetched(PathBuf);
-
-impl Drop for Fetched {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Download a session's recording (clear or sealed) from `[audit.s3]`, for a replay after
-/// retention deleted the local copy. `None`: the store does not have it either.
+/// Download a session's recording from `[audit.s3]`, saying so; `None`: the store does not
+/// have it either.
 async fn fetch_recording(
     s3: &crate::audit::ship::S3Config,
     data_dir: &Path,
     session: &str,
     gateway_id: Option<&str>,
-) -> anyhow::Result<Option<Fetched>> {
+) -> anyhow::Result<Option<crate::recording::Downloaded>> {
     use crate::audit::ship::{Kind, Shipper};
     let shipper = Shipper::new(s3, data_dir)?.for_gateway(gateway_id);
-    for sealed in [true, false] {
-        let name = crate::recording::file_name(session, sealed);
-        let tmp =
-            Fetched(std::env::temp_dir().join(format!("postern-replay-{}-{name}", postern_core::util::random_hex(8)?)));
-        if shipper.fetch(Kind::Recording, &name, &tmp.0).await? {
-            eprintln!(
-                "postern: {name} is not in the data directory; fetched it from {}",
-                shipper.location(Kind::Recording)
-            );
-            return Ok(Some(tmp));
-        }
+    let fetched = crate::recording::download(&shipper, session, &std::env::temp_dir(), "postern-replay").await?;
+    match &fetched {
+        Some(f) => eprintln!(
+            "postern: {} is not in the data directory; fetched it from {}",
+            f.name(),
+            shipper.location(Kind::Recording)
+        ),
+        None => eprintln!("postern: looked in {} too", shipper.location(Kind::Recording)),
     }
-    eprintln!("postern: looked in {} too", shipper.location(Kind::Recording));
-    Ok(None)
+    Ok(fetched)
 }
 
 /// The segments to read: `files` as given, or every segment in DATA_DIR/audit.

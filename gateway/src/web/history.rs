@@ -119,37 +119,29 @@ pub(super) async fn cast(state: &Services, s: &WebSession, id: &str) -> Answer {
 /// The recording's text, unsealed with the gateway's keyring.
 async fn load(state: &Services, record: &SessionRecord) -> Result<Vec<u8>, String> {
     let dir = state.config.data_dir.join("recordings");
-    let mut fetched: Option<tempfile_path::Removed> = None;
+    let mut fetched = None;
     let path = match crate::recording::find(&dir, &record.id) {
         Some(p) => p,
         None => {
             let Some(s3) = &state.config.audit.s3 else {
                 return Err(format!("the recording of session {} is no longer on this gateway", record.id));
             };
+            // A cluster's history says which gateway made it: it is in that gateway's folder.
             let made_at = record.gateway.as_deref().or(state.config.gateway_id());
             let shipper = crate::audit::ship::Shipper::new(s3, &state.config.data_dir)
                 .map_err(|e| e.to_string())?
                 .for_gateway(made_at);
-            let mut found = None;
-            for sealed in [true, false] {
-                let name = crate::recording::file_name(&record.id, sealed);
-                let random = postern_core::util::random_hex(8).map_err(|e| e.to_string())?;
-                let tmp = state.config.data_dir.join(format!("web-replay-{random}-{name}"));
-                let got = shipper.fetch(crate::audit::ship::Kind::Recording, &name, &tmp).await;
-                let removed = tempfile_path::Removed(tmp);
-                if got.map_err(|e| e.to_string())? {
-                    found = Some(removed);
-                    break;
-                }
-            }
-            let f = found.ok_or_else(|| {
-                format!(
-                    "no recording of session {} here or in {}",
-                    record.id,
-                    shipper.location(crate::audit::ship::Kind::Recording)
-                )
-            })?;
-            fetched.insert(f).0.clone()
+            let downloaded = crate::recording::download(&shipper, &record.id, &state.config.data_dir, "web-replay")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!(
+                        "no recording of session {} here or in {}",
+                        record.id,
+                        shipper.location(crate::audit::ship::Kind::Recording)
+                    )
+                })?;
+            fetched.insert(downloaded).path().to_path_buf()
         }
     };
     let keyring = state.config.audit.encryption.keyring().map_err(|e| e.to_string())?;
@@ -165,15 +157,4 @@ async fn load(state: &Services, record: &SessionRecord) -> Result<Vec<u8>, Strin
     }
     drop(fetched);
     Ok(body)
-}
-
-mod tempfile_path {
-    /// A downloaded recording, removed when dropped.
-    pub struct Removed(pub std::path::PathBuf);
-
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
 }
