@@ -120,10 +120,10 @@ pub struct Refused {
     pub code: u32,
 }
 
-/// A started session: on the live table, its start event written.
+/// A started session: on the live table, its start event written. [`launch`] returns it
+/// with the agent's stream to relay.
 pub struct Launched {
     pub session_id: String,
-    pub stream: Option<SessionStream>,
     pub recorder: Option<Recorder>,
     pub running: Running,
     logged: bool,
@@ -150,7 +150,7 @@ impl Launch<'_> {
 
 /// Check that the session can be recorded and audited (refused when it cannot and the
 /// gateway fails closed), open the agent's stream and start the session.
-pub async fn launch(state: &Services, l: Launch<'_>) -> Result<Launched, Refused> {
+pub async fn launch(state: &Services, l: Launch<'_>) -> Result<(Launched, SessionStream), Refused> {
     let authz = l.authz;
     let action = l.action;
     let recording_dir = state.config.data_dir.join("recordings");
@@ -268,9 +268,8 @@ pub async fn launch(state: &Services, l: Launch<'_>) -> Result<Launched, Refused
     );
     info!(session_id = %sid, user = %authz.user(), target = %authz.instance(), kind = action.name(),
           door = l.door.unwrap_or("ssh"), "session started");
-    Ok(Launched {
+    let launched = Launched {
         session_id: sid,
-        stream: Some(stream),
         recorder,
         running,
         logged,
@@ -279,19 +278,15 @@ pub async fn launch(state: &Services, l: Launch<'_>) -> Result<Launched, Refused
         target: authz.instance().to_owned(),
         action,
         door: l.door,
-    })
+    };
+    Ok((launched, stream))
 }
 
 impl Launched {
-    /// The stream to relay (taken once).
-    pub fn take_stream(&mut self) -> Option<SessionStream> {
-        self.stream.take()
-    }
-
     /// Write the end event from how the relay went, take the session off the live table,
     /// and hand the recording to the shipper.
     pub fn finish(self, state: &Services, relayed: &Relayed) {
-        let Launched { session_id, recorder, running, logged, reason, user, target, action, door, .. } = self;
+        let Launched { session_id, recorder, running, logged, reason, user, target, action, door } = self;
         let live = running.live().clone();
         running.finish(|duration_ms| {
             Event::SessionEnd(SessionEnd::Ssh(SshSessionEnd {

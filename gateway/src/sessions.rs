@@ -214,14 +214,16 @@ impl LiveSession {
         self.watch.noticed.notify_one();
     }
 
-    /// The lines waiting for the user, once there are some.
+    /// The lines waiting for the user, once there are some. Waits on the notification
+    /// first (a line told before anyone waited left its permit), so the relay's loop takes
+    /// no lock until there is something to show.
     pub async fn notices(&self) -> Vec<String> {
         loop {
+            self.watch.noticed.notified().await;
             let waiting: Vec<String> = self.watch.notices.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
             if !waiting.is_empty() {
                 return waiting;
             }
-            self.watch.noticed.notified().await;
         }
     }
 

@@ -169,14 +169,13 @@ pub(super) async fn serve_session_channel(ctx: SessionCtx, channel: Channel<Msg>
         door: None,
         run_id,
     };
-    let mut launched = match crate::launch::launch(&ctx.state, launch).await {
+    let (mut launched, stream) = match crate::launch::launch(&ctx.state, launch).await {
         Ok(l) => l,
         Err(refused) => {
             refuse_session(&ctx.handle, &wr, &refused.message, refused.code).await;
             return;
         }
     };
-    let Some(stream) = launched.take_stream() else { return };
     // Phase 6: relay until it ends; phase 7: the end event, off the live table.
     let live = launched.running.live().clone();
     let terms = Terms {

@@ -118,13 +118,12 @@ async fn serve(state: &Services, socket: Socket, identity: Identity, peer: Socke
         door: Some("web"),
         run_id: None,
     };
-    let mut launched = match crate::launch::launch(state, launch).await {
+    let (mut launched, stream) = match crate::launch::launch(state, launch).await {
         Ok(l) => l,
         Err(refused) => {
             return close_with(&out.0, json!({ "refused": refused.message }), CloseCode::Policy, "refused").await;
         }
     };
-    let Some(stream) = launched.take_stream() else { return };
     {
         let started = json!({"started": {"session": launched.session_id, "instance": authz.instance()}});
         let _ = out.0.lock().await.send(Message::text(started.to_string())).await;
