@@ -218,37 +218,30 @@ fn quickstart_serves_the_local_host_and_stops_on_ctrl_c() {
         .output()
         .unwrap();
     assert_eq!(text(&out.stdout), "hi\n", "{}", text(&out.stderr));
-    // The printed user-client command works as printed (the key from ~/.ssh, no ssh-agent).
-    let ls = banner.lines().map(str::trim).find(|l| l.starts_with("postern ls ")).expect("a postern ls hint");
-    let args: Vec<&str> = ls.split_whitespace().skip(1).collect();
-    let out = Command::new(bin("postern"))
-        .args(&args)
-        .args(["--json"])
-        .env("HOME", &home)
-        .env_remove("SSH_AUTH_SOCK")
-        .env_remove("POSTERN_USER")
-        .env_remove("POSTERN_GATEWAY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{ls}: {}", text(&out.stderr));
+    // A command the banner prints, run as printed (the key from ~/.ssh, no ssh-agent).
+    let as_printed = |start: &str, more: &[&str]| {
+        let line = banner.lines().map(str::trim).find(|l| l.starts_with(start)).expect("a hint in the banner");
+        let out = Command::new(bin("postern"))
+            .args(line.split_whitespace().skip(1))
+            .args(more)
+            .env("HOME", &home)
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("POSTERN_USER")
+            .env_remove("POSTERN_GATEWAY")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}: {}", text(&out.stderr));
+        out
+    };
+    // The printed user-client command works as printed.
+    let out = as_printed("postern ls ", &["--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed[0]["name"], host.as_str(), "{listed}");
     // The person's own account is their login: plain ssh with the installed config.
     let me = nix::unistd::User::from_uid(nix::unistd::Uid::current()).unwrap().unwrap().name;
     assert_eq!(listed[0]["logins"], serde_json::json!([me]), "{listed}");
     // The web console is on, and the printed sign-in command works as printed.
-    let web_login =
-        banner.lines().map(str::trim).find(|l| l.starts_with("postern web-login ")).expect("a web-login hint");
-    let args: Vec<&str> = web_login.split_whitespace().skip(1).collect();
-    let out = Command::new(bin("postern"))
-        .args(&args)
-        .env("HOME", &home)
-        .env_remove("SSH_AUTH_SOCK")
-        .env_remove("POSTERN_USER")
-        .env_remove("POSTERN_GATEWAY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{web_login}: {}", text(&out.stderr));
+    let out = as_printed("postern web-login ", &[]);
     assert!(
         text(&out.stdout).starts_with(&format!("https://127.0.0.1:{web_port}/signin?token=")),
         "{}",
