@@ -66,9 +66,12 @@ pub fn with_csp(mut r: Answer, csp: &'static str) -> Answer {
     r
 }
 
-pub fn redirect(to: &'static str) -> Answer {
+/// See `to` (a path of the console, or the identity provider's sign-in page).
+pub fn redirect(to: &str) -> Answer {
     let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
-    r.headers_mut().insert(header::LOCATION, HeaderValue::from_static(to));
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
     r
 }
 

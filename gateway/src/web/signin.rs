@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode};
 
-use super::common::{Answer, COOKIE, Web, answer, cookie_named, html, query_param, redirect};
+use super::common::{Answer, COOKIE, Web, cookie_named, html, query_param, redirect};
 use super::pages;
 use crate::audit::events::{Event, WebSignin};
 use crate::services::Services;
@@ -104,11 +104,8 @@ pub(super) async fn to_idp(state: &Services, web: &Web, peer: SocketAddr) -> Ans
         Ok(b) => b,
         Err(e) => return html(StatusCode::SERVICE_UNAVAILABLE, pages::message("Try again shortly", &e.to_string())),
     };
-    let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
+    let mut r = redirect(&to);
     let h = r.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&to) {
-        h.insert(header::LOCATION, v);
-    }
     // Lax: the return is a top-level navigation from the identity provider's site.
     let cookie = format!(
         "{BINDING}={binding}; Path=/signin/oidc; HttpOnly; Secure; SameSite=Lax; Max-Age={}",
