@@ -103,6 +103,13 @@ pub fn signed_in(state: &Services, web: &Web, req: &Request<Incoming>) -> Option
     Some((id, s))
 }
 
+/// Whether `user` is one of the console's administrators: sees everyone's sessions and may
+/// watch live ones: a member of one of `[web] admin_groups`.
+pub fn is_admin(state: &Services, user: &str) -> bool {
+    let admins = &state.config.web.admin_groups;
+    !admins.is_empty() && state.access.user_groups(user).iter().any(|g| admins.contains(g))
+}
+
 /// The query parameter `name`, decoded and trimmed, when the request has one that is not
 /// empty.
 pub fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {

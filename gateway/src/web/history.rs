@@ -9,7 +9,7 @@ use hyper::StatusCode;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 
-use super::common::{Answer, CSP_PLAYER, answer, html, query_param, with_csp};
+use super::common::{Answer, CSP_PLAYER, answer, html, is_admin, query_param, with_csp};
 use super::pages::{self, HistoryForm};
 use crate::history::{HistoryRow, SessionFilter, valid_prefix};
 use crate::services::Services;
@@ -20,12 +20,6 @@ use crate::web_signin::WebSession;
 const PAGE: u32 = 50;
 /// Largest recording sent to a browser (a longer one is for `postern replay`).
 const MAX_CAST: u64 = 64 << 20;
-
-/// Whether `user` sees everyone's sessions: a member of one of `[web] admin_groups`.
-pub(super) fn is_admin(state: &Services, user: &str) -> bool {
-    let admins = &state.config.web.admin_groups;
-    !admins.is_empty() && state.access.user_groups(user).iter().any(|g| admins.contains(g))
-}
 
 /// `GET /sessions`: the history page.
 pub(super) async fn list(state: &Services, s: &WebSession, req: &hyper::Request<Incoming>) -> Answer {

@@ -23,8 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{Instrument, info_span};
 
-use super::common::{Answer, Web, answer, query_param};
-use super::history::is_admin;
+use super::common::{Answer, Web, answer, is_admin, query_param};
 use super::socket::{self, Socket, close_with};
 use crate::audit::events::{Event, SessionWatchEnd, SessionWatchStart};
 use crate::services::Services;
