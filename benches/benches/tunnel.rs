@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use postern_benches::{start_in_process, start_tcp_target};
 use postern_proto::{SessionRequest, TcpRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOTAL: u64 = 64 * 1024 * 1024;
 
@@ -37,8 +38,8 @@ async fn download(reg: &postern_tunnel::server::AgentRegistry, id: &str, target:
     let mut got = 0u64;
     while got < bytes {
         match s.recv.read(&mut buf).await.unwrap() {
-            Some(n) => got += n as u64,
-            None => break,
+            0 => break,
+            n => got += n as u64,
         }
     }
     assert_eq!(got, bytes);

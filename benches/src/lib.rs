@@ -23,7 +23,13 @@ impl AgentDirectory for OpenDirectory {
         }
         Ok(EnrolledAgent { agent_id: "ag-bench".into(), name: "bench".into() })
     }
-    async fn admit(&self, agent_id: &str, _hello: &Hello, _remote: SocketAddr) -> Result<String, Refusal> {
+    async fn admit(
+        &self,
+        agent_id: &str,
+        _hello: &Hello,
+        _remote: SocketAddr,
+        _transport: postern_tunnel::transport::Transport,
+    ) -> Result<String, Refusal> {
         Ok(agent_id.to_owned())
     }
     async fn departed(&self, _agent_id: &str) {}
@@ -59,6 +65,7 @@ pub async fn start_in_process() -> InProcess {
         token: "bench".into(),
         ca_pin: ca.pin(),
         state_dir: dir.path().to_owned(),
+        route: Default::default(),
     })
     .await
     .unwrap();
@@ -68,6 +75,7 @@ pub async fn start_in_process() -> InProcess {
         limits: LocalLimits::default(),
         backoff: Backoff::default(),
         timers: TransportTimers::default(),
+        route: Default::default(),
     };
     tokio::spawn(agent::run(opts, shutdown.clone()));
     while registry.get(&state.agent_id).is_none() {

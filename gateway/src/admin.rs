@@ -336,7 +336,7 @@ async fn relay_session(
             () = pump => {}
             () = live.terminated() => {}
         }
-        let _ = send.reset(0u32.into());
+        send.reset(0);
     };
     let down = async {
         let mut exit_code = None;

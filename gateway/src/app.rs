@@ -735,12 +735,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         max_enrollments: config.tunnel.max_enrollments,
         max_enrollments_per_source: config.tunnel.max_enrollments_per_source,
         gateway_id: config.gateway_id().map(str::to_owned),
+        tcp_listen: config.tunnel.tcp_address()?,
         ..TunnelSettings::default()
     };
     let server = TunnelServer::bind(config.tunnel.listen, ca.clone(), directory.clone(), settings, &reset_key)
-        .with_context(|| {
-            format!("listening for agents on udp {} (is another gateway running?)", config.tunnel.listen)
-        })?;
+        .with_context(|| format!("listening for agents on {} (is another gateway running?)", config.tunnel.listen))?;
     let tunnel_addr = server.local_addr()?;
     let access = Arc::new(AccessList::from_config(&config.ssh)?);
     access.reload(store.as_ref()).await.context("loading users, policies and grants")?;

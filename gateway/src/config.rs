@@ -342,8 +342,12 @@ impl Default for SshConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TunnelConfig {
-    /// UDP address agents connect to.
+    /// UDP address agents connect to (QUIC).
     pub listen: SocketAddr,
+    /// TCP address of the fallback transport (TLS over TCP) for agents whose network drops
+    /// UDP: `"same"` (the default: the listen address and port), `"off"`, or an address
+    /// (agents then need `[agent] tcp_port`).
+    pub tcp_listen: String,
     /// Address printed in join commands, if agents reach the gateway by another name; a
     /// list for a cluster (`["gw-a.example.com:4433", "gw-b.example.com:4433"]`): the join
     /// command then carries one `--gateway` per entry.
@@ -384,10 +388,27 @@ impl Default for GatewayConfig {
     }
 }
 
+impl TunnelConfig {
+    /// Where the TCP transport listens: `None` when it is off; port 0 means the port the
+    /// QUIC listener got.
+    pub fn tcp_address(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.tcp_listen.trim() {
+            "off" => Ok(None),
+            "same" | "" => Ok(Some(SocketAddr::new(self.listen.ip(), 0))),
+            other => other.parse().map(Some).map_err(|_| {
+                anyhow::anyhow!(
+                    "[tunnel] tcp_listen = {other:?}: expected \"same\", \"off\" or an address like 0.0.0.0:443"
+                )
+            }),
+        }
+    }
+}
+
 impl Default for TunnelConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            tcp_listen: "same".into(),
             advertise: Vec::new(),
             agent_cert_ttl: "30d".into(),
             max_agents: 50_000,

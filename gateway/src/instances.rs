@@ -83,6 +83,9 @@ pub struct InstanceRow {
     /// Cluster mode: the id of the gateway an online agent is connected to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// How an agent connected to this gateway reaches it: `quic` or `tcp` (the fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// What `postern instances revoke` reports.
@@ -158,6 +161,7 @@ impl Instances {
                     online,
                     gateway,
                     remote: live.as_ref().map(|l| l.remote.to_string()),
+                    transport: live.as_ref().map(|l| l.transport.to_string()),
                     last_seen: if online { Some(now_unix()) } else { a.last_seen },
                     hostname: live.as_ref().map(|l| l.hostname.clone()).unwrap_or(a.hostname),
                     platform: live.as_ref().map(|l| l.platform.clone()).unwrap_or(a.platform),
@@ -386,7 +390,13 @@ impl AgentDirectory for StoreDirectory {
         }
     }
 
-    async fn admit(&self, agent_id: &str, hello: &Hello, remote: SocketAddr) -> Result<String, Refusal> {
+    async fn admit(
+        &self,
+        agent_id: &str,
+        hello: &Hello,
+        remote: SocketAddr,
+        transport: postern_tunnel::transport::Transport,
+    ) -> Result<String, Refusal> {
         let rec = match self.store.agent(agent_id).await {
             Ok(r) => r,
             Err(e) => {
@@ -425,6 +435,7 @@ impl AgentDirectory for StoreDirectory {
             name: name.clone(),
             source: remote.to_string(),
             agent_version,
+            transport: Some(transport.to_string()),
         }));
         Ok(name)
     }

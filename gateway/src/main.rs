@@ -134,6 +134,7 @@ async fn quickstart(
                 token: token.token,
                 ca_pin: token.ca_pin,
                 state_dir: agent_dir.clone(),
+                route: Default::default(),
             })
             .await
             .context("enrolling the local agent")?
@@ -147,6 +148,7 @@ async fn quickstart(
             limits: LocalLimits::default(),
             backoff: Backoff::default(),
             timers: TransportTimers::default(),
+            route: Default::default(),
         },
         stop_agent.clone(),
     ));

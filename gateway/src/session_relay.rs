@@ -170,7 +170,7 @@ pub async fn relay(
                 }
                 FromUser::Gone => {
                     // The client went away: stop the remote process.
-                    let _ = send.reset(0u32.into());
+                    send.reset(0);
                     break None;
                 }
                 FromUser::Other => {}
@@ -189,7 +189,7 @@ pub async fn relay(
             _ = live.terminated() => {
                 let why = live.reason().unwrap_or_else(|| "ended by the gateway".into());
                 notice(wr, on_pty, &format!("session ended: {why}")).await;
-                let _ = send.reset(0u32.into());
+                send.reset(0);
                 let _ = wr.exit_status(255).await;
                 end_reason = Some(live.ended_by());
                 break Some(255);
@@ -212,7 +212,7 @@ pub async fn relay(
                 }
                 if let Some((reason, message)) = due(limits, started, last_input, Instant::now()) {
                     notice(wr, on_pty, &message).await;
-                    let _ = send.reset(0u32.into());
+                    send.reset(0);
                     let _ = wr.exit_status(255).await;
                     end_reason = Some(reason);
                     break Some(255);
@@ -236,7 +236,7 @@ pub async fn relay(
                     };
                     match sent {
                         Written::Yes => {}
-                        Written::ClientGone => { let _ = send.reset(0u32.into()); break None; }
+                        Written::ClientGone => { send.reset(0); break None; }
                         Written::Ended => {
                             let (reason, code) = stalled_end(live, limits, started, last_input, &mut send, wr).await;
                             end_reason = Some(reason);
@@ -279,7 +279,7 @@ pub async fn relay(
             recording_lost = Some(format!("recording failed during the session: {why}"));
             if fail_closed {
                 notice(wr, on_pty, "the session recording can no longer be written on the gateway, and sessions are not run unrecorded here; closing the session").await;
-                let _ = send.reset(0u32.into());
+                send.reset(0);
                 let _ = wr.exit_status(255).await;
                 end_reason = Some("recording-failed");
                 break Some(255);
@@ -291,7 +291,7 @@ pub async fn relay(
         {
             if fail_closed {
                 notice(wr, on_pty, "this session's output reached the gateway's recording limit ([audit] max_recording_bytes), and sessions are not run unrecorded here; closing the session").await;
-                let _ = send.reset(0u32.into());
+                send.reset(0);
                 let _ = wr.exit_status(255).await;
                 end_reason = Some("recording-limit");
                 break Some(255);
@@ -379,10 +379,10 @@ async fn stalled_end(
     limits: Limits,
     started: Instant,
     last_input: Instant,
-    send: &mut quinn::SendStream,
+    send: &mut postern_tunnel::transport::SendStream,
     wr: &impl UserOutput,
 ) -> (&'static str, Option<i32>) {
-    let _ = send.reset(0u32.into());
+    send.reset(0);
     let (reason, message) = if live.is_ending() {
         (live.ended_by(), format!("session ended: {}", live.reason().unwrap_or_else(|| "ended by the gateway".into())))
     } else {

@@ -79,6 +79,7 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
             token: token.clone(),
             ca_pin: pin.clone(),
             state_dir: rogue_dir.path().to_owned(),
+            route: Default::default(),
         })
         .await
         .unwrap();
@@ -124,6 +125,7 @@ fn enroll_rogue(
         token,
         ca_pin: pin,
         state_dir: dir.to_owned(),
+        route: Default::default(),
     }))
     .unwrap();
     agent::tunnel_config(dir, TransportTimers::default()).unwrap().0

@@ -13,9 +13,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::pki::{GATEWAY_SERVER_NAME, cert_info, der_to_pem, new_key_and_csr, pem_to_der, renewal_time};
+use crate::pki::{cert_info, der_to_pem, new_key_and_csr, pem_to_der, renewal_time};
 use crate::services::{LocalLimits, serve_session};
 use crate::tls::TransportTimers;
+use crate::transport::{Connection, RecvStream, SendStream, Transport};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -154,6 +155,9 @@ pub struct Candidate {
     /// As given to `join --gateway` (a name may stand for several candidates).
     pub gateway: String,
     pub addr: SocketAddr,
+    /// False for a name this host could not resolve, kept because a proxy can reach it
+    /// (then `addr` is unspecified and only the TCP transport through the proxy is tried).
+    pub resolved: bool,
 }
 
 /// How long resolving one gateway name may take.
@@ -163,6 +167,12 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// with several addresses gives several candidates. Names that do not resolve are left out
 /// with their error, so one bad name does not stop the agent reaching the others.
 pub async fn resolve_all(gateways: &[String]) -> (Vec<Candidate>, Vec<String>) {
+    resolve_for(gateways, false).await
+}
+
+/// [`resolve_all`]; with `proxied`, a name that does not resolve here is still a candidate
+/// (the proxy resolves it).
+async fn resolve_for(gateways: &[String], proxied: bool) -> (Vec<Candidate>, Vec<String>) {
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut errors = Vec::new();
     for gateway in gateways {
@@ -172,7 +182,7 @@ pub async fn resolve_all(gateways: &[String]) -> (Vec<Candidate>, Vec<String>) {
                 for addr in addrs {
                     any = true;
                     if !candidates.iter().any(|c| c.addr == addr) {
-                        candidates.push(Candidate { gateway: gateway.clone(), addr });
+                        candidates.push(Candidate { gateway: gateway.clone(), addr, resolved: true });
                     }
                 }
                 if !any {
@@ -182,13 +192,12 @@ pub async fn resolve_all(gateways: &[String]) -> (Vec<Candidate>, Vec<String>) {
             Ok(Err(e)) => errors.push(format!("resolving gateway address {gateway}: {e}")),
             Err(_) => errors.push(format!("resolving gateway address {gateway} timed out")),
         }
+        if proxied && !candidates.iter().any(|c| &c.gateway == gateway) {
+            let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+            candidates.push(Candidate { gateway: gateway.clone(), addr, resolved: false });
+        }
     }
     (candidates, errors)
-}
-
-fn client_endpoint(gateway: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
-    let bind: SocketAddr = if gateway.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
-    quinn::Endpoint::client(bind).context("opening a UDP socket")
 }
 
 #[derive(Debug, Clone)]
@@ -199,10 +208,9 @@ pub struct JoinOptions {
     pub token: String,
     pub ca_pin: String,
     pub state_dir: PathBuf,
+    /// Transports and proxy, as for `run`.
+    pub route: crate::dial::Route,
 }
-
-/// How long the handshake with one enrollment candidate may take before the next is tried.
-const ENROLL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Enroll with a single-use token. Only a CSR leaves this machine; the key stays in
 /// `state_dir` with mode 0600. The addresses are tried in order (each name with all its DNS
@@ -214,14 +222,19 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
     set_dir_private(&opts.state_dir)?;
-    let (candidates, mut failures) = resolve_all(&opts.gateways).await;
+    let (candidates, mut failures) = resolve_for(&opts.gateways, opts.route.proxy.is_some()).await;
     let (key, csr) = new_key_and_csr()?;
-    let cfg = crate::tls::agent_enroll_config(&pin, TransportTimers::default())?;
+    let timers = TransportTimers::default();
+    let clients = crate::dial::Clients {
+        quic: crate::tls::agent_enroll_config(&pin, timers)?,
+        tls: Arc::new(crate::tls::agent_enroll_tls(&pin)?),
+    };
     let mut answered = None;
+    let mut memory = crate::dial::QuicMemory::default();
     for candidate in &candidates {
-        match enroll_connect(candidate, &cfg).await {
+        match crate::dial::dial(&opts.route, &clients, candidate, timers, &mut memory).await {
             Ok(found) => {
-                answered = Some(found);
+                answered = Some((found, candidate.clone()));
                 break;
             }
             Err(e) => {
@@ -230,7 +243,7 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
             }
         }
     }
-    let Some((endpoint, conn, candidate)) = answered else {
+    let Some((dialed, candidate)) = answered else {
         if failures.iter().any(|f| f.contains(crate::tls::PIN_MISMATCH)) {
             bail!(
                 "{}: this is not the gateway you meant, or the pin is wrong ({})",
@@ -238,8 +251,9 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
                 failures.join("; ")
             );
         }
-        bail!("no gateway answered (is it running, is UDP open?): {}", failures.join("; "));
+        bail!("no gateway answered (is it running, are its UDP and TCP ports reachable?): {}", failures.join("; "));
     };
+    let conn = &dialed.conn;
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.context("opening enrollment stream")?;
         write_frame(
@@ -255,13 +269,13 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
         .await?;
         let _ = send.finish();
         let reply = read_frame(&mut recv, StreamKind::Enroll).await.context("reading enrollment reply")?;
-        conn.close(0u32.into(), b"enrolled");
+        conn.close(0, b"enrolled");
         Ok::<_, anyhow::Error>(reply)
     };
     let reply = tokio::time::timeout(Duration::from_secs(20), exchange).await.map_err(|_| {
         anyhow!("gateway {} ({}) did not answer the enrollment within 20 s", candidate.gateway, candidate.addr)
     })??;
-    endpoint.wait_idle().await;
+    dialed.wait_idle().await;
     let resp = match reply {
         Some(Message::EnrollResponse(r)) => r,
         Some(Message::Error(e)) => bail!("enrollment refused: {}", explain_refusal(e.code, &e.message)),
@@ -270,33 +284,13 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
     if crate::pki::ca_pin(&resp.ca_der) != pin {
         bail!("{}: the gateway returned a different CA than it presented", crate::tls::PIN_MISMATCH);
     }
-    info!(gateway = %candidate.gateway, address = %candidate.addr, "enrolled");
+    info!(gateway = %candidate.gateway, address = %candidate.addr, transport = %conn.transport(), "enrolled");
     write_identity(&opts.state_dir, &key, &resp.cert_der)?;
     write_private(&opts.state_dir.join(CA_FILE), der_to_pem(&resp.ca_der).as_bytes())?;
     let gateways = if opts.gateways.len() > 1 { opts.gateways.clone() } else { Vec::new() };
     let state = AgentState { gateway: first.clone(), agent_id: resp.agent_id, name: resp.name, ca_pin: pin, gateways };
     write_private(&opts.state_dir.join(STATE_FILE), toml::to_string(&state)?.as_bytes())?;
     Ok(state)
-}
-
-/// A completed enrollment handshake (the gateway presented the pinned CA) with `candidate`.
-async fn enroll_connect(
-    candidate: &Candidate,
-    cfg: &quinn::ClientConfig,
-) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, Candidate)> {
-    let endpoint = client_endpoint(candidate.addr)?;
-    let connecting = endpoint.connect_with(cfg.clone(), candidate.addr, GATEWAY_SERVER_NAME)?;
-    let conn = tokio::time::timeout(ENROLL_CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| anyhow!("gateway {} ({}) did not answer within 5 s", candidate.gateway, candidate.addr))?
-        .map_err(|e| {
-            if e.to_string().contains(crate::tls::PIN_MISMATCH) {
-                anyhow!("gateway {} ({}): {}", candidate.gateway, candidate.addr, crate::tls::PIN_MISMATCH)
-            } else {
-                anyhow!(e).context(format!("connecting to gateway {} ({})", candidate.gateway, candidate.addr))
-            }
-        })?;
-    Ok((endpoint, conn, candidate.clone()))
 }
 
 fn write_identity(dir: &Path, key: &rcgen::KeyPair, cert_der: &[u8]) -> anyhow::Result<()> {
@@ -336,11 +330,6 @@ pub fn load_state(state_dir: &Path) -> anyhow::Result<AgentState> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// How long one connection attempt may take. Short, because while the gateway is down
-/// handshake packets go nowhere, and a fresh attempt after backoff finds a restarted
-/// gateway sooner than the retransmissions of a stale one.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Options of `postern-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -350,6 +339,8 @@ pub struct RunOptions {
     pub limits: LocalLimits,
     pub backoff: Backoff,
     pub timers: TransportTimers,
+    /// Transports and proxy.
+    pub route: crate::dial::Route,
 }
 
 enum Ended {
@@ -366,17 +357,23 @@ enum Ended {
 /// one it was last connected to, and rounds are separated by the backoff ([`Retry`]). So a
 /// lost connection moves the agent to the next gateway at once, and a dead cluster is not
 /// hammered. It stays where it is while its connection lives (no moving back).
+///
+/// Each candidate is dialled as [`crate::dial::dial`] says: QUIC, then TCP when UDP does
+/// not get through; on TCP under `auto`, QUIC is tried again every `quic_retry` while no
+/// session is open, and the agent moves back when it answers.
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = load_state(&opts.state_dir)?;
     let gateways = if opts.gateways.is_empty() { state.addresses() } else { opts.gateways.clone() };
     let sessions = Arc::new(Semaphore::new(opts.limits.max_sessions));
     let limits = Arc::new(opts.limits.clone());
     let mut retry = Retry::new(opts.backoff);
+    let mut memory = crate::dial::QuicMemory::default();
     // Where the next round starts: after the candidate last connected to.
     let mut start: usize = 0;
-    info!(agent_id = %state.agent_id, name = %state.name, gateways = %gateways.join(","), "agent starting");
+    let proxy = opts.route.proxy.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "none".into());
+    info!(agent_id = %state.agent_id, name = %state.name, gateways = %gateways.join(","), transport = %opts.route.choice, %proxy, "agent starting");
     loop {
-        let (candidates, errors) = resolve_all(&gateways).await;
+        let (candidates, errors) = resolve_for(&gateways, opts.route.proxy.is_some()).await;
         for e in &errors {
             warn!(error = %e, "gateway address not usable this round");
         }
@@ -386,7 +383,9 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Resul
         for k in 0..count {
             let i = (start + k) % count;
             let Some(candidate) = candidates.get(i) else { break };
-            match connect_once(&opts, timers, candidate, &limits, &sessions, &shutdown).await {
+            let link =
+                Link { opts: &opts, timers, candidate, limits: &limits, sessions: &sessions, shutdown: &shutdown };
+            match link.connect(&mut memory).await {
                 Ok(Ended::Shutdown) => return Ok(()),
                 Ok(Ended::After(up)) => {
                     retry.connection_ended(up);
@@ -422,11 +421,12 @@ impl std::fmt::Display for Fatal {
 }
 impl std::error::Error for Fatal {}
 
-/// The mutual-TLS client configuration built from an enrolled agent's state directory.
-pub fn tunnel_config(
+/// The mutual-TLS client configurations (QUIC and TCP) built from an enrolled agent's state
+/// directory.
+pub fn tunnel_clients(
     dir: &Path,
     timers: TransportTimers,
-) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
+) -> anyhow::Result<(crate::dial::Clients, crate::pki::CertInfo)> {
     let read =
         |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
     let ca = pem_to_der(&read(CA_FILE)?)?;
@@ -434,100 +434,184 @@ pub fn tunnel_config(
     let cert = pem_to_der(&identity)?;
     let key = rcgen::KeyPair::from_pem(&identity).context("parsing agent key")?;
     let info = cert_info(&cert)?;
-    let cfg = crate::tls::agent_tunnel_config(&ca, cert, crate::pki::private_key_der(&key), timers)?;
-    Ok((cfg, info))
+    let tls = crate::tls::agent_tunnel_tls(&ca, cert.clone(), crate::pki::private_key_der(&key))?;
+    let quic = crate::tls::agent_tunnel_config(&ca, cert, crate::pki::private_key_der(&key), timers)?;
+    Ok((crate::dial::Clients { quic, tls: Arc::new(tls) }, info))
 }
 
-async fn connect_once(
-    opts: &RunOptions,
+/// The QUIC client configuration built from an enrolled agent's state directory.
+pub fn tunnel_config(
+    dir: &Path,
     timers: TransportTimers,
-    candidate: &Candidate,
-    limits: &Arc<LocalLimits>,
-    sessions: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Ended> {
-    let (cfg, cert) = tunnel_config(&opts.state_dir, timers)?;
-    if cert.not_after <= SystemTime::now() {
-        return Err(Fatal(format!(
-            "the agent certificate expired at {:?}; enroll again with a new token (postern-agent join)",
-            cert.not_after
-        ))
-        .into());
-    }
-    let (gateway, addr) = (&candidate.gateway, candidate.addr);
-    let endpoint = client_endpoint(addr)?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?)
-        .await
-        .map_err(|_| anyhow!("connecting to {gateway} ({addr}) timed out"))?
-        .with_context(|| format!("connecting to {gateway} ({addr})"))?;
-    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("opening control stream")?;
-    write_frame(
-        &mut ctl_send,
-        &Message::Hello(Hello { agent_version: AGENT_VERSION.into(), hostname: hostname(), platform: platform() }),
-    )
-    .await?;
-    let ack = tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(&mut ctl_recv, StreamKind::Control))
-        .await
-        .map_err(|_| anyhow!("gateway did not acknowledge hello"))??;
-    match ack {
-        Some(Message::HelloAck(a)) => {
-            info!(agent_id = %a.agent_id, name = %a.name, %gateway, address = %addr, "connected to gateway");
+) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
+    let (clients, info) = tunnel_clients(dir, timers)?;
+    Ok((clients.quic, info))
+}
+
+/// A connection made and greeted: the gateway acknowledged the hello.
+struct Greeted {
+    dialed: crate::dial::Dialed,
+    ctl_send: SendStream,
+    ctl_recv: RecvStream,
+}
+
+/// How a connection's service ended.
+enum Served {
+    Ended(Ended),
+    /// QUIC works again: carry on over this connection (the gateway closes the old one).
+    Moved(Box<Greeted>),
+}
+
+/// One candidate, and what serving a connection to it needs.
+struct Link<'a> {
+    opts: &'a RunOptions,
+    timers: TransportTimers,
+    candidate: &'a Candidate,
+    limits: &'a Arc<LocalLimits>,
+    sessions: &'a Arc<Semaphore>,
+    shutdown: &'a CancellationToken,
+}
+
+impl Link<'_> {
+    async fn connect(&self, memory: &mut crate::dial::QuicMemory) -> anyhow::Result<Ended> {
+        let (clients, cert) = tunnel_clients(&self.opts.state_dir, self.timers)?;
+        if cert.not_after <= SystemTime::now() {
+            return Err(Fatal(format!(
+                "the agent certificate expired at {:?}; enroll again with a new token (postern-agent join)",
+                cert.not_after
+            ))
+            .into());
         }
-        Some(Message::Error(e)) if e.code == ErrorCode::AgentRevoked => {
-            return Err(Fatal(format!("gateway refused this agent: {}", e.message)).into());
-        }
-        Some(Message::Error(e)) => bail!("gateway refused this agent: {}", e.message),
-        other => bail!("unexpected reply to hello: {other:?}"),
-    }
-    let up_since = Instant::now();
-    let mut renew_at = renewal_time(&cert);
-    let tasks = tokio_util::task::TaskTracker::new();
-    let ended = loop {
-        let until_renewal = renew_at.duration_since(SystemTime::now()).unwrap_or_default().max(Duration::from_secs(1));
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                conn.close(0u32.into(), b"agent shutting down");
-                break Ended::Shutdown;
-            }
-            reason = conn.closed() => {
-                info!(%reason, %gateway, address = %addr, "disconnected from gateway");
-                break Ended::After(up_since.elapsed());
-            }
-            _ = tokio::time::sleep(until_renewal) => {
-                match renew(&opts.state_dir, &mut ctl_send, &mut ctl_recv).await {
-                    Ok(next) => renew_at = next,
-                    Err(e) => {
-                        warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying in 60 s");
-                        renew_at = SystemTime::now() + Duration::from_secs(60);
-                    }
+        let dialed = crate::dial::dial(&self.opts.route, &clients, self.candidate, self.timers, memory).await?;
+        let mut greeted = self.greet(dialed).await?;
+        let mut renew_at = renewal_time(&cert);
+        loop {
+            match self.serve(greeted, &clients, &mut renew_at).await? {
+                Served::Ended(ended) => return Ok(ended),
+                Served::Moved(next) => {
+                    memory.worked();
+                    greeted = *next;
                 }
             }
-            stream = conn.accept_bi() => {
-                let (send, recv) = match stream {
-                    Ok(s) => s,
-                    Err(e) => {
-                        info!(reason = %e, %gateway, address = %addr, "disconnected from gateway");
-                        break Ended::After(up_since.elapsed());
-                    }
-                };
-                let limits = limits.clone();
-                let permit = sessions.clone().try_acquire_owned().ok();
-                let span = info_span!("session", stream = %send.id());
-                tasks.spawn(async move {
-                    serve_session(send, recv, &limits, permit).await;
-                }.instrument(span));
-            }
         }
-    };
-    // Sessions end with the connection; give them a moment to report, then drop them.
-    tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    Ok(ended)
+    }
+
+    /// Say hello on a new connection and wait for the gateway's acknowledgement.
+    async fn greet(&self, dialed: crate::dial::Dialed) -> anyhow::Result<Greeted> {
+        let (gateway, addr) = (&self.candidate.gateway, dialed.conn.remote_address());
+        let conn = &dialed.conn;
+        let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("opening control stream")?;
+        write_frame(
+            &mut ctl_send,
+            &Message::Hello(Hello { agent_version: AGENT_VERSION.into(), hostname: hostname(), platform: platform() }),
+        )
+        .await?;
+        let ack =
+            tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(&mut ctl_recv, StreamKind::Control))
+                .await
+                .map_err(|_| anyhow!("gateway did not acknowledge hello"))??;
+        match ack {
+            Some(Message::HelloAck(a)) => {
+                info!(agent_id = %a.agent_id, name = %a.name, %gateway, address = %addr, transport = %conn.transport(), "connected to gateway");
+            }
+            Some(Message::Error(e)) if e.code == ErrorCode::AgentRevoked => {
+                return Err(Fatal(format!("gateway refused this agent: {}", e.message)).into());
+            }
+            Some(Message::Error(e)) => bail!("gateway refused this agent: {}", e.message),
+            other => bail!("unexpected reply to hello: {other:?}"),
+        }
+        Ok(Greeted { dialed, ctl_send, ctl_recv })
+    }
+
+    /// Whether it is worth trying QUIC again now: on TCP under `auto`, with no session open
+    /// (moving closes the old connection, and its sessions with it).
+    fn may_move(&self, conn: &Connection) -> bool {
+        conn.transport() == Transport::Tcp
+            && self.opts.route.choice == crate::dial::TransportChoice::Auto
+            && self.candidate.resolved
+            && self.sessions.available_permits() == self.opts.limits.max_sessions
+    }
+
+    /// Serve sessions on `greeted` until it ends, the agent stops, or QUIC answers again.
+    async fn serve(
+        &self,
+        greeted: Greeted,
+        clients: &crate::dial::Clients,
+        renew_at: &mut SystemTime,
+    ) -> anyhow::Result<Served> {
+        let Greeted { dialed, mut ctl_send, mut ctl_recv } = greeted;
+        let conn = dialed.conn.clone();
+        let (gateway, addr) = (&self.candidate.gateway, conn.remote_address());
+        let up_since = Instant::now();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let mut next_probe = Instant::now() + self.opts.route.quic_retry;
+        let served = loop {
+            let until_renewal =
+                renew_at.duration_since(SystemTime::now()).unwrap_or_default().max(Duration::from_secs(1));
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    conn.close(0, b"agent shutting down");
+                    break Served::Ended(Ended::Shutdown);
+                }
+                reason = conn.closed() => {
+                    info!(%reason, %gateway, address = %addr, "disconnected from gateway");
+                    break Served::Ended(Ended::After(up_since.elapsed()));
+                }
+                _ = tokio::time::sleep(until_renewal) => {
+                    match renew(&self.opts.state_dir, &mut ctl_send, &mut ctl_recv).await {
+                        Ok(next) => *renew_at = next,
+                        Err(e) => {
+                            warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying in 60 s");
+                            *renew_at = SystemTime::now() + Duration::from_secs(60);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next_probe.into()), if conn.transport() == Transport::Tcp => {
+                    next_probe = Instant::now() + self.opts.route.quic_retry;
+                    if !self.may_move(&conn) {
+                        continue;
+                    }
+                    match crate::dial::quic(clients, self.candidate, crate::dial::QUIC_PROBE_TIMEOUT).await {
+                        Ok(quic) => match self.greet(quic).await {
+                            Ok(next) => {
+                                info!(%gateway, "QUIC answers again; moving the tunnel back to it");
+                                conn.close(0, b"moved to QUIC");
+                                break Served::Moved(Box::new(next));
+                            }
+                            Err(e) => debug!(error = %format!("{e:#}"), "QUIC connected but the hello failed; staying on TCP"),
+                        },
+                        Err(e) => debug!(error = %format!("{e:#}"), "QUIC still does not answer; staying on TCP"),
+                    }
+                }
+                stream = conn.accept_bi() => {
+                    let (send, recv) = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            info!(reason = %e, %gateway, address = %addr, "disconnected from gateway");
+                            break Served::Ended(Ended::After(up_since.elapsed()));
+                        }
+                    };
+                    let limits = self.limits.clone();
+                    let permit = self.sessions.clone().try_acquire_owned().ok();
+                    let span = info_span!("session", stream = %send.id());
+                    tasks.spawn(async move {
+                        serve_session(send, recv, &limits, permit).await;
+                    }.instrument(span));
+                }
+            }
+        };
+        // Sessions end with the connection; give them a moment to report, then drop them.
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        if !matches!(served, Served::Moved(_)) {
+            dialed.wait_idle().await;
+        }
+        Ok(served)
+    }
 }
 
 /// Renew the certificate over the control stream with a fresh key; returns the next renewal time.
-async fn renew(dir: &Path, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> anyhow::Result<SystemTime> {
+async fn renew(dir: &Path, send: &mut SendStream, recv: &mut RecvStream) -> anyhow::Result<SystemTime> {
     let (key, csr) = new_key_and_csr()?;
     write_frame(send, &Message::RenewRequest(RenewRequest { csr_der: csr })).await?;
     let reply = tokio::time::timeout(crate::server::HANDSHAKE_TIMEOUT, read_frame(recv, StreamKind::Control))

@@ -10,6 +10,7 @@
 //! Both ends use rustls with the ring provider over quinn; see `docs/architecture.md`.
 
 pub mod agent;
+pub mod dial;
 pub mod peer;
 pub mod pki;
 pub mod renewal;
@@ -17,6 +18,7 @@ pub mod server;
 pub mod services;
 pub mod slots;
 pub mod tls;
+pub mod transport;
 
 pub use tokio_util::sync::CancellationToken;
 

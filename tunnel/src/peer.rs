@@ -25,12 +25,13 @@ use std::time::Duration;
 use postern_proto::SessionRequest;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
 use crate::pki::{cert_info, gateway_cert_name};
 use crate::server::{AgentRegistry, OpenError, SessionStream, ViolationReporter, close};
 use crate::tls::TlsError;
+use crate::transport::{RecvStream, SendStream};
 
 /// Most bytes of an agent id in a peer request.
 const MAX_AGENT_ID: usize = 256;
@@ -77,14 +78,14 @@ pub(crate) async fn serve(registry: AgentRegistry, conn: quinn::Connection, peer
                 break;
             }
         };
-        tasks.spawn(relay(registry.clone(), send, recv));
+        tasks.spawn(relay(registry.clone(), SendStream::Quic(send), RecvStream::Quic(recv)));
     }
     tasks.close();
     info!(peer_gateway = %peer, "peer gateway disconnected");
 }
 
 /// Read the agent id A asks for (bounded in size and time).
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<String, String> {
+async fn read_request(recv: &mut RecvStream) -> Result<String, String> {
     let mut id = Vec::with_capacity(32);
     let read = async {
         loop {
@@ -102,7 +103,7 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<String, String> {
     String::from_utf8(id).map_err(|_| "agent id is not UTF-8".to_owned())
 }
 
-async fn refuse(send: &mut quinn::SendStream, reason: &str) {
+async fn refuse(send: &mut SendStream, reason: &str) {
     let reason = reason.as_bytes().get(..reason.len().min(MAX_REASON)).unwrap_or_default();
     let mut answer = vec![NOT_HERE];
     answer.extend_from_slice(&u16::try_from(reason.len()).unwrap_or(0).to_be_bytes());
@@ -112,7 +113,7 @@ async fn refuse(send: &mut quinn::SendStream, reason: &str) {
 }
 
 /// One stream from a peer: open a stream to the agent it names and copy both ways.
-async fn relay(registry: AgentRegistry, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn relay(registry: AgentRegistry, mut send: SendStream, mut recv: RecvStream) {
     let agent_id = match read_request(&mut recv).await {
         Ok(id) => id,
         Err(e) => {
@@ -133,12 +134,12 @@ async fn relay(registry: AgentRegistry, mut send: quinn::SendStream, mut recv: q
 
 /// Move every chunk from `from` to `to` until `from` ends (then finish `to`) or breaks
 /// (then reset `to`; a `to` that went away stops `from`).
-async fn pass(from: &mut quinn::RecvStream, to: &mut quinn::SendStream) {
+async fn pass(from: &mut RecvStream, to: &mut SendStream) {
     loop {
-        match from.read_chunk(usize::MAX, true).await {
+        match from.read_chunk().await {
             Ok(Some(chunk)) => {
-                if to.write_chunk(chunk.bytes).await.is_err() {
-                    let _ = from.stop(0u32.into());
+                if to.write_chunk(chunk).await.is_err() {
+                    from.stop(0);
                     return;
                 }
             }
@@ -147,7 +148,7 @@ async fn pass(from: &mut quinn::RecvStream, to: &mut quinn::SendStream) {
                 return;
             }
             Err(_) => {
-                let _ = to.reset(0u32.into());
+                to.reset(0);
                 return;
             }
         }
@@ -269,7 +270,13 @@ impl PeerClient {
             tokio::time::timeout(PEER_TIMEOUT, setup).await.map_err(|_| OpenError::Timeout(PEER_TIMEOUT))??;
         // A violation by an agent reached through a peer ends this session only: the agent's
         // connection is the peer's to close.
-        let mut stream = crate::server::open_on(send, recv, ViolationReporter::detached(), request).await?;
+        let mut stream = crate::server::open_on(
+            SendStream::Quic(send),
+            RecvStream::Quic(recv),
+            ViolationReporter::detached(),
+            request,
+        )
+        .await?;
         stream.via = Some(id.to_owned());
         Ok(stream)
     }

@@ -18,6 +18,7 @@ use crate::pki::{CertAuthority, cert_info};
 use crate::renewal::{RenewalGate, Validity};
 use crate::slots::{Full, SourceSlots};
 use crate::tls::TransportTimers;
+use crate::transport::{Connection, RecvStream, SendStream, Transport};
 
 /// How long a peer may take for one handshake step (TLS, first frame, reply).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +78,7 @@ pub trait AgentDirectory: Send + Sync + 'static {
         agent_id: &str,
         hello: &Hello,
         remote: SocketAddr,
+        transport: Transport,
     ) -> impl Future<Output = Result<String, Refusal>> + Send;
 
     /// The agent's current connection ended (a connection replaced by a newer one of the
@@ -116,6 +118,8 @@ pub struct TunnelSettings {
     pub max_enrollments_per_source: usize,
     /// In a cluster, this gateway's id, named in its tunnel certificate.
     pub gateway_id: Option<String>,
+    /// Where the TCP transport listens (agents whose network drops UDP); `None`: QUIC only.
+    pub tcp_listen: Option<SocketAddr>,
 }
 
 impl Default for TunnelSettings {
@@ -127,6 +131,7 @@ impl Default for TunnelSettings {
             max_enrollments: 64,
             max_enrollments_per_source: 8,
             gateway_id: None,
+            tcp_listen: None,
         }
     }
 }
@@ -141,11 +146,13 @@ pub struct ConnectedAgent {
     pub agent_version: String,
     pub remote: SocketAddr,
     pub connected_at: SystemTime,
+    /// QUIC, or the TCP fallback.
+    pub transport: Transport,
 }
 
 struct Entry {
     info: ConnectedAgent,
-    conn: quinn::Connection,
+    conn: Connection,
     violation: ViolationSlot,
 }
 
@@ -161,7 +168,7 @@ type ViolationSlot = Arc<std::sync::Mutex<Option<String>>>;
 pub struct ViolationReporter {
     /// The agent's connection; `None` for an agent reached through another gateway, whose
     /// connection is that gateway's to close.
-    conn: Option<quinn::Connection>,
+    conn: Option<Connection>,
     slot: ViolationSlot,
 }
 
@@ -179,7 +186,7 @@ impl ViolationReporter {
             *slot = Some(error.to_owned());
         }
         match &self.conn {
-            Some(conn) => conn.close(close::PROTOCOL_ERROR.into(), b"protocol error"),
+            Some(conn) => conn.close(close::PROTOCOL_ERROR, b"protocol error"),
             None => warn!(%error, "protocol violation by an agent reached through another gateway; its session ends"),
         }
     }
@@ -213,8 +220,8 @@ pub enum OpenError {
 #[derive(Debug)]
 pub struct SessionStream {
     pub id: SessionId,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    pub send: SendStream,
+    pub recv: RecvStream,
     /// Report a protocol violation on this stream (closes the agent's connection).
     pub violation: ViolationReporter,
     /// For a `TcpByName` session: the address the agent says it connected to.
@@ -246,7 +253,7 @@ impl AgentRegistry {
     pub fn get(&self, agent_id: &str) -> Option<ConnectedAgent> {
         self.inner.read().ok()?.get(agent_id).map(|e| e.info.clone())
     }
-    fn connection(&self, agent_id: &str) -> Option<quinn::Connection> {
+    fn connection(&self, agent_id: &str) -> Option<Connection> {
         self.inner.read().ok()?.get(agent_id).map(|e| e.conn.clone())
     }
     fn reporter(&self, agent_id: &str) -> Option<ViolationReporter> {
@@ -255,16 +262,16 @@ impl AgentRegistry {
     }
 
     /// Register a connection; an older connection of the same agent is closed.
-    fn insert(&self, info: ConnectedAgent, conn: quinn::Connection, violation: ViolationSlot) {
+    fn insert(&self, info: ConnectedAgent, conn: Connection, violation: ViolationSlot) {
         let old =
             self.inner.write().ok().and_then(|mut m| m.insert(info.agent_id.clone(), Entry { info, conn, violation }));
         if let Some(old) = old {
-            old.conn.close(close::REPLACED.into(), b"replaced by a newer connection of the same agent");
+            old.conn.close(close::REPLACED, b"replaced by a newer connection of the same agent");
         }
     }
 
     /// Remove `agent_id` only if `conn` is still its current connection.
-    fn remove(&self, agent_id: &str, conn: &quinn::Connection) -> bool {
+    fn remove(&self, agent_id: &str, conn: &Connection) -> bool {
         let Ok(mut m) = self.inner.write() else { return false };
         if m.get(agent_id).is_some_and(|e| e.conn.stable_id() == conn.stable_id()) {
             m.remove(agent_id);
@@ -278,7 +285,7 @@ impl AgentRegistry {
     pub fn disconnect(&self, agent_id: &str, reason: &str) -> bool {
         match self.connection(agent_id) {
             Some(conn) => {
-                conn.close(close::REFUSED.into(), reason.as_bytes());
+                conn.close(close::REFUSED, reason.as_bytes());
                 true
             }
             None => false,
@@ -298,7 +305,7 @@ impl AgentRegistry {
 
     /// A bare stream to an online agent, for a peer gateway that speaks the session protocol
     /// over it itself (crate::peer). `None`: the agent is not connected here.
-    pub(crate) async fn open_raw(&self, agent_id: &str) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+    pub(crate) async fn open_raw(&self, agent_id: &str) -> Option<(SendStream, RecvStream)> {
         let conn = self.connection(agent_id)?;
         tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.open_bi()).await.ok()?.ok()
     }
@@ -307,8 +314,8 @@ impl AgentRegistry {
 /// Ask the agent at the other end of a fresh stream for `request` and wait for its accept or
 /// reject (bounded by [`HANDSHAKE_TIMEOUT`]).
 pub(crate) async fn open_on(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
     violation: ViolationReporter,
     request: SessionRequest,
 ) -> Result<SessionStream, OpenError> {
@@ -356,6 +363,8 @@ fn cid_generator_key(reset_key: &ring::hmac::Key) -> u64 {
 /// The gateway's QUIC listener.
 pub struct TunnelServer<D: AgentDirectory> {
     endpoint: quinn::Endpoint,
+    /// The TCP transport's listener and TLS, when it is on.
+    tcp: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     registry: AgentRegistry,
     directory: Arc<D>,
     ca: Arc<CertAuthority>,
@@ -387,6 +396,7 @@ impl<D: AgentDirectory> TunnelServer<D> {
             )?)),
             None => None,
         };
+        let tcp_chain = chain.clone();
         let server_config = crate::tls::server_config(
             ca.cert_der(),
             chain,
@@ -406,11 +416,31 @@ impl<D: AgentDirectory> TunnelServer<D> {
         let socket = std::net::UdpSocket::bind(addr)?;
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)?;
-        Ok(Self { endpoint, registry: AgentRegistry::default(), directory, ca, settings, peers })
+        let tcp = match settings.tcp_listen {
+            Some(mut tcp_addr) => {
+                // Port 0: the port the QUIC listener got, so agents find both on one number.
+                if tcp_addr.port() == 0 {
+                    tcp_addr.set_port(endpoint.local_addr()?.port());
+                }
+                let tls =
+                    crate::tls::server_tls(ca.cert_der(), tcp_chain, crate::pki::private_key_der(&server_key), false)?;
+                let listener = std::net::TcpListener::bind(tcp_addr)
+                    .map_err(|e| anyhow::anyhow!("binding the tunnel's TCP listener on {tcp_addr}: {e}"))?;
+                listener.set_nonblocking(true)?;
+                Some((tokio::net::TcpListener::from_std(listener)?, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
+            }
+            None => None,
+        };
+        Ok(Self { endpoint, tcp, registry: AgentRegistry::default(), directory, ca, settings, peers })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Where the TCP transport listens, when it is on.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn registry(&self) -> AgentRegistry {
@@ -429,32 +459,75 @@ impl<D: AgentDirectory> TunnelServer<D> {
         let tasks = tokio_util::task::TaskTracker::new();
         let enrollments = SourceSlots::new(self.settings.max_enrollments, self.settings.max_enrollments_per_source);
         let renewals = Arc::new(RenewalGate::new(self.settings.agent_cert_ttl));
+        let tcp_handshakes = Arc::new(tokio::sync::Semaphore::new(TCP_HANDSHAKES));
+        let ctx = |shutdown: &CancellationToken| ConnCtx {
+            registry: self.registry.clone(),
+            directory: self.directory.clone(),
+            ca: self.ca.clone(),
+            settings: self.settings.clone(),
+            enrollments: enrollments.clone(),
+            renewals: renewals.clone(),
+            shutdown: shutdown.clone(),
+        };
         loop {
-            let incoming = tokio::select! {
+            let full = self.registry.len() >= self.settings.max_agents;
+            tokio::select! {
                 _ = shutdown.cancelled() => break,
-                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
-            };
-            if self.registry.len() >= self.settings.max_agents {
-                warn!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
-                incoming.refuse();
-                continue;
+                i = self.endpoint.accept() => {
+                    let Some(incoming) = i else { break };
+                    if full {
+                        warn!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
+                        incoming.refuse();
+                        continue;
+                    }
+                    let remote = incoming.remote_address();
+                    tasks.spawn(handle_incoming(ctx(&shutdown), incoming).instrument(info_span!("conn", %remote)));
+                }
+                Some(accepted) = accept_tcp(self.tcp.as_ref()) => {
+                    let (tcp, remote) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors and the like: do not spin on it.
+                            warn!(error = %e, "accepting a tunnel TCP connection failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    if full {
+                        warn!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
+                        continue;
+                    }
+                    let Ok(place) = tcp_handshakes.clone().try_acquire_owned() else {
+                        debug!(%remote, "too many TCP handshakes in progress; dropping a connection");
+                        continue;
+                    };
+                    let Some((_, acceptor)) = self.tcp.as_ref() else { continue };
+                    let acceptor = acceptor.clone();
+                    tasks.spawn(
+                        handle_tcp(ctx(&shutdown), tcp, remote, acceptor, place)
+                            .instrument(info_span!("conn", %remote, transport = "tcp")),
+                    );
+                }
             }
-            let ctx = ConnCtx {
-                registry: self.registry.clone(),
-                directory: self.directory.clone(),
-                ca: self.ca.clone(),
-                settings: self.settings.clone(),
-                enrollments: enrollments.clone(),
-                renewals: renewals.clone(),
-                shutdown: shutdown.clone(),
-            };
-            let remote = incoming.remote_address();
-            tasks.spawn(handle_incoming(ctx, incoming).instrument(info_span!("conn", %remote)));
         }
         self.endpoint.close(close::SHUTDOWN.into(), b"gateway shutting down");
+        drop(self.tcp);
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// TCP connections whose TLS and HTTP/2 set-up is still under way, at most.
+const TCP_HANDSHAKES: usize = 1024;
+
+/// The next TCP connection, or `None` (never ready) when the TCP transport is off.
+async fn accept_tcp(
+    tcp: Option<&(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+    match tcp {
+        Some((listener, _)) => Some(listener.accept().await),
+        None => std::future::pending().await,
     }
 }
 
@@ -469,7 +542,6 @@ struct ConnCtx<D> {
 }
 
 async fn handle_incoming<D: AgentDirectory>(ctx: ConnCtx<D>, incoming: quinn::Incoming) {
-    let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await }).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -481,17 +553,45 @@ async fn handle_incoming<D: AgentDirectory>(ctx: ConnCtx<D>, incoming: quinn::In
             return;
         }
     };
-    let alpn = conn
-        .handshake_data()
-        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|h| h.protocol);
-    match alpn.as_deref() {
+    let remote = conn.remote_address();
+    let peer = ctx.settings.gateway_id.is_some()
+        && Connection::Quic(conn.clone()).alpn().is_some_and(|p| p == postern_proto::ALPN_PEER);
+    if peer {
+        return handle_peer(ctx, conn, remote).await;
+    }
+    dispatch(ctx, Connection::Quic(conn)).await;
+}
+
+/// A TCP-transport connection: TLS, then HTTP/2, each step within [`HANDSHAKE_TIMEOUT`];
+/// the handshake place is held until both are done.
+async fn handle_tcp<D: AgentDirectory>(
+    ctx: ConnCtx<D>,
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    place: tokio::sync::OwnedSemaphorePermit,
+) {
+    crate::transport::tcp::tune_socket(&tcp, ctx.settings.timers);
+    let setup = async {
+        let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+        crate::transport::tcp::accept(tls, remote).await.map_err(|e| format!("HTTP/2 set-up failed: {e}"))
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return debug!(error = %e, "tcp handshake failed"),
+        Err(_) => return debug!("tcp handshake timed out"),
+    };
+    drop(place);
+    dispatch(ctx, Connection::Tcp(conn)).await;
+}
+
+/// An agent's connection, either transport, by its ALPN.
+async fn dispatch<D: AgentDirectory>(ctx: ConnCtx<D>, conn: Connection) {
+    let remote = conn.remote_address();
+    match conn.alpn().as_deref() {
         Some(p) if p == postern_proto::ALPN_ENROLL => handle_enrollment(ctx, conn, remote).await,
         Some(p) if p == postern_proto::ALPN_TUNNEL => handle_agent(ctx, conn, remote).await,
-        Some(p) if p == postern_proto::ALPN_PEER && ctx.settings.gateway_id.is_some() => {
-            handle_peer(ctx, conn, remote).await
-        }
-        _ => conn.close(close::PROTOCOL_ERROR.into(), b"unsupported ALPN"),
+        _ => conn.close(close::PROTOCOL_ERROR, b"unsupported ALPN"),
     }
 }
 
@@ -518,22 +618,21 @@ pub fn is_violation(e: &FrameError) -> bool {
     matches!(e, FrameError::Proto(_))
 }
 
-async fn violation<D: AgentDirectory>(ctx: &ConnCtx<D>, conn: &quinn::Connection, agent: Option<&str>, error: String) {
+async fn violation<D: AgentDirectory>(ctx: &ConnCtx<D>, conn: &Connection, agent: Option<&str>, error: String) {
     warn!(agent_id = agent.unwrap_or("-"), %error, "dropping peer after protocol violation");
-    conn.close(close::PROTOCOL_ERROR.into(), b"protocol error");
+    conn.close(close::PROTOCOL_ERROR, b"protocol error");
     ctx.directory.protocol_violation(conn.remote_address(), agent, &error).await;
 }
 
-async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connection, remote: SocketAddr) {
+async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: Connection, remote: SocketAddr) {
     let _slot = match ctx.enrollments.admit(remote.ip()) {
         Ok(s) => s,
         Err(Full::Total) => {
-            return conn.close(close::REFUSED.into(), b"too many enrollments in progress, retry later");
+            return conn.close(close::REFUSED, b"too many enrollments in progress, retry later");
         }
         Err(Full::Source) => {
             debug!("too many enrollments in progress from this address; refusing");
-            return conn
-                .close(close::REFUSED.into(), b"too many enrollments in progress from this address, retry later");
+            return conn.close(close::REFUSED, b"too many enrollments in progress from this address, retry later");
         }
     };
     let step = async {
@@ -543,7 +642,7 @@ async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Conn
     let (mut send, mut recv) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, step).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return debug!(error = %e, "enrollment stream failed"),
-        Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for enrollment request"),
+        Err(_) => return conn.close(close::PROTOCOL_ERROR, b"timed out waiting for enrollment request"),
     };
     let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, StreamKind::Enroll)).await {
         Ok(Ok(Some(Message::EnrollRequest(r)))) => r,
@@ -552,7 +651,7 @@ async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Conn
         }
         Ok(Err(e)) if is_violation(&e) => return violation(&ctx, &conn, None, e.to_string()).await,
         Ok(Err(e)) => return debug!(error = %e, "enrollment stream ended"),
-        Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for enrollment request"),
+        Err(_) => return conn.close(close::PROTOCOL_ERROR, b"timed out waiting for enrollment request"),
     };
     // Validate the CSR before the token is spent, so a broken agent does not burn it.
     let reply = if let Err(e) = CertAuthority::check_csr(&req.csr_der) {
@@ -583,14 +682,10 @@ async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Conn
     let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
 }
 
-async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connection, remote: SocketAddr) {
+async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: Connection, remote: SocketAddr) {
     // Identity comes from the verified client certificate and nothing else.
-    let peer_cert = conn
-        .peer_identity()
-        .and_then(|p| p.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().cloned());
-    let Some(cert) = peer_cert.and_then(|c| cert_info(&c).ok()) else {
-        conn.close(close::REFUSED.into(), b"a client certificate is required");
+    let Some(cert) = conn.peer_certificate().and_then(|c| cert_info(&c).ok()) else {
+        conn.close(close::REFUSED, b"a client certificate is required");
         return;
     };
     // The certificate the agent holds now: the one it connected with, then each renewal.
@@ -599,7 +694,7 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
     let span = info_span!("agent", %agent_id);
     async move {
         let first = async {
-            let (send, mut recv) = conn.accept_bi().await.map_err(|e| FrameError::Io(e.into()))?;
+            let (send, mut recv) = conn.accept_bi().await.map_err(FrameError::Io)?;
             let hello = read_frame(&mut recv, StreamKind::Control).await?;
             Ok::<_, FrameError>((send, recv, hello))
         };
@@ -610,9 +705,9 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
             }
             Ok(Err(e)) if is_violation(&e) => return violation(&ctx, &conn, Some(&agent_id), e.to_string()).await,
             Ok(Err(e)) => return debug!(error = %e, "connection ended before hello"),
-            Err(_) => return conn.close(close::PROTOCOL_ERROR.into(), b"timed out waiting for hello"),
+            Err(_) => return conn.close(close::PROTOCOL_ERROR, b"timed out waiting for hello"),
         };
-        let name = match ctx.directory.admit(&agent_id, &hello, remote).await {
+        let name = match ctx.directory.admit(&agent_id, &hello, remote, conn.transport()).await {
             Ok(name) => name,
             Err(refusal) => {
                 info!(reason = %refusal.message, "agent refused");
@@ -621,7 +716,7 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
                         .await;
                 let _ = send.finish();
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                conn.close(close::REFUSED.into(), b"agent refused");
+                conn.close(close::REFUSED, b"agent refused");
                 return;
             }
         };
@@ -641,11 +736,12 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: quinn::Connectio
                 agent_version: clean_text(&hello.agent_version, limits::VERSION),
                 remote,
                 connected_at: SystemTime::now(),
+                transport: conn.transport(),
             },
             conn.clone(),
             violations.clone(),
         );
-        info!("agent online");
+        info!(transport = %conn.transport(), "agent online");
 
         // Control loop: renewals until the connection ends.
         loop {

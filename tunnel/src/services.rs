@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::transport::{RecvStream, SendStream};
 use ipnet::IpNet;
 use postern_proto::{
     Accept, Connected, ErrorCode, ExecCommand, ExecRequest, Exit, Message, Reject, SessionId, SessionRequest,
@@ -85,8 +86,8 @@ struct Rejection(ErrorCode, String);
 
 /// Serve one session stream opened by the gateway.
 pub async fn serve_session(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
     limits: &LocalLimits,
     permit: Option<OwnedSemaphorePermit>,
 ) {
@@ -96,16 +97,16 @@ pub async fn serve_session(
         Ok(Ok(Some(Message::Open(o)))) => o,
         Ok(Ok(other)) => {
             warn!(?other, "session stream did not start with an open request");
-            let _ = send.reset(1u32.into());
+            send.reset(1);
             return;
         }
         Ok(Err(e)) => {
             warn!(error = %e, "malformed open request");
-            let _ = send.reset(1u32.into());
+            send.reset(1);
             return;
         }
         Err(_) => {
-            let _ = send.reset(1u32.into());
+            send.reset(1);
             return;
         }
     };
@@ -134,12 +135,12 @@ pub async fn serve_session(
     }
 }
 
-async fn reject(send: &mut quinn::SendStream, id: SessionId, code: ErrorCode, reason: String) {
+async fn reject(send: &mut SendStream, id: SessionId, code: ErrorCode, reason: String) {
     let _ = write_frame(send, &Message::Reject(Reject { session_id: id, code, reason })).await;
     let _ = send.finish();
 }
 
-type Outcome = Result<(), (quinn::SendStream, Rejection)>;
+type Outcome = Result<(), (SendStream, Rejection)>;
 
 /// The OS account a session runs as: `user` is `None` when it is the agent's own user.
 struct RunAs {
@@ -268,7 +269,7 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
 }
 
 /// Owns the send half: everything the agent says on a session goes through this queue.
-fn spawn_writer(mut send: quinn::SendStream) -> (mpsc::Sender<Message>, tokio::task::JoinHandle<()>) {
+fn spawn_writer(mut send: SendStream) -> (mpsc::Sender<Message>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
     let task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -299,8 +300,8 @@ async fn pump<R: AsyncRead + Unpin>(mut reader: R, tx: mpsc::Sender<Message>, wr
 async fn exec(
     id: SessionId,
     req: ExecRequest,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: SendStream,
+    mut recv: RecvStream,
     limits: &LocalLimits,
 ) -> Outcome {
     let run_as = match resolve_run_as(req.run_as.as_deref(), req.allow_root, limits) {
@@ -409,8 +410,8 @@ async fn exec(
 async fn shell(
     id: SessionId,
     req: ShellRequest,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: SendStream,
+    mut recv: RecvStream,
     limits: &LocalLimits,
 ) -> Outcome {
     let run_as = match resolve_run_as(req.run_as.as_deref(), req.allow_root, limits) {
@@ -506,13 +507,7 @@ async fn shell(
     Ok(())
 }
 
-async fn tcp(
-    id: SessionId,
-    req: TcpRequest,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    limits: &LocalLimits,
-) -> Outcome {
+async fn tcp(id: SessionId, req: TcpRequest, send: SendStream, recv: RecvStream, limits: &LocalLimits) -> Outcome {
     let target = format!("{}:{}", req.host, req.port);
     let addrs = match resolve(&target).await {
         Ok(a) => a,
@@ -537,8 +532,8 @@ async fn tcp(
 async fn tcp_by_name(
     id: SessionId,
     req: TcpByNameRequest,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: SendStream,
+    recv: RecvStream,
     limits: &LocalLimits,
 ) -> Outcome {
     let mut deny = Vec::with_capacity(req.deny.len());
@@ -570,7 +565,7 @@ type Service<'a> = (&'a str, &'static str, &'static str);
 
 /// RDP and SSH passthrough go where this agent's configuration says (`rdp_address`,
 /// `ssh_address`), never where the gateway asks.
-async fn configured(id: SessionId, send: quinn::SendStream, recv: quinn::RecvStream, service: Service<'_>) -> Outcome {
+async fn configured(id: SessionId, send: SendStream, recv: RecvStream, service: Service<'_>) -> Outcome {
     let (address, setting, what) = service;
     let target = address.trim();
     if target.is_empty() {
@@ -601,8 +596,8 @@ async fn relay_tcp(
     id: SessionId,
     target: &str,
     addr: SocketAddr,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
     what: &'static str,
     answer: Message,
 ) -> Outcome {

@@ -75,15 +75,15 @@ fn transport(timers: TransportTimers, agent_side: bool) -> quinn::TransportConfi
     t
 }
 
-/// Gateway side: one endpoint serves enrollment (no client certificate) and the tunnel
-/// (client certificate required, checked after the handshake by ALPN).
-pub fn server_config(
+/// Gateway side, the TLS of both transports: enrollment (no client certificate) and the
+/// tunnel (client certificate required, checked after the handshake by ALPN); with
+/// `peering`, also the ALPN of the cluster's other gateways (QUIC only).
+pub fn server_tls(
     ca: &CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    timers: TransportTimers,
     peering: bool,
-) -> Result<quinn::ServerConfig, TlsError> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone())?;
@@ -100,6 +100,19 @@ pub fn server_config(
         tls.alpn_protocols.push(postern_proto::ALPN_PEER.to_vec());
     }
     tls.max_early_data_size = 0;
+    Ok(tls)
+}
+
+/// Gateway side, QUIC: one endpoint serves enrollment, the tunnel and (with `peering`) the
+/// cluster's other gateways.
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    timers: TransportTimers,
+    peering: bool,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = server_tls(ca, chain, key, peering)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport(timers, false)));
@@ -115,8 +128,17 @@ pub fn agent_tunnel_config(
     key: PrivateKeyDer<'static>,
     timers: TransportTimers,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let tls = mutual_client(ca, vec![cert], key, postern_proto::ALPN_TUNNEL)?;
-    finish_client(tls, timers)
+    finish_client(agent_tunnel_tls(ca, cert, key)?, timers)
+}
+
+/// The TLS of an agent's tunnel, either transport: trust exactly the CA pinned at
+/// enrollment, present the agent's certificate.
+pub fn agent_tunnel_tls(
+    ca: &CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    mutual_client(ca, vec![cert], key, postern_proto::ALPN_TUNNEL)
 }
 
 /// A TLS 1.3 client trusting exactly `ca`, presenting `chain` and `key`, speaking `alpn`:
@@ -140,6 +162,11 @@ pub(crate) fn mutual_client(
 /// Agent side, enrollment: no CA yet, only a pin. The server must present the CA whose
 /// SHA-256 matches the pin in its chain, and its certificate must verify against that CA.
 pub fn agent_enroll_config(pin: &str, timers: TransportTimers) -> Result<quinn::ClientConfig, TlsError> {
+    finish_client(agent_enroll_tls(pin)?, timers)
+}
+
+/// The TLS of an enrollment, either transport (see [`agent_enroll_config`]).
+pub fn agent_enroll_tls(pin: &str) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedCaVerifier { pin: pin.to_owned(), provider: provider.clone() });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -148,7 +175,7 @@ pub fn agent_enroll_config(pin: &str, timers: TransportTimers) -> Result<quinn::
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![postern_proto::ALPN_ENROLL.to_vec()];
-    finish_client(tls, timers)
+    Ok(tls)
 }
 
 fn finish_client(tls: rustls::ClientConfig, timers: TransportTimers) -> Result<quinn::ClientConfig, TlsError> {

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 use postern_proto::*;
 use postern_tunnel::CancellationToken;
 use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
+use postern_tunnel::dial::{Route, TransportChoice};
 use postern_tunnel::pki::CertAuthority;
 use postern_tunnel::server::{AgentDirectory, AgentRegistry, EnrolledAgent, Refusal, TunnelServer, TunnelSettings};
 use postern_tunnel::services::LocalLimits;
 use postern_tunnel::tls::TransportTimers;
+use postern_tunnel::transport::Transport;
 
 #[derive(Default)]
 struct MemDirectory {
@@ -34,7 +36,13 @@ impl AgentDirectory for MemDirectory {
             }
         }
     }
-    async fn admit(&self, agent_id: &str, _hello: &Hello, _remote: SocketAddr) -> Result<String, Refusal> {
+    async fn admit(
+        &self,
+        agent_id: &str,
+        _hello: &Hello,
+        _remote: SocketAddr,
+        _transport: Transport,
+    ) -> Result<String, Refusal> {
         if self.revoked.lock().unwrap().iter().any(|r| r == agent_id) {
             return Err(Refusal { code: ErrorCode::AgentRevoked, message: "agent revoked".into() });
         }
@@ -63,7 +71,9 @@ async fn gateway(settings: TunnelSettings) -> Gateway {
 }
 
 /// A gateway with the CA `ca` (gateways of one cluster share it).
-async fn gateway_with(ca: Arc<CertAuthority>, settings: TunnelSettings) -> Gateway {
+async fn gateway_with(ca: Arc<CertAuthority>, mut settings: TunnelSettings) -> Gateway {
+    // Both transports, on the same port number.
+    settings.tcp_listen.get_or_insert("127.0.0.1:0".parse().unwrap());
     let directory = Arc::new(MemDirectory::default());
     let server =
         TunnelServer::bind("127.0.0.1:0".parse().unwrap(), ca.clone(), directory.clone(), settings, &[7u8; 32])
@@ -84,10 +94,25 @@ async fn wait_online(registry: &AgentRegistry, agent_id: &str) {
     }
 }
 
+fn route(choice: TransportChoice) -> Route {
+    Route { choice, ..Route::default() }
+}
+
 async fn join_and_run(
     gw: &Gateway,
     token: &str,
     limits: LocalLimits,
+) -> (tempfile::TempDir, String, CancellationToken) {
+    join_and_run_on(gw, token, limits, TransportChoice::Auto).await
+}
+
+/// Join and run an agent that uses `choice`; it is online on that transport (`auto` on
+/// loopback: QUIC) when this returns.
+async fn join_and_run_on(
+    gw: &Gateway,
+    token: &str,
+    limits: LocalLimits,
+    choice: TransportChoice,
 ) -> (tempfile::TempDir, String, CancellationToken) {
     gw.directory.tokens.lock().unwrap().insert(token.into(), false);
     let dir = tempfile::tempdir().unwrap();
@@ -96,6 +121,7 @@ async fn join_and_run(
         token: token.into(),
         ca_pin: gw.ca.pin(),
         state_dir: dir.path().to_owned(),
+        route: route(choice),
     })
     .await
     .unwrap();
@@ -110,9 +136,12 @@ async fn join_and_run(
             stable_after: Duration::from_secs(5),
         },
         timers: TransportTimers::default(),
+        route: route(choice),
     };
     tokio::spawn(agent::run(opts, stop.clone()));
     wait_online(&gw.registry, &state.agent_id).await;
+    let expected = if choice == TransportChoice::Tcp { Transport::Tcp } else { Transport::Quic };
+    assert_eq!(gw.registry.get(&state.agent_id).unwrap().transport, expected);
     (dir, state.agent_id, stop)
 }
 
@@ -193,8 +222,17 @@ async fn sessions_run_as_root_only_when_the_gateway_allows_root() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_stdin_stdout_stderr_and_exit_status() {
+    exec_stdin_stdout_stderr_and_exit_status_on(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_stdin_stdout_stderr_and_exit_status_over_tcp() {
+    exec_stdin_stdout_stderr_and_exit_status_on(TransportChoice::Tcp).await;
+}
+
+async fn exec_stdin_stdout_stderr_and_exit_status_on(choice: TransportChoice) {
     let gw = gateway(TunnelSettings::default()).await;
-    let (_dir, id, _stop) = join_and_run(&gw, "t1", LocalLimits::default()).await;
+    let (_dir, id, _stop) = join_and_run_on(&gw, "t1", LocalLimits::default(), choice).await;
 
     let mut s = gw.registry.open_session(&id, exec_req("echo out; echo err >&2; exit 3")).await.unwrap();
     let out = collect(&mut s).await;
@@ -222,8 +260,17 @@ async fn exec_stdin_stdout_stderr_and_exit_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pty_shell_with_resize() {
+    pty_shell_with_resize_on(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_shell_with_resize_over_tcp() {
+    pty_shell_with_resize_on(TransportChoice::Tcp).await;
+}
+
+async fn pty_shell_with_resize_on(choice: TransportChoice) {
     let gw = gateway(TunnelSettings::default()).await;
-    let (_dir, id, _stop) = join_and_run(&gw, "t2", LocalLimits::default()).await;
+    let (_dir, id, _stop) = join_and_run_on(&gw, "t2", LocalLimits::default(), choice).await;
     let mut s = gw
         .registry
         .open_session(
@@ -262,12 +309,21 @@ async fn pty_shell_with_resize() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_forward_and_local_allow_list() {
+    tcp_forward_and_local_allow_list_on(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_forward_and_local_allow_list_over_tcp() {
+    tcp_forward_and_local_allow_list_on(TransportChoice::Tcp).await;
+}
+
+async fn tcp_forward_and_local_allow_list_on(choice: TransportChoice) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = gateway(TunnelSettings::default()).await;
     // Only 127.0.0.1 allowed, so a refusal can be shown on loopback too (no traffic leaves
     // the machine even if the check were missing).
     let limits = LocalLimits { tcp_allow: vec!["127.0.0.1/32".parse().unwrap()], ..LocalLimits::default() };
-    let (_dir, id, _stop) = join_and_run(&gw, "t3", limits).await;
+    let (_dir, id, _stop) = join_and_run_on(&gw, "t3", limits, choice).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -342,6 +398,15 @@ async fn a_name_never_reaches_an_address_the_policy_denies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_single_use_and_pins_are_checked() {
+    tokens_are_single_use_and_pins_are_checked_on(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_single_use_and_pins_are_checked_over_tcp() {
+    tokens_are_single_use_and_pins_are_checked_on(TransportChoice::Tcp).await;
+}
+
+async fn tokens_are_single_use_and_pins_are_checked_on(choice: TransportChoice) {
     let gw = gateway(TunnelSettings::default()).await;
     gw.directory.tokens.lock().unwrap().insert("once".into(), false);
     let dir = tempfile::tempdir().unwrap();
@@ -350,6 +415,7 @@ async fn tokens_are_single_use_and_pins_are_checked() {
         token: token.into(),
         ca_pin: pin,
         state_dir: dir.path().to_owned(),
+        route: route(choice),
     };
     agent::join(&opts("once", gw.ca.pin())).await.unwrap();
     let err = agent::join(&opts("once", gw.ca.pin())).await.unwrap_err();
@@ -371,8 +437,17 @@ async fn tokens_are_single_use_and_pins_are_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_agent_is_refused_and_run_returns_error() {
+    revoked_agent_is_refused_and_run_returns_error_on(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_agent_is_refused_and_run_returns_error_over_tcp() {
+    revoked_agent_is_refused_and_run_returns_error_on(TransportChoice::Tcp).await;
+}
+
+async fn revoked_agent_is_refused_and_run_returns_error_on(choice: TransportChoice) {
     let gw = gateway(TunnelSettings::default()).await;
-    let (dir, id, stop) = join_and_run(&gw, "t5", LocalLimits::default()).await;
+    let (dir, id, stop) = join_and_run_on(&gw, "t5", LocalLimits::default(), choice).await;
     stop.cancel();
     let start = Instant::now();
     while gw.registry.get(&id).is_some() {
@@ -386,6 +461,7 @@ async fn revoked_agent_is_refused_and_run_returns_error() {
         limits: LocalLimits::default(),
         backoff: Backoff::default(),
         timers: TransportTimers::default(),
+        route: route(choice),
     };
     let err = tokio::time::timeout(Duration::from_secs(10), agent::run(opts, CancellationToken::new()))
         .await
@@ -397,9 +473,18 @@ async fn revoked_agent_is_refused_and_run_returns_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_is_renewed_before_expiry() {
+    certificate_is_renewed_before_expiry_on(TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_is_renewed_before_expiry_over_tcp() {
+    certificate_is_renewed_before_expiry_on(TransportChoice::Tcp).await;
+}
+
+async fn certificate_is_renewed_before_expiry_on(choice: TransportChoice) {
     let settings = TunnelSettings { agent_cert_ttl: Duration::from_secs(6), ..TunnelSettings::default() };
     let gw = gateway(settings).await;
-    let (dir, id, _stop) = join_and_run(&gw, "t6", LocalLimits::default()).await;
+    let (dir, id, _stop) = join_and_run_on(&gw, "t6", LocalLimits::default(), choice).await;
     let first = agent::identity_info(dir.path()).unwrap();
     let start = Instant::now();
     loop {
@@ -445,7 +530,8 @@ async fn a_gateway_reaches_an_agent_connected_to_its_peer() {
     let ca = Arc::new(CertAuthority::generate("cluster CA").unwrap());
     let a = gateway_with(ca.clone(), member("gw-a")).await;
     let b = gateway_with(ca.clone(), member("gw-b")).await;
-    let (_dir, id, _stop) = join_and_run(&b, "p1", LocalLimits::default()).await;
+    // The agent is on TCP at B: the peer relay joins QUIC (A to B) and TCP (B to agent).
+    let (_dir, id, _stop) = join_and_run_on(&b, "p1", LocalLimits::default(), TransportChoice::Tcp).await;
     let peers = a.peers.as_ref().expect("a cluster gateway has a peer client");
     let at_b = b.addr.to_string();
 
@@ -495,6 +581,117 @@ async fn a_gateway_reaches_an_agent_connected_to_its_peer() {
     let err = peers.open_session("gw-s", &single.addr.to_string(), &id, exec_req("true")).await.unwrap_err();
     assert!(format!("{err}").contains("cannot reach gateway"), "{err}");
     for gw in [a, b, single] {
+        gw.shutdown.cancel();
+    }
+}
+
+/// A gateway end and an agent end of one TCP-transport connection (enrollment TLS: the agent
+/// checks the gateway by the CA pin and presents nothing).
+async fn tcp_pair() -> (postern_tunnel::transport::Connection, postern_tunnel::transport::Connection) {
+    use postern_tunnel::transport::{Connection, tcp};
+    let ca = CertAuthority::generate("tcp pair CA").unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = ca.issue_server_cert(&key, Duration::from_secs(600), None).unwrap();
+    let server = postern_tunnel::tls::server_tls(
+        ca.cert_der(),
+        vec![cert, ca.cert_der().clone()],
+        postern_tunnel::pki::private_key_der(&key),
+        false,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gateway = tokio::spawn(async move {
+        let (stream, remote) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(stream).await.unwrap();
+        tcp::accept(tls, remote).await.unwrap()
+    });
+    let client = Arc::new(postern_tunnel::tls::agent_enroll_tls(&ca.pin()).unwrap());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let agent = tcp::connect(stream, addr, client, "postern-gateway", TransportTimers::default()).await.unwrap();
+    (Connection::Tcp(gateway.await.unwrap()), Connection::Tcp(agent))
+}
+
+/// The TCP transport keeps QUIC's stream semantics the agent relies on: a finish is an end
+/// of stream, a reset is an error that `received_reset` sees even with data unread (an exec
+/// whose command does not read its input is killed by it), only the gateway opens streams
+/// beyond the agent's first, and a close carries its code and reason to the other side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_transport_finishes_resets_and_closes_with_a_code() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, ag) = tcp_pair().await;
+    // The agent's own stream, once.
+    let (mut a_send, _a_recv) = ag.open_bi().await.unwrap();
+    let (_g_send, mut g_recv) = gw.accept_bi().await.unwrap();
+    a_send.write_all(b"hello").await.unwrap();
+    a_send.finish().unwrap();
+    let mut got = Vec::new();
+    g_recv.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hello");
+    let err = ag.open_bi().await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::Unsupported, "{err}");
+
+    // A finish: data, then the end.
+    let (mut send, _recv) = gw.open_bi().await.unwrap();
+    send.write_chunk(bytes::Bytes::from_static(b"one")).await.unwrap();
+    send.finish().unwrap();
+    let (_s, mut recv) = ag.accept_bi().await.unwrap();
+    assert_eq!(recv.read_chunk().await.unwrap().as_deref(), Some(&b"one"[..]));
+    assert_eq!(recv.read_chunk().await.unwrap(), None);
+
+    // A reset with data unread: seen by received_reset, and reading ends in an error.
+    let (mut send, _recv) = gw.open_bi().await.unwrap();
+    send.write_chunk(bytes::Bytes::from(vec![7u8; 100_000])).await.unwrap();
+    let (_s, mut recv) = ag.accept_bi().await.unwrap();
+    send.reset(0);
+    tokio::time::timeout(Duration::from_secs(5), recv.received_reset()).await.expect("the reset was not seen");
+    let mut rest = Vec::new();
+    assert!(recv.read_to_end(&mut rest).await.is_err(), "a reset read as an end of stream");
+
+    // A finish is never taken for a reset.
+    let (mut send, _recv) = gw.open_bi().await.unwrap();
+    send.write_chunk(bytes::Bytes::from_static(b"x")).await.unwrap();
+    send.finish().unwrap();
+    let (_s, mut recv) = ag.accept_bi().await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(500), recv.received_reset()).await;
+    assert!(waited.is_err(), "received_reset completed after a finish");
+    assert_eq!(recv.read_chunk().await.unwrap().as_deref(), Some(&b"x"[..]));
+
+    // A close: the code and reason reach the agent.
+    gw.close(3, b"replaced by a newer connection");
+    let closed = tokio::time::timeout(Duration::from_secs(5), ag.closed()).await.expect("the close did not arrive");
+    assert_eq!(closed.code, Some(3), "{closed}");
+    assert!(closed.by_peer && closed.reason == "replaced by a newer connection", "{closed}");
+    assert!(ag.accept_bi().await.is_err());
+}
+
+/// A command that does not read its input, with input pending, is killed when the gateway
+/// resets the session stream (terminate, revoke), on both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_kills_a_command_whose_input_is_pending() {
+    for (choice, token) in [(TransportChoice::Quic, "k-quic"), (TransportChoice::Tcp, "k-tcp")] {
+        let gw = gateway(TunnelSettings::default()).await;
+        let (_dir, id, _stop) = join_and_run_on(&gw, token, LocalLimits::default(), choice).await;
+        let mut s = gw.registry.open_session(&id, exec_req("echo $$; exec sleep 60")).await.unwrap();
+        let pid = match read_frame(&mut s.recv, StreamKind::Session).await.unwrap() {
+            Some(Message::Stdout(d)) => String::from_utf8_lossy(&d).trim().parse::<i32>().unwrap(),
+            other => panic!("{choice}: unexpected {other:?}"),
+        };
+        // More input than the pipe holds: the agent's write to the command blocks.
+        for _ in 0..8 {
+            write_frame(&mut s.send, &Message::Stdin(vec![b'x'; 32 * 1024])).await.unwrap();
+        }
+        s.send.reset(0);
+        let proc = format!("/proc/{pid}");
+        let start = Instant::now();
+        while std::path::Path::new(&proc).exists() {
+            let zombie = std::fs::read_to_string(format!("{proc}/stat")).is_ok_and(|st| st.contains(") Z "));
+            if zombie {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "{choice}: the command outlived the reset");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         gw.shutdown.cancel();
     }
 }

@@ -978,6 +978,7 @@ pub async fn instances(socket: &Path, json: bool) -> anyhow::Result<()> {
                 r.platform.clone(),
                 r.agent_version.clone(),
                 if r.online { "online".into() } else { "offline".into() },
+                r.transport.clone().unwrap_or_else(|| "-".into()),
                 if r.online { "now".into() } else { ago(r.last_seen) },
             ];
             if cluster {
@@ -986,7 +987,7 @@ pub async fn instances(socket: &Path, json: bool) -> anyhow::Result<()> {
             row
         })
         .collect();
-    let mut header = vec!["ID", "NAME", "LABELS", "PLATFORM", "VERSION", "STATUS", "LAST SEEN"];
+    let mut header = vec!["ID", "NAME", "LABELS", "PLATFORM", "VERSION", "STATUS", "TRANSPORT", "LAST SEEN"];
     if cluster {
         header.push("GATEWAY");
     }

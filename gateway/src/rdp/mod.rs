@@ -269,8 +269,8 @@ fn rdp_request(p: &Preamble) -> RdpRequest {
 async fn relay(
     tcp: TcpStream,
     first: Vec<u8>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: postern_tunnel::transport::SendStream,
+    mut recv: postern_tunnel::transport::RecvStream,
     live: &crate::sessions::LiveSession,
     max_session: Option<Duration>,
 ) -> (u64, u64) {
@@ -299,10 +299,10 @@ async fn relay(
     };
     let down = async {
         let mut n = 0u64;
-        while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {
-            n += chunk.bytes.len() as u64;
-            live.add_out(chunk.bytes.len());
-            if wr.write_all(&chunk.bytes).await.is_err() {
+        while let Ok(Some(chunk)) = recv.read_chunk().await {
+            n += chunk.len() as u64;
+            live.add_out(chunk.len());
+            if wr.write_all(&chunk).await.is_err() {
                 break;
             }
         }

@@ -138,7 +138,7 @@ async fn forward(
             s.connected_to.as_deref().filter(|a| !resolved_allowed(authz.address_denies(), a)).map(str::to_owned);
         match denied {
             Some(addr) => {
-                let _ = s.send.reset(0u32.into());
+                s.send.reset(0);
                 Err(postern_tunnel::server::OpenError::Tunnel(format!(
                     "the agent connected to a denied address {addr}"
                 )))
@@ -289,8 +289,8 @@ fn open_event(
 /// copy showed up in profiles of `ssh -L` throughput). Returns bytes (to target, from target).
 pub(super) async fn relay_forward(
     channel: Channel<Msg>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: postern_tunnel::transport::SendStream,
+    mut recv: postern_tunnel::transport::RecvStream,
     live: &LiveSession,
     max_session: Option<Duration>,
 ) -> (u64, u64) {
@@ -315,10 +315,10 @@ pub(super) async fn relay_forward(
     };
     let down = async {
         let mut n = 0u64;
-        while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {
-            n += chunk.bytes.len() as u64;
-            live.add_out(chunk.bytes.len());
-            if ch_write.data_bytes(chunk.bytes).await.is_err() {
+        while let Ok(Some(chunk)) = recv.read_chunk().await {
+            n += chunk.len() as u64;
+            live.add_out(chunk.len());
+            if ch_write.data_bytes(chunk).await.is_err() {
                 break;
             }
         }
@@ -336,7 +336,7 @@ pub(super) async fn relay_forward(
     };
     if ended {
         // Reset, not finish, so that the agent closes its connection at once.
-        let _ = send.reset(0u32.into());
+        send.reset(0);
     }
     let _ = ch_write.close().await;
     (up, down)

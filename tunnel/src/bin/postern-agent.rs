@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use postern_tunnel::agent::{self, Backoff, JoinOptions, RunOptions};
+use postern_tunnel::dial::{Route, TransportChoice};
 use postern_tunnel::services::LocalLimits;
 use postern_tunnel::tls::TransportTimers;
+use postern_tunnel::transport::proxy::Proxy;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -15,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "postern-agent",
     version,
-    about = "Postern agent: dials out to a Postern gateway over QUIC and serves sessions on this host",
-    long_about = "Postern agent: dials out to a Postern gateway over QUIC and serves sessions on this host.\n\n\
+    about = "Postern agent: dials out to a Postern gateway over QUIC (or TCP) and serves sessions on this host",
+    long_about = "Postern agent: dials out to a Postern gateway and serves sessions on this host.\n\n\
 The agent opens no inbound port. It enrolls once with a single-use token, keeps its private key \
-in the state directory, and renews its certificate on its own.",
+in the state directory, and renews its certificate on its own. It reaches the gateway over QUIC \
+(UDP), and over TLS on TCP (the same port number) where UDP does not get through, directly or \
+through an HTTP proxy (HTTPS_PROXY or --proxy).",
     after_help = "Examples:\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:...\n  postern-agent run\n  postern-agent status"
 )]
 struct Cli {
@@ -42,7 +46,7 @@ enum Command {
         after_help = "Examples:\n  postern-agent join --gateway gw.example.com:4433 --token pt_... --ca-pin sha256:... --run\n  postern-agent join --gateway gw-a.example.com --gateway gw-b.example.com --token pt_... --ca-pin sha256:...\n  (the token can come from POSTERN_JOIN_TOKEN instead, out of the process list)"
     )]
     Join {
-        /// Gateway tunnel address, HOST or HOST:PORT (UDP; port 4433 by default). Repeat it
+        /// Gateway tunnel address, HOST or HOST:PORT (UDP and TCP; port 4433 by default). Repeat it
         /// for the gateways of a cluster (a name with several DNS addresses counts as all of
         /// them): the agent enrolls at the first that answers and fails over between them.
         #[arg(long, required = true)]
@@ -63,10 +67,12 @@ enum Command {
         /// here; revoke it on the gateway with `postern instances revoke`).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        net: NetFlags,
     },
     /// Keep the connection to the gateway up and serve sessions until stopped.
     #[command(
-        after_help = "Examples:\n  postern-agent run\n  postern-agent run --config /etc/postern-agent/agent.toml\n  postern-agent --state-dir /srv/agent run --gateway gw2.example.com:4433 --gateway gw3.example.com"
+        after_help = "Examples:\n  postern-agent run\n  postern-agent run --config /etc/postern-agent/agent.toml\n  postern-agent run --transport tcp --proxy http://proxy.example:3128\n  postern-agent --state-dir /srv/agent run --gateway gw2.example.com:4433 --gateway gw3.example.com"
     )]
     Run {
         /// Local limits file (TOML): `[limits] tcp_allow = ["127.0.0.0/8"]`, `run_as = [...]`, ...
@@ -76,16 +82,66 @@ enum Command {
         /// by default; repeatable).
         #[arg(long)]
         gateway: Vec<String>,
+        #[command(flatten)]
+        net: NetFlags,
     },
     /// Show this agent's identity and certificate.
     #[command(after_help = "Examples:\n  postern-agent status\n  postern-agent --state-dir /srv/agent status")]
     Status,
 }
 
+/// How to reach the gateway; flags win over the configuration file's `[agent]`.
+#[derive(clap::Args, Debug, Default)]
+struct NetFlags {
+    /// auto (QUIC, else TLS over TCP), quic or tcp. Default: `[agent] transport`, else auto.
+    #[arg(long, value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<TransportChoice>()))]
+    transport: Option<TransportChoice>,
+    /// HTTP proxy for the TCP transport, http://[user:password@]host[:port], or "none".
+    /// Default: `[agent] proxy`, else HTTPS_PROXY / ALL_PROXY from the environment.
+    #[arg(long)]
+    proxy: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct AgentConfigFile {
+    agent: NetSection,
     limits: LocalLimits,
+}
+
+/// `[agent]` in the agent's configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct NetSection {
+    transport: Option<TransportChoice>,
+    proxy: Option<String>,
+    /// While on TCP: seconds between tries of QUIC (default 60).
+    quic_retry_secs: Option<u64>,
+}
+
+fn load_file(path: Option<&Path>) -> anyhow::Result<AgentConfigFile> {
+    let Some(path) = path else { return Ok(AgentConfigFile::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The route from flags, then the file, then the environment.
+fn route(flags: &NetFlags, file: &NetSection) -> anyhow::Result<Route> {
+    let choice = flags.transport.or(file.transport).unwrap_or_default();
+    let proxy = match flags.proxy.as_deref().or(file.proxy.as_deref()) {
+        Some(p) if p.trim().is_empty() || p.trim() == "none" => None,
+        Some(p) => Some(Proxy::parse(p).map_err(|e| anyhow::anyhow!(e))?),
+        None => Proxy::from_env().map_err(|e| anyhow::anyhow!(e))?,
+    };
+    if proxy.is_some() && choice == TransportChoice::Quic {
+        anyhow::bail!("a proxy carries only the TCP transport; use --transport auto or tcp with it");
+    }
+    let quic_retry = match file.quic_retry_secs {
+        Some(0) => anyhow::bail!("[agent] quic_retry_secs must be at least 1"),
+        Some(s) => std::time::Duration::from_secs(s),
+        None => postern_tunnel::dial::DEFAULT_QUIC_RETRY,
+    };
+    Ok(Route { choice, proxy, quic_retry })
 }
 
 fn default_state_dir() -> PathBuf {
@@ -98,13 +154,6 @@ fn default_state_dir() -> PathBuf {
     } else {
         PathBuf::from("postern-agent-state")
     }
-}
-
-fn load_limits(path: Option<&Path>) -> anyhow::Result<LocalLimits> {
-    let Some(path) = path else { return Ok(LocalLimits::default()) };
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: AgentConfigFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(file.limits)
 }
 
 fn shutdown_on_signal() -> CancellationToken {
@@ -125,11 +174,18 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn run_agent(state_dir: PathBuf, config: Option<PathBuf>, gateways: Vec<String>) -> anyhow::Result<()> {
+async fn run_agent(
+    state_dir: PathBuf,
+    config: Option<PathBuf>,
+    gateways: Vec<String>,
+    net: &NetFlags,
+) -> anyhow::Result<()> {
+    let file = load_file(config.as_deref())?;
     let opts = RunOptions {
         state_dir,
         gateways,
-        limits: load_limits(config.as_deref())?,
+        route: route(net, &file.agent)?,
+        limits: file.limits,
         backoff: Backoff::default(),
         timers: TransportTimers::default(),
     };
@@ -157,7 +213,7 @@ fn readable(t: std::time::SystemTime, now: std::time::SystemTime) -> String {
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     let state_dir = cli.state_dir.unwrap_or_else(default_state_dir);
     match cli.command {
-        Command::Join { gateway, token, ca_pin, run, config, force } => {
+        Command::Join { gateway, token, ca_pin, run, config, force, net } => {
             if !force && let Ok(old) = agent::load_state(&state_dir) {
                 anyhow::bail!(
                     "{} already holds the identity of {} (id {}, gateway {}); joining again would replace it. \
@@ -169,17 +225,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let gateways = gateway.iter().map(|g| agent::with_default_port(g)).collect();
-            let state = agent::join(&JoinOptions { gateways, token, ca_pin, state_dir: state_dir.clone() }).await?;
+            let route = route(&net, &load_file(config.as_deref())?.agent)?;
+            let state =
+                agent::join(&JoinOptions { gateways, token, ca_pin, state_dir: state_dir.clone(), route }).await?;
             println!("joined as {} (id {}); state in {}", state.name, state.agent_id, state_dir.display());
             if run {
-                run_agent(state_dir, config, Vec::new()).await?;
+                run_agent(state_dir, config, Vec::new(), &net).await?;
             } else {
                 println!("next: postern-agent run --state-dir {}", state_dir.display());
             }
             Ok(())
         }
-        Command::Run { config, gateway } => {
-            run_agent(state_dir, config, gateway.iter().map(|g| agent::with_default_port(g)).collect()).await
+        Command::Run { config, gateway, net } => {
+            run_agent(state_dir, config, gateway.iter().map(|g| agent::with_default_port(g)).collect(), &net).await
         }
         Command::Status => {
             let state = agent::load_state(&state_dir)?;

@@ -68,6 +68,9 @@ pub struct AgentConnected {
     pub name: String,
     pub source: String,
     pub agent_version: String,
+    /// `quic` or `tcp` (absent in lines written before agents had a TCP fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// `agent.disconnected`.
