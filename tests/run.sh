@@ -25,6 +25,8 @@ command -v freerdp-shadow-cli >/dev/null 2>&1 || need+=(freerdp2-shadow-x11)
 command -v winpr-hash >/dev/null 2>&1 || need+=(winpr-utils)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# The tunnel's TCP fallback through an HTTP proxy (ssh.rs).
+command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)

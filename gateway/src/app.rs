@@ -741,6 +741,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let server = TunnelServer::bind(config.tunnel.listen, ca.clone(), directory.clone(), settings, &reset_key)
         .with_context(|| format!("listening for agents on {} (is another gateway running?)", config.tunnel.listen))?;
     let tunnel_addr = server.local_addr()?;
+    let tunnel_tcp = server.tcp_addr();
     let access = Arc::new(AccessList::from_config(&config.ssh)?);
     access.reload(store.as_ref()).await.context("loading users, policies and grants")?;
     if let Some(names) = &config.ssh.ciphers {
@@ -801,7 +802,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .as_ref()
         .map(|c| crate::audit::ship::Shipper::new(c, &dir).map(|s| Arc::new(s.for_gateway(config.gateway_id()))))
         .transpose()?;
-    let addresses = Addresses { tunnel: tunnel_addr, ssh: ssh_addr, rdp: rdp_addr, web: web_addr };
+    let addresses = Addresses { tunnel: tunnel_addr, tunnel_tcp, ssh: ssh_addr, rdp: rdp_addr, web: web_addr };
     let services = Arc::new(build_services(
         config,
         addresses,

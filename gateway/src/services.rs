@@ -28,6 +28,8 @@ use crate::store::Store;
 #[derive(Debug, Clone, Copy)]
 pub struct Addresses {
     pub tunnel: SocketAddr,
+    /// The tunnel's TCP fallback, when it is on.
+    pub tunnel_tcp: Option<SocketAddr>,
     /// The SSH door, when enabled.
     pub ssh: Option<SocketAddr>,
     /// The RDP door, when enabled.

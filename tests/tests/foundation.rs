@@ -302,7 +302,7 @@ fn quickstart_listens_where_the_config_says_and_prints_every_listener() {
     let banner = &log[log.find("Postern is running.").unwrap()..];
     let squeezed: Vec<String> = banner.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
     for want in [
-        format!("agents (tunnel): udp 127.0.0.1:{flag_udp} CA pin sha256:"),
+        format!("agents (tunnel): udp 127.0.0.1:{flag_udp}, tcp 127.0.0.1:{flag_udp} CA pin sha256:"),
         format!("SSH door: tcp 127.0.0.1:{ssh}"),
         format!("RDP door: tcp 127.0.0.1:{rdp}"),
         format!("web console: https://127.0.0.1:{web} (tcp 127.0.0.1:{web}; sign in with: postern web-login)"),
@@ -336,7 +336,7 @@ fn gateway_prints_every_listener() {
     let squeezed: Vec<String> = log.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
     for want in [
         "Postern gateway is running.".to_owned(),
-        format!("agents (tunnel): udp {} CA pin sha256:", gw.listen),
+        format!("agents (tunnel): udp {0}, tcp {0} CA pin sha256:", gw.listen),
         format!("SSH door: tcp 127.0.0.1:{}", gw.ssh_port),
         "RDP door: off (turn it on with [rdp] enabled = true)".to_owned(),
         format!("admin socket: {}", gw.data_dir().join("admin.sock").display()),

@@ -3,27 +3,48 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::Read;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 
 use postern_e2e::*;
 use postern_proto::{EnrollRequest, Hello, Message, StreamKind, read_frame, write_frame};
-use postern_tunnel::agent::{self, JoinOptions};
+use postern_tunnel::agent::{self, Candidate, JoinOptions};
+use postern_tunnel::dial::{self, Clients, Dialed};
 use postern_tunnel::pki::GATEWAY_SERVER_NAME;
-use postern_tunnel::tls::{TransportTimers, agent_enroll_config};
+use postern_tunnel::tls::{TransportTimers, agent_enroll_config, agent_enroll_tls};
+use postern_tunnel::transport::{Connection, RecvStream, SendStream, Transport};
 
 const PROTOCOL_ERROR: u32 = postern_tunnel::server::close::PROTOCOL_ERROR;
 const REFUSED: u32 = postern_tunnel::server::close::REFUSED;
 
-async fn closed_with(conn: &quinn::Connection) -> u64 {
-    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("gateway did not drop the rogue") {
-        quinn::ConnectionError::ApplicationClosed(c) => c.error_code.into_inner(),
-        other => panic!("unexpected close: {other}"),
+/// The close code the gateway sent (either transport).
+async fn closed_with(conn: &Connection) -> u32 {
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("gateway did not drop the rogue");
+    closed.code.filter(|_| closed.by_peer).unwrap_or_else(|| panic!("unexpected close: {closed}"))
+}
+
+/// A connection to `gw` over `transport` with the client settings `clients` (an enrollment's
+/// or an agent's), as the real agent dials it.
+async fn dial_on(transport: Transport, clients: &Clients, gw: &Gateway) -> Dialed {
+    let candidate = Candidate { gateway: gw.listen.clone(), addr: gw.listen.parse().unwrap(), resolved: true };
+    match transport {
+        Transport::Quic => dial::quic(clients, &candidate, Duration::from_secs(5)).await.unwrap(),
+        Transport::Tcp => dial::tcp(clients, &candidate, None, TransportTimers::default()).await.unwrap(),
+    }
+}
+
+fn enroll_clients(pin: &str) -> Clients {
+    Clients {
+        quic: agent_enroll_config(pin, TransportTimers::default()).unwrap(),
+        tls: std::sync::Arc::new(agent_enroll_tls(pin).unwrap()),
     }
 }
 
 /// Open the control stream with a valid hello, as a real agent would.
-async fn hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+async fn hello(conn: &Connection) -> (SendStream, RecvStream) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hello = Hello { agent_version: "x".into(), hostname: "rogue".into(), platform: "x".into() };
     write_frame(&mut send, &Message::Hello(hello)).await.unwrap();
@@ -31,15 +52,25 @@ async fn hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStrea
     (send, recv)
 }
 
-async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) {
+async fn send_raw(conn: &Connection, bytes: &[u8]) {
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     // Keep the stream open: the gateway must act on the header alone.
-    assert_eq!(closed_with(conn).await, u64::from(PROTOCOL_ERROR));
+    assert_eq!(closed_with(conn).await, PROTOCOL_ERROR);
 }
 
 #[test]
 fn rogue_frames_are_dropped_without_disturbing_a_session() {
+    rogue_frames_on(Transport::Quic);
+}
+
+/// Issue 20: the same rogue, on the TCP transport.
+#[test]
+fn rogue_frames_are_dropped_without_disturbing_a_session_over_tcp() {
+    rogue_frames_on(Transport::Tcp);
+}
+
+fn rogue_frames_on(transport: Transport) {
     let gw = Gateway::start("");
     let _agent = Agent::start(&gw, "app-01", vec![], &gw.listen);
 
@@ -57,20 +88,17 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
     let rogue_dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let addr: std::net::SocketAddr = gw.listen.parse().unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-
         // 1. Enrollment connection, garbage instead of a frame (bad version byte).
-        let cfg = agent_enroll_config(&pin, TransportTimers::default()).unwrap();
-        let conn = endpoint.connect_with(cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
+        let enroll = enroll_clients(&pin);
+        let conn = dial_on(transport, &enroll, &gw).await.conn;
         send_raw(&conn, &[9u8; 64]).await;
 
         // 2. Enrollment connection, a header announcing a 2 GiB request.
-        let conn = endpoint.connect_with(cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
+        let conn = dial_on(transport, &enroll, &gw).await.conn;
         send_raw(&conn, &[1, 0x10, 0x7f, 0xff, 0xff, 0xff]).await;
 
         // 3. Enrollment connection, a message kind that does not exist.
-        let conn = endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
+        let conn = dial_on(transport, &enroll, &gw).await.conn;
         send_raw(&conn, &[1, 0x7e, 0, 0, 0, 0]).await;
 
         // 4. An enrolled (authenticated) rogue agent: valid hello, then an oversized control frame.
@@ -79,21 +107,21 @@ fn rogue_frames_are_dropped_without_disturbing_a_session() {
             token: token.clone(),
             ca_pin: pin.clone(),
             state_dir: rogue_dir.path().to_owned(),
-            route: Default::default(),
+            route: dial::Route { choice: dial::TransportChoice::Auto, ..Default::default() },
         })
         .await
         .unwrap();
-        let (tunnel_cfg, _) = agent::tunnel_config(rogue_dir.path(), TransportTimers::default()).unwrap();
-        let conn = endpoint.connect_with(tunnel_cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
+        let (tunnel, _) = agent::tunnel_clients(rogue_dir.path(), TransportTimers::default()).unwrap();
+        let conn = dial_on(transport, &tunnel, &gw).await.conn;
         let (mut send, _recv) = hello(&conn).await;
         send.write_all(&[1, 0x04, 0x00, 0x10, 0x00, 0x00]).await.unwrap();
-        assert_eq!(closed_with(&conn).await, u64::from(PROTOCOL_ERROR));
+        assert_eq!(closed_with(&conn).await, PROTOCOL_ERROR);
 
         // 5. Same identity, a session-stream message on the control stream.
-        let conn = endpoint.connect_with(tunnel_cfg, addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap();
+        let conn = dial_on(transport, &tunnel, &gw).await.conn;
         let (mut send, _recv) = hello(&conn).await;
         write_frame(&mut send, &Message::Stdout(b"not here".to_vec())).await.unwrap();
-        assert_eq!(closed_with(&conn).await, u64::from(PROTOCOL_ERROR));
+        assert_eq!(closed_with(&conn).await, PROTOCOL_ERROR);
     });
 
     // The concurrent session finished intact.
@@ -118,7 +146,7 @@ fn enroll_rogue(
     labels: &str,
     dir: &std::path::Path,
     rt: &tokio::runtime::Runtime,
-) -> quinn::ClientConfig {
+) -> Clients {
     let (token, pin) = gw.token(&["--name", name, "--labels", labels]);
     rt.block_on(agent::join(&JoinOptions {
         gateways: vec![gw.listen.clone()],
@@ -128,13 +156,14 @@ fn enroll_rogue(
         route: Default::default(),
     }))
     .unwrap();
-    agent::tunnel_config(dir, TransportTimers::default()).unwrap().0
+    agent::tunnel_clients(dir, TransportTimers::default()).unwrap().0
 }
 
-async fn connect(gw: &Gateway, cfg: &quinn::ClientConfig) -> quinn::Connection {
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr: std::net::SocketAddr = gw.listen.parse().unwrap();
-    endpoint.connect_with(cfg.clone(), addr, GATEWAY_SERVER_NAME).unwrap().await.unwrap()
+/// A QUIC tunnel connection with `clients` (the endpoint lives as long as the process).
+async fn connect(gw: &Gateway, clients: &Clients) -> Connection {
+    let dialed = dial_on(Transport::Quic, clients, gw).await;
+    std::mem::forget(dialed.endpoint);
+    dialed.conn
 }
 
 const ESC_HELLO: &str = "\x1b]0;pwned\x07\x1b[2J\x1b[31m";
@@ -207,7 +236,7 @@ fn agent_supplied_text_cannot_drive_the_terminal() {
         let rogue = json.iter().find(|i| i["name"] == "rogue-01").unwrap();
         assert!(rogue["platform"].as_str().unwrap().chars().count() <= 64, "{rogue}");
         assert!(rogue["hostname"].as_str().unwrap().chars().count() <= 255, "{rogue}");
-        conn.0.close(0u32.into(), b"bye");
+        conn.0.close(0, b"bye");
         wait_until("rogue offline", Duration::from_secs(10), || !gw.is_online("rogue-01"));
     }
 }
@@ -217,6 +246,16 @@ fn agent_supplied_text_cannot_drive_the_terminal() {
 /// log says why.
 #[test]
 fn session_stream_violations_close_the_agent_connection() {
+    session_stream_violations_on(Transport::Quic);
+}
+
+/// Issue 20: the same violations, by an agent on the TCP transport.
+#[test]
+fn session_stream_violations_close_the_agent_connection_over_tcp() {
+    session_stream_violations_on(Transport::Tcp);
+}
+
+fn session_stream_violations_on(transport: Transport) {
     let gw = Gateway::start("");
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("alice");
@@ -249,7 +288,9 @@ fn session_stream_violations_close_the_agent_connection() {
     ];
     for (i, (bad, accept, via_ssh)) in cases.iter().enumerate() {
         let conn = rt.block_on(async {
-            let conn = connect(&gw, &cfg).await;
+            let dialed = dial_on(transport, &cfg, &gw).await;
+            std::mem::forget(dialed.endpoint);
+            let conn = dialed.conn;
             let control = hello(&conn).await;
             let c = conn.clone();
             let (bad, accept) = (bad.to_vec(), *accept);
@@ -283,7 +324,7 @@ fn session_stream_violations_close_the_agent_connection() {
             gw.postern(&["exec", "rogue-02", "--", "true"])
         };
         assert!(!out.status.success(), "case {i}: {}", text(&out.stdout));
-        assert_eq!(rt.block_on(closed_with(&conn)), u64::from(PROTOCOL_ERROR), "case {i}: {}", text(&out.stderr));
+        assert_eq!(rt.block_on(closed_with(&conn)), PROTOCOL_ERROR, "case {i}: {}", text(&out.stderr));
         // The event is written just after the connection is closed: wait for it.
         let violations =
             || gw.audit_events().into_iter().filter(|e| e["event"] == "agent.protocol_violation").collect::<Vec<_>>();
@@ -387,7 +428,7 @@ fn renewal_flood_gets_one_certificate_and_each_renewal_is_audited() {
 
 /// Send `n` renewal requests in a row (each with a fresh CSR, answered before the next):
 /// how many certificates came back, and the refusals' messages.
-async fn renew_many(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, n: usize) -> (usize, Vec<String>) {
+async fn renew_many(send: &mut SendStream, recv: &mut RecvStream, n: usize) -> (usize, Vec<String>) {
     let (mut certs, mut refusals) = (0, Vec::new());
     for _ in 0..n {
         let (_key, csr) = postern_tunnel::pki::new_key_and_csr().unwrap();

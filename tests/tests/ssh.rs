@@ -1496,3 +1496,253 @@ fn gateway_issued_user_certificates_let_a_user_in_until_they_expire_or_the_user_
     ]);
     assert!(!out.status.success() && text(&out.stderr).contains("between 1s and 7d"), "{}", text(&out.stderr));
 }
+
+/// Rules in the output hook of a network namespace's nftables (say, "drop every UDP
+/// packet"), removed on drop or with [`NsFirewall::remove`].
+struct NsFirewall {
+    ns: String,
+    table: String,
+}
+
+impl NsFirewall {
+    fn add(ns: &NetNs, name: &str, rules: &str) -> NsFirewall {
+        let table = format!("postern_{name}");
+        sh(&format!(
+            "ip netns exec {} nft -f - <<'EOF'\ntable inet {table} {{\n  chain out {{\n    \
+             type filter hook output priority 0; policy accept;\n    {rules}\n  }}\n}}\nEOF",
+            ns.name
+        ));
+        NsFirewall { ns: ns.name.clone(), table }
+    }
+
+    fn remove(&self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+impl Drop for NsFirewall {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// An agent's row in `postern instances --json`.
+fn instance_row(gw: &Gateway, name: &str) -> serde_json::Value {
+    let out = gw.postern(&["instances", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.as_array().and_then(|r| r.iter().find(|r| r["name"] == name).cloned()).unwrap_or_default()
+}
+
+fn transport_of(gw: &Gateway, name: &str) -> Option<String> {
+    let row = instance_row(gw, name);
+    if row["online"] != true {
+        return None;
+    }
+    row["transport"].as_str().map(str::to_owned)
+}
+
+/// `postern-agent ARGS` inside the namespace.
+fn agent_in(ns: &NetNs, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", &ns.name])
+        .arg(bin("postern-agent"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Moves `size` bytes from a service on the host side of the namespace's link, through
+/// `ssh -L` to `instance`, and checks they all arrive intact.
+fn forward_bulk(s: &SshSetup, ns: &NetNs, instance: &str, size: usize) {
+    use std::io::{Read, Write};
+    let source = std::net::TcpListener::bind((ns.host_ip.as_str(), 0)).unwrap();
+    let port = source.local_addr().unwrap().port();
+    let payload: std::sync::Arc<Vec<u8>> = std::sync::Arc::new((0..size).map(|i| (i % 251) as u8).collect());
+    std::thread::spawn(move || {
+        for mut c in source.incoming().flatten() {
+            let payload = payload.clone();
+            std::thread::spawn(move || c.write_all(&payload));
+        }
+    });
+    let local = free_tcp_port();
+    let mut fwd = s
+        .cmd("ssh")
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L", &format!("{local}:{}:{port}", ns.host_ip)])
+        .arg(format!("alice@{instance}.postern"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("forward listening", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+    });
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let read = c.read_to_end(&mut got);
+    let _ = (fwd.kill(), fwd.wait());
+    assert!(read.is_ok(), "{read:?}");
+    assert_eq!(got.len(), size, "bytes through -L");
+    assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "the bytes changed on the way");
+}
+
+/// Issue 20: an agent whose network drops every UDP packet (nftables in its namespace)
+/// enrolls and comes online over TCP within 10 s; ssh, scp and `-L` work through it, and
+/// `postern instances` and the audit log say `tcp`. Once UDP passes again, it moves back to
+/// QUIC by itself.
+#[test]
+fn an_agent_whose_network_drops_udp_works_over_tcp_and_moves_back_to_quic() {
+    assert!(nix::unistd::Uid::effective().is_root(), "creates a network namespace; CI runs as root");
+    let ns = NetNs::create();
+    let s = SshSetup::on(&format!("{}:{}", ns.host_ip, free_udp_port()), "", "");
+    let udp = NsFirewall::add(&ns, "no_udp", "meta l4proto udp drop");
+    let (token, pin) = s.gw.token(&["--name", "web-tcp", "--labels", "env=test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let started = std::time::Instant::now();
+    let out = agent_in(
+        &ns,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "join",
+            "--gateway",
+            &s.gw.listen,
+            "--token",
+            &token,
+            "--ca-pin",
+            &pin,
+        ],
+    );
+    assert!(out.status.success(), "join with UDP dropped: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(10), "join took {:?}", started.elapsed());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, format!("[agent]\nquic_retry_secs = 2\n[limits]\ntcp_allow = [\"{}/32\"]\n", ns.host_ip))
+        .unwrap();
+    let prefix = vec!["ip".to_owned(), "netns".to_owned(), "exec".to_owned(), ns.name.clone()];
+    let mut agent = Agent { dir, name: "web-tcp".into(), proc: None, prefix };
+    agent.run_with(&["--config", config.to_str().unwrap()]);
+    let online = wait_until("web-tcp online over TCP", Duration::from_secs(20), || {
+        transport_of(&s.gw, "web-tcp").as_deref() == Some("tcp")
+    });
+    assert!(online < Duration::from_secs(10), "online over TCP after {online:?}");
+    let table = text(&s.gw.postern(&["instances"]).stdout);
+    assert!(
+        table.contains("TRANSPORT") && table.lines().any(|l| l.contains("web-tcp") && l.contains(" tcp ")),
+        "{table}"
+    );
+
+    let out = s.ssh(&["alice@web-tcp.postern", "echo over-tcp; exit 3"]);
+    assert_eq!((text(&out.stdout).as_str(), out.status.code()), ("over-tcp\n", Some(3)), "{}", text(&out.stderr));
+    // scp both ways, 3 MiB.
+    let blob: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let (up, remote, back) =
+        (s.dir.path().join("up.bin"), agent.dir.path().join("remote.bin"), s.dir.path().join("back.bin"));
+    std::fs::write(&up, &blob).unwrap();
+    let out =
+        s.cmd("scp").arg("-q").arg(&up).arg(format!("alice@web-tcp.postern:{}", remote.display())).output().unwrap();
+    assert!(out.status.success(), "scp up: {}", text(&out.stderr));
+    let out =
+        s.cmd("scp").arg("-q").arg(format!("alice@web-tcp.postern:{}", remote.display())).arg(&back).output().unwrap();
+    assert!(out.status.success(), "scp down: {}", text(&out.stderr));
+    assert!(std::fs::read(&back).unwrap() == blob, "scp over TCP changed the file");
+    forward_bulk(&s, &ns, "web-tcp", 8 << 20);
+    let connected = |transport: &str| {
+        s.gw.audit_events().iter().any(|e| e["event"] == "agent.connected" && e["transport"] == transport)
+    };
+    assert!(connected("tcp"), "agent.connected names the transport");
+
+    // UDP passes again: the agent tries QUIC every 2 s here and moves.
+    udp.remove();
+    let moved = wait_until("web-tcp back on QUIC", Duration::from_secs(20), || {
+        transport_of(&s.gw, "web-tcp").as_deref() == Some("quic")
+    });
+    eprintln!("back on QUIC {moved:?} after UDP was allowed");
+    let log = std::fs::read_to_string(agent.dir.path().join("agent.log")).unwrap_or_default();
+    assert!(log.contains("moving the tunnel back"), "{log}");
+    assert!(connected("quic"));
+    let out = s.ssh(&["alice@web-tcp.postern", "echo over-quic"]);
+    assert_eq!(text(&out.stdout), "over-quic\n", "{}", text(&out.stderr));
+}
+
+/// Issue 20: with UDP dropped and the gateway's TCP port closed too, the only way out is an
+/// HTTP proxy (Debian's tinyproxy, with basic authentication): the agent enrolls and comes
+/// online through it, a wrong password is a clear error that does not show the password,
+/// and when the gateway restarts the agent is back through the proxy within 10 s.
+#[test]
+fn through_an_http_proxy_with_udp_blocked_and_across_a_gateway_restart() {
+    assert!(nix::unistd::Uid::effective().is_root(), "creates a network namespace; CI runs as root");
+    let ns = NetNs::create();
+    let mut s = SshSetup::on(&format!("{}:{}", ns.host_ip, free_udp_port()), "", "");
+    let tunnel_port = s.gw.listen.rsplit(':').next().unwrap().to_owned();
+    let _fw = NsFirewall::add(
+        &ns,
+        "proxy_only",
+        &format!("meta l4proto udp drop\n    ip daddr {} tcp dport {tunnel_port} drop", ns.host_ip),
+    );
+    let proxy_port = free_tcp_port();
+    let conf = s.dir.path().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {proxy_port}\nListen {host}\nTimeout 600\nLogLevel Connect\n\
+             MaxClients 20\nAllow {ns_ip}\nBasicAuth agent s3cret-pw\nConnectPort {tunnel_port}\n",
+            host = ns.host_ip,
+            ns_ip = ns.ns_ip
+        ),
+    )
+    .unwrap();
+    let mut tinyproxy = Command::new("tinyproxy");
+    tinyproxy.arg("-d").arg("-c").arg(&conf);
+    let proxy = spawn_logged(tinyproxy, &s.dir.path().join("tinyproxy.log"));
+    wait_until("tinyproxy listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect((ns.host_ip.as_str(), proxy_port)).is_ok()
+    });
+    let via = |password: &str| format!("http://agent:{password}@{}:{proxy_port}", ns.host_ip);
+
+    let (token, pin) = s.gw.token(&["--name", "web-proxied", "--labels", "env=test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let join = |proxy: &str| {
+        let st = state.to_str().unwrap();
+        let args = ["--state-dir", st, "join", "--gateway", &s.gw.listen, "--token", &token, "--ca-pin", &pin];
+        let mut args = args.to_vec();
+        args.extend(["--proxy", proxy]);
+        agent_in(&ns, &args)
+    };
+    let out = join(&via("wrong-pw"));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success() && said.contains("wants credentials") && said.contains("were refused"), "{said}");
+    assert!(!said.contains("wrong-pw"), "the proxy password was shown: {said}");
+    let out = join(&via("s3cret-pw"));
+    assert!(out.status.success(), "join through the proxy: {}{}", text(&out.stdout), text(&out.stderr));
+
+    let prefix = vec!["ip".to_owned(), "netns".to_owned(), "exec".to_owned(), ns.name.clone()];
+    let mut agent = Agent { dir, name: "web-proxied".into(), proc: None, prefix };
+    agent.run_with(&["--proxy", &via("s3cret-pw")]);
+    let online = wait_until("web-proxied online through the proxy", Duration::from_secs(20), || {
+        transport_of(&s.gw, "web-proxied").as_deref() == Some("tcp")
+    });
+    assert!(online < Duration::from_secs(10), "online through the proxy after {online:?}");
+    let out = s.ssh(&["alice@web-proxied.postern", "echo via-proxy"]);
+    assert_eq!(text(&out.stdout), "via-proxy\n", "{}", text(&out.stderr));
+    let proxy_log = std::fs::read_to_string(&proxy.log).unwrap_or_default();
+    assert!(proxy_log.contains(&format!("CONNECT {}:{tunnel_port}", ns.host_ip)), "{proxy_log}");
+    let agent_log = std::fs::read_to_string(agent.dir.path().join("agent.log")).unwrap_or_default();
+    assert!(!agent_log.contains("s3cret-pw"), "the agent logged the proxy password:\n{agent_log}");
+
+    // The gateway restarts: the agent sees its TCP connection end and comes back at once.
+    s.gw.kill();
+    let restarted = std::time::Instant::now();
+    s.gw.restart();
+    wait_until("web-proxied back after the restart", Duration::from_secs(20), || {
+        transport_of(&s.gw, "web-proxied").as_deref() == Some("tcp")
+    });
+    let back = restarted.elapsed();
+    assert!(back < Duration::from_secs(10), "back {back:?} after the restart");
+    let out = s.ssh(&["alice@web-proxied.postern", "echo after-restart"]);
+    assert_eq!(text(&out.stdout), "after-restart\n", "{}", text(&out.stderr));
+}

@@ -65,11 +65,14 @@ pub struct Route {
     pub proxy: Option<Proxy>,
     /// While on TCP under `auto`: how often to try QUIC again.
     pub quic_retry: Duration,
+    /// The gateway's TCP port when it is not the QUIC port (`[tunnel] tcp_listen` on
+    /// another port, say 443).
+    pub tcp_port: Option<u16>,
 }
 
 impl Default for Route {
     fn default() -> Self {
-        Self { choice: TransportChoice::Auto, proxy: None, quic_retry: DEFAULT_QUIC_RETRY }
+        Self { choice: TransportChoice::Auto, proxy: None, quic_retry: DEFAULT_QUIC_RETRY, tcp_port: None }
     }
 }
 
@@ -120,6 +123,18 @@ fn tls_error(e: String, candidate: &Candidate) -> anyhow::Error {
     } else {
         anyhow!("connecting to gateway {} ({}): {e}", candidate.gateway, candidate.addr)
     }
+}
+
+/// `candidate` with its port replaced by `port` (`host:port`, `[v6]:port`).
+fn on_port(candidate: &Candidate, port: Option<u16>) -> Candidate {
+    let Some(port) = port else { return candidate.clone() };
+    let gateway = match candidate.gateway.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{port}"),
+        None => format!("{}:{port}", candidate.gateway),
+    };
+    let mut addr = candidate.addr;
+    addr.set_port(port);
+    Candidate { gateway, addr, resolved: candidate.resolved }
 }
 
 /// A TCP-transport connection to `candidate` (through `proxy` when given), within
@@ -195,7 +210,7 @@ pub async fn dial(
             }
         }
     }
-    match tcp(clients, candidate, route.proxy.as_ref(), timers).await {
+    match tcp(clients, &on_port(candidate, route.tcp_port), route.proxy.as_ref(), timers).await {
         Ok(d) => {
             if quic_error.is_some() {
                 memory.failed();

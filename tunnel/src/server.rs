@@ -120,6 +120,10 @@ pub struct TunnelSettings {
     pub gateway_id: Option<String>,
     /// Where the TCP transport listens (agents whose network drops UDP); `None`: QUIC only.
     pub tcp_listen: Option<SocketAddr>,
+    /// TCP connections still in their TLS and HTTP/2 set-up, at most, in all ...
+    pub tcp_handshakes: usize,
+    /// ... and from one source address (more are closed at once).
+    pub tcp_handshakes_per_source: usize,
 }
 
 impl Default for TunnelSettings {
@@ -132,6 +136,8 @@ impl Default for TunnelSettings {
             max_enrollments_per_source: 8,
             gateway_id: None,
             tcp_listen: None,
+            tcp_handshakes: 1024,
+            tcp_handshakes_per_source: 32,
         }
     }
 }
@@ -459,7 +465,7 @@ impl<D: AgentDirectory> TunnelServer<D> {
         let tasks = tokio_util::task::TaskTracker::new();
         let enrollments = SourceSlots::new(self.settings.max_enrollments, self.settings.max_enrollments_per_source);
         let renewals = Arc::new(RenewalGate::new(self.settings.agent_cert_ttl));
-        let tcp_handshakes = Arc::new(tokio::sync::Semaphore::new(TCP_HANDSHAKES));
+        let tcp_handshakes = SourceSlots::new(self.settings.tcp_handshakes, self.settings.tcp_handshakes_per_source);
         let ctx = |shutdown: &CancellationToken| ConnCtx {
             registry: self.registry.clone(),
             directory: self.directory.clone(),
@@ -497,9 +503,12 @@ impl<D: AgentDirectory> TunnelServer<D> {
                         warn!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
                         continue;
                     }
-                    let Ok(place) = tcp_handshakes.clone().try_acquire_owned() else {
-                        debug!(%remote, "too many TCP handshakes in progress; dropping a connection");
-                        continue;
+                    let place = match tcp_handshakes.admit(remote.ip()) {
+                        Ok(place) => place,
+                        Err(full) => {
+                            debug!(%remote, ?full, "too many TCP handshakes in progress; closing a connection");
+                            continue;
+                        }
                     };
                     let Some((_, acceptor)) = self.tcp.as_ref() else { continue };
                     let acceptor = acceptor.clone();
@@ -517,9 +526,6 @@ impl<D: AgentDirectory> TunnelServer<D> {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }
-
-/// TCP connections whose TLS and HTTP/2 set-up is still under way, at most.
-const TCP_HANDSHAKES: usize = 1024;
 
 /// The next TCP connection, or `None` (never ready) when the TCP transport is off.
 async fn accept_tcp(
@@ -569,7 +575,7 @@ async fn handle_tcp<D: AgentDirectory>(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
-    place: tokio::sync::OwnedSemaphorePermit,
+    place: crate::slots::Slot,
 ) {
     crate::transport::tcp::tune_socket(&tcp, ctx.settings.timers);
     let setup = async {

@@ -114,6 +114,16 @@ async fn join_and_run_on(
     limits: LocalLimits,
     choice: TransportChoice,
 ) -> (tempfile::TempDir, String, CancellationToken) {
+    join_and_run_route(gw, token, limits, route(choice)).await
+}
+
+async fn join_and_run_route(
+    gw: &Gateway,
+    token: &str,
+    limits: LocalLimits,
+    route: Route,
+) -> (tempfile::TempDir, String, CancellationToken) {
+    let choice = route.choice;
     gw.directory.tokens.lock().unwrap().insert(token.into(), false);
     let dir = tempfile::tempdir().unwrap();
     let state = agent::join(&JoinOptions {
@@ -121,7 +131,7 @@ async fn join_and_run_on(
         token: token.into(),
         ca_pin: gw.ca.pin(),
         state_dir: dir.path().to_owned(),
-        route: route(choice),
+        route: route.clone(),
     })
     .await
     .unwrap();
@@ -136,7 +146,7 @@ async fn join_and_run_on(
             stable_after: Duration::from_secs(5),
         },
         timers: TransportTimers::default(),
-        route: route(choice),
+        route,
     };
     tokio::spawn(agent::run(opts, stop.clone()));
     wait_online(&gw.registry, &state.agent_id).await;
@@ -694,4 +704,43 @@ async fn a_reset_kills_a_command_whose_input_is_pending() {
         }
         gw.shutdown.cancel();
     }
+}
+
+/// `[tunnel] tcp_listen` on another port than QUIC's (say 443): an agent told the port
+/// (`[agent] tcp_port`) enrolls and connects there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reaches_a_tcp_listener_on_another_port() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let settings =
+        TunnelSettings { tcp_listen: Some(format!("127.0.0.1:{port}").parse().unwrap()), ..TunnelSettings::default() };
+    let gw = gateway(settings).await;
+    assert_ne!(gw.addr.port(), port);
+    let route = Route { choice: TransportChoice::Tcp, tcp_port: Some(port), ..Route::default() };
+    let (_dir, id, _stop) = join_and_run_route(&gw, "t-port", LocalLimits::default(), route).await;
+    let mut s = gw.registry.open_session(&id, exec_req("echo on-another-port")).await.unwrap();
+    assert_eq!(collect(&mut s).await.stdout, b"on-another-port\n");
+    gw.shutdown.cancel();
+}
+
+/// Idle TCP connections (no TLS) from one address take at most
+/// `tcp_handshakes_per_source` set-up places: an agent from another address still gets in
+/// at once, though the flood outnumbers every place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tcp_connections_from_one_address_do_not_keep_an_agent_out() {
+    let settings = TunnelSettings { tcp_handshakes: 16, tcp_handshakes_per_source: 4, ..TunnelSettings::default() };
+    let gw = gateway(settings).await;
+    let mut idle = Vec::new();
+    for _ in 0..24 {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        sock.connect(&gw.addr.into()).unwrap();
+        idle.push(sock);
+    }
+    let start = Instant::now();
+    let (_dir, id, _stop) = join_and_run_on(&gw, "t-flood", LocalLimits::default(), TransportChoice::Tcp).await;
+    assert!(start.elapsed() < Duration::from_secs(5), "the agent took {:?} to get past the flood", start.elapsed());
+    let mut s = gw.registry.open_session(&id, exec_req("echo past-the-flood")).await.unwrap();
+    assert_eq!(collect(&mut s).await.stdout, b"past-the-flood\n");
+    drop(idle);
+    gw.shutdown.cancel();
 }

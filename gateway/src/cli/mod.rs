@@ -825,18 +825,21 @@ pub fn listener_lines(state: &Services) -> String {
     let a = &state.addresses;
     let ssh = a.ssh.map_or_else(|| "off ([ssh] enabled = false)".to_owned(), |s| format!("tcp {s}"));
     let rdp = a.rdp.map_or_else(|| "off (turn it on with [rdp] enabled = true)".to_owned(), |r| format!("tcp {r}"));
+    let tunnel = match a.tunnel_tcp {
+        Some(tcp) => format!("udp {}, tcp {tcp}", a.tunnel),
+        None => format!("udp {} (no TCP fallback: [tunnel] tcp_listen = \"off\")", a.tunnel),
+    };
     let web = match (&state.web_signin, a.web) {
         (Some((_, origin)), Some(w)) => format!("{origin}   (tcp {w}; sign in with: postern web-login)"),
         _ => "off (turn it on with [web] enabled = true)".to_owned(),
     };
     format!(
-        "  agents (tunnel):   udp {tunnel}   CA pin {pin}\n\
+        "  agents (tunnel):   {tunnel}   CA pin {pin}\n\
          \x20 SSH door:          {ssh}\n\
          \x20 RDP door:          {rdp}\n\
          \x20 web console:       {web}\n\
          \x20 admin socket:      {socket}\n\
          \x20 data directory:    {dir}",
-        tunnel = a.tunnel,
         pin = state.instances.ca().pin(),
         socket = admin_socket_path(&state.config.data_dir).display(),
         dir = state.config.data_dir.display(),

@@ -117,6 +117,8 @@ struct NetSection {
     proxy: Option<String>,
     /// While on TCP: seconds between tries of QUIC (default 60).
     quic_retry_secs: Option<u64>,
+    /// The gateway's TCP port, when not the same as its QUIC port.
+    tcp_port: Option<u16>,
 }
 
 fn load_file(path: Option<&Path>) -> anyhow::Result<AgentConfigFile> {
@@ -141,7 +143,10 @@ fn route(flags: &NetFlags, file: &NetSection) -> anyhow::Result<Route> {
         Some(s) => std::time::Duration::from_secs(s),
         None => postern_tunnel::dial::DEFAULT_QUIC_RETRY,
     };
-    Ok(Route { choice, proxy, quic_retry })
+    if file.tcp_port == Some(0) {
+        anyhow::bail!("[agent] tcp_port must be a port number (1-65535)");
+    }
+    Ok(Route { choice, proxy, quic_retry, tcp_port: file.tcp_port })
 }
 
 fn default_state_dir() -> PathBuf {

@@ -150,10 +150,13 @@ impl Proxy {
         let code = status_line.split_whitespace().nth(1).unwrap_or_default();
         match code {
             "200" => Ok(tcp),
-            "407" => Err(io::Error::new(
+            // 407 is the standard answer; some proxies (tinyproxy) say 401.
+            "407" | "401" => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
-                    "proxy {self} wants credentials (407): set them in the proxy URL, http://user:password@host:port"
+                    "proxy {self} wants credentials ({code}): set them in the proxy URL, \
+                     http://user:password@host:port{}",
+                    if self.user.is_some() { " (the ones given were refused)" } else { "" }
                 ),
             )),
             _ => Err(io::Error::new(

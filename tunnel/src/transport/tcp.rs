@@ -218,7 +218,12 @@ impl Connection {
                 Some(Closed { code: Some(code), by_peer: false, reason: String::from_utf8_lossy(reason).into_owned() });
             true
         });
-        if first && let Some(mut lifeline) = self.inner.lifeline.lock().ok().and_then(|mut l| l.take()) {
+        // The lifeline's sending half stays in place: dropped, with the receiving half gone
+        // too, it would reset the stream and could take the queued message with it.
+        if first
+            && let Ok(mut guard) = self.inner.lifeline.lock()
+            && let Some(lifeline) = guard.as_mut()
+        {
             let mut message = BytesMut::with_capacity(4 + reason.len());
             message.extend_from_slice(&code.to_be_bytes());
             message.extend_from_slice(reason);
@@ -315,12 +320,16 @@ pub async fn accept(tls: tokio_rustls::server::TlsStream<TcpStream>, remote: Soc
     let handle = connection.clone();
     tokio::spawn(async move {
         let mut conn = conn;
+        // Kept until the connection is gone, so that a close message of ours is not
+        // followed by a reset of the lifeline.
+        let peer_close = read_close(RecvStream::waiting(lifeline_response));
+        tokio::pin!(peer_close);
         let how = tokio::select! {
             r = &mut conn => match r {
                 Ok(()) => lost("the agent closed the connection"),
                 Err(e) => lost(e.to_string()),
             },
-            closed = read_close(RecvStream::waiting(lifeline_response)) => closed,
+            closed = &mut peer_close => closed,
             () = handle.inner.stop.cancelled() => {
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut conn).await;
                 lost("closed")
@@ -381,9 +390,11 @@ pub async fn connect(
     let connection = Connection::new(remote, peer_cert, alpn, None, first, Some(rx), lifeline_send);
     let handle = connection.clone();
     tokio::spawn(async move {
+        let peer_close = read_close(lifeline_recv);
+        tokio::pin!(peer_close);
         let how = tokio::select! {
             how = serve_streams(&mut conn, &tx) => how,
-            closed = read_close(lifeline_recv) => closed,
+            closed = &mut peer_close => closed,
             how = keep_alive(ping, timers) => how,
             () = handle.inner.stop.cancelled() => {
                 conn.graceful_shutdown();
