@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use postern_benches::{start_in_process, start_tcp_target};
+use postern_benches::{start_in_process_on, start_tcp_target};
+use postern_tunnel::dial::TransportChoice;
 use postern_proto::{SessionRequest, TcpRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -58,12 +59,19 @@ where
 }
 
 fn tunnel(c: &mut Criterion) {
+    for (choice, name) in [(TransportChoice::Quic, "quic"), (TransportChoice::Tcp, "tcp")] {
+        on_transport(c, choice, name);
+    }
+}
+
+/// The throughput and open benchmarks with the agent on one transport.
+fn on_transport(c: &mut Criterion, choice: TransportChoice, name: &str) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let (env, target) = rt.block_on(async { (start_in_process().await, start_tcp_target().await) });
+    let (env, target) = rt.block_on(async { (start_in_process_on(choice).await, start_tcp_target().await) });
     let reg = env.registry.clone();
     let id = env.agent_id.clone();
 
-    let mut g = c.benchmark_group("stream_throughput");
+    let mut g = c.benchmark_group(format!("stream_throughput_{name}"));
     g.sample_size(10).measurement_time(Duration::from_secs(15)).throughput(Throughput::Bytes(TOTAL));
     g.bench_function("upload_1_stream_64MiB", |b| b.to_async(&rt).iter(|| upload(&reg, &id, target, TOTAL)));
     g.bench_function("download_1_stream_64MiB", |b| b.to_async(&rt).iter(|| download(&reg, &id, target, TOTAL)));
@@ -77,7 +85,7 @@ fn tunnel(c: &mut Criterion) {
     });
     g.finish();
 
-    let mut g = c.benchmark_group("session_open");
+    let mut g = c.benchmark_group(format!("session_open_{name}"));
     g.sample_size(50);
     // Open request -> agent connects to the local TCP target -> accept, on an established tunnel.
     g.bench_function("tcp_open_accept", |b| {

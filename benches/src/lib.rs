@@ -46,12 +46,17 @@ pub struct InProcess {
 
 /// Start a gateway listener and one enrolled agent in this process; returns once online.
 pub async fn start_in_process() -> InProcess {
+    start_in_process_on(postern_tunnel::dial::TransportChoice::Auto).await
+}
+
+/// As [`start_in_process`], the agent on the transport `choice` says (`Auto`: QUIC here).
+pub async fn start_in_process_on(choice: postern_tunnel::dial::TransportChoice) -> InProcess {
     let ca = Arc::new(CertAuthority::generate("bench CA").unwrap());
     let server = TunnelServer::bind(
         "127.0.0.1:0".parse().unwrap(),
         ca.clone(),
         Arc::new(OpenDirectory),
-        TunnelSettings::default(),
+        TunnelSettings { tcp_listen: Some("127.0.0.1:0".parse().unwrap()), ..TunnelSettings::default() },
         &[1u8; 32],
     )
     .unwrap();
@@ -65,7 +70,7 @@ pub async fn start_in_process() -> InProcess {
         token: "bench".into(),
         ca_pin: ca.pin(),
         state_dir: dir.path().to_owned(),
-        route: Default::default(),
+        route: postern_tunnel::dial::Route { choice, ..Default::default() },
     })
     .await
     .unwrap();
@@ -75,7 +80,7 @@ pub async fn start_in_process() -> InProcess {
         limits: LocalLimits::default(),
         backoff: Backoff::default(),
         timers: TransportTimers::default(),
-        route: Default::default(),
+        route: postern_tunnel::dial::Route { choice, ..Default::default() },
     };
     tokio::spawn(agent::run(opts, shutdown.clone()));
     while registry.get(&state.agent_id).is_none() {
