@@ -46,19 +46,21 @@ for n in "${counts[@]}"; do
   stop_gateway
 done
 
-echo "### real agent, idle"
+echo "### real agent, idle, on each transport"
 port=$(free_port)
 start_gateway "$work/gw-agent" "$port"
 tok=$("$T/postern" --data-dir "$work/gw-agent/data" token create --json)
 token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
 pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
 "$T/postern-agent" --state-dir "$work/agent" join --gateway "127.0.0.1:$port" --token "$token" --ca-pin "$pin" >/dev/null
-POSTERN_LOG=warn "$T/postern-agent" --state-dir "$work/agent" run &
-agent_pid=$!
-sleep "$IDLE"
-rss=$(awk '/VmRSS/{print $2}' "/proc/$agent_pid/status")
-t0=$(awk '{print $14+$15}' "/proc/$agent_pid/stat"); sleep 10; t1=$(awk '{print $14+$15}' "/proc/$agent_pid/stat")
-echo "agent idle RSS: ${rss} KiB; agent CPU over 10 s idle: $(( (t1 - t0) * 10 )) ms"
-kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+for transport in quic tcp; do
+  POSTERN_LOG=warn "$T/postern-agent" --state-dir "$work/agent" run --transport "$transport" &
+  agent_pid=$!
+  sleep "$IDLE"
+  rss=$(awk '/VmRSS/{print $2}' "/proc/$agent_pid/status")
+  t0=$(awk '{print $14+$15}' "/proc/$agent_pid/stat"); sleep 10; t1=$(awk '{print $14+$15}' "/proc/$agent_pid/stat")
+  echo "agent idle RSS ($transport): ${rss} KiB; agent CPU over 10 s idle: $(( (t1 - t0) * 10 )) ms"
+  kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+done
 stop_gateway
 echo "binary sizes (release, stripped): postern-agent $(stat -c %s $T/postern-agent) bytes, postern $(stat -c %s $T/postern) bytes"
