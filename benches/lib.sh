@@ -18,14 +18,16 @@ gateway_ready() { for _ in $(seq 1 100); do [ -S "$1/admin.sock" ] && return 0; 
 
 # enroll DATA_DIR TUNNEL_ADDR NAME STATE_DIR [postern-agent run ARGS...]: a token named NAME
 # (labels from $LABELS, default env=bench), join, `run` in the background, wait until online.
+# With AGENT_NETNS set, the agent joins and runs inside that network namespace.
 enroll() {
-  local data=$1 tunnel=$2 name=$3 state=$4 tok token pin
+  local data=$1 tunnel=$2 name=$3 state=$4 tok token pin in_ns=()
   shift 4
+  [ -z "${AGENT_NETNS:-}" ] || in_ns=(ip netns exec "$AGENT_NETNS")
   tok=$("$T/postern" --data-dir "$data" token create --name "$name" --labels "${LABELS:-env=bench}" --json)
   token=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' <<<"$tok")
   pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
-  "$T/postern-agent" --state-dir "$state" join --gateway "$tunnel" --token "$token" --ca-pin "$pin" >/dev/null
-  POSTERN_LOG=warn "$T/postern-agent" --state-dir "$state" run "$@" & pids+=($!)
+  "${in_ns[@]}" "$T/postern-agent" --state-dir "$state" join --gateway "$tunnel" --token "$token" --ca-pin "$pin" >/dev/null
+  POSTERN_LOG=warn "${in_ns[@]}" "$T/postern-agent" --state-dir "$state" run "$@" & pids+=($!)
   for _ in $(seq 1 100); do
     "$T/postern" --data-dir "$data" instances --json |
       python3 -c "import json,sys;sys.exit(0 if any(i['name']=='$name' and i['online'] for i in json.load(sys.stdin)) else 1)" &&

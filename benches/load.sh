@@ -9,7 +9,7 @@ counts=("${@:-1000 10000}")
 IDLE=${IDLE:-30}
 
 cargo build --release --locked -p postern-gateway -p postern-tunnel -p postern-benches --bins
-T=target/release
+T=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 gw_pid=""
 cleanup() { [ -n "$gw_pid" ] && kill "$gw_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }

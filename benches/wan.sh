@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Postern over an emulated WAN link, side by side with an OpenSSH bastion. The agent (and the
+# target sshd, and a TCP sink) live in a network namespace whose only way out is a userspace
+# link emulator (postern-linkem: TUN interfaces, delay/jitter/loss/rate/queue per direction);
+# the gateway, the OpenSSH bastion and the ssh client stay in this namespace. Both paths cross
+# the emulated link exactly once:
+#   postern:  ssh -L -> gateway SSH door (loopback) -> tunnel (QUIC or TCP) over the link -> agent -> sink
+#   openssh:  ssh -J bastion (loopback) -> target sshd over the link -> sink
+# Release build; needs root (namespaces, TUN, the sshds), openssh-server and python3.
+#   bash benches/wan.sh                        all of RTTS="0 20 50 100" x LOSSES="0 0.5 1"
+#   RTTS=50 LOSSES="0 1" bash benches/wan.sh   a subset
+# Other knobs: SIZE_MIB=128, ECHOS=100 (keystroke echo at ECHO_RTT=50 ms), RATE=1gbit,
+# QUEUE=4MiB, JITTER=0ms, TRANSPORTS="quic tcp" (the agent's --transport values to try).
+set -euo pipefail
+SIZE=$(( ${SIZE_MIB:-128} * 1024 * 1024 ))
+RTTS=${RTTS:-0 20 50 100}
+LOSSES=${LOSSES:-0 0.5 1}
+ECHOS=${ECHOS:-100}
+ECHO_RTT=${ECHO_RTT:-50}
+RATE=${RATE:-1gbit}
+QUEUE=${QUEUE:-4MiB}
+JITTER=${JITTER:-0ms}
+TRANSPORTS=${TRANSPORTS:-quic tcp}
+source "$(dirname "$0")/lib.sh"
+cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" --locked -p postern-benches \
+  --bin postern-linkem >/dev/null
+B="python3 $PWD/benches/ssh_bench.py"
+
+# One namespace and link per run, named after this shell so parallel runs do not collide.
+NS=plem-$$
+IF=plem$$
+NET=10.77.$(( $$ % 250 + 1 ))
+GW_ADDR=$NET.1 AGENT_ADDR=$NET.2
+ip netns add "$NS"
+trap 'cleanup; ip netns del "$NS" 2>/dev/null || true' EXIT
+in_ns() { ip netns exec "$NS" "$@"; }
+exec {LINK}> >("$T/postern-linkem" --ns-a "$NS" --addr-a "$AGENT_ADDR" --addr-b "$GW_ADDR" --ifname "$IF" \
+  --rate "$RATE" --queue "$QUEUE" >"$W/linkem.out" 2>"$W/linkem.err")
+pids+=($!)
+for _ in $(seq 1 100); do grep -q ready "$W/linkem.out" 2>/dev/null && break; sleep 0.05; done
+grep -q ready "$W/linkem.out" || { echo "postern-linkem did not start: $(cat "$W/linkem.err")" >&2; exit 1; }
+# link RTT_MS LOSS: new conditions for both directions (half the round trip each way). TCP's
+# per-destination metrics cache would carry one cell's ssthresh into the next: flush it.
+link() {
+  echo "--delay $(( $1 / 2 ))ms --jitter $JITTER --loss $2 --rate $RATE --queue $QUEUE" >&"$LINK"
+  ip tcp_metrics flush "$AGENT_ADDR" 2>/dev/null || true
+  in_ns ip tcp_metrics flush "$GW_ADDR" 2>/dev/null || true
+  sleep 0.2
+}
+
+ssh-keygen -q -t ed25519 -N '' -f "$W/user"
+mkdir -p /run/sshd
+start_sshd() { # name listen-address port [netns]
+  ssh-keygen -q -t ed25519 -N '' -f "$W/$1_host"
+  cat >"$W/$1.conf" <<CFG
+Port $3
+ListenAddress $2
+HostKey $W/$1_host
+PidFile $W/$1.pid
+AuthorizedKeysFile $W/user.pub
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+CFG
+  ${4:+ip netns exec "$4"} /usr/sbin/sshd -D -f "$W/$1.conf" -E "$W/$1.log" & pids+=($!)
+  echo "[$2]:$3 $(cut -d' ' -f1,2 "$W/$1_host.pub")" >>"$W/known_hosts"
+}
+BASTION=$(port); GW_SSH=$(port); GW_UDP=$(port)
+start_sshd bastion 127.0.0.1 "$BASTION"
+start_sshd target "$AGENT_ADDR" 22 "$NS"
+
+cat >"$W/gateway.toml" <<CFG
+data_dir = "$W/data"
+[tunnel]
+listen = "$GW_ADDR:$GW_UDP"
+[ssh]
+listen = "127.0.0.1:$GW_SSH"
+public_host = "127.0.0.1"
+idle_timeout = "0"
+[[ssh.users]]
+name = "root"
+keys = ["$(cat "$W/user.pub")"]
+instances = ["*"]
+allow_root = true   # the benchmark agent runs as root (docs/ssh.md, "Who sessions run as")
+CFG
+POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway >"$W/gateway.log" 2>&1 & pids+=($!)
+gateway_ready "$W/data"
+# The agent's transport flag is newer than this script; without it the agent uses QUIC.
+transport_flag=$("$T/postern-agent" run --help 2>&1 | grep -q -- '--transport' && echo yes || true)
+AGENT_NETNS=$NS enroll "$W/data" "$GW_ADDR:$GW_UDP" wan-quic "$W/agent-quic" ${transport_flag:+--transport quic}
+HOSTS=(wan-quic)
+if [[ " $TRANSPORTS " == *" tcp "* ]]; then
+  if [ -n "$transport_flag" ]; then
+    AGENT_NETNS=$NS enroll "$W/data" "$GW_ADDR:$GW_UDP" wan-tcp "$W/agent-tcp" --transport tcp
+    HOSTS+=(wan-tcp)
+  else
+    echo "note: this postern-agent has no --transport flag (agent over TCP not built yet): no TCP column" >&2
+  fi
+fi
+
+"$T/postern" --data-dir "$W/data" ssh-config --known-hosts-file "$W/known_hosts" >"$W/printed"
+sed -n '/^@cert-authority/p' "$W/printed" >>"$W/known_hosts"
+{
+  sed -n '1,/^$/p' "$W/printed"
+  cat <<CFG
+Host bastion
+    HostName 127.0.0.1
+    Port $BASTION
+    HostKeyAlias [127.0.0.1]:$BASTION
+Host target
+    HostName $AGENT_ADDR
+    Port 22
+    HostKeyAlias [$AGENT_ADDR]:22
+    ProxyJump root@bastion
+Host *
+    User root
+    IdentityFile $W/user
+    IdentitiesOnly yes
+    BatchMode yes
+    UserKnownHostsFile $W/known_hosts
+CFG
+} >"$W/ssh_config"
+for h in "${HOSTS[@]}"; do ssh -F "$W/ssh_config" "root@$h.postern" true; done
+ssh -F "$W/ssh_config" target true
+
+exec {SINKFD}< <(in_ns $B sink)
+pids+=($!)
+read -r -u "$SINKFD" SINK
+
+# through HOST: MiB/s of SIZE bytes through a fresh `ssh -L` to the sink (HOST as ssh names it).
+through() {
+  local l ssh_pid out
+  l=$(port)
+  ssh -F "$W/ssh_config" -N -L "$l:127.0.0.1:$SINK" "$1" & ssh_pid=$!
+  out=$(timeout 600 $B forward "$l" "$SIZE" 2>/dev/null) || out="failed"
+  kill "$ssh_pid" 2>/dev/null; wait "$ssh_pid" 2>/dev/null || true
+  echo "${out%% MiB/s*}"
+}
+ratio() { python3 -c "import sys;a,b=sys.argv[1:];print(f'{float(a)/float(b):.2f}' if a.replace('.','').isdigit() and b.replace('.','').isdigit() and float(b)>0 else '-')" "$1" "$2"; }
+
+echo "## $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(ssh -V 2>&1)"
+echo "link: postern-linkem, rate $RATE, queue $QUEUE, jitter $JITTER; $((SIZE >> 20)) MiB through ssh -L to a TCP sink behind the link"
+echo
+has_tcp=$([ ${#HOSTS[@]} -gt 1 ] && echo 1 || echo "")
+echo "| RTT | loss | Postern, QUIC (MiB/s) |${has_tcp:+ Postern, TCP (MiB/s) |} OpenSSH -J (MiB/s) | QUIC / OpenSSH |${has_tcp:+ TCP / OpenSSH |}"
+echo "|---|---|---|${has_tcp:+---|}---|---|${has_tcp:+---|}"
+for rtt in $RTTS; do
+  for loss in $LOSSES; do
+    link "$rtt" "$loss"
+    q=$(through root@wan-quic.postern)
+    [ -z "$has_tcp" ] || t=$(through root@wan-tcp.postern)
+    o=$(through target)
+    echo "| $rtt ms | $loss % | $q |${has_tcp:+ $t |} $o | $(ratio "$q" "$o") |${has_tcp:+ $(ratio "$t" "$o") |}"
+  done
+done
+
+echo
+echo "### keystroke echo round trip at $ECHO_RTT ms RTT, no loss (interactive shell, PTY; $ECHOS keys)"
+link "$ECHO_RTT" 0
+for h in "${HOSTS[@]}"; do
+  echo -n "postern ($h):  "; $B echo "$ECHOS" -- ssh -F "$W/ssh_config" -tt "root@$h.postern"
+done
+echo -n "openssh (-J):  "; $B echo "$ECHOS" -- ssh -F "$W/ssh_config" -tt target
