@@ -55,12 +55,26 @@ impl TransportTimers {
     }
 }
 
+/// Flow-control windows sized for the bandwidth-delay product of a WAN link: 16 MiB in
+/// flight on one stream is 1.3 Gbit/s at 100 ms RTT (quinn's default, 1.25 MB, caps one
+/// stream at 25 MB/s at 50 ms). They are limits, not allocations: an idle connection holds
+/// none of it (benches/wan.sh, docs/benchmarks.md "Over a WAN link").
+const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
+/// All streams of one connection together: bounds what one peer can make the other buffer
+/// (quinn's default is unlimited).
+const CONNECTION_RECEIVE_WINDOW: u32 = 32 << 20;
+/// Bytes a sender keeps for retransmission until acknowledged, over all streams.
+const SEND_WINDOW: u64 = 32 << 20;
+
 fn transport(timers: TransportTimers, agent_side: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(timers.idle_timeout).ok());
     // Agents and gateways are usually close; a lower first RTT guess makes handshake
     // retransmissions (and so reconnects to a restarted gateway) quicker.
     t.initial_rtt(Duration::from_millis(100));
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.send_window(SEND_WINDOW);
     if agent_side {
         t.keep_alive_interval(Some(timers.keep_alive));
         // Sessions are streams the gateway opens towards the agent: this bounds concurrent
