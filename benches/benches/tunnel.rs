@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use postern_benches::{start_in_process_on, start_tcp_target};
-use postern_tunnel::dial::TransportChoice;
 use postern_proto::{SessionRequest, TcpRequest};
+use postern_tunnel::dial::TransportChoice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOTAL: u64 = 64 * 1024 * 1024;

@@ -34,9 +34,16 @@ pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A UDP port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1 for both UDP and TCP: a gateway's tunnel
+/// listens on both with one number (QUIC, and the TCP fallback).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Poll `cond` every 25 ms until it holds or `timeout` passes; returns the time it took.

@@ -366,6 +366,29 @@ fn cid_generator_key(reset_key: &ring::hmac::Key) -> u64 {
     u64::from_le_bytes(first)
 }
 
+/// The QUIC socket on `addr` and, when `tcp` is set, the TCP listener (port 0 there: the
+/// port the UDP socket got). With an ephemeral UDP port (0) whose number is taken for TCP,
+/// another is tried.
+fn bind_both(
+    addr: SocketAddr,
+    tcp: Option<SocketAddr>,
+) -> anyhow::Result<(std::net::UdpSocket, Option<std::net::TcpListener>)> {
+    for _ in 0..32 {
+        let udp = std::net::UdpSocket::bind(addr)?;
+        let Some(mut tcp_addr) = tcp else { return Ok((udp, None)) };
+        let same_port = tcp_addr.port() == 0;
+        if same_port {
+            tcp_addr.set_port(udp.local_addr()?.port());
+        }
+        match std::net::TcpListener::bind(tcp_addr) {
+            Ok(listener) => return Ok((udp, Some(listener))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && same_port && addr.port() == 0 => continue,
+            Err(e) => anyhow::bail!("binding the tunnel's TCP listener on {tcp_addr}: {e}"),
+        }
+    }
+    anyhow::bail!("no port number on {} is free for both UDP and TCP", addr.ip())
+}
+
 /// The gateway's QUIC listener.
 pub struct TunnelServer<D: AgentDirectory> {
     endpoint: quinn::Endpoint,
@@ -419,19 +442,13 @@ impl<D: AgentDirectory> TunnelServer<D> {
         // recognise the old IDs and answer them with a stateless reset.
         let cid_key = cid_generator_key(&hmac);
         endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
-        let socket = std::net::UdpSocket::bind(addr)?;
+        let (socket, tcp_listener) = bind_both(addr, settings.tcp_listen)?;
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)?;
-        let tcp = match settings.tcp_listen {
-            Some(mut tcp_addr) => {
-                // Port 0: the port the QUIC listener got, so agents find both on one number.
-                if tcp_addr.port() == 0 {
-                    tcp_addr.set_port(endpoint.local_addr()?.port());
-                }
+        let tcp = match tcp_listener {
+            Some(listener) => {
                 let tls =
                     crate::tls::server_tls(ca.cert_der(), tcp_chain, crate::pki::private_key_der(&server_key), false)?;
-                let listener = std::net::TcpListener::bind(tcp_addr)
-                    .map_err(|e| anyhow::anyhow!("binding the tunnel's TCP listener on {tcp_addr}: {e}"))?;
                 listener.set_nonblocking(true)?;
                 Some((tokio::net::TcpListener::from_std(listener)?, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
             }
