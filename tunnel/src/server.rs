@@ -218,6 +218,13 @@ pub enum OpenError {
     Rejected { code: ErrorCode, reason: String },
     #[error("agent did not answer within {0:?}")]
     Timeout(Duration),
+    /// The agent's connection let no new stream open in time: it has as many sessions open
+    /// as its tunnel allows at once (the QUIC stream limit the agent grants), whatever its
+    /// `[limits] max_sessions` says. Said as such, not as an agent that does not answer.
+    #[error(
+        "the agent's tunnel has no room for another session (all the streams it allows at once are in use) within {0:?}; try again when one of its sessions ends"
+    )]
+    NoStream(Duration),
     #[error("tunnel error: {0}")]
     Tunnel(String),
 }
@@ -304,7 +311,7 @@ impl AgentRegistry {
         let conn = self.connection(agent_id).ok_or(OpenError::Offline)?;
         let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.open_bi())
             .await
-            .map_err(|_| OpenError::Timeout(HANDSHAKE_TIMEOUT))?
+            .map_err(|_| OpenError::NoStream(HANDSHAKE_TIMEOUT))?
             .map_err(|e| OpenError::Tunnel(e.to_string()))?;
         open_on(send, recv, violation, request).await
     }
