@@ -508,6 +508,13 @@ impl Recorder {
         if self.last_flush.elapsed() >= FLUSH_EVERY { self.write_out(false).await } else { Ok(()) }
     }
 
+    /// When [`Recorder::flush_if_due`] next has work: events are buffered or a write is in
+    /// flight (its result is collected then). `None`: nothing to do until the next event, so
+    /// an idle session's loop need not wake for its recording.
+    pub fn flush_due(&self) -> Option<Instant> {
+        (!self.buf.is_empty() || self.inflight.is_some()).then(|| self.last_flush + FLUSH_EVERY)
+    }
+
     /// End the recording: an `exit CODE` marker when the command's status is known, then
     /// everything buffered (and, sealed, the final record), waiting until it is written.
     pub async fn finish(&mut self, exit_code: Option<i32>) -> std::io::Result<()> {
@@ -675,6 +682,25 @@ mod tests {
         assert_eq!(lines[4][1], "m", "input is not recorded unless asked for");
         assert_eq!(lines[4][2], "exit 3");
         assert_eq!(lines.len(), 5);
+    }
+
+    /// An idle session's loop does not wake for its recording: the flush is due only while
+    /// events wait to be written or a write waits to be collected.
+    #[tokio::test]
+    async fn a_flush_is_due_only_while_something_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Recorder::create(dir.path(), "s1", (80, 24), "t", None, &RecordingOptions::default()).unwrap();
+        assert_eq!(r.flush_due(), None, "nothing recorded yet");
+        r.last_flush = Instant::now();
+        r.output(b"x").await.unwrap();
+        let due = r.flush_due().expect("a buffered event makes a flush due");
+        assert_eq!(due, r.last_flush + FLUSH_EVERY);
+        r.last_flush -= FLUSH_EVERY;
+        r.flush_if_due().await.unwrap();
+        assert!(r.flush_due().is_some(), "the write in flight is still to be collected");
+        r.last_flush -= FLUSH_EVERY;
+        r.flush_if_due().await.unwrap();
+        assert_eq!(r.flush_due(), None, "written and collected: nothing left to do");
     }
 
     /// Output far larger than one buffer goes through several writes in flight, clear and

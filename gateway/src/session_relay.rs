@@ -132,11 +132,27 @@ pub async fn relay(
     let (mut warned_idle, mut warned_max) = (false, false);
     let mut end_reason: Option<&'static str> = None;
     let mut recording_lost: Option<String> = None;
-    let mut flush_tick = tokio::time::interval(crate::recording::FLUSH_EVERY);
-    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Timers armed for when they have work, not ticking: with a thousand sessions open, two
+    // 250 ms ticks each woke the gateway 8,000 times a second for nothing (docs/benchmarks.md,
+    // "Many sessions at once"). The recording's flush is armed while it holds unwritten
+    // events; the limits are checked when the next warning or end can be due.
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let flush_timer = tokio::time::sleep_until(far());
+    tokio::pin!(flush_timer);
+    let mut flush_armed: Option<Instant> = None;
+    let has_limits = limits.idle_timeout.is_some() || limits.max_session.is_some();
+    let limits_timer = tokio::time::sleep_until(
+        next_check(limits, started, last_input, (warned_max, warned_idle)).map_or_else(far, Into::into),
+    );
+    tokio::pin!(limits_timer);
     let exit_code: Option<i32> = loop {
+        let flush_due = recorder.as_ref().and_then(Recorder::flush_due);
+        if flush_due != flush_armed {
+            if let Some(at) = flush_due {
+                flush_timer.as_mut().reset(at.into());
+            }
+            flush_armed = flush_due;
+        }
         tokio::select! {
             msg = rd.next() => match msg {
                 FromUser::Data(data) => {
@@ -144,6 +160,8 @@ pub async fn relay(
                     bytes_in += data.len() as u64;
                     live.add_in(data.len());
                     last_input = Instant::now();
+                    // The idle limit moved later: the limits' timer, armed for the earlier
+                    // one, looks too early and re-arms (see `next_check`).
                     warned_idle = false;
                     // A remote process that does not read its input blocks this write just
                     // as a client that does not read blocks output: it must not outlast the
@@ -183,7 +201,9 @@ pub async fn relay(
                     live.publish(format!("\r\npostern: {line}\r\n").as_bytes());
                 }
             }
-            _ = flush_tick.tick(), if recorder.is_some() => {
+            () = &mut flush_timer, if flush_armed.is_some() => {
+                // Re-armed at the top of the loop from what the recording then holds.
+                flush_armed = None;
                 if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due().await; }
             }
             _ = live.terminated() => {
@@ -194,7 +214,7 @@ pub async fn relay(
                 end_reason = Some(live.ended_by());
                 break Some(255);
             }
-            _ = tick.tick(), if limits.idle_timeout.is_some() || limits.max_session.is_some() => {
+            () = &mut limits_timer, if has_limits => {
                 let now = Instant::now();
                 if let Some(max) = limits.max_session {
                     let end = started + max;
@@ -217,6 +237,8 @@ pub async fn relay(
                     end_reason = Some(reason);
                     break Some(255);
                 }
+                let next = next_check(limits, started, last_input, (warned_max, warned_idle));
+                limits_timer.as_mut().reset(next.map_or_else(far, Into::into));
             }
             frame = frames.next() => match frame.map(split_output) {
                 Ok(Some(Frame::Output { data: d, to_stderr })) => {
@@ -333,6 +355,24 @@ fn due(limits: Limits, started: Instant, last_input: Instant, now: Instant) -> O
     None
 }
 
+/// When the limits' timer must next look: the first warning not yet given or, once given,
+/// the limit itself (`warned` is (max_session, idle) warned). Never later than the
+/// conditions checked when it fires become true; earlier only costs a look. Input moves the
+/// idle limit only later, and a new warning is due at least `idle - 2 * warn_lead` (half
+/// the limit) after the end the timer was armed for, so input need not re-arm it.
+fn next_check(limits: Limits, started: Instant, last_input: Instant, warned: (bool, bool)) -> Option<Instant> {
+    let at = |from: Instant, limit: Duration, warned: bool| {
+        let end = from + limit;
+        if warned { end } else { end.checked_sub(warn_lead(limit)).unwrap_or(end) }
+    };
+    let max = limits.max_session.map(|m| at(started, m, warned.0));
+    let idle = limits.idle_timeout.map(|i| at(last_input, i, warned.1));
+    match (max, idle) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// When the first of the session's limits strikes, if it has any.
 fn deadline(limits: Limits, started: Instant, last_input: Instant) -> Option<Instant> {
     let max = limits.max_session.map(|m| started + m);
@@ -393,4 +433,41 @@ async fn stalled_end(
         tokio::time::timeout(NOTICE_WAIT, wr.output(format!("\r\npostern: {message}\r\n").into_bytes(), true)).await;
     let _ = wr.exit_status(255).await;
     (reason, Some(255))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(idle: Option<u64>, max: Option<u64>) -> Limits {
+        Limits { idle_timeout: idle.map(Duration::from_secs), max_session: max.map(Duration::from_secs) }
+    }
+
+    /// The limits' timer is armed for the first warning, then for the limit itself, and for
+    /// the earlier of the two limits; a session without limits arms none.
+    #[test]
+    fn the_limits_timer_is_armed_for_the_next_warning_or_end() {
+        let t0 = Instant::now();
+        let idle = limits(Some(600), None);
+        assert_eq!(next_check(idle, t0, t0, (false, false)), Some(t0 + Duration::from_secs(540)));
+        assert_eq!(next_check(idle, t0, t0, (false, true)), Some(t0 + Duration::from_secs(600)));
+        let both = limits(Some(600), Some(120));
+        assert_eq!(next_check(both, t0, t0, (false, false)), Some(t0 + Duration::from_secs(90)));
+        assert_eq!(next_check(both, t0, t0, (true, false)), Some(t0 + Duration::from_secs(120)));
+        assert_eq!(next_check(limits(None, None), t0, t0, (false, false)), None);
+    }
+
+    /// Input after the idle warning moves the next check later than the end the timer was
+    /// armed for, so the relay need not re-arm it on input (it looks early, then re-arms).
+    #[test]
+    fn input_never_makes_the_next_idle_check_earlier() {
+        let t0 = Instant::now();
+        for secs in [4, 60, 600, 3600] {
+            let l = limits(Some(secs), None);
+            let armed = next_check(l, t0, t0, (false, true)).unwrap();
+            // The warning came at the earliest moment; input just after it.
+            let typed = t0 + Duration::from_secs(secs) - warn_lead(Duration::from_secs(secs));
+            assert!(next_check(l, t0, typed, (false, false)).unwrap() >= armed, "idle {secs}s");
+        }
+    }
 }
