@@ -120,13 +120,11 @@ async fn connect(sh: &Shared, n: usize, instance: &str) -> anyhow::Result<russh:
     socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
     let tcp = socket.connect(sh.args.gateway).await.context("tcp connect")?;
     tcp.set_nodelay(true)?;
-    let mut handle = tokio::time::timeout(
-        Duration::from_secs(30),
-        russh::client::connect_stream(sh.config.clone(), tcp, AcceptAny),
-    )
-    .await
-    .context("ssh handshake timed out")?
-    .context("ssh handshake")?;
+    let mut handle =
+        tokio::time::timeout(Duration::from_secs(30), russh::client::connect_stream(sh.config.clone(), tcp, AcceptAny))
+            .await
+            .context("ssh handshake timed out")?
+            .context("ssh handshake")?;
     let login = format!("{}%{instance}", sh.args.user);
     let ok = tokio::time::timeout(
         Duration::from_secs(30),
@@ -158,7 +156,11 @@ async fn wait_output(ch: &mut russh::Channel<russh::client::Msg>, within: Durati
 }
 
 /// Wait for channel data containing `needle`, up to `deadline`.
-async fn read_until(ch: &mut russh::Channel<russh::client::Msg>, needle: &[u8], within: Duration) -> anyhow::Result<()> {
+async fn read_until(
+    ch: &mut russh::Channel<russh::client::Msg>,
+    needle: &[u8],
+    within: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     let mut seen: Vec<u8> = Vec::new();
     let mut total = 0usize;
@@ -245,7 +247,8 @@ async fn transfer(sh: Arc<Shared>, n: usize, sink: u16, bytes: u64) -> anyhow::R
     let instance = sh.args.instances.get(n % sh.args.instances.len()).context("no instance")?.clone();
     let handle = connect(&sh, n + sh.args.shells, &instance).await?;
     let start = Instant::now();
-    let ch = handle.channel_open_direct_tcpip("127.0.0.1", u32::from(sink), "127.0.0.1", 0).await.context("forward open")?;
+    let ch =
+        handle.channel_open_direct_tcpip("127.0.0.1", u32::from(sink), "127.0.0.1", 0).await.context("forward open")?;
     let mut stream = ch.into_stream();
     let chunk = vec![0u8; 256 << 10];
     let mut left = bytes;
@@ -374,11 +377,8 @@ async fn main() -> anyhow::Result<()> {
         let (name, pid) = w.split_once('=').context("--watch NAME=PID")?;
         watched.push(Watched { name: name.into(), pid: pid.parse()? });
     }
-    let config = Arc::new(russh::client::Config {
-        inactivity_timeout: None,
-        keepalive_interval: None,
-        ..Default::default()
-    });
+    let config =
+        Arc::new(russh::client::Config { inactivity_timeout: None, keepalive_interval: None, ..Default::default() });
     let (typing_tx, typing) = tokio::sync::watch::channel(false);
     let sh = Arc::new(Shared {
         connects: Semaphore::new(args.connect_parallel.max(1)),
@@ -498,14 +498,12 @@ async fn main() -> anyhow::Result<()> {
 
     sh.stop.store(true, Ordering::Relaxed);
     sink_task.abort();
-    let end = tokio::time::timeout(Duration::from_secs(20), async { while shells.join_next().await.is_some() {} }).await;
+    let end =
+        tokio::time::timeout(Duration::from_secs(20), async { while shells.join_next().await.is_some() {} }).await;
     if end.is_err() {
         println!("  (some shells did not end within 20 s)");
     }
-    println!(
-        "## shells lost along the way: {}; failures:",
-        sh.shells_lost.load(Ordering::Relaxed)
-    );
+    println!("## shells lost along the way: {}; failures:", sh.shells_lost.load(Ordering::Relaxed));
     sh.failures.report();
     Ok(())
 }
