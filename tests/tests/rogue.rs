@@ -40,6 +40,7 @@ fn enroll_clients(pin: &str) -> Clients {
     Clients {
         quic: agent_enroll_config(pin, TransportTimers::default()).unwrap(),
         tls: std::sync::Arc::new(agent_enroll_tls(pin).unwrap()),
+        sessions: 0,
     }
 }
 
@@ -111,7 +112,7 @@ fn rogue_frames_on(transport: Transport) {
         })
         .await
         .unwrap();
-        let (tunnel, _) = agent::tunnel_clients(rogue_dir.path(), TransportTimers::default()).unwrap();
+        let (tunnel, _) = agent::tunnel_clients(rogue_dir.path(), TransportTimers::default(), 256).unwrap();
         let conn = dial_on(transport, &tunnel, &gw).await.conn;
         let (mut send, _recv) = hello(&conn).await;
         send.write_all(&[1, 0x04, 0x00, 0x10, 0x00, 0x00]).await.unwrap();
@@ -156,7 +157,7 @@ fn enroll_rogue(
         route: Default::default(),
     }))
     .unwrap();
-    agent::tunnel_clients(dir, TransportTimers::default()).unwrap().0
+    agent::tunnel_clients(dir, TransportTimers::default(), 256).unwrap().0
 }
 
 /// A QUIC tunnel connection with `clients` (the endpoint lives as long as the process).

@@ -228,6 +228,7 @@ pub async fn join(opts: &JoinOptions) -> anyhow::Result<AgentState> {
     let clients = crate::dial::Clients {
         quic: crate::tls::agent_enroll_config(&pin, timers)?,
         tls: Arc::new(crate::tls::agent_enroll_tls(&pin)?),
+        sessions: 0,
     };
     let mut answered = None;
     let mut memory = crate::dial::QuicMemory::default();
@@ -426,7 +427,9 @@ impl std::error::Error for Fatal {}
 pub fn tunnel_clients(
     dir: &Path,
     timers: TransportTimers,
+    sessions: usize,
 ) -> anyhow::Result<(crate::dial::Clients, crate::pki::CertInfo)> {
+    let sessions = u32::try_from(sessions).unwrap_or(u32::MAX);
     let read =
         |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
     let ca = pem_to_der(&read(CA_FILE)?)?;
@@ -435,8 +438,8 @@ pub fn tunnel_clients(
     let key = rcgen::KeyPair::from_pem(&identity).context("parsing agent key")?;
     let info = cert_info(&cert)?;
     let tls = crate::tls::agent_tunnel_tls(&ca, cert.clone(), crate::pki::private_key_der(&key))?;
-    let quic = crate::tls::agent_tunnel_config(&ca, cert, crate::pki::private_key_der(&key), timers)?;
-    Ok((crate::dial::Clients { quic, tls: Arc::new(tls) }, info))
+    let quic = crate::tls::agent_tunnel_config(&ca, cert, crate::pki::private_key_der(&key), timers, sessions)?;
+    Ok((crate::dial::Clients { quic, tls: Arc::new(tls), sessions }, info))
 }
 
 /// The QUIC client configuration built from an enrolled agent's state directory.
@@ -444,7 +447,7 @@ pub fn tunnel_config(
     dir: &Path,
     timers: TransportTimers,
 ) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
-    let (clients, info) = tunnel_clients(dir, timers)?;
+    let (clients, info) = tunnel_clients(dir, timers, LocalLimits::default().max_sessions)?;
     Ok((clients.quic, info))
 }
 
@@ -474,7 +477,7 @@ struct Link<'a> {
 
 impl Link<'_> {
     async fn connect(&self, memory: &mut crate::dial::QuicMemory) -> anyhow::Result<Ended> {
-        let (clients, cert) = tunnel_clients(&self.opts.state_dir, self.timers)?;
+        let (clients, cert) = tunnel_clients(&self.opts.state_dir, self.timers, self.opts.limits.max_sessions)?;
         if cert.not_after <= SystemTime::now() {
             return Err(Fatal(format!(
                 "the agent certificate expired at {:?}; enroll again with a new token (postern-agent join)",

@@ -102,6 +102,9 @@ impl Dialed {
 pub struct Clients {
     pub quic: quinn::ClientConfig,
     pub tls: Arc<rustls::ClientConfig>,
+    /// Sessions the gateway may have open at once on a tunnel connection (the agent's
+    /// `max_sessions`; 0 for an enrollment).
+    pub sessions: u32,
 }
 
 /// A QUIC connection to `candidate`, within `timeout`.
@@ -154,7 +157,8 @@ pub async fn tcp(
         };
         crate::transport::tcp::tune_socket(&stream, timers);
         let remote = stream.peer_addr()?;
-        crate::transport::tcp::connect(stream, remote, clients.tls.clone(), GATEWAY_SERVER_NAME, timers).await
+        let tls = clients.tls.clone();
+        crate::transport::tcp::connect(stream, remote, tls, GATEWAY_SERVER_NAME, timers, clients.sessions).await
     };
     let conn = tokio::time::timeout(TCP_CONNECT_TIMEOUT, setup)
         .await

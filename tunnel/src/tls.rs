@@ -136,13 +136,22 @@ pub fn server_config(
 }
 
 /// Agent side, authenticated tunnel: trust exactly the CA pinned at enrollment.
+/// `sessions` is how many session streams the gateway may have open at once (the agent's
+/// `[limits] max_sessions`): the agent refuses the one past its limit itself, with a reason.
 pub fn agent_tunnel_config(
     ca: &CertificateDer<'static>,
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
     timers: TransportTimers,
+    sessions: u32,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    finish_client(agent_tunnel_tls(ca, cert, key)?, timers)
+    let mut cfg = finish_client(agent_tunnel_tls(ca, cert, key)?, timers)?;
+    let mut t = transport(timers, true);
+    // One more than the limit: the session past it reaches the agent and is refused with
+    // "at its limit of N sessions" instead of waiting for a stream.
+    t.max_concurrent_bidi_streams(sessions.saturating_add(1).into());
+    cfg.transport_config(Arc::new(t));
+    Ok(cfg)
 }
 
 /// The TLS of an agent's tunnel, either transport: trust exactly the CA pinned at

@@ -618,7 +618,7 @@ async fn tcp_pair() -> (postern_tunnel::transport::Connection, postern_tunnel::t
     });
     let client = Arc::new(postern_tunnel::tls::agent_enroll_tls(&ca.pin()).unwrap());
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let agent = tcp::connect(stream, addr, client, "postern-gateway", TransportTimers::default()).await.unwrap();
+    let agent = tcp::connect(stream, addr, client, "postern-gateway", TransportTimers::default(), 8).await.unwrap();
     (Connection::Tcp(gateway.await.unwrap()), Connection::Tcp(agent))
 }
 
@@ -743,4 +743,36 @@ async fn idle_tcp_connections_from_one_address_do_not_keep_an_agent_out() {
     assert_eq!(collect(&mut s).await.stdout, b"past-the-flood\n");
     drop(idle);
     gw.shutdown.cancel();
+}
+
+/// An agent's `max_sessions` is what limits its sessions at once, on both transports: above
+/// 256 (the protocol's old fixed stream limit) every session opens, and the one past a small
+/// limit is refused by the agent with its reason, at once, not after a wait for a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_max_sessions_is_its_limit_on_both_transports() {
+    for (choice, name) in [(TransportChoice::Quic, "quic"), (TransportChoice::Tcp, "tcp")] {
+        let gw = gateway(TunnelSettings::default()).await;
+        let limits = LocalLimits { max_sessions: 300, ..LocalLimits::default() };
+        let (_dir, id, _stop) = join_and_run_on(&gw, &format!("many-{name}"), limits, choice).await;
+        let mut open = Vec::new();
+        for i in 0..270 {
+            let s = gw.registry.open_session(&id, exec_req("exec sleep 60")).await;
+            open.push(s.unwrap_or_else(|e| panic!("{name}: session {i} refused: {e}")));
+        }
+        drop(open);
+        gw.shutdown.cancel();
+
+        let gw = gateway(TunnelSettings::default()).await;
+        let limits = LocalLimits { max_sessions: 2, ..LocalLimits::default() };
+        let (_dir, id, _stop) = join_and_run_on(&gw, &format!("few-{name}"), limits, choice).await;
+        let _two = [
+            gw.registry.open_session(&id, exec_req("exec sleep 60")).await.unwrap(),
+            gw.registry.open_session(&id, exec_req("exec sleep 60")).await.unwrap(),
+        ];
+        let start = Instant::now();
+        let err = gw.registry.open_session(&id, exec_req("true")).await.unwrap_err();
+        assert!(err.to_string().contains("at its limit of 2 sessions"), "{name}: {err}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{name}: refused after {:?}", start.elapsed());
+        gw.shutdown.cancel();
+    }
 }

@@ -141,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
         if args.failover.is_some() { TransportTimers::default().for_failover() } else { TransportTimers::default() };
     let mut configs = Vec::with_capacity(certs.len());
     for (i, cert) in certs.into_iter().enumerate() {
-        let cfg = agent_tunnel_config(&ca, cert, private_key_der(&key), timers)?;
+        let cfg = agent_tunnel_config(&ca, cert, private_key_der(&key), timers, 256)?;
         configs.push((cfg.clone(), endpoints.get(i % endpoints.len()).context("endpoint")?.clone()));
         let endpoint = endpoints.get(i % endpoints.len()).context("endpoint")?.clone();
         let sem = sem.clone();

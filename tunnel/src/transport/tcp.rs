@@ -56,9 +56,6 @@ pub const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Largest HTTP/2 frame either side accepts: fewer frames per megabyte than the 16 KiB
 /// default, still small enough to interleave streams.
 const MAX_FRAME: u32 = 64 << 10;
-/// Sessions the gateway may have open to one agent at once (as on QUIC), plus the two
-/// set-up streams.
-const MAX_STREAMS: u32 = 256 + 2;
 /// Data one stream may have queued for sending beyond what the socket took.
 const SEND_BUFFER: usize = 1 << 20;
 /// Streams the agent has accepted but not yet handed to a session.
@@ -350,6 +347,7 @@ pub async fn connect(
     tls: Arc<rustls::ClientConfig>,
     server_name: &str,
     timers: TransportTimers,
+    sessions: u32,
 ) -> io::Result<Connection> {
     let name = ServerName::try_from(server_name.to_owned()).map_err(|e| io::Error::other(e.to_string()))?;
     let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
@@ -361,7 +359,9 @@ pub async fn connect(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
-        .max_concurrent_streams(MAX_STREAMS)
+        // The sessions the gateway may open at once (one past the agent's limit, which the
+        // agent refuses with a reason, as on QUIC), plus the two set-up streams.
+        .max_concurrent_streams(sessions.saturating_add(3))
         .handshake::<_, Bytes>(Tls::from(tls))
         .await
         .map_err(h2_error)?;
