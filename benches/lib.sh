@@ -5,7 +5,10 @@
 # and to enroll agents. Needs python3.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PROFILE=${PROFILE:-release}
-cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
+# NO_BUILD=1: use the binaries already in the target directory (built by one cargo call of
+# your own, e.g. together with postern-benches, so features resolve once).
+[ -n "${NO_BUILD:-}" ] ||
+  cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" --locked -p postern-gateway -p postern-tunnel --bins >/dev/null
 T=${CARGO_TARGET_DIR:-$PWD/target}/$PROFILE
 W=$(mktemp -d)
 pids=()

@@ -10,7 +10,8 @@
 #   bash benches/wan.sh                        all of RTTS="0 20 50 100" x LOSSES="0 0.5 1"
 #   RTTS=50 LOSSES="0 1" bash benches/wan.sh   a subset
 # Other knobs: SIZE_MIB=128, ECHOS=100 (keystroke echo at ECHO_RTT=50 ms), RATE=1gbit,
-# QUEUE=4MiB, JITTER=0ms, TRANSPORTS="quic tcp" (the agent's --transport values to try).
+# QUEUE=4MiB, JITTER=0ms, TRANSPORTS="quic tcp" (the agent's --transport values to try),
+# TRANSFER_TIMEOUT=300 (seconds; a transfer that takes longer reports "failed").
 set -euo pipefail
 SIZE=$(( ${SIZE_MIB:-128} * 1024 * 1024 ))
 RTTS=${RTTS:-0 20 50 100}
@@ -21,9 +22,10 @@ RATE=${RATE:-1gbit}
 QUEUE=${QUEUE:-4MiB}
 JITTER=${JITTER:-0ms}
 TRANSPORTS=${TRANSPORTS:-quic tcp}
+TRANSFER_TIMEOUT=${TRANSFER_TIMEOUT:-300}
 source "$(dirname "$0")/lib.sh"
-cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" --locked -p postern-benches \
-  --bin postern-linkem >/dev/null
+[ -n "${NO_BUILD:-}" ] || cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" --locked \
+  -p postern-benches --bin postern-linkem >/dev/null
 B="python3 $PWD/benches/ssh_bench.py"
 
 # One namespace and link per run, named after this shell so parallel runs do not collide.
@@ -33,6 +35,10 @@ NET=10.77.$(( $$ % 250 + 1 ))
 GW_ADDR=$NET.1 AGENT_ADDR=$NET.2
 ip netns add "$NS"
 trap 'cleanup; ip netns del "$NS" 2>/dev/null || true' EXIT
+# Killed (e.g. by timeout): exit, so the EXIT trap kills every child at once. Long waits below
+# are `wait`s on background jobs, which a signal interrupts (a foreground child would delay
+# the trap until it ended).
+trap 'exit 143' TERM INT HUP
 in_ns() { ip netns exec "$NS" "$@"; }
 exec {LINK}> >("$T/postern-linkem" --ns-a "$NS" --addr-a "$AGENT_ADDR" --addr-b "$GW_ADDR" --ifname "$IF" \
   --rate "$RATE" --queue "$QUEUE" >"$W/linkem.out" 2>"$W/linkem.err")
@@ -130,14 +136,17 @@ exec {SINKFD}< <(in_ns $B sink)
 pids+=($!)
 read -r -u "$SINKFD" SINK
 
-# through HOST: MiB/s of SIZE bytes through a fresh `ssh -L` to the sink (HOST as ssh names it).
+# through HOST: sets R to the MiB/s of SIZE bytes through a fresh `ssh -L` to the sink (HOST
+# as ssh names it), or "failed".
 through() {
-  local l ssh_pid out
+  local l ssh_pid fwd out
   l=$(port)
   ssh -F "$W/ssh_config" -N -L "$l:127.0.0.1:$SINK" "$1" & ssh_pid=$!
-  out=$(timeout 600 $B forward "$l" "$SIZE" 2>/dev/null) || out="failed"
+  timeout "$TRANSFER_TIMEOUT" $B forward "$l" "$SIZE" >"$W/forward.out" 2>/dev/null & fwd=$!
+  pids+=("$ssh_pid" "$fwd")
+  if wait "$fwd"; then out=$(cat "$W/forward.out"); else out="failed"; fi
   kill "$ssh_pid" 2>/dev/null; wait "$ssh_pid" 2>/dev/null || true
-  echo "${out%% MiB/s*}"
+  R=${out%% MiB/s*}
 }
 ratio() { python3 -c "import sys;a,b=sys.argv[1:];print(f'{float(a)/float(b):.2f}' if a.replace('.','').isdigit() and b.replace('.','').isdigit() and float(b)>0 else '-')" "$1" "$2"; }
 
@@ -150,9 +159,9 @@ echo "|---|---|---|${has_tcp:+---|}---|---|${has_tcp:+---|}"
 for rtt in $RTTS; do
   for loss in $LOSSES; do
     link "$rtt" "$loss"
-    q=$(through root@wan-quic.postern)
-    [ -z "$has_tcp" ] || t=$(through root@wan-tcp.postern)
-    o=$(through target)
+    through root@wan-quic.postern; q=$R
+    [ -z "$has_tcp" ] || { through root@wan-tcp.postern; t=$R; }
+    through target; o=$R
     echo "| $rtt ms | $loss % | $q |${has_tcp:+ $t |} $o | $(ratio "$q" "$o") |${has_tcp:+ $(ratio "$t" "$o") |}"
   done
 done
