@@ -40,6 +40,10 @@ enum Role {
         connect: SocketAddr,
         #[arg(long, default_value_t = 16)]
         mib: u64,
+        /// Seconds the connection idles (keep-alives every 5 s) before the transfer, as a
+        /// tunnel does between sessions.
+        #[arg(long, default_value_t = 0)]
+        idle: u64,
     },
 }
 
@@ -49,6 +53,7 @@ fn transport(a: &Args) -> quinn::TransportConfig {
     t.receive_window((32u32 << 20).into());
     t.send_window(32 << 20);
     t.initial_rtt(Duration::from_millis(100));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.initial_mtu(a.initial_mtu);
     if a.no_mtud {
         t.mtu_discovery_config(None);
@@ -115,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
                 });
             }
         }
-        Role::Client { connect, mib } => {
+        Role::Client { connect, mib, idle } => {
             // The server's certificate is made fresh in its own process: the client accepts
             // any (a benchmark on a private link, nothing secret).
             let tls = quinn::rustls::ClientConfig::builder()
@@ -128,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
             endpoint.set_default_client_config(config);
             let conn = endpoint.connect(connect, "quicperf")?.await.context("connect")?;
+            tokio::time::sleep(Duration::from_secs(idle)).await;
             let (mut send, mut recv) = conn.open_bi().await?;
             let start = Instant::now();
             let ticker = tokio::spawn({
