@@ -72,7 +72,7 @@ impl SshSetup {
 
     fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("timeout");
-        c.arg("60").arg(program).arg("-F").arg(self.config());
+        c.arg("180").arg(program).arg("-F").arg(self.config());
         c
     }
 
