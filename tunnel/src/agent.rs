@@ -442,15 +442,6 @@ pub fn tunnel_clients(
     Ok((crate::dial::Clients { quic, tls: Arc::new(tls), sessions }, info))
 }
 
-/// The QUIC client configuration built from an enrolled agent's state directory.
-pub fn tunnel_config(
-    dir: &Path,
-    timers: TransportTimers,
-) -> anyhow::Result<(quinn::ClientConfig, crate::pki::CertInfo)> {
-    let (clients, info) = tunnel_clients(dir, timers, LocalLimits::default().max_sessions)?;
-    Ok((clients.quic, info))
-}
-
 /// A connection made and greeted: the gateway acknowledged the hello.
 struct Greeted {
     dialed: crate::dial::Dialed,

@@ -638,12 +638,8 @@ impl RecvStream {
 
     pub async fn received_reset(&mut self) {
         std::future::poll_fn(|cx| {
-            if self.poll_body(cx).is_ready() && !matches!(self.body, Body::Open(_)) {
-                return match self.body {
-                    Body::Finished => Poll::Pending,
-                    _ => Poll::Ready(()),
-                };
-            }
+            // Still waiting for the answer: its waker is set; a failed answer is a reset.
+            let _ = self.poll_body(cx);
             loop {
                 let Body::Open(body) = &mut self.body else {
                     return if matches!(self.body, Body::Failed(..)) { Poll::Ready(()) } else { Poll::Pending };
