@@ -781,6 +781,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         None
     };
     let web_addr = web_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let metrics_listener = match config.metrics.listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| {
+            format!("listening for metrics on tcp {a} (port in use? set [metrics] listen)")
+        })?),
+        None => None,
+    };
     let sessions = Arc::new(
         SessionTable::with_markers(dir.join("live-sessions"))
             .with_context(|| format!("creating {}", dir.join("live-sessions").display()))?,
@@ -871,6 +877,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         let tls = web_tls(&state.config, state.instances.ca(), &origin)?;
         let web = Arc::new(crate::web::Web::new(signin, origin, tls));
         tasks.spawn(crate::web::serve(l, state.clone(), web, shutdown.clone()));
+    }
+    if let Some(l) = metrics_listener {
+        info!(metrics = %l.local_addr()?, "serving metrics and health checks");
+        tasks.spawn(crate::monitor::serve(l, state.clone(), shutdown.clone()));
     }
     let _ = state.audit.event(&Event::GatewayStarted(GatewayStarted {
         tunnel: tunnel_addr.to_string(),

@@ -23,9 +23,10 @@ use postern_tunnel::server::{AgentRegistry, OpenError, SessionStream};
 
 use crate::access::Authorization;
 use crate::audit::AuditLog;
-use crate::audit::events::Event;
+use crate::audit::events::{Event, SessionStart};
 use crate::history::SessionHistory;
 use crate::locations::AgentLocations;
+use crate::metrics::Door;
 use crate::sessions::{LiveSession, Party, Registration, SessionTable};
 use crate::store::{AgentRecord, SessionRecord};
 
@@ -129,7 +130,13 @@ impl Broker {
             recording: None,
             gateway: None,
         };
-        let registration = self.sessions.register(session_id, party);
+        let door = match event {
+            Event::SessionStart(SessionStart::Ssh(s)) if s.door.as_deref() == Some("web") => Door::Web,
+            Event::SessionStart(SessionStart::AdminSocket(_)) => Door::Admin,
+            _ if party.action == postern_core::Action::Rdp => Door::Rdp,
+            _ => Door::Ssh,
+        };
+        let registration = self.sessions.register_through(session_id, party, door);
         self.history.started(record, event);
         Running { registration, started: Instant::now(), audit: self.audit.clone(), history: self.history.clone() }
     }

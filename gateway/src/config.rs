@@ -21,6 +21,7 @@ pub struct GatewayConfig {
     pub audit: AuditConfig,
     pub rdp: RdpConfig,
     pub web: WebConfig,
+    pub metrics: MetricsConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
     pub identity: IdentityConfig,
@@ -101,6 +102,17 @@ pub struct RdpConfig {
     pub max_handshakes: usize,
     /// Most of those from one source address.
     pub max_handshakes_per_source: usize,
+}
+
+/// `[metrics]`: Prometheus metrics and health endpoints over plain HTTP
+/// (docs/operations.md); off by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address serving `/metrics`, `/healthz` and `/readyz` ("127.0.0.1:9190"). No
+    /// authentication and no TLS: bind it to loopback or a management network. Absent: no
+    /// listener.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[web]`: the browser console over HTTPS (docs/web.md); off by default.
@@ -380,6 +392,7 @@ impl Default for GatewayConfig {
             audit: AuditConfig::default(),
             rdp: RdpConfig::default(),
             web: WebConfig::default(),
+            metrics: MetricsConfig::default(),
             store: StoreConfig::default(),
             cluster: ClusterConfig::default(),
             identity: IdentityConfig::default(),

@@ -15,6 +15,7 @@ use crate::audit::AuditLog;
 use crate::audit::events::{Event, GrantExpired, SessionTerminated};
 use crate::connections::Connections;
 use crate::sessions::SessionTable;
+use crate::metrics::{StoreOp, timed_store};
 use crate::store::{AgentRecord, Store};
 
 /// How often live sessions are re-checked against policy even without a change (expiring
@@ -74,8 +75,9 @@ struct Follower {
 impl Follower {
     async fn follow(&mut self, authorizer: &Authorizer, store: &dyn Store) {
         let result = async {
-            if authorizer.list().loaded_generation() != Some(store.access_generation().await?) {
-                authorizer.list().reload(store).await?;
+            let generation = timed_store(StoreOp::AccessPoll, store.access_generation()).await?;
+            if authorizer.list().loaded_generation() != Some(generation) {
+                timed_store(StoreOp::AccessReload, authorizer.list().reload(store)).await?;
             }
             Ok::<_, crate::store::StoreError>(())
         }

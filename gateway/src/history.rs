@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::audit::AuditLog;
 use crate::audit::events::{Event, GatewayHistoryFailed, LiveMarker, RdpMode, SessionEnd, SessionStart, SshSessionEnd};
+use crate::metrics::{StoreOp, timed_store};
 use crate::store::{SessionEnding, SessionQuery, SessionRecord, Store};
 
 /// Writes waiting for the database; more are dropped (and reported).
@@ -216,15 +217,20 @@ async fn write_loop(
                 let _ = done.send(());
                 continue;
             }
-            Write::Start(record) => store.insert_session(&record).await,
-            Write::End(ending) => store.end_session(&ending).await.map(|_| ()),
-            Write::Crashed(ending, record) => match store.end_session(&ending).await {
-                Ok(false) => match record {
-                    Some(r) => store.insert_session(&r).await,
-                    None => Ok(()),
-                },
-                other => other.map(|_| ()),
-            },
+            Write::Start(record) => timed_store(StoreOp::SessionHistory, store.insert_session(&record)).await,
+            Write::End(ending) => timed_store(StoreOp::SessionHistory, store.end_session(&ending)).await.map(|_| ()),
+            Write::Crashed(ending, record) => {
+                timed_store(StoreOp::SessionHistory, async {
+                    match store.end_session(&ending).await {
+                        Ok(false) => match record {
+                            Some(r) => store.insert_session(&r).await,
+                            None => Ok(()),
+                        },
+                        other => other.map(|_| ()),
+                    }
+                })
+                .await
+            }
         };
         match result {
             Ok(()) => failures.succeeded(),

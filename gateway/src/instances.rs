@@ -18,6 +18,7 @@ use crate::audit::events::{
     AgentRenewed, AgentRevoked, Event, TokenCreated, TokenRevoked,
 };
 use crate::locations::AgentLocations;
+use crate::metrics::{StoreOp, timed_store};
 use crate::store::{Labels, NewAgent, NewToken, RedeemError, Store, StoreError, resolve_instance};
 
 /// Enrollment tokens are stored and audited only by their SHA-256.
@@ -418,16 +419,9 @@ impl AgentDirectory for StoreDirectory {
             return Err(Refusal { code: ErrorCode::AgentRevoked, message: reason.into() });
         }
         let agent_version = clean_text(&hello.agent_version, 64);
-        let _ = self
-            .store
-            .agent_seen(
-                agent_id,
-                Some(&clean_text(&hello.hostname, 255)),
-                Some(&clean_text(&hello.platform, 64)),
-                Some(&agent_version),
-                now_unix(),
-            )
-            .await;
+        let (hostname, platform) = (clean_text(&hello.hostname, 255), clean_text(&hello.platform, 64));
+        let seen = self.store.agent_seen(agent_id, Some(&hostname), Some(&platform), Some(&agent_version), now_unix());
+        let _ = timed_store(StoreOp::AgentSeen, seen).await;
         let name = rec.map(|r| r.name).unwrap_or_default();
         self.locations.connected(agent_id).await;
         let _ = self.audit.event(&Event::AgentConnected(AgentConnected {
@@ -442,7 +436,7 @@ impl AgentDirectory for StoreDirectory {
 
     async fn departed(&self, agent_id: &str) {
         self.locations.departed(agent_id).await;
-        let _ = self.store.agent_seen(agent_id, None, None, None, now_unix()).await;
+        let _ = timed_store(StoreOp::AgentSeen, self.store.agent_seen(agent_id, None, None, None, now_unix())).await;
         let _ = self.audit.event(&Event::AgentDisconnected(AgentDisconnected { agent_id: agent_id.to_owned() }));
     }
 

@@ -1,8 +1,8 @@
 //! Postern gateway: the server and the `postern` command, in layers (docs/architecture.md;
 //! tests/tests/layout.rs checks them): leaves (accept, config, store, audit, recording, frames,
-//! host keys, the RDP wire format, addressing, the OIDC relying party) → services (access,
+//! host keys, the RDP wire format, addressing, the OIDC relying party, metrics) → services (access,
 //! instances, agent locations, sessions, enforcer, manage, broker, runs, RDP tokens, certificates, sign-in) → the
-//! [`services::Services`] set → doors (ssh, rdp, admin), which never import one another → app
+//! [`services::Services`] set → doors (ssh, rdp, admin, web, monitor), which never import one another → app
 //! (start-up, background jobs) → cli. The vocabulary is the `postern-core` crate; the client
 //! SDK is `postern-client`.
 
@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod frames;
 pub mod hostkeys;
+pub mod metrics;
 pub mod oidc;
 pub mod rdp_wire;
 pub mod recording;
@@ -43,6 +44,7 @@ pub mod sso;
 pub mod web_signin;
 // doors
 pub mod admin;
+pub mod monitor;
 pub mod rdp;
 pub mod ssh;
 pub mod web;

@@ -124,6 +124,7 @@ impl Sink {
         match self.file.write_all(data) {
             Ok(()) => {
                 self.len += data.len() as u64;
+                crate::metrics::METRICS.recording_written(data.len());
                 Ok(())
             }
             Err(e) => {

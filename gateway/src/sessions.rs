@@ -16,6 +16,7 @@ use postern_core::Action;
 
 use crate::audit::events::{CrashedSessionEnd, Event, LiveMarker, SessionEnd};
 use crate::history::SessionHistory;
+use crate::metrics::{Direction, Door, METRICS};
 
 /// Who a session is for and what it reaches, as the live table shows it.
 #[derive(Debug, Clone)]
@@ -91,6 +92,11 @@ pub struct LiveSession {
     pub started_at: i64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// The front door it came through (a metrics label).
+    pub door: Door,
+    /// This door's process-wide relayed-bytes counters (`postern_relayed_bytes_total`).
+    relayed_in: &'static crate::metrics::Counter,
+    relayed_out: &'static crate::metrics::Counter,
     cancel: CancellationToken,
     reason: Mutex<Option<String>>,
     /// The `session.terminated` event of whoever ended it, written when the session has
@@ -123,9 +129,11 @@ struct WatchHub {
 impl LiveSession {
     pub fn add_in(&self, n: usize) {
         self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        self.relayed_in.add(n as u64);
     }
     pub fn add_out(&self, n: usize) {
         self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        self.relayed_out.add(n as u64);
     }
     /// Resolves when the session must end; then [`reason`](Self::reason) says why.
     pub async fn terminated(&self) {
@@ -356,7 +364,17 @@ impl SessionTable {
 
     /// Put session `id` on the live table until the returned registration is dropped. A
     /// reserved slot in `party` becomes the live entry (in one step, under the lock).
-    pub fn register(self: &Arc<Self>, id: &str, mut party: Party) -> Registration {
+    pub fn register(self: &Arc<Self>, id: &str, party: Party) -> Registration {
+        let door = match party.action {
+            _ if party.via_admin => Door::Admin,
+            Action::Rdp => Door::Rdp,
+            _ => Door::Ssh,
+        };
+        self.register_through(id, party, door)
+    }
+
+    /// As [`register`](Self::register), naming the door the session came through.
+    pub fn register_through(self: &Arc<Self>, id: &str, mut party: Party, door: Door) -> Registration {
         let reservation = party.reservation.take();
         let session = Arc::new(LiveSession {
             id: id.to_owned(),
@@ -364,6 +382,9 @@ impl SessionTable {
             started_at: postern_core::util::now_unix(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            door,
+            relayed_in: METRICS.bytes_relayed(door, Direction::In),
+            relayed_out: METRICS.bytes_relayed(door, Direction::Out),
             cancel: CancellationToken::new(),
             reason: Mutex::new(None),
             terminated_event: Mutex::new(None),

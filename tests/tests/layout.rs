@@ -39,6 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "rdp_wire",
             "addressing",
             "oidc",
+            "metrics",
         ],
     ),
     (
@@ -64,7 +65,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("the services struct", &["services", "launch"]),
-    ("doors", &["ssh", "rdp", "admin", "web"]),
+    ("doors", &["ssh", "rdp", "admin", "web", "monitor"]),
     ("app", &["app"]),
     ("cli", &["cli"]),
 ];

@@ -256,6 +256,11 @@ impl AgentRegistry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Each connected agent's transport and round-trip estimate
+    /// ([`Connection::rtt`](crate::transport::Connection::rtt)), without copying their details.
+    pub fn links(&self) -> Vec<(Transport, Option<Duration>)> {
+        self.inner.read().map(|m| m.values().map(|e| (e.info.transport, e.conn.rtt())).collect()).unwrap_or_default()
+    }
     pub fn online(&self) -> Vec<ConnectedAgent> {
         self.inner.read().map(|m| m.values().map(|e| e.info.clone()).collect()).unwrap_or_default()
     }

@@ -131,6 +131,8 @@ pub struct AuditLog {
     webhooks: std::sync::OnceLock<std::sync::Arc<webhooks::Webhooks>>,
     /// Also print every event line to standard output (for log shippers).
     to_stdout: std::sync::atomic::AtomicBool,
+    /// The last write failed (readiness reports it until a write succeeds).
+    write_failed: std::sync::atomic::AtomicBool,
     /// Signalled when a segment is closed (the object-store shipper waits on it).
     pub segment_closed: tokio::sync::Notify,
     /// The last checkpoint written, for start-up to keep outside the log ([`anchor`]).
@@ -358,6 +360,7 @@ impl AuditLog {
             signer,
             webhooks: std::sync::OnceLock::new(),
             to_stdout: std::sync::atomic::AtomicBool::new(false),
+            write_failed: std::sync::atomic::AtomicBool::new(false),
             segment_closed: tokio::sync::Notify::new(),
             checkpointed: tokio::sync::watch::Sender::new(None),
         };
@@ -424,6 +427,7 @@ impl AuditLog {
         if let events::Event::AuditCheckpoint(_) = e {
             return Err(std::io::Error::other("audit.checkpoint is written by the log itself"));
         }
+        count(e);
         match e.fields() {
             Ok(fields) => self.write(e.name(), fields),
             Err(err) => {
@@ -436,6 +440,7 @@ impl AuditLog {
     /// Append `event` with `fields`, then send it on (standard output, webhooks) and
     /// checkpoint or rotate if due.
     fn write(&self, event: &str, fields: Map<String, Value>) -> std::io::Result<()> {
+        let started = Instant::now();
         let result = match self.inner.lock() {
             Ok(mut chain) => {
                 let r = self.append(&mut chain, event, fields).map(|(id, line)| {
@@ -460,10 +465,24 @@ impl AuditLog {
             }
             Err(_) => Err(std::io::Error::other("audit log lock poisoned")),
         };
+        crate::metrics::METRICS.audit_written(started.elapsed(), result.is_ok());
+        self.write_failed.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, dir = %self.dir.display(), event, "cannot write audit event");
         }
         result
+    }
+
+    /// Whether the log can take events: its last write succeeded and a file can be created
+    /// in its directory (a segment rotation would need one). For `/readyz`.
+    pub fn check_writable(&self) -> Result<(), String> {
+        if self.write_failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the last audit event could not be written".into());
+        }
+        let probe = self.dir.join(".ready-probe");
+        let made = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&probe);
+        let _ = std::fs::remove_file(&probe);
+        made.map(drop).map_err(|e| format!("cannot create a file in {}: {e}", self.dir.display()))
     }
 
     fn rotation_due(&self, chain: &Chain) -> bool {
@@ -791,5 +810,30 @@ mod tests {
         let e = format!("{:#}", AuditLog::open(dir.path()).unwrap_err());
         assert!(e.contains("not configured here"), "{e}");
         assert_eq!(segments(dir.path()).unwrap().len(), 2);
+    }
+}
+
+/// Count the events that are metrics too (sessions started, denied and terminated,
+/// authentication failures), whether or not they can be written.
+fn count(e: &events::Event) {
+    use crate::metrics::{Door, METRICS};
+    use events::{Event, SessionDenied, SessionStart};
+    use postern_core::Action;
+    let door_named = |door: &Option<String>| if door.as_deref() == Some("web") { Door::Web } else { Door::Ssh };
+    let door_of_kind = |kind: Action| if kind == Action::Rdp { Door::Rdp } else { Door::Ssh };
+    match e {
+        Event::SessionStart(SessionStart::Ssh(s)) => METRICS.session_started(door_named(&s.door), s.kind),
+        Event::SessionStart(SessionStart::AdminSocket(s)) => METRICS.session_started(Door::Admin, s.kind),
+        Event::ForwardOpen(_) => METRICS.session_started(Door::Ssh, Action::PortForward),
+        Event::PassthroughOpen(_) => METRICS.session_started(Door::Ssh, Action::SshPassthrough),
+        Event::RdpOpen(_) => METRICS.session_started(Door::Rdp, Action::Rdp),
+        Event::SessionDenied(SessionDenied::Ssh(d)) => METRICS.session_denied(door_named(&d.door)),
+        // A summary of refusals stands for `count` of them.
+        Event::SessionDenied(SessionDenied::Rdp(d)) => METRICS.sessions_denied(Door::Rdp, d.count.unwrap_or(1)),
+        Event::SessionDenied(SessionDenied::RdpToken(_)) => METRICS.session_denied(Door::Rdp),
+        Event::SessionTerminated(t) => METRICS.session_terminated(door_of_kind(t.kind), t.kind),
+        Event::AuthFailed(_) => METRICS.auth_failed(Door::Ssh),
+        Event::LoginFailed(f) => METRICS.auth_failed(if f.flow == "web" { Door::Web } else { Door::Ssh }),
+        _ => {}
     }
 }

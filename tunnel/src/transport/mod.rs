@@ -153,6 +153,15 @@ impl Connection {
         }
     }
 
+    /// The current round-trip estimate: QUIC's own (quinn's smoothed RTT); `None` on TCP,
+    /// whose HTTP/2 connection keeps no such estimate that is cheap to read.
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Quic(c) => Some(c.rtt()),
+            Self::Tcp(_) => None,
+        }
+    }
+
     /// The verified certificate the other side presented, if any.
     pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
         match self {
