@@ -782,9 +782,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
     };
     let web_addr = web_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let metrics_listener = match config.metrics.listen {
-        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| {
-            format!("listening for metrics on tcp {a} (port in use? set [metrics] listen)")
-        })?),
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listening for metrics on tcp {a} (port in use? set [metrics] listen)"))?,
+        ),
         None => None,
     };
     let sessions = Arc::new(

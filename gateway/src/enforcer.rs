@@ -14,8 +14,8 @@ use crate::access::Authorizer;
 use crate::audit::AuditLog;
 use crate::audit::events::{Event, GrantExpired, SessionTerminated};
 use crate::connections::Connections;
-use crate::sessions::SessionTable;
 use crate::metrics::{StoreOp, timed_store};
+use crate::sessions::SessionTable;
 use crate::store::{AgentRecord, Store};
 
 /// How often live sessions are re-checked against policy even without a change (expiring

@@ -131,7 +131,8 @@ impl Counter {
 
 /// Upper bounds (seconds) of the latency histograms' buckets: from half a millisecond (a
 /// local file append) to ten seconds (a stalled database).
-const LATENCY_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Upper bounds (seconds) of the tunnel round-trip histogram: loopback to a bad satellite link.
 const RTT_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0];
 const BUCKETS: usize = 14;
@@ -270,7 +271,12 @@ impl Metrics {
                 );
             }
         }
-        by_door_kind(w, "postern_sessions_started_total", "Sessions started, by door and kind.", &self.sessions_started);
+        by_door_kind(
+            w,
+            "postern_sessions_started_total",
+            "Sessions started, by door and kind.",
+            &self.sessions_started,
+        );
         family(w, "postern_sessions_denied_total", "counter", "Sessions refused by policy or limits, by door.");
         for door in Door::ALL {
             let _ = writeln!(

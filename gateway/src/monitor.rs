@@ -58,9 +58,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<Services>, shut
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move {
-                    let answer = tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, req)).await.unwrap_or_else(|_| {
-                        plain(StatusCode::SERVICE_UNAVAILABLE, "timed out\n".into())
-                    });
+                    let answer = tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, req))
+                        .await
+                        .unwrap_or_else(|_| plain(StatusCode::SERVICE_UNAVAILABLE, "timed out\n".into()));
                     Ok::<_, std::convert::Infallible>(answer)
                 }
             });
@@ -147,10 +147,8 @@ async fn readiness(state: &Services) -> Vec<String> {
         failing.push(format!("audit: {e}"));
     }
     // Key material: the SSH door's host certificate must be valid now.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let cert = &state.host_keys.certificate;
     if cert.valid_after() > now || cert.valid_before() <= now {
         failing.push("keys: the SSH host certificate is not valid now".into());
