@@ -692,6 +692,15 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listener_is_off_unless_an_address_is_given() {
+        assert!(toml::from_str::<GatewayConfig>("").unwrap().metrics.listen.is_none());
+        let cfg: GatewayConfig = toml::from_str("[metrics]\nlisten = \"127.0.0.1:9190\"\n").unwrap();
+        assert_eq!(cfg.metrics.listen, Some(SocketAddr::from(([127, 0, 0, 1], 9190))));
+        assert!(toml::from_str::<GatewayConfig>("[metrics]\nlisten = \"9190\"\n").is_err());
+        assert!(toml::from_str::<GatewayConfig>("[metrics]\nenabled = true\n").is_err());
+    }
+
+    #[test]
     fn advertise_is_one_address_or_a_list() {
         let one: GatewayConfig = toml::from_str("[tunnel]\nadvertise = \"gw:4433\"\n").unwrap();
         assert_eq!(one.tunnel.advertise, ["gw:4433"]);

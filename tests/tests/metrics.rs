@@ -141,6 +141,9 @@ impl Prometheus {
     }
 }
 
+/// What a query must show: (what, PromQL, test of its value).
+type Wanted = (&'static str, &'static str, fn(f64) -> bool);
+
 /// Every label value in the text exposition `text`.
 fn label_values(text: &str) -> BTreeSet<String> {
     let mut values = BTreeSet::new();
@@ -176,7 +179,7 @@ fn prometheus_scrapes_sessions_denials_auth_failures_and_agents() {
     });
 
     let prom = Prometheus::start(&metrics);
-    let wanted: &[(&str, &str, fn(f64) -> bool)] = &[
+    let wanted: &[Wanted] = &[
         ("scrape succeeded", "up{job=\"postern\"}", |v| v == 1.0),
         ("agents online over QUIC", "postern_agents_online{transport=\"quic\"}", |v| v == 1.0),
         ("agents online over TCP", "postern_agents_online{transport=\"tcp\"}", |v| v == 0.0),

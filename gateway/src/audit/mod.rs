@@ -605,6 +605,31 @@ impl AuditLog {
     }
 }
 
+/// Count the events that are metrics too (sessions started, denied and terminated,
+/// authentication failures), whether or not they can be written.
+fn count(e: &events::Event) {
+    use crate::metrics::{Door, METRICS};
+    use events::{Event, SessionDenied, SessionStart};
+    use postern_core::Action;
+    let door_named = |door: &Option<String>| if door.as_deref() == Some("web") { Door::Web } else { Door::Ssh };
+    let door_of_kind = |kind: Action| if kind == Action::Rdp { Door::Rdp } else { Door::Ssh };
+    match e {
+        Event::SessionStart(SessionStart::Ssh(s)) => METRICS.session_started(door_named(&s.door), s.kind),
+        Event::SessionStart(SessionStart::AdminSocket(s)) => METRICS.session_started(Door::Admin, s.kind),
+        Event::ForwardOpen(_) => METRICS.session_started(Door::Ssh, Action::PortForward),
+        Event::PassthroughOpen(_) => METRICS.session_started(Door::Ssh, Action::SshPassthrough),
+        Event::RdpOpen(_) => METRICS.session_started(Door::Rdp, Action::Rdp),
+        Event::SessionDenied(SessionDenied::Ssh(d)) => METRICS.session_denied(door_named(&d.door)),
+        // A summary of refusals stands for `count` of them.
+        Event::SessionDenied(SessionDenied::Rdp(d)) => METRICS.sessions_denied(Door::Rdp, d.count.unwrap_or(1)),
+        Event::SessionDenied(SessionDenied::RdpToken(_)) => METRICS.session_denied(Door::Rdp),
+        Event::SessionTerminated(t) => METRICS.session_terminated(door_of_kind(t.kind), t.kind),
+        Event::AuthFailed(_) => METRICS.auth_failed(Door::Ssh),
+        Event::LoginFailed(f) => METRICS.auth_failed(if f.flow == "web" { Door::Web } else { Door::Ssh }),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// docs/audit.md lists every event in its table and shows one real example of each.
@@ -810,30 +835,5 @@ mod tests {
         let e = format!("{:#}", AuditLog::open(dir.path()).unwrap_err());
         assert!(e.contains("not configured here"), "{e}");
         assert_eq!(segments(dir.path()).unwrap().len(), 2);
-    }
-}
-
-/// Count the events that are metrics too (sessions started, denied and terminated,
-/// authentication failures), whether or not they can be written.
-fn count(e: &events::Event) {
-    use crate::metrics::{Door, METRICS};
-    use events::{Event, SessionDenied, SessionStart};
-    use postern_core::Action;
-    let door_named = |door: &Option<String>| if door.as_deref() == Some("web") { Door::Web } else { Door::Ssh };
-    let door_of_kind = |kind: Action| if kind == Action::Rdp { Door::Rdp } else { Door::Ssh };
-    match e {
-        Event::SessionStart(SessionStart::Ssh(s)) => METRICS.session_started(door_named(&s.door), s.kind),
-        Event::SessionStart(SessionStart::AdminSocket(s)) => METRICS.session_started(Door::Admin, s.kind),
-        Event::ForwardOpen(_) => METRICS.session_started(Door::Ssh, Action::PortForward),
-        Event::PassthroughOpen(_) => METRICS.session_started(Door::Ssh, Action::SshPassthrough),
-        Event::RdpOpen(_) => METRICS.session_started(Door::Rdp, Action::Rdp),
-        Event::SessionDenied(SessionDenied::Ssh(d)) => METRICS.session_denied(door_named(&d.door)),
-        // A summary of refusals stands for `count` of them.
-        Event::SessionDenied(SessionDenied::Rdp(d)) => METRICS.sessions_denied(Door::Rdp, d.count.unwrap_or(1)),
-        Event::SessionDenied(SessionDenied::RdpToken(_)) => METRICS.session_denied(Door::Rdp),
-        Event::SessionTerminated(t) => METRICS.session_terminated(door_of_kind(t.kind), t.kind),
-        Event::AuthFailed(_) => METRICS.auth_failed(Door::Ssh),
-        Event::LoginFailed(f) => METRICS.auth_failed(if f.flow == "web" { Door::Web } else { Door::Ssh }),
-        _ => {}
     }
 }
