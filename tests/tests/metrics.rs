@@ -1,8 +1,9 @@
 //! Metrics and health endpoints end to end (`[metrics] listen`, docs/operations.md): a real
 //! Prometheus scrapes a gateway that served real `ssh` sessions (one run, one refused by
-//! policy, one failed authentication) and its query API shows the counts; `/readyz` turns
-//! 503 while the audit directory is read-only and back to 200 after; a gateway without
-//! `[metrics]` opens no port for it.
+//! policy, one failed authentication) and its query API shows the counts; a live session
+//! shows in the active gauge and, ended by `postern sessions terminate`, in the terminated
+//! counter; `/readyz` turns 503 while the audit directory is read-only and back to 200
+//! after; a gateway without `[metrics]` opens no port for it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::BTreeSet;
@@ -271,4 +272,42 @@ fn without_a_metrics_section_the_gateway_opens_no_extra_port() {
     // The SSH door and the tunnel's TCP transport; with [metrics], its port too.
     assert_eq!(ports_without, BTreeSet::from([without.ssh_port, tunnel_port(&without)]), "without [metrics]");
     assert_eq!(ports_with, BTreeSet::from([with.ssh_port, tunnel_port(&with), metrics_port]), "with [metrics]");
+}
+
+/// The value of the series `series` (name and labels exactly as exposed) in `/metrics`.
+fn series(metrics: &str, series: &str) -> Option<f64> {
+    let (_, text) = get(metrics, "/metrics");
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn a_live_session_is_active_and_counted_as_terminated_when_ended() {
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let s = Setup::new(&format!("[metrics]\nlisten = {metrics:?}\n"));
+    let active = "postern_sessions_active{door=\"ssh\",kind=\"exec\"}";
+    let terminated = "postern_sessions_terminated_total{door=\"ssh\",kind=\"exec\"}";
+    assert_eq!((series(&metrics, active), series(&metrics, terminated)), (Some(0.0), Some(0.0)));
+
+    let mut child = Command::new("timeout")
+        .args(["60", "ssh", "-p", &s.gw.ssh_port.to_string(), "-i"])
+        .arg(&s.alice)
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", s.known_hosts.display()))
+        .args(["alice%web-01@127.0.0.1", "sleep 50"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the session active in /metrics", Duration::from_secs(20), || series(&metrics, active) == Some(1.0));
+    let out = s.gw.postern(&["sessions", "--json"]);
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let id = rows[0]["id"].as_str().unwrap().to_owned();
+    let out = s.gw.postern(&["sessions", "terminate", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the session counted as terminated and no longer active", Duration::from_secs(20), || {
+        series(&metrics, terminated) == Some(1.0) && series(&metrics, active) == Some(0.0)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
 }
