@@ -881,8 +881,13 @@ pub async fn token_create(
         );
     }
     let (reply, _) = request(socket, &AdminRequest::TokenCreate { labels, ttl_secs: ttl.as_secs(), name }).await?;
-    let r = reply.get("result").cloned().unwrap_or(Value::Null);
+    let mut r = reply.get("result").cloned().unwrap_or(Value::Null);
+    let join = join_command(&r);
+    let install = install_line(&join);
     if json {
+        if let Some(fields) = r.as_object_mut() {
+            fields.insert("install".into(), Value::String(install));
+        }
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
@@ -900,7 +905,17 @@ pub async fn token_create(
     }
     println!();
     println!("On the server to add, run:");
-    // One `--gateway` per advertised address (a cluster advertises several).
+    println!("  {join} --run");
+    println!();
+    println!("Or on a Debian server, with the postern-agent .deb at hand (docs/operations.md):");
+    println!("  {install}");
+    Ok(())
+}
+
+/// `postern-agent join --gateway ... --token ... --ca-pin ...` for a `token create` result:
+/// one `--gateway` per advertised address (a cluster advertises several).
+fn join_command(r: &Value) -> String {
+    let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
     let mut gateways: Vec<String> = r
         .get("gateways")
         .and_then(Value::as_array)
@@ -910,8 +925,14 @@ pub async fn token_create(
         gateways.push(s("gateway"));
     }
     let flags: String = gateways.iter().map(|g| format!("--gateway {g} ")).collect();
-    println!("  postern-agent join {flags}--token {} --ca-pin {} --run", s("token"), s("ca_pin"));
-    Ok(())
+    format!("postern-agent join {flags}--token {} --ca-pin {}", s("token"), s("ca_pin"))
+}
+
+/// The one line that makes a Debian server an agent with the packages (docs/operations.md):
+/// install the package file, join with the agent's default state directory (the one the
+/// unit uses), then enable and start the unit, which waits for that join.
+fn install_line(join: &str) -> String {
+    format!("sudo apt-get install -y ./postern-agent_*.deb && sudo {join} && sudo systemctl enable --now postern-agent")
 }
 
 fn ttl_text(d: Duration) -> String {
@@ -1040,6 +1061,32 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod cli_tests {
     use clap::FromArgMatches;
+
+    /// The one-line agent install carries every advertised gateway, the token and the pin,
+    /// joins without `--run` (the unit runs the agent) and ends by enabling the unit.
+    #[test]
+    fn install_line_joins_every_gateway_then_enables_the_unit() {
+        let r = serde_json::json!({
+            "token": "pt_abc", "ca_pin": "sha256:00ff", "gateway": "gw-a:4433",
+            "gateways": ["gw-a:4433", "gw-b:4433"],
+        });
+        let join = super::join_command(&r);
+        assert_eq!(
+            join,
+            "postern-agent join --gateway gw-a:4433 --gateway gw-b:4433 --token pt_abc --ca-pin sha256:00ff"
+        );
+        assert_eq!(
+            super::install_line(&join),
+            format!(
+                "sudo apt-get install -y ./postern-agent_*.deb && sudo {join} && sudo systemctl enable --now postern-agent"
+            )
+        );
+        let single = serde_json::json!({"token": "pt_x", "ca_pin": "sha256:11", "gateway": "gw:4433"});
+        assert_eq!(
+            super::join_command(&single),
+            "postern-agent join --gateway gw:4433 --token pt_x --ca-pin sha256:11"
+        );
+    }
 
     /// Catches clashing flags (e.g. a subcommand's `--log` against the global one) that clap
     /// would otherwise only report as a panic when the command runs.
