@@ -3,8 +3,9 @@
 # end-to-end tests with the real binaries. On Debian as root it installs what the tests
 # need (nftables, iproute2, python3, tmux, procps, OpenSSH client, server and
 # sftp-server, xrdp, Xvfb, FreeRDP 2 client and shadow server, winpr-utils, openssl,
-# Chromium, asciinema and moto from PyPI, and the test OpenID Provider's node modules from
-# npm); elsewhere it says what is missing.
+# Chromium, dpkg-dev and systemd for the Debian packages, asciinema and moto from PyPI,
+# cargo-deb from crates.io, and the test OpenID Provider's node modules from npm);
+# elsewhere it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,11 @@ command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+# The Debian packages (packages.rs): cargo-deb asks dpkg-shlibdeps for the dependencies,
+# the units are checked with systemd-analyze, the gateway's postinst runs adduser.
+command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v adduser >/dev/null 2>&1 || [ -x /usr/sbin/adduser ] || need+=(adduser)
 # Single sign-on: the test OpenID Provider (tests/oidc) runs on node; Chromium is its browser.
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
@@ -91,6 +97,13 @@ if ! cmp -s tests/oidc/package-lock.json tests/oidc/node_modules/.postern-instal
   echo "installing tests/oidc node modules (npm ci)"
   (cd tests/oidc && npm ci --quiet --no-audit --no-fund --no-progress >/dev/null)
   cp tests/oidc/package-lock.json tests/oidc/node_modules/.postern-installed-lock
+fi
+
+# cargo-deb builds the Debian packages (packages.rs; docs/operations.md), at this version.
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; then
+  echo "installing cargo-deb $cargo_deb_version (cargo install)"
+  cargo install --quiet --locked cargo-deb --version "$cargo_deb_version"
 fi
 
 # The end-to-end tests start the real binaries from target/debug.

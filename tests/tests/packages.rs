@@ -288,6 +288,10 @@ fn debian_packages_build_install_join_serve_and_purge() {
         text(&verify.stdout),
         text(&verify.stderr)
     );
+    // systemd's own rating of the gateway's sandbox: "exposure" 2.0 or lower (of 10; the
+    // threshold is in tenths), "OK". The agent's is 9.6, "UNSAFE", by design (below).
+    let rating = ns.run("systemd-analyze", &["security", "--offline=true", "--threshold=20", GATEWAY_UNIT]);
+    assert!(rating.status.success(), "postern.service's sandbox got weaker:\n{}", text(&rating.stdout));
     let gw_unit = unit_settings(&std::fs::read_to_string(GATEWAY_UNIT).unwrap());
     for (k, v) in [
         ("User", "postern"),
@@ -327,8 +331,13 @@ fn debian_packages_build_install_join_serve_and_purge() {
     let key = dir.path().join("alice");
     ssh_keygen(&key, "alice");
     let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    let mut config = replace_once(&packaged, "listen = \"0.0.0.0:4433\"", &format!("listen = \"127.0.0.1:{tunnel_port}\""));
-    config = replace_once(&config, "# advertise = \"gw.example.com:4433\"", &format!("advertise = \"127.0.0.1:{tunnel_port}\""));
+    let mut config =
+        replace_once(&packaged, "listen = \"0.0.0.0:4433\"", &format!("listen = \"127.0.0.1:{tunnel_port}\""));
+    config = replace_once(
+        &config,
+        "# advertise = \"gw.example.com:4433\"",
+        &format!("advertise = \"127.0.0.1:{tunnel_port}\""),
+    );
     config = replace_once(&config, "listen = \"0.0.0.0:2222\"", &format!("listen = \"127.0.0.1:{ssh_port}\""));
     config = replace_once(&config, "# public_host = \"gw.example.com\"", "public_host = \"127.0.0.1\"");
     config.push_str(&format!(
@@ -376,10 +385,18 @@ fn debian_packages_build_install_join_serve_and_purge() {
         "{join}"
     );
     let human = ns.ok("/usr/bin/postern", &["token", "create", "--name", "pkg-02"]);
-    assert!(human.contains("\n  sudo apt-get install -y ./postern-agent_*.deb && sudo postern-agent join --gateway 127.0.0.1:"), "{human}");
+    assert!(
+        human.contains(
+            "\n  sudo apt-get install -y ./postern-agent_*.deb && sudo postern-agent join --gateway 127.0.0.1:"
+        ),
+        "{human}"
+    );
     // The package was installed above with dpkg (apt-get would need the real /var/lib/apt
     // and its lock); the join runs as printed, with the installed binary found on PATH.
-    let joined = ns.run("env", &[&["-i", &format!("PATH={UNIT_PATH}")], &join.split_whitespace().collect::<Vec<_>>()[..]].concat());
+    let joined = ns.run(
+        "env",
+        &[&["-i", &format!("PATH={UNIT_PATH}")], &join.split_whitespace().collect::<Vec<_>>()[..]].concat(),
+    );
     assert!(joined.status.success(), "join failed:\n{}{}", text(&joined.stdout), text(&joined.stderr));
     assert!(text(&joined.stdout).contains("state in /var/lib/postern-agent"), "{}", text(&joined.stdout));
     // What `systemctl enable --now` would start: the condition holds now, the state is
@@ -437,7 +454,10 @@ fn debian_packages_build_install_join_serve_and_purge() {
     let purge = ns.dpkg(&["--purge", "postern-agent", "postern"]);
     assert!(purge.status.success(), "dpkg --purge failed:\n{}{}", text(&purge.stdout), text(&purge.stderr));
     let said = text(&purge.stderr);
-    assert!(said.contains("postern: kept /var/lib/postern") && said.contains("postern-agent: kept /var/lib/postern-agent"), "{said}");
+    assert!(
+        said.contains("postern: kept /var/lib/postern") && said.contains("postern-agent: kept /var/lib/postern-agent"),
+        "{said}"
+    );
     for p in PACKAGES {
         let status = ns.run("dpkg-query", &["-W", "-f", "${Status}", p]);
         assert!(!text(&status.stdout).contains("installed"), "{p} still installed: {}", text(&status.stdout));
