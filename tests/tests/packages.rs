@@ -1,8 +1,8 @@
 //! The Debian packages `postern` and `postern-agent` (docs/operations.md, "Install"): built
 //! with cargo-deb from the debug binaries already built (CI has no time for a release
 //! build), checked with dpkg-deb, installed with dpkg on this machine, used — the installed
-//! gateway and agent, started as their units say, join and serve a real ssh session — and
-//! purged.
+//! gateway and agent, started as their units say, join and serve a real ssh session —,
+//! installed again (as an upgrade), and purged.
 //!
 //! Packages are installed system-wide, so this is one test, run as root (as CI does), and
 //! robust to re-runs: it purges whatever an interrupted run left before it starts, and on
@@ -348,7 +348,9 @@ fn debian_packages_build_install_join_serve_and_purge() {
     let exec_start: Vec<String> = gw_unit["ExecStart"].split_whitespace().map(str::to_owned).collect();
     assert_eq!(exec_start[..3], ["/usr/bin/postern", "--config", "/etc/postern/gateway.toml"]);
     let mut cmd = ns.cmd("setpriv");
-    cmd.args(["--reuid", "postern", "--regid", "postern", "--init-groups", "--", "sh", "-c"])
+    // As the unit: its user, NoNewPrivileges=yes, CapabilityBoundingSet= (empty), UMask=.
+    cmd.args(["--reuid", "postern", "--regid", "postern", "--init-groups", "--no-new-privs", "--bounding-set", "-all"])
+        .args(["--", "sh", "-c"])
         .arg(format!("umask {} && exec \"$0\" \"$@\"", gw_unit["UMask"]))
         .args(&exec_start)
         .env_clear()
@@ -445,6 +447,15 @@ fn debian_packages_build_install_join_serve_and_purge() {
         .unwrap();
     assert_eq!(text(&out.stdout), "served-by-the-package\n0\n", "ssh: {}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(0));
+
+    // --- Installing again (as an upgrade does) keeps the account, the state and the
+    // changed configuration.
+    let again = ns.dpkg(&["-i", gateway_deb.to_str().unwrap(), agent_deb.to_str().unwrap()]);
+    assert!(again.status.success(), "dpkg -i again failed:\n{}{}", text(&again.stdout), text(&again.stderr));
+    assert_eq!(ns.ok("getent", &["passwd", "postern"]), passwd);
+    assert_eq!(mode_owner(&ns.path("/var/lib/postern")), (0o700, "postern".into(), "postern".into()));
+    let kept = std::fs::read_to_string(ns.path("/etc/postern/gateway.toml")).unwrap();
+    assert!(kept.contains(&format!("listen = \"127.0.0.1:{ssh_port}\"")), "the changed config was replaced:\n{kept}");
 
     // --- Stop both as systemd would (SIGTERM), then purge.
     for (name, p) in [("agent", &mut agent), ("gateway", &mut gateway)] {
