@@ -72,6 +72,16 @@ pub struct AccessList {
     defaults: RwLock<Limits>,
 }
 
+/// Why a live session may not go on ([`Authorizer::recheck`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disallowed {
+    /// Policy no longer allows it; the reason.
+    Revoked(String),
+    /// Its `max_session` limit in force now is shorter than the one it started with, and the
+    /// session is older than that.
+    LimitShortened(std::time::Duration),
+}
+
 /// Permission for one action on one resolved instance. Only [`Authorizer::authorize`] creates
 /// it; session code dials `agent_id()` (and `destination()` for forwards) and nothing else.
 #[derive(Debug, Clone)]
@@ -141,6 +151,7 @@ impl Authorization {
             via_admin: false,
             reservation: Some(self.reservation.clone()),
             cert: self.cert,
+            max_session: self.limits.max_session,
         }
     }
 
@@ -259,6 +270,36 @@ impl AccessList {
             list.add(u)?;
         }
         Ok(list)
+    }
+
+    /// Put what `fresh` took from a (reloaded) gateway config in place of this list's: the
+    /// `[[ssh.users]]` and their `config` policy, `[[ssh.profiles]]`, `user_ca_keys` and the
+    /// default limits. Users, policies and grants from the store, and the gateway's own user
+    /// CA, stay. All parts change at once (no decision sees new users with old statements).
+    pub fn replace_config(&self, fresh: AccessList) {
+        let own = self.own_user_ca.read().ok().and_then(|o| o.clone());
+        {
+            let (Ok(mut users), Ok(mut statements), Ok(mut profiles), Ok(mut cas), Ok(mut defaults)) = (
+                self.static_users.write(),
+                self.config_statements.write(),
+                self.profiles.write(),
+                self.user_cas.write(),
+                self.defaults.write(),
+            ) else {
+                return;
+            };
+            *users = fresh.static_users.into_inner().unwrap_or_default();
+            *statements = fresh.config_statements.into_inner().unwrap_or_default();
+            *profiles = fresh.profiles.into_inner().unwrap_or_default();
+            *cas = fresh.user_cas.into_inner().unwrap_or_default();
+            if let Some(own) = own
+                && !cas.contains(&own)
+            {
+                cas.push(own);
+            }
+            *defaults = fresh.defaults.into_inner().unwrap_or_default();
+        }
+        self.recompile();
     }
 
     /// Trust user certificates signed by `ca`, the gateway's own user CA.
@@ -786,25 +827,25 @@ impl Authorizer {
         })
     }
 
-    /// Whether a live session is still allowed now; the reason when it is not. `agent` is the
+    /// Whether a live session is still allowed now; why not when it is not. `agent` is the
     /// session's instance as stored now (`None`: revoked).
     pub fn recheck(
         &self,
         agent: Option<&AgentRecord>,
         session: &LiveSession,
         at: jiff::Timestamp,
-    ) -> Result<(), String> {
+    ) -> Result<(), Disallowed> {
         if session.party.via_admin {
             return match agent {
                 Some(_) => Ok(()),
-                None => Err(format!("instance {} was revoked", session.party.target)),
+                None => Err(Disallowed::Revoked(format!("instance {} was revoked", session.party.target))),
             };
         }
         if !self.list.user_active(&session.party.user) {
-            return Err(format!("user {} is disabled or removed", session.party.user));
+            return Err(Disallowed::Revoked(format!("user {} is disabled or removed", session.party.user)));
         }
         let Some(agent) = agent else {
-            return Err(format!("instance {} was revoked", session.party.target));
+            return Err(Disallowed::Revoked(format!("instance {} was revoked", session.party.target)));
         };
         let destination = session.party.destination.as_ref().map(|(h, p)| (h.as_str(), *p));
         let who = session.party.identity();
@@ -817,6 +858,16 @@ impl Authorizer {
             false,
         );
         if d.allowed {
+            // The limit in force now (a reloaded config, a changed policy): a shorter one than
+            // the session started with ends it once passed; a longer one changes nothing (the
+            // session's own timer keeps the limit it started with).
+            let now_max = d.settings.max_session.unwrap_or(self.list.defaults().max_session);
+            if let Some(max) = now_max
+                && session.party.max_session.is_none_or(|started_with| max < started_with)
+                && session.started.elapsed() >= max
+            {
+                return Err(Disallowed::LimitShortened(max));
+            }
             return Ok(());
         }
         // A grant that ended (expired or revoked) is the reason when the session would be
@@ -834,7 +885,7 @@ impl Authorizer {
                 )
                 .allowed
         });
-        Err(ended.unwrap_or_else(|| d.summary()))
+        Err(Disallowed::Revoked(ended.unwrap_or_else(|| d.summary())))
     }
 }
 

@@ -61,6 +61,8 @@ pub enum AdminRequest {
         /// The Postern identity the gateway hop logs in as.
         user: String,
     },
+    /// Read gateway.toml again ([`crate::reload`]).
+    Reload,
     /// Users, groups, policies, grants, explain and sessions (see [`crate::manage`]).
     Manage {
         request: crate::manage::ManageRequest,
@@ -174,6 +176,10 @@ async fn handle(mut stream: UnixStream, state: &Services) -> anyhow::Result<()> 
         AdminRequest::TokenRevoke { id } => match state.instances.revoke_token(&id, &actor()).await {
             Ok(()) => reply(&mut stream, json!({"ok": true, "result": {"revoked": id}})).await,
             Err(e) => reply(&mut stream, json!({"ok": false, "error": format!("{e:#}")})).await,
+        },
+        AdminRequest::Reload => match state.reload.reload(&actor()) {
+            Ok(report) => reply(&mut stream, json!({"ok": true, "result": report})).await,
+            Err(e) => reply(&mut stream, json!({"ok": false, "error": e.to_string()})).await,
         },
         AdminRequest::Instances => {
             let rows = state.instances.rows().await?;
@@ -293,6 +299,7 @@ async fn relay_session(
         via_admin: true,
         reservation: None,
         cert: None,
+        max_session: None,
     };
     let running = state.broker.start(
         &sid,

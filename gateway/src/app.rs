@@ -29,6 +29,11 @@ use crate::services::{Addresses, Services};
 use crate::sessions::SessionTable;
 use crate::store::Store;
 
+/// Where webhook deliveries that failed for good are written.
+fn webhooks_dead_letter(data_dir: &Path) -> PathBuf {
+    data_dir.join("webhooks-dead-letter.jsonl")
+}
+
 pub fn admin_socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
 }
@@ -531,6 +536,7 @@ fn build_services(
     peers: Option<Arc<postern_tunnel::peer::PeerClient>>,
     locations: Arc<crate::locations::AgentLocations>,
     user_ca: Arc<crate::hostkeys::UserCa>,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<Services> {
     let authorizer = Arc::new(Authorizer::new(access.clone(), store.clone(), sessions.clone()));
     let access_changed = Arc::new(tokio::sync::Notify::new());
@@ -584,6 +590,13 @@ fn build_services(
         // A token may be redeemed at any gateway of the cluster: spent ones are kept in the store.
         rdp_tokens = rdp_tokens.spent_in(store.clone());
     }
+    let reload = Arc::new(crate::reload::ConfigReload::new(
+        access.clone(),
+        access_changed.clone(),
+        audit.clone(),
+        webhooks_dead_letter(&config.data_dir),
+        shutdown,
+    ));
     Ok(Services {
         recording: crate::recording::RecordingOptions {
             keyring,
@@ -623,6 +636,7 @@ fn build_services(
         history,
         connections: Arc::new(crate::connections::Connections::default()),
         host_keys,
+        reload,
         access_changed,
     })
 }
@@ -811,6 +825,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         .map(|c| crate::audit::ship::Shipper::new(c, &dir).map(|s| Arc::new(s.for_gateway(config.gateway_id()))))
         .transpose()?;
     let addresses = Addresses { tunnel: tunnel_addr, tunnel_tcp, ssh: ssh_addr, rdp: rdp_addr, web: web_addr };
+    let shutdown = CancellationToken::new();
     let services = Arc::new(build_services(
         config,
         addresses,
@@ -828,12 +843,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<RunningGateway> {
         server.peers(),
         locations.clone(),
         user_ca,
+        shutdown.clone(),
     )?);
     let state = services.clone();
-    let shutdown = CancellationToken::new();
     let hooks = crate::audit::webhooks::Webhooks::start(
         &state.config.audit.webhooks,
-        dir.join("webhooks-dead-letter.jsonl"),
+        webhooks_dead_letter(&dir),
         shutdown.clone(),
     )?;
     state.audit.set_webhooks(hooks);

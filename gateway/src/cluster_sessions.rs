@@ -318,6 +318,7 @@ mod tests {
             via_admin: false,
             reservation: None,
             cert: None,
+            max_session: None,
         }
     }
 

@@ -26,6 +26,10 @@ pub struct GatewayConfig {
     pub cluster: ClusterConfig,
     pub identity: IdentityConfig,
     pub testing: TestingConfig,
+    /// The log filter (a level such as "debug", or tracing directives such as
+    /// "info,postern_gateway=debug"). Set, it overrides `--log`/`POSTERN_LOG`, at start and at
+    /// every reload; removed again, a reload goes back to the `--log` one.
+    pub log_level: Option<String>,
 }
 
 /// Who users are beyond their registered keys (docs/ssh.md, "Certificates from the gateway").
@@ -397,6 +401,7 @@ impl Default for GatewayConfig {
             cluster: ClusterConfig::default(),
             identity: IdentityConfig::default(),
             testing: TestingConfig::default(),
+            log_level: None,
         }
     }
 }
@@ -518,7 +523,18 @@ pub fn file_sets(path: &Path, section: &str, key: &str) -> anyhow::Result<bool> 
 impl GatewayConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.checked(path)
+    }
+
+    /// The checks [`load`](Self::load) makes after parsing `path` (and the OIDC settings'
+    /// preparation), for a config parsed elsewhere (the reload).
+    pub fn checked(mut self, path: &Path) -> anyhow::Result<Self> {
+        let cfg = &mut self;
+        if let Some(level) = &cfg.log_level {
+            postern_tunnel::check_log_filter(level)
+                .map_err(|e| anyhow::anyhow!("{}: log_level {level:?}: {e}", path.display()))?;
+        }
         parse_duration(&cfg.tunnel.agent_cert_ttl)
             .with_context(|| format!("{}: tunnel.agent_cert_ttl", path.display()))?;
         parse_limit(&cfg.ssh.idle_timeout).with_context(|| format!("{}: ssh.idle_timeout", path.display()))?;
@@ -624,7 +640,7 @@ impl GatewayConfig {
                 );
             }
         }
-        Ok(cfg)
+        Ok(self)
     }
 
     /// `[web] session_ttl` and `link_ttl`, checked at load.

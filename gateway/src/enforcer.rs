@@ -10,7 +10,7 @@ use postern_tunnel::CancellationToken;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::access::Authorizer;
+use crate::access::{Authorizer, Disallowed};
 use crate::audit::AuditLog;
 use crate::audit::events::{Event, GrantExpired, SessionTerminated};
 use crate::connections::Connections;
@@ -133,7 +133,12 @@ async fn end_disallowed(authorizer: &Authorizer, sessions: &SessionTable, store:
         let now = jiff::Timestamp::now();
         for s in live {
             if let Err(why) = authorizer.recheck(agents.get(&s.party.agent_id), &s, now) {
-                let reason = format!("access revoked ({why})");
+                let reason = match why {
+                    Disallowed::Revoked(why) => format!("access revoked ({why})"),
+                    Disallowed::LimitShortened(max) => {
+                        format!("maximum session length of {} reached (the limit was lowered)", human_secs(max))
+                    }
+                };
                 // The event is written when the session has ended (broker::Running::finish).
                 let event = Event::SessionTerminated(SessionTerminated {
                     session_id: s.id.clone(),
@@ -149,5 +154,15 @@ async fn end_disallowed(authorizer: &Authorizer, sessions: &SessionTable, store:
                 }
             }
         }
+    }
+}
+
+/// `90s`, `5m`, `2h`: a lowered limit as the session's end notice gives it.
+fn human_secs(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
     }
 }

@@ -33,6 +33,7 @@ pub mod locations;
 pub mod manage;
 pub mod peering;
 pub mod rdp_tokens;
+pub mod reload;
 pub mod runs;
 pub mod services;
 

@@ -50,7 +50,26 @@ async fn run_gateway(cli: &Cli, listen: Option<std::net::SocketAddr>) -> anyhow:
     }
     let stop = shutdown_signal();
     survive_file_size_limit()?;
+    // Registered before the gateway starts, so that a SIGHUP during the start is not fatal
+    // (its default action) but a reload once it runs.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    if let Some(level) = &cfg.log_level
+        && let Err(e) = postern_tunnel::set_log_filter(level)
+    {
+        tracing::warn!(error = %e, "cannot set log_level");
+    }
     let running = app::start(cfg).await?;
+    if let Some(path) = &cli.config {
+        running.services.reload.watch_file(path, &cli.log)?;
+    }
+    let reloads = running.services.reload.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            // Reported by the reload itself (log and audit event).
+            let _ = reloads.reload("signal");
+        }
+    });
     print_banner(
         &running.services,
         &format!(
@@ -261,6 +280,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Token { action: TokenAction::Revoke { id } } => {
             cli::token_revoke(&cli::socket_for(&cli)?, id).await.map(|()| 0)
         }
+        Command::Reload => cli::reload(&cli::socket_for_reload(&cli)?).await.map(|()| 0),
         Command::Instances(args) => match &args.action {
             None => cli::instances(&cli::socket_for(&cli)?, args.json).await.map(|()| 0),
             Some(InstancesAction::Revoke { instance }) => {

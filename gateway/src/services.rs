@@ -77,6 +77,8 @@ pub struct Services {
     pub web_signin: Option<(Arc<crate::web_signin::WebSignIn>, String)>,
     /// Signalled after users, policies or grants change: live sessions are re-checked.
     pub access_changed: Arc<Notify>,
+    /// Reads gateway.toml again (SIGHUP, `postern reload`).
+    pub reload: Arc<crate::reload::ConfigReload>,
 }
 
 impl std::fmt::Debug for Services {

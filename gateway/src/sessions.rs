@@ -41,6 +41,10 @@ pub struct Party {
     /// The gateway-issued certificate the user came in with (its serial goes in the
     /// session's events; `require_mfa` is re-checked with it).
     pub cert: Option<postern_core::identity::CertFacts>,
+    /// The `max_session` limit the session started with (None: none). The enforcer ends the
+    /// session when the limit in force now is shorter and already passed (a reload of the
+    /// gateway config, a changed policy); a longer one does not extend it.
+    pub max_session: Option<Duration>,
 }
 
 impl Party {
@@ -90,6 +94,8 @@ pub struct LiveSession {
     /// Who it is for and what it reaches.
     pub party: Party,
     pub started_at: i64,
+    /// When it registered, on the monotonic clock (its age, to the millisecond).
+    pub started: std::time::Instant,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// The front door it came through (a metrics label).
@@ -380,6 +386,7 @@ impl SessionTable {
             id: id.to_owned(),
             party,
             started_at: postern_core::util::now_unix(),
+            started: std::time::Instant::now(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             door,
@@ -512,6 +519,7 @@ mod tests {
             via_admin: false,
             reservation: None,
             cert: None,
+            max_session: None,
         };
         let reg = table.register("sid-1", party);
         let started_at = reg.session.started_at;

@@ -62,6 +62,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "peering",
             "cluster_sessions",
             "session_relay",
+            "reload",
         ],
     ),
     ("the services struct", &["services", "launch"]),

@@ -127,8 +127,8 @@ pub struct AuditLog {
     options: LogOptions,
     inner: Mutex<Chain>,
     signer: Option<Signer>,
-    /// Where written events are also sent (set once the runtime is up).
-    webhooks: std::sync::OnceLock<std::sync::Arc<webhooks::Webhooks>>,
+    /// Where written events are also sent (set once the runtime is up, replaced by a reload).
+    webhooks: std::sync::RwLock<Option<std::sync::Arc<webhooks::Webhooks>>>,
     /// Also print every event line to standard output (for log shippers).
     to_stdout: std::sync::atomic::AtomicBool,
     /// The last write failed (readiness reports it until a write succeeds).
@@ -358,7 +358,7 @@ impl AuditLog {
                 last_checkpoint: Instant::now(),
             }),
             signer,
-            webhooks: std::sync::OnceLock::new(),
+            webhooks: std::sync::RwLock::new(None),
             to_stdout: std::sync::atomic::AtomicBool::new(false),
             write_failed: std::sync::atomic::AtomicBool::new(false),
             segment_closed: tokio::sync::Notify::new(),
@@ -377,9 +377,12 @@ impl AuditLog {
         self.to_stdout.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Send written events to these webhooks from now on.
+    /// Send written events to these webhooks from now on. The ones they replace deliver
+    /// what they had queued and stop.
     pub fn set_webhooks(&self, hooks: std::sync::Arc<webhooks::Webhooks>) {
-        let _ = self.webhooks.set(hooks);
+        if let Ok(mut w) = self.webhooks.write() {
+            *w = Some(hooks);
+        }
     }
 
     /// The last checkpoint written (its seq and line hash), updated on every new one.
@@ -449,8 +452,9 @@ impl AuditLog {
                         let _ = out.write_all(&line).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
                     }
                     // The log's own housekeeping events are never sent out.
-                    if let Some(h) = self.webhooks.get()
-                        && !event.starts_with("audit.")
+                    if !event.starts_with("audit.")
+                        && let Ok(hooks) = self.webhooks.read()
+                        && let Some(h) = hooks.as_ref()
                     {
                         h.offer(event, &id, &line);
                     }

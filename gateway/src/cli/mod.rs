@@ -156,6 +156,16 @@ pub enum Command {
     },
     /// List enrolled instances (agents), or revoke one.
     Instances(InstancesArgs),
+    /// Make the running gateway read its config file (the --config it was started with)
+    /// again, as SIGHUP does. Users, profiles, user CAs and limits of [ssh], [audit] webhooks
+    /// and log_level take effect at once, without dropping sessions; live sessions are
+    /// re-checked against them (one whose user lost access ends, as does one older than a
+    /// lowered max_session). Other changed keys are listed as needing a restart. An invalid
+    /// file changes nothing: the error (file, line) is printed and the exit status is non-zero.
+    #[command(
+        after_help = "Examples:\n  postern --config /etc/postern/gateway.toml reload\n  postern --data-dir /var/lib/postern reload\n  systemctl reload postern      (a unit whose ExecReload sends SIGHUP)\n\nThe keys that change live and those that need a restart: docs/operations.md, \"Reload\"."
+    )]
+    Reload,
     /// Run a command on an instance; exits with the command's status. With --gateway (or
     /// POSTERN_GATEWAY) as you through the gateway's SSH door, else via the local admin socket.
     #[command(
@@ -1046,6 +1056,44 @@ pub async fn shell(socket: &Path, instance: &str, command: Option<String>) -> an
     let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
     let spec = SessionSpec::Shell { term, cols, rows, env: pass_env(), command };
     session::run(socket, instance, spec, interactive).await
+}
+
+/// `postern reload`: prints what changed and what needs a restart; an invalid file is an
+/// error (the gateway's message, naming the file and line).
+pub async fn reload(socket: &Path) -> anyhow::Result<()> {
+    let (reply, _) = request(socket, &AdminRequest::Reload).await?;
+    let report: crate::reload::ReloadReport = serde_json::from_value(reply.get("result").cloned().unwrap_or_default())
+        .context("reading the gateway's reply")?;
+    let list = |keys: &[String]| if keys.is_empty() { "nothing".to_owned() } else { keys.join(", ") };
+    println!("reloaded {}", report.file);
+    println!("applied: {}", list(&report.changed));
+    if !report.needs_restart.is_empty() {
+        println!("needs a restart to take effect (unchanged until then): {}", list(&report.needs_restart));
+    }
+    Ok(())
+}
+
+/// The admin socket for `postern reload`: from --data-dir, else the --config file (whose
+/// `data_dir` is read even when the rest of the file is invalid, since the point may be
+/// to hear what is wrong with it from the gateway), else the default.
+pub fn socket_for_reload(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &cli.data_dir {
+        return Ok(admin_socket_path(d));
+    }
+    match (resolve_config(cli), &cli.config) {
+        (Ok(cfg), _) => Ok(admin_socket_path(&cfg.data_dir)),
+        (Err(e), Some(path)) => {
+            let data_dir = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .and_then(|t| t.get("data_dir").and_then(toml::Value::as_str).map(PathBuf::from));
+            match data_dir {
+                Some(d) => Ok(admin_socket_path(&d)),
+                None => Err(e.context("the gateway's data directory cannot be read from the config file; pass --data-dir to reach the gateway")),
+            }
+        }
+        (Err(e), None) => Err(e),
+    }
 }
 
 pub fn socket_for(cli: &Cli) -> anyhow::Result<PathBuf> {

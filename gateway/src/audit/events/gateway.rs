@@ -283,3 +283,24 @@ pub enum SinkState {
     /// Files uploaded since it came back.
     Recovered { uploaded: u64 },
 }
+
+/// `config.reloaded`: gateway.toml was read again. `changed` names the keys whose change took
+/// effect (`ssh.users`, `audit.webhooks`, `log_level`, ...), `needs_restart` those that
+/// changed in the file but only take effect at the next start (listen addresses, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigReloaded {
+    /// `signal` (SIGHUP) or the local user of `postern reload`.
+    pub by: String,
+    pub file: String,
+    pub changed: Vec<String>,
+    pub needs_restart: Vec<String>,
+}
+
+/// `config.reload_failed`: the file could not be read, parsed or checked; the configuration
+/// in force stays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigReloadFailed {
+    pub by: String,
+    pub file: String,
+    pub error: String,
+}

@@ -115,6 +115,10 @@ events! {
     /// A grant reached its expiry while the gateway ran (written by the enforcer).
     GrantExpired(GrantExpired) = "grant.expired",
     AdminAction(AdminAction) = "admin.action",
+    /// gateway.toml was read again (SIGHUP or `postern reload`) and what could change live did.
+    ConfigReloaded(ConfigReloaded) = "config.reloaded",
+    /// A reload found the file unreadable or invalid; nothing changed.
+    ConfigReloadFailed(ConfigReloadFailed) = "config.reload_failed",
     /// Written by the log itself ([`super::AuditLog`]), never through [`super::AuditLog::event`].
     AuditCheckpoint(AuditCheckpoint) = "audit.checkpoint",
     AuditRetention(AuditRetention) = "audit.retention",
