@@ -161,8 +161,8 @@ async fn end_disallowed(authorizer: &Authorizer, sessions: &SessionTable, store:
 fn human_secs(d: Duration) -> String {
     let s = d.as_secs();
     match s {
-        _ if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
-        _ if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        _ if s >= 3600 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s >= 60 && s.is_multiple_of(60) => format!("{}m", s / 60),
         _ => format!("{s}s"),
     }
 }
