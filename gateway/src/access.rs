@@ -893,6 +893,43 @@ impl Authorizer {
 mod tests {
     use super::*;
 
+    /// A reload's users, statements and limits replace the old ones whole; the gateway's own
+    /// user CA, trusted at start, stays trusted.
+    #[test]
+    fn replacing_the_config_swaps_users_and_limits_and_keeps_the_own_user_ca() {
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNV6u6wpsWtZv2s0S8Gb3qH8lO1xDZ0m2qgDPbOwD3r alice@laptop";
+        let own_ca = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGnFhCZyq0Yd5IxP2gHqkS0Xc3MLrVcJm6HG6sA0U4ye own-ca";
+        let user = |name: &str| UserConfig {
+            name: name.into(),
+            keys: vec![key.into()],
+            instances: vec!["web-*".into()],
+            actions: None,
+            run_as: None,
+            idle_timeout: None,
+            max_session: None,
+            profiles: vec![],
+            default_profile: None,
+            allow_root: false,
+        };
+        let config = |name: &str, max_session: &str| SshConfig {
+            users: vec![user(name)],
+            max_session: max_session.into(),
+            ..SshConfig::default()
+        };
+        let list = AccessList::from_config(&config("alice", "12h")).unwrap();
+        let own = PublicKey::from_openssh(own_ca).unwrap();
+        list.trust_user_ca(&own);
+        list.replace_config(AccessList::from_config(&config("bob", "5m")).unwrap());
+        let pk = PublicKey::from_openssh(key).unwrap();
+        assert!(list.authenticate("alice", &pk, None).is_none(), "alice was removed");
+        assert!(list.authenticate("bob", &pk, None).is_some(), "bob was added");
+        assert!(!list.user_active("alice") && list.user_active("bob"));
+        assert_eq!(list.defaults().max_session, Some(std::time::Duration::from_secs(300)));
+        assert!(list.user_cas.read().unwrap().contains(own.key_data()), "the own user CA stays trusted");
+        assert!(list.config_policy_source().contains("\"bob\""), "the config policy names bob");
+        assert!(!list.config_policy_source().contains("\"alice\""), "and no longer alice");
+    }
+
     #[test]
     fn config_users_become_policy_statements() {
         let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNV6u6wpsWtZv2s0S8Gb3qH8lO1xDZ0m2qgDPbOwD3r alice@laptop";

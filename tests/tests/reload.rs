@@ -4,7 +4,9 @@
 //! `max_session` below its age or removes its user; a user added to the file logs in
 //! without a restart; a changed listen address is reported as needing a restart while the
 //! old port keeps serving; a broken file changes nothing; a raised `log_level` shows debug
-//! lines. Every reload is awaited through its audit event, not a sleep.
+//! lines; webhooks added by a reload get the events after it, replaced ones nothing more.
+//! Every reload is awaited through its audit event (or `postern reload`'s answer), not a
+//! sleep.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::{Read, Write};
@@ -367,4 +369,74 @@ fn a_reload_that_raises_log_level_shows_debug_lines() {
     assert!(out.contains("applied: log_level"), "{out}");
     poke();
     wait_until("a debug line in the gateway's log", Duration::from_secs(10), || handshake_failures() == 1);
+}
+
+/// A webhook receiver on loopback: the `X-Postern-Event` of every POST it got, answered 200
+/// (one request per connection).
+fn receiver() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as much body as Content-Length says.
+            let complete = |r: &[u8]| {
+                let text = String::from_utf8_lossy(r);
+                let Some(end) = text.find("\r\n\r\n") else { return false };
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                r.len() >= end + 4 + length
+            };
+            while !complete(&request) {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&request).into_owned();
+            if let Some(event) = text
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-postern-event:").map(|v| v.trim().to_owned()))
+            {
+                seen.lock().unwrap().push(event);
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, got)
+}
+
+/// `[[audit.webhooks]]` added by a reload receive the events written after it (the
+/// reload's own `config.reloaded` first); replaced ones receive nothing more.
+#[test]
+fn webhooks_change_on_reload() {
+    let s = Setup::new();
+    let (first_port, first) = receiver();
+    let (second_port, second) = receiver();
+    let alice = s.user("alice", "");
+    let hook = |port: u16| {
+        format!("[[audit.webhooks]]\nurl = \"http://127.0.0.1:{port}/hook\"\nevents = [\"config.*\", \"session.*\"]\n")
+    };
+    s.write_config(&format!("idle_timeout = \"0\"\nmax_session = \"1h\"\n{alice}{}", hook(first_port)));
+    assert!(s.reload().contains("applied: audit.webhooks"));
+    wait_until("config.reloaded at the first webhook", Duration::from_secs(10), || {
+        first.lock().unwrap().iter().any(|e| e == "config.reloaded")
+    });
+
+    s.write_config(&format!("idle_timeout = \"0\"\nmax_session = \"1h\"\n{alice}{}", hook(second_port)));
+    assert!(s.reload().contains("applied: audit.webhooks"));
+    assert!(s.can_run("alice"));
+    wait_until("the reload and alice's session at the second webhook", Duration::from_secs(10), || {
+        let got = second.lock().unwrap();
+        ["config.reloaded", "session.start", "session.end"].iter().all(|e| got.iter().any(|g| g == e))
+    });
+    assert_eq!(*first.lock().unwrap(), ["config.reloaded"], "the replaced webhook got nothing more");
 }
