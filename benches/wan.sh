@@ -34,7 +34,8 @@ IF=plem$$
 NET=10.77.$(( $$ % 250 + 1 ))
 GW_ADDR=$NET.1 AGENT_ADDR=$NET.2
 ip netns add "$NS"
-trap 'cleanup; ip netns del "$NS" 2>/dev/null || true' EXIT
+# Agents run as children of `ip netns exec`, out of reach of cleanup's kill: end them by name.
+trap 'pkill -TERM -f -- "postern-agent --state-dir $W/" || true; cleanup; ip netns del "$NS" 2>/dev/null || true' EXIT
 # Killed (e.g. by timeout): exit, so the EXIT trap kills every child at once. Long waits below
 # are `wait`s on background jobs, which a signal interrupts (a foreground child would delay
 # the trap until it ended).
@@ -96,16 +97,49 @@ POSTERN_LOG=warn "$T/postern" --config "$W/gateway.toml" gateway >"$W/gateway.lo
 gateway_ready "$W/data"
 # The agent's transport flag is newer than this script; without it the agent uses QUIC.
 transport_flag=$("$T/postern-agent" run --help 2>&1 | grep -q -- '--transport' && echo yes || true)
+declare -A AGENT
 AGENT_NETNS=$NS enroll "$W/data" "$GW_ADDR:$GW_UDP" wan-quic "$W/agent-quic" ${transport_flag:+--transport quic}
+AGENT[wan-quic]=${pids[-1]}
 HOSTS=(wan-quic)
 if [[ " $TRANSPORTS " == *" tcp "* ]]; then
   if [ -n "$transport_flag" ]; then
     AGENT_NETNS=$NS enroll "$W/data" "$GW_ADDR:$GW_UDP" wan-tcp "$W/agent-tcp" --transport tcp
+    AGENT[wan-tcp]=${pids[-1]}
     HOSTS+=(wan-tcp)
   else
     echo "note: this postern-agent has no --transport flag (agent over TCP not built yet): no TCP column" >&2
   fi
 fi
+
+# online NAME yes|no: wait (at most 10 s) until the gateway lists agent NAME as online or not.
+online() {
+  local want=$([ "$2" = yes ] && echo True || echo False)
+  for _ in $(seq 1 100); do
+    "$T/postern" --data-dir "$W/data" instances --json |
+      python3 -c "import json,sys;sys.exit(0 if any(i['name']=='$1' and i['online']==$want for i in json.load(sys.stdin)) else 1)" &&
+      return 0
+    sleep 0.1
+  done
+  echo "agent $1 did not go online=$2" >&2; exit 1
+}
+# reconnect: every agent opens a fresh tunnel under the link's current conditions. A
+# congestion controller keeps what it learnt about the path (quinn's BBR the smallest RTT it
+# ever saw, for the connection's whole life): a tunnel opened while the link had no delay
+# would carry that into every cell.
+reconnect() {
+  local h transport
+  for h in "${HOSTS[@]}"; do
+    transport=${h#wan-}
+    # `ip netns exec` runs the agent as its child: signal the agent itself.
+    pkill -TERM -f -- "postern-agent --state-dir $W/agent-$transport " || true
+    wait "${AGENT[$h]}" 2>/dev/null || true
+    online "$h" no
+    POSTERN_LOG=warn in_ns "$T/postern-agent" --state-dir "$W/agent-$transport" run \
+      ${transport_flag:+--transport $transport} & pids+=($!)
+    AGENT[$h]=$!
+    online "$h" yes
+  done
+}
 
 "$T/postern" --data-dir "$W/data" ssh-config --known-hosts-file "$W/known_hosts" >"$W/printed"
 sed -n '/^@cert-authority/p' "$W/printed" >>"$W/known_hosts"
@@ -159,6 +193,7 @@ echo "|---|---|---|${has_tcp:+---|}---|---|${has_tcp:+---|}"
 for rtt in $RTTS; do
   for loss in $LOSSES; do
     link "$rtt" "$loss"
+    reconnect
     through root@wan-quic.postern; q=$R
     [ -z "$has_tcp" ] || { through root@wan-tcp.postern; t=$R; }
     through target; o=$R
@@ -169,6 +204,7 @@ done
 echo
 echo "### keystroke echo round trip at $ECHO_RTT ms RTT, no loss (interactive shell, PTY; $ECHOS keys)"
 link "$ECHO_RTT" 0
+reconnect
 for h in "${HOSTS[@]}"; do
   echo -n "postern ($h):  "; $B echo "$ECHOS" -- ssh -F "$W/ssh_config" -tt "root@$h.postern"
 done
