@@ -248,6 +248,14 @@ pub enum SessionRequest {
     TcpByName(TcpByNameRequest),
 }
 
+impl SessionRequest {
+    /// A person is waiting on each byte (a PTY shell, an RDP screen): both ends send its
+    /// stream ahead of bulk ones on the same tunnel connection.
+    pub fn is_interactive(&self) -> bool {
+        matches!(self, Self::Shell(_) | Self::Rdp)
+    }
+}
+
 /// First frame on a session stream, sent by the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenSession {

@@ -339,6 +339,9 @@ pub(crate) async fn open_on(
 ) -> Result<SessionStream, OpenError> {
     let id = new_session_id();
     let by_name = matches!(request, SessionRequest::TcpByName(_));
+    if request.is_interactive() {
+        send.prefer();
+    }
     let exchange = async {
         write_frame(&mut send, &Message::Open(OpenSession { session_id: id, request }))
             .await

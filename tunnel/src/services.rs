@@ -121,6 +121,9 @@ pub async fn serve_session(
         .await;
         return;
     };
+    if open.request.is_interactive() {
+        send.prefer();
+    }
     let result = match open.request {
         SessionRequest::Exec(req) => exec(id, req, send, recv, limits).await,
         SessionRequest::Shell(req) => shell(id, req, send, recv, limits).await,

@@ -202,6 +202,15 @@ impl SendStream {
         }
     }
 
+    /// Send this stream's data ahead of other streams' (an interactive session sharing the
+    /// connection with bulk transfers). QUIC only: the HTTP/2 crate has no stream
+    /// priorities, so on TCP streams share the connection in turn.
+    pub fn prefer(&self) {
+        if let Self::Quic(s) = self {
+            let _ = s.set_priority(1);
+        }
+    }
+
     /// End the stream after what was written (the other side reads an end of stream).
     pub fn finish(&mut self) -> io::Result<()> {
         match self {
