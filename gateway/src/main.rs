@@ -280,6 +280,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
         Command::Token { action: TokenAction::Revoke { id } } => {
             cli::token_revoke(&cli::socket_for(&cli)?, id).await.map(|()| 0)
         }
+        Command::Doctor { json } => {
+            let report = cli::doctor::report(&cli).await;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.human());
+            }
+            Ok(i32::from(report.exit_code()))
+        }
         Command::Reload => cli::reload(&cli::socket_for_reload(&cli)?).await.map(|()| 0),
         Command::Instances(args) => match &args.action {
             None => cli::instances(&cli::socket_for(&cli)?, args.json).await.map(|()| 0),

@@ -42,6 +42,14 @@ pub const ALPN_PEER: &[u8] = b"postern-peer/1";
 /// ALPN of an enrollment connection: server-authenticated only, carries one token exchange.
 pub const ALPN_ENROLL: &[u8] = b"postern-enroll/1";
 
+/// ALPN of a time query (`postern-agent doctor`'s clock check): the gateway closes the
+/// connection at once with close code [`CLOSE_TIME`] and its clock, Unix milliseconds in
+/// ASCII decimal, as the reason. Nothing else is exchanged.
+pub const ALPN_TIME: &[u8] = b"postern-time/1";
+
+/// The close code of a `postern-time/1` answer.
+pub const CLOSE_TIME: u32 = 5;
+
 /// Length of the frame header in bytes.
 pub const HEADER_LEN: usize = 6;
 

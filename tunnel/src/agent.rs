@@ -23,8 +23,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 const STATE_FILE: &str = "agent.toml";
 /// The agent's private key followed by its certificate, in one file so that renewal
 /// replaces both in a single atomic rename.
-const IDENTITY_FILE: &str = "identity.pem";
-const CA_FILE: &str = "ca.crt";
+pub(crate) const IDENTITY_FILE: &str = "identity.pem";
+pub(crate) const CA_FILE: &str = "ca.crt";
 
 /// What `join` stores next to the key and certificates.
 #[derive(Debug, Clone, Serialize, Deserialize)]

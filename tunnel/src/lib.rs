@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod dial;
+pub mod doctor;
 pub mod peer;
 pub mod pki;
 pub mod renewal;

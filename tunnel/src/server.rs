@@ -623,12 +623,22 @@ async fn handle_tcp<D: AgentDirectory>(
     dispatch(ctx, Connection::Tcp(conn)).await;
 }
 
+/// This host's clock as Unix milliseconds, in decimal (the `postern-time/1` answer).
+fn unix_millis() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis().to_string())
+        .unwrap_or_else(|_| "0".to_owned())
+}
+
 /// An agent's connection, either transport, by its ALPN.
 async fn dispatch<D: AgentDirectory>(ctx: ConnCtx<D>, conn: Connection) {
     let remote = conn.remote_address();
     match conn.alpn().as_deref() {
         Some(p) if p == postern_proto::ALPN_ENROLL => handle_enrollment(ctx, conn, remote).await,
         Some(p) if p == postern_proto::ALPN_TUNNEL => handle_agent(ctx, conn, remote).await,
+        // The clock, for `postern-agent doctor`: public, harmless, and nothing to keep.
+        Some(p) if p == postern_proto::ALPN_TIME => conn.close(postern_proto::CLOSE_TIME, unix_millis().as_bytes()),
         _ => conn.close(close::PROTOCOL_ERROR, b"unsupported ALPN"),
     }
 }

@@ -116,7 +116,11 @@ pub fn server_tls(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![postern_proto::ALPN_TUNNEL.to_vec(), postern_proto::ALPN_ENROLL.to_vec()];
+    tls.alpn_protocols = vec![
+        postern_proto::ALPN_TUNNEL.to_vec(),
+        postern_proto::ALPN_ENROLL.to_vec(),
+        postern_proto::ALPN_TIME.to_vec(),
+    ];
     if peering {
         tls.alpn_protocols.push(postern_proto::ALPN_PEER.to_vec());
     }
@@ -187,6 +191,18 @@ pub(crate) fn mutual_client(
         .with_client_auth_cert(chain, key)?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     Ok(tls)
+}
+
+/// Agent side, the clock query (`postern-time/1`) of `postern-agent doctor`, both
+/// transports: the tunnel's trust and certificate, another ALPN.
+pub fn agent_time_tls(
+    ca: &CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    timers: TransportTimers,
+) -> Result<(quinn::ClientConfig, rustls::ClientConfig), TlsError> {
+    let tls = mutual_client(ca, vec![cert], key, postern_proto::ALPN_TIME)?;
+    Ok((finish_client(tls.clone(), timers)?, tls))
 }
 
 /// Agent side, enrollment: no CA yet, only a pin. The server must present the CA whose

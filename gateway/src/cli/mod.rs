@@ -5,6 +5,7 @@
 //! the submodules.)
 
 pub mod cluster;
+pub mod doctor;
 pub mod format;
 pub mod history;
 pub mod home;
@@ -166,6 +167,19 @@ pub enum Command {
         after_help = "Examples:\n  postern --config /etc/postern/gateway.toml reload\n  postern --data-dir /var/lib/postern reload\n  systemctl reload postern      (a unit whose ExecReload sends SIGHUP)\n\nThe keys that change live and those that need a restart: docs/operations.md, \"Reload\"."
     )]
     Reload,
+    /// Check this gateway's installation and print what to fix: the config file loads,
+    /// data directory and key permissions, each listen port free (or held by the running
+    /// gateway), certificate expiry, disk space for recordings, the store and S3 reachable,
+    /// /readyz. Changes nothing; each check is bounded in time. Exit status 0 when no check
+    /// fails (warnings do not fail), 1 when one does.
+    #[command(
+        after_help = "Examples:\n  postern --config /etc/postern/gateway.toml doctor\n  postern doctor --json | jq '.checks[] | select(.status != \"ok\")'\n  sudo -u postern postern --config /etc/postern/gateway.toml doctor   as the gateway's user\n\nEvery check, what it means and how to fix it: docs/operations.md, \"Doctor\"."
+    )]
+    Doctor {
+        /// Print JSON: {"status": "ok"|"warn"|"fail", "checks": [{"name", "status", "detail", "fix"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a command on an instance; exits with the command's status. With --gateway (or
     /// POSTERN_GATEWAY) as you through the gateway's SSH door, else via the local admin socket.
     #[command(

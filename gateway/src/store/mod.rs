@@ -25,3 +25,22 @@ pub async fn open(url: Option<&str>, data_dir: &Path) -> anyhow::Result<Arc<dyn 
         ),
     })
 }
+
+/// The store's schema version and the one this binary wants, read without creating,
+/// migrating or changing anything (`postern doctor`); `None` when the SQLite file does not
+/// exist yet (the gateway creates it at first start). Errors never show a password.
+pub async fn probe(url: Option<&str>, data_dir: &Path) -> anyhow::Result<Option<(i64, usize)>> {
+    use anyhow::Context;
+    match url {
+        Some(url) => postgres::probe(url).await.map(Some).with_context(|| {
+            format!("connecting to the [store] url database {} (is it running and reachable?)", postgres::describe(url))
+        }),
+        None => {
+            let path = data_dir.join("postern.db");
+            if !path.exists() {
+                return Ok(None);
+            }
+            sqlite::probe(&path).await.map(Some).with_context(|| format!("opening {}", path.display()))
+        }
+    }
+}

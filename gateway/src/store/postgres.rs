@@ -258,6 +258,23 @@ impl PgStore {
     }
 }
 
+/// The schema version of the database at `url`, and the one this binary migrates to, read
+/// without changing anything (`postern doctor`); bounded like [`PgStore::connect`].
+pub async fn probe(url: &str) -> Result<(i64, usize), StoreError> {
+    let opts = PgConnectOptions::from_str(url).map_err(db)?;
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&opts))
+        .await
+        .map_err(|_| db(sqlx::Error::PoolTimedOut))?
+        .map_err(db)?;
+    let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db)?
+        .get(0);
+    conn.close().await.map_err(db)?;
+    Ok((version, MIGRATIONS.len()))
+}
+
 async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
     // One transaction under an advisory lock: a second gateway starting at the same time
     // waits, then finds the schema current. PostgreSQL's DDL is transactional.

@@ -847,6 +847,20 @@ impl SqliteStore {
     }
 }
 
+/// The schema version of the database at `path`, and the one this binary migrates to, read
+/// without creating or changing anything (`postern doctor`).
+pub async fn probe(path: &Path) -> Result<(i64, usize), StoreError> {
+    let opts = SqliteConnectOptions::new().filename(path).read_only(true).busy_timeout(Duration::from_secs(2));
+    let mut conn = SqliteConnection::connect_with(&opts).await.map_err(db)?;
+    let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db)?
+        .get(0);
+    conn.close().await.map_err(db)?;
+    Ok((version, MIGRATIONS.len()))
+}
+
 async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         .execute(&mut *conn)

@@ -85,6 +85,27 @@ enum Command {
         #[command(flatten)]
         net: NetFlags,
     },
+    /// Check this agent's installation and print what to fix: joined, state directory and
+    /// key permissions, certificate expiry, free disk space, the gateway reachable over QUIC
+    /// (UDP) and over TCP (through the proxy, if any), and the clock against the gateway's.
+    /// Each check is bounded in time. Exit status 0 when no check fails (warnings do not
+    /// fail), 1 when one does.
+    #[command(
+        after_help = "Examples:\n  postern-agent doctor\n  postern-agent doctor --json | jq '.checks[] | select(.status != \"ok\")'\n  postern-agent --state-dir /srv/agent doctor --config /etc/postern-agent/agent.toml\n\nEvery check, what it means and how to fix it: docs/operations.md, \"Doctor\"."
+    )]
+    Doctor {
+        /// The configuration file `run` uses ([agent] transport, proxy, tcp_port).
+        #[arg(long, env = "POSTERN_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Check these gateway addresses instead of those recorded at join time (repeatable).
+        #[arg(long)]
+        gateway: Vec<String>,
+        #[command(flatten)]
+        net: NetFlags,
+        /// Print JSON: {"status": "ok"|"warn"|"fail", "checks": [{"name", "status", "detail", "fix"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show this agent's identity and certificate.
     #[command(after_help = "Examples:\n  postern-agent status\n  postern-agent --state-dir /srv/agent status")]
     Status,
@@ -215,9 +236,52 @@ fn readable(t: std::time::SystemTime, now: std::time::SystemTime) -> String {
     if future { format!("{text} (in {span})") } else { format!("{text} ({span} ago)") }
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<()> {
+/// `postern-agent doctor`: the report, printed; its exit status.
+async fn doctor(
+    state_dir: PathBuf,
+    config: Option<PathBuf>,
+    gateways: Vec<String>,
+    net: &NetFlags,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use postern_tunnel::doctor::{Check, Report};
+    let mut checks = Vec::new();
+    let file = match load_file(config.as_deref()) {
+        Ok(f) => {
+            let what = config.as_ref().map(|p| format!("{} parses", p.display()));
+            checks.push(Check::ok("config", what.unwrap_or_else(|| "no --config file: defaults".to_owned())));
+            f
+        }
+        Err(e) => {
+            checks.push(Check::fail("config", format!("{e:#}"), "correct the file at the line shown"));
+            AgentConfigFile::default()
+        }
+    };
+    let route = match route(net, &file.agent) {
+        Ok(r) => r,
+        Err(e) => {
+            checks.push(Check::fail("route", format!("{e:#}"), "correct [agent] in the file, or the flags"));
+            route(&NetFlags::default(), &NetSection::default())?
+        }
+    };
+    let opts = postern_tunnel::doctor::AgentDoctor {
+        state_dir,
+        gateways: gateways.iter().map(|g| agent::with_default_port(g)).collect(),
+        route,
+    };
+    checks.extend(postern_tunnel::doctor::agent_checks(&opts).await);
+    let report = Report::new(checks);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(ExitCode::from(report.exit_code()))
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let state_dir = cli.state_dir.unwrap_or_else(default_state_dir);
-    match cli.command {
+    let done: anyhow::Result<()> = match cli.command {
         Command::Join { gateway, token, ca_pin, run, config, force, net } => {
             if !force && let Ok(old) = agent::load_state(&state_dir) {
                 anyhow::bail!(
@@ -244,6 +308,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, gateway, net } => {
             run_agent(state_dir, config, gateway.iter().map(|g| agent::with_default_port(g)).collect(), &net).await
         }
+        Command::Doctor { config, gateway, net, json } => return doctor(state_dir, config, gateway, &net, json).await,
         Command::Status => {
             let state = agent::load_state(&state_dir)?;
             let cert = agent::identity_info(&state_dir)?;
@@ -257,7 +322,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("cert expires: {}", readable(cert.not_after, now));
             Ok(())
         }
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -272,7 +338,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(real_main(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("postern-agent: error: {e:#}");
             ExitCode::FAILURE
