@@ -177,10 +177,12 @@ fn loose_data_dir_and_key_permissions_fail() {
     assert_eq!(code, 1, "{r:#}");
     let c = check(&r, "data_dir");
     assert_eq!(c["status"], "fail", "{c}");
-    assert!(c["detail"].as_str().unwrap().contains("mode 0777"), "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("mode 0777: others can replace its keys"), "{c}");
     assert_eq!(c["fix"].as_str().unwrap(), format!("chmod 700 {}", data.display()));
     set_mode(&data, 0o755);
-    assert_eq!(check(&gateway_doctor(&gw.config_path()).1, "data_dir")["status"], "fail", "readable by others");
+    let c = check(&gateway_doctor(&gw.config_path()).1, "data_dir").clone();
+    assert_eq!(c["status"], "fail", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("mode 0755: others can read into it"), "{c}");
     set_mode(&data, 0o700);
 
     let key = data.join("ca.key");

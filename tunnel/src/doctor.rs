@@ -513,6 +513,13 @@ async fn clock(time: &Clients, c: &Candidate, tcp: Option<()>, route: &Route) ->
     // Our clock at the middle of the exchange, against the gateway's.
     let middle = started + round_trip / 2;
     let ours = middle.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    skew(ours, gateway_ms, round_trip)
+}
+
+/// The `clock` check: our clock `ours` (Unix ms, at the middle of the query) against the
+/// gateway's answer, known to within half the query's `round_trip`.
+fn skew(ours: u128, gateway_ms: u64, round_trip: Duration) -> Check {
+    const NAME: &str = "clock";
     let skew_ms = i128::try_from(ours).unwrap_or(0) - i128::from(gateway_ms);
     let abs = Duration::from_millis(u64::try_from(skew_ms.unsigned_abs()).unwrap_or(u64::MAX));
     let direction = if skew_ms >= 0 { "ahead of" } else { "behind" };
@@ -550,6 +557,21 @@ mod tests {
         assert_eq!(json["status"], "fail");
         assert_eq!(json["checks"][0]["fix"], "do this");
         assert_eq!(json["checks"][1]["status"], "warn");
+    }
+
+    #[test]
+    fn clock_skew_beyond_the_round_trip_warns_then_fails() {
+        let rt = Duration::from_millis(200);
+        let at = |ours: u128| skew(ours, 1_000_000, rt);
+        assert_eq!(at(1_000_000).status, Status::Ok);
+        assert_eq!(at(1_005_050).status, Status::Ok, "within 5 s plus half the round trip");
+        let w = at(1_005_200);
+        assert_eq!(w.status, Status::Warn);
+        assert!(w.detail.starts_with("this host is 5.2s ahead of the gateway"), "{}", w.detail);
+        let f = at(900_000);
+        assert_eq!(f.status, Status::Fail);
+        assert!(f.detail.starts_with("this host is 100.0s behind"), "{}", f.detail);
+        assert!(f.fix.unwrap().contains("NTP"));
     }
 
     #[test]
