@@ -322,3 +322,45 @@ fn an_agent_with_loose_permissions_or_no_state_fails() {
         assert_eq!(check(&a, name)["status"], "skip", "{a:#}");
     }
 }
+
+#[test]
+fn s3_is_listed_when_configured_and_fails_when_unreachable_or_missing() {
+    let port = free_tcp_port();
+    let gw = Gateway::prepare_on(
+        &format!("127.0.0.1:{}", free_udp_port()),
+        &format!(
+            "[audit.s3]\nbucket = \"postern-audit\"\nendpoint = \"http://127.0.0.1:{port}\"\nallow_http = true\n\
+             access_key_id = \"test\"\nsecret_access_key = \"test-secret\"\n"
+        ),
+    );
+    // Nothing listens: a failure with the fix, within the check's bound.
+    let started = Instant::now();
+    let (code, r) = gateway_doctor(&gw.config_path());
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert_eq!(code, 1, "{r:#}");
+    let c = check(&r, "s3");
+    assert_eq!(c["status"], "fail", "{c}");
+    assert!(c["fix"].as_str().unwrap().contains("[audit.s3]"), "{c}");
+    assert!(!r.to_string().contains("test-secret"), "{r:#}");
+
+    // A real S3 service (moto) without the bucket: the listing fails; with it, ok.
+    let mut moto = Command::new("moto_server");
+    moto.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let _moto = spawn_logged(moto, &gw.dir.path().join("moto.log"));
+    wait_until("moto listens", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let (code, r) = gateway_doctor(&gw.config_path());
+    assert_eq!((code, &check(&r, "s3")["status"]), (1, &Value::from("fail")), "{r:#}");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, boto3\nboto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='postern-audit')",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (code, r) = gateway_doctor(&gw.config_path());
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(check(&r, "s3")["detail"], "bucket postern-audit lists", "{r:#}");
+}

@@ -172,7 +172,7 @@ pub async fn resolve_all(gateways: &[String]) -> (Vec<Candidate>, Vec<String>) {
 
 /// [`resolve_all`]; with `proxied`, a name that does not resolve here is still a candidate
 /// (the proxy resolves it).
-async fn resolve_for(gateways: &[String], proxied: bool) -> (Vec<Candidate>, Vec<String>) {
+pub(crate) async fn resolve_for(gateways: &[String], proxied: bool) -> (Vec<Candidate>, Vec<String>) {
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut errors = Vec::new();
     for gateway in gateways {

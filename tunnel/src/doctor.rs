@@ -351,7 +351,8 @@ fn space(dir: &Path) -> Check {
 /// The gateway over QUIC and over TCP (through the proxy, if any), the transport the agent
 /// would use, and the clock difference over it.
 async fn reachability(gateways: &[String], route: &Route, tunnel: &Clients, time: &Clients) -> Vec<Check> {
-    let (candidates, errors) = crate::agent::resolve_all(gateways).await;
+    // Through a proxy, a name this host cannot resolve is still tried (the proxy resolves it).
+    let (candidates, errors) = crate::agent::resolve_for(gateways, route.proxy.is_some()).await;
     let port_of = |c: &Candidate| c.addr.port();
     let tcp_candidate = |c: &Candidate| match route.tcp_port {
         Some(p) => {
@@ -378,7 +379,7 @@ async fn reachability(gateways: &[String], route: &Route, tunnel: &Clients, time
     let quic_check = if route.choice == TransportChoice::Tcp {
         Check::skip("gateway_udp", "transport = tcp: QUIC is not used")
     } else {
-        for c in &candidates {
+        for c in candidates.iter().filter(|c| c.resolved) {
             match crate::dial::quic(tunnel, c, QUIC_TIMEOUT).await {
                 Ok(d) => {
                     d.conn.close(crate::server::close::NORMAL, b"doctor");
@@ -393,7 +394,11 @@ async fn reachability(gateways: &[String], route: &Route, tunnel: &Clients, time
             Some(c) => Check::ok("gateway_udp", format!("QUIC handshake with {} over UDP", at(c))),
             None => Check::warn(
                 "gateway_udp",
-                quic_errors.join("; "),
+                if quic_errors.is_empty() {
+                    "no gateway address resolves on this host: QUIC cannot be tried".to_owned()
+                } else {
+                    quic_errors.join("; ")
+                },
                 format!(
                     "allow UDP port {} from this host to the gateway (the agent falls back to TCP, which is slower on lossy links)",
                     candidates.first().map(port_of).unwrap_or(crate::agent::DEFAULT_GATEWAY_PORT)

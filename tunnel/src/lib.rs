@@ -4,6 +4,8 @@
 //!   agents, [`server::AgentRegistry::open_session`];
 //! - caps on connections per source address ([`slots`]), for enrollment and the gateway's
 //!   doors;
+//! - `postern doctor` / `postern-agent doctor` ([`doctor`]): the report both print, the
+//!   permission checks both make, and the agent's checks;
 //! - agent side ([`agent`]): `join`, the dial loop with backoff and renewal, and the local
 //!   [`services`] (PTY shell, exec, TCP connect) that serve session streams.
 //!

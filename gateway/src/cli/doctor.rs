@@ -13,6 +13,8 @@ use crate::config::GatewayConfig;
 
 /// Certificates closer than this to their end are a warning.
 const CERT_WARN: Duration = Duration::from_secs(30 * 86_400);
+/// One listing of the S3 bucket (below [`CHECK_TIMEOUT`]).
+const S3_TIMEOUT: Duration = Duration::from_secs(4);
 /// Below this much free space for recordings, a warning even when no floor is configured.
 const LOW_SPACE: u64 = 1 << 30;
 
@@ -316,7 +318,11 @@ async fn s3_check(cfg: &crate::audit::ship::S3Config, dir: &Path) -> Check {
         Ok(s) => s,
         Err(e) => return Check::fail(NAME, format!("{e:#}"), "correct [audit.s3]"),
     };
-    match shipper.gateways().await {
+    // Under the check's own bound, so that an endpoint that does not answer gets this fix.
+    let listed = tokio::time::timeout(S3_TIMEOUT, shipper.gateways())
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {}s", S3_TIMEOUT.as_secs())));
+    match listed {
         Ok(_) => Check::ok(NAME, format!("bucket {} lists", cfg.bucket)),
         Err(e) => Check::fail(
             NAME,
