@@ -364,3 +364,35 @@ fn s3_is_listed_when_configured_and_fails_when_unreachable_or_missing() {
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(check(&r, "s3")["detail"], "bucket postern-audit lists", "{r:#}");
 }
+
+#[test]
+fn an_agent_behind_an_http_proxy_reaches_the_gateway_over_tcp_through_it() {
+    let gw = Gateway::start("");
+    let agent = Agent::start(&gw, "web-01", vec![], &gw.listen);
+    let tunnel_port = gw.listen.rsplit(':').next().unwrap().to_owned();
+    let proxy_port = free_tcp_port();
+    let conf = agent.dir.path().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {proxy_port}\nListen 127.0.0.1\nTimeout 60\nLogLevel Connect\n\
+             MaxClients 20\nAllow 127.0.0.1\nConnectPort {tunnel_port}\n"
+        ),
+    )
+    .unwrap();
+    let mut tinyproxy = Command::new("tinyproxy");
+    tinyproxy.arg("-d").arg("-c").arg(&conf);
+    let proxy = spawn_logged(tinyproxy, &agent.dir.path().join("tinyproxy.log"));
+    wait_until("tinyproxy listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", proxy_port)).is_ok()
+    });
+    let (code, a) =
+        agent_doctor(&agent.state_dir(), &["--transport", "tcp", "--proxy", &format!("http://127.0.0.1:{proxy_port}")]);
+    assert_eq!(code, 0, "{a:#}");
+    assert_healthy(&a, &[("gateway_udp", "transport = tcp")]);
+    assert!(check(&a, "gateway_tcp")["detail"].as_str().unwrap().ends_with("through the proxy"), "{a:#}");
+    assert_eq!(check(&a, "gateway")["detail"], "reachable over TCP (transport = tcp)", "{a:#}");
+    // Both the handshake and the clock query went through the proxy.
+    let connects = proxy.log_text().matches(&format!("CONNECT 127.0.0.1:{tunnel_port}")).count();
+    assert!(connects >= 2, "{}", proxy.log_text());
+}
