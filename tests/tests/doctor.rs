@@ -229,7 +229,7 @@ fn a_bad_config_file_fails_with_its_line() {
 }
 
 #[test]
-fn an_unreachable_store_fails() {
+fn an_unreachable_store_fails_and_a_reachable_one_is_read_without_changes() {
     let closed = free_tcp_port();
     let gw = Gateway::prepare_on(
         &format!("127.0.0.1:{}", free_udp_port()),
@@ -245,6 +245,28 @@ fn an_unreachable_store_fails() {
     assert!(detail.contains(&format!("postgres://127.0.0.1:{closed}/postern")), "{c}");
     assert!(!r.to_string().contains("secret-pw"), "the password is never printed: {r:#}");
     assert!(c["fix"].as_str().unwrap().contains("start the database"), "{c}");
+
+    // A real PostgreSQL: an empty database is ok (the gateway migrates it at start), and
+    // the doctor changed nothing in it; after a gateway's start it shows the schema version.
+    let pg = Postgres::start();
+    let url = pg.new_database("doctor");
+    let gw = Gateway::prepare_on(&format!("127.0.0.1:{}", free_udp_port()), &format!("[store]\nurl = {url:?}"));
+    let (code, r) = gateway_doctor(&gw.config_path());
+    assert_eq!(code, 0, "{r:#}");
+    let detail = check(&r, "store")["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("schema version 0, this version migrates it to"), "{r:#}");
+    assert_eq!(pg.sql("doctor", "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"), "0");
+    let mut gw = gw;
+    gw.restart();
+    gw.stop();
+    let (code, r) = gateway_doctor(&gw.config_path());
+    assert_eq!(code, 0, "{r:#}");
+    let detail = check(&r, "store")["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(&format!("PostgreSQL postgres://127.0.0.1:{}/doctor opens; schema version ", pg.port)),
+        "{r:#}"
+    );
+    assert!(!detail.contains("migrates"), "{r:#}");
 }
 
 #[test]

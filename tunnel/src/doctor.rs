@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::agent::{Candidate, load_state};
 use crate::dial::{Clients, Route, TransportChoice};
 use crate::tls::TransportTimers;
+use crate::transport::Transport;
 
 /// How long one check may take before it fails as "did not finish".
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -461,8 +462,8 @@ async fn reachability(gateways: &[String], route: &Route, tunnel: &Clients, time
         ),
     };
     let clock = match (&quic_ok, &tcp_ok) {
-        (Some(c), _) => clock(time, c, None, route).await,
-        (None, Some(c)) => clock(time, c, Some(()), route).await,
+        (Some(c), _) => clock(time, c, Transport::Quic, route).await,
+        (None, Some(c)) => clock(time, c, Transport::Tcp, route).await,
         (None, None) => Check::skip("clock", "no gateway reached"),
     };
     vec![quic_check, tcp_check, summary, clock]
@@ -476,13 +477,13 @@ fn at(c: &Candidate) -> String {
 /// Ask the gateway its clock (`postern-time/1`) and compare it with ours. The gateway's
 /// answer left it between our sending the first packet and our reading the answer, so the
 /// difference is known to within that round trip, which the detail states.
-async fn clock(time: &Clients, c: &Candidate, tcp: Option<()>, route: &Route) -> Check {
+async fn clock(time: &Clients, c: &Candidate, over: Transport, route: &Route) -> Check {
     const NAME: &str = "clock";
     let started = SystemTime::now();
     let t0 = std::time::Instant::now();
-    let dialed = match tcp {
-        None => crate::dial::quic(time, c, QUIC_TIMEOUT).await,
-        Some(()) => match tokio::time::timeout(
+    let dialed = match over {
+        Transport::Quic => crate::dial::quic(time, c, QUIC_TIMEOUT).await,
+        Transport::Tcp => match tokio::time::timeout(
             CHECK_TIMEOUT,
             crate::dial::tcp(time, c, route.proxy.as_ref(), TransportTimers::default()),
         )

@@ -266,11 +266,18 @@ pub async fn probe(url: &str) -> Result<(i64, usize), StoreError> {
         .await
         .map_err(|_| db(sqlx::Error::PoolTimedOut))?
         .map_err(db)?;
-    let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version")
-        .fetch_one(&mut conn)
-        .await
-        .map_err(db)?
-        .get(0);
+    // A database no gateway has started on yet has no schema: version 0.
+    let exists: bool =
+        sqlx::query("SELECT to_regclass('schema_version') IS NOT NULL").fetch_one(&mut conn).await.map_err(db)?.get(0);
+    let version: i64 = if exists {
+        sqlx::query("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(db)?
+            .get(0)
+    } else {
+        0
+    };
     conn.close().await.map_err(db)?;
     Ok((version, MIGRATIONS.len()))
 }
