@@ -191,16 +191,24 @@ fn port(name: &str, key: &str, addr: SocketAddr, udp: bool, running: bool) -> Ch
 /// The agent CA (whose expiry ends every agent's trust) and the web console's certificate.
 fn certificates(cfg: &GatewayConfig) -> Check {
     const NAME: &str = "certificates";
-    let mut files = vec![(cfg.data_dir.join("ca.crt"), "the agent CA")];
+    // (file, what it is, whether it may be missing: the agent CA until the first start).
+    let mut files = Vec::new();
+    let mut notes = Vec::new();
+    if cfg.gateway_id().is_some() {
+        notes.push("the agent CA is in the cluster's store (not checked here)".to_owned());
+    } else {
+        files.push((cfg.data_dir.join("ca.crt"), "the agent CA", true));
+    }
     if let Some(c) = &cfg.web.cert_file {
-        files.push((c.clone(), "[web] cert_file"));
+        files.push((c.clone(), "[web] cert_file", false));
     }
     let now = SystemTime::now();
     let mut seen = Vec::new();
-    for (path, what) in &files {
+    for (path, what, optional) in &files {
         let pem = match std::fs::read_to_string(path) {
             Ok(p) => p,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && seen.is_empty() && what == &"the agent CA" => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && *optional => {
+                notes.push("no agent CA yet: the gateway creates it at first start".to_owned());
                 continue;
             }
             Err(e) => return Check::fail(NAME, format!("{} ({what}): {e}", path.display()), "restore the file"),
@@ -241,11 +249,8 @@ fn certificates(cfg: &GatewayConfig) -> Check {
             Ok(left) => seen.push(format!("{what} until {} ({} days)", date(info.not_after), left.as_secs() / 86_400)),
         }
     }
-    if seen.is_empty() {
-        Check::ok(NAME, "no agent CA yet: the gateway creates it at first start")
-    } else {
-        Check::ok(NAME, seen.join("; "))
-    }
+    seen.extend(notes);
+    Check::ok(NAME, seen.join("; "))
 }
 
 fn date(t: SystemTime) -> String {
