@@ -1,6 +1,6 @@
 //! What every accept loop (ssh, rdp, admin socket, enrollment) shares: a backoff on accept
 //! errors, so that running out of file descriptors (EMFILE) does not turn the loop into a
-//! busy spin; warnings limited to one line per interval with a count of what was left out;
+//! busy spin; warnings rate-limited (`postern_tunnel::log_limit`);
 //! and, against floods of connections that never prove who they are, per-source caps
 //! ([`SourceSlots`]), a per-source backoff after refusals ([`FailureBackoff`]) and audit
 //! events for refusals limited to one per source per interval ([`RefusalDigest`]).
@@ -12,48 +12,17 @@ use std::time::{Duration, Instant};
 
 use postern_tunnel::CancellationToken;
 pub use postern_tunnel::slots::{Full, Slot, SourceSlots};
-use tracing::warn;
-
-/// At most one log line per `every`; the lines left out are counted and reported with the
-/// next one.
-#[derive(Debug)]
-pub struct LogLimiter {
-    every: Duration,
-    last: Option<Instant>,
-    skipped: u64,
-}
-
-impl LogLimiter {
-    pub const fn new(every: Duration) -> Self {
-        Self { every, last: None, skipped: 0 }
-    }
-
-    /// `Some(lines left out since the last one)` when a line may be written `now`.
-    pub fn tick(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.saturating_duration_since(last) < self.every => {
-                self.skipped = self.skipped.saturating_add(1);
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.skipped))
-            }
-        }
-    }
-}
 
 /// Backoff of an accept loop: after an error, wait [`Self::FIRST`], doubling on each
 /// consecutive error up to [`Self::MAX`]; a successful accept resets it.
 #[derive(Debug)]
 pub struct AcceptBackoff {
     next: Duration,
-    log: LogLimiter,
 }
 
 impl Default for AcceptBackoff {
     fn default() -> Self {
-        Self { next: Self::FIRST, log: LogLimiter::new(Duration::from_secs(1)) }
+        Self { next: Self::FIRST }
     }
 }
 
@@ -76,10 +45,8 @@ impl AcceptBackoff {
     /// An accept of `door` failed: warn (rate-limited) and wait before the next accept.
     pub async fn failed(&mut self, door: &str, error: &std::io::Error) {
         let delay = self.next_delay();
-        if let Some(skipped) = self.log.tick(Instant::now()) {
-            warn!(door, error = %error, retry_in_ms = delay.as_millis() as u64, suppressed = skipped,
-                "accept failed (too many open files? see RLIMIT_NOFILE); backing off");
-        }
+        postern_tunnel::warn_limited!(door, error = %error, retry_in_ms = delay.as_millis() as u64,
+            "accept failed (too many open files? see RLIMIT_NOFILE); backing off");
         tokio::time::sleep(delay).await;
     }
 }
@@ -267,18 +234,6 @@ mod tests {
         b.reset();
         assert_eq!(b.next_delay(), AcceptBackoff::FIRST);
         assert_eq!(b.next_delay(), Duration::from_millis(20));
-    }
-
-    #[test]
-    fn log_limiter_writes_one_line_per_interval_with_a_count() {
-        let mut l = LogLimiter::new(Duration::from_secs(1));
-        let t0 = Instant::now();
-        assert_eq!(l.tick(t0), Some(0));
-        for i in 1..=999u64 {
-            assert_eq!(l.tick(t0 + Duration::from_micros(i)), None);
-        }
-        assert_eq!(l.tick(t0 + Duration::from_millis(1000)), Some(999));
-        assert_eq!(l.tick(t0 + Duration::from_millis(1001)), None);
     }
 
     #[test]

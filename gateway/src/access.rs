@@ -344,7 +344,9 @@ impl AccessList {
             match postern_core::policy::document::parse(&p.file, &p.source) {
                 Ok(doc) => documents.push((doc, p.source)),
                 // Only validated documents are stored; a failure here means the store was edited.
-                Err(e) => tracing::error!(policy = %p.name, error = %e, "stored policy no longer parses; ignored"),
+                Err(e) => {
+                    postern_tunnel::error_limited!(policy = %p.name, error = %e, "stored policy no longer parses; ignored")
+                }
             }
         }
         let grants = store.grants().await?;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::audit::events::{
     AdminAction, AdminSessionEnd, AdminSessionStart, AgentBulkEnrolled, Event, SessionEnd, SessionStart,
@@ -105,7 +105,7 @@ pub async fn serve(listener: UnixListener, state: Arc<Services>, shutdown: Cance
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
             _ => {
-                warn!("refusing admin connection from another user");
+                postern_tunnel::warn_limited!("refusing admin connection from another user");
                 continue;
             }
         }

@@ -66,7 +66,7 @@ async fn open_store_when_reachable(url: Option<&str>, dir: &Path) -> Arc<dyn Sto
         match crate::store::open(url, dir).await {
             Ok(store) => return store,
             Err(e) => {
-                tracing::warn!(
+                postern_tunnel::warn_limited!(
                     error = %format!("{e:#}"),
                     retry_in_secs = wait.as_secs(),
                     "the store is unreachable; this gateway serves nothing until it answers"
@@ -383,7 +383,7 @@ async fn forget_expired_certificates(state: Arc<Services>, shutdown: Cancellatio
         match state.store.prune_certificates(postern_core::util::now_unix()).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(forgotten = n, "expired user certificates forgotten"),
-            Err(e) => tracing::warn!(error = %e, "cannot forget expired user certificates"),
+            Err(e) => postern_tunnel::warn_limited!(error = %e, "cannot forget expired user certificates"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -499,7 +499,7 @@ async fn keep_audit_anchor(audit: Arc<AuditLog>, store: AnchorBook, shutdown: Ca
         if let Some(anchor) = anchor
             && let Err(e) = store.write(&anchor).await
         {
-            tracing::error!(error = %e, seq = anchor.seq, "cannot record the audit anchor in the database");
+            postern_tunnel::error_limited!(error = %e, seq = anchor.seq, "cannot record the audit anchor in the database");
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use postern_core::util::{now_unix, random_hex};
 use postern_tunnel::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::audit::events::{Event, SessionTerminated};
 use crate::sessions::{LiveSession, SessionRow, SessionTable};
@@ -196,7 +196,7 @@ impl ClusterSessions {
                 let now = tokio::time::Instant::now();
                 if last_warning.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
                     last_warning = Some(now);
-                    warn!(error = %e, "cannot keep this gateway's live sessions in the store; retrying every second");
+                    postern_tunnel::warn_limited!(error = %e, "cannot keep this gateway's live sessions in the store; retrying every second");
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use postern_tunnel::CancellationToken;
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::access::{Authorizer, Disallowed};
 use crate::audit::AuditLog;
@@ -86,7 +86,7 @@ impl Follower {
             let now = tokio::time::Instant::now();
             if self.last_warning.is_none_or(|t| now.duration_since(t) >= FOLLOW_WARN_EVERY) {
                 self.last_warning = Some(now);
-                warn!(error = %e, "cannot read users, policies and grants from the store; keeping the last copy");
+                postern_tunnel::warn_limited!(error = %e, "cannot read users, policies and grants from the store; keeping the last copy");
             }
         }
     }
@@ -126,7 +126,7 @@ async fn end_disallowed(authorizer: &Authorizer, sessions: &SessionTable, store:
         let agents: HashMap<String, AgentRecord> = match store.agents().await {
             Ok(a) => a.into_iter().map(|a| (a.id.clone(), a)).collect(),
             Err(e) => {
-                warn!(error = %e, "cannot re-check live sessions");
+                postern_tunnel::warn_limited!(error = %e, "cannot re-check live sessions");
                 return;
             }
         };

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::ship::Kind;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::audit::AuditLog;
 use crate::audit::events::{Event, GatewayHistoryFailed, LiveMarker, RdpMode, SessionEnd, SessionStart, SshSessionEnd};
@@ -79,7 +79,7 @@ struct Failures {
 
 impl Failures {
     fn failed(&self, session_id: &str, write: &str, error: &str) {
-        warn!(%session_id, write, error, "cannot write the session history; the audit log keeps the session");
+        postern_tunnel::warn_limited!(%session_id, write, error, "cannot write the session history; the audit log keeps the session");
         if !self.failing.swap(true, Ordering::AcqRel) {
             let _ = self.audit.event(&Event::GatewayHistoryFailed(GatewayHistoryFailed {
                 session_id: session_id.to_owned(),
@@ -249,7 +249,7 @@ async fn prune_history(store: &dyn Store, keep: HistoryRetention) {
     match store.prune_sessions(cutoff, keep.max_rows).await {
         Ok(0) => {}
         Ok(n) => info!(deleted = n, "session history retention"),
-        Err(e) => warn!(error = %e, "session history retention failed"),
+        Err(e) => postern_tunnel::warn_limited!(error = %e, "session history retention failed"),
     }
 }
 

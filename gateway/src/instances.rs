@@ -385,7 +385,7 @@ impl AgentDirectory for StoreDirectory {
             Ok(Err(RedeemError::Used)) => Err(refuse(ErrorCode::TokenUsed, "enrollment token already used")),
             Ok(Err(RedeemError::Expired)) => Err(refuse(ErrorCode::TokenExpired, "enrollment token expired")),
             Err(e) => {
-                tracing::error!(error = %e, "store error during enrollment");
+                postern_tunnel::error_limited!(error = %e, "store error during enrollment");
                 Err(refuse(ErrorCode::Internal, "gateway storage error; try again later"))
             }
         }
@@ -401,7 +401,7 @@ impl AgentDirectory for StoreDirectory {
         let rec = match self.store.agent(agent_id).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "store error admitting agent");
+                postern_tunnel::error_limited!(error = %e, "store error admitting agent");
                 return Err(Refusal { code: ErrorCode::Unavailable, message: "gateway storage error".into() });
             }
         };

@@ -17,7 +17,7 @@ use postern_core::Action;
 use postern_core::profile::{Profile, interactive_script, render_command, wrap_command};
 use postern_proto::{ExecCommand, ExecRequest, SessionRequest, ShellRequest};
 use postern_tunnel::server::{OpenError, SessionStream};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::access::Authorization;
 use crate::audit::events::{
@@ -159,7 +159,7 @@ pub async fn launch(state: &Services, l: Launch<'_>) -> Result<(Launched, Sessio
     // The free-space guard: a logged session does not start on a nearly full disk.
     let low_space = if action == Action::Sftp { None } else { state.space.check(&recording_dir).err() };
     if let Some(low) = &low_space {
-        warn!(dir = %recording_dir.display(), free = low.free, needed = low.needed, "low disk space for recordings");
+        postern_tunnel::warn_limited!(dir = %recording_dir.display(), free = low.free, needed = low.needed, "low disk space for recordings");
         if low.first {
             let _ = state.audit.event(&Event::GatewayDiskLow(GatewayDiskLow {
                 path: recording_dir.display().to_string(),
@@ -188,7 +188,7 @@ pub async fn launch(state: &Services, l: Launch<'_>) -> Result<(Launched, Sessio
         match created {
             Ok(r) => Some(r),
             Err(e) => {
-                warn!(error = %e, dir = %recording_dir.display(), "cannot create recording");
+                postern_tunnel::warn_limited!(error = %e, dir = %recording_dir.display(), "cannot create recording");
                 None
             }
         }
@@ -234,7 +234,7 @@ pub async fn launch(state: &Services, l: Launch<'_>) -> Result<(Launched, Sessio
     if let Some(r) = recorder.as_mut()
         && let Err(e) = r.rename_to(&sid)
     {
-        warn!(error = %e, "cannot name the recording after its session");
+        postern_tunnel::warn_limited!(error = %e, "cannot name the recording after its session");
     }
     let (logged, reason) = match (&recorder, action, &low_space) {
         (Some(_), _, _) => (true, None),

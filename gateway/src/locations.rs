@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use postern_tunnel::CancellationToken;
 use postern_tunnel::server::AgentRegistry;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::store::{AgentLocation, Store};
 
@@ -79,7 +79,7 @@ impl AgentLocations {
             }
             Err(e) => {
                 if !self.failing.swap(true, Ordering::Relaxed) {
-                    warn!(error = %e, "agent locations: cannot {what}; retrying with the next renewal");
+                    postern_tunnel::warn_limited!(error = %e, "agent locations: cannot {what}; retrying with the next renewal");
                 }
                 None
             }

@@ -405,7 +405,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Summaries of rate-limited log lines (postern_tunnel::log_limit): each minute, and what
+    // is left when the command ends.
+    let summaries = CancellationToken::new();
+    rt.spawn(postern_tunnel::log_limit::run_summaries(summaries.clone()));
     let result = rt.block_on(real_main(cli));
+    summaries.cancel();
+    postern_tunnel::log_limit::flush_all();
     // A blocked stdin read must not keep the process alive after the session ended.
     rt.shutdown_timeout(Duration::from_millis(100));
     match result {

@@ -18,7 +18,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use postern_tunnel::CancellationToken;
 use postern_tunnel::transport::Transport;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::metrics::{METRICS, Snapshot, StoreOp, timed_store};
 use crate::services::Services;
@@ -46,7 +46,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<Services>, shut
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    warn!(error = %e, "metrics listener: accept failed");
+                    postern_tunnel::warn_limited!(error = %e, "metrics listener: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -61,7 +61,7 @@ impl Peering {
         request: SessionRequest,
     ) -> Result<SessionStream, OpenError> {
         let mut gateways = self.store.live_gateways(now_unix()).await.map_err(|e| {
-            tracing::warn!(error = %e, "cannot read the cluster's gateways from the store");
+            postern_tunnel::warn_limited!(error = %e, "cannot read the cluster's gateways from the store");
             OpenError::Offline
         })?;
         gateways.sort_by_key(|(id, _)| Some(id.as_str()) != hint);
@@ -92,7 +92,7 @@ impl Peering {
                 Ok(()) => failing = false,
                 Err(e) if !failing => {
                     failing = true;
-                    tracing::warn!(error = %e, "cannot renew this gateway's lease in the store");
+                    postern_tunnel::warn_limited!(error = %e, "cannot renew this gateway's lease in the store");
                 }
                 Err(_) => {}
             }

@@ -133,7 +133,7 @@ async fn redeem(issuer: &TokenIssuer, spent: Option<&dyn Store>, token: &str, no
         Ok(true) => Ok(claims),
         Ok(false) => Err(TokenError::Used),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot record a spent rdp token in the store; refusing it");
+            postern_tunnel::warn_limited!(error = %e, "cannot record a spent rdp token in the store; refusing it");
             Err(TokenError::Busy)
         }
     }

@@ -423,7 +423,7 @@ impl Recorder {
                 "the recording reached [audit] max_recording_bytes ({} bytes); the rest of the session is not recorded",
                 self.max_bytes
             );
-            tracing::warn!(path = %self.path.display(), limit = self.max_bytes, "recording limit reached; the rest of this session is not recorded");
+            postern_tunnel::warn_limited!(path = %self.path.display(), limit = self.max_bytes, "recording limit reached; the rest of this session is not recorded");
             serde_json::to_writer(&mut self.buf, &(t, "m", &why)).map_err(std::io::Error::other)?;
             self.buf.push(b'\n');
             self.limited = Some(why);
@@ -475,7 +475,7 @@ impl Recorder {
     /// line or record.
     fn fail(&mut self, e: &std::io::Error) {
         if self.failed.is_none() {
-            tracing::warn!(path = %self.path.display(), error = %e, "recording write failed; the rest of this session is not recorded");
+            postern_tunnel::warn_limited!(path = %self.path.display(), error = %e, "recording write failed; the rest of this session is not recorded");
             self.failed = Some((e.kind(), e.to_string()));
         }
     }

@@ -205,7 +205,7 @@ impl Sso {
     /// store follow within a second (the access generation moved).
     async fn changed(&self) {
         if let Err(e) = self.access.reload(self.store.as_ref()).await {
-            tracing::warn!(error = %e, "cannot reload access after a sign-in");
+            postern_tunnel::warn_limited!(error = %e, "cannot reload access after a sign-in");
         }
         self.access_changed.notify_one();
     }

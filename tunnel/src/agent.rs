@@ -11,7 +11,7 @@ use postern_proto::{EnrollRequest, ErrorCode, Hello, Message, RenewRequest, Stre
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::pki::{cert_info, der_to_pem, new_key_and_csr, pem_to_der, renewal_time};
 use crate::services::{LocalLimits, serve_session};
@@ -376,7 +376,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Resul
     loop {
         let (candidates, errors) = resolve_for(&gateways, opts.route.proxy.is_some()).await;
         for e in &errors {
-            warn!(error = %e, "gateway address not usable this round");
+            crate::warn_limited!(error = %e, "gateway address not usable this round");
         }
         // Several gateways: notice a dead one within seconds, to move to another in time.
         let timers = if candidates.len() > 1 { opts.timers.for_failover() } else { opts.timers };
@@ -397,7 +397,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> anyhow::Resul
                     if let Some(Fatal(msg)) = e.downcast_ref::<Fatal>() {
                         bail!("{msg}");
                     }
-                    warn!(gateway = %candidate.gateway, address = %candidate.addr, error = %format!("{e:#}"), "gateway connection failed");
+                    crate::warn_limited!(gateway = %candidate.gateway, address = %candidate.addr, error = %format!("{e:#}"), "gateway connection failed");
                 }
             }
             if shutdown.is_cancelled() {
@@ -555,7 +555,7 @@ impl Link<'_> {
                     match renew(&self.opts.state_dir, &mut ctl_send, &mut ctl_recv).await {
                         Ok(next) => *renew_at = next,
                         Err(e) => {
-                            warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying in 60 s");
+                            crate::warn_limited!(error = %format!("{e:#}"), "certificate renewal failed; retrying in 60 s");
                             *renew_at = SystemTime::now() + Duration::from_secs(60);
                         }
                     }

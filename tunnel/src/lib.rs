@@ -2,6 +2,7 @@
 //!
 //! - gateway side ([`server`]): listener, enrollment, [`server::AgentRegistry`] of online
 //!   agents, [`server::AgentRegistry::open_session`];
+//! - rate limits on log lines that can repeat ([`log_limit`]);
 //! - caps on connections per source address ([`slots`]), for enrollment and the gateway's
 //!   doors;
 //! - `postern doctor` / `postern-agent doctor` ([`doctor`]): the report both print, the
@@ -14,6 +15,7 @@
 pub mod agent;
 pub mod dial;
 pub mod doctor;
+pub mod log_limit;
 pub mod peer;
 pub mod pki;
 pub mod renewal;
@@ -39,7 +41,9 @@ pub fn init_logging(filter: &str, json: bool) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    // Colours only on a terminal: a file or journald gets plain `key=value` text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_ansi(colour).with_writer(std::io::stderr));
     let lines = json.then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
     if tracing_subscriber::registry().with(filter).with(text).with(lines).try_init().is_ok() {
         let _ = LOG_FILTER.set(handle);

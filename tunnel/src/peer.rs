@@ -26,7 +26,7 @@ use postern_proto::SessionRequest;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::pki::{cert_info, gateway_cert_name};
 use crate::server::{AgentRegistry, OpenError, SessionStream, ViolationReporter, close};
@@ -294,5 +294,5 @@ impl PeerClient {
 
 /// Log once that a peer connection was refused (not a gateway certificate).
 pub(crate) fn refused(remote: SocketAddr, why: &str) {
-    warn!(%remote, why, "refused a peer connection");
+    crate::warn_limited!(%remote, why, "refused a peer connection");
 }

@@ -12,7 +12,7 @@ use postern_proto::{
     SessionRequest, StreamKind, read_frame, write_frame,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::pki::{CertAuthority, cert_info};
 use crate::renewal::{RenewalGate, Validity};
@@ -193,7 +193,9 @@ impl ViolationReporter {
         }
         match &self.conn {
             Some(conn) => conn.close(close::PROTOCOL_ERROR, b"protocol error"),
-            None => warn!(%error, "protocol violation by an agent reached through another gateway; its session ends"),
+            None => {
+                crate::warn_limited!(%error, "protocol violation by an agent reached through another gateway; its session ends")
+            }
         }
     }
 }
@@ -514,7 +516,7 @@ impl<D: AgentDirectory> TunnelServer<D> {
                 i = self.endpoint.accept() => {
                     let Some(incoming) = i else { break };
                     if full {
-                        warn!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
+                        crate::warn_limited!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
                         incoming.refuse();
                         continue;
                     }
@@ -526,13 +528,13 @@ impl<D: AgentDirectory> TunnelServer<D> {
                         Ok(a) => a,
                         Err(e) => {
                             // Out of descriptors and the like: do not spin on it.
-                            warn!(error = %e, "accepting a tunnel TCP connection failed");
+                            crate::warn_limited!(error = %e, "accepting a tunnel TCP connection failed");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
                     };
                     if full {
-                        warn!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
+                        crate::warn_limited!(limit = self.settings.max_agents, "agent limit reached, refusing connection");
                         continue;
                     }
                     let place = match tcp_handshakes.admit(remote.ip()) {
@@ -667,7 +669,7 @@ pub fn is_violation(e: &FrameError) -> bool {
 }
 
 async fn violation<D: AgentDirectory>(ctx: &ConnCtx<D>, conn: &Connection, agent: Option<&str>, error: String) {
-    warn!(agent_id = agent.unwrap_or("-"), %error, "dropping peer after protocol violation");
+    crate::warn_limited!(agent_id = agent.unwrap_or("-"), %error, "dropping peer after protocol violation");
     conn.close(close::PROTOCOL_ERROR, b"protocol error");
     ctx.directory.protocol_violation(conn.remote_address(), agent, &error).await;
 }
@@ -719,7 +721,7 @@ async fn handle_enrollment<D: AgentDirectory>(ctx: ConnCtx<D>, conn: Connection,
                 Err(e) => Message::Error(ErrorMsg { code: ErrorCode::Internal, message: e.to_string() }),
             },
             Err(refusal) => {
-                info!(code = ?refusal.code, reason = %refusal.message, "enrollment refused");
+                crate::info_limited!(code = ?refusal.code, reason = %refusal.message, "enrollment refused");
                 Message::Error(ErrorMsg { code: refusal.code, message: refusal.message })
             }
         }
@@ -758,7 +760,7 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: Connection, remo
         let name = match ctx.directory.admit(&agent_id, &hello, remote, conn.transport()).await {
             Ok(name) => name,
             Err(refusal) => {
-                info!(reason = %refusal.message, "agent refused");
+                crate::info_limited!(reason = %refusal.message, "agent refused");
                 let _ =
                     write_frame(&mut send, &Message::Error(ErrorMsg { code: refusal.code, message: refusal.message }))
                         .await;
@@ -844,7 +846,7 @@ async fn handle_agent<D: AgentDirectory>(ctx: ConnCtx<D>, conn: Connection, remo
         // A violation on a session stream closed the connection; say so once it has.
         let seen = violations.lock().ok().and_then(|mut v| v.take());
         if let Some(error) = seen {
-            warn!(%error, "dropped agent after a protocol violation on a session stream");
+            crate::warn_limited!(%error, "dropped agent after a protocol violation on a session stream");
             ctx.directory.protocol_violation(remote, Some(&agent_id), &error).await;
         }
         if ctx.registry.remove(&agent_id, &conn) {

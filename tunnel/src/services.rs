@@ -17,7 +17,7 @@ use postern_proto::{
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// How many outgoing frames may wait for the QUIC stream before producers pause.
 const OUTBOUND_QUEUE: usize = 32;
@@ -96,12 +96,12 @@ pub async fn serve_session(
     {
         Ok(Ok(Some(Message::Open(o)))) => o,
         Ok(Ok(other)) => {
-            warn!(?other, "session stream did not start with an open request");
+            crate::warn_limited!(?other, "session stream did not start with an open request");
             send.reset(1);
             return;
         }
         Ok(Err(e)) => {
-            warn!(error = %e, "malformed open request");
+            crate::warn_limited!(error = %e, "malformed open request");
             send.reset(1);
             return;
         }
@@ -380,7 +380,7 @@ async fn exec(
                     input_open = false;
                 }
                 Ok(Some(other)) => {
-                    warn!(%id, kind = ?other.kind(), "unexpected frame in exec session; ending it");
+                    crate::warn_limited!(%id, kind = ?other.kind(), "unexpected frame in exec session; ending it");
                     signal_group(pid, "KILL");
                     break child.wait().await;
                 }
@@ -482,7 +482,7 @@ async fn shell(
                 Ok(Some(Message::Eof)) => {}
                 Ok(None) => input_open = false,
                 Ok(Some(other)) => {
-                    warn!(%id, kind = ?other.kind(), "unexpected frame in shell session; ending it");
+                    crate::warn_limited!(%id, kind = ?other.kind(), "unexpected frame in shell session; ending it");
                     signal_group(pid, "KILL");
                     break child.wait().await;
                 }

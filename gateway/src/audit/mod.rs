@@ -434,7 +434,7 @@ impl AuditLog {
         match e.fields() {
             Ok(fields) => self.write(e.name(), fields),
             Err(err) => {
-                tracing::error!(error = %err, event = e.name(), "cannot serialize audit event");
+                postern_tunnel::error_limited!(error = %err, event = e.name(), "cannot serialize audit event");
                 Err(std::io::Error::other(err))
             }
         }
@@ -472,7 +472,7 @@ impl AuditLog {
         crate::metrics::METRICS.audit_written(started.elapsed(), result.is_ok());
         self.write_failed.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = &result {
-            tracing::error!(error = %e, dir = %self.dir.display(), event, "cannot write audit event");
+            postern_tunnel::error_limited!(error = %e, dir = %self.dir.display(), event, "cannot write audit event");
         }
         result
     }

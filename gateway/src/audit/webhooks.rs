@@ -15,7 +15,7 @@ use postern_tunnel::CancellationToken;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use postern_core::util::glob_match;
 
@@ -89,10 +89,10 @@ impl DeadLetter {
             .and_then(|mut f| writeln!(f, "{line}"));
         match result {
             Ok(()) => {
-                warn!(url, event = %d.event, error, "webhook delivery failed; event written to the dead-letter file")
+                postern_tunnel::warn_limited!(url, event = %d.event, error, "webhook delivery failed; event written to the dead-letter file")
             }
             Err(e) => {
-                tracing::error!(url, event = %d.event, error = %e, "webhook delivery failed and the dead-letter file cannot be written")
+                postern_tunnel::error_limited!(url, event = %d.event, error = %e, "webhook delivery failed and the dead-letter file cannot be written")
             }
         }
     }

@@ -150,12 +150,12 @@ async fn handle(state: Arc<Services>, denials: &Denials, mut tcp: TcpStream, pee
     let pre = match tokio::time::timeout(limit, preamble::read(&mut tcp)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            info!(reason = %e, "rdp connection refused");
+            postern_tunnel::info_limited!(reason = %e, "rdp connection refused");
             deny_unproven(&state, denials, peer, e.to_string(), e.code(), None);
             return;
         }
         Err(_) => {
-            info!("rdp preamble timed out");
+            postern_tunnel::info_limited!("rdp preamble timed out");
             deny_unproven(
                 &state,
                 denials,
@@ -171,7 +171,7 @@ async fn handle(state: Arc<Services>, denials: &Denials, mut tcp: TcpStream, pee
     let claims = match state.rdp_tokens.redeem(&pre.token).await {
         Ok(c) => c,
         Err(e) => {
-            info!(reason = %e, "rdp token refused");
+            postern_tunnel::info_limited!(reason = %e, "rdp token refused");
             deny_unproven(&state, denials, peer, e.to_string(), e.code(), Some(&pre));
             return;
         }
@@ -207,7 +207,7 @@ async fn connect(
     let stream = match state.broker.open(&authz, SessionRequest::Rdp).await {
         Ok(s) => s,
         Err(e) => {
-            info!(error = %e, "rdp session refused by the instance");
+            postern_tunnel::info_limited!(error = %e, "rdp session refused by the instance");
             let _ = state.audit.event(&Event::RdpFailed(RdpFailed {
                 user: authz.user().to_owned(),
                 target: authz.instance().to_owned(),

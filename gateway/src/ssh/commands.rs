@@ -69,7 +69,7 @@ async fn run(state: &Services, identity: &Identity, source: &str, command: &str)
                 .await
                 .map_err(|e| format!("gateway storage error: {e}"))?;
             if let Err(e) = state.access.reload(state.store.as_ref()).await {
-                tracing::warn!(error = %e, "cannot reload access after a logout");
+                postern_tunnel::warn_limited!(error = %e, "cannot reload access after a logout");
             }
             state.access_changed.notify_one();
             let _ = state.audit.event(&crate::audit::events::Event::Logout(crate::audit::events::Logout {

@@ -17,7 +17,6 @@ use postern_tunnel::server::{OpenError, SessionStream};
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::info;
 
 use crate::access::Authorization;
 use crate::audit::events::{
@@ -149,7 +148,7 @@ async fn forward(
     let stream = match opened {
         Ok(s) => s,
         Err(e) => {
-            info!(error = %e, "forward refused");
+            postern_tunnel::info_limited!(error = %e, "forward refused");
             let (user, target, error) = (authz.user().to_owned(), authz.instance().to_owned(), e.to_string());
             let _ = state.audit.event(&match authz.action() {
                 Action::Rdp => Event::RdpFailed(RdpFailed {

@@ -12,7 +12,7 @@ use postern_core::command::RDP_DESTINATION;
 use postern_core::{Action, Identity};
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use super::forward::{ChannelOpen, open_channel};
 use super::session::{SessionCtx, serve_session_channel};
@@ -148,7 +148,7 @@ impl russh::server::Handler for ConnHandler {
         }
         let Some(sso) = self.state.sso.clone() else { return Ok(Auth::reject()) };
         let Some(place) = sso.admit(self.peer.ip()) else {
-            info!("too many sign-in connections; refusing one");
+            postern_tunnel::info_limited!("too many sign-in connections; refusing one");
             return Ok(Auth::reject());
         };
         debug!("sign-in connection");
@@ -403,7 +403,7 @@ impl ConnHandler {
              port forward: ssh -L <local>:127.0.0.1:{port} {user}%{host}@<gateway> (or {user}@{host}.{suffix})",
             user = identity.user,
         );
-        info!(target = %host, port, "passthrough to a port other than ssh refused");
+        postern_tunnel::info_limited!(target = %host, port, "passthrough to a port other than ssh refused");
         let _ = self.state.audit.event(&Event::SessionDenied(SessionDenied::Ssh(SshDenied {
             user: identity.user.clone(),
             target: host.chars().take(255).collect(),
@@ -446,7 +446,7 @@ impl ConnHandler {
         let config = match self.state.host_keys.certificate_for(&[principal]) {
             Ok(cert) => Arc::new(server_config(&self.state, cert)),
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot issue host certificate");
+                postern_tunnel::warn_limited!(error = %format!("{e:#}"), "cannot issue host certificate");
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 return;
             }

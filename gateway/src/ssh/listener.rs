@@ -3,17 +3,17 @@
 //! must authenticate within the login grace time; accept errors back off.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postern_tunnel::CancellationToken;
 use tokio::net::TcpListener;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use super::handler::{ConnHandler, run_connection};
 use super::settings::server_config;
 use super::startups::{LoginDeadline, Startups};
 use super::throttle::{AuthThrottle, Caps};
-use crate::accept::{AcceptBackoff, Full, LogLimiter};
+use crate::accept::{AcceptBackoff, Full};
 use crate::services::Services;
 
 /// Accept SSH connections until `shutdown`.
@@ -25,7 +25,6 @@ pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: Cancel
     let startups = Startups::new(ssh.max_startups, ssh.max_startups_per_source);
     let grace = state.config.ssh_login_grace_time();
     let mut backoff = AcceptBackoff::default();
-    let mut refusals = LogLimiter::new(Duration::from_secs(1));
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -39,14 +38,11 @@ pub async fn serve(listener: TcpListener, state: Arc<Services>, shutdown: Cancel
             Ok(s) => s,
             Err(full) => {
                 // Closed at once (dropping the stream), before any work is spent on it.
-                if let Some(skipped) = refusals.tick(Instant::now()) {
-                    let (cap, limit) = match full {
-                        Full::Total => ("max_startups", ssh.max_startups),
-                        Full::Source => ("max_startups_per_source", ssh.max_startups_per_source),
-                    };
-                    warn!(%peer, cap, limit, suppressed = skipped,
-                        "too many unauthenticated ssh connections; closing new ones");
-                }
+                let (cap, limit) = match full {
+                    Full::Total => ("max_startups", ssh.max_startups),
+                    Full::Source => ("max_startups_per_source", ssh.max_startups_per_source),
+                };
+                postern_tunnel::warn_limited!(%peer, cap, limit, "too many unauthenticated ssh connections; closing new ones");
                 continue;
             }
         };

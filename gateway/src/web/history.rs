@@ -104,7 +104,7 @@ pub(super) async fn cast(state: &Services, s: &WebSession, id: &str) -> Answer {
             r
         }
         Err(why) => {
-            tracing::warn!(session_id = %record.id, error = %why, "web console: cannot load a recording");
+            postern_tunnel::warn_limited!(session_id = %record.id, error = %why, "web console: cannot load a recording");
             text(StatusCode::NOT_FOUND, why)
         }
     }

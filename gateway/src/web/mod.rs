@@ -33,7 +33,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use postern_core::Identity;
 use postern_tunnel::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use crate::services::Services;
 use crate::web_signin::WebSession;
@@ -62,7 +62,7 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(error = %e, "web console: accept failed");
+                    postern_tunnel::warn_limited!(error = %e, "web console: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

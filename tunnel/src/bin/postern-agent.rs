@@ -337,7 +337,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(real_main(cli)) {
+    // Summaries of rate-limited log lines (postern_tunnel::log_limit): each minute, and what
+    // is left when the command ends.
+    let summaries = CancellationToken::new();
+    rt.spawn(postern_tunnel::log_limit::run_summaries(summaries.clone()));
+    let result = rt.block_on(real_main(cli));
+    summaries.cancel();
+    postern_tunnel::log_limit::flush_all();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("postern-agent: error: {e:#}");
