@@ -268,7 +268,7 @@ impl Sso {
     }
 
     fn refused(&self, user: Option<&str>, subject: Option<&str>, reason: &str, detail: &str, flow: Flow, source: &str) {
-        tracing::info!(reason, detail, "sign-in refused");
+        postern_tunnel::info_limited!(reason, detail, "sign-in refused");
         let _ = self.audit.event(&Event::LoginFailed(LoginFailed {
             user: user.map(str::to_owned),
             idp_subject: subject.map(str::to_owned),

@@ -173,9 +173,12 @@ fn tokens_reused_expired_or_wrong_pin_are_refused() {
     assert!(refused.iter().any(|r| r.contains("already used")), "{refused:?}");
     assert!(refused.iter().any(|r| r.contains("expired")), "{refused:?}");
     assert!(refused.iter().any(|r| r.contains("unknown")), "{refused:?}");
-    // The secret never reaches the audit log.
+    // The secret never reaches the audit log, nor the gateway's own log (debug for the tunnel).
     let log = gw.audit_text();
     assert!(!log.contains(&token) && !log.contains(&fresh));
+    let log = gw.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("enrollment refused"), "the refusals are logged:\n{log}");
+    assert!(!log.contains(&token) && !log.contains(&fresh), "{log}");
 }
 
 #[test]

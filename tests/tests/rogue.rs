@@ -579,3 +579,49 @@ fn a_bad_token_enrollment_flood_is_throttled_and_audited_in_summaries() {
     let out = gw.postern(&["audit", "verify"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// The upgrade promise (docs/operations.md, "Upgrade"): the release an agent reports is
+/// shown, never checked; any agent speaking `postern/1` with a certificate from the CA is
+/// admitted, whatever version string it sends.
+#[test]
+fn an_agent_reporting_another_release_is_admitted() {
+    let gw = Gateway::start("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (name, version) in [("old-01", "0.0.1-an-older-release"), ("new-01", "99.0.0")] {
+        let dir = tempfile::tempdir().unwrap();
+        let clients = enroll_rogue(&gw, name, "env=test", dir.path(), &rt);
+        let conn = rt.block_on(connect(&gw, &clients));
+        let _control = rt.block_on(async {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let hello = Hello { agent_version: version.into(), hostname: name.into(), platform: "linux".into() };
+            write_frame(&mut send, &Message::Hello(hello)).await.unwrap();
+            let ack = read_frame(&mut recv, StreamKind::Control).await.unwrap();
+            assert!(matches!(ack, Some(Message::HelloAck(_))), "{version}: {ack:?}");
+            (send, recv)
+        });
+        wait_until(&format!("{name} online"), Duration::from_secs(10), || {
+            gw.instances().iter().any(|i| i["name"] == name && i["online"] == true && i["agent_version"] == version)
+        });
+    }
+}
+
+/// A peer speaking another protocol version (a future `postern/2` only) fails the TLS
+/// handshake with no_application_protocol, before any frame is read.
+#[test]
+fn a_peer_speaking_another_protocol_version_fails_the_handshake() {
+    let gw = Gateway::start("");
+    let (_, pin) = gw.token(&["--name", "v2-01"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let error = rt.block_on(async {
+        let mut tls = agent_enroll_tls(&pin).unwrap();
+        tls.alpn_protocols = vec![b"postern/2".to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(std::sync::Arc::new(tls)).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+        let connecting = endpoint.connect(gw.listen.parse().unwrap(), GATEWAY_SERVER_NAME).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), connecting).await.expect("the handshake did not end").unwrap_err()
+    });
+    let shown = error.to_string();
+    // TLS alert 120: no_application_protocol.
+    assert!(shown.contains("error 120: peer doesn't support any known protocol"), "{shown}");
+}

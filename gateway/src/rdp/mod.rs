@@ -237,7 +237,7 @@ async fn connect(
             via_gateway: stream.via.clone(),
         }),
     );
-    info!(session = %sid, user = authz.user(), target = authz.instance(), "rdp session opened");
+    info!(session_id = %sid, user = authz.user(), target = authz.instance(), "rdp session opened");
     let SessionStream { send, recv, .. } = stream;
     let max = authz.limits().max_session;
     let (up, down) = relay(tcp, pre.connection_request, send, recv, running.live(), max).await;
