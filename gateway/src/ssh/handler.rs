@@ -208,7 +208,7 @@ impl russh::server::Handler for ConnHandler {
                     self.target = Some(i);
                 }
                 self.login = login;
-                info!(user = %identity.user, target = ?self.target, login = ?self.login, "ssh user authenticated");
+                info!(user = %identity.user, target = self.target.as_deref(), login = self.login.as_deref(), "ssh user authenticated");
                 self.throttle.succeeded(self.peer.ip(), name);
                 self.authenticated(identity);
                 Ok(Auth::Accept)
