@@ -31,13 +31,20 @@ enroll() {
   pin=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["ca_pin"])' <<<"$tok")
   "${in_ns[@]}" "$T/postern-agent" --state-dir "$state" join --gateway "$tunnel" --token "$token" --ca-pin "$pin" >/dev/null
   POSTERN_LOG=warn "${in_ns[@]}" "$T/postern-agent" --state-dir "$state" run "$@" & pids+=($!)
+  wait_online "$data" "$name" yes
+}
+
+# wait_online DATA_DIR NAME yes|no: wait (at most 10 s) until the gateway lists agent NAME as
+# online (yes) or not (no).
+wait_online() {
+  local want=$([ "$3" = yes ] && echo True || echo False)
   for _ in $(seq 1 100); do
-    "$T/postern" --data-dir "$data" instances --json |
-      python3 -c "import json,sys;sys.exit(0 if any(i['name']=='$name' and i['online'] for i in json.load(sys.stdin)) else 1)" &&
+    "$T/postern" --data-dir "$1" instances --json |
+      python3 -c "import json,sys;sys.exit(0 if any(i['name']=='$2' and i['online']==$want for i in json.load(sys.stdin)) else 1)" &&
       return 0
     sleep 0.1
   done
-  echo "agent $name did not come online" >&2; exit 1
+  echo "agent $2 did not go online=$3" >&2; exit 1
 }
 
 # known_hosts DATA_DIR: the gateway's @cert-authority line.

@@ -111,17 +111,6 @@ if [[ " $TRANSPORTS " == *" tcp "* ]]; then
   fi
 fi
 
-# online NAME yes|no: wait (at most 10 s) until the gateway lists agent NAME as online or not.
-online() {
-  local want=$([ "$2" = yes ] && echo True || echo False)
-  for _ in $(seq 1 100); do
-    "$T/postern" --data-dir "$W/data" instances --json |
-      python3 -c "import json,sys;sys.exit(0 if any(i['name']=='$1' and i['online']==$want for i in json.load(sys.stdin)) else 1)" &&
-      return 0
-    sleep 0.1
-  done
-  echo "agent $1 did not go online=$2" >&2; exit 1
-}
 # reconnect: every agent opens a fresh tunnel under the link's current conditions. A
 # congestion controller keeps what it learnt about the path (quinn's BBR the smallest RTT it
 # ever saw, for the connection's whole life): a tunnel opened while the link had no delay
@@ -133,11 +122,11 @@ reconnect() {
     # `ip netns exec` runs the agent as its child: signal the agent itself.
     pkill -TERM -f -- "postern-agent --state-dir $W/agent-$transport " || true
     wait "${AGENT[$h]}" 2>/dev/null || true
-    online "$h" no
+    wait_online "$W/data" "$h" no
     POSTERN_LOG=warn in_ns "$T/postern-agent" --state-dir "$W/agent-$transport" run \
       ${transport_flag:+--transport $transport} & pids+=($!)
     AGENT[$h]=$!
-    online "$h" yes
+    wait_online "$W/data" "$h" yes
   done
 }
 
