@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use postern_core::Limits;
 use postern_proto::{Message, Resize, Signal, write_frame};
 use postern_tunnel::server::SessionStream;
+use postern_tunnel::transport::SendStream;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::recording::Recorder;
 use crate::sessions::LiveSession;
@@ -124,8 +126,17 @@ pub async fn relay(
     terms: Terms<'_>,
 ) -> Relayed {
     let Terms { live, limits, started, on_pty, fail_closed } = terms;
-    let SessionStream { mut send, recv, violation, .. } = stream;
+    let SessionStream { send, recv, violation, .. } = stream;
     let mut frames = crate::frames::FrameReader::spawn(recv);
+    // The two directions never wait for each other. Input goes to the agent through a task
+    // of its own, and output to the user is one write in flight while everything else goes
+    // on. An SSH server (russh) takes in a client's packets, window adjustments included,
+    // only as fast as its channels are read: a relay that stopped reading input while it
+    // waited for the client's window to write output waited for an adjustment queued behind
+    // that input, for ever (a 1 GiB sftp download stalled so).
+    let mut to_agent = ToAgent::spawn(send);
+    let mut input_slot: Option<mpsc::OwnedPermit<Message>> = None;
+    let mut output: Option<PendingOutput<'_>> = None;
     let mut bytes_out: u64 = 0;
     let mut bytes_in: u64 = 0;
     let mut last_input = Instant::now();
@@ -154,48 +165,62 @@ pub async fn relay(
             flush_armed = flush_due;
         }
         tokio::select! {
-            msg = rd.next() => match msg {
-                FromUser::Data(data) => {
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data).await; }
-                    bytes_in += data.len() as u64;
-                    live.add_in(data.len());
-                    last_input = Instant::now();
-                    // The idle limit moved later: the limits' timer, armed for the earlier
-                    // one, looks too early and re-arms (see `next_check`).
-                    warned_idle = false;
-                    // A remote process that does not read its input blocks this write just
-                    // as a client that does not read blocks output: it must not outlast the
-                    // session's end either (a failed write shows as the stream's loss below).
-                    let forward = async {
-                        for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
-                            write_frame(&mut send, &Message::Stdin(chunk.to_vec())).await?;
-                        }
-                        Ok::<(), postern_proto::FrameError>(())
-                    };
-                    if let Written::Ended = write_or_end(forward, live, deadline(limits, started, last_input)).await {
-                        let (reason, code) = stalled_end(live, limits, started, last_input, &mut send, wr).await;
-                        end_reason = Some(reason);
-                        break code;
+            // Room for one more message to the agent: only then is the user's next input
+            // read (a remote process that does not read its input holds the user's input
+            // back, as a full pipe would, and nothing else).
+            slot = to_agent.reserve(), if input_slot.is_none() && to_agent.is_open() => match slot {
+                Some(slot) => input_slot = Some(slot),
+                // The stream to the agent failed; its loss shows in the frames below.
+                None => to_agent.closed(),
+            },
+            msg = rd.next(), if input_slot.is_some() => {
+                let mut forward = |m: Message| {
+                    if let Some(slot) = input_slot.take() {
+                        slot.send(m);
                     }
+                };
+                match msg {
+                    FromUser::Data(data) => {
+                        if let Some(rec) = recorder.as_mut() { let _ = rec.input(&data).await; }
+                        bytes_in += data.len() as u64;
+                        live.add_in(data.len());
+                        last_input = Instant::now();
+                        // The idle limit moved later: the limits' timer, armed for the earlier
+                        // one, looks too early and re-arms (see `next_check`).
+                        warned_idle = false;
+                        forward(Message::Stdin(data));
+                    }
+                    FromUser::Eof => forward(Message::Eof),
+                    FromUser::Resize { cols: c, rows: r } => {
+                        forward(Message::Resize(Resize { cols: c, rows: r }));
+                        if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r).await; }
+                    }
+                    FromUser::Signal(name) => forward(Message::Signal(Signal { name })),
+                    FromUser::Gone => {
+                        // The client went away: stop the remote process.
+                        to_agent.reset();
+                        break None;
+                    }
+                    FromUser::Other => {}
                 }
-                FromUser::Eof => { let _ = write_frame(&mut send, &Message::Eof).await; }
-                FromUser::Resize { cols: c, rows: r } => {
-                    let _ = write_frame(&mut send, &Message::Resize(Resize { cols: c, rows: r })).await;
-                    if let Some(rec) = recorder.as_mut() { let _ = rec.resize(c, r).await; }
+            },
+            written = async {
+                match output.as_mut() {
+                    Some(write) => write.await,
+                    None => std::future::pending().await,
                 }
-                FromUser::Signal(name) => {
-                    let _ = write_frame(&mut send, &Message::Signal(Signal { name })).await;
-                }
-                FromUser::Gone => {
-                    // The client went away: stop the remote process.
-                    send.reset(0);
+            }, if output.is_some() => {
+                output = None;
+                if written.is_err() {
+                    // The client is gone.
+                    to_agent.reset();
                     break None;
                 }
-                FromUser::Other => {}
-            },
+            }
             lines = live.notices() => {
                 // From the gateway to the user (someone began or stopped watching); the
                 // watchers see the same line.
+                settle(&mut output).await;
                 for line in lines {
                     notice(wr, on_pty, &line).await;
                     live.publish(format!("\r\npostern: {line}\r\n").as_bytes());
@@ -207,19 +232,30 @@ pub async fn relay(
                 if let Some(rec) = recorder.as_mut() { let _ = rec.flush_if_due().await; }
             }
             _ = live.terminated() => {
+                // Output the user was not taking is dropped with the session.
+                drop(output.take());
                 let why = live.reason().unwrap_or_else(|| "ended by the gateway".into());
                 notice(wr, on_pty, &format!("session ended: {why}")).await;
-                send.reset(0);
-                let _ = wr.exit_status(255).await;
+                to_agent.reset();
+                let _ = tokio::time::timeout(NOTICE_WAIT, wr.exit_status(255)).await;
                 end_reason = Some(live.ended_by());
                 break Some(255);
             }
             () = &mut limits_timer, if has_limits => {
                 let now = Instant::now();
+                if let Some((reason, message)) = due(limits, started, last_input, now) {
+                    drop(output.take());
+                    notice(wr, on_pty, &message).await;
+                    to_agent.reset();
+                    let _ = tokio::time::timeout(NOTICE_WAIT, wr.exit_status(255)).await;
+                    end_reason = Some(reason);
+                    break Some(255);
+                }
                 if let Some(max) = limits.max_session {
                     let end = started + max;
                     if now < end && !warned_max && now + warn_lead(max) >= end {
                         warned_max = true;
+                        settle(&mut output).await;
                         notice(wr, on_pty, &format!("this session reaches its maximum length of {} in {}s and will be closed", human(max), (end - now).as_secs().max(1))).await;
                     }
                 }
@@ -227,43 +263,24 @@ pub async fn relay(
                     let end = last_input + idle;
                     if now < end && !warned_idle && now + warn_lead(idle) >= end {
                         warned_idle = true;
+                        settle(&mut output).await;
                         notice(wr, on_pty, &format!("no input for a while: this session closes in {}s unless you type something", (end - now).as_secs().max(1))).await;
                     }
-                }
-                if let Some((reason, message)) = due(limits, started, last_input, Instant::now()) {
-                    notice(wr, on_pty, &message).await;
-                    send.reset(0);
-                    let _ = wr.exit_status(255).await;
-                    end_reason = Some(reason);
-                    break Some(255);
                 }
                 let next = next_check(limits, started, last_input, (warned_max, warned_idle));
                 limits_timer.as_mut().reset(next.map_or_else(far, Into::into));
             }
-            frame = frames.next() => match frame.map(split_output) {
+            // The next frame only once the user took the last output: the agent's output
+            // waits in the stream (its flow control), and its exit status comes after it.
+            frame = frames.next(), if output.is_none() => match frame.map(split_output) {
                 Ok(Some(Frame::Output { data: d, to_stderr })) => {
                     bytes_out += d.len() as u64;
                     live.add_out(d.len());
                     if let Some(rec) = recorder.as_mut() { let _ = rec.output(&d).await; }
-                    let deadline = deadline(limits, started, last_input);
                     // Failing closed, output the recording did not take is not shown.
-                    let sent = if fail_closed && recorder.as_ref().is_some_and(stopped) {
-                        Written::Yes
-                    } else if to_stderr {
+                    if !(fail_closed && recorder.as_ref().is_some_and(stopped)) {
                         live.publish(&d);
-                        write_or_end(wr.output(d, true), live, deadline).await
-                    } else {
-                        live.publish(&d);
-                        write_or_end(wr.output(d, false), live, deadline).await
-                    };
-                    match sent {
-                        Written::Yes => {}
-                        Written::ClientGone => { send.reset(0); break None; }
-                        Written::Ended => {
-                            let (reason, code) = stalled_end(live, limits, started, last_input, &mut send, wr).await;
-                            end_reason = Some(reason);
-                            break code;
-                        }
+                        output = Some(Box::pin(wr.output(d, to_stderr)));
                     }
                 }
                 Ok(Some(Frame::Other(Message::Exit(e)))) => {
@@ -300,9 +317,10 @@ pub async fn relay(
         {
             recording_lost = Some(format!("recording failed during the session: {why}"));
             if fail_closed {
+                drop(output.take());
                 notice(wr, on_pty, "the session recording can no longer be written on the gateway, and sessions are not run unrecorded here; closing the session").await;
-                send.reset(0);
-                let _ = wr.exit_status(255).await;
+                to_agent.reset();
+                let _ = tokio::time::timeout(NOTICE_WAIT, wr.exit_status(255)).await;
                 end_reason = Some("recording-failed");
                 break Some(255);
             }
@@ -312,9 +330,10 @@ pub async fn relay(
             && let Some(why) = recorder.as_ref().and_then(Recorder::limit_reached)
         {
             if fail_closed {
+                drop(output.take());
                 notice(wr, on_pty, "this session's output reached the gateway's recording limit ([audit] max_recording_bytes), and sessions are not run unrecorded here; closing the session").await;
-                send.reset(0);
-                let _ = wr.exit_status(255).await;
+                to_agent.reset();
+                let _ = tokio::time::timeout(NOTICE_WAIT, wr.exit_status(255)).await;
                 end_reason = Some("recording-limit");
                 break Some(255);
             }
@@ -373,66 +392,94 @@ fn next_check(limits: Limits, started: Instant, last_input: Instant, warned: (bo
     }
 }
 
-/// When the first of the session's limits strikes, if it has any.
-fn deadline(limits: Limits, started: Instant, last_input: Instant) -> Option<Instant> {
-    let max = limits.max_session.map(|m| started + m);
-    let idle = limits.idle_timeout.map(|i| last_input + i);
-    match (max, idle) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// A write of output to the user in flight.
+type PendingOutput<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), ()>> + Send + 'a>>;
+
+/// Before a notice, the output in flight goes first, for as long as a notice may wait: a
+/// notice must not cut into it (an escape sequence split in two), nor wait on a user who
+/// does not read.
+async fn settle(output: &mut Option<PendingOutput<'_>>) {
+    if let Some(write) = output.as_mut()
+        && let Ok(written) = tokio::time::timeout(NOTICE_WAIT, write).await
+    {
+        // A failed write shows again on the next one: the user is gone.
+        let _ = written;
+        *output = None;
     }
 }
 
-enum Written {
-    Yes,
-    /// The channel is gone.
-    ClientGone,
-    /// The session was terminated, or a limit struck, while the write waited.
-    Ended,
+/// How many messages to the agent may wait for its stream: input beyond them waits in the
+/// user's connection (its SSH window, its WebSocket), not in the gateway.
+const TO_AGENT_QUEUE: usize = 16;
+
+/// The session stream towards the agent (the user's input, resizes, signals), written by a
+/// task of its own, so that a remote process that does not read its input holds back only
+/// more input.
+struct ToAgent {
+    tx: Option<mpsc::Sender<Message>>,
+    reset: Option<oneshot::Sender<()>>,
 }
 
-/// A write to the client raced against the end of the session. A client that stops reading
-/// leaves a write waiting for window space for as long as it likes; termination and the
-/// session's limits must still win (the write is abandoned).
-async fn write_or_end<E>(
-    write: impl std::future::Future<Output = Result<(), E>>,
-    live: &LiveSession,
-    deadline: Option<Instant>,
-) -> Written {
-    let limit = async {
-        match deadline {
-            Some(at) => tokio::time::sleep_until(at.into()).await,
-            None => std::future::pending().await,
+impl ToAgent {
+    fn spawn(mut send: SendStream) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Message>(TO_AGENT_QUEUE);
+        let (reset, mut reset_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    r = &mut reset_rx => { if r.is_ok() { send.reset(0); } return; }
+                    m = rx.recv() => m,
+                };
+                // The relay is done with the stream: it is finished when dropped.
+                let Some(msg) = next else { return };
+                let written = tokio::select! {
+                    biased;
+                    r = &mut reset_rx => { if r.is_ok() { send.reset(0); } return; }
+                    w = write_message(&mut send, &msg) => w,
+                };
+                if written.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { tx: Some(tx), reset: Some(reset) }
+    }
+
+    fn is_open(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Room for one message; `None` once the stream has failed.
+    async fn reserve(&self) -> Option<mpsc::OwnedPermit<Message>> {
+        self.tx.clone()?.reserve_owned().await.ok()
+    }
+
+    fn closed(&mut self) {
+        self.tx = None;
+    }
+
+    /// End the stream now, with a reset: the agent stops the remote process, even with
+    /// input still waiting to be written.
+    fn reset(&mut self) {
+        self.tx = None;
+        if let Some(reset) = self.reset.take() {
+            let _ = reset.send(());
         }
-    };
-    tokio::select! {
-        r = write => if r.is_ok() { Written::Yes } else { Written::ClientGone },
-        _ = live.terminated() => Written::Ended,
-        _ = limit => Written::Ended,
     }
 }
 
-/// End a session whose client stopped reading: stop the remote process, and say why (a
-/// notice is only tried, briefly: the client is not reading).
-async fn stalled_end(
-    live: &LiveSession,
-    limits: Limits,
-    started: Instant,
-    last_input: Instant,
-    send: &mut postern_tunnel::transport::SendStream,
-    wr: &impl UserOutput,
-) -> (&'static str, Option<i32>) {
-    send.reset(0);
-    let (reason, message) = if live.is_ending() {
-        (live.ended_by(), format!("session ended: {}", live.reason().unwrap_or_else(|| "ended by the gateway".into())))
-    } else {
-        due(limits, started, last_input, Instant::now())
-            .unwrap_or(("terminated", "session ended by the gateway".to_owned()))
-    };
-    let _ =
-        tokio::time::timeout(NOTICE_WAIT, wr.output(format!("\r\npostern: {message}\r\n").into_bytes(), true)).await;
-    let _ = wr.exit_status(255).await;
-    (reason, Some(255))
+/// One message to the agent; input in chunks of at most [`postern_proto::MAX_DATA_CHUNK`].
+async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), postern_proto::FrameError> {
+    match msg {
+        Message::Stdin(data) => {
+            for chunk in data.chunks(postern_proto::MAX_DATA_CHUNK) {
+                write_frame(send, &Message::Stdin(chunk.to_vec())).await?;
+            }
+            Ok(())
+        }
+        other => write_frame(send, other).await,
+    }
 }
 
 #[cfg(test)]

@@ -198,6 +198,56 @@ fn scp_and_sftp_both_ways() {
     assert!(events.iter().any(|e| e["event"] == "session.start" && e["kind"] == "sftp" && e["logged"] == false));
 }
 
+/// Input keeps flowing while the client is not taking output. The SSH server library
+/// (russh) reads a client's packets, its window adjustments among them, only as fast as the
+/// channel's messages are taken: a relay that stopped taking input while it waited for
+/// window to write output never saw the adjustment that would let it write (a 1 GiB sftp
+/// download stalled so).
+#[test]
+fn input_keeps_flowing_while_the_client_is_not_reading_output() {
+    use std::io::{Read, Write};
+    let s = SshSetup::new();
+    let _agent = Agent::start(&s.gw, "web-12", vec![], &s.gw.listen);
+    // Far more output than the client's window (2 MiB) and its stdout pipe take unread.
+    const OUT: usize = 16 << 20;
+    let child = s
+        .cmd("ssh")
+        .args(["alice@web-12.postern", &format!("head -c {OUT} /dev/zero & cat >/dev/null; wait")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed on drop, should the session hang.
+    let mut ssh = Proc { child, log: PathBuf::new() };
+    let mut stdin = ssh.child.stdin.take().unwrap();
+    // Many small packets while the output is not read: each write is paced so that ssh sends
+    // it as a packet of its own, ten times the messages russh queues for a channel.
+    for _ in 0..1000 {
+        stdin.write_all(&[b'x'; 64]).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(stdin);
+    let mut stdout = ssh.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut total = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            total += n;
+        }
+        total
+    });
+    let mut status = None;
+    wait_until("the session to end with all its output", Duration::from_secs(60), || {
+        status = ssh.child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    ssh.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.unwrap().success(), "{err}");
+    assert_eq!(reader.join().unwrap(), OUT);
+}
+
 #[test]
 fn local_forward_through_the_instance() {
     let s = SshSetup::new();
