@@ -111,7 +111,11 @@ pub struct Clients {
 pub async fn quic(clients: &Clients, candidate: &Candidate, timeout: Duration) -> anyhow::Result<Dialed> {
     let addr = candidate.addr;
     let bind: std::net::SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
-    let endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
+    let socket = std::net::UdpSocket::bind(bind).context("opening a UDP socket")?;
+    crate::tls::size_udp_buffers(&socket);
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .context("opening a UDP socket")?;
     let connecting = endpoint.connect_with(clients.quic.clone(), addr, GATEWAY_SERVER_NAME)?;
     let conn = tokio::time::timeout(timeout, connecting)
         .await

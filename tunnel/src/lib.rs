@@ -13,6 +13,7 @@
 //! Both ends use rustls with the ring provider over quinn; see `docs/architecture.md`.
 
 pub mod agent;
+pub mod congestion;
 pub mod dial;
 pub mod doctor;
 pub mod log_limit;

@@ -392,6 +392,7 @@ fn bind_both(
 ) -> anyhow::Result<(std::net::UdpSocket, Option<std::net::TcpListener>)> {
     for _ in 0..32 {
         let udp = std::net::UdpSocket::bind(addr)?;
+        crate::tls::size_udp_buffers(&udp);
         let Some(mut tcp_addr) = tcp else { return Ok((udp, None)) };
         let same_port = tcp_addr.port() == 0;
         if same_port {
