@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark: one gateway, N simulated agents (real QUIC + mTLS connections),
 # gateway RSS per idle agent and idle CPU; then a real postern-agent's idle RSS and the
-# binary sizes. Release build. Usage: bash benches/load.sh [AGENT_COUNTS...] (default 1000 10000)
+# binary sizes. Release build. Usage: bash benches/load.sh [AGENT_COUNTS...] (default 1000 10000);
+# TRANSPORTS="quic tcp" (the default) says which transports the simulated agents use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 counts=("${@:-1000 10000}")
 [ $# -gt 0 ] || counts=(1000 10000)
 IDLE=${IDLE:-30}
+# 10,000 TCP agents are 10,000 sockets in the driver as in the gateway.
+ulimit -n "$(ulimit -Hn)"
+read -r -a transports <<<"${TRANSPORTS:-quic tcp}"
 
 cargo build --release --locked -p postern-gateway -p postern-tunnel -p postern-benches --bins
 T=${CARGO_TARGET_DIR:-target}/release
@@ -38,12 +42,14 @@ stop_gateway() { kill -TERM "$gw_pid"; wait "$gw_pid" 2>/dev/null || true; gw_pi
 
 echo "## $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
 for n in "${counts[@]}"; do
-  port=$(free_port)
-  start_gateway "$work/gw-$n" "$port"
-  echo "### $n simulated agents"
-  "$T/postern-load" --data-dir "$work/gw-$n/data" --gateway "127.0.0.1:$port" --gateway-pid "$gw_pid" \
-    --agents "$n" --idle-secs "$IDLE"
-  stop_gateway
+  for transport in "${transports[@]}"; do
+    port=$(free_port)
+    start_gateway "$work/gw-$n-$transport" "$port"
+    echo "### $n simulated agents, $transport"
+    "$T/postern-load" --data-dir "$work/gw-$n-$transport/data" --gateway "127.0.0.1:$port" --gateway-pid "$gw_pid" \
+      --agents "$n" --idle-secs "$IDLE" --transport "$transport"
+    stop_gateway
+  done
 done
 
 echo "### real agent, idle, on each transport"

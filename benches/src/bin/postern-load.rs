@@ -2,6 +2,10 @@
 //! with its own certificate from the gateway's test-mode bulk enrollment) to one running
 //! gateway, then reports the gateway's memory per agent and its CPU while they sit idle.
 //!
+//! `--transport tcp` connects them over the TCP transport instead (TLS and HTTP/2), each
+//! from one of 250 loopback source addresses: the gateway bounds handshakes in flight per
+//! source address.
+//!
 //! The gateway must run with `[testing] bulk_enroll = true`. See benches/load.sh.
 
 use std::path::PathBuf;
@@ -13,7 +17,8 @@ use clap::Parser;
 use postern_gateway::admin::{AdminRequest, request};
 use postern_proto::{Hello, Message, StreamKind, read_frame, write_frame};
 use postern_tunnel::pki::{GATEWAY_SERVER_NAME, new_key_and_csr, pem_to_der, private_key_der};
-use postern_tunnel::tls::{TransportTimers, agent_tunnel_config};
+use postern_tunnel::tls::{TransportTimers, agent_tunnel_config, agent_tunnel_tls};
+use postern_tunnel::transport::{Connection, RecvStream, SendStream};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -34,7 +39,10 @@ struct Args {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
-    /// Client UDP sockets to spread the agents over.
+    /// The transport the simulated agents use: quic or tcp.
+    #[arg(long, default_value = "quic", value_parser = ["quic", "tcp"])]
+    transport: String,
+    /// Client UDP sockets to spread the agents over (QUIC).
     #[arg(long, default_value_t = 8)]
     endpoints: usize,
     /// Seconds to stay connected and idle while measuring CPU.
@@ -85,17 +93,33 @@ fn hex(b: &[u8]) -> String {
 }
 
 struct Connected {
-    conn: quinn::Connection,
-    _send: quinn::SendStream,
-    _recv: quinn::RecvStream,
+    conn: Connection,
+    _send: SendStream,
+    _recv: RecvStream,
 }
 
-async fn connect_one(
-    endpoint: &quinn::Endpoint,
-    cfg: quinn::ClientConfig,
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<Connected> {
-    let conn = endpoint.connect_with(cfg, addr, GATEWAY_SERVER_NAME)?.await?;
+/// How one simulated agent reaches the gateway.
+#[derive(Clone)]
+enum Dial {
+    Quic(quinn::ClientConfig, quinn::Endpoint),
+    /// The TLS configuration and the loopback source address to connect from.
+    Tcp(Arc<rustls::ClientConfig>, std::net::Ipv4Addr),
+}
+
+async fn connect_one(dial: &Dial, addr: std::net::SocketAddr, timers: TransportTimers) -> anyhow::Result<Connected> {
+    let conn = match dial {
+        Dial::Quic(cfg, endpoint) => {
+            Connection::Quic(endpoint.connect_with(cfg.clone(), addr, GATEWAY_SERVER_NAME)?.await?)
+        }
+        Dial::Tcp(tls, source) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((*source, 0).into())?;
+            let stream = tokio::time::timeout(Duration::from_secs(30), socket.connect(addr)).await??;
+            postern_tunnel::transport::tcp::tune_socket(&stream, timers);
+            let setup = postern_tunnel::transport::tcp::connect(stream, addr, tls.clone(), GATEWAY_SERVER_NAME, timers, 256);
+            Connection::Tcp(tokio::time::timeout(Duration::from_secs(30), setup).await??)
+        }
+    };
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(
         &mut send,
@@ -141,16 +165,21 @@ async fn main() -> anyhow::Result<()> {
         if args.failover.is_some() { TransportTimers::default().for_failover() } else { TransportTimers::default() };
     let mut configs = Vec::with_capacity(certs.len());
     for (i, cert) in certs.into_iter().enumerate() {
-        let cfg = agent_tunnel_config(&ca, cert, private_key_der(&key), timers, 256)?;
-        configs.push((cfg.clone(), endpoints.get(i % endpoints.len()).context("endpoint")?.clone()));
-        let endpoint = endpoints.get(i % endpoints.len()).context("endpoint")?.clone();
+        let dial = if args.transport == "tcp" {
+            let tls = agent_tunnel_tls(&ca, cert, private_key_der(&key))?;
+            Dial::Tcp(Arc::new(tls), std::net::Ipv4Addr::new(127, 0, 1, 1 + (i % 250) as u8))
+        } else {
+            let cfg = agent_tunnel_config(&ca, cert, private_key_der(&key), timers, 256)?;
+            Dial::Quic(cfg, endpoints.get(i % endpoints.len()).context("endpoint")?.clone())
+        };
+        configs.push(dial.clone());
         let sem = sem.clone();
         let addr = args.gateway;
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
             let mut last = None;
             for _ in 0..3 {
-                match connect_one(&endpoint, cfg.clone(), addr).await {
+                match connect_one(&dial, addr, timers).await {
                     Ok(c) => return Ok((i, c)),
                     Err(e) => last = Some(e),
                 }
@@ -206,12 +235,13 @@ async fn main() -> anyhow::Result<()> {
     let driver_rss = proc_field(std::process::id(), "VmRSS:")?;
     let failover = match (args.failover, &args.failover_data_dir) {
         (Some(to), Some(dir)) => {
-            Some(fail_over(args.gateway_pid, to, dir, args.failover_expect_online, &connected, &configs).await?)
+            Some(fail_over(args.gateway_pid, to, dir, args.failover_expect_online, &connected, &configs, timers).await?)
         }
         _ => None,
     };
     let report = json!({
         "failover": failover,
+        "transport": args.transport,
         "agents_requested": args.agents,
         "agents_connected": connected.len(),
         "agents_failed": failed,
@@ -245,7 +275,8 @@ async fn fail_over(
     dir: &std::path::Path,
     expect: usize,
     connected: &[(usize, Connected)],
-    configs: &[(quinn::ClientConfig, quinn::Endpoint)],
+    configs: &[Dial],
+    timers: TransportTimers,
 ) -> anyhow::Result<serde_json::Value> {
     let kill = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
     anyhow::ensure!(kill.success(), "cannot kill the gateway {pid}");
@@ -255,14 +286,14 @@ async fn fail_over(
     let mut set = tokio::task::JoinSet::new();
     for (i, c) in connected {
         let conn = c.conn.clone();
-        let (cfg, endpoint) = configs.get(*i).context("config")?.clone();
+        let dial = configs.get(*i).context("config")?.clone();
         let sem = sem.clone();
         set.spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(60), conn.closed()).await;
             let noticed = killed.elapsed();
             let _permit = sem.acquire_owned().await;
             for attempt in 0..20u32 {
-                match connect_one(&endpoint, cfg.clone(), to).await {
+                match connect_one(&dial, to, timers).await {
                     // Kept (the failover gateway counts it online) until the end.
                     Ok(c) => return Ok((noticed, killed.elapsed(), c)),
                     Err(e) if attempt == 19 => return Err(e),
