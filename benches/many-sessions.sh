@@ -12,6 +12,7 @@
 # add that user; the agents run as root), python3.
 #   bash benches/many-sessions.sh        (SHELLS=1000 TRANSFERS=100 MIB=64 AGENTS=1 STEADY=30)
 # AGENT_MAX_SESSIONS sets the agents' [limits] max_sessions (default: enough for all sessions).
+# TRANSPORT=quic|tcp: the agents' --transport (default: theirs, auto).
 set -euo pipefail
 SHELLS=${SHELLS:-1000}; TRANSFERS=${TRANSFERS:-100}; MIB=${MIB:-64}; AGENTS=${AGENTS:-1}; STEADY=${STEADY:-30}
 [ "$SHELLS" -le 5000 ] && [ "$TRANSFERS" -le 1000 ] && [ "$AGENTS" -ge 1 ] && [ "$AGENTS" -le 50 ] ||
@@ -49,7 +50,7 @@ CFG
 watch=(--watch "gateway=$GW")
 instances=()
 for i in $(seq 1 "$AGENTS"); do
-  enroll "$W/data" "127.0.0.1:$GW_UDP" "many-$i" "$W/agent-$i" --config "$W/agent.toml"
+  enroll "$W/data" "127.0.0.1:$GW_UDP" "many-$i" "$W/agent-$i" --config "$W/agent.toml" ${TRANSPORT:+--transport "$TRANSPORT"}
   watch+=(--watch "agent-$i=${pids[-1]}")
   instances+=("many-$i")
 done

@@ -172,7 +172,12 @@ impl Gateway {
         let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
         self.proc = Some(spawn_logged(cmd, &self.dir.path().join(format!("gateway-{n}.log"))));
         let sock = self.data_dir().join("admin.sock");
+        let proc = self.proc.as_mut().expect("just started");
         wait_until("gateway admin socket", Duration::from_secs(20), || {
+            // A gateway that exited (a port taken meanwhile, a bad config) says why at once.
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("the gateway exited ({status}) before its admin socket answered:\n{}", proc.log_text());
+            }
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
     }

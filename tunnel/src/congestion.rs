@@ -11,6 +11,8 @@
 //!   window-limited. Measured, neither choice changed the many-sessions benchmark (1,000
 //!   shells and 100 transfers on one 2-core machine), and CUBIC on loopback was as fast as
 //!   BBR; CUBIC stays where it has served so far.
+//! - On a short path, whichever controller runs, the window is bounded by what the
+//!   receiver's UDP socket holds ([`SHORT_PATH_MAX_WINDOW`]).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -22,6 +24,14 @@ use quinn_proto::congestion::{BbrConfig, Controller, ControllerFactory, Controll
 /// From this first RTT on, the path is long and gets BBR.
 pub const LONG_PATH_RTT: Duration = Duration::from_millis(5);
 
+/// The most the window may reach while the smallest RTT seen is under [`LONG_PATH_RTT`],
+/// whichever controller runs: what the receiving side's UDP socket is asked to buffer
+/// ([`crate::tls::UDP_BUFFER`]). On loopback the window grew past 100 MB while nothing was
+/// lost, so the sender outran a busy receiver, whose socket then dropped bursts of a
+/// thousand packets and more; with this bound, none (docs/benchmarks.md "Many sessions at
+/// once"). 4 MiB in flight is still 800 MB/s at 5 ms.
+pub const SHORT_PATH_MAX_WINDOW: u64 = crate::tls::UDP_BUFFER as u64;
+
 /// Builds [`ByPath`] controllers (`TransportConfig::congestion_controller_factory`).
 #[derive(Debug, Default)]
 pub struct ByPathConfig {
@@ -32,7 +42,7 @@ pub struct ByPathConfig {
 impl ControllerFactory for ByPathConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let active = self.cubic.clone().build(now, current_mtu);
-        Box::new(ByPath { config: self, mtu: current_mtu, active, chosen: None })
+        Box::new(ByPath { config: self, mtu: current_mtu, active, chosen: None, min_rtt: None })
     }
 }
 
@@ -42,6 +52,8 @@ pub struct ByPath {
     mtu: u16,
     active: Box<dyn Controller>,
     chosen: Option<Choice>,
+    /// The smallest RTT seen so far.
+    min_rtt: Option<Duration>,
 }
 
 /// The controller a connection settled on.
@@ -77,6 +89,7 @@ impl Controller for ByPath {
 
     fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
         self.choose(now, rtt);
+        self.min_rtt = Some(rtt.min());
         self.active.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
@@ -94,7 +107,11 @@ impl Controller for ByPath {
     }
 
     fn window(&self) -> u64 {
-        self.active.window()
+        let window = self.active.window();
+        match self.min_rtt {
+            Some(rtt) if rtt < LONG_PATH_RTT => window.min(SHORT_PATH_MAX_WINDOW),
+            _ => window,
+        }
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -107,6 +124,7 @@ impl Controller for ByPath {
             mtu: self.mtu,
             active: self.active.clone_box(),
             chosen: self.chosen,
+            min_rtt: self.min_rtt,
         })
     }
 

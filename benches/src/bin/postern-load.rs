@@ -116,7 +116,8 @@ async fn connect_one(dial: &Dial, addr: std::net::SocketAddr, timers: TransportT
             socket.bind((*source, 0).into())?;
             let stream = tokio::time::timeout(Duration::from_secs(30), socket.connect(addr)).await??;
             postern_tunnel::transport::tcp::tune_socket(&stream, timers);
-            let setup = postern_tunnel::transport::tcp::connect(stream, addr, tls.clone(), GATEWAY_SERVER_NAME, timers, 256);
+            let setup =
+                postern_tunnel::transport::tcp::connect(stream, addr, tls.clone(), GATEWAY_SERVER_NAME, timers, 256);
             Connection::Tcp(tokio::time::timeout(Duration::from_secs(30), setup).await??)
         }
     };
