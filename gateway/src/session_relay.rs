@@ -399,11 +399,10 @@ type PendingOutput<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), ()>> +
 /// notice must not cut into it (an escape sequence split in two), nor wait on a user who
 /// does not read.
 async fn settle(output: &mut Option<PendingOutput<'_>>) {
+    // A failed write shows again on the next one: the user is gone.
     if let Some(write) = output.as_mut()
-        && let Ok(written) = tokio::time::timeout(NOTICE_WAIT, write).await
+        && tokio::time::timeout(NOTICE_WAIT, write).await.is_ok()
     {
-        // A failed write shows again on the next one: the user is gone.
-        let _ = written;
         *output = None;
     }
 }
@@ -425,22 +424,22 @@ impl ToAgent {
         let (tx, mut rx) = mpsc::channel::<Message>(TO_AGENT_QUEUE);
         let (reset, mut reset_rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    r = &mut reset_rx => { if r.is_ok() { send.reset(0); } return; }
-                    m = rx.recv() => m,
-                };
-                // The relay is done with the stream: it is finished when dropped.
-                let Some(msg) = next else { return };
-                let written = tokio::select! {
-                    biased;
-                    r = &mut reset_rx => { if r.is_ok() { send.reset(0); } return; }
-                    w = write_message(&mut send, &msg) => w,
-                };
-                if written.is_err() {
-                    return;
+            let write_all = async {
+                while let Some(msg) = rx.recv().await {
+                    if write_message(&mut send, &msg).await.is_err() {
+                        return;
+                    }
                 }
+            };
+            // A reset wins over a write in progress; the relay dropping its end (the
+            // session over) leaves the stream to be finished when dropped.
+            let reset = tokio::select! {
+                biased;
+                r = &mut reset_rx => r.is_ok(),
+                () = write_all => false,
+            };
+            if reset {
+                send.reset(0);
             }
         });
         Self { tx: Some(tx), reset: Some(reset) }

@@ -42,7 +42,7 @@ pub struct ByPathConfig {
 impl ControllerFactory for ByPathConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let active = self.cubic.clone().build(now, current_mtu);
-        Box::new(ByPath { config: self, mtu: current_mtu, active, chosen: None, min_rtt: None })
+        Box::new(ByPath { config: self, mtu: current_mtu, active, min_rtt: None })
     }
 }
 
@@ -51,35 +51,8 @@ pub struct ByPath {
     config: Arc<ByPathConfig>,
     mtu: u16,
     active: Box<dyn Controller>,
-    chosen: Option<Choice>,
-    /// The smallest RTT seen so far.
+    /// The smallest RTT seen so far; `None` until the first sample, which chooses.
     min_rtt: Option<Duration>,
-}
-
-/// The controller a connection settled on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Choice {
-    Cubic,
-    Bbr,
-}
-
-impl ByPath {
-    /// Which controller the connection settled on (`None` before its first RTT sample).
-    pub fn choice(&self) -> Option<Choice> {
-        self.chosen
-    }
-
-    fn choose(&mut self, now: Instant, rtt: &RttEstimator) {
-        if self.chosen.is_some() {
-            return;
-        }
-        if rtt.min() >= LONG_PATH_RTT {
-            self.active = self.config.bbr.clone().build(now, self.mtu);
-            self.chosen = Some(Choice::Bbr);
-        } else {
-            self.chosen = Some(Choice::Cubic);
-        }
-    }
 }
 
 impl Controller for ByPath {
@@ -88,7 +61,9 @@ impl Controller for ByPath {
     }
 
     fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
-        self.choose(now, rtt);
+        if self.min_rtt.is_none() && rtt.min() >= LONG_PATH_RTT {
+            self.active = self.config.bbr.clone().build(now, self.mtu);
+        }
         self.min_rtt = Some(rtt.min());
         self.active.on_ack(now, sent, bytes, app_limited, rtt);
     }
@@ -123,7 +98,6 @@ impl Controller for ByPath {
             config: self.config.clone(),
             mtu: self.mtu,
             active: self.active.clone_box(),
-            chosen: self.chosen,
             min_rtt: self.min_rtt,
         })
     }
